@@ -1,0 +1,1 @@
+"""Triton code generation from the Operational Normal Form."""

@@ -1,0 +1,59 @@
+"""The lark parser for .moa text; lark's exceptions become ParseError with line:column and a caret."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import lark
+
+from moa.errors import Loc, ParseError
+
+KEYWORDS = {"dim", "param", "in", "out", "where", "and", "or", "not", "inf"}
+
+_HUMAN = {
+    "NAME": "a name", "NUMBER": "a number", "_NL": "end of line", "$END": "end of input", "LPAR": "'('",
+    "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'", "DOT": "'.'",
+    "CMP": "a comparison", "ADDOP": "'+' or '-'", "MULOP": "an operator (* / // % @)", "MINUS": "'-'",
+    "PLUS": "'+'", "CIRCUMFLEX": "'^'", "OUT": "'out'",
+}
+
+
+@lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    return lark.Lark(Path(__file__).with_name("moa.lark").read_text(), parser="lalr",
+                     propagate_positions=True, maybe_placeholders=False)
+
+
+def _expected(names) -> str:
+    shown = sorted({_HUMAN.get(n, f"'{n.lower()}'" if n.isalpha() else n) for n in names})
+    return ", ".join(shown[:12]) + (" ..." if len(shown) > 12 else "")
+
+
+def parse(source: str, filename: str = "<source>") -> lark.Tree:
+    """Parse .moa text into a lark tree, or raise ParseError pointing at the offending place."""
+    text = source if source.endswith("\n") else source + "\n"
+    try:
+        return _parser().parse(text)
+    except lark.exceptions.UnexpectedCharacters as e:
+        loc = Loc(e.line, e.column, source, filename)
+        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
+        raise ParseError(f"unexpected character {ch!r}" + (f"; expected {_expected(e.allowed)}"
+                                                           if e.allowed else ""), loc) from None
+    except lark.exceptions.UnexpectedToken as e:
+        tok = e.token
+        if tok.type == "$END":
+            lines = source.splitlines() or [""]
+            loc = Loc(len(lines), len(lines[-1]) + 1, source, filename)
+            raise ParseError(f"unexpected end of input; expected {_expected(e.expected)}", loc) from None
+        loc = Loc(tok.line, tok.column, source, filename)
+        what = "end of line" if tok.type == "_NL" else repr(str(tok))
+        hint = ""
+        if str(tok) in KEYWORDS and "NAME" in e.expected:
+            hint = f" ('{tok}' is a keyword and cannot be used as a name)"
+        raise ParseError(f"unexpected {what}{hint}; expected {_expected(e.expected)}", loc) from None
+    except lark.exceptions.UnexpectedEOF as e:
+        lines = source.splitlines() or [""]
+        loc = Loc(len(lines), len(lines[-1]) + 1, source, filename)
+        raise ParseError(f"unexpected end of input; expected {_expected(e.expected)}", loc) from None
+    except RecursionError:
+        raise ParseError("expression nested too deeply", Loc(1, 1, source, filename)) from None

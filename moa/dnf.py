@@ -1,0 +1,591 @@
+"""Psi-reduction to the Denotational Normal Form.
+
+The DNF of an output is the value of one element, `<i ...> psi O`, as a closed scalar expression over input
+elements, index arithmetic, scalar operations and reductions over index ranges. No intermediate array remains:
+psi is pushed through every array operation by the rules in PSI_RULES (one per operation, each stating its
+identity), and softmax / normalize followed by a contraction become single monoid reductions by FUSION_RULES.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import sympy as sp
+
+from . import ir
+from . import symbolic as sy
+from .errors import UnsupportedError
+from .program import Program
+
+# ---- scalar expressions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Read:
+    """An input element: name[index...]."""
+    name: str
+    index: tuple
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class Const:
+    value: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class Index:
+    """An integer given by index arithmetic over index variables and dims."""
+    expr: sp.Expr
+    dtype: str = ir.INT
+
+
+@dataclass(frozen=True)
+class Op:
+    """A scalar function (ir.ewise names: add, mul, exp, where, le, and ...)."""
+    fn: str
+    args: tuple
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """op-reduction (sum, max, min) of body over var in iota(extent)."""
+    op: str
+    var: sp.Symbol
+    extent: sp.Expr
+    body: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class SoftmaxAt:
+    """softmax over var of score, taken at var = target (before fusion; lowered if no contraction uses it)."""
+    target: sp.Expr
+    var: sp.Symbol
+    extent: sp.Expr
+    score: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class NormalizeAt:
+    """weight at var = target divided by the sum of weight over var (0 where the sum is 0)."""
+    target: sp.Expr
+    var: sp.Symbol
+    extent: sp.Expr
+    weight: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class SoftmaxSum:
+    """fin( (+)_{var < extent} (score, 1, value) ): the online-softmax monoid.
+
+    State (m, l, o); merge m = max(ma, mb), l = la e^(ma-m) + lb e^(mb-m), o = oa e^(ma-m) + ob e^(mb-m);
+    identity (-inf, 0, 0); fin(m, l, o) = o / l (0 when l = 0). Equals sum_var softmax_var(score) * value."""
+    var: sp.Symbol
+    extent: sp.Expr
+    score: object
+    value: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class NormSum:
+    """sum_var weight * value / sum_var weight (0 where the denominator is 0): a (sum, sum) monoid."""
+    var: sp.Symbol
+    extent: sp.Expr
+    weight: object
+    value: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
+class LogSumExp:
+    """log sum_var exp(score) (-inf when every score is -inf)."""
+    var: sp.Symbol
+    extent: sp.Expr
+    score: object
+    dtype: str = ir.FLOAT
+
+
+BINDERS = (Reduce, SoftmaxAt, NormalizeAt, SoftmaxSum, NormSum, LogSumExp)
+
+
+def children(e) -> tuple:
+    if isinstance(e, Op):
+        return e.args
+    if isinstance(e, Reduce):
+        return (e.body,)
+    if isinstance(e, (SoftmaxAt, LogSumExp)):
+        return (e.score,)
+    if isinstance(e, NormalizeAt):
+        return (e.weight,)
+    if isinstance(e, SoftmaxSum):
+        return (e.score, e.value)
+    if isinstance(e, NormSum):
+        return (e.weight, e.value)
+    return ()
+
+
+def with_children(e, kids):
+    if isinstance(e, Op):
+        return replace(e, args=tuple(kids))
+    if isinstance(e, Reduce):
+        return replace(e, body=kids[0])
+    if isinstance(e, (SoftmaxAt, LogSumExp)):
+        return replace(e, score=kids[0])
+    if isinstance(e, NormalizeAt):
+        return replace(e, weight=kids[0])
+    if isinstance(e, SoftmaxSum):
+        return replace(e, score=kids[0], value=kids[1])
+    if isinstance(e, NormSum):
+        return replace(e, weight=kids[0], value=kids[1])
+    return e
+
+
+def subs(e, mapping: dict):
+    """Substitute index variables (sympy symbol -> expression) everywhere in a scalar expression."""
+    if not mapping:
+        return e
+    if isinstance(e, Read):
+        return replace(e, index=tuple(sp.sympify(x).xreplace(mapping) for x in e.index))
+    if isinstance(e, Index):
+        return replace(e, expr=e.expr.xreplace(mapping))
+    if isinstance(e, (SoftmaxAt, NormalizeAt)):
+        e = replace(e, target=sp.sympify(e.target).xreplace(mapping))
+    kids = children(e)
+    return with_children(e, [subs(k, mapping) for k in kids]) if kids else e
+
+
+def nodes(e):
+    """Every sub-expression, pre-order."""
+    yield e
+    for k in children(e):
+        yield from nodes(k)
+
+
+def free_vars(e) -> set:
+    out: set = set()
+    bound: set = set()
+    for x in nodes(e):
+        if isinstance(x, Read):
+            for i in x.index:
+                out |= sp.sympify(i).free_symbols
+        elif isinstance(x, Index):
+            out |= x.expr.free_symbols
+        elif isinstance(x, (SoftmaxAt, NormalizeAt)):
+            out |= sp.sympify(x.target).free_symbols
+        if isinstance(x, BINDERS):
+            bound.add(x.var)
+            out |= sp.sympify(x.extent).free_symbols
+    return {s for s in out - bound if not s.is_positive}
+
+
+# ---- psi-reduction ---------------------------------------------------------------------------------------
+
+
+class _Fresh:
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def __call__(self, base: str) -> sp.Symbol:
+        for k in itertools.chain([""], itertools.count(1)):
+            name = f"{base}{k}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return sy.index_var(name)
+        raise AssertionError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rewrite: `identity` states it in MoA notation; `apply` performs it."""
+    name: str
+    identity: str
+    apply: object
+
+
+def _idx(node: ir.Node, env) -> sp.Expr:
+    if node.op == "sym":
+        return node.attrs[0].xreplace(env)
+    if node.op == "const" and node.dtype == ir.INT:
+        return sp.Integer(node.attrs[0])
+    raise UnsupportedError("an index computed from array data (a gather) is not supported yet; index with "
+                           "index arithmetic over index variables, dims and params", node.loc)
+
+
+def _psi_input(n, idx, env, fresh):
+    # <I> psi A => A[I]
+    return Read(n.attrs[0], tuple(idx), n.dtype)
+
+
+def _psi_const(n, idx, env, fresh):
+    # <> psi c => c
+    return Const(n.attrs[0], n.dtype)
+
+
+def _psi_sym(n, idx, env, fresh):
+    # <> psi (index arithmetic e) => e with the bound index variables substituted
+    return Index(n.attrs[0].xreplace(env))
+
+
+def _psi_vec(n, idx, env, fresh):
+    # <k> psi <v0 v1 ...> => v_k (k known at compile time)
+    k = sp.sympify(idx[0])
+    if not k.is_Integer:
+        raise UnsupportedError("indexing shape(X) with a variable index", n.loc)
+    return Index(n.attrs[0][int(k)])
+
+
+def _psi_iota(n, idx, env, fresh):
+    # <i> psi iota(n) => i
+    return Index(sp.sympify(idx[0]))
+
+
+def _psi_ewise(n, idx, env, fresh):
+    # <I> psi f(A, B, ...) => f(<I> psi A, <I> psi B, ...)   (a scalar argument s: <I> psi s => s)
+    args = tuple(psi_reduce(a, idx if a.rank else (), env, fresh) for a in n.args)
+    return Op(n.attrs[0], args, n.dtype)
+
+
+def _psi_matmul(n, idx, env, fresh):
+    # <I J> psi (A +.x B) => +red_l (<I l> psi A) * (<l J> psi B)
+    a, b = n.args
+    ia, jb = idx[:a.rank - 1], idx[a.rank - 1:]
+    l = fresh("k")
+    body = Op("mul", (psi_reduce(a, (*ia, l), env, fresh), psi_reduce(b, (l, *jb), env, fresh)), n.dtype)
+    return Reduce("sum", l, a.shape[-1], body, n.dtype)
+
+
+def _psi_transpose(n, idx, env, fresh):
+    # <I> psi transpose(A, perm) => <J> psi A with J[perm[k]] = I[k]
+    perm = n.attrs[0]
+    inner = [None] * len(perm)
+    for k, p in enumerate(perm):
+        inner[p] = idx[k]
+    return psi_reduce(n.args[0], tuple(inner), env, fresh)
+
+
+def _psi_psi(n, idx, env, fresh):
+    # <J> psi (<I> psi A) => <I J> psi A   (kept axes ':' take the leading items of J in order)
+    a, *ix = n.args
+    slots = n.attrs[0]
+    it_i, it_j = iter(ix), iter(idx)
+    full = [_idx(next(it_i), env) if s == "i" else next(it_j) for s in slots]
+    full.extend(it_j)
+    return psi_reduce(a, tuple(full), env, fresh)
+
+
+def _psi_comp(n, idx, env, fresh):
+    # <I J> psi [v0 ... vk] body => <J> psi body[v := I]
+    vs = n.attrs[0]
+    env2 = {**env, **dict(zip(vs, idx[:len(vs)]))}
+    return psi_reduce(n.args[0], tuple(idx[len(vs):]), env2, fresh)
+
+
+def _psi_reduce(n, idx, env, fresh):
+    # <I> psi (op red_ax A) => op red_l (<I[:ax] l I[ax:]> psi A)
+    op, ax = n.attrs
+    a = n.args[0]
+    l = fresh("r")
+    body = psi_reduce(a, (*idx[:ax], l, *idx[ax:]), env, fresh)
+    return Reduce(op, l, a.shape[ax], body, n.dtype)
+
+
+def _psi_softmax(n, idx, env, fresh):
+    # <I> psi softmax(A, ax) => exp(<I> psi A - M) / +red_l exp(<I[ax:=l]> psi A - M),  M = max red_l ...
+    ax = n.attrs[0]
+    a = n.args[0]
+    l = fresh("j")
+    score = psi_reduce(a, (*idx[:ax], l, *idx[ax + 1:]), env, fresh)
+    return SoftmaxAt(idx[ax], l, a.shape[ax], score)
+
+
+def _psi_normalize(n, idx, env, fresh):
+    # <I> psi normalize(A, ax) => <I> psi A / +red_l <I[ax:=l]> psi A   (0 where the sum is 0)
+    ax = n.attrs[0]
+    a = n.args[0]
+    l = fresh("j")
+    weight = psi_reduce(a, (*idx[:ax], l, *idx[ax + 1:]), env, fresh)
+    return NormalizeAt(idx[ax], l, a.shape[ax], weight)
+
+
+def _psi_logsumexp(n, idx, env, fresh):
+    # <I> psi logsumexp(A, ax) => log +red_l exp(<I[:ax] l I[ax:]> psi A)
+    ax = n.attrs[0]
+    a = n.args[0]
+    l = fresh("j")
+    return LogSumExp(l, a.shape[ax], psi_reduce(a, (*idx[:ax], l, *idx[ax:]), env, fresh))
+
+
+def _psi_take(n, idx, env, fresh):
+    # <i J> psi (k take A) => <i J> psi A (k >= 0);  <i + rho0(A) + k, J> psi A (k < 0)
+    k = n.attrs[0]
+    a = n.args[0]
+    off = 0 if sy.prove_nonneg(k) else a.shape[0] + k
+    return psi_reduce(a, (idx[0] + off, *idx[1:]), env, fresh)
+
+
+def _psi_drop(n, idx, env, fresh):
+    # <i J> psi (k drop A) => <i + k, J> psi A (k >= 0);  <i J> psi A (k < 0)
+    k = n.attrs[0]
+    off = k if sy.prove_nonneg(k) else 0
+    return psi_reduce(n.args[0], (idx[0] + off, *idx[1:]), env, fresh)
+
+
+def _psi_cat(n, idx, env, fresh):
+    # <i J> psi cat(A, B) => where(i < rho0(A), <i J> psi A, <i - rho0(A), J> psi B)
+    a, b = n.args
+    na = a.shape[0]
+    cond = Op("lt", (Index(sp.sympify(idx[0])), Index(na)), ir.BOOL)
+    return Op("where", (cond, psi_reduce(a, idx, env, fresh),
+                        psi_reduce(b, (idx[0] - na, *idx[1:]), env, fresh)), n.dtype)
+
+
+def _psi_reverse(n, idx, env, fresh):
+    # <i J> psi reverse(A) => <rho0(A) - 1 - i, J> psi A
+    a = n.args[0]
+    return psi_reduce(a, (a.shape[0] - 1 - idx[0], *idx[1:]), env, fresh)
+
+
+def _psi_rotate(n, idx, env, fresh):
+    # <i J> psi (k rotate A) => <(i + k) mod rho0(A), J> psi A
+    a = n.args[0]
+    return psi_reduce(a, (sy.mod(idx[0] + n.attrs[0], a.shape[0]), *idx[1:]), env, fresh)
+
+
+def _psi_reshape(n, idx, env, fresh):
+    # <I> psi reshape(A, s) => <gamma^-1(gamma(I; s); rho A)> psi A   (row-major offsets)
+    a = n.args[0]
+    shape = n.attrs[0]
+    flat = sum((sp.sympify(i) * sy.product(shape[k + 1:]) for k, i in enumerate(idx)), sp.Integer(0))
+    inner = []
+    for k, s in enumerate(a.shape):
+        q = sy.floordiv(flat, sy.product(a.shape[k + 1:]))
+        inner.append(q if k == 0 else sy.mod(q, s))
+    return psi_reduce(a, tuple(inner), env, fresh)
+
+
+def _psi_outer(n, idx, env, fresh):
+    # <I J> psi outer(f, A, B) => f(<I> psi A, <J> psi B)
+    a, b = n.args
+    return Op(n.attrs[0], (psi_reduce(a, idx[:a.rank], env, fresh), psi_reduce(b, idx[a.rank:], env, fresh)),
+              n.dtype)
+
+
+PSI_RULES = {
+    "input": Rule("psi-input", "<I> psi A => A[I]", _psi_input),
+    "const": Rule("psi-const", "<> psi c => c", _psi_const),
+    "sym": Rule("psi-index", "<> psi e => e[v := I]", _psi_sym),
+    "vec": Rule("psi-vec", "<k> psi <v0 v1 ...> => v_k", _psi_vec),
+    "iota": Rule("psi-iota", "<i> psi iota(n) => i", _psi_iota),
+    "ewise": Rule("psi-scalar-extension", "<I> psi f(A, B) => f(<I> psi A, <I> psi B)", _psi_ewise),
+    "matmul": Rule("psi-inner-product", "<I J> psi (A +.x B) => +red_l (<I l> psi A) x (<l J> psi B)",
+                   _psi_matmul),
+    "transpose": Rule("psi-transpose", "<I> psi transpose(A, p) => <I o p^-1> psi A", _psi_transpose),
+    "psi": Rule("psi-psi", "<J> psi (<I> psi A) => <I J> psi A", _psi_psi),
+    "comp": Rule("psi-omega", "<I J> psi [v] body => <J> psi body[v := I]", _psi_comp),
+    "reduce": Rule("psi-reduce", "<I> psi (op red_ax A) => op red_l <I[:ax] l I[ax:]> psi A", _psi_reduce),
+    "softmax": Rule("psi-softmax", "<I> psi softmax(A, ax) => softmax_l(<I[ax:=l]> psi A) at l = I[ax]",
+                    _psi_softmax),
+    "normalize": Rule("psi-normalize", "<I> psi normalize(A, ax) => (<I> psi A) / +red_l <I[ax:=l]> psi A",
+                      _psi_normalize),
+    "logsumexp": Rule("psi-logsumexp", "<I> psi lse(A, ax) => log +red_l exp(<I[:ax] l I[ax:]> psi A)",
+                      _psi_logsumexp),
+    "take": Rule("psi-take", "<i J> psi (k take A) => <i + (k < 0 ? rho0 A + k : 0), J> psi A", _psi_take),
+    "drop": Rule("psi-drop", "<i J> psi (k drop A) => <i + (k >= 0 ? k : 0), J> psi A", _psi_drop),
+    "cat": Rule("psi-cat", "<i J> psi (A cat B) => i < rho0 A ? <i J> psi A : <i - rho0 A, J> psi B", _psi_cat),
+    "reverse": Rule("psi-reverse", "<i J> psi reverse(A) => <rho0 A - 1 - i, J> psi A", _psi_reverse),
+    "rotate": Rule("psi-rotate", "<i J> psi (k rotate A) => <(i + k) mod rho0 A, J> psi A", _psi_rotate),
+    "reshape": Rule("psi-reshape", "<I> psi reshape(A, s) => <gamma^-1(gamma(I; s); rho A)> psi A",
+                    _psi_reshape),
+    "outer": Rule("psi-outer", "<I J> psi outer(f, A, B) => f(<I> psi A, <J> psi B)", _psi_outer),
+}
+
+
+def psi_reduce(node: ir.Node, idx: tuple, env: dict, fresh) -> object:
+    """<idx> psi node as a scalar expression (idx must be a full index)."""
+    if len(idx) != node.rank:
+        raise AssertionError(f"psi_reduce: {len(idx)} indices for rank {node.rank} ({node.op})")
+    rule = PSI_RULES.get(node.op)
+    if rule is None:
+        raise UnsupportedError(f"no psi rule for '{node.op}'", node.loc)
+    return rule.apply(node, tuple(sp.sympify(i) for i in idx), env, fresh)
+
+
+# ---- fusion: monoid reductions ---------------------------------------------------------------------------
+
+
+def _split_product(e, var):
+    """mul(SoftmaxAt|NormalizeAt at var, v) in either order -> (the normalisation, v), else None."""
+    if isinstance(e, Op) and e.fn == "mul":
+        a, b = e.args
+        for p, v in ((a, b), (b, a)):
+            if isinstance(p, (SoftmaxAt, NormalizeAt)) and sp.sympify(p.target) == var:
+                return p, v
+    return None
+
+
+def _fuse_softmax_contraction(e):
+    # +red_l (softmax_r(s) at l) * v  =>  fin( (+)_l (s[r:=l], 1, v) )       (online softmax)
+    if isinstance(e, Reduce) and e.op == "sum":
+        hit = _split_product(e.body, e.var)
+        if hit and isinstance(hit[0], SoftmaxAt) and sp.simplify(hit[0].extent - e.extent) == 0:
+            p, v = hit  # keep the softmax's variable name (the key index) for the fused reduction
+            return SoftmaxSum(p.var, e.extent, p.score, subs(v, {e.var: p.var}))
+    return None
+
+
+def _fuse_normalize_contraction(e):
+    # +red_l (normalize_r(a) at l) * v  =>  (+red_l a[r:=l] v) / (+red_l a[r:=l])   (one (sum, sum) monoid)
+    if isinstance(e, Reduce) and e.op == "sum":
+        hit = _split_product(e.body, e.var)
+        if hit and isinstance(hit[0], NormalizeAt) and sp.simplify(hit[0].extent - e.extent) == 0:
+            p, v = hit
+            return NormSum(p.var, e.extent, p.weight, subs(v, {e.var: p.var}))
+    return None
+
+
+def _lower_softmax_at(e):
+    # softmax_r(s) at t  =>  M == -inf ? 0 : exp(s[r:=t] - M) / +red_r exp(s - M),   M = max red_r s
+    if isinstance(e, SoftmaxAt):
+        m = Reduce("max", e.var, e.extent, e.score)
+        z = Reduce("sum", e.var, e.extent, Op("exp", (Op("sub", (e.score, m)),)))
+        num = Op("exp", (Op("sub", (subs(e.score, {e.var: e.target}), m)),))
+        empty = Op("eq", (m, Const(float("-inf"))), ir.BOOL)
+        return Op("where", (empty, Const(0.0), Op("div", (num, z))))
+    return None
+
+
+def _lower_normalize_at(e):
+    # normalize_r(a) at t  =>  Z == 0 ? 0 : a[r:=t] / Z,   Z = +red_r a
+    if isinstance(e, NormalizeAt):
+        z = Reduce("sum", e.var, e.extent, e.weight)
+        empty = Op("eq", (z, Const(0.0)), ir.BOOL)
+        return Op("where", (empty, Const(0.0), Op("div", (subs(e.weight, {e.var: e.target}), z))))
+    return None
+
+
+def _fold_mul_one(e):
+    # x * 1 => x ; 1 * x => x
+    if isinstance(e, Op) and e.fn == "mul":
+        a, b = e.args
+        if isinstance(b, Const) and b.value == 1 and a.dtype == ir.FLOAT:
+            return a
+        if isinstance(a, Const) and a.value == 1 and b.dtype == ir.FLOAT:
+            return b
+    return None
+
+
+FUSION_RULES = (
+    Rule("fuse-softmax-contraction", "+red_l softmax_r(s)|l * v => fin((+)_l (s, 1, v))",
+         _fuse_softmax_contraction),
+    Rule("fuse-normalize-contraction", "+red_l normalize_r(a)|l * v => +red_l a v / +red_l a",
+         _fuse_normalize_contraction),
+    Rule("fold-mul-one", "x * 1 => x", _fold_mul_one),
+)
+LOWERING_RULES = (
+    Rule("lower-softmax", "softmax_r(s)|t => exp(s_t - max s) / +red exp(s - max s)", _lower_softmax_at),
+    Rule("lower-normalize", "normalize_r(a)|t => a_t / +red a", _lower_normalize_at),
+)
+
+
+def rewrite(e, rules) -> object:
+    """Apply rules bottom-up until none fires (a fixpoint)."""
+    kids = children(e)
+    if kids:
+        new = [rewrite(k, rules) for k in kids]
+        if any(a is not b for a, b in zip(new, kids)):
+            e = with_children(e, new)
+    for rule in rules:
+        out = rule.apply(e)
+        if out is not None:
+            return rewrite(out, rules)
+    return e
+
+
+# ---- the pass ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnfOutput:
+    """O[vars...] = expr, vars ranging over extents (the output's shape)."""
+    name: str
+    vars: tuple
+    extents: tuple
+    expr: object
+    dtype: str
+
+
+def _out_vars(node: ir.Node, fresh) -> tuple:
+    names = []
+    n = node
+    while n.op == "comp" and len(names) < node.rank:
+        names.extend(v.name for v in n.attrs[0])
+        n = n.args[0]
+    defaults = ["i", "c", "p", "q", "u", "w"] if node.rank <= 2 else ["b", "i", "c", "p", "q", "u"]
+    while len(names) < node.rank:
+        names.append(defaults[len(names) % len(defaults)])
+    return tuple(fresh(nm) for nm in names[:node.rank])
+
+
+def dnf(program: Program) -> tuple[DnfOutput, ...]:
+    """Every output of the program in Denotational Normal Form."""
+    taken = {*(d.name for d in program.dims), *(p for p, _ in program.params), *(n for n, _ in program.bindings)}
+    taken |= {n.attrs[0] for n in program.inputs}
+    outs = []
+    for name, node in program.outputs:
+        fresh = _Fresh(taken)
+        vs = _out_vars(node, fresh)
+        e = psi_reduce(node, vs, {}, fresh)
+        e = rewrite(e, FUSION_RULES)
+        e = rewrite(e, LOWERING_RULES)
+        outs.append(DnfOutput(name, vs, node.shape, e, node.dtype))
+    return tuple(outs)
+
+
+# ---- MoA notation --------------------------------------------------------------------------------------
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "^",
+          "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "and", "or": "or"}
+
+
+def show(e) -> str:
+    """A scalar expression in MoA notation."""
+    if isinstance(e, Read):
+        return f"{e.name}[{', '.join(sy.show(i) for i in e.index)}]"
+    if isinstance(e, Const):
+        v = e.value
+        return "inf" if v == float("inf") else "-inf" if v == float("-inf") else repr(v)
+    if isinstance(e, Index):
+        return sy.show(e.expr) if e.expr.is_Atom else f"({sy.show(e.expr)})"
+    if isinstance(e, Op):
+        if e.fn in _INFIX:
+            return f"({show(e.args[0])} {_INFIX[e.fn]} {show(e.args[1])})"
+        if e.fn == "neg":
+            return f"-{show(e.args[0])}"
+        if e.fn == "not":
+            return f"not {show(e.args[0])}"
+        return f"{e.fn}({', '.join(show(a) for a in e.args)})"
+    rng = f"{e.var} < {sy.show(e.extent)}"
+    if isinstance(e, Reduce):
+        sym = {"sum": "+red", "max": "max red", "min": "min red"}[e.op]
+        return f"{sym}_{{{rng}}} {show(e.body)}"
+    if isinstance(e, SoftmaxSum):
+        return f"fin((+)_{{{rng}}} ({show(e.score)}, 1, {show(e.value)}))"
+    if isinstance(e, NormSum):
+        return f"(+red_{{{rng}}} {show(e.weight)} * {show(e.value)}) / (+red_{{{rng}}} {show(e.weight)})"
+    if isinstance(e, LogSumExp):
+        return f"log +red_{{{rng}}} exp({show(e.score)})"
+    if isinstance(e, SoftmaxAt):
+        return f"softmax_{{{rng}}}({show(e.score)})|{e.var}={sy.show(e.target)}"
+    if isinstance(e, NormalizeAt):
+        return f"normalize_{{{rng}}}({show(e.weight)})|{e.var}={sy.show(e.target)}"
+    return repr(e)
+
+
+def show_output(o: DnfOutput) -> str:
+    return f"<{' '.join(v.name for v in o.vars)}> psi {o.name} = {show(o.expr)}"

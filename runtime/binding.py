@@ -1,0 +1,128 @@
+"""Binding call-time tensors to a program: dims from shapes, batch axes, dtypes, devices, guards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+import torch
+
+from moa import ir
+from moa import symbolic as sy
+from moa.errors import InputError
+from moa.program import Program
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The call's facts: dim values, the broadcast batch shape, the float dtype and the device."""
+
+    dims: dict            # name -> int
+    batch: tuple          # leading batch shape shared by all inputs
+    dtype: torch.dtype    # float dtype of the call
+    device: torch.device
+    tensors: dict         # name -> tensor, batch axes broadcast (views, not copies)
+
+    @property
+    def env(self) -> dict:
+        return dict(self.dims)
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
+    """Check the call's tensors against the program and bind every dim; InputError names what is wrong."""
+    decl = program.input_map
+    missing = [n for n in decl if n not in inputs]
+    if missing:
+        raise InputError(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                         f"{program.name} takes {', '.join(decl)}")
+    extra = [n for n in inputs if n not in decl]
+    if extra:
+        raise InputError(f"unknown input{'s' if len(extra) > 1 else ''} {', '.join(extra)}; "
+                         f"{program.name} takes {', '.join(decl)}")
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"input {name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {t.device for t in inputs.values()}
+    if len(devices) > 1:
+        raise InputError("inputs are on different devices: " + ", ".join(f"{n} on {t.device}"
+                                                                         for n, t in inputs.items()))
+    device = devices.pop() if devices else torch.device("cpu")
+    float_dtypes = {}
+    for name, node in decl.items():
+        t = inputs[name]
+        if node.dtype == ir.FLOAT:
+            if t.dtype not in FLOAT_DTYPES:
+                raise InputError(f"input {name} must be a floating tensor (float64, float32, float16, bfloat16), "
+                                 f"got {t.dtype}")
+            float_dtypes[name] = t.dtype
+        elif node.dtype == ir.INT and t.dtype not in INT_DTYPES:
+            raise InputError(f"input {name} is declared int and must be an integer tensor, got {t.dtype}")
+        elif node.dtype == ir.BOOL and t.dtype != torch.bool and t.dtype not in INT_DTYPES:
+            raise InputError(f"input {name} is declared bool and must be a bool tensor, got {t.dtype}")
+    if len(set(float_dtypes.values())) > 1:
+        raise InputError("float inputs have different dtypes: " + ", ".join(f"{n} {d}" for n, d in
+                                                                          float_dtypes.items()))
+    dtype = next(iter(float_dtypes.values()), torch.float64)
+
+    values = {k: int(v) for k, v in (dims or {}).items()}
+    origin = {k: "given" for k in values}
+    leads = {}
+    for name, node in decl.items():
+        t = inputs[name]
+        r = node.rank
+        if t.dim() < r:
+            raise InputError(f"input {name} must have at least {r} axes {sy.show_shape(node.shape)}, got shape "
+                             f"{_shape_text(t.shape)}")
+        leads[name] = tuple(t.shape[:t.dim() - r])
+        for ax, ext in enumerate(node.shape):
+            actual = t.shape[t.dim() - r + ax]
+            if ext.is_Symbol:
+                if ext.name in values and values[ext.name] != actual:
+                    raise InputError(f"dim {ext.name} is {values[ext.name]} from {origin[ext.name]} but "
+                                     f"{actual} from input {name} (axis {ax} of {sy.show_shape(node.shape)})")
+                values.setdefault(ext.name, actual)
+                origin.setdefault(ext.name, f"input {name} axis {ax}")
+    for _ in range(2):  # extents such as 2*n - 1 bind a dim that appears nowhere alone
+        for name, node in decl.items():
+            t = inputs[name]
+            for ax, ext in enumerate(node.shape):
+                unknown = [s for s in ext.free_symbols if s.name not in values]
+                if len(unknown) == 1:
+                    actual = t.shape[t.dim() - node.rank + ax]
+                    sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
+                                                       if s.name in values}), actual), unknown[0])
+                    if len(sol) == 1 and sol[0].is_Integer and sol[0] > 0:
+                        values[unknown[0].name] = int(sol[0])
+                        origin[unknown[0].name] = f"input {name} axis {ax}"
+    for d in program.dims:
+        if d.name not in values:
+            raise InputError(f"dim {d.name} cannot be bound from the inputs' shapes; pass it as {d.name}=...")
+        if values[d.name] < 0:
+            raise InputError(f"dim {d.name} must be non-negative, got {values[d.name]}")
+    for name, node in decl.items():
+        t = inputs[name]
+        want = tuple(sy.evaluate(e, values) for e in node.shape)
+        got = tuple(t.shape[t.dim() - node.rank:])
+        if want != got:
+            raise InputError(f"input {name} must have shape {sy.show_shape(node.shape)} = {_shape_text(want)} "
+                             f"(with {', '.join(f'{k}={v}' for k, v in values.items())}), got {_shape_text(got)}")
+    try:
+        batch = tuple(torch.broadcast_shapes(*leads.values())) if leads else ()
+    except RuntimeError:
+        raise InputError("leading (batch) axes do not broadcast: " + ", ".join(
+            f"{n} {_shape_text(s)}" for n, s in leads.items())) from None
+    for g in program.guards():
+        v = sy.evaluate(g.expr, values)
+        if v != 0:
+            raise InputError(g.message + f" (got {', '.join(f'{k}={x}' for k, x in values.items())})")
+    tensors = {}
+    for name, node in decl.items():
+        t = inputs[name]
+        tensors[name] = t.expand(*batch, *t.shape[t.dim() - node.rank:])
+    return Binding(values, batch, dtype, device, tensors)
