@@ -4,16 +4,25 @@
     k = moa.compile("examples/causal.moa")
     out = k(Q=q, K=kk, V=v)
 """
+import os as _os
+import sys as _sys
+
+if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():  # CPU tensors run in Triton's interpreter, enabled before its import
+        _os.environ["TRITON_INTERPRET"] = "1"
+
 from .errors import InputError, MoaError, ParseError, ShapeError, UnsupportedError
 
 __version__ = "0.1.0"
 
 
-def compile(source_or_path, form=None, **params):  # noqa: A001 - the API is moa.compile
+def compile(source_or_path, form=None, **params):
     """Compile a .moa program (text or a path) into a Kernel; params override the program's param defaults."""
     from moa.runtime.kernel import compile as _compile
 
     return _compile(source_or_path, form=form, **params)
 
 
-__all__ = ["compile", "MoaError", "ParseError", "ShapeError", "UnsupportedError", "InputError", "__version__"]
+__all__ = ["InputError", "MoaError", "ParseError", "ShapeError", "UnsupportedError", "__version__", "compile"]

@@ -570,6 +570,8 @@ def show(e) -> str:
         if e.fn == "not":
             return f"not {show(e.args[0])}"
         return f"{e.fn}({', '.join(show(a) for a in e.args)})"
+    if hasattr(e, "branch"):  # ONF placeholders
+        return f"{type(e).__name__}{e.branch}"
     rng = f"{e.var} < {sy.show(e.extent)}"
     if isinstance(e, Reduce):
         sym = {"sum": "+red", "max": "max red", "min": "min red"}[e.op]

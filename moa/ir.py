@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .errors import Loc, ShapeError
 from . import symbolic as sy
+from .errors import Loc, ShapeError
 
 FLOAT, INT, BOOL = "float", "int", "bool"
 
@@ -37,7 +37,7 @@ class Node:
     """One array operation. `shape` is a tuple of sympy extents (() for scalars); `attrs` is op-specific."""
 
     op: str
-    args: tuple["Node", ...]
+    args: tuple[Node, ...]
     shape: tuple
     dtype: str
     attrs: tuple = ()

@@ -117,6 +117,20 @@ def is_int_expr(e) -> bool:
 
 
 __all__ = [
-    "Expr", "dim", "index_var", "const", "simplify", "prove_equal", "prove_nonneg", "free_names", "evaluate",
-    "product", "show", "show_shape", "floordiv", "mod", "split_floor", "is_int_expr",
+    "Expr",
+    "const",
+    "dim",
+    "evaluate",
+    "floordiv",
+    "free_names",
+    "index_var",
+    "is_int_expr",
+    "mod",
+    "product",
+    "prove_equal",
+    "prove_nonneg",
+    "show",
+    "show_shape",
+    "simplify",
+    "split_floor",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from moa import dnf as D
 from moa import ir
 from moa import symbolic as sy
 from moa.errors import InputError

@@ -11,8 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
-
-triton = pytest.importorskip("triton")
+import triton
 import triton.language as tl
 
 from moa.errors import UnsupportedError

@@ -1,0 +1,215 @@
+"""Interval and modular analysis of mask predicates over a tile's index box.
+
+A tile is the box i in [I_LO, I_HI] x j in [J_LO, J_HI] (inclusive, clipped to the valid extents), with
+every other index variable (heads, batch-like comprehension axes) fixed. For a predicate P(i, j) we derive,
+as sympy formulas in the box corners:
+  all_false(P): P is false at every point of the box (the tile is skipped),
+  all_true(P):  P is true at every point (the tile needs no mask code),
+and the key range: a superset [lo, hi] of the j admissible for some i in [I_LO, I_HI] (the loop bounds).
+Anything the analysis cannot decide (data-dependent predicates, non-linear index arithmetic) is "unknown":
+never all-false, never all-true, unbounded range. That is always correct, only slower.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from . import dnf as D
+
+I_LO, I_HI = sp.Symbol("I_LO", integer=True), sp.Symbol("I_HI", integer=True)
+J_LO, J_HI = sp.Symbol("J_LO", integer=True), sp.Symbol("J_HI", integer=True)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Index variables with a range over the tile: var -> (lo, hi). Other variables are fixed scalars."""
+    ranges: dict
+
+
+def interval(e: sp.Expr, box: Box):
+    """(lo, hi) of an integer index expression over the box, or None when unknown."""
+    e = sp.sympify(e)
+    vs = [v for v in box.ranges if v in e.free_symbols]
+    if not vs:
+        return e, e
+    if e in box.ranges:
+        return box.ranges[e]
+    if isinstance(e, sp.Add):
+        parts = [interval(a, box) for a in e.args]
+        if any(p is None for p in parts):
+            return None
+        return sp.Add(*(p[0] for p in parts)), sp.Add(*(p[1] for p in parts))
+    if isinstance(e, sp.Mul):
+        consts = [a for a in e.args if not (a.free_symbols & set(box.ranges))]
+        rest = [a for a in e.args if a.free_symbols & set(box.ranges)]
+        c = sp.Mul(*consts)
+        if len(rest) != 1:
+            return None
+        r = interval(rest[0], box)
+        if r is None:
+            return None
+        if c.is_nonnegative:
+            return c * r[0], c * r[1]
+        if c.is_nonpositive:
+            return c * r[1], c * r[0]
+        return None
+    if isinstance(e, sp.floor):
+        num, den = sp.fraction(sp.together(e.args[0]))
+        r = interval(num, box)
+        if r is None or den.free_symbols & set(box.ranges) or not den.is_positive:
+            return None
+        return sp.floor(r[0] / den), sp.floor(r[1] / den)
+    if isinstance(e, sp.Mod):
+        a, b = e.args
+        if b.free_symbols & set(box.ranges) or not b.is_positive:
+            return None
+        return sp.Integer(0), b - 1
+    if isinstance(e, sp.Abs):
+        r = interval(e.args[0], box)
+        if r is None:
+            return None
+        lo, hi = r
+        return sp.Max(0, lo, -hi), sp.Max(-lo, hi)
+    if isinstance(e, (sp.Min, sp.Max)):
+        parts = [interval(a, box) for a in e.args]
+        if any(p is None for p in parts):
+            return None
+        f = type(e)
+        return f(*(p[0] for p in parts)), f(*(p[1] for p in parts))
+    return None
+
+
+_FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
+_NEG = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
+
+
+def _diff(c: D.Op):
+    """A comparison of index expressions as (fn, d) meaning `d fn 0`, or None."""
+    a, b = c.args
+    if not (isinstance(a, (D.Index, D.Const)) and isinstance(b, (D.Index, D.Const))):
+        return None
+    if (isinstance(a, D.Const) and not isinstance(a.value, int)) or \
+            (isinstance(b, D.Const) and not isinstance(b.value, int)):
+        return None
+    va = a.expr if isinstance(a, D.Index) else sp.Integer(a.value)
+    vb = b.expr if isinstance(b, D.Index) else sp.Integer(b.value)
+    return c.fn, sp.expand(va - vb) if not (va - vb).has(sp.Mod, sp.floor) else va - vb
+
+
+def classify(pred, box: Box):
+    """(all_false, all_true) of a predicate over the box, as sympy booleans."""
+    if isinstance(pred, D.Const):
+        v = bool(pred.value)
+        return sp.false if v else sp.true, sp.true if v else sp.false
+    if isinstance(pred, D.Op):
+        if pred.fn == "and":
+            (f1, t1), (f2, t2) = classify(pred.args[0], box), classify(pred.args[1], box)
+            return sp.Or(f1, f2), sp.And(t1, t2)
+        if pred.fn == "or":
+            (f1, t1), (f2, t2) = classify(pred.args[0], box), classify(pred.args[1], box)
+            return sp.And(f1, f2), sp.Or(t1, t2)
+        if pred.fn == "not":
+            f, t = classify(pred.args[0], box)
+            return t, f
+        if pred.fn in _FLIP:
+            d = _diff(pred)
+            if d is not None:
+                return _compare(d[0], d[1], box)
+    return sp.false, sp.false
+
+
+def _compare(fn, d, box):
+    # eq/ne of a modular expression: (e mod r) == 0 holds somewhere iff [lo(e), hi(e)] holds a multiple of r
+    if fn in ("eq", "ne") and isinstance(d, sp.Mod) and d.args[1].is_positive:
+        e, r = d.args
+        rng = interval(e, box)
+        if rng is None:
+            return sp.false, sp.false
+        lo, hi = rng
+        none = sp.floor(hi / r) * r < lo
+        every = sp.And(sp.Eq(lo, hi), sp.Eq(sp.Mod(lo, r), 0))
+        return (none, every) if fn == "eq" else (every, none)
+    rng = interval(d, box)
+    if rng is None:
+        return sp.false, sp.false
+    lo, hi = rng
+    if fn == "le":
+        return lo > 0, hi <= 0
+    if fn == "lt":
+        return lo >= 0, hi < 0
+    if fn == "ge":
+        return hi < 0, lo >= 0
+    if fn == "gt":
+        return hi <= 0, lo > 0
+    if fn == "eq":
+        return sp.Or(lo > 0, hi < 0), sp.And(sp.Eq(lo, 0), sp.Eq(hi, 0))
+    return sp.And(sp.Eq(lo, 0), sp.Eq(hi, 0)), sp.Or(lo > 0, hi < 0)
+
+
+def key_range(pred, j: sp.Symbol, box: Box):
+    """(lo, hi): a superset of the j for which pred can hold with i in the box; None = unbounded."""
+    if isinstance(pred, D.Const):
+        return (None, None) if pred.value else (sp.Integer(1), sp.Integer(0))
+    if isinstance(pred, D.Op):
+        if pred.fn == "and":
+            (l1, h1), (l2, h2) = key_range(pred.args[0], j, box), key_range(pred.args[1], j, box)
+            return _combine(sp.Max, l1, l2), _combine(sp.Min, h1, h2)
+        if pred.fn == "or":
+            (l1, h1), (l2, h2) = key_range(pred.args[0], j, box), key_range(pred.args[1], j, box)
+            return (None if l1 is None or l2 is None else sp.Min(l1, l2),
+                    None if h1 is None or h2 is None else sp.Max(h1, h2))
+        if pred.fn == "not" and isinstance(pred.args[0], D.Op) and pred.args[0].fn in _NEG:
+            inner = pred.args[0]
+            return key_range(D.Op(_NEG[inner.fn], inner.args, inner.dtype), j, box)
+        if pred.fn in _FLIP:
+            d = _diff(pred)
+            if d is not None:
+                return _linear_bound(d[0], d[1], j, box)
+    return None, None
+
+
+def _combine(f, a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return f(a, b)
+
+
+def _linear_bound(fn, d, j, box):
+    """Bounds on j from `d fn 0` where d = a*j + rest, a = +-1, rest free of j."""
+    if fn == "ne" or d.has(sp.Mod, sp.floor, sp.Abs, sp.Min, sp.Max):
+        return _abs_bound(fn, d, j, box)
+    poly = sp.Poly(d, j) if j in d.free_symbols else None
+    if poly is None or poly.degree() != 1:
+        return None, None
+    a = poly.coeff_monomial(j)
+    rest = sp.expand(d - a * j)
+    if a not in (1, -1):
+        return None, None
+    rng = interval(rest, box)
+    if rng is None:
+        return None, None
+    rlo, rhi = rng
+    # a*j + rest fn 0
+    if fn == "eq":
+        return (-rhi, -rlo) if a == 1 else (rlo, rhi)
+    upper = {"le": 0, "lt": -1}.get(fn)
+    if upper is not None:  # a*j <= -rest + upper
+        return (None, -rlo + upper) if a == 1 else (rlo - upper, None)
+    lower = {"ge": 0, "gt": 1}[fn]  # a*j >= -rest + lower
+    return (-rhi + lower, None) if a == 1 else (None, rhi - lower)
+
+
+def _abs_bound(fn, d, j, box):
+    """abs(x) <= c style bounds: abs(lin) - c <= 0  =>  -c <= lin <= c."""
+    if fn in ("le", "lt") and isinstance(d, sp.Add):
+        absparts = [a for a in d.args if isinstance(a, sp.Abs)]
+        if len(absparts) == 1:
+            inner = absparts[0].args[0]
+            c = absparts[0] - d  # d = abs(inner) - c
+            lo1, hi1 = _linear_bound(fn, inner - c, j, box)
+            lo2, hi2 = _linear_bound(fn, -inner - c, j, box)
+            return _combine(sp.Max, lo1, lo2), _combine(sp.Min, hi1, hi2)
+    return None, None

@@ -1,0 +1,209 @@
+"""Operational Normal Form: the DNF of an output lifted onto a tiled schedule.
+
+For an output <lead... i c> psi O whose DNF is an elementwise epilogue E over monoid reductions
+(online-softmax `SoftmaxSum` or `NormSum` branches) along a key axis j:
+  lead axes (heads, comprehension axes, and the call's batch axes) -> the grid's second axis;
+  i -> (cdiv(n, BLOCK_M) programs) x BLOCK_M rows;   j -> (loop) x BLOCK_N columns;   c -> one tile;
+  a contraction +red_k A(i, k) * B(j, k) inside a score -> one tl.dot of a [BLOCK_M, d] and a [BLOCK_N, d] tile;
+  the mask predicate of `where(P, s, -inf)` -> loop bounds (key_range) and a per-tile skip / full test.
+The schedule is target-independent apart from the block sizes, which the runtime chooses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from . import dnf as D
+from . import intervals as iv
+from .errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class DotTile:
+    """Placeholder for the [BLOCK_M, BLOCK_N] tile of +red_k A(i, k) * B(j, k) in a branch's score."""
+    branch: int
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
+class BranchValue:
+    """Placeholder for the finished [BLOCK_M, BLOCK_E] value of branch k in the epilogue."""
+    branch: int
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
+class Dot:
+    a: object          # A(lead, i, k)
+    b: object          # B(lead, j, k)
+    var: sp.Symbol     # k
+    extent: sp.Expr    # d
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One monoid reduction over the key axis: kind 'softmax' (m, l, acc) or 'norm' (z, acc)."""
+    kind: str
+    var: sp.Symbol
+    extent: sp.Expr
+    mask: object          # predicate over (lead, i, j) or None (every key admissible)
+    score: object         # softmax score / norm weight over (lead, i, j), with DotTile for the contraction
+    dot: Dot | None
+    value: object         # over (lead, j, c)
+    key_lo: sp.Expr | None   # in I_LO, I_HI: admissible keys lie in [key_lo, key_hi]
+    key_hi: sp.Expr | None
+    skip: object          # sympy boolean in I_LO, I_HI, J_LO, J_HI: the tile has no admissible pair
+    full: object          # ... every pair of the tile is admissible (no mask code)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The ONF of one output."""
+    output: str
+    lead: tuple           # ((var, extent), ...)
+    row: tuple            # (i, n)
+    col: tuple            # (c, e)
+    branches: tuple
+    epilogue: object      # over (lead, i, c) with BranchValue placeholders
+    dtype: str
+
+    @property
+    def has_lse(self) -> bool:
+        """A single softmax branch returned as is: its log-sum-exp per row is meaningful."""
+        return (len(self.branches) == 1 and self.branches[0].kind == "softmax"
+                and self.epilogue == BranchValue(0))
+
+
+def _free(e) -> set:
+    return D.free_vars(e)
+
+
+def _strip_mask(e, neutral):
+    """where(P, s, neutral) => (P, s); nested masks conjoin; where(P, neutral, s) => (not P, s)."""
+    mask = None
+    while isinstance(e, D.Op) and e.fn == "where":
+        c, a, b = e.args
+        if isinstance(b, D.Const) and b.value == neutral:
+            p, e = c, a
+        elif isinstance(a, D.Const) and a.value == neutral:
+            p, e = D.Op("not", (c,), "bool"), b
+        else:
+            break
+        mask = p if mask is None else D.Op("and", (mask, p), "bool")
+    return mask, e
+
+
+def _find_dot(e, rowvars, colvars, k_branch):
+    """Replace the one contraction +red_k A(rows, k) * B(cols, k) by a DotTile."""
+    found = []
+
+    def go(x):
+        if isinstance(x, D.Reduce) and x.op == "sum" and isinstance(x.body, D.Op) and x.body.fn == "mul":
+            a, b = x.body.args
+            fa, fb = _free(a) - {x.var}, _free(b) - {x.var}
+            for p, q, fp, fq in ((a, b, fa, fb), (b, a, fb, fa)):
+                if fp <= rowvars and fq <= colvars and not found:
+                    found.append(Dot(p, q, x.var, x.extent))
+                    return DotTile(k_branch)
+        kids = D.children(x)
+        return D.with_children(x, [go(k) for k in kids]) if kids else x
+
+    out = go(e)
+    return out, (found[0] if found else None)
+
+
+def _check_no_binders(e, what, name):
+    for x in D.nodes(e):
+        if isinstance(x, D.BINDERS):
+            raise UnsupportedError(f"output {name}: {what} contains a reduction ({type(x).__name__}) that the "
+                                   f"tiled schedule cannot place yet: {D.show(x)[:120]}")
+
+
+def schedule(o: D.DnfOutput) -> Schedule:
+    """Lift one DNF output onto the tiled schedule, or raise UnsupportedError naming what does not fit."""
+    if len(o.vars) < 2:
+        raise UnsupportedError(f"output {o.name}: codegen needs an output of rank >= 2 (rows x columns), got "
+                               f"rank {len(o.vars)}")
+    *lead, i, c = o.vars
+    lead_ext = o.extents[:-2]
+    leadset = set(lead)
+    branches: list = []
+
+    def lift(x):
+        if isinstance(x, (D.SoftmaxSum, D.NormSum)):
+            k = len(branches)
+            branches.append(_branch(o.name, x, k, leadset, i, c))
+            return BranchValue(k)
+        kids = D.children(x)
+        return D.with_children(x, [lift(y) for y in kids]) if kids else x
+
+    epi = lift(o.expr)
+    if not branches:
+        raise UnsupportedError(f"output {o.name}: no softmax(...) @ V or normalize(...) @ V contraction found; "
+                               f"codegen compiles attention-shaped programs (DNF: {D.show(o.expr)[:160]})")
+    for x in D.nodes(epi):
+        if isinstance(x, D.BINDERS) and not (isinstance(x, D.Reduce) and _free(x) <= leadset | {i}):
+            raise UnsupportedError(f"output {o.name}: the epilogue has a reduction over the key axis outside "
+                                   f"a softmax/normalize contraction: {D.show(x)[:120]}")
+    if not _free(epi) <= leadset | {i, c}:
+        raise UnsupportedError(f"output {o.name}: epilogue depends on {sorted(map(str, _free(epi) - leadset))}")
+    return Schedule(o.name, tuple(zip(lead, lead_ext)), (i, o.extents[-2]), (c, o.extents[-1]), tuple(branches),
+                    epi, o.dtype)
+
+
+def _branch(name, x, k, leadset, i, c) -> Branch:
+    j = x.var
+    if isinstance(x, D.SoftmaxSum):
+        kind, mask, score = "softmax", *_strip_mask(x.score, float("-inf"))
+    else:
+        kind, mask, score = "norm", *_strip_mask(x.weight, 0.0)
+        if mask is None:
+            mask, score = _strip_mask(x.weight, 0)
+    score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
+    _check_no_binders(score, "the score", name)
+    _check_no_binders(x.value, "the value", name)
+    if mask is not None:
+        _check_no_binders(mask, "the mask", name)
+    allowed = leadset | {i, j}
+    for part, what in ((score, "score"), (mask, "mask")):
+        if part is not None and not _free(part) <= allowed:
+            raise UnsupportedError(f"output {name}: the {what} depends on {sorted(map(str, _free(part) - allowed))}"
+                                   f" (it may use only the row, key and leading indices)")
+    if not _free(x.value) <= leadset | {j, c}:
+        raise UnsupportedError(f"output {name}: the value of the contraction depends on "
+                               f"{sorted(map(str, _free(x.value) - (leadset | {j, c})))}; expected V[j, c]")
+    if dot is not None:
+        for part in (dot.a, dot.b):
+            _check_no_binders(part, "a contraction factor", name)
+    pred = mask if mask is not None else D.Const(True, "bool")
+    lo, hi = iv.key_range(pred, j, iv.Box({i: (iv.I_LO, iv.I_HI)}))
+    skip, full = iv.classify(pred, iv.Box({i: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
+    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full)
+
+
+def show(s: Schedule) -> str:
+    """The schedule in words and formulas (for `moa explain`)."""
+    from . import symbolic as sy
+
+    i, n = s.row
+    c, e = s.col
+    lines = [f"ONF {s.output}: grid = (cdiv({sy.show(n)}, BLOCK_M), "
+             + " * ".join(["batch"] + [sy.show(x) for _, x in s.lead]) + ")",
+             f"  {i} -> program_id(0) * BLOCK_M + arange(BLOCK_M)    {c} -> arange(BLOCK_E) (< {sy.show(e)})"]
+    for v, x in s.lead:
+        lines.append(f"  {v} -> decoded from program_id(1) (extent {sy.show(x)})")
+    for k, b in enumerate(s.branches):
+        lines.append(f"  branch {k} ({b.kind}): {b.var} -> loop over BLOCK_N tiles of {sy.show(b.extent)}")
+        lo = "0" if b.key_lo is None else f"max(0, {b.key_lo})"
+        hi = f"{sy.show(b.extent)} - 1" if b.key_hi is None else f"min({sy.show(b.extent)} - 1, {b.key_hi})"
+        lines.append(f"    keys visited for rows [I_LO, I_HI]: [{lo}, {hi}]")
+        lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}")
+        if b.dot is not None:
+            lines.append(f"    tl.dot: [{i} x {b.dot.var}] {D.show(b.dot.a)}  .  [{b.var} x {b.dot.var}] "
+                         f"{D.show(b.dot.b)}  (contract {b.dot.var} < {sy.show(b.dot.extent)})")
+        lines.append(f"    mask: {D.show(b.mask) if b.mask is not None else 'none'}")
+        lines.append(f"    score: {D.show(b.score)}")
+        lines.append(f"    value: {D.show(b.value)}")
+    lines.append(f"  epilogue: {D.show(s.epilogue)}")
+    return "\n".join(lines)
