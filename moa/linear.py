@@ -1,0 +1,197 @@
+"""Linear-cost forms derived by algebra from the quadratic program (power and linear attention).
+
+Rules (each an identity; tests check shapes and float64 values, tests/test_linear.py):
+
+  power-features     (+red_k A_ik B_jk)^p  =>  +red_D phi_p(A_i)_D phi_p(B_j)_D
+                     phi_p(x)_D = sqrt(p! / prod_k a_k!) prod_k x_k^a_k over the multi-indices a of degree p
+                     (|a| = p), D = C(d + p - 1, p): the multinomial theorem. p = 1 with an elementwise map
+                     (A = f(Q), B = g(K)) is the factored kernel of linear attention.
+  gate-split         exp(ga_i - gb_j) = exp(ga_i - gb_b) exp(gb_b - gb_j) for any reference index b
+                     (per-chunk decays; with G a cumulative log-gate every factor is <= 1 for j <= b <= i).
+  causal-chunked     sum_{j <= i} phi_i . phi_j e^(ga_i - gb_j) v_j
+                       = e^(ga_i - gb_{b(c)}) phi_i . S_c + sum_{c0 <= j <= i} phi_i . phi_j e^(ga_i - gb_j) v_j
+                     with chunks of C rows, c = i // C, c0 = c C, b(c) = c0 - 1, and the exclusive prefix state
+                     S_c = sum_{j < c0} e^(gb_{b(c)} - gb_j) phi_j v_j^T   [D, e],
+                     S_{c+1} = e^(gb_{b(c+1)} - gb_{b(c)}) S_c + dS_c,
+                     dS_c = sum_{j in c} e^(gb_{b(c+1)} - gb_j) phi_j v_j^T;
+                     the normaliser z is the same with v_j = 1.
+
+The plan is recognised on the ONF: one `normalize` branch with the causal mask `j <= i` over the same axis,
+a score `(A . B)^p [* exp(ga_i - gb_j)]`, and the epilogue being that branch.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy as sp
+
+from . import dnf as D
+from .onf import BranchValue, DotTile, Schedule
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """The chunked-state form of one output."""
+    schedule: Schedule
+    p: int                  # degree of the power (1: elementwise feature map)
+    ga: object | None       # gate terms exp(ga_i - gb_j) (DNF over lead and i / lead and j) or None
+    gb: object | None
+
+    @property
+    def branch(self):
+        return self.schedule.branches[0]
+
+    def features(self, d: int) -> int:
+        """D = C(d + p - 1, p)."""
+        return math.comb(d + self.p - 1, self.p)
+
+    def features_expr(self) -> sp.Expr:
+        d = self.branch.dot.extent
+        return sp.binomial(d + self.p - 1, self.p)
+
+
+def _as_int(e):
+    if isinstance(e, D.Const) and not isinstance(e.value, bool):
+        v = e.value
+        return int(v) if float(v).is_integer() else None
+    if isinstance(e, D.Index) and e.expr.is_Integer:
+        return int(e.expr)
+    return None
+
+
+def _gate(e, i, j):
+    """exp(ga_i - gb_j) -> (ga, gb), else None."""
+    if isinstance(e, D.Op) and e.fn == "exp" and isinstance(e.args[0], D.Op) and e.args[0].fn == "sub":
+        ga, gb = e.args[0].args
+        fa, fb = D.free_vars(ga), D.free_vars(gb)
+        if j not in fa and i not in fb:
+            return ga, gb
+    return None
+
+
+def _power(e, k):
+    """DotTile(k) ^ p -> p; DotTile(k) -> 1."""
+    if e == DotTile(k):
+        return 1
+    if isinstance(e, D.Op) and e.fn == "pow" and e.args[0] == DotTile(k):
+        p = _as_int(e.args[1])
+        if p is not None and 1 <= p <= 8:
+            return p
+    return None
+
+
+def plan(s: Schedule) -> tuple[LinearPlan | None, str]:
+    """The linear form of a schedule, or (None, why not)."""
+    if len(s.branches) != 1 or s.epilogue != BranchValue(0):
+        return None, "the linear form needs exactly one normalize(...) @ V contraction as the output"
+    b = s.branches[0]
+    i, n = s.row
+    if b.kind != "norm":
+        return None, "softmax has no finite feature map (only normalize(...) @ V with a factored kernel)"
+    if b.dot is None:
+        return None, "no contraction over a feature axis in the score"
+    if b.mask != D.Op("le", (D.Index(b.var), D.Index(i)), "bool"):
+        return None, "the linear form is derived for the causal mask j <= i"
+    if sp.simplify(b.extent - n) != 0:
+        return None, "the causal linear form needs as many keys as queries"
+    score, ga, gb = b.score, None, None
+    if isinstance(score, D.Op) and score.fn == "mul":
+        for x, y in (score.args, score.args[::-1]):
+            g = _gate(y, i, b.var)
+            if g is not None and _power(x, 0) is not None:
+                score, (ga, gb) = x, g
+                break
+    p = _power(score, 0)
+    if p is None:
+        return None, "the score is not (A . B)^p [* exp(ga_i - gb_j)]"
+    return LinearPlan(s, p, ga, gb), ""
+
+
+@lru_cache(maxsize=64)
+def feature_table(d: int, p: int):
+    """(index table [D, p] as nested tuples, weights [D]) of the symmetric power feature map."""
+    idx, w = [], []
+    for combo in itertools.combinations_with_replacement(range(d), p):
+        counts = {}
+        for k in combo:
+            counts[k] = counts.get(k, 0) + 1
+        mult = math.factorial(p)
+        for c in counts.values():
+            mult //= math.factorial(c)
+        idx.append(combo)
+        w.append(math.sqrt(mult))
+    return tuple(idx), tuple(w)
+
+
+# ---- costs of the two forms (leading-order counts of the generated kernels) -----------------------------
+
+@dataclass(frozen=True)
+class FormCost:
+    form: str
+    flops: float
+    dram_bytes: float
+    onchip_state_bytes: float
+
+
+def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int = 4, block_m: int = 128,
+               block_n: int = 64, chunk: int = 64) -> dict:
+    """FLOPs and DRAM bytes of the quadratic (tiled, causal) and chunked linear forms for concrete dims.
+
+    quadratic: visited tiles ~ causal half of (n / BM) x (n / BN); per tile 2 BM BN (d + e) for the two dots
+               plus (p + 3) BM BN elementwise (power, mask, running sums); reads Q once and K, V once per
+               visited tile; writes O.
+    linear:    T = n / C chunks, D = C(d + p - 1, p) features: states 4 C D e per chunk (state dot, output
+               dot), features 2 p C D per chunk (keys and queries), the intra-chunk quadratic part
+               2 C^2 (d + e); states written once, read-modified-written once, read once (acc dtype).
+    """
+    from . import symbolic as sy
+
+    s, br = lp.schedule, lp.branch
+    n = sy.evaluate(s.row[1], dims)
+    e = sy.evaluate(s.col[1], dims)
+    d = sy.evaluate(br.dot.extent, dims)
+    zl = 1
+    for _, x in s.lead:
+        zl *= sy.evaluate(x, dims)
+    rt = -(-n // block_m)
+    tiles = sum(min(-(-n // block_n), ((r + 1) * block_m - 1) // block_n + 1) for r in range(rt))
+    q_flops = tiles * block_m * block_n * (2 * (d + e) + lp.p + 3)
+    q_bytes = elem_bytes * (n * d + tiles * block_n * (d + e) + n * e)
+    t = -(-n // chunk)
+    D = lp.features(d)
+    l_flops = t * (4 * chunk * D * e + 2 * lp.p * chunk * D + 2 * chunk * chunk * (d + e) + 2 * D * e)
+    l_bytes = elem_bytes * (2 * n * d + 2 * n * e) + acc_bytes * t * D * (e + 1) * 4
+    return {
+        "quadratic": FormCost("quadratic", zl * q_flops, zl * q_bytes, acc_bytes * block_m * e),
+        "linear": FormCost("linear", zl * l_flops, zl * l_bytes, acc_bytes * 64 * e),
+    }
+
+
+def predicted_seconds(c: FormCost, peak_flops: float, bandwidth: float) -> float:
+    """Roofline: the larger of compute time and memory time."""
+    return max(c.flops / peak_flops, c.dram_bytes / bandwidth)
+
+
+def crossover(lp: LinearPlan, dims: dict, peak_flops: float, bandwidth: float, **kw) -> int | None:
+    """The smallest n (power of two search, then bisection) at which the linear form is predicted faster."""
+    row = lp.schedule.row[1]
+    if not row.is_Symbol:
+        return None
+
+    def faster(n):
+        c = form_costs(lp, {**dims, row.name: n}, **kw)
+        return predicted_seconds(c["linear"], peak_flops, bandwidth) < predicted_seconds(c["quadratic"],
+                                                                                         peak_flops, bandwidth)
+    hi = 64
+    while not faster(hi):
+        hi *= 2
+        if hi > 1 << 24:
+            return None
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if faster(mid) else (mid, hi)
+    return hi
