@@ -137,36 +137,43 @@ class FormCost:
 
 
 def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int = 4, block_m: int = 128,
-               block_n: int = 64, chunk: int = 64) -> dict:
-    """FLOPs and DRAM bytes of the quadratic (tiled, causal) and chunked linear forms for concrete dims.
+               block_n: int = 64, chunk: int = 64, block_f: int = 64) -> dict:
+    """FLOPs and DRAM bytes of the quadratic (tiled, causal) and chunked linear forms for concrete dims,
+    counted on padded tiles like the generated kernels (HD, HV: head dims padded to powers of two >= 16).
 
-    quadratic: visited tiles ~ causal half of (n / BM) x (n / BN); per tile 2 BM BN (d + e) for the two dots
-               plus (p + 3) BM BN elementwise (power, mask, running sums); reads Q once and K, V once per
-               visited tile; writes O.
-    linear:    T = n / C chunks, D = C(d + p - 1, p) features: states 4 C D e per chunk (state dot, output
-               dot), features 2 p C D per chunk (keys and queries), the intra-chunk quadratic part
-               2 C^2 (d + e); states written once, read-modified-written once, read once (acc dtype).
+    quadratic: visited tiles = the causal part of (n / BM) x (n / BN); per tile 2 BM BN (HD + HV) for the two
+               dots and (p + 4) BM BN elementwise; reads Q once, K and V once per visited tile; writes O.
+    linear:    T = n / C chunks, F = D rounded up to BLOCK_F features (D = C(d + p - 1, p)):
+               state kernel T F C (2 HV + p + 2), prefix 2 T F (HV + 1), output T F C (2 HV + p + 2) plus the
+               intra-chunk part C^2 (2 HD + 2 HV + p + 4); states written once, read-modified-written once
+               and read once in the accumulator dtype.
     """
     from . import symbolic as sy
+
+    def pad(x):
+        return max(16, 1 << max(0, x - 1).bit_length())
 
     s, br = lp.schedule, lp.branch
     n = sy.evaluate(s.row[1], dims)
     e = sy.evaluate(s.col[1], dims)
     d = sy.evaluate(br.dot.extent, dims)
+    hd, hv = pad(d), pad(e)
     zl = 1
     for _, x in s.lead:
         zl *= sy.evaluate(x, dims)
     rt = -(-n // block_m)
     tiles = sum(min(-(-n // block_n), ((r + 1) * block_m - 1) // block_n + 1) for r in range(rt))
-    q_flops = tiles * block_m * block_n * (2 * (d + e) + lp.p + 3)
+    q_flops = tiles * block_m * block_n * (2 * (hd + hv) + lp.p + 4)
     q_bytes = elem_bytes * (n * d + tiles * block_n * (d + e) + n * e)
     t = -(-n // chunk)
     D = lp.features(d)
-    l_flops = t * (4 * chunk * D * e + 2 * lp.p * chunk * D + 2 * chunk * chunk * (d + e) + 2 * D * e)
+    F = -(-D // block_f) * block_f
+    l_flops = t * F * chunk * (4 * hv + 2 * lp.p + 4) + 2 * t * F * (hv + 1) \
+        + t * chunk * chunk * (2 * (hd + hv) + lp.p + 4)
     l_bytes = elem_bytes * (2 * n * d + 2 * n * e) + acc_bytes * t * D * (e + 1) * 4
     return {
-        "quadratic": FormCost("quadratic", zl * q_flops, zl * q_bytes, acc_bytes * block_m * e),
-        "linear": FormCost("linear", zl * l_flops, zl * l_bytes, acc_bytes * 64 * e),
+        "quadratic": FormCost("quadratic", zl * q_flops, zl * q_bytes, acc_bytes * block_m * hv),
+        "linear": FormCost("linear", zl * l_flops, zl * l_bytes, acc_bytes * block_f * hv),
     }
 
 

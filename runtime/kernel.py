@@ -164,6 +164,13 @@ class Kernel:
             raise UnsupportedError("with_lse needs a program with one output of the form softmax(S) @ V")
         return self._run(name, b, store_lse=True)
 
+    def ring(self, group=None, *, timeout=None, stats=False, **local_inputs):
+        """Sequence-parallel ring attention over torch.distributed: this rank's query/key shards in, this
+        rank's rows of every output out (see runtime/ring.py and docs/ring.md)."""
+        from .ring import ring
+
+        return ring(self, local_inputs, group=group, timeout=timeout, stats=stats)
+
     def reference(self, **inputs):
         """The float64 meaning of the program, evaluated unfused (every intermediate array exists)."""
         from .reference import reference
@@ -251,6 +258,9 @@ class Kernel:
         return self._fns[key]
 
     # ---- explanation ------------------------------------------------------------------------------------
+    def _explain_forms(self) -> list:
+        return _explain_forms_of(self)
+
     def explain(self) -> str:
         """IR with shapes, the DNF in MoA notation, the eliminated intermediates and the ONF schedule."""
         p = self.program
@@ -275,6 +285,7 @@ class Kernel:
         inter = p.intermediates()
         lines.append("intermediate arrays eliminated by fusion:")
         lines += [f"  {nm}: {sy.show(sz)} elements" for nm, sz in inter] or ["  (none)"]
+        lines += self._explain_forms()
         lines.append("ONF (tiled schedule):")
         try:
             for s in self.schedules.values():
@@ -282,6 +293,36 @@ class Kernel:
         except UnsupportedError as e:
             lines.append(f"  not compiled by this version: {e.message}")
         return "\n".join(lines)
+
+
+def _explain_forms_of(kernel) -> list:
+    from moa import linear
+
+    out = []
+    try:
+        plans = kernel.linear_plans
+    except UnsupportedError:
+        return out
+    for name, (lp, _why) in plans.items():
+        if lp is None:
+            continue
+        peak, bw = _device_roofline("h100", "bf16")
+        d = lp.branch.dot.extent
+        e = lp.schedule.col[1]
+        dims = {str(s): 64 for s in (d, e) if s.is_Symbol}
+        out.append(f"forms of {name}: quadratic (tiled) and linear (chunked states, D = {sy.show(lp.features_expr())}"
+                   f" features of degree {lp.p}{', gated' if lp.ga is not None else ''})")
+        for n in (1024, 16384, 131072):
+            row = lp.schedule.row[1]
+            c = linear.form_costs(lp, {**dims, str(row): n})
+            t = {f: linear.predicted_seconds(c[f], peak, bw) for f in c}
+            out.append(f"  n = {n:6d} ({', '.join(f'{k}={v}' for k, v in dims.items())}): quadratic "
+                       f"{c['quadratic'].flops:.3g} FLOP {t['quadratic'] * 1e6:.1f} us, linear "
+                       f"{c['linear'].flops:.3g} FLOP {t['linear'] * 1e6:.1f} us (h100 bf16 roofline)")
+        x = linear.crossover(lp, dims, peak, bw)
+        out.append(f"  predicted crossover: linear is faster from n = {x} on" if x else
+                   "  predicted crossover: none below n = 2^24")
+    return out
 
 
 def _device_roofline(device: str, dtype: str) -> tuple[float, float]:
