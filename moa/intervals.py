@@ -178,7 +178,17 @@ def _combine(f, a, b):
 
 
 def _linear_bound(fn, d, j, box):
-    """Bounds on j from `d fn 0` where d = a*j + rest, a = +-1, rest free of j."""
+    """Bounds on j from `d fn 0` where d = a*j + rest, a a non-zero integer, rest free of j."""
+    fl = [a for a in sp.Add.make_args(d) if isinstance(a, sp.floor) and j in a.free_symbols]
+    if fn in ("le", "lt", "ge", "gt") and len(fl) == 1:
+        # floor(num / den) + rest fn 0 with den > 0:  <= : num + den (rest - 1) < 0;  < : num + den rest < 0;
+        #                                            >= : num + den rest >= 0;       > : num + den (rest - 1) >= 0
+        num, den = sp.fraction(sp.together(fl[0].args[0]))
+        rest = d - fl[0]
+        if den.is_positive and not (rest.free_symbols & {j}) and not (den.free_symbols & {j}):
+            shift = 1 if fn in ("le", "gt") else 0
+            lin = sp.expand(num + den * (rest - shift))
+            return _linear_bound("lt" if fn in ("le", "lt") else "ge", lin, j, box)
     if fn == "ne" or d.has(sp.Mod, sp.floor, sp.Abs, sp.Min, sp.Max):
         return _abs_bound(fn, d, j, box)
     poly = sp.Poly(d, j) if j in d.free_symbols else None
@@ -186,20 +196,25 @@ def _linear_bound(fn, d, j, box):
         return None, None
     a = poly.coeff_monomial(j)
     rest = sp.expand(d - a * j)
-    if a not in (1, -1):
+    if not (a.is_Integer and a != 0):
         return None, None
     rng = interval(rest, box)
     if rng is None:
         return None, None
     rlo, rhi = rng
-    # a*j + rest fn 0
     if fn == "eq":
-        return (-rhi, -rlo) if a == 1 else (rlo, rhi)
-    upper = {"le": 0, "lt": -1}.get(fn)
-    if upper is not None:  # a*j <= -rest + upper
-        return (None, -rlo + upper) if a == 1 else (rlo - upper, None)
-    lower = {"ge": 0, "gt": 1}[fn]  # a*j >= -rest + lower
-    return (-rhi + lower, None) if a == 1 else (None, rhi - lower)
+        lo1, hi1 = _linear_bound("le", d, j, box)
+        lo2, hi2 = _linear_bound("ge", d, j, box)
+        return _combine(sp.Max, lo1, lo2), _combine(sp.Min, hi1, hi2)
+    if fn in ("le", "lt"):  # a*j <= c - rest, loosest at rest = rlo
+        c = 0 if fn == "le" else -1
+        if a > 0:
+            return None, sp.floor((c - rlo) / a)
+        return -sp.floor((c - rlo) / -a), None
+    c = 0 if fn == "ge" else 1  # a*j >= c - rest, loosest at rest = rhi
+    if a > 0:
+        return -sp.floor((rhi - c) / a), None
+    return None, sp.floor((rhi - c) / -a)
 
 
 def _abs_bound(fn, d, j, box):

@@ -42,6 +42,19 @@ class Dot:
 
 
 @dataclass(frozen=True)
+class Hop:
+    """Residue structure of a mask: every admissible key is j = i + c - s t (the conjunct (i - j) % s == 0 solved
+    for j), so the reduction over j re-indexes to one over hops t in [t_lo, t_hi] (formulas in I_LO, I_HI):
+    each hop pairs a query row with exactly one key (a diagonal of the key tile), no wasted pair."""
+    stride: int
+    var: sp.Symbol
+    key: sp.Expr          # j as a function of i and t
+    t_lo: sp.Expr
+    t_hi: sp.Expr
+    mask: object          # the rest of the mask with j := key (includes 0 <= j < m)
+
+
+@dataclass(frozen=True)
 class Branch:
     """One monoid reduction over the key axis: kind 'softmax' (m, l, acc) or 'norm' (z, acc)."""
     kind: str
@@ -55,6 +68,7 @@ class Branch:
     key_hi: sp.Expr | None
     skip: object          # sympy boolean in I_LO, I_HI, J_LO, J_HI: the tile has no admissible pair
     full: object          # ... every pair of the tile is admissible (no mask code)
+    hop: Hop | None = None  # the residue re-indexing, when the mask has (i - j) % s == 0 structure
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,49 @@ def _branch(name, x, k, leadset, i, c) -> Branch:
     pred = mask if mask is not None else D.Const(True, "bool")
     lo, hi = iv.key_range(pred, j, iv.Box({i: (iv.I_LO, iv.I_HI)}))
     skip, full = iv.classify(pred, iv.Box({i: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
-    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full)
+    hop = _hop(mask, i, j, x.extent) if mask is not None else None
+    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop)
+
+
+def _conjuncts(p):
+    if isinstance(p, D.Op) and p.fn == "and":
+        return _conjuncts(p.args[0]) + _conjuncts(p.args[1])
+    return [p]
+
+
+def _hop(mask, i, j, m_ext) -> Hop | None:
+    """Solve a conjunct (a i - a j + c) % s == 0 (a = +-1, s a positive integer) for j = i + c' - s t."""
+    parts = _conjuncts(mask)
+    for k, p in enumerate(parts):
+        if not (isinstance(p, D.Op) and p.fn == "eq"):
+            continue
+        a, b = p.args
+        if isinstance(a, D.Const) or (isinstance(a, D.Index) and a.expr == 0):
+            a, b = b, a
+        zero = (isinstance(b, D.Const) and b.value == 0) or (isinstance(b, D.Index) and b.expr == 0)
+        if not (zero and isinstance(a, D.Index) and isinstance(a.expr, sp.Mod)):
+            continue
+        e, s = a.expr.args
+        if not (s.is_Integer and s > 0):
+            continue
+        e = sp.expand(e)
+        ci, cj = e.coeff(i), e.coeff(j)
+        rest = sp.expand(e - ci * i - cj * j)
+        if not ((ci, cj) in ((1, -1), (-1, 1)) and not (rest.free_symbols & {i, j})):
+            continue
+        t = sp.Symbol(f"t_{j.name}", integer=True)
+        key = sp.expand(i + ci * rest - s * t)  # ci (i - j) + rest = s t'  =>  j = i + ci rest - s t
+        others = parts[:k] + parts[k + 1:] + [D.Op("ge", (D.Index(j), D.Index(sp.Integer(0))), "bool"),
+                                             D.Op("lt", (D.Index(j), D.Index(m_ext)), "bool")]
+        rest_mask = others[0]
+        for q in others[1:]:
+            rest_mask = D.Op("and", (rest_mask, q), "bool")
+        rest_mask = D.subs(rest_mask, {j: key})
+        lo, hi = iv.key_range(rest_mask, t, iv.Box({i: (iv.I_LO, iv.I_HI)}))
+        if lo is None or hi is None:
+            return None
+        return Hop(int(s), t, key, sp.simplify(lo), sp.simplify(hi), rest_mask)
+    return None
 
 
 def show(s: Schedule) -> str:
@@ -199,6 +255,10 @@ def show(s: Schedule) -> str:
         hi = f"{sy.show(b.extent)} - 1" if b.key_hi is None else f"min({sy.show(b.extent)} - 1, {b.key_hi})"
         lines.append(f"    keys visited for rows [I_LO, I_HI]: [{lo}, {hi}]")
         lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}")
+        if b.hop is not None:
+            h = b.hop
+            lines.append(f"    residue lifting: {b.var} = {sy.show(h.key)}, hops {h.var} in [{sy.show(h.t_lo)}, "
+                         f"{sy.show(h.t_hi)}] (one key per row per hop)")
         if b.dot is not None:
             lines.append(f"    tl.dot: [{i} x {b.dot.var}] {D.show(b.dot.a)}  .  [{b.var} x {b.dot.var}] "
                          f"{D.show(b.dot.b)}  (contract {b.dot.var} < {sy.show(b.dot.extent)})")
