@@ -233,11 +233,15 @@ def _psi_sym(n, idx, env, fresh):
 
 
 def _psi_vec(n, idx, env, fresh):
-    # <k> psi <v0 v1 ...> => v_k (k known at compile time)
+    # <k> psi <v0 v1 ...> => v_k (k known at compile time; else where(k == 0, v0, where(k == 1, v1, ...)))
     k = sp.sympify(idx[0])
-    if not k.is_Integer:
-        raise UnsupportedError("indexing shape(X) with a variable index", n.loc)
-    return Index(n.attrs[0][int(k)])
+    vals = n.attrs[0]
+    if k.is_Integer:
+        return Index(vals[int(k)])
+    out = Index(vals[-1])
+    for pos in range(len(vals) - 2, -1, -1):
+        out = Op("where", (Op("eq", (Index(k), Index(sp.Integer(pos))), ir.BOOL), Index(vals[pos]), out), ir.INT)
+    return out
 
 
 def _psi_iota(n, idx, env, fresh):
@@ -487,6 +491,47 @@ FUSION_RULES = (
          _fuse_normalize_contraction),
     Rule("fold-mul-one", "x * 1 => x", _fold_mul_one),
 )
+def _is_zero(e):
+    return isinstance(e, Const) and e.value == 0 or isinstance(e, Index) and e.expr == 0
+
+
+def _fubini(e):
+    # +red_k (A * +red_r B) => +red_r +red_k (A * B)      (r not in A: exchange of sums, distributivity)
+    if isinstance(e, Reduce) and e.op == "sum" and isinstance(e.body, Op) and e.body.fn == "mul":
+        for a, b in (e.body.args, e.body.args[::-1]):
+            if isinstance(b, Reduce) and b.op == "sum" and b.var not in free_vars(a):
+                inner = Reduce("sum", e.var, e.extent, Op("mul", (a, b.body), e.dtype), e.dtype)
+                return Reduce("sum", b.var, b.extent, inner, e.dtype)
+    return None
+
+
+def _hoist_where(e):
+    # +red_k (A * where(c, X, 0)) => where(c, +red_k (A * X), 0)      (k not in c)
+    if isinstance(e, Reduce) and e.op == "sum" and isinstance(e.body, Op) and e.body.fn == "mul":
+        for a, b in (e.body.args, e.body.args[::-1]):
+            if isinstance(b, Op) and b.fn == "where" and _is_zero(b.args[2]) and e.var not in free_vars(b.args[0]):
+                red = Reduce("sum", e.var, e.extent, Op("mul", (a, b.args[1]), e.dtype), e.dtype)
+                return Op("where", (b.args[0], red, Const(0.0)), e.dtype)
+    return None
+
+
+def _factor_out(e):
+    # +red_k (A * (w * B)) => w * +red_k (A * B)      (k not in w)
+    if isinstance(e, Reduce) and e.op == "sum" and isinstance(e.body, Op) and e.body.fn == "mul":
+        for a, b in (e.body.args, e.body.args[::-1]):
+            if isinstance(b, Op) and b.fn == "mul":
+                for w, rest in (b.args, b.args[::-1]):
+                    if e.var not in free_vars(w) and e.var in free_vars(rest):
+                        red = Reduce("sum", e.var, e.extent, Op("mul", (a, rest), e.dtype), e.dtype)
+                        return Op("mul", (w, red), e.dtype)
+    return None
+
+
+REASSOCIATION_RULES = (
+    Rule("fubini", "+red_k (A * +red_r B) => +red_r +red_k (A * B)   (r not in A)", _fubini),
+    Rule("hoist-where", "+red_k (A * where(c, X, 0)) => where(c, +red_k A * X, 0)   (k not in c)", _hoist_where),
+    Rule("factor-out", "+red_k (A * (w * B)) => w * +red_k (A * B)   (k not in w)", _factor_out),
+)
 LOWERING_RULES = (
     Rule("lower-softmax", "softmax_r(s)|t => exp(s_t - max s) / +red exp(s - max s)", _lower_softmax_at),
     Rule("lower-normalize", "normalize_r(a)|t => a_t / +red a", _lower_normalize_at),
@@ -542,6 +587,7 @@ def dnf(program: Program) -> tuple[DnfOutput, ...]:
         vs = _out_vars(node, fresh)
         e = psi_reduce(node, vs, {}, fresh)
         e = rewrite(e, FUSION_RULES)
+        e = rewrite(e, REASSOCIATION_RULES)
         e = rewrite(e, LOWERING_RULES)
         outs.append(DnfOutput(name, vs, node.shape, e, node.dtype))
     return tuple(outs)

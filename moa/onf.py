@@ -55,6 +55,30 @@ class Hop:
 
 
 @dataclass(frozen=True)
+class MixTile:
+    """Placeholder for the [BLOCK_M, W] tile of +red_r w(j, r) * [g(i, r)] * (A_i . B_(i, r)) in a score."""
+    branch: int
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A score that mixes a window of hop dot products (Blurry Window Attention after reassociation):
+    score(i, j) = E(+red_r w(j, r) * where(g(i, r), +red_k A(i, k) B(i, r, k), 0)) and
+    value(i, j, c) = +red_r w(j, r) * where(g(i, r), X(i, r, c), 0). Computed as H[i, r] by r hops (row dots),
+    S = H w^T, P = softmax_j(S), O = (P w) X: O(n W (d + e) + n W^2) work, no n x n array."""
+    var: sp.Symbol
+    extent: sp.Expr
+    weight: object       # w(j, r)
+    guard: object        # g(i, r) or None
+    a: object            # A(i, k)
+    b: object            # B(i, r, k)
+    kvar: sp.Symbol
+    kext: sp.Expr
+    x: object            # X(i, r, c)
+
+
+@dataclass(frozen=True)
 class Branch:
     """One monoid reduction over the key axis: kind 'softmax' (m, l, acc) or 'norm' (z, acc)."""
     kind: str
@@ -69,6 +93,7 @@ class Branch:
     skip: object          # sympy boolean in I_LO, I_HI, J_LO, J_HI: the tile has no admissible pair
     full: object          # ... every pair of the tile is admissible (no mask code)
     hop: Hop | None = None  # the residue re-indexing, when the mask has (i - j) % s == 0 structure
+    mix: Mix | None = None  # a window-mixing score (then `score` holds MixTile and `value` is the r-sum)
 
 
 @dataclass(frozen=True)
@@ -175,8 +200,12 @@ def _branch(name, x, k, leadset, i, c) -> Branch:
         if mask is None:
             mask, score = _strip_mask(x.weight, 0)
     score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
+    mix = None
+    if kind == "softmax" and dot is None:
+        score, mix = _find_mix(score, x.value, leadset, i, j, k)
     _check_no_binders(score, "the score", name)
-    _check_no_binders(x.value, "the value", name)
+    if mix is None:
+        _check_no_binders(x.value, "the value", name)
     if mask is not None:
         _check_no_binders(mask, "the mask", name)
     allowed = leadset | {i, j}
@@ -184,7 +213,7 @@ def _branch(name, x, k, leadset, i, c) -> Branch:
         if part is not None and not _free(part) <= allowed:
             raise UnsupportedError(f"output {name}: the {what} depends on {sorted(map(str, _free(part) - allowed))}"
                                    f" (it may use only the row, key and leading indices)")
-    if not _free(x.value) <= leadset | {j, c}:
+    if mix is None and not _free(x.value) <= leadset | {j, c}:
         raise UnsupportedError(f"output {name}: the value of the contraction depends on "
                                f"{sorted(map(str, _free(x.value) - (leadset | {j, c})))}; expected V[j, c]")
     if dot is not None:
@@ -194,7 +223,59 @@ def _branch(name, x, k, leadset, i, c) -> Branch:
     lo, hi = iv.key_range(pred, j, iv.Box({i: (iv.I_LO, iv.I_HI)}))
     skip, full = iv.classify(pred, iv.Box({i: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
     hop = _hop(mask, i, j, x.extent) if mask is not None else None
-    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop)
+    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop, mix)
+
+
+def _split_guard(e):
+    if isinstance(e, D.Op) and e.fn == "where" and D._is_zero(e.args[2]):
+        return e.args[0], e.args[1]
+    return None, e
+
+
+def _find_mix(score, value, leadset, i, j, k):
+    """score = E(+red_r w(j, r) * where(g(i, r), +red_k A(i,k) B(i,r,k), 0)) with the value the same r-sum
+    of X(i, r, c): the window-mixing schedule (see Mix). Returns (score with MixTile, Mix) or (score, None)."""
+    reds = [x for x in D.nodes(score) if isinstance(x, D.Reduce) and x.op == "sum"]
+    if len(reds) < 1 or not (isinstance(value, D.Reduce) and value.op == "sum"):
+        return score, None
+    red = reds[0]
+    r = red.var
+    guard, body = _split_guard(red.body)
+    if not (isinstance(body, D.Op) and body.fn == "mul"):
+        return score, None
+    for w, dot in (body.args, body.args[::-1]):
+        if isinstance(dot, D.Reduce) and dot.op == "sum" and isinstance(dot.body, D.Op) and dot.body.fn == "mul" \
+                and _free(w) <= leadset | {j, r}:
+            kv = dot.var
+            for a, b in (dot.body.args, dot.body.args[::-1]):
+                if _free(a) <= leadset | {i, kv} and _free(b) <= leadset | {i, r, kv} and r in _free(b):
+                    break
+            else:
+                continue
+            break
+    else:
+        return score, None
+    if guard is not None and not _free(guard) <= leadset | {i, r}:
+        return score, None
+    vguard, vbody = _split_guard(D.subs(value.body, {value.var: r}))
+    if vguard != guard or sp.simplify(value.extent - red.extent) != 0:
+        return score, None
+    if not (isinstance(vbody, D.Op) and vbody.fn == "mul"):
+        return score, None
+    for vw, xv in (vbody.args, vbody.args[::-1]):
+        if vw == w and _free(xv) <= leadset | {i, r} | (_free(xv) - leadset - {i, r, j}):
+            break
+    else:
+        return score, None
+    mix = Mix(r, red.extent, w, guard, a, b, kv, dot.extent, xv)
+
+    def put(x):
+        if x is red:
+            return MixTile(k)
+        kids = D.children(x)
+        return D.with_children(x, [put(y) for y in kids]) if kids else x
+
+    return put(score), mix
 
 
 def _conjuncts(p):

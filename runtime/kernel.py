@@ -17,7 +17,7 @@ from moa.program import Program
 
 from . import cache
 from .binding import Binding, bind
-from .launch import cdiv, check_device, next_pow2, triton_module
+from .launch import cdiv, check_device, next_pow2, quiet, triton_module
 
 DTYPE_NAME = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
               torch.bfloat16: "bfloat16"}
@@ -51,9 +51,11 @@ def _load_source(source_or_path) -> tuple[str, str]:
                                             and source_or_path.endswith(".moa")):
         path = Path(source_or_path)
         try:
-            return path.read_text(), path.name
+            return path.read_text(encoding="utf-8"), path.name
         except OSError as e:
             raise InputError(f"cannot read {path}: {e.strerror}") from None
+        except ValueError as e:  # an embedded NUL in the path, or a file that is not UTF-8 text
+            raise InputError(f"cannot read {str(path)[:200]!r}: {str(e)[:200]}") from None
     if not isinstance(source_or_path, str):
         raise InputError(f"moa.compile takes .moa text or a path, got {type(source_or_path).__name__}")
     return source_or_path, "<source>"
@@ -78,6 +80,7 @@ class Kernel:
         self.form = form
         self._fns: dict = {}
         self._linear: dict = {}
+        self._window: dict = {}
 
     # ---- schedules ------------------------------------------------------------------------------------
     @cached_property
@@ -125,6 +128,10 @@ class Kernel:
         from moa.codegen.emit import generate
 
         name = output or self.output_names[0]
+        if self._is_window(name):
+            from moa.codegen.window import generate_window
+
+            return generate_window(self.program, self._schedule(name), dtype, nbatch).source
         cfg = config or Config(128, 64)
         return generate(self.program, self._schedule(name), dtype, nbatch, cfg.block_m, cfg.block_n,
                         store_lse).source
@@ -135,16 +142,30 @@ class Kernel:
         return "\n\n".join(self.source(n) for n in self.output_names)
 
     # ---- calls ------------------------------------------------------------------------------------------
-    def __call__(self, **inputs):
+    def __call__(self, /, **inputs):
         """Run the fused kernel(s): one output -> a tensor; several -> dict name -> tensor."""
         b = bind(self.program, inputs)
         outs = {}
         for n in self.output_names:
-            if self.choose_form(n, b.dims) == "linear":
+            if self._is_window(n):
+                outs[n] = self._run_window(n, b)
+            elif self.choose_form(n, b.dims) == "linear":
                 outs[n] = self._run_linear(n, b)
             else:
                 outs[n] = self._run(n, b, store_lse=False)[0]
         return outs[self.output_names[0]] if len(outs) == 1 else outs
+
+    def _is_window(self, name: str) -> bool:
+        return any(br.mix is not None for br in self._schedule(name).branches)
+
+    def _run_window(self, name: str, b: Binding):
+        from .window_run import WindowRunner
+
+        if name not in self._window:
+            self._window[name] = WindowRunner(self.program, self._schedule(name))
+        dt = b.dtype
+        compute = torch.float32 if (dt == torch.bfloat16 and b.device.type == "cpu") else dt
+        return self._finish(self._window[name].run(b, compute, DTYPE_NAME[compute]), dt)
 
     def _run_linear(self, name: str, b: Binding):
         from .linear_run import LinearRunner
@@ -155,7 +176,7 @@ class Kernel:
         compute = torch.float32 if (dt == torch.bfloat16 and b.device.type == "cpu") else dt
         return self._finish(self._linear[name].run(b, compute, DTYPE_NAME[compute]), dt)
 
-    def with_lse(self, **inputs):
+    def with_lse(self, /, **inputs):
         """(O, lse) for a single softmax-attention output: lse[..., i] = log sum_j exp(s_ij), -inf for a row
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
         b = bind(self.program, inputs)
@@ -171,14 +192,14 @@ class Kernel:
 
         return ring(self, local_inputs, group=group, timeout=timeout, stats=stats)
 
-    def reference(self, **inputs):
+    def reference(self, /, **inputs):
         """The float64 meaning of the program, evaluated unfused (every intermediate array exists)."""
         from .reference import reference
 
         outs = reference(self.program, inputs)
         return outs[self.output_names[0]] if len(outs) == 1 else outs
 
-    def dnf_reference(self, **inputs):
+    def dnf_reference(self, /, **inputs):
         """The DNF evaluated directly (vectorised, float64, online-softmax merges): equals reference()."""
         from .dnf_eval import evaluate_dnf
 
@@ -199,6 +220,10 @@ class Kernel:
         mext = max([sy.evaluate(br.extent, dims) for br in sched.branches] + [1])
         heads = [sy.evaluate(br.dot.extent, dims) for br in sched.branches if br.dot is not None] + [e]
         cfg = config or choose_config(b.device, dtname, n, mext, max(heads))
+        if config is None and b.device.type == "cuda":  # AOT-checked: never a config that spills (costing.py)
+            from .costing import runtime_config
+
+            cfg = runtime_config(self, name, dtname, dims, len(b.batch), b.device)
         shape = (*b.batch, *lead, n, e)
         out = torch.empty(shape, dtype=dt if compute == dt else compute, device=b.device)
         acc_dt = torch.float64 if compute == torch.float64 else torch.float32
@@ -232,7 +257,8 @@ class Kernel:
         if b.device.type == "cuda":
             consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         try:
-            fn[grid](*args, **consts)
+            with quiet():
+                fn[grid](*args, **consts)
         except MoaError:
             raise
         except Exception as ex:  # a Triton failure is a bug of ours: say which kernel, keep the cause
@@ -256,6 +282,25 @@ class Kernel:
             mod = cache.load_module(ckey, spec.source)
             self._fns[key] = (mod._attn_fwd, spec)
         return self._fns[key]
+
+    # ---- cost model, counters, AOT resources (runtime/costing.py) ---------------------------------------
+    def cost(self, dtype="bf16", device="h100", **dims):
+        """Predicted CostReport from the ONF (no execution); no dims -> sympy formulas."""
+        from .costing import cost
+
+        return cost(self, dtype=dtype, device=device, **dims)
+
+    def measure(self, /, **inputs):
+        """Measurement: counters of a run in the instrumented Triton interpreter (CPU tensors)."""
+        from .costing import measure
+
+        return measure(self, **inputs)
+
+    def aot(self, target="sm_90", dtype="bf16", **dims):
+        """AotReport: the generated kernel compiled for a GPU target without a GPU (registers, spills ...)."""
+        from .costing import aot
+
+        return aot(self, target=target, dtype=dtype, **dims)
 
     # ---- explanation ------------------------------------------------------------------------------------
     def _explain_forms(self) -> list:

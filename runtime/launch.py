@@ -37,3 +37,11 @@ def next_pow2(x: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def quiet():
+    """Silence numpy's floating-point warnings inside interpreter launches: the untaken branch of a where
+    (0/0 in a Dirichlet kernel, exp overflow of masked scores) is computed and discarded, as on a GPU."""
+    import numpy as np
+
+    return np.errstate(all="ignore")

@@ -13,7 +13,7 @@ from moa.linear import LinearPlan, feature_table
 
 from . import cache
 from .binding import Binding
-from .launch import cdiv, check_device, next_pow2, triton_module
+from .launch import cdiv, check_device, next_pow2, quiet, triton_module
 
 STATE_LIMIT = 1 << 31   # elements of the state buffers beyond which the linear form is refused
 
@@ -88,9 +88,10 @@ class LinearRunner:
         st = [S, zs, fidx, fw, nfeat, T]
         nft = cdiv(nfeat, block_f)
         try:
-            mod._chunk_state[(T, nft, zl)](*args, *st, *tail, **consts)
-            mod._chunk_scan[(nft, zl)](*args, *st, *tail, **consts)
-            mod._chunk_out[(T, zl)](*args, *st, out, *out.stride(), *tail, **consts)
+            with quiet():
+                mod._chunk_state[(T, nft, zl)](*args, *st, *tail, **consts)
+                mod._chunk_scan[(nft, zl)](*args, *st, *tail, **consts)
+                mod._chunk_out[(T, zl)](*args, *st, out, *out.stride(), *tail, **consts)
         except Exception as ex:
             raise UnsupportedError(f"the chunked linear-form kernels failed ({type(ex).__name__}: "
                                    f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex

@@ -1,0 +1,72 @@
+"""Launching the window-mixing kernel (codegen/window.py)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moa import __version__
+from moa import ir
+from moa import symbolic as sy
+from moa.errors import UnsupportedError
+
+from . import cache
+from .binding import Binding
+from .launch import cdiv, check_device, next_pow2, quiet, triton_module
+
+
+class WindowRunner:
+    def __init__(self, program, sched):
+        self.program, self.sched = program, sched
+        self._mods: dict = {}
+
+    def _module(self, dtname, nbatch):
+        from moa.codegen.window import generate_window
+
+        key = (dtname, nbatch)
+        if key not in self._mods:
+            spec = generate_window(self.program, self.sched, dtname, nbatch)
+            triton = triton_module()
+            ckey = cache.key_of(spec.source, __version__, triton.__version__, torch.__version__)
+            self._mods[key] = (cache.load_module(ckey, spec.source), spec)
+        return self._mods[key]
+
+    def source(self, dtname="float32", nbatch=0) -> str:
+        from moa.codegen.window import generate_window
+
+        return generate_window(self.program, self.sched, dtname, nbatch).source
+
+    def run(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> torch.Tensor:
+        triton_module()
+        check_device(b.device)
+        s = self.sched
+        br = s.branches[0]
+        dims = b.dims
+        n = sy.evaluate(s.row[1], dims)
+        e = sy.evaluate(s.col[1], dims)
+        d = sy.evaluate(br.mix.kext, dims)
+        w = max(sy.evaluate(br.mix.extent, dims), sy.evaluate(br.extent, dims))
+        lead = [sy.evaluate(x, dims) for _, x in s.lead]
+        zl = math.prod(b.batch) * math.prod(lead)
+        out = torch.empty((zl, n, e), dtype=dt_compute, device=b.device)
+        if out.numel() == 0:
+            return out.reshape(*b.batch, *lead, n, e)
+        mod, spec = self._module(dtname, len(b.batch))
+        nb = len(b.batch)
+        args = []
+        for inp in spec.inputs:
+            t = b.tensors[inp]
+            if self.program.input_map[inp].dtype == ir.FLOAT and t.dtype != dt_compute:
+                t = t.to(dt_compute)
+            args += [t, *t.stride()[:nb], *t.stride()[nb:]]
+        tail = [dims[dn] for dn in spec.dims] + list(b.batch)
+        block_m = min(64, max(16, next_pow2(n)))
+        consts = dict(BLOCK_M=block_m, HEAD_DIM=max(16, next_pow2(d)), HEAD_DIM_V=max(16, next_pow2(e)),
+                      W_PAD=max(16, next_pow2(w)))
+        try:
+            with quiet():
+                mod._attn_window[(cdiv(n, block_m), zl)](*args, out, *out.stride(), *tail, **consts)
+        except Exception as ex:
+            raise UnsupportedError(f"the window-mixing kernel failed ({type(ex).__name__}: "
+                                   f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex
+        return out.reshape(*b.batch, *lead, n, e)
