@@ -110,7 +110,7 @@ class Schedule:
     @property
     def has_lse(self) -> bool:
         """A single softmax branch returned as is: its log-sum-exp per row is meaningful."""
-        return (len(self.branches) == 1 and self.branches[0].kind == "softmax"
+        return (len(self.branches) == 1 and self.branches[0].kind == "softmax" and self.branches[0].mix is None
                 and self.epilogue == BranchValue(0))
 
 
