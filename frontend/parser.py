@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lark
 
-from moa.errors import Loc, ParseError
+from moa.errors import Loc, ParseError, source_lines
 
 KEYWORDS = {"dim", "param", "in", "out", "where", "and", "or", "not", "inf"}
 
@@ -42,7 +42,7 @@ def parse(source: str, filename: str = "<source>") -> lark.Tree:
     except lark.exceptions.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
-            lines = source.splitlines() or [""]
+            lines = source_lines(source.removesuffix("\n"))
             loc = Loc(len(lines), len(lines[-1]) + 1, source, filename)
             raise ParseError(f"unexpected end of input; expected {_expected(e.expected)}", loc) from None
         loc = Loc(tok.line, tok.column, source, filename)
@@ -50,9 +50,14 @@ def parse(source: str, filename: str = "<source>") -> lark.Tree:
         hint = ""
         if str(tok) in KEYWORDS and "NAME" in e.expected:
             hint = f" ('{tok}' is a keyword and cannot be used as a name)"
+        prev = (getattr(e, "token_history", None) or [None])[-1]
+        if (not hint and prev is not None and str(prev) in KEYWORDS and "NAME" in e.expected
+                and tok.type in ("EQUAL", "LSQB")):
+            # `out = Q`: the keyword was read as the statement keyword, so the error is at the '=' after it
+            hint = f" ('{prev}' is a keyword and cannot be used as a name)"
         raise ParseError(f"unexpected {what}{hint}; expected {_expected(e.expected)}", loc) from None
     except lark.exceptions.UnexpectedEOF as e:
-        lines = source.splitlines() or [""]
+        lines = source_lines(source.removesuffix("\n"))
         loc = Loc(len(lines), len(lines[-1]) + 1, source, filename)
         raise ParseError(f"unexpected end of input; expected {_expected(e.expected)}", loc) from None
     except RecursionError:

@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def source_lines(source: str) -> list[str]:
+    """The lines of a source as the parser counts them: split at '\n' only (a form feed or U+2028 inside a
+    line does not start a new one, unlike str.splitlines), a trailing '\r' dropped."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in source.split("\n")]
+
+
 @dataclass(frozen=True)
 class Loc:
     """A place in a .moa source: 1-based line and column, plus the source text for the caret."""
@@ -17,16 +23,19 @@ class Loc:
         return f"{self.filename}:{self.line}:{self.column}"
 
     def caret(self) -> str:
-        lines = self.source.splitlines()
+        lines = source_lines(self.source)
         if not (1 <= self.line <= len(lines)):
             return ""
-        text = lines[self.line - 1]
+        # control characters (escape sequences, NUL, U+2028 ...) are shown as '?': one for one, so the
+        # caret stays aligned and an error message cannot drive the terminal
+        text = "".join(c if c.isprintable() or c == "\t" else "?" for c in lines[self.line - 1])
         if len(text) > 200:  # keep the caret readable for pathological lines
             lo = max(0, self.column - 100)
             text, col = text[lo:lo + 200], self.column - lo
         else:
             col = self.column
-        return f"    {text}\n    {' ' * (col - 1)}^"
+        pad = "".join("\t" if c == "\t" else " " for c in text[:col - 1])  # tabs keep the caret aligned
+        return f"    {text}\n    {pad}{' ' * (col - 1 - len(pad))}^"
 
 
 class MoaError(Exception):
