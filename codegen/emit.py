@@ -20,6 +20,7 @@ from moa.errors import UnsupportedError
 from moa.onf import BranchValue, DotTile, Schedule
 from moa.program import Program
 
+from .hops import emit_hop_branch, use_hops
 from .printer import code as pcode
 
 TL_DTYPE = {"float64": "tl.float64", "float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
@@ -56,6 +57,29 @@ def _sign(x):
 
 
 @dataclass(frozen=True)
+class AccessSite:
+    """One tl.load / tl.store the emitter wrote, for the cost model (moa/cost.py).
+
+    `name` is the variable a load assigns (or the output / "lse" for a store); `tensor` the input or output.
+    `index` holds the sympy index expressions per axis; `axes` maps each tile variable used to the tile axis it
+    ranges over ("row": offs_m, "key": offs_n, "col": offs_v, or a head-dim constexpr name such as "HEAD_DIM");
+    `conds` is the access mask as sympy relations (lane-wise and scalar parts: a lane is accessed iff all hold).
+    """
+    name: str
+    tensor: str
+    index: tuple
+    axes: tuple          # ((symbol, axis), ...)
+    conds: tuple
+
+
+def _axis_of(code: str) -> str:
+    """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_head_dim_2' ->
+    'HEAD_DIM_2'."""
+    base = code.split("[")[0].strip()
+    return {"offs_m": "row", "offs_n": "key", "offs_v": "col"}.get(base, base[len("offs_"):].upper())
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     """What the launcher needs to call a generated kernel."""
     name: str
@@ -71,6 +95,8 @@ class KernelSpec:
     lead: tuple            # ((var name, extent expr), ...)
     row_extent: sp.Expr
     col_extent: sp.Expr
+    loads: tuple = ()      # AccessSite per tl.load, in emission order
+    stores: tuple = ()     # AccessSite per tl.store
 
 
 def _invariant(e, key_vars) -> bool:
@@ -124,6 +150,7 @@ class Emitter:
         self.used_inputs: list = []
         self.counter = 0
         self.head_dims: dict = {}   # extent -> constexpr name
+        self.loads: list = []       # AccessSite per emitted tl.load (the cost model's ledger of memory accesses)
 
     def fresh(self, base):
         self.counter += 1
@@ -253,6 +280,7 @@ class Emitter:
         node = self.p.input_map[r.name]
         parts, masks = [f"{r.name}_ptr + off_{r.name}"], []
         scalar_masks = []  # conditions on leading indices only: kept apart (see below)
+        conds = []
         for k, (ix, ext) in enumerate(zip(r.index, node.shape)):
             ix = sp.sympify(ix)
             c = self.idx(ix, vmap)
@@ -261,9 +289,15 @@ class Emitter:
             sink = masks if set(vmap) & ix.free_symbols else scalar_masks
             if not hi_ok:
                 sink.append(f"({c} < {self.idx(ext, {})})")
+                conds.append(sp.Lt(ix, ext, evaluate=False))
             if not lo_ok:
                 sink.append(f"({c} >= 0)")
+                conds.append(sp.Ge(ix, 0, evaluate=False))
         name = name or self.fresh("ld_")
+        used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index)) if r.index else set()
+        self.loads.append(AccessSite(name, r.name, tuple(sp.sympify(ix) for ix in r.index),
+                                     tuple((v, _axis_of(code)) for v, code in vmap.items() if v in used),
+                                     tuple(conds)))
         other = "0.0" if node.dtype == ir.FLOAT else "0"
         m = " & ".join(masks) if masks else "True"
         if scalar_masks:  # a scalar condition joins a tile mask through tl.where (the interpreter rejects &)
@@ -335,6 +369,11 @@ class Emitter:
             w("        lse = tl.where(l_i0 == 0, float(\"-inf\"), (m_i0 + tl.log2(tl.where(l_i0 == 0, 1.0, l_i0)))"
               " * 0.6931471805599453)")
             w(f"        tl.store(lse_out + off_lse + offs_m, lse, mask=offs_m < {self.idx(n_ext, {})})")
+        rows = (i, "row")
+        self.stores = [AccessSite(s.output, s.output, (i, c), (rows, (c, "col")),
+                                  (sp.Lt(i, n_ext, evaluate=False), sp.Lt(c, e_ext, evaluate=False)))]
+        if store_lse:
+            self.stores.append(AccessSite("lse", "lse", (i,), (rows,), (sp.Lt(i, n_ext, evaluate=False),)))
         return self._assemble(out, block_m, block_n, store_lse)
 
     def _branch(self, k, b, body: _Scope, rowmap, block_n):
@@ -355,6 +394,9 @@ class Emitter:
             amap = {i: "offs_m[:, None]", b.dot.var: f"{offs}[None, :]"}
             qa = self._factor(b.dot.a, amap, body, f"q{k}", f"(offs_m[:, None] < {self.idx(s.row[1], {})}) & "
                               f"({offs}[None, :] < {self.idx(b.dot.extent, {})})")
+        if use_hops(b):  # residue structure with a large stride: one key row per query row per hop
+            emit_hop_branch(self, k, b, body, qa if b.dot is not None else None)
+            return
         if b.kind == "softmax":
             w(f"    m_i{k} = tl.full([BLOCK_M], float(\"-inf\"), dtype={self.acc})")
             w(f"    l_i{k} = tl.zeros([BLOCK_M], dtype={self.acc})")
@@ -417,9 +459,13 @@ class Emitter:
             w(f"    o{k} = acc{k} / tl.where(l_i{k} == 0, 1.0, l_i{k})[:, None]  # fin: 0 for rows with no key")
         else:
             iw(f"{ind}z_i{k} = z_i{k} + tl.sum({sname}{k}, 1)")
-            iw(f"{ind}acc{k} = acc{k} + tl.dot({sname}{k}.to({v}.dtype), {v}{self._dot_kw()})")
+            # unbounded weights ((q . k)^p) stay in the accumulator dtype: a 16-bit cast would overflow
+            iw(f"{ind}acc{k} = acc{k} + tl.dot({sname}{k}, {v}.to({self.acc}){self._acc_dot_kw()})")
             body.lines.extend(loop.lines)
             w(f"    o{k} = acc{k} / tl.where(z_i{k} == 0, 1.0, z_i{k})[:, None]  # 0 where the normaliser is 0")
+
+    def _acc_dot_kw(self):
+        return ', input_precision="ieee"' if self.acc == "tl.float32" else ""
 
     def _dot_kw(self):
         return ', input_precision="ieee"' if self.dtype == "float32" else ""
@@ -485,7 +531,8 @@ class Emitter:
         hd = tuple((name, ext) for ext, name in self.head_dims.items())
         return KernelSpec("_attn_fwd", src, o, tuple(self.used_inputs), tuple(d.name for d in self.p.dims),
                           self.nbatch, block_m, block_n, hd, store_lse,
-                          tuple((v.name, x) for v, x in s.lead), s.row[1], s.col[1])
+                          tuple((v.name, x) for v, x in s.lead), s.row[1], s.col[1], tuple(self.loads),
+                          tuple(self.stores))
 
     def _header(self) -> str:
         s = self.s

@@ -31,6 +31,20 @@ _CMPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 MAX_NAME = 64
 
 
+MAX_EXTENT = 2 ** 31 - 1  # kernels take extents as 32-bit integers
+
+
+def _check_extent(e, what, loc):
+    """A constant extent beyond 2^31 - 1 can never be called (kernels index with 32-bit integers)."""
+    if e.is_Integer and int(e) > MAX_EXTENT:
+        raise ShapeError(f"{what} is {int(e)}, more than 2^31 - 1", loc)
+    return e
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 @dataclass
 class _Scope:
     dims: dict = field(default_factory=dict)      # name -> sympy symbol
@@ -67,9 +81,9 @@ class Elaborator:
         if len(name) > MAX_NAME:
             raise ParseError(f"{what} name is {len(name)} characters long; at most {MAX_NAME} allowed", loc)
         if name in KEYWORDS:
-            raise ParseError(f"'{name}' is a keyword and cannot name a {what}", loc)
+            raise ParseError(f"'{name}' is a keyword and cannot name {_a(what)}", loc)
         if name in BUILTINS:
-            raise ParseError(f"'{name}' is a builtin function and cannot name a {what}", loc)
+            raise ParseError(f"'{name}' is a builtin function and cannot name {_a(what)}", loc)
         if name.startswith("__"):
             raise ParseError(f"names starting with '__' are reserved ('{name[:20]}')", loc)
         if name in self._all_names():
@@ -146,7 +160,7 @@ class Elaborator:
             raise ShapeError(f"{what} may use only dims and params, not index variables", self.loc(tree))
         if sy.prove_nonneg(e - 1) is False:
             raise ShapeError(f"{what} must be positive, got {sy.show(e)}", self.loc(tree))
-        return e
+        return _check_extent(e, what, self.loc(tree))
 
     def st_assign_stmt(self, st):
         is_out = isinstance(st.children[0], lark.Token) and st.children[0].type == "OUT"
@@ -181,29 +195,40 @@ class Elaborator:
             self.s.inferred[v] = []
         try:
             node = self.expr(body)
-            extents = []
+            extents, guards = [], []
             for v, b in zip(syms, binds):
                 cands = self.s.inferred[v]
                 if v in given:
                     ext = given[v]
                     for e, where in cands:
-                        if sy.prove_equal(e, ext) is False:
+                        eq = sy.prove_equal(e, ext)
+                        if eq is False:
                             raise ShapeError(f"index {v.name} is given extent {sy.show(ext)} but indexes an "
                                              f"axis of extent {sy.show(e)} at {where}", self.loc(b))
+                        if eq is None:
+                            guards.append(ir.Guard(ext - e, f"index {v.name} at {self.loc(b)} has extent "
+                                                   f"{sy.show(ext)} and indexes an axis of extent {sy.show(e)} "
+                                                   f"at {where}: needs {sy.show(ext)} == {sy.show(e)}",
+                                                   self.loc(b)))
                 elif cands:
                     ext = cands[0][0]
                     for e, where in cands[1:]:
-                        if sy.prove_equal(e, ext) is False:
+                        eq = sy.prove_equal(e, ext)
+                        if eq is False:
                             raise ShapeError(f"index {v.name} indexes axes of different extents: "
                                              f"{sy.show(ext)} at {cands[0][1]} and {sy.show(e)} at {where}",
                                              self.loc(b))
+                        if eq is None:
+                            guards.append(ir.Guard(ext - e, f"index {v.name} at {self.loc(b)} indexes axes of "
+                                                   f"extents {sy.show(ext)} at {cands[0][1]} and {sy.show(e)} at "
+                                                   f"{where}: needs {sy.show(ext)} == {sy.show(e)}", self.loc(b)))
                 else:
                     raise ShapeError(f"cannot infer the extent of index {v.name}: it never indexes an array "
                                      f"directly; write {name}[{v.name}:N, ...]", self.loc(b))
                 extents.append(ext)
         finally:
             self.s.index, self.s.inferred = saved
-        return ir.comp(node, tuple(syms), tuple(extents), self.loc(binds[0]))
+        return ir.comp(node, tuple(syms), tuple(extents), self.loc(binds[0]), tuple(guards))
 
     # ---- expressions ------------------------------------------------------------------------------------
     def expr(self, t) -> ir.Node:
@@ -256,7 +281,8 @@ class Elaborator:
             return ir.matmul(x, y, loc)
         if str(op) in ("//", "%") and (x.dtype == ir.FLOAT or y.dtype == ir.FLOAT):
             raise ShapeError(f"'{op}' needs integer operands", loc)
-        if y.op == "const" and str(op) in ("//", "%", "/") and y.attrs[0] == 0 and y.dtype == ir.INT:
+        if y.op == "const" and str(op) in ("//", "%", "/") and y.attrs[0] == 0 and y.dtype != ir.BOOL:
+            # also 1 / 0.0: a constant quotient would be evaluated (and fail) while the kernel is traced
             raise ShapeError(f"division by zero in '{op}'", loc)
         return ir.ewise(_BINOPS[str(op)], x, y, loc=loc)
 
@@ -396,11 +422,15 @@ class Elaborator:
 
     def f_iota(self, fname, pos, kw, loc):
         self.arity(fname, pos, kw, 1, loc)
-        return ir.iota(self.static_int(pos[0], "iota's extent"), loc)
+        return ir.iota(_check_extent(self.static_int(pos[0], "iota's extent"), "iota's extent", loc), loc)
 
     def f_shape(self, fname, pos, kw, loc):
         self.arity(fname, pos, kw, 1, loc)
-        return ir.vec(self.expr(pos[0]).shape, loc)
+        x = self.expr(pos[0])
+        if x.rank == 0:
+            raise ShapeError("shape() of a scalar is the empty vector, which has no element to use; shape() needs "
+                             "an array", loc)
+        return ir.vec(x.shape, loc)
 
     def f_psi(self, fname, pos, kw, loc):
         self.arity(fname, pos, kw, 2, loc)

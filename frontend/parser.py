@@ -8,6 +8,8 @@ import lark
 
 from moa.errors import Loc, ParseError, source_lines
 
+MAX_SOURCE = 1 << 18  # characters
+
 KEYWORDS = {"dim", "param", "in", "out", "where", "and", "or", "not", "inf"}
 
 _HUMAN = {
@@ -31,6 +33,9 @@ def _expected(names) -> str:
 
 def parse(source: str, filename: str = "<source>") -> lark.Tree:
     """Parse .moa text into a lark tree, or raise ParseError pointing at the offending place."""
+    if len(source) > MAX_SOURCE:  # lark reads ~100 KB/s: a bigger text is no attention program, only a stall
+        raise ParseError(f"the program is {len(source)} characters long; at most {MAX_SOURCE} are accepted",
+                         Loc(1, 1, "", filename))
     text = source if source.endswith("\n") else source + "\n"
     try:
         return _parser().parse(text)
@@ -52,7 +57,7 @@ def parse(source: str, filename: str = "<source>") -> lark.Tree:
             hint = f" ('{tok}' is a keyword and cannot be used as a name)"
         prev = (getattr(e, "token_history", None) or [None])[-1]
         if (not hint and prev is not None and str(prev) in KEYWORDS and "NAME" in e.expected
-                and tok.type in ("EQUAL", "LSQB")):
+                and tok.type in ("EQUAL", "LSQB", "RSQB", "COMMA", "RPAR", "COLON", "DOT")):
             # `out = Q`: the keyword was read as the statement keyword, so the error is at the '=' after it
             hint = f" ('{prev}' is a keyword and cannot be used as a name)"
         raise ParseError(f"unexpected {what}{hint}; expected {_expected(e.expected)}", loc) from None

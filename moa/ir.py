@@ -137,11 +137,33 @@ def _result_shape(args, what, loc):
     return shapes[0], tuple(guards)
 
 
-def _fold_int(fn, args):
-    """Integer scalar arithmetic folds into one sympy index expression."""
+INT_LIMIT = 2 ** 63  # integer constants (literal or folded) must fit int64, the index type of the reference
+
+
+def _check_int_range(e, loc):
+    """An error for a folded integer expression holding a constant outside int64 (never silently wrapped)."""
+    e = sp.sympify(e)
+    big = [a for a in e.atoms(sp.Integer) if abs(int(a)) >= INT_LIMIT]
+    if big:
+        digits = str(abs(int(big[0])))
+        shown = digits if len(digits) <= 24 else f"{digits[:8]}...({len(digits)} digits)"
+        raise ShapeError(f"integer arithmetic overflows int64: a constant of magnitude {shown} (at most 2^63 - 1)",
+                         loc)
+    return e
+
+
+def _fold_int(fn, args, loc=None):
+    """Integer scalar arithmetic folds into one sympy index expression (constants stay within int64)."""
     if not all(a.rank == 0 and a.op in ("sym", "const") and a.dtype == INT for a in args):
         return None
     xs = [a.attrs[0] if a.op == "sym" else sp.Integer(a.attrs[0]) for a in args]
+    if fn == "pow" and xs[1].is_Integer and xs[1] >= 64 and not (xs[0].is_Integer and abs(int(xs[0])) <= 1):
+        raise ShapeError(f"integer arithmetic overflows int64: {sy.show(xs[0])} ^ {sy.show(xs[1])}", loc)
+    folded = _fold_int_expr(fn, xs)
+    return None if folded is None else _check_int_range(folded, loc)
+
+
+def _fold_int_expr(fn, xs):
     if fn == "add":
         return xs[0] + xs[1]
     if fn == "sub":
@@ -185,7 +207,7 @@ def _fold_float(fn, args):
 def ewise(fn: str, *args: Node, loc=None) -> Node:
     """An elementwise scalar function over arrays of equal shape; scalars extend to any shape (MoA)."""
     shape, guards = _result_shape(args, f"'{fn}'", loc)
-    folded = _fold_int(fn, args)
+    folded = _fold_int(fn, args, loc)
     if folded is not None:
         return sym(folded, loc)
     folded = _fold_float(fn, args)
@@ -265,10 +287,11 @@ def psi(a: Node, index: tuple, slots: tuple | None = None, loc=None) -> Node:
     return Node("psi", (a, *index), shape, a.dtype, (slots,), loc)
 
 
-def comp(body: Node, variables: tuple, extents: tuple, loc=None) -> Node:
-    """[v0 v1 ...] body: an array whose cell at (v0, v1, ...) is `body` (MoA Omega when body is an array)."""
+def comp(body: Node, variables: tuple, extents: tuple, loc=None, guards: tuple = ()) -> Node:
+    """[v0 v1 ...] body: an array whose cell at (v0, v1, ...) is `body` (MoA Omega when body is an array).
+    `guards`: extents the elaborator could not prove equal to the axes each variable indexes."""
     return Node("comp", (body,), tuple(sp.sympify(e) for e in extents) + body.shape, body.dtype,
-                (tuple(variables),), loc)
+                (tuple(variables),), loc, tuple(guards))
 
 
 def _axis(a: Node, axis: int, what: str, loc) -> int:

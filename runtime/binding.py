@@ -30,6 +30,37 @@ class Binding:
         return dict(self.dims)
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def check_offsets(program: Program, b: Binding) -> None:
+    """Refuse a call whose element offsets exceed what the generated kernels index with.
+
+    Kernels add batch offsets in 64-bit integers, but compute the offsets inside one batch item (program axes:
+    rows, keys, head dims and leading program axes) in 32-bit integers, so sum_k (size_k - 1) * |stride_k|
+    over an input's program axes must stay <= 2^31 - 1, and so must rows * columns - 1 of every output
+    (allocated contiguous). Computed from shapes and strides only: nothing is allocated or read."""
+    for name, node in program.input_map.items():
+        t = b.tensors[name]
+        shape, strides = t.shape[t.dim() - node.rank:], t.stride()[t.dim() - node.rank:]
+        if 0 in shape:
+            continue
+        span = sum((s - 1) * abs(st) for s, st in zip(shape, strides))
+        if span > INT32_MAX:
+            raise InputError(f"input {name}: element offsets within one batch item reach {span} > 2^31 - 1 "
+                             f"(shape {_shape_text(shape)}, strides {_shape_text(strides)}); generated kernels "
+                             f"index within a batch item with 32-bit integers: split the call along a batch axis"
+                             + (" or pass a contiguous tensor" if not t.is_contiguous() else ""))
+    for name, node in program.outputs:
+        if node.rank < 2:
+            continue
+        rows, cols = (int(sy.evaluate(e, b.dims)) for e in node.shape[-2:])
+        if rows > 0 and cols > 0 and rows * cols - 1 > INT32_MAX:
+            raise InputError(f"output {name} would have {rows} x {cols} elements per batch item, more than "
+                             f"2^31 offsets; generated kernels index within a batch item with 32-bit integers: "
+                             f"split the call along a batch axis")
+
+
 def _shape_text(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
@@ -48,6 +79,9 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor):
             raise InputError(f"input {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise InputError(f"input {name} must be a dense (strided) tensor, got layout {t.layout}; "
+                             f"convert it with .to_dense()")
     devices = {t.device for t in inputs.values()}
     if len(devices) > 1:
         raise InputError("inputs are on different devices: " + ", ".join(f"{n} on {t.device}"
@@ -102,7 +136,11 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
                         origin[unknown[0].name] = f"input {name} axis {ax}"
     for d in program.dims:
         if d.name not in values:
-            raise InputError(f"dim {d.name} cannot be bound from the inputs' shapes; pass it as {d.name}=...")
+            used = [n for n, node in decl.items() if any(d in sp.sympify(e).free_symbols for e in node.shape)]
+            how = (f"it appears only in compound extents of {', '.join(used)} that the shapes do not determine"
+                   if used else "no input's shape mentions it; declare an input with an axis of extent "
+                   f"{d.name}")
+            raise InputError(f"dim {d.name} cannot be bound from the inputs' shapes: {how}")
         if values[d.name] < 0:
             raise InputError(f"dim {d.name} must be non-negative, got {values[d.name]}")
     for name, node in decl.items():
@@ -124,5 +162,5 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     tensors = {}
     for name, node in decl.items():
         t = inputs[name]
-        tensors[name] = t.expand(*batch, *t.shape[t.dim() - node.rank:])
+        tensors[name] = t.expand(tuple(batch) + tuple(t.shape[t.dim() - node.rank:]))  # () for a scalar
     return Binding(values, batch, dtype, device, tensors)

@@ -4,14 +4,20 @@ Each entry is a Python file named by the SHA-256 of its content key (IR hash, pa
 versions of moa, triton and torch). Files are written to a temporary name and renamed atomically, so a reader
 sees a whole file or none; the first line holds the digest of the rest, so a truncated or corrupted file is
 detected, reported with a warning and rebuilt. MOA_CACHE_DIR overrides the platform cache directory.
+
+A module is executed from the validated text itself (never from bytecode written next to it, which the digest
+would not cover), and that text is what `inspect` (Triton's @jit) reads. A cache directory that cannot be
+written falls back, with a warning, to a private temporary directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
+import linecache
 import os
 import sys
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -23,7 +29,7 @@ def cache_dir() -> Path:
     %LOCALAPPDATA%/moa (Windows)."""
     env = os.environ.get("MOA_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     if sys.platform == "win32":
         return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "moa"
     if sys.platform == "darwin":
@@ -43,13 +49,26 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _path(key: str) -> Path:
-    return cache_dir() / "kernels" / f"moa_{key}.py"
+def _path(key: str, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / "kernels" / f"moa_{key}.py"
+
+
+def _entry(source: str) -> str:
+    return f"# moa-digest: {_digest(source)}\n{source}"
+
+
+_PRIVATE: list = []
+
+
+def _private_dir() -> Path:
+    if not _PRIVATE:
+        _PRIVATE.append(Path(tempfile.mkdtemp(prefix="moa-cache-")))
+    return _PRIVATE[0]
 
 
 def _read_valid(path: Path) -> str | None:
     try:
-        raw = path.read_text()
+        raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     first, _, rest = raw.partition("\n")
@@ -58,9 +77,9 @@ def _read_valid(path: Path) -> str | None:
     return rest
 
 
-def store(key: str, source: str) -> Path:
+def store(key: str, source: str, root: Path | None = None) -> Path:
     """Write (or validate) the cache entry for key; returns its path."""
-    path = _path(key)
+    path = _path(key, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         have = _read_valid(path)
@@ -69,9 +88,14 @@ def store(key: str, source: str) -> Path:
         warnings.warn(f"moa: cache entry {path.name} is corrupted or stale; rebuilding it", RuntimeWarning,
                       stacklevel=3)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".py")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"# moa-digest: {_digest(source)}\n{source}")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_entry(source))
+        os.replace(tmp, path)  # atomic: readers see the old entry, or this whole one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -79,11 +103,21 @@ def load_module(key: str, source: str):
     """The module of a generated kernel (imported once per process)."""
     if key in _LOADED:
         return _LOADED[key]
-    path = store(key, source)
+    try:
+        path = store(key, source)
+    except OSError as e:
+        warnings.warn(f"moa: cannot write the kernel cache in {cache_dir()} ({e.strerror or e}); using a private "
+                      f"temporary directory instead (set MOA_CACHE_DIR to a writable directory)", RuntimeWarning,
+                      stacklevel=2)
+        path = store(key, source, _private_dir())
+    text, filename = _entry(source), str(path)
+    # inspect (Triton's @jit) reads the validated text, whatever happens to the file later; mtime None keeps
+    # linecache.checkcache from dropping the entry
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     name = f"moa_kernels.{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
+    mod = types.ModuleType(name)
+    mod.__file__ = filename
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    exec(compile(text, filename, "exec"), mod.__dict__)
     _LOADED[key] = mod
     return mod

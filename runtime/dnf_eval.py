@@ -182,5 +182,5 @@ def evaluate_dnf(program: Program, outputs, inputs: dict | None = None, dims: di
         exts = [int(sy.evaluate(x, b.dims)) for x in o.extents]
         active = tuple((v, ext, None) for v, ext in zip(o.vars, exts))
         t = ev.full(ev.ev(o.expr, active), active)
-        res[o.name] = t.expand(*b.batch, *exts).contiguous()
+        res[o.name] = t.expand((*b.batch, *exts)).contiguous()
     return res

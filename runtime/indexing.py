@@ -4,7 +4,16 @@ from __future__ import annotations
 import sympy as sp
 import torch
 
-from moa.errors import UnsupportedError
+from moa.errors import InputError, UnsupportedError
+
+
+def _nonzero(b, e):
+    """Integer division by zero in index arithmetic (e.g. a // (h // g) with h < g) is the call's error."""
+    zero = bool((b == 0).any()) if isinstance(b, torch.Tensor) else b == 0
+    if zero:
+        from moa import symbolic as sy
+
+        raise InputError(f"division by zero in the index expression {sy.show(e)} for the call's dims")
 
 
 def ieval(e, env: dict):
@@ -26,11 +35,13 @@ def ieval(e, env: dict):
     if isinstance(e, sp.floor):
         num, den = sp.fraction(sp.together(e.args[0]))
         a, b = ieval(num, env), ieval(den, env)
+        _nonzero(b, e)
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return torch.div(torch.as_tensor(a), b, rounding_mode="floor")
         return a // b
     if isinstance(e, sp.Mod):
         a, b = ieval(e.args[0], env), ieval(e.args[1], env)
+        _nonzero(b, e)
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return torch.remainder(torch.as_tensor(a), b)
         return a % b

@@ -1,6 +1,7 @@
 """moa.compile and the Kernel object: the four-line driver plus launch, reference, explain."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,7 +17,7 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.program import Program
 
 from . import cache
-from .binding import Binding, bind
+from .binding import Binding, bind, check_offsets
 from .launch import cdiv, check_device, next_pow2, quiet, triton_module
 
 DTYPE_NAME = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
@@ -34,16 +35,56 @@ class Config:
 
 def choose_config(device: torch.device, dtype: str, n: int, m: int, head: int) -> Config:
     """Block sizes for a call. The interpreter favours few, large programs; on a GPU the table follows the
-    fused-attention tutorial's H100 choices (checked by `Kernel.aot`: no spills, shared memory in budget)."""
+    fused-attention tutorial's H100 choices with 8 warps (AOT for sm_90: 4 warps spill at d = 64). On CUDA,
+    Kernel._run checks this default ahead of time and falls back to smaller tiles when it spills
+    (costing.fit_config)."""
     if device.type == "cpu":
         return Config(min(64, max(16, next_pow2(n))), min(64, max(16, next_pow2(m))))
     if dtype == "float64":
         return Config(32, 32, 4, 1)
     if dtype == "float32":
         return Config(64, 32, 4, 2)
-    if head <= 64:
-        return Config(128, 64, 4, 3)
     return Config(128, 64, 8, 3)
+
+
+MAX_TILE = 1 << 20  # triton's TRITON_MAX_TENSOR_NUMEL: no tile (rows x padded head dim) may hold more elements
+
+
+def fit_tiles(cfg: Config, heads, what: str) -> Config:
+    """Halve BLOCK_M / BLOCK_N (not below 16, tl.dot's minimum) until every tile of BLOCK x padded head dim
+    holds at most 2^20 elements; a head dim that does not fit even with 16 rows is an UnsupportedError (never
+    a Triton failure at launch)."""
+    h = max(max(16, next_pow2(x)) for x in heads)
+    if 16 * h > MAX_TILE:
+        raise UnsupportedError(f"{what}: a head dim of {max(heads)} (padded to {h}) does not fit: one tile of 16 x "
+                               f"{h} elements exceeds Triton's limit of {MAX_TILE} elements per tile; head dims up "
+                               f"to {MAX_TILE // 16} are supported")
+    bm, bn = cfg.block_m, cfg.block_n
+    while bm > 16 and bm * h > MAX_TILE:
+        bm //= 2
+    while bn > 16 and bn * h > MAX_TILE:
+        bn //= 2
+    return cfg if (bm, bn) == (cfg.block_m, cfg.block_n) else dataclasses.replace(cfg, block_m=bm, block_n=bn)
+
+
+CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535)  # grid x and y of a CUDA launch
+
+
+def check_grid(grid, device, what: str) -> None:
+    """A CUDA launch grid beyond the hardware limits is the call's error (never a CUDA 'invalid argument')."""
+    if device.type != "cuda":
+        return  # the interpreter has no grid limit
+    if grid[0] > CUDA_GRID_LIMITS[0]:
+        raise InputError(f"{what}: {grid[0]} row tiles exceed the CUDA grid limit {CUDA_GRID_LIMITS[0]}")
+    if grid[1] > CUDA_GRID_LIMITS[1]:
+        raise InputError(f"{what}: batch x leading axes = {grid[1]} programs exceed the CUDA grid limit of "
+                         f"{CUDA_GRID_LIMITS[1]} in y; split the call along a batch axis")
+
+
+def _no_positional(args, names):
+    if args:
+        raise InputError(f"pass the inputs by name: k({', '.join(f'{n}=...' for n in names)}), got {len(args)} "
+                         f"positional argument{'s' if len(args) > 1 else ''}")
 
 
 def _load_source(source_or_path) -> tuple[str, str]:
@@ -65,7 +106,12 @@ def compile(source_or_path, form=None, **params) -> Kernel:
     """Parse, elaborate, reduce to DNF and schedule a program: the driver of the pipeline."""
     text, filename = _load_source(source_or_path)
     program = elaborate(text, filename, **params)   # text -> MoA IR with proven shapes
-    outputs = D.dnf(program)                          # psi-reduction: no intermediate arrays
+    try:
+        outputs = D.dnf(program)                      # psi-reduction: no intermediate arrays
+    except RecursionError:
+        raise UnsupportedError("the program is too deeply nested for psi-reduction (a chain of a few hundred "
+                               "operations); split the chain or use reductions such as sum(X, axis=k)",
+                               program.outputs[0][1].loc) from None
     return Kernel(program, outputs, form)             # ONF + Triton on demand (per dtype and config)
 
 
@@ -84,9 +130,26 @@ class Kernel:
 
     # ---- schedules ------------------------------------------------------------------------------------
     @cached_property
+    def codegen(self):
+        """The program and DNF code generation sees (user names replaced when their renamed forms could collide;
+        see codegen/names.py)."""
+        from moa.codegen.names import codegen_view
+
+        return codegen_view(self.program, self.dnf)
+
+    @property
+    def cg_program(self) -> Program:
+        return self.codegen.program
+
+    def _cg_binding(self, b: Binding) -> Binding:
+        from moa.codegen.names import codegen_binding
+
+        return codegen_binding(self.codegen, b)
+
+    @cached_property
     def schedules(self) -> dict:
         """Output name -> ONF Schedule (raises UnsupportedError naming the construct codegen lacks)."""
-        return {o.name: onf.schedule(o) for o in self.dnf}
+        return {self.codegen.outputs[o.name]: onf.schedule(o) for o in self.codegen.dnf}
 
     def _schedule(self, name):
         return self.schedules[name]
@@ -131,9 +194,9 @@ class Kernel:
         if self._is_window(name):
             from moa.codegen.window import generate_window
 
-            return generate_window(self.program, self._schedule(name), dtype, nbatch).source
+            return generate_window(self.cg_program, self._schedule(name), dtype, nbatch).source
         cfg = config or Config(128, 64)
-        return generate(self.program, self._schedule(name), dtype, nbatch, cfg.block_m, cfg.block_n,
+        return generate(self.cg_program, self._schedule(name), dtype, nbatch, cfg.block_m, cfg.block_n,
                         store_lse).source
 
     @property
@@ -142,9 +205,11 @@ class Kernel:
         return "\n\n".join(self.source(n) for n in self.output_names)
 
     # ---- calls ------------------------------------------------------------------------------------------
-    def __call__(self, /, **inputs):
+    def __call__(self, /, *args, **inputs):
         """Run the fused kernel(s): one output -> a tensor; several -> dict name -> tensor."""
+        _no_positional(args, self.input_names)
         b = bind(self.program, inputs)
+        check_offsets(self.program, b)
         outs = {}
         for n in self.output_names:
             if self._is_window(n):
@@ -159,19 +224,21 @@ class Kernel:
         return any(br.mix is not None for br in self._schedule(name).branches)
 
     def _run_window(self, name: str, b: Binding):
+        b = self._cg_binding(b)
         from .window_run import WindowRunner
 
         if name not in self._window:
-            self._window[name] = WindowRunner(self.program, self._schedule(name))
+            self._window[name] = WindowRunner(self.cg_program, self._schedule(name))
         dt = b.dtype
         compute = torch.float32 if (dt == torch.bfloat16 and b.device.type == "cpu") else dt
         return self._finish(self._window[name].run(b, compute, DTYPE_NAME[compute]), dt)
 
     def _run_linear(self, name: str, b: Binding):
+        b = self._cg_binding(b)
         from .linear_run import LinearRunner
 
         if name not in self._linear:
-            self._linear[name] = LinearRunner(self.program, self.linear_plans[name][0])
+            self._linear[name] = LinearRunner(self.cg_program, self.linear_plans[name][0])
         dt = b.dtype
         compute = torch.float32 if (dt == torch.bfloat16 and b.device.type == "cpu") else dt
         return self._finish(self._linear[name].run(b, compute, DTYPE_NAME[compute]), dt)
@@ -180,6 +247,7 @@ class Kernel:
         """(O, lse) for a single softmax-attention output: lse[..., i] = log sum_j exp(s_ij), -inf for a row
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
         b = bind(self.program, inputs)
+        check_offsets(self.program, b)
         name = self.output_names[0]
         if len(self.output_names) != 1 or not self._schedule(name).has_lse:
             raise UnsupportedError("with_lse needs a program with one output of the form softmax(S) @ V")
@@ -207,6 +275,7 @@ class Kernel:
         return outs[self.output_names[0]] if len(outs) == 1 else outs
 
     def _run(self, name: str, b: Binding, store_lse: bool, config: Config | None = None):
+        b = self._cg_binding(b)
         sched = self._schedule(name)
         triton_module()
         check_device(b.device)
@@ -219,7 +288,7 @@ class Kernel:
         lead = [sy.evaluate(x, dims) for _, x in sched.lead]
         mext = max([sy.evaluate(br.extent, dims) for br in sched.branches] + [1])
         heads = [sy.evaluate(br.dot.extent, dims) for br in sched.branches if br.dot is not None] + [e]
-        cfg = config or choose_config(b.device, dtname, n, mext, max(heads))
+        cfg = fit_tiles(config or choose_config(b.device, dtname, n, mext, max(heads)), heads, f"output {name}")
         if config is None and b.device.type == "cuda":  # AOT-checked: never a config that spills (costing.py)
             from .costing import runtime_config
 
@@ -235,7 +304,7 @@ class Kernel:
         nb = len(b.batch)
         for inp in spec.inputs:
             t = b.tensors[inp]
-            node = self.program.input_map[inp]
+            node = self.cg_program.input_map[inp]
             if node.dtype == ir.FLOAT and t.dtype != compute:
                 t = t.to(compute)
             if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
@@ -254,6 +323,7 @@ class Kernel:
         grid = (cdiv(n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
         if grid[1] == 0:
             return self._finish(out, dt), lse
+        check_grid(grid, b.device, f"output {name}")
         if b.device.type == "cuda":
             consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         try:
@@ -275,7 +345,7 @@ class Kernel:
 
         key = (name, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
         if key not in self._fns:
-            spec = generate(self.program, self._schedule(name), dtname, nbatch, cfg.block_m, cfg.block_n,
+            spec = generate(self.cg_program, self._schedule(name), dtname, nbatch, cfg.block_m, cfg.block_n,
                             store_lse)
             triton = triton_module()
             ckey = cache.key_of(spec.source, __version__, triton.__version__, torch.__version__)
@@ -284,8 +354,13 @@ class Kernel:
         return self._fns[key]
 
     # ---- cost model, counters, AOT resources (runtime/costing.py) ---------------------------------------
-    def cost(self, dtype="bf16", device="h100", **dims):
-        """Predicted CostReport from the ONF (no execution); no dims -> sympy formulas."""
+    def cost(self, dtype="bf16", device="h100", ranks=None, interconnect="nvlink4", **dims):
+        """Predicted CostReport from the ONF (no execution); no dims -> sympy formulas. ranks=P: the ring over P
+        devices instead (runtime/ring.py RingCost: per-rank compute, bytes sent, whether transfers hide)."""
+        if ranks is not None:
+            from .ring import ring_cost
+
+            return ring_cost(self, ranks=ranks, interconnect=interconnect, dtype=dtype, device=device, **dims)
         from .costing import cost
 
         return cost(self, dtype=dtype, device=device, **dims)

@@ -71,13 +71,13 @@ class _Eval:
 
     def align(self, t, rank, want):
         """Give a value of own rank `rank` the own rank `want` (scalar extension adds trailing axes)."""
-        return t.reshape(*t.shape, *([1] * (want - rank))) if rank < want else t
+        return t.reshape((*t.shape, *([1] * (want - rank)))) if rank < want else t
 
     # leaves
     def op_input(self, n, ctx, guard):
         t = self.b.tensors[n.attrs[0]]
         t = t.to(F64) if n.dtype == ir.FLOAT else t.to(torch.bool) if n.dtype == ir.BOOL else t.to(torch.int64)
-        return t.reshape(*self.b.batch, *([1] * len(ctx)), *t.shape[self.nb:])
+        return t.reshape((*self.b.batch, *([1] * len(ctx)), *t.shape[self.nb:]))
 
     def op_const(self, n, ctx, guard):
         v = n.attrs[0]
@@ -98,7 +98,7 @@ class _Eval:
         v = ieval(n.attrs[0], self.env(ctx))
         t = torch.as_tensor(v)
         t = t.to(torch.int64) if not t.is_floating_point() else t.to(F64)
-        return t.reshape(*t.shape, *([1] * (self.lead(ctx) - t.dim()))) if t.dim() < self.lead(ctx) else t
+        return t.reshape((*t.shape, *([1] * (self.lead(ctx) - t.dim())))) if t.dim() < self.lead(ctx) else t
 
     def op_vec(self, n, ctx, guard):
         vals = [int(sy.evaluate(v, self.b.dims)) for v in n.attrs[0]]
@@ -106,7 +106,7 @@ class _Eval:
 
     def op_iota(self, n, ctx, guard):
         ext = int(sy.evaluate(n.attrs[0], self.b.dims))
-        return torch.arange(ext, dtype=torch.int64).reshape(*self.ones(ctx), ext)
+        return torch.arange(ext, dtype=torch.int64).reshape((*self.ones(ctx), ext))
 
     # elementwise
     def op_ewise(self, n, ctx, guard):
@@ -124,7 +124,12 @@ class _Eval:
             args = [a.to(F64) if not a.dtype == torch.bool else a for a in args]
         elif fn not in ("and", "or", "not") and any(a.dtype == torch.bool for a in args):
             args = [a.to(torch.int64) for a in args]
-        return scalar_fn(fn, args)
+        try:
+            return scalar_fn(fn, args)
+        except RuntimeError as e:  # torch: integer // or % by a zero element of the data
+            if "ZeroDivision" not in str(e):
+                raise
+            raise InputError(f"integer division by zero at {n.loc} ('{fn}' of the call's data)") from None
 
     # structure
     def op_matmul(self, n, ctx, guard):
@@ -142,7 +147,7 @@ class _Eval:
     def op_transpose(self, n, ctx, guard):
         t = self.run(n.args[0], ctx, guard)
         L = self.lead(ctx)
-        return t.permute(*range(L), *(L + p for p in n.attrs[0]))
+        return t.permute((*range(L), *(L + p for p in n.attrs[0])))
 
     def op_psi(self, n, ctx, guard):
         a, *ix = n.args
@@ -155,19 +160,22 @@ class _Eval:
         kept = [k for k, s in enumerate(slots) if s == ":"]
         taken = [k for k, s in enumerate(slots) if s == "i"]
         rest = list(range(len(slots), a.rank))
-        t = t.expand(*lead_shape, *own).permute(*range(L), *(L + k for k in taken + kept + rest))
-        P = math.prod(lead_shape)
-        t = t.reshape(P, *t.shape[L:])
+        # gather with broadcast index tensors: never expand the array over the lead shape (that is n^4 for a
+        # comprehension reading a matrix)
+        t = t.permute((*range(L), *(L + k for k in taken + kept + rest)))
         g = None
         if guard is not None:
-            g = guard.reshape(*guard.shape[:L], -1).any(-1) if guard.dim() > L else guard
+            g = guard.reshape((*guard.shape[:L], -1)).any(-1) if guard.dim() > L else guard
             for d in range(L):  # the read does not vary along this axis: any guarded cell counts
                 if lead_shape[d] == 1 and g.shape[d] > 1:
                     g = g.any(d, keepdim=True)
-            g = g.expand(lead_shape).reshape(P)
+        lead_ix = []
+        for d in range(L):
+            shape = [1] * L
+            shape[d] = t.shape[d]
+            lead_ix.append(torch.arange(t.shape[d]).reshape(shape))
         flat = []
         for k, i in zip(taken, idx):
-            i = i.expand(lead_shape).reshape(P)
             ext = own[k]
             bad = (i < 0) | (i >= ext)
             if g is not None:
@@ -175,22 +183,25 @@ class _Eval:
             if bool(bad.any()):
                 where = n.loc or a.loc
                 raise InputError(f"index out of range at {where}: axis {k} of extent {ext} read at index "
-                                 f"{int(i[bad][0])} (guard the read with where(...))")
+                                 f"{int(i[bad.expand(i.shape)][0]) if bad.shape == i.shape else int(i.min())} "
+                                 f"(guard the read with where(...))")
             flat.append(i.clamp(0, max(ext - 1, 0)))
-        out = t[(torch.arange(P), *flat)] if flat else t
-        return out.reshape(*lead_shape, *out.shape[1:])
+        if not flat:
+            return t.expand((*lead_shape, *t.shape[L:]))
+        out = t[(*lead_ix, *flat)]
+        return out.expand((*lead_shape, *out.shape[L:])) if out.dim() >= L else out
 
     def op_comp(self, n, ctx, guard):
         vs = n.attrs[0]
         exts = [int(sy.evaluate(e, self.b.dims)) for e in n.shape[:len(vs)]]
         inner = tuple(ctx) + tuple(zip(vs, exts))
-        g = None if guard is None else guard.reshape(*guard.shape, *([1] * len(vs)))
+        g = None if guard is None else guard.reshape((*guard.shape, *([1] * len(vs))))
         t = self.run(n.args[0], inner, g)
         L = self.lead(ctx)
         want = list(t.shape)
         for k, e in enumerate(exts):
             want[L + k] = e
-        return t.expand(*want)
+        return t.expand(tuple(want))
 
     def op_reduce(self, n, ctx, guard):
         op, ax = n.attrs
@@ -233,8 +244,8 @@ class _Eval:
         a, b = (self.run(x, ctx, guard) for x in n.args)
         L = self.lead(ctx)
         lead = torch.broadcast_shapes(a.shape[:L], b.shape[:L])
-        a = a.expand(*lead, *a.shape[L:])
-        b = b.expand(*lead, *b.shape[L:])
+        a = a.expand((*lead, *a.shape[L:]))
+        b = b.expand((*lead, *b.shape[L:]))
         if a.dtype != b.dtype:
             a, b = a.to(F64), b.to(F64)
         return torch.cat([a, b], dim=L)
@@ -250,14 +261,14 @@ class _Eval:
         t = self.run(n.args[0], ctx, guard)
         L = self.lead(ctx)
         shape = [int(sy.evaluate(s, self.b.dims)) for s in n.attrs[0]]
-        return t.reshape(*t.shape[:L], *shape)
+        return t.reshape((*t.shape[:L], *shape))
 
     def op_outer(self, n, ctx, guard):
         a, b = n.args
         x, y = self.run(a, ctx, guard), self.run(b, ctx, guard)
-        x = x.reshape(*x.shape, *([1] * b.rank))
+        x = x.reshape((*x.shape, *([1] * b.rank)))
         L = self.lead(ctx)
-        y = y.reshape(*y.shape[:L], *([1] * a.rank), *y.shape[L:])
+        y = y.reshape((*y.shape[:L], *([1] * a.rank), *y.shape[L:]))
         if n.dtype == ir.FLOAT:
             x, y = x.to(F64), y.to(F64)
         return scalar_fn(n.attrs[0], [x, y])
@@ -282,6 +293,12 @@ def reference(program: Program, inputs: dict, dims: dict | None = None, binding:
             t = ev.run(node)
         except (UnsupportedError, InputError):
             raise
+        except RuntimeError as e:  # torch's allocator refusing an unfused intermediate: the call is too big
+            if "alloc" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise InputError(f"the unfused float64 reference cannot allocate an intermediate array of output "
+                             f"{name} for these dims ({', '.join(f'{k}={v}' for k, v in b.dims.items())}): "
+                             f"{str(e).splitlines()[0][-160:]}") from None
         want = tuple(b.batch) + tuple(int(sy.evaluate(s, b.dims)) for s in node.shape)
         out[name] = t.expand(want).to(F64 if node.dtype == ir.FLOAT else t.dtype).contiguous()
     return out

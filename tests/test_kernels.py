@@ -826,6 +826,18 @@ def test_identifiers_renamed_injectively(label):
       (so a hostile name that equals a user identifier is a renamed form or the kernel's own name);
     - the substitution is injective on the kernel's names: no two variables (a renamed user name and another
       renamed name, or one of the kernel's own names) become one name, which would silently alias them."""
+    hostile, _, names, _ = _hostile(label)
+    view = moa.compile(hostile).codegen
+    if any(k != v for k, v in {**view.inputs, **view.dims}.items()):
+        # renamed forms could collide: every user name was replaced by an opaque u<k> (codegen/names.py)
+        src = moa.compile(hostile).source(dtype="float32", nbatch=1)
+        user = set(names.values())
+        fwd = next(f for f in ast.walk(ast.parse(src)) if isinstance(f, ast.FunctionDef) and f.name == "_attn_fwd")
+        leaked = sorted(nm for nm in _kernel_names(ast.unparse(fwd)) if nm in user or any(
+            nm in (f"{u}_ptr", f"off_{u}", f"dim_{u}", f"idx_{u}") for u in user)
+            and not re.fullmatch(r"off_z\d+|off_lse", nm))  # the kernel's own batch / lse offsets
+        assert not leaked, f"user identifiers in a renamed kernel: {leaked}"
+        return
     hostile_names, neutral_names, subst, tokens = _name_map(label)
     bare = sorted(t for t in tokens.values() if t in neutral_names)
     assert not bare, f"user identifiers pasted verbatim into the kernel: {bare}"

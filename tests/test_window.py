@@ -64,3 +64,48 @@ def test_pi_attention(kw, n):
     T = kw.get("T")
     want = oracles.pi_attention(ins["Q"], ins["K"], ins["V"], ins["wg"], k_win=kw["k"], s=kw["s"], T=T, bg=0.25)
     assert _err(out, want) <= 1e-12
+
+
+def _tiles_needed_local(n, bm, bn, k):
+    """Key tiles with an admissible pair of the local branch (i - k < j <= i), by enumeration."""
+    i = torch.arange(n)
+    ok = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < k)
+    rt = -(-n // bm)
+    pad = torch.zeros(rt * bm, -(-n // bn) * bn, dtype=torch.bool)
+    pad[:n, :n] = ok
+    return int(pad.reshape(rt, bm, -1, bn).any(3).any(1).sum())
+
+
+def _hops_needed(n, bm, s, T):
+    """Hops t with an admissible pair for some row of the tile: 1 <= t <= T and i - s t >= 0."""
+    count = 0
+    for r in range(-(-n // bm)):
+        hi = min(n, (r + 1) * bm) - 1
+        count += max(0, min(T, hi // s))
+    return count
+
+
+def test_pi_attention_visits_only_admissible_tiles_and_hops():
+    """n = 4096, k = 64, s = 64, T = 8: the strided branch runs by hops (one key row per query row); every
+    visited tile and hop has an admissible pair, and the FLOPs are at most 1/12 of dense causal attention's."""
+    from moa.runtime.measure import instrument
+
+    n, d, kwin, s, T = 4096, 16, 64, 64, 8
+    g = torch.Generator().manual_seed(0)
+    q, kk, v = (torch.randn(n, d, generator=g, dtype=F64) for _ in range(3))
+    wg = torch.randn(d, generator=g, dtype=F64)
+    pi = moa.compile("examples/pi_attention.moa", k=kwin, s=s, T=T)
+    assert pi.schedules["O"].branches[1].hop is not None
+    assert "for hop in range" in pi.source(dtype="float64")
+    with instrument({"K": kk}) as c_pi:
+        out = pi(Q=q, K=kk, V=v, wg=wg)
+    causal = moa.compile("examples/causal.moa")
+    with instrument() as c_causal:
+        causal(Q=q, K=kk, V=v)
+    bm = bn = 64  # the interpreter's tiles for n >= 64
+    needed = _tiles_needed_local(n, bm, bn, kwin) + _hops_needed(n, bm, s, T)
+    assert c_pi.load_calls_by_region["K"] == needed
+    assert c_pi.flops * 12 <= c_causal.flops, (c_pi.flops, c_causal.flops)
+    rows = slice(0, 300)
+    want = oracles.pi_attention(q[rows], kk[rows], v[rows], wg, k_win=kwin, s=s, T=T)
+    assert _err(out[rows], want) <= 1e-12  # rows < 300 only see keys < 300

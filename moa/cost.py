@@ -1,0 +1,1073 @@
+"""The cost model: what a fused kernel does (FLOPs, transcendentals, DRAM bytes, tiles) predicted without running it.
+
+Three ingredients, none of which executes the kernel:
+1. The ONF schedule: loop bounds (key_lo, key_hi), the tile-skip and mask-free formulas of every branch. They are
+   evaluated on the tile corners (I_LO, I_HI, J_LO, J_HI) of every (query tile, key tile) pair, exactly as the
+   kernel evaluates them, which gives the iterations, the visited tiles and the partial (masked) tiles.
+2. The ledger of the emitted kernel (`ledger`): the generated source is walked once, abstractly (shapes in the
+   constexpr symbols BLOCK_M, BLOCK_N, HEAD_DIM*, HEAD_DIM_V; no values), giving per region the work of one
+   execution: tl.dot FLOPs (2*M*N*K), other floating-point operations (one per element, reductions n_in - n_out)
+   and transcendentals. Regions: "program" (once per program), ("iter", k) (each iteration of branch k's key
+   loop), ("visit", k) (each visited tile), ("partial", k) (each visited tile whose mask code runs), "lse".
+   The counting conventions are those of the instrumented interpreter (moa.runtime.measure).
+3. The access sites the emitter recorded for every tl.load / tl.store (codegen.emit.AccessSite): the index
+   expressions and the mask as sympy relations. The lanes an access touches in one tile are counted over the
+   tile's index box (padding lanes included, masked lanes excluded), per axis when the mask separates.
+
+Totals = sum over regions of (executions of the region) x (work of one execution); bytes = sum over access sites of
+lanes x element size. `predict` gives numbers for concrete dims and a tile config, `predict_symbolic` the same
+totals as sympy formulas (Sum over row tiles r and key tiles t where masks make the count data-shaped).
+"""
+from __future__ import annotations
+
+import ast
+import itertools
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+import sympy as sp
+
+from . import dnf as D
+from . import intervals as iv
+from . import ir
+from . import symbolic as sy
+from .errors import UnsupportedError
+from .onf import BranchValue, DotTile, Schedule
+
+
+def csym(name: str) -> sp.Symbol:
+    """A constexpr of the generated kernel (BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V ...) as a sympy symbol."""
+    return sp.Symbol(name, integer=True, positive=True)
+
+
+BLOCK_M, BLOCK_N, HEAD_DIM_V = csym("BLOCK_M"), csym("BLOCK_N"), csym("HEAD_DIM_V")
+ROW_TILE, KEY_TILE = sp.Symbol("r", integer=True, nonnegative=True), sp.Symbol("t", integer=True, nonnegative=True)
+
+
+# ---- sympy -> numpy, with the kernel's integer semantics ----------------------------------------------------
+
+def np_eval(e, env: dict):
+    """Evaluate an integer/boolean sympy expression on numpy arrays (floor division and modulo as in the
+    kernel's _floordiv/_mod helpers; Min/Max elementwise). `env` maps symbols to ints or arrays."""
+    e = sp.sympify(e)
+    if e is sp.true or e is sp.false:
+        return bool(e)
+    if e.is_Integer:
+        return int(e)
+    if e.is_Rational or e.is_Float:
+        return float(e)
+    if e.is_Symbol:
+        if e in env:
+            return env[e]
+        for k, v in env.items():
+            if getattr(k, "name", None) == e.name:
+                return v
+        raise KeyError(f"no value for {e}")
+    if isinstance(e, sp.Add):
+        return reduce(lambda a, b: a + b, (np_eval(a, env) for a in e.args))
+    if isinstance(e, sp.Mul):
+        num, den = sp.fraction(e)
+        if den != 1 and num.is_integer and den.is_integer:
+            return np_eval(num, env) / np_eval(den, env)
+        return reduce(lambda a, b: a * b, (np_eval(a, env) for a in e.args))
+    if isinstance(e, sp.Pow):
+        return np_eval(e.args[0], env) ** int(e.args[1])
+    if isinstance(e, (sp.floor, sp.ceiling)):
+        num, den = sp.fraction(sp.together(e.args[0]))
+        a, b = np_eval(num, env), np_eval(den, env)
+        return np.floor_divide(a, b) if isinstance(e, sp.floor) else -np.floor_divide(-a, b)
+    if isinstance(e, sp.Mod):
+        return np.mod(np_eval(e.args[0], env), np_eval(e.args[1], env))
+    if isinstance(e, sp.Min):
+        return reduce(np.minimum, (np_eval(a, env) for a in e.args))
+    if isinstance(e, sp.Max):
+        return reduce(np.maximum, (np_eval(a, env) for a in e.args))
+    if isinstance(e, sp.Abs):
+        return np.abs(np_eval(e.args[0], env))
+    if isinstance(e, sp.And):
+        return reduce(np.logical_and, (np_eval(a, env) for a in e.args))
+    if isinstance(e, sp.Or):
+        return reduce(np.logical_or, (np_eval(a, env) for a in e.args))
+    if isinstance(e, sp.Not):
+        return np.logical_not(np_eval(e.args[0], env))
+    if isinstance(e, sp.core.relational.Relational):
+        a, b = np_eval(e.lhs, env), np_eval(e.rhs, env)
+        return {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal, "==": np.equal,
+                "!=": np.not_equal}[e.rel_op](a, b)
+    if isinstance(e, sp.Piecewise):
+        out = None
+        for val, cond in reversed(e.args):
+            v, c = np_eval(val, env), np_eval(cond, env)
+            out = v if out is None else np.where(c, v, out)
+        return out
+    raise UnsupportedError(f"cost model: cannot evaluate {e}")
+
+
+# ---- the ledger: abstract interpretation of the emitted kernel ---------------------------------------------
+
+@dataclass
+class Work:
+    """The work of one execution of a region, in the constexpr symbols."""
+    dot: sp.Expr = sp.Integer(0)         # tl.dot FLOPs
+    other: sp.Expr = sp.Integer(0)       # other floating-point operations
+    trans: sp.Expr = sp.Integer(0)       # transcendental evaluations
+    loads: list = field(default_factory=list)    # names of the load sites executed here
+    stores: list = field(default_factory=list)   # names of the store sites executed here
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Region -> Work of one generated kernel, plus its access sites by name."""
+    regions: dict
+    loads: dict      # name -> AccessSite
+    stores: dict     # name -> AccessSite
+
+
+@dataclass(frozen=True)
+class _V:
+    """Abstract value: kind f/i/b (float/int/bool tensor), p (pointer tensor), dt (dtype), pyf/pyi/pyb (Python
+    numbers: never counted, as in the interpreter), c (constexpr); shape as a tuple of sympy extents."""
+    kind: str
+    shape: tuple = ()
+    elem: str = ""          # pointer / dtype element kind
+    value: object = None    # constexpr symbol, pointer base name, or a list for list literals
+
+
+_PY = ("pyf", "pyi", "pyb", "c")
+_TRANS = {"exp", "exp2", "log", "log2", "sqrt", "sqrt_rn", "rsqrt", "sin", "cos", "erf"}
+_TL_DTYPES = {"float64": "f", "float32": "f", "float16": "f", "bfloat16": "f", "int64": "i", "int32": "i",
+              "int16": "i", "int8": "i", "int1": "b"}
+
+
+def _numel(shape) -> sp.Expr:
+    return sy.product(shape)
+
+
+def _broadcast(*shapes):
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for k in range(rank):
+        dim = sp.Integer(1)
+        for s in shapes:
+            x = s[k - rank + len(s)] if k - rank + len(s) >= 0 else sp.Integer(1)
+            if x == 1:
+                continue
+            if dim != 1 and dim != x:
+                raise UnsupportedError(f"cost model: shapes {shapes} do not broadcast")
+            dim = x
+        out.append(dim)
+    return tuple(out)
+
+
+class _Walker:
+    """Walks the generated module's AST; see `ledger`."""
+
+    def __init__(self, tree: ast.Module, program, output: str):
+        self.funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+        self.program, self.output = program, output
+        self.regions: dict = defaultdict(Work)
+        self.region: object = "program"
+        self.branch = None
+        self.target = None
+
+    def count(self, what: str, amount):
+        w = self.regions[self.region]
+        setattr(w, what, getattr(w, what) + sp.sympify(amount))
+
+    def run(self) -> dict:
+        fn = self.funcs["_attn_fwd"]
+        env = {}
+        inputs = self.program.input_map
+        for a in fn.args.args:
+            name = a.arg
+            if isinstance(a.annotation, ast.Attribute) and a.annotation.attr == "constexpr":
+                env[name] = _V("pyb") if name == "STORE_LSE" else _V("c", value=csym(name))
+            elif name.endswith("_ptr"):
+                base = name[:-4]
+                node = inputs.get(base)
+                elem = "f" if node is None or node.dtype == ir.FLOAT else "b" if node.dtype == ir.BOOL else "i"
+                env[name] = _V("p", (), elem, base)
+            elif name == "lse_out":
+                env[name] = _V("p", (), "f", "lse")
+            else:
+                env[name] = _V("i")
+        self.block(fn.body, env)
+        return dict(self.regions)
+
+    # statements
+    def block(self, stmts, env):
+        for s in stmts:
+            if isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name):
+                name = s.targets[0].id
+                saved, self.target = self.target, name
+                env[name] = self.expr(s.value, env)
+                self.target = saved
+            elif isinstance(s, ast.For):
+                self.expr(s.iter, env)
+                lo = s.iter.args[0]
+                if not (isinstance(lo, ast.Name) and lo.id.startswith("lo")):
+                    raise UnsupportedError("cost model: unexpected loop in the generated kernel")
+                saved = self.region, self.branch
+                self.branch = int(lo.id[2:])
+                # a loop without a skip test visits every iteration: its body is the 'visit' region
+                tested = any(isinstance(x, ast.If) and isinstance(x.test, ast.Compare) and
+                             isinstance(x.test.left, ast.Name) and x.test.left.id == "tile_skip" for x in s.body)
+                self.region = ("iter" if tested else "visit", self.branch)
+                self.regions[self.region]  # noqa: B018  (the region exists even when it does no counted work)
+                env[s.target.id] = _V("i")
+                self.block(s.body, env)
+                self.region, self.branch = saved
+            elif isinstance(s, ast.If):
+                test = s.test
+                if isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "tile_skip":
+                    region = ("visit", self.branch)
+                elif isinstance(test, ast.Name) and test.id == "tile_partial":
+                    region = ("partial", self.branch)
+                elif isinstance(test, ast.Name) and test.id == "STORE_LSE":
+                    region = "lse"
+                else:
+                    raise UnsupportedError(f"cost model: unexpected branch `if {ast.unparse(test)}`")
+                self.expr(test, env)
+                saved = self.region
+                self.region = region
+                self.regions[region]  # noqa: B018
+                self.block(s.body, env)
+                self.region = saved
+            elif isinstance(s, ast.Expr):
+                self.expr(s.value, env)
+            elif isinstance(s, ast.Return):
+                env["__return__"] = self.expr(s.value, env)
+            else:
+                raise UnsupportedError(f"cost model: unexpected statement {ast.unparse(s)[:80]}")
+
+    # expressions
+    def expr(self, e, env) -> _V:
+        if isinstance(e, ast.Constant):
+            v = e.value
+            return _V("pyb" if isinstance(v, bool) else "pyi" if isinstance(v, int) else
+                      "pyf" if isinstance(v, float) else "str", value=v)
+        if isinstance(e, ast.Name):
+            return env[e.id]
+        if isinstance(e, (ast.List, ast.Tuple)):
+            return _V("list", value=[self.expr(x, env) for x in e.elts])
+        if isinstance(e, ast.UnaryOp):
+            v = self.expr(e.operand, env)
+            if isinstance(e.op, ast.USub):
+                if v.kind == "f":
+                    self.count("other", _numel(v.shape))   # the interpreter computes 0 - x
+                return v
+            if isinstance(e.op, ast.Not):
+                return _V("pyb") if v.kind in _PY else _V("b", v.shape)
+            raise UnsupportedError(f"cost model: operator {ast.unparse(e)}")
+        if isinstance(e, ast.BinOp):
+            return self.binop(e.op, self.expr(e.left, env), self.expr(e.right, env))
+        if isinstance(e, ast.Compare):
+            a = self.expr(e.left, env)
+            b = self.expr(e.comparators[0], env)
+            if a.kind in _PY and b.kind in _PY:
+                return _V("pyb")
+            return _V("b", _broadcast(a.shape, b.shape))
+        if isinstance(e, ast.Subscript):
+            v = self.expr(e.value, env)
+            elts = e.slice.elts if isinstance(e.slice, ast.Tuple) else [e.slice]
+            it = iter(v.shape)
+            shape = tuple(sp.Integer(1) if isinstance(x, ast.Constant) and x.value is None else next(it)
+                          for x in elts)
+            return _V(v.kind, shape, v.elem, v.value)
+        if isinstance(e, ast.Attribute):
+            if isinstance(e.value, ast.Name) and e.value.id == "tl":
+                return _V("dt", elem=_TL_DTYPES.get(e.attr, "f"))
+            v = self.expr(e.value, env)
+            if e.attr == "dtype":
+                return _V("dt", elem=v.elem if v.kind == "p" else v.kind)
+            if e.attr == "element_ty":
+                return _V("dt", elem=v.elem)
+            raise UnsupportedError(f"cost model: attribute {ast.unparse(e)}")
+        if isinstance(e, ast.Call):
+            return self.call(e, env)
+        raise UnsupportedError(f"cost model: expression {ast.unparse(e)[:80]}")
+
+    def binop(self, op, a: _V, b: _V) -> _V:
+        if a.kind in _PY and b.kind in _PY:
+            if isinstance(op, ast.Div) or "pyf" in (a.kind, b.kind):
+                return _V("pyf")
+            if a.kind == "c" and b.kind == "c" or a.kind == "c" and b.kind == "pyi" or \
+                    a.kind == "pyi" and b.kind == "c":
+                return _V("c", value=None)
+            return _V("pyi")
+        if a.kind == "p" or b.kind == "p":
+            p = a if a.kind == "p" else b
+            return _V("p", _broadcast(a.shape, b.shape), p.elem, p.value)
+        shape = _broadcast(a.shape, b.shape)
+        fl = "f" in (a.kind, b.kind) or "pyf" in (a.kind, b.kind)
+        if isinstance(op, (ast.BitAnd, ast.BitOr, ast.BitXor)):
+            return _V("b" if a.kind in ("b", "pyb") and b.kind in ("b", "pyb") else "i", shape)
+        if isinstance(op, ast.Div):
+            self.count("other", _numel(shape))     # int / int is a float division too
+            return _V("f", shape)
+        if isinstance(op, (ast.Add, ast.Sub, ast.Mult, ast.Mod, ast.FloorDiv)):
+            if fl:
+                self.count("other", _numel(shape))
+                return _V("f", shape)
+            return _V("i", shape)
+        raise UnsupportedError(f"cost model: operator {type(op).__name__}")
+
+    def call(self, e: ast.Call, env) -> _V:
+        f = e.func
+        args = [self.expr(a, env) for a in e.args]
+        kw = {k.arg: self.expr(k.value, env) for k in e.keywords}
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "tl":
+            return self.tl(f.attr, args, kw)
+        if isinstance(f, ast.Attribute) and f.attr == "to":
+            v = self.expr(f.value, env)
+            return _V(args[0].elem, v.shape)
+        if isinstance(f, ast.Name):
+            if f.id == "float":
+                return _V("pyf")
+            if f.id == "range":
+                return _V("range")
+            if f.id in self.funcs:
+                fn = self.funcs[f.id]
+                local = {p.arg: v for p, v in zip(fn.args.args, args)}
+                self.block(fn.body, local)
+                return local["__return__"]
+        raise UnsupportedError(f"cost model: call {ast.unparse(e)[:80]}")
+
+    def tl(self, name, args, kw) -> _V:
+        if name == "program_id":
+            return _V("i")
+        if name == "arange":
+            return _V("i", (args[1].value,))
+        if name in ("zeros", "full"):
+            return _V("f", tuple(x.value for x in args[0].value))
+        if name == "load":
+            ptr = args[0]
+            mask = kw.get("mask")
+            shape = _broadcast(ptr.shape, mask.shape if mask is not None and mask.kind not in _PY else ())
+            self.regions[self.region].loads.append(self.target)
+            return _V(ptr.elem, shape)
+        if name == "store":
+            self.regions[self.region].stores.append(args[0].value)
+            return _V("none")
+        if name == "dot":
+            a, b = args
+            m_, k_ = a.shape
+            n_ = b.shape[1]
+            self.count("dot", 2 * m_ * n_ * k_)
+            return _V("f", (m_, n_))
+        if name == "trans":
+            return _V(args[0].kind, tuple(reversed(args[0].shape)))
+        if name == "where":
+            c, a, b = args
+            kinds = (a.kind, b.kind)
+            kind = "f" if "f" in kinds or "pyf" in kinds else "i" if "i" in kinds or "pyi" in kinds else "b"
+            return _V(kind, _broadcast(*(x.shape for x in args if x.kind not in _PY)))
+        if name in ("maximum", "minimum"):
+            a, b = args
+            shape = _broadcast(a.shape, b.shape)
+            if "f" in (a.kind, b.kind) or "pyf" in (a.kind, b.kind):
+                self.count("other", _numel(shape))
+                return _V("f", shape)
+            return _V("i", shape)
+        if name in _TRANS:
+            self.count("trans", _numel(args[0].shape))
+            return _V("f", args[0].shape)
+        if name == "sigmoid":   # 1 / (1 + exp(-x)): neg, add, div + one exp
+            self.count("other", 3 * _numel(args[0].shape))
+            self.count("trans", _numel(args[0].shape))
+            return _V("f", args[0].shape)
+        if name == "abs":
+            return args[0]
+        if name in ("sum", "max", "min"):
+            x = args[0]
+            axis = args[1].value if len(args) > 1 else kw["axis"].value
+            out = tuple(s for k, s in enumerate(x.shape) if k != axis % len(x.shape))
+            if x.kind == "f":
+                self.count("other", _numel(x.shape) - _numel(out))
+            return _V(x.kind, out)
+        raise UnsupportedError(f"cost model: tl.{name} is not modelled")
+
+
+_LEDGERS: dict = {}
+
+
+def ledger(program, spec) -> Ledger:
+    """The per-region work of a generated kernel (cached by source text)."""
+    key = spec.source
+    if key not in _LEDGERS:
+        regions = _Walker(ast.parse(spec.source), program, spec.output).run()
+        loads = {s.name: s for s in spec.loads}
+        stores = {s.name: s for s in spec.stores}
+        for r, w in regions.items():
+            missing = [x for x in w.loads if x not in loads] + [x for x in w.stores if x not in stores]
+            if missing:
+                raise UnsupportedError(f"cost model: accesses {missing} in region {r} have no emitter record")
+        _LEDGERS[key] = Ledger(regions, loads, stores)
+    return _LEDGERS[key]
+
+
+# ---- lanes of an access site over a tile ------------------------------------------------------------------
+
+def _components(conds, boxvars):
+    """Group conditions by the box variables they couple (union-find)."""
+    parent = {v: v for v in boxvars}
+
+    def find(v):
+        while parent[v] != v:
+            v = parent[v]
+        return v
+
+    for c in conds:
+        vs = [v for v in c.free_symbols if v in parent]
+        for a, b in zip(vs, vs[1:]):
+            parent[find(a)] = find(b)
+    comps = defaultdict(lambda: ([], []))
+    scalar = []
+    for v in boxvars:
+        comps[find(v)][0].append(v)
+    for c in conds:
+        vs = [v for v in c.free_symbols if v in parent]
+        if vs:
+            comps[find(vs[0])][1].append(c)
+        else:
+            scalar.append(c)
+    return list(comps.values()), scalar
+
+
+def site_lanes(site, env: dict, lengths: dict, starts: dict, ntiles: int) -> np.ndarray:
+    """Lanes of one execution of an access site, per tile: an int64 array of length ntiles.
+
+    env: dims and leading indices -> ints; lengths: axis -> tile length (BLOCK_M, BLOCK_N, padded head dims);
+    starts: axis -> per-tile first index (arrays of length ntiles; 'col' and head axes start at 0)."""
+    axes = dict(site.axes)
+    if ntiles == 0:
+        return np.zeros(0, dtype=np.int64)
+    subs = {k: sp.Integer(v) for k, v in env.items() if isinstance(k, sp.Symbol)}
+    conds = []
+    for c in site.conds:
+        c = c.xreplace(subs)
+        if c is sp.false:
+            return np.zeros(ntiles, dtype=np.int64)
+        if c is not sp.true:
+            conds.append(c)
+    comps, scalar = _components(conds, list(axes))
+    total = np.ones(ntiles, dtype=np.int64)
+    for c in scalar:
+        if not bool(np_eval(c, {})):
+            return np.zeros(ntiles, dtype=np.int64)
+    for vs, cs in comps:
+        if not cs:
+            for v in vs:
+                total = total * lengths[axes[v]]
+            continue
+        bases = [np.broadcast_to(np.asarray(starts.get(axes[v], 0), dtype=np.int64), (ntiles,)) for v in vs]
+        keyarr = np.stack(bases, axis=1) if bases else np.zeros((ntiles, 0), dtype=np.int64)
+        uniq, inv = np.unique(keyarr, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        grids = {}
+        nv = len(vs)
+        for k, v in enumerate(vs):
+            L = lengths[axes[v]]
+            shape = [1] * (1 + nv)
+            shape[1 + k] = L
+            grids[v] = uniq[:, k].reshape([len(uniq)] + [1] * nv) + np.arange(L).reshape(shape)
+        ok = np.ones([len(uniq)] + [lengths[axes[v]] for v in vs], dtype=bool)
+        for c in cs:
+            ok = ok & np.broadcast_to(np_eval(c, grids), ok.shape)
+        cnt = ok.reshape(len(uniq), -1).sum(axis=1)
+        total = total * cnt[inv]
+    return total
+
+
+# ---- tiles of a branch ------------------------------------------------------------------------------------
+
+@dataclass
+class BranchTiles:
+    """The key-loop iterations of one branch over all row tiles (flat arrays, one entry per iteration)."""
+    rows: np.ndarray        # row tile index of the iteration
+    starts: np.ndarray      # start_n
+    visited: np.ndarray     # bool: the tile body runs (not skipped)
+    partial: np.ndarray     # bool: the mask code runs (visited tiles only are meaningful)
+
+
+def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
+    """Iterations of branch b's key loop in every row tile: the ONF formulas evaluated like the kernel does."""
+    R = -(-n // bm)
+    r = np.arange(R, dtype=np.int64)
+    ilo, ihi = r * bm, np.minimum(r * bm + bm, n) - 1
+    if b.skip is sp.true:
+        z = np.zeros(0, dtype=np.int64)
+        return BranchTiles(z, z, z.astype(bool), z.astype(bool))
+    e = {**env, iv.I_LO: ilo, iv.I_HI: ihi}
+    lo = np.zeros(R, dtype=np.int64) if b.key_lo is None else \
+        np.broadcast_to(np.maximum(0, np_eval(b.key_lo, e)), (R,)).astype(np.int64)
+    lo = (lo // bn) * bn
+    hi = np.full(R, m - 1, dtype=np.int64) if b.key_hi is None else \
+        np.broadcast_to(np.minimum(m - 1, np_eval(b.key_hi, e)), (R,)).astype(np.int64)
+    cnt = np.maximum(0, -(-(hi + 1 - lo) // bn))
+    rows = np.repeat(r, cnt)
+    first = np.cumsum(cnt) - cnt
+    starts = lo[rows] + (np.arange(len(rows)) - first[rows]) * bn
+    te = {**env, iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts,
+          iv.J_HI: np.minimum(starts + bn, m) - 1}
+    skip = np.zeros(len(rows), dtype=bool) if b.skip is sp.false else \
+        np.broadcast_to(np_eval(b.skip, te), (len(rows),)).astype(bool)
+    if b.full is sp.false:
+        partial = np.ones(len(rows), dtype=bool)
+    else:
+        partial = np.logical_or(np.logical_not(np_eval(b.full, te)), starts + bn > m)
+        partial = np.broadcast_to(partial, (len(rows),)).astype(bool)
+    return BranchTiles(rows, starts, ~skip, partial)
+
+
+# ---- the mask predicate on index grids (tiles_needed) ------------------------------------------------------
+
+_UNKNOWN = object()
+
+
+def _mask3(e, env):
+    """Three-valued evaluation of a DNF mask on index grids: ('b', possible, certain) for booleans, ('v', x) for
+    values, ('u',) for data-dependent values (a Read: the cost model has no data)."""
+    if isinstance(e, D.Const):
+        if isinstance(e.value, bool):
+            return ("b", e.value, e.value)
+        return ("v", e.value)
+    if isinstance(e, D.Index):
+        return ("v", np_eval(e.expr, env))
+    if isinstance(e, D.Read):
+        return ("u",) if e.dtype != ir.BOOL else ("b", True, False)
+    if isinstance(e, D.Op):
+        args = [_mask3(a, env) for a in e.args]
+        fn = e.fn
+        if fn in ("and", "or", "not"):
+            bs = [a if a[0] == "b" else ("b", True, False) for a in args]
+            if fn == "not":
+                return ("b", np.logical_not(bs[0][2]), np.logical_not(bs[0][1]))
+            f = np.logical_and if fn == "and" else np.logical_or
+            return ("b", f(bs[0][1], bs[1][1]), f(bs[0][2], bs[1][2]))
+        if any(a[0] == "u" for a in args):
+            return ("b", True, False) if e.dtype == ir.BOOL else ("u",)
+        vals = [a[1] for a in args]
+        ops = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "eq": np.equal,
+               "ne": np.not_equal, "add": np.add, "sub": np.subtract, "mul": np.multiply,
+               "floordiv": np.floor_divide, "mod": np.mod, "min": np.minimum, "max": np.maximum}
+        if fn in ops:
+            out = ops[fn](*vals)
+        elif fn == "neg":
+            out = np.negative(vals[0])
+        elif fn == "abs":
+            out = np.abs(vals[0])
+        elif fn == "where":
+            out = np.where(vals[0], vals[1], vals[2])
+        else:
+            return ("b", True, False) if e.dtype == ir.BOOL else ("u",)
+        return ("b", out, out) if e.dtype == ir.BOOL else ("v", out)
+    return ("u",)
+
+
+def tiles_needed(b, row_var, env: dict, n: int, m: int, bm: int, bn: int) -> int:
+    """(query tile, key tile) pairs containing an (i, j) whose mask may hold: the mask evaluated on the index grid
+    of every tile (data-dependent atoms count as possibly true)."""
+    R, T = -(-n // bm), -(-m // bn)
+    if R == 0 or T == 0:
+        return 0
+    if b.mask is None:
+        return R * T
+    j = np.arange(m, dtype=np.int64)
+    pad = T * bn - m
+    total = 0
+    chunk = max(1, (1 << 22) // max(1, bm * m))
+    for r0 in range(0, R, chunk):
+        r1 = min(R, r0 + chunk)
+        i = np.arange(r0 * bm, min(n, r1 * bm), dtype=np.int64)
+        res = _mask3(b.mask, {**env, row_var: i[:, None], b.var: j[None, :]})
+        poss = np.broadcast_to(res[1] if res[0] == "b" else True, (len(i), m))
+        if pad:
+            poss = np.concatenate([poss, np.zeros((len(i), pad), dtype=bool)], axis=1)
+        rowpad = (r1 - r0) * bm - len(i)
+        if rowpad:
+            poss = np.concatenate([poss, np.zeros((rowpad, T * bn), dtype=bool)], axis=0)
+        total += int(poss.reshape(r1 - r0, bm, T, bn).any(axis=(1, 3)).sum())
+    return total
+
+
+# ---- numeric prediction -------------------------------------------------------------------------------------
+
+@dataclass
+class Counts:
+    """Predicted counters of one kernel launch (or a sum of launches)."""
+    flops: int = 0
+    dot_flops: int = 0
+    transcendentals: int = 0
+    dram_bytes_loaded: int = 0
+    dram_bytes_stored: int = 0
+    tiles_visited: int = 0
+    tiles_needed: int = 0
+    programs: int = 0
+    loaded_by_tensor: dict = field(default_factory=dict)
+    loop_loaded_by_tensor: dict = field(default_factory=dict)
+
+    @property
+    def dram_bytes(self) -> int:
+        return self.dram_bytes_loaded + self.dram_bytes_stored
+
+    def add(self, o: Counts):
+        for f in ("flops", "dot_flops", "transcendentals", "dram_bytes_loaded", "dram_bytes_stored",
+                  "tiles_visited", "tiles_needed", "programs"):
+            setattr(self, f, getattr(self, f) + getattr(o, f))
+        for d, od in ((self.loaded_by_tensor, o.loaded_by_tensor),
+                      (self.loop_loaded_by_tensor, o.loop_loaded_by_tensor)):
+            for k, v in od.items():
+                d[k] = d.get(k, 0) + v
+
+
+def constexpr_values(spec, dims: dict, block_m: int, block_n: int) -> dict:
+    """BLOCK_M, BLOCK_N, HEAD_DIM* and HEAD_DIM_V as the launcher sets them (padded to powers of two, >= 16)."""
+    vals = {BLOCK_M: block_m, BLOCK_N: block_n,
+            HEAD_DIM_V: max(16, _next_pow2(sy.evaluate(spec.col_extent, dims)))}
+    for name, ext in spec.head_dims:
+        vals[csym(name)] = max(16, _next_pow2(sy.evaluate(ext, dims)))
+    return vals
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _axis_lengths(cvals: dict) -> dict:
+    out = {"row": cvals[BLOCK_M], "key": cvals[BLOCK_N], "col": cvals[HEAD_DIM_V]}
+    for k, v in cvals.items():
+        if k.name.startswith("HEAD_DIM") and k.name != "HEAD_DIM_V":
+            out[k.name] = v
+    return out
+
+
+def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes: dict,
+            needed: bool = True) -> Counts:
+    """Counters of one output's kernel for concrete dims and the tile config baked into `spec`.
+
+    elem_bytes: tensor name (inputs, the output, 'lse') -> bytes per element as the kernel sees it."""
+    led = ledger(program, spec)
+    bm, bn = spec.block_m, spec.block_n
+    cvals = constexpr_values(spec, dims, bm, bn)
+    lengths = _axis_lengths(cvals)
+    denv = {d: dims[d.name] for d in program.dims}
+    i_var = sched.row[0]
+    n = sy.evaluate(sched.row[1], dims)
+    e = sy.evaluate(sched.col[1], dims)
+    lead = [(v, sy.evaluate(x, dims)) for v, x in sched.lead]
+    nb = math.prod(batch)
+    out = Counts()
+    if n * e * nb * math.prod(x for _, x in lead) == 0:
+        return out
+    work = {r: tuple(int(sp.sympify(x).xreplace(cvals)) for x in (w.dot, w.other, w.trans))
+            for r, w in led.regions.items()}
+    # do the leading indices matter anywhere (bounds, skip tests, access masks)?
+    leadvars = {v for v, _ in lead}
+    formulas = [x for b in sched.branches for x in (b.key_lo, b.key_hi, b.skip, b.full) if x is not None]
+    formulas += [c for s in (*spec.loads, *spec.stores) for c in s.conds]
+    per_lead = any(sp.sympify(f).free_symbols & leadvars for f in formulas) or \
+        (needed and any(b.mask is not None and D.free_vars(b.mask) & leadvars for b in sched.branches))
+    combos = list(itertools.product(*(range(x) for _, x in lead))) if per_lead else [None]
+    weight = nb * (1 if per_lead else math.prod(x for _, x in lead))
+    R = -(-n // bm)
+    row_starts = np.arange(R, dtype=np.int64) * bm
+    for combo in combos:
+        env = dict(denv)
+        if combo is not None:
+            env.update({v: val for (v, _), val in zip(lead, combo)})
+        c = Counts(programs=R)
+        tiles = {k: branch_tiles(b, env, n, sy.evaluate(b.extent, dims), bm, bn)
+                 for k, b in enumerate(sched.branches)}
+        mult = {"program": R, "lse": R if "lse" in led.regions else 0}
+        for k, t in tiles.items():
+            mult[("iter", k)] = len(t.rows)
+            mult[("visit", k)] = int(t.visited.sum())
+            mult[("partial", k)] = int((t.visited & t.partial).sum())
+            c.tiles_visited += mult[("visit", k)]
+            if needed:
+                b = sched.branches[k]
+                c.tiles_needed += tiles_needed(b, i_var, env, n, sy.evaluate(b.extent, dims), bm, bn)
+        for region, (dot, other, trans) in work.items():
+            k = mult.get(region, 0)
+            c.dot_flops += k * dot
+            c.flops += k * (dot + other)
+            c.transcendentals += k * trans
+        for region, w in led.regions.items():
+            if region in ("program", "lse"):
+                sel = None
+            else:
+                t = tiles[region[1]]
+                sel = np.ones(len(t.rows), dtype=bool) if region[0] == "iter" else \
+                    t.visited if region[0] == "visit" else t.visited & t.partial
+            for names, sites, loading in ((w.loads, led.loads, True), (w.stores, led.stores, False)):
+                for name in names:
+                    site = sites[name]
+                    if sel is None:
+                        lanes = int(site_lanes(site, env, lengths, {"row": row_starts}, R).sum())
+                    else:
+                        rows, starts = t.rows[sel], t.starts[sel]
+                        lanes = int(site_lanes(site, env, lengths, {"row": rows * bm, "key": starts},
+                                               len(rows)).sum())
+                    nbytes = lanes * elem_bytes[site.tensor]
+                    if loading:
+                        c.dram_bytes_loaded += nbytes
+                        c.loaded_by_tensor[site.tensor] = c.loaded_by_tensor.get(site.tensor, 0) + nbytes
+                        if sel is not None:
+                            c.loop_loaded_by_tensor[site.tensor] = \
+                                c.loop_loaded_by_tensor.get(site.tensor, 0) + nbytes
+                    else:
+                        c.dram_bytes_stored += nbytes
+        for f in ("flops", "dot_flops", "transcendentals", "dram_bytes_loaded", "dram_bytes_stored",
+                  "tiles_visited", "tiles_needed", "programs"):
+            setattr(c, f, getattr(c, f) * weight)
+        c.loaded_by_tensor = {k: v * weight for k, v in c.loaded_by_tensor.items()}
+        c.loop_loaded_by_tensor = {k: v * weight for k, v in c.loop_loaded_by_tensor.items()}
+        out.add(c)
+    return out
+
+
+def onchip_bytes(sched: Schedule, spec, dims: dict, in_bytes: int, acc_bytes: int, num_stages: int) -> int:
+    """Bytes of tiles one program holds (registers + shared memory), an estimate: per branch the query tile
+    (BLOCK_M x HEAD_DIM, input dtype), the accumulator (BLOCK_M x HEAD_DIM_V) and m_i, l_i (accumulation dtype),
+    the score tile (BLOCK_M x BLOCK_N, accumulation) and P (input dtype); plus num_stages buffers of the key and
+    value tiles (BLOCK_N x (HEAD_DIM + HEAD_DIM_V), input dtype) that the software pipeline keeps in shared
+    memory."""
+    cv = constexpr_values(spec, dims, spec.block_m, spec.block_n)
+    bm, bn, hv = cv[BLOCK_M], cv[BLOCK_N], cv[HEAD_DIM_V]
+    hds = {name: cv[csym(name)] for name, _ in spec.head_dims}
+    total = 0
+    kv = 0
+    for b in sched.branches:
+        hd = 0
+        if b.dot is not None:
+            hd = max(hds.values()) if hds else 0
+        total += bm * hd * in_bytes + bm * hv * acc_bytes + 2 * bm * acc_bytes + bm * bn * (acc_bytes + in_bytes)
+        kv = max(kv, bn * (hd + hv) * in_bytes)
+    return total + max(1, num_stages) * kv
+
+
+# ---- the unfused (PyTorch eager) plan ------------------------------------------------------------------------
+
+def _depends_ij(e, i, j) -> bool:
+    if any(isinstance(x, DotTile) for x in D.nodes(e)):
+        return True
+    fv = D.free_vars(e)
+    return i in fv and j in fv
+
+
+@dataclass
+class Eager:
+    """The unfused plan (sympy, in the dims): ops as (description, bytes read, bytes written, matmul FLOPs,
+    other FLOPs, transcendentals), and the totals."""
+    ops: list
+
+    @property
+    def dram_bytes(self) -> sp.Expr:
+        return sp.expand(sum((o[1] + o[2] for o in self.ops), sp.Integer(0)))
+
+    @property
+    def intermediate_bytes(self) -> sp.Expr:
+        return sp.expand(sum((o[2] for o in self.ops if o[6]), sp.Integer(0)))
+
+    @property
+    def flops(self) -> sp.Expr:
+        return sp.expand(sum((o[3] + o[4] for o in self.ops), sp.Integer(0)))
+
+
+def eager_plan(sched: Schedule, elt: int, batch: int = 1) -> Eager:
+    """The plan PyTorch eager runs for one output, op by op, every intermediate materialised in global memory:
+
+    per branch (softmax(S) @ V or normalize(A) @ V over keys j):
+      phi(Q), phi(K)       if a dot factor is computed (elu(Q) + 1 ...): read the input, write the factor
+      S = A @ B^T          read A [n, d], B [m, d]; write S [n, m]                      2 n m d FLOPs
+      score ops            one kernel per elementwise op on an [n, m] array (scale, bias, tanh ...): read its
+                           [n, m] operands, write [n, m]; index grids (j - i) and gathers (bias[i - j]) that
+                           depend on both i and j are materialised first
+      mask                 the boolean mask [n, m] (1 byte per element) is materialised, then masked_fill: read S
+                           and the mask, write S_masked
+      softmax              read S_masked, write P [n, m]                                 4 n m FLOPs + n m exp
+      (normalize)          z = A.sum(-1): read A, write z [n]
+      O_k = P @ V          read P and V [m, e]; write O_k [n, e]                         2 n m e FLOPs
+      (normalize)          O_k / z: read O_k and z, write O_k
+    epilogue               when the output is more than one branch's value: read every O_k, write O [n, e]
+    Intermediates are every array written except the output O. All sizes times batch x leading extents."""
+    i, n = sched.row
+    c, e = sched.col
+    lead = sy.product([x for _, x in sched.lead]) * batch
+    E = sp.Integer(elt)
+    ops: list = []
+    final_is_branch = sched.epilogue == BranchValue(0) and len(sched.branches) == 1
+
+    def op(what, read, write, dot=0, other=0, trans=0, inter=True):
+        ops.append((what, sp.sympify(read) * lead, sp.sympify(write) * lead, sp.sympify(dot) * lead,
+                    sp.sympify(other) * lead, sp.sympify(trans) * lead, inter))
+
+    for k, b in enumerate(sched.branches):
+        j, m = b.var, b.extent
+        nm = n * m
+        tag = f"branch {k}: " if len(sched.branches) > 1 else ""
+        if b.dot is not None:
+            dk = b.dot.extent
+            for fac, rows in ((b.dot.a, n), (b.dot.b, m)):
+                if not isinstance(fac, D.Read):
+                    nops = sum(1 for x in D.nodes(fac) if isinstance(x, D.Op))
+                    op(f"{tag}factor {D.show(fac)[:40]}", rows * dk * E, rows * dk * E, other=rows * dk * nops)
+            op(f"{tag}S = A @ B^T", (n + m) * dk * E, nm * E, dot=2 * nm * dk)
+        for x in _postorder(b.score):
+            if isinstance(x, D.Op) and _depends_ij(x, i, j):
+                operands = sum(1 for a in x.args if _depends_ij(a, i, j))
+                tr = nm if x.fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "elu") else 0
+                op(f"{tag}{x.fn} on [n, m]", operands * nm * E, nm * E, other=0 if tr else nm, trans=tr)
+            elif isinstance(x, (D.Read, D.Index)) and _depends_ij(x, i, j):
+                op(f"{tag}materialise {D.show(x)[:30]}", nm * E if isinstance(x, D.Read) else 0, nm * E)
+        if b.mask is not None:
+            op(f"{tag}mask [n, m] (bool)", 0, nm)
+            op(f"{tag}masked_fill", nm * E + nm, nm * E)
+        if b.kind == "softmax":
+            op(f"{tag}P = softmax(S)", nm * E, nm * E, other=4 * nm, trans=nm)
+        else:
+            op(f"{tag}z = A.sum(-1)", nm * E, n * E, other=nm)
+        last = final_is_branch and b.kind == "softmax"
+        op(f"{tag}O = P @ V", (nm + m * e) * E, n * e * E, dot=2 * nm * e, inter=not last)
+        if b.kind != "softmax":
+            op(f"{tag}O / z", (n * e + n) * E, n * e * E, other=n * e, inter=not final_is_branch)
+    if not final_is_branch:
+        nops = sum(1 for x in D.nodes(sched.epilogue) if isinstance(x, D.Op))
+        op("epilogue", len(sched.branches) * n * e * E, n * e * E, other=n * e * nops, inter=False)
+    return Eager(ops)
+
+
+def roofline(dot_flops, other_flops, trans, hbm_bytes, device, dtype: str, launches: int = 1):
+    """(seconds, bound, parts): max(compute, memory, transcendental) + launch overhead on a device.
+
+    compute = tl.dot FLOPs at the dtype's matrix peak + other FLOPs at the vector peak (float32 accumulation,
+    float64 for float64 kernels); memory = HBM bytes at the HBM bandwidth; transcendental = evaluations at the
+    MUFU rate (software sequences for float64)."""
+    parts = {"compute": dot_flops / device.matmul_rate(dtype) + other_flops / device.vector_rate(dtype),
+             "memory": hbm_bytes / device.hbm_bytes_per_s,
+             "transcendental": trans / device.transcendental_rate(dtype)}
+    if any(isinstance(v, sp.Basic) and v.free_symbols for v in parts.values()):
+        return sp.Max(*parts.values()) + launches * device.launch_s, "symbolic", parts
+    bound = max(parts, key=lambda k: float(parts[k]))
+    return float(parts[bound]) + launches * device.launch_s, bound, parts
+
+
+def _postorder(e):
+    for k in D.children(e):
+        yield from _postorder(k)
+    yield e
+
+
+# ---- symbolic prediction ---------------------------------------------------------------------------------------
+
+def _interval_1d(conds, v):
+    """[lo, hi] of v from conditions linear in v with coefficient +-1, or None."""
+    lo, hi = None, None
+    for c in conds:
+        d = sp.expand(c.lhs - c.rhs)
+        if not d.is_polynomial(v) or sp.Poly(d, v).degree() != 1:
+            return None
+        a = sp.Poly(d, v).coeff_monomial(v)
+        rest = sp.expand(d - a * v)
+        if a not in (1, -1):
+            return None
+        op = c.rel_op
+        if a == -1:
+            op = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}[op]
+            rest = -rest
+        bound = -rest  # v op bound
+        if op == "<":
+            hi = bound - 1 if hi is None else sp.Min(hi, bound - 1)
+        elif op == "<=":
+            hi = bound if hi is None else sp.Min(hi, bound)
+        elif op == ">":
+            lo = bound + 1 if lo is None else sp.Max(lo, bound + 1)
+        elif op == ">=":
+            lo = bound if lo is None else sp.Max(lo, bound)
+        else:
+            return None
+    return lo, hi
+
+
+def _lanes_formula(site, bases: dict, lengths: dict):
+    """Lanes of one execution of an access site as a sympy formula in the tile starts (bases: axis -> start)."""
+    axes = dict(site.axes)
+    comps, scalar = _components(list(site.conds), list(axes))
+    f = sp.Integer(1)
+    for c in scalar:
+        f *= Iverson(c)
+    for vs, cs in comps:
+        if not cs:
+            for v in vs:
+                f *= lengths[axes[v]]
+            continue
+        if len(vs) == 1:
+            v = vs[0]
+            base, L = bases.get(axes[v], sp.Integer(0)), lengths[axes[v]]
+            rng = _interval_1d(cs, v)
+            if rng is not None:
+                lo, hi = rng
+                first = base if lo is None else sp.Max(base, lo)
+                last = base + L - 1 if hi is None else sp.Min(base + L - 1, hi)
+                f *= sp.Max(0, last - first + 1)
+                continue
+        body = Iverson(sp.And(*cs))
+        for v in vs:
+            base, L = bases.get(axes[v], sp.Integer(0)), lengths[axes[v]]
+            body = sp.Sum(body, (v, base, base + L - 1))
+        f *= body
+    return f
+
+
+class Iverson(sp.Function):
+    """[cond]: 1 where cond holds, else 0 (opaque to sympy's Piecewise folding, so that conditions stay inside the
+    Sum that binds their variables)."""
+    nargs = 1
+    is_integer = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, cond):
+        if cond is sp.true:
+            return sp.Integer(1)
+        if cond is sp.false:
+            return sp.Integer(0)
+        return None
+
+    def _sympystr(self, printer):
+        return f"[{printer.doprint(self.args[0])}]"
+
+
+def _row_count(n):
+    """Valid rows of row tile r, as _lanes_formula writes it for the condition i < n."""
+    ilo = ROW_TILE * BLOCK_M
+    return sp.Max(0, sp.Min(ilo + BLOCK_M - 1, n - 1) - ilo + 1)
+
+
+def _key_count(m):
+    jlo = KEY_TILE * BLOCK_N
+    return sp.Max(0, sp.Min(jlo + BLOCK_N - 1, m - 1) - jlo + 1)
+
+
+def _sum_full(expr, var, count, total, ntiles):
+    """sum over every tile var < ntiles of expr; sum of the valid-index count of each tile = total."""
+    if not expr.has(var):
+        return ntiles * expr
+    indep, dep = expr.as_independent(var, as_Add=False)
+    if dep == count:
+        return total * indep
+    return sp.Sum(expr, (var, 0, ntiles - 1))
+
+
+def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) -> dict:
+    """The counters as sympy formulas in the dims and the constexprs BLOCK_M, BLOCK_N, HEAD_DIM*, HEAD_DIM_V.
+
+    Sums run over row tiles r < ceiling(n / BLOCK_M) and the key tiles t of each row tile's loop; they are left
+    unevaluated where a mask shapes them (sympy `Sum`; substitute numbers and call `.doit()` to evaluate).
+    Closed forms are used where they are exact: sum over row tiles of the valid rows = n, likewise keys."""
+    led = ledger(program, spec)
+    bm, bn = BLOCK_M, BLOCK_N
+    lengths = {"row": bm, "key": bn, "col": HEAD_DIM_V}
+    for name, _ in spec.head_dims:
+        lengths[name] = csym(name)
+    _, n = sched.row
+    R = sp.ceiling(n / bm)
+    r, t = ROW_TILE, KEY_TILE
+    ilo, ihi = r * bm, sp.Min(r * bm + bm, n) - 1
+    loops = {}
+    for k, b in enumerate(sched.branches):
+        m = b.extent
+        if b.skip is sp.true:
+            loops[k] = None
+            continue
+        rows = {iv.I_LO: ilo, iv.I_HI: ihi}
+        lo_t = sp.Integer(0) if b.key_lo is None else sp.floor(sp.Max(0, b.key_lo.xreplace(rows)) / bn)
+        hi_e = m - 1 if b.key_hi is None else sp.Min(m - 1, b.key_hi.xreplace(rows))
+        hi_t = sp.floor(hi_e / bn)
+        corners = {**rows, iv.J_LO: t * bn, iv.J_HI: sp.Min(t * bn + bn, m) - 1}
+        vis = sp.true if b.skip is sp.false else sp.Not(b.skip.xreplace(corners))
+        part = sp.true if b.full is sp.false else sp.Or(sp.Not(b.full.xreplace(corners)), t * bn + bn > m)
+        full_rect = b.key_lo is None and b.key_hi is None and b.skip is sp.false
+        loops[k] = (lo_t, hi_t, vis, sp.And(vis, part), full_rect, m)
+
+    def region_sum(region, expr):
+        """Sum of a per-execution quantity (a formula in r, t) over the executions of a region."""
+        if region in ("program", "lse"):
+            return _sum_full(expr, r, _row_count(n), n, R)
+        kind, k = region
+        lo_t, hi_t, vis, part, full_rect, m = loops[k]
+        ind = sp.true if kind == "iter" else vis if kind == "visit" else part
+        if full_rect and ind is sp.true:
+            inner = _sum_full(expr, t, _key_count(m), m, sp.ceiling(m / bn))
+        else:
+            body = expr if ind is sp.true else expr * Iverson(ind)
+            inner = body * sp.Max(0, hi_t - lo_t + 1) if not body.has(t) else \
+                sp.Sum(body, (t, lo_t, sp.Max(hi_t, lo_t - 1)))
+        return _sum_full(inner, r, _row_count(n), n, R)
+
+    def over_lead(expr):
+        for v, x in sched.lead:
+            expr = sp.Sum(expr, (v, 0, x - 1)) if expr.has(v) else expr * x
+        return expr * batch
+
+    totals = dict.fromkeys(("dot", "other", "trans", "loaded", "stored", "tiles"), sp.Integer(0))
+    for k in loops:
+        if loops[k] is not None:
+            totals["tiles"] += region_sum(("visit", k), sp.Integer(1))
+    for region, w in led.regions.items():
+        if region == "lse" or (region != "program" and loops.get(region[1]) is None):
+            continue
+        ex = region_sum(region, sp.Integer(1))
+        totals["dot"] += ex * w.dot
+        totals["other"] += ex * w.other
+        totals["trans"] += ex * w.trans
+        for names, sites, key in ((w.loads, led.loads, "loaded"), (w.stores, led.stores, "stored")):
+            for name in names:
+                site = sites[name]
+                lanes = _lanes_formula(site, {"row": ilo, "key": t * bn}, lengths)
+                totals[key] += region_sum(region, lanes) * elem_bytes[site.tensor]
+    f = {key: _padded(over_lead(val), spec) for key, val in totals.items()}
+    return {"flops": f["dot"] + f["other"], "dot_flops": f["dot"], "transcendentals": f["trans"],
+            "dram_bytes_loaded": f["loaded"], "dram_bytes_stored": f["stored"],
+            "dram_bytes": f["loaded"] + f["stored"], "tiles_visited": f["tiles"], "programs": over_lead(R)}
+
+
+def _padded(expr, spec):
+    """min(HEAD_DIM, d) = d: a padded head dim is never below its extent."""
+    pairs = [(csym(name), sp.sympify(ext)) for name, ext in spec.head_dims]
+    pairs.append((HEAD_DIM_V, sp.sympify(spec.col_extent)))
+    for sym, ext in pairs:
+        expr = expr.replace(lambda x, s=sym, e=ext: isinstance(x, sp.Min) and set(x.args) == {s - 1, e - 1},
+                            lambda x, e=ext: e - 1)
+    return expr
+
+
+def evaluate_formula(expr, values: dict):
+    """The value of a formula of predict_symbolic for concrete values (symbols or names -> numbers), evaluating
+    nested Sums by explicit summation over their (concrete) ranges."""
+    expr = sp.sympify(expr)
+    subs = {}
+    for s in expr.free_symbols:
+        if s in values:
+            subs[s] = values[s]
+        elif s.name in values:
+            subs[s] = values[s.name]
+    expr = expr.xreplace({k: sp.sympify(v) for k, v in subs.items()})
+
+    def ev(e, env):
+        if isinstance(e, sp.Sum):
+            body, limits = e.function, list(e.limits)
+            v, lo, hi = limits[-1]
+            inner = sp.Sum(body, *limits[:-1]) if len(limits) > 1 else body
+            lo, hi = int(ev(lo, env)), int(ev(hi, env))
+            return sum((ev(inner, {**env, v: sp.Integer(k)}) for k in range(lo, hi + 1)), sp.Integer(0))
+        if not e.args or not e.has(sp.Sum):
+            return e.xreplace(env)
+        return e.func(*[ev(a, env) for a in e.args])
+
+    out = ev(expr, {})
+    return int(out) if out.is_Integer else out

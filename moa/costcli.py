@@ -1,0 +1,378 @@
+"""`moa cost`, `moa aot` and the plots (`moa cost --plot`, `moa explain --tiles`)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy as sp
+
+from .errors import InputError, MoaError
+
+
+def add_commands(sub, common):
+    """Register the `cost` and `aot` subcommands on moa's argparse subparsers."""
+    p = sub.add_parser("cost", help="predicted FLOPs, DRAM bytes, intermediates and time: fused vs unfused")
+    common(p)
+    p.add_argument("--dims", help="e.g. n=8192,d=128,e=128 (omit for formulas in the dims)")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
+    p.add_argument("--device", default="h100", help="h100, h200, a100, or cpu (interpreter tiles, no time)")
+    p.add_argument("--batch", type=int, default=0, help="extra leading batch axis (0: none)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw predicted bytes and time against n (log-log)")
+    p.add_argument("--no-fit", action="store_true", help="use the default tile table without the ahead-of-time "
+                   "check the GPU runtime makes (no compile)")
+    p.set_defaults(fn=cmd_cost)
+
+    p = sub.add_parser("aot", help="compile the generated kernel for a GPU target without a GPU; print resources")
+    common(p)
+    p.add_argument("--dims", required=True, help="e.g. n=8192,d=128,e=128 (head dims are required)")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
+    p.add_argument("--target", default="sm_90", help="sm_90 (default), sm_80, sm_86, sm_89")
+    p.add_argument("--config", metavar="BM,BN,WARPS,STAGES", help="force a tile config (default: the runtime's)")
+    p.add_argument("--ptx", metavar="FILE", help="write the PTX of the (first) output here")
+    p.set_defaults(fn=cmd_aot)
+
+
+# ---- formatting -----------------------------------------------------------------------------------------------
+
+def _si(x, unit="") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, sp.Basic) and x.free_symbols:
+        return str(x)
+    x = float(x)
+    for p, s in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= p:
+            return f"{x / p:.3g} {s}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _bytes(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, sp.Basic) and x.free_symbols:
+        return str(x)
+    x = float(x)
+    for p, s in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(x) >= p:
+            return f"{x / p:.3g} {s}"
+    return f"{int(x)} B"
+
+
+def _seconds(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, sp.Basic) and x.free_symbols:
+        return str(x)
+    x = float(x)
+    for p, s in ((1, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if x >= p:
+            return f"{x / p:.3g} {s}"
+    return f"{x * 1e9:.3g} ns"
+
+
+def _params(args) -> dict:
+    from .cli import _params as cli_params
+
+    return cli_params(args)
+
+
+def _dims(args) -> dict:
+    from .cli import parse_assignments
+
+    d = parse_assignments(getattr(args, "dims", None), "--dims")
+    for k, v in d.items():
+        if not isinstance(v, int) or v < 0:
+            raise InputError(f"--dims: {k} must be a non-negative integer, got {v}")
+    return d
+
+
+# ---- moa cost ---------------------------------------------------------------------------------------------------
+
+def cmd_cost(args) -> int:
+    import moa
+    from moa.runtime.costing import cost_breakdown
+
+    k = moa.compile(args.file, **_params(args))
+    dims = _dims(args)
+    batch = (args.batch,) if args.batch else ()
+    fit = not args.no_fit and args.device != "cpu" and len(dims) == len(k.program.dims)
+    rep, bd = cost_breakdown(k, args.dtype, args.device, batch=batch, fit=fit, **dims)
+    print(cost_table(k, rep, bd, dims))
+    if len(dims) == len(k.program.dims) and hasattr(k, "choose_form") and args.device != "cpu":
+        for name in k.output_names:
+            if k.choose_form(name, dims, args.device, args.dtype) == "linear":
+                print(f"note: at these dims the runtime runs output {name} in the linear (chunked) form, which is "
+                      f"predicted faster (moa explain); this table is the quadratic (tiled) kernel")
+    if fit:
+        print("config: the runtime default, checked ahead of time for the device's target like the GPU runtime does "
+              "(no spills, shared memory in budget)")
+    if args.plot:
+        if len(dims) < len(k.program.dims):
+            raise InputError("--plot needs --dims with every dim (the sequence dims give the largest n)")
+        path = cost_plot(k, args.plot, dims, args.dtype, args.device, batch, fit)
+        print(f"wrote {path}")
+    return 0
+
+
+def cost_table(k, rep, bd, dims) -> str:
+    """The fused-vs-unfused table of `moa cost`."""
+    from moa import cost as C
+    from moa.devices import DTYPE_BYTES
+
+    dev = bd.device
+    head = f"moa cost {k.program.name}"
+    if dims:
+        head += "  " + " ".join(f"{a}={b}" for a, b in dims.items())
+    head += f"  {bd.dtype} on {dev.name if dev else 'cpu (Triton interpreter tiles; no time model)'}"
+    lines = [head]
+    for name, cfg in bd.configs.items():
+        if cfg is None:
+            lines.append(f"config {name}: BLOCK_M, BLOCK_N symbolic (HEAD_DIM = padded d: max(16, 2^ceil(log2 d)))")
+        else:
+            lines.append(f"config {name}: BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps} "
+                         f"num_stages={cfg.num_stages}")
+    symbolic = any(isinstance(x, sp.Basic) and x.free_symbols for x in (rep.flops, rep.dram_bytes))
+    if symbolic:
+        lines.append("formulas (Sum over row tiles r and key tiles t; [c] is 1 where c holds):")
+        for f in ("flops", "transcendentals", "dram_bytes", "tiles_visited"):
+            lines.append(f"  fused {f} = {getattr(rep, f)}")
+        lines.append(f"  unfused flops = {bd.unfused_flops}")
+        lines.append(f"  unfused dram_bytes = {rep.unfused_dram_bytes}")
+        lines.append(f"  intermediates: fused 0, unfused {rep.unfused_intermediate_bytes}")
+        if rep.predicted_seconds is not None:
+            lines.append(f"  predicted seconds = {rep.predicted_seconds}")
+        return "\n".join(lines)
+    peak = dev.matmul_rate(bd.dtype) if dev else None
+    ufrac = (bd.unfused_flops / bd.unfused_seconds / peak) if dev and bd.unfused_seconds else None
+    uai = bd.unfused_flops / rep.unfused_dram_bytes if rep.unfused_dram_bytes else 0
+    rows = [
+        ("FLOPs", _si(rep.flops), _si(bd.unfused_flops)),
+        ("  of which tl.dot / matmul", _si(bd.dot_flops), ""),
+        ("transcendentals", _si(rep.transcendentals), ""),
+        ("DRAM bytes", _bytes(rep.dram_bytes), _bytes(rep.unfused_dram_bytes)),
+        ("  loaded / stored", f"{_bytes(rep.dram_bytes_loaded)} / {_bytes(rep.dram_bytes_stored)}", ""),
+        ("  reaching HBM (L2 model)", _bytes(bd.hbm_bytes) if dev else "-", ""),
+        ("intermediates in DRAM", _bytes(rep.intermediate_bytes), _bytes(rep.unfused_intermediate_bytes)),
+        ("on-chip per program", _bytes(rep.onchip_bytes), ""),
+        ("arithmetic intensity", f"{float(rep.arithmetic_intensity):.1f} FLOP/B", f"{float(uai):.1f} FLOP/B"),
+        ("tiles visited / needed", f"{rep.tiles_visited} / {rep.tiles_needed}", ""),
+        ("programs", str(bd.programs), ""),
+        ("predicted time", _seconds(rep.predicted_seconds), _seconds(bd.unfused_seconds)),
+        ("bound", rep.bound, bd.unfused_bound),
+        ("fraction of peak", f"{100 * bd.fraction_of_peak:.1f}%" if bd.fraction_of_peak is not None else "-",
+         f"{100 * ufrac:.1f}%" if ufrac is not None else "-"),
+    ]
+    w0 = max(len(r[0]) for r in rows) + 2
+    w1 = max(max(len(r[1]) for r in rows), len("fused (moa)")) + 2
+    lines.append(f"{'':{w0}}{'fused (moa)':{w1}}unfused (PyTorch eager)")
+    lines += [f"{a:{w0}}{b:{w1}}{c}" for a, b, c in rows]
+    if dev:
+        parts = ", ".join(f"{k_} {_seconds(v)}" for k_, v in bd.parts.items())
+        lines.append(f"roofline parts (fused): {parts}; + {_seconds(dev.launch_s)} launch")
+    # the MoA storage theorem, as formulas in the dims
+    inter = sp.Integer(0)
+    for name in k.output_names:
+        plan = C.eager_plan(k.schedules[name], DTYPE_BYTES[bd.dtype], 1)
+        inter += plan.intermediate_bytes
+    io = sum((sp.Mul(*n.shape) for n in k.program.inputs), sp.Integer(0)) + \
+        sum((sp.Mul(*node.shape) for _, node in k.program.outputs), sp.Integer(0))
+    lines.append(f"MoA storage theorem: unfused materialises {sp.expand(inter)} bytes of intermediates (O(n^2 + n d)); "
+                 f"fused holds only inputs + outputs, {sp.expand(io)} elements (O(n d))")
+    return "\n".join(lines)
+
+
+def _sweep_dims(k) -> set:
+    """The sequence dims (row and key extents), swept together by the plot."""
+    out = set()
+    for s in k.schedules.values():
+        for x in [s.row[1]] + [b.extent for b in s.branches]:
+            out |= {v.name for v in sp.sympify(x).free_symbols}
+    return out
+
+
+def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
+    """Predicted DRAM bytes and time against n, fused vs unfused, log-log (n = the sequence dims, swept
+    together; the others fixed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moa.runtime.costing import cost_breakdown
+
+    seq = _sweep_dims(k)
+    top = max(max(dims[s] for s in seq), 4096)
+    ns = [2 ** p for p in range(8, int(math.log2(top)) + 1)]
+    rows = []
+    for n in ns:
+        d = {**dims, **{s: n for s in seq}}
+        rep, bd = cost_breakdown(k, dtype, device, batch=batch, needed=False, fit=fit, **d)
+        rows.append((n, rep.dram_bytes, rep.unfused_dram_bytes, rep.predicted_seconds, bd.unfused_seconds,
+                     rep.unfused_intermediate_bytes))
+    a = np.array(rows, dtype=float)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.loglog(a[:, 0], a[:, 1], "o-", color="tab:blue", label="fused (moa): DRAM bytes")
+    ax1.loglog(a[:, 0], a[:, 2], "s--", color="tab:red", label="unfused (eager): DRAM bytes")
+    ax1.loglog(a[:, 0], a[:, 5], ":", color="tab:red", alpha=0.7, label="unfused: intermediates")
+    ax1.set_xlabel("n (sequence length)")
+    ax1.set_ylabel("bytes")
+    ax1.set_title("DRAM traffic")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    if a[:, 3].any() and not np.isnan(a[:, 3]).all():
+        ax2.loglog(a[:, 0], a[:, 3], "o-", color="tab:blue", label="fused (moa)")
+        ax2.loglog(a[:, 0], a[:, 4], "s--", color="tab:red", label="unfused (eager)")
+        ax2.set_ylabel("predicted seconds")
+    else:
+        ax2.text(0.5, 0.5, "no time model for device 'cpu'", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_xlabel("n (sequence length)")
+    ax2.set_title("predicted time (roofline + launch)")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8)
+    fixed = ", ".join(f"{x}={v}" for x, v in dims.items() if x not in seq)
+    fig.suptitle(f"{k.program.name}: {bd.dtype} on {bd.device.name if bd.device else 'cpu'}"
+                 + (f" ({fixed})" if fixed else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- moa explain --tiles ---------------------------------------------------------------------------------------
+
+def tile_map(k, name: str, branch: int, dims: dict, config):
+    """(R x T) int array over (query tile, key tile): 0 skipped, 1 full (no mask code), 2 partial (mask code
+    runs), 3 visited although no (i, j) of it is admissible (the analysis could not prove the skip)."""
+    from moa import cost as C
+    from moa import symbolic as sy
+
+    sched = k.schedules[name]
+    b = sched.branches[branch]
+    n = sy.evaluate(sched.row[1], dims)
+    m = sy.evaluate(b.extent, dims)
+    bm, bn = config.block_m, config.block_n
+    R, T = -(-n // bm), -(-m // bn)
+    env = {d: dims[d.name] for d in k.program.dims}
+    for v, _ in sched.lead:
+        env[v] = 0                               # the map of the first head
+    grid = np.zeros((R, T), dtype=np.int8)
+    tiles = C.branch_tiles(b, env, n, m, bm, bn)
+    sel = tiles.visited
+    grid[tiles.rows[sel], tiles.starts[sel] // bn] = np.where(tiles.partial[sel], 2, 1)
+    if b.mask is not None and R * T and n * m <= 1 << 26:
+        need = _needed_grid(b, sched.row[0], env, n, m, bm, bn)
+        grid[(grid > 0) & ~need] = 3
+    return grid
+
+
+def _needed_grid(b, row_var, env, n, m, bm, bn):
+    from moa import cost as C
+
+    R, T = -(-n // bm), -(-m // bn)
+    i = np.arange(n)[:, None]
+    j = np.arange(m)[None, :]
+    res = C._mask3(b.mask, {**env, row_var: i, b.var: j})
+    poss = np.broadcast_to(res[1] if res[0] == "b" else True, (n, m))
+    full = np.zeros((R * bm, T * bn), dtype=bool)
+    full[:n, :m] = poss
+    return full.reshape(R, bm, T, bn).any(axis=(1, 3))
+
+
+def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
+    """Draw the (query tile, key tile) map of every output and branch: skipped / full / partial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from moa import symbolic as sy
+    from moa.devices import canonical_dtype
+    import torch
+
+    from moa.runtime.costing import launch_config
+
+    missing = [d.name for d in k.program.dims if d.name not in dims]
+    seq = _sweep_dims(k)
+    if any(x in seq for x in missing):
+        raise InputError(f"--tiles needs --dims with the sequence dims ({', '.join(sorted(seq))}), e.g. --dims "
+                         f"{','.join(f'{x}=1024' for x in sorted(seq))}")
+    dims = {**{x: 64 for x in missing}, **dims}
+    dt = canonical_dtype(dtype)
+    panels = []
+    for name in k.output_names:
+        sched = k.schedules[name]
+        cfg = launch_config(k, name, torch.device("cpu" if device == "cpu" else "cuda"), dt, dims)
+        for bi, b in enumerate(sched.branches):
+            panels.append((name, bi, b, cfg, tile_map(k, name, bi, dims, cfg)))
+    if not panels:
+        raise MoaError("nothing to draw")
+    cols = len(panels)
+    fig, axes = plt.subplots(1, cols, figsize=(max(8.0, min(6.5 * cols, 18)), 6.4), squeeze=False)
+    cmap = ListedColormap(["#e8e8e8", "#1f4e9c", "#f29e38", "#d62728"])
+    for ax, (name, bi, b, cfg, g) in zip(axes[0], panels):
+        ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest", aspect="auto", origin="upper")
+        R, T = g.shape
+        counts = [int((g == v).sum()) for v in range(4)]
+        title = f"{name}" + (f" branch {bi} ({b.kind})" if len(k.schedules[name].branches) > 1 else "")
+        ax.set_title(f"{title}\nBLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n}: {R} x {T} tiles\n"
+                     f"full {counts[1]}, partial {counts[2]}, skipped {counts[0]}"
+                     + (f", visited-empty {counts[3]}" if counts[3] else ""), fontsize=9)
+        ax.set_xlabel(f"key tile (BLOCK_N = {cfg.block_n} keys {b.var})")
+        ax.set_ylabel(f"query tile (BLOCK_M = {cfg.block_m} rows)")
+        if R <= 40 and T <= 40:
+            ax.set_xticks(np.arange(-0.5, T, 1), minor=True)
+            ax.set_yticks(np.arange(-0.5, R, 1), minor=True)
+            ax.grid(which="minor", color="white", linewidth=0.6)
+            ax.tick_params(which="minor", length=0)
+    legend = [Patch(color="#1f4e9c", label="full (no mask code)"), Patch(color="#f29e38", label="partial (masked)"),
+              Patch(color="#e8e8e8", label="skipped"), Patch(color="#d62728", label="visited, nothing admissible")]
+    fig.legend(handles=legend, loc="lower center", ncol=2 if cols == 1 else 4, fontsize=9, frameon=False)
+    shown = " ".join(f"{a}={v}" for a, v in dims.items())
+    fig.suptitle(f"{k.program.name}: (query tile, key tile) map\n{shown}; {dt} tiles of "
+                 f"{'the interpreter' if device == 'cpu' else 'the GPU runtime'}"
+                 + (" (head 0)" if any(s.lead for s in k.schedules.values()) else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0.09, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path} ({', '.join(f'{p[0]}/{p[1]}: {p[4].shape[0]}x{p[4].shape[1]}' for p in panels)} tiles; "
+          f"{sy.show(sum(int((p[4] > 0).sum()) for p in panels))} visited)")
+    return path
+
+
+# ---- moa aot -----------------------------------------------------------------------------------------------------
+
+def cmd_aot(args) -> int:
+    import moa
+    from moa.runtime.aot import fits
+    from moa.runtime.costing import aot
+    from moa.runtime.kernel import Config
+
+    k = moa.compile(args.file, **_params(args))
+    dims = _dims(args)
+    cfg = None
+    if args.config:
+        try:
+            parts = [int(x) for x in args.config.split(",")]
+            cfg = Config(*parts)
+        except (ValueError, TypeError):
+            raise InputError(f"--config: expected BM,BN[,WARPS[,STAGES]], got {args.config!r}") from None
+    print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {args.dtype} -> "
+          f"{args.target} (compiled without a GPU: Triton -> PTX -> ptxas)")
+    for i, name in enumerate(k.output_names):
+        r = aot(k, target=args.target, dtype=args.dtype, config=cfg, output=name, **dims)
+        ok, why = fits(r, args.target)
+        print(f"output {name}: BLOCK_M={r.block_m} BLOCK_N={r.block_n} num_warps={r.num_warps} "
+              f"num_stages={r.num_stages}")
+        print(f"  registers/thread  {r.registers}")
+        print(f"  spills            {r.spills} B")
+        print(f"  shared memory     {r.shared_bytes} B ({r.shared_bytes / 1024:.1f} KiB)")
+        print(f"  wgmma             {'yes' if r.uses_wgmma else 'no'}")
+        print(f"  fits {args.target}      {'yes' if ok else 'NO: ' + why}")
+        print(f"  ptx {len(r.ptx.splitlines())} lines, cubin {len(r.cubin)} B, compiled in {r.compile_seconds:.2f} s")
+        if args.ptx and i == 0:
+            with open(args.ptx, "w") as f:
+                f.write(r.ptx)
+            print(f"  wrote {args.ptx}")
+    return 0

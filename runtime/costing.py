@@ -1,0 +1,703 @@
+"""Kernel.cost, Kernel.measure and Kernel.aot: predictions (moa/cost.py), the instrumented interpreter's counters
+(runtime/measure.py) and AOT resource reports (runtime/aot.py), plus the AOT-checked config choice.
+
+Counting conventions are those of moa.runtime.measure (see its docstring): a lane of a masked load/store counts
+only when its mask is true; arithmetic counts every lane of a block (padding included); tl.dot counts 2*M*N*K;
+transcendentals (exp, exp2, log, log2, sqrt, rsqrt, sin, cos) count once per element and not as FLOPs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+
+import sympy as sp
+import torch
+
+from moa import cost as C
+from moa import ir
+from moa import symbolic as sy
+from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
+from moa.errors import InputError, UnsupportedError
+
+from . import aot as A
+from .kernel import DTYPE_NAME, Config, choose_config
+from .launch import next_pow2
+
+__all__ = ["CostReport", "Measurement", "cost", "cost_breakdown", "measure", "aot", "fit_config"]
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Predicted cost of a call (sum over the program's outputs), computed from the ONF without running anything.
+
+    flops, transcendentals, dram_bytes(_loaded/_stored), tiles_visited: what the fused kernel does (exactly what
+    `measure` counts for the same config). tiles_needed: (query tile, key tile) pairs holding an admissible
+    (i, j). intermediate_bytes: global memory beyond inputs, outputs and lse (0: fused). unfused_*: the PyTorch
+    eager plan (moa.cost.eager_plan). onchip_bytes: tiles one program holds. arithmetic_intensity = flops /
+    dram_bytes. predicted_seconds and bound ("compute" / "memory" / "transcendental") from the device table.
+    With no dims every field is a sympy formula (tiles_needed None, bound "symbolic")."""
+    flops: object
+    transcendentals: object
+    dram_bytes: object
+    dram_bytes_loaded: object
+    dram_bytes_stored: object
+    tiles_visited: object
+    tiles_needed: object
+    intermediate_bytes: object
+    unfused_dram_bytes: object
+    unfused_intermediate_bytes: object
+    onchip_bytes: object
+    arithmetic_intensity: object
+    predicted_seconds: object
+    bound: str
+    form: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Counters of a real run in the instrumented Triton interpreter (sum over the program's outputs).
+
+    tiles_visited: key-tile iterations whose body executed, summed over programs and branches. It is read from
+    the interpreter as the number of load operations touching the tensor(s) read by the branches' values (V):
+    the generated kernel loads the value tile exactly once per visited tile and nowhere else, which
+    `measure` verifies on the kernel's access ledger before trusting it (the tensor is cloned so that its
+    address span is its own)."""
+    flops: int
+    transcendentals: int
+    dram_bytes: int
+    dram_bytes_loaded: int
+    dram_bytes_stored: int
+    tiles_visited: int
+    programs: int
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """What `moa cost` prints besides the CostReport."""
+    device: object
+    dtype: str
+    configs: dict                 # output -> Config
+    dot_flops: object
+    programs: object
+    hbm_bytes: object
+    parts: dict                   # compute / memory / transcendental seconds
+    unfused_flops: object
+    unfused_seconds: object
+    unfused_bound: str
+    unfused_ops: list
+    fraction_of_peak: object
+
+
+# ---- launch facts shared with Kernel._run -----------------------------------------------------------------
+
+def launch_extents(sched, dims: dict) -> tuple[int, int, int]:
+    """(n, m, head) as Kernel._run computes them for choose_config."""
+    n = sy.evaluate(sched.row[1], dims)
+    e = sy.evaluate(sched.col[1], dims)
+    mext = max([sy.evaluate(br.extent, dims) for br in sched.branches] + [1])
+    heads = [sy.evaluate(br.dot.extent, dims) for br in sched.branches if br.dot is not None] + [e]
+    return n, mext, max(heads)
+
+
+def launch_config(kernel, name: str, device: torch.device, dtype: str, dims: dict) -> Config:
+    """The default config Kernel._run starts from: choose_config's table, with tiles shrunk where a huge head dim
+    would exceed Triton's tile limit (kernel.fit_tiles, when this runtime has it)."""
+    sched = kernel.schedules[name]
+    n, m, head = launch_extents(sched, dims)
+    cfg = choose_config(device, dtype, n, m, head)
+    try:
+        from .kernel import fit_tiles
+    except ImportError:
+        return cfg
+    heads = [sy.evaluate(b.dot.extent, dims) for b in sched.branches if b.dot is not None] + \
+        [sy.evaluate(sched.col[1], dims)]
+    return fit_tiles(cfg, heads, f"output {name}")
+
+
+def _compute_dtype(dtype: str, on_cpu: bool) -> str:
+    return "float32" if (dtype == "bfloat16" and on_cpu) else dtype
+
+
+def _elem_bytes(kernel, sched, compute: str, index_dtype: str) -> dict:
+    out = {}
+    ib = torch.empty(0, dtype=getattr(torch, index_dtype)).element_size()
+    for node in kernel.program.inputs:
+        name = node.attrs[0]
+        out[name] = DTYPE_BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else ib
+    out[sched.output] = DTYPE_BYTES[compute]
+    out["lse"] = 8 if compute == "float64" else 4
+    return out
+
+
+def _specs(kernel, compute: str, nbatch: int, configs: dict, store_lse=False) -> dict:
+    from moa.codegen.emit import generate
+
+    return {name: generate(kernel.program, kernel.schedules[name], compute, nbatch, cfg.block_m, cfg.block_n,
+                           store_lse) for name, cfg in configs.items()}
+
+
+# ---- cost ---------------------------------------------------------------------------------------------------
+
+def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(), index_dtype="int64",
+         fit: bool = False, **dims) -> CostReport:
+    """Predicted cost of calling the kernel with these dims (see CostReport); no dims -> sympy formulas.
+
+    device: 'h100', 'a100', 'h200' (tile config of the GPU runtime, time from the device table), or 'cpu' (the
+    interpreter's tile config and float32 compute for bf16, as `measure` runs it; no time prediction).
+    config: force a tile config (otherwise runtime.kernel.choose_config's). batch: extra leading axes.
+    index_dtype: dtype of integer inputs (int64, torch's default, or int32). fit: use the config the GPU
+    runtime launches after its ahead-of-time check (fit_config; compiles once, cached on disk) instead of the
+    default table's."""
+    return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, **dims)[0]
+
+
+def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(),
+                   index_dtype="int64", needed: bool = True, fit: bool = False, **dims) -> tuple[CostReport, Breakdown]:
+    """cost() and the details `moa cost` prints (needed=False skips tiles_needed, which evaluates the mask on the
+    index grid)."""
+    dtype = canonical_dtype(dtype)
+    on_cpu = str(device).lower() == "cpu"
+    dev = None if on_cpu else get_device(device)
+    compute = _compute_dtype(dtype, on_cpu)
+    batch = (batch,) if isinstance(batch, int) else tuple(batch)
+    nb = math.prod(batch)
+    _check_quadratic(kernel)
+    missing = sorted(d.name for d in kernel.program.dims if d.name not in dims)
+    unknown = sorted(set(dims) - {d.name for d in kernel.program.dims})
+    if unknown:
+        raise InputError(f"unknown dim{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; {kernel.program.name}"
+                         f" has {', '.join(d.name for d in kernel.program.dims)}")
+    if missing:
+        return _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims)
+    tdev = torch.device("cpu" if on_cpu else "cuda")
+    configs = {}
+    for name in kernel.output_names:
+        configs[name] = config or launch_config(kernel, name, tdev, compute, dims)
+        if fit and config is None and dev is not None:
+            configs[name] = fit_config(kernel, name, compute, dims, dev.target, len(batch), index_dtype)[0]
+    specs = _specs(kernel, compute, len(batch), configs)
+    total = C.Counts()
+    eager_dram = eager_inter = eager_flops = 0
+    unfused_s = 0.0
+    unfused_bounds: list = []
+    unfused_ops: list = []
+    onchip = 0
+    hbm = 0
+    elt = DTYPE_BYTES[dtype]
+    for name in kernel.output_names:
+        sched = kernel.schedules[name]
+        eb = _elem_bytes(kernel, sched, compute if on_cpu else dtype, index_dtype)
+        counts = C.predict(kernel.program, sched, specs[name], dims, batch, eb, needed=needed)
+        total.add(counts)
+        onchip = max(onchip, C.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute],
+                                            8 if compute == "float64" else 4, configs[name].num_stages))
+        hbm += _hbm_bytes(kernel, sched, counts, dims, nb, eb, dev)
+        plan = C.eager_plan(sched, elt, nb)
+        env = {d: dims[d.name] for d in kernel.program.dims}
+        eager_dram += int(plan.dram_bytes.xreplace(env))
+        eager_inter += int(plan.intermediate_bytes.xreplace(env))
+        eager_flops += int(plan.flops.xreplace(env))
+        for what, rd, wr, dot, other, tr, _ in plan.ops:
+            vals = [int(sp.sympify(x).xreplace(env)) for x in (rd, wr, dot, other, tr)]
+            unfused_ops.append((f"{name}: {what}" if len(kernel.output_names) > 1 else what, *vals))
+            if dev is not None:
+                s, bnd, _ = C.roofline(vals[2], vals[3], vals[4], vals[0] + vals[1], dev, dtype)
+                unfused_s += s
+                unfused_bounds.append((s, bnd))
+    if dev is not None:
+        seconds, bound, parts = C.roofline(total.dot_flops, total.flops - total.dot_flops, total.transcendentals,
+                                           hbm, dev, dtype, launches=len(kernel.output_names))
+        frac = total.flops / seconds / dev.matmul_rate(dtype)
+        ubound = max(unfused_bounds)[1] if unfused_bounds else "n/a"
+    else:
+        seconds, bound, parts, frac, unfused_s, ubound = None, "n/a", {}, None, None, "n/a"
+    report = CostReport(
+        flops=total.flops, transcendentals=total.transcendentals, dram_bytes=total.dram_bytes,
+        dram_bytes_loaded=total.dram_bytes_loaded, dram_bytes_stored=total.dram_bytes_stored,
+        tiles_visited=total.tiles_visited, tiles_needed=total.tiles_needed if needed else None,
+        intermediate_bytes=0, unfused_dram_bytes=eager_dram, unfused_intermediate_bytes=eager_inter,
+        onchip_bytes=onchip, arithmetic_intensity=total.flops / total.dram_bytes if total.dram_bytes else 0.0,
+        predicted_seconds=seconds, bound=bound, form=kernel.form or "quadratic")
+    bd = Breakdown(dev, dtype, configs, total.dot_flops, total.programs, hbm, parts, eager_flops, unfused_s,
+                   ubound, unfused_ops, frac)
+    return report, bd
+
+
+def _hbm_bytes(kernel, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
+    """DRAM traffic that reaches HBM: the key-side tensors re-read by every row tile are served from L2 when the
+    per-(batch, head) working set fits in half of L2; then each input costs at most its size once."""
+    if dev is None:
+        return counts.dram_bytes
+    size = {}
+    for node in kernel.program.inputs:
+        name = node.attrs[0]
+        size[name] = math.prod(sy.evaluate(s, dims) for s in node.shape) * nb * eb[name]
+    instances = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
+    ws = sum(size[t] for t in counts.loop_loaded_by_tensor) / max(1, instances)
+    if ws > dev.l2_bytes / 2:
+        return counts.dram_bytes
+    loaded = sum(min(v, size.get(t, v)) for t, v in counts.loaded_by_tensor.items())
+    return loaded + counts.dram_bytes_stored
+
+
+def _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims) -> tuple[CostReport, Breakdown]:
+    given = {d: dims[d.name] for d in kernel.program.dims if d.name in dims}
+    totals: dict = {}
+    eager = {"dram": sp.Integer(0), "inter": sp.Integer(0), "flops": sp.Integer(0)}
+    cfg = config or Config(128, 64)
+    specs = _specs(kernel, compute, 0, {n: cfg for n in kernel.output_names})
+    for name in kernel.output_names:
+        sched = kernel.schedules[name]
+        eb = _elem_bytes(kernel, sched, compute if dev is None else dtype, index_dtype)
+        f = C.predict_symbolic(kernel.program, sched, specs[name], eb, nb)
+        for k, v in f.items():
+            totals[k] = totals.get(k, sp.Integer(0)) + v
+        plan = C.eager_plan(sched, DTYPE_BYTES[dtype], nb)
+        eager["dram"] += plan.dram_bytes
+        eager["inter"] += plan.intermediate_bytes
+        eager["flops"] += plan.flops
+    if config is not None:
+        sub = {C.BLOCK_M: config.block_m, C.BLOCK_N: config.block_n}
+        totals = {k: v.xreplace(sub) for k, v in totals.items()}
+    totals = {k: v.xreplace(given) for k, v in totals.items()}
+    eager = {k: v.xreplace(given) for k, v in eager.items()}
+    if dev is not None:
+        seconds, _, parts = C.roofline(totals["dot_flops"], totals["flops"] - totals["dot_flops"],
+                                       totals["transcendentals"], totals["dram_bytes"], dev, dtype,
+                                       launches=len(kernel.output_names))
+    else:
+        seconds, parts = None, {}
+    report = CostReport(
+        flops=totals["flops"], transcendentals=totals["transcendentals"], dram_bytes=totals["dram_bytes"],
+        dram_bytes_loaded=totals["dram_bytes_loaded"], dram_bytes_stored=totals["dram_bytes_stored"],
+        tiles_visited=totals["tiles_visited"], tiles_needed=None, intermediate_bytes=sp.Integer(0),
+        unfused_dram_bytes=eager["dram"], unfused_intermediate_bytes=eager["inter"], onchip_bytes=None,
+        arithmetic_intensity=totals["flops"] / totals["dram_bytes"], predicted_seconds=seconds,
+        bound="symbolic" if dev is not None else "n/a", form=kernel.form or "quadratic")
+    bd = Breakdown(dev, dtype, {n: config for n in kernel.output_names}, totals["dot_flops"], totals["programs"],
+                   totals["dram_bytes"], parts, eager["flops"], None, "n/a", [], None)
+    return report, bd
+
+
+# ---- measure ------------------------------------------------------------------------------------------------
+
+def measure(kernel, **inputs) -> Measurement:
+    """Run the kernel(s) on CPU tensors in the instrumented Triton interpreter and return its counters."""
+    from .binding import bind
+    from .launch import check_device, triton_module
+    from .measure import instrument
+
+    b = bind(kernel.program, inputs)
+    if b.device.type != "cpu":
+        raise InputError("measure() counts what the Triton interpreter executes: pass CPU tensors")
+    try:
+        from .binding import check_offsets
+    except ImportError:  # older binding module
+        check_offsets = None
+    if check_offsets is not None:
+        check_offsets(kernel.program, b)
+    triton_module()
+    check_device(b.device)
+    _check_quadratic(kernel, b.dims)
+    compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype
+    prepared = {}
+    for name, t in inputs.items():
+        node = kernel.program.input_map[name]
+        if node.dtype == ir.FLOAT and t.dtype != compute:
+            t = t.to(compute)
+        elif node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
+            t = t.to(torch.int32)
+        prepared[name] = t
+    dtname = DTYPE_NAME[compute]
+    witnesses = set()
+    for name in kernel.output_names:
+        sched = kernel.schedules[name]
+        cfg = launch_config(kernel, name, b.device, dtname, b.dims)
+        spec = _specs(kernel, dtname, len(b.batch), {name: cfg})[name]
+        witnesses |= _witnesses(kernel, sched, spec)
+    for w in witnesses:
+        prepared[w] = prepared[w].clone()
+    b = bind(kernel.program, prepared)
+    with instrument({w: prepared[w] for w in witnesses}) as c:
+        for name in kernel.output_names:
+            kernel._run(name, b, store_lse=False)
+    tiles = sum(c.load_calls_by_region[w] for w in witnesses)
+    return Measurement(flops=c.flops, transcendentals=c.transcendentals, dram_bytes=c.dram_bytes,
+                       dram_bytes_loaded=c.dram_bytes_loaded, dram_bytes_stored=c.dram_bytes_stored,
+                       tiles_visited=tiles, programs=c.programs)
+
+
+def _check_quadratic(kernel, dims=None):
+    """The cost model and measure() cover the quadratic (tiled) kernel of codegen/emit.py."""
+    for name in kernel.output_names:
+        sched = kernel.schedules[name]
+        if any(getattr(b, "mix", None) is not None for b in sched.branches):
+            raise UnsupportedError(f"output {name} runs the window-mixing kernel (codegen/window.py); the cost model "
+                                   f"and measure() cover the quadratic tiled kernel only")
+        if getattr(kernel, "form", None) == "linear":
+            raise UnsupportedError("form='linear': the cost model and measure() cover the quadratic tiled kernel; "
+                                   "compile with form='quadratic'")
+        if dims is not None and hasattr(kernel, "choose_form") and kernel.choose_form(name, dims) == "linear":
+            raise UnsupportedError(f"output {name} would run in the linear (chunked) form at these dims; measure() "
+                                   f"covers the quadratic kernel: compile with form='quadratic'")
+
+
+def _witnesses(kernel, sched, spec) -> set:
+    """Input tensors whose load operations count visited tiles: every load of them is in a ('visit', k) region
+    and each branch with a loop has exactly one such load (checked on the kernel's ledger)."""
+    led = C.ledger(kernel.program, spec)
+    from moa import dnf as D
+
+    cands = {x.name for b in sched.branches for x in D.nodes(b.value) if isinstance(x, D.Read)}
+    for w in sorted(cands):
+        per_branch: dict = {}
+        ok = True
+        for region, work in led.regions.items():
+            for ld in work.loads:
+                if led.loads[ld].tensor != w:
+                    continue
+                if not (isinstance(region, tuple) and region[0] == "visit"):
+                    ok = False
+                per_branch[region[1] if isinstance(region, tuple) else None] = \
+                    per_branch.get(region[1] if isinstance(region, tuple) else None, 0) + 1
+        looped = {k for k, b in enumerate(sched.branches) if b.skip is not sp.true}
+        if ok and set(per_branch) == looped and all(v == 1 for v in per_branch.values()):
+            return {w}
+    raise UnsupportedError(f"measure: no input of output {sched.output} is loaded exactly once per visited key "
+                           f"tile, so tiles_visited cannot be read from the interpreter's load counters")
+
+
+# ---- AOT ---------------------------------------------------------------------------------------------------
+
+_TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_MEM: dict = {}
+_LOCK = threading.Lock()
+
+
+def _aot_request(kernel, name: str, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
+                 target: str) -> dict:
+    """Everything needed to compile one output's kernel ahead of time (a picklable request)."""
+    from moa.codegen.emit import generate
+
+    from . import cache
+
+    sched = kernel.schedules[name]
+    spec = generate(kernel.program, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False)
+    path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
+    e = sy.evaluate(sched.col[1], dims)
+    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
+    for hd, ext in spec.head_dims:
+        constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
+    sig = {}
+    inputs = kernel.program.input_map
+    it = {"int64": "i64", "int32": "i32"}[index_dtype]
+    for arg in _arg_names(spec.source):
+        if arg in constexprs:
+            continue
+        if arg.endswith("_ptr"):
+            base = arg[:-4]
+            node = inputs.get(base)
+            sig[arg] = f"*{_TT[dtype]}" if node is None or node.dtype == ir.FLOAT else \
+                "*i1" if node.dtype == ir.BOOL else f"*{it}"
+        elif arg.startswith("stride_"):
+            base, _, axis = arg[len("stride_"):].rpartition("_")
+            rank = inputs[base].rank if base in inputs else 2
+            if axis == str(rank - 1):
+                constexprs[arg] = 1      # contiguous innermost axis: Triton specialises a stride of 1
+            else:
+                sig[arg] = "i32"
+        else:
+            sig[arg] = "i32"
+    return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
+            "block_n": cfg.block_n}
+
+
+def _arg_names(source: str) -> list:
+    import ast
+
+    tree = ast.parse(source)
+    fn = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "_attn_fwd")
+    return [a.arg for a in fn.args.args]
+
+
+def _req_key(req: dict) -> str:
+    with open(req["file"], "rb") as f:
+        src = f.read()
+    h = hashlib.sha256(src)
+    h.update(repr(sorted((k, v) for k, v in req.items() if k != "file")).encode())
+    return h.hexdigest()[:32]
+
+
+def _compile_one(req: dict):
+    """In a process where triton.language is not interpreted: AotReport or ('error', message)."""
+    fn = A._load_kernel("moa_aot_kernel", req["file"], "_attn_fwd")
+    try:
+        return A.aot_compile(fn, req["signature"], req["constexprs"], target=req["target"],
+                             num_warps=req["num_warps"], num_stages=req["num_stages"], block_m=req["block_m"],
+                             block_n=req["block_n"])
+    except UnsupportedError as e:
+        return ("error", e.message)
+
+
+def aot_batch(requests: list) -> list:
+    """Compile many kernels ahead of time (results: AotReport or ('error', message)); see aot_groups."""
+    return [g[0] for g in aot_groups([[r] for r in requests])]
+
+
+def aot_groups(groups: list, first_fit: bool = False) -> list:
+    """Compile groups of kernels ahead of time, in one child process for all of them when this process runs the
+    Triton interpreter (aot_compile would start one per kernel). With first_fit, each group stops at its first
+    report that fits its target (runtime.aot.fits). Returns, per group, the results compiled so far (AotReport or
+    ('error', message)); results are memoised per process by the kernel source and options."""
+    out: list = [None] * len(groups)
+    todo = []
+    for gi, group in enumerate(groups):
+        got, done = [], True
+        for r in group:
+            k = _req_key(r)
+            if k not in _MEM:
+                done = False
+                break
+            got.append(_MEM[k])
+            if first_fit and _fits(got[-1], r):
+                break
+        if done:
+            out[gi] = got
+        else:
+            todo.append(gi)
+    if todo:
+        payload = [groups[gi] for gi in todo]
+        if not A._language_is_interpreted():
+            results = _compile_groups(payload, first_fit)
+        else:
+            results = _groups_in_child(payload, first_fit)
+        with _LOCK:
+            for gi, res in zip(todo, results):
+                for r, x in zip(groups[gi], res):
+                    _MEM[_req_key(r)] = x
+                out[gi] = res
+    return out
+
+
+def _fits(res, req) -> bool:
+    return not isinstance(res, tuple) and A.fits(res, req["target"])[0]
+
+
+def _compile_groups(groups: list, first_fit: bool) -> list:
+    out = []
+    for group in groups:
+        res = []
+        for r in group:
+            try:
+                x = _compile_one(r)
+            except Exception as e:  # noqa: BLE001  (report, keep going with the next kernel)
+                x = ("error", f"{type(e).__name__}: {e}")
+            res.append(x)
+            if first_fit and _fits(x, r):
+                break
+        out.append(res)
+    return out
+
+
+def _groups_in_child(groups: list, first_fit: bool) -> list:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"   # set (not removed): `import moa` turns the interpreter on when it is unset
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    with tempfile.TemporaryDirectory(prefix="moa-aot-") as tmp:
+        req_path, resp_path = os.path.join(tmp, "req.pkl"), os.path.join(tmp, "resp.pkl")
+        with open(req_path, "wb") as f:
+            pickle.dump((groups, first_fit), f)
+        script = "import moa.runtime.costing as c; c._child_main()"
+        proc = subprocess.run([sys.executable, "-c", script, req_path, resp_path], env=env, check=False,
+                              capture_output=True, text=True)
+        if not os.path.exists(resp_path):
+            tail = " ".join(proc.stderr.strip().splitlines()[-3:])
+            raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
+        with open(resp_path, "rb") as f:
+            raw = pickle.load(f)
+    return [[A.AotReport(**r) if isinstance(r, dict) else tuple(r) for r in g] for g in raw]
+
+
+def _child_main():
+    req_path, resp_path = sys.argv[1], sys.argv[2]
+    with open(req_path, "rb") as f:
+        groups, first_fit = pickle.load(f)
+    out = [[dataclasses.asdict(r) if isinstance(r, A.AotReport) else list(r) for r in g]
+           for g in _compile_groups(groups, first_fit)]
+    with open(resp_path, "wb") as f:
+        pickle.dump(out, f)
+
+
+def candidates(dtype: str, head: int, default: Config) -> list:
+    """Configs tried in order by fit_config: the runtime's default first, then smaller tiles. The fp16/bf16 lists
+    keep BLOCK_M >= 64 (wgmma needs M = 64 per warpgroup) until the last resort."""
+    if dtype == "float64":
+        rest = [Config(32, 32, 4, 1), Config(16, 32, 4, 1), Config(16, 16, 4, 1)]
+    elif dtype == "float32":
+        rest = [Config(64, 32, 4, 2), Config(64, 32, 4, 1), Config(32, 32, 4, 1), Config(16, 16, 4, 1)]
+    elif head <= 64:
+        rest = [Config(128, 64, 8, 3), Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 3),
+                Config(64, 32, 4, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)]
+    else:
+        rest = [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 8, 2), Config(64, 32, 8, 2),
+                Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1)]
+    out = [default]
+    for c in rest:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _disk_path(key: str):
+    from .cache import cache_dir
+
+    return cache_dir() / "aot" / f"{key}.json"
+
+
+def fit_requests(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+                 index_dtype: str = "int64", default: Config | None = None) -> tuple[list, list]:
+    """(candidate configs, AOT requests) of fit_config, in the order they are tried."""
+    dtype = canonical_dtype(dtype)
+    sched = kernel.schedules[name]
+    n, m, head = launch_extents(sched, dims)
+    default = default or launch_config(kernel, name, torch.device("cuda"), dtype, dims)
+    cands = candidates(dtype, head, default)
+    return cands, [_aot_request(kernel, name, dtype, c, dims, nbatch, index_dtype, target) for c in cands]
+
+
+def choose_fitting(cands: list, results: list, target: str, what: str) -> tuple[Config, A.AotReport]:
+    """The first candidate whose report fits, or UnsupportedError naming every config tried and why."""
+    reasons = []
+    for c, res in zip(cands, results):
+        if isinstance(res, tuple):
+            reasons.append(f"{_cfg_text(c)}: {_short(res[1])}")
+            continue
+        ok, why = A.fits(res, target)
+        if ok:
+            return c, res
+        reasons.append(f"{_cfg_text(c)}: {why}")
+    raise UnsupportedError(f"{what} does not fit on {target}: every tile config spills, exceeds shared memory or "
+                           f"fails to compile ({'; '.join(reasons)})")
+
+
+def fit_config(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+               index_dtype: str = "int64", default: Config | None = None) -> tuple[Config, A.AotReport | None]:
+    """The first candidate config (the runtime default first, then smaller tiles) whose kernel compiles for
+    `target` with no spills, shared memory within the per-block limit and registers within bounds. Decisions are
+    cached on disk (JSON in the moa cache directory) and in memory (the report is None when the decision came from
+    the disk cache). Raises UnsupportedError naming every config tried when none fits."""
+    dtype = canonical_dtype(dtype)
+    cands, reqs = fit_requests(kernel, name, dtype, dims, target, nbatch, index_dtype, default)
+    key = hashlib.sha256("".join(_req_key(r) for r in reqs).encode()).hexdigest()[:32]
+    path = _disk_path(key)
+    try:
+        return cands[json.loads(path.read_text())["choice"]], None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    results = aot_groups([reqs], first_fit=True)[0]
+    what = (f"output {name} of {kernel.program.name} ({dtype}, "
+            f"{', '.join(f'{k}={v}' for k, v in dims.items())})")
+    cfg, rep = choose_fitting(cands, results, target, what)
+    _save_choice(path, cands.index(cfg))
+    return cfg, rep
+
+
+def _short(message: str) -> str:
+    """The gist of an AOT failure: the shared memory needed, else the message's tail."""
+    import re
+
+    m = re.search(r"needs (\d+) bytes of shared memory, more than the (\d+) bytes", message)
+    if m:
+        return f"needs {int(m.group(1)) // 1024} KiB of shared memory > {int(m.group(2)) // 1024} KiB"
+    tail = message.split("): ", 1)[-1]
+    return tail[:160]
+
+
+def _save_choice(path, index: int):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"choice": index}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _cfg_text(c: Config) -> str:
+    return f"BLOCK_M={c.block_m} BLOCK_N={c.block_n} warps={c.num_warps} stages={c.num_stages}"
+
+
+def aot(kernel, target: str = "sm_90", dtype="bf16", config: Config | None = None, output: str | None = None,
+        nbatch: int = 0, index_dtype: str = "int64", **dims) -> A.AotReport:
+    """Compile one output's generated kernel for `target` without a GPU and report its resources (AotReport:
+    registers, spills, shared_bytes, uses_wgmma, num_warps, num_stages, block_m, block_n, ptx, cubin).
+    Without `config`, the config is the one the GPU runtime launches: the default table's, or the first
+    candidate that fits (fit_config). Dims of the row/key axes only matter for the config choice; head dims
+    (the contraction and value extents) are required."""
+    dtype = canonical_dtype(dtype)
+    name = output or kernel.output_names[0]
+    if name not in kernel.output_names:
+        raise InputError(f"no output {name!r}; outputs: {', '.join(kernel.output_names)}")
+    dims = _aot_dims(kernel, name, dims)
+    if config is None:
+        config, rep = fit_config(kernel, name, dtype, dims, target, nbatch, index_dtype)
+        if rep is not None:
+            return rep
+    res = aot_batch([_aot_request(kernel, name, dtype, config, dims, nbatch, index_dtype, target)])[0]
+    if isinstance(res, tuple):
+        raise UnsupportedError(res[1])
+    return res
+
+
+def _aot_dims(kernel, name, dims) -> dict:
+    """Dims for AOT: row/key extents default to 4096 when not given (they only steer the config choice)."""
+    sched = kernel.schedules[name]
+    need = set()
+    for x in [sched.col[1]] + [b.dot.extent for b in sched.branches if b.dot is not None]:
+        need |= sy.free_names(x)
+    missing = sorted(need - set(dims))
+    if missing:
+        raise InputError(f"aot needs the head dims {', '.join(missing)} (e.g. --dims "
+                         f"{','.join(f'{x}=128' for x in missing)})")
+    out = dict(dims)
+    for d in kernel.program.dims:
+        out.setdefault(d.name, 4096)
+    return out
+
+
+def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, device) -> Config:
+    """The config Kernel._run launches on a CUDA device: the default table, checked ahead of time for the
+    device's architecture (no spills, shared memory in budget), falling back to smaller tiles. If the AOT
+    check itself cannot run, the default is used with a warning."""
+    cap = torch.cuda.get_device_capability(device)
+    target = f"sm_{cap[0]}{cap[1]}"
+    if target not in A.TARGETS:
+        target = "sm_90" if cap[0] >= 9 else "sm_80"
+    sched = kernel.schedules[name]
+    heads = tuple(sy.evaluate(x, dims) for x in [sched.col[1]] + [b.dot.extent for b in sched.branches
+                                                                   if b.dot is not None])
+    memo = kernel.__dict__.setdefault("_fit_memo", {})
+    key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads))
+    if key in memo:
+        return memo[key]
+    try:
+        memo[key] = fit_config(kernel, name, dtype, dims, target, nbatch)[0]
+        return memo[key]
+    except UnsupportedError as e:
+        if " does not fit on " in e.message:
+            raise
+        warnings.warn(f"moa: AOT config check unavailable ({e.message[:200]}); using the default config",
+                      RuntimeWarning, stacklevel=3)
+        return launch_config(kernel, name, device, dtype, dims)

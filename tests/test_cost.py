@@ -1,0 +1,268 @@
+"""The cost model itself: the kernel ledger, symbolic formulas, the unfused plan, the device table, the roofline,
+tiles_needed, and the `moa cost` / `moa explain --tiles` commands. (Prediction == measurement is
+tests/test_measure_kernels.py; AOT is tests/test_aot_kernels.py.)"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import sympy as sp  # noqa: E402
+
+import moa  # noqa: E402
+from moa import cost as C  # noqa: E402
+from moa.cli import main  # noqa: E402
+from moa.devices import DEVICES, canonical_dtype, get_device  # noqa: E402
+from moa.errors import InputError, UnsupportedError  # noqa: E402
+from moa.runtime.costing import CostReport, Measurement, cost, cost_breakdown  # noqa: E402
+from moa.runtime.kernel import Config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples"
+BM, BN, HD, HV = C.BLOCK_M, C.BLOCK_N, C.csym("HEAD_DIM"), C.HEAD_DIM_V
+
+
+def compile_(name, **params):
+    return moa.compile(EX / f"{name}.moa", form="quadratic", **params)
+
+
+def spec_of(k, dtype="float64", cfg=None):
+    from moa.codegen.emit import generate
+
+    cfg = cfg or Config(64, 32)
+    return generate(k.program, k.schedules["O"], dtype, 0, cfg.block_m, cfg.block_n)
+
+
+# ---- report types -----------------------------------------------------------------------------------------------
+
+def test_report_fields_are_the_design_contract():
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(CostReport)] == [
+        "flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited",
+        "tiles_needed", "intermediate_bytes", "unfused_dram_bytes", "unfused_intermediate_bytes", "onchip_bytes",
+        "arithmetic_intensity", "predicted_seconds", "bound", "form"]
+    assert [f.name for f in dataclasses.fields(Measurement)] == [
+        "flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited",
+        "programs"]
+
+
+# ---- integer semantics --------------------------------------------------------------------------------------------
+
+def test_np_eval_uses_floor_semantics_like_the_kernel_helpers():
+    x = sp.Symbol("x", integer=True)
+    v = np.array([-7, -1, 0, 5])
+    assert list(C.np_eval(sp.floor(x / 3), {x: v})) == [-3, -1, 0, 1]
+    assert list(C.np_eval(sp.Mod(x, 3), {x: v})) == [2, 2, 0, 2]
+    assert list(C.np_eval(sp.Min(x, 0) + sp.Max(x, 1), {x: v})) == [-6, 0, 1, 5]
+    assert list(C.np_eval(sp.And(x >= 0, sp.Not(x > 4)), {x: v})) == [False, False, True, False]
+
+
+# ---- the ledger of the emitted kernel ---------------------------------------------------------------------------
+
+def test_causal_ledger_regions():
+    k = compile_("causal")
+    led = C.ledger(k.program, spec_of(k))
+    assert set(led.regions) == {"program", ("iter", 0), ("visit", 0), ("partial", 0)}
+    visit = led.regions[("visit", 0)]
+    # two tl.dot per visited tile, and the online-softmax update
+    assert sp.expand(visit.dot - (2 * BM * BN * HD + 2 * BM * BN * HV)) == 0
+    assert sp.expand(visit.trans - (BM * BN + BM + 1)) == 0   # exp2(p), exp2(alpha), sqrt(d) (inline scalar)
+    assert sorted(led.loads[x].tensor for x in visit.loads) == ["K", "V"]
+    assert [led.loads[x].tensor for x in led.regions["program"].loads] == ["Q"]
+    assert led.regions["program"].stores == ["O"]
+    assert led.regions[("partial", 0)].other == 0                  # the mask is a tl.where: no FLOPs
+    assert led.regions[("iter", 0)].other == 0 and not led.regions[("iter", 0)].loads
+
+
+def test_access_sites_record_masks():
+    k = compile_("relative_bias")
+    spec = spec_of(k)
+    site = next(s for s in spec.loads if s.tensor == "bias")
+    assert {a for _, a in site.axes} == {"row", "key"}
+    assert len(site.conds) == 2      # i - j + n - 1 >= 0 and < 2n - 1: padding lanes are masked
+    i, j = (v for v, _ in site.axes)
+    lanes = C.site_lanes(site, {sp.Symbol("n", positive=True, integer=True): 3,
+                                next(v for v, _ in k.schedules["O"].lead): 0},
+                         {"row": 4, "key": 4}, {"row": np.array([0]), "key": np.array([0])}, 1)
+    # rows i < 4, keys j < 4 (padded past n = 3): i - j + 2 in [0, 5)
+    want = sum(1 for a in range(4) for b in range(4) if 0 <= a - b + 2 < 5)
+    assert int(lanes[0]) == want
+
+
+def test_unsupported_constructs_are_named():
+    tree = __import__("ast").parse("import triton\n@triton.jit\ndef _attn_fwd(X_ptr):\n    while True:\n"
+                                   "        pass\n")
+    with pytest.raises(UnsupportedError, match="cost model"):
+        C._Walker(tree, compile_("causal").program, "O").run()
+
+
+# ---- symbolic formulas ----------------------------------------------------------------------------------------------
+
+def test_sdpa_formulas_in_the_dims():
+    k = compile_("sdpa")
+    c = k.cost(dtype="bf16", device="h100")
+    n, m, d, e = (sp.Symbol(x, integer=True, positive=True) for x in "nmde")
+    R, T = sp.ceiling(n / BM), sp.ceiling(m / BN)
+    assert sp.simplify(c.dram_bytes - (2 * n * d + 2 * n * e + 2 * R * m * (d + e))) == 0
+    assert sp.simplify(c.tiles_visited - R * T) == 0
+    assert sp.simplify(c.flops - c.flops.xreplace({})) == 0
+    assert c.flops.has(HD) and c.flops.has(BM)
+    assert sp.expand(c.unfused_intermediate_bytes - 6 * n * m) == 0   # S, S/sqrt(d), P in bf16
+    assert c.bound == "symbolic" and c.predicted_seconds.has(n)
+
+
+@pytest.mark.parametrize("name, params", [("causal", {}), ("sliding_window", {"w": 20}),
+                                          ("causal_bottom_right", {}), ("gqa_alibi", {}),
+                                          ("relative_bias", {}), ("pi_attention", {"k": 20, "s": 7})])
+def test_formulas_evaluate_to_the_numeric_prediction(name, params):
+    k = compile_(name, **params)
+    f = k.cost(dtype="bf16", device="h100")
+    for n in (1, 45) if name == "relative_bias" else (1, 45, 130):  # its gather is summed lane by lane
+        dims = {x.name: {"n": n, "m": max(1, n - 9), "d": 16, "e": 24, "h": 2, "g": 1}[x.name]
+                for x in k.program.dims}
+        num = cost(k, dtype="bf16", device="h100", config=Config(64, 32), **dims)
+        vals = {**dims, "BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
+        for field in ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored",
+                      "tiles_visited"):
+            assert C.evaluate_formula(getattr(f, field), vals) == getattr(num, field), (field, n)
+
+
+def test_partial_dims_and_config_give_formulas_in_the_rest():
+    k = compile_("causal")
+    c = cost(k, dtype="bf16", device="h100", config=Config(128, 64), d=128, e=128)
+    n = sp.Symbol("n", integer=True, positive=True)
+    assert c.dram_bytes.free_symbols == {n}
+    assert C.evaluate_formula(c.dram_bytes, {"n": 300}) == cost(k, config=Config(128, 64), n=300, d=128,
+                                                                 e=128).dram_bytes
+
+
+# ---- unfused plan: the MoA storage theorem --------------------------------------------------------------------------
+
+def test_storage_theorem_quadratic_vs_linear():
+    k = compile_("causal")
+    small = k.cost(dtype="bf16", device="h100", n=2048, d=64, e=64)
+    big = k.cost(dtype="bf16", device="h100", n=4096, d=64, e=64)
+    assert small.intermediate_bytes == big.intermediate_bytes == 0
+    assert small.unfused_intermediate_bytes == 9 * 2048 ** 2        # S, S', S_masked, P (bf16) + mask (bool)
+    assert big.unfused_intermediate_bytes == 4 * small.unfused_intermediate_bytes
+    assert big.unfused_dram_bytes > 10 * big.dram_bytes
+    plan = C.eager_plan(k.schedules["O"], 2)
+    assert [op[0] for op in plan.ops] == ["S = A @ B^T", "div on [n, m]", "mask [n, m] (bool)", "masked_fill",
+                                          "P = softmax(S)", "O = P @ V"]
+
+
+def test_multi_branch_epilogue_materialises_branch_outputs():
+    k = compile_("pi_attention")
+    plan = C.eager_plan(k.schedules["O"], 2)
+    assert plan.ops[-1][0] == "epilogue"
+    n, e = sp.Symbol("n", integer=True, positive=True), sp.Symbol("e", integer=True, positive=True)
+    assert plan.intermediate_bytes.coeff(n * e) > 0      # O_0, O_1 before the gate
+
+
+# ---- devices and the roofline ----------------------------------------------------------------------------------------
+
+def test_device_table():
+    h100 = get_device("H100")
+    assert h100.tensor_flops["bfloat16"] == 989.4e12 and h100.hbm_bytes_per_s == 3.35e12
+    assert h100.tensor_flops["float64"] == 67e12 and h100.vector_flops["float32"] == 67e12
+    assert h100.l2_bytes == 50 * 2 ** 20 and h100.sms == 132 and h100.shared_per_block == 227 * 1024
+    assert 3.8e12 < h100.transcendental_rate("bf16") < 3.9e12
+    assert get_device("h200").hbm_bytes_per_s == 4.8e12
+    assert get_device("a100").tensor_flops["float16"] == 312e12
+    assert all(d.sources for d in DEVICES.values())
+    assert canonical_dtype("bf16") == canonical_dtype("torch.bfloat16") == "bfloat16"
+    with pytest.raises(InputError, match="device table"):
+        get_device("tpu")
+    with pytest.raises(InputError, match="dtype"):
+        canonical_dtype("int8")
+
+
+def test_roofline_bounds_and_devices():
+    k = compile_("causal")
+    big = k.cost(dtype="bf16", device="h100", n=8192, d=128, e=128)
+    assert big.bound == "compute"
+    assert big.arithmetic_intensity > 100
+    # the unfused plan is memory bound and slower
+    rep, bd = cost_breakdown(k, "bf16", "h100", n=8192, d=128, e=128)
+    assert bd.unfused_bound == "memory" and bd.unfused_seconds > 5 * rep.predicted_seconds
+    assert 0.3 < bd.fraction_of_peak < 1
+    a100 = k.cost(dtype="bf16", device="a100", n=8192, d=128, e=128)
+    assert a100.predicted_seconds > 2 * big.predicted_seconds
+    tiny = k.cost(dtype="bf16", device="h100", n=64, d=64, e=64)
+    assert tiny.predicted_seconds < 2 * get_device("h100").launch_s
+    fp64 = k.cost(dtype="fp64", device="h100", n=4096, d=64, e=64)
+    assert fp64.bound in ("compute", "transcendental")
+    assert k.cost(dtype="bf16", device="cpu", n=100, d=16, e=16).predicted_seconds is None
+
+
+def test_tiles_needed_counts_admissible_pairs_and_data_masks():
+    k = compile_("causal")
+    b = k.schedules["O"].branches[0]
+    i = k.schedules["O"].row[0]
+    assert C.tiles_needed(b, i, {}, 100, 100, 32, 32) == 4 + 3 + 2 + 1
+    doc = compile_("document_mask")
+    c = cost(doc, dtype="float64", device="cpu", n=130, d=16, e=16)
+    assert c.tiles_needed == c.tiles_visited == 6    # doc[i] == doc[j] counts as possibly true: j <= i decides
+
+
+def test_errors():
+    k = compile_("causal")
+    with pytest.raises(InputError, match="unknown dim"):
+        k.cost(n=10, d=16, e=16, q=3)
+    with pytest.raises(InputError, match="CPU tensors"):
+        import torch
+
+        k.measure(Q=torch.zeros(4, 4, device="meta"), K=torch.zeros(4, 4, device="meta"),
+                  V=torch.zeros(4, 4, device="meta"))
+    bla = moa.compile(EX / "bla.moa")
+    try:
+        mixes = any(getattr(br, "mix", None) is not None for s in bla.schedules.values() for br in s.branches)
+    except UnsupportedError:
+        mixes = False
+    if mixes:
+        with pytest.raises(UnsupportedError, match="window-mixing"):
+            bla.cost(n=64, d=16, e=16)
+
+
+# ---- the commands ---------------------------------------------------------------------------------------------------
+
+def test_moa_cost_table(capsys):
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=8192,d=128,e=128", "--dtype", "bf16",
+                 "--device", "h100", "--no-fit"]) == 0
+    out = capsys.readouterr().out
+    for word in ("fused (moa)", "unfused (PyTorch eager)", "FLOPs", "DRAM bytes", "intermediates in DRAM",
+                 "arithmetic intensity", "predicted time", "bound", "fraction of peak", "compute", "memory",
+                 "9*n**2", "O(n^2 + n d)", "O(n d)", "4160 / 4160"):
+        assert word in out, word
+
+
+def test_moa_cost_formulas(capsys):
+    assert main(["cost", str(EX / "sdpa.moa")]) == 0
+    out = capsys.readouterr().out
+    assert "fused dram_bytes = " in out and "ceiling(n/BLOCK_M)" in out
+
+
+def test_moa_cost_plot_and_tiles_plot(tmp_path, capsys):
+    png = tmp_path / "cost.png"
+    assert main(["cost", str(EX / "sliding_window.moa"), "--dims", "n=4096,d=64,e=64", "--no-fit",
+                 "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+    tiles = tmp_path / "tiles.png"
+    assert main(["explain", str(EX / "pi_attention.moa"), "--tiles", str(tiles), "--dims", "n=1024,d=64,e=64",
+                 "--param", "k=128,s=50"]) == 0
+    assert tiles.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and tiles.stat().st_size > 20000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_tile_map_classes():
+    from moa.costcli import tile_map
+
+    k = compile_("sliding_window", w=300)
+    g = tile_map(k, "O", 0, {"n": 1024, "d": 64, "e": 64}, Config(128, 64))
+    assert g.shape == (8, 16)
+    assert (g == 3).sum() == 0                    # nothing visited in vain
+    assert (g == 1).sum() > 0 and (g == 2).sum() > 0 and (g == 0).sum() > 0
+    assert g[0, 15] == 0 and g[7, 15] > 0         # upper triangle skipped; diagonal visited
