@@ -7,7 +7,6 @@ branch is no error, while an unguarded out-of-range read is.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
