@@ -94,7 +94,7 @@ def test_aot_huge_head_dim_is_a_clear_error(d):
     with pytest.raises(moa.UnsupportedError) as info:
         CAUSAL.aot(target="sm_90", dtype="bf16", d=d, e=64)
     msg = info.value.message
-    assert "does not fit on sm_90" in msg and f"d={d}" in msg
+    assert "does not fit" in msg and str(d) in msg  # the AOT search or the tile-size limit, both name d
 
 
 def test_aot_compile_reports_triton_failures_as_moa_errors():
