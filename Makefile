@@ -16,6 +16,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moa explain examples/causal.moa
 	$(BIN)/moa check examples/causal.moa --dims n=100,d=16,e=16
+	$(BIN)/moa cost examples/causal.moa --dims n=8192,d=128,e=128 --dtype bf16 --device h100
 
 test: $(STAMP)
 	$(BIN)/ruff check moa frontend codegen runtime tests

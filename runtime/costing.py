@@ -24,6 +24,7 @@ import sympy as sp
 import torch
 
 from moa import cost as C
+from moa import cost_symbolic as CS
 from moa import ir
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
@@ -259,7 +260,7 @@ def _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims) -> tup
     for name in kernel.output_names:
         sched = kernel.schedules[name]
         eb = _elem_bytes(kernel, sched, compute if dev is None else dtype, index_dtype)
-        f = C.predict_symbolic(kernel.program, sched, specs[name], eb, nb)
+        f = CS.predict_symbolic(kernel.program, sched, specs[name], eb, nb)
         for k, v in f.items():
             totals[k] = totals.get(k, sp.Integer(0)) + v
         plan = C.eager_plan(sched, DTYPE_BYTES[dtype], nb)

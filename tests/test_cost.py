@@ -13,6 +13,8 @@ import sympy as sp  # noqa: E402
 
 import moa  # noqa: E402
 from moa import cost as C  # noqa: E402
+from moa import cost_symbolic as CS  # noqa: E402
+from moa import ledger as L  # noqa: E402
 from moa.cli import main  # noqa: E402
 from moa.devices import DEVICES, canonical_dtype, get_device  # noqa: E402
 from moa.errors import InputError, UnsupportedError  # noqa: E402
@@ -64,7 +66,7 @@ def test_np_eval_uses_floor_semantics_like_the_kernel_helpers():
 
 def test_causal_ledger_regions():
     k = compile_("causal")
-    led = C.ledger(k.program, spec_of(k))
+    led = L.ledger(k.program, spec_of(k))
     assert set(led.regions) == {"program", ("iter", 0), ("visit", 0), ("partial", 0)}
     visit = led.regions[("visit", 0)]
     # two tl.dot per visited tile, and the online-softmax update
@@ -96,7 +98,7 @@ def test_unsupported_constructs_are_named():
     tree = __import__("ast").parse("import triton\n@triton.jit\ndef _attn_fwd(X_ptr):\n    while True:\n"
                                    "        pass\n")
     with pytest.raises(UnsupportedError, match="cost model"):
-        C._Walker(tree, compile_("causal").program, "O").run()
+        L._Walker(tree, compile_("causal").program, "O").run()
 
 
 # ---- symbolic formulas ----------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def test_formulas_evaluate_to_the_numeric_prediction(name, params):
         vals = {**dims, "BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
         for field in ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored",
                       "tiles_visited"):
-            assert C.evaluate_formula(getattr(f, field), vals) == getattr(num, field), (field, n)
+            assert CS.evaluate_formula(getattr(f, field), vals) == getattr(num, field), (field, n)
 
 
 def test_partial_dims_and_config_give_formulas_in_the_rest():
@@ -135,7 +137,7 @@ def test_partial_dims_and_config_give_formulas_in_the_rest():
     c = cost(k, dtype="bf16", device="h100", config=Config(128, 64), d=128, e=128)
     n = sp.Symbol("n", integer=True, positive=True)
     assert c.dram_bytes.free_symbols == {n}
-    assert C.evaluate_formula(c.dram_bytes, {"n": 300}) == cost(k, config=Config(128, 64), n=300, d=128,
+    assert CS.evaluate_formula(c.dram_bytes, {"n": 300}) == cost(k, config=Config(128, 64), n=300, d=128,
                                                                  e=128).dram_bytes
 
 
