@@ -3,8 +3,8 @@ never a raw Triton / ptxas / CUDA failure; so does a program too large or too de
 
 - Interpreter (CPU): tiles are BLOCK x padded head dim and Triton caps a tile at 2^20 elements, so the block
   sizes shrink down to 16 (head dims up to 65536 run); a larger head dim is an UnsupportedError.
-- AOT (`Kernel.aot`, runtime/aot.py underneath): a head dim whose tiles fit no candidate config for sm_90 is an
-  UnsupportedError naming the configs tried.
+- AOT (`Kernel.aot`, runtime/aot.py underneath): a head dim beyond the tile limit, or whose tiles fit no
+  candidate config for sm_90, is an UnsupportedError (naming the configs tried).
 - CUDA launch grid: more than 65535 programs along y (batch x leading axes) is an InputError (checked without
   a GPU through `check_grid`).
 - Source size and depth: text over 2^18 characters, expressions nested beyond Python's recursion, chains of a
@@ -88,13 +88,17 @@ def test_huge_head_dim_with_lse_is_unsupported():
 
 # ---- ahead of time (sm_90) -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("d", [65536, 2 ** 20])
+@pytest.mark.parametrize("d", [2 ** 17, 2 ** 20])
 def test_aot_huge_head_dim_is_a_clear_error(d):
+    """(d = 65536 is refused as well, "does not fit on sm_90" after trying every candidate, but compiling its
+    16 x 65536 candidates takes about a minute: too slow for this suite.)"""
     assert hasattr(CAUSAL, "aot"), "Kernel.aot is missing"
+    t0 = time.perf_counter()
     with pytest.raises(moa.UnsupportedError) as info:
         CAUSAL.aot(target="sm_90", dtype="bf16", d=d, e=64)
     msg = info.value.message
     assert "does not fit" in msg and str(d) in msg  # the AOT search or the tile-size limit, both name d
+    assert time.perf_counter() - t0 < 30
 
 
 def test_aot_compile_reports_triton_failures_as_moa_errors():
