@@ -450,7 +450,7 @@ def _device_roofline(device: str, dtype: str) -> tuple[float, float]:
     try:
         from moa import devices
 
-        dev = devices.get(device)
+        dev = devices.get_device(device)
         return dev.peak_flops(dtype), dev.dram_bandwidth
     except (ImportError, AttributeError, KeyError):
         return 989e12, 3.35e12  # H100 SXM dense bf16, HBM3 (DESIGN.md's device table)

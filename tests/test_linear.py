@@ -191,3 +191,15 @@ def test_form_choice_follows_cost():
     assert k.choose_form("O", large) == "linear"
     c = form_costs(lp, large)
     assert c["linear"].flops < c["quadratic"].flops
+
+
+def test_cost_report_names_the_form():
+    """CostReport.form is the form the runtime would run for those dims (quadratic short, linear long)."""
+    k = moa.compile("examples/power_gated.moa")
+    short = k.cost(dtype="bf16", device="h100", n=1024, d=64, e=64)
+    long = k.cost(dtype="bf16", device="h100", n=1 << 17, d=64, e=64)
+    assert short.form == "quadratic" and long.form == "linear"
+    assert 0 < long.intermediate_bytes < long.unfused_intermediate_bytes  # states, not n x n arrays
+    forced = moa.compile("examples/power_gated.moa", form="quadratic").cost(dtype="bf16", device="h100",
+                                                                          n=1 << 17, d=64, e=64)
+    assert forced.form == "quadratic" and forced.flops > long.flops
