@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sympy as sp
-
-from moa import symbolic as sy
 from moa.linear import LinearPlan
 from moa.program import Program
 
@@ -219,13 +216,4 @@ def generate_chunked(program: Program, lp: LinearPlan, dtype: str, nbatch: int) 
     return _Chunked(program, lp, dtype, nbatch).kernels()
 
 
-def state_elements(lp: LinearPlan, dims: dict, chunk: int) -> int:
-    """Elements of the per-chunk state buffers (S and z) per batch x leading index."""
-    n = sy.evaluate(lp.schedule.row[1], dims)
-    e = sy.evaluate(lp.schedule.col[1], dims)
-    d = sy.evaluate(lp.branch.dot.extent, dims)
-    t = -(-n // chunk)
-    return t * lp.features(d) * (max(16, 1 << max(0, e - 1).bit_length()) + 1)
-
-
-__all__ = ["ChunkedSpec", "generate_chunked", "state_elements", "sp"]
+__all__ = ["ChunkedSpec", "generate_chunked"]
