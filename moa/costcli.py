@@ -88,6 +88,40 @@ def _dims(args) -> dict:
 
 # ---- moa cost ---------------------------------------------------------------------------------------------------
 
+DENSE_CAUSAL = """dim n, d, e
+in Q[n, d], K[n, d], V[n, e]
+S[i, j] = where(j <= i, dot(Q[i], K[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V
+"""
+
+
+def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None:
+    """FLOPs of dense causal attention at the same sequence length and head dims (times the leading axes),
+    for a sparse or windowed program (PiAttention, windows, BLA)."""
+    import math
+
+    import moa
+    from moa import symbolic as sy
+    from moa.runtime.costing import cost_breakdown
+
+    try:
+        if len(k.output_names) != 1 or isinstance(rep.flops, sp.Basic):
+            return None
+        s = k.schedules[k.output_names[0]]
+        heads = [b.dot.extent for b in s.branches if b.dot is not None]
+        if not heads:
+            return None
+        n, e = sy.evaluate(s.row[1], dims), sy.evaluate(s.col[1], dims)
+        d = max(sy.evaluate(h, dims) for h in heads)
+        lead = math.prod(sy.evaluate(x, dims) for _, x in s.lead)
+        c = cost_breakdown(moa.compile(DENSE_CAUSAL), dtype, device, needed=False, n=n, d=d, e=e)[0]
+    except MoaError:
+        return None
+    dense = c.flops * lead
+    return (f"dense causal attention at n={n}, d={d}, e={e}{f' (x {lead} leading)' if lead > 1 else ''}: "
+            f"{_si(dense)} FLOPs; this program {_si(rep.flops)} = {rep.flops / dense:.3g} of it")
+
+
 def cmd_cost(args) -> int:
     import moa
     from moa.runtime.costing import cost_breakdown
@@ -98,6 +132,9 @@ def cmd_cost(args) -> int:
     fit = not args.no_fit and args.device != "cpu" and len(dims) == len(k.program.dims)
     rep, bd = cost_breakdown(k, args.dtype, args.device, batch=batch, fit=fit, **dims)
     print(cost_table(k, rep, bd, dims))
+    line = dense_causal_line(k, rep, dims, args.dtype, args.device)
+    if line:
+        print(line)
     if len(dims) == len(k.program.dims) and hasattr(k, "choose_form") and args.device != "cpu":
         for name in k.output_names:
             if k.choose_form(name, dims, args.device, args.dtype) == "linear":

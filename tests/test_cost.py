@@ -268,3 +268,13 @@ def test_tile_map_classes():
     assert (g == 3).sum() == 0                    # nothing visited in vain
     assert (g == 1).sum() > 0 and (g == 2).sum() > 0 and (g == 0).sum() > 0
     assert g[0, 15] == 0 and g[7, 15] > 0         # upper triangle skipped; diagonal visited
+
+
+def test_moa_cost_compares_with_dense_causal(capsys):
+    """`moa cost` prints the program's FLOPs against dense causal attention at the same dims (issue 6)."""
+    from moa.cli import main
+
+    assert main(["cost", "examples/ring_local.moa", "--dims", "n=4096,d=64,e=64", "--no-fit"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense causal attention"))
+    ratio = float(line.rsplit("=", 1)[1].split()[0])
+    assert 0.05 < ratio < 0.12  # 64-key window: two key tiles per row tile instead of n / 2 / 64 on average
