@@ -1,0 +1,357 @@
+"""Tile configurations checked ahead of time for a GPU target (split from runtime/costing.py): candidate
+configs, batched AOT compiles (in a child process when the interpreter is on), the fitting choice cached on disk,
+Kernel.aot and the CUDA runtime's config."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import torch
+
+from moa import ir
+from moa import symbolic as sy
+from moa.devices import canonical_dtype
+from moa.errors import InputError, UnsupportedError
+
+from . import aot as A
+from .kernel import Config
+from .launch import next_pow2
+
+
+
+# ---- AOT ---------------------------------------------------------------------------------------------------
+
+_TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_MEM: dict = {}
+_LOCK = threading.Lock()
+
+
+def _aot_request(kernel, name: str, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
+                 target: str) -> dict:
+    """Everything needed to compile one output's kernel ahead of time (a picklable request)."""
+    from moa.codegen.emit import generate
+
+    from . import cache
+
+    sched = kernel.schedules[name]
+    spec = generate(kernel.program, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False)
+    path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
+    e = sy.evaluate(sched.col[1], dims)
+    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
+    for hd, ext in spec.head_dims:
+        constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
+    sig = {}
+    inputs = kernel.program.input_map
+    it = {"int64": "i64", "int32": "i32"}[index_dtype]
+    for arg in _arg_names(spec.source):
+        if arg in constexprs:
+            continue
+        if arg.endswith("_ptr"):
+            base = arg[:-4]
+            node = inputs.get(base)
+            sig[arg] = f"*{_TT[dtype]}" if node is None or node.dtype == ir.FLOAT else \
+                "*i1" if node.dtype == ir.BOOL else f"*{it}"
+        elif arg.startswith("stride_"):
+            base, _, axis = arg[len("stride_"):].rpartition("_")
+            rank = inputs[base].rank if base in inputs else 2
+            if axis == str(rank - 1):
+                constexprs[arg] = 1      # contiguous innermost axis: Triton specialises a stride of 1
+            else:
+                sig[arg] = "i32"
+        else:
+            sig[arg] = "i32"
+    return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
+            "block_n": cfg.block_n}
+
+
+def _arg_names(source: str) -> list:
+    import ast
+
+    tree = ast.parse(source)
+    fn = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "_attn_fwd")
+    return [a.arg for a in fn.args.args]
+
+
+def _req_key(req: dict) -> str:
+    with open(req["file"], "rb") as f:
+        src = f.read()
+    h = hashlib.sha256(src)
+    h.update(repr(sorted((k, v) for k, v in req.items() if k != "file")).encode())
+    return h.hexdigest()[:32]
+
+
+def _compile_one(req: dict):
+    """In a process where triton.language is not interpreted: AotReport or ('error', message)."""
+    fn = A._load_kernel("moa_aot_kernel", req["file"], "_attn_fwd")
+    try:
+        return A.aot_compile(fn, req["signature"], req["constexprs"], target=req["target"],
+                             num_warps=req["num_warps"], num_stages=req["num_stages"], block_m=req["block_m"],
+                             block_n=req["block_n"])
+    except UnsupportedError as e:
+        return ("error", e.message)
+
+
+def aot_batch(requests: list) -> list:
+    """Compile many kernels ahead of time (results: AotReport or ('error', message)); see aot_groups."""
+    return [g[0] for g in aot_groups([[r] for r in requests])]
+
+
+def aot_groups(groups: list, first_fit: bool = False) -> list:
+    """Compile groups of kernels ahead of time, in one child process for all of them when this process runs the
+    Triton interpreter (aot_compile would start one per kernel). With first_fit, each group stops at its first
+    report that fits its target (runtime.aot.fits). Returns, per group, the results compiled so far (AotReport or
+    ('error', message)); results are memoised per process by the kernel source and options."""
+    out: list = [None] * len(groups)
+    todo = []
+    for gi, group in enumerate(groups):
+        got, done = [], True
+        for r in group:
+            k = _req_key(r)
+            if k not in _MEM:
+                done = False
+                break
+            got.append(_MEM[k])
+            if first_fit and _fits(got[-1], r):
+                break
+        if done:
+            out[gi] = got
+        else:
+            todo.append(gi)
+    if todo:
+        payload = [groups[gi] for gi in todo]
+        if not A._language_is_interpreted():
+            results = _compile_groups(payload, first_fit)
+        else:
+            results = _groups_in_child(payload, first_fit)
+        with _LOCK:
+            for gi, res in zip(todo, results):
+                for r, x in zip(groups[gi], res):
+                    _MEM[_req_key(r)] = x
+                out[gi] = res
+    return out
+
+
+def _fits(res, req) -> bool:
+    return not isinstance(res, tuple) and A.fits(res, req["target"])[0]
+
+
+def _compile_groups(groups: list, first_fit: bool) -> list:
+    out = []
+    for group in groups:
+        res = []
+        for r in group:
+            try:
+                x = _compile_one(r)
+            except Exception as e:  # noqa: BLE001  (report, keep going with the next kernel)
+                x = ("error", f"{type(e).__name__}: {e}")
+            res.append(x)
+            if first_fit and _fits(x, r):
+                break
+        out.append(res)
+    return out
+
+
+def _groups_in_child(groups: list, first_fit: bool) -> list:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"   # set (not removed): `import moa` turns the interpreter on when it is unset
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    with tempfile.TemporaryDirectory(prefix="moa-aot-") as tmp:
+        req_path, resp_path = os.path.join(tmp, "req.pkl"), os.path.join(tmp, "resp.pkl")
+        with open(req_path, "wb") as f:
+            pickle.dump((groups, first_fit), f)
+        script = "import moa.runtime.configs as c; c._child_main()"
+        proc = subprocess.run([sys.executable, "-c", script, req_path, resp_path], env=env, check=False,
+                              capture_output=True, text=True)
+        if not os.path.exists(resp_path):
+            tail = " ".join(proc.stderr.strip().splitlines()[-3:])
+            raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
+        with open(resp_path, "rb") as f:
+            raw = pickle.load(f)
+    return [[A.AotReport(**r) if isinstance(r, dict) else tuple(r) for r in g] for g in raw]
+
+
+def _child_main():
+    req_path, resp_path = sys.argv[1], sys.argv[2]
+    with open(req_path, "rb") as f:
+        groups, first_fit = pickle.load(f)
+    out = [[dataclasses.asdict(r) if isinstance(r, A.AotReport) else list(r) for r in g]
+           for g in _compile_groups(groups, first_fit)]
+    with open(resp_path, "wb") as f:
+        pickle.dump(out, f)
+
+
+def candidates(dtype: str, head: int, default: Config) -> list:
+    """Configs tried in order by fit_config: the runtime's default first, then smaller tiles. The fp16/bf16 lists
+    keep BLOCK_M >= 64 (wgmma needs M = 64 per warpgroup) until the last resort."""
+    if dtype == "float64":
+        rest = [Config(32, 32, 4, 1), Config(16, 32, 4, 1), Config(16, 16, 4, 1)]
+    elif dtype == "float32":
+        rest = [Config(64, 32, 4, 2), Config(64, 32, 4, 1), Config(32, 32, 4, 1), Config(16, 16, 4, 1)]
+    elif head <= 64:
+        rest = [Config(128, 64, 8, 3), Config(128, 64, 4, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 3),
+                Config(64, 32, 4, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)]
+    else:
+        rest = [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 8, 2), Config(64, 32, 8, 2),
+                Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1)]
+    out = [default]
+    for c in rest:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _disk_path(key: str):
+    from .cache import cache_dir
+
+    return cache_dir() / "aot" / f"{key}.json"
+
+
+def fit_requests(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+                 index_dtype: str = "int64", default: Config | None = None) -> tuple[list, list]:
+    """(candidate configs, AOT requests) of fit_config, in the order they are tried."""
+    dtype = canonical_dtype(dtype)
+    sched = kernel.schedules[name]
+    from .costing import launch_config, launch_extents  # costing re-exports this module: import late
+
+    n, m, head = launch_extents(sched, dims)
+    default = default or launch_config(kernel, name, torch.device("cuda"), dtype, dims)
+    cands = candidates(dtype, head, default)
+    return cands, [_aot_request(kernel, name, dtype, c, dims, nbatch, index_dtype, target) for c in cands]
+
+
+def choose_fitting(cands: list, results: list, target: str, what: str) -> tuple[Config, A.AotReport]:
+    """The first candidate whose report fits, or UnsupportedError naming every config tried and why."""
+    reasons = []
+    for c, res in zip(cands, results):
+        if isinstance(res, tuple):
+            reasons.append(f"{_cfg_text(c)}: {_short(res[1])}")
+            continue
+        ok, why = A.fits(res, target)
+        if ok:
+            return c, res
+        reasons.append(f"{_cfg_text(c)}: {why}")
+    raise UnsupportedError(f"{what} does not fit on {target}: every tile config spills, exceeds shared memory or "
+                           f"fails to compile ({'; '.join(reasons)})")
+
+
+def fit_config(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+               index_dtype: str = "int64", default: Config | None = None) -> tuple[Config, A.AotReport | None]:
+    """The first candidate config (the runtime default first, then smaller tiles) whose kernel compiles for
+    `target` with no spills, shared memory within the per-block limit and registers within bounds. Decisions are
+    cached on disk (JSON in the moa cache directory) and in memory (the report is None when the decision came from
+    the disk cache). Raises UnsupportedError naming every config tried when none fits."""
+    dtype = canonical_dtype(dtype)
+    cands, reqs = fit_requests(kernel, name, dtype, dims, target, nbatch, index_dtype, default)
+    key = hashlib.sha256("".join(_req_key(r) for r in reqs).encode()).hexdigest()[:32]
+    path = _disk_path(key)
+    try:
+        return cands[json.loads(path.read_text())["choice"]], None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    results = aot_groups([reqs], first_fit=True)[0]
+    what = (f"output {name} of {kernel.program.name} ({dtype}, "
+            f"{', '.join(f'{k}={v}' for k, v in dims.items())})")
+    cfg, rep = choose_fitting(cands, results, target, what)
+    _save_choice(path, cands.index(cfg))
+    return cfg, rep
+
+
+def _short(message: str) -> str:
+    """The gist of an AOT failure: the shared memory needed, else the message's tail."""
+    import re
+
+    m = re.search(r"needs (\d+) bytes of shared memory, more than the (\d+) bytes", message)
+    if m:
+        return f"needs {int(m.group(1)) // 1024} KiB of shared memory > {int(m.group(2)) // 1024} KiB"
+    tail = message.split("): ", 1)[-1]
+    return tail[:160]
+
+
+def _save_choice(path, index: int):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"choice": index}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _cfg_text(c: Config) -> str:
+    return f"BLOCK_M={c.block_m} BLOCK_N={c.block_n} warps={c.num_warps} stages={c.num_stages}"
+
+
+def aot(kernel, target: str = "sm_90", dtype="bf16", config: Config | None = None, output: str | None = None,
+        nbatch: int = 0, index_dtype: str = "int64", **dims) -> A.AotReport:
+    """Compile one output's generated kernel for `target` without a GPU and report its resources (AotReport:
+    registers, spills, shared_bytes, uses_wgmma, num_warps, num_stages, block_m, block_n, ptx, cubin).
+    Without `config`, the config is the one the GPU runtime launches: the default table's, or the first
+    candidate that fits (fit_config). Dims of the row/key axes only matter for the config choice; head dims
+    (the contraction and value extents) are required."""
+    dtype = canonical_dtype(dtype)
+    name = output or kernel.output_names[0]
+    if name not in kernel.output_names:
+        raise InputError(f"no output {name!r}; outputs: {', '.join(kernel.output_names)}")
+    dims = _aot_dims(kernel, name, dims)
+    if config is None:
+        config, rep = fit_config(kernel, name, dtype, dims, target, nbatch, index_dtype)
+        if rep is not None:
+            return rep
+    res = aot_batch([_aot_request(kernel, name, dtype, config, dims, nbatch, index_dtype, target)])[0]
+    if isinstance(res, tuple):
+        raise UnsupportedError(res[1])
+    return res
+
+
+def _aot_dims(kernel, name, dims) -> dict:
+    """Dims for AOT: row/key extents default to 4096 when not given (they only steer the config choice)."""
+    sched = kernel.schedules[name]
+    need = set()
+    for x in [sched.col[1]] + [b.dot.extent for b in sched.branches if b.dot is not None]:
+        need |= sy.free_names(x)
+    missing = sorted(need - set(dims))
+    if missing:
+        raise InputError(f"aot needs the head dims {', '.join(missing)} (e.g. --dims "
+                         f"{','.join(f'{x}=128' for x in missing)})")
+    out = dict(dims)
+    for d in kernel.program.dims:
+        out.setdefault(d.name, 4096)
+    return out
+
+
+def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, device) -> Config:
+    """The config Kernel._run launches on a CUDA device: the default table, checked ahead of time for the
+    device's architecture (no spills, shared memory in budget), falling back to smaller tiles. If the AOT
+    check itself cannot run, the default is used with a warning."""
+    cap = torch.cuda.get_device_capability(device)
+    target = f"sm_{cap[0]}{cap[1]}"
+    if target not in A.TARGETS:
+        target = "sm_90" if cap[0] >= 9 else "sm_80"
+    sched = kernel.schedules[name]
+    heads = tuple(sy.evaluate(x, dims) for x in [sched.col[1]] + [b.dot.extent for b in sched.branches
+                                                                   if b.dot is not None])
+    memo = kernel.__dict__.setdefault("_fit_memo", {})
+    key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads))
+    if key in memo:
+        return memo[key]
+    try:
+        memo[key] = fit_config(kernel, name, dtype, dims, target, nbatch)[0]
+        return memo[key]
+    except UnsupportedError as e:
+        if " does not fit on " in e.message:
+            raise
+        warnings.warn(f"moa: AOT config check unavailable ({e.message[:200]}); using the default config",
+                      RuntimeWarning, stacklevel=3)
+        from .costing import launch_config
+
+        return launch_config(kernel, name, device, dtype, dims)
