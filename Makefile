@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check moa frontend codegen runtime tests
 	$(BIN)/python -m pytest -q -n 2 tests
+
+test-slow: $(STAMP)
+	MOA_SLOW=1 $(BIN)/python -m pytest -q -n 2 tests -m slow
 
 clean:
 	rm -rf $(VENV) build *.egg-info

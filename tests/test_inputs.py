@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import moa
-from moa.runtime import cache
 from moa.runtime.binding import INT32_MAX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,18 +41,7 @@ out O = softmax(self @ K.T, axis=-1) @ V
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("MOA_CACHE_DIR")
-    os.environ["MOA_CACHE_DIR"] = str(tmp_path_factory.mktemp("inputs-cache"))
-    cache._LOADED.clear()
-    yield
-    if old is None:
-        os.environ.pop("MOA_CACHE_DIR", None)
-    else:
-        os.environ["MOA_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def r(*shape, dtype=torch.float64, seed=0):

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import moa
-from moa.runtime import cache
 from moa.runtime.kernel import MAX_TILE, Config, check_grid, fit_tiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,18 +26,7 @@ CAUSAL = moa.compile(ROOT / "examples" / "causal.moa")
 H = "dim n, d\nin Q[n, d], K[n, d], V[n, d]\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("MOA_CACHE_DIR")
-    os.environ["MOA_CACHE_DIR"] = str(tmp_path_factory.mktemp("limits-cache"))
-    cache._LOADED.clear()
-    yield
-    if old is None:
-        os.environ.pop("MOA_CACHE_DIR", None)
-    else:
-        os.environ["MOA_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def rnd(*shape, seed=0, dtype=torch.float32):

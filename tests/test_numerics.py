@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import moa
-from moa.runtime import cache
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -72,18 +71,7 @@ EXAMPLES = ["sdpa", "causal", "sliding_window", "gqa_alibi", "softcap", "documen
             "relative_bias", "power", "linear", "mqa"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("MOA_CACHE_DIR")
-    os.environ["MOA_CACHE_DIR"] = str(tmp_path_factory.mktemp("numerics-cache"))
-    cache._LOADED.clear()
-    yield
-    if old is None:
-        os.environ.pop("MOA_CACHE_DIR", None)
-    else:
-        os.environ["MOA_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def rnd(*shape, seed=0):
