@@ -5,6 +5,7 @@ axes (decoded like the quadratic kernel's):
   _chunk_state  grid (T, cdiv(D, BLOCK_F), Z): dS_c[f, :] = sum_{j in c} e^(gb_b - gb_j) phi(B_j)_f v_j,
                 dz_c[f] likewise with v = 1 (b = the chunk's last row); phi(x)_f = w_f prod_t x[idx[f, t]]
   _chunk_scan   grid (cdiv(D, BLOCK_F), Z): in place, S_c <- exclusive prefix with decays e^(gb_b' - gb_b)
+                (optionally from a carried state, and writing the final state: ring attention)
   _chunk_out    grid (T, Z): O_i = (e^(ga_i - gb_b) phi(A_i) . S_c + intra_i) / (same with z), 0 if 0
 States are [Z, T, D, e] in the accumulator dtype: the only arrays beyond inputs and outputs, O(n D e / C).
 """
@@ -12,10 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sympy import Symbol as _sym
+
 from moa.linear import LinearPlan
 from moa.program import Program
 
 from .emit import HELPERS, Emitter, _Scope
+
+# access sites (cost model): the chunk index t, a feature f, the constexpr CHUNK and the argument n_feat
+CHUNK_IDX = _sym("t", integer=True, nonnegative=True)
+FEAT = _sym("f", integer=True, nonnegative=True)
+CHUNK = _sym("CHUNK", integer=True, positive=True)
+NFEAT = _sym("n_feat", integer=True, positive=True)
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,7 @@ class ChunkedSpec:
     dims: tuple
     nbatch: int
     lead: tuple
+    sites: tuple = ()  # (function, loads, stores): AccessSite per tl.load / tl.store, for the cost model
 
 
 class _Chunked:
@@ -36,9 +46,46 @@ class _Chunked:
         self.nbatch = nbatch
         self.dot_kw = ', input_precision="ieee"' if dtype in ("float32", "float16", "bfloat16") else ""
 
+    # access sites (cost model): the tile axis of each index code; None: the value of a loaded feature index
+    SITE_AXES = {"offs_j": "crow", "offs_i": "crow", "offs_v": "col", "offs_head_dim": "HEAD_DIM", "last": "chunk",
+                 "ref": "chunk", "fidx": None}
+
     def emit(self, e, vmap, lines, indent="    ") -> str:
         # a fresh scope per call: the same expression under different index maps must not be shared
-        return self.em.emit(e, vmap, _Scope(lines, indent))
+        first = len(self.em.loads)
+        code = self.em.emit(e, vmap, _Scope(lines, indent))
+        self._sites(first, vmap)
+        return code
+
+    def _sites(self, first: int, vmap) -> None:
+        """Re-label the access sites emitted since `first` with this kernel's tile axes (SITE_AXES)."""
+        from dataclasses import replace
+
+        for q in range(first, len(self.em.loads)):
+            site = self.em.loads[q]
+            axes, conds = [], list(site.conds)
+            for v, label in site.axes:
+                code = vmap[v].split("[")[0].strip()
+                base = code.rstrip("0123456789") if code.startswith("fidx") else code
+                axis = self.SITE_AXES.get(base, label)
+                if base in ("last", "ref"):   # a chunk's boundary row: a formula of the chunk index
+                    conds = [c.xreplace({v: self.site_scalar(base)}) for c in conds]
+                    axes.append((CHUNK_IDX, "chunk"))
+                elif axis is None:   # a feature index loaded from fidx: in [0, d) by construction (0 on padding)
+                    conds = [c for c in conds if v not in c.free_symbols]
+                    axes.append((v, "feat"))
+                else:
+                    axes.append((v, axis))
+            self.em.loads[q] = replace(site, axes=tuple(dict.fromkeys(axes)), conds=tuple(conds))
+
+    def site_scalar(self, name: str):
+        """`last` / `ref` of the kernels as formulas of the chunk index (CHUNK_IDX)."""
+        import sympy as sp
+
+        n = self.s.row[1]
+        if name == "last":
+            return sp.Min(CHUNK_IDX * CHUNK + CHUNK, n) - 1
+        return sp.Max(CHUNK_IDX * CHUNK - 1, 0)
 
     def ix(self, e) -> str:
         return self.em.idx(e, {})
@@ -66,9 +113,11 @@ class _Chunked:
         """phi(x) tile [rows, BLOCK_F]: w_f prod_t x(rows, idx[f, t]), zero on padding."""
         br = self.lp.branch
         lines.append("    fw = tl.load(fw_ptr + offs_f, mask=f_ok, other=0.0)")
+        self._site("fw", "fw", FEAT)
         factors = []
         for t in range(self.lp.p):
             lines.append(f"    fidx{t} = tl.load(fidx_ptr + offs_f * {self.lp.p} + {t}, mask=f_ok, other=0)")
+            self._site(f"fidx{t}", "fidx", FEAT * self.lp.p + t)
             factors.append(self.emit(expr, {var: f"{rows}[:, None]", br.dot.var: f"fidx{t}[None, :]"}, lines))
         return "fw[None, :] * " + " * ".join(factors)
 
@@ -97,8 +146,13 @@ class _Chunked:
         c, e = s.col
         j = br.var
         n_c, e_c = self.ix(n), self.ix(e)
-        st_args = ["S_ptr", "zs_ptr", "fidx_ptr", "fw_ptr", "n_feat", "n_chunks"]
-        consts = ["CHUNK", "BLOCK_F", "HEAD_DIM", "HEAD_DIM_V"]
+        # S0 / z0 / g0: a state [Z, D, HEAD_DIM_V] / [Z, D] / [Z] carried across ranks (runtime/ring_linear.py):
+        # INIT reads it as the state before chunk 0 (relative to gb at row -1), FINAL writes the state after the
+        # last chunk there, PREFIX stores the exclusive prefix per chunk (single process: 0, 1, 0)
+        st_args = ["S_ptr", "zs_ptr", "fidx_ptr", "fw_ptr", "n_feat", "n_chunks", "S0_ptr", "z0_ptr", "g0_ptr"]
+        consts = ["CHUNK", "BLOCK_F", "HEAD_DIM", "HEAD_DIM_V", "INIT", "PREFIX", "FINAL"]
+        carried = ("        c_ptrs = S0_ptr + zl.to(tl.int64) * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
+                   "offs_v[None, :]\n        c_zptrs = z0_ptr + zl.to(tl.int64) * n_feat + offs_f")
         states = ("    s_base = zl.to(tl.int64) * n_chunks * n_feat * HEAD_DIM_V\n"
                   "    z_base = zl.to(tl.int64) * n_chunks * n_feat")
 
@@ -131,22 +185,33 @@ class _Chunked:
                  f"    S = tl.zeros([BLOCK_F, HEAD_DIM_V], dtype={self.acc})",
                  f"    z = tl.zeros([BLOCK_F], dtype={self.acc})",
                  f"    g_prev = tl.zeros([1], dtype={self.acc})",
-                 "    for t in range(0, n_chunks):",
+                 "    if INIT:  # the state before chunk 0", carried,
+                 "        S = tl.load(c_ptrs, mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
+                 "        z = tl.load(c_zptrs, mask=f_ok, other=0.0)"]
+        if self.lp.gb is not None:
+            body.append("        g_prev = tl.load(g0_ptr + zl + tl.zeros([1], dtype=tl.int32))")
+        body += ["    for t in range(0, n_chunks):",
                  "        s_ptrs = S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                  "offs_v[None, :]",
                  "        dS = tl.load(s_ptrs, mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
                  "        dz = tl.load(zs_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0)",
-                 "        tl.store(s_ptrs, S, mask=f_ok[:, None] & v_ok[None, :])  # state before chunk t",
-                 "        tl.store(zs_ptr + z_base + t * n_feat + offs_f, z, mask=f_ok)"]
+                 "        if PREFIX:",
+                 "            tl.store(s_ptrs, S, mask=f_ok[:, None] & v_ok[None, :])  # state before chunk t",
+                 "            tl.store(zs_ptr + z_base + t * n_feat + offs_f, z, mask=f_ok)"]
         inner: list = []
         inner.append(f"    last = tl.minimum(t * CHUNK + CHUNK, {n_c}) - 1")
         gl = self.gate("b", j, "last", inner)
         body += ["    " + ln for ln in inner]
         if gl is not None:
-            body += [f"        decay = tl.where(t > 0, tl.exp({gl} - g_prev), 1.0)",
+            body += [f"        decay = tl.where(t + INIT > 0, tl.exp({gl} - g_prev), 1.0)",
                      "        S = S * decay + dS", "        z = z * decay + dz", f"        g_prev = {gl} + g_prev * 0"]
         else:
             body += ["        S = S + dS", "        z = z + dz"]
+        body += ["    if FINAL:  # the state after the last chunk, relative to gb at the last row", carried,
+                 "        tl.store(c_ptrs, S, mask=f_ok[:, None] & v_ok[None, :])",
+                 "        tl.store(c_zptrs, z, mask=f_ok)"]
+        if self.lp.gb is not None:
+            body.append("        tl.store(g0_ptr + zl + tl.zeros([1], dtype=tl.int32), g_prev)")
         k2 = self._fn("_chunk_scan", pro, body, st_args, consts)
 
         # ---- output
@@ -171,7 +236,10 @@ class _Chunked:
         if ga is not None:
             body.append("    ref = tl.maximum(t * CHUNK - 1, 0)  # b: the previous chunk's last row")
             gref = self.gate("b", j, "ref", body)
-            body += [f"    scale = tl.where(t > 0, tl.exp({ga} - {gref}), 0.0)",
+            body += [f"    g_ref = {gref}",
+                     "    if INIT:  # chunk 0 continues the carried state, relative to gb at row -1 (g0)",
+                     "        g_ref = tl.where(t > 0, g_ref, tl.load(g0_ptr + zl))",
+                     f"    scale = tl.where(t + INIT > 0, tl.exp({ga} - g_ref), 0.0)",
                      "    num = num * scale[:, None]", "    den = den * scale"]
         # intra-chunk quadratic part (the tiled kernel's score on the diagonal block)
         amap = {i: "offs_i[:, None]", br.dot.var: "offs_head_dim[None, :]"}
@@ -199,9 +267,43 @@ class _Chunked:
                   "# S_ptr / zs_ptr = per-chunk states [Z, T, D, HEAD_DIM_V] and normalisers [Z, T, D].")
         src = f"{header}\nimport triton\nimport triton.language as tl\n{HELPERS}\n\n{k1()}\n\n{k2()}\n\n{k3()}"
         return ChunkedSpec(src, tuple(self.em.used_inputs), tuple(d.name for d in self.p.dims), self.nbatch,
-                           tuple((v.name, x) for v, x in s.lead))
+                           tuple((v.name, x) for v, x in s.lead), self.fn_sites)
+
+    def _site(self, name, tensor, index, col=False) -> None:
+        """Record a load written as text: a feature vector (f < n_feat), with col: a state tile (and c < e)."""
+        import sympy as sp
+
+        from .emit import AccessSite
+
+        c, e = self.s.col
+        axes = ((FEAT, "feat"), (c, "col")) if col else ((FEAT, "feat"),)
+        conds = (sp.Lt(FEAT, NFEAT), sp.Lt(c, e)) if col else (sp.Lt(FEAT, NFEAT),)
+        self.em.loads.append(AccessSite(name, tensor, (index,), axes, conds))
+
+    def _sites_of(self, name) -> tuple:
+        """(function, loads, stores) of the accesses of kernel `name` (the loads emitted since the previous
+        kernel, plus the state loads and every store, which the kernels write as text)."""
+        import sympy as sp
+
+        from .emit import AccessSite
+
+        mark = getattr(self, "_mark", 0)
+        if name == "_chunk_scan":
+            self._site("dS", "S", FEAT, col=True)
+            self._site("dz", "zs", FEAT)
+        elif name == "_chunk_out":
+            self._site("S", "S", FEAT, col=True)
+            self._site("z", "zs", FEAT)
+        loads = tuple(self.em.loads[mark:])
+        self._mark = len(self.em.loads)
+        (i, n), (c, e) = self.s.row, self.s.col
+        state = (AccessSite("S", "S", (FEAT, c), ((FEAT, "feat"), (c, "col")), (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
+                 AccessSite("zs", "zs", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),)))
+        out = AccessSite("out", "out", (i, c), ((i, "crow"), (c, "col")), (sp.Lt(i, n), sp.Lt(c, e)))
+        return name, loads, (out,) if name == "_chunk_out" else state
 
     def _fn(self, name, pro, body, extra, consts):
+        self.fn_sites = getattr(self, "fn_sites", ()) + (self._sites_of(name),)
         # assembled later: every kernel takes the inputs any of them uses (one argument list for all three)
         return lambda: (f"@triton.jit\ndef {name}(\n    {self.signature(extra, consts)},\n):\n"
                         + "\n".join(pro + self.offsets() + body) + "\n")

@@ -23,6 +23,10 @@ the first shard, whose offset is 0). The block program's schedule is the ordinar
 tile-skip formulas are in global indices, so the same interval analysis decides, with the block's whole index
 box, whether a (query shard, key shard) pair has any admissible (i, j) at all (`pair_skipped`).
 
+Aligned shards (`aligned`, linear forms across ranks, runtime/ring_linear.py): when a rank's query and key
+shards are the same rows, one rank program with i := i + R - 1, j := j + R - 1 (sharded reads local) and a
+comparison of two indices shifted alike shifted back (j + R - 1 <= i + R - 1 => j <= i).
+
 Input roles (decided from how the DNF reads each input):
   query    every read indexes one axis (of extent n) by the bare row variable i: the rank passes its rows;
   key      every read indexes one axis (of extent m) by a bare key variable j: the shard travels with K, V;
@@ -181,41 +185,10 @@ def plan(program: Program, outputs) -> ShardPlan:
         raise UnsupportedError("ring attention needs one query extent and one key extent across outputs, got "
                                f"{sorted(map(str, ns))} and {sorted(map(str, ms))}")
     n, m = ns.pop(), ms.pop()
-
-    # roles: how each input is read
-    seen: dict = {name: set() for name in decl}
-    for o, i, jv in per_out:
-        for x in D.nodes(o.expr):
-            if isinstance(x, D.Read):
-                seen[x.name].add(_read_role(x, decl[x.name].shape, i, n, jv, m))
-    roles = {}
-    for name, rs in seen.items():
-        axes = {r[1] for r in rs if r is not None}
-        kinds = {r[0] for r in rs if r is not None}
-        if not rs or None in rs or len(axes) != 1:
-            roles[name] = (REPLICATED, None)
-        elif kinds == {QUERY}:
-            roles[name] = (QUERY, axes.pop())
-        elif kinds == {KEY}:
-            roles[name] = (KEY, axes.pop())
-        else:
-            roles[name] = (BOTH, axes.pop())
+    roles = _roles(decl, per_out, n, m)
     if not any(r[0] in (KEY, BOTH) for r in roles.values()):
         raise UnsupportedError("ring attention: no input is indexed by the key axis, nothing to rotate")
-
-    taken = {d.name for d in program.dims} | {p for p, _ in program.params} | set(decl)
-    taken |= {nm for nm, _ in program.bindings}
-    for o, _, _ in per_out:
-        taken |= {v.name for x in D.nodes(o.expr) if isinstance(x, D.BINDERS) for v in [x.var]}
-        taken |= {v.name for v in o.vars}
-
-    def fresh(base):
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}{k}", k + 1
-        taken.add(name)
-        return name
-
+    fresh = _fresh_names(program, per_out)
     nl, ml = sy.dim(fresh("n_local")), sy.dim(fresh("m_local"))
     r1, c1 = sy.dim(fresh("row0_1")), sy.dim(fresh("col0_1"))
     kv_copies = {name: fresh(f"{name}_kv") for name, (role, _) in roles.items() if role == BOTH}
@@ -253,7 +226,8 @@ def plan(program: Program, outputs) -> ShardPlan:
                 if isinstance(x, D.NormSum):
                     raise UnsupportedError(f"ring attention, output {o.name}: a normalize(...) @ V branch does not "
                                            "merge across ranks by log-sum-exp (the kernel does not return its "
-                                           "normaliser; linear forms across ranks are not implemented yet)")
+                                           "normaliser; only a whole causal normalize(...) @ V output runs across "
+                                           "ranks, in its linear form)")
                 name = fresh(f"{o.name}_branch{len(branches)}")
                 branches.append(name)
                 new_outputs.append(D.DnfOutput(name, o.vars, exts, x, o.dtype))
@@ -276,6 +250,125 @@ def plan(program: Program, outputs) -> ShardPlan:
     block = replace(program, name=f"{program.name}_ring_block", dims=(*program.dims, nl, ml, r1, c1),
                     inputs=tuple(inputs), outputs=tuple(outs))
     return ShardPlan(block, tuple(new_outputs), roles, kv_copies, n, m, nl, ml, r1, c1, tuple(epilogues))
+
+
+def _roles(decl, per_out, n, m) -> dict:
+    """Input name -> (role, axis) from how the outputs read it (module docstring)."""
+    seen: dict = {name: set() for name in decl}
+    for o, i, jv in per_out:
+        for x in D.nodes(o.expr):
+            if isinstance(x, D.Read):
+                seen[x.name].add(_read_role(x, decl[x.name].shape, i, n, jv, m))
+    roles = {}
+    for name, rs in seen.items():
+        axes = {r[1] for r in rs if r is not None}
+        kinds = {r[0] for r in rs if r is not None}
+        if not rs or None in rs or len(axes) != 1:
+            roles[name] = (REPLICATED, None)
+        elif kinds == {QUERY}:
+            roles[name] = (QUERY, axes.pop())
+        elif kinds == {KEY}:
+            roles[name] = (KEY, axes.pop())
+        else:
+            roles[name] = (BOTH, axes.pop())
+    return roles
+
+
+def _fresh_names(program, per_out):
+    """A generator of names not used by the program (dims, params, inputs, bindings, DNF variables)."""
+    taken = {d.name for d in program.dims} | {p for p, _ in program.params} | set(program.input_map)
+    taken |= {nm for nm, _ in program.bindings}
+    for o, _, _ in per_out:
+        taken |= {v.name for x in D.nodes(o.expr) if isinstance(x, D.BINDERS) for v in [x.var]}
+        taken |= {v.name for v in o.vars}
+
+    def fresh(base):
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}{k}", k + 1
+        taken.add(name)
+        return name
+    return fresh
+
+
+# ---- aligned shards: the rank's query and key shards coincide (linear forms across ranks) --------------------
+
+@dataclass(frozen=True)
+class AlignedPlan:
+    """The program one rank runs on its own rows when its query and key shards coincide (rows [row0, row0 + nl)
+    of an axis n shared by queries and keys): every sharded axis has the local extent nl, indices are global
+    (i := i + R - 1, j := j + R - 1) except the sharded index of a sharded read, and comparisons of two indices
+    both shifted by R - 1 are shifted back (j + R - 1 <= i + R - 1  =>  j <= i: the causal mask stays the one
+    the linear form is derived for)."""
+    program: Program
+    outputs: tuple
+    roles: dict               # input name -> (role, axis), as in ShardPlan
+    n: sp.Symbol              # global extent of the shared axis
+    nl: sp.Symbol             # local length (new dim)
+    r1: sp.Symbol             # row0 + 1 (new dim)
+
+    def block_dims(self, dims: dict, row0: int, nl: int) -> dict:
+        return {**dims, self.nl.name: nl, self.r1.name: row0 + 1}
+
+
+def aligned(program: Program, outputs) -> AlignedPlan:
+    """The AlignedPlan of `program` (see the class): the rank-local program of linear forms across ranks."""
+    outputs = tuple(outputs)
+    decl = program.input_map
+    per_out, ns = [], set()
+    for o in outputs:
+        if len(o.vars) < 2:
+            raise UnsupportedError(f"output {o.name}: ring attention needs rows x columns outputs")
+        i = o.vars[-2]
+        jv = _branch_vars(o.expr)
+        n = _extent_symbol(o.extents[-2], f"query (rows of {o.name})")
+        if not jv or any(sy.prove_equal(x, n) is not True for x in jv.values()):
+            raise UnsupportedError(f"output {o.name}: linear forms across ranks need keys on the query axis {n}")
+        ns.add(n)
+        per_out.append((o, i, set(jv)))
+    if len(ns) != 1:
+        raise UnsupportedError(f"ring attention needs one sequence extent across outputs, got {sorted(map(str, ns))}")
+    n = ns.pop()
+    roles = _roles(decl, per_out, n, n)
+    fresh = _fresh_names(program, per_out)
+    nl, r1 = sy.dim(fresh("n_local")), sy.dim(fresh("row0_1"))
+    inputs = []
+    for node in program.inputs:
+        role, ax = roles[node.attrs[0]]
+        if role == REPLICATED:
+            inputs.append(node)
+            continue
+        shape = list(node.shape)
+        shape[ax] = nl
+        inputs.append(ir.input_(node.attrs[0], tuple(shape), node.dtype, node.loc))
+    new_outputs = []
+    for o, i, jv in per_out:
+        gmap = {i: i + r1 - 1, **{j: j + r1 - 1 for j in jv}}
+        expr = _unshift(_rewrite(o.expr, gmap, roles, {}, decl, i, n, jv, n, nl), r1 - 1)
+        new_outputs.append(replace(o, extents=(*o.extents[:-2], nl, o.extents[-1]), expr=expr))
+    guards = program.guards()
+    outs = []
+    for name, node in program.outputs:
+        shape = (*node.shape[:-2], nl, node.shape[-1])
+        outs.append((name, ir.Node("input", (), shape, node.dtype, (name,), node.loc, guards)))
+    prog = replace(program, name=f"{program.name}_ring_rank", dims=(*program.dims, nl, r1), inputs=tuple(inputs),
+                   outputs=tuple(outs))
+    return AlignedPlan(prog, tuple(new_outputs), roles, n, nl, r1)
+
+
+_COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
+
+
+def _unshift(e, shift):
+    """a + shift (op) b + shift  =>  a (op) b, for two indices (an identity: both sides move together)."""
+    if isinstance(e, D.Op) and e.fn in _COMPARISONS and all(isinstance(a, D.Index) for a in e.args):
+        new = [sp.expand(sp.sympify(a.expr) - shift) for a in e.args]
+        syms = shift.free_symbols
+        if all(not (x.free_symbols & syms) for x in new):
+            return replace(e, args=tuple(replace(a, expr=x) for a, x in zip(e.args, new)))
+        return e
+    kids = D.children(e)
+    return D.with_children(e, [_unshift(k, shift) for k in kids]) if kids else e
 
 
 def epilogue_program(plan: ShardPlan, ep: Epilogue) -> Program:

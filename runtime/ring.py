@@ -7,7 +7,8 @@ around the ring with `batch_isend_irecv`, the transfer of the next shard posted 
 current one. Each block returns (O, lse); partials merge with the log-sum-exp rule of the online-softmax
 monoid:  m = max(l1, l2);  O = (O1 e^(l1-m) + O2 e^(l2-m)) / (e^(l1-m) + e^(l2-m));  lse = m + log(...).
 A block with no admissible (i, j) (the tile analysis on the block's whole index box) is not computed; the
-rotation still completes.
+rotation still completes. Causal normalize(...) @ V outputs with a linear form (power, linear attention) do
+not rotate: runtime/ring_linear.py carries their chunk states across ranks instead.
 
 Faults: shapes are exchanged (all_gather) before anything else, so mismatched shards are an InputError on
 every rank. A rank whose block raises keeps the rotation going and announces the failure at the end, so the
@@ -218,6 +219,10 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
         raise RingError("ring attention needs torch.distributed initialised: call "
                         "torch.distributed.init_process_group(...) first (torchrun sets up the environment)")
     timeout = _timeout(timeout)
+    from .ring_linear import linear_kernel, ring_linear
+
+    if linear_kernel(kernel) is not None:   # normalize(...) @ V: the linear form across ranks, no rotation
+        return ring_linear(kernel, inputs, group, timeout, stats)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan, block = block_kernel(kernel)
     prog = kernel.program
@@ -475,8 +480,15 @@ class RingCost:
     single_device_flops: float             # the same program on one device (for comparison)
     single_device_seconds: float
     blocks: list = field(default_factory=list)   # [rank][step] CostReport of the block (None: skipped)
+    form: str = "softmax"                  # "linear": one step per rank, the all_gather of the states (ring_linear)
 
     def summary(self) -> str:
+        if self.form == "linear":
+            return (f"linear form across {self.ranks} x {self.device} ({self.dtype}), {self.interconnect} "
+                    f"{self.interconnect_bandwidth / 1e9:g} GB/s each way: per-rank FLOPs "
+                    f"{min(self.flops):.3g}..{max(self.flops):.3g}, all_gather of the states: bytes sent per rank "
+                    f"{max(self.bytes_sent):.3g} ({max(self.exposed_seconds) * 1e6:.1f} us, not overlapped), no "
+                    f"K/V rotation, predicted {self.predicted_seconds * 1e6:.1f} us")
         return (f"ring on {self.ranks} x {self.device} ({self.dtype}), {self.interconnect} "
                 f"{self.interconnect_bandwidth / 1e9:g} GB/s each way: per-rank FLOPs "
                 f"{min(self.flops):.3g}..{max(self.flops):.3g}, bytes sent per rank {max(self.bytes_sent):.3g}, "
@@ -500,10 +512,14 @@ def ring_cost(kernel, ranks: int, interconnect: str = "nvlink4", dtype: str = "b
         raise InputError(f"ranks must be a positive integer, got {ranks!r}")
     dtype = canonical_dtype(dtype)
     bw, source = INTERCONNECTS[interconnect]
-    plan, block = block_kernel(kernel)
     missing = sorted(d.name for d in kernel.program.dims if d.name not in dims)
     if missing:
         raise InputError(f"ring_cost needs every dim of {kernel.program.name}; missing {', '.join(missing)}")
+    from .ring_linear import linear_kernel, linear_ring_cost
+
+    if linear_kernel(kernel) is not None:
+        return linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, dims)
+    plan, block = block_kernel(kernel)
     n, m = dims[plan.n.name], dims[plan.m.name]
     if shards is None:
         nl = [n * (r + 1) // ranks - n * r // ranks for r in range(ranks)]

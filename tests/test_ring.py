@@ -165,6 +165,86 @@ def _job_mismatch(rank, world, job):
     return out
 
 
+# ---- linear forms across ranks (power, gated power, linear attention): no K/V rotation ------------------------
+
+# in no example: per-head cumulative log-gates plus a decay in the global index, exp(-c i^2 + c j^2), which a rank
+# computes right only if its rows see their global offsets
+POWER_HEADS = """\
+dim h, n, d, e
+in Q[h, n, d], K[h, n, d], V[h, n, e], G[h, n]
+A[a, i, j] = where(j <= i, dot(Q[a, i], K[a, j]) ^ 2 * exp((G[a, i] - 0.0005 * i * i) - (G[a, j] - 0.0005 * j * j)), 0)
+out O[a] = normalize(A[a], axis=-1) @ V[a]
+"""
+
+# name -> (source, params, dims, bounds of the 3 ranks' shards: uneven, empty ones, several chunks of 64 per rank)
+LINEAR = {
+    "power": ("power.moa", {"p": 2}, {"n": 200, "d": 8, "e": 8}, [0, 66, 133, 200]),
+    "power_gated": ("power_gated.moa", {}, {"n": 200, "d": 8, "e": 8}, [0, 90, 131, 200]),
+    "linear": ("linear.moa", {}, {"n": 150, "d": 8, "e": 8}, [0, 0, 70, 150]),
+    "linear_relu": ("linear_relu.moa", {}, {"n": 100, "d": 8, "e": 8}, [0, 40, 40, 100]),
+    "power_heads": (POWER_HEADS, {}, {"h": 2, "n": 150, "d": 4, "e": 5}, [0, 66, 100, 150]),
+}
+
+
+def _compile_linear(name):
+    src, params, _, _ = LINEAR[name]
+    return moa.compile(os.path.join(EXAMPLES, src) if src.endswith(".moa") else src, **params)
+
+
+def _linear_inputs(name, seed=0):
+    """Full float64 inputs with a batch axis of 2 (G, cumulative log-gates, broadcast over it)."""
+    g = torch.Generator().manual_seed(seed)
+    x = LINEAR[name][2]
+    heads = (x["h"],) if "h" in x else ()
+    out = {"Q": torch.randn(2, *heads, x["n"], x["d"], generator=g, dtype=F64),
+           "K": torch.randn(2, *heads, x["n"], x["d"], generator=g, dtype=F64),
+           "V": torch.randn(2, *heads, x["n"], x["e"], generator=g, dtype=F64)}
+    if name in ("power_gated", "power_heads"):
+        out["G"] = torch.cumsum(-0.1 * torch.rand(*heads, x["n"], generator=g, dtype=F64), -1)
+    return out
+
+
+def _linear_shards(kernel, name, full, rank):
+    from moa.runtime.ring_linear import linear_kernel
+
+    plan, _ = linear_kernel(kernel)
+    b = LINEAR[name][3]
+    out = {}
+    for nm, t in full.items():
+        role, ax = plan.roles[nm]
+        pos = t.dim() - kernel.program.input_map[nm].rank + ax
+        out[nm] = t if role == "replicated" else t.narrow(pos, b[rank], b[rank + 1] - b[rank]).contiguous()
+    return out
+
+
+def _job_linear(rank, world, job):
+    from moa.runtime import linear_run
+
+    res = {}
+    for name in LINEAR:
+        k = _compile_linear(name)
+        o, st = k.ring(timeout=120, stats=True, **_linear_shards(k, name, _linear_inputs(name), rank))
+        res[name] = (o, st.bytes_sent)
+    k = _compile_linear("power")
+    local = _linear_shards(k, "power", _linear_inputs("power"), rank)
+    bad = dict(local)
+    if rank == 1:   # one key fewer than its query rows
+        bad["K"], bad["V"] = local["K"][:, 1:], local["V"][:, 1:]
+    try:
+        res["mismatch"] = ("ok", k.ring(timeout=60, **bad))
+    except moa.MoaError as e:
+        res["mismatch"] = (type(e).__name__, str(e))
+    if rank == 2:   # a rank whose chunk states fail: every rank is told, nobody waits for a timeout
+        def states(self, launch):
+            raise RuntimeError("injected failure")
+        linear_run.LinearRunner.states = states
+    try:
+        res["fault"] = ("ok", k.ring(timeout=60, **local))
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        res["fault"] = (type(e).__name__, str(e))
+    return res
+
+
 # ---- the parent ---------------------------------------------------------------------------------------------
 
 def _free_port():
@@ -294,6 +374,33 @@ def test_ring_mismatched_shards_input_error_everywhere(tmp_path):
     assert (got - k(**_inputs("document_mask"))).abs().max().item() <= 1e-12
 
 
+def test_linear_forms_across_ranks(tmp_path):
+    """Power, gated power and linear attention across 3 ranks equal the single-process kernel and the reference."""
+    world = 3
+    recs, wall = _launch(world, {"kind": "linear"}, tmp_path, deadline=180)
+    for r in range(world):
+        assert recs[r]["ok"], f"rank {r}: {recs[r].get('type')}: {recs[r].get('msg')}"
+    for name in LINEAR:
+        k = _compile_linear(name)
+        full = _linear_inputs(name)
+        want, ref = k(**full), k.reference(**full)
+        got = torch.cat([recs[r]["result"][name][0] for r in range(world)], dim=-2)
+        assert got.shape == want.shape
+        for other in (want, ref):
+            err = ((got - other).abs().max() / other.abs().max()).item()
+            assert err <= 1e-12, f"{name}: relative error {err:.3g}"
+    # the all_gather: (T [Z, D, e], z [Z, D]) per rank, Z = 2 batch items, D = C(8 + 1, 2) = 36, e = 8, fp64
+    assert recs[0]["result"]["power"][1] == 2 * (36 * 8 + 36) * 8 * (world - 1)
+    for r in range(world):
+        kind, msg = recs[r]["result"]["mismatch"]
+        assert kind == "InputError" and "rank 1: 67 query rows but 66 keys" in msg, (r, kind, msg)
+        kind, msg = recs[r]["result"]["fault"]
+        if r == 2:
+            assert kind == "RuntimeError" and "injected failure" in msg
+        else:
+            assert kind == "RingError" and "rank 2: RuntimeError: injected failure" in msg, (r, kind, msg)
+
+
 # ---- in-process: the block program, the plan, the cost (no process group) -------------------------------------
 
 def _simulate(kernel, full, nb, mb):
@@ -384,11 +491,38 @@ def test_plan_roles():
 
 
 @pytest.mark.parametrize("src", ["power.moa", "linear.moa", "power_gated.moa"])
-def test_ring_refuses_what_does_not_merge_by_lse(src):
+def test_normalize_runs_in_the_linear_form_not_by_lse(src):
     from moa.runtime.ring import block_kernel
+    from moa.runtime.ring_linear import linear_kernel
 
+    k = moa.compile(os.path.join(EXAMPLES, src))
     with pytest.raises(moa.UnsupportedError, match="ring attention"):
-        block_kernel(moa.compile(os.path.join(EXAMPLES, src)))
+        block_kernel(k)   # no log-sum-exp merge for a normalize branch
+    plan, rank = linear_kernel(k)
+    assert plan.roles["Q"] == ("query", 0) and plan.roles["K"] == ("key", 0)
+    assert rank.linear_plans["O"][0] is not None   # the rank program keeps the causal mask j <= i
+    assert linear_kernel(_compile("causal")) is None
+
+
+def test_ring_refuses_normalize_without_a_linear_form():
+    from moa.runtime.ring_linear import linear_kernel
+
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nA = (Q @ K.T) ^ 2\nout O = normalize(A, axis=-1) @ V\n")
+    with pytest.raises(moa.UnsupportedError, match="only in its linear form.*causal mask"):
+        linear_kernel(k)
+
+
+def test_linear_ring_cost():
+    k = moa.compile(os.path.join(EXAMPLES, "power_gated.moa"))
+    c = k.cost(ranks=4, interconnect="nvlink4", dtype="bf16", n=65536, d=64, e=64)
+    feats = 65 * 64 // 2                                     # D = C(64 + 1, 2)
+    assert c.form == "linear" and c.blocks_total == 4 and c.blocks_skipped == 0
+    assert c.bytes_sent == [3 * (feats * 64 + feats + 1) * 4] * 4   # fp32 states, G at the last row, P - 1 sends
+    assert not c.hides and c.exposed_seconds[0] > 0
+    assert c.flops[0] == c.flops[3] < c.flops[1] == c.flops[2]     # middle ranks run the extra total scan
+    assert 0.99 * c.single_device_flops <= sum(c.flops) <= 1.05 * c.single_device_flops
+    assert c.predicted_seconds < c.single_device_seconds
+    assert "no K/V rotation" in c.summary()
 
 
 def test_ring_without_process_group_is_a_clear_error():

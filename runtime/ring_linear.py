@@ -1,0 +1,312 @@
+"""Linear forms across ranks: causal normalize(...) @ V attention (power, gated power, linear attention) with the
+sequence sharded over P ranks, and no K/V rotation.
+
+Rank r holds rows [r0, r0 + nl) of the sequence axis, for queries and keys alike (moa/shard.py `aligned`: the
+rank program reads its shards with local indices and everything else with global ones). With phi the feature
+map and G the gate (gb of moa/linear.py; 0 when not gated), the state carried to row i is
+S_i = sum_{j <= i} e^(G_i - G_j) phi(k_j) v_j^T (z likewise with v = 1), so
+
+  rank total     T_r = sum_{j in shard r} e^(G_{b_r} - G_j) phi(k_j) v_j^T,   b_r = the shard's last row
+  incoming       S_in(r) = sum_{s < r} e^(G_{b_{r-1}} - G_{b_s}) T_s   (an exclusive prefix over ranks;
+                 computed as the chunk scan does: S <- e^(G_{b_s} - G_{b_s'}) S + T_s over s < r in order)
+
+and the rank's chunked form runs with S_in as the state before its first chunk, relative to G at row r0 - 1
+(= G_{b_{r-1}}). The totals come from the scan kernel (FINAL: the state after the last chunk); one all_gather
+of (T_r [Z, D, e], z_r [Z, D], G_{b_r} [Z]) per rank gives every rank the totals of the ranks before it.
+All_gather rather than a sequential pass: one collective of P x state bytes instead of P - 1 dependent steps.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from moa import shard
+from moa.errors import InputError, UnsupportedError
+
+from .binding import bind, check_offsets
+
+_RANK_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def linear_kernel(kernel):
+    """(AlignedPlan, Kernel of the rank program) when the program's outputs are normalize(...) @ V with a linear
+    form; None when no output has a normalize branch (the softmax ring applies). A normalize(...) @ V output
+    without a linear form is an UnsupportedError naming why."""
+    hit = _RANK_KERNELS.get(kernel)
+    if hit is not None:
+        return hit
+    try:
+        schedules = kernel.schedules
+    except UnsupportedError:
+        return None   # the softmax ring's block program reports what it cannot compile
+    if not any(b.kind == "norm" for s in schedules.values() for b in s.branches):
+        return None
+    from .kernel import Kernel
+
+    for name, (lp, why) in kernel.linear_plans.items():
+        if lp is None:
+            raise UnsupportedError(f"ring attention, output {name}: a normalize(...) @ V output runs across ranks only "
+                                   f"in its linear form (chunk states carried from rank to rank), which does not "
+                                   f"apply: {why}")
+    plan = shard.aligned(kernel.program, kernel.dnf)
+    rank = Kernel(plan.program, plan.outputs, form="linear")
+    for name, (lp, why) in rank.linear_plans.items():
+        if lp is None:
+            raise UnsupportedError(f"ring attention, output {name}: with global row offsets the rank's program has no "
+                                   f"linear form: {why}")
+    hit = (plan, rank)
+    _RANK_KERNELS[kernel] = hit
+    return hit
+
+
+def _compute_dtype(dt, device):
+    return torch.float32 if (dt == torch.bfloat16 and device.type == "cpu") else dt
+
+
+def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
+    """kernel.ring for programs with a linear form (see the module docstring); timeout already normalised."""
+    import torch.distributed as dist
+
+    from . import ring as R
+    from .kernel import DTYPE_NAME
+    from .linear_run import LinearRunner
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    plan, rk = linear_kernel(kernel)
+    prog = kernel.program
+    decl = prog.input_map
+    devs = [t.device for t in inputs.values() if isinstance(t, torch.Tensor)]
+    nccl = "nccl" in str(dist.get_backend(group))
+    cdev = devs[0] if devs and devs[0].type == "cuda" and nccl else torch.device("cpu")
+
+    # 1. shapes: the same exchange and InputError on every rank as the softmax ring
+    local_err = R._local_check(prog, inputs)
+    meta = {"error": local_err}
+    if local_err is None:
+        meta["inputs"] = {n: [list(t.shape), str(t.dtype)] for n, t in inputs.items()}
+    metas = R._gather_json(meta, group, cdev, timeout, rank, "exchanging shard shapes")
+    bad = [f"rank {s}: {m['error']}" for s, m in enumerate(metas) if m["error"]]
+    if bad:
+        raise InputError("ring attention: " + "; ".join(bad))
+    nl, ml, problems = R._lengths(plan, decl, metas)
+    problems += [f"rank {s}: {nl[s]} query rows but {ml[s]} keys; the linear form across ranks needs each rank's "
+                 "query and key shards to be the same rows" for s in range(world) if nl[s] != ml[s]]
+    if problems:
+        raise InputError("ring attention: shards do not match across ranks: " + "; ".join(problems))
+    rows0 = [sum(nl[:s]) for s in range(world)]
+    dims = plan.block_dims({plan.n.name: sum(nl)}, rows0[rank], nl[rank])
+
+    # 2. bind on shapes alone (meta tensors): any rank's failure fails every rank
+    err = None
+    try:
+        fake = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in inputs.items()}
+        check_offsets(plan.program, bind(plan.program, fake, dims))
+    except InputError as e:
+        err = e.message
+    bad = [f"rank {s}: {m}" for s, m in enumerate(R._agree(err, group, cdev, timeout, rank, "checking the shards"))
+           if m]
+    if bad:
+        raise InputError("ring attention: " + "; ".join(bad))
+
+    # 3. local chunk states and this rank's total
+    st = R.RingStats(rank, world)
+    has_prev = any(nl[s] for s in range(rank))
+    need_total = nl[rank] > 0 and any(nl[s] for s in range(rank + 1, world))
+    names = list(rk.output_names)
+    launches, failed = {}, []
+    t0 = time.perf_counter()
+    try:
+        b = bind(plan.program, inputs, dims)
+        dt = b.dtype
+        compute = _compute_dtype(dt, b.device)
+        cgb = rk._cg_binding(b)
+        for name in names:
+            runner = LinearRunner(rk.cg_program, rk.linear_plans[name][0])
+            L = runner.prepare(cgb, compute, DTYPE_NAME[compute])
+            launches[name] = (runner, L)
+            if not L.empty:
+                runner.states(L)
+                if need_total:   # without a prefix from before, the exclusive prefix is stored in the same pass
+                    runner.scan(L, init=False, prefix=not has_prev, final=True)
+    except Exception as e:  # re-raised below, after the others have been told
+        failed.append(e)
+    st.compute_seconds += time.perf_counter() - t0
+    try:
+        _outcome(failed, group, cdev, timeout, rank, "computing the shard states")
+        # 4. the exclusive prefix over ranks: all_gather of every rank's total
+        gated = {nm: rk.linear_plans[nm][0].gb is not None for nm in names}
+        sizes = {nm: (L.zl, L.nfeat, L.e) for nm, (_, L) in launches.items()}
+        acc = torch.float64 if compute == torch.float64 else torch.float32
+        payload = torch.cat([_total(launches[nm][1], gated[nm], need_total, acc) for nm in names]).to(cdev)
+        t1 = time.perf_counter()
+        if payload.numel():
+            parts = [torch.empty_like(payload) for _ in range(world)]
+            R._wait([R._post(lambda: dist.all_gather(parts, payload, group=group, async_op=True), timeout, rank,
+                             "gathering the ranks' states")], timeout, rank, "gathering the ranks' states")
+            st.bytes_sent = payload.numel() * payload.element_size() * (world - 1)
+        else:
+            parts = [payload] * world
+        st.wait_seconds += time.perf_counter() - t1
+
+        # 5. the incoming state, then the prefix and output kernels
+        t0 = time.perf_counter()
+        outs = {}
+        try:
+            off = 0
+            for nm in names:
+                runner, L = launches[nm]
+                zl, nf, e = sizes[nm]
+                width = zl * nf * e + zl * nf + (zl if gated[nm] else 0)
+                if not L.empty and has_prev:
+                    S, z, g = _incoming([p[off:off + width].to(L.out.device) for p in parts[:rank]],
+                                        nl[:rank], zl, nf, e, gated[nm])
+                    S0, z0, g0 = L.carry()
+                    S0[..., :e].copy_(S)
+                    z0.copy_(z)
+                    if g is not None:
+                        g0.copy_(g)
+                    runner.scan(L, init=True, prefix=True, final=False)
+                elif not L.empty and not need_total:
+                    runner.scan(L)
+                out = L.result() if L.empty else runner.output(L)
+                outs[nm] = out if out.dtype == dt else out.to(dt)
+                off += width
+            st.computed.append(rank)
+        except Exception as e:  # re-raised below, after the others have been told
+            failed.append(e)
+        st.compute_seconds += time.perf_counter() - t0
+        _outcome(failed, group, cdev, timeout, rank, "agreeing on the outcome")
+    except R.RingError:
+        if failed:   # this rank's own failure explains the broken ring better
+            raise failed[0] from None
+        raise
+    res = outs[names[0]] if len(names) == 1 else outs
+    return (res, st) if stats else res
+
+
+def _outcome(failed, group, cdev, timeout, rank, what):
+    """Every rank learns whether one failed: the failing rank raises its own error, the others RingError."""
+    from . import ring as R
+
+    why = None
+    if failed:
+        why = f"{type(failed[0]).__name__}: {(str(failed[0]).splitlines() or [''])[0][:300]}"
+    status = R._agree(why, group, cdev, timeout, rank, what)
+    if failed:
+        raise failed[0]
+    bad = [f"rank {s}: {m}" for s, m in enumerate(status) if m]
+    if bad:
+        raise R.RingError("ring attention failed on " + "; ".join(bad))
+
+
+def _total(L, gated, have, acc):
+    """This rank's contribution to the all_gather: (T [Z, D, e], z [Z, D], G at the last row [Z]) flattened;
+    zeros when no later rank needs it (the sizes must agree across ranks)."""
+    width = L.zl * L.nfeat * L.e + L.zl * L.nfeat + (L.zl if gated else 0)
+    if not have or L.carried is None:
+        return torch.zeros(width, dtype=acc, device=L.out.device)
+    S, z, g = L.carried
+    parts = [S[..., :L.e].reshape(-1), z.reshape(-1)] + ([g.reshape(-1)] if gated else [])
+    return torch.cat(parts)
+
+
+def _incoming(parts, lengths, zl, nf, e, gated):
+    """S_in, z_in, G of the last non-empty earlier rank: the exclusive prefix over ranks (module docstring)."""
+    S = z = g = None
+    for p, n in zip(parts, lengths):
+        if not n:
+            continue
+        Ts = p[:zl * nf * e].view(zl, nf, e)
+        zs = p[zl * nf * e:zl * nf * (e + 1)].view(zl, nf)
+        gs = p[zl * nf * (e + 1):].view(zl) if gated else None
+        if S is None:
+            S, z = Ts.clone(), zs.clone()
+        elif gated:
+            f = torch.exp(gs - g)   # e^(G_{b_s} - G_{b_s'}): the decay from the previous rank's last row
+            S, z = S * f[:, None, None] + Ts, z * f[:, None] + zs
+        else:
+            S, z = S + Ts, z + zs
+        g = gs
+    return S, z, g
+
+
+# ---- cost: per-rank linear form, one all_gather of the states, no rotation ------------------------------------
+
+def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, dims):
+    """RingCost of ring_linear (runtime/ring.py ring_cost delegates here): each rank's chunked linear form (the
+    cost model, runtime/costing.py, of the rank program with its global offset) plus, on ranks that both take a
+    carried state and give a total to later ranks, the extra read-only scan pass (2 T F (HV + 1) FLOPs, the
+    states read once); the link: one all_gather of (T_r, z_r, G_r) in the accumulator dtype, each rank sending
+    (P - 1) x its state (a ring all_gather), between the two compute phases, so never hidden. The per-rank
+    combination of the gathered states (P small tensor ops) is not counted."""
+    import math
+
+    from moa import symbolic as sy
+    from moa.devices import canonical_dtype, get_device
+
+    from .costing import cost
+    from .launch import next_pow2
+    from .linear_run import chunk_config
+    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost
+
+    plan, rk = linear_kernel(kernel)
+    dtype = canonical_dtype(dtype)
+    bw, source = INTERCONNECTS[interconnect]
+    dev = get_device(device)
+    n = dims[plan.n.name]
+    if shards is None:
+        nl = [n * (r + 1) // ranks - n * r // ranks for r in range(ranks)]
+    else:
+        nl = list(shards[0])
+        if len(nl) != ranks or sum(nl) != n or (len(shards) > 1 and list(shards[1]) != nl):
+            raise InputError(f"shards must give {ranks} lengths summing to {n}, the same for queries and keys (the "
+                             "linear form across ranks needs each rank's query and key shards to coincide)")
+    rows0 = [sum(nl[:s]) for s in range(ranks)]
+    nb = math.prod((batch,) if isinstance(batch, int) else tuple(batch))
+    acc = 8 if dtype == "float64" else 4
+    names = list(rk.output_names)
+
+    def state(name, d):   # (Z without batch, D, e) of one output
+        lp = rk.linear_plans[name][0]
+        return (math.prod(sy.evaluate(x, d) for _, x in lp.schedule.lead),
+                lp.features(sy.evaluate(lp.branch.dot.extent, d)), sy.evaluate(lp.schedule.col[1], d))
+
+    payload = 0   # bytes each rank puts into the all_gather
+    for name in names:
+        zl, feats, e = state(name, dims)
+        payload += nb * zl * (feats * e + feats + (rk.linear_plans[name][0].gb is not None)) * acc
+    sent = payload * (ranks - 1)
+    gather_s = (ranks - 1) * (payload / bw + LINK_LATENCY) if ranks > 1 else 0.0
+    flops, trans, dbytes, comp, reports = [], [], [], [], []
+    for r in range(ranks):
+        if not nl[r]:
+            flops.append(0)
+            trans.append(0)
+            dbytes.append(0)
+            comp.append(0.0)
+            reports.append([None])
+            continue
+        bd = plan.block_dims(dims, rows0[r], nl[r])
+        rep = cost(rk, dtype=dtype, device=device, batch=batch, **bd)
+        f, by, sec = rep.flops, rep.dram_bytes, rep.predicted_seconds
+        if any(nl[:r]) and any(nl[r + 1:]):   # the extra scan pass that gives the rank's total
+            for name in names:
+                zl, feats, e = state(name, bd)
+                chunk, block_f = chunk_config(torch.device("cuda"), nl[r], feats)
+                t, hv = -(-nl[r] // chunk), max(16, next_pow2(e))
+                xf = nb * zl * 2 * t * (-(-feats // block_f) * block_f) * (hv + 1)
+                xb = nb * zl * acc * t * feats * (e + 1)
+                f, by = f + xf, by + xb
+                sec += max(xf / dev.vector_rate(dtype), xb / dev.hbm_bytes_per_s) + dev.launch_s
+        flops.append(f)
+        trans.append(rep.transcendentals)
+        dbytes.append(by)
+        comp.append(sec)
+        reports.append([rep])
+    single = cost(kernel, dtype=dtype, device=device, batch=batch, **dims)
+    return RingCost(ranks, interconnect, bw, source, device, dtype, flops, trans, dbytes, comp, [[c] for c in comp],
+                    [sent] * ranks, [[sent] for _ in range(ranks)], [[gather_s] for _ in range(ranks)],
+                    ranks == 1, [gather_s] * ranks, sum(1 for x in nl if not x), ranks, max(comp) + gather_s,
+                    single.flops, single.predicted_seconds, reports, form="linear")
