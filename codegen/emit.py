@@ -17,10 +17,10 @@ from moa import intervals as iv
 from moa import ir
 from moa import symbolic as sy
 from moa.errors import UnsupportedError
-from moa.onf import BranchValue, DotTile, Schedule
+from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule
 from moa.program import Program
 
-from .hops import emit_hop_branch, use_hops
+from .hops import emit_hop_branch
 from .printer import code as pcode
 
 TL_DTYPE = {"float64": "tl.float64", "float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
@@ -73,10 +73,11 @@ class AccessSite:
 
 
 def _axis_of(code: str) -> str:
-    """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_head_dim_2' ->
-    'HEAD_DIM_2'."""
+    """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_a' (the residue
+    schedule's a, i = r + s a) -> 'lifted_row'; 'offs_head_dim_2' -> 'HEAD_DIM_2'."""
     base = code.split("[")[0].strip()
-    return {"offs_m": "row", "offs_n": "key", "offs_v": "col"}.get(base, base[len("offs_"):].upper())
+    axes = {"offs_m": "row", "offs_n": "key", "offs_v": "col", "offs_a": "lifted_row"}
+    return axes.get(base, base[len("offs_"):].upper())
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class Emitter:
         self.names: dict = {d: f"dim_{d.name}" for d in program.dims}
         for v, _ in sched.lead:
             self.names[v] = f"idx_{v.name}"
+        if sched.lift is not None:
+            self.names[sched.lift.res] = "res"
+            for b in sched.branches:  # a key residue rho = (r + c) mod s other than r
+                if b.lift is not None and b.lift.base != sched.lift.res:
+                    self.names[b.lift.base] = pcode(b.lift.base_value, self.names)
         self.used_inputs: list = []
         self.counter = 0
         self.head_dims: dict = {}   # extent -> constexpr name
@@ -293,20 +299,29 @@ class Emitter:
             if not lo_ok:
                 sink.append(f"({c} >= 0)")
                 conds.append(sp.Ge(ix, 0, evaluate=False))
-        name = name or self.fresh("ld_")
-        used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index)) if r.index else set()
-        self.loads.append(AccessSite(name, r.name, tuple(sp.sympify(ix) for ix in r.index),
-                                     tuple((v, _axis_of(code)) for v, code in vmap.items() if v in used),
-                                     tuple(conds)))
         other = "0.0" if node.dtype == ir.FLOAT else "0"
         m = " & ".join(masks) if masks else "True"
         if scalar_masks:  # a scalar condition joins a tile mask through tl.where (the interpreter rejects &)
             m = f"tl.where({' & '.join(scalar_masks)}, {m}, False)"
-        load = f"tl.load({' + '.join(parts)}, mask={m}, other={other})"
+        raw = f"tl.load({' + '.join(parts)}, mask={m}, other={other})"
+        load = raw
         if node.dtype == ir.FLOAT and cast:
             load += f".to({self.acc})"
         elif node.dtype == ir.BOOL:
             load = f"({load} != 0)"
+        # the same tile loaded before in this scope or an enclosing one (e.g. Q for a second branch or the gate)
+        hit = scope.lookup(("load", load))
+        if hit is None and load != raw:
+            hit = scope.lookup(("load", raw))
+            hit = hit and (f"{hit}.to({self.acc})" if node.dtype == ir.FLOAT else f"({hit} != 0)")
+        if hit:
+            return hit
+        name = name or self.fresh("ld_")
+        scope.cache[("load", load)] = name
+        used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index)) if r.index else set()
+        self.loads.append(AccessSite(name, r.name, tuple(sp.sympify(ix) for ix in r.index),
+                                     tuple((v, _axis_of(code)) for v, code in vmap.items() if v in used),
+                                     tuple(conds)))
         scope.lines.append(f"{scope.indent}{name} = {load}")
         return name
 
@@ -346,17 +361,27 @@ class Emitter:
         hv = "HEAD_DIM_V"
         rowmap = {i: "offs_m[:, None]", c: "offs_v[None, :]"}
         w = body.lines.append
-        w("    start_m = tl.program_id(0)")
+        w("    pid = tl.program_id(0)" if s.kind == RESIDUE else "    start_m = tl.program_id(0)")
         w("    pid_z = tl.program_id(1)")
         for v, ext in reversed(s.lead):
             w(f"    idx_{v.name} = pid_z % {self.idx(ext, {})}")
             w(f"    pid_z = pid_z // {self.idx(ext, {})}")
         w("    # batch axes (broadcast): row-major decode of what is left of pid_z")
         w("    for_batch_offsets")  # placeholder replaced once the used inputs are known
-        w("    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        if s.kind == RESIDUE:
+            self._residue_rows(w)
+        else:
+            w("    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         w(f"    offs_v = tl.arange(0, {hv})")
-        w("    row_lo = start_m * BLOCK_M  # I_LO: first row of this tile")
-        w(f"    row_hi = tl.minimum(row_lo + BLOCK_M, {self.idx(n_ext, {})}) - 1  # I_HI: last valid row")
+        if s.kind == RESIDUE:
+            st = s.lift.stride
+            w("    a_lo = start_m * BLOCK_M  # I_LO of a lifted branch: first a of this tile")
+            w("    a_hi = tl.minimum(a_lo + BLOCK_M, rows_res) - 1  # I_HI of a lifted branch: last valid a")
+            w(f"    row_lo = res + {st} * a_lo  # I_LO: first row of this tile")
+            w(f"    row_hi = res + {st} * a_hi  # I_HI: last valid row")
+        else:
+            w("    row_lo = start_m * BLOCK_M  # I_LO: first row of this tile")
+            w(f"    row_hi = tl.minimum(row_lo + BLOCK_M, {self.idx(n_ext, {})}) - 1  # I_HI: last valid row")
         for k, b in enumerate(s.branches):
             self._branch(k, b, body, rowmap, block_n)
         w("    # epilogue")
@@ -376,6 +401,24 @@ class Emitter:
             self.stores.append(AccessSite("lse", "lse", (i,), (rows,), (sp.Lt(i, n_ext, evaluate=False),)))
         return self._assemble(out, block_m, block_n, store_lse)
 
+    def _residue_rows(self, w):
+        """The rows of a program of the residue schedule: i = r + s a for one residue r and a tile of a."""
+        rl = self.s.lift
+        st = rl.stride
+        n = self.idx(self.s.row[1], {})
+        w(f"    # residue lifting i = r + {st} a: program_id(0) -> (residue res, tile start_m of a); the residues")
+        w("    # below rows_rem hold rows_q + 1 rows, the others rows_q: no program without a row")
+        w(f"    rows_q = _floordiv({n}, {st})")
+        w(f"    rows_rem = {n} - {st} * rows_q")
+        w("    tiles_long = (rows_q + BLOCK_M) // BLOCK_M")
+        w("    tiles_short = tl.maximum((rows_q + BLOCK_M - 1) // BLOCK_M, 1)")
+        w("    pid_short = pid - rows_rem * tiles_long")
+        w("    res = tl.where(pid_short < 0, pid // tiles_long, rows_rem + pid_short // tiles_short)")
+        w("    start_m = tl.where(pid_short < 0, pid - res * tiles_long, pid_short - (res - rows_rem) * tiles_short)")
+        w(f"    rows_res = {self.idx(rl.rows, {})}  # rows of residue res")
+        w("    offs_a = start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        w(f"    offs_m = res + {st} * offs_a  # query rows i = r + s a")
+
     def _branch(self, k, b, body: _Scope, rowmap, block_n):
         s = self.s
         i, _ = s.row
@@ -394,7 +437,7 @@ class Emitter:
             amap = {i: "offs_m[:, None]", b.dot.var: f"{offs}[None, :]"}
             qa = self._factor(b.dot.a, amap, body, f"q{k}", f"(offs_m[:, None] < {self.idx(s.row[1], {})}) & "
                               f"({offs}[None, :] < {self.idx(b.dot.extent, {})})")
-        if use_hops(b):  # residue structure with a large stride: one key row per query row per hop
+        if b.mode == HOPS:  # one key row per query row per hop (codegen/hops.py)
             emit_hop_branch(self, k, b, body, qa if b.dot is not None else None)
             return
         if b.kind == "softmax":
@@ -404,6 +447,10 @@ class Emitter:
             w(f"    z_i{k} = tl.zeros([BLOCK_M], dtype={self.acc})")
         w(f"    acc{k} = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype={self.acc})")
         names = {iv.I_LO: "row_lo", iv.I_HI: "row_hi", iv.J_LO: "col_lo", iv.J_HI: "col_hi", **self.names}
+        if b.mode == "lift":  # residue-lift: key tiles in b-space, the box over (a, b)
+            names.update({iv.I_LO: "a_lo", iv.I_HI: "a_hi"})
+            w(f"    # lifted by residue-lift: keys {b.lift.var.name} = {sy.show(b.lift.key)}, loop over tiles of "
+              f"{b.var.name}")
         lo = "0" if b.key_lo is None else f"tl.maximum(0, {pcode(b.key_lo, names)})"
         hi = f"{m_ext} - 1" if b.key_hi is None else f"tl.minimum({m_ext} - 1, {pcode(b.key_hi, names)})"
         w(f"    lo{k} = {lo}")
@@ -422,6 +469,8 @@ class Emitter:
             inner = _Scope(loop.lines, "            ", parent=loop)
         iw = inner.lines.append
         smap = {i: "offs_m[:, None]", j: "offs_n[None, :]"}
+        if b.mode == "lift":
+            smap[s.lift.a] = "offs_a[:, None]"
         if b.dot is not None:
             hd = self.head_dim(b.dot.extent)
             offs = f"offs_{hd.lower()}"

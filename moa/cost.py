@@ -17,6 +17,12 @@ Three ingredients, none of which executes the kernel:
 Totals = sum over regions of (executions of the region) x (work of one execution); bytes = sum over access sites of
 lanes x element size. `predict` gives numbers for concrete dims and a tile config, `predict_symbolic` the same
 totals as sympy formulas (Sum over row tiles r and key tiles t where masks make the count data-shaped).
+
+The schedules of the tiled kernel: a branch of kind HOPS runs a hop loop, region ("hop", k), whose iterations are
+range(t_lo, t_hi + 1) of the ONF's Hop evaluated on each row tile (each iteration counts as a visited tile); the
+residue schedule's programs are (residue r, tile of a) pairs with rows r + s a (`row_tiles`: strided row lanes),
+and its lifted branches loop over key tiles in b-space with the box over a. The window-mixing kernel and the
+chunked linear form are counted by moa/cost_launch.py with the same ledger and lane counting.
 """
 from __future__ import annotations
 
@@ -66,14 +72,25 @@ def _components(conds, boxvars):
     return list(comps.values()), scalar
 
 
-def site_lanes(site, env: dict, lengths: dict, starts: dict, ntiles: int) -> np.ndarray:
+def site_lanes(site, env: dict, lengths: dict, starts: dict, ntiles: int, strides: dict | None = None,
+               scalars: dict | None = None) -> np.ndarray:
     """Lanes of one execution of an access site, per tile: an int64 array of length ntiles.
 
     env: dims and leading indices -> ints; lengths: axis -> tile length (BLOCK_M, BLOCK_N, padded head dims);
-    starts: axis -> per-tile first index (arrays of length ntiles; 'col' and head axes start at 0)."""
+    starts: axis -> per-tile first index (arrays of length ntiles; 'col' and head axes start at 0); strides:
+    axis -> lane step (1 unless given: the residue schedule's rows r + s a); scalars: symbol -> per-tile value
+    of a program scalar that is no tile axis (the residue r)."""
     axes = dict(site.axes)
+    strides = strides or {}
     if ntiles == 0:
         return np.zeros(0, dtype=np.int64)
+    if scalars:  # a program scalar is an axis of length 1 starting at its value
+        used = set().union(*(c.free_symbols for c in site.conds)) if site.conds else set()
+        lengths, starts = dict(lengths), dict(starts)
+        for sym, val in scalars.items():
+            if sym in used and sym not in axes:
+                axes[sym] = f"scalar {sym.name}"
+                lengths[axes[sym]], starts[axes[sym]] = 1, val
     subs = {k: sp.Integer(v) for k, v in env.items() if isinstance(k, sp.Symbol)}
     conds = []
     for c in site.conds:
@@ -102,7 +119,8 @@ def site_lanes(site, env: dict, lengths: dict, starts: dict, ntiles: int) -> np.
             L = lengths[axes[v]]
             shape = [1] * (1 + nv)
             shape[1 + k] = L
-            grids[v] = uniq[:, k].reshape([len(uniq)] + [1] * nv) + np.arange(L).reshape(shape)
+            step = strides.get(axes[v], 1)
+            grids[v] = uniq[:, k].reshape([len(uniq)] + [1] * nv) + step * np.arange(L).reshape(shape)
         ok = np.ones([len(uniq)] + [lengths[axes[v]] for v in vs], dtype=bool)
         for c in cs:
             ok = ok & np.broadcast_to(np_eval(c, grids), ok.shape)
@@ -122,34 +140,109 @@ class BranchTiles:
     partial: np.ndarray     # bool: the mask code runs (visited tiles only are meaningful)
 
 
+@dataclass
+class RowTiles:
+    """The programs of a schedule along the grid's first axis: row tiles (contiguous rows), or for the residue
+    schedule (i = r + s a) tiles of a per residue r. Arrays have one entry per program."""
+    count: int
+    ilo: np.ndarray          # I_LO, I_HI: the first and last valid row i
+    ihi: np.ndarray
+    base: np.ndarray         # first lane of the rows (offs_m), in steps of `stride`
+    stride: int
+    alo: np.ndarray | None = None   # residue schedule: the box of a (a lifted branch's I_LO, I_HI)
+    ahi: np.ndarray | None = None
+    scalars: dict = field(default_factory=dict)   # symbol -> per-program value (the residue r)
+    rows: list = field(default_factory=list)      # [(first program, rows i of its tiles, a of them)] per residue
+
+
+def row_tiles(sched, env: dict, n: int, bm: int) -> RowTiles:
+    """The programs of `sched` (see RowTiles), as the kernel maps program_id(0) to rows."""
+    rl = getattr(sched, "lift", None)
+    if rl is None:
+        lo = np.arange(0, n, bm, dtype=np.int64)
+        return RowTiles(len(lo), lo, np.minimum(lo + bm, n) - 1, lo, 1,
+                        rows=[(0, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))])
+    st = rl.stride
+    res, alo, groups = [], [], []
+    for r in range(st):
+        nrows = (n - 1 - r) // st + 1 if r < n else 0
+        a = np.arange(nrows, dtype=np.int64)
+        groups.append((len(res), r + st * a, a))
+        for a0 in range(0, nrows, bm):
+            res.append(r)
+            alo.append(a0)
+    res, alo = np.array(res, dtype=np.int64), np.array(alo, dtype=np.int64)
+    ahi = np.minimum(alo + bm, (n - 1 - res) // st + 1) - 1
+    scal = {rl.res: res}
+    for b in sched.branches:   # a lifted branch's key residue rho = (r + c) mod s, named in the kernel
+        lift = getattr(b, "lift", None)
+        if lift is not None and lift.base != rl.res and getattr(lift, "base_value", None) is not None:
+            scal[lift.base] = np.broadcast_to(np_eval(lift.base_value, {**env, rl.res: res}), res.shape)
+    return RowTiles(len(res), res + st * alo, res + st * ahi, res + st * alo, st, alo, ahi, scal, groups)
+
+
 def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
     """Iterations of branch b's key loop in every row tile: the ONF formulas evaluated like the kernel does."""
     R = -(-n // bm)
     r = np.arange(R, dtype=np.int64)
-    ilo, ihi = r * bm, np.minimum(r * bm + bm, n) - 1
+    return key_iterations(b, env, r * bm, np.minimum(r * bm + bm, n) - 1, m, bn)
+
+
+def key_iterations(b, env: dict, ilo, ihi, m, bn: int) -> BranchTiles:
+    """Iterations of branch b's key loop for programs with row boxes [ilo, ihi] (arrays) and key extents m (an
+    int or an array: a lifted branch's keys depend on the residue); env may hold per-program arrays."""
+    R = len(ilo)
+    m = np.broadcast_to(np.asarray(m, dtype=np.int64), (R,))
     if b.skip is sp.true:
         z = np.zeros(0, dtype=np.int64)
         return BranchTiles(z, z, z.astype(bool), z.astype(bool))
+    r = np.arange(R, dtype=np.int64)
     e = {**env, iv.I_LO: ilo, iv.I_HI: ihi}
     lo = np.zeros(R, dtype=np.int64) if b.key_lo is None else \
         np.broadcast_to(np.maximum(0, np_eval(b.key_lo, e)), (R,)).astype(np.int64)
     lo = (lo // bn) * bn
-    hi = np.full(R, m - 1, dtype=np.int64) if b.key_hi is None else \
+    hi = m - 1 if b.key_hi is None else \
         np.broadcast_to(np.minimum(m - 1, np_eval(b.key_hi, e)), (R,)).astype(np.int64)
     cnt = np.maximum(0, -(-(hi + 1 - lo) // bn))
     rows = np.repeat(r, cnt)
     first = np.cumsum(cnt) - cnt
     starts = lo[rows] + (np.arange(len(rows)) - first[rows]) * bn
-    te = {**env, iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts,
-          iv.J_HI: np.minimum(starts + bn, m) - 1}
+    te = {**{k: (v[rows] if isinstance(v, np.ndarray) and v.shape == (R,) else v) for k, v in env.items()},
+          iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts, iv.J_HI: np.minimum(starts + bn, m[rows]) - 1}
     skip = np.zeros(len(rows), dtype=bool) if b.skip is sp.false else \
         np.broadcast_to(np_eval(b.skip, te), (len(rows),)).astype(bool)
     if b.full is sp.false:
         partial = np.ones(len(rows), dtype=bool)
     else:
-        partial = np.logical_or(np.logical_not(np_eval(b.full, te)), starts + bn > m)
+        partial = np.logical_or(np.logical_not(np_eval(b.full, te)), starts + bn > m[rows])
         partial = np.broadcast_to(partial, (len(rows),)).astype(bool)
     return BranchTiles(rows, starts, ~skip, partial)
+
+
+@dataclass
+class HopIters:
+    """The hop-loop iterations of one branch (codegen/hops.py) over all row tiles, one entry per iteration."""
+    rows: np.ndarray        # row tile index
+    hops: np.ndarray        # the hop t
+
+
+def hop_iterations(b, env: dict, n: int, bm: int) -> HopIters:
+    """range(t_lo, t_hi + 1) of every row tile: the ONF's hop bounds evaluated like the kernel does."""
+    r = np.arange(-(-n // bm), dtype=np.int64)
+    return hop_iters(b, env, r * bm, np.minimum(r * bm + bm, n) - 1)
+
+
+def hop_iters(b, env: dict, ilo, ihi) -> HopIters:
+    """The hop loop's iterations for programs with row boxes [ilo, ihi] (env may hold per-program arrays)."""
+    R = len(ilo)
+    r = np.arange(R, dtype=np.int64)
+    e = {**env, iv.I_LO: ilo, iv.I_HI: ihi}
+    lo = np.broadcast_to(np_eval(b.hop.t_lo, e), (R,)).astype(np.int64)
+    hi = np.broadcast_to(np_eval(b.hop.t_hi, e), (R,)).astype(np.int64)
+    cnt = np.maximum(0, hi - lo + 1)
+    rows = np.repeat(r, cnt)
+    first = np.cumsum(cnt) - cnt
+    return HopIters(rows, lo[rows] + np.arange(len(rows)) - first[rows])
 
 
 # ---- the mask predicate on index grids (tiles_needed) ------------------------------------------------------
@@ -223,6 +316,82 @@ def tiles_needed(b, row_var, env: dict, n: int, m: int, bm: int, bn: int) -> int
     return total
 
 
+def hops_needed(b, row_var, env: dict, n: int, m: int, bm: int) -> int:
+    """(query tile, hop) pairs holding an (i, j) whose mask may hold, j = key(i, t): the mask evaluated on the
+    index grid and each admissible pair mapped to its hop t = (key(i, 0) - j) / stride (independent of the hop
+    bounds the kernel loops over)."""
+    R = -(-n // bm)
+    if R == 0 or m == 0:
+        return 0
+    h = b.hop
+    j = np.arange(m, dtype=np.int64)
+    total = 0
+    group = max(1, (1 << 22) // max(1, bm * m))
+    for r0 in range(0, R, group):
+        r1 = min(R, r0 + group)
+        i = np.arange(r0 * bm, min(n, r1 * bm), dtype=np.int64)
+        env_ij = {**env, row_var: i[:, None], b.var: j[None, :]}
+        res = _mask3(b.mask, env_ij)
+        poss = np.broadcast_to(res[1] if res[0] == "b" else True, (len(i), m))
+        key0 = np.broadcast_to(np_eval(h.key.xreplace({h.var: 0}), {**env, row_var: i[:, None]}), (len(i), 1))
+        ii, jj = np.nonzero(poss)
+        if len(ii):
+            pairs = np.stack([i[ii] // bm, (key0[ii, 0] - jj) // h.stride], axis=1)
+            total += len(np.unique(pairs, axis=0))
+    return total
+
+
+def residue_needed(b, sched, env: dict, rt: RowTiles, bm: int, bn: int, hop: bool) -> int:
+    """tiles_needed of a branch of the residue schedule: (program, key tile or hop) pairs holding a pair whose
+    mask may hold, over the rows i = r + s a of each residue's tiles; a lifted branch on its (a, b) grid."""
+    rl, i = sched.lift, sched.row[0]
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for first, ivals, avals in rt.rows:
+        if len(ivals) == 0:
+            continue
+        e = {**env, rl.res: int(ivals[0] - rl.stride * avals[0])}
+        ncols = int(np_eval(b.extent, e))
+        cols = np.arange(max(0, ncols), dtype=np.int64)
+        step = max(1, (1 << 22) // max(1, len(cols)))
+        for q0 in range(0, len(ivals), step):
+            iv_, av_ = ivals[q0:q0 + step, None], avals[q0:q0 + step, None]
+            grid = {**e, i: iv_, rl.a: av_, b.var: cols[None, :]}
+            res = _mask3(b.mask, grid) if b.mask is not None else ("b", True, True)
+            poss = np.broadcast_to(res[1] if res[0] == "b" else True, (len(iv_), len(cols)))
+            ii, jj = np.nonzero(poss)
+            if hop:
+                key0 = np.broadcast_to(np_eval(b.hop.key.xreplace({b.hop.var: 0}), grid), (len(iv_), 1))
+                bucket = (key0[ii, 0] - cols[jj]) // b.hop.stride
+            else:
+                bucket = cols[jj] // bn
+            found.append(np.stack([first + av_[ii, 0] // bm, bucket], axis=1))
+    return len(np.unique(np.concatenate(found), axis=0))
+
+
+def window_hops_needed(sched, env: dict, n: int, bm: int) -> int:
+    """(row tile, hop r) pairs of the window-mixing kernel holding a valid row i for which hop r is admissible:
+    its guard g(i, r) may hold (the key row exists) and row i has a slot j whose mask may hold."""
+    from . import symbolic as sy
+
+    b = sched.branches[0]
+    mx, i = b.mix, sched.row[0]
+    W, J = sy.evaluate(mx.extent, env), sy.evaluate(b.extent, env)
+    R = -(-n // bm)
+    if R == 0 or W <= 0 or J <= 0:
+        return 0
+    rows = np.arange(n, dtype=np.int64)[:, None]
+    row_ok = np.ones(n, dtype=bool)
+    if b.mask is not None:
+        res = _mask3(b.mask, {**env, i: rows, b.var: np.arange(J, dtype=np.int64)[None, :]})
+        row_ok = np.broadcast_to(res[1] if res[0] == "b" else True, (n, J)).any(axis=1)
+    need = np.broadcast_to(row_ok[:, None], (n, W))
+    if mx.guard is not None:
+        res = _mask3(mx.guard, {**env, i: rows, mx.var: np.arange(W, dtype=np.int64)[None, :]})
+        need = need & np.broadcast_to(res[1] if res[0] == "b" else True, (n, W))
+    need = np.concatenate([need, np.zeros((R * bm - n, W), dtype=bool)], axis=0)
+    return int(need.reshape(R, bm, W).any(axis=1).sum())
+
+
 # ---- numeric prediction -------------------------------------------------------------------------------------
 
 @dataclass
@@ -267,7 +436,8 @@ def _next_pow2(x: int) -> int:
 
 
 def _axis_lengths(cvals: dict) -> dict:
-    out = {"row": cvals[BLOCK_M], "key": cvals[BLOCK_N], "col": cvals[HEAD_DIM_V]}
+    out = {"row": cvals[BLOCK_M], "key": cvals[BLOCK_N], "col": cvals[HEAD_DIM_V], "hop": 1,
+           "lifted_row": cvals[BLOCK_M]}
     for k, v in cvals.items():
         if k.name.startswith("HEAD_DIM") and k.name != "HEAD_DIM_V":
             out[k.name] = v
@@ -276,7 +446,8 @@ def _axis_lengths(cvals: dict) -> dict:
 
 def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes: dict,
             needed: bool = True) -> Counts:
-    """Counters of one output's kernel for concrete dims and the tile config baked into `spec`.
+    """Counters of one output's kernel for concrete dims and the tile config baked into `spec` (the tiled, hops or
+    residue schedule: key-tile loops, hop loops, lifted key-tile loops in b-space).
 
     elem_bytes: tensor name (inputs, the output, 'lse') -> bytes per element as the kernel sees it."""
     led = ledger(program, spec)
@@ -297,20 +468,31 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
     # do the leading indices matter anywhere (bounds, skip tests, access masks)?
     leadvars = {v for v, _ in lead}
     formulas = [x for b in sched.branches for x in (b.key_lo, b.key_hi, b.skip, b.full) if x is not None]
+    formulas += [x for b in sched.branches if b.hop is not None for x in (b.hop.t_lo, b.hop.t_hi)]
     formulas += [c for s in (*spec.loads, *spec.stores) for c in s.conds]
     per_lead = any(sp.sympify(f).free_symbols & leadvars for f in formulas) or \
         (needed and any(b.mask is not None and D.free_vars(b.mask) & leadvars for b in sched.branches))
     combos = list(itertools.product(*(range(x) for _, x in lead))) if per_lead else [None]
     weight = nb * (1 if per_lead else math.prod(x for _, x in lead))
-    R = -(-n // bm)
-    row_starts = np.arange(R, dtype=np.int64) * bm
+    residue = getattr(sched, "lift", None) is not None
     for combo in combos:
         env = dict(denv)
         if combo is not None:
             env.update({v: val for (v, _), val in zip(lead, combo)})
+        rt = row_tiles(sched, env, n, bm)
+        penv = {**env, **rt.scalars}   # per-program values (the residue r)
+        R = rt.count
         c = Counts(programs=R)
-        tiles = {k: branch_tiles(b, env, n, sy.evaluate(b.extent, dims), bm, bn)
-                 for k, b in enumerate(sched.branches)}
+        hops = {k: hop_iters(b, penv, rt.ilo, rt.ihi) for k, b in enumerate(sched.branches)
+                if ("hop", k) in led.regions}
+        tiles = {}
+        for k, b in enumerate(sched.branches):
+            if k in hops:
+                continue
+            lifted = getattr(b, "lift", None) is not None
+            lo, hi = (rt.alo, rt.ahi) if lifted else (rt.ilo, rt.ihi)
+            m = np_eval(b.extent, penv) if residue else sy.evaluate(b.extent, dims)
+            tiles[k] = key_iterations(b, penv, lo, hi, m, bn)
         mult = {"program": R, "lse": R if "lse" in led.regions else 0}
         for k, t in tiles.items():
             mult[("iter", k)] = len(t.rows)
@@ -319,7 +501,15 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
             c.tiles_visited += mult[("visit", k)]
             if needed:
                 b = sched.branches[k]
-                c.tiles_needed += tiles_needed(b, i_var, env, n, sy.evaluate(b.extent, dims), bm, bn)
+                c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, False) if residue else \
+                    tiles_needed(b, i_var, env, n, sy.evaluate(b.extent, dims), bm, bn)
+        for k, h in hops.items():  # a hop loop: every (row tile, hop) iteration is a visited tile
+            mult[("hop", k)] = len(h.rows)
+            c.tiles_visited += len(h.rows)
+            if needed:
+                b = sched.branches[k]
+                c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, True) if residue else \
+                    hops_needed(b, i_var, env, n, sy.evaluate(b.extent, dims), bm)
         for region, (dot, other, trans) in work.items():
             k = mult.get(region, 0)
             c.dot_flops += k * dot
@@ -327,25 +517,29 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
             c.transcendentals += k * trans
         for region, w in led.regions.items():
             if region in ("program", "lse"):
-                sel = None
+                prog = np.arange(R, dtype=np.int64)
+                starts = {}
+            elif region[0] == "hop":
+                h = hops[region[1]]
+                prog, starts = h.rows, {"hop": h.hops}
             else:
                 t = tiles[region[1]]
                 sel = np.ones(len(t.rows), dtype=bool) if region[0] == "iter" else \
                     t.visited if region[0] == "visit" else t.visited & t.partial
+                prog, starts = t.rows[sel], {"key": t.starts[sel]}
+            starts["row"] = rt.base[prog]
+            if rt.alo is not None:
+                starts["lifted_row"] = rt.alo[prog]
+            scal = {sym: v[prog] for sym, v in rt.scalars.items()}
             for names, sites, loading in ((w.loads, led.loads, True), (w.stores, led.stores, False)):
                 for name in names:
                     site = sites[name]
-                    if sel is None:
-                        lanes = int(site_lanes(site, env, lengths, {"row": row_starts}, R).sum())
-                    else:
-                        rows, starts = t.rows[sel], t.starts[sel]
-                        lanes = int(site_lanes(site, env, lengths, {"row": rows * bm, "key": starts},
-                                               len(rows)).sum())
+                    lanes = int(site_lanes(site, env, lengths, starts, len(prog), {"row": rt.stride}, scal).sum())
                     nbytes = lanes * elem_bytes[site.tensor]
                     if loading:
                         c.dram_bytes_loaded += nbytes
                         c.loaded_by_tensor[site.tensor] = c.loaded_by_tensor.get(site.tensor, 0) + nbytes
-                        if sel is not None:
+                        if region not in ("program", "lse"):
                             c.loop_loaded_by_tensor[site.tensor] = \
                                 c.loop_loaded_by_tensor.get(site.tensor, 0) + nbytes
                     else:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import sympy as sp
 
 from . import intervals as iv
+from .errors import UnsupportedError
 from .onf import Schedule
 
 from .cost import _components
 from .cost_common import BLOCK_M, BLOCK_N, HEAD_DIM_V, KEY_TILE, ROW_TILE, csym
+
 from .ledger import ledger
+
+HOP = sp.Symbol("h", integer=True)   # the hop of a hop loop (codegen/hops.py)
 
 
 # ---- symbolic prediction ---------------------------------------------------------------------------------------
@@ -43,10 +47,20 @@ def _interval_1d(conds, v):
     return lo, hi
 
 
-def _lanes_formula(site, bases: dict, lengths: dict):
-    """Lanes of one execution of an access site as a sympy formula in the tile starts (bases: axis -> start)."""
+def lanes_formula(site, bases: dict, lengths: dict):
+    """Lanes of one execution of an access site as a sympy formula in the tile starts (bases: axis -> start).
+    A variable on an axis of length 1 (a hop, a loop or program index) is its base."""
     axes = dict(site.axes)
-    comps, scalar = _components(list(site.conds), list(axes))
+    scal = {v: sp.sympify(bases.get(a, 0)) for v, a in axes.items() if lengths.get(a) == 1}
+    conds = []
+    for c in site.conds:
+        c = c.xreplace(scal) if scal else c
+        if c is sp.false:
+            return sp.Integer(0)
+        if c is not sp.true:
+            conds.append(c)
+    axes = {v: a for v, a in axes.items() if v not in scal}
+    comps, scalar = _components(conds, list(axes))
     f = sp.Integer(1)
     for c in scalar:
         f *= Iverson(c)
@@ -93,7 +107,7 @@ class Iverson(sp.Function):
 
 
 def _row_count(n):
-    """Valid rows of row tile r, as _lanes_formula writes it for the condition i < n."""
+    """Valid rows of row tile r, as lanes_formula writes it for the condition i < n."""
     ilo = ROW_TILE * BLOCK_M
     return sp.Max(0, sp.Min(ilo + BLOCK_M - 1, n - 1) - ilo + 1)
 
@@ -119,18 +133,25 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
     Sums run over row tiles r < ceiling(n / BLOCK_M) and the key tiles t of each row tile's loop; they are left
     unevaluated where a mask shapes them (sympy `Sum`; substitute numbers and call `.doit()` to evaluate).
     Closed forms are used where they are exact: sum over row tiles of the valid rows = n, likewise keys."""
+    if getattr(sched, "lift", None) is not None:
+        raise UnsupportedError(f"output {sched.output}: the cost model has no formulas for the residue schedule "
+                               f"(rows r + s a per program); pass every dim for numbers")
     led = ledger(program, spec)
     bm, bn = BLOCK_M, BLOCK_N
-    lengths = {"row": bm, "key": bn, "col": HEAD_DIM_V}
+    lengths = {"row": bm, "key": bn, "col": HEAD_DIM_V, "hop": 1}
     for name, _ in spec.head_dims:
         lengths[name] = csym(name)
     _, n = sched.row
     R = sp.ceiling(n / bm)
     r, t = ROW_TILE, KEY_TILE
     ilo, ihi = r * bm, sp.Min(r * bm + bm, n) - 1
-    loops = {}
+    loops, hops = {}, {}
     for k, b in enumerate(sched.branches):
         m = b.extent
+        if ("hop", k) in led.regions:   # hop loop (codegen/hops.py): t in [t_lo, t_hi] per row tile
+            rows = {iv.I_LO: ilo, iv.I_HI: ihi}
+            hops[k] = (b.hop.t_lo.xreplace(rows), b.hop.t_hi.xreplace(rows))
+            continue
         if b.skip is sp.true:
             loops[k] = None
             continue
@@ -149,6 +170,11 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
         if region in ("program", "lse"):
             return _sum_full(expr, r, _row_count(n), n, R)
         kind, k = region
+        if kind == "hop":
+            lo_h, hi_h = hops[k]
+            inner = sp.Sum(expr, (HOP, lo_h, sp.Max(hi_h, lo_h - 1))) if expr.has(HOP) else \
+                expr * sp.Max(0, hi_h - lo_h + 1)
+            return _sum_full(inner, r, _row_count(n), n, R)
         lo_t, hi_t, vis, part, full_rect, m = loops[k]
         ind = sp.true if kind == "iter" else vis if kind == "visit" else part
         if full_rect and ind is sp.true:
@@ -168,8 +194,10 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
     for k in loops:
         if loops[k] is not None:
             totals["tiles"] += region_sum(("visit", k), sp.Integer(1))
+    for k in hops:   # every hop iteration is a visited tile
+        totals["tiles"] += region_sum(("hop", k), sp.Integer(1))
     for region, w in led.regions.items():
-        if region == "lse" or (region != "program" and loops.get(region[1]) is None):
+        if region == "lse" or (region != "program" and region[0] != "hop" and loops.get(region[1]) is None):
             continue
         ex = region_sum(region, sp.Integer(1))
         totals["dot"] += ex * w.dot
@@ -178,7 +206,7 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
         for names, sites, key in ((w.loads, led.loads, "loaded"), (w.stores, led.stores, "stored")):
             for name in names:
                 site = sites[name]
-                lanes = _lanes_formula(site, {"row": ilo, "key": t * bn}, lengths)
+                lanes = lanes_formula(site, {"row": ilo, "key": t * bn, "hop": HOP}, lengths)
                 totals[key] += region_sum(region, lanes) * elem_bytes[site.tensor]
     f = {key: _padded(over_lead(val), spec) for key, val in totals.items()}
     return {"flops": f["dot"] + f["other"], "dot_flops": f["dot"], "transcendentals": f["trans"],

@@ -72,32 +72,41 @@ def _broadcast(*shapes):
 
 
 class _Walker:
-    """Walks the generated module's AST; see `ledger`."""
+    """Walks one function of the generated module's AST; see `ledger`.
 
-    def __init__(self, tree: ast.Module, program, output: str):
+    Regions: "program"; ("iter", k), ("visit", k), ("partial", k) of branch k's key loop; ("hop", k) of its hop
+    loop (codegen/hops.py); ("loop", q) of any other loop (the q-th in the function: window hops, chunk scans);
+    "lse". `consts`: constexprs fixed at launch (INIT, PREFIX ...) whose `if NAME:` blocks are decided statically.
+    `ptr_elems`: element kind of pointers that are not program inputs (f, i, b)."""
+
+    def __init__(self, tree: ast.Module, program, output: str, consts=None, ptr_elems=None):
         self.funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
         self.program, self.output = program, output
+        self.consts = dict(consts or {})
+        self.ptr_elems = dict(ptr_elems or {})
         self.regions: dict = defaultdict(Work)
         self.region: object = "program"
         self.branch = None
         self.target = None
+        self.loops = 0
 
     def count(self, what: str, amount):
         w = self.regions[self.region]
         setattr(w, what, getattr(w, what) + sp.sympify(amount))
 
-    def run(self) -> dict:
-        fn = self.funcs["_attn_fwd"]
+    def run(self, fn_name: str = "_attn_fwd") -> dict:
+        fn = self.funcs[fn_name]
         env = {}
         inputs = self.program.input_map
         for a in fn.args.args:
             name = a.arg
             if isinstance(a.annotation, ast.Attribute) and a.annotation.attr == "constexpr":
-                env[name] = _V("pyb") if name == "STORE_LSE" else _V("c", value=csym(name))
+                env[name] = _V("pyb") if name == "STORE_LSE" or name in self.consts else _V("c", value=csym(name))
             elif name.endswith("_ptr"):
                 base = name[:-4]
                 node = inputs.get(base)
-                elem = "f" if node is None or node.dtype == ir.FLOAT else "b" if node.dtype == ir.BOOL else "i"
+                elem = self.ptr_elems.get(base) or (
+                    "f" if node is None or node.dtype == ir.FLOAT else "b" if node.dtype == ir.BOOL else "i")
                 env[name] = _V("p", (), elem, base)
             elif name == "lse_out":
                 env[name] = _V("p", (), "f", "lse")
@@ -114,21 +123,35 @@ class _Walker:
                 saved, self.target = self.target, name
                 env[name] = self.expr(s.value, env)
                 self.target = saved
+            elif isinstance(s, ast.AugAssign) and isinstance(s.target, ast.Name):
+                name = s.target.id
+                saved, self.target = self.target, name
+                env[name] = self.binop(s.op, env[name], self.expr(s.value, env))
+                self.target = saved
             elif isinstance(s, ast.For):
+                if self.region != "program" or not (isinstance(s.iter, ast.Call) and isinstance(s.target, ast.Name)):
+                    raise UnsupportedError("cost model: unexpected (nested) loop in the generated kernel")
                 self.expr(s.iter, env)
                 lo = s.iter.args[0]
-                if not (isinstance(lo, ast.Name) and lo.id.startswith("lo")):
-                    raise UnsupportedError("cost model: unexpected loop in the generated kernel")
                 saved = self.region, self.branch
-                self.branch = int(lo.id[2:])
-                # a loop without a skip test visits every iteration: its body is the 'visit' region
-                tested = any(isinstance(x, ast.If) and isinstance(x.test, ast.Compare) and
-                             isinstance(x.test.left, ast.Name) and x.test.left.id == "tile_skip" for x in s.body)
-                self.region = ("iter" if tested else "visit", self.branch)
+                if isinstance(lo, ast.Name) and lo.id[:2] == "lo" and lo.id[2:].isdigit():
+                    self.branch = int(lo.id[2:])
+                    # a loop without a skip test visits every iteration: its body is the 'visit' region
+                    tested = any(isinstance(x, ast.If) and isinstance(x.test, ast.Compare) and
+                                 isinstance(x.test.left, ast.Name) and x.test.left.id == "tile_skip" for x in s.body)
+                    self.region = ("iter" if tested else "visit", self.branch)
+                elif s.target.id == "hop" and isinstance(lo, ast.Name) and lo.id.startswith("t_lo"):
+                    self.branch = int(lo.id[4:])
+                    self.region = ("hop", self.branch)
+                else:
+                    self.region = ("loop", self.loops)
+                    self.loops += 1
                 self.regions[self.region]  # noqa: B018  (the region exists even when it does no counted work)
                 env[s.target.id] = _V("i")
                 self.block(s.body, env)
                 self.region, self.branch = saved
+            elif isinstance(s, ast.If) and isinstance(s.test, ast.Name) and s.test.id in self.consts:
+                self.block(s.body if self.consts[s.test.id] else s.orelse, env)   # decided at launch
             elif isinstance(s, ast.If):
                 test = s.test
                 if isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "tile_skip":
@@ -251,7 +274,11 @@ class _Walker:
         if name == "arange":
             return _V("i", (args[1].value,))
         if name in ("zeros", "full"):
-            return _V("f", tuple(x.value for x in args[0].value))
+            pos = 1 if name == "zeros" else 2
+            dt = kw.get("dtype", args[pos] if len(args) > pos else None)
+            return _V(dt.elem if dt is not None and dt.kind == "dt" else "f", tuple(x.value for x in args[0].value))
+        if name == "cdiv":
+            return _V("c", value=None) if all(a.kind in _PY for a in args) else _V("i")
         if name == "load":
             ptr = args[0]
             mask = kw.get("mask")
@@ -304,15 +331,22 @@ _LEDGERS: dict = {}
 
 
 def ledger(program, spec) -> Ledger:
-    """The per-region work of a generated kernel (cached by source text)."""
-    key = spec.source
+    """The per-region work of a generated tiled kernel (cached by source text)."""
+    return function_ledger(program, spec.source, "_attn_fwd", spec.loads, spec.stores, spec.output)
+
+
+def function_ledger(program, source: str, fn: str, loads, stores, output: str = "", consts=None,
+                    ptr_elems=None) -> Ledger:
+    """The per-region work of one function of a generated module, with its access sites (cached)."""
+    key = (source, fn, tuple(sorted((consts or {}).items())), tuple(sorted((ptr_elems or {}).items())))
     if key not in _LEDGERS:
-        regions = _Walker(ast.parse(spec.source), program, spec.output).run()
-        loads = {s.name: s for s in spec.loads}
-        stores = {s.name: s for s in spec.stores}
+        regions = _Walker(ast.parse(source), program, output, consts, ptr_elems).run(fn)
+        loads = {s.name: s for s in loads}
+        stores = {s.name: s for s in stores}
         for r, w in regions.items():
             missing = [x for x in w.loads if x not in loads] + [x for x in w.stores if x not in stores]
             if missing:
-                raise UnsupportedError(f"cost model: accesses {missing} in region {r} have no emitter record")
+                raise UnsupportedError(f"cost model: accesses {missing} in region {r} of {fn} have no emitter "
+                                       f"record")
         _LEDGERS[key] = Ledger(regions, loads, stores)
     return _LEDGERS[key]

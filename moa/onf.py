@@ -7,16 +7,27 @@ For an output <lead... i c> psi O whose DNF is an elementwise epilogue E over mo
   a contraction +red_k A(i, k) * B(j, k) inside a score -> one tl.dot of a [BLOCK_M, d] and a [BLOCK_N, d] tile;
   the mask predicate of `where(P, s, -inf)` -> loop bounds (key_range) and a per-tile skip / full test.
 The schedule is target-independent apart from the block sizes, which the runtime chooses.
+
+A schedule has a kind (`variants` lists the legal ones of an output; the runtime picks by predicted cost):
+  tiled    every branch loops over key tiles of contiguous query tiles (the construction above);
+  hops     a branch whose mask has a conjunct (i - j + c) % s == 0 (s >= 2) loops over hops j = i + c - s t
+           instead (`Hop`: one key row per query row per hop, a diagonal of the key tile);
+  residue  the rows are lifted by residue, i = r + s a (`RowLift`): a program holds rows of one residue r; a
+           stride-s branch becomes dense key tiles in b-space, j = rho + s b (rule `residue-lift`), and every
+           other branch gathers per-row windows by hops (its own stride, or diagonals j = i - t).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
 from . import dnf as D
 from . import intervals as iv
 from .errors import UnsupportedError
+
+TILED, HOPS, RESIDUE = "tiled", "hops", "residue"
+KINDS = (TILED, HOPS, RESIDUE)
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,33 @@ class Branch:
     full: object          # ... every pair of the tile is admissible (no mask code)
     hop: Hop | None = None  # the residue re-indexing, when the mask has (i - j) % s == 0 structure
     mix: Mix | None = None  # a window-mixing score (then `score` holds MixTile and `value` is the r-sum)
+    mode: str = TILED       # how the kernel runs it: TILED (key tiles), HOPS (loop over `hop`), "lift" (below)
+    source: object = None   # the DNF reduction this branch was built from
+    lift: Lift | None = None  # mode "lift": the key map j = rho + s b; var is b, the box is in a-space
+
+
+@dataclass(frozen=True)
+class RowLift:
+    """Residue lifting of the row axis: i = r + s a with r = i mod s (one residue per program) and
+    a < rows = cdiv(n - r, s) (floor((n - 1 - r) / s) + 1, 0 for a residue r >= n)."""
+    stride: int
+    res: sp.Symbol        # r
+    a: sp.Symbol          # a
+    row: sp.Expr          # r + s a
+    rows: sp.Expr         # the extent of a for residue r
+
+
+@dataclass(frozen=True)
+class Lift:
+    """A branch lifted by rule `residue-lift`: its keys are j = rho + s b (b < keys), rho = (r + c) mod s; its
+    mask, key range and skip / full tests are over (a, b): I_LO, I_HI bound a and J_LO, J_HI bound b."""
+    stride: int
+    var: sp.Symbol        # j, the key variable before lifting
+    extent: sp.Expr       # m, its extent
+    key: sp.Expr          # rho + s b
+    base: sp.Expr         # rho: r, or a symbol standing for base_value (a fixed scalar for the tile analysis)
+    base_value: sp.Expr   # (r + c) mod s
+    keys: sp.Expr         # floor((m - 1 - rho) / s) + 1
 
 
 @dataclass(frozen=True)
@@ -106,6 +144,8 @@ class Schedule:
     branches: tuple
     epilogue: object      # over (lead, i, c) with BranchValue placeholders
     dtype: str
+    kind: str = TILED
+    lift: RowLift | None = None   # kind RESIDUE: the row lifting
 
     @property
     def has_lse(self) -> bool:
@@ -191,8 +231,11 @@ def schedule(o: D.DnfOutput) -> Schedule:
                     epi, o.dtype)
 
 
-def _branch(name, x, k, leadset, i, c) -> Branch:
+def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
+    """Analyse one monoid reduction x over its key variable. box: the row variable of the tile box (i, or a
+    for a branch lifted by `residue-lift`, whose mask is over (a, b))."""
     j = x.var
+    box = i if box is None else box
     if isinstance(x, D.SoftmaxSum):
         kind, mask, score = "softmax", *_strip_mask(x.score, float("-inf"))
     else:
@@ -208,7 +251,7 @@ def _branch(name, x, k, leadset, i, c) -> Branch:
         _check_no_binders(x.value, "the value", name)
     if mask is not None:
         _check_no_binders(mask, "the mask", name)
-    allowed = leadset | {i, j}
+    allowed = leadset | {i, j, box}
     for part, what in ((score, "score"), (mask, "mask")):
         if part is not None and not _free(part) <= allowed:
             raise UnsupportedError(f"output {name}: the {what} depends on {sorted(map(str, _free(part) - allowed))}"
@@ -220,10 +263,11 @@ def _branch(name, x, k, leadset, i, c) -> Branch:
         for part in (dot.a, dot.b):
             _check_no_binders(part, "a contraction factor", name)
     pred = mask if mask is not None else D.Const(True, "bool")
-    lo, hi = iv.key_range(pred, j, iv.Box({i: (iv.I_LO, iv.I_HI)}))
-    skip, full = iv.classify(pred, iv.Box({i: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
-    hop = _hop(mask, i, j, x.extent) if mask is not None else None
-    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop, mix)
+    lo, hi = iv.key_range(pred, j, iv.Box({box: (iv.I_LO, iv.I_HI)}))
+    skip, full = iv.classify(pred, iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
+    hop = _hop(mask, i, j, x.extent) if mask is not None and lift is None else None
+    return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop, mix,
+                  source=x, lift=lift, mode=TILED if lift is None else "lift")
 
 
 def _split_guard(e):
@@ -284,8 +328,10 @@ def _conjuncts(p):
     return [p]
 
 
-def _hop(mask, i, j, m_ext) -> Hop | None:
-    """Solve a conjunct (a i - a j + c) % s == 0 (a = +-1, s a positive integer) for j = i + c' - s t."""
+def _residue_conjunct(mask, i, j):
+    """The first conjunct (a i - a j + e) % s == 0 (a = +-1, e free of i and j, s a positive integer) of a mask,
+    as (its position, the conjuncts, s, c) with every admissible key j = i + c - s t (t an integer; c = a e), or
+    None."""
     parts = _conjuncts(mask)
     for k, p in enumerate(parts):
         if not (isinstance(p, D.Op) and p.fn == "eq"):
@@ -304,19 +350,180 @@ def _hop(mask, i, j, m_ext) -> Hop | None:
         rest = sp.expand(e - ci * i - cj * j)
         if not ((ci, cj) in ((1, -1), (-1, 1)) and not (rest.free_symbols & {i, j})):
             continue
-        t = sp.Symbol(f"t_{j.name}", integer=True)
-        key = sp.expand(i + ci * rest - s * t)  # ci (i - j) + rest = s t'  =>  j = i + ci rest - s t
-        others = parts[:k] + parts[k + 1:] + [D.Op("ge", (D.Index(j), D.Index(sp.Integer(0))), "bool"),
-                                             D.Op("lt", (D.Index(j), D.Index(m_ext)), "bool")]
-        rest_mask = others[0]
-        for q in others[1:]:
-            rest_mask = D.Op("and", (rest_mask, q), "bool")
-        rest_mask = D.subs(rest_mask, {j: key})
-        lo, hi = iv.key_range(rest_mask, t, iv.Box({i: (iv.I_LO, iv.I_HI)}))
-        if lo is None or hi is None:
-            return None
-        return Hop(int(s), t, key, sp.simplify(lo), sp.simplify(hi), rest_mask)
+        return k, parts, int(s), sp.expand(ci * rest)  # ci (i - j) + rest = s t'  =>  j = i + ci rest - s t
     return None
+
+
+def _and(parts):
+    out = parts[0]
+    for q in parts[1:]:
+        out = D.Op("and", (out, q), "bool")
+    return out
+
+
+def _hops(others, i, j, m_ext, s, c) -> Hop | None:
+    """The hop re-indexing j = i + c - s t of a reduction whose admissible keys satisfy `others` (and the residue
+    condition): the rest of the mask with j := i + c - s t, and the range of t over the tile's rows (None when
+    the mask does not bound it)."""
+    t = sp.Symbol(f"t_{j.name}", integer=True)
+    key = sp.expand(i + c - s * t)
+    others = list(others) + [D.Op("ge", (D.Index(j), D.Index(sp.Integer(0))), "bool"),
+                             D.Op("lt", (D.Index(j), D.Index(m_ext)), "bool")]
+    rest_mask = D.subs(_and(others), {j: key})
+    lo, hi = iv.key_range(rest_mask, t, iv.Box({i: (iv.I_LO, iv.I_HI)}))
+    if lo is None or hi is None:
+        return None
+    return Hop(int(s), t, key, sp.simplify(lo), sp.simplify(hi), rest_mask)
+
+
+def _hop(mask, i, j, m_ext) -> Hop | None:
+    """Solve a conjunct (a i - a j + c) % s == 0 (a = +-1, s a positive integer) for j = i + c' - s t."""
+    found = _residue_conjunct(mask, i, j)
+    if found is None:
+        return None
+    k, parts, s, c = found
+    return _hops(parts[:k] + parts[k + 1:], i, j, m_ext, s, c)
+
+
+def _band(b: Branch, i) -> Hop | None:
+    """Any branch as diagonals j = i - t (stride 1): its whole mask solved for t over the tile's rows; None when
+    the mask leaves t unbounded (no mask, data-dependent bounds)."""
+    if b.mask is None or b.mix is not None:
+        return None
+    return _hops(_conjuncts(b.mask), i, b.var, b.extent, 1, 0)
+
+
+# ---- residue lifting (a dimension-lifting rewrite of the ONF) -----------------------------------------------
+
+def _residue_lift(x, i, rl: RowLift):
+    """Rule `residue-lift`. For a reduction over keys j < m whose mask has a conjunct (i - j + c) % s == 0 (any
+    form `_residue_conjunct` solves; it says j = i + c mod s), with the rows lifted as i = r + s a (r = i mod s):
+
+        (+)_{j < m : P(i, j) and (i - j + c) % s == 0} f(i, j)
+          = (+)_{b < cdiv(m - rho, s) : P(r + s a, rho + s b)} f(i, rho + s b),    rho = (r + c) mod s.
+
+    Proof: i = r + s a with 0 <= r < s, so the conjunct holds iff j = r + c = rho (mod s), and b -> rho + s b
+    is a bijection from iota(cdiv(m - rho, s)) onto { j < m : j = rho (mod s) } (0 <= rho < s); the conjunct is
+    then identically true and drops. (+) is either branch monoid (online softmax, (sum, sum)), over the same
+    terms. The result is a reduction over b whose mask is over (a, b): a dense band on each residue subsequence
+    (PiAttention's skips: b in [a - T, a - 1]). Score and value keep i, which the row lifting binds to r + s a;
+    rho is r when s divides c, else a symbol standing for (r + c) mod s (a fixed scalar for the tile analysis).
+    Returns (the lifted reduction, its Lift) or None."""
+    if isinstance(x, D.SoftmaxSum):
+        neutral, body = float("-inf"), x.score
+    elif isinstance(x, D.NormSum):
+        neutral, body = 0.0, x.weight
+    else:
+        return None
+    mask, inner = _strip_mask(body, neutral)
+    if mask is None and neutral == 0.0:
+        mask, inner = _strip_mask(body, 0)
+    if mask is None:
+        return None
+    j, s = x.var, rl.stride
+    found = _residue_conjunct(mask, i, j)
+    if found is None or found[2] != s:
+        return None
+    k, parts, _, c = found
+    value = rl.res if c % s == 0 else sp.Mod(rl.res + c, s)
+    rho = rl.res if c % s == 0 else sp.Symbol(f"rho_{j.name}", integer=True, nonnegative=True)
+    bvar = sp.Symbol(f"b_{j.name}", integer=True, nonnegative=True)
+    key = rho + s * bvar
+    if c % s == 0:  # the dropped conjunct, lifted, is identically true (sympy: Mod(s (a - b) + ..., s) = 0)
+        e = next(x.expr for x in parts[k].args if isinstance(x, D.Index) and isinstance(x.expr, sp.Mod))
+        if sp.simplify(e.xreplace({i: rl.row, j: key})) != 0:
+            return None
+    others = parts[:k] + parts[k + 1:]
+    lifted = _tidy(D.subs(_and(others), {i: rl.row, j: key})) if others else None
+    inner = D.subs(inner, {j: key})
+    body = inner if lifted is None else D.Op("where", (lifted, inner, D.Const(neutral)), inner.dtype)
+    keys = sp.floor((x.extent - 1 - rho) / s) + 1
+    if isinstance(x, D.SoftmaxSum):
+        out = D.SoftmaxSum(bvar, keys, body, D.subs(x.value, {j: key}), x.dtype)
+    else:
+        out = D.NormSum(bvar, keys, body, D.subs(x.value, {j: key}), x.dtype)
+    return out, Lift(s, j, x.extent, key, rho, value, keys)
+
+
+def _tidy(p):
+    """Divide a lifted comparison of index expressions by the gcd of its coefficients: 16 b + r < 16 a + r
+    becomes b < a (exact for integers: the difference is g x with g > 0)."""
+    if isinstance(p, D.Op) and p.fn in ("and", "or", "not"):
+        return D.Op(p.fn, tuple(_tidy(x) for x in p.args), p.dtype)
+    if not (isinstance(p, D.Op) and p.fn in ("lt", "le", "gt", "ge", "eq", "ne")
+            and all(isinstance(x, D.Index) for x in p.args)):
+        return p
+    d = sp.expand(p.args[0].expr - p.args[1].expr)
+    if d.has(sp.Mod, sp.floor) or not d.free_symbols:
+        return p
+    coeffs = [t.as_coeff_Mul()[0] for t in sp.Add.make_args(d)]
+    if not all(x.is_Integer for x in coeffs):
+        return p
+    g = sp.gcd_list(coeffs)
+    if g <= 1:
+        return p
+    d = sp.expand(d / g)
+    pos = sp.Add(*[t for t in sp.Add.make_args(d) if t.as_coeff_Mul()[0] > 0])
+    neg = sp.Add(*[-t for t in sp.Add.make_args(d) if t.as_coeff_Mul()[0] < 0])
+    return D.Op(p.fn, (D.Index(pos), D.Index(neg)), p.dtype)
+
+
+LIFTING_RULES = (
+    D.Rule("residue-lift", "(+)_{j: P(i, j), (i - j + c) % s == 0} f(i, j) => (+)_{b < cdiv(m - rho, s): "
+           "P(r + s a, rho + s b)} f(i, rho + s b)   (i = r + s a, rho = (r + c) mod s)", _residue_lift),
+)
+
+
+def row_lift(i, n, s: int) -> RowLift:
+    """i = r + s a: the residue r and the row a < floor((n - 1 - r) / s) + 1 of residue r."""
+    r = sp.Symbol(f"r_{i.name}", integer=True, nonnegative=True)
+    a = sp.Symbol(f"a_{i.name}", integer=True, nonnegative=True)
+    return RowLift(s, r, a, r + s * a, sp.floor((n - 1 - r) / s) + 1)
+
+
+def _lifted(s: Schedule, stride: int) -> Schedule | None:
+    """The residue schedule of stride s: branches of stride s lifted by `residue-lift` (key tiles in b-space),
+    other branches with residue structure by their hops, the rest by diagonals j = i - t (or key tiles)."""
+    i, n = s.row
+    rl = row_lift(i, n, stride)
+    leadset = {v for v, _ in s.lead} | {rl.res}
+    out = []
+    for k, b in enumerate(s.branches):
+        if b.mix is not None:
+            return None
+        hit = LIFTING_RULES[0].apply(b.source, i, rl) if b.hop is not None and b.hop.stride == stride else None
+        if hit is not None:
+            out.append(_branch(s.output, hit[0], k, leadset | {hit[1].base}, i, s.col[0], box=rl.a, lift=hit[1]))
+        elif b.hop is not None and b.hop.stride >= 2:
+            out.append(replace(b, mode=HOPS))
+        else:
+            band = _band(b, i)
+            out.append(replace(b, mode=HOPS, hop=band) if band is not None else b)
+    if not any(b.mode == "lift" for b in out):
+        return None
+    return replace(s, branches=tuple(out), kind=RESIDUE, lift=rl)
+
+
+def variants(s: Schedule) -> tuple:
+    """The legal schedules of one output (the base tiled schedule first): hops when a branch has a residue
+    conjunct of stride >= 2, and one residue lifting per such stride."""
+    out = [s]
+    if any(b.mix is not None for b in s.branches) or s.kind != TILED:
+        return tuple(out)
+    strides = sorted({b.hop.stride for b in s.branches if b.hop is not None and b.hop.stride >= 2})
+    if strides:
+        out.append(replace(s, kind=HOPS, branches=tuple(
+            replace(b, mode=HOPS) if b.hop is not None and b.hop.stride >= 2 else b for b in s.branches)))
+    for st in strides:
+        v = _lifted(s, st)
+        if v is not None:
+            out.append(v)
+    return tuple(out)
+
+
+def label(s: Schedule) -> str:
+    """'tiled', 'hops' or 'residue s=16'."""
+    return f"{RESIDUE} s={s.lift.stride}" if s.kind == RESIDUE else s.kind
 
 
 def show(s: Schedule) -> str:
@@ -325,21 +532,47 @@ def show(s: Schedule) -> str:
 
     i, n = s.row
     c, e = s.col
-    lines = [f"ONF {s.output}: grid = (cdiv({sy.show(n)}, BLOCK_M), "
-             + " * ".join(["batch"] + [sy.show(x) for _, x in s.lead]) + ")",
-             f"  {i} -> program_id(0) * BLOCK_M + arange(BLOCK_M)    {c} -> arange(BLOCK_E) (< {sy.show(e)})"]
+    lead = " * ".join(["batch"] + [sy.show(x) for _, x in s.lead])
+    if s.kind == RESIDUE:
+        rl = s.lift
+        lines = [f"ONF {s.output} ({label(s)}): grid = (sum over residues {rl.res} < {rl.stride} of "
+                 f"cdiv({sy.show(rl.rows)}, BLOCK_M), {lead})",
+                 f"  residue lifting of the rows: {i} = {sy.show(rl.row)}  ({rl.res} = {i} mod {rl.stride}, "
+                 f"{rl.a} < {sy.show(rl.rows)})",
+                 f"  program_id(0) -> (residue {rl.res}, tile of {rl.a}); {rl.a} -> tile * BLOCK_M + arange(BLOCK_M)"
+                 f"    {c} -> arange(BLOCK_E) (< {sy.show(e)})"]
+    else:
+        lines = [f"ONF {s.output}" + (f" ({s.kind})" if s.kind != TILED else "") + f": grid = (cdiv({sy.show(n)}, "
+                 f"BLOCK_M), {lead})",
+                 f"  {i} -> program_id(0) * BLOCK_M + arange(BLOCK_M)    {c} -> arange(BLOCK_E) (< {sy.show(e)})"]
     for v, x in s.lead:
         lines.append(f"  {v} -> decoded from program_id(1) (extent {sy.show(x)})")
     for k, b in enumerate(s.branches):
-        lines.append(f"  branch {k} ({b.kind}): {b.var} -> loop over BLOCK_N tiles of {sy.show(b.extent)}")
-        lo = "0" if b.key_lo is None else f"max(0, {b.key_lo})"
-        hi = f"{sy.show(b.extent)} - 1" if b.key_hi is None else f"min({sy.show(b.extent)} - 1, {b.key_hi})"
-        lines.append(f"    keys visited for rows [I_LO, I_HI]: [{lo}, {hi}]")
-        lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}")
-        if b.hop is not None:
+        if b.mode == "lift":
+            lk = b.lift
+            rho = "" if lk.base == s.lift.res else f", {lk.base} = {sy.show(lk.base_value)}"
+            lines.append(f"  branch {k} ({b.kind}): lifted by residue-lift: {i} = {sy.show(s.lift.row)}, keys "
+                         f"{lk.var} = {sy.show(lk.key)}{rho} ({b.var} < {sy.show(lk.keys)}); "
+                         f"{b.var} -> loop over BLOCK_N tiles")
+            lo = "0" if b.key_lo is None else f"max(0, {sy.show(b.key_lo)})"
+            hi = f"{sy.show(lk.keys)} - 1" if b.key_hi is None else f"min({sy.show(lk.keys)} - 1, {sy.show(b.key_hi)})"
+            lines.append(f"    {b.var} visited for {s.lift.a} in [I_LO, I_HI]: [{lo}, {hi}]")
+            lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}  ({s.lift.a}-tile x {b.var}-tile box)")
+        elif b.mode == HOPS:
             h = b.hop
-            lines.append(f"    residue lifting: {b.var} = {sy.show(h.key)}, hops {h.var} in [{sy.show(h.t_lo)}, "
-                         f"{sy.show(h.t_hi)}] (one key per row per hop)")
+            how = "residue re-indexing" if h.stride > 1 else "diagonals (per-row window)"
+            lines.append(f"  branch {k} ({b.kind}): {how}: {b.var} = {sy.show(h.key)}, loop over hops {h.var} in "
+                         f"[{sy.show(h.t_lo)}, {sy.show(h.t_hi)}] for rows in [I_LO, I_HI] (one key per row per hop)")
+        else:
+            lines.append(f"  branch {k} ({b.kind}): {b.var} -> loop over BLOCK_N tiles of {sy.show(b.extent)}")
+            lo = "0" if b.key_lo is None else f"max(0, {b.key_lo})"
+            hi = f"{sy.show(b.extent)} - 1" if b.key_hi is None else f"min({sy.show(b.extent)} - 1, {b.key_hi})"
+            lines.append(f"    keys visited for rows [I_LO, I_HI]: [{lo}, {hi}]")
+            lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}")
+            if b.hop is not None:
+                h = b.hop
+                lines.append(f"    residue re-indexing: {b.var} = {sy.show(h.key)}, hops {h.var} in "
+                             f"[{sy.show(h.t_lo)}, {sy.show(h.t_hi)}] (schedules hops and residue)")
         if b.dot is not None:
             lines.append(f"    tl.dot: [{i} x {b.dot.var}] {D.show(b.dot.a)}  .  [{b.var} x {b.dot.var}] "
                          f"{D.show(b.dot.b)}  (contract {b.dot.var} < {sy.show(b.dot.extent)})")

@@ -1,4 +1,5 @@
-"""Kernel.cost, Kernel.measure and Kernel.aot: predictions (moa/cost.py), the instrumented interpreter's counters
+"""Kernel.cost, Kernel.measure and Kernel.aot: predictions (moa/cost.py; moa/cost_launch.py for the window-mixing
+kernel and, through runtime/linear_cost.py, the chunked linear form), the instrumented interpreter's counters
 (runtime/measure.py) and AOT resource reports (runtime/aot.py), plus the AOT-checked config choice.
 
 Counting conventions are those of moa.runtime.measure (see its docstring): a lane of a masked load/store counts
@@ -30,8 +31,10 @@ class CostReport:
     """Predicted cost of a call (sum over the program's outputs), computed from the ONF without running anything.
 
     flops, transcendentals, dram_bytes(_loaded/_stored), tiles_visited: what the fused kernel does (exactly what
-    `measure` counts for the same config). tiles_needed: (query tile, key tile) pairs holding an admissible
-    (i, j). intermediate_bytes: global memory beyond inputs, outputs and lse (0: fused). unfused_*: the PyTorch
+    `measure` counts for the same config; see Measurement for the tiles of hop loops, the window-mixing kernel
+    and the linear form). tiles_needed: (query tile, key tile or hop) pairs holding an admissible (i, j).
+    intermediate_bytes: global memory beyond inputs, outputs and lse (0: fused; the linear form's chunk states).
+    unfused_*: the PyTorch
     eager plan (moa.cost.eager_plan). onchip_bytes: tiles one program holds. arithmetic_intensity = flops /
     dram_bytes. predicted_seconds and bound ("compute" / "memory" / "transcendental") from the device table.
     With no dims every field is a sympy formula (tiles_needed None, bound "symbolic")."""
@@ -56,11 +59,11 @@ class CostReport:
 class Measurement:
     """Counters of a real run in the instrumented Triton interpreter (sum over the program's outputs).
 
-    tiles_visited: key-tile iterations whose body executed, summed over programs and branches. It is read from
-    the interpreter as the number of load operations touching the tensor(s) read by the branches' values (V):
-    the generated kernel loads the value tile exactly once per visited tile and nowhere else, which
-    `measure` verifies on the kernel's access ledger before trusting it (the tensor is cloned so that its
-    address span is its own)."""
+    tiles_visited: key-tile iterations whose body executed (hop iterations for a hop loop), summed over programs
+    and branches; for the window-mixing kernel the (row tile, hop) iterations of its first hop loop; for the
+    chunked linear form the (chunk, feature tile) iterations of its scan. It is read from the interpreter as the
+    number of times one load statement of that loop body executed (identified by its source line: a load that
+    the kernel's ledger places in the region, assigned on no other line of the function)."""
     flops: int
     transcendentals: int
     dram_bytes: int
@@ -128,11 +131,27 @@ def _elem_bytes(kernel, sched, compute: str, index_dtype: str) -> dict:
     return out
 
 
-def _specs(kernel, compute: str, nbatch: int, configs: dict, store_lse=False) -> dict:
+def _specs(kernel, compute: str, nbatch: int, configs: dict, store_lse=False, scheds=None) -> dict:
     from moa.codegen.emit import generate
 
-    return {name: generate(kernel.program, kernel.schedules[name], compute, nbatch, cfg.block_m, cfg.block_n,
-                           store_lse) for name, cfg in configs.items()}
+    scheds = scheds or {}
+    return {name: generate(kernel.program, scheds.get(name) or kernel.schedules[name], compute, nbatch, cfg.block_m,
+                           cfg.block_n, store_lse) for name, cfg in configs.items()}
+
+
+def run_schedule(kernel, name: str, dims: dict | None = None, dtype: str = "bfloat16", device=None):
+    """The ONF a call with these dims runs (Kernel.schedule_for: the legal schedule of smallest predicted time
+    on the device, h100 for CPU tensors, or the one forced by compile(schedule=...)); without dims the base
+    schedule unless one is forced."""
+    if not hasattr(kernel, "schedule_for"):
+        return kernel.schedules[name]
+    if dims is None:
+        forced = [v for v in kernel.variants[name] if v.kind == kernel.schedule] if kernel.schedule else []
+        sched = forced[0] if forced else kernel.schedules[name]
+    else:
+        dev = "h100" if device is None or str(device).lower() == "cpu" else str(device)
+        sched = kernel.schedule_for(name, dims, canonical_dtype(dtype), dev)
+    return sched
 
 
 # ---- cost ---------------------------------------------------------------------------------------------------
@@ -146,27 +165,23 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     config: force a tile config (otherwise runtime.kernel.choose_config's). batch: extra leading axes.
     index_dtype: dtype of integer inputs (int64, torch's default, or int32). fit: use the config the GPU
     runtime launches after its ahead-of-time check (fit_config; compiles once, cached on disk) instead of the
-    default table's."""
-    if dims and not str(device).lower() == "cpu":
-        from .linear_cost import linear_cost, runs_linear
-
-        linear = [n for n in kernel.output_names if runs_linear(kernel, n, dims, device, dtype)]
-        if linear:
-            return linear_cost(kernel, linear[0], dtype, device, dims)
-    return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, **dims)[0]
+    default table's. Each output is predicted in the kernel a call runs: the tiled kernel, the window-mixing
+    kernel, or the chunked linear form (form='linear', or where the runtime picks it at these dims)."""
+    return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True, **dims)[0]
 
 
 def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(),
-                   index_dtype="int64", needed: bool = True, fit: bool = False, **dims) -> tuple[CostReport, Breakdown]:
+                   index_dtype="int64", needed: bool = True, fit: bool = False, as_called: bool = False,
+                   **dims) -> tuple[CostReport, Breakdown]:
     """cost() and the details `moa cost` prints (needed=False skips tiles_needed, which evaluates the mask on the
-    index grid)."""
+    index grid). as_called=False: an output of a form=None kernel is predicted in the tiled kernel even where the
+    runtime would pick the linear form (`moa cost` prints a note then)."""
     dtype = canonical_dtype(dtype)
     on_cpu = str(device).lower() == "cpu"
     dev = None if on_cpu else get_device(device)
     compute = _compute_dtype(dtype, on_cpu)
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
     nb = math.prod(batch)
-    _check_quadratic(kernel)
     missing = sorted(d.name for d in kernel.program.dims if d.name not in dims)
     unknown = sorted(set(dims) - {d.name for d in kernel.program.dims})
     if unknown:
@@ -174,13 +189,18 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
                          f" has {', '.join(d.name for d in kernel.program.dims)}")
     if missing:
         return _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims)
+    kinds = {name: run_kind(kernel, name, dims if as_called else None, None if on_cpu else device, dtype)
+             for name in kernel.output_names}
     tdev = torch.device("cpu" if on_cpu else "cuda")
-    configs = {}
+    configs, scheds = {}, {}
     for name in kernel.output_names:
+        if kinds[name] != "tiled":
+            continue
+        scheds[name] = run_schedule(kernel, name, dims, dtype, device)
         configs[name] = config or launch_config(kernel, name, tdev, compute, dims)
         if fit and config is None and dev is not None:
             configs[name] = fit_config(kernel, name, compute, dims, dev.target, len(batch), index_dtype)[0]
-    specs = _specs(kernel, compute, len(batch), configs)
+    specs = _specs(kernel, compute, len(batch), configs, scheds=scheds)
     total = C.Counts()
     eager_dram = eager_inter = eager_flops = 0
     unfused_s = 0.0
@@ -188,15 +208,33 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     unfused_ops: list = []
     onchip = 0
     hbm = 0
+    inter = 0
+    launches = 0
     elt = DTYPE_BYTES[dtype]
+    acc = 8 if compute == "float64" else 4
     for name in kernel.output_names:
         sched = kernel.schedules[name]
         eb = _elem_bytes(kernel, sched, compute if on_cpu else dtype, index_dtype)
-        counts = C.predict(kernel.program, sched, specs[name], dims, batch, eb, needed=needed)
+        if kinds[name] == "window":
+            counts, chip = _window_counts(kernel, name, dims, batch, compute, eb, needed)
+            onchip = max(onchip, chip)
+            hbm += counts.dram_bytes
+            launches += 1
+        elif kinds[name] == "linear":
+            from .linear_cost import linear_counts
+
+            counts, states, chip = linear_counts(kernel, name, dims, batch, compute, "cpu" if on_cpu else "cuda", eb)
+            onchip = max(onchip, chip)
+            inter += states
+            hbm += counts.dram_bytes
+            launches += 3
+        else:
+            counts = C.predict(kernel.program, scheds[name], specs[name], dims, batch, eb, needed=needed)
+            onchip = max(onchip, C.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute], acc,
+                                                configs[name].num_stages))
+            hbm += _hbm_bytes(kernel, sched, counts, dims, nb, eb, dev)
+            launches += 1
         total.add(counts)
-        onchip = max(onchip, C.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute],
-                                            8 if compute == "float64" else 4, configs[name].num_stages))
-        hbm += _hbm_bytes(kernel, sched, counts, dims, nb, eb, dev)
         plan = C.eager_plan(sched, elt, nb)
         env = {d: dims[d.name] for d in kernel.program.dims}
         eager_dram += int(plan.dram_bytes.xreplace(env))
@@ -211,21 +249,55 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
                 unfused_bounds.append((s, bnd))
     if dev is not None:
         seconds, bound, parts = C.roofline(total.dot_flops, total.flops - total.dot_flops, total.transcendentals,
-                                           hbm, dev, dtype, launches=len(kernel.output_names))
+                                           hbm, dev, dtype, launches=launches)
         frac = total.flops / seconds / dev.matmul_rate(dtype)
         ubound = max(unfused_bounds)[1] if unfused_bounds else "n/a"
     else:
         seconds, bound, parts, frac, unfused_s, ubound = None, "n/a", {}, None, None, "n/a"
+    form = "linear" if "linear" in kinds.values() else kernel.form or "quadratic"
     report = CostReport(
         flops=total.flops, transcendentals=total.transcendentals, dram_bytes=total.dram_bytes,
         dram_bytes_loaded=total.dram_bytes_loaded, dram_bytes_stored=total.dram_bytes_stored,
         tiles_visited=total.tiles_visited, tiles_needed=total.tiles_needed if needed else None,
-        intermediate_bytes=0, unfused_dram_bytes=eager_dram, unfused_intermediate_bytes=eager_inter,
+        intermediate_bytes=inter, unfused_dram_bytes=eager_dram, unfused_intermediate_bytes=eager_inter,
         onchip_bytes=onchip, arithmetic_intensity=total.flops / total.dram_bytes if total.dram_bytes else 0.0,
-        predicted_seconds=seconds, bound=bound, form=kernel.form or "quadratic")
+        predicted_seconds=seconds, bound=bound, form=form)
     bd = Breakdown(dev, dtype, configs, total.dot_flops, total.programs, hbm, parts, eager_flops, unfused_s,
                    ubound, unfused_ops, frac)
     return report, bd
+
+
+# ---- the window-mixing kernel -------------------------------------------------------------------------------
+
+def _window_launch_of(kernel, name: str, dtname: str, nbatch: int):
+    """The cost model's Launch of the window-mixing kernel of one output (codegen/window.py)."""
+    from moa import cost_launch as CL
+    from moa.codegen.window import generate_window
+    from moa.ledger import function_ledger
+
+    sched = kernel.schedules[name]
+    spec = generate_window(kernel.cg_program, sched, dtname, nbatch)
+    led = function_ledger(kernel.cg_program, spec.source, "_attn_window", spec.loads, spec.stores, "out")
+    return CL.window_launch(sched, led, spec.source)
+
+
+def _window_counts(kernel, name, dims, batch, dtname, eb, needed) -> tuple[C.Counts, int]:
+    """(Counts, on-chip estimate) of the window-mixing kernel: tiles_visited = (row tile, hop) iterations of its
+    first hop loop; tiles_needed = those holding a row for which the hop is admissible."""
+    from moa import cost_launch as CL
+
+    sched = kernel.schedules[name]
+    launch = _window_launch_of(kernel, name, dtname, len(batch))
+    cv = CL.window_consts(sched, dims)
+    env = {d: dims[d.name] for d in kernel.program.dims}
+    counts = CL.total_counts([launch], sched, env, cv, {**eb, "out": eb[sched.output]}, math.prod(batch))
+    if needed:
+        n = sy.evaluate(sched.row[1], dims)
+        lead = math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
+        counts.tiles_needed = C.window_hops_needed(sched, env, n, cv[C.BLOCK_M]) * lead * math.prod(batch)
+    acc = 8 if dtname == "float64" else 4
+    bm, hd, hv, wp = cv[C.BLOCK_M], cv[CL.HEAD_DIM], cv[C.HEAD_DIM_V], cv[CL.W_PAD]
+    return counts, acc * (bm * hd + 4 * bm * wp + wp * wp + bm * hv)
 
 
 def _hbm_bytes(kernel, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
@@ -250,44 +322,62 @@ def _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims) -> tup
     totals: dict = {}
     eager = {"dram": sp.Integer(0), "inter": sp.Integer(0), "flops": sp.Integer(0)}
     cfg = config or Config(128, 64)
-    specs = _specs(kernel, compute, 0, {n: cfg for n in kernel.output_names})
+    kinds = {name: run_kind(kernel, name, None) for name in kernel.output_names}
+    scheds = {n: run_schedule(kernel, n) for n in kernel.output_names if kinds[n] == "tiled"}
+    specs = _specs(kernel, compute, 0, {n: cfg for n in scheds}, scheds=scheds)
+    launches = 0
     for name in kernel.output_names:
         sched = kernel.schedules[name]
         eb = _elem_bytes(kernel, sched, compute if dev is None else dtype, index_dtype)
-        f = CS.predict_symbolic(kernel.program, sched, specs[name], eb, nb)
+        if kinds[name] == "window":
+            from moa import cost_launch as CL
+
+            f = CL.total_formulas([_window_launch_of(kernel, name, compute, 0)], sched,
+                                  {**eb, "out": eb[sched.output]}, nb)
+            launches += 1
+        elif kinds[name] == "linear":
+            from .linear_cost import linear_formulas
+
+            f = linear_formulas(kernel, name, compute, eb, nb)
+            launches += 3
+        else:
+            f = CS.predict_symbolic(kernel.program, scheds[name], specs[name], eb, nb)
+            if config is not None:
+                sub = {C.BLOCK_M: config.block_m, C.BLOCK_N: config.block_n}
+                f = {k: v.xreplace(sub) for k, v in f.items()}
+            launches += 1
         for k, v in f.items():
             totals[k] = totals.get(k, sp.Integer(0)) + v
         plan = C.eager_plan(sched, DTYPE_BYTES[dtype], nb)
         eager["dram"] += plan.dram_bytes
         eager["inter"] += plan.intermediate_bytes
         eager["flops"] += plan.flops
-    if config is not None:
-        sub = {C.BLOCK_M: config.block_m, C.BLOCK_N: config.block_n}
-        totals = {k: v.xreplace(sub) for k, v in totals.items()}
     totals = {k: v.xreplace(given) for k, v in totals.items()}
     eager = {k: v.xreplace(given) for k, v in eager.items()}
     if dev is not None:
         seconds, _, parts = C.roofline(totals["dot_flops"], totals["flops"] - totals["dot_flops"],
                                        totals["transcendentals"], totals["dram_bytes"], dev, dtype,
-                                       launches=len(kernel.output_names))
+                                       launches=launches)
     else:
         seconds, parts = None, {}
+    form = "linear" if "linear" in kinds.values() else kernel.form or "quadratic"
     report = CostReport(
         flops=totals["flops"], transcendentals=totals["transcendentals"], dram_bytes=totals["dram_bytes"],
         dram_bytes_loaded=totals["dram_bytes_loaded"], dram_bytes_stored=totals["dram_bytes_stored"],
         tiles_visited=totals["tiles_visited"], tiles_needed=None, intermediate_bytes=sp.Integer(0),
         unfused_dram_bytes=eager["dram"], unfused_intermediate_bytes=eager["inter"], onchip_bytes=None,
         arithmetic_intensity=totals["flops"] / totals["dram_bytes"], predicted_seconds=seconds,
-        bound="symbolic" if dev is not None else "n/a", form=kernel.form or "quadratic")
-    bd = Breakdown(dev, dtype, {n: config for n in kernel.output_names}, totals["dot_flops"], totals["programs"],
-                   totals["dram_bytes"], parts, eager["flops"], None, "n/a", [], None)
+        bound="symbolic" if dev is not None else "n/a", form=form)
+    bd = Breakdown(dev, dtype, {n: config for n in kernel.output_names if kinds[n] == "tiled"}, totals["dot_flops"],
+                   totals["programs"], totals["dram_bytes"], parts, eager["flops"], None, "n/a", [], None)
     return report, bd
 
 
 # ---- measure ------------------------------------------------------------------------------------------------
 
 def measure(kernel, **inputs) -> Measurement:
-    """Run the kernel(s) on CPU tensors in the instrumented Triton interpreter and return its counters."""
+    """Run the kernel(s) on CPU tensors in the instrumented Triton interpreter and return its counters: the kernel
+    a call runs (tiled, window-mixing, or the three chunked linear-form launches, summed)."""
     from .binding import bind
     from .launch import check_device, triton_module
     from .measure import instrument
@@ -303,73 +393,75 @@ def measure(kernel, **inputs) -> Measurement:
         check_offsets(kernel.program, b)
     triton_module()
     check_device(b.device)
-    _check_quadratic(kernel, b.dims)
-    compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype
-    prepared = {}
-    for name, t in inputs.items():
-        node = kernel.program.input_map[name]
-        if node.dtype == ir.FLOAT and t.dtype != compute:
-            t = t.to(compute)
-        elif node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
-            t = t.to(torch.int32)
-        prepared[name] = t
+    compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype   # the runners convert inputs to it
     dtname = DTYPE_NAME[compute]
-    witnesses = set()
-    for name in kernel.output_names:
-        sched = kernel.schedules[name]
-        cfg = launch_config(kernel, name, b.device, dtname, b.dims)
-        spec = _specs(kernel, dtname, len(b.batch), {name: cfg})[name]
-        witnesses |= _witnesses(kernel, sched, spec)
-    for w in witnesses:
-        prepared[w] = prepared[w].clone()
-    b = bind(kernel.program, prepared)
-    with instrument({w: prepared[w] for w in witnesses}) as c:
+    tiles = 0
+    with instrument() as c:
         for name in kernel.output_names:
-            kernel._run(name, b, store_lse=False)
-    tiles = sum(c.load_calls_by_region[w] for w in witnesses)
+            kind = run_kind(kernel, name, b.dims)
+            lines = witness_lines(kernel, name, kind, dtname, len(b.batch), b.dims, DTYPE_NAME[b.dtype])
+            with instrument(lines=lines) as ci:
+                if kind == "window":
+                    kernel._run_window(name, b)
+                elif kind == "linear":
+                    kernel._run_linear(name, b)
+                else:
+                    kernel._run(name, b, store_lse=False)
+            tiles += sum(ci.load_calls_by_line.values())
     return Measurement(flops=c.flops, transcendentals=c.transcendentals, dram_bytes=c.dram_bytes,
                        dram_bytes_loaded=c.dram_bytes_loaded, dram_bytes_stored=c.dram_bytes_stored,
                        tiles_visited=tiles, programs=c.programs)
 
 
-def _check_quadratic(kernel, dims=None):
-    """The cost model and measure() cover the quadratic (tiled) kernel of codegen/emit.py."""
-    for name in kernel.output_names:
-        sched = kernel.schedules[name]
-        if any(getattr(b, "mix", None) is not None for b in sched.branches):
-            raise UnsupportedError(f"output {name} runs the window-mixing kernel (codegen/window.py); the cost model "
-                                   f"and measure() cover the quadratic tiled kernel only")
-        if getattr(kernel, "form", None) == "linear":
-            raise UnsupportedError("form='linear': the cost model and measure() cover the quadratic tiled kernel; "
-                                   "compile with form='quadratic'")
-        if dims is not None and hasattr(kernel, "choose_form") and kernel.choose_form(name, dims) == "linear":
-            raise UnsupportedError(f"output {name} would run in the linear (chunked) form at these dims; measure() "
-                                   f"covers the quadratic kernel: compile with form='quadratic'")
+def run_kind(kernel, name: str, dims: dict, device=None, dtype=None) -> str:
+    """The kernel an output runs: 'window' (codegen/window.py), 'linear' (codegen/chunked.py) or 'tiled'
+    (codegen/emit.py); device/dtype None: as a call decides (Kernel.__call__)."""
+    if any(getattr(br, "mix", None) is not None for br in kernel.schedules[name].branches):
+        return "window"
+    if kernel.form == "linear":
+        return "linear"
+    if kernel.form == "quadratic" or dims is None:
+        return "tiled"
+    if device is None:
+        return "linear" if kernel.choose_form(name, dims) == "linear" else "tiled"
+    from .linear_cost import runs_linear
+
+    return "linear" if runs_linear(kernel, name, dims, device, dtype) else "tiled"
 
 
-def _witnesses(kernel, sched, spec) -> set:
-    """Input tensors whose load operations count visited tiles: every load of them is in a ('visit', k) region
-    and each branch with a loop has exactly one such load (checked on the kernel's ledger)."""
-    led = C.ledger(kernel.program, spec)
-    from moa import dnf as D
+def witness_lines(kernel, name: str, kind: str, dtname: str, nbatch: int, dims: dict, call_dtype: str) -> dict:
+    """label -> (kernel function, line prefix) of one load statement per region whose executions are the visited
+    tiles: a load of each branch's key-tile body ('visit') or hop loop ('hop') of the tiled kernel, of the window
+    kernel's first hop loop, of the linear form's chunk scan (one iteration per chunk x feature tile)."""
+    if kind == "window":
+        launches = [_window_launch_of(kernel, name, dtname, nbatch)]
+    elif kind == "linear":
+        from .linear_cost import linear_launches
 
-    cands = {x.name for b in sched.branches for x in D.nodes(b.value) if isinstance(x, D.Read)}
-    for w in sorted(cands):
-        per_branch: dict = {}
-        ok = True
-        for region, work in led.regions.items():
-            for ld in work.loads:
-                if led.loads[ld].tensor != w:
-                    continue
-                if not (isinstance(region, tuple) and region[0] == "visit"):
-                    ok = False
-                per_branch[region[1] if isinstance(region, tuple) else None] = \
-                    per_branch.get(region[1] if isinstance(region, tuple) else None, 0) + 1
-        looped = {k for k, b in enumerate(sched.branches) if b.skip is not sp.true}
-        if ok and set(per_branch) == looped and all(v == 1 for v in per_branch.values()):
-            return {w}
-    raise UnsupportedError(f"measure: no input of output {sched.output} is loaded exactly once per visited key "
-                           f"tile, so tiles_visited cannot be read from the interpreter's load counters")
+        launches = [x for x in linear_launches(kernel, name, dtname, nbatch, "cpu") if x.witness is not None]
+    else:
+        cfg = launch_config(kernel, name, torch.device("cpu"), dtname, dims)
+        sched = run_schedule(kernel, name, dims, call_dtype)
+        spec = _specs(kernel, dtname, nbatch, {name: cfg}, scheds={name: sched})[name]
+        led = C.ledger(kernel.program, spec)
+        launches = [(spec.source, "_attn_fwd", led, r) for r in led.regions
+                    if isinstance(r, tuple) and r[0] in ("visit", "hop")]
+        return {f"{name}:{r}": _witness_line(src, fn, lg, r) for src, fn, lg, r in launches}
+    return {f"{name}:{x.fn}": _witness_line(x.source, x.fn, x.ledger, x.witness) for x in launches}
+
+
+def _witness_line(source: str, fn: str, led, region) -> tuple[str, str]:
+    """(function, 'name = ') of a load executed once per execution of `region`, assigned on one line only."""
+    import ast
+
+    node = next(x for x in ast.parse(source).body if isinstance(x, ast.FunctionDef) and x.name == fn)
+    text = [ln.strip() for ln in source.splitlines()[node.lineno - 1:node.end_lineno]]
+    for ld in led.regions[region].loads:
+        prefix = f"{ld} = "
+        if sum(t.startswith(prefix) for t in text) == 1:
+            return fn, prefix
+    raise UnsupportedError(f"measure: region {region} of {fn} has no load on a line of its own, so its executions "
+                           f"(visited tiles) cannot be counted")
 
 
 # the AOT config search lives in runtime/configs.py; its names stay reachable from here

@@ -102,8 +102,9 @@ def _load_source(source_or_path) -> tuple[str, str]:
     return source_or_path, "<source>"
 
 
-def compile(source_or_path, form=None, **params) -> Kernel:
-    """Parse, elaborate, reduce to DNF and schedule a program: the driver of the pipeline."""
+def compile(source_or_path, form=None, schedule=None, **params) -> Kernel:
+    """Parse, elaborate, reduce to DNF and schedule a program: the driver of the pipeline. schedule: None (the
+    cost model picks per call among the legal ONFs, moa/schedule_cost.py) or 'tiled' | 'hops' | 'residue'."""
     text, filename = _load_source(source_or_path)
     program = elaborate(text, filename, **params)   # text -> MoA IR with proven shapes
     try:
@@ -112,21 +113,26 @@ def compile(source_or_path, form=None, **params) -> Kernel:
         raise UnsupportedError("the program is too deeply nested for psi-reduction (a chain of a few hundred "
                                "operations); split the chain or use reductions such as sum(X, axis=k)",
                                program.outputs[0][1].loc) from None
-    return Kernel(program, outputs, form)             # ONF + Triton on demand (per dtype and config)
+    return Kernel(program, outputs, form, schedule)   # ONF + Triton on demand (per dtype and config)
 
 
 class Kernel:
     """A compiled program. Call it with tensors by input name; see the README for the whole API."""
 
-    def __init__(self, program: Program, outputs, form=None):
+    def __init__(self, program: Program, outputs, form=None, schedule=None):
         if form not in (None, "quadratic", "linear"):
             raise InputError(f"form={form!r}: choose None (the cost model decides), 'quadratic' or 'linear'")
+        if schedule not in (None, *onf.KINDS):
+            raise InputError(f"schedule={schedule!r}: choose None (the cost model decides), "
+                             + ", ".join(repr(k) for k in onf.KINDS))
         self.program = program
         self.dnf = outputs
         self.form = form
+        self.schedule = schedule
         self._fns: dict = {}
         self._linear: dict = {}
         self._window: dict = {}
+        self._choices: dict = {}
 
     # ---- schedules ------------------------------------------------------------------------------------
     @cached_property
@@ -153,6 +159,46 @@ class Kernel:
 
     def _schedule(self, name):
         return self.schedules[name]
+
+    @cached_property
+    def variants(self) -> dict:
+        """Output name -> its legal ONFs (moa/onf.py `variants`): tiled first, then hops and residue liftings."""
+        return {name: onf.variants(s) for name, s in self.schedules.items()}
+
+    def schedule_choice(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
+                        batch: int = 1):
+        """(the schedule run for these dims, the predictions of every legal schedule): forced by `schedule=`,
+        else the smallest predicted time on the device (moa/schedule_cost.py; ties go to the simpler kind)."""
+        from moa import schedule_cost
+
+        vs = self.variants[name]
+        if self.schedule is not None:
+            forced = [v for v in vs if v.kind == self.schedule]
+            if not forced:
+                raise UnsupportedError(f"schedule={self.schedule!r} for output {name}: not legal for this program "
+                                       f"(legal: {', '.join(onf.label(v) for v in vs)}; hops and residue need a "
+                                       f"mask with a conjunct (i - j) % s == 0, s >= 2)")
+            vs = tuple(forced)
+        if len(vs) == 1 and self.schedule is None:
+            return vs[0], None
+        s = self.schedules[name]
+        n = sy.evaluate(s.row[1], dims)
+        mext = max([sy.evaluate(br.extent, dims) for br in s.branches] + [1])
+        heads = [sy.evaluate(br.dot.extent, dims) for br in s.branches if br.dot is not None] + \
+            [sy.evaluate(s.col[1], dims)]
+        cfg = fit_tiles(choose_config(torch.device("cuda"), _canonical(dtype), n, mext, max(heads)), heads,
+                        f"output {name}")
+        chosen, _, preds = schedule_cost.choose(vs, dims, dtype, device, cfg.block_m, cfg.block_n, batch)
+        return chosen, preds
+
+    def schedule_for(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
+                     batch: int = 1) -> onf.Schedule:
+        """The ONF Kernel._run generates and launches for a call with these dims and batch size (the product of
+        the call's batch axes); see schedule_choice."""
+        key = (name, tuple(sorted(dims.items())), str(dtype), str(device), batch)
+        if key not in self._choices:
+            self._choices[key] = self.schedule_choice(name, dims, dtype, device, batch)[0]
+        return self._choices[key]
 
     @cached_property
     def linear_plans(self) -> dict:
@@ -186,8 +232,9 @@ class Kernel:
 
     # ---- source -----------------------------------------------------------------------------------------
     def source(self, output: str | None = None, dtype: str = "float16", nbatch: int = 0,
-               config: Config | None = None, store_lse: bool = False) -> str:
-        """The generated Triton source of one output."""
+               config: Config | None = None, store_lse: bool = False, dims: dict | None = None) -> str:
+        """The generated Triton source of one output, for the schedule chosen at `dims` (default: head dims 64
+        and every other dim 4096, see reference_dims) or forced by compile(schedule=...)."""
         from moa.codegen.emit import generate
 
         name = output or self.output_names[0]
@@ -196,8 +243,15 @@ class Kernel:
 
             return generate_window(self.cg_program, self._schedule(name), dtype, nbatch).source
         cfg = config or Config(128, 64)
-        return generate(self.cg_program, self._schedule(name), dtype, nbatch, cfg.block_m, cfg.block_n,
-                        store_lse).source
+        sched = self.schedule_for(name, dims or self.reference_dims(name), dtype)
+        return generate(self.cg_program, sched, dtype, nbatch, cfg.block_m, cfg.block_n, store_lse).source
+
+    def reference_dims(self, name: str | None = None) -> dict:
+        """Dims for a schedule choice without a call: head dims (contracted extents, value columns) 64, every
+        other dim 4096."""
+        s = self.schedules[name or self.output_names[0]]
+        heads = {str(x) for x in [s.col[1]] + [b.dot.extent for b in s.branches if b.dot is not None]}
+        return {d.name: 64 if d.name in heads else 4096 for d in self.program.dims}
 
     @property
     def triton_source(self) -> str:
@@ -276,18 +330,19 @@ class Kernel:
 
     def _run(self, name: str, b: Binding, store_lse: bool, config: Config | None = None):
         b = self._cg_binding(b)
-        sched = self._schedule(name)
         triton_module()
         check_device(b.device)
         dt = b.dtype
+        sched = self.schedule_for(name, b.dims, DTYPE_NAME[dt], _device_name(b.device), math.prod(b.batch))
         compute = torch.float32 if (dt == torch.bfloat16 and b.device.type == "cpu") else dt
         dtname = DTYPE_NAME[compute]
         dims = b.dims
         n = sy.evaluate(sched.row[1], dims)
         e = sy.evaluate(sched.col[1], dims)
         lead = [sy.evaluate(x, dims) for _, x in sched.lead]
-        mext = max([sy.evaluate(br.extent, dims) for br in sched.branches] + [1])
-        heads = [sy.evaluate(br.dot.extent, dims) for br in sched.branches if br.dot is not None] + [e]
+        base = self._schedule(name)  # launch extents of the unlifted schedule (the same for every kind)
+        mext = max([sy.evaluate(br.extent, dims) for br in base.branches] + [1])
+        heads = [sy.evaluate(br.dot.extent, dims) for br in base.branches if br.dot is not None] + [e]
         cfg = fit_tiles(config or choose_config(b.device, dtname, n, mext, max(heads)), heads, f"output {name}")
         if config is None and b.device.type == "cuda":  # AOT-checked: never a config that spills (costing.py)
             from .costing import runtime_config
@@ -299,7 +354,7 @@ class Kernel:
         lse = torch.empty((*b.batch, *lead, n), dtype=acc_dt, device=b.device) if store_lse else None
         if out.numel() == 0:
             return self._finish(out, dt), lse
-        fn, spec = self._function(name, dtname, len(b.batch), cfg, store_lse)
+        fn, spec = self._function(name, dtname, len(b.batch), cfg, store_lse, sched)
         args = []
         nb = len(b.batch)
         for inp in spec.inputs:
@@ -320,7 +375,7 @@ class Kernel:
             consts[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
         if store_lse:
             consts["STORE_LSE"] = True
-        grid = (cdiv(n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
+        grid = (_row_programs(sched, n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
         if grid[1] == 0:
             return self._finish(out, dt), lse
         check_grid(grid, b.device, f"output {name}")
@@ -340,13 +395,13 @@ class Kernel:
     def _finish(out, dt):
         return out if out.dtype == dt else out.to(dt)
 
-    def _function(self, name, dtname, nbatch, cfg: Config, store_lse):
+    def _function(self, name, dtname, nbatch, cfg: Config, store_lse, sched=None):
         from moa.codegen.emit import generate
 
-        key = (name, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
+        sched = sched or self._schedule(name)
+        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
         if key not in self._fns:
-            spec = generate(self.cg_program, self._schedule(name), dtname, nbatch, cfg.block_m, cfg.block_n,
-                            store_lse)
+            spec = generate(self.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
             triton = triton_module()
             ckey = cache.key_of(spec.source, __version__, triton.__version__, torch.__version__)
             mod = cache.load_module(ckey, spec.source)
@@ -406,13 +461,68 @@ class Kernel:
         lines.append("intermediate arrays eliminated by fusion:")
         lines += [f"  {nm}: {sy.show(sz)} elements" for nm, sz in inter] or ["  (none)"]
         lines += self._explain_forms()
-        lines.append("ONF (tiled schedule):")
         try:
-            for s in self.schedules.values():
-                lines += ["  " + ln for ln in onf.show(s).splitlines()]
+            lines += _explain_schedules_of(self)
+            lines.append("ONF (tiled schedule):" if all(len(v) == 1 for v in self.variants.values()) else
+                         "ONF (every legal schedule):")
+            for vs in self.variants.values():
+                for s in vs:
+                    lines += ["  " + ln for ln in onf.show(s).splitlines()]
         except UnsupportedError as e:
             lines.append(f"  not compiled by this version: {e.message}")
         return "\n".join(lines)
+
+
+def _row_programs(sched, n: int, block_m: int) -> int:
+    """Programs along the grid's first axis: row tiles, or for the residue schedule the tiles of every residue
+    (residues r < n mod s hold n // s + 1 rows, the others n // s)."""
+    if sched.kind != onf.RESIDUE:
+        return cdiv(n, block_m)
+    st = sched.lift.stride
+    q, rem = divmod(n, st)
+    return rem * cdiv(q + 1, block_m) + (st - rem) * cdiv(q, block_m)
+
+
+def _device_name(device: torch.device) -> str:
+    """The device-table entry for a CUDA device (h100 when it is not in the table, or for CPU tensors: the
+    schedule choice is a GPU prediction either way)."""
+    if device.type == "cuda":
+        try:
+            from moa import devices
+
+            name = torch.cuda.get_device_name(device)
+            devices.get_device(name)
+            return name
+        except Exception:  # an unnamed or unknown device: the default entry
+            pass
+    return "h100"
+
+
+def _canonical(dtype: str) -> str:
+    from moa.devices import canonical_dtype
+
+    return canonical_dtype(dtype)
+
+
+def _explain_schedules_of(kernel) -> list:
+    """The legal schedules of every output with their predicted times at a few n (h100, bf16) and the choice."""
+    out = []
+    for name, vs in kernel.variants.items():
+        if len(vs) < 2:
+            continue
+        out.append(f"schedules of {name}: {', '.join(onf.label(v) for v in vs)} (predicted on h100, bf16, "
+                   f"moa/schedule_cost.py; ONF of each below)")
+        base = kernel.reference_dims(name)
+        row = str(kernel.schedules[name].row[1])
+        for n in (1024, 4096, 16384):
+            dims = {k: (n if (k == row or v != 64) else v) for k, v in base.items()}
+            chosen, preds = kernel.schedule_choice(name, dims)
+            if preds is None:
+                continue
+            shown = ", ".join(f"{k}={v}" for k, v in dims.items())
+            cells = "; ".join(f"{p.label} {p.seconds * 1e6:.1f} us ({p.tiles} tiles, {p.hops} hops)" for p in preds)
+            out.append(f"  {shown}: {cells} -> {onf.label(chosen)}")
+    return out
 
 
 def _explain_forms_of(kernel) -> list:

@@ -1,13 +1,26 @@
-"""The CostReport of the chunked linear form (moa/linear.py), from its leading-order counts."""
+"""The cost of the chunked linear form (codegen/chunked.py, run by runtime/linear_run.py): its three launches
+described for the cost model (moa/cost_launch.py), counted exactly like the tiled kernel.
+
+  _chunk_state  programs (chunk t, feature tile ft): per program the chunk's rows x BLOCK_F features
+  _chunk_scan   programs (feature tile ft), a loop over the chunks t: the exclusive prefix of the states
+  _chunk_out    programs (chunk t), a loop over the feature tiles ft, then the intra-chunk tile
+
+tiles_visited of the linear form: the (chunk, feature tile) blocks of the state, i.e. the iterations of the
+scan's loop (each block is also one program of _chunk_state and one iteration of _chunk_out's loop).
+tiles_needed: the same (every block holds valid rows and features). The state buffers S [Z, T, D, HEAD_DIM_V]
+and zs [Z, T, D] (accumulator dtype) are the form's intermediate_bytes.
+"""
 from __future__ import annotations
 
 import math
 
+import sympy as sp
+import torch
+
 from moa import symbolic as sy
-from moa.devices import canonical_dtype
 from moa.errors import UnsupportedError
 
-from .costing import CostReport, cost_breakdown
+FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
 
 
 def runs_linear(kernel, name, dims, device, dtype) -> bool:
@@ -17,36 +30,86 @@ def runs_linear(kernel, name, dims, device, dtype) -> bool:
         return False
 
 
-def linear_cost(kernel, name, dtype, device, dims) -> CostReport:
-    """The chunked linear form's CostReport (form='linear'), from the leading-order counts of moa/linear.py
-    (form_costs: padded tiles of the three chunked kernels, not the exact ledger of the tiled kernel); the unfused
-    plan is the same program's eager PyTorch plan."""
-    from moa import linear
-    from moa.devices import get_device
+def linear_launches(kernel, name: str, dtname: str, nbatch: int, device: str = "cpu") -> list:
+    """The three launches of one output's chunked form (moa.cost_launch.Launch), in launch order."""
+    from moa import cost_launch as CL
+    from moa.codegen.chunked import CHUNK, CHUNK_IDX, NFEAT, generate_chunked
+    from moa.cost_common import HEAD_DIM_V, csym
+    from moa.ledger import function_ledger
 
-    from .kernel import Kernel
-
-    dev = get_device(device)
     lp = kernel.linear_plans[name][0]
-    eb = 8 if canonical_dtype(dtype) == "float64" else 2 if canonical_dtype(dtype) in ("float16", "bfloat16") else 4
-    ab = 8 if eb == 8 else 4
-    c = linear.form_costs(lp, dims, elem_bytes=eb, acc_bytes=ab)["linear"]
-    quad = cost_breakdown(Kernel(kernel.program, kernel.dnf, form="quadratic"), dtype, device, needed=False,
-                          **dims)[0]
+    if lp is None:
+        raise UnsupportedError(f"output {name} has no linear form: {kernel.linear_plans[name][1]}")
+    spec = generate_chunked(kernel.cg_program, lp, dtname, nbatch)
+    sites = {fn: (loads, stores) for fn, loads, stores in spec.sites}
+    consts = {k: v for k, v in FLAGS.items() if f"{k}: tl.constexpr" in spec.source}
+
+    def led(fn):
+        return function_ledger(kernel.cg_program, spec.source, fn, *sites[fn], "out", consts, {"fidx": "i"})
+
+    n = lp.schedule.row[1]
+    block_f, hd = csym("BLOCK_F"), csym("HEAD_DIM")
+    ft = sp.Symbol("ft", integer=True, nonnegative=True)
+    T, NFT = sp.ceiling(n / CHUNK), sp.ceiling(NFEAT / block_f)
+    axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, ft * block_f), "col": (HEAD_DIM_V, 0),
+            "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX)}
+    return [CL.Launch("_chunk_state", led("_chunk_state"), ((CHUNK_IDX, T), (ft, NFT)), {}, axes, None, spec.source),
+            CL.Launch("_chunk_scan", led("_chunk_scan"), ((ft, NFT),), {("loop", 0): (CHUNK_IDX, 0, T)}, axes,
+                      ("loop", 0), spec.source),
+            CL.Launch("_chunk_out", led("_chunk_out"), ((CHUNK_IDX, T),), {("loop", 0): (ft, 0, NFT)}, axes, None,
+                      spec.source)]
+
+
+def _chunk_config(device: str, n: int, nfeat: int) -> tuple[int, int]:
+    from .linear_run import chunk_config
+
+    try:
+        return chunk_config(torch.device(device), n, nfeat)
+    except TypeError:  # chunk_config(device, n) of older runtimes
+        return chunk_config(torch.device(device), n)
+
+
+def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
+    acc = 8 if dtname == "float64" else 4
+    return {**eb, "out": eb[output], "S": acc, "zs": acc, "fw": acc, "fidx": 4}
+
+
+def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict):
+    """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims."""
+    from moa import cost_launch as CL
+    from moa.codegen.chunked import CHUNK, NFEAT
+    from moa.cost_common import HEAD_DIM_V, csym
+
+    lp = kernel.linear_plans[name][0]
+    sched = lp.schedule
+
+    def pad(x):
+        return max(16, 1 << max(0, int(x) - 1).bit_length())
+
+    n = sy.evaluate(sched.row[1], dims)
+    e = sy.evaluate(sched.col[1], dims)
     d = sy.evaluate(lp.branch.dot.extent, dims)
-    n = sy.evaluate(lp.schedule.row[1], dims)
-    e = sy.evaluate(lp.schedule.col[1], dims)
-    chunks = -(-n // 64)
-    zl = math.prod(sy.evaluate(x, dims) for _, x in lp.schedule.lead)
-    states = ab * zl * chunks * lp.features(d) * (e + 1)  # per-chunk states and normalisers
-    trans = zl * n * 64 if lp.ga is not None else 0  # gate exponentials (leading order)
-    seconds = max(c.flops / dev.vector_rate(dtype), c.dram_bytes / dev.hbm_bytes_per_s) + 3 * dev.launch_s
-    bound = "compute" if c.flops / dev.vector_rate(dtype) >= c.dram_bytes / dev.hbm_bytes_per_s else "memory"
-    stored = states * 2 + eb * n * e
-    return CostReport(flops=c.flops, transcendentals=trans, dram_bytes=c.dram_bytes,
-                      dram_bytes_loaded=c.dram_bytes - stored, dram_bytes_stored=stored,
-                      tiles_visited=chunks, tiles_needed=chunks, intermediate_bytes=states,
-                      unfused_dram_bytes=quad.unfused_dram_bytes,
-                      unfused_intermediate_bytes=quad.unfused_intermediate_bytes, onchip_bytes=c.onchip_state_bytes,
-                      arithmetic_intensity=c.flops / c.dram_bytes, predicted_seconds=seconds, bound=bound,
-                      form="linear")
+    nfeat = lp.features(d)
+    chunk, block_f = _chunk_config(device, n, nfeat)
+    cv = {CHUNK: chunk, csym("BLOCK_F"): block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
+    launches = linear_launches(kernel, name, dtname, len(batch), device)
+    env = {x: dims[x.name] for x in kernel.program.dims}
+    nb = math.prod(batch)
+    counts = CL.total_counts(launches, sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb)
+    counts.tiles_needed = counts.tiles_visited
+    acc = 8 if dtname == "float64" else 4
+    zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
+    states = acc * zl * -(-n // chunk) * nfeat * (pad(e) + 1) if n * e else 0
+    return counts, states, acc * (chunk * block_f + chunk * pad(e) + block_f * pad(e))
+
+
+def linear_formulas(kernel, name: str, dtname: str, eb: dict, nbatch=1) -> dict:
+    """The counters of the chunked form as formulas in the dims and CHUNK, BLOCK_F, HEAD_DIM, HEAD_DIM_V
+    (D = binomial(d + p - 1, p) features)."""
+    from moa import cost_launch as CL
+    from moa.codegen.chunked import NFEAT
+
+    lp = kernel.linear_plans[name][0]
+    f = CL.total_formulas(linear_launches(kernel, name, dtname, 0), lp.schedule,
+                          _elem_bytes(eb, lp.schedule.output, dtname), nbatch)
+    return {k: v.xreplace({NFEAT: lp.features_expr()}) for k, v in f.items()}

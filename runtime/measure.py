@@ -38,6 +38,11 @@ Regions must be CPU tensors: the interpreter aliases CPU storages (kernel addres
 ``data_ptr()``), but copies device tensors to fresh host buffers, whose addresses cannot be known in
 advance.
 
+Load statements: ``instrument(lines={"visit": ("_attn_fwd", "v0 = tl.load(")})`` also counts how often loads
+issued by given source lines of the kernels execute (masked or not, whatever their mask): the hook walks up
+from the load to the kernel's frame (named by its function) and matches the stripped source line's beginning.
+This counts loop iterations exactly (e.g. visited key tiles: the value tile is loaded once per visited tile).
+
 Flop conventions (per element of the result, floating-point operands only)
 --------------------------------------------------------------------------
 Arithmetic has no mask, so every lane of the block counts, including padding lanes whose loads and
@@ -90,6 +95,8 @@ counts.
 
 from __future__ import annotations
 
+import linecache
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,6 +126,8 @@ class Counters:
         load_calls_by_region: region name -> number of load ops with at least one active lane in it.
         stores_by_region: region name -> bytes stored into that region.
         store_calls_by_region: region name -> number of store ops with at least one active lane in it.
+        load_calls_by_line: label -> number of load ops executed by the source line given for it (all lanes
+            masked or not).
     """
 
     dram_bytes_loaded: int = 0
@@ -133,6 +142,7 @@ class Counters:
     load_calls_by_region: dict[str, int] = field(default_factory=dict)
     stores_by_region: dict[str, int] = field(default_factory=dict)
     store_calls_by_region: dict[str, int] = field(default_factory=dict)
+    load_calls_by_line: dict[str, int] = field(default_factory=dict)
 
     @property
     def dram_bytes(self) -> int:
@@ -144,6 +154,7 @@ class Counters:
 class _Session:
     counters: Counters
     regions: list[tuple[str, np.uint64, np.uint64]]
+    lines: dict[str, dict[str, str]] = field(default_factory=dict)   # function -> {line prefix: label}
 
 
 _MISSING = object()
@@ -243,12 +254,35 @@ def _add(sessions: list[_Session], attr: str, amount: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _record_line(sessions: list[_Session]) -> None:
+    """Credit the load to the labels of its kernel source line (see the module docstring)."""
+    wanted = [s for s in sessions if s.lines]
+    if not wanted:
+        return
+    names = set().union(*(s.lines for s in wanted))
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return
+        if frame.f_code.co_name in names:
+            break
+        frame = frame.f_back
+    else:
+        return
+    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    for s in wanted:
+        for prefix, label in s.lines.get(frame.f_code.co_name, {}).items():
+            if text.startswith(prefix):
+                s.counters.load_calls_by_line[label] += 1
+
+
 def _hook_masked_load(orig: Callable) -> Callable:
     def hook(ptrs, mask, *args, **kwargs):
         res = orig(ptrs, mask, *args, **kwargs)
         sessions = _sessions()
         if sessions:
             _record(sessions, _active_addresses(ptrs, mask), _elem_bytes(ptrs), store=False)
+            _record_line(sessions)
         return res
 
     return hook
@@ -460,13 +494,16 @@ def _region_span(name: str, t: torch.Tensor) -> tuple[str, np.uint64, np.uint64]
 
 
 @contextmanager
-def instrument(regions: dict[str, torch.Tensor] | None = None) -> Iterator[Counters]:
+def instrument(regions: dict[str, torch.Tensor] | None = None,
+               lines: dict[str, tuple[str, str]] | None = None) -> Iterator[Counters]:
     """Count the work of every interpreted Triton launch executed in this thread inside the block.
 
     Args:
         regions: optional mapping ``name -> CPU tensor``; loads and stores are additionally attributed
             to each named tensor whose address span contains the accessed lane (see module docstring).
             Every name appears in the ``*_by_region`` dictionaries, with 0 if never touched.
+        lines: optional mapping ``label -> (kernel function name, source line prefix)``: load operations
+            issued by a matching line are counted in ``load_calls_by_line[label]`` (0 if never run).
 
     Yields:
         A ``Counters`` object updated live while kernels run; final once the block exits.
@@ -484,7 +521,11 @@ def instrument(regions: dict[str, torch.Tensor] | None = None) -> Iterator[Count
         counters.load_calls_by_region[name] = 0
         counters.stores_by_region[name] = 0
         counters.store_calls_by_region[name] = 0
-    session = _Session(counters, spans)
+    by_fn: dict[str, dict[str, str]] = {}
+    for label, (fn, prefix) in (lines or {}).items():
+        by_fn.setdefault(fn, {})[prefix] = label
+        counters.load_calls_by_line[label] = 0
+    session = _Session(counters, spans, by_fn)
 
     global _install_count
     with _LOCK:

@@ -132,6 +132,55 @@ def test_formulas_evaluate_to_the_numeric_prediction(name, params):
             assert CS.evaluate_formula(getattr(f, field), vals) == getattr(num, field), (field, n)
 
 
+@pytest.mark.parametrize("name, params, form, schedule", [
+    ("bla", {"W": 8, "M": 3}, None, None), ("power_gated", {}, "linear", None), ("linear_relu", {}, "linear", None),
+    ("pi_attention", {"k": 20, "s": 40}, "quadratic", "hops"), ("dilated_window", {"w": 40, "r": 3}, None, "hops")])
+def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, params, form, schedule):
+    """The window-mixing kernel, the chunked linear form (three launches) and hop loops have formulas too."""
+    from moa.cost_launch import window_consts
+    from moa.runtime.linear_cost import _chunk_config
+
+    k = moa.compile(EX / f"{name}.moa", form=form, schedule=schedule, **params)
+    f = k.cost(dtype="float32", device="cpu")
+    for n in (1, 45, 130):
+        dims = {"n": n, "d": 8, "e": 24}
+        num = cost(k, dtype="float32", device="cpu", config=Config(64, 32), **dims)
+        if name == "bla":
+            vals = {s.name: v for s, v in window_consts(k.schedules["O"], dims).items()}
+        elif form == "linear":
+            chunk, block_f = _chunk_config("cpu", n, k.linear_plans["O"][0].features(8))
+            vals = {"CHUNK": chunk, "BLOCK_F": block_f, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
+        else:
+            vals = {"BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
+        for field in ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored",
+                      "tiles_visited"):
+            assert CS.evaluate_formula(getattr(f, field), {**dims, **vals}) == getattr(num, field), (field, n)
+
+
+def test_ledgers_of_hop_and_window_loops():
+    k = moa.compile(EX / "pi_attention.moa", schedule="hops", k=20, s=40)
+    from moa.codegen.emit import generate
+
+    sched = k.schedule_for("O", {"n": 100, "d": 16, "e": 16})
+    led = L.ledger(k.program, generate(k.program, sched, "float64", 0, 64, 32))
+    assert ("hop", 1) in led.regions and ("visit", 0) in led.regions and ("visit", 1) not in led.regions
+    hop_loads = [led.loads[x] for x in led.regions[("hop", 1)].loads]
+    assert {a for s in hop_loads for _, a in s.axes} == {"row", "hop", "HEAD_DIM", "col"}
+    from moa.runtime.costing import _window_launch_of
+
+    w = _window_launch_of(moa.compile(EX / "bla.moa"), "O", "float32", 0)
+    assert set(w.ledger.regions) == {"program", ("loop", 0), ("loop", 1)}
+    assert sum(len(x.loads) for x in w.ledger.regions.values()) == 3     # Q once, K and V once per hop
+
+
+def test_residue_schedule_has_numbers_but_no_formulas():
+    k = moa.compile(EX / "pi_attention.moa", schedule="residue", k=20, s=7)
+    c = cost(k, dtype="float32", device="cpu", n=100, d=16, e=16)
+    assert c.tiles_visited == c.tiles_needed > 0
+    with pytest.raises(UnsupportedError, match="residue schedule"):
+        k.cost(dtype="float32", device="cpu")
+
+
 def test_partial_dims_and_config_give_formulas_in_the_rest():
     k = compile_("causal")
     c = cost(k, dtype="bf16", device="h100", config=Config(128, 64), d=128, e=128)
@@ -219,14 +268,10 @@ def test_errors():
 
         k.measure(Q=torch.zeros(4, 4, device="meta"), K=torch.zeros(4, 4, device="meta"),
                   V=torch.zeros(4, 4, device="meta"))
-    bla = moa.compile(EX / "bla.moa")
-    try:
-        mixes = any(getattr(br, "mix", None) is not None for s in bla.schedules.values() for br in s.branches)
-    except UnsupportedError:
-        mixes = False
-    if mixes:
-        with pytest.raises(UnsupportedError, match="window-mixing"):
-            bla.cost(n=64, d=16, e=16)
+    from moa.runtime.linear_cost import linear_launches
+
+    with pytest.raises(UnsupportedError, match="no linear form"):
+        linear_launches(compile_("causal"), "O", "float64", 0)
 
 
 # ---- the commands ---------------------------------------------------------------------------------------------------

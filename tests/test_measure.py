@@ -342,6 +342,21 @@ def test_region_attribution_counts_key_tiles(dtype):
     assert c.flops == tiles * per_tile
 
 
+@needs_interpreted_stdlib
+def test_load_lines_count_executions_whatever_the_mask():
+    """instrument(lines=...) counts the loads a source line issues: loop iterations, all-masked loads included."""
+    n, d, bn = 37, 8, 16
+    q, k, v, o = torch.randn(d), torch.randn(n, d), torch.randn(n, d), torch.empty(d)
+    x, keep = torch.randn(32), torch.zeros(32, dtype=torch.int32)
+    lines = {"tile": ("_kv_loop", "v = tl.load("), "none": ("_masked_copy", "nothing = "),
+             "absent": ("_kv_loop", "w = ")}
+    with instrument({"x": x}, lines=lines) as c:
+        _kv_loop[(1,)](q, k, v, o, n, D=d, BN=bn)
+        _masked_copy[(1,)](x, torch.empty_like(x), keep, BLOCK=32)
+    assert c.load_calls_by_line == {"tile": triton.cdiv(n, bn), "none": 1, "absent": 0}
+    assert c.load_calls_by_region["x"] == 0   # no lane of x was read
+
+
 def test_region_view_span_excludes_rest_of_storage():
     base = torch.randn(10, 8)
     o = torch.empty(32)

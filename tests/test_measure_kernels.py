@@ -1,6 +1,7 @@
 """Predicted counters (moa/cost.py: the ONF plus the emitted kernel's ledger, nothing executed) equal what the
 instrumented Triton interpreter counts when the generated kernel runs, exactly, for every example at ragged
-sizes, in float64 and float32."""
+sizes, in float64 and float32: the tiled kernel, its hops and residue schedules, the window-mixing kernel
+(bla.moa) and the three launches of the chunked linear form."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,7 +25,13 @@ EXAMPLES = {
     "causal_bottom_right": {}, "dilated_window": {"w": 40, "r": 3}, "global_window": {"w": 20},
     "prefix_lm": {"p": 20}, "document_mask": {}, "alibi": {}, "softcap": {}, "relative_bias": {}, "mqa": {},
     "ring_local": {"k": 20}, "pi_attention": {"k": 20, "s": 7}, "power_gated": {}, "linear_relu": {},
+    "bla": {},   # the window-mixing kernel (codegen/window.py)
 }
+LINEAR = ("power", "power_gated", "linear", "linear_relu")   # also run in the chunked linear form
+LINEAR_SIZES = (1, 17, 63, 65, 129)   # chunks of 32 / 64 rows: one row, ragged, a multiple +- 1
+# schedules with a residue conjunct (i - j) % s == 0: hop loops and the residue lifting, besides the tiled one
+SCHEDULES = [("pi_attention", "hops"), ("pi_attention", "residue"), ("dilated_window", "hops"),
+             ("dilated_window", "residue")]
 STRUCTURED = ("causal", "sliding_window", "dilated_window", "prefix_lm", "causal_bottom_right", "ring_local")
 SIZES = (1, 17, 100, 130)
 KEYS = {1: 1, 17: 24, 100: 61, 130: 130}   # m for programs with a separate key length (m < n and m > n)
@@ -32,10 +39,12 @@ KEYS = {1: 1, 17: 24, 100: 61, 130: 130}   # m for programs with a separate key 
 _KERNELS: dict = {}
 
 
-def kernel(name):
-    if name not in _KERNELS:
-        _KERNELS[name] = moa.compile(ROOT / "examples" / f"{name}.moa", form="quadratic", **EXAMPLES[name])
-    return _KERNELS[name]
+def kernel(name, form="quadratic", schedule=None):
+    key = (name, form, schedule)
+    if key not in _KERNELS:
+        _KERNELS[key] = moa.compile(ROOT / "examples" / f"{name}.moa", form=form, schedule=schedule,
+                                    **EXAMPLES[name])
+    return _KERNELS[key]
 
 
 def dims_for(k, n, d=16, e=16):
@@ -59,13 +68,13 @@ def check(k, dims, dtype, batch=0, seed=0, convert=None, **kw):
 def test_every_example_is_covered():
     for path in sorted((ROOT / "examples").glob("*.moa")):
         k = moa.compile(path)
-        try:
-            scheds = k.schedules
-        except moa.UnsupportedError:
-            continue
-        if any(getattr(b, "mix", None) is not None for s in scheds.values() for b in s.branches):
-            continue  # window-mixing kernel (codegen/window.py): not the tiled kernel the cost model covers
         assert path.stem in EXAMPLES, f"{path.name}: add it to EXAMPLES"
+        for name in k.output_names:
+            if k.linear_plans[name][0] is not None:
+                assert path.stem in LINEAR, f"{path.name} has a linear form: add it to LINEAR"
+            if len(k.variants[name]) > 1:
+                kinds = {v.kind for v in k.variants[name]} - {"tiled"}
+                assert kinds <= {s for e, s in SCHEDULES if e == path.stem}, f"{path.name}: add {kinds} to SCHEDULES"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -75,6 +84,55 @@ def test_predicted_counters_equal_measured(name, dtype):
     for n in SIZES:
         m, c = check(k, dims_for(k, n), dtype, seed=n)
         assert m.programs > 0 and c.tiles_visited >= 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", LINEAR)
+def test_linear_form_counters_equal_measured(name, dtype):
+    """The chunked form's three launches, summed; tiles_visited = (chunk, feature tile) blocks."""
+    k = kernel(name, form="linear")
+    for n in LINEAR_SIZES:
+        m, c = check(k, dims_for(k, n, d=8), dtype, seed=n)
+        chunk = min(64, max(16, 1 << (n - 1).bit_length()))   # runtime/linear_run.py chunk_config
+        assert c.form == "linear" and c.tiles_visited == c.tiles_needed == -(-n // chunk)   # one feature tile
+        assert c.intermediate_bytes > 0   # the chunk states
+    check(k, dims_for(k, 65, d=8), dtype, batch=2)
+
+
+def test_linear_form_with_several_feature_tiles():
+    """D = C(92, 2) = 4186 features: two feature tiles of 4096 on the CPU (64 on a GPU)."""
+    m, c = check(kernel("power_gated", form="linear"), {"n": 70, "d": 91, "e": 8}, torch.float32)
+    assert c.tiles_visited == 2 * 2   # chunks x feature tiles
+
+
+@pytest.mark.parametrize("name, schedule", SCHEDULES)
+def test_schedule_counters_equal_measured(name, schedule):
+    """Hop loops (one key row per query row per hop) and the residue lifting (rows r + s a per program, lifted
+    branches over key tiles in b-space) count exactly too, and visit no hop or tile without an admissible pair."""
+    k = kernel(name, schedule=schedule)
+    for n in SIZES:
+        m, c = check(k, dims_for(k, n), torch.float32, seed=n)
+        assert c.tiles_visited == c.tiles_needed
+
+
+def test_pi_attention_hops_at_4096_visit_only_needed_hops():
+    """PiAttention with stride 64: every hop (and key tile of the local branch) visited holds an admissible pair,
+    measured in the interpreter at n = 4096."""
+    k = moa.compile(ROOT / "examples" / "pi_attention.moa", schedule="hops", k=64, s=64, T=8)
+    m, c = check(k, {"n": 4096, "d": 16, "e": 16}, torch.float32)
+    assert m.tiles_visited == c.tiles_needed == 603
+    for schedule in ("hops", "residue"):   # GPU tiles, bf16: predicted only
+        k = moa.compile(ROOT / "examples" / "pi_attention.moa", schedule=schedule, k=64, s=64, T=8)
+        c = cost(k, dtype="bf16", device="h100", n=4096, d=64, e=64)
+        assert c.tiles_visited == c.tiles_needed > 0
+
+
+def test_window_kernel_batch_and_hops():
+    k = kernel("bla")
+    m, c = check(k, {"n": 40, "d": 16, "e": 16}, torch.float64, batch=2)
+    assert c.tiles_visited == 2 * 16                # one row tile x W = 16 hops, two batch entries
+    c1 = cost(k, dtype="float64", device="cpu", n=1, d=16, e=16)
+    assert (c1.tiles_visited, c1.tiles_needed) == (16, 1)   # row 0 has only hop 0 (key row 0 - r >= 0)
 
 
 @pytest.mark.parametrize("name", STRUCTURED)

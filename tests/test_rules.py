@@ -4,7 +4,9 @@ rule predicts, written here by hand), no intermediate array survives, and the DN
 inputs equals the unfused reference to 1e-12."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import sympy as sp
@@ -210,3 +212,114 @@ def test_rule_values_with_batch_axes():
                for n in p.inputs}
         ref, got = reference(p, ins), evaluate_dnf(p, outs, ins)
         _close(got["O"], ref["O"])
+
+
+# ---- the ONF's dimension-lifting rule (moa/onf.py LIFTING_RULES): residue-lift --------------------------------------
+
+PI = (Path(__file__).resolve().parents[1] / "examples" / "pi_attention.moa").read_text()
+DILATED = (Path(__file__).resolve().parents[1] / "examples" / "dilated_window.moa").read_text()
+OFFSET_HEADS = """dim h, n, d, e
+in Q[h, n, d], K[h, n, d], V[h, n, e]
+S[a, i, j] = where(j <= i + 4 and (j - i + 2) % 5 == 0, dot(Q[a, i], K[a, j]) / sqrt(d) + 0.1 * (j - i), -inf)
+out O[a] = softmax(S[a], axis=-1) @ V[a]
+"""
+NORMALIZE = """dim n, d, e
+in Q[n, d], K[n, d], V[n, e]
+A[i, j] = where(j <= i and (i - j) % 3 == 0, dot(Q[i], K[j]) ^ 2, 0)
+out O = normalize(A, axis=-1) @ V
+"""
+# id, program, params, stride
+LIFT_CASES = [
+    ("pi-skips-unbounded", PI, {"k": 3, "s": 4}, 4),
+    ("pi-skips-T2", PI, {"k": 3, "s": 3, "T": 2}, 3),
+    ("dilated-window", DILATED, {"w": 9, "r": 3}, 3),
+    ("offset-and-heads", OFFSET_HEADS, {}, 5),
+    ("normalize", NORMALIZE, {}, 3),
+]
+
+
+def _lifted_variant(source, params, stride):
+    from moa import onf
+    from moa.codegen.names import codegen_view
+
+    p = elaborate(source, **params)
+    view = codegen_view(p, dnf(p))
+    (o,) = view.dnf
+    base = onf.schedule(o)
+    (lifted,) = [v for v in onf.variants(base) if v.kind == onf.RESIDUE and v.lift.stride == stride]
+    pairs = [(b0, b1) for b0, b1 in zip(base.branches, lifted.branches) if b1.mode == "lift"]
+    assert pairs
+    return view.program, base, lifted, pairs
+
+
+def test_lifting_rule_states_its_identity():
+    from moa.onf import LIFTING_RULES
+
+    (r,) = LIFTING_RULES
+    assert r.name == "residue-lift" and "=>" in r.identity and "i = r + s a" in r.identity
+    assert "rho = (r + c) mod s" in r.identity and callable(r.apply)
+
+
+@pytest.mark.parametrize("source, params, stride", [pytest.param(*c[1:], id=c[0]) for c in LIFT_CASES])
+def test_residue_lift_shapes(source, params, stride):
+    """Proven with sympy (by the residue class of the extent, n = s q + p): the rows a < rows(r) of the residues
+    r < s partition iota(n), the keys b < keys(rho) of the key residues partition iota(m), and the dropped
+    conjunct (i - j + c) % s == 0 is identically true under i = r + s a, j = rho + s b."""
+    _, base, lifted, pairs = _lifted_variant(source, params, stride)
+    rl = lifted.lift
+    q = sp.Symbol("q", integer=True, nonnegative=True)
+    n = base.row[1]
+    for p in range(stride):
+        total = sum(rl.rows.xreplace({rl.res: r}) for r in range(stride))
+        assert sp.simplify(total.xreplace({n: stride * q + p}) - (stride * q + p)) == 0
+    for b0, b1 in pairs:
+        lk = b1.lift
+        m = lk.extent
+        # rho(r) runs over every residue once: the key extents of all residues sum to m
+        rhos = sorted(int(lk.base_value.xreplace({rl.res: r})) for r in range(stride))
+        assert rhos == list(range(stride))
+        for p in range(stride):
+            total = sum(lk.keys.xreplace({lk.base: rho}) for rho in range(stride))
+            assert sp.simplify(total.xreplace({m: stride * q + p}) - (stride * q + p)) == 0
+        # the residue conjunct of the unlifted mask, with rho = r + c - s w (w = floor((r + c) / s))
+        from moa.onf import _residue_conjunct
+
+        k, parts, s, c = _residue_conjunct(b0.mask, base.row[0], b0.var)
+        assert s == stride
+        e = next(x.expr for x in parts[k].args if isinstance(x, dnf_mod.Index) and isinstance(x.expr, sp.Mod))
+        w = sp.Symbol("w", integer=True)
+        key = lk.key.xreplace({lk.base: rl.res + c - stride * w})
+        assert sp.simplify(e.xreplace({base.row[0]: rl.row, b0.var: key})) == 0
+        lifted_mask = [] if b1.mask is None else list(nodes(b1.mask))   # ... and is gone from the lifted mask
+        assert not any(isinstance(x, dnf_mod.Index) and x.expr.has(sp.Mod) for x in lifted_mask)
+
+
+@pytest.mark.parametrize("source, params, stride", [pytest.param(*c[1:], id=c[0]) for c in LIFT_CASES])
+@pytest.mark.parametrize("n", [1, 2, 7, 23])
+def test_residue_lift_values(source, params, stride, n):
+    """The lifted reduction, evaluated residue by residue on rows i = r + s a (runtime/dnf_eval.py, float64),
+    equals the unlifted one on every row, with the batch axis broadcast."""
+    program, base, lifted, pairs = _lifted_variant(source, params, stride)
+    rl = lifted.lift
+    dims = {"n": n, "d": 5, "e": 3, "h": 2}
+    dims = {d.name: dims[d.name] for d in program.dims}
+    g = torch.Generator().manual_seed(n)
+    ins = {x.attrs[0]: torch.randn(2, *[sy.evaluate(s, dims) for s in x.shape], generator=g, dtype=F64)
+           for x in program.inputs}
+    i, c = base.row[0], base.col[0]
+    lead = [v for v, _ in base.lead]
+    lead_ext = [x for _, x in base.lead]
+    for b0, b1 in pairs:
+        whole = dnf_mod.DnfOutput("O", (*lead, i, c), (*lead_ext, base.row[1], base.col[1]), b0.source, "float")
+        want = evaluate_dnf(program, [whole], ins)["O"]
+        got = torch.full_like(want, float("nan"))
+        for r in range(stride):
+            rows = int(sy.evaluate(rl.rows.xreplace({rl.res: r}), dims))
+            if rows == 0:
+                continue
+            fix = {rl.res: sp.Integer(r), b1.lift.base: b1.lift.base_value.xreplace({rl.res: r}), i: r + stride * rl.a}
+            node = dnf_mod.subs(b1.source, fix)
+            node = replace(node, extent=sp.sympify(node.extent).xreplace(fix))
+            part = dnf_mod.DnfOutput("O", (*lead, rl.a, c), (*lead_ext, rows, base.col[1]), node, "float")
+            got[..., r::stride, :] = evaluate_dnf(program, [part], ins)["O"]
+        _close(got, want)

@@ -1,5 +1,6 @@
-"""Issue 6: Blurry Window Attention (window-mixing schedule) and PiAttention, float64 against the reference and
-independent implementations (tests/oracles.py)."""
+"""Issue 6: Blurry Window Attention (window-mixing schedule) and PiAttention (tiled, hops and residue-lifted
+schedules, and the choice between them), float64 against the reference and independent implementations
+(tests/oracles.py)."""
 from __future__ import annotations
 
 import pytest
@@ -96,6 +97,7 @@ def test_pi_attention_visits_only_admissible_tiles_and_hops():
     wg = torch.randn(d, generator=g, dtype=F64)
     pi = moa.compile("examples/pi_attention.moa", k=kwin, s=s, T=T)
     assert pi.schedules["O"].branches[1].hop is not None
+    assert moa.onf.label(pi.schedule_for("O", {"n": n, "d": d, "e": d}, "float64")) == "hops"  # the cost model's
     assert "for hop in range" in pi.source(dtype="float64")
     with instrument({"K": kk}) as c_pi:
         out = pi(Q=q, K=kk, V=v, wg=wg)
@@ -109,3 +111,142 @@ def test_pi_attention_visits_only_admissible_tiles_and_hops():
     rows = slice(0, 300)
     want = oracles.pi_attention(q[rows], kk[rows], v[rows], wg, k_win=kwin, s=s, T=T)
     assert _err(out[rows], want) <= 1e-12  # rows < 300 only see keys < 300
+
+
+# ---- residue lifting (moa/onf.py rule residue-lift, codegen/emit.py) -------------------------------------------------
+
+PI_CASES = [({"k": 4, "s": 3, "T": 2}, 40), ({"k": 8, "s": 5}, 41), ({"k": 3, "s": 16, "T": 3}, 10),
+            ({"k": 6, "s": 4}, 67), ({"k": 2, "s": 7, "T": 1}, 7), ({"k": 5, "s": 2, "T": 30}, 33)]
+
+
+@pytest.mark.parametrize("kw,n", PI_CASES)
+def test_pi_attention_residue_lifted(kw, n):
+    """The residue schedule (i = r + s a, j = r + s b) forced: T unbounded (default), n not a multiple of s,
+    n < s (every skip row empty), n == s, batch axes; against the reference and the oracle."""
+    k = moa.compile("examples/pi_attention.moa", bg=-0.5, schedule="residue", **kw)
+    ins = _qkv(n, batch=(2, 3), seed=n + 1)
+    ins["wg"] = torch.randn(8, dtype=F64)
+    src = k.source(dtype="float64", nbatch=2)
+    assert "offs_m = res + " in src and "for hop in range" in src and "tl.dot(q0" in src
+    assert src.count("tl.load(Q_ptr") == 1  # the query tile is loaded once (both branches and the gate)
+    out = k(**ins)
+    assert _err(out, k.reference(**ins)) <= 1e-12
+    want = oracles.pi_attention(ins["Q"], ins["K"], ins["V"], ins["wg"], k_win=kw["k"], s=kw["s"], T=kw.get("T"),
+                                bg=-0.5)
+    assert _err(out, want) <= 1e-12
+
+
+OFFSET_HEADS = """dim h, n, d, e
+in Q[h, n, d], K[h, n, d], V[h, n, e]
+S[a, i, j] = where(j <= i + 4 and (j - i + 2) % 5 == 0, dot(Q[a, i], K[a, j]) / sqrt(d) + 0.1 * (a + 1) * (j - i), -inf)
+out O[a] = softmax(S[a], axis=-1) @ V[a]
+"""
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "hops", "residue"])
+def test_residue_structure_in_other_programs(schedule):
+    """Not keyed on PiAttention: any (i - j + c) % s == 0 conjunct gets hops and the residue lifting. A program
+    with heads, an offset residue (j = i - 2 mod 5: key residue (r + 3) mod 5), keys above the diagonal and a
+    position term; the dilated window example with its log-sum-exp."""
+    k = moa.compile(OFFSET_HEADS, schedule=schedule)
+    assert [moa.onf.label(v) for v in k.variants["O"]] == ["tiled", "hops", "residue s=5"]
+    g = torch.Generator().manual_seed(3)
+    for n in (3, 29):
+        ins = {x: torch.randn(2, 3, n, 8, generator=g, dtype=F64) for x in "QKV"}
+        assert _err(k(**ins), k.reference(**ins)) <= 1e-12
+    dil = moa.compile("examples/dilated_window.moa", w=20, r=3, schedule=schedule)
+    ins = _qkv(50, batch=(2,), seed=5)
+    out, lse = dil.with_lse(**ins)
+    want, want_lse = oracles.dilated_window(ins["Q"], ins["K"], ins["V"], w=20, r=3, return_lse=True)
+    assert _err(out, want) <= 1e-12 and _err(lse, want_lse) <= 1e-12
+
+
+def test_schedule_choice_by_predicted_cost():
+    """Large T (unbounded) picks the residue lifting, small T with a large stride picks hops, small problems
+    (launch-bound: a tie) keep the tiled kernel; schedule= overrides; explain shows the candidates, their
+    predictions, the choice and the lifted index maps."""
+    big = {"n": 16384, "d": 64, "e": 64}
+    for s in (16, 32):
+        k = moa.compile("examples/pi_attention.moa", s=s)
+        for dims in (big, {**big, "n": 4096}):
+            chosen, preds = k.schedule_choice("O", dims, "bf16", "h100")
+            assert moa.onf.label(chosen) == f"residue s={s}", preds
+        tiled, hops, res = preds
+        assert res.tiles * 4 < tiled.tiles  # the strided skips visit ~1/s of the causal tiles
+    small_t = moa.compile("examples/pi_attention.moa", s=64, T=8)
+    for dims in (big, {**big, "n": 4096}):
+        assert moa.onf.label(small_t.schedule_for("O", dims, "bf16")) == "hops"
+        assert moa.onf.label(small_t.schedule_for("O", dims, "float64")) == "hops"
+    assert moa.onf.label(small_t.schedule_for("O", {"n": 100, "d": 16, "e": 16}, "bf16")) == "tiled"
+    forced = moa.compile("examples/pi_attention.moa", s=64, T=8, schedule="residue")
+    assert moa.onf.label(forced.schedule_for("O", big)) == "residue s=64"
+    # residue work ~ n (k + T) d: linear in n for a bounded T; with T unbounded the tiled kernel is quadratic
+    from moa.schedule_cost import predict
+
+    res = moa.compile("examples/pi_attention.moa", s=16, T=8).variants["O"][2]
+    p1, p4 = (predict(res, {**big, "n": n}) for n in (16384, 65536))
+    assert p4.dot_flops <= 4.2 * p1.dot_flops and p4.hops == 4 * p1.hops
+    tiled = moa.compile("examples/pi_attention.moa", s=16).variants["O"][0]
+    assert predict(tiled, {**big, "n": 65536}).dot_flops > 15 * predict(tiled, big).dot_flops
+    text = moa.compile("examples/pi_attention.moa").explain()
+    assert "schedules of O: tiled, hops, residue s=16" in text
+    assert "-> residue s=16" in text and "-> hops" in text  # n = 16384 and n = 1024
+    assert "residue lifting of the rows: i = 16*a_i + r_i" in text
+    assert "keys j1 = 16*b_j1 + r_i" in text and "mask: ((b_j1 < a_i) and ((a_i - b_j1) <= 1000000))" in text
+    with pytest.raises(moa.UnsupportedError, match="schedule='residue'"):
+        moa.compile("examples/causal.moa", schedule="residue")(**_qkv(5))
+    with pytest.raises(moa.InputError, match="schedule='strided'"):
+        moa.compile("examples/causal.moa", schedule="strided")
+
+
+def _residue_needed(n, bm, bn, s, kwin, T):
+    """(programs, local hops, lifted key tiles) with an admissible pair, by enumeration over (residue r, a-tile,
+    hop or b-tile): rows i = r + s a (a < rows_r), local keys i - t (0 <= t < k, i - t >= 0), skip keys
+    j = r + s b with b < a and a - b <= T."""
+    programs = hops = tiles = 0
+    for r in range(s):
+        rows = (n - 1 - r) // s + 1
+        for a0 in range(0, rows, bm):
+            programs += 1
+            a = torch.arange(a0, min(a0 + bm, rows))
+            hops += min(kwin - 1, r + s * int(a[-1])) + 1
+            for b0 in range(0, rows, bn):
+                b = torch.arange(b0, min(b0 + bn, rows))
+                ok = (b[None, :] < a[:, None]) & (a[:, None] - b[None, :] <= T)
+                tiles += bool(ok.any())
+    return programs, hops, tiles
+
+
+@pytest.mark.parametrize("s,T", [(4, 10), (3, None), (8, 2)])
+def test_residue_schedule_visits_only_admissible_tiles_and_hops(s, T):
+    """Every program holds a row, every hop of the local window and every b-tile of the lifted skips has an
+    admissible pair: K is loaded exactly that many times (instrumented interpreter)."""
+    from moa.runtime.measure import instrument
+
+    n, kwin = 300, 5
+    kw = {"k": kwin, "s": s} | ({"T": T} if T is not None else {})
+    k = moa.compile("examples/pi_attention.moa", schedule="residue", **kw)
+    ins = _qkv(n, batch=(), seed=s)
+    ins["wg"] = torch.randn(8, dtype=F64)
+    kk = ins["K"]
+    with instrument({"K": kk}) as c:
+        out = k(**ins)
+    programs, hops, tiles = _residue_needed(n, 64, 64, s, kwin, T if T is not None else n)  # interpreter tiles
+    assert c.programs == programs
+    assert c.load_calls_by_region["K"] == hops + tiles
+    want = oracles.pi_attention(ins["Q"], kk, ins["V"], ins["wg"], k_win=kwin, s=s, T=T)
+    assert _err(out, want) <= 1e-12
+
+
+def test_residue_schedule_no_program_without_rows():
+    """n < s: one program per non-empty residue (n of them), no skip key anywhere."""
+    from moa.runtime.measure import instrument
+
+    k = moa.compile("examples/pi_attention.moa", k=3, s=8, schedule="residue")
+    ins = _qkv(5, batch=(), seed=1)
+    ins["wg"] = torch.randn(8, dtype=F64)
+    with instrument({"K": ins["K"]}) as c:
+        out = k(**ins)
+    assert c.programs == 5
+    assert c.load_calls_by_region["K"] == sum(min(2, i) + 1 for i in range(5))  # local hops only
+    assert _err(out, k.reference(**ins)) <= 1e-12
