@@ -400,8 +400,8 @@ def cmd_aot(args) -> int:
     for i, name in enumerate(k.output_names):
         r = aot(k, target=args.target, dtype=args.dtype, config=cfg, output=name, **dims)
         ok, why = fits(r, args.target)
-        print(f"output {name}: BLOCK_M={r.block_m} BLOCK_N={r.block_n} num_warps={r.num_warps} "
-              f"num_stages={r.num_stages}")
+        print(f"output {name}: {r.schedule + ' schedule, ' if r.schedule else ''}BLOCK_M={r.block_m} "
+              f"BLOCK_N={r.block_n} num_warps={r.num_warps} num_stages={r.num_stages}")
         print(f"  registers/thread  {r.registers}")
         print(f"  spills            {r.spills} B")
         print(f"  shared memory     {r.shared_bytes} B ({r.shared_bytes / 1024:.1f} KiB)")

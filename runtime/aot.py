@@ -68,11 +68,14 @@ class AotReport:
     local_bytes: int = 0
     compile_seconds: float = 0.0
     ptxas_log: str = ""
+    schedule: str = ""      # the ONF kind compiled (tiled, hops, residue s=...), when known
 
     def summary(self) -> str:
         """One line: kernel, target, config and resources."""
         blocks = f" BLOCK_M={self.block_m} BLOCK_N={self.block_n}" if self.block_m or self.block_n else ""
-        return (f"{self.name} on {self.target} (num_warps={self.num_warps} num_stages={self.num_stages}{blocks}):"
+        sched = f" [{self.schedule} schedule]" if self.schedule else ""
+        return (f"{self.name}{sched} on {self.target} (num_warps={self.num_warps} "
+                f"num_stages={self.num_stages}{blocks}):"
                 f" {self.registers} registers, {self.spills} spill bytes, {self.shared_bytes} B shared,"
                 f" wgmma={'yes' if self.uses_wgmma else 'no'}")
 

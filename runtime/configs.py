@@ -35,21 +35,23 @@ _LOCK = threading.Lock()
 
 
 def _aot_request(kernel, name: str, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
-                 target: str) -> dict:
-    """Everything needed to compile one output's kernel ahead of time (a picklable request)."""
+                 target: str, sched=None) -> dict:
+    """Everything needed to compile one output's kernel ahead of time (a picklable request): the kernel of
+    `sched` (default: the tiled schedule) generated as Kernel._run generates it (the code-generation view)."""
     from moa.codegen.emit import generate
 
     from . import cache
 
-    sched = kernel.schedules[name]
-    spec = generate(kernel.program, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False)
+    sched = sched or kernel.schedules[name]
+    prog = getattr(kernel, "cg_program", kernel.program)
+    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False)
     path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
     e = sy.evaluate(sched.col[1], dims)
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
     for hd, ext in spec.head_dims:
         constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
     sig = {}
-    inputs = kernel.program.input_map
+    inputs = prog.input_map
     it = {"int64": "i64", "int32": "i32"}[index_dtype]
     for arg in _arg_names(spec.source):
         if arg in constexprs:
@@ -216,53 +218,96 @@ def _disk_path(key: str):
 
 
 def fit_requests(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
-                 index_dtype: str = "int64", default: Config | None = None) -> tuple[list, list]:
+                 index_dtype: str = "int64", default: Config | None = None, sched=None) -> tuple[list, list]:
     """(candidate configs, AOT requests) of fit_config, in the order they are tried."""
     dtype = canonical_dtype(dtype)
-    sched = kernel.schedules[name]
     from .costing import launch_config, launch_extents  # costing re-exports this module: import late
 
-    n, m, head = launch_extents(sched, dims)
+    n, m, head = launch_extents(kernel.schedules[name], dims)  # the same extents for every schedule kind
     default = default or launch_config(kernel, name, torch.device("cuda"), dtype, dims)
     cands = candidates(dtype, head, default)
-    return cands, [_aot_request(kernel, name, dtype, c, dims, nbatch, index_dtype, target) for c in cands]
+    return cands, [_aot_request(kernel, name, dtype, c, dims, nbatch, index_dtype, target, sched) for c in cands]
 
 
-def choose_fitting(cands: list, results: list, target: str, what: str) -> tuple[Config, A.AotReport]:
-    """The first candidate whose report fits, or UnsupportedError naming every config tried and why."""
+def choose_fitting(cands: list, results: list, target: str, what: str) -> tuple:
+    """The first candidate whose report fits, or UnsupportedError naming every config tried and why. Candidates
+    are Configs (returns (config, report)) or (schedule label, Config) pairs (returns (index, report))."""
     reasons = []
-    for c, res in zip(cands, results):
+    for k, (c, res) in enumerate(zip(cands, results)):
+        text = f"{c[0]} schedule {_cfg_text(c[1])}" if isinstance(c, tuple) else _cfg_text(c)
         if isinstance(res, tuple):
-            reasons.append(f"{_cfg_text(c)}: {_short(res[1])}")
+            reasons.append(f"{text}: {_short(res[1])}")
             continue
         ok, why = A.fits(res, target)
         if ok:
-            return c, res
-        reasons.append(f"{_cfg_text(c)}: {why}")
+            return (k if isinstance(c, tuple) else c), res
+        reasons.append(f"{text}: {why}")
     raise UnsupportedError(f"{what} does not fit on {target}: every tile config spills, exceeds shared memory or "
                            f"fails to compile ({'; '.join(reasons)})")
 
 
 def fit_config(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
-               index_dtype: str = "int64", default: Config | None = None) -> tuple[Config, A.AotReport | None]:
+               index_dtype: str = "int64", default: Config | None = None,
+               sched=None) -> tuple[Config, A.AotReport | None]:
     """The first candidate config (the runtime default first, then smaller tiles) whose kernel compiles for
-    `target` with no spills, shared memory within the per-block limit and registers within bounds. Decisions are
-    cached on disk (JSON in the moa cache directory) and in memory (the report is None when the decision came from
-    the disk cache). Raises UnsupportedError naming every config tried when none fits."""
+    `target` with no spills, shared memory within the per-block limit and registers within bounds. The kernel is
+    that of `sched`; without it, that of the schedule a CUDA launch uses (fit_schedule). Decisions are cached on
+    disk (JSON in the moa cache directory) and in memory (the report is None when the decision came from the disk
+    cache). Raises UnsupportedError naming every config tried when none fits."""
+    if sched is None:
+        return fit_schedule(kernel, name, dtype, dims, target, nbatch, index_dtype, default=default)[1:]
+    return _first_fit(kernel, name, dtype, dims, [sched], target, nbatch, index_dtype, default)[1:]
+
+
+def fit_schedule(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+                 index_dtype: str = "int64", batch: int = 1, default: Config | None = None):
+    """(schedule, config, AotReport or None) of a CUDA launch on `target`: the schedules in the runtime's order
+    (Kernel.schedule_ranking: the predicted-fastest first), each with its candidate configs, and the first kernel
+    that fits. So a schedule whose kernel spills on the target (e.g. the hop loop at d = 128) gives way to the
+    next one. Raises UnsupportedError naming every schedule and config tried when none fits."""
+    return _first_fit(kernel, name, dtype, dims, ranked_schedules(kernel, name, dtype, dims, target, batch), target,
+                      nbatch, index_dtype, default)
+
+
+def ranked_schedules(kernel, name: str, dtype: str, dims: dict, target: str, batch: int = 1,
+                     device: str | None = None) -> list:
+    """The schedules a CUDA launch on `target` tries, in order (Kernel.schedule_ranking), predicted on `device`
+    (a device-table name; default: the target's, sm_90 -> h100)."""
+    if not hasattr(kernel, "schedule_ranking"):
+        return [kernel.schedules[name]]
+    return kernel.schedule_ranking(name, dims, canonical_dtype(dtype), device or target_device(target), batch)
+
+
+def _first_fit(kernel, name, dtype, dims, scheds, target, nbatch, index_dtype, default):
     dtype = canonical_dtype(dtype)
-    cands, reqs = fit_requests(kernel, name, dtype, dims, target, nbatch, index_dtype, default)
-    key = hashlib.sha256("".join(_req_key(r) for r in reqs).encode()).hexdigest()[:32]
+    plan = []   # (schedule, config, request) in the order tried
+    for sched in scheds:
+        cands, reqs = fit_requests(kernel, name, dtype, dims, target, nbatch, index_dtype, default, sched)
+        plan += [(sched, c, r) for c, r in zip(cands, reqs)]
+    key = hashlib.sha256("".join(_req_key(r) for _, _, r in plan).encode()).hexdigest()[:32]
     path = _disk_path(key)
     try:
-        return cands[json.loads(path.read_text())["choice"]], None
+        sched, cfg, _ = plan[json.loads(path.read_text())["choice"]]
+        return sched, cfg, None
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass
-    results = aot_groups([reqs], first_fit=True)[0]
+    results = aot_groups([[r for _, _, r in plan]], first_fit=True)[0]
     what = (f"output {name} of {kernel.program.name} ({dtype}, "
             f"{', '.join(f'{k}={v}' for k, v in dims.items())})")
-    cfg, rep = choose_fitting(cands, results, target, what)
-    _save_choice(path, cands.index(cfg))
-    return cfg, rep
+    k, rep = choose_fitting([(_label(s), c) for s, c, _ in plan], results, target, what)
+    _save_choice(path, k)
+    return plan[k][0], plan[k][1], rep
+
+
+def _label(sched) -> str:
+    from moa import onf
+
+    return onf.label(sched)
+
+
+def target_device(target: str) -> str:
+    """The device-table entry whose schedule choice a target's kernel follows (sm_90 -> h100, sm_8x -> a100)."""
+    return "h100" if A.TARGETS.get(target, 90) >= 90 else "a100"
 
 
 def _short(message: str) -> str:
@@ -296,21 +341,25 @@ def aot(kernel, target: str = "sm_90", dtype="bf16", config: Config | None = Non
     """Compile one output's generated kernel for `target` without a GPU and report its resources (AotReport:
     registers, spills, shared_bytes, uses_wgmma, num_warps, num_stages, block_m, block_n, ptx, cubin).
     Without `config`, the config is the one the GPU runtime launches: the default table's, or the first
-    candidate that fits (fit_config). Dims of the row/key axes only matter for the config choice; head dims
-    (the contraction and value extents) are required."""
+    candidate that fits (fit_config). The kernel is that of the schedule the runtime chooses for these dims on
+    the target (tiled, hops or residue: Kernel.schedule_for; AotReport.name says which). Dims of the row/key
+    axes matter for the config and schedule choices; head dims (the contraction and value extents) are
+    required."""
     dtype = canonical_dtype(dtype)
     name = output or kernel.output_names[0]
     if name not in kernel.output_names:
         raise InputError(f"no output {name!r}; outputs: {', '.join(kernel.output_names)}")
     dims = _aot_dims(kernel, name, dims)
     if config is None:
-        config, rep = fit_config(kernel, name, dtype, dims, target, nbatch, index_dtype)
+        sched, config, rep = fit_schedule(kernel, name, dtype, dims, target, nbatch, index_dtype)
         if rep is not None:
-            return rep
-    res = aot_batch([_aot_request(kernel, name, dtype, config, dims, nbatch, index_dtype, target)])[0]
+            return dataclasses.replace(rep, schedule=_label(sched))
+    else:
+        sched = ranked_schedules(kernel, name, dtype, dims, target)[0]
+    res = aot_batch([_aot_request(kernel, name, dtype, config, dims, nbatch, index_dtype, target, sched)])[0]
     if isinstance(res, tuple):
         raise UnsupportedError(res[1])
-    return res
+    return dataclasses.replace(res, schedule=_label(sched))
 
 
 def _aot_dims(kernel, name, dims) -> dict:
@@ -329,10 +378,11 @@ def _aot_dims(kernel, name, dims) -> dict:
     return out
 
 
-def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, device) -> Config:
-    """The config Kernel._run launches on a CUDA device: the default table, checked ahead of time for the
-    device's architecture (no spills, shared memory in budget), falling back to smaller tiles. If the AOT
-    check itself cannot run, the default is used with a warning."""
+def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, device, batch: int = 1) -> tuple:
+    """(schedule, config) Kernel._run launches on a CUDA device: the schedules in the runtime's order, each with
+    the default table then smaller tiles, checked ahead of time for the device's architecture (no spills, shared
+    memory in budget): fit_schedule. If the AOT check itself cannot run, the predicted schedule and the default
+    config are used with a warning."""
     cap = torch.cuda.get_device_capability(device)
     target = f"sm_{cap[0]}{cap[1]}"
     if target not in A.TARGETS:
@@ -341,11 +391,15 @@ def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, devic
     heads = tuple(sy.evaluate(x, dims) for x in [sched.col[1]] + [b.dot.extent for b in sched.branches
                                                                    if b.dot is not None])
     memo = kernel.__dict__.setdefault("_fit_memo", {})
-    key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads))
+    from .kernel import _device_name
+
+    ranking = ranked_schedules(kernel, name, dtype, dims, target, batch, _device_name(device))
+    key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads),
+           tuple(_label(x) for x in ranking))
     if key in memo:
         return memo[key]
     try:
-        memo[key] = fit_config(kernel, name, dtype, dims, target, nbatch)[0]
+        memo[key] = _first_fit(kernel, name, dtype, dims, ranking, target, nbatch, "int64", None)[:2]
         return memo[key]
     except UnsupportedError as e:
         if " does not fit on " in e.message:
@@ -354,4 +408,4 @@ def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, devic
                       RuntimeWarning, stacklevel=3)
         from .costing import launch_config
 
-        return launch_config(kernel, name, device, dtype, dims)
+        return ranking[0], launch_config(kernel, name, device, dtype, dims)

@@ -199,7 +199,8 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
         scheds[name] = run_schedule(kernel, name, dims, dtype, device)
         configs[name] = config or launch_config(kernel, name, tdev, compute, dims)
         if fit and config is None and dev is not None:
-            configs[name] = fit_config(kernel, name, compute, dims, dev.target, len(batch), index_dtype)[0]
+            scheds[name], configs[name], _ = fit_schedule(kernel, name, compute, dims, dev.target, len(batch),
+                                                          index_dtype, math.prod(batch) if batch else 1)
     specs = _specs(kernel, compute, len(batch), configs, scheds=scheds)
     total = C.Counts()
     eager_dram = eager_inter = eager_flops = 0
@@ -466,5 +467,6 @@ def _witness_line(source: str, fn: str, led, region) -> tuple[str, str]:
 
 # the AOT config search lives in runtime/configs.py; its names stay reachable from here
 from .configs import (  # noqa: E402,F401
-    aot, aot_batch, aot_groups, candidates, choose_fitting, fit_config, fit_requests, runtime_config,
+    aot, aot_batch, aot_groups, candidates, choose_fitting, fit_config, fit_requests, fit_schedule,
+    ranked_schedules, runtime_config,
 )

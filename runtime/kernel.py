@@ -191,6 +191,17 @@ class Kernel:
         chosen, _, preds = schedule_cost.choose(vs, dims, dtype, device, cfg.block_m, cfg.block_n, batch)
         return chosen, preds
 
+    def schedule_ranking(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
+                         batch: int = 1) -> list:
+        """The legal schedules in the order a CUDA launch tries them: the choice first, then by predicted time
+        (runtime/configs.fit_schedule takes the first whose kernel fits the GPU without spilling)."""
+        chosen, preds = self.schedule_choice(name, dims, dtype, device, batch)
+        if preds is None:
+            return [chosen]
+        vs = [v for v in self.variants[name] if self.schedule is None or v.kind == self.schedule]
+        order = sorted(range(len(vs)), key=lambda k: preds[k].seconds)
+        return [chosen] + [vs[k] for k in order if vs[k] is not chosen]
+
     def schedule_for(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
                      batch: int = 1) -> onf.Schedule:
         """The ONF Kernel._run generates and launches for a call with these dims and batch size (the product of
@@ -344,10 +355,10 @@ class Kernel:
         mext = max([sy.evaluate(br.extent, dims) for br in base.branches] + [1])
         heads = [sy.evaluate(br.dot.extent, dims) for br in base.branches if br.dot is not None] + [e]
         cfg = fit_tiles(config or choose_config(b.device, dtname, n, mext, max(heads)), heads, f"output {name}")
-        if config is None and b.device.type == "cuda":  # AOT-checked: never a config that spills (costing.py)
-            from .costing import runtime_config
+        if config is None and b.device.type == "cuda":  # AOT-checked: never a config that spills (configs.py)
+            from .configs import runtime_config
 
-            cfg = runtime_config(self, name, dtname, dims, len(b.batch), b.device)
+            sched, cfg = runtime_config(self, name, dtname, dims, len(b.batch), b.device, math.prod(b.batch))
         shape = (*b.batch, *lead, n, e)
         out = torch.empty(shape, dtype=dt if compute == dt else compute, device=b.device)
         acc_dt = torch.float64 if compute == torch.float64 else torch.float32

@@ -1,9 +1,11 @@
 """The generated kernels compiled for sm_90 without a GPU: the config the runtime launches never spills, stays in
-the 227 KiB shared-memory budget and uses wgmma (fp16/bf16, d in {64, 128}, every softmax-family example)."""
+the 227 KiB shared-memory budget and uses wgmma (fp16/bf16, d in {64, 128}, every softmax-family example, in
+the schedule the runtime chooses for the dims: tiled, hops or residue)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import difflib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -11,6 +13,7 @@ import pytest  # noqa: E402
 
 import moa  # noqa: E402
 from moa.cli import main  # noqa: E402
+from moa import onf  # noqa: E402
 from moa.errors import UnsupportedError  # noqa: E402
 from moa.runtime import aot as A  # noqa: E402
 from moa.runtime import costing as K  # noqa: E402
@@ -35,6 +38,8 @@ def softmax_family():
 
 
 FAMILY = softmax_family()
+# PiAttention's short-skip setting, where the runtime chooses the hop schedule (the default params choose residue)
+FAMILY.append(("pi_attention_hops", moa.compile(ROOT / "examples" / "pi_attention.moa", s=64, T=8)))
 # fp16 kernels differ from bf16 ones only in the dtype they cast to (test below): fp16 is compiled for a
 # representative subset (both head dims), bf16 for every example
 FP16 = ("causal", "sliding_window", "pi_attention", "relative_bias")
@@ -47,19 +52,26 @@ def dims_for(k, d):
 
 @pytest.fixture(scope="module")
 def fitted():
-    """(example, d, dtype) -> (config, AotReport), every fit search compiled in one child process."""
-    keys, cands, groups = [], [], []
+    """(example, d, dtype) -> (config, AotReport with .schedule), every fit search (the runtime's schedules in
+    order, each with its candidate configs: configs.fit_schedule) compiled in one child process."""
+    keys, plans = [], []
     for name, k in FAMILY:
         for d in (64, 128):
             for dt in ("bfloat16", "float16"):
                 if dt == "float16" and name not in FP16:
                     continue
-                c, reqs = K.fit_requests(k, k.output_names[0], dt, dims_for(k, d))
+                dims, plan = dims_for(k, d), []
+                for sched in K.ranked_schedules(k, k.output_names[0], dt, dims, "sm_90"):
+                    cands, reqs = K.fit_requests(k, k.output_names[0], dt, dims, sched=sched)
+                    plan += [(sched, c, r) for c, r in zip(cands, reqs)]
                 keys.append((name, d, dt))
-                cands.append(c)
-                groups.append(reqs)
-    results = K.aot_groups(groups, first_fit=True)
-    return {key: K.choose_fitting(c, res, "sm_90", str(key)) for key, c, res in zip(keys, cands, results)}
+                plans.append(plan)
+    results = K.aot_groups([[r for _, _, r in plan] for plan in plans], first_fit=True)
+    out = {}
+    for key, plan, res in zip(keys, plans, results):
+        i, rep = K.choose_fitting([(onf.label(s), c) for s, c, _ in plan], res, "sm_90", str(key))
+        out[key] = (plan[i][1], dataclasses.replace(rep, schedule=onf.label(plan[i][0])))
+    return out
 
 
 def test_family_is_not_empty():
@@ -67,10 +79,23 @@ def test_family_is_not_empty():
     assert {"sdpa", "causal", "sliding_window", "pi_attention", "gqa_alibi"} <= names
 
 
+def test_the_schedule_that_fits_is_launched(fitted):
+    """The predicted-fastest schedule when its kernel fits; at d = 128 the hop loop spills on sm_90 (row-wise
+    [BLOCK_M, 128] key and value tiles beside two accumulators) and the next schedule is launched instead."""
+    assert fitted[("pi_attention", 64, "bfloat16")][1].schedule.startswith("residue")
+    assert fitted[("pi_attention_hops", 64, "bfloat16")][1].schedule == "hops"
+    assert fitted[("pi_attention_hops", 128, "bfloat16")][1].schedule != "hops"
+    assert fitted[("causal", 128, "bfloat16")][1].schedule == "tiled"
+    k = dict(FAMILY)["pi_attention_hops"]
+    ranking = K.ranked_schedules(k, "O", "bfloat16", dims_for(k, 128), "sm_90")
+    assert ranking[0].kind == "hops" and len(ranking) == 3
+
+
 def test_runtime_configs_fit_and_use_wgmma(fitted):
     rows = []
     for (name, d, dt), (cfg, rep) in sorted(fitted.items()):
-        rows.append(f"{name:22s} d={d:3d} {dt:8s} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}: "
+        rows.append(f"{name:22s} d={d:3d} {dt:8s} {rep.schedule:12s} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
+                    f"s{cfg.num_stages}: "
                     f"{rep.registers} regs, {rep.spills} B spills, {rep.shared_bytes} B shared, wgmma {rep.uses_wgmma}")
         assert rep.spills == 0, rows[-1]
         assert rep.uses_wgmma, rows[-1]
@@ -155,8 +180,9 @@ def test_runtime_config_on_cuda_uses_the_fit(monkeypatch, fitted):
 
     k = dict(FAMILY)["pi_attention"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cfg = K.runtime_config(k, "O", "bfloat16", dims_for(k, 128), 0, torch.device("cuda"))
+    sched, cfg = K.runtime_config(k, "O", "bfloat16", dims_for(k, 128), 0, torch.device("cuda"))
     assert cfg == fitted[("pi_attention", 128, "bfloat16")][0]
+    assert onf.label(sched) == fitted[("pi_attention", 128, "bfloat16")][1].schedule
 
 
 def test_moa_cost_uses_the_config_the_gpu_runtime_launches(fitted, capsys):
