@@ -508,13 +508,19 @@ class Emitter:
             w(f"    o{k} = acc{k} / tl.where(l_i{k} == 0, 1.0, l_i{k})[:, None]  # fin: 0 for rows with no key")
         else:
             iw(f"{ind}z_i{k} = z_i{k} + tl.sum({sname}{k}, 1)")
-            # unbounded weights ((q . k)^p) stay in the accumulator dtype: a 16-bit cast would overflow
-            iw(f"{ind}acc{k} = acc{k} + tl.dot({sname}{k}, {v}.to({self.acc}){self._acc_dot_kw()})")
+            iw(f"{ind}acc{k} = acc{k} + {self._weights_dot(f'{sname}{k}', v)}")
             body.lines.extend(loop.lines)
             w(f"    o{k} = acc{k} / tl.where(z_i{k} == 0, 1.0, z_i{k})[:, None]  # 0 where the normaliser is 0")
 
-    def _acc_dot_kw(self):
-        return ', input_precision="ieee"' if self.acc == "tl.float32" else ""
+    def _weights_dot(self, w: str, v: str) -> str:
+        """tl.dot of unbounded weights ((q . k)^p, not in [0, 1] like softmax's p) with a value tile. bf16 has
+        fp32's exponent range: the weights are cast to it (tensor cores, as p is for softmax). fp16 would
+        overflow past 65504: the dot runs in tf32 (tensor cores, fp32 range). fp32 and fp64 stay exact."""
+        if self.dtype == "bfloat16":
+            return f"tl.dot({w}.to(tl.bfloat16), {v})"
+        if self.dtype == "float16":
+            return f'tl.dot({w}, {v}.to(tl.float32), input_precision="tf32")'
+        return f"tl.dot({w}, {v}.to({self.acc}){self._dot_kw()})"
 
     def _dot_kw(self):
         return ', input_precision="ieee"' if self.dtype == "float32" else ""

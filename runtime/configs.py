@@ -278,12 +278,27 @@ def ranked_schedules(kernel, name: str, dtype: str, dims: dict, target: str, bat
     return kernel.schedule_ranking(name, dims, canonical_dtype(dtype), device or target_device(target), batch)
 
 
-def _first_fit(kernel, name, dtype, dims, scheds, target, nbatch, index_dtype, default):
+def fit_plan(kernel, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+             index_dtype: str = "int64", default: Config | None = None, scheds=None) -> list:
+    """[(schedule, config, AOT request)] in the order fit_schedule tries them (`scheds`: default the runtime's
+    ranking). Compile the requests as one group of aot_groups(first_fit=True), then choose_plan."""
     dtype = canonical_dtype(dtype)
-    plan = []   # (schedule, config, request) in the order tried
-    for sched in scheds:
+    plan = []
+    for sched in scheds or ranked_schedules(kernel, name, dtype, dims, target):
         cands, reqs = fit_requests(kernel, name, dtype, dims, target, nbatch, index_dtype, default, sched)
         plan += [(sched, c, r) for c, r in zip(cands, reqs)]
+    return plan
+
+
+def choose_plan(plan: list, results: list, target: str, what: str) -> tuple:
+    """(index into plan, AotReport with .schedule set) of the first entry that fits; UnsupportedError naming
+    every schedule and config tried otherwise."""
+    k, rep = choose_fitting([(_label(s), c) for s, c, _ in plan], results, target, what)
+    return k, dataclasses.replace(rep, schedule=_label(plan[k][0]))
+
+
+def _first_fit(kernel, name, dtype, dims, scheds, target, nbatch, index_dtype, default):
+    plan = fit_plan(kernel, name, dtype, dims, target, nbatch, index_dtype, default, scheds)
     key = hashlib.sha256("".join(_req_key(r) for _, _, r in plan).encode()).hexdigest()[:32]
     path = _disk_path(key)
     try:
@@ -292,9 +307,9 @@ def _first_fit(kernel, name, dtype, dims, scheds, target, nbatch, index_dtype, d
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass
     results = aot_groups([[r for _, _, r in plan]], first_fit=True)[0]
-    what = (f"output {name} of {kernel.program.name} ({dtype}, "
+    what = (f"output {name} of {kernel.program.name} ({canonical_dtype(dtype)}, "
             f"{', '.join(f'{k}={v}' for k, v in dims.items())})")
-    k, rep = choose_fitting([(_label(s), c) for s, c, _ in plan], results, target, what)
+    k, rep = choose_plan(plan, results, target, what)
     _save_choice(path, k)
     return plan[k][0], plan[k][1], rep
 
@@ -353,7 +368,7 @@ def aot(kernel, target: str = "sm_90", dtype="bf16", config: Config | None = Non
     if config is None:
         sched, config, rep = fit_schedule(kernel, name, dtype, dims, target, nbatch, index_dtype)
         if rep is not None:
-            return dataclasses.replace(rep, schedule=_label(sched))
+            return rep
     else:
         sched = ranked_schedules(kernel, name, dtype, dims, target)[0]
     res = aot_batch([_aot_request(kernel, name, dtype, config, dims, nbatch, index_dtype, target, sched)])[0]

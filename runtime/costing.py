@@ -467,6 +467,6 @@ def _witness_line(source: str, fn: str, led, region) -> tuple[str, str]:
 
 # the AOT config search lives in runtime/configs.py; its names stay reachable from here
 from .configs import (  # noqa: E402,F401
-    aot, aot_batch, aot_groups, candidates, choose_fitting, fit_config, fit_requests, fit_schedule,
-    ranked_schedules, runtime_config,
+    aot, aot_batch, aot_groups, candidates, choose_fitting, choose_plan, fit_config, fit_plan, fit_requests,
+    fit_schedule, ranked_schedules, runtime_config,
 )

@@ -11,7 +11,7 @@ hostile name is replaced by a neutral one (alpha-renaming):
   kernel's own and no two user names merge (this caught inputs `z0`, `z1` and output `lse`, whose `off_X`
   was the kernel's batch / lse offset, before codegen/names.py);
 - every comment is one line of printable ASCII (no newline injection through names, file names, DNF text);
-- the source parses (ast), string constants are only "inf", "-inf", "ieee", attributes come from a fixed set;
+- the source parses (ast), string constants are only "inf", "-inf", "ieee", "tf32", attributes come from a fixed set;
 - the kernel runs (Triton interpreter, float64, with a batch axis) and matches the float64 reference.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ COMMENTS = [
     "# \"\"\"\nimport os\n\"\"\"",       # the newline ends the comment: `import os` is then a parse error
 ]
 
-ALLOWED_STRINGS = {"inf", "-inf", "ieee"}
+ALLOWED_STRINGS = {"inf", "-inf", "ieee", "tf32"}
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
