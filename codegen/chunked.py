@@ -44,7 +44,10 @@ class _Chunked:
         self.em = Emitter(program, self.s, dtype)
         self.acc = self.em.acc
         self.nbatch = nbatch
-        self.dot_kw = ', input_precision="ieee"' if dtype in ("float32", "float16", "bfloat16") else ""
+        # operands are computed in the accumulator dtype (features, states, weights: unbounded, so no 16-bit cast):
+        # float32 inputs keep exact fp32 dots; 16-bit inputs use TF32 tensor cores (fp32 range, 10-bit mantissa)
+        self.dot_kw = {"float32": ', input_precision="ieee"', "float16": ', input_precision="tf32"',
+                       "bfloat16": ', input_precision="tf32"'}.get(dtype, "")
 
     # access sites (cost model): the tile axis of each index code; None: the value of a loaded feature index
     SITE_AXES = {"offs_j": "crow", "offs_i": "crow", "offs_v": "col", "offs_head_dim": "HEAD_DIM", "last": "chunk",

@@ -617,6 +617,9 @@ def eager_plan(sched: Schedule, elt: int, batch: int = 1) -> Eager:
       O_k = P @ V          read P and V [m, e]; write O_k [n, e]                         2 n m e FLOPs
       (normalize)          O_k / z: read O_k and z, write O_k
     epilogue               when the output is more than one branch's value: read every O_k, write O [n, e]
+    A window-mixing branch (Blurry Window Attention: slots j < J mixing W hops r) materialises, before S, the
+    unfolded windows K_u [n, W, d], V_u [n, W, e] and the mixed Khat = w @ K_u [n, J, d], Vhat [n, J, e]
+    (2 n J W d and 2 n J W e FLOPs); S = einsum(Q, Khat) reads Khat and O = P @ Vhat reads Vhat.
     Intermediates are every array written except the output O. All sizes times batch x leading extents."""
     i, n = sched.row
     c, e = sched.col
@@ -633,7 +636,15 @@ def eager_plan(sched: Schedule, elt: int, batch: int = 1) -> Eager:
         j, m = b.var, b.extent
         nm = n * m
         tag = f"branch {k}: " if len(sched.branches) > 1 else ""
-        if b.dot is not None:
+        mx = b.mix
+        if mx is not None:
+            W, dk = mx.extent, mx.kext
+            for what, width in (("K", dk), ("V", e)):
+                op(f"{tag}unfold {what} into [n, W] windows", n * width * E, n * W * width * E)
+                op(f"{tag}{what}hat = w @ {what}_u", (n * W * width + m * W) * E, nm * width * E,
+                   dot=2 * nm * W * width)
+            op(f"{tag}S = einsum(Q, Khat)", (n * dk + nm * dk) * E, nm * E, dot=2 * nm * dk)
+        elif b.dot is not None:
             dk = b.dot.extent
             for fac, rows in ((b.dot.a, n), (b.dot.b, m)):
                 if not isinstance(fac, D.Read):
@@ -655,7 +666,8 @@ def eager_plan(sched: Schedule, elt: int, batch: int = 1) -> Eager:
         else:
             op(f"{tag}z = A.sum(-1)", nm * E, n * E, other=nm)
         last = final_is_branch and b.kind == "softmax"
-        op(f"{tag}O = P @ V", (nm + m * e) * E, n * e * E, dot=2 * nm * e, inter=not last)
+        values = nm * e if mx is not None else m * e     # Vhat [n, J, e] for a window-mixing branch
+        op(f"{tag}O = P @ V", (nm + values) * E, n * e * E, dot=2 * nm * e, inter=not last)
         if b.kind != "softmax":
             op(f"{tag}O / z", (n * e + n) * E, n * e * E, other=n * e, inter=not final_is_branch)
     if not final_is_branch:

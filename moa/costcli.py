@@ -213,8 +213,16 @@ def cost_table(k, rep, bd, dims) -> str:
         inter += plan.intermediate_bytes
     io = sum((sp.Mul(*n.shape) for n in k.program.inputs), sp.Integer(0)) + \
         sum((sp.Mul(*node.shape) for _, node in k.program.outputs), sp.Integer(0))
-    lines.append(f"MoA storage theorem: unfused materialises {sp.expand(inter)} bytes of intermediates (O(n^2 + n d)); "
-                 f"fused holds only inputs + outputs, {sp.expand(io)} elements (O(n d))")
+    seq = [x for x in _sweep_dims(k) if x in {str(f) for f in inter.free_symbols}]
+    try:
+        deg = sp.Poly(sp.expand(inter), *[sp.Symbol(x, integer=True, positive=True) for x in seq]).total_degree() \
+            if seq else 0
+    except sp.PolynomialError:
+        deg = None
+    order = {2: "O(n^2 + n d)", 1: "O(n d), linear in n: window-sized intermediates"}.get(deg, "")
+    lines.append(f"MoA storage theorem: unfused materialises {sp.expand(inter)} bytes of intermediates"
+                 f"{f' ({order})' if order else ''}; fused holds only inputs + outputs, {sp.expand(io)} elements "
+                 "(O(n d))")
     return "\n".join(lines)
 
 

@@ -219,7 +219,9 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
         if kinds[name] == "window":
             counts, chip = _window_counts(kernel, name, dims, batch, compute, eb, needed)
             onchip = max(onchip, chip)
-            hbm += counts.dram_bytes
+            # a program's W hops re-read rows [i0 - W + 1, i0 + BLOCK_M): from L1/L2, like the tiled key loop
+            counts.loop_loaded_by_tensor = dict(counts.loaded_by_tensor)
+            hbm += _hbm_bytes(kernel, sched, counts, dims, nb, eb, dev)
             launches += 1
         elif kinds[name] == "linear":
             from .linear_cost import linear_counts

@@ -205,6 +205,17 @@ def test_storage_theorem_quadratic_vs_linear():
                                           "P = softmax(S)", "O = P @ V"]
 
 
+def test_window_mixing_unfused_plan_materialises_the_mixed_keys():
+    """bla.moa eager: unfolded windows K_u, V_u [n, W, .] and mixed Khat, Vhat [n, J, .] (W = J = 16 slots), then
+    S, mask, S_masked, P [n, J]: 2 (16 n d + 16 n d + 16 n e + 16 n e) + 3 * 2 * 16 n + 16 n bytes in bf16."""
+    k = compile_("bla")
+    plan = C.eager_plan(k.schedules["O"], 2)
+    n, d, e = (sp.Symbol(x, integer=True, positive=True) for x in "nde")
+    assert sp.expand(plan.intermediate_bytes - (64 * n * d + 64 * n * e + 112 * n)) == 0
+    rep = k.cost(dtype="bf16", device="h100", n=4096, d=64, e=64)
+    assert rep.intermediate_bytes == 0 and rep.unfused_dram_bytes > 3 * rep.dram_bytes
+
+
 def test_multi_branch_epilogue_materialises_branch_outputs():
     k = compile_("pi_attention")
     plan = C.eager_plan(k.schedules["O"], 2)
