@@ -69,10 +69,17 @@ class AotReport:
     compile_seconds: float = 0.0
     ptxas_log: str = ""
     schedule: str = ""      # the ONF kind compiled (tiled, hops, residue s=...), when known
+    constants: tuple = ()   # (name, value) of every constexpr but strides: tile sizes, head dims, flags
+
+    def constant(self, name: str, default=None):
+        """The value of constexpr `name` the kernel was compiled with (``default`` when it has none)."""
+        return dict(self.constants).get(name, default)
 
     def summary(self) -> str:
         """One line: kernel, target, config and resources."""
         blocks = f" BLOCK_M={self.block_m} BLOCK_N={self.block_n}" if self.block_m or self.block_n else ""
+        if not blocks and self.constants:
+            blocks = "".join(f" {k}={v}" for k, v in self.constants)
         sched = f" [{self.schedule} schedule]" if self.schedule else ""
         return (f"{self.name}{sched} on {self.target} (num_warps={self.num_warps} "
                 f"num_stages={self.num_stages}{blocks}):"
@@ -93,8 +100,12 @@ def fits(report: AotReport, target: str | None = None) -> tuple[bool, str]:
 
     Checks: no register spills, ``shared_bytes`` within the target's per-block limit (227 KiB on
     sm_90, 163 KiB on sm_80), at most 255 registers per thread and at most 64K registers per CTA.
-    Returns ``(ok, reason)``; ``reason`` is ``"ok"`` or lists every violated limit.
+    Returns ``(ok, reason)``; ``reason`` is ``"ok"`` or lists every violated limit. A report with
+    several kernels (a ``kernels`` attribute and a ``fits`` method, e.g.
+    runtime/form_configs.FormAotReport) fits when each of them does.
     """
+    if hasattr(report, "kernels"):
+        return report.fits(target)
     tgt = target or report.target
     cap = _capability(tgt)
     problems = []
@@ -200,7 +211,8 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
         registers=registers, spills=spills, shared_bytes=int(md.shared or 0) + static_shared,
         uses_wgmma="wgmma.mma_async" in ptx, num_warps=num_warps, num_stages=num_stages,
         block_m=block_m, block_n=block_n, ptx=ptx, cubin=cubin, target=target, name=md.name,
-        static_shared_bytes=static_shared, local_bytes=local, compile_seconds=seconds, ptxas_log=ptxas_log)
+        static_shared_bytes=static_shared, local_bytes=local, compile_seconds=seconds, ptxas_log=ptxas_log,
+        constants=tuple((k, v) for k, v in constexprs.items() if not k.startswith("stride_")))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,13 +50,27 @@ def _aot_request(kernel, name: str, dtype: str, cfg: Config, dims: dict, nbatch:
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
     for hd, ext in spec.head_dims:
         constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
+    sig = kernel_signature(prog, spec.source, "_attn_fwd", dtype, index_dtype, constexprs)
+    return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
+            "block_n": cfg.block_n}
+
+
+def kernel_signature(prog, source: str, fn: str, dtype: str, index_dtype: str, constexprs: dict,
+                     special: dict | None = None) -> dict:
+    """Triton types of the runtime arguments of kernel `fn` in `source`, as a CUDA launch passes them: inputs'
+    pointers by their declared dtype (floats in the compute dtype), other pointers in the compute dtype unless
+    `special` types them, strides i32 except the innermost axis of a contiguous tensor, which Triton specialises
+    to 1 (added to `constexprs`, in place), every other argument i32."""
     sig = {}
     inputs = prog.input_map
     it = {"int64": "i64", "int32": "i32"}[index_dtype]
-    for arg in _arg_names(spec.source):
+    for arg in _arg_names(source, fn):
         if arg in constexprs:
             continue
-        if arg.endswith("_ptr"):
+        if special and arg in special:
+            sig[arg] = special[arg]
+        elif arg.endswith("_ptr"):
             base = arg[:-4]
             node = inputs.get(base)
             sig[arg] = f"*{_TT[dtype]}" if node is None or node.dtype == ir.FLOAT else \
@@ -70,16 +84,14 @@ def _aot_request(kernel, name: str, dtype: str, cfg: Config, dims: dict, nbatch:
                 sig[arg] = "i32"
         else:
             sig[arg] = "i32"
-    return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
-            "block_n": cfg.block_n}
+    return sig
 
 
-def _arg_names(source: str) -> list:
+def _arg_names(source: str, name: str = "_attn_fwd") -> list:
     import ast
 
     tree = ast.parse(source)
-    fn = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "_attn_fwd")
+    fn = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == name)
     return [a.arg for a in fn.args.args]
 
 
@@ -92,8 +104,9 @@ def _req_key(req: dict) -> str:
 
 
 def _compile_one(req: dict):
-    """In a process where triton.language is not interpreted: AotReport or ('error', message)."""
-    fn = A._load_kernel("moa_aot_kernel", req["file"], "_attn_fwd")
+    """In a process where triton.language is not interpreted: AotReport or ('error', message). The kernel is
+    req["kernel"] of the module in req["file"] (default _attn_fwd)."""
+    fn = A._load_kernel("moa_aot_kernel", req["file"], req.get("kernel", "_attn_fwd"))
     try:
         return A.aot_compile(fn, req["signature"], req["constexprs"], target=req["target"],
                              num_warps=req["num_warps"], num_stages=req["num_stages"], block_m=req["block_m"],
@@ -109,20 +122,23 @@ def aot_batch(requests: list) -> list:
 
 def aot_groups(groups: list, first_fit: bool = False) -> list:
     """Compile groups of kernels ahead of time, in one child process for all of them when this process runs the
-    Triton interpreter (aot_compile would start one per kernel). With first_fit, each group stops at its first
-    report that fits its target (runtime.aot.fits). Returns, per group, the results compiled so far (AotReport or
-    ('error', message)); results are memoised per process by the kernel source and options."""
+    Triton interpreter (aot_compile would start one per kernel). An item of a group is one request, or a bundle
+    (a list of requests: the kernels one config launches, e.g. the linear form's three kernels with each set of
+    flags). With first_fit, each group stops at its first item that fits its target (runtime.aot.fits; a bundle
+    fits when each of its kernels does, and stops at its first kernel that does not). Returns, per group, the
+    results compiled so far (AotReport or ('error', message); a list of them for a bundle); results are memoised
+    per process by the kernel source and options."""
     out: list = [None] * len(groups)
     todo = []
     for gi, group in enumerate(groups):
         got, done = [], True
         for r in group:
-            k = _req_key(r)
-            if k not in _MEM:
+            x = _memo(r, first_fit)
+            if x is None:
                 done = False
                 break
-            got.append(_MEM[k])
-            if first_fit and _fits(got[-1], r):
+            got.append(x)
+            if first_fit and _fits(x, r):
                 break
         if done:
             out[gi] = got
@@ -137,12 +153,30 @@ def aot_groups(groups: list, first_fit: bool = False) -> list:
         with _LOCK:
             for gi, res in zip(todo, results):
                 for r, x in zip(groups[gi], res):
-                    _MEM[_req_key(r)] = x
+                    for rq, y in (zip(r, x) if isinstance(r, list) else [(r, x)]):
+                        _MEM[_req_key(rq)] = y
                 out[gi] = res
     return out
 
 
+def _memo(item, first_fit: bool):
+    """The memoised result of a request or bundle, None when something it needs was not compiled yet."""
+    if not isinstance(item, list):
+        return _MEM.get(_req_key(item))
+    got = []
+    for r in item:
+        x = _MEM.get(_req_key(r))
+        if x is None:
+            return None
+        got.append(x)
+        if first_fit and not _fits(x, r):
+            break
+    return got
+
+
 def _fits(res, req) -> bool:
+    if isinstance(req, list):
+        return len(res) == len(req) and all(_fits(x, r) for x, r in zip(res, req))
     return not isinstance(res, tuple) and A.fits(res, req["target"])[0]
 
 
@@ -151,15 +185,26 @@ def _compile_groups(groups: list, first_fit: bool) -> list:
     for group in groups:
         res = []
         for r in group:
-            try:
-                x = _compile_one(r)
-            except Exception as e:  # noqa: BLE001  (report, keep going with the next kernel)
-                x = ("error", f"{type(e).__name__}: {e}")
+            if isinstance(r, list):
+                x = []
+                for rq in r:
+                    x.append(_compile_guarded(rq))
+                    if first_fit and not _fits(x[-1], rq):
+                        break
+            else:
+                x = _compile_guarded(r)
             res.append(x)
             if first_fit and _fits(x, r):
                 break
         out.append(res)
     return out
+
+
+def _compile_guarded(req: dict):
+    try:
+        return _compile_one(req)
+    except Exception as e:  # noqa: BLE001  (report, keep going with the next kernel)
+        return ("error", f"{type(e).__name__}: {e}")
 
 
 def _groups_in_child(groups: list, first_fit: bool) -> list:
@@ -178,15 +223,27 @@ def _groups_in_child(groups: list, first_fit: bool) -> list:
             raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
         with open(resp_path, "rb") as f:
             raw = pickle.load(f)
-    return [[A.AotReport(**r) if isinstance(r, dict) else tuple(r) for r in g] for g in raw]
+    return [[_thaw(r) for r in g] for g in raw]
+
+
+def _freeze(res):
+    """A result as plain data for the child's pickle (an AotReport as a dict, an error as a list)."""
+    if isinstance(res, list):
+        return [_freeze(x) for x in res]
+    return dataclasses.asdict(res) if isinstance(res, A.AotReport) else {"error": list(res)}
+
+
+def _thaw(raw):
+    if isinstance(raw, list):
+        return [_thaw(x) for x in raw]
+    return tuple(raw["error"]) if "error" in raw else A.AotReport(**raw)
 
 
 def _child_main():
     req_path, resp_path = sys.argv[1], sys.argv[2]
     with open(req_path, "rb") as f:
         groups, first_fit = pickle.load(f)
-    out = [[dataclasses.asdict(r) if isinstance(r, A.AotReport) else list(r) for r in g]
-           for g in _compile_groups(groups, first_fit)]
+    out = [[_freeze(r) for r in g] for g in _compile_groups(groups, first_fit)]
     with open(resp_path, "wb") as f:
         pickle.dump(out, f)
 

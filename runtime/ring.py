@@ -227,19 +227,10 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     plan, block = block_kernel(kernel)
     prog = kernel.program
     decl = prog.input_map
-    devs = [t.device for t in inputs.values() if isinstance(t, torch.Tensor)]
-    nccl = "nccl" in str(dist.get_backend(group))
-    cdev = devs[0] if devs and devs[0].type == "cuda" and nccl else torch.device("cpu")
+    cdev = comm_device(inputs, group)
 
     # 1. every rank describes its shards; a local problem travels too, so that every rank raises it
-    local_err = _local_check(prog, inputs)
-    meta = {"error": local_err}
-    if local_err is None:
-        meta["inputs"] = {n: [list(t.shape), str(t.dtype)] for n, t in inputs.items()}
-    metas = _gather_json(meta, group, cdev, timeout, rank, "exchanging shard shapes")
-    bad = [f"rank {s}: {m['error']}" for s, m in enumerate(metas) if m["error"]]
-    if bad:
-        raise InputError("ring attention: " + "; ".join(bad))
+    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
     nl, ml, problems = _lengths(plan, decl, metas)
     if problems:
         raise InputError("ring attention: shards do not match across ranks: " + "; ".join(problems))
@@ -373,6 +364,29 @@ def _epilogue(plan, ep, merged, qside, b0):
 def _query_side(plan, inputs):
     """Block inputs that stay on the rank: query shards and replicated tensors (user names)."""
     return {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
+
+
+def comm_device(inputs, group):
+    """The device collectives run on: the inputs' CUDA device under NCCL, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    devs = [t.device for t in inputs.values() if isinstance(t, torch.Tensor)]
+    nccl = "nccl" in str(dist.get_backend(group))
+    return devs[0] if devs and devs[0].type == "cuda" and nccl else torch.device("cpu")
+
+
+def exchange_shapes(prog, inputs, group, cdev, timeout, rank) -> list:
+    """Every rank's shard shapes and dtypes (one JSON all_gather); a rank's local problem (missing input, wrong
+    rank ...) travels too and becomes the same InputError on every rank."""
+    local_err = _local_check(prog, inputs)
+    meta = {"error": local_err}
+    if local_err is None:
+        meta["inputs"] = {n: [list(t.shape), str(t.dtype)] for n, t in inputs.items()}
+    metas = _gather_json(meta, group, cdev, timeout, rank, "exchanging shard shapes")
+    bad = [f"rank {s}: {m['error']}" for s, m in enumerate(metas) if m["error"]]
+    if bad:
+        raise InputError("ring attention: " + "; ".join(bad))
+    return metas
 
 
 def _local_check(prog, inputs) -> str | None:

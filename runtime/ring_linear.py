@@ -77,19 +77,10 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
     plan, rk = linear_kernel(kernel)
     prog = kernel.program
     decl = prog.input_map
-    devs = [t.device for t in inputs.values() if isinstance(t, torch.Tensor)]
-    nccl = "nccl" in str(dist.get_backend(group))
-    cdev = devs[0] if devs and devs[0].type == "cuda" and nccl else torch.device("cpu")
+    cdev = R.comm_device(inputs, group)
 
     # 1. shapes: the same exchange and InputError on every rank as the softmax ring
-    local_err = R._local_check(prog, inputs)
-    meta = {"error": local_err}
-    if local_err is None:
-        meta["inputs"] = {n: [list(t.shape), str(t.dtype)] for n, t in inputs.items()}
-    metas = R._gather_json(meta, group, cdev, timeout, rank, "exchanging shard shapes")
-    bad = [f"rank {s}: {m['error']}" for s, m in enumerate(metas) if m["error"]]
-    if bad:
-        raise InputError("ring attention: " + "; ".join(bad))
+    metas = R.exchange_shapes(prog, inputs, group, cdev, timeout, rank)
     nl, ml, problems = R._lengths(plan, decl, metas)
     problems += [f"rank {s}: {nl[s]} query rows but {ml[s]} keys; the linear form across ranks needs each rank's "
                  "query and key shards to be the same rows" for s in range(world) if nl[s] != ml[s]]

@@ -46,8 +46,8 @@ PROGRAMS = {
 }
 
 
-def _compile(name):
-    src, params, _, _ = PROGRAMS[name]
+def _compile(name, table=None):
+    src, params, _, _ = (table or PROGRAMS)[name]
     return moa.compile(os.path.join(EXAMPLES, src) if src.endswith(".moa") else src, **params)
 
 
@@ -186,11 +186,6 @@ LINEAR = {
 }
 
 
-def _compile_linear(name):
-    src, params, _, _ = LINEAR[name]
-    return moa.compile(os.path.join(EXAMPLES, src) if src.endswith(".moa") else src, **params)
-
-
 def _linear_inputs(name, seed=0):
     """Full float64 inputs with a batch axis of 2 (G, cumulative log-gates, broadcast over it)."""
     g = torch.Generator().manual_seed(seed)
@@ -222,10 +217,10 @@ def _job_linear(rank, world, job):
 
     res = {}
     for name in LINEAR:
-        k = _compile_linear(name)
+        k = _compile(name, LINEAR)
         o, st = k.ring(timeout=120, stats=True, **_linear_shards(k, name, _linear_inputs(name), rank))
         res[name] = (o, st.bytes_sent)
-    k = _compile_linear("power")
+    k = _compile("power", LINEAR)
     local = _linear_shards(k, "power", _linear_inputs("power"), rank)
     bad = dict(local)
     if rank == 1:   # one key fewer than its query rows
@@ -381,7 +376,7 @@ def test_linear_forms_across_ranks(tmp_path):
     for r in range(world):
         assert recs[r]["ok"], f"rank {r}: {recs[r].get('type')}: {recs[r].get('msg')}"
     for name in LINEAR:
-        k = _compile_linear(name)
+        k = _compile(name, LINEAR)
         full = _linear_inputs(name)
         want, ref = k(**full), k.reference(**full)
         got = torch.cat([recs[r]["result"][name][0] for r in range(world)], dim=-2)
