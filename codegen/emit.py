@@ -463,7 +463,7 @@ class Emitter:
         lw("        col_lo = start_n  # J_LO")
         lw(f"        col_hi = tl.minimum(start_n + BLOCK_N, {m_ext}) - 1  # J_HI")
         inner = loop
-        if b.skip is not sp.false:
+        if not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi):   # else no tile in the loop is skipped
             lw(f"        tile_skip = {pcode(b.skip, names)}")
             lw("        if tile_skip == 0:")
             inner = _Scope(loop.lines, "            ", parent=loop)

@@ -29,6 +29,8 @@ def add_commands(sub, common):
     p.add_argument("--target", default="sm_90", help="sm_90 (default), sm_80, sm_86, sm_89")
     p.add_argument("--config", metavar="BM,BN,WARPS,STAGES", help="force a tile config (default: the runtime's)")
     p.add_argument("--ptx", metavar="FILE", help="write the PTX of the (first) output here")
+    p.add_argument("--form", choices=["quadratic", "linear"], help="force the form of normalize(...) @ V outputs "
+                   "(default: the one the runtime picks at --dims)")
     p.set_defaults(fn=cmd_aot)
 
 
@@ -394,7 +396,7 @@ def cmd_aot(args) -> int:
     from moa.runtime.costing import aot
     from moa.runtime.kernel import Config
 
-    k = moa.compile(args.file, **_params(args))
+    k = moa.compile(args.file, form=args.form, **_params(args))
     dims = _dims(args)
     cfg = None
     if args.config:
@@ -408,6 +410,9 @@ def cmd_aot(args) -> int:
     for i, name in enumerate(k.output_names):
         r = aot(k, target=args.target, dtype=args.dtype, config=cfg, output=name, **dims)
         ok, why = fits(r, args.target)
+        if hasattr(r, "kernels"):   # the linear form's or the window kernel's: a report per kernel
+            _print_form_aot(name, r, ok, why, args, i == 0)
+            continue
         print(f"output {name}: {r.schedule + ' schedule, ' if r.schedule else ''}BLOCK_M={r.block_m} "
               f"BLOCK_N={r.block_n} num_warps={r.num_warps} num_stages={r.num_stages}")
         print(f"  registers/thread  {r.registers}")
@@ -421,3 +426,22 @@ def cmd_aot(args) -> int:
                 f.write(r.ptx)
             print(f"  wrote {args.ptx}")
     return 0
+
+
+def _print_form_aot(name, r, ok, why, args, first) -> None:
+    """moa aot for an output in the linear form or the window-mixing kernel (runtime/form_configs.FormAotReport):
+    the config, then registers, spills, shared memory and wgmma of every kernel it launches."""
+    from moa.runtime.form_configs import launch_label
+
+    print(f"output {name}: {r.form} form, {r.config.text()}")
+    print(f"  {'kernel (INIT,PREFIX,FINAL)' if r.form == 'linear' else 'kernel':34s} {'registers':>9s} "
+          f"{'spills':>8s} {'shared':>10s}  wgmma")
+    for kr in r.kernels:
+        print(f"  {launch_label(kr):34s} {kr.registers:9d} {kr.spills:6d} B {kr.shared_bytes:8d} B  "
+              f"{'yes' if kr.uses_wgmma else 'no'}")
+    print(f"  fits {args.target}      {'yes' if ok else 'NO: ' + why}")
+    print(f"  compiled in {sum(kr.compile_seconds for kr in r.kernels):.2f} s")
+    if args.ptx and first:
+        with open(args.ptx, "w") as f:
+            f.write("\n".join(kr.ptx for kr in r.kernels))
+        print(f"  wrote {args.ptx}")

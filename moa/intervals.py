@@ -228,3 +228,35 @@ def _abs_bound(fn, d, j, box):
             lo2, hi2 = _linear_bound(fn, -inner - c, j, box)
             return _combine(sp.Max, lo1, lo2), _combine(sp.Min, hi1, hi2)
     return None, None
+
+
+def _at_least_zero(rel):
+    """e with rel <=> e >= 0 over the integers, or None for a non-inequality."""
+    if isinstance(rel, sp.Gt):
+        return rel.lhs - rel.rhs - 1
+    if isinstance(rel, sp.Ge):
+        return rel.lhs - rel.rhs
+    if isinstance(rel, sp.Lt):
+        return rel.rhs - rel.lhs - 1
+    if isinstance(rel, sp.Le):
+        return rel.rhs - rel.lhs
+    return None
+
+
+def skip_implied_by_range(skip, key_lo, key_hi) -> bool:
+    """Whether every disjunct of a tile-skip formula is one the key loop's bounds already exclude:
+    J_LO > key_hi (the loop stops at key_hi) or J_HI < key_lo (the first tile is the one holding key_lo).
+    Then no tile inside the loop is skipped and the kernel needs no skip test: its loads stay at the loop's
+    top level, where Triton can software-pipeline them."""
+    if skip is sp.false:
+        return True
+    bounds = []
+    if key_hi is not None:
+        bounds.append(J_LO - key_hi - 1)      # J_LO > key_hi
+    if key_lo is not None:
+        bounds.append(key_lo - J_HI - 1)      # J_HI < key_lo
+    for d in sp.Or.make_args(skip):
+        e = _at_least_zero(d)
+        if e is None or not any(sp.expand(e - b) == 0 for b in bounds):
+            return False
+    return True

@@ -1,6 +1,7 @@
 """Tile configurations checked ahead of time for a GPU target (split from runtime/costing.py): candidate
 configs, batched AOT compiles (in a child process when the interpreter is on), the fitting choice cached on disk,
-Kernel.aot and the CUDA runtime's config."""
+Kernel.aot and the CUDA runtime's config, for the tiled kernel (_attn_fwd); the linear form's and the window kernel's
+configs are in runtime/form_configs.py, on the same batched compiles."""
 from __future__ import annotations
 
 import dataclasses
@@ -200,11 +201,42 @@ def _compile_groups(groups: list, first_fit: bool) -> list:
     return out
 
 
-def _compile_guarded(req: dict):
+def aot_jobs(ngroups: int) -> int:
+    """Worker processes of the AOT compile process: MOA_AOT_JOBS, else one per available core (at most 8), never
+    more than there are groups."""
     try:
-        return _compile_one(req)
+        jobs = int(os.environ.get("MOA_AOT_JOBS", "0"))
+    except ValueError:
+        jobs = 0
+    if jobs <= 0:
+        jobs = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(1, min(jobs, ngroups))
+
+
+def _compile_parallel(groups: list, first_fit: bool) -> list:
+    """_compile_groups with the groups spread over aot_jobs() forked workers. Only in the compile process started
+    by _groups_in_child: a fresh process that has touched no GPU and runs no threads of its own."""
+    jobs = aot_jobs(len(groups))
+    if jobs <= 1:
+        return _compile_groups(groups, first_fit)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return [g[0] for g in pool.map(_compile_groups, [[g] for g in groups], [first_fit] * len(groups))]
+
+
+def _compile_guarded(req: dict):
+    """_compile_one, memoised (a bundle may hold the same kernel twice: flags it does not read) and never raising."""
+    key = _req_key(req)
+    if key in _MEM:
+        return _MEM[key]
+    try:
+        res = _compile_one(req)
     except Exception as e:  # noqa: BLE001  (report, keep going with the next kernel)
-        return ("error", f"{type(e).__name__}: {e}")
+        res = ("error", f"{type(e).__name__}: {e}")
+    _MEM[key] = res
+    return res
 
 
 def _groups_in_child(groups: list, first_fit: bool) -> list:
@@ -243,7 +275,7 @@ def _child_main():
     req_path, resp_path = sys.argv[1], sys.argv[2]
     with open(req_path, "rb") as f:
         groups, first_fit = pickle.load(f)
-    out = [[_freeze(r) for r in g] for g in _compile_groups(groups, first_fit)]
+    out = [[_freeze(r) for r in g] for g in _compile_parallel(groups, first_fit)]
     with open(resp_path, "wb") as f:
         pickle.dump(out, f)
 
@@ -409,19 +441,32 @@ def _cfg_text(c: Config) -> str:
 
 
 def aot(kernel, target: str = "sm_90", dtype="bf16", config: Config | None = None, output: str | None = None,
-        nbatch: int = 0, index_dtype: str = "int64", **dims) -> A.AotReport:
+        nbatch: int = 0, index_dtype: str = "int64", **dims):
     """Compile one output's generated kernel for `target` without a GPU and report its resources (AotReport:
     registers, spills, shared_bytes, uses_wgmma, num_warps, num_stages, block_m, block_n, ptx, cubin).
     Without `config`, the config is the one the GPU runtime launches: the default table's, or the first
     candidate that fits (fit_config). The kernel is that of the schedule the runtime chooses for these dims on
     the target (tiled, hops or residue: Kernel.schedule_for; AotReport.name says which). Dims of the row/key
     axes matter for the config and schedule choices; head dims (the contraction and value extents) are
-    required."""
+    required.
+
+    An output that runs in the window-mixing kernel, or in the chunked linear form (compiled with form="linear",
+    or chosen by the runtime at these dims), gives a runtime/form_configs.FormAotReport instead: the config the
+    runtime launches (or `config`: a LinearConfig / WindowConfig, or a Config read as CHUNK = BLOCK_M, BLOCK_F =
+    BLOCK_N / BLOCK_M) and an AotReport per kernel (.kernels: the linear form's three kernels with every flag
+    combination a launch uses, the ring's included)."""
+    from . import form_configs as F
+
     dtype = canonical_dtype(dtype)
     name = output or kernel.output_names[0]
     if name not in kernel.output_names:
         raise InputError(f"no output {name!r}; outputs: {', '.join(kernel.output_names)}")
+    if kernel._is_window(name):
+        return F.aot_form(kernel, name, "window", target, dtype, config, nbatch, index_dtype,
+                          F.window_dims(kernel, name, dims))
     dims = _aot_dims(kernel, name, dims)
+    if kernel.choose_form(name, dims) == "linear":
+        return F.aot_form(kernel, name, "linear", target, dtype, config, nbatch, index_dtype, dims)
     if config is None:
         sched, config, rep = fit_schedule(kernel, name, dtype, dims, target, nbatch, index_dtype)
         if rep is not None:

@@ -20,7 +20,9 @@ STATE_LIMIT = 1 << 31   # elements of the state buffers beyond which the linear 
 
 def chunk_config(device: torch.device, n: int, nfeat: int) -> tuple[int, int]:
     """(CHUNK, BLOCK_F): chunk rows and feature tile. On the CPU interpreter, where each program costs
-    interpretation overhead, the feature tile grows with D up to 4096 (p = 4, d = 64: 4x faster than 256)."""
+    interpretation overhead, the feature tile grows with D up to 4096 (p = 4, d = 64: 4x faster than 256). On
+    CUDA this is the default the launch starts from; LinearRunner.launch_config launches the first config that
+    compiles for the device without spills (runtime/form_configs.py)."""
     chunk = min(64, max(16, next_pow2(n)))
     return chunk, (min(4096, max(256, next_pow2(nfeat))) if device.type == "cpu" else 64)
 
@@ -47,6 +49,20 @@ class LinearRunner:
         from moa.codegen.chunked import generate_chunked
 
         return generate_chunked(self.program, self.lp, dtname, nbatch).source
+
+    def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict):
+        """The LinearConfig of a call: on CUDA, the first candidate whose three kernels, with every flag combination
+        a launch uses (the ring's too), compile for the device's architecture with no spills and shared memory in
+        budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in memory); on the CPU
+        interpreter, chunk_config's."""
+        from .form_configs import LinearConfig, linear_runtime_config
+
+        if device.type == "cuda":
+            return linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
+                                         self._module(dtname, nbatch)[1].source)
+        n = sy.evaluate(self.lp.schedule.row[1], dims)
+        chunk, block_f = chunk_config(device, n, self.lp.features(sy.evaluate(self.lp.branch.dot.extent, dims)))
+        return LinearConfig(chunk, block_f)
 
     def run(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> torch.Tensor:
         launch = self.prepare(b, dt_compute, dtname)
@@ -75,7 +91,8 @@ class LinearRunner:
         nfeat = self.lp.features(d)
         if out.numel() == 0:
             return _Launch(out, shape, (), {}, [], (), nfeat, 0, zl, e, None)
-        chunk, block_f = chunk_config(b.device, n, nfeat)
+        cfg = self.launch_config(b.device, dtname, len(b.batch), dims)
+        chunk, block_f = cfg.chunk, cfg.block_f
         T = cdiv(n, chunk)
         hv = max(16, next_pow2(e))
         if zl * T * nfeat * (hv + 1) > STATE_LIMIT:
@@ -100,7 +117,10 @@ class LinearRunner:
         tail = [dims[dn] for dn in spec.dims] + list(b.batch)
         consts = dict(CHUNK=chunk, BLOCK_F=block_f, HEAD_DIM=max(16, next_pow2(d)), HEAD_DIM_V=hv)
         st = [S, zs, fidx, fw, nfeat, T]
-        return _Launch(out, shape, args + st, consts, tail, mod, nfeat, T, zl, e, (S, zs))
+        launch = _Launch(out, shape, args + st, consts, tail, mod, nfeat, T, zl, e, (S, zs))
+        if b.device.type == "cuda":
+            launch.options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        return launch
 
     def states(self, launch: _Launch) -> None:
         """Kernel 1: every chunk's own state dS_c, dz_c."""
@@ -145,6 +165,7 @@ class _Launch:
         self.nfeat, self.T, self.zl, self.e, self.buffers = nfeat, T, zl, e, buffers
         self.carried = None
         self.init = False
+        self.options: dict = {}   # launch options of every kernel (CUDA: num_warps, num_stages)
 
     @property
     def empty(self) -> bool:
@@ -165,7 +186,7 @@ class _Launch:
         return [self.buffers[0], self.buffers[1], self.buffers[1]]   # not read: INIT = FINAL = 0
 
     def flags(self, init: int, prefix: int, final: int) -> dict:
-        return {**self.consts, "INIT": init, "PREFIX": prefix, "FINAL": final}
+        return {**self.consts, "INIT": init, "PREFIX": prefix, "FINAL": final, **self.options}
 
     def result(self) -> torch.Tensor:
         return self.out.reshape(self.shape)

@@ -36,6 +36,17 @@ class WindowRunner:
 
         return generate_window(self.program, self.sched, dtname, nbatch).source
 
+    def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict):
+        """The WindowConfig of a call: on CUDA, the first candidate that compiles for the device's architecture with
+        no spills and shared memory in budget (form_configs.window_runtime_config: AOT-checked, cached on disk and
+        in memory); on the CPU interpreter, BLOCK_M = min(64, next_pow2(n))."""
+        from .form_configs import window_default, window_runtime_config
+
+        if device.type == "cuda":
+            return window_runtime_config(self.program, self.sched, dtname, dims, nbatch, device,
+                                         self._module(dtname, nbatch)[1].source)
+        return window_default(sy.evaluate(self.sched.row[1], dims))
+
     def run(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> torch.Tensor:
         triton_module()
         check_device(b.device)
@@ -60,9 +71,12 @@ class WindowRunner:
                 t = t.to(dt_compute)
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
         tail = [dims[dn] for dn in spec.dims] + list(b.batch)
-        block_m = min(64, max(16, next_pow2(n)))
+        cfg = self.launch_config(b.device, dtname, nb, dims)
+        block_m = cfg.block_m
         consts = dict(BLOCK_M=block_m, HEAD_DIM=max(16, next_pow2(d)), HEAD_DIM_V=max(16, next_pow2(e)),
                       W_PAD=max(16, next_pow2(w)))
+        if b.device.type == "cuda":
+            consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         try:
             with quiet():
                 mod._attn_window[(cdiv(n, block_m), zl)](*args, out, *out.stride(), *tail, **consts)

@@ -1,7 +1,9 @@
 """The generated kernels compiled for sm_90 without a GPU: the config the runtime launches never spills, stays in
 the 227 KiB shared-memory budget and uses wgmma (fp16/bf16, d in {64, 128}, every softmax-family example and
 the quadratic form of the normalised ones (power, linear), in the schedule the runtime chooses for the dims:
-tiled, hops or residue)."""
+tiled, hops or residue); and the other two kernel families the same way: the chunked linear form's three kernels
+with every flag combination a launch uses (the ring's included) and the window-mixing kernel
+(runtime/form_configs.py)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +19,7 @@ from moa import onf  # noqa: E402
 from moa.errors import UnsupportedError  # noqa: E402
 from moa.runtime import aot as A  # noqa: E402
 from moa.runtime import costing as K  # noqa: E402
+from moa.runtime import form_configs as F  # noqa: E402
 from moa.runtime.kernel import Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +194,149 @@ def test_moa_cost_uses_the_config_the_gpu_runtime_launches(fitted, capsys):
     cfg = fitted[("sliding_window", 128, "bfloat16")][0]
     assert cfg != Config(128, 64, 8, 3)      # the default spills for this mask at d = 128
     assert f"config O: BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps}" in out
+
+
+# ---- the chunked linear form and the window-mixing kernel (runtime/form_configs.py) --------------------------
+
+LINEAR_FORM = {name: moa.compile(ROOT / "examples" / f"{name}.moa", form="linear")
+               for name in ("power", "power_gated", "linear")}   # p = 2 for the power ones
+WINDOW = moa.compile(ROOT / "examples" / "bla.moa")
+
+
+def form_plan(name, d, dt):
+    if name == "bla":
+        return F.window_plan(WINDOW.cg_program, WINDOW.schedules["O"], dt, dims_for(WINDOW, d))
+    k = LINEAR_FORM[name]
+    return F.linear_plan(k.cg_program, k.linear_plans["O"][0], dt, dims_for(k, d))
+
+
+@pytest.fixture(scope="module")
+def form_fitted():
+    """(example, d, dtype) -> (config, FormAotReport): the config searches of the linear form (power, power_gated,
+    linear at d in {64, 128}, bf16 and fp16: every kernel with every flag combination a launch uses) and of the
+    window kernel (bla, bf16), compiled in one child process."""
+    keys = [(n, d, dt) for n in LINEAR_FORM for d in (64, 128) for dt in ("bfloat16", "float16")]
+    keys += [("bla", d, "bfloat16") for d in (64, 128)]
+    plans = [form_plan(*key) for key in keys]
+    results = K.aot_groups([p.bundles for p in plans], first_fit=True)
+    return {key: plan.choose(res) for key, plan, res in zip(keys, plans, results)}
+
+
+def test_linear_and_window_configs_fit(form_fitted):
+    rows = []
+    for (name, d, dt), (cfg, rep) in sorted(form_fitted.items()):
+        assert rep.config == cfg and rep.target == "sm_90"
+        for kr in rep.kernels:
+            rows.append(f"{name:12s} d={d:3d} {dt:8s} {cfg.text():38s} {F.launch_label(kr):26s} "
+                        f"{kr.registers:3d} regs, {kr.spills} B spills, {kr.shared_bytes:6d} B shared, "
+                        f"wgmma {kr.uses_wgmma}")
+            assert kr.spills == 0, rows[-1]
+            assert kr.shared_bytes <= 227 * KB, rows[-1]
+            assert kr.registers <= 255 and kr.registers * kr.num_warps * 32 <= 64 * KB, rows[-1]
+            assert (kr.num_warps, kr.num_stages) == (cfg.num_warps, cfg.num_stages), rows[-1]
+        assert A.fits(rep, "sm_90") == (True, "ok") and rep.spills == 0
+        if name == "bla":
+            assert [kr.name for kr in rep.kernels] == ["_attn_window"]
+            assert rep.kernels[0].block_m == cfg.block_m and rep.uses_wgmma
+        else:   # every launch, the ring's included, with its flags and the config's tiles
+            assert [(kr.name, *(kr.constant(f) for f in ("INIT", "PREFIX", "FINAL"))) for kr in rep.kernels] == \
+                [tuple(x) for x in F.LINEAR_LAUNCHES]
+            assert all((kr.constant("CHUNK"), kr.constant("BLOCK_F")) == (cfg.chunk, cfg.block_f)
+                       for kr in rep.kernels)
+            assert cfg.chunk == 64 and rep.kernel("_chunk_out").uses_wgmma   # 64-row chunks: wgmma
+    print("\n".join(rows))
+
+
+def test_the_linear_default_is_kept_only_when_it_fits(form_fitted):
+    """The runtime's old fixed config (CHUNK 64, BLOCK_F 64, 4 warps) fits for power at d = 64; elsewhere a kernel
+    spills with it (the output kernel, or the ring's gated scan with PREFIX and FINAL) and the search moves on."""
+    default = F.linear_default(4096)
+    assert default == F.LinearConfig(64, 64, 4, 3)
+    assert form_fitted[("power", 64, "bfloat16")][0] == default
+    for key in (("power", 128, "bfloat16"), ("power_gated", 64, "bfloat16"), ("power_gated", 128, "bfloat16")):
+        assert form_fitted[key][0] != default, key
+    assert form_fitted[("bla", 64, "bfloat16")][0] == F.window_default(4096)
+
+
+def test_kernel_aot_reports_each_kernel_of_the_form(form_fitted):
+    r = LINEAR_FORM["power_gated"].aot(target="sm_90", dtype="bf16", n=4096, d=128, e=128)
+    cfg, rep = form_fitted[("power_gated", 128, "bfloat16")]
+    assert isinstance(r, F.FormAotReport) and r.form == "linear" and r.config == cfg
+    assert [(kr.registers, kr.spills, kr.shared_bytes, kr.constants) for kr in r.kernels] == \
+        [(kr.registers, kr.spills, kr.shared_bytes, kr.constants) for kr in rep.kernels]
+    ring = r.kernel("_chunk_scan", 0, 1, 1)   # the gated scan that once spilled with the default config
+    assert ring.spills == 0 and ring.cubin[:4] == b"\x7fELF" and ".target sm_90a" in ring.ptx
+    w = WINDOW.aot(target="sm_90", dtype="bf16", n=4096, d=64, e=64)
+    assert w.form == "window" and w.config == form_fitted[("bla", 64, "bfloat16")][0] and w.spills == 0
+    # the tiled kernel's report is unchanged: one AotReport
+    assert isinstance(dict(FAMILY)["causal"].aot(target="sm_90", dtype="bf16", n=4096, d=64, e=64), A.AotReport)
+
+
+def test_moa_aot_cli_prints_each_kernel(form_fitted, capsys):
+    assert main(["aot", str(ROOT / "examples" / "bla.moa"), "--dims", "n=4096,d=128,e=128"]) == 0
+    out = capsys.readouterr().out
+    cfg, rep = form_fitted[("bla", 128, "bfloat16")]
+    assert f"window form, {cfg.text()}" in out
+    kr = rep.kernels[0]
+    row = next(ln.split() for ln in out.splitlines() if ln.strip().startswith("_attn_window"))
+    assert row == ["_attn_window", str(kr.registers), "0", "B", str(kr.shared_bytes), "B", "yes"]
+    assert "fits sm_90      yes" in out
+    assert main(["aot", str(ROOT / "examples" / "power.moa"), "--form", "linear", "--dims", "n=4096,d=64,e=64",
+                 "--dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert f"linear form, {form_fitted[('power', 64, 'float16')][0].text()}" in out
+    for fn, *flags in F.LINEAR_LAUNCHES:
+        assert f"{fn} {','.join(map(str, flags))}" in out
+
+
+def test_linear_and_window_runtime_configs_on_cuda_use_the_fit(monkeypatch, form_fitted):
+    import torch
+
+    from moa.runtime.linear_run import LinearRunner
+    from moa.runtime.window_run import WindowRunner
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    for name, d in (("power_gated", 128), ("linear", 64), ("power", 64)):
+        k = LINEAR_FORM[name]
+        runner = LinearRunner(k.cg_program, k.linear_plans["O"][0])
+        assert runner.launch_config(cuda, "bfloat16", 0, dims_for(k, d)) == form_fitted[(name, d, "bfloat16")][0]
+    runner = WindowRunner(WINDOW.cg_program, WINDOW.schedules["O"])
+    assert runner.launch_config(cuda, "bfloat16", 0, dims_for(WINDOW, 128)) == form_fitted[("bla", 128, "bfloat16")][0]
+    # the CPU interpreter keeps its own tiles
+    assert runner.launch_config(torch.device("cpu"), "float32", 0, {"n": 100, "d": 8, "e": 8}).block_m == 64
+
+
+def test_runtime_form_config_without_aot_warns_and_uses_the_default(monkeypatch, tmp_path):
+    import torch
+
+    from moa.runtime import configs as C
+    from moa.runtime.linear_run import LinearRunner
+
+    def broken(*a, **kw):
+        raise UnsupportedError("AOT compile process failed: no ptxas")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(F, "_RUNTIME", {})
+    monkeypatch.setattr(C, "aot_groups", broken)
+    monkeypatch.setattr(C, "_disk_path", lambda key: tmp_path / f"{key}.json")
+    k = LINEAR_FORM["power_gated"]
+    with pytest.warns(RuntimeWarning, match="AOT config check unavailable"):
+        cfg = LinearRunner(k.cg_program, k.linear_plans["O"][0]).launch_config(
+            torch.device("cuda"), "bfloat16", 0, dims_for(k, 128))
+    assert cfg == F.linear_default(4096)
+
+
+def test_form_search_names_every_config_it_tried():
+    rep = A.AotReport(registers=255, spills=148, shared_bytes=0, uses_wgmma=False, num_warps=4, num_stages=3,
+                      block_m=None, block_n=None, ptx="", cubin=b"", target="sm_90", name="_chunk_scan",
+                      constants=(("INIT", 0), ("PREFIX", 1), ("FINAL", 1)))
+    cands = [F.LinearConfig(64, 64, 4), F.LinearConfig(64, 32, 8)]
+    results = [[rep], [("error", "cannot compile kernel '_chunk_out' for sm_90 (...): needs 300000 bytes of shared "
+                                 "memory, more than the 232448 bytes sm_90 allows per block")]]
+    with pytest.raises(UnsupportedError) as e:
+        F.choose_bundle("linear", cands, results, "sm_90", "output O of power_gated.moa")
+    msg = e.value.message
+    assert "does not fit on sm_90" in msg
+    assert "CHUNK=64 BLOCK_F=64 warps=4" in msg and "CHUNK=64 BLOCK_F=32 warps=8" in msg
+    assert "_chunk_scan 0,1,1 (ring): 148 bytes of register spills" in msg and "needs 292 KiB" in msg

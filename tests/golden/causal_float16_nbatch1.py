@@ -93,22 +93,20 @@ def _attn_fwd(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_lo = start_n  # J_LO
         col_hi = tl.minimum(start_n + BLOCK_N, dim_n) - 1  # J_HI
-        tile_skip = ((col_lo + (-row_hi)) > 0)
-        if tile_skip == 0:
-            k0 = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_n[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
-            qk0 = tl.dot(q0, tl.trans(k0))
-            s0 = (qk0 / tl.sqrt((dim_d).to(tl.float32)))
-            tile_partial = ((col_hi + (-row_lo)) > 0) | (start_n + BLOCK_N > dim_n)
-            if tile_partial:
-                s0 = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < dim_n), s0, float("-inf"))
-            v0 = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_n[:, None] < dim_n) & (offs_v[None, :] < dim_e), other=0.0)
-            m_ij = tl.maximum(m_i0, tl.max(s0, 1) * 1.4426950408889634)
-            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-            p = tl.exp2(s0 * 1.4426950408889634 - m_safe[:, None])
-            alpha = tl.exp2(m_i0 - m_safe)
-            l_i0 = l_i0 * alpha + tl.sum(p, 1)
-            acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0)
-            m_i0 = m_ij
+        k0 = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_n[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
+        qk0 = tl.dot(q0, tl.trans(k0))
+        s0 = (qk0 / tl.sqrt((dim_d).to(tl.float32)))
+        tile_partial = ((col_hi + (-row_lo)) > 0) | (start_n + BLOCK_N > dim_n)
+        if tile_partial:
+            s0 = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < dim_n), s0, float("-inf"))
+        v0 = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_n[:, None] < dim_n) & (offs_v[None, :] < dim_e), other=0.0)
+        m_ij = tl.maximum(m_i0, tl.max(s0, 1) * 1.4426950408889634)
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.exp2(s0 * 1.4426950408889634 - m_safe[:, None])
+        alpha = tl.exp2(m_i0 - m_safe)
+        l_i0 = l_i0 * alpha + tl.sum(p, 1)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0)
+        m_i0 = m_ij
     o0 = acc0 / tl.where(l_i0 == 0, 1.0, l_i0)[:, None]  # fin: 0 for rows with no key
     # epilogue
     out_mask = (offs_m[:, None] < dim_n) & (offs_v[None, :] < dim_e)

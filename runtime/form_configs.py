@@ -1,0 +1,496 @@
+"""AOT-checked configs of the two kernel families beside the tiled kernel: the chunked linear form
+(codegen/chunked.py: _chunk_state, _chunk_scan, _chunk_out, launched by runtime/linear_run.py, and by the ring with
+other INIT / PREFIX / FINAL flags) and the window-mixing kernel (codegen/window.py: _attn_window,
+runtime/window_run.py).
+
+As for the tiled kernel (runtime/configs.py fit_schedule): candidate configs in order, the runtime's default first;
+the first whose every kernel compiles for the target with no spills and shared memory within the per-block limit
+is launched; decisions are cached on disk and in memory; none fitting is an UnsupportedError naming every config
+tried. A config of the linear form is checked with every flag combination a launch uses (LINEAR_LAUNCHES: the
+single-process call and the ring's), so one config serves both."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+
+import torch
+
+from moa import symbolic as sy
+from moa.devices import canonical_dtype
+from moa.errors import InputError, UnsupportedError
+
+from . import aot as A
+from . import configs as C
+from .launch import next_pow2
+
+__all__ = ["LINEAR_LAUNCHES", "FormAotReport", "FormPlan", "LinearConfig", "WindowConfig", "aot_form",
+           "choose_bundle", "fit_linear", "fit_window", "linear_candidates", "linear_plan", "linear_runtime_config",
+           "window_candidates", "window_plan", "window_runtime_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    """Launch config of the chunked linear form: rows per chunk, feature tile, warps and stages of all three
+    kernels."""
+    chunk: int
+    block_f: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def text(self) -> str:
+        return f"CHUNK={self.chunk} BLOCK_F={self.block_f} warps={self.num_warps} stages={self.num_stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowConfig:
+    """Launch config of the window-mixing kernel: query rows per program, warps and stages."""
+    block_m: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def text(self) -> str:
+        return f"BLOCK_M={self.block_m} warps={self.num_warps} stages={self.num_stages}"
+
+
+# (kernel, INIT, PREFIX, FINAL) of every launch of the linear form: a single-process call (states, scan, output
+# with 0, 1, 0), then the ring's other ones (runtime/ring_linear.py): the scan giving the rank's total (FINAL, with
+# or without the prefix), the scan from the carried state (INIT) and the output after it (INIT)
+LINEAR_LAUNCHES = (("_chunk_state", 0, 1, 0), ("_chunk_scan", 0, 1, 0), ("_chunk_out", 0, 1, 0),
+                   ("_chunk_scan", 0, 1, 1), ("_chunk_scan", 0, 0, 1), ("_chunk_scan", 1, 1, 0),
+                   ("_chunk_out", 1, 1, 0))
+_FLAGS = ("INIT", "PREFIX", "FINAL")
+_SINGLE = {"INIT": 0, "PREFIX": 1, "FINAL": 0}
+
+
+def _names_in(source: str, fn: str) -> set:
+    """The names kernel `fn` of `source` reads in its body."""
+    import ast
+
+    node = next(f for f in ast.parse(source).body if isinstance(f, ast.FunctionDef) and f.name == fn)
+    return {x.id for stmt in node.body for x in ast.walk(stmt) if isinstance(x, ast.Name)}
+
+
+# the order a bundle compiles them in (indices into LINEAR_LAUNCHES): the likeliest to spill first (the ring's scan
+# with PREFIX and FINAL, the output kernel), so that a config that does not fit stops early
+_COMPILE_ORDER = (3, 2, 6, 4, 5, 1, 0)
+
+
+def _relabel(form: str, res: list) -> list:
+    """A complete bundle's reports (compile order) in launch order, each with its launch's own flags in
+    .constants (a kernel that does not read a flag was compiled once, with the single-process value)."""
+    if form != "linear":
+        return list(res)
+    out: list = [None] * len(LINEAR_LAUNCHES)
+    for rep, k in zip(res, _COMPILE_ORDER):
+        if isinstance(rep, A.AotReport):
+            consts = dict(rep.constants)
+            consts.update(zip(_FLAGS, LINEAR_LAUNCHES[k][1:]))
+            rep = dataclasses.replace(rep, constants=tuple(consts.items()))
+        out[k] = rep
+    return out
+
+
+def launch_label(rep: A.AotReport) -> str:
+    """A kernel's name with its flags (INIT / PREFIX / FINAL of the linear form), e.g. `_chunk_scan 0,1,1`."""
+    flags = [rep.constant(f) for f in _FLAGS]
+    if any(f is None for f in flags):
+        return rep.name
+    return f"{rep.name} {','.join(str(f) for f in flags)}{'' if tuple(flags) == (0, 1, 0) else ' (ring)'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FormAotReport:
+    """AOT resources of every kernel one config of the linear or window form launches (`kernels`: an AotReport
+    per kernel and flag combination, its constexprs in .constants). The aggregate properties are the worst over
+    the kernels (spills: the sum)."""
+    form: str            # "linear" or "window"
+    target: str
+    config: LinearConfig | WindowConfig
+    kernels: tuple
+    output: str = ""
+
+    @property
+    def registers(self) -> int:
+        return max(k.registers for k in self.kernels)
+
+    @property
+    def spills(self) -> int:
+        return sum(k.spills for k in self.kernels)
+
+    @property
+    def shared_bytes(self) -> int:
+        return max(k.shared_bytes for k in self.kernels)
+
+    @property
+    def uses_wgmma(self) -> bool:
+        return any(k.uses_wgmma for k in self.kernels)
+
+    @property
+    def num_warps(self) -> int:
+        return self.config.num_warps
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.num_stages
+
+    @property
+    def schedule(self) -> str:
+        return f"{self.form} form"
+
+    def kernel(self, name: str, init: int = 0, prefix: int = 1, final: int = 0) -> A.AotReport:
+        """The report of kernel `name` (with those flags, for the linear form)."""
+        for k in self.kernels:
+            if k.name == name and (k.constant("INIT") is None
+                                   or (k.constant("INIT"), k.constant("PREFIX"), k.constant("FINAL"))
+                                   == (init, prefix, final)):
+                return k
+        raise KeyError(name)
+
+    def fits(self, target: str | None = None) -> tuple[bool, str]:
+        """(ok, reason) as runtime.aot.fits: ok when every kernel fits; the reason names those that do not."""
+        bad = []
+        for k in self.kernels:
+            ok, why = A.fits(k, target or self.target)
+            if not ok:
+                bad.append(f"{launch_label(k)}: {why}")
+        return (not bad, "; ".join(bad) if bad else "ok")
+
+    def rows(self) -> list:
+        """One line per kernel: name, flags, registers, spills, shared bytes, wgmma."""
+        return [f"{launch_label(k):34s} {k.registers:4d} regs  {k.spills:5d} B spills  {k.shared_bytes:7d} B shared"
+                f"  wgmma {'yes' if k.uses_wgmma else 'no'}" for k in self.kernels]
+
+    def summary(self) -> str:
+        head = (f"{self.output + ': ' if self.output else ''}{self.form} form on {self.target} "
+                f"({self.config.text()})")
+        return "\n".join([head] + ["  " + r for r in self.rows()])
+
+
+# ---- candidates ----------------------------------------------------------------------------------------------
+
+def _rows(n: int) -> int:
+    return min(64, max(16, next_pow2(n)))
+
+
+def linear_default(n: int) -> LinearConfig:
+    """The config the CUDA runtime launched before any AOT check: CHUNK = min(64, next_pow2(n)), BLOCK_F = 64, 4
+    warps (runtime/linear_run.py chunk_config), Triton's default 3 stages."""
+    return LinearConfig(_rows(n), 64, 4, 3)
+
+
+def linear_candidates(n: int) -> list:
+    """LinearConfigs tried in order: the default, then 8 warps, then smaller feature tiles and chunks (CHUNK no
+    larger than the default's: no chunk longer than the padded sequence). 64-row chunks come first: _chunk_out's
+    [CHUNK, BLOCK_F] x [BLOCK_F, HEAD_DIM_V] dot uses wgmma only with 64 rows per warpgroup."""
+    cap = _rows(n)
+    out = [linear_default(n)]
+    for c, f, w in ((64, 64, 8), (64, 32, 8), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)):
+        cfg = LinearConfig(min(c, cap), f, w, 3)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def window_default(n: int) -> WindowConfig:
+    """The window kernel's config before any AOT check: BLOCK_M = min(64, next_pow2(n)), 4 warps, 3 stages."""
+    return WindowConfig(_rows(n), 4, 3)
+
+
+def window_candidates(n: int) -> list:
+    cap = _rows(n)
+    out = [window_default(n)]
+    for m, w in ((64, 8), (32, 4), (16, 4)):
+        cfg = WindowConfig(min(m, cap), w, 3)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+
+def _acc_ptr(dtype: str) -> str:
+    return "*fp64" if dtype == "float64" else "*fp32"
+
+
+def _store(source: str) -> str:
+    from . import cache
+
+    return str(cache.store(cache.key_of(source, "aot"), source))
+
+
+def linear_extents(lp, dims: dict) -> tuple:
+    """(n, d, e) of a LinearPlan at dims: rows, contraction (feature) extent, value columns."""
+    s = lp.schedule
+    return sy.evaluate(s.row[1], dims), sy.evaluate(lp.branch.dot.extent, dims), sy.evaluate(s.col[1], dims)
+
+
+def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, target: str = "sm_90",
+                    nbatch: int = 0, index_dtype: str = "int64") -> list:
+    """AOT requests (a bundle) of every launch of the linear form with `cfg`, in _COMPILE_ORDER: the kernels
+    generated as runtime/linear_run.py generates them, with its constexprs."""
+    from moa.codegen.chunked import generate_chunked
+
+    dtype = canonical_dtype(dtype)
+    spec = generate_chunked(program, lp, dtype, nbatch)
+    path = _store(spec.source)
+    _, d, e = linear_extents(lp, dims)
+    acc = _acc_ptr(dtype)
+    special = {"S_ptr": acc, "zs_ptr": acc, "fw_ptr": acc, "S0_ptr": acc, "z0_ptr": acc, "g0_ptr": acc,
+               "fidx_ptr": "*i32"}
+    base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "HEAD_DIM": max(16, next_pow2(d)),
+            "HEAD_DIM_V": max(16, next_pow2(e))}
+    out = []
+    for fn, *flags in (LINEAR_LAUNCHES[k] for k in _COMPILE_ORDER):
+        # a flag the kernel does not read is given its single-process value: the same kernel, compiled once
+        used = _names_in(spec.source, fn)
+        cx = {**base, **{f: v if f in used else _SINGLE[f] for f, v in zip(_FLAGS, flags)}}
+        sig = C.kernel_signature(program, spec.source, fn, dtype, index_dtype, cx, special)
+        out.append({"file": path, "kernel": fn, "signature": sig, "constexprs": cx, "target": target,
+                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": None, "block_n": None})
+    return out
+
+
+def window_extents(sched, dims: dict) -> tuple:
+    """(n, d, e, w) of a window schedule at dims: rows, key width, value columns, window slots."""
+    br = sched.branches[0]
+    w = max(sy.evaluate(br.mix.extent, dims), sy.evaluate(br.extent, dims))
+    return (sy.evaluate(sched.row[1], dims), sy.evaluate(br.mix.kext, dims), sy.evaluate(sched.col[1], dims), w)
+
+
+def window_requests(program, sched, dtype: str, dims: dict, cfg: WindowConfig, target: str = "sm_90",
+                    nbatch: int = 0, index_dtype: str = "int64") -> list:
+    """The AOT request of the window-mixing kernel with `cfg` (a one-kernel bundle), generated and specialised
+    as runtime/window_run.py launches it."""
+    from moa.codegen.window import generate_window
+
+    dtype = canonical_dtype(dtype)
+    spec = generate_window(program, sched, dtype, nbatch)
+    _, d, e, w = window_extents(sched, dims)
+    cx = {"BLOCK_M": cfg.block_m, "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": max(16, next_pow2(e)),
+          "W_PAD": max(16, next_pow2(w))}
+    sig = C.kernel_signature(program, spec.source, "_attn_window", dtype, index_dtype, cx)
+    return [{"file": _store(spec.source), "kernel": "_attn_window", "signature": sig, "constexprs": cx,
+             "target": target, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
+             "block_n": None}]
+
+
+# ---- the fit -------------------------------------------------------------------------------------------------
+
+def choose_bundle(form: str, cands: list, results: list, target: str, what: str) -> tuple:
+    """(index, FormAotReport) of the first candidate whose every kernel fits (`results`: per candidate, the
+    bundle's results from aot_groups); UnsupportedError naming every config tried and why otherwise."""
+    reasons = []
+    for k, (cfg, res) in enumerate(zip(cands, results)):
+        errors = [x for x in res if isinstance(x, tuple)]
+        if errors:
+            reasons.append(f"{cfg.text()}: {C._short(errors[0][1])}")
+            continue
+        bad = [f"{launch_label(x)}: {why}" for x in res for ok, why in [A.fits(x, target)] if not ok]
+        if not bad and len(res) == len(_launches(form)):
+            return k, FormAotReport(form, target, cfg, tuple(_relabel(form, res)))
+        reasons.append(f"{cfg.text()}: {'; '.join(bad) or 'not compiled'}")
+    raise UnsupportedError(f"{what} does not fit on {target}: every {form}-form config spills, exceeds shared "
+                           f"memory or fails to compile ({'; '.join(reasons)})")
+
+
+def _launches(form: str) -> tuple:
+    return LINEAR_LAUNCHES if form == "linear" else (("_attn_window",),)
+
+
+def _what(program, name, dtype, dims) -> str:
+    dims_text = ", ".join(f"{k}={v}" for k, v in dims.items())
+    return f"output {name} of {program.name} ({canonical_dtype(dtype)}, {dims_text})"
+
+
+@dataclasses.dataclass(frozen=True)
+class FormPlan:
+    """A config search of the linear or window form: candidates in order, the AOT bundle of each (compile
+    `bundles` as one group of configs.aot_groups(first_fit=True), then choose)."""
+    form: str
+    cands: list
+    bundles: list
+    target: str
+    what: str
+    output: str
+
+    def choose(self, results: list) -> tuple:
+        """(config, FormAotReport) of the first candidate that fits (see choose_bundle)."""
+        k, rep = choose_bundle(self.form, self.cands, results, self.target, self.what)
+        return self.cands[k], dataclasses.replace(rep, output=self.output)
+
+    @property
+    def key(self) -> str:
+        keys = "".join(C._req_key(r) for b in self.bundles for r in b)
+        return hashlib.sha256(f"form:{self.form}:{keys}".encode()).hexdigest()[:32]
+
+
+def linear_plan(program, lp, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+                index_dtype: str = "int64") -> FormPlan:
+    """The config search of the linear form of `lp` (a LinearPlan of `program`, the code-generation view)."""
+    cands = linear_candidates(linear_extents(lp, dims)[0])
+    bundles = [linear_requests(program, lp, dtype, dims, c, target, nbatch, index_dtype) for c in cands]
+    return FormPlan("linear", cands, bundles, target, _what(program, lp.schedule.output, dtype, dims),
+                    lp.schedule.output)
+
+
+def window_plan(program, sched, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+                index_dtype: str = "int64") -> FormPlan:
+    """The config search of the window-mixing kernel of `sched`."""
+    cands = window_candidates(window_extents(sched, dims)[0])
+    bundles = [window_requests(program, sched, dtype, dims, c, target, nbatch, index_dtype) for c in cands]
+    return FormPlan("window", cands, bundles, target, _what(program, sched.output, dtype, dims), sched.output)
+
+
+def _fit(plan: FormPlan) -> tuple:
+    """(config, FormAotReport or None): the first candidate whose bundle fits; the choice cached on disk (the
+    report is None when it came from there) and the compiles in memory (configs.aot_groups)."""
+    path = C._disk_path(plan.key)
+    try:
+        return plan.cands[json.loads(path.read_text())["choice"]], None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    results = C.aot_groups([plan.bundles], first_fit=True)[0]
+    cfg, rep = plan.choose(results)
+    C._save_choice(path, plan.cands.index(cfg))
+    return cfg, rep
+
+
+def fit_linear(program, lp, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+               index_dtype: str = "int64") -> tuple:
+    """(LinearConfig, FormAotReport or None) of the linear form of `lp` on `target`: the first of
+    linear_candidates whose kernels, with every flag combination of LINEAR_LAUNCHES, compile with no spills and
+    shared memory in budget. Raises UnsupportedError naming every config tried when none fits."""
+    return _fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype))
+
+
+def fit_window(program, sched, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
+               index_dtype: str = "int64") -> tuple:
+    """(WindowConfig, FormAotReport or None) of the window-mixing kernel of `sched` on `target` (see
+    fit_linear)."""
+    return _fit(window_plan(program, sched, dtype, dims, target, nbatch, index_dtype))
+
+
+# ---- the CUDA runtime's configs ------------------------------------------------------------------------------
+
+_RUNTIME: dict = {}   # (form, target, kernel source digest, constexprs ...) -> config
+
+
+def _runtime(form: str, fit, default, key) -> LinearConfig | WindowConfig:
+    """fit()'s config, memoised per process; the default with a warning when the AOT check itself cannot run
+    (no ptxas, the compile process failed ...). A search that ran and found nothing raises."""
+    if key in _RUNTIME:
+        return _RUNTIME[key]
+    try:
+        cfg = fit()[0]
+    except UnsupportedError as e:
+        if " does not fit on " in e.message:
+            raise
+        warnings.warn(f"moa: AOT config check unavailable ({e.message[:200]}); using the default {form}-form "
+                      "config", RuntimeWarning, stacklevel=4)
+        cfg = default
+    _RUNTIME[key] = cfg
+    return cfg
+
+
+def cuda_target(device) -> str:
+    """The AOT target of a CUDA device (its sm_XX when known, else sm_90 / sm_80 by major version)."""
+    cap = torch.cuda.get_device_capability(device)
+    target = f"sm_{cap[0]}{cap[1]}"
+    if target not in A.TARGETS:
+        target = "sm_90" if cap[0] >= 9 else "sm_80"
+    return target
+
+
+def linear_runtime_config(program, lp, dtype: str, dims: dict, nbatch: int, device,
+                          source: str | None = None) -> LinearConfig:
+    """The LinearConfig runtime/linear_run.py launches on a CUDA device: fit_linear for the device's
+    architecture, memoised per process by kernel source (`source`: the runner's, else generated) and constexprs
+    (the ring builds a runner per call). If the AOT check itself cannot run, the default config is used with a
+    warning."""
+    from moa.codegen.chunked import generate_chunked
+
+    from . import cache
+
+    target = cuda_target(device)
+    n, d, e = linear_extents(lp, dims)
+    src = cache.key_of(source or generate_chunked(program, lp, canonical_dtype(dtype), nbatch).source)
+    key = ("linear", target, src, _rows(n), max(16, next_pow2(d)), max(16, next_pow2(e)))
+    return _runtime("linear", lambda: fit_linear(program, lp, dtype, dims, target, nbatch), linear_default(n), key)
+
+
+def window_runtime_config(program, sched, dtype: str, dims: dict, nbatch: int, device,
+                          source: str | None = None) -> WindowConfig:
+    """The WindowConfig runtime/window_run.py launches on a CUDA device (see linear_runtime_config)."""
+    from moa.codegen.window import generate_window
+
+    from . import cache
+
+    target = cuda_target(device)
+    n, d, e, w = window_extents(sched, dims)
+    src = cache.key_of(source or generate_window(program, sched, canonical_dtype(dtype), nbatch).source)
+    key = ("window", target, src, _rows(n), max(16, next_pow2(d)), max(16, next_pow2(e)), max(16, next_pow2(w)))
+    return _runtime("window", lambda: fit_window(program, sched, dtype, dims, target, nbatch), window_default(n),
+                    key)
+
+
+# ---- Kernel.aot for these forms -------------------------------------------------------------------------------
+
+def form_of(kernel, name: str, dims: dict) -> str:
+    """The kernel family a call of output `name` runs at dims: "window", "linear" (Kernel.choose_form, as
+    Kernel.__call__ asks it) or "tiled"."""
+    if kernel._is_window(name):
+        return "window"
+    return "linear" if kernel.choose_form(name, dims) == "linear" else "tiled"
+
+
+def window_dims(kernel, name: str, dims: dict) -> dict:
+    """Dims for the window kernel's AOT: its key width and value columns are required, rows default to 4096."""
+    sched = kernel.schedules[name]
+    br = sched.branches[0]
+    need = set()
+    for x in (sched.col[1], br.mix.kext, br.mix.extent, br.extent):
+        need |= sy.free_names(x)
+    out = dict(dims)
+    for dm in kernel.program.dims:
+        if dm.name not in need:
+            out.setdefault(dm.name, 4096)
+    missing = sorted(need - set(out))
+    if missing:
+        raise InputError(f"aot needs the head dims {', '.join(missing)} (e.g. --dims "
+                         f"{','.join(f'{x}=128' for x in missing)})")
+    return out
+
+
+def aot_form(kernel, name: str, form: str, target: str, dtype: str, config, nbatch: int, index_dtype: str,
+             dims: dict) -> FormAotReport:
+    """FormAotReport of output `name` in `form` ("linear" or "window"): the fitted config, or `config` (a
+    LinearConfig / WindowConfig, or a tiled Config read as CHUNK = BLOCK_M, BLOCK_F = BLOCK_N / BLOCK_M) compiled
+    whether it fits or not."""
+    prog = kernel.cg_program
+    if form == "linear":
+        lp = kernel.linear_plans[name][0]
+        if config is None:
+            cfg, rep = fit_linear(prog, lp, dtype, dims, target, nbatch, index_dtype)
+            if rep is not None:
+                return rep
+        else:
+            cfg = config if isinstance(config, LinearConfig) else \
+                LinearConfig(config.block_m, config.block_n, config.num_warps, config.num_stages)
+        reqs = linear_requests(prog, lp, dtype, dims, cfg, target, nbatch, index_dtype)
+    else:
+        sched = kernel.schedules[name]
+        if config is None:
+            cfg, rep = fit_window(prog, sched, dtype, dims, target, nbatch, index_dtype)
+            if rep is not None:
+                return rep
+        else:
+            cfg = config if isinstance(config, WindowConfig) else \
+                WindowConfig(config.block_m, config.num_warps, config.num_stages)
+        reqs = window_requests(prog, sched, dtype, dims, cfg, target, nbatch, index_dtype)
+    res = C.aot_groups([[reqs]])[0][0]
+    errors = [x for x in res if isinstance(x, tuple)]
+    if errors:
+        raise UnsupportedError(errors[0][1])
+    return FormAotReport(form, target, cfg, tuple(_relabel(form, res)), name)
