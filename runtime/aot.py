@@ -125,7 +125,8 @@ def fits(report: AotReport, target: str | None = None) -> tuple[bool, str]:
 
 def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *, target: str = "sm_90",
                 num_warps: int = 4, num_stages: int = 3, block_m: int | None = None,
-                block_n: int | None = None, options: dict[str, Any] | None = None) -> AotReport:
+                block_n: int | None = None, options: dict[str, Any] | None = None,
+                divisible: tuple = ()) -> AotReport:
     """Compile the Triton kernel ``fn`` for ``target`` without a GPU and report its resource usage.
 
     ``fn`` is a ``triton.jit`` function (a ``JITFunction``, or the ``InterpretedFunction`` that
@@ -135,7 +136,9 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
     recorded in the report; when the kernel has a ``BLOCK_M``/``BLOCK_N`` parameter that
     ``constexprs`` does not set, they are passed as its value, and when left as None they are read
     back from ``constexprs``. ``options`` adds other Triton compile options (``maxnreg``,
-    ``ptx_options``, ``enable_fp_fusion`` ...).
+    ``ptx_options``, ``enable_fp_fusion`` ...). ``divisible`` names the arguments a CUDA launch's JIT would
+    mark divisible by 16 (``tt.divisibility``: 16-byte aligned pointers, integers that are multiples of 16):
+    the specialisation that lets Triton vectorise loads and software-pipeline the key loop.
 
     Raises ``UnsupportedError`` (naming the kernel, target and problem) when Triton or ptxas cannot
     compile the kernel, including when its shared memory exceeds the target's limit (checked before
@@ -151,7 +154,7 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
     if _language_is_interpreted():
         return _compile_in_child(fn, signature, constexprs, {
             "target": target, "num_warps": num_warps, "num_stages": num_stages, "block_m": block_m,
-            "block_n": block_n, "options": options})
+            "block_n": block_n, "options": options, "divisible": tuple(divisible)})
 
     import triton
     from triton import knobs
@@ -179,7 +182,9 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
             knobs.runtime.interpret = False  # constexpr handling differs in interpreter mode
             knobs.nvidia.dump_ptxas_log = True  # triton prints the ptxas -v log; captured below
             knobs.runtime.add_stages_inspection_hook = _make_hook(shared_limit)
-            src = triton.compiler.ASTSource(fn=jit_fn, signature=full_sig, constexprs=constexprs)
+            attrs = {(jit_fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible
+                     if a in jit_fn.arg_names and a not in constexprs}
+            src = triton.compiler.ASTSource(fn=jit_fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
             kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                     options={**(options or {}), "num_warps": num_warps,
                                              "num_stages": num_stages})

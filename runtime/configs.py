@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -54,7 +55,43 @@ def _aot_request(kernel, name: str, dtype: str, cfg: Config, dims: dict, nbatch:
     sig = kernel_signature(prog, spec.source, "_attn_fwd", dtype, index_dtype, constexprs)
     return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
-            "block_n": cfg.block_n}
+            "block_n": cfg.block_n, "divisible": divisible_args(kernel, prog, sig, dims)}
+
+
+def divisible_args(kernel, prog, sig: dict, dims: dict, out_shape: tuple | None = None) -> tuple:
+    """The arguments Triton's JIT marks divisible by 16 on a typical CUDA launch, which the AOT compile mirrors:
+    every pointer (the caching allocator's blocks are 256-byte aligned) and every integer argument that is a
+    multiple of 16 at these dims: dims, and the strides of contiguous inputs and outputs (`out_shape`: the
+    shape behind `out_ptr` of the chunked and window kernels). Unknown values (batch sizes, feature counts)
+    are left unmarked. A launch with other strides compiles another specialisation (not checked here).
+    `kernel` (None: `dims` are keyed by `prog`'s own dim names) maps the user's dim names onto `prog`'s."""
+    names = {d.name: d for d in prog.dims}
+    env = dict(dims)
+    for d, cg in zip(kernel.program.dims if kernel is not None else prog.dims, prog.dims):
+        if d.name in dims:
+            env[cg.name] = dims[d.name]
+    shapes = {node.attrs[0]: node.shape for node in prog.inputs}
+    shapes.update({name: node.shape for name, node in prog.outputs})
+    if out_shape is not None:
+        shapes["out"] = out_shape
+    values = {}
+    for arg in sig:
+        if arg.startswith("dim_") and arg[4:] in names and arg[4:] in env:
+            values[arg] = env[arg[4:]]
+        elif arg.startswith("stride_"):
+            base, _, axis = arg[len("stride_"):].rpartition("_")
+            if base not in shapes:
+                continue
+            try:
+                ext = [sy.evaluate(x, env) for x in shapes[base]]
+            except Exception:  # noqa: BLE001  (a shape the dims do not determine: leave the stride unmarked)
+                continue
+            if axis.isdigit():
+                values[arg] = math.prod(ext[int(axis) + 1:])
+            elif axis.startswith("z"):   # a batch stride: the tensor's size times inner batch sizes
+                values[arg] = math.prod(ext)
+    return tuple(a for a, t in sig.items() if t.startswith("*")) + \
+        tuple(a for a, v in values.items() if v % 16 == 0 and v > 0)
 
 
 def kernel_signature(prog, source: str, fn: str, dtype: str, index_dtype: str, constexprs: dict,
@@ -111,7 +148,7 @@ def _compile_one(req: dict):
     try:
         return A.aot_compile(fn, req["signature"], req["constexprs"], target=req["target"],
                              num_warps=req["num_warps"], num_stages=req["num_stages"], block_m=req["block_m"],
-                             block_n=req["block_n"])
+                             block_n=req["block_n"], divisible=tuple(req.get("divisible", ())))
     except UnsupportedError as e:
         return ("error", e.message)
 

@@ -247,8 +247,10 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
         used = _names_in(spec.source, fn)
         cx = {**base, **{f: v if f in used else _SINGLE[f] for f, v in zip(_FLAGS, flags)}}
         sig = C.kernel_signature(program, spec.source, fn, dtype, index_dtype, cx, special)
+        div = C.divisible_args(None, program, sig, dims, (lp.schedule.row[1], lp.schedule.col[1]))
         out.append({"file": path, "kernel": fn, "signature": sig, "constexprs": cx, "target": target,
-                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": None, "block_n": None})
+                    "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": None, "block_n": None,
+                    "divisible": div})
     return out
 
 
@@ -271,9 +273,10 @@ def window_requests(program, sched, dtype: str, dims: dict, cfg: WindowConfig, t
     cx = {"BLOCK_M": cfg.block_m, "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": max(16, next_pow2(e)),
           "W_PAD": max(16, next_pow2(w))}
     sig = C.kernel_signature(program, spec.source, "_attn_window", dtype, index_dtype, cx)
+    div = C.divisible_args(None, program, sig, dims, (sched.row[1], sched.col[1]))
     return [{"file": _store(spec.source), "kernel": "_attn_window", "signature": sig, "constexprs": cx,
              "target": target, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
-             "block_n": None}]
+             "block_n": None, "divisible": div}]
 
 
 # ---- the fit -------------------------------------------------------------------------------------------------
