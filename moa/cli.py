@@ -113,6 +113,11 @@ def main(argv=None) -> int:
     except MoaError as e:
         print(f"moa: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`moa ... | head`): stop quietly, like other CLI tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

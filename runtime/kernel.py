@@ -438,7 +438,11 @@ class Kernel:
         return measure(self, **inputs)
 
     def aot(self, target="sm_90", dtype="bf16", **dims):
-        """AotReport: the generated kernel compiled for a GPU target without a GPU (registers, spills ...)."""
+        """The kernel a CUDA launch at these dims would run, compiled for a GPU target without a GPU, in the
+        schedule and config the runtime fits (no spills, shared memory in budget): an AotReport (registers,
+        spills, shared bytes, wgmma, ptx, cubin, schedule) for the tiled family, a FormAotReport (one AotReport
+        per kernel) for the chunked linear form and the window-mixing kernel. Keywords: dims, plus `config=`,
+        `output=`, `nbatch=`, `index_dtype=` (runtime/configs.aot)."""
         from .costing import aot
 
         return aot(self, target=target, dtype=dtype, **dims)
