@@ -199,6 +199,19 @@ def test_schedule_choice_by_predicted_cost():
         moa.compile("examples/causal.moa", schedule="strided")
 
 
+@pytest.mark.parametrize("params,n", [({}, 4096), ({}, 16384), ({"s": 64, "T": 8}, 4096)])
+def test_schedule_choice_agrees_with_the_exact_cost_model(params, n):
+    """The schedule-level predictor ranks like the kernel-level model: the chosen schedule has the smallest
+    k.cost() predicted time of the three (each kernel compiled with schedule= forced), within the 1% tie."""
+    dims = {"n": n, "d": 64, "e": 64}
+    exact = {}
+    for kind in ("tiled", "hops", "residue"):
+        k = moa.compile("examples/pi_attention.moa", schedule=kind, **params)
+        exact[kind] = k.cost(dtype="bf16", device="h100", **dims).predicted_seconds
+    chosen = moa.compile("examples/pi_attention.moa", **params).schedule_for("O", dims, "bf16")
+    assert exact[chosen.kind] <= min(exact.values()) * 1.01, (chosen.kind, exact)
+
+
 def _residue_needed(n, bm, bn, s, kwin, T):
     """(programs, local hops, lifted key tiles) with an admissible pair, by enumeration over (residue r, a-tile,
     hop or b-tile): rows i = r + s a (a < rows_r), local keys i - t (0 <= t < k, i - t >= 0), skip keys
