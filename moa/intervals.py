@@ -250,13 +250,22 @@ def skip_implied_by_range(skip, key_lo, key_hi) -> bool:
     top level, where Triton can software-pipeline them."""
     if skip is sp.false:
         return True
-    bounds = []
-    if key_hi is not None:
-        bounds.append(J_LO - key_hi - 1)      # J_LO > key_hi
-    if key_lo is not None:
-        bounds.append(key_lo - J_HI - 1)      # J_HI < key_lo
     for d in sp.Or.make_args(skip):
-        e = _at_least_zero(d)
-        if e is None or not any(sp.expand(e - b) == 0 for b in bounds):
+        # a conjunction of J_LO > x_t is J_LO > Max(x_t); of J_HI < y_t, J_HI < Min(y_t) (e.g. prefix-LM's
+        # (J_LO >= p) & (J_LO > I_HI) against key_hi = Max(p - 1, I_HI))
+        es = [_at_least_zero(c) for c in sp.And.make_args(d)]
+        if any(e is None for e in es):
             return False
+        if key_hi is not None and all(sp.expand(e).coeff(J_LO) == 1 and J_HI not in e.free_symbols for e in es):
+            if _same(sp.Max(*[J_LO - 1 - e for e in es]), key_hi):
+                continue
+        if key_lo is not None and all(sp.expand(e).coeff(J_HI) == -1 and J_LO not in e.free_symbols for e in es):
+            if _same(sp.Min(*[e + J_HI + 1 for e in es]), key_lo):
+                continue
+        return False
     return True
+
+
+def _same(a, b) -> bool:
+    a, b = sp.expand(a), sp.expand(b)
+    return a == b or sp.simplify(a - b) == 0

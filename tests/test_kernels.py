@@ -623,6 +623,20 @@ def test_golden_source(name):
     ast.parse(src)
 
 
+@pytest.mark.parametrize("name,kept", [("causal", False), ("sliding_window", False), ("prefix_lm", False),
+                                       ("ring_local", False), ("dilated_window", True)])
+def test_skip_test_only_where_the_loop_bounds_do_not_imply_it(name, kept):
+    """A skip formula made of J_LO > key_hi / J_HI < key_lo (or conjunctions of such bounds, prefix-LM's
+    (J_LO >= p) & (J_LO > I_HI) against key_hi = Max(p - 1, I_HI)) is implied by the loop range: no test, the
+    loads stay at the loop's top level (pipelined). The dilated window's modular skip can hold inside the range."""
+    from moa import intervals as iv
+
+    k = moa.compile(EXAMPLES / f"{name}.moa", schedule="tiled")
+    b = k.schedules["O"].branches[0]
+    assert iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi) is not kept
+    assert ("if tile_skip == 0:" in k.source(dtype="float16")) is kept
+
+
 # ---------------------------------------------------------------------------------------------------------
 # storage theorem: the kernel writes the output (and lse) and nothing else
 # ---------------------------------------------------------------------------------------------------------
