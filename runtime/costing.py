@@ -226,7 +226,15 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
         elif kinds[name] == "linear":
             from .linear_cost import linear_counts
 
-            counts, states, chip = linear_counts(kernel, name, dims, batch, compute, "cpu" if on_cpu else "cuda", eb)
+            tiles = None
+            if fit and config is None and dev is not None and not on_cpu:   # the config a CUDA launch fits
+                from .form_configs import fit_linear
+
+                lcfg = fit_linear(kernel.cg_program, kernel.linear_plans[name][0], compute, dims, dev.target,
+                                  len(batch), index_dtype)[0]
+                tiles = (lcfg.chunk, lcfg.block_f)
+            counts, states, chip = linear_counts(kernel, name, dims, batch, compute, "cpu" if on_cpu else "cuda", eb,
+                                                 tiles)
             onchip = max(onchip, chip)
             inter += states
             hbm += counts.dram_bytes

@@ -74,8 +74,10 @@ def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
     return {**eb, "out": eb[output], "S": acc, "zs": acc, "fw": acc, "fidx": 4}
 
 
-def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict):
-    """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims."""
+def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
+                  tiles: tuple | None = None):
+    """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims; `tiles` (CHUNK,
+    BLOCK_F) overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses)."""
     from moa import cost_launch as CL
     from moa.codegen.chunked import CHUNK, NFEAT
     from moa.cost_common import HEAD_DIM_V, csym
@@ -90,7 +92,7 @@ def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, devi
     e = sy.evaluate(sched.col[1], dims)
     d = sy.evaluate(lp.branch.dot.extent, dims)
     nfeat = lp.features(d)
-    chunk, block_f = _chunk_config(device, n, nfeat)
+    chunk, block_f = tiles or _chunk_config(device, n, nfeat)
     cv = {CHUNK: chunk, csym("BLOCK_F"): block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
     launches = linear_launches(kernel, name, dtname, len(batch), device)
     env = {x: dims[x.name] for x in kernel.program.dims}
