@@ -61,6 +61,47 @@ def check_offsets(program: Program, b: Binding) -> None:
                              f"split the call along a batch axis")
 
 
+def check_reads(program: Program, outputs, b: Binding) -> None:
+    """Refuse a call in which an unguarded read (no `where` around it) indexes outside its input, as the float64
+    reference does (the kernels' masked loads would read 0 there). Decided from the index intervals over the
+    read's whole index space at the call's dims (moa/intervals.py: exact for affine indices); a read the
+    analysis cannot bound is left to the kernel."""
+    from moa import dnf as D
+    from moa import intervals as iv
+
+    for out in outputs:
+        for read, ranges in D.unguarded_reads(out):
+            node = program.input_map.get(read.name)
+            if node is None:
+                continue
+            try:
+                box = iv.Box({v: (sp.Integer(0), sp.sympify(sy.evaluate(x, b.dims)) - 1) for v, x in ranges.items()})
+                if any(int(hi) < int(lo) for lo, hi in box.ranges.values()):
+                    continue          # an empty index space: nothing is read
+                for k, (idx, ext) in enumerate(zip(read.index, node.shape)):
+                    r = iv.interval(sp.sympify(idx).xreplace({d: sp.Integer(v) for d, v in _dim_syms(program, b)}),
+                                    box)
+                    if r is None:
+                        continue
+                    lo, hi = (sp.sympify(x).xreplace({d: sp.Integer(v) for d, v in _dim_syms(program, b)})
+                              for x in r)
+                    if not (lo.is_Integer and hi.is_Integer):
+                        continue
+                    n = int(sy.evaluate(ext, b.dims))
+                    if int(lo) < 0 or int(hi) > n - 1:
+                        at = int(lo) if int(lo) < 0 else int(hi)
+                        raise InputError(
+                            f"index out of range: {read.name}[{', '.join(sy.show(x) for x in read.index)}] reads axis "
+                            f"{k} (extent {n}) at index {at}, outside 0..{n - 1}, for the call's dims; guard the "
+                            "read with where(...)")
+            except (TypeError, ValueError):
+                continue
+
+
+def _dim_syms(program: Program, b: Binding):
+    return [(d, b.dims[d.name]) for d in program.dims if d.name in b.dims]
+
+
 def _shape_text(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 

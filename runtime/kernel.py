@@ -17,7 +17,7 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.program import Program
 
 from . import cache
-from .binding import Binding, bind, check_offsets
+from .binding import Binding, bind, check_offsets, check_reads
 from .launch import cdiv, check_device, next_pow2, quiet, triton_module
 
 DTYPE_NAME = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
@@ -275,6 +275,7 @@ class Kernel:
         _no_positional(args, self.input_names)
         b = bind(self.program, inputs)
         check_offsets(self.program, b)
+        self._check_reads(b)
         outs = {}
         for n in self.output_names:
             if self._is_window(n):
@@ -284,6 +285,14 @@ class Kernel:
             else:
                 outs[n] = self._run(n, b, store_lse=False)[0]
         return outs[self.output_names[0]] if len(outs) == 1 else outs
+
+    def _check_reads(self, b: Binding) -> None:
+        """binding.check_reads, once per set of dims (it depends on nothing else)."""
+        done = self.__dict__.setdefault("_reads_checked", set())
+        key = tuple(sorted(b.dims.items()))
+        if key not in done:
+            check_reads(self.program, self.dnf, b)
+            done.add(key)
 
     def _is_window(self, name: str) -> bool:
         return any(br.mix is not None for br in self._schedule(name).branches)
@@ -313,6 +322,7 @@ class Kernel:
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
         b = bind(self.program, inputs)
         check_offsets(self.program, b)
+        self._check_reads(b)
         name = self.output_names[0]
         if len(self.output_names) != 1 or not self._schedule(name).has_lse:
             raise UnsupportedError("with_lse needs a program with one output of the form softmax(S) @ V")

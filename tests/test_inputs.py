@@ -285,3 +285,41 @@ def test_input_named_self():
 def test_numpy_values_through_torch():
     x = {k: torch.from_numpy(np.ascontiguousarray(v.numpy())) for k, v in qkv().items()}
     agree(CAUSAL, x)
+
+
+SHIFTED = moa.compile("""
+dim n, d, e
+in Q[n, d], K[n, d], V[n, e]
+S[i, j:n] = dot(Q[i], K[j + 1])
+out O = softmax(S, axis=-1) @ V
+""")
+GUARDED = moa.compile("""
+dim n, d, e
+in Q[n, d], K[n, d], V[n, e]
+S[i, j:n] = where(j + 1 < n, dot(Q[i], K[j + 1]), -inf)
+out O = softmax(S, axis=-1) @ V
+""")
+BEHIND = moa.compile("""
+dim n, d, e
+in Q[n, d], K[n, d], V[n, e]
+Vs[j:n] = V[j - 1]
+out O = softmax(Q @ K.T, axis=-1) @ Vs
+""")
+
+
+@pytest.mark.parametrize("k,text", [(SHIFTED, r"K\[j \+ 1, k\d*\] reads axis 0 \(extent 9\) at index 9"),
+                                    (BEHIND, r"V\[j\d* - 1, c\] reads axis 0 \(extent 9\) at index -1")])
+def test_unguarded_out_of_range_read_is_an_input_error_like_the_reference(k, text):
+    """The reference refuses an unguarded read outside its input; the kernel (masked loads would read 0) refuses
+    it before launching, with the read, the axis and the index."""
+    ins = qkv()
+    with pytest.raises(moa.InputError, match="index out of range"):
+        k.reference(**ins)
+    with pytest.raises(moa.InputError, match=text):
+        k(**ins)
+
+
+def test_guarded_read_runs_and_an_empty_index_space_reads_nothing():
+    agree(GUARDED, qkv())
+    out = SHIFTED(**qkv(n=0))      # no row, no key: K[j + 1] is never read
+    assert out.shape == (0, 6)
