@@ -396,12 +396,10 @@ def measure(kernel, **inputs) -> Measurement:
     b = bind(kernel.program, inputs)
     if b.device.type != "cpu":
         raise InputError("measure() counts what the Triton interpreter executes: pass CPU tensors")
-    try:
-        from .binding import check_offsets
-    except ImportError:  # older binding module
-        check_offsets = None
-    if check_offsets is not None:
-        check_offsets(kernel.program, b)
+    from .binding import check_offsets
+
+    check_offsets(kernel.program, b)
+    kernel._check_reads(b)     # the refusals a call makes, before anything runs
     triton_module()
     check_device(b.device)
     compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype   # the runners convert inputs to it
