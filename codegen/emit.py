@@ -391,8 +391,11 @@ class Emitter:
           f"offs_v[None, :] * stride_{s.output}_1, ({res}).to({s.output}_ptr.dtype.element_ty), mask=out_mask)")
         if store_lse:
             w("    if STORE_LSE:")
-            w("        lse = tl.where(l_i0 == 0, float(\"-inf\"), (m_i0 + tl.log2(tl.where(l_i0 == 0, 1.0, l_i0)))"
-              " * 0.6931471805599453)")
+            if s.branches[0].kind == "norm":   # normalize: the normaliser z = sum_j w_ij (ring merges by sums)
+                w("        lse = z_i0")
+            else:
+                w("        lse = tl.where(l_i0 == 0, float(\"-inf\"), (m_i0 + tl.log2(tl.where(l_i0 == 0, 1.0, "
+                  "l_i0))) * 0.6931471805599453)")
             w(f"        tl.store(lse_out + off_lse + offs_m, lse, mask=offs_m < {self.idx(n_ext, {})})")
         rows = (i, "row")
         self.stores = [AccessSite(s.output, s.output, (i, c), (rows, (c, "col")),
@@ -623,4 +626,11 @@ def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m
     """Triton source for one output's schedule, specialised to a dtype and the number of batch axes."""
     em = Emitter(program, sched, dtype)
     em.nbatch = nbatch
-    return em.kernel(block_m, block_n, store_lse and sched.has_lse)
+    return em.kernel(block_m, block_n, store_lse and returns_total(sched))
+
+
+def returns_total(sched: Schedule) -> bool:
+    """The kernel can store a per-row total with the output: the lse of a single softmax branch, or the normaliser
+    z of a single normalize branch (STORE_LSE; ring attention merges partials by it)."""
+    return sched.has_lse or (len(sched.branches) == 1 and sched.branches[0].kind == "norm"
+                             and sched.branches[0].mix is None and sched.epilogue == BranchValue(0))

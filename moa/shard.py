@@ -1,7 +1,8 @@
 """Sequence sharding of a DNF: the program one rank runs on its (query shard, key shard) block.
 
-The online-softmax state (m, l, o) is a monoid over the key axis (DESIGN.md), so the key axis can be lifted
-across ranks: a rank holding the query rows [row0, row0 + nl) and, at some step of the ring, the keys
+The online-softmax state (m, l, o) is a monoid over the key axis (DESIGN.md), and so is the normalize state
+(z, acc) (plain sums), so the key axis can be lifted across ranks: a rank holding the query rows
+[row0, row0 + nl) and, at some step of the ring, the keys
 [col0, col0 + ml) computes the partial (O, lse) of its rows over those keys, and partials over disjoint key
 sets merge with the log-sum-exp rule. This module builds that block program at the DNF level, so that
 nothing downstream (ONF, tile analysis, codegen) changes:
@@ -14,9 +15,9 @@ nothing downstream (ONF, tile analysis, codegen) changes:
                    (new dims nl, ml); the global n, m stay dims, passed explicitly (bottom-right causal, bias
                    tables of extent 2n - 1, ... read them).
   branch-split     O = E(fin B0, fin B1, ...) (several softmax branches under an epilogue, PiAttention)
-                   =>  one block output per branch B_k (each merges by log-sum-exp on its own) and E evaluated on
-                   the merged rows (`Epilogue`); a normalize(...) @ V branch is refused (its normaliser is not
-                   returned by the kernel, so its partials cannot be merged).
+                   =>  one block output per branch B_k (each merges on its own: a softmax branch by
+                   log-sum-exp, a normalize(...) @ V branch by sums of (z O, z), z its normaliser) and E evaluated
+                   on the merged rows (`Epilogue`).
 
 R = row0 + 1 and C = col0 + 1 are new dims (positive, like every dim, so sympy's assumptions hold even for
 the first shard, whose offset is 0). The block program's schedule is the ordinary ONF of the rewritten DNF: its
@@ -193,16 +194,7 @@ def plan(program: Program, outputs) -> ShardPlan:
     r1, c1 = sy.dim(fresh("row0_1")), sy.dim(fresh("col0_1"))
     kv_copies = {name: fresh(f"{name}_kv") for name, (role, _) in roles.items() if role == BOTH}
 
-    inputs = []
-    for node in program.inputs:
-        name = node.attrs[0]
-        role, ax = roles[name]
-        if role == REPLICATED:
-            inputs.append(node)
-            continue
-        shape = list(node.shape)
-        shape[ax] = nl if role in (QUERY, BOTH) else ml
-        inputs.append(ir.input_(name, tuple(shape), node.dtype, node.loc))
+    inputs = _resized_inputs(program, roles, lambda role: nl if role in (QUERY, BOTH) else ml)
     for node in program.inputs:
         name = node.attrs[0]
         if name in kv_copies:
@@ -215,7 +207,7 @@ def plan(program: Program, outputs) -> ShardPlan:
         gmap = {i: i + r1 - 1, **{j: j + c1 - 1 for j in jv}}
         expr = _rewrite(o.expr, gmap, roles, kv_copies, decl, i, n, jv, m, ml)
         exts = (*o.extents[:-2], nl, o.extents[-1])
-        if isinstance(expr, D.SoftmaxSum):
+        if isinstance(expr, BRANCHES):
             new_outputs.append(replace(o, extents=exts, expr=expr))
             continue
         # branch-split: O = E(fin B0, fin B1, ...) => each B_k its own block output, E on the merged rows
@@ -223,11 +215,6 @@ def plan(program: Program, outputs) -> ShardPlan:
 
         def lift(x, o=o, exts=exts, branches=branches):
             if isinstance(x, BRANCHES):
-                if isinstance(x, D.NormSum):
-                    raise UnsupportedError(f"ring attention, output {o.name}: a normalize(...) @ V branch does not "
-                                           "merge across ranks by log-sum-exp (the kernel does not return its "
-                                           "normaliser; only a whole causal normalize(...) @ V output runs across "
-                                           "ranks, in its linear form)")
                 name = fresh(f"{o.name}_branch{len(branches)}")
                 branches.append(name)
                 new_outputs.append(D.DnfOutput(name, o.vars, exts, x, o.dtype))
@@ -446,3 +433,164 @@ def _true(formula, box, dims) -> bool:
 def _value(e, box, dims):
     v = _subs(e, box, dims)
     return int(v) if v.is_Integer else None
+
+
+# ---- halo shards: window programs whose rows read a bounded stretch of earlier rows (Blurry Window Attention) --
+
+HALO = "halo"
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """The program one rank runs on its rows [row0, row0 + nl) of the sequence axis n when every read of a
+    sequence-sharded input looks back a bounded number of rows (X[i - r], r < W: the window-mixing kernel's
+    K, V). Such an input (role `halo`) is passed extended by the rows before the shard: H = min(halo, row0) of
+    them, so its local index is i - off + H; inputs read only at the bare row i (role `query`) pass the rank's
+    rows; everything else is replicated. Every other occurrence of i is global (i := i + R - 1: the guard
+    i - r >= 0 and the slot mask j <= i see global rows)."""
+    program: Program
+    outputs: tuple
+    roles: dict               # input name -> (QUERY | HALO | REPLICATED, axis)
+    n: sp.Symbol              # global extent of the sequence axis
+    nl: sp.Symbol             # local length (new dim)
+    r1: sp.Symbol             # row0 + 1 (new dim)
+    h1: sp.Symbol             # H + 1: rows of halo actually passed, plus one (new dim)
+    halo: object              # rows before its own a rank needs (the largest look-back), over dims / params
+
+    @property
+    def halo_inputs(self) -> tuple:
+        return tuple(nd.attrs[0] for nd in self.program.inputs if self.roles[nd.attrs[0]][0] == HALO)
+
+    def block_dims(self, dims: dict, row0: int, nl: int, h: int) -> dict:
+        return {**dims, self.nl.name: nl, self.r1.name: row0 + 1, self.h1.name: h + 1}
+
+    def describe(self) -> str:
+        lines = [f"halo shards of {self.program.name}: sequence axis {self.n}, halo {sy.show(self.halo)} rows"]
+        for name, (role, ax) in self.roles.items():
+            lines.append(f"  {name}: {role}" + ("" if ax is None else f" (axis {ax})"))
+        return "\n".join(lines)
+
+
+def _look_back(r: D.Read, shape: tuple, i, n):
+    """(axis, offset) if the read indexes one axis of extent n by i - offset (offset free of i) and no other axis
+    by i; 'free' if no axis uses i; None otherwise."""
+    hits = []
+    for k, (ix, ext) in enumerate(zip(r.index, shape)):
+        ix = sp.sympify(ix)
+        if i not in ix.free_symbols:
+            continue
+        off = sp.expand(i - ix)
+        if i in off.free_symbols or sy.prove_equal(ext, n) is not True:
+            return None
+        hits.append((k, off))
+    if not hits:
+        return "free"
+    return hits[0] if len(hits) == 1 else None
+
+
+def _offset_range(off, ranges: dict, what: str):
+    """(min, max) of an offset linear in bound variables (var -> extent)."""
+    off = sp.sympify(off)
+    free = off.free_symbols - set(ranges)
+    if free:
+        raise UnsupportedError(f"ring attention (halo): {what} looks back by {sy.show(off)}, which depends on "
+                               f"{', '.join(sorted(map(str, free)))}; only bound window variables are supported")
+    lo = hi = off.xreplace({v: 0 for v in ranges})
+    for v in off.free_symbols:
+        c = sp.diff(off, v)
+        if c.free_symbols or not c.is_Integer:
+            raise UnsupportedError(f"ring attention (halo): {what} looks back by {sy.show(off)}, not linear in the "
+                                   "window variables")
+        span = c * (sp.sympify(ranges[v]) - 1)
+        lo, hi = (lo + span, hi) if c < 0 else (lo, hi + span)
+    return lo, hi
+
+
+def halo(program: Program, outputs) -> HaloPlan:
+    """The HaloPlan of `program` (see the class): window programs across ranks by a halo exchange."""
+    outputs = tuple(outputs)
+    decl = program.input_map
+    ns, per_out = set(), []
+    for o in outputs:
+        if len(o.vars) < 2:
+            raise UnsupportedError(f"output {o.name}: ring attention needs rows x columns outputs")
+        ns.add(_extent_symbol(o.extents[-2], f"sequence (rows of {o.name})"))
+        per_out.append((o, o.vars[-2]))
+    if len(ns) != 1:
+        raise UnsupportedError(f"ring attention needs one sequence extent across outputs, got {sorted(map(str, ns))}")
+    n = ns.pop()
+    seen: dict = {name: [] for name in decl}
+    his = []
+    for o, i in per_out:
+        ranges = {x.var: x.extent for x in D.nodes(o.expr) if isinstance(x, D.BINDERS)}
+        for x in D.nodes(o.expr):
+            if isinstance(x, D.Read):
+                lb = _look_back(x, decl[x.name].shape, i, n)
+                seen[x.name].append(lb)
+                if isinstance(lb, tuple):
+                    lo, hi = _offset_range(lb[1], ranges, f"read {x.name}")
+                    if (sp.sympify(lo) >= 0) is not sp.true:
+                        raise UnsupportedError(f"ring attention (halo): read {x.name} at row i - ({sy.show(lb[1])}) "
+                                               "may read rows after i; only look-backs are exchanged")
+                    his.append(hi)
+    roles = {}
+    for name, rs in seen.items():
+        axes = {r[0] for r in rs if isinstance(r, tuple)}
+        if not rs or any(not isinstance(r, tuple) for r in rs) or len(axes) != 1:
+            roles[name] = (REPLICATED, None)
+        else:
+            roles[name] = (QUERY if all(sp.sympify(r[1]) == 0 for r in rs) else HALO, axes.pop())
+    if not any(r[0] == QUERY for r in roles.values()) and not any(r[0] == HALO for r in roles.values()):
+        raise UnsupportedError("ring attention (halo): no input is read at the row index i, so the rank's rows "
+                               "cannot be told from its inputs")
+    hmax = sp.Max(0, *his) if his else sp.Integer(0)
+    fresh = _fresh_names(program, [(o, i, set()) for o, i in per_out])
+    nl, r1, h1 = sy.dim(fresh("n_local")), sy.dim(fresh("row0_1")), sy.dim(fresh("halo_1"))
+    inputs = _resized_inputs(program, roles, lambda role: nl if role == QUERY else nl + h1 - 1)
+    new_outputs = []
+    for o, i in per_out:
+        expr = _rewrite_halo(o.expr, {i: i + r1 - 1}, roles, decl, i, n, h1)
+        new_outputs.append(replace(o, extents=(*o.extents[:-2], nl, o.extents[-1]), expr=expr))
+    guards = program.guards()
+    outs = []
+    for name, node in program.outputs:
+        shape = (*node.shape[:-2], nl, node.shape[-1])
+        outs.append((name, ir.Node("input", (), shape, node.dtype, (name,), node.loc, guards)))
+    prog = replace(program, name=f"{program.name}_ring_halo", dims=(*program.dims, nl, r1, h1),
+                   inputs=tuple(inputs), outputs=tuple(outs))
+    return HaloPlan(prog, tuple(new_outputs), roles, n, nl, r1, h1, hmax)
+
+
+def _rewrite_halo(e, gmap, roles, decl, i, n, h1):
+    """Global rows everywhere except the sequence index of a sharded read, which becomes local to the (extended)
+    shard: i - off for a query input, i - off + H for a halo input."""
+    if isinstance(e, D.Read):
+        role, ax = roles[e.name]
+        lb = _look_back(e, decl[e.name].shape, i, n)
+        if role != REPLICATED and isinstance(lb, tuple):
+            k, off = lb
+            local = i - off + (h1 - 1 if role == HALO else 0)
+            return replace(e, index=tuple(local if p == k else sp.sympify(x).xreplace(gmap)
+                                          for p, x in enumerate(e.index)))
+        return replace(e, index=tuple(sp.sympify(x).xreplace(gmap) for x in e.index))
+    if isinstance(e, D.Index):
+        return replace(e, expr=e.expr.xreplace(gmap))
+    if isinstance(e, (D.SoftmaxAt, D.NormalizeAt)):
+        e = replace(e, target=sp.sympify(e.target).xreplace(gmap))
+    kids = D.children(e)
+    return D.with_children(e, [_rewrite_halo(k, gmap, roles, decl, i, n, h1) for k in kids]) if kids else e
+
+
+def _resized_inputs(program, roles: dict, extent) -> list:
+    """The program's inputs with each sharded input's axis resized to extent(role) (replicated ones kept)."""
+    out = []
+    for node in program.inputs:
+        name = node.attrs[0]
+        role, ax = roles[name]
+        if role == REPLICATED:
+            out.append(node)
+            continue
+        shape = list(node.shape)
+        shape[ax] = extent(role)
+        out.append(ir.input_(name, tuple(shape), node.dtype, node.loc))
+    return out

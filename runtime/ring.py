@@ -7,8 +7,10 @@ around the ring with `batch_isend_irecv`, the transfer of the next shard posted 
 current one. Each block returns (O, lse); partials merge with the log-sum-exp rule of the online-softmax
 monoid:  m = max(l1, l2);  O = (O1 e^(l1-m) + O2 e^(l2-m)) / (e^(l1-m) + e^(l2-m));  lse = m + log(...).
 A block with no admissible (i, j) (the tile analysis on the block's whole index box) is not computed; the
-rotation still completes. Causal normalize(...) @ V outputs with a linear form (power, linear attention) do
-not rotate: runtime/ring_linear.py carries their chunk states across ranks instead.
+rotation still completes. A normalize(A) @ V block returns (O, z), z its normaliser, and merges by sums:
+O = sum_k z_k O_k / sum_k z_k. Causal normalize(...) @ V outputs with a linear form (power, linear attention)
+do not rotate: runtime/ring_linear.py carries their chunk states across ranks instead; window-mixing outputs
+(Blurry Window Attention) do not either: runtime/ring_halo.py exchanges the W - 1 rows before each shard.
 
 Faults: shapes are exchanged (all_gather) before anything else, so mismatched shards are an InputError on
 every rank. A rank whose block raises keeps the rotation going and announces the failure at the end, so the
@@ -62,16 +64,20 @@ def block_kernel(kernel):
     if hit is None:
         from .kernel import Kernel
 
+        from moa.codegen.emit import returns_total
+
         plan = shard.plan(kernel.program, kernel.dnf)
         block = Kernel(plan.program, plan.outputs)
         for name, s in block.schedules.items():
             if any(getattr(b, "mix", None) is not None for b in s.branches):
                 raise UnsupportedError(f"ring attention: output {name} runs the window-mixing kernel, whose score "
-                                       "reads keys outside the key shard; not supported across ranks")
-            if not s.has_lse:
+                                       "reads keys outside the key shard; it runs across ranks by a halo exchange "
+                                       "(runtime/ring_halo.py), not on the K/V rotation")
+            if not returns_total(s):
                 raise UnsupportedError(
-                    f"ring attention: block output {name} is not a single softmax(S) @ V reduction; partials "
-                    "merge by log-sum-exp, which the kernel returns only for softmax(S) @ V")
+                    f"ring attention: block output {name} is not a single softmax(S) @ V or normalize(A) @ V "
+                    "reduction; partials merge by log-sum-exp or by sums of the normaliser, which the kernel "
+                    "returns only for those")
         if not any(r[0] in (shard.QUERY, shard.BOTH) for r in plan.roles.values()):
             raise UnsupportedError("ring attention: no input is indexed by the query axis (a bare row index i), "
                                    "so the rank's rows cannot be told from its inputs")
@@ -94,8 +100,38 @@ def merge(o1, lse1, o2, lse2):
     return o, lse
 
 
+def norm_outputs(block) -> set:
+    """Block outputs that are normalize(A) @ V: the kernel returns (O, z), z the normaliser; partials merge by
+    sums, (sum_k z_k O_k, sum_k z_k), divided once at the end."""
+    return {name for name, s in block.schedules.items() if s.branches[0].kind == "norm"}
+
+
+def accumulate(acc, name, o, t, norm: bool):
+    """Fold one block's (O, lse) or (O, z) into the running partial of an output."""
+    o = o.to(t.dtype)
+    if norm:
+        part = (o * t.unsqueeze(-1), t)
+        acc[name] = part if name not in acc else (acc[name][0] + part[0], acc[name][1] + part[1])
+    else:
+        acc[name] = (o, t) if name not in acc else merge(*acc[name], o, t)
+
+
+def finish(acc, norm: set) -> dict:
+    """The merged (O, total) of every output: normalize outputs divided by their summed normaliser (0 where it
+    is 0, as in one process)."""
+    out = {}
+    for name, (o, t) in acc.items():
+        if name in norm:
+            ok = t != 0
+            o = torch.where(ok.unsqueeze(-1), o / torch.where(ok, t, torch.ones_like(t)).unsqueeze(-1),
+                            torch.zeros_like(o))
+        out[name] = (o, t)
+    return out
+
+
 def _compute_block(block, names, b):
-    """Run every output of the block program on one binding: name -> (O, lse). (A seam for fault tests.)"""
+    """Run every output of the block program on one binding: name -> (O, lse), or (O, z) for a normalize output.
+    (A seam for fault tests.)"""
     return {name: block._run(name, b, store_lse=True) for name in names}
 
 
@@ -219,8 +255,11 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
         raise RingError("ring attention needs torch.distributed initialised: call "
                         "torch.distributed.init_process_group(...) first (torchrun sets up the environment)")
     timeout = _timeout(timeout)
+    from .ring_halo import halo_kernel, ring_halo
     from .ring_linear import linear_kernel, ring_linear
 
+    if halo_kernel(kernel) is not None:     # window-mixing (Blurry Window Attention): a halo exchange, no rotation
+        return ring_halo(kernel, inputs, group, timeout, stats)
     if linear_kernel(kernel) is not None:   # normalize(...) @ V: the linear form across ranks, no rotation
         return ring_linear(kernel, inputs, group, timeout, stats)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -246,19 +285,12 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     shapes = [{bn: metas[s]["inputs"][plan.source_of(bn)][0] for bn in keys} for s in range(world)]
     dtypes = {bn: metas[0]["inputs"][plan.source_of(bn)][1] for bn in keys}
     err = None
-    try:
-        for t in range(world):
-            src = (rank - t) % world
-            fake = {n: torch.empty(x.shape, dtype=x.dtype, device="meta") for n, x in _query_side(plan, inputs).items()}
-            fake.update({bn: torch.empty(shapes[src][bn], dtype=_DTYPES[dtypes[bn]], device="meta") for bn in keys})
-            check_offsets(plan.program, bind(plan.program, fake, plan.block_dims(gdims, rows0[rank], nl[rank],
-                                                                                 cols0[src], ml[src])))
-    except InputError as e:
-        err = e.message
-    errs = _agree(err, group, cdev, timeout, rank, "checking the blocks")
-    bad = [f"rank {s}: {m}" for s, m in enumerate(errs) if m]
-    if bad:
-        raise InputError("ring attention: " + "; ".join(bad))
+    for t in range(world):
+        src = (rank - t) % world
+        fake = {n: torch.empty(x.shape, dtype=x.dtype, device="meta") for n, x in _query_side(plan, inputs).items()}
+        fake.update({bn: torch.empty(shapes[src][bn], dtype=_DTYPES[dtypes[bn]], device="meta") for bn in keys})
+        err = err or bind_check(plan.program, fake, plan.block_dims(gdims, rows0[rank], nl[rank], cols0[src], ml[src]))
+    agree_or_raise(err, group, cdev, timeout, rank, "checking the blocks")
 
     # 3. the ring
     st = RingStats(rank, world)
@@ -270,6 +302,7 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     nxt_rank = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv_rank = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
     names = [o.name for o in plan.outputs]
+    norm = norm_outputs(block)
     b0 = bind(plan.program, {**qside, **own}, plan.block_dims(gdims, rows0[rank], nl[rank], cols0[rank], ml[rank]))
     acc: dict = {}
     failed: list = []   # a local failure keeps the rotation going, then is announced to every rank
@@ -296,9 +329,8 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
                         st.skipped.append(src)
                     else:
                         b = b0 if t == 0 else bind(plan.program, {**qside, **_unpack(layouts[src][0], cur)}, dims)
-                        for name, (o, lse) in _compute_block(block, names, b).items():
-                            o = o.to(lse.dtype)
-                            acc[name] = (o, lse) if name not in acc else merge(*acc[name], o, lse)
+                        for name, (o, t) in _compute_block(block, names, b).items():
+                            accumulate(acc, name, o, t, name in norm)
                         st.computed.append(src)
                 except Exception as e:  # re-raised below, after the others have been told
                     failed.append(e)
@@ -321,7 +353,7 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     bad = [f"rank {s}: {m}" for s, m in enumerate(status) if m]
     if bad:
         raise RingError("ring attention failed on " + "; ".join(bad))
-    outs = _results(plan, block, acc, b0, nl[rank], qside)
+    outs = _results(plan, block, finish(acc, norm), b0, nl[rank], qside)
     names = plan.output_names
     res = outs[names[0]] if len(names) == 1 else outs
     return (res, st) if stats else res
@@ -364,6 +396,22 @@ def _epilogue(plan, ep, merged, qside, b0):
 def _query_side(plan, inputs):
     """Block inputs that stay on the rank: query shards and replicated tensors (user names)."""
     return {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
+
+
+def bind_check(program, fake: dict, dims: dict) -> str | None:
+    """The InputError message of binding `program` to meta tensors `fake` at `dims` (shapes alone), or None."""
+    try:
+        check_offsets(program, bind(program, fake, dims))
+    except InputError as e:
+        return e.message
+    return None
+
+
+def agree_or_raise(err, group, cdev, timeout, rank, what) -> None:
+    """Share every rank's local error (or None); raise the same InputError on every rank if any rank has one."""
+    bad = [f"rank {s}: {m}" for s, m in enumerate(_agree(err, group, cdev, timeout, rank, what)) if m]
+    if bad:
+        raise InputError("ring attention: " + "; ".join(bad))
 
 
 def comm_device(inputs, group):
@@ -494,9 +542,16 @@ class RingCost:
     single_device_flops: float             # the same program on one device (for comparison)
     single_device_seconds: float
     blocks: list = field(default_factory=list)   # [rank][step] CostReport of the block (None: skipped)
-    form: str = "softmax"                  # "linear": one step per rank, the all_gather of the states (ring_linear)
+    form: str = "softmax"                  # "linear": one step per rank, the all_gather of the states (ring_linear);
+                                           # "halo": one step per rank, the halo rows sent before it (ring_halo)
 
     def summary(self) -> str:
+        if self.form == "halo":
+            return (f"halo exchange across {self.ranks} x {self.device} ({self.dtype}), {self.interconnect} "
+                    f"{self.interconnect_bandwidth / 1e9:g} GB/s each way: per-rank FLOPs "
+                    f"{min(self.flops):.3g}..{max(self.flops):.3g}, halo bytes sent per rank "
+                    f"{max(self.bytes_sent):.3g} ({max(self.exposed_seconds) * 1e6:.1f} us, before the compute), no "
+                    f"K/V rotation, predicted {self.predicted_seconds * 1e6:.1f} us")
         if self.form == "linear":
             return (f"linear form across {self.ranks} x {self.device} ({self.dtype}), {self.interconnect} "
                     f"{self.interconnect_bandwidth / 1e9:g} GB/s each way: per-rank FLOPs "
@@ -529,8 +584,11 @@ def ring_cost(kernel, ranks: int, interconnect: str = "nvlink4", dtype: str = "b
     missing = sorted(d.name for d in kernel.program.dims if d.name not in dims)
     if missing:
         raise InputError(f"ring_cost needs every dim of {kernel.program.name}; missing {', '.join(missing)}")
+    from .ring_halo import halo_kernel, halo_ring_cost
     from .ring_linear import linear_kernel, linear_ring_cost
 
+    if halo_kernel(kernel) is not None:
+        return halo_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, dims)
     if linear_kernel(kernel) is not None:
         return linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, dims)
     plan, block = block_kernel(kernel)

@@ -25,40 +25,51 @@ import torch
 from moa import shard
 from moa.errors import InputError, UnsupportedError
 
-from .binding import bind, check_offsets
+from .binding import bind
 
 _RANK_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def linear_kernel(kernel):
     """(AlignedPlan, Kernel of the rank program) when the program's outputs are normalize(...) @ V with a linear
-    form; None when no output has a normalize branch (the softmax ring applies). A normalize(...) @ V output
-    without a linear form is an UnsupportedError naming why."""
+    form; None otherwise: no output has a normalize branch, or one has no linear form (then the K/V rotation
+    applies, normalize partials merging by sums; `linear_refusal` says why)."""
     hit = _RANK_KERNELS.get(kernel)
-    if hit is not None:
-        return hit
+    if hit is None:
+        hit = _linear(kernel)
+        _RANK_KERNELS[kernel] = hit
+    return None if hit[0] is None else hit
+
+
+def linear_refusal(kernel) -> str | None:
+    """Why the program has no linear form across ranks (None when it has one, or has no normalize output)."""
+    linear_kernel(kernel)
+    hit = _RANK_KERNELS[kernel]
+    return hit[1] if hit[0] is None and len(hit) == 2 else None
+
+
+def _linear(kernel):
+    """(plan, rank kernel), or (None,) / (None, why): cached by linear_kernel."""
     try:
         schedules = kernel.schedules
     except UnsupportedError:
-        return None   # the softmax ring's block program reports what it cannot compile
+        return (None,)   # the softmax ring's block program reports what it cannot compile
     if not any(b.kind == "norm" for s in schedules.values() for b in s.branches):
-        return None
+        return (None,)
     from .kernel import Kernel
 
     for name, (lp, why) in kernel.linear_plans.items():
         if lp is None:
-            raise UnsupportedError(f"ring attention, output {name}: a normalize(...) @ V output runs across ranks only "
-                                   f"in its linear form (chunk states carried from rank to rank), which does not "
-                                   f"apply: {why}")
-    plan = shard.aligned(kernel.program, kernel.dnf)
+            return (None, f"output {name}: {why}")
+    try:
+        plan = shard.aligned(kernel.program, kernel.dnf)
+    except UnsupportedError as e:
+        return (None, str(e))
     rank = Kernel(plan.program, plan.outputs, form="linear")
     for name, (lp, why) in rank.linear_plans.items():
         if lp is None:
-            raise UnsupportedError(f"ring attention, output {name}: with global row offsets the rank's program has no "
-                                   f"linear form: {why}")
-    hit = (plan, rank)
-    _RANK_KERNELS[kernel] = hit
-    return hit
+            return (None, f"output {name}: with global row offsets the rank's program has no linear form: {why}")
+    return (plan, rank)
 
 
 def _compute_dtype(dt, device):
@@ -90,16 +101,8 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
     dims = plan.block_dims({plan.n.name: sum(nl)}, rows0[rank], nl[rank])
 
     # 2. bind on shapes alone (meta tensors): any rank's failure fails every rank
-    err = None
-    try:
-        fake = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in inputs.items()}
-        check_offsets(plan.program, bind(plan.program, fake, dims))
-    except InputError as e:
-        err = e.message
-    bad = [f"rank {s}: {m}" for s, m in enumerate(R._agree(err, group, cdev, timeout, rank, "checking the shards"))
-           if m]
-    if bad:
-        raise InputError("ring attention: " + "; ".join(bad))
+    fake = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in inputs.items()}
+    R.agree_or_raise(R.bind_check(plan.program, fake, dims), group, cdev, timeout, rank, "checking the shards")
 
     # 3. local chunk states and this rank's total
     st = R.RingStats(rank, world)

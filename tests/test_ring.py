@@ -240,6 +240,98 @@ def _job_linear(rank, world, job):
     return res
 
 
+# ---- window-mixing programs across ranks (Blurry Window Attention): a halo exchange, no rotation ----------------
+
+# world -> bounds of the ranks' rows (n = 30, W = 8: a halo of 7 rows): shards shorter than the halo, a halo that
+# spans two ranks (world 3: rank 2 takes 3 rows from rank 1 and 4 from rank 0) and one cut short by row 0
+HALO_BOUNDS = {2: [0, 5, 30], 3: [0, 12, 15, 30]}
+HALO_PARAMS = {"W": 8, "M": 3}
+
+
+def _halo_inputs(seed=0):
+    """(bla.moa inputs: batch 2, n = 30; normalize inputs: n = 37)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    return {"Q": r(2, 30, 8), "K": r(2, 30, 8), "V": r(2, 30, 6)}, {"Q": r(37, 8), "K": r(37, 8), "V": r(37, 6)}
+
+
+# normalize(...) @ V without a linear form (no mask; a window mask): the K/V rotation, partials merged by sums of
+# (z O, z); on 3 uneven ranks (one holding a single row), run with the halo job to save a launch
+NORM = {
+    "norm_plain": "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nA = (Q @ K.T) ^ 2\nout O = normalize(A, axis=-1) @ V\n",
+    "norm_window": "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
+                   "A[i, j] = where(j <= i and i - j < 6, dot(Q[i], K[j]) ^ 2, 0)\n"
+                   "out O[i] = normalize(A[i], axis=-1) @ V\n",
+}
+NORM_BOUNDS = [0, 10, 11, 37]
+
+
+def _job_halo(rank, world, job):
+    k = moa.compile(os.path.join(EXAMPLES, "bla.moa"), **HALO_PARAMS)
+    b = HALO_BOUNDS[world]
+    local = {nm: t[:, b[rank]:b[rank + 1]].contiguous() for nm, t in _halo_inputs()[0].items()}
+    o, st = k.ring(timeout=120, stats=True, **local)
+    res = {"out": o, "sent": st.bytes_sent}
+    bad = dict(local)
+    if rank == 1:   # one key row fewer than its query rows
+        bad["K"] = local["K"][:, 1:]
+    try:
+        res["mismatch"] = ("ok", k.ring(timeout=60, **bad))
+    except moa.MoaError as e:
+        res["mismatch"] = (type(e).__name__, str(e))
+    if world == 3:
+        b = NORM_BOUNDS
+        for name, src in NORM.items():
+            k = moa.compile(src)
+            local = {nm: t[b[rank]:b[rank + 1]].contiguous() for nm, t in _halo_inputs()[1].items()}
+            o, st = k.ring(timeout=120, stats=True, **local)
+            res[name] = (o, st.computed, st.skipped)
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_window_program_across_ranks_by_halo(world, tmp_path):
+    """bla.moa (W = 8, M = 3) with uneven shards, some shorter than the halo of W - 1 rows: == single process."""
+    recs, wall = _launch(world, {"kind": "halo"}, tmp_path, deadline=120)
+    for r in range(world):
+        assert recs[r]["ok"], f"rank {r}: {recs[r].get('type')}: {recs[r].get('msg')}"
+    k = moa.compile(os.path.join(EXAMPLES, "bla.moa"), **HALO_PARAMS)
+    want = k(**_halo_inputs()[0])
+    got = torch.cat([recs[r]["result"]["out"] for r in range(world)], dim=-2)
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert err <= 1e-12, f"{world} ranks: max |ring - single| = {err:.3g}"
+    row = 2 * (8 + 6) * 8   # bytes of one row of K and V, 2 batch items, fp64
+    sent = {2: [5 * row, 0], 3: [(7 + 4) * row, 3 * row, 0]}[world]
+    assert [recs[r]["result"]["sent"] for r in range(world)] == sent
+    for r in range(world):
+        kind, msg = recs[r]["result"]["mismatch"]
+        assert kind == "InputError" and "rank 1" in msg and "same rows" in msg, (r, kind, msg)
+    if world == 3:   # normalize(...) @ V with no linear form: rotated, merged by sums
+        for name, src in NORM.items():
+            k = moa.compile(src)
+            want = k(**_halo_inputs()[1])
+            got = torch.cat([recs[r]["result"][name][0] for r in range(world)], dim=-2)
+            err = (got - want).abs().max().item()
+            assert err <= 1e-12, f"{name}: max |ring - single| = {err:.3g}"
+            skipped = sum(len(recs[r]["result"][name][2]) for r in range(world))
+            assert skipped == (0 if name == "norm_plain" else 3), (name, skipped)   # keys after the rows
+
+
+def test_halo_sources_and_cost():
+    from moa.runtime.ring_halo import halo_kernel, halo_sources
+
+    assert halo_sources([12, 3, 15], 7) == [[], [(0, 7)], [(1, 3), (0, 4)]]
+    assert halo_sources([3, 2, 0, 10, 4], 7) == [[], [(0, 3)], [(1, 2), (0, 3)], [(1, 2), (0, 3)], [(3, 7)]]
+    k = moa.compile(os.path.join(EXAMPLES, "bla.moa"), W=8, M=3)
+    plan, rank = halo_kernel(k)
+    assert plan.roles == {"Q": ("query", 0), "K": ("halo", 0), "V": ("halo", 0)} and int(plan.halo) == 7
+    c = k.cost(ranks=4, interconnect="nvlink4", dtype="bf16", n=4096, d=64, e=64)
+    assert c.form == "halo" and c.bytes_sent == [7 * (64 + 64) * 2] * 3 + [0]
+    assert 0.99 * c.single_device_flops <= sum(c.flops) <= 1.01 * c.single_device_flops
+    assert "halo" in c.summary()
+
+
 # ---- the parent ---------------------------------------------------------------------------------------------
 
 def _free_port():
@@ -491,20 +583,22 @@ def test_normalize_runs_in_the_linear_form_not_by_lse(src):
     from moa.runtime.ring_linear import linear_kernel
 
     k = moa.compile(os.path.join(EXAMPLES, src))
-    with pytest.raises(moa.UnsupportedError, match="ring attention"):
-        block_kernel(k)   # no log-sum-exp merge for a normalize branch
+    block_kernel(k)   # the rotation could run it (merged by sums), but the linear form moves no K/V and is used
     plan, rank = linear_kernel(k)
     assert plan.roles["Q"] == ("query", 0) and plan.roles["K"] == ("key", 0)
     assert rank.linear_plans["O"][0] is not None   # the rank program keeps the causal mask j <= i
     assert linear_kernel(_compile("causal")) is None
 
 
-def test_ring_refuses_normalize_without_a_linear_form():
-    from moa.runtime.ring_linear import linear_kernel
+def test_normalize_without_a_linear_form_rotates():
+    from moa.runtime.ring import block_kernel, norm_outputs
+    from moa.runtime.ring_linear import linear_kernel, linear_refusal
 
-    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nA = (Q @ K.T) ^ 2\nout O = normalize(A, axis=-1) @ V\n")
-    with pytest.raises(moa.UnsupportedError, match="only in its linear form.*causal mask"):
-        linear_kernel(k)
+    k = moa.compile(NORM["norm_plain"])
+    assert linear_kernel(k) is None and "causal mask" in linear_refusal(k)
+    plan, block = block_kernel(k)
+    assert norm_outputs(block) == {"O"} and plan.roles["K"] == ("key", 0)
+    assert "lse = z_i0" in block.source("O", dtype="float64", store_lse=True)   # the kernel returns z with O
 
 
 def test_linear_ring_cost():
