@@ -398,6 +398,18 @@ def _query_side(plan, inputs):
     return {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
 
 
+def aligned_shards(n: int, ranks: int, shards, what: str) -> list:
+    """Per-rank row counts for a cost prediction of a program whose query and key shards coincide: `shards`
+    ((query lengths, key lengths) or None: as even as possible), checked."""
+    if shards is None:
+        return [n * (r + 1) // ranks - n * r // ranks for r in range(ranks)]
+    nl = list(shards[0])
+    if len(nl) != ranks or sum(nl) != n or (len(shards) > 1 and list(shards[1]) != nl):
+        raise InputError(f"shards must give {ranks} lengths summing to {n}, the same for queries and keys ({what} "
+                         "needs each rank's query and key shards to coincide)")
+    return nl
+
+
 def bind_check(program, fake: dict, dims: dict) -> str | None:
     """The InputError message of binding `program` to meta tensors `fake` at `dims` (shapes alone), or None."""
     try:

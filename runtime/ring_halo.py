@@ -205,19 +205,13 @@ def halo_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, di
     from moa.devices import DTYPE_BYTES, canonical_dtype
 
     from .costing import cost_breakdown
-    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost
+    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost, aligned_shards
 
     plan, rk = halo_kernel(kernel)
     dtype = canonical_dtype(dtype)
     bw, source = INTERCONNECTS[interconnect]
     n = dims[plan.n.name]
-    if shards is None:
-        nl = [n * (r + 1) // ranks - n * r // ranks for r in range(ranks)]
-    else:
-        nl = list(shards[0])
-        if len(nl) != ranks or sum(nl) != n or (len(shards) > 1 and list(shards[1]) != nl):
-            raise InputError(f"shards must give {ranks} lengths summing to {n}, the same for queries and keys (a "
-                             "window program across ranks needs each rank's query and key shards to coincide)")
+    nl = aligned_shards(n, ranks, shards, "a window program across ranks")
     rows0 = [sum(nl[:s]) for s in range(ranks)]
     hmax = int(sy.evaluate(plan.halo, dims))
     srcs = halo_sources(nl, hmax)

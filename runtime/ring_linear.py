@@ -243,20 +243,14 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
     from .costing import cost
     from .launch import next_pow2
     from .linear_run import chunk_config
-    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost
+    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost, aligned_shards
 
     plan, rk = linear_kernel(kernel)
     dtype = canonical_dtype(dtype)
     bw, source = INTERCONNECTS[interconnect]
     dev = get_device(device)
     n = dims[plan.n.name]
-    if shards is None:
-        nl = [n * (r + 1) // ranks - n * r // ranks for r in range(ranks)]
-    else:
-        nl = list(shards[0])
-        if len(nl) != ranks or sum(nl) != n or (len(shards) > 1 and list(shards[1]) != nl):
-            raise InputError(f"shards must give {ranks} lengths summing to {n}, the same for queries and keys (the "
-                             "linear form across ranks needs each rank's query and key shards to coincide)")
+    nl = aligned_shards(n, ranks, shards, "the linear form across ranks")
     rows0 = [sum(nl[:s]) for s in range(ranks)]
     nb = math.prod((batch,) if isinstance(batch, int) else tuple(batch))
     acc = 8 if dtype == "float64" else 4
