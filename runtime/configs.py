@@ -549,7 +549,8 @@ def runtime_config(kernel, name: str, dtype: str, dims: dict, nbatch: int, devic
 
     ranking = ranked_schedules(kernel, name, dtype, dims, target, batch, _device_name(device))
     key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads),
-           tuple(_label(x) for x in ranking))
+           tuple(_label(x) for x in ranking),
+           tuple(sorted((k, v % 16 == 0) for k, v in dims.items())))   # the JIT's divisibility specialisation
     if key in memo:
         return memo[key]
     try:
