@@ -192,7 +192,7 @@ def cost_table(k, rep, bd, dims) -> str:
         ("  loaded / stored", f"{_bytes(rep.dram_bytes_loaded)} / {_bytes(rep.dram_bytes_stored)}", ""),
         ("  reaching HBM (L2 model)", _bytes(bd.hbm_bytes) if dev else "-", ""),
         ("intermediates in DRAM", _bytes(rep.intermediate_bytes), _bytes(rep.unfused_intermediate_bytes)),
-        ("on-chip per program", _bytes(rep.onchip_bytes), ""),
+        ("on-chip per program (regs + smem)", _bytes(rep.onchip_bytes), ""),
         ("arithmetic intensity", f"{float(rep.arithmetic_intensity):.1f} FLOP/B", f"{float(uai):.1f} FLOP/B"),
         ("tiles visited / needed", f"{rep.tiles_visited} / {rep.tiles_needed}", ""),
         ("programs", str(bd.programs), ""),
