@@ -398,6 +398,19 @@ def _query_side(plan, inputs):
     return {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
 
 
+def one_exchange_cost(ranks, interconnect, bw, source, device, dtype, nl, rank_cost, sent, tx, hidden, single,
+                      form) -> "RingCost":
+    """RingCost of a program whose ranks exchange once, then compute once (halo, linear form): rank_cost(r) ->
+    (flops, transcendentals, DRAM bytes, seconds, CostReport) of a non-empty rank r; sent[r] and tx[r] its bytes
+    and transfer time; the prediction is the slowest rank's transfer + compute."""
+    rows = [rank_cost(r) if nl[r] else (0, 0, 0, 0.0, None) for r in range(ranks)]
+    flops, trans, dbytes, comp, reports = (list(x) for x in zip(*rows))
+    return RingCost(ranks, interconnect, bw, source, device, dtype, flops, trans, dbytes, comp, [[c] for c in comp],
+                    sent, [[x] for x in sent], [[t] for t in tx], hidden, tx, sum(1 for x in nl if not x), ranks,
+                    max(c + t for c, t in zip(comp, tx)), single.flops, single.predicted_seconds,
+                    [[r] for r in reports], form=form)
+
+
 def aligned_shards(n: int, ranks: int, shards, what: str) -> list:
     """Per-rank row counts for a cost prediction of a program whose query and key shards coincide: `shards`
     ((query lengths, key lengths) or None: as even as possible), checked."""

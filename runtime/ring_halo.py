@@ -205,7 +205,7 @@ def halo_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, di
     from moa.devices import DTYPE_BYTES, canonical_dtype
 
     from .costing import cost_breakdown
-    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost, aligned_shards
+    from .ring import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
 
     plan, rk = halo_kernel(kernel)
     dtype = canonical_dtype(dtype)
@@ -226,25 +226,12 @@ def halo_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, di
         for s, c in srcs[r]:
             sent[s] += nb * c * row_bytes
     tx = [sum(nb * c * row_bytes / bw + LINK_LATENCY for _, c in srcs[r]) for r in range(ranks)]
-    flops, trans, dbytes, comp, reports = [], [], [], [], []
-    for r in range(ranks):
-        if not nl[r]:
-            flops.append(0)
-            trans.append(0)
-            dbytes.append(0)
-            comp.append(0.0)
-            reports.append([None])
-            continue
+    def rank_cost(r):
         h = sum(c for _, c in srcs[r])
         rep = cost_breakdown(rk, dtype=dtype, device=device, batch=batch, needed=False,
                              **plan.block_dims(dims, rows0[r], nl[r], h))[0]
-        flops.append(rep.flops)
-        trans.append(rep.transcendentals)
-        dbytes.append(rep.dram_bytes)
-        comp.append(rep.predicted_seconds)
-        reports.append([rep])
+        return rep.flops, rep.transcendentals, rep.dram_bytes, rep.predicted_seconds, rep
+
     single = cost_breakdown(kernel, dtype=dtype, device=device, batch=batch, needed=False, **dims)[0]
-    return RingCost(ranks, interconnect, bw, source, device, dtype, flops, trans, dbytes, comp, [[c] for c in comp],
-                    sent, [[x] for x in sent], [[t] for t in tx], ranks == 1 or max(tx) == 0, tx,
-                    sum(1 for x in nl if not x), ranks, max(c + t for c, t in zip(comp, tx)), single.flops,
-                    single.predicted_seconds, reports, form="halo")
+    return one_exchange_cost(ranks, interconnect, bw, source, device, dtype, nl, rank_cost, sent, tx,
+                             ranks == 1 or max(tx) == 0, single, "halo")

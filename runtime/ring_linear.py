@@ -243,7 +243,7 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
     from .costing import cost
     from .launch import next_pow2
     from .linear_run import chunk_config
-    from .ring import INTERCONNECTS, LINK_LATENCY, RingCost, aligned_shards
+    from .ring import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
 
     plan, rk = linear_kernel(kernel)
     dtype = canonical_dtype(dtype)
@@ -267,15 +267,7 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
         payload += nb * zl * (feats * e + feats + (rk.linear_plans[name][0].gb is not None)) * acc
     sent = payload * (ranks - 1)
     gather_s = (ranks - 1) * (payload / bw + LINK_LATENCY) if ranks > 1 else 0.0
-    flops, trans, dbytes, comp, reports = [], [], [], [], []
-    for r in range(ranks):
-        if not nl[r]:
-            flops.append(0)
-            trans.append(0)
-            dbytes.append(0)
-            comp.append(0.0)
-            reports.append([None])
-            continue
+    def rank_cost(r):
         bd = plan.block_dims(dims, rows0[r], nl[r])
         rep = cost(rk, dtype=dtype, device=device, batch=batch, **bd)
         f, by, sec = rep.flops, rep.dram_bytes, rep.predicted_seconds
@@ -288,13 +280,8 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
                 xb = nb * zl * acc * t * feats * (e + 1)
                 f, by = f + xf, by + xb
                 sec += max(xf / dev.vector_rate(dtype), xb / dev.hbm_bytes_per_s) + dev.launch_s
-        flops.append(f)
-        trans.append(rep.transcendentals)
-        dbytes.append(by)
-        comp.append(sec)
-        reports.append([rep])
+        return f, rep.transcendentals, by, sec, rep
+
     single = cost(kernel, dtype=dtype, device=device, batch=batch, **dims)
-    return RingCost(ranks, interconnect, bw, source, device, dtype, flops, trans, dbytes, comp, [[c] for c in comp],
-                    [sent] * ranks, [[sent] for _ in range(ranks)], [[gather_s] for _ in range(ranks)],
-                    ranks == 1, [gather_s] * ranks, sum(1 for x in nl if not x), ranks, max(comp) + gather_s,
-                    single.flops, single.predicted_seconds, reports, form="linear")
+    return one_exchange_cost(ranks, interconnect, bw, source, device, dtype, nl, rank_cost, [sent] * ranks,
+                             [gather_s] * ranks, ranks == 1, single, "linear")
