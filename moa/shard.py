@@ -226,16 +226,10 @@ def plan(program: Program, outputs) -> ShardPlan:
         epilogues.append(Epilogue(o.name, o.vars, exts, tuple(branches), epi))
     # the block program's outputs: one placeholder node per block output with the local shape, carrying every
     # runtime guard of the original program (n == m ...), which binding checks with the global dims
-    guards = program.guards()
     orig = dict(program.outputs)
     owner = {b: e.output for e in epilogues for b in e.branches}
-    outs = []
-    for o in new_outputs:
-        node = orig[owner.get(o.name, o.name)]
-        shape = (*node.shape[:-2], nl, node.shape[-1])
-        outs.append((o.name, ir.Node("input", (), shape, node.dtype, (o.name,), node.loc, guards)))
-    block = replace(program, name=f"{program.name}_ring_block", dims=(*program.dims, nl, ml, r1, c1),
-                    inputs=tuple(inputs), outputs=tuple(outs))
+    block = _rank_program(program, "ring_block", (nl, ml, r1, c1), inputs, nl,
+                          [(o.name, orig[owner.get(o.name, o.name)]) for o in new_outputs])
     return ShardPlan(block, tuple(new_outputs), roles, kv_copies, n, m, nl, ml, r1, c1, tuple(epilogues))
 
 
@@ -319,27 +313,13 @@ def aligned(program: Program, outputs) -> AlignedPlan:
     roles = _roles(decl, per_out, n, n)
     fresh = _fresh_names(program, per_out)
     nl, r1 = sy.dim(fresh("n_local")), sy.dim(fresh("row0_1"))
-    inputs = []
-    for node in program.inputs:
-        role, ax = roles[node.attrs[0]]
-        if role == REPLICATED:
-            inputs.append(node)
-            continue
-        shape = list(node.shape)
-        shape[ax] = nl
-        inputs.append(ir.input_(node.attrs[0], tuple(shape), node.dtype, node.loc))
+    inputs = _resized_inputs(program, roles, lambda role: nl)
     new_outputs = []
     for o, i, jv in per_out:
         gmap = {i: i + r1 - 1, **{j: j + r1 - 1 for j in jv}}
         expr = _unshift(_rewrite(o.expr, gmap, roles, {}, decl, i, n, jv, n, nl), r1 - 1)
         new_outputs.append(replace(o, extents=(*o.extents[:-2], nl, o.extents[-1]), expr=expr))
-    guards = program.guards()
-    outs = []
-    for name, node in program.outputs:
-        shape = (*node.shape[:-2], nl, node.shape[-1])
-        outs.append((name, ir.Node("input", (), shape, node.dtype, (name,), node.loc, guards)))
-    prog = replace(program, name=f"{program.name}_ring_rank", dims=(*program.dims, nl, r1), inputs=tuple(inputs),
-                   outputs=tuple(outs))
+    prog = _rank_program(program, "ring_rank", (nl, r1), inputs, nl, program.outputs)
     return AlignedPlan(prog, tuple(new_outputs), roles, n, nl, r1)
 
 
@@ -551,13 +531,7 @@ def halo(program: Program, outputs) -> HaloPlan:
     for o, i in per_out:
         expr = _rewrite_halo(o.expr, {i: i + r1 - 1}, roles, decl, i, n, h1)
         new_outputs.append(replace(o, extents=(*o.extents[:-2], nl, o.extents[-1]), expr=expr))
-    guards = program.guards()
-    outs = []
-    for name, node in program.outputs:
-        shape = (*node.shape[:-2], nl, node.shape[-1])
-        outs.append((name, ir.Node("input", (), shape, node.dtype, (name,), node.loc, guards)))
-    prog = replace(program, name=f"{program.name}_ring_halo", dims=(*program.dims, nl, r1, h1),
-                   inputs=tuple(inputs), outputs=tuple(outs))
+    prog = _rank_program(program, "ring_halo", (nl, r1, h1), inputs, nl, program.outputs)
     return HaloPlan(prog, tuple(new_outputs), roles, n, nl, r1, h1, hmax)
 
 
@@ -594,3 +568,14 @@ def _resized_inputs(program, roles: dict, extent) -> list:
         shape[ax] = extent(role)
         out.append(ir.input_(name, tuple(shape), node.dtype, node.loc))
     return out
+
+
+def _rank_program(program, suffix: str, new_dims: tuple, inputs: list, nl, outputs) -> object:
+    """The program one rank compiles: the resized inputs, the extra dims (local length, global offsets ...), and
+    per (name, original output node) a placeholder output of nl rows carrying every runtime guard of the original
+    program (n == m ...), which binding checks with the global dims."""
+    guards = program.guards()
+    outs = tuple((name, ir.Node("input", (), (*node.shape[:-2], nl, node.shape[-1]), node.dtype, (name,), node.loc,
+                                guards)) for name, node in outputs)
+    return replace(program, name=f"{program.name}_{suffix}", dims=(*program.dims, *new_dims), inputs=tuple(inputs),
+                   outputs=outs)
