@@ -4,15 +4,6 @@
     k = moa.compile("examples/causal.moa")
     out = k(Q=q, K=kk, V=v)
 """
-import os as _os
-import sys as _sys
-
-if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():  # CPU tensors run in Triton's interpreter, enabled before its import
-        _os.environ["TRITON_INTERPRET"] = "1"
-
 from .errors import InputError, MoaError, ParseError, ShapeError, UnsupportedError
 
 __version__ = "0.1.0"

@@ -307,8 +307,7 @@ def _compile_in_child(fn, signature, constexprs, kwargs) -> AotReport:
             "was imported, and only a module-level kernel can be recompiled in a separate process")
     request = {"module": py.__module__, "file": code.co_filename, "qualname": qualname,
                "signature": signature, "constexprs": constexprs, "kwargs": kwargs}
-    # "0", not absent: `import moa` turns the interpreter on when TRITON_INTERPRET is unset and there is no CUDA,
-    # which would make the child spawn a child of its own
+    # the child must generate code: its triton.language must not be interpreted
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     with tempfile.TemporaryDirectory(prefix="moa-aot-") as tmp:

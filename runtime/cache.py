@@ -21,6 +21,8 @@ import types
 import warnings
 from pathlib import Path
 
+from .device import interpret_module
+
 _LOADED: dict = {}
 
 
@@ -99,10 +101,11 @@ def store(key: str, source: str, root: Path | None = None) -> Path:
     return path
 
 
-def load_module(key: str, source: str):
-    """The module of a generated kernel (imported once per process)."""
-    if key in _LOADED:
-        return _LOADED[key]
+def load_module(key: str, source: str, interpret: bool = False):
+    """The module of a generated kernel (executed once per process and mode): its @triton.jit functions compile
+    for CUDA, or with interpret=True they are interpreted functions for CPU tensors (runtime/device.py)."""
+    if (key, interpret) in _LOADED:
+        return _LOADED[key, interpret]
     try:
         path = store(key, source)
     except OSError as e:
@@ -114,10 +117,12 @@ def load_module(key: str, source: str):
     # inspect (Triton's @jit) reads the validated text, whatever happens to the file later; mtime None keeps
     # linecache.checkcache from dropping the entry
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
-    name = f"moa_kernels.{path.stem}"
+    name = f"moa_kernels.{path.stem}" + ("_interpreted" if interpret else "")
     mod = types.ModuleType(name)
     mod.__file__ = filename
     sys.modules[name] = mod
     exec(compile(text, filename, "exec"), mod.__dict__)
-    _LOADED[key] = mod
+    if interpret:
+        interpret_module(mod)
+    _LOADED[key, interpret] = mod
     return mod

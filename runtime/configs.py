@@ -25,7 +25,7 @@ from moa.errors import InputError, UnsupportedError
 
 from . import aot as A
 from .kernel import Config
-from .launch import next_pow2
+from .device import next_pow2
 
 
 
@@ -184,10 +184,10 @@ def aot_groups(groups: list, first_fit: bool = False) -> list:
             todo.append(gi)
     if todo:
         payload = [groups[gi] for gi in todo]
-        if not A._language_is_interpreted():
-            results = _compile_groups(payload, first_fit)
-        else:
+        if A._language_is_interpreted() or aot_jobs(len(payload)) > 1:   # a child compiles (in parallel)
             results = _groups_in_child(payload, first_fit)
+        else:
+            results = _compile_groups(payload, first_fit)
         with _LOCK:
             for gi, res in zip(todo, results):
                 for r, x in zip(groups[gi], res):
@@ -278,7 +278,7 @@ def _compile_guarded(req: dict):
 
 def _groups_in_child(groups: list, first_fit: bool) -> list:
     env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "0"   # set (not removed): `import moa` turns the interpreter on when it is unset
+    env["TRITON_INTERPRET"] = "0"   # code generation needs a triton.language that is not interpreted
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     with tempfile.TemporaryDirectory(prefix="moa-aot-") as tmp:
         req_path, resp_path = os.path.join(tmp, "req.pkl"), os.path.join(tmp, "resp.pkl")

@@ -390,7 +390,7 @@ def measure(kernel, **inputs) -> Measurement:
     """Run the kernel(s) on CPU tensors in the instrumented Triton interpreter and return its counters: the kernel
     a call runs (tiled, window-mixing, or the three chunked linear-form launches, summed)."""
     from .binding import bind
-    from .launch import check_device, triton_module
+    from .device import check_device
     from .measure import instrument
 
     b = bind(kernel.program, inputs)
@@ -400,7 +400,6 @@ def measure(kernel, **inputs) -> Measurement:
 
     check_offsets(kernel.program, b)
     kernel._check_reads(b)     # the refusals a call makes, before anything runs
-    triton_module()
     check_device(b.device)
     compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype   # the runners convert inputs to it
     dtname = DTYPE_NAME[compute]

@@ -23,7 +23,7 @@ from moa.errors import InputError, UnsupportedError
 
 from . import aot as A
 from . import configs as C
-from .launch import next_pow2
+from .device import next_pow2
 
 __all__ = ["LINEAR_LAUNCHES", "FormAotReport", "FormPlan", "LinearConfig", "WindowConfig", "aot_form",
            "choose_bundle", "fit_linear", "fit_window", "linear_candidates", "linear_plan", "linear_runtime_config",

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 from moa.frontend import elaborate
 
-from moa import __version__, ir, onf
+from moa import ir, onf
 from moa import dnf as D
 from moa import symbolic as sy
-from moa.errors import InputError, MoaError, UnsupportedError
+from moa.errors import InputError, UnsupportedError
 from moa.program import Program
 
-from . import cache
 from .binding import Binding, bind, check_offsets, check_reads
-from .launch import cdiv, check_device, next_pow2, quiet, triton_module
+from .device import cdiv, check_device, next_pow2
+from .launch import module_for, run
 
 DTYPE_NAME = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
               torch.bfloat16: "bfloat16"}
@@ -351,7 +351,6 @@ class Kernel:
 
     def _run(self, name: str, b: Binding, store_lse: bool, config: Config | None = None):
         b = self._cg_binding(b)
-        triton_module()
         check_device(b.device)
         dt = b.dtype
         sched = self.schedule_for(name, b.dims, DTYPE_NAME[dt], _device_name(b.device), math.prod(b.batch))
@@ -375,7 +374,8 @@ class Kernel:
         lse = torch.empty((*b.batch, *lead, n), dtype=acc_dt, device=b.device) if store_lse else None
         if out.numel() == 0:
             return self._finish(out, dt), lse
-        fn, spec = self._function(name, dtname, len(b.batch), cfg, store_lse, sched)
+        spec = self._spec(name, dtname, len(b.batch), cfg, store_lse, sched)
+        fn = module_for(spec.source, b.device)._attn_fwd
         args = []
         nb = len(b.batch)
         for inp in spec.inputs:
@@ -402,31 +402,20 @@ class Kernel:
         check_grid(grid, b.device, f"output {name}")
         if b.device.type == "cuda":
             consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        try:
-            with quiet():
-                fn[grid](*args, **consts)
-        except MoaError:
-            raise
-        except Exception as ex:  # a Triton failure is a bug of ours: say which kernel, keep the cause
-            raise UnsupportedError(f"the generated kernel for output {name} failed to run ({type(ex).__name__}: "
-                                   f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex
+        run(fn, grid, args, consts, b.device, f"the generated kernel for output {name}")
         return self._finish(out, dt), lse
 
     @staticmethod
     def _finish(out, dt):
         return out if out.dtype == dt else out.to(dt)
 
-    def _function(self, name, dtname, nbatch, cfg: Config, store_lse, sched=None):
+    def _spec(self, name, dtname, nbatch, cfg: Config, store_lse, sched=None):
         from moa.codegen.emit import generate
 
         sched = sched or self._schedule(name)
         key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
         if key not in self._fns:
-            spec = generate(self.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
-            triton = triton_module()
-            ckey = cache.key_of(spec.source, __version__, triton.__version__, torch.__version__)
-            mod = cache.load_module(ckey, spec.source)
-            self._fns[key] = (mod._attn_fwd, spec)
+            self._fns[key] = generate(self.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
         return self._fns[key]
 
     # ---- cost model, counters, AOT resources (runtime/costing.py) ---------------------------------------

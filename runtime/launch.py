@@ -1,47 +1,34 @@
-"""Launching generated kernels: the Triton interpreter for CPU tensors, a normal launch for CUDA tensors."""
+"""Launching generated kernels: module loading per device and the launch itself (interpreter or CUDA)."""
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
+import triton
 
-from moa.errors import InputError
+from moa import __version__
+from moa.errors import MoaError, UnsupportedError
 
-
-def triton_module():
-    """Import triton; on a machine without CUDA, turn on the interpreter first (it must precede the import)."""
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import triton
-
-    return triton
+from . import cache
+from .device import check_device, interpreter
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def module_for(source: str, device: torch.device):
+    """The module of a generated source for tensors on `device`: interpreted for CPU, JIT-compiled for CUDA."""
+    check_device(device)
+    key = cache.key_of(source, __version__, triton.__version__, torch.__version__)
+    return cache.load_module(key, source, interpret=device.type == "cpu")
 
 
-def check_device(device: torch.device):
-    if device.type == "cpu" and not interpreting():
-        raise InputError("CPU tensors run in Triton's interpreter, which must be enabled before triton is "
-                         "imported: set TRITON_INTERPRET=1 in the environment (moa does so itself when it is "
-                         "imported first on a machine without CUDA), or pass CUDA tensors")
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"tensors on {device} are not supported; use CPU (interpreter) or CUDA tensors")
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def quiet():
-    """Silence numpy's floating-point warnings inside interpreter launches: the untaken branch of a where
-    (0/0 in a Dirichlet kernel, exp overflow of masked scores) is computed and discarded, as on a GPU."""
-    import numpy as np
-
-    return np.errstate(all="ignore")
+def run(fn, grid, args, consts: dict, device: torch.device, what: str) -> None:
+    """fn[grid](*args, **consts) on `device`; a Triton failure is a bug of ours, reported as an UnsupportedError
+    that names the kernel and keeps the cause."""
+    try:
+        if device.type == "cpu":
+            with interpreter():
+                fn[grid](*args, **consts)
+        else:
+            fn[grid](*args, **consts)
+    except MoaError:
+        raise
+    except Exception as ex:
+        raise UnsupportedError(f"{what} failed to run ({type(ex).__name__}: "
+                               f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex

@@ -5,16 +5,16 @@ import math
 
 import torch
 
-from moa import __version__
 from moa import ir
 from moa import symbolic as sy
-from moa.errors import InputError, UnsupportedError
+from moa.errors import InputError
 from moa.linear import LinearPlan, feature_table
 
-from . import cache
 from .binding import Binding
-from .launch import cdiv, check_device, next_pow2, quiet, triton_module
+from .device import cdiv, next_pow2
+from .launch import module_for, run
 
+_WHAT = "the chunked linear-form kernels"
 STATE_LIMIT = 1 << 31   # elements of the state buffers beyond which the linear form is refused
 
 
@@ -34,15 +34,12 @@ class LinearRunner:
         self.program, self.lp = program, lp
         self._mods: dict = {}
 
-    def _module(self, dtname: str, nbatch: int):
+    def _spec(self, dtname: str, nbatch: int):
         from moa.codegen.chunked import generate_chunked
 
         key = (dtname, nbatch)
         if key not in self._mods:
-            spec = generate_chunked(self.program, self.lp, dtname, nbatch)
-            triton = triton_module()
-            ckey = cache.key_of(spec.source, __version__, triton.__version__, torch.__version__)
-            self._mods[key] = (cache.load_module(ckey, spec.source), spec)
+            self._mods[key] = generate_chunked(self.program, self.lp, dtname, nbatch)
         return self._mods[key]
 
     def source(self, dtname: str = "float32", nbatch: int = 0) -> str:
@@ -59,7 +56,7 @@ class LinearRunner:
 
         if device.type == "cuda":
             return linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
-                                         self._module(dtname, nbatch)[1].source)
+                                         self._spec(dtname, nbatch).source)
         n = sy.evaluate(self.lp.schedule.row[1], dims)
         chunk, block_f = chunk_config(device, n, self.lp.features(sy.evaluate(self.lp.branch.dot.extent, dims)))
         return LinearConfig(chunk, block_f)
@@ -77,8 +74,6 @@ class LinearRunner:
 
     def prepare(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> _Launch:
         """Buffers and arguments of one call (nothing is launched)."""
-        triton_module()
-        check_device(b.device)
         s, br = self.lp.schedule, self.lp.branch
         dims = b.dims
         n = sy.evaluate(s.row[1], dims)
@@ -105,7 +100,8 @@ class LinearRunner:
         idx, w = feature_table(d, self.lp.p)
         fidx = torch.tensor(idx, dtype=torch.int32, device=b.device).reshape(-1)
         fw = torch.tensor(w, dtype=acc, device=b.device)
-        mod, spec = self._module(dtname, len(b.batch))
+        spec = self._spec(dtname, len(b.batch))
+        mod = module_for(spec.source, b.device)
         nb = len(b.batch)
         args = []
         for inp in spec.inputs:
@@ -125,8 +121,8 @@ class LinearRunner:
     def states(self, launch: _Launch) -> None:
         """Kernel 1: every chunk's own state dS_c, dz_c."""
         nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
-        self._launch(lambda: launch.mod._chunk_state[(launch.T, nft, launch.zl)](
-            *launch.args, *launch.carry_args(), *launch.tail, **launch.flags(0, 1, 0)))
+        run(launch.mod._chunk_state, (launch.T, nft, launch.zl), [*launch.args, *launch.carry_args(), *launch.tail],
+            launch.flags(0, 1, 0), launch.out.device, _WHAT)
 
     def scan(self, launch: _Launch, init: bool = False, prefix: bool = True, final: bool = False) -> None:
         """Kernel 2: the exclusive prefix over chunks (prefix), from launch.carried (init), writing the state
@@ -134,26 +130,17 @@ class LinearRunner:
         nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
         if init or final:
             launch.carry()
-        self._launch(lambda: launch.mod._chunk_scan[(nft, launch.zl)](
-            *launch.args, *launch.carry_args(), *launch.tail, **launch.flags(int(init), int(prefix), int(final))))
+        run(launch.mod._chunk_scan, (nft, launch.zl), [*launch.args, *launch.carry_args(), *launch.tail],
+            launch.flags(int(init), int(prefix), int(final)), launch.out.device, _WHAT)
         launch.init = init
 
     def output(self, launch: _Launch) -> torch.Tensor:
         """Kernel 3: O from the exclusive prefix states and the intra-chunk part."""
         out = launch.out
-        self._launch(lambda: launch.mod._chunk_out[(launch.T, launch.zl)](
-            *launch.args, *launch.carry_args(), out, *out.stride(), *launch.tail,
-            **launch.flags(int(launch.init), 1, 0)))
+        run(launch.mod._chunk_out, (launch.T, launch.zl),
+            [*launch.args, *launch.carry_args(), out, *out.stride(), *launch.tail],
+            launch.flags(int(launch.init), 1, 0), out.device, _WHAT)
         return launch.result()
-
-    @staticmethod
-    def _launch(fn) -> None:
-        try:
-            with quiet():
-                fn()
-        except Exception as ex:
-            raise UnsupportedError(f"the chunked linear-form kernels failed ({type(ex).__name__}: "
-                                   f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex
 
 
 class _Launch:

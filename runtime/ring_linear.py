@@ -241,7 +241,7 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
     from moa.devices import canonical_dtype, get_device
 
     from .costing import cost
-    from .launch import next_pow2
+    from .device import next_pow2
     from .linear_run import chunk_config
     from .ring import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
 

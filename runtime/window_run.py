@@ -5,14 +5,12 @@ import math
 
 import torch
 
-from moa import __version__
 from moa import ir
 from moa import symbolic as sy
-from moa.errors import UnsupportedError
 
-from . import cache
 from .binding import Binding
-from .launch import cdiv, check_device, next_pow2, quiet, triton_module
+from .device import cdiv, next_pow2
+from .launch import module_for, run
 
 
 class WindowRunner:
@@ -20,15 +18,12 @@ class WindowRunner:
         self.program, self.sched = program, sched
         self._mods: dict = {}
 
-    def _module(self, dtname, nbatch):
+    def _spec(self, dtname, nbatch):
         from moa.codegen.window import generate_window
 
         key = (dtname, nbatch)
         if key not in self._mods:
-            spec = generate_window(self.program, self.sched, dtname, nbatch)
-            triton = triton_module()
-            ckey = cache.key_of(spec.source, __version__, triton.__version__, torch.__version__)
-            self._mods[key] = (cache.load_module(ckey, spec.source), spec)
+            self._mods[key] = generate_window(self.program, self.sched, dtname, nbatch)
         return self._mods[key]
 
     def source(self, dtname="float32", nbatch=0) -> str:
@@ -44,12 +39,10 @@ class WindowRunner:
 
         if device.type == "cuda":
             return window_runtime_config(self.program, self.sched, dtname, dims, nbatch, device,
-                                         self._module(dtname, nbatch)[1].source)
+                                         self._spec(dtname, nbatch).source)
         return window_default(sy.evaluate(self.sched.row[1], dims))
 
     def run(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> torch.Tensor:
-        triton_module()
-        check_device(b.device)
         s = self.sched
         br = s.branches[0]
         dims = b.dims
@@ -62,7 +55,8 @@ class WindowRunner:
         out = torch.empty((zl, n, e), dtype=dt_compute, device=b.device)
         if out.numel() == 0:
             return out.reshape(*b.batch, *lead, n, e)
-        mod, spec = self._module(dtname, len(b.batch))
+        spec = self._spec(dtname, len(b.batch))
+        mod = module_for(spec.source, b.device)
         nb = len(b.batch)
         args = []
         for inp in spec.inputs:
@@ -77,10 +71,6 @@ class WindowRunner:
                       W_PAD=max(16, next_pow2(w)))
         if b.device.type == "cuda":
             consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        try:
-            with quiet():
-                mod._attn_window[(cdiv(n, block_m), zl)](*args, out, *out.stride(), *tail, **consts)
-        except Exception as ex:
-            raise UnsupportedError(f"the window-mixing kernel failed ({type(ex).__name__}: "
-                                   f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex
+        run(mod._attn_window, (cdiv(n, block_m), zl), [*args, out, *out.stride(), *tail], consts, b.device,
+            "the window-mixing kernel")
         return out.reshape(*b.batch, *lead, n, e)

@@ -1,9 +1,8 @@
-"""Test set-up: Triton's interpreter must be on before triton is imported (CPU tensors, float64)."""
+"""Test set-up: a private kernel cache fixture and the slow marker (CPU tensors run in the interpreter)."""
 import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,21 @@ the quadratic form of the normalised ones (power, linear), in the schedule the r
 tiled, hops or residue); and the other two kernel families the same way: the chunked linear form's three kernels
 with every flag combination a launch uses (the ring's included) and the window-mixing kernel
 (runtime/form_configs.py)."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import difflib  # noqa: E402
-from pathlib import Path  # noqa: E402
+import difflib
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-import moa  # noqa: E402
-from moa.cli import main  # noqa: E402
-from moa import onf  # noqa: E402
-from moa.errors import UnsupportedError  # noqa: E402
-from moa.runtime import aot as A  # noqa: E402
-from moa.runtime import costing as K  # noqa: E402
-from moa.runtime import form_configs as F  # noqa: E402
-from moa.runtime.kernel import Config  # noqa: E402
+import moa
+from moa.cli import main
+from moa import onf
+from moa.errors import UnsupportedError
+from moa.runtime import aot as A
+from moa.runtime import costing as K
+from moa.runtime import form_configs as F
+from moa.runtime.kernel import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = 1024

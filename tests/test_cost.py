@@ -1,25 +1,23 @@
 """The cost model itself: the kernel ledger, symbolic formulas, the unfused plan, the device table, the roofline,
 tiles_needed, and the `moa cost` / `moa explain --tiles` commands. (Prediction == measurement is
 tests/test_measure_kernels.py; AOT is tests/test_aot_kernels.py.)"""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import sympy as sp  # noqa: E402
+import numpy as np
+import pytest
+import sympy as sp
 
-import moa  # noqa: E402
-from moa import cost as C  # noqa: E402
-from moa import cost_symbolic as CS  # noqa: E402
-from moa import ledger as L  # noqa: E402
-from moa.cli import main  # noqa: E402
-from moa.devices import DEVICES, canonical_dtype, get_device  # noqa: E402
-from moa.errors import InputError, UnsupportedError  # noqa: E402
-from moa.runtime.costing import CostReport, Measurement, cost, cost_breakdown  # noqa: E402
-from moa.runtime.kernel import Config  # noqa: E402
+import moa
+from moa import cost as C
+from moa import cost_symbolic as CS
+from moa import ledger as L
+from moa.cli import main
+from moa.devices import DEVICES, canonical_dtype, get_device
+from moa.errors import InputError, UnsupportedError
+from moa.runtime.costing import CostReport, Measurement, cost, cost_breakdown
+from moa.runtime.kernel import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"

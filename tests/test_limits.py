@@ -96,7 +96,10 @@ def test_aot_compile_reports_triton_failures_as_moa_errors():
     k = moa.compile(ROOT / "examples" / "sdpa.moa")
     from moa.runtime.kernel import Config as C
 
-    fn, spec = k._function("O", "float16", 0, C(128, 64), False)
+    from moa.runtime.launch import module_for
+
+    spec = k._spec("O", "float16", 0, C(128, 64), False)
+    fn = module_for(spec.source, torch.device("cuda"))._attn_fwd   # the JIT function (not interpreted)
     sig = {}
     consts = {"BLOCK_M": 128, "BLOCK_N": 64, "HEAD_DIM": 2 ** 16, "HEAD_DIM_V": 64}
     import inspect

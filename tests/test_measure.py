@@ -1,11 +1,6 @@
 """Exact-count tests for ``moa.runtime.measure`` on hand-written Triton kernels (interpreter mode)."""
 
-import os
-
-# Must be set before triton is imported: @triton.jit (and triton.language.standard, decorated at
-# import time) only produce InterpretedFunction objects when this is set.
-os.environ["TRITON_INTERPRET"] = "1"
-
+import sys
 import threading
 
 import numpy as np
@@ -13,16 +8,18 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from moa.runtime.device import interpret_module, interpreter
 from moa.runtime.measure import Counters, instrument
 from triton.runtime import interpreter as interp
 from triton.runtime.errors import InterpreterError
 
-# If some other module imported triton before TRITON_INTERPRET was set, tl.sum & co. are compiled-mode
-# JITFunctions and cannot be called from interpreted kernels.
-needs_interpreted_stdlib = pytest.mark.skipif(
-    not isinstance(tl.standard.sum, interp.InterpretedFunction),
-    reason="triton was imported before TRITON_INTERPRET=1 was set",
-)
+
+@pytest.fixture(autouse=True)
+def _interpreted():
+    """The kernels below run in Triton's interpreter without TRITON_INTERPRET: moa's interpreter scope lends them
+    Triton's standard library (tl.sum, tl.sigmoid ...) as interpreted functions."""
+    with interpreter():
+        yield
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -174,6 +171,9 @@ def _double_plain(x_ptr, o_ptr, BLOCK: tl.constexpr):
     tl.store(o_ptr + offs, tl.load(x_ptr + offs) * 2.0)
 
 
+interpret_module(sys.modules[__name__])   # every @triton.jit kernel above becomes an interpreted function
+
+
 # ---------------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +260,6 @@ def test_transcendentals(dtype):
     assert c.flops == 0
 
 
-@needs_interpreted_stdlib
 def test_sigmoid_is_counted_through_its_parts():
     block = 8
     x = torch.randn(block)
@@ -299,7 +298,6 @@ def test_flop_conventions(dtype):
     assert c.flops == (2 + 1 + 1 + 2 + 1 + 1 + 2) * block
 
 
-@needs_interpreted_stdlib
 @pytest.mark.parametrize(
     ("which", "expected"),
     [(0, "rows"), (1, "rows"), (2, "rows"), (3, "rows"), (4, "rows"), (5, "all")],
@@ -320,7 +318,6 @@ def test_reductions_and_scans(which, expected):
         torch.testing.assert_close(o, x.cumsum(1))
 
 
-@needs_interpreted_stdlib
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_region_attribution_counts_key_tiles(dtype):
     n, d, bn = 37, 8, 16
@@ -342,7 +339,6 @@ def test_region_attribution_counts_key_tiles(dtype):
     assert c.flops == tiles * per_tile
 
 
-@needs_interpreted_stdlib
 def test_load_lines_count_executions_whatever_the_mask():
     """instrument(lines=...) counts the loads a source line issues: loop iterations, all-masked loads included."""
     n, d, bn = 37, 8, 16

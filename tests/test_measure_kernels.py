@@ -2,19 +2,17 @@
 instrumented Triton interpreter counts when the generated kernel runs, exactly, for every example at ragged
 sizes, in float64 and float32: the tiled kernel, its hops and residue schedules, the window-mixing kernel
 (bla.moa) and the three launches of the chunked linear form."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import moa  # noqa: E402
-from moa.runtime.check import random_inputs  # noqa: E402
-from moa.runtime.costing import cost, measure  # noqa: E402
-from moa.runtime.kernel import Config  # noqa: E402
+import moa
+from moa.runtime.check import random_inputs
+from moa.runtime.costing import cost, measure
+from moa.runtime.kernel import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited")

@@ -1,0 +1,122 @@
+"""Where a generated kernel runs: Triton's interpreter for CPU tensors, a JIT launch for CUDA tensors.
+
+There is no process-wide switch: moa neither sets nor needs TRITON_INTERPRET, so other Triton kernels in the
+user's process keep compiling for the GPU, and `import triton` before `import moa` is fine. A module of
+generated kernels is loaded as Triton JIT functions (CUDA) and, for CPU tensors, once more as interpreted
+functions (`interpreted_module`). While an interpreted kernel runs, `interpreter()` lends the interpreter
+Triton's standard library (tl.sum, tl.max, tl.sigmoid, tl.cdiv ... are JIT functions in a normal process) as
+interpreted functions and restores it on exit, the way Triton's interpreter patches `tl` builtins for the
+duration of a launch. When the user did set TRITON_INTERPRET=1, Triton's own interpreted functions are used.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import types
+
+import numpy as np
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from moa.errors import InputError
+
+_LOCK = threading.RLock()
+_DEPTH = [0]
+_SAVED: list = []
+_WRAPPED: dict = {}   # id(JITFunction) -> its InterpretedFunction (one per library function, reused)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_device(device: torch.device) -> None:
+    """CPU tensors run in the interpreter, CUDA tensors launch; anything else is the call's error."""
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"tensors on {device} are not supported; use CPU (interpreter) or CUDA tensors")
+
+
+def _interpreted(fn):
+    if isinstance(fn, JITFunction):
+        return _WRAPPED.setdefault(id(fn), InterpretedFunction(fn.fn))
+    return fn
+
+
+def interpret_module(module: types.ModuleType) -> types.ModuleType:
+    """Turn the @triton.jit functions of a freshly executed generated module into interpreted functions, in
+    place (they call each other through the module's globals). Its source must be in linecache under its
+    __file__ (runtime/cache.py puts it there)."""
+    for k, v in list(vars(module).items()):
+        if isinstance(v, JITFunction):
+            setattr(module, k, InterpretedFunction(v.fn))
+    return module
+
+
+def _language_objects() -> list:
+    """Every object whose attributes Triton's interpreter patches during a launch: the triton.language modules and
+    the tensor classes."""
+    with contextlib.suppress(ImportError):   # imported lazily by Triton's argument mangling: never while patched
+        import triton.experimental.gluon  # noqa: F401
+    mods = [m for n, m in list(sys.modules.items()) if m is not None and n.startswith("triton.language")]
+    core = sys.modules["triton.language.core"]
+    classes = [getattr(core, c) for c in ("tensor", "tensor_descriptor_base", "tensor_descriptor") if hasattr(core, c)]
+    return mods + classes
+
+
+def _lend() -> None:
+    """Snapshot the language, then swap its JIT functions for interpreted ones."""
+    objs = _language_objects()
+    _SAVED.extend((obj, dict(vars(obj))) for obj in objs)
+    for obj in objs:
+        if isinstance(obj, types.ModuleType):
+            for name, value in list(vars(obj).items()):
+                if isinstance(value, JITFunction):
+                    setattr(obj, name, _interpreted(value))
+
+
+def _take_back() -> None:
+    """Restore the snapshot: the interpreted library and whatever the interpreter patched inside device functions
+    (it restores its launch-level patches itself, not those made by nested calls)."""
+    missing = object()
+    while _SAVED:   # names the interpreter added (the semantic its rewritten functions read) stay
+        obj, snap = _SAVED.pop()
+        now = vars(obj)
+        for name, value in snap.items():
+            if now.get(name, missing) is not value:
+                setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def interpreter():
+    """The scope of interpreted launches: Triton's standard library as interpreted functions, and numpy's
+    floating-point warnings silenced (the untaken branch of a where, such as 0/0 or exp overflow of a masked
+    score, is computed and discarded, as on a GPU). Re-entrant; the library is restored when the outermost
+    scope exits."""
+    with _LOCK:
+        if _DEPTH[0] == 0:
+            _lend()
+        _DEPTH[0] += 1
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    finally:
+        with _LOCK:
+            _DEPTH[0] -= 1
+            if _DEPTH[0] == 0:
+                _take_back()
+
+
+def quiet():
+    """numpy's floating-point warnings silenced (for host-side code around launches)."""
+    return np.errstate(all="ignore")
+
+
+def triton_version() -> str:
+    return triton.__version__
