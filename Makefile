@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/moa cost examples/causal.moa --dims n=8192,d=128,e=128 --dtype bf16 --device h100
 
 test: $(STAMP)
-	$(BIN)/ruff check moa frontend codegen runtime tests
+	$(BIN)/ruff check moa frontend codegen runtime cli tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 tests
 
 test-slow: $(STAMP)

@@ -317,7 +317,7 @@ def test_moa_cost_plot_and_tiles_plot(tmp_path, capsys):
 
 
 def test_tile_map_classes():
-    from moa.costcli import tile_map
+    from moa.runtime.explain import tile_map
 
     k = compile_("sliding_window", w=300)
     g = tile_map(k, "O", 0, {"n": 1024, "d": 64, "e": 64}, Config(128, 64))

@@ -3,10 +3,21 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import sympy as sp
 
-from .errors import InputError, MoaError
+import moa
+from moa import cost as C
+from moa import symbolic as sy
+from moa.devices import DTYPE_BYTES
+from moa.errors import InputError, MoaError
+from moa.runtime.aot import fits
+from moa.runtime.costing import aot, cost_breakdown
+from moa.runtime.form_configs import launch_label
+from moa.runtime.kernel import Config
+
+from .args import dims as _dims
+from .args import params as _params
+from .plots import cost_plot, sweep_dims
 
 
 def add_commands(sub, common):
@@ -72,22 +83,6 @@ def _seconds(x) -> str:
     return f"{x * 1e9:.3g} ns"
 
 
-def _params(args) -> dict:
-    from .cli import _params as cli_params
-
-    return cli_params(args)
-
-
-def _dims(args) -> dict:
-    from .cli import parse_assignments
-
-    d = parse_assignments(getattr(args, "dims", None), "--dims")
-    for k, v in d.items():
-        if not isinstance(v, int) or v < 0:
-            raise InputError(f"--dims: {k} must be a non-negative integer, got {v}")
-    return d
-
-
 # ---- moa cost ---------------------------------------------------------------------------------------------------
 
 DENSE_CAUSAL = """dim n, d, e
@@ -100,12 +95,6 @@ out O = softmax(S, axis=-1) @ V
 def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None:
     """FLOPs of dense causal attention at the same sequence length and head dims (times the leading axes),
     for a sparse or windowed program (PiAttention, windows, BLA)."""
-    import math
-
-    import moa
-    from moa import symbolic as sy
-    from moa.runtime.costing import cost_breakdown
-
     try:
         if len(k.output_names) != 1 or isinstance(rep.flops, sp.Basic):
             return None
@@ -125,9 +114,6 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None
 
 
 def cmd_cost(args) -> int:
-    import moa
-    from moa.runtime.costing import cost_breakdown
-
     k = moa.compile(args.file, **_params(args))
     dims = _dims(args)
     batch = (args.batch,) if args.batch else ()
@@ -155,9 +141,6 @@ def cmd_cost(args) -> int:
 
 def cost_table(k, rep, bd, dims) -> str:
     """The fused-vs-unfused table of `moa cost`."""
-    from moa import cost as C
-    from moa.devices import DTYPE_BYTES
-
     dev = bd.device
     head = f"moa cost {k.program.name}"
     if dims:
@@ -215,7 +198,7 @@ def cost_table(k, rep, bd, dims) -> str:
         inter += plan.intermediate_bytes
     io = sum((sp.Mul(*n.shape) for n in k.program.inputs), sp.Integer(0)) + \
         sum((sp.Mul(*node.shape) for _, node in k.program.outputs), sp.Integer(0))
-    seq = [x for x in _sweep_dims(k) if x in {str(f) for f in inter.free_symbols}]
+    seq = [x for x in sweep_dims(k) if x in {str(f) for f in inter.free_symbols}]
     try:
         deg = sp.Poly(sp.expand(inter), *[sp.Symbol(x, integer=True, positive=True) for x in seq]).total_degree() \
             if seq else 0
@@ -228,174 +211,9 @@ def cost_table(k, rep, bd, dims) -> str:
     return "\n".join(lines)
 
 
-def _sweep_dims(k) -> set:
-    """The sequence dims (row and key extents), swept together by the plot."""
-    out = set()
-    for s in k.schedules.values():
-        for x in [s.row[1]] + [b.extent for b in s.branches]:
-            out |= {v.name for v in sp.sympify(x).free_symbols}
-    return out
-
-
-def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
-    """Predicted DRAM bytes and time against n, fused vs unfused, log-log (n = the sequence dims, swept
-    together; the others fixed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moa.runtime.costing import cost_breakdown
-
-    seq = _sweep_dims(k)
-    top = max(max(dims[s] for s in seq), 4096)
-    ns = [2 ** p for p in range(8, int(math.log2(top)) + 1)]
-    rows = []
-    for n in ns:
-        d = {**dims, **{s: n for s in seq}}
-        rep, bd = cost_breakdown(k, dtype, device, batch=batch, needed=False, fit=fit, **d)
-        rows.append((n, rep.dram_bytes, rep.unfused_dram_bytes, rep.predicted_seconds, bd.unfused_seconds,
-                     rep.unfused_intermediate_bytes))
-    a = np.array(rows, dtype=float)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.loglog(a[:, 0], a[:, 1], "o-", color="tab:blue", label="fused (moa): DRAM bytes")
-    ax1.loglog(a[:, 0], a[:, 2], "s--", color="tab:red", label="unfused (eager): DRAM bytes")
-    ax1.loglog(a[:, 0], a[:, 5], ":", color="tab:red", alpha=0.7, label="unfused: intermediates")
-    ax1.set_xlabel("n (sequence length)")
-    ax1.set_ylabel("bytes")
-    ax1.set_title("DRAM traffic")
-    ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
-    if a[:, 3].any() and not np.isnan(a[:, 3]).all():
-        ax2.loglog(a[:, 0], a[:, 3], "o-", color="tab:blue", label="fused (moa)")
-        ax2.loglog(a[:, 0], a[:, 4], "s--", color="tab:red", label="unfused (eager)")
-        ax2.set_ylabel("predicted seconds")
-    else:
-        ax2.text(0.5, 0.5, "no time model for device 'cpu'", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set_xlabel("n (sequence length)")
-    ax2.set_title("predicted time (roofline + launch)")
-    ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend(fontsize=8)
-    fixed = ", ".join(f"{x}={v}" for x, v in dims.items() if x not in seq)
-    fig.suptitle(f"{k.program.name}: {bd.dtype} on {bd.device.name if bd.device else 'cpu'}"
-                 + (f" ({fixed})" if fixed else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---- moa explain --tiles ---------------------------------------------------------------------------------------
-
-def tile_map(k, name: str, branch: int, dims: dict, config):
-    """(R x T) int array over (query tile, key tile): 0 skipped, 1 full (no mask code), 2 partial (mask code
-    runs), 3 visited although no (i, j) of it is admissible (the analysis could not prove the skip)."""
-    from moa import cost as C
-    from moa import symbolic as sy
-
-    sched = k.schedules[name]
-    b = sched.branches[branch]
-    n = sy.evaluate(sched.row[1], dims)
-    m = sy.evaluate(b.extent, dims)
-    bm, bn = config.block_m, config.block_n
-    R, T = -(-n // bm), -(-m // bn)
-    env = {d: dims[d.name] for d in k.program.dims}
-    for v, _ in sched.lead:
-        env[v] = 0                               # the map of the first head
-    grid = np.zeros((R, T), dtype=np.int8)
-    tiles = C.branch_tiles(b, env, n, m, bm, bn)
-    sel = tiles.visited
-    grid[tiles.rows[sel], tiles.starts[sel] // bn] = np.where(tiles.partial[sel], 2, 1)
-    if b.mask is not None and R * T and n * m <= 1 << 26:
-        need = _needed_grid(b, sched.row[0], env, n, m, bm, bn)
-        grid[(grid > 0) & ~need] = 3
-    return grid
-
-
-def _needed_grid(b, row_var, env, n, m, bm, bn):
-    from moa import cost as C
-
-    R, T = -(-n // bm), -(-m // bn)
-    i = np.arange(n)[:, None]
-    j = np.arange(m)[None, :]
-    res = C._mask3(b.mask, {**env, row_var: i, b.var: j})
-    poss = np.broadcast_to(res[1] if res[0] == "b" else True, (n, m))
-    full = np.zeros((R * bm, T * bn), dtype=bool)
-    full[:n, :m] = poss
-    return full.reshape(R, bm, T, bn).any(axis=(1, 3))
-
-
-def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
-    """Draw the (query tile, key tile) map of every output and branch: skipped / full / partial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    from moa import symbolic as sy
-    from moa.devices import canonical_dtype
-    import torch
-
-    from moa.runtime.costing import launch_config
-
-    missing = [d.name for d in k.program.dims if d.name not in dims]
-    seq = _sweep_dims(k)
-    if any(x in seq for x in missing):
-        raise InputError(f"--tiles needs --dims with the sequence dims ({', '.join(sorted(seq))}), e.g. --dims "
-                         f"{','.join(f'{x}=1024' for x in sorted(seq))}")
-    dims = {**{x: 64 for x in missing}, **dims}
-    dt = canonical_dtype(dtype)
-    panels = []
-    for name in k.output_names:
-        sched = k.schedules[name]
-        cfg = launch_config(k, name, torch.device("cpu" if device == "cpu" else "cuda"), dt, dims)
-        for bi, b in enumerate(sched.branches):
-            panels.append((name, bi, b, cfg, tile_map(k, name, bi, dims, cfg)))
-    if not panels:
-        raise MoaError("nothing to draw")
-    cols = len(panels)
-    fig, axes = plt.subplots(1, cols, figsize=(max(8.0, min(6.5 * cols, 18)), 6.4), squeeze=False)
-    cmap = ListedColormap(["#e8e8e8", "#1f4e9c", "#f29e38", "#d62728"])
-    for ax, (name, bi, b, cfg, g) in zip(axes[0], panels):
-        ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest", aspect="auto", origin="upper")
-        R, T = g.shape
-        counts = [int((g == v).sum()) for v in range(4)]
-        title = f"{name}" + (f" branch {bi} ({b.kind})" if len(k.schedules[name].branches) > 1 else "")
-        ax.set_title(f"{title}\nBLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n}: {R} x {T} tiles\n"
-                     f"full {counts[1]}, partial {counts[2]}, skipped {counts[0]}"
-                     + (f", visited-empty {counts[3]}" if counts[3] else ""), fontsize=9)
-        ax.set_xlabel(f"key tile (BLOCK_N = {cfg.block_n} keys {b.var})")
-        ax.set_ylabel(f"query tile (BLOCK_M = {cfg.block_m} rows)")
-        if R <= 40 and T <= 40:
-            ax.set_xticks(np.arange(-0.5, T, 1), minor=True)
-            ax.set_yticks(np.arange(-0.5, R, 1), minor=True)
-            ax.grid(which="minor", color="white", linewidth=0.6)
-            ax.tick_params(which="minor", length=0)
-    legend = [Patch(color="#1f4e9c", label="full (no mask code)"), Patch(color="#f29e38", label="partial (masked)"),
-              Patch(color="#e8e8e8", label="skipped"), Patch(color="#d62728", label="visited, nothing admissible")]
-    fig.legend(handles=legend, loc="lower center", ncol=2 if cols == 1 else 4, fontsize=9, frameon=False)
-    shown = " ".join(f"{a}={v}" for a, v in dims.items())
-    fig.suptitle(f"{k.program.name}: (query tile, key tile) map\n{shown}; {dt} tiles of "
-                 f"{'the interpreter' if device == 'cpu' else 'the GPU runtime'}"
-                 + (" (head 0)" if any(s.lead for s in k.schedules.values()) else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path} ({', '.join(f'{p[0]}/{p[1]}: {p[4].shape[0]}x{p[4].shape[1]}' for p in panels)} tiles; "
-          f"{sy.show(sum(int((p[4] > 0).sum()) for p in panels))} visited)")
-    return path
-
-
 # ---- moa aot -----------------------------------------------------------------------------------------------------
 
 def cmd_aot(args) -> int:
-    import moa
-    from moa.runtime.aot import fits
-    from moa.runtime.costing import aot
-    from moa.runtime.kernel import Config
-
     k = moa.compile(args.file, form=args.form, **_params(args))
     dims = _dims(args)
     cfg = None
@@ -431,8 +249,6 @@ def cmd_aot(args) -> int:
 def _print_form_aot(name, r, ok, why, args, first) -> None:
     """moa aot for an output in the linear form or the window-mixing kernel (runtime/form_configs.FormAotReport):
     the config, then registers, spills, shared memory and wgmma of every kernel it launches."""
-    from moa.runtime.form_configs import launch_label
-
     print(f"output {name}: {r.form} form, {r.config.text()}")
     print(f"  {'kernel (INIT,PREFIX,FINAL)' if r.form == 'linear' else 'kernel':34s} {'registers':>9s} "
           f"{'spills':>8s} {'shared':>10s}  wgmma")

@@ -1,43 +1,21 @@
-"""The `moa` command line: compile, check, explain (cost and aot are added by moa.costcli)."""
+"""The `moa` command line: compile, check, explain, cost and aot (the top layer: it uses the runtime's public API)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .errors import MoaError
+import moa
+from moa.errors import MoaError
+from moa.runtime.check import check
 
-
-def parse_assignments(text: str | None, what: str) -> dict:
-    """'n=100,d=16' -> {'n': 100, 'd': 16} (ints, else floats)."""
-    out: dict = {}
-    if not text:
-        return out
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        if "=" not in part:
-            raise MoaError(f"{what}: expected name=value, got {part!r}")
-        k, v = part.split("=", 1)
-        try:
-            out[k] = int(v)
-        except ValueError:
-            try:
-                out[k] = float(v)
-            except ValueError:
-                raise MoaError(f"{what}: {k} must be a number, got {v!r}") from None
-    return out
-
-
-def _params(args) -> dict:
-    params: dict = {}
-    for p in args.param or []:
-        params.update(parse_assignments(p, "--param"))
-    return params
+from . import cost as cost_commands
+from . import plots
+from .args import params as _params
+from .args import parse_assignments
 
 
 def cmd_compile(args) -> int:
-    import moa
-
     k = moa.compile(args.file, **_params(args))
     src = k.source(dtype=args.dtype)
     if args.output:
@@ -50,22 +28,14 @@ def cmd_compile(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    import moa
-
     k = moa.compile(args.file, **_params(args))
     print(k.explain())
     if getattr(args, "tiles", None):
-        from . import costcli
-
-        costcli.tiles_plot(k, args.tiles, parse_assignments(args.dims, "--dims"))
+        plots.tiles_plot(k, args.tiles, parse_assignments(args.dims, "--dims"))
     return 0
 
 
 def cmd_check(args) -> int:
-    import moa
-
-    from .runtime.check import check
-
     k = moa.compile(args.file, **_params(args))
     dims = parse_assignments(args.dims, "--dims")
     report = check(k, dims, seed=args.seed, batch=args.batch, run_kernel=not args.no_kernel)
@@ -101,12 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-kernel", action="store_true", help="only compare the IR reference and the DNF")
     p.set_defaults(fn=cmd_check)
 
-    try:
-        from . import costcli
-
-        costcli.add_commands(sub, common)
-    except ImportError:
-        pass
+    cost_commands.add_commands(sub, common)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
@@ -114,8 +79,6 @@ def main(argv=None) -> int:
         print(f"moa: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`moa ... | head`): stop quietly, like other CLI tools
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
