@@ -30,7 +30,7 @@ import sympy as sp
 from . import intervals as iv
 from . import onf
 from . import symbolic as sy
-from .cost_common import np_eval
+from .exprfold import np_eval
 from .devices import DTYPE_BYTES, canonical_dtype, get_device
 
 TIE = 0.01  # predictions within 1% of the best are a tie: the first legal kind (tiled, hops, residue) wins

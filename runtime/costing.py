@@ -1,4 +1,4 @@
-"""Kernel.cost, Kernel.measure and Kernel.aot: predictions (moa/cost.py; moa/cost_launch.py for the window-mixing
+"""Kernel.cost, Kernel.measure and Kernel.aot: predictions (codegen/counts.py; codegen/launches.py for the window-mixing
 kernel and, through runtime/linear_cost.py, the chunked linear form), the instrumented interpreter's counters
 (runtime/measure.py) and AOT resource reports (runtime/aot.py), plus the AOT-checked config choice.
 
@@ -15,7 +15,12 @@ import sympy as sp
 import torch
 
 from moa import cost as C
-from moa import cost_symbolic as CS
+from moa import tiles as TL
+from moa.codegen import counts as CN
+from moa.codegen import counts_symbolic as CS
+from moa.codegen import launches as CL
+from moa.codegen.constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V
+from moa.codegen.ledger import function_ledger, ledger
 from moa import ir
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
@@ -240,8 +245,8 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
             hbm += counts.dram_bytes
             launches += 3
         else:
-            counts = C.predict(kernel.program, scheds[name], specs[name], dims, batch, eb, needed=needed)
-            onchip = max(onchip, C.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute], acc,
+            counts = CN.predict(kernel.program, scheds[name], specs[name], dims, batch, eb, needed=needed)
+            onchip = max(onchip, CN.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute], acc,
                                                 configs[name].num_stages))
             hbm += _hbm_bytes(kernel, sched, counts, dims, nb, eb, dev)
             launches += 1
@@ -282,9 +287,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
 
 def _window_launch_of(kernel, name: str, dtname: str, nbatch: int):
     """The cost model's Launch of the window-mixing kernel of one output (codegen/window.py)."""
-    from moa import cost_launch as CL
     from moa.codegen.window import generate_window
-    from moa.ledger import function_ledger
 
     sched = kernel.schedules[name]
     spec = generate_window(kernel.cg_program, sched, dtname, nbatch)
@@ -295,8 +298,6 @@ def _window_launch_of(kernel, name: str, dtname: str, nbatch: int):
 def _window_counts(kernel, name, dims, batch, dtname, eb, needed) -> tuple[C.Counts, int]:
     """(Counts, on-chip estimate) of the window-mixing kernel: tiles_visited = (row tile, hop) iterations of its
     first hop loop; tiles_needed = those holding a row for which the hop is admissible."""
-    from moa import cost_launch as CL
-
     sched = kernel.schedules[name]
     launch = _window_launch_of(kernel, name, dtname, len(batch))
     cv = CL.window_consts(sched, dims)
@@ -305,9 +306,9 @@ def _window_counts(kernel, name, dims, batch, dtname, eb, needed) -> tuple[C.Cou
     if needed:
         n = sy.evaluate(sched.row[1], dims)
         lead = math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
-        counts.tiles_needed = C.window_hops_needed(sched, env, n, cv[C.BLOCK_M]) * lead * math.prod(batch)
+        counts.tiles_needed = TL.window_hops_needed(sched, env, n, cv[BLOCK_M]) * lead * math.prod(batch)
     acc = 8 if dtname == "float64" else 4
-    bm, hd, hv, wp = cv[C.BLOCK_M], cv[CL.HEAD_DIM], cv[C.HEAD_DIM_V], cv[CL.W_PAD]
+    bm, hd, hv, wp = cv[BLOCK_M], cv[CL.HEAD_DIM], cv[HEAD_DIM_V], cv[CL.W_PAD]
     return counts, acc * (bm * hd + 4 * bm * wp + wp * wp + bm * hv)
 
 
@@ -341,8 +342,6 @@ def _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims) -> tup
         sched = kernel.schedules[name]
         eb = _elem_bytes(kernel, sched, compute if dev is None else dtype, index_dtype)
         if kinds[name] == "window":
-            from moa import cost_launch as CL
-
             f = CL.total_formulas([_window_launch_of(kernel, name, compute, 0)], sched,
                                   {**eb, "out": eb[sched.output]}, nb)
             launches += 1
@@ -354,7 +353,7 @@ def _symbolic(kernel, dtype, dev, compute, config, nb, index_dtype, dims) -> tup
         else:
             f = CS.predict_symbolic(kernel.program, scheds[name], specs[name], eb, nb)
             if config is not None:
-                sub = {C.BLOCK_M: config.block_m, C.BLOCK_N: config.block_n}
+                sub = {BLOCK_M: config.block_m, BLOCK_N: config.block_n}
                 f = {k: v.xreplace(sub) for k, v in f.items()}
             launches += 1
         for k, v in f.items():
@@ -451,7 +450,7 @@ def witness_lines(kernel, name: str, kind: str, dtname: str, nbatch: int, dims: 
         cfg = launch_config(kernel, name, torch.device("cpu"), dtname, dims)
         sched = run_schedule(kernel, name, dims, call_dtype)
         spec = _specs(kernel, dtname, nbatch, {name: cfg}, scheds={name: sched})[name]
-        led = C.ledger(kernel.program, spec)
+        led = ledger(kernel.program, spec)
         launches = [(spec.source, "_attn_fwd", led, r) for r in led.regions
                     if isinstance(r, tuple) and r[0] in ("visit", "hop")]
         return {f"{name}:{r}": _witness_line(src, fn, lg, r) for src, fn, lg, r in launches}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moa import cost as C
+from moa import tiles as TL
 from moa import symbolic as sy
 
 
@@ -20,7 +20,7 @@ def tile_map(k, name: str, branch: int, dims: dict, config):
     for v, _ in sched.lead:
         env[v] = 0                               # the map of the first head
     grid = np.zeros((R, T), dtype=np.int8)
-    tiles = C.branch_tiles(b, env, n, m, bm, bn)
+    tiles = TL.branch_tiles(b, env, n, m, bm, bn)
     sel = tiles.visited
     grid[tiles.rows[sel], tiles.starts[sel] // bn] = np.where(tiles.partial[sel], 2, 1)
     if b.mask is not None and R * T and n * m <= 1 << 26:
@@ -33,7 +33,7 @@ def _needed_grid(b, row_var, env, n, m, bm, bn):
     R, T = -(-n // bm), -(-m // bn)
     i = np.arange(n)[:, None]
     j = np.arange(m)[None, :]
-    res = C._mask3(b.mask, {**env, row_var: i, b.var: j})
+    res = TL.mask3(b.mask, {**env, row_var: i, b.var: j})
     poss = np.broadcast_to(res[1] if res[0] == "b" else True, (n, m))
     full = np.zeros((R * bm, T * bn), dtype=bool)
     full[:n, :m] = poss

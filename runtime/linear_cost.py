@@ -1,5 +1,5 @@
 """The cost of the chunked linear form (codegen/chunked.py, run by runtime/linear_run.py): its three launches
-described for the cost model (moa/cost_launch.py), counted exactly like the tiled kernel.
+described for the cost model (codegen/launches.py), counted exactly like the tiled kernel.
 
   _chunk_state  programs (chunk t, feature tile ft): per program the chunk's rows x BLOCK_F features
   _chunk_scan   programs (feature tile ft), a loop over the chunks t: the exclusive prefix of the states
@@ -18,6 +18,10 @@ import sympy as sp
 import torch
 
 from moa import symbolic as sy
+from moa.codegen import launches as CL
+from moa.codegen.chunked import CHUNK, CHUNK_IDX, NFEAT, generate_chunked
+from moa.codegen.constexprs import HEAD_DIM_V, csym
+from moa.codegen.ledger import function_ledger
 from moa.errors import UnsupportedError
 
 FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
@@ -31,12 +35,7 @@ def runs_linear(kernel, name, dims, device, dtype) -> bool:
 
 
 def linear_launches(kernel, name: str, dtname: str, nbatch: int, device: str = "cpu") -> list:
-    """The three launches of one output's chunked form (moa.cost_launch.Launch), in launch order."""
-    from moa import cost_launch as CL
-    from moa.codegen.chunked import CHUNK, CHUNK_IDX, NFEAT, generate_chunked
-    from moa.cost_common import HEAD_DIM_V, csym
-    from moa.ledger import function_ledger
-
+    """The three launches of one output's chunked form (codegen.launches.Launch), in launch order."""
     lp = kernel.linear_plans[name][0]
     if lp is None:
         raise UnsupportedError(f"output {name} has no linear form: {kernel.linear_plans[name][1]}")
@@ -78,9 +77,6 @@ def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, devi
                   tiles: tuple | None = None):
     """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims; `tiles` (CHUNK,
     BLOCK_F) overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses)."""
-    from moa import cost_launch as CL
-    from moa.codegen.chunked import CHUNK, NFEAT
-    from moa.cost_common import HEAD_DIM_V, csym
 
     lp = kernel.linear_plans[name][0]
     sched = lp.schedule
@@ -108,9 +104,6 @@ def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, devi
 def linear_formulas(kernel, name: str, dtname: str, eb: dict, nbatch=1) -> dict:
     """The counters of the chunked form as formulas in the dims and CHUNK, BLOCK_F, HEAD_DIM, HEAD_DIM_V
     (D = binomial(d + p - 1, p) features)."""
-    from moa import cost_launch as CL
-    from moa.codegen.chunked import NFEAT
-
     lp = kernel.linear_plans[name][0]
     f = CL.total_formulas(linear_launches(kernel, name, dtname, 0), lp.schedule,
                           _elem_bytes(eb, lp.schedule.output, dtname), nbatch)

@@ -11,8 +11,12 @@ import sympy as sp
 
 import moa
 from moa import cost as C
-from moa import cost_symbolic as CS
-from moa import ledger as L
+from moa import tiles as TL
+from moa.codegen import constexprs as K
+from moa.codegen import counts as CN
+from moa.exprfold import np_eval
+from moa.codegen import counts_symbolic as CS
+from moa.codegen import ledger as L
 from moa.cli import main
 from moa.devices import DEVICES, canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
@@ -21,7 +25,7 @@ from moa.runtime.kernel import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
-BM, BN, HD, HV = C.BLOCK_M, C.BLOCK_N, C.csym("HEAD_DIM"), C.HEAD_DIM_V
+BM, BN, HD, HV = K.BLOCK_M, K.BLOCK_N, K.csym("HEAD_DIM"), K.HEAD_DIM_V
 
 
 def compile_(name, **params):
@@ -54,10 +58,10 @@ def test_report_fields_are_the_design_contract():
 def test_np_eval_uses_floor_semantics_like_the_kernel_helpers():
     x = sp.Symbol("x", integer=True)
     v = np.array([-7, -1, 0, 5])
-    assert list(C.np_eval(sp.floor(x / 3), {x: v})) == [-3, -1, 0, 1]
-    assert list(C.np_eval(sp.Mod(x, 3), {x: v})) == [2, 2, 0, 2]
-    assert list(C.np_eval(sp.Min(x, 0) + sp.Max(x, 1), {x: v})) == [-6, 0, 1, 5]
-    assert list(C.np_eval(sp.And(x >= 0, sp.Not(x > 4)), {x: v})) == [False, False, True, False]
+    assert list(np_eval(sp.floor(x / 3), {x: v})) == [-3, -1, 0, 1]
+    assert list(np_eval(sp.Mod(x, 3), {x: v})) == [2, 2, 0, 2]
+    assert list(np_eval(sp.Min(x, 0) + sp.Max(x, 1), {x: v})) == [-6, 0, 1, 5]
+    assert list(np_eval(sp.And(x >= 0, sp.Not(x > 4)), {x: v})) == [False, False, True, False]
 
 
 # ---- the ledger of the emitted kernel ---------------------------------------------------------------------------
@@ -87,7 +91,7 @@ def test_access_sites_record_masks():
     assert {a for _, a in site.axes} == {"row", "key"}
     assert len(site.conds) == 2      # i - j + n - 1 >= 0 and < 2n - 1: padding lanes are masked
     i, j = (v for v, _ in site.axes)
-    lanes = C.site_lanes(site, {sp.Symbol("n", positive=True, integer=True): 3,
+    lanes = CN.site_lanes(site, {sp.Symbol("n", positive=True, integer=True): 3,
                                 next(v for v, _ in k.schedules["O"].lead): 0},
                          {"row": 4, "key": 4}, {"row": np.array([0]), "key": np.array([0])}, 1)
     # rows i < 4, keys j < 4 (padded past n = 3): i - j + 2 in [0, 5)
@@ -138,7 +142,7 @@ def test_formulas_evaluate_to_the_numeric_prediction(name, params):
     ("pi_attention", {"k": 20, "s": 40}, "quadratic", "hops"), ("dilated_window", {"w": 40, "r": 3}, None, "hops")])
 def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, params, form, schedule):
     """The window-mixing kernel, the chunked linear form (three launches) and hop loops have formulas too."""
-    from moa.cost_launch import window_consts
+    from moa.codegen.launches import window_consts
     from moa.runtime.linear_cost import _chunk_config
 
     k = moa.compile(EX / f"{name}.moa", form=form, schedule=schedule, **params)
@@ -265,7 +269,7 @@ def test_tiles_needed_counts_admissible_pairs_and_data_masks():
     k = compile_("causal")
     b = k.schedules["O"].branches[0]
     i = k.schedules["O"].row[0]
-    assert C.tiles_needed(b, i, {}, 100, 100, 32, 32) == 4 + 3 + 2 + 1
+    assert TL.tiles_needed(b, i, {}, 100, 100, 32, 32) == 4 + 3 + 2 + 1
     doc = compile_("document_mask")
     c = cost(doc, dtype="float64", device="cpu", n=130, d=16, e=16)
     assert c.tiles_needed == c.tiles_visited == 6    # doc[i] == doc[j] counts as possibly true: j <= i decides

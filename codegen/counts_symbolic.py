@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sympy as sp
 
-from . import intervals as iv
-from .errors import UnsupportedError
-from .onf import Schedule
+from moa import intervals as iv
+from moa.errors import UnsupportedError
+from moa.onf import Schedule
 
-from .cost import _components
-from .cost_common import BLOCK_M, BLOCK_N, HEAD_DIM_V, KEY_TILE, ROW_TILE, csym
+from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, KEY_TILE, ROW_TILE, csym
 
+from .counts import components
 from .ledger import ledger
 
 HOP = sp.Symbol("h", integer=True)   # the hop of a hop loop (codegen/hops.py)
@@ -60,7 +60,7 @@ def lanes_formula(site, bases: dict, lengths: dict):
         if c is not sp.true:
             conds.append(c)
     axes = {v: a for v, a in axes.items() if v not in scal}
-    comps, scalar = _components(conds, list(axes))
+    comps, scalar = components(conds, list(axes))
     f = sp.Integer(1)
     for c in scalar:
         f *= Iverson(c)

@@ -1,7 +1,7 @@
 """Counters of a kernel launch described by its grid and loops: the window-mixing kernel (codegen/window.py) and
 the three kernels of the chunked linear form (codegen/chunked.py).
 
-A `Launch` names one generated function, its ledger (moa/ledger.py: work per region, access sites), the program
+A `Launch` names one generated function, its ledger (codegen/ledger.py: work per region, access sites), the program
 ids it ranges over, the range of every loop region, and the tile axes of its access sites: axis -> (length, base),
 the lanes [base, base + length) one execution touches along that axis (a loop or program index is an axis of
 length 1). From that, the same counting as for the tiled kernel (moa/cost.py): work = executions x work per
@@ -10,15 +10,21 @@ execution; bytes = lanes of every access (mask true) x element size. `launch_cou
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
 
-from .cost import Counts, site_lanes
-from .cost_common import BLOCK_M, HEAD_DIM_V, csym, np_eval
-from .errors import UnsupportedError
+from moa import symbolic as sy
+from moa.cost import Counts
+from moa.errors import UnsupportedError
+from moa.exprfold import np_eval
+
+from .constexprs import BLOCK_M, HEAD_DIM_V, csym
+from .counts import site_lanes
+from .counts_symbolic import lanes_formula
 from .ledger import Ledger
 
 
@@ -94,7 +100,6 @@ def launch_counts(launch: Launch, env: dict, cvals: dict, elem_bytes: dict, weig
 def launch_formulas(launch: Launch, elem_bytes: dict, weight=1) -> dict:
     """The counters of `launch_counts` as sympy formulas in the dims and constexprs (Sum over program ids and
     loop variables where an access's lanes depend on them)."""
-    from .cost_symbolic import lanes_formula
 
     def over(region, expr):
         if region != "program":
@@ -130,8 +135,6 @@ def total_counts(launches, sched, dims_env: dict, cvals: dict, elem_bytes: dict,
     """Counters of a sequence of launches of one output (dims_env: dim symbol -> int), summed over batch x leading
     instances (each leading index evaluated when a bound or an access mask uses it, else one instance
     multiplied)."""
-    from . import symbolic as sy
-
     lead = [(v, int(sy.evaluate(x, dims_env))) for v, x in sched.lead]
     leadvars = {v for v, _ in lead}
     used = set()
@@ -146,8 +149,6 @@ def total_counts(launches, sched, dims_env: dict, cvals: dict, elem_bytes: dict,
     per_lead = bool(used & leadvars)
     out = Counts()
     if per_lead:
-        import itertools
-
         for combo in itertools.product(*(range(x) for _, x in lead)):
             env = {**dims_env, **{v: val for (v, _), val in zip(lead, combo)}}
             for x in launches:
@@ -191,8 +192,6 @@ def window_launch(sched, led: Ledger, source: str = "") -> Launch:
 
 def window_consts(sched, dims: dict) -> dict:
     """The constexprs runtime/window_run.py launches with."""
-    from . import symbolic as sy
-
     def pad(x):
         return max(16, 1 << max(0, int(x) - 1).bit_length())
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from . import ir
-from . import symbolic as sy
-from .errors import UnsupportedError
+from moa import ir
+from moa import symbolic as sy
+from moa.errors import UnsupportedError
 
-from .cost_common import csym
+from .constexprs import csym
 
 
 # ---- the ledger: abstract interpretation of the emitted kernel ---------------------------------------------

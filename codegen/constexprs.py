@@ -1,12 +1,8 @@
-"""Shared pieces of the cost model: the generated kernels' constexprs as sympy symbols, and sympy -> numpy
-evaluation with the kernels' integer semantics (moa/exprfold.py)."""
+"""The generated kernels' constexprs (BLOCK_M, BLOCK_N, HEAD_DIM*, HEAD_DIM_V ...) as sympy symbols, for the
+counters of the emitted code, and the tile indices r, t of their symbolic sums."""
 from __future__ import annotations
 
 import sympy as sp
-
-from .exprfold import np_eval
-
-__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIM_V", "KEY_TILE", "ROW_TILE", "csym", "np_eval"]
 
 
 def csym(name: str) -> sp.Symbol:
