@@ -11,9 +11,9 @@ from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES
 from moa.errors import InputError, MoaError
 from moa.runtime.aot import fits
-from moa.runtime.costing import aot, cost_breakdown
+from moa.runtime.costing import cost_breakdown
 from moa.runtime.form_configs import launch_label
-from moa.runtime.kernel import Config
+from moa.runtime.tiling import Config
 
 from .args import dims as _dims
 from .args import params as _params
@@ -123,9 +123,9 @@ def cmd_cost(args) -> int:
     line = dense_causal_line(k, rep, dims, args.dtype, args.device)
     if line:
         print(line)
-    if len(dims) == len(k.program.dims) and hasattr(k, "choose_form") and args.device != "cpu":
+    if len(dims) == len(k.program.dims) and args.device != "cpu":
         for name in k.output_names:
-            if k.choose_form(name, dims, args.device, args.dtype) == "linear":
+            if k.planner.choose_form(name, dims, args.device, args.dtype) == "linear":
                 print(f"note: at these dims the runtime runs output {name} in the linear (chunked) form, which is "
                       f"predicted faster (moa explain); this table is the quadratic (tiled) kernel")
     if fit:
@@ -226,7 +226,7 @@ def cmd_aot(args) -> int:
     print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {args.dtype} -> "
           f"{args.target} (compiled without a GPU: Triton -> PTX -> ptxas)")
     for i, name in enumerate(k.output_names):
-        r = aot(k, target=args.target, dtype=args.dtype, config=cfg, output=name, **dims)
+        r = k.aot(target=args.target, dtype=args.dtype, config=cfg, output=name, **dims)
         ok, why = fits(r, args.target)
         if hasattr(r, "kernels"):   # the linear form's or the window kernel's: a report per kernel
             _print_form_aot(name, r, ok, why, args, i == 0)

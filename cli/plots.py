@@ -11,7 +11,7 @@ import torch
 from moa import symbolic as sy
 from moa.devices import canonical_dtype
 from moa.errors import InputError, MoaError
-from moa.runtime.costing import cost_breakdown, launch_config
+from moa.runtime.costing import cost_breakdown
 from moa.runtime.explain import tile_map
 
 
@@ -89,7 +89,7 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     panels = []
     for name in k.output_names:
         sched = k.schedules[name]
-        cfg = launch_config(k, name, torch.device("cpu" if device == "cpu" else "cuda"), dt, dims)
+        cfg = k.planner.launch_config(name, torch.device("cpu" if device == "cpu" else "cuda"), dt, dims)
         for bi, b in enumerate(sched.branches):
             panels.append((name, bi, b, cfg, tile_map(k, name, bi, dims, cfg)))
     if not panels:

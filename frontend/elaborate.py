@@ -121,8 +121,8 @@ class Elaborator:
             name = self.new_name(tok, "param")
             if name in self.overrides:
                 v = self.overrides[name]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise InputError(f"param {name} must be a finite number, got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v == -math.inf:
+                    raise InputError(f"param {name} must be a number or inf (unbounded), got {v!r}")
             else:
                 node = self.expr(expr)
                 if node.op == "sym":
@@ -131,9 +131,9 @@ class Elaborator:
                 if node.op != "const" or node.dtype == ir.BOOL:
                     raise ParseError(f"param {name}'s default must be a number", self.loc(expr))
                 v = node.attrs[0]
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ParseError(f"param {name}'s default must be finite", self.loc(expr))
-            self.s.params[name] = v
+                if isinstance(v, float) and (math.isnan(v) or v == -math.inf):
+                    raise ParseError(f"param {name}'s default must be a number or inf (unbounded)", self.loc(expr))
+            self.s.params[name] = v   # inf: unbounded, compared only (i <= inf folds to true in the DNF)
 
     def st_in_stmt(self, st):
         for item in st.children:

@@ -5,15 +5,15 @@
     out = k(Q=q, K=kk, V=v)
 """
 from .errors import InputError, MoaError, ParseError, ShapeError, UnsupportedError
+from .version import __version__
 
-__version__ = "0.1.0"
 
+def compile(source_or_path, form=None, schedule=None, **params):
+    """Compile a .moa program (text or a path) into a Kernel (moa.runtime.kernel); params override the program's
+    param defaults, form= / schedule= force what the cost model otherwise picks per call."""
+    from moa.runtime.kernel import compile as _compile   # the facade: the algebra imports without torch/triton
 
-def compile(source_or_path, form=None, **params):
-    """Compile a .moa program (text or a path) into a Kernel; params override the program's param defaults."""
-    from moa.runtime.kernel import compile as _compile
-
-    return _compile(source_or_path, form=form, **params)
+    return _compile(source_or_path, form=form, schedule=schedule, **params)
 
 
 __all__ = ["InputError", "MoaError", "ParseError", "ShapeError", "UnsupportedError", "__version__", "compile"]

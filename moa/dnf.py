@@ -8,6 +8,7 @@ identity), and softmax / normalize followed by a contraction become single monoi
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -484,12 +485,52 @@ def _fold_mul_one(e):
     return None
 
 
+_SIDE = {"lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
+         "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
+
+
+def _fold_infinite_compare(e):
+    # i <= inf => true ; i >= inf => false ; -inf < i => true ...   (i an integer: always finite)
+    if isinstance(e, Op) and e.fn in _SIDE:
+        a, b = e.args
+        inf_a = isinstance(a, Const) and isinstance(a.value, float) and math.isinf(a.value)
+        inf_b = isinstance(b, Const) and isinstance(b.value, float) and math.isinf(b.value)
+        if inf_b and a.dtype == ir.INT:
+            return Const(bool(_SIDE[e.fn](0, b.value)), ir.BOOL)
+        if inf_a and b.dtype == ir.INT:
+            return Const(bool(_SIDE[e.fn](a.value, 0)), ir.BOOL)
+    return None
+
+
+def _fold_boolean_constant(e):
+    # c and true => c ; c and false => false ; c or true => true ; c or false => c ; not true => false ;
+    # where(true, a, b) => a ; where(false, a, b) => b
+    if not isinstance(e, Op):
+        return None
+    consts = [isinstance(x, Const) and isinstance(x.value, bool) for x in e.args]
+    if e.fn in ("and", "or") and any(consts):
+        k = consts.index(True)
+        v, other = e.args[k].value, e.args[1 - k]
+        if e.fn == "and":
+            return other if v else Const(False, ir.BOOL)
+        return Const(True, ir.BOOL) if v else other
+    if e.fn == "not" and consts[0]:
+        return Const(not e.args[0].value, ir.BOOL)
+    if e.fn == "where" and consts[0]:
+        return e.args[1] if e.args[0].value else e.args[2]
+    return None
+
+
 FUSION_RULES = (
     Rule("fuse-softmax-contraction", "+red_l softmax_r(s)|l * v => fin((+)_l (s, 1, v))",
          _fuse_softmax_contraction),
     Rule("fuse-normalize-contraction", "+red_l normalize_r(a)|l * v => +red_l a v / +red_l a",
          _fuse_normalize_contraction),
     Rule("fold-mul-one", "x * 1 => x", _fold_mul_one),
+    Rule("fold-infinite-compare", "i <= inf => true ; i >= inf => false   (i an integer index value)",
+         _fold_infinite_compare),
+    Rule("fold-boolean-constant", "c and true => c ; c or false => c ; where(true, a, b) => a ...",
+         _fold_boolean_constant),
 )
 def _is_zero(e):
     return isinstance(e, Const) and e.value == 0 or isinstance(e, Index) and e.expr == 0

@@ -21,7 +21,12 @@ import types
 import warnings
 from pathlib import Path
 
-from .device import interpret_module
+import torch
+import triton
+
+from moa.version import __version__
+
+from .device import check_device, interpret_module
 
 _LOADED: dict = {}
 
@@ -126,3 +131,10 @@ def load_module(key: str, source: str, interpret: bool = False):
         interpret_module(mod)
     _LOADED[key, interpret] = mod
     return mod
+
+
+def module_for(source: str, device: torch.device):
+    """The module of a generated source for tensors on `device`: interpreted for CPU, JIT-compiled for CUDA."""
+    check_device(device)
+    key = key_of(source, __version__, triton.__version__, torch.__version__)
+    return load_module(key, source, interpret=device.type == "cpu")

@@ -17,11 +17,11 @@ import types
 
 import numpy as np
 import torch
-import triton
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from moa.errors import InputError
+from moa.devices import get_device
+from moa.errors import InputError, MoaError, UnsupportedError
 
 _LOCK = threading.RLock()
 _DEPTH = [0]
@@ -113,10 +113,30 @@ def interpreter():
                 _take_back()
 
 
-def quiet():
-    """numpy's floating-point warnings silenced (for host-side code around launches)."""
-    return np.errstate(all="ignore")
+def run(fn, grid, args, consts: dict, device: torch.device, what: str) -> None:
+    """fn[grid](*args, **consts) on `device` (in the interpreter scope for CPU tensors); a Triton failure is a bug
+    of ours, reported as an UnsupportedError that names the kernel and keeps the cause."""
+    try:
+        if device.type == "cpu":
+            with interpreter():
+                fn[grid](*args, **consts)
+        else:
+            fn[grid](*args, **consts)
+    except MoaError:
+        raise
+    except Exception as ex:
+        raise UnsupportedError(f"{what} failed to run ({type(ex).__name__}: "
+                               f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex
 
 
-def triton_version() -> str:
-    return triton.__version__
+def device_table_name(device: torch.device) -> str:
+    """The device-table entry (moa/devices.py) for a CUDA device; h100 when it is not in the table or cannot be
+    named, and for CPU tensors (the schedule choice is a GPU prediction either way)."""
+    if device.type == "cuda":
+        try:
+            name = torch.cuda.get_device_name(device)
+            get_device(name)
+            return name
+        except (InputError, RuntimeError, AssertionError):   # unknown device; a torch build without CUDA
+            pass
+    return "h100"

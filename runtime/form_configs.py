@@ -10,51 +10,34 @@ tried. A config of the linear form is checked with every flag combination a laun
 single-process call and the ring's), so one config serves both."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
 import warnings
 
-import torch
 
 from moa import symbolic as sy
 from moa.devices import canonical_dtype
 from moa.errors import InputError, UnsupportedError
 
+from moa.codegen.chunked import generate_chunked
+from moa.codegen.window import generate_window
+
 from . import aot as A
-from . import configs as C
+from . import cache
+from .aot_batch import (aot_groups, cuda_target, disk_path, divisible_args, kernel_signature, req_key, save_choice,
+                        short_reason)
 from .device import next_pow2
+from .tiling import (LinearConfig, WindowConfig, linear_candidates, linear_default, rows_of, window_candidates,
+                     window_default)
 
 __all__ = ["LINEAR_LAUNCHES", "FormAotReport", "FormPlan", "LinearConfig", "WindowConfig", "aot_form",
            "choose_bundle", "fit_linear", "fit_window", "linear_candidates", "linear_plan", "linear_runtime_config",
            "window_candidates", "window_plan", "window_runtime_config"]
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearConfig:
-    """Launch config of the chunked linear form: rows per chunk, feature tile, warps and stages of all three
-    kernels."""
-    chunk: int
-    block_f: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def text(self) -> str:
-        return f"CHUNK={self.chunk} BLOCK_F={self.block_f} warps={self.num_warps} stages={self.num_stages}"
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowConfig:
-    """Launch config of the window-mixing kernel: query rows per program, warps and stages."""
-    block_m: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def text(self) -> str:
-        return f"BLOCK_M={self.block_m} warps={self.num_warps} stages={self.num_stages}"
-
-
-# (kernel, INIT, PREFIX, FINAL) of every launch of the linear form: a single-process call (states, scan, output
+# (planner, INIT, PREFIX, FINAL) of every launch of the linear form: a single-process call (states, scan, output
 # with 0, 1, 0), then the ring's other ones (runtime/ring_linear.py): the scan giving the rank's total (FINAL, with
 # or without the prefix), the scan from the carried state (INIT) and the output after it (INIT)
 LINEAR_LAUNCHES = (("_chunk_state", 0, 1, 0), ("_chunk_scan", 0, 1, 0), ("_chunk_out", 0, 1, 0),
@@ -66,8 +49,6 @@ _SINGLE = {"INIT": 0, "PREFIX": 1, "FINAL": 0}
 
 def _names_in(source: str, fn: str) -> set:
     """The names kernel `fn` of `source` reads in its body."""
-    import ast
-
     node = next(f for f in ast.parse(source).body if isinstance(f, ast.FunctionDef) and f.name == fn)
     return {x.id for stmt in node.body for x in ast.walk(stmt) if isinstance(x, ast.Name)}
 
@@ -168,46 +149,6 @@ class FormAotReport:
         return "\n".join([head] + ["  " + r for r in self.rows()])
 
 
-# ---- candidates ----------------------------------------------------------------------------------------------
-
-def _rows(n: int) -> int:
-    return min(64, max(16, next_pow2(n)))
-
-
-def linear_default(n: int) -> LinearConfig:
-    """The config the CUDA runtime launched before any AOT check: CHUNK = min(64, next_pow2(n)), BLOCK_F = 64, 4
-    warps (runtime/linear_run.py chunk_config), Triton's default 3 stages."""
-    return LinearConfig(_rows(n), 64, 4, 3)
-
-
-def linear_candidates(n: int) -> list:
-    """LinearConfigs tried in order: the default, then 8 warps, then smaller feature tiles and chunks (CHUNK no
-    larger than the default's: no chunk longer than the padded sequence). 64-row chunks come first: _chunk_out's
-    [CHUNK, BLOCK_F] x [BLOCK_F, HEAD_DIM_V] dot uses wgmma only with 64 rows per warpgroup."""
-    cap = _rows(n)
-    out = [linear_default(n)]
-    for c, f, w in ((64, 64, 8), (64, 32, 8), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)):
-        cfg = LinearConfig(min(c, cap), f, w, 3)
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
-def window_default(n: int) -> WindowConfig:
-    """The window kernel's config before any AOT check: BLOCK_M = min(64, next_pow2(n)), 4 warps, 3 stages."""
-    return WindowConfig(_rows(n), 4, 3)
-
-
-def window_candidates(n: int) -> list:
-    cap = _rows(n)
-    out = [window_default(n)]
-    for m, w in ((64, 8), (32, 4), (16, 4)):
-        cfg = WindowConfig(min(m, cap), w, 3)
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
 # ---- requests ------------------------------------------------------------------------------------------------
 
 def _acc_ptr(dtype: str) -> str:
@@ -215,8 +156,6 @@ def _acc_ptr(dtype: str) -> str:
 
 
 def _store(source: str) -> str:
-    from . import cache
-
     return str(cache.store(cache.key_of(source, "aot"), source))
 
 
@@ -230,8 +169,6 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
                     nbatch: int = 0, index_dtype: str = "int64") -> list:
     """AOT requests (a bundle) of every launch of the linear form with `cfg`, in _COMPILE_ORDER: the kernels
     generated as runtime/linear_run.py generates them, with its constexprs."""
-    from moa.codegen.chunked import generate_chunked
-
     dtype = canonical_dtype(dtype)
     spec = generate_chunked(program, lp, dtype, nbatch)
     path = _store(spec.source)
@@ -246,8 +183,8 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
         # a flag the kernel does not read is given its single-process value: the same kernel, compiled once
         used = _names_in(spec.source, fn)
         cx = {**base, **{f: v if f in used else _SINGLE[f] for f, v in zip(_FLAGS, flags)}}
-        sig = C.kernel_signature(program, spec.source, fn, dtype, index_dtype, cx, special)
-        div = C.divisible_args(None, program, sig, dims, (lp.schedule.row[1], lp.schedule.col[1]))
+        sig = kernel_signature(program, spec.source, fn, dtype, index_dtype, cx, special)
+        div = divisible_args(None, program, sig, dims, (lp.schedule.row[1], lp.schedule.col[1]))
         out.append({"file": path, "kernel": fn, "signature": sig, "constexprs": cx, "target": target,
                     "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": None, "block_n": None,
                     "divisible": div})
@@ -265,15 +202,13 @@ def window_requests(program, sched, dtype: str, dims: dict, cfg: WindowConfig, t
                     nbatch: int = 0, index_dtype: str = "int64") -> list:
     """The AOT request of the window-mixing kernel with `cfg` (a one-kernel bundle), generated and specialised
     as runtime/window_run.py launches it."""
-    from moa.codegen.window import generate_window
-
     dtype = canonical_dtype(dtype)
     spec = generate_window(program, sched, dtype, nbatch)
     _, d, e, w = window_extents(sched, dims)
     cx = {"BLOCK_M": cfg.block_m, "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": max(16, next_pow2(e)),
           "W_PAD": max(16, next_pow2(w))}
-    sig = C.kernel_signature(program, spec.source, "_attn_window", dtype, index_dtype, cx)
-    div = C.divisible_args(None, program, sig, dims, (sched.row[1], sched.col[1]))
+    sig = kernel_signature(program, spec.source, "_attn_window", dtype, index_dtype, cx)
+    div = divisible_args(None, program, sig, dims, (sched.row[1], sched.col[1]))
     return [{"file": _store(spec.source), "kernel": "_attn_window", "signature": sig, "constexprs": cx,
              "target": target, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
              "block_n": None, "divisible": div}]
@@ -288,7 +223,7 @@ def choose_bundle(form: str, cands: list, results: list, target: str, what: str)
     for k, (cfg, res) in enumerate(zip(cands, results)):
         errors = [x for x in res if isinstance(x, tuple)]
         if errors:
-            reasons.append(f"{cfg.text()}: {C._short(errors[0][1])}")
+            reasons.append(f"{cfg.text()}: {short_reason(errors[0][1])}")
             continue
         bad = [f"{launch_label(x)}: {why}" for x in res for ok, why in [A.fits(x, target)] if not ok]
         if not bad and len(res) == len(_launches(form)):
@@ -325,7 +260,7 @@ class FormPlan:
 
     @property
     def key(self) -> str:
-        keys = "".join(C._req_key(r) for b in self.bundles for r in b)
+        keys = "".join(req_key(r) for b in self.bundles for r in b)
         return hashlib.sha256(f"form:{self.form}:{keys}".encode()).hexdigest()[:32]
 
 
@@ -349,14 +284,14 @@ def window_plan(program, sched, dtype: str, dims: dict, target: str = "sm_90", n
 def _fit(plan: FormPlan) -> tuple:
     """(config, FormAotReport or None): the first candidate whose bundle fits; the choice cached on disk (the
     report is None when it came from there) and the compiles in memory (configs.aot_groups)."""
-    path = C._disk_path(plan.key)
+    path = disk_path(plan.key)
     try:
         return plan.cands[json.loads(path.read_text())["choice"]], None
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass
-    results = C.aot_groups([plan.bundles], first_fit=True)[0]
+    results = aot_groups([plan.bundles], first_fit=True)[0]
     cfg, rep = plan.choose(results)
-    C._save_choice(path, plan.cands.index(cfg))
+    save_choice(path, plan.cands.index(cfg))
     return cfg, rep
 
 
@@ -397,66 +332,49 @@ def _runtime(form: str, fit, default, key) -> LinearConfig | WindowConfig:
     return cfg
 
 
-def cuda_target(device) -> str:
-    """The AOT target of a CUDA device (its sm_XX when known, else sm_90 / sm_80 by major version)."""
-    cap = torch.cuda.get_device_capability(device)
-    target = f"sm_{cap[0]}{cap[1]}"
-    if target not in A.TARGETS:
-        target = "sm_90" if cap[0] >= 9 else "sm_80"
-    return target
-
-
 def linear_runtime_config(program, lp, dtype: str, dims: dict, nbatch: int, device,
                           source: str | None = None) -> LinearConfig:
     """The LinearConfig runtime/linear_run.py launches on a CUDA device: fit_linear for the device's
     architecture, memoised per process by kernel source (`source`: the runner's, else generated) and constexprs
     (the ring builds a runner per call). If the AOT check itself cannot run, the default config is used with a
     warning."""
-    from moa.codegen.chunked import generate_chunked
-
-    from . import cache
-
     target = cuda_target(device)
     n, d, e = linear_extents(lp, dims)
     src = cache.key_of(source or generate_chunked(program, lp, canonical_dtype(dtype), nbatch).source)
-    key = ("linear", target, src, _rows(n), max(16, next_pow2(d)), max(16, next_pow2(e)))
+    key = ("linear", target, src, rows_of(n), max(16, next_pow2(d)), max(16, next_pow2(e)))
     return _runtime("linear", lambda: fit_linear(program, lp, dtype, dims, target, nbatch), linear_default(n), key)
 
 
 def window_runtime_config(program, sched, dtype: str, dims: dict, nbatch: int, device,
                           source: str | None = None) -> WindowConfig:
     """The WindowConfig runtime/window_run.py launches on a CUDA device (see linear_runtime_config)."""
-    from moa.codegen.window import generate_window
-
-    from . import cache
-
     target = cuda_target(device)
     n, d, e, w = window_extents(sched, dims)
     src = cache.key_of(source or generate_window(program, sched, canonical_dtype(dtype), nbatch).source)
-    key = ("window", target, src, _rows(n), max(16, next_pow2(d)), max(16, next_pow2(e)), max(16, next_pow2(w)))
+    key = ("window", target, src, rows_of(n), max(16, next_pow2(d)), max(16, next_pow2(e)), max(16, next_pow2(w)))
     return _runtime("window", lambda: fit_window(program, sched, dtype, dims, target, nbatch), window_default(n),
                     key)
 
 
 # ---- Kernel.aot for these forms -------------------------------------------------------------------------------
 
-def form_of(kernel, name: str, dims: dict) -> str:
+def form_of(planner, name: str, dims: dict) -> str:
     """The kernel family a call of output `name` runs at dims: "window", "linear" (Kernel.choose_form, as
     Kernel.__call__ asks it) or "tiled"."""
-    if kernel._is_window(name):
+    if planner.is_window(name):
         return "window"
-    return "linear" if kernel.choose_form(name, dims) == "linear" else "tiled"
+    return "linear" if planner.choose_form(name, dims) == "linear" else "tiled"
 
 
-def window_dims(kernel, name: str, dims: dict) -> dict:
+def window_dims(planner, name: str, dims: dict) -> dict:
     """Dims for the window kernel's AOT: its key width and value columns are required, rows default to 4096."""
-    sched = kernel.schedules[name]
+    sched = planner.schedules[name]
     br = sched.branches[0]
     need = set()
     for x in (sched.col[1], br.mix.kext, br.mix.extent, br.extent):
         need |= sy.free_names(x)
     out = dict(dims)
-    for dm in kernel.program.dims:
+    for dm in planner.program.dims:
         if dm.name not in need:
             out.setdefault(dm.name, 4096)
     missing = sorted(need - set(out))
@@ -466,14 +384,14 @@ def window_dims(kernel, name: str, dims: dict) -> dict:
     return out
 
 
-def aot_form(kernel, name: str, form: str, target: str, dtype: str, config, nbatch: int, index_dtype: str,
+def aot_form(planner, name: str, form: str, target: str, dtype: str, config, nbatch: int, index_dtype: str,
              dims: dict) -> FormAotReport:
     """FormAotReport of output `name` in `form` ("linear" or "window"): the fitted config, or `config` (a
     LinearConfig / WindowConfig, or a tiled Config read as CHUNK = BLOCK_M, BLOCK_F = BLOCK_N / BLOCK_M) compiled
     whether it fits or not."""
-    prog = kernel.cg_program
+    prog = planner.cg_program
     if form == "linear":
-        lp = kernel.linear_plans[name][0]
+        lp = planner.linear_plans[name][0]
         if config is None:
             cfg, rep = fit_linear(prog, lp, dtype, dims, target, nbatch, index_dtype)
             if rep is not None:
@@ -483,7 +401,7 @@ def aot_form(kernel, name: str, form: str, target: str, dtype: str, config, nbat
                 LinearConfig(config.block_m, config.block_n, config.num_warps, config.num_stages)
         reqs = linear_requests(prog, lp, dtype, dims, cfg, target, nbatch, index_dtype)
     else:
-        sched = kernel.schedules[name]
+        sched = planner.schedules[name]
         if config is None:
             cfg, rep = fit_window(prog, sched, dtype, dims, target, nbatch, index_dtype)
             if rep is not None:
@@ -492,7 +410,7 @@ def aot_form(kernel, name: str, form: str, target: str, dtype: str, config, nbat
             cfg = config if isinstance(config, WindowConfig) else \
                 WindowConfig(config.block_m, config.num_warps, config.num_stages)
         reqs = window_requests(prog, sched, dtype, dims, cfg, target, nbatch, index_dtype)
-    res = C.aot_groups([[reqs]])[0][0]
+    res = aot_groups([[reqs]])[0][0]
     errors = [x for x in res if isinstance(x, tuple)]
     if errors:
         raise UnsupportedError(errors[0][1])

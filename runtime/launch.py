@@ -1,34 +1,137 @@
-"""Launching generated kernels: module loading per device and the launch itself (interpreter or CUDA)."""
+"""Launching: a call's bound tensors in, the output tensors out. The Launcher asks the Planner (runtime/plan.py) what
+to run, generates the kernel (cached per schedule, dtype and config), marshals the arguments (tensors in the compute
+dtype, strides, dims, batch sizes, constexprs), computes the grid and launches: in Triton's interpreter for CPU
+tensors, on the GPU for CUDA tensors (runtime/device.py). The window-mixing kernel and the chunked linear form have
+runners of their own (runtime/window_run.py, runtime/linear_run.py)."""
 from __future__ import annotations
 
+import math
+
 import torch
-import triton
 
-from moa import __version__
-from moa.errors import MoaError, UnsupportedError
+from moa import ir, onf
+from moa import symbolic as sy
+from moa.codegen.emit import generate
 
-from . import cache
-from .device import check_device, interpreter
-
-
-def module_for(source: str, device: torch.device):
-    """The module of a generated source for tensors on `device`: interpreted for CPU, JIT-compiled for CUDA."""
-    check_device(device)
-    key = cache.key_of(source, __version__, triton.__version__, torch.__version__)
-    return cache.load_module(key, source, interpret=device.type == "cpu")
+from .binding import Binding
+from .cache import module_for
+from .device import check_device, next_pow2, run
+from .linear_run import LinearRunner
+from .plan import LINEAR, WINDOW, Plan, Planner
+from .tiling import DTYPE_NAME, Config, check_grid, row_programs
+from .window_run import WindowRunner
 
 
-def run(fn, grid, args, consts: dict, device: torch.device, what: str) -> None:
-    """fn[grid](*args, **consts) on `device`; a Triton failure is a bug of ours, reported as an UnsupportedError
-    that names the kernel and keeps the cause."""
-    try:
-        if device.type == "cpu":
-            with interpreter():
-                fn[grid](*args, **consts)
-        else:
-            fn[grid](*args, **consts)
-    except MoaError:
-        raise
-    except Exception as ex:
-        raise UnsupportedError(f"{what} failed to run ({type(ex).__name__}: "
-                               f"{str(ex).splitlines()[0][:300] if str(ex) else ''})") from ex
+def compute_dtype(dt: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a kernel computes in: the call's, except bf16 on CPU (the interpreter's bf16 is wrong: fp32)."""
+    return torch.float32 if (dt == torch.bfloat16 and device.type == "cpu") else dt
+
+
+def _finish(out, dt):
+    return out if out.dtype == dt else out.to(dt)
+
+
+class Launcher:
+    """Runs the outputs of one program; kernels and runners are cached per output, dtype and config."""
+
+    def __init__(self, planner: Planner):
+        self.planner = planner
+        self._specs: dict = {}
+        self._window: dict = {}
+        self._linear: dict = {}
+
+    def output(self, name: str, b: Binding) -> torch.Tensor:
+        """One output of a call, in the kernel family the planner picks for its dims."""
+        kind = self.planner.run_kind(name, b.dims)
+        if kind == WINDOW:
+            return self.window(name, b)
+        if kind == LINEAR:
+            return self.linear(name, b)
+        return self.tiled(name, b, store_lse=False)[0]
+
+    def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None):
+        """The generated tiled kernel (codegen/emit.py KernelSpec) of a schedule, dtype and config."""
+        sched = sched or self.planner.schedules[name]
+        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
+        if key not in self._specs:
+            self._specs[key] = generate(self.planner.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n,
+                                        store_lse)
+        return self._specs[key]
+
+    def plan(self, name: str, b: Binding, config: Config | None = None) -> Plan:
+        """The tiled Plan of a call (code-generation binding)."""
+        compute = compute_dtype(b.dtype, b.device)
+        return self.planner.tiled(name, b.dims, DTYPE_NAME[b.dtype], DTYPE_NAME[compute], b.device, len(b.batch),
+                                  math.prod(b.batch), config)
+
+    def tiled(self, name: str, b: Binding, store_lse: bool, config: Config | None = None):
+        """(output, lse or None) of the tiled kernel; lse in the accumulation dtype."""
+        b = self.planner.cg_binding(b)
+        check_device(b.device)
+        dt = b.dtype
+        compute = compute_dtype(dt, b.device)
+        plan = self.plan(name, b, config)
+        sched, cfg, dims = plan.schedule, plan.config, b.dims
+        n, e = sy.evaluate(sched.row[1], dims), sy.evaluate(sched.col[1], dims)
+        lead = [sy.evaluate(x, dims) for _, x in sched.lead]
+        out = torch.empty((*b.batch, *lead, n, e), dtype=compute, device=b.device)
+        acc_dt = torch.float64 if compute == torch.float64 else torch.float32
+        lse = torch.empty((*b.batch, *lead, n), dtype=acc_dt, device=b.device) if store_lse else None
+        grid = (row_programs(sched, n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
+        if out.numel() == 0 or grid[1] == 0:
+            return _finish(out, dt), lse
+        check_grid(grid, b.device, f"output {name}")
+        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched)
+        args, consts = self._arguments(spec, b, compute, out, lse, cfg, e)
+        fn = module_for(spec.source, b.device)._attn_fwd
+        run(fn, grid, args, consts, b.device, f"the generated kernel for output {name}")
+        return _finish(out, dt), lse
+
+    def _arguments(self, spec, b: Binding, compute, out, lse, cfg: Config, e: int) -> tuple[list, dict]:
+        """The kernel's arguments in signature order (inputs with their batch and axis strides, the output, lse,
+        dims, batch sizes) and its constexprs (tiles, padded head dims; warps and stages on CUDA)."""
+        args = []
+        nb = len(b.batch)
+        for inp in spec.inputs:
+            t = b.tensors[inp]
+            node = self.planner.cg_program.input_map[inp]
+            if node.dtype == ir.FLOAT and t.dtype != compute:
+                t = t.to(compute)
+            if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
+                t = t.to(torch.int32)
+            args += [t, *t.stride()[:nb], *t.stride()[nb:]]
+        args += [out, *out.stride()]
+        if lse is not None:
+            args += [lse, *lse.stride()[:-1]]
+        args += [b.dims[d] for d in spec.dims]
+        args += list(b.batch)
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
+        for hd, ext in spec.head_dims:
+            consts[hd] = max(16, next_pow2(sy.evaluate(ext, b.dims)))
+        if lse is not None:
+            consts["STORE_LSE"] = True
+        if b.device.type == "cuda":
+            consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return args, consts
+
+    def window_runner(self, name: str) -> WindowRunner:
+        if name not in self._window:
+            self._window[name] = WindowRunner(self.planner.cg_program, self.planner.schedules[name])
+        return self._window[name]
+
+    def linear_runner(self, name: str) -> LinearRunner:
+        if name not in self._linear:
+            self._linear[name] = LinearRunner(self.planner.cg_program, self.planner.linear_plans[name][0])
+        return self._linear[name]
+
+    def window(self, name: str, b: Binding) -> torch.Tensor:
+        """The output of the window-mixing kernel (codegen/window.py)."""
+        b = self.planner.cg_binding(b)
+        compute = compute_dtype(b.dtype, b.device)
+        return _finish(self.window_runner(name).run(b, compute, DTYPE_NAME[compute]), b.dtype)
+
+    def linear(self, name: str, b: Binding) -> torch.Tensor:
+        """The output of the chunked linear form (codegen/chunked.py)."""
+        b = self.planner.cg_binding(b)
+        compute = compute_dtype(b.dtype, b.device)
+        return _finish(self.linear_runner(name).run(b, compute, DTYPE_NAME[compute]), b.dtype)

@@ -1,5 +1,5 @@
 """The cost of the chunked linear form (codegen/chunked.py, run by runtime/linear_run.py): its three launches
-described for the cost model (codegen/launches.py), counted exactly like the tiled kernel.
+described for the cost model (codegen/launches.py), counted exactly like the tiled planner.
 
   _chunk_state  programs (chunk t, feature tile ft): per program the chunk's rows x BLOCK_F features
   _chunk_scan   programs (feature tile ft), a loop over the chunks t: the exclusive prefix of the states
@@ -24,27 +24,22 @@ from moa.codegen.constexprs import HEAD_DIM_V, csym
 from moa.codegen.ledger import function_ledger
 from moa.errors import UnsupportedError
 
+from .tiling import chunk_config
+
 FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
 
 
-def runs_linear(kernel, name, dims, device, dtype) -> bool:
-    try:
-        return kernel.choose_form(name, dims, device=str(device), dtype=dtype) == "linear"
-    except (UnsupportedError, KeyError):
-        return False
-
-
-def linear_launches(kernel, name: str, dtname: str, nbatch: int, device: str = "cpu") -> list:
+def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = "cpu") -> list:
     """The three launches of one output's chunked form (codegen.launches.Launch), in launch order."""
-    lp = kernel.linear_plans[name][0]
+    lp = planner.linear_plans[name][0]
     if lp is None:
-        raise UnsupportedError(f"output {name} has no linear form: {kernel.linear_plans[name][1]}")
-    spec = generate_chunked(kernel.cg_program, lp, dtname, nbatch)
+        raise UnsupportedError(f"output {name} has no linear form: {planner.linear_plans[name][1]}")
+    spec = generate_chunked(planner.cg_program, lp, dtname, nbatch)
     sites = {fn: (loads, stores) for fn, loads, stores in spec.sites}
     consts = {k: v for k, v in FLAGS.items() if f"{k}: tl.constexpr" in spec.source}
 
     def led(fn):
-        return function_ledger(kernel.cg_program, spec.source, fn, *sites[fn], "out", consts, {"fidx": "i"})
+        return function_ledger(planner.cg_program, spec.source, fn, *sites[fn], "out", consts, {"fidx": "i"})
 
     n = lp.schedule.row[1]
     block_f, hd = csym("BLOCK_F"), csym("HEAD_DIM")
@@ -59,26 +54,17 @@ def linear_launches(kernel, name: str, dtname: str, nbatch: int, device: str = "
                       spec.source)]
 
 
-def _chunk_config(device: str, n: int, nfeat: int) -> tuple[int, int]:
-    from .linear_run import chunk_config
-
-    try:
-        return chunk_config(torch.device(device), n, nfeat)
-    except TypeError:  # chunk_config(device, n) of older runtimes
-        return chunk_config(torch.device(device), n)
-
-
 def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
     acc = 8 if dtname == "float64" else 4
     return {**eb, "out": eb[output], "S": acc, "zs": acc, "fw": acc, "fidx": 4}
 
 
-def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
+def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
                   tiles: tuple | None = None):
     """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims; `tiles` (CHUNK,
     BLOCK_F) overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses)."""
 
-    lp = kernel.linear_plans[name][0]
+    lp = planner.linear_plans[name][0]
     sched = lp.schedule
 
     def pad(x):
@@ -88,10 +74,10 @@ def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, devi
     e = sy.evaluate(sched.col[1], dims)
     d = sy.evaluate(lp.branch.dot.extent, dims)
     nfeat = lp.features(d)
-    chunk, block_f = tiles or _chunk_config(device, n, nfeat)
+    chunk, block_f = tiles or chunk_config(torch.device(device), n, nfeat)
     cv = {CHUNK: chunk, csym("BLOCK_F"): block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
-    launches = linear_launches(kernel, name, dtname, len(batch), device)
-    env = {x: dims[x.name] for x in kernel.program.dims}
+    launches = linear_launches(planner, name, dtname, len(batch), device)
+    env = {x: dims[x.name] for x in planner.program.dims}
     nb = math.prod(batch)
     counts = CL.total_counts(launches, sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb)
     counts.tiles_needed = counts.tiles_visited
@@ -101,10 +87,10 @@ def linear_counts(kernel, name: str, dims: dict, batch: tuple, dtname: str, devi
     return counts, states, acc * (chunk * block_f + chunk * pad(e) + block_f * pad(e))
 
 
-def linear_formulas(kernel, name: str, dtname: str, eb: dict, nbatch=1) -> dict:
+def linear_formulas(planner, name: str, dtname: str, eb: dict, nbatch=1) -> dict:
     """The counters of the chunked form as formulas in the dims and CHUNK, BLOCK_F, HEAD_DIM, HEAD_DIM_V
     (D = binomial(d + p - 1, p) features)."""
-    lp = kernel.linear_plans[name][0]
-    f = CL.total_formulas(linear_launches(kernel, name, dtname, 0), lp.schedule,
+    lp = planner.linear_plans[name][0]
+    f = CL.total_formulas(linear_launches(planner, name, dtname, 0), lp.schedule,
                           _elem_bytes(eb, lp.schedule.output, dtname), nbatch)
     return {k: v.xreplace({NFEAT: lp.features_expr()}) for k, v in f.items()}

@@ -7,24 +7,18 @@ import torch
 
 from moa import ir
 from moa import symbolic as sy
+from moa.codegen.chunked import generate_chunked
 from moa.errors import InputError
 from moa.linear import LinearPlan, feature_table
 
 from .binding import Binding
-from .device import cdiv, next_pow2
-from .launch import module_for, run
+from .cache import module_for
+from .device import cdiv, next_pow2, run
+from .form_configs import linear_runtime_config
+from .tiling import LinearConfig, chunk_config
 
 _WHAT = "the chunked linear-form kernels"
 STATE_LIMIT = 1 << 31   # elements of the state buffers beyond which the linear form is refused
-
-
-def chunk_config(device: torch.device, n: int, nfeat: int) -> tuple[int, int]:
-    """(CHUNK, BLOCK_F): chunk rows and feature tile. On the CPU interpreter, where each program costs
-    interpretation overhead, the feature tile grows with D up to 4096 (p = 4, d = 64: 4x faster than 256). On
-    CUDA this is the default the launch starts from; LinearRunner.launch_config launches the first config that
-    compiles for the device without spills (runtime/form_configs.py)."""
-    chunk = min(64, max(16, next_pow2(n)))
-    return chunk, (min(4096, max(256, next_pow2(nfeat))) if device.type == "cpu" else 64)
 
 
 class LinearRunner:
@@ -35,16 +29,12 @@ class LinearRunner:
         self._mods: dict = {}
 
     def _spec(self, dtname: str, nbatch: int):
-        from moa.codegen.chunked import generate_chunked
-
         key = (dtname, nbatch)
         if key not in self._mods:
             self._mods[key] = generate_chunked(self.program, self.lp, dtname, nbatch)
         return self._mods[key]
 
     def source(self, dtname: str = "float32", nbatch: int = 0) -> str:
-        from moa.codegen.chunked import generate_chunked
-
         return generate_chunked(self.program, self.lp, dtname, nbatch).source
 
     def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict):
@@ -52,8 +42,6 @@ class LinearRunner:
         a launch uses (the ring's too), compile for the device's architecture with no spills and shared memory in
         budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in memory); on the CPU
         interpreter, chunk_config's."""
-        from .form_configs import LinearConfig, linear_runtime_config
-
         if device.type == "cuda":
             return linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
                                          self._spec(dtname, nbatch).source)

@@ -18,6 +18,7 @@ The rank program (HaloPlan) reads a halo input at local index i - r + H and sees
 from __future__ import annotations
 
 import functools
+import math
 import time
 import types
 import weakref
@@ -27,9 +28,14 @@ import torch
 
 from moa import shard
 from moa import symbolic as sy
+from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError, UnsupportedError
 
 from .binding import bind
+from .costing import cost_breakdown
+from .ring_comm import (RingError, RingStats, agree_or_raise, bind_check, comm_device, exchange_shapes, layout,
+                        lengths, outcome, pack, post, unpack, wait)
+from .ring_cost import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
 
 _HALO_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -52,15 +58,13 @@ def halo_kernel(kernel):
         raise UnsupportedError(f"ring attention: output{'s' if len(window) > 1 else ''} {', '.join(window)} run the "
                                f"window-mixing kernel (a halo exchange across ranks) but {', '.join(others)} do not; "
                                "a program mixing both is not supported across ranks")
-    from .kernel import Kernel
-
     plan = shard.halo(kernel.program, kernel.dnf)
     if {x.name for x in sp.sympify(plan.halo).free_symbols} - {plan.n.name}:
         raise UnsupportedError(f"ring attention: the look-back of {kernel.program.name}, {sy.show(plan.halo)} rows, "
                                "must depend on params and the sequence length only")
-    rk = Kernel(plan.program, plan.outputs)
+    rk = type(kernel)(plan.program, plan.outputs)
     for name in rk.output_names:
-        if not rk._is_window(name):
+        if not rk.planner.is_window(name):
             raise UnsupportedError(f"ring attention, output {name}: with global row offsets the rank's program is no "
                                    "longer recognised as window-mixing")
     hit = (plan, rk)
@@ -91,21 +95,18 @@ def _axis(prog, name, shape, ax):
 
 def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
     """kernel.ring for window-mixing programs (see the module docstring); timeout already normalised."""
-    import torch.distributed as dist
-
-    from . import ring as R
-    from .ring_linear import _outcome
+    import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan, rk = halo_kernel(kernel)
     prog = kernel.program
-    cdev = R.comm_device(inputs, group)
+    cdev = comm_device(inputs, group)
 
     # 1. shapes: the same exchange and InputError on every rank as the softmax ring
-    metas = R.exchange_shapes(prog, inputs, group, cdev, timeout, rank)
+    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
     roles = types.SimpleNamespace(roles={n: (shard.BOTH if r == shard.HALO else r, ax)
                                          for n, (r, ax) in plan.roles.items()})
-    nl, _, problems = R._lengths(roles, prog.input_map, metas)
+    nl, _, problems = lengths(roles, prog.input_map, metas)
     if problems:
         raise InputError("ring attention: shards do not match across ranks: " + "; ".join(problems) + " (a window "
                          "program across ranks needs every sequence-sharded input of a rank to hold the same rows)")
@@ -126,15 +127,15 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
     fake = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in inputs.items()}
     for name in names:
         fake[name] = torch.empty(shape_of(rank, name, nl[rank] + h), dtype=inputs[name].dtype, device="meta")
-    R.agree_or_raise(R.bind_check(plan.program, fake, dims), group, cdev, timeout, rank, "checking the shards")
+    agree_or_raise(bind_check(plan.program, fake, dims), group, cdev, timeout, rank, "checking the shards")
 
     # 3. the halo exchange: one batch of point-to-point sends and receives
-    st = R.RingStats(rank, world)
+    st = RingStats(rank, world)
     dev = next(iter(inputs.values())).device
     dtypes = {name: metas[0]["inputs"][name][1] for name in names}
 
-    def layout(s, rows):
-        return R._layout(names, {nm: shape_of(s, nm, rows) for nm in names}, dtypes)
+    def layout_of(s, rows):
+        return layout(names, {nm: shape_of(s, nm, rows) for nm in names}, dtypes)
 
     def glob(r):
         return dist.get_global_rank(group, r) if group is not None else r
@@ -143,15 +144,15 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
     for r in range(rank + 1, world):
         for s, c in srcs[r]:
             if s == rank:
-                lay, total = layout(rank, c)
+                lay, total = layout_of(rank, c)
                 if total:
                     tail = {nm: inputs[nm].narrow(_axis(prog, nm, inputs[nm].shape, plan.roles[nm][1]),
                                                   nl[rank] - c, c) for nm in names}
-                    buf = R._pack(lay, total, tail, dev)
+                    buf = pack(lay, total, tail, dev)
                     ops.append(dist.P2POp(dist.isend, buf, glob(r), group))
                     st.bytes_sent += total
     for s, c in srcs[rank]:
-        lay, total = layout(s, c)
+        lay, total = layout_of(s, c)
         buf = torch.empty(total, dtype=torch.uint8, device=dev)
         recvs.append((lay, buf))
         if total:
@@ -159,8 +160,8 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
     what = (f"halo exchange (receiving {h} rows from rank{'s' if len(srcs[rank]) > 1 else ''} "
             f"{', '.join(str(s) for s, _ in srcs[rank]) or 'none'})")
     t1 = time.perf_counter()
-    works = R._post(functools.partial(dist.batch_isend_irecv, ops), timeout, rank, what) if ops else []
-    R._wait(works, timeout, rank, what)
+    works = post(functools.partial(dist.batch_isend_irecv, ops), timeout, rank, what) if ops else []
+    wait(works, timeout, rank, what)
     st.wait_seconds += time.perf_counter() - t1
 
     # 4. the window kernel on the rank's rows, its halo inputs extended by the rows received
@@ -170,7 +171,7 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
         local = dict(inputs)
         for name in names:
             pos = _axis(prog, name, inputs[name].shape, plan.roles[name][1])
-            parts = [R._unpack(lay, buf)[name] for lay, buf in reversed(recvs)]   # farthest rank first
+            parts = [unpack(lay, buf)[name] for lay, buf in reversed(recvs)]   # farthest rank first
             local[name] = torch.cat([*parts, inputs[name]], dim=pos) if parts else inputs[name]
         b = bind(plan.program, local, dims)
         for name in rk.output_names:
@@ -180,8 +181,8 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
         failed.append(e)
     st.compute_seconds += time.perf_counter() - t0
     try:
-        _outcome(failed, group, cdev, timeout, rank, "agreeing on the outcome")
-    except R.RingError:
+        outcome(failed, group, cdev, timeout, rank, "agreeing on the outcome")
+    except RingError:
         if failed:   # this rank's own failure explains the broken ring better
             raise failed[0] from None
         raise
@@ -191,7 +192,7 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
 
 def _compute(rk, name, b):
     """One output of the rank program (a seam for fault tests)."""
-    return rk._run_window(name, b)
+    return rk.launcher.window(name, b)
 
 
 # ---- cost: per-rank window kernel, the halo on the wire, not overlapped ----------------------------------------
@@ -200,13 +201,6 @@ def halo_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, di
     """RingCost of ring_halo (runtime/ring.py ring_cost delegates here): each rank's window kernel (the cost
     model of the rank program at its offset) plus the halo: every rank sends its last rows to the ranks that
     need them, one round before the compute (not hidden)."""
-    import math
-
-    from moa.devices import DTYPE_BYTES, canonical_dtype
-
-    from .costing import cost_breakdown
-    from .ring import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
-
     plan, rk = halo_kernel(kernel)
     dtype = canonical_dtype(dtype)
     bw, source = INTERCONNECTS[interconnect]

@@ -17,15 +17,26 @@ All_gather rather than a sequential pass: one collective of P x state bytes inst
 """
 from __future__ import annotations
 
+import math
 import time
 import weakref
 
 import torch
 
 from moa import shard
+from moa import symbolic as sy
+from moa.devices import canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
 
 from .binding import bind
+from .costing import cost
+from .device import next_pow2
+from .launch import compute_dtype
+from .linear_run import LinearRunner
+from .ring_comm import (RingError, RingStats, agree_or_raise, bind_check, comm_device, exchange_shapes, lengths,
+                        outcome, post, wait)
+from .ring_cost import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
+from .tiling import DTYPE_NAME, chunk_config
 
 _RANK_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -56,43 +67,33 @@ def _linear(kernel):
         return (None,)   # the softmax ring's block program reports what it cannot compile
     if not any(b.kind == "norm" for s in schedules.values() for b in s.branches):
         return (None,)
-    from .kernel import Kernel
-
-    for name, (lp, why) in kernel.linear_plans.items():
+    for name, (lp, why) in kernel.planner.linear_plans.items():
         if lp is None:
             return (None, f"output {name}: {why}")
     try:
         plan = shard.aligned(kernel.program, kernel.dnf)
     except UnsupportedError as e:
         return (None, str(e))
-    rank = Kernel(plan.program, plan.outputs, form="linear")
-    for name, (lp, why) in rank.linear_plans.items():
+    rank = type(kernel)(plan.program, plan.outputs, form="linear")
+    for name, (lp, why) in rank.planner.linear_plans.items():
         if lp is None:
             return (None, f"output {name}: with global row offsets the rank's program has no linear form: {why}")
     return (plan, rank)
 
 
-def _compute_dtype(dt, device):
-    return torch.float32 if (dt == torch.bfloat16 and device.type == "cpu") else dt
-
-
 def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
     """kernel.ring for programs with a linear form (see the module docstring); timeout already normalised."""
-    import torch.distributed as dist
-
-    from . import ring as R
-    from .kernel import DTYPE_NAME
-    from .linear_run import LinearRunner
+    import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan, rk = linear_kernel(kernel)
     prog = kernel.program
     decl = prog.input_map
-    cdev = R.comm_device(inputs, group)
+    cdev = comm_device(inputs, group)
 
     # 1. shapes: the same exchange and InputError on every rank as the softmax ring
-    metas = R.exchange_shapes(prog, inputs, group, cdev, timeout, rank)
-    nl, ml, problems = R._lengths(plan, decl, metas)
+    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
+    nl, ml, problems = lengths(plan, decl, metas)
     problems += [f"rank {s}: {nl[s]} query rows but {ml[s]} keys; the linear form across ranks needs each rank's "
                  "query and key shards to be the same rows" for s in range(world) if nl[s] != ml[s]]
     if problems:
@@ -102,10 +103,10 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
 
     # 2. bind on shapes alone (meta tensors): any rank's failure fails every rank
     fake = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in inputs.items()}
-    R.agree_or_raise(R.bind_check(plan.program, fake, dims), group, cdev, timeout, rank, "checking the shards")
+    agree_or_raise(bind_check(plan.program, fake, dims), group, cdev, timeout, rank, "checking the shards")
 
     # 3. local chunk states and this rank's total
-    st = R.RingStats(rank, world)
+    st = RingStats(rank, world)
     has_prev = any(nl[s] for s in range(rank))
     need_total = nl[rank] > 0 and any(nl[s] for s in range(rank + 1, world))
     names = list(rk.output_names)
@@ -114,10 +115,10 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
     try:
         b = bind(plan.program, inputs, dims)
         dt = b.dtype
-        compute = _compute_dtype(dt, b.device)
-        cgb = rk._cg_binding(b)
+        compute = compute_dtype(dt, b.device)
+        cgb = rk.planner.cg_binding(b)
         for name in names:
-            runner = LinearRunner(rk.cg_program, rk.linear_plans[name][0])
+            runner = LinearRunner(rk.planner.cg_program, rk.planner.linear_plans[name][0])
             L = runner.prepare(cgb, compute, DTYPE_NAME[compute])
             launches[name] = (runner, L)
             if not L.empty:
@@ -128,16 +129,16 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
         failed.append(e)
     st.compute_seconds += time.perf_counter() - t0
     try:
-        _outcome(failed, group, cdev, timeout, rank, "computing the shard states")
+        outcome(failed, group, cdev, timeout, rank, "computing the shard states")
         # 4. the exclusive prefix over ranks: all_gather of every rank's total
-        gated = {nm: rk.linear_plans[nm][0].gb is not None for nm in names}
+        gated = {nm: rk.planner.linear_plans[nm][0].gb is not None for nm in names}
         sizes = {nm: (L.zl, L.nfeat, L.e) for nm, (_, L) in launches.items()}
         acc = torch.float64 if compute == torch.float64 else torch.float32
         payload = torch.cat([_total(launches[nm][1], gated[nm], need_total, acc) for nm in names]).to(cdev)
         t1 = time.perf_counter()
         if payload.numel():
             parts = [torch.empty_like(payload) for _ in range(world)]
-            R._wait([R._post(lambda: dist.all_gather(parts, payload, group=group, async_op=True), timeout, rank,
+            wait([post(lambda: dist.all_gather(parts, payload, group=group, async_op=True), timeout, rank,
                              "gathering the ranks' states")], timeout, rank, "gathering the ranks' states")
             st.bytes_sent = payload.numel() * payload.element_size() * (world - 1)
         else:
@@ -171,28 +172,13 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
         except Exception as e:  # re-raised below, after the others have been told
             failed.append(e)
         st.compute_seconds += time.perf_counter() - t0
-        _outcome(failed, group, cdev, timeout, rank, "agreeing on the outcome")
-    except R.RingError:
+        outcome(failed, group, cdev, timeout, rank, "agreeing on the outcome")
+    except RingError:
         if failed:   # this rank's own failure explains the broken ring better
             raise failed[0] from None
         raise
     res = outs[names[0]] if len(names) == 1 else outs
     return (res, st) if stats else res
-
-
-def _outcome(failed, group, cdev, timeout, rank, what):
-    """Every rank learns whether one failed: the failing rank raises its own error, the others RingError."""
-    from . import ring as R
-
-    why = None
-    if failed:
-        why = f"{type(failed[0]).__name__}: {(str(failed[0]).splitlines() or [''])[0][:300]}"
-    status = R._agree(why, group, cdev, timeout, rank, what)
-    if failed:
-        raise failed[0]
-    bad = [f"rank {s}: {m}" for s, m in enumerate(status) if m]
-    if bad:
-        raise R.RingError("ring attention failed on " + "; ".join(bad))
 
 
 def _total(L, gated, have, acc):
@@ -235,16 +221,6 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
     states read once); the link: one all_gather of (T_r, z_r, G_r) in the accumulator dtype, each rank sending
     (P - 1) x its state (a ring all_gather), between the two compute phases, so never hidden. The per-rank
     combination of the gathered states (P small tensor ops) is not counted."""
-    import math
-
-    from moa import symbolic as sy
-    from moa.devices import canonical_dtype, get_device
-
-    from .costing import cost
-    from .device import next_pow2
-    from .linear_run import chunk_config
-    from .ring import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
-
     plan, rk = linear_kernel(kernel)
     dtype = canonical_dtype(dtype)
     bw, source = INTERCONNECTS[interconnect]
@@ -257,14 +233,14 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
     names = list(rk.output_names)
 
     def state(name, d):   # (Z without batch, D, e) of one output
-        lp = rk.linear_plans[name][0]
+        lp = rk.planner.linear_plans[name][0]
         return (math.prod(sy.evaluate(x, d) for _, x in lp.schedule.lead),
                 lp.features(sy.evaluate(lp.branch.dot.extent, d)), sy.evaluate(lp.schedule.col[1], d))
 
     payload = 0   # bytes each rank puts into the all_gather
     for name in names:
         zl, feats, e = state(name, dims)
-        payload += nb * zl * (feats * e + feats + (rk.linear_plans[name][0].gb is not None)) * acc
+        payload += nb * zl * (feats * e + feats + (rk.planner.linear_plans[name][0].gb is not None)) * acc
     sent = payload * (ranks - 1)
     gather_s = (ranks - 1) * (payload / bw + LINK_LATENCY) if ranks > 1 else 0.0
     def rank_cost(r):

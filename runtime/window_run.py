@@ -7,10 +7,13 @@ import torch
 
 from moa import ir
 from moa import symbolic as sy
+from moa.codegen.window import generate_window
 
 from .binding import Binding
-from .device import cdiv, next_pow2
-from .launch import module_for, run
+from .cache import module_for
+from .device import cdiv, next_pow2, run
+from .form_configs import window_runtime_config
+from .tiling import window_default
 
 
 class WindowRunner:
@@ -19,24 +22,18 @@ class WindowRunner:
         self._mods: dict = {}
 
     def _spec(self, dtname, nbatch):
-        from moa.codegen.window import generate_window
-
         key = (dtname, nbatch)
         if key not in self._mods:
             self._mods[key] = generate_window(self.program, self.sched, dtname, nbatch)
         return self._mods[key]
 
     def source(self, dtname="float32", nbatch=0) -> str:
-        from moa.codegen.window import generate_window
-
         return generate_window(self.program, self.sched, dtname, nbatch).source
 
     def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict):
         """The WindowConfig of a call: on CUDA, the first candidate that compiles for the device's architecture with
         no spills and shared memory in budget (form_configs.window_runtime_config: AOT-checked, cached on disk and
         in memory); on the CPU interpreter, BLOCK_M = min(64, next_pow2(n))."""
-        from .form_configs import window_default, window_runtime_config
-
         if device.type == "cuda":
             return window_runtime_config(self.program, self.sched, dtname, dims, nbatch, device,
                                          self._spec(dtname, nbatch).source)

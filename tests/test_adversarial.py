@@ -308,7 +308,7 @@ def run_and_compare(k, ins):
     out = k(**ins)
     ref = k.reference(**ins)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    if len(k.output_names) == 1 and k._schedule(k.output_names[0]).has_lse:
+    if len(k.output_names) == 1 and k.schedules[k.output_names[0]].has_lse:
         o, lse = k.with_lse(**ins)
         torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
         assert torch.isfinite(lse).all()

@@ -16,9 +16,9 @@ from moa.cli import main
 from moa import onf
 from moa.errors import UnsupportedError
 from moa.runtime import aot as A
-from moa.runtime import costing as K
+from moa.runtime import configs as K
 from moa.runtime import form_configs as F
-from moa.runtime.kernel import Config
+from moa.runtime.tiling import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = 1024
@@ -62,7 +62,7 @@ def fitted():
                 if dt == "float16" and name not in FP16:
                     continue
                 keys.append((name, d, dt))
-                plans.append(K.fit_plan(k, k.output_names[0], dt, dims_for(k, d)))
+                plans.append(K.fit_plan(k.planner, k.output_names[0], dt, dims_for(k, d)))
     results = K.aot_groups([[r for _, _, r in plan] for plan in plans], first_fit=True)
     out = {}
     for key, plan, res in zip(keys, plans, results):
@@ -84,10 +84,10 @@ def test_the_schedule_that_fits_is_launched(fitted):
     assert fitted[("causal", 128, "bfloat16")][1].schedule == "tiled"
     k = dict(FAMILY)["pi_attention_hops"]
     dims = dims_for(k, 128)
-    ranking = K.ranked_schedules(k, "O", "bfloat16", dims, "sm_90")
+    ranking = K.ranked_schedules(k.planner, "O", "bfloat16", dims, "sm_90")
     assert [s.kind for s in ranking] == ["hops", "tiled", "residue"] or ranking[0].kind == "hops"
     # when no config of the first schedule fits, the first fitting one of the next is chosen
-    plan = K.fit_plan(k, "O", "bfloat16", dims, scheds=ranking[:2])
+    plan = K.fit_plan(k.planner, "O", "bfloat16", dims, scheds=ranking[:2])
     first = sum(1 for s, _, _ in plan if s is ranking[0])
     ok = fitted[("causal", 128, "bfloat16")][1]
     results = [("error", "cannot compile: 1024 bytes of register spills")] * first + [ok] * (len(plan) - first)
@@ -189,7 +189,7 @@ def test_runtime_config_on_cuda_uses_the_fit(monkeypatch, fitted):
 
     k = dict(FAMILY)["pi_attention"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    sched, cfg = K.runtime_config(k, "O", "bfloat16", dims_for(k, 128), 0, torch.device("cuda"))
+    sched, cfg = K.runtime_config(k.planner, "O", "bfloat16", dims_for(k, 128), 0, torch.device("cuda"))
     assert cfg == fitted[("pi_attention", 128, "bfloat16")][0]
     assert onf.label(sched) == fitted[("pi_attention", 128, "bfloat16")][1].schedule
 
@@ -211,9 +211,9 @@ WINDOW = moa.compile(ROOT / "examples" / "bla.moa")
 
 def form_plan(name, d, dt):
     if name == "bla":
-        return F.window_plan(WINDOW.cg_program, WINDOW.schedules["O"], dt, dims_for(WINDOW, d))
+        return F.window_plan(WINDOW.planner.cg_program, WINDOW.schedules["O"], dt, dims_for(WINDOW, d))
     k = LINEAR_FORM[name]
-    return F.linear_plan(k.cg_program, k.linear_plans["O"][0], dt, dims_for(k, d))
+    return F.linear_plan(k.planner.cg_program, k.planner.linear_plans["O"][0], dt, dims_for(k, d))
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +306,9 @@ def test_linear_and_window_runtime_configs_on_cuda_use_the_fit(monkeypatch, form
     cuda = torch.device("cuda")
     for name, d in (("power_gated", 128), ("linear", 64), ("power", 64)):
         k = LINEAR_FORM[name]
-        runner = LinearRunner(k.cg_program, k.linear_plans["O"][0])
+        runner = LinearRunner(k.planner.cg_program, k.planner.linear_plans["O"][0])
         assert runner.launch_config(cuda, "bfloat16", 0, dims_for(k, d)) == form_fitted[(name, d, "bfloat16")][0]
-    runner = WindowRunner(WINDOW.cg_program, WINDOW.schedules["O"])
+    runner = WindowRunner(WINDOW.planner.cg_program, WINDOW.schedules["O"])
     assert runner.launch_config(cuda, "bfloat16", 0, dims_for(WINDOW, 128)) == form_fitted[("bla", 128, "bfloat16")][0]
     # the CPU interpreter keeps its own tiles
     assert runner.launch_config(torch.device("cpu"), "float32", 0, {"n": 100, "d": 8, "e": 8}).block_m == 64
@@ -317,7 +317,6 @@ def test_linear_and_window_runtime_configs_on_cuda_use_the_fit(monkeypatch, form
 def test_runtime_form_config_without_aot_warns_and_uses_the_default(monkeypatch, tmp_path):
     import torch
 
-    from moa.runtime import configs as C
     from moa.runtime.linear_run import LinearRunner
 
     def broken(*a, **kw):
@@ -325,11 +324,11 @@ def test_runtime_form_config_without_aot_warns_and_uses_the_default(monkeypatch,
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(F, "_RUNTIME", {})
-    monkeypatch.setattr(C, "aot_groups", broken)
-    monkeypatch.setattr(C, "_disk_path", lambda key: tmp_path / f"{key}.json")
+    monkeypatch.setattr(F, "aot_groups", broken)
+    monkeypatch.setattr(F, "disk_path", lambda key: tmp_path / f"{key}.json")
     k = LINEAR_FORM["power_gated"]
     with pytest.warns(RuntimeWarning, match="AOT config check unavailable"):
-        cfg = LinearRunner(k.cg_program, k.linear_plans["O"][0]).launch_config(
+        cfg = LinearRunner(k.planner.cg_program, k.planner.linear_plans["O"][0]).launch_config(
             torch.device("cuda"), "bfloat16", 0, dims_for(k, 128))
     assert cfg == F.linear_default(4096)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
+import torch
 
 import moa
 from moa import cost as C
@@ -20,8 +21,9 @@ from moa.codegen import ledger as L
 from moa.cli import main
 from moa.devices import DEVICES, canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
-from moa.runtime.costing import CostReport, Measurement, cost, cost_breakdown
-from moa.runtime.kernel import Config
+from moa.runtime.costing import cost, cost_breakdown
+from moa.runtime.reports import CostReport, Measurement
+from moa.runtime.tiling import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
@@ -143,7 +145,7 @@ def test_formulas_evaluate_to_the_numeric_prediction(name, params):
 def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, params, form, schedule):
     """The window-mixing kernel, the chunked linear form (three launches) and hop loops have formulas too."""
     from moa.codegen.launches import window_consts
-    from moa.runtime.linear_cost import _chunk_config
+    from moa.runtime.tiling import chunk_config
 
     k = moa.compile(EX / f"{name}.moa", form=form, schedule=schedule, **params)
     f = k.cost(dtype="float32", device="cpu")
@@ -153,7 +155,7 @@ def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, 
         if name == "bla":
             vals = {s.name: v for s, v in window_consts(k.schedules["O"], dims).items()}
         elif form == "linear":
-            chunk, block_f = _chunk_config("cpu", n, k.linear_plans["O"][0].features(8))
+            chunk, block_f = chunk_config(torch.device("cpu"), n, k.planner.linear_plans["O"][0].features(8))
             vals = {"CHUNK": chunk, "BLOCK_F": block_f, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
         else:
             vals = {"BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
@@ -166,14 +168,14 @@ def test_ledgers_of_hop_and_window_loops():
     k = moa.compile(EX / "pi_attention.moa", schedule="hops", k=20, s=40)
     from moa.codegen.emit import generate
 
-    sched = k.schedule_for("O", {"n": 100, "d": 16, "e": 16})
+    sched = k.planner.schedule_for("O", {"n": 100, "d": 16, "e": 16})
     led = L.ledger(k.program, generate(k.program, sched, "float64", 0, 64, 32))
     assert ("hop", 1) in led.regions and ("visit", 0) in led.regions and ("visit", 1) not in led.regions
     hop_loads = [led.loads[x] for x in led.regions[("hop", 1)].loads]
     assert {a for s in hop_loads for _, a in s.axes} == {"row", "hop", "HEAD_DIM", "col"}
-    from moa.runtime.costing import _window_launch_of
+    from moa.runtime.costing import window_launch
 
-    w = _window_launch_of(moa.compile(EX / "bla.moa"), "O", "float32", 0)
+    w = window_launch(moa.compile(EX / "bla.moa").planner, "O", "float32", 0)
     assert set(w.ledger.regions) == {"program", ("loop", 0), ("loop", 1)}
     assert sum(len(x.loads) for x in w.ledger.regions.values()) == 3     # Q once, K and V once per hop
 
@@ -287,7 +289,7 @@ def test_errors():
     from moa.runtime.linear_cost import linear_launches
 
     with pytest.raises(UnsupportedError, match="no linear form"):
-        linear_launches(compile_("causal"), "O", "float64", 0)
+        linear_launches(compile_("causal").planner, "O", "float64", 0)
 
 
 # ---- the commands ---------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import moa  # first: it turns on Triton's interpreter before triton is imported
-import moa.runtime.kernel as kernel_mod
+import moa.runtime.launch as kernel_mod
 import pytest
 import torch
 from moa.runtime.measure import instrument
@@ -643,7 +643,7 @@ def test_skip_test_only_where_the_loop_bounds_do_not_imply_it(name, kept):
 
 
 class _AllocInto:
-    """Stands in for `torch` inside moa.runtime.kernel: every torch.empty returns the next pre-allocated byte
+    """Stands in for `torch` inside moa.runtime.launch: every torch.empty returns the next pre-allocated byte
     buffer viewed as the requested tensor, so that the instrumented run knows the outputs' addresses up front.
     Any other allocation (a scratch array) exhausts the list and fails the test."""
 
@@ -841,7 +841,7 @@ def test_identifiers_renamed_injectively(label):
     - the substitution is injective on the kernel's names: no two variables (a renamed user name and another
       renamed name, or one of the kernel's own names) become one name, which would silently alias them."""
     hostile, _, names, _ = _hostile(label)
-    view = moa.compile(hostile).codegen
+    view = moa.compile(hostile).planner.codegen
     if any(k != v for k, v in {**view.inputs, **view.dims}.items()):
         # renamed forms could collide: every user name was replaced by an opaque u<k> (codegen/names.py)
         src = moa.compile(hostile).source(dtype="float32", nbatch=1)

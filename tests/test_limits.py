@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import moa
-from moa.runtime.kernel import MAX_TILE, Config, check_grid, fit_tiles
+from moa.runtime.tiling import MAX_TILE, Config, check_grid, fit_tiles
 
 ROOT = Path(__file__).resolve().parent.parent
 CAUSAL = moa.compile(ROOT / "examples" / "causal.moa")
@@ -94,11 +94,11 @@ def test_aot_compile_reports_triton_failures_as_moa_errors():
     from moa.runtime.aot import aot_compile
 
     k = moa.compile(ROOT / "examples" / "sdpa.moa")
-    from moa.runtime.kernel import Config as C
+    from moa.runtime.tiling import Config as C
 
     from moa.runtime.launch import module_for
 
-    spec = k._spec("O", "float16", 0, C(128, 64), False)
+    spec = k.launcher.spec("O", "float16", 0, C(128, 64), False)
     fn = module_for(spec.source, torch.device("cuda"))._attn_fwd   # the JIT function (not interpreted)
     sig = {}
     consts = {"BLOCK_M": 128, "BLOCK_N": 64, "HEAD_DIM": 2 ** 16, "HEAD_DIM_V": 64}

@@ -11,8 +11,9 @@ import torch
 
 import moa
 from moa.runtime.check import random_inputs
-from moa.runtime.costing import cost, measure
-from moa.runtime.kernel import Config
+from moa.runtime.costing import cost
+from moa.runtime.measuring import measure
+from moa.runtime.tiling import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited")
@@ -68,7 +69,7 @@ def test_every_example_is_covered():
         k = moa.compile(path)
         assert path.stem in EXAMPLES, f"{path.name}: add it to EXAMPLES"
         for name in k.output_names:
-            if k.linear_plans[name][0] is not None:
+            if k.planner.linear_plans[name][0] is not None:
                 assert path.stem in LINEAR, f"{path.name} has a linear form: add it to LINEAR"
             if len(k.variants[name]) > 1:
                 kinds = {v.kind for v in k.variants[name]} - {"tiled"}

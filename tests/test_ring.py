@@ -523,7 +523,7 @@ def _simulate(kernel, full, nb, mb):
                 skipped += 1
                 continue
             for o in plan.outputs:
-                out, lse = block._run(o.name, b, store_lse=True)
+                out, lse = block.launcher.tiled(o.name, b, store_lse=True)
                 acc[o.name] = (out, lse) if o.name not in acc else merge(*acc[o.name], out, lse)
         rows.append(_results(plan, block, acc, b0, nb[r + 1] - nb[r], qside)["O"])
     return torch.cat(rows, dim=-2), skipped
@@ -586,7 +586,7 @@ def test_normalize_runs_in_the_linear_form_not_by_lse(src):
     block_kernel(k)   # the rotation could run it (merged by sums), but the linear form moves no K/V and is used
     plan, rank = linear_kernel(k)
     assert plan.roles["Q"] == ("query", 0) and plan.roles["K"] == ("key", 0)
-    assert rank.linear_plans["O"][0] is not None   # the rank program keeps the causal mask j <= i
+    assert rank.planner.linear_plans["O"][0] is not None   # the rank program keeps the causal mask j <= i
     assert linear_kernel(_compile("causal")) is None
 
 

@@ -88,6 +88,11 @@ CASES = [
     ("scalar-extension-index", {"psi-scalar-extension", "psi-index"},
      "dim n, d\nin X[n, d]\nout O = X * n + d\n", ("n", "d")),
     ("fold-mul-one", {"fold-mul-one"}, "dim n, d\nin X[n, d]\nout O = X * 1.0\n", ("n", "d")),
+    ("fold-unbounded-param", {"fold-infinite-compare", "fold-boolean-constant"},
+     "dim n\nparam w = inf\nin X[n, n]\nout O[i, j] = where(j <= i and i - j <= w, X[i, j], 0)\n", ("n", "n")),
+    ("fold-where-true", {"fold-infinite-compare", "fold-boolean-constant"},
+     "dim n\nparam w = inf\nin X[n, n]\nout O[i, j] = where(i - j < w, X[i, j], 0) + where(j >= w, X[i, j], 1)\n",
+     ("n", "n")),
     ("fuse-softmax", {"fuse-softmax-contraction"}, "dim n, m, e\nin S[n, m], V[m, e]\n"
      "out O = softmax(S, axis=-1) @ V\n",
      ("n", "e")),

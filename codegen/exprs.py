@@ -1,0 +1,363 @@
+"""Tile code for DNF scalar expressions: the expression emitter every kernel family shares (codegen/emit.py for the
+tiled kernel and its hop loops, codegen/window.py, codegen/chunked.py).
+
+User identifiers never reach the source verbatim: they were validated by the parser (ASCII identifiers, no dunders,
+at most 64 characters) and are renamed with affixes that the kernel's own names never use: input/output X -> X_ptr,
+stride_X_0 ...; a tile of X -> X_row / X_key / X_tile ...; dim n -> dim_n; leading index a -> idx_a (and
+codegen/names.py makes every user name opaque when renamed forms could collide). Numbers enter only as Python
+literals printed by repr().
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import sympy as sp
+
+from moa import dnf as D
+from moa import intervals as iv
+from moa import ir
+from moa import symbolic as sy
+from moa.errors import UnsupportedError
+from moa.onf import BranchValue, DotTile, Schedule
+from moa.program import Program
+
+from .printer import code as pcode
+from .scope import Scope
+
+TL_DTYPE = {"float64": "tl.float64", "float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
+
+
+@dataclass(frozen=True)
+class AccessSite:
+    """One tl.load / tl.store the emitter wrote, for the cost model (moa/cost.py).
+
+    `name` is the variable a load assigns (or the output / "lse" for a store); `tensor` the input or output.
+    `index` holds the sympy index expressions per axis; `axes` maps each tile variable used to the tile axis it
+    ranges over ("row": offs_m, "key": offs_n, "col": offs_v, or a head-dim constexpr name such as "HEAD_DIM");
+    `conds` is the access mask as sympy relations (lane-wise and scalar parts: a lane is accessed iff all hold).
+    """
+    name: str
+    tensor: str
+    index: tuple
+    axes: tuple          # ((symbol, axis), ...)
+    conds: tuple
+
+
+def _axis_of(code: str) -> str:
+    """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_a' (the residue
+    schedule's a, i = r + s a) -> 'lifted_row'; 'offs_head_dim_2' -> 'HEAD_DIM_2'."""
+    base = code.split("[")[0].strip()
+    axes = {"offs_m": "row", "offs_n": "key", "offs_v": "col", "offs_a": "lifted_row"}
+    return axes.get(base, base[len("offs_"):].upper())
+
+
+def _axis_of(code: str) -> str:
+    """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_a' (the residue
+    schedule's a, i = r + s a) -> 'lifted_row'; 'offs_head_dim_2' -> 'HEAD_DIM_2'."""
+    base = code.split("[")[0].strip()
+    axes = {"offs_m": "row", "offs_n": "key", "offs_v": "col", "offs_a": "lifted_row"}
+    return axes.get(base, base[len("offs_"):].upper())
+
+
+_ROLE = {"offs_m": "row", "offs_a": "row", "offs_n": "key", "offs_v": "col", "hop": "hop"}
+
+
+def _load_role(r: D.Read, vmap) -> str:
+    """How a load is named after its tile axes: X_row, X_key, X_col, X_hd (a head dim), X_hop, X_tile (several)."""
+    used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index)) if r.index else set()
+    roles = []
+    for v, code in vmap.items():
+        if v in used:
+            base = code.split("[")[0].strip()
+            role = _ROLE.get(base, "hop" if "hop" in base else "hd" if base.startswith("offs_") else "val")
+            if role not in roles:
+                roles.append(role)
+    if "hop" in roles:
+        return "hop"
+    return roles[0] if len(roles) == 1 else "tile" if roles else "val"
+
+
+def _invariant(e, key_vars) -> bool:
+    """True if e does not change along the key loop (no key variable, no score tile)."""
+    return not (D.free_vars(e) & key_vars) and not any(isinstance(x, DotTile) for x in D.nodes(e))
+
+
+def _canon(e):
+    """Rename bound variables canonically so that alpha-equivalent expressions share one name (CSE)."""
+    count = [0]
+
+    def go(x):
+        if isinstance(x, D.BINDERS):
+            new = sp.Symbol(f"_b{count[0]}", integer=True, nonnegative=True)
+            count[0] += 1
+            x = D.subs(x, {x.var: new})
+            x = replace(x, var=new)
+        kids = D.children(x)
+        return D.with_children(x, [go(k) for k in kids]) if kids else x
+
+    return D.show(go(e))
+
+
+class Emitter:
+    """Emits DNF scalar expressions as tile code: loads (with their access sites for the cost model), elementwise
+    operations, reductions over a head dim held in one tile; common sub-expressions named once per scope."""
+
+    def __init__(self, program: Program, sched: Schedule, dtype: str):
+        self.p, self.s = program, sched
+        self.dtype = dtype
+        self.acc = "tl.float64" if dtype == "float64" else "tl.float32"
+        self.in_dt = TL_DTYPE[dtype]
+        self.names: dict = {d: f"dim_{d.name}" for d in program.dims}
+        for v, _ in sched.lead:
+            self.names[v] = f"idx_{v.name}"
+        if sched.lift is not None:
+            self.names[sched.lift.res] = "res"
+            for b in sched.branches:  # a key residue rho = (r + c) mod s other than r
+                if b.lift is not None and b.lift.base != sched.lift.res:
+                    self.names[b.lift.base] = pcode(b.lift.base_value, self.names)
+        self.used_inputs: list = []
+        self.taken: set = set()      # names of temporaries given out (fresh)
+        self.head_dims: dict = {}   # extent -> constexpr name
+        self.loads: list = []       # AccessSite per emitted tl.load (the cost model's ledger of memory accesses)
+        self.named: dict = {}       # index expression -> the kernel variable that holds it (computed once)
+        self.nbranches = len(sched.branches)
+
+    def sfx(self, k: int) -> str:
+        """The suffix of branch k's names: none with one branch (acc, m_i, qk), else the branch number."""
+        return "" if self.nbranches == 1 else str(k)
+
+    def fresh(self, base: str) -> str:
+        """A temporary's name: `base`, else base2, base3 ... (names by role, never a bare counter)."""
+        name, k = base, 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}{k}"
+        self.taken.add(name)
+        return name
+
+    def name_expr(self, expr, name: str) -> None:
+        """Index expression `expr` is held by kernel variable `name` from now on: printed as `name` wherever it
+        occurs (common index expressions computed once)."""
+        expr = sp.sympify(expr)
+        if not (expr.is_Symbol or expr.is_Integer):
+            self.named[expr] = sp.Symbol(f"_named_{len(self.named)}", integer=True)
+            self.names[self.named[expr]] = name
+
+    def head_dim(self, extent) -> str:
+        extent = sp.sympify(extent)
+        if extent not in self.head_dims:
+            k = len(self.head_dims)
+            self.head_dims[extent] = "HEAD_DIM" if k == 0 else f"HEAD_DIM_{k + 1}"
+        return self.head_dims[extent]
+
+    def use_input(self, name):
+        if name not in self.used_inputs:
+            self.used_inputs.append(name)
+
+    # ---- scalar expressions over tiles ----------------------------------------------------------------
+    def idx(self, e, vmap) -> str:
+        e = sp.sympify(e)
+        if self.named:
+            e = e.xreplace(self.named)
+        return pcode(e, {**self.names, **vmap})
+
+    def emit(self, e, vmap: dict, scope: Scope, hoist: Scope | None = None, key_vars=frozenset(),
+             role: str = "t") -> str:
+        """Code for a DNF scalar expression as a tile; loads go to `hoist` when they do not use key_vars.
+        Temporaries are named after `role` (mask, score, value, out ...)."""
+        if isinstance(e, D.Const):
+            v = e.value
+            if isinstance(v, bool):
+                return "True" if v else "False"
+            if isinstance(v, float) and math.isinf(v):
+                return 'float("inf")' if v > 0 else 'float("-inf")'
+            return repr(v)
+        if isinstance(e, D.Index):
+            return self.idx(e.expr, vmap)
+        if isinstance(e, DotTile):
+            return f"qk{self.sfx(e.branch)}"
+        if isinstance(e, BranchValue):
+            return f"o{self.sfx(e.branch)}"
+        target = scope
+        if hoist is not None and _invariant(e, key_vars):
+            target = hoist
+        key = _canon(e)
+        found = target.lookup(key) or scope.lookup(key)
+        if found:
+            return found
+        if isinstance(e, D.Read):
+            name = self._load(e, vmap, target)
+        elif isinstance(e, D.Op):
+            args = [self.emit(a, vmap, scope, hoist, key_vars, role) for a in e.args]
+            text = self._op(e, args)
+            if len(text) < 48 and e.fn not in ("where",):
+                return text
+            name = self.fresh(role)
+            target.add(f"{name} = {text}")
+        elif isinstance(e, D.Reduce):
+            name = self._row_reduce(e, vmap, target, role)
+        else:
+            raise UnsupportedError(f"cannot emit {type(e).__name__} inside a tile: {D.show(e)[:100]}")
+        target.cache[key] = name
+        return name
+
+    def _float(self, a: str, e) -> str:
+        if e.dtype == ir.FLOAT:
+            return a
+        if isinstance(e, D.Const) or (isinstance(e, D.Index) and e.expr.is_number):
+            return repr(float(e.value if isinstance(e, D.Const) else e.expr))
+        return f"({a}).to({self.acc})"
+
+    def _op(self, e: D.Op, a: list) -> str:
+        fn = e.fn
+        binary = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==",
+                  "ne": "!=", "and": "&", "or": "|"}
+        if fn in binary:
+            x, y = a
+            if fn in ("add", "sub", "mul") and e.dtype == ir.FLOAT:
+                x, y = self._float(x, e.args[0]), self._float(y, e.args[1])
+            return f"({x} {binary[fn]} {y})"
+        if fn == "div":
+            return f"({self._float(a[0], e.args[0])} / {self._float(a[1], e.args[1])})"
+        if fn == "floordiv":
+            return f"_floordiv({a[0]}, {a[1]})"
+        if fn == "mod":
+            return f"_mod({a[0]}, {a[1]})"
+        if fn == "neg":
+            return f"(-{a[0]})"
+        if fn == "not":
+            return f"({a[0]} == 0)"
+        if fn == "where":
+            return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+        if fn in ("min", "max"):
+            x, y = a
+            if e.dtype == ir.FLOAT:
+                x, y = self._float(x, e.args[0]), self._float(y, e.args[1])
+            return f"tl.{'minimum' if fn == 'min' else 'maximum'}({x}, {y})"
+        if fn == "pow":
+            return self._pow(e, a)
+        one = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "sin": "tl.sin",
+               "cos": "tl.cos", "sigmoid": "tl.sigmoid", "tanh": "_tanh", "elu": "_elu"}
+        if fn in one:
+            return f"{one[fn]}({self._float(a[0], e.args[0])})"
+        if fn == "abs":
+            return f"tl.abs({a[0]})"
+        if fn == "relu":
+            return f"tl.maximum({a[0]}, 0)" if e.dtype != ir.FLOAT else f"tl.maximum({a[0]}, 0.0)"
+        if fn == "sign":
+            s = f"_sign({a[0]})"
+            return f"({s}).to({self.acc})" if e.dtype == ir.FLOAT else s
+        raise UnsupportedError(f"no Triton form for scalar function '{fn}'")
+
+    def _pow(self, e, a):
+        base, ex = e.args
+        exv = ex.value if isinstance(ex, D.Const) else ex.expr if isinstance(ex, D.Index) and ex.expr.is_number \
+            else None
+        if exv is not None and float(exv).is_integer() and 0 <= float(exv) <= 16:
+            k = int(float(exv))
+            if k == 0:
+                return "1.0" if e.dtype == ir.FLOAT else "1"
+            b = self._float(a[0], base) if e.dtype == ir.FLOAT else a[0]
+            return "(" + " * ".join([b] * k) + ")"
+        bv = base.value if isinstance(base, D.Const) else base.expr if isinstance(base, D.Index) and \
+            base.expr.is_number else None
+        x = self._float(a[1], ex)
+        if bv is not None and float(bv) > 0:
+            return f"tl.exp2({x} * {math.log2(float(bv))!r})"
+        # general real power a^b = 2^(b log2 a), defined for a > 0 (a = 0 gives 0 for b > 0)
+        return f"tl.exp2({x} * tl.log2({self._float(a[0], base)}))"
+
+    def _load(self, r: D.Read, vmap, scope: Scope, name: str | None = None, cast: bool = True) -> str:
+        self.use_input(r.name)
+        node = self.p.input_map[r.name]
+        parts, masks = [f"{r.name}_ptr + off_{r.name}"], []
+        scalar_masks = []  # conditions on leading indices only: kept apart (see below)
+        conds = []
+        for k, (ix, ext) in enumerate(zip(r.index, node.shape)):
+            ix = sp.sympify(ix)
+            c = self.idx(ix, vmap)
+            parts.append(f"{c} * stride_{r.name}_{k}")
+            lo_ok, hi_ok = self._in_range(ix, ext, vmap)
+            sink = masks if set(vmap) & ix.free_symbols else scalar_masks
+            if not hi_ok:
+                sink.append(f"({c} < {self.idx(ext, {})})")
+                conds.append(sp.Lt(ix, ext, evaluate=False))
+            if not lo_ok:
+                sink.append(f"({c} >= 0)")
+                conds.append(sp.Ge(ix, 0, evaluate=False))
+        other = "0.0" if node.dtype == ir.FLOAT else "0"
+        m = " & ".join(masks) if masks else "True"
+        if scalar_masks:  # a scalar condition joins a tile mask through tl.where (the interpreter rejects &)
+            m = f"tl.where({' & '.join(scalar_masks)}, {m}, False)"
+        raw = f"tl.load({' + '.join(parts)}, mask={m}, other={other})"
+        load = raw
+        if node.dtype == ir.FLOAT and cast:
+            load += f".to({self.acc})"
+        elif node.dtype == ir.BOOL:
+            load = f"({load} != 0)"
+        # the same tile loaded before in this scope or an enclosing one (e.g. Q for a second branch or the gate)
+        hit = scope.lookup(("load", load))
+        if hit is None and load != raw:
+            hit = scope.lookup(("load", raw))
+            hit = hit and (f"{hit}.to({self.acc})" if node.dtype == ir.FLOAT else f"({hit} != 0)")
+        if hit:
+            return hit
+        name = name or self.fresh(f"{r.name}_{_load_role(r, vmap)}")
+        scope.cache[("load", load)] = name
+        used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index)) if r.index else set()
+        self.loads.append(AccessSite(name, r.name, tuple(sp.sympify(ix) for ix in r.index),
+                                     tuple((v, _axis_of(code)) for v, code in vmap.items() if v in used),
+                                     tuple(conds)))
+        scope.add(f"{name} = {load}")
+        return name
+
+    def _in_range(self, ix, ext, vmap) -> tuple[bool, bool]:
+        """(0 <= ix provably, ix < ext provably) over the ranges of the leading indices. Tile variables
+        (rows, keys, head dims) are padded to powers of two, so an index using them is never provably below
+        its extent."""
+        if set(vmap) & ix.free_symbols:
+            return bool(ix.is_nonnegative), False
+        box = iv.Box({v: (sp.Integer(0), x - 1) for v, x in self.s.lead})
+        rng = iv.interval(ix, box)
+        if rng is None:
+            return bool(ix.is_nonnegative), False
+        lo, hi = rng
+        return sy.prove_nonneg(lo) is True, sy.prove_nonneg(sp.sympify(ext) - 1 - hi) is True
+
+    def _row_reduce(self, e: D.Reduce, vmap, scope: Scope, role: str) -> str:
+        """A reduction over a small axis held in one tile (e.g. q . wg over the head dim)."""
+        hd = self.head_dim(e.extent)
+        offs = f"offs_{hd.lower()}"
+        inner = {**vmap, e.var: f"{offs}[None, :]"}
+        body = self.emit(e.body, inner, scope, role=role)
+        valid = f"({offs}[None, :] < {self.idx(e.extent, {})})"
+        neutral = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[e.op]
+        red = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[e.op]
+        name = self.fresh(f"{role}_{e.op}")
+        scope.add(f"{name} = {red}(tl.where({valid}, {body}, {neutral}), 1)[:, None]")
+        return name
+
+    def factor(self, e, vmap, scope: Scope, name: str, valid: str) -> str:
+        """A dot operand tile: a plain read stays in the input dtype; anything computed is zeroed on padding
+        lanes (f(0) need not be 0) and cast to the input dtype for the tensor cores."""
+        if isinstance(e, D.Read):
+            return self._load(e, vmap, scope, name=name, cast=False)
+        x = self.emit(e, vmap, scope, role=name)
+        self.taken.add(name)
+        scope.add(f"{name} = tl.where({valid}, {x}, 0.0).to({self.in_dt})")
+        return name
+
+    def dot_kw(self) -> str:
+        """tl.dot's precision argument: fp32 inputs stay exact (ieee), the others use the tensor cores."""
+        return ', input_precision="ieee"' if self.dtype == "float32" else ""
+
+    def weights_dot(self, w: str, v: str) -> str:
+        """tl.dot of unbounded weights ((q . k)^p, not in [0, 1] like softmax's p) with a value tile. bf16 has
+        fp32's exponent range: the weights are cast to it (tensor cores, as p is for softmax). fp16 would
+        overflow past 65504: the dot runs in tf32 (tensor cores, fp32 range). fp32 and fp64 stay exact."""
+        if self.dtype == "bfloat16":
+            return f"tl.dot({w}.to(tl.bfloat16), {v})"
+        if self.dtype == "float16":
+            return f'tl.dot({w}, {v}.to(tl.float32), input_precision="tf32")'
+        return f"tl.dot({w}, {v}.to({self.acc}){self.dot_kw()})"

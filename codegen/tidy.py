@@ -1,0 +1,81 @@
+"""The last pass of code generation: dead assignments removed and only the helpers a kernel calls included, so that
+a generated kernel is as clean as a hand-written one (ruff's pyflakes rules find nothing in it).
+
+Emitters write every statement on one line (block headers included), so the pass works on the list of body lines:
+an assignment whose name no other line reads is dropped, until none is left (a dropped line can make another one
+dead). Lines that open a block, store, or assign a name that is read are kept; so are the Marked lines
+(codegen/scope.py) that carry the cost model's regions."""
+from __future__ import annotations
+
+import ast
+import re
+
+HELPERS = {
+    "_mod": '''@triton.jit
+def _mod(a, b):
+    # floor modulo (b > 0), the same on the GPU (truncating %) and in the interpreter (numpy %)
+    return ((a % b) + b) % b''',
+    "_floordiv": '''@triton.jit
+def _floordiv(a, b):
+    # floor division (b > 0): exact division of a - _mod(a, b)
+    return (a - _mod(a, b)) // b''',
+    "_tanh": '''@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)''',
+    "_elu": '''@triton.jit
+def _elu(x):
+    return tl.where(x > 0, x, tl.exp(x) - 1.0)''',
+    "_sign": '''@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1, 0) - tl.where(x < 0, 1, 0)''',
+}
+_NEEDS = {"_floordiv": ("_mod",)}
+
+
+def helpers_for(code: str) -> str:
+    """The helper definitions `code` calls (with the helpers they call), in a fixed order."""
+    used = {h for h in HELPERS if re.search(rf"\b{h}\(", code)}
+    for h in list(used):
+        used.update(_NEEDS.get(h, ()))
+    return "\n\n\n".join(HELPERS[h] for h in HELPERS if h in used)
+
+
+def _parse(line: str):
+    """(assigned name or None, names read) of one emitted line."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None, set()
+    body = text + " pass" if text.endswith(":") else text
+    try:
+        node = ast.parse(body).body[0]
+    except SyntaxError:
+        return None, set(re.findall(r"[A-Za-z_]\w*", text))
+    reads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id, reads
+    if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+        return node.target.id, reads | {node.target.id}
+    if isinstance(node, ast.For):
+        return None, reads | {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
+    return None, reads
+
+
+def prune(lines: list) -> list:
+    """The lines without dead assignments (to a fixpoint). Line objects are kept as they are (Marked lines too)."""
+    parsed = [_parse(ln) for ln in lines]
+    alive = [True] * len(lines)
+    changed = True
+    while changed:
+        changed = False
+        reads: dict = {}
+        for k, (name, rd) in enumerate(parsed):
+            if alive[k]:
+                for r in rd:
+                    reads[r] = reads.get(r, 0) + (0 if r == name else 1)
+        for k, (name, _) in enumerate(parsed):
+            if alive[k] and name is not None and not reads.get(name):
+                alive[k] = False
+                changed = True
+    return [ln for ln, a in zip(lines, alive) if a]

@@ -1,0 +1,71 @@
+"""Kernel.measure: the kernel(s) a call runs, executed on CPU tensors in the instrumented Triton interpreter
+(runtime/measure.py), with the counters the cost model predicts (runtime/costing.py) and the visited tiles read from
+the executions of one load statement per loop body (`witness_lines`)."""
+from __future__ import annotations
+
+import ast
+
+import torch
+
+from moa.codegen.ledger import ledger
+from moa.errors import InputError, UnsupportedError
+
+from .costing import launch_specs, run_schedule, window_launch
+from .linear_cost import linear_launches
+from .measure import instrument
+from .plan import LINEAR, WINDOW
+from .reports import Measurement
+from .tiling import DTYPE_NAME
+
+
+def measure(kernel, **inputs) -> Measurement:
+    """Run the kernel(s) on CPU tensors in the instrumented Triton interpreter and return its counters: the kernel
+    a call runs (tiled, window-mixing, or the three chunked linear-form launches, summed)."""
+    b = kernel.bind(inputs)     # the refusals a call makes, before anything runs
+    if b.device.type != "cpu":
+        raise InputError("measure() counts what the Triton interpreter executes: pass CPU tensors")
+    planner, launcher = kernel.planner, kernel.launcher
+    compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype   # the runners convert inputs to it
+    dtname = DTYPE_NAME[compute]
+    tiles = 0
+    with instrument() as c:
+        for name in planner.output_names:
+            kind = planner.run_kind(name, b.dims)
+            lines = witness_lines(planner, name, kind, dtname, len(b.batch), b.dims, DTYPE_NAME[b.dtype])
+            with instrument(lines=lines) as ci:
+                launcher.output(name, b)
+            tiles += sum(ci.load_calls_by_line.values())
+    return Measurement(flops=c.flops, transcendentals=c.transcendentals, dram_bytes=c.dram_bytes,
+                       dram_bytes_loaded=c.dram_bytes_loaded, dram_bytes_stored=c.dram_bytes_stored,
+                       tiles_visited=tiles, programs=c.programs)
+
+
+def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims: dict, call_dtype: str) -> dict:
+    """label -> (kernel function, line prefix) of one load statement per region whose executions are the visited
+    tiles: a load of each branch's key-tile body ('visit') or hop loop ('hop') of the tiled kernel, of the window
+    kernel's first hop loop, of the linear form's chunk scan (one iteration per chunk x feature tile)."""
+    if kind == WINDOW:
+        launches = [window_launch(planner, name, dtname, nbatch)]
+    elif kind == LINEAR:
+        launches = [x for x in linear_launches(planner, name, dtname, nbatch, "cpu") if x.witness is not None]
+    else:
+        cfg = planner.launch_config(name, torch.device("cpu"), dtname, dims)
+        sched = run_schedule(planner, name, dims, call_dtype)
+        spec = launch_specs(planner, dtname, nbatch, {name: cfg}, {name: sched})[name]
+        led = ledger(planner.program, spec)
+        launches = [(spec.source, "_attn_fwd", led, r) for r in led.regions
+                    if isinstance(r, tuple) and r[0] in ("visit", "hop")]
+        return {f"{name}:{r}": _witness_line(src, fn, lg, r) for src, fn, lg, r in launches}
+    return {f"{name}:{x.fn}": _witness_line(x.source, x.fn, x.ledger, x.witness) for x in launches}
+
+
+def _witness_line(source: str, fn: str, led, region) -> tuple[str, str]:
+    """(function, 'name = ') of a load executed once per execution of `region`, assigned on one line only."""
+    node = next(x for x in ast.parse(source).body if isinstance(x, ast.FunctionDef) and x.name == fn)
+    text = [ln.strip() for ln in source.splitlines()[node.lineno - 1:node.end_lineno]]
+    for ld in led.regions[region].loads:
+        prefix = f"{ld} = "
+        if sum(t.startswith(prefix) for t in text) == 1:
+            return fn, prefix
+    raise UnsupportedError(f"measure: region {region} of {fn} has no load on a line of its own, so its executions "
+                           f"(visited tiles) cannot be counted")

@@ -1,0 +1,222 @@
+"""Planning: everything decided before a launch. Per program, the code-generation view, the ONF schedules and their
+legal variants, the linear plans; per call, the kernel family (tiled, window-mixing or the chunked linear form),
+the schedule (tiled, hops, residue) and the tile config.
+
+Choices come from the cost model (moa/schedule_cost.py for schedules, moa/linear.py for forms) and, on CUDA, from
+the ahead-of-time check of the candidate configs (runtime/configs.py, runtime/form_configs.py): a kernel that
+spills or overflows shared memory is never launched. `compile(form=..., schedule=...)` forces a choice."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from moa import linear, onf, schedule_cost
+from moa import symbolic as sy
+from moa.codegen.names import codegen_binding, codegen_view
+from moa.devices import canonical_dtype, get_device
+from moa.errors import InputError, MoaError, UnsupportedError
+from moa.program import Program
+
+from . import configs
+from .binding import Binding
+from .device import device_table_name
+from .tiling import Config, choose_config, default_config, fit_tiles, head_dims
+
+TILED, WINDOW, LINEAR = "tiled", "window", "linear"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a call of one output runs: the kernel family, the schedule and config of the tiled kernel (None for the
+    other families, whose configs runtime/form_configs.py fits), and the prediction behind the choice."""
+    output: str
+    kind: str                  # TILED, WINDOW or LINEAR
+    schedule: object = None    # the ONF Schedule (tiled family)
+    config: Config | None = None
+    predictions: tuple = ()    # schedule_cost.Prediction of every legal schedule (tiled family), if several
+
+    @property
+    def label(self) -> str:
+        return onf.label(self.schedule) if self.schedule is not None else self.kind
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        tiles = "" if cfg is None else (f", BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
+                                        f"stages={cfg.num_stages}")
+        return f"Plan({self.output}: {self.kind} kernel, schedule {self.label}{tiles})"
+
+
+class Planner:
+    """The decisions of one compiled program. `form` / `schedule` force the form or schedule (None: the cost
+    model decides per call)."""
+
+    def __init__(self, program: Program, dnf, form: str | None = None, schedule: str | None = None):
+        if form not in (None, "quadratic", "linear"):
+            raise InputError(f"form={form!r}: choose None (the cost model decides), 'quadratic' or 'linear'")
+        if schedule not in (None, *onf.KINDS):
+            raise InputError(f"schedule={schedule!r}: choose None (the cost model decides), "
+                             + ", ".join(repr(k) for k in onf.KINDS))
+        self.program, self.dnf, self.form, self.schedule = program, dnf, form, schedule
+        self._choices: dict = {}
+        self.fit_memo: dict = {}     # runtime/configs.py: AOT-fitted (schedule, config) per call shape
+
+    # ---- per program ------------------------------------------------------------------------------------------
+    @cached_property
+    def codegen(self):
+        """The program and DNF code generation sees (user names replaced when their renamed forms could collide;
+        see codegen/names.py)."""
+        return codegen_view(self.program, self.dnf)
+
+    @property
+    def cg_program(self) -> Program:
+        return self.codegen.program
+
+    def cg_binding(self, b: Binding) -> Binding:
+        """A call's binding in code-generation names."""
+        return codegen_binding(self.codegen, b)
+
+    @cached_property
+    def schedules(self) -> dict:
+        """Output name -> ONF Schedule (raises UnsupportedError naming the construct codegen lacks)."""
+        return {self.codegen.outputs[o.name]: onf.schedule(o) for o in self.codegen.dnf}
+
+    @cached_property
+    def variants(self) -> dict:
+        """Output name -> its legal ONFs (moa/onf.py `variants`): tiled first, then hops and residue liftings."""
+        return {name: onf.variants(s) for name, s in self.schedules.items()}
+
+    @cached_property
+    def linear_plans(self) -> dict:
+        """Output name -> (LinearPlan or None, why not): the chunked-state form derived by moa/linear.py."""
+        return {name: linear.plan(s) for name, s in self.schedules.items()}
+
+    @property
+    def output_names(self) -> tuple:
+        return tuple(n for n, _ in self.program.outputs)
+
+    @property
+    def input_names(self) -> tuple:
+        return tuple(n.attrs[0] for n in self.program.inputs)
+
+    def is_window(self, name: str) -> bool:
+        return any(br.mix is not None for br in self.schedules[name].branches)
+
+    def reference_dims(self, name: str | None = None) -> dict:
+        """Dims for a schedule choice without a call: head dims (contracted extents, value columns) 64, every
+        other dim 4096."""
+        s = self.schedules[name or self.output_names[0]]
+        heads = {str(x) for x in [s.col[1]] + [b.dot.extent for b in s.branches if b.dot is not None]}
+        return {d.name: 64 if d.name in heads else 4096 for d in self.program.dims}
+
+    # ---- the schedule of the tiled family --------------------------------------------------------------------
+    def schedule_choice(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
+                        batch: int = 1):
+        """(the schedule run for these dims, the predictions of every legal schedule): forced by `schedule=`,
+        else the smallest predicted time on the device (moa/schedule_cost.py; ties go to the simpler kind)."""
+        vs = self.variants[name]
+        if self.schedule is not None:
+            forced = [v for v in vs if v.kind == self.schedule]
+            if not forced:
+                raise UnsupportedError(f"schedule={self.schedule!r} for output {name}: not legal for this program "
+                                       f"(legal: {', '.join(onf.label(v) for v in vs)}; hops and residue need a "
+                                       f"mask with a conjunct (i - j) % s == 0, s >= 2)")
+            vs = tuple(forced)
+        if len(vs) == 1 and self.schedule is None:
+            return vs[0], None
+        cfg = default_config(self.schedules[name], torch.device("cuda"), canonical_dtype(dtype), dims,
+                             f"output {name}")
+        chosen, _, preds = schedule_cost.choose(vs, dims, dtype, device, cfg.block_m, cfg.block_n, batch)
+        return chosen, preds
+
+    def schedule_ranking(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
+                         batch: int = 1) -> list:
+        """The legal schedules in the order a CUDA launch tries them: the choice first, then by predicted time
+        (runtime/configs.py takes the first whose kernel fits the GPU without spilling)."""
+        chosen, preds = self.schedule_choice(name, dims, dtype, device, batch)
+        if preds is None:
+            return [chosen]
+        vs = [v for v in self.variants[name] if self.schedule is None or v.kind == self.schedule]
+        order = sorted(range(len(vs)), key=lambda k: preds[k].seconds)
+        return [chosen] + [vs[k] for k in order if vs[k] is not chosen]
+
+    def schedule_for(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
+                     batch: int = 1) -> onf.Schedule:
+        """The ONF a launch with these dims and batch size (the product of the batch axes) runs; see
+        schedule_choice. Memoised per call shape."""
+        key = (name, tuple(sorted(dims.items())), str(dtype), str(device), batch)
+        if key not in self._choices:
+            self._choices[key] = self.schedule_choice(name, dims, dtype, device, batch)[0]
+        return self._choices[key]
+
+    def base_schedule(self, name: str) -> onf.Schedule:
+        """The schedule without dims: the forced kind if any, else the tiled one."""
+        forced = [v for v in self.variants[name] if v.kind == self.schedule] if self.schedule else []
+        return forced[0] if forced else self.schedules[name]
+
+    # ---- the form and the kernel family --------------------------------------------------------------------------
+    def choose_form(self, name: str, dims: dict, device: str = "h100", dtype: str = "bf16") -> str:
+        """The form run for one output: forced by `form=`, else the one with the smaller predicted time."""
+        lp, why = self.linear_plans[name]
+        if self.form == "linear":
+            if lp is None:
+                raise UnsupportedError(f"form='linear' for output {name}: {why}")
+            return "linear"
+        if self.form == "quadratic" or lp is None:
+            return "quadratic"
+        peak, bw = device_roofline(device, dtype)
+        c = linear.form_costs(lp, dims)
+        return min(c, key=lambda f: linear.predicted_seconds(c[f], peak, bw))
+
+    def run_kind(self, name: str, dims: dict | None, device=None, dtype=None) -> str:
+        """The kernel family an output runs: WINDOW (codegen/window.py), LINEAR (codegen/chunked.py) or TILED
+        (codegen/emit.py). dims None: the family without a call (tiled unless forced); device/dtype None: as a
+        call decides (h100, bf16 prediction)."""
+        if self.is_window(name):
+            return WINDOW
+        if self.form == "linear":
+            self.choose_form(name, dims or {})   # refuses an output without a linear form
+            return LINEAR
+        if self.form == "quadratic" or dims is None:
+            return TILED
+        try:
+            form = self.choose_form(name, dims) if device is None else \
+                self.choose_form(name, dims, device=str(device), dtype=dtype)
+        except (UnsupportedError, KeyError):
+            return TILED
+        return LINEAR if form == "linear" else TILED
+
+    # ---- the tiled family's config ------------------------------------------------------------------------------
+    def launch_config(self, name: str, device: torch.device, dtype: str, dims: dict) -> Config:
+        """The default config a launch starts from: choose_config's table, tiles shrunk for huge head dims."""
+        return default_config(self.schedules[name], device, dtype, dims, f"output {name}")
+
+    def tiled(self, name: str, dims: dict, call_dtype: str, compute: str, device: torch.device, nbatch: int,
+              batch: int, config: Config | None = None) -> Plan:
+        """The Plan of a tiled launch. The schedule is predicted for the call's dtype on the device (h100 for CPU
+        tensors); the config is the compute dtype's: on CPU (the interpreter) the interpreter's tiles, on CUDA the
+        schedules in the runtime's order with their candidate configs, the first that fits the device without
+        spilling (runtime/configs.py; AOT-checked, cached). `config` forces the tiles."""
+        sched = self.schedule_for(name, dims, call_dtype, device_table_name(device), batch)
+        if config is None and device.type == "cuda":
+            sched, cfg = configs.runtime_config(self, name, compute, dims, nbatch, device, batch)
+            return Plan(name, TILED, sched, cfg)
+        n, m, head = _extents(self.schedules[name], dims)
+        cfg = config or choose_config(device, compute, n, m, head)
+        return Plan(name, TILED, sched, fit_tiles(cfg, head_dims(self.schedules[name], dims), f"output {name}"))
+
+
+def _extents(sched, dims):
+    n = sy.evaluate(sched.row[1], dims)
+    mext = max([sy.evaluate(br.extent, dims) for br in sched.branches] + [1])
+    return n, mext, max(head_dims(sched, dims))
+
+
+def device_roofline(device: str, dtype: str) -> tuple[float, float]:
+    """(peak FLOP/s, DRAM bytes/s) of a named device for the form choice."""
+    try:
+        dev = get_device(device)
+        return dev.peak_flops(dtype), dev.dram_bandwidth
+    except (MoaError, AttributeError, KeyError):
+        return 989e12, 3.35e12  # H100 SXM dense bf16, HBM3
