@@ -10,7 +10,7 @@ Three ingredients, none of which executes the kernel:
    and transcendentals. Regions: "program" (once per program), ("iter", k) (each iteration of branch k's key
    loop), ("visit", k) (each visited tile), ("partial", k) (each visited tile whose mask code runs), "lse".
    The counting conventions are those of the instrumented interpreter (moa.runtime.measure).
-3. The access sites the emitter recorded for every tl.load / tl.store (codegen.emit.AccessSite): the index
+3. The access sites the emitter recorded for every tl.load / tl.store (codegen.exprs.AccessSite): the index
    expressions and the mask as sympy relations. The lanes an access touches in one tile are counted over the
    tile's index box (padding lanes included, masked lanes excluded), per axis when the mask separates.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
@@ -38,7 +39,7 @@ from moa import symbolic as sy
 from moa.cost import Counts
 from moa.exprfold import np_eval
 from moa.onf import Schedule
-from moa.tiles import hop_iters, hops_needed, key_iterations, residue_needed, row_tiles, tiles_needed
+from moa.tiles import RowTiles, hop_iters, hops_needed, key_iterations, residue_needed, row_tiles, tiles_needed
 
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, csym
 from .ledger import ledger
@@ -158,11 +159,7 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
 
     elem_bytes: tensor name (inputs, the output, 'lse') -> bytes per element as the kernel sees it."""
     led = ledger(program, spec)
-    bm, bn = spec.block_m, spec.block_n
-    cvals = constexpr_values(spec, dims, bm, bn)
-    lengths = _axis_lengths(cvals)
-    denv = {d: dims[d.name] for d in program.dims}
-    i_var = sched.row[0]
+    cvals = constexpr_values(spec, dims, spec.block_m, spec.block_n)
     n = sy.evaluate(sched.row[1], dims)
     e = sy.evaluate(sched.col[1], dims)
     lead = [(v, sy.evaluate(x, dims)) for v, x in sched.lead]
@@ -181,83 +178,96 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
         (needed and any(b.mask is not None and D.free_vars(b.mask) & leadvars for b in sched.branches))
     combos = list(itertools.product(*(range(x) for _, x in lead))) if per_lead else [None]
     weight = nb * (1 if per_lead else math.prod(x for _, x in lead))
-    residue = getattr(sched, "lift", None) is not None
     for combo in combos:
-        env = dict(denv)
+        env = {d: dims[d.name] for d in program.dims}
         if combo is not None:
             env.update({v: val for (v, _), val in zip(lead, combo)})
-        rt = row_tiles(sched, env, n, bm)
-        penv = {**env, **rt.scalars}   # per-program values (the residue r)
-        R = rt.count
-        c = Counts(programs=R)
-        hops = {k: hop_iters(b, penv, rt.ilo, rt.ihi) for k, b in enumerate(sched.branches)
-                if ("hop", k) in led.regions}
-        tiles = {}
-        for k, b in enumerate(sched.branches):
-            if k in hops:
-                continue
-            lifted = getattr(b, "lift", None) is not None
-            lo, hi = (rt.alo, rt.ahi) if lifted else (rt.ilo, rt.ihi)
-            m = np_eval(b.extent, penv) if residue else sy.evaluate(b.extent, dims)
-            tiles[k] = key_iterations(b, penv, lo, hi, m, bn)
-        mult = {"program": R, "lse": R if "lse" in led.regions else 0}
-        for k, t in tiles.items():
-            mult[("iter", k)] = len(t.rows)
-            mult[("visit", k)] = int(t.visited.sum())
-            mult[("partial", k)] = int((t.visited & t.partial).sum())
-            c.tiles_visited += mult[("visit", k)]
-            if needed:
-                b = sched.branches[k]
-                c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, False) if residue else \
-                    tiles_needed(b, i_var, env, n, sy.evaluate(b.extent, dims), bm, bn)
-        for k, h in hops.items():  # a hop loop: every (row tile, hop) iteration is a visited tile
-            mult[("hop", k)] = len(h.rows)
-            c.tiles_visited += len(h.rows)
-            if needed:
-                b = sched.branches[k]
-                c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, True) if residue else \
-                    hops_needed(b, i_var, env, n, sy.evaluate(b.extent, dims), bm)
+        it = _iterations(sched, led, env, dims, spec.block_m, spec.block_n, needed)
+        c = it.counts
         for region, (dot, other, trans) in work.items():
-            k = mult.get(region, 0)
+            k = it.mult.get(region, 0)
             c.dot_flops += k * dot
             c.flops += k * (dot + other)
             c.transcendentals += k * trans
-        for region, w in led.regions.items():
-            if region in ("program", "lse"):
-                prog = np.arange(R, dtype=np.int64)
-                starts = {}
-            elif region[0] == "hop":
-                h = hops[region[1]]
-                prog, starts = h.rows, {"hop": h.hops}
-            else:
-                t = tiles[region[1]]
-                sel = np.ones(len(t.rows), dtype=bool) if region[0] == "iter" else \
-                    t.visited if region[0] == "visit" else t.visited & t.partial
-                prog, starts = t.rows[sel], {"key": t.starts[sel]}
-            starts["row"] = rt.base[prog]
-            if rt.alo is not None:
-                starts["lifted_row"] = rt.alo[prog]
-            scal = {sym: v[prog] for sym, v in rt.scalars.items()}
-            for names, sites, loading in ((w.loads, led.loads, True), (w.stores, led.stores, False)):
-                for name in names:
-                    site = sites[name]
-                    lanes = int(site_lanes(site, env, lengths, starts, len(prog), {"row": rt.stride}, scal).sum())
-                    nbytes = lanes * elem_bytes[site.tensor]
-                    if loading:
-                        c.dram_bytes_loaded += nbytes
-                        c.loaded_by_tensor[site.tensor] = c.loaded_by_tensor.get(site.tensor, 0) + nbytes
-                        if region not in ("program", "lse"):
-                            c.loop_loaded_by_tensor[site.tensor] = \
-                                c.loop_loaded_by_tensor.get(site.tensor, 0) + nbytes
-                    else:
-                        c.dram_bytes_stored += nbytes
-        for f in ("flops", "dot_flops", "transcendentals", "dram_bytes_loaded", "dram_bytes_stored",
-                  "tiles_visited", "tiles_needed", "programs"):
-            setattr(c, f, getattr(c, f) * weight)
-        c.loaded_by_tensor = {k: v * weight for k, v in c.loaded_by_tensor.items()}
-        c.loop_loaded_by_tensor = {k: v * weight for k, v in c.loop_loaded_by_tensor.items()}
-        out.add(c)
+        _count_bytes(c, it, led, env, _axis_lengths(cvals), elem_bytes)
+        out.add(c.scaled(weight))
     return out
+
+
+@dataclass
+class _Iterations:
+    """The iterations of every loop of one kernel instance (one leading-index combination): row tiles, key-tile
+    iterations or hops per branch, how often each ledger region executes, and the tiles visited and needed."""
+    rt: RowTiles
+    tiles: dict          # branch -> BranchTiles
+    hops: dict           # branch -> HopIters
+    mult: dict           # region -> executions
+    counts: Counts
+
+
+def _iterations(sched, led, env, dims, bm: int, bn: int, needed: bool) -> _Iterations:
+    n = sy.evaluate(sched.row[1], dims)
+    residue = getattr(sched, "lift", None) is not None
+    rt = row_tiles(sched, env, n, bm)
+    penv = {**env, **rt.scalars}   # per-program values (the residue r)
+    hops = {k: hop_iters(b, penv, rt.ilo, rt.ihi) for k, b in enumerate(sched.branches) if ("hop", k) in led.regions}
+    tiles = {}
+    for k, b in enumerate(sched.branches):
+        if k not in hops:
+            lo, hi = (rt.alo, rt.ahi) if getattr(b, "lift", None) is not None else (rt.ilo, rt.ihi)
+            m = np_eval(b.extent, penv) if residue else sy.evaluate(b.extent, dims)
+            tiles[k] = key_iterations(b, penv, lo, hi, m, bn)
+    c = Counts(programs=rt.count)
+    mult = {"program": rt.count, "lse": rt.count if "lse" in led.regions else 0}
+    for k, t in tiles.items():
+        mult[("iter", k)] = len(t.rows)
+        mult[("visit", k)] = int(t.visited.sum())
+        mult[("partial", k)] = int((t.visited & t.partial).sum())
+        c.tiles_visited += mult[("visit", k)]
+        if needed:
+            b = sched.branches[k]
+            c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, False) if residue else \
+                tiles_needed(b, sched.row[0], env, n, sy.evaluate(b.extent, dims), bm, bn)
+    for k, h in hops.items():  # a hop loop: every (row tile, hop) iteration is a visited tile
+        mult[("hop", k)] = len(h.rows)
+        c.tiles_visited += len(h.rows)
+        if needed:
+            b = sched.branches[k]
+            c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, True) if residue else \
+                hops_needed(b, sched.row[0], env, n, sy.evaluate(b.extent, dims), bm)
+    return _Iterations(rt, tiles, hops, mult, c)
+
+
+def _count_bytes(c: Counts, it: _Iterations, led, env, lengths, elem_bytes) -> None:
+    """DRAM bytes of every load and store site, over the executions of its region (lanes of each tile)."""
+    rt = it.rt
+    for region, w in led.regions.items():
+        if region in ("program", "lse"):
+            prog, starts = np.arange(rt.count, dtype=np.int64), {}
+        elif region[0] == "hop":
+            h = it.hops[region[1]]
+            prog, starts = h.rows, {"hop": h.hops}
+        else:
+            t = it.tiles[region[1]]
+            sel = np.ones(len(t.rows), dtype=bool) if region[0] == "iter" else \
+                t.visited if region[0] == "visit" else t.visited & t.partial
+            prog, starts = t.rows[sel], {"key": t.starts[sel]}
+        starts["row"] = rt.base[prog]
+        if rt.alo is not None:
+            starts["lifted_row"] = rt.alo[prog]
+        scal = {sym: v[prog] for sym, v in rt.scalars.items()}
+        for names, sites, loading in ((w.loads, led.loads, True), (w.stores, led.stores, False)):
+            for name in names:
+                site = sites[name]
+                lanes = int(site_lanes(site, env, lengths, starts, len(prog), {"row": rt.stride}, scal).sum())
+                nbytes = lanes * elem_bytes[site.tensor]
+                if not loading:
+                    c.dram_bytes_stored += nbytes
+                    continue
+                c.dram_bytes_loaded += nbytes
+                c.loaded_by_tensor[site.tensor] = c.loaded_by_tensor.get(site.tensor, 0) + nbytes
+                if region not in ("program", "lse"):
+                    c.loop_loaded_by_tensor[site.tensor] = c.loop_loaded_by_tensor.get(site.tensor, 0) + nbytes
 
 
 def onchip_bytes(sched: Schedule, spec, dims: dict, in_bytes: int, acc_bytes: int, num_stages: int) -> int:

@@ -127,6 +127,7 @@ def _sum_full(expr, var, count, total, ntiles):
     return sp.Sum(expr, (var, 0, ntiles - 1))
 
 
+# long: one formula per region kind, in the order of the numeric predict (codegen/counts.py) it mirrors
 def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) -> dict:
     """The counters as sympy formulas in the dims and the constexprs BLOCK_M, BLOCK_N, HEAD_DIM*, HEAD_DIM_V.
 

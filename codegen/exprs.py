@@ -130,9 +130,10 @@ class Emitter:
     def fresh(self, base: str) -> str:
         """A temporary's name: `base`, else base2, base3 ... (names by role, never a bare counter)."""
         name, k = base, 1
+        sep = "_" if base[-1:].isdigit() else ""
         while name in self.taken:
             k += 1
-            name = f"{base}{k}"
+            name = f"{base}{sep}{k}"
         self.taken.add(name)
         return name
 
@@ -151,6 +152,17 @@ class Emitter:
             self.head_dims[extent] = "HEAD_DIM" if k == 0 else f"HEAD_DIM_{k + 1}"
         return self.head_dims[extent]
 
+    def head_offsets(self, extent, scope: Scope) -> str:
+        """offs_head_dim (offs_head_dim_2 ...) of a head dim, defined once in the kernel's outermost scope."""
+        hd = self.head_dim(extent)
+        offs = f"offs_{hd.lower()}"
+        if offs not in self.taken:
+            self.taken.add(offs)
+            while scope.parent is not None:
+                scope = scope.parent
+            scope.add(f"{offs} = tl.arange(0, {hd})")
+        return offs
+
     def use_input(self, name):
         if name not in self.used_inputs:
             self.used_inputs.append(name)
@@ -163,7 +175,7 @@ class Emitter:
         return pcode(e, {**self.names, **vmap})
 
     def emit(self, e, vmap: dict, scope: Scope, hoist: Scope | None = None, key_vars=frozenset(),
-             role: str = "t") -> str:
+             role: str = "tmp") -> str:
         """Code for a DNF scalar expression as a tile; loads go to `hoist` when they do not use key_vars.
         Temporaries are named after `role` (mask, score, value, out ...)."""
         if isinstance(e, D.Const):
@@ -327,8 +339,7 @@ class Emitter:
 
     def _row_reduce(self, e: D.Reduce, vmap, scope: Scope, role: str) -> str:
         """A reduction over a small axis held in one tile (e.g. q . wg over the head dim)."""
-        hd = self.head_dim(e.extent)
-        offs = f"offs_{hd.lower()}"
+        offs = self.head_offsets(e.extent, scope)
         inner = {**vmap, e.var: f"{offs}[None, :]"}
         body = self.emit(e.body, inner, scope, role=role)
         valid = f"({offs}[None, :] < {self.idx(e.extent, {})})"

@@ -1,4 +1,4 @@
-"""The hop schedule of a branch whose mask has residue structure (moa/onf.py `Hop`): j = i + c - s t.
+"""The hop loop of a branch whose mask has residue structure (moa/onf.py `Hop`): j = i + c - s t.
 
 Instead of key tiles (most of whose pairs a stride-s mask rejects), the loop runs over hops t: hop t pairs
 query row i with the single key row i + c - s t, so a [BLOCK_M, HEAD_DIM] block of key rows is loaded
@@ -11,75 +11,47 @@ non-lifted branches, whose rows are strided.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+from moa import dnf as D
+from moa import intervals as iv
 from moa import symbolic as sy
 
-from .printer import code as pcode
+from .exprs import Emitter
+from .monoid import Monoid
+from .scope import Scope
 
 
-def emit_hop_branch(em, k: int, b, body, q_tile: str | None) -> None:
-    """Append the hop loop of branch k (online softmax or normaliser) to `body` (an emit._Scope)."""
-    from moa import dnf as D
-    from moa import intervals as iv
-
-    from .emit import _Scope
-
-    s = em.s
+def emit_hop_branch(x: Emitter, k: int, b, body: Scope, q_tile: str | None, mo: Monoid) -> None:
+    """Append the hop loop of branch k (its monoid state initialised in `body` already)."""
+    s = x.s
     i, n_ext = s.row
-    c, e_ext = s.col
+    c = s.col[0]
     h = b.hop
     j, t = b.var, h.var
-    w = body.lines.append
-    acc = em.acc
-    names = {iv.I_LO: "row_lo", iv.I_HI: "row_hi", **em.names}
-    w(f"    # branch {k}: {b.kind} reduction over {j.name} by hops {t.name}: {j.name} = {sy.show(h.key)}")
-    if b.kind == "softmax":
-        w(f"    m_i{k} = tl.full([BLOCK_M], float(\"-inf\"), dtype={acc})")
-        w(f"    l_i{k} = tl.zeros([BLOCK_M], dtype={acc})")
-    else:
-        w(f"    z_i{k} = tl.zeros([BLOCK_M], dtype={acc})")
-    w(f"    acc{k} = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype={acc})")
-    w(f"    t_lo{k} = {pcode(h.t_lo, names)}")
-    w(f"    t_hi{k} = {pcode(h.t_hi, names)}")
-    loop = _Scope([f"    for hop in range(t_lo{k}, t_hi{k} + 1):"], "        ", parent=body)
-    lw = loop.lines.append
-    first_site = len(em.loads)
-    lw(f"        # hop: key row {sy.show(h.key)} for query row {i.name}")
-    lw("        hop_t = tl.full([], hop, tl.int32)  # a tensor, in the interpreter too (scalar terms may be cast)")
+    sfx = x.sfx(k)
+    box = {iv.I_LO: "row_lo", iv.I_HI: "row_hi"}
+    body.add(f"# hops {t.name}: key row {j.name} = {sy.show(h.key)} for query row {i.name}")
+    body.add(f"t_lo{sfx} = {x.idx(h.t_lo, box)}")
+    body.add(f"t_hi{sfx} = {x.idx(h.t_hi, box)}")
+    loop = Scope([], "    ", parent=body).open(f"for hop in range(t_lo{sfx}, t_hi{sfx} + 1):", ("hop", k))
+    first_site = len(x.loads)
+    loop.add("hop_t = tl.full([], hop, tl.int32)  # a tensor, in the interpreter too (scalar terms may be cast)")
     if b.dot is not None:
-        hd = em.head_dim(b.dot.extent)
-        offs = f"offs_{hd.lower()}"
+        offs = x.head_offsets(b.dot.extent, body)
         # j := the key expression, so that loads check 0 <= j < m (a hop can reach before the first key)
-        kb = em.emit(D.subs(b.dot.b, {j: h.key}), {i: "offs_m[:, None]", t: "hop_t", b.dot.var: f"{offs}[None, :]"},
-                     loop)
-        lw(f"        qk{k} = tl.sum({q_tile}.to({acc}) * {kb}, 1)  # row-wise dot products")
-    score = em.emit(D.subs(b.score, {j: h.key}), {i: "offs_m", t: "hop_t"}, loop)
-    mask = em.emit(h.mask, {i: "offs_m", t: "hop_t"}, loop)
+        kb = x.emit(D.subs(b.dot.b, {j: h.key}), {i: "offs_m[:, None]", t: "hop_t", b.dot.var: f"{offs}[None, :]"},
+                    loop, role=f"k{sfx}")
+        loop.add(f"qk{sfx} = tl.sum({q_tile}.to({x.acc}) * {kb}, 1)  # row-wise dot products")
+    score = x.emit(D.subs(b.score, {j: h.key}), {i: "offs_m", t: "hop_t"}, loop, role=f"score{sfx}")
+    mask = x.emit(h.mask, {i: "offs_m", t: "hop_t"}, loop, role=f"mask{sfx}")
     neutral = 'float("-inf")' if b.kind == "softmax" else "0.0"
-    lw(f"        sc = tl.where({mask} & (offs_m < {em.idx(n_ext, {})}), {score}, {neutral})")
-    v = em.emit(D.subs(b.value, {j: h.key}), {i: "offs_m[:, None]", t: "hop_t", c: "offs_v[None, :]"}, loop)
-    if b.kind == "softmax":
-        lw(f"        m_ij = tl.maximum(m_i{k}, sc * 1.4426950408889634)")
-        lw("        m_safe = tl.where(m_ij == float(\"-inf\"), 0.0, m_ij)")
-        lw("        p = tl.exp2(sc * 1.4426950408889634 - m_safe)")
-        lw(f"        alpha = tl.exp2(m_i{k} - m_safe)")
-        lw(f"        l_i{k} = l_i{k} * alpha + p")
-        lw(f"        acc{k} = acc{k} * alpha[:, None] + p[:, None] * {v}")
-        lw(f"        m_i{k} = m_ij")
-        _hop_sites(em, first_site, t)
-        body.lines.extend(loop.lines)
-        w(f"    o{k} = acc{k} / tl.where(l_i{k} == 0, 1.0, l_i{k})[:, None]  # fin: 0 for rows with no key")
-    else:
-        lw(f"        z_i{k} = z_i{k} + sc")
-        lw(f"        acc{k} = acc{k} + sc[:, None] * {v}")
-        _hop_sites(em, first_site, t)
-        body.lines.extend(loop.lines)
-        w(f"    o{k} = acc{k} / tl.where(z_i{k} == 0, 1.0, z_i{k})[:, None]  # 0 where the normaliser is 0")
-
-
-def _hop_sites(em, first: int, t) -> None:
-    """Access sites of the hop loop (cost model): the hop variable is a scalar axis 'hop' (one value per iteration)."""
-    from dataclasses import replace
-
-    for q in range(first, len(em.loads)):
-        site = em.loads[q]
-        em.loads[q] = replace(site, axes=tuple((v, "hop" if v == t else a) for v, a in site.axes))
+    sname = f"s{sfx}" if b.kind == "softmax" else f"w{sfx}"
+    loop.add(f"{sname} = tl.where({mask} & (offs_m < {x.idx(n_ext, {})}), {score}, {neutral})")
+    v = x.emit(D.subs(b.value, {j: h.key}), {i: "offs_m[:, None]", t: "hop_t", c: "offs_v[None, :]"}, loop,
+               role=f"v{sfx}")
+    mo.update(loop, sname, lambda p: f"{p}[:, None] * {v}", tile=False)
+    for q in range(first_site, len(x.loads)):   # the hop is a scalar axis of the access sites: one value a loop
+        site = x.loads[q]
+        x.loads[q] = replace(site, axes=tuple((var, "hop" if var == t else a) for var, a in site.axes))
+    body.lines.extend(loop.parent.lines)

@@ -79,8 +79,9 @@ class _Walker:
     "lse". `consts`: constexprs fixed at launch (INIT, PREFIX ...) whose `if NAME:` blocks are decided statically.
     `ptr_elems`: element kind of pointers that are not program inputs (f, i, b)."""
 
-    def __init__(self, tree: ast.Module, program, output: str, consts=None, ptr_elems=None):
+    def __init__(self, tree: ast.Module, program, output: str, consts=None, ptr_elems=None, marks=None):
         self.funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+        self.marks = dict(marks or {})   # line number -> region of the loops and tests the emitter marked
         self.program, self.output = program, output
         self.consts = dict(consts or {})
         self.ptr_elems = dict(ptr_elems or {})
@@ -132,17 +133,10 @@ class _Walker:
                 if self.region != "program" or not (isinstance(s.iter, ast.Call) and isinstance(s.target, ast.Name)):
                     raise UnsupportedError("cost model: unexpected (nested) loop in the generated kernel")
                 self.expr(s.iter, env)
-                lo = s.iter.args[0]
                 saved = self.region, self.branch
-                if isinstance(lo, ast.Name) and lo.id[:2] == "lo" and lo.id[2:].isdigit():
-                    self.branch = int(lo.id[2:])
-                    # a loop without a skip test visits every iteration: its body is the 'visit' region
-                    tested = any(isinstance(x, ast.If) and isinstance(x.test, ast.Compare) and
-                                 isinstance(x.test.left, ast.Name) and x.test.left.id == "tile_skip" for x in s.body)
-                    self.region = ("iter" if tested else "visit", self.branch)
-                elif s.target.id == "hop" and isinstance(lo, ast.Name) and lo.id.startswith("t_lo"):
-                    self.branch = int(lo.id[4:])
-                    self.region = ("hop", self.branch)
+                if s.lineno in self.marks:   # a key-tile or hop loop: the emitter marked its region
+                    self.region = self.marks[s.lineno]
+                    self.branch = self.region[1]
                 else:
                     self.region = ("loop", self.loops)
                     self.loops += 1
@@ -153,16 +147,13 @@ class _Walker:
             elif isinstance(s, ast.If) and isinstance(s.test, ast.Name) and s.test.id in self.consts:
                 self.block(s.body if self.consts[s.test.id] else s.orelse, env)   # decided at launch
             elif isinstance(s, ast.If):
-                test = s.test
-                if isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "tile_skip":
-                    region = ("visit", self.branch)
-                elif isinstance(test, ast.Name) and test.id == "tile_partial":
-                    region = ("partial", self.branch)
-                elif isinstance(test, ast.Name) and test.id == "STORE_LSE":
+                if s.lineno in self.marks:
+                    region = self.marks[s.lineno]
+                elif isinstance(s.test, ast.Name) and s.test.id == "STORE_LSE":
                     region = "lse"
                 else:
-                    raise UnsupportedError(f"cost model: unexpected branch `if {ast.unparse(test)}`")
-                self.expr(test, env)
+                    raise UnsupportedError(f"cost model: unexpected branch `if {ast.unparse(s.test)}`")
+                self.expr(s.test, env)
                 saved = self.region
                 self.region = region
                 self.regions[region]  # noqa: B018
@@ -332,15 +323,18 @@ _LEDGERS: dict = {}
 
 def ledger(program, spec) -> Ledger:
     """The per-region work of a generated tiled kernel (cached by source text)."""
-    return function_ledger(program, spec.source, "_attn_fwd", spec.loads, spec.stores, spec.output)
+    return function_ledger(program, spec.source, "_attn_fwd", spec.loads, spec.stores, spec.output,
+                           marks=spec.regions)
 
 
 def function_ledger(program, source: str, fn: str, loads, stores, output: str = "", consts=None,
-                    ptr_elems=None) -> Ledger:
-    """The per-region work of one function of a generated module, with its access sites (cached)."""
+                    ptr_elems=None, marks=None) -> Ledger:
+    """The per-region work of one function of a generated module, with its access sites (cached). `marks`: line
+    number -> region of the blocks the emitter marked (key-tile loops, hop loops, skip and mask tests); any other
+    loop is ("loop", q), the q-th of the function."""
     key = (source, fn, tuple(sorted((consts or {}).items())), tuple(sorted((ptr_elems or {}).items())))
     if key not in _LEDGERS:
-        regions = _Walker(ast.parse(source), program, output, consts, ptr_elems).run(fn)
+        regions = _Walker(ast.parse(source), program, output, consts, ptr_elems, marks).run(fn)
         loads = {s.name: s for s in loads}
         stores = {s.name: s for s in stores}
         for r, w in regions.items():

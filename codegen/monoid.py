@@ -42,14 +42,14 @@ class Monoid:
     def acc(self) -> str:
         return f"acc{self.sfx}"
 
-    def init(self, scope: Scope) -> None:
-        """The identity: (-inf, 0, 0) for softmax, (0, 0) for a sum."""
+    def init(self, scope: Scope, cols: str = "HEAD_DIM_V") -> None:
+        """The identity: (-inf, 0, 0) for softmax, (0, 0) for a sum; acc is [BLOCK_M, cols]."""
         if self.kind == "softmax":
             scope.add(f'{self.m_i} = tl.full([BLOCK_M], float("-inf"), dtype={self.acc_dtype})')
             scope.add(f"{self.l_i} = tl.zeros([BLOCK_M], dtype={self.acc_dtype})")
         else:
             scope.add(f"{self.z_i} = tl.zeros([BLOCK_M], dtype={self.acc_dtype})")
-        scope.add(f"{self.acc} = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype={self.acc_dtype})")
+        scope.add(f"{self.acc} = tl.zeros([BLOCK_M, {cols}], dtype={self.acc_dtype})")
 
     def update(self, scope: Scope, s: str, weighted, tile: bool = True, to_log2: str = LOG2E) -> None:
         """Merge one step's scores `s` (natural units times `to_log2` gives log2 units; '' when `s` already is
@@ -61,7 +61,8 @@ class Monoid:
             scope.add(f"{self.acc} = {self.acc} + {weighted(s)}")
             return
         s2 = f"{s} * {to_log2}" if to_log2 else s
-        scope.add(f"m_ij = tl.maximum({self.m_i}, {red(s2, 'max')})")
+        top = f"{red(s, 'max')} * {to_log2}" if to_log2 else red(s, "max")   # the row max, then the scale
+        scope.add(f"m_ij = tl.maximum({self.m_i}, {top})")
         scope.add('m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)')
         scope.add(f"p = tl.exp2({s2} - {col('m_safe')})")
         scope.add(f"alpha = tl.exp2({self.m_i} - m_safe)")

@@ -6,6 +6,17 @@ from moa.errors import UnsupportedError
 from moa.exprfold import Backend, fold
 
 
+class _Neg(str):
+    """The text of -x, remembering x (so that a + (-x) prints as a - x)."""
+
+    inner: str
+
+    def __new__(cls, inner: str):
+        out = super().__new__(cls, f"(-{inner})")
+        out.inner = inner
+        return out
+
+
 class TritonText(Backend):
     """Code text; `names` maps symbols (or their names) to the code that holds them."""
 
@@ -35,16 +46,24 @@ class TritonText(Backend):
         return "True" if v else "False"
 
     def add(self, terms):
-        out = terms[0]
+        # symbols first, numbers last: (row_hi - 1) rather than (-1 + row_hi)
+        terms = sorted(terms, key=lambda t: _is_number(t.inner if isinstance(t, _Neg) else t))
+        first = terms[0]
+        out = f"-{first.inner}" if isinstance(first, _Neg) else first
         for t in terms[1:]:
-            out += f" - {t[1:]}" if t.startswith("-") and not t.startswith("-(") else f" + {t}"
+            if isinstance(t, _Neg):
+                out += f" - {t.inner}"
+            elif t.startswith("-") and not t.startswith("-("):
+                out += f" - {t[1:]}"
+            else:
+                out += f" + {t}"
         return f"({out})"
 
     def mul(self, factors):
         return "(" + " * ".join(factors) + ")"
 
     def neg(self, x):
-        return f"(-{x})"
+        return _Neg(x)
 
     def div(self, num, den):
         return f"({num} / {den})"
@@ -88,6 +107,14 @@ class TritonText(Backend):
 
     def compare(self, op, a, b):
         return f"({a} {op} {b})"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def code(e, names: dict) -> str:

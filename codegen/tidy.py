@@ -43,22 +43,27 @@ def helpers_for(code: str) -> str:
 
 
 def _parse(line: str):
-    """(assigned name or None, names read) of one emitted line."""
+    """(assigned name or None, names read) of one emitted line (a block header reads its test or range)."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None, set()
-    body = text + " pass" if text.endswith(":") else text
-    try:
-        node = ast.parse(body).body[0]
-    except SyntaxError:
-        return None, set(re.findall(r"[A-Za-z_]\w*", text))
+    node = None
+    for body in (text, text + "\n    pass"):
+        try:
+            node = ast.parse(body).body[0]
+            break
+        except SyntaxError:
+            continue
+    if node is None:   # not a statement of its own: count every name in it as read
+        return None, set(re.findall(r"[A-Za-z_]\w*", text.split("#")[0]))
+    if isinstance(node, (ast.If, ast.For, ast.While)):
+        head = node.test if isinstance(node, (ast.If, ast.While)) else ast.Tuple([node.target, node.iter], ast.Load())
+        return None, {n.id for n in ast.walk(head) if isinstance(n, ast.Name)}
     reads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
         return node.targets[0].id, reads
     if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
         return node.target.id, reads | {node.target.id}
-    if isinstance(node, ast.For):
-        return None, reads | {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
     return None, reads
 
 

@@ -31,6 +31,15 @@ class Counts:
     def dram_bytes(self) -> int:
         return self.dram_bytes_loaded + self.dram_bytes_stored
 
+    def scaled(self, k: int) -> Counts:
+        """These counts times k (k identical instances: batch, leading indices that change nothing)."""
+        out = Counts(**{f: getattr(self, f) * k for f in ("flops", "dot_flops", "transcendentals",
+                                                          "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited",
+                                                          "tiles_needed", "programs")})
+        out.loaded_by_tensor = {t: v * k for t, v in self.loaded_by_tensor.items()}
+        out.loop_loaded_by_tensor = {t: v * k for t, v in self.loop_loaded_by_tensor.items()}
+        return out
+
     def add(self, o: Counts):
         for f in ("flops", "dot_flops", "transcendentals", "dram_bytes_loaded", "dram_bytes_stored",
                   "tiles_visited", "tiles_needed", "programs"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import networkx as nx
 import sympy as sp
 
 from . import symbolic as sy
@@ -394,8 +395,6 @@ def outer(fn: str, a: Node, b: Node, loc=None) -> Node:
 
 def walk(roots) -> list[Node]:
     """Every node reachable from roots, inputs before users (topological order, shared nodes once)."""
-    import networkx as nx
-
     g = nx.DiGraph()
     seen = {}
     stack = list(roots)

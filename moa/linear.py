@@ -29,6 +29,7 @@ from functools import lru_cache
 import sympy as sp
 
 from . import dnf as D
+from . import symbolic as sy
 from .onf import BranchValue, DotTile, Schedule
 
 
@@ -148,8 +149,6 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
                intra-chunk part C^2 (2 HD + 2 HV + p + 4); states written once, read-modified-written once
                and read once in the accumulator dtype.
     """
-    from . import symbolic as sy
-
     def pad(x):
         return max(16, 1 << max(0, x - 1).bit_length())
 

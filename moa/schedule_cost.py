@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
+from . import dnf as D
 from . import intervals as iv
 from . import onf
 from . import symbolic as sy
@@ -163,9 +164,7 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
 
 
 def _reads(e):
-    from . import dnf as Dn
-
-    return [] if e is None else [x for x in Dn.nodes(e) if isinstance(x, Dn.Read)]
+    return [] if e is None else [x for x in D.nodes(e) if isinstance(x, D.Read)]
 
 
 def choose(variants, dims: dict, dtype="bfloat16", device="h100", block_m=128, block_n=64, batch: int = 1):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import io
 import os
 import pickle
@@ -21,6 +23,14 @@ import time
 import traceback
 import types
 from typing import Any
+
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.language import standard
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from moa.errors import UnsupportedError
 
@@ -123,6 +133,7 @@ def fits(report: AotReport, target: str | None = None) -> tuple[bool, str]:
     return (not problems, "; ".join(problems) if problems else "ok")
 
 
+# long: the public AOT entry point; its docstring states the whole contract
 def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *, target: str = "sm_90",
                 num_warps: int = 4, num_stages: int = 3, block_m: int | None = None,
                 block_n: int | None = None, options: dict[str, Any] | None = None,
@@ -155,10 +166,6 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
         return _compile_in_child(fn, signature, constexprs, {
             "target": target, "num_warps": num_warps, "num_stages": num_stages, "block_m": block_m,
             "block_n": block_n, "options": options, "divisible": tuple(divisible)})
-
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
 
     jit_fn = _as_jit_function(fn)
     name = jit_fn.__name__
@@ -255,15 +262,12 @@ def _make_hook(shared_limit: int):
 
 def _as_jit_function(fn):
     """A ``JITFunction`` for ``fn``, rebuilding one when ``triton.jit`` made an InterpretedFunction."""
-    from triton.runtime.jit import JITFunction
     if isinstance(fn, JITFunction):
         return fn
     return _rebuild(fn, {})
 
 
 def _rebuild(fn, memo: dict):
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
     if isinstance(fn, JITFunction):
         return fn
     if not isinstance(fn, InterpretedFunction):
@@ -290,8 +294,6 @@ def _rebuild(fn, memo: dict):
 def _language_is_interpreted() -> bool:
     """True when triton.language was imported under TRITON_INTERPRET=1 (its @jit helpers such as
     tl.cdiv or tl.sum are then InterpretedFunctions, which code generation cannot call)."""
-    from triton.language import standard
-    from triton.runtime.jit import JITFunction
     return not isinstance(standard.cdiv, JITFunction)
 
 
@@ -350,8 +352,6 @@ def _child_main() -> None:
 
 def _load_kernel(module: str, file: str, qualname: str):
     """The kernel ``module.qualname``: imported by name, else executed from ``file``."""
-    import importlib
-    import importlib.util
     mod = None
     if module not in ("__main__", "__mp_main__"):
         with contextlib.suppress(ImportError):
@@ -435,7 +435,6 @@ def _clip(text: str, limit: int = 600) -> str:
 
 
 def _tool(name: str) -> str | None:
-    from triton import knobs
     try:
         return getattr(knobs.nvidia, name).path
     except Exception:  # noqa: BLE001  (knobs raise RuntimeError, or OSError, when the tool is unusable)
@@ -461,7 +460,6 @@ def _res_usage(cubin: bytes) -> tuple[int, int, int] | None:
 def _run_ptxas(ptx: str, cap: int, md) -> str:
     """Re-run ptxas -v on ``ptx`` with the flags triton uses and return its log (used only when the
     log did not come through triton's metadata)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     cmd = [get_ptxas(cap).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
            f"--gpu-name={sm_arch_from_capability(cap)}"]
     if not getattr(md, "enable_fp_fusion", True):

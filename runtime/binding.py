@@ -7,6 +7,8 @@ import sympy as sp
 import torch
 
 from moa import ir
+from moa import dnf as D
+from moa import intervals as iv
 from moa import symbolic as sy
 from moa.errors import InputError
 from moa.program import Program
@@ -66,9 +68,6 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
     reference does (the kernels' masked loads would read 0 there). Decided from the index intervals over the
     read's whole index space at the call's dims (moa/intervals.py: exact for affine indices); a read the
     analysis cannot bound is left to the kernel."""
-    from moa import dnf as D
-    from moa import intervals as iv
-
     for out in outputs:
         for read, ranges in D.unguarded_reads(out):
             node = program.input_map.get(read.name)
@@ -106,6 +105,7 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
+# long: one pass over the inputs, each check naming the input, axis and dims involved
 def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     """Check the call's tensors against the program and bind every dim; InputError names what is wrong."""
     decl = program.input_map

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moa import ir
+from moa import dnf
 from moa import symbolic as sy
 from moa.errors import InputError, UnsupportedError
 
@@ -105,6 +106,4 @@ def _pytorch_oracle(kernel, inputs):
 
 
 def ir_text(e) -> str:
-    from moa import dnf
-
     return dnf.show(e)

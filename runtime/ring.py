@@ -124,6 +124,7 @@ def _compute_block(block, names, b):
 # ---- the driver ---------------------------------------------------------------------------------------------
 
 
+# long: the rotation protocol step by step (every rank runs the same collective sequence)
 def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     """Ring attention over the ranks of `group` (default: the world). `inputs` are this rank's shards: query
     shard of every query-indexed input, key shard of every key-indexed input (K, V, ...), whole replicated
@@ -272,6 +273,7 @@ def _query_side(plan, inputs):
     return {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
 
 
+# long: the rotation's cost per rank and step, in the order the protocol runs them
 def ring_cost(kernel, ranks: int, interconnect: str = "nvlink4", dtype: str = "bf16", device: str = "h100",
               batch=(), shards: tuple | None = None, **dims) -> RingCost:
     """Predicted cost of `kernel.ring` on `ranks` devices for concrete global dims (n, m, d, e, heads ...):

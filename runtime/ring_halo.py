@@ -26,7 +26,7 @@ import weakref
 import sympy as sp
 import torch
 
-from moa import shard
+from moa import shard, shard_halo
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError, UnsupportedError
@@ -58,7 +58,7 @@ def halo_kernel(kernel):
         raise UnsupportedError(f"ring attention: output{'s' if len(window) > 1 else ''} {', '.join(window)} run the "
                                f"window-mixing kernel (a halo exchange across ranks) but {', '.join(others)} do not; "
                                "a program mixing both is not supported across ranks")
-    plan = shard.halo(kernel.program, kernel.dnf)
+    plan = shard_halo.halo(kernel.program, kernel.dnf)
     if {x.name for x in sp.sympify(plan.halo).free_symbols} - {plan.n.name}:
         raise UnsupportedError(f"ring attention: the look-back of {kernel.program.name}, {sy.show(plan.halo)} rows, "
                                "must depend on params and the sequence length only")
@@ -93,6 +93,7 @@ def _axis(prog, name, shape, ax):
     return len(shape) - prog.input_map[name].rank + ax
 
 
+# long: the halo protocol step by step (every rank runs the same collective sequence)
 def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
     """kernel.ring for window-mixing programs (see the module docstring); timeout already normalised."""
     import torch.distributed as dist   # optional part of torch: imported where the ring runs
@@ -104,7 +105,7 @@ def ring_halo(kernel, inputs: dict, group, timeout, stats: bool):
 
     # 1. shapes: the same exchange and InputError on every rank as the softmax ring
     metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
-    roles = types.SimpleNamespace(roles={n: (shard.BOTH if r == shard.HALO else r, ax)
+    roles = types.SimpleNamespace(roles={n: (shard.BOTH if r == shard_halo.HALO else r, ax)
                                          for n, (r, ax) in plan.roles.items()})
     nl, _, problems = lengths(roles, prog.input_map, metas)
     if problems:

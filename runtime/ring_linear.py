@@ -81,6 +81,7 @@ def _linear(kernel):
     return (plan, rank)
 
 
+# long: the linear-form protocol step by step (every rank runs the same collectives)
 def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
     """kernel.ring for programs with a linear form (see the module docstring); timeout already normalised."""
     import torch.distributed as dist   # optional part of torch: imported where the ring runs

@@ -341,3 +341,18 @@ def test_moa_cost_compares_with_dense_causal(capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense causal attention"))
     ratio = float(line.rsplit("=", 1)[1].split()[0])
     assert 0.05 < ratio < 0.12  # 64-key window: two key tiles per row tile instead of n / 2 / 64 on average
+
+
+@pytest.mark.parametrize("cfg", [Config(128, 64, 8, 3), Config(64, 32, 4, 2)])
+def test_onchip_bytes_is_the_documented_estimate(cfg):
+    """CostReport.onchip_bytes = per branch the query tile (BLOCK_M x HEAD_DIM, input dtype), the accumulator
+    (BLOCK_M x HEAD_DIM_V) and m_i, l_i (accumulation dtype), the score tile (BLOCK_M x BLOCK_N, accumulation)
+    and P (input dtype); plus num_stages buffers of the key and value tiles (BLOCK_N x (HEAD_DIM + HEAD_DIM_V))."""
+    bm, bn, hd, hv, inb, acc = cfg.block_m, cfg.block_n, 128, 64, 2, 4
+    per_branch = bm * hd * inb + bm * hv * acc + 2 * bm * acc + bm * bn * (acc + inb)
+    kv = cfg.num_stages * bn * (hd + hv) * inb
+    causal = cost(compile_("causal"), dtype="bf16", device="h100", config=cfg, n=4096, d=128, e=64)
+    assert causal.onchip_bytes == per_branch + kv
+    pi = moa.compile(EX / "pi_attention.moa", schedule="tiled")   # two softmax branches, one gate
+    two = cost(pi, dtype="bf16", device="h100", config=cfg, n=4096, d=128, e=64)
+    assert two.onchip_bytes == 2 * per_branch + kv

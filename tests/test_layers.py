@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"moa": "moa", "frontend": "moa/frontend", "codegen": "moa/codegen", "runtime": "moa/runtime",
             "cli": "moa/cli"}
-LONG_REASON = "# long:"   # a function over 80 lines carries this comment on its def line, with the reason
+LONG_REASON = "# long:"   # a function over 80 lines carries this comment, with its reason, on or above its def line
 
 
 def _sources():
@@ -32,10 +32,10 @@ def test_import_linter_contracts(tmp_path):
             shutil.copy(f, dst / f.name)
     exe = Path(sys.executable).with_name("lint-imports")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([str(exe), "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp_path,
+    proc = subprocess.run([str(exe), str(ROOT / "pyproject.toml"), "--no-cache"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "broken" not in proc.stdout.lower().split("contracts:")[-1].split("\n")[0]
+    assert " 0 broken" in proc.stdout
 
 
 # function-level imports of moa's own code are not allowed; of these others only with a reason on the line above
@@ -47,9 +47,10 @@ def test_no_function_level_imports_of_moa_code():
     for f in _sources():
         tree = ast.parse(f.read_text())
         lines = f.read_text().splitlines()
-        top = {id(n) for n in tree.body}
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+        in_functions = [x for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for x in ast.walk(fn)]
+        for node in {id(x): x for x in in_functions}.values():
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             if isinstance(node, ast.ImportFrom) and node.level:
@@ -79,7 +80,7 @@ def test_module_and_function_sizes():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 size = node.end_lineno - node.lineno + 1
-                if size > 80 and LONG_REASON not in lines[node.lineno - 1]:
+                if size > 80 and LONG_REASON not in lines[node.lineno - 1] + lines[node.lineno - 2]:
                     found.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name}: {size} lines, no reason")
     assert not found, "\n".join(found)
 

@@ -287,7 +287,7 @@ def test_residue_lift_shapes(source, params, stride):
             total = sum(lk.keys.xreplace({lk.base: rho}) for rho in range(stride))
             assert sp.simplify(total.xreplace({m: stride * q + p}) - (stride * q + p)) == 0
         # the residue conjunct of the unlifted mask, with rho = r + c - s w (w = floor((r + c) / s))
-        from moa.onf import _residue_conjunct
+        from moa.residue import _residue_conjunct
 
         k, parts, s, c = _residue_conjunct(b0.mask, base.row[0], b0.var)
         assert s == stride

@@ -12,34 +12,6 @@
 import triton
 import triton.language as tl
 
-@triton.jit
-def _mod(a, b):
-    # floor modulo (b > 0), the same on the GPU (truncating %) and in the interpreter (numpy %)
-    return ((a % b) + b) % b
-
-
-@triton.jit
-def _floordiv(a, b):
-    # floor division (b > 0): exact division of a - _mod(a, b)
-    return (a - _mod(a, b)) // b
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
-
-
-@triton.jit
-def _elu(x):
-    return tl.where(x > 0, x, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1, 0) - tl.where(x < 0, 1, 0)
-
 
 @triton.jit
 def _attn_fwd(
@@ -82,33 +54,31 @@ def _attn_fwd(
     row_hi = tl.minimum(row_lo + BLOCK_M, dim_n) - 1  # I_HI: last valid row
     # branch 0: softmax reduction over j < n
     offs_head_dim = tl.arange(0, HEAD_DIM)
-    q0 = tl.load(Q_ptr + off_Q + offs_m[:, None] * stride_Q_0 + offs_head_dim[None, :] * stride_Q_1, mask=(offs_m[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
-    m_i0 = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    lo0 = tl.maximum(0, (-128 + row_lo))
-    lo0 = (lo0 // BLOCK_N) * BLOCK_N  # first key tile
-    hi0 = tl.minimum(dim_n - 1, row_hi)  # last admissible key
-    for start_n in range(lo0, hi0 + 1, BLOCK_N):
+    q = tl.load(Q_ptr + off_Q + offs_m[:, None] * stride_Q_0 + offs_head_dim[None, :] * stride_Q_1, mask=(offs_m[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    lo = (tl.maximum(0, (row_lo - 128)) // BLOCK_N) * BLOCK_N  # first key tile
+    hi = tl.minimum(dim_n - 1, row_hi)  # last admissible key
+    for start_n in range(lo, hi + 1, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_lo = start_n  # J_LO
         col_hi = tl.minimum(start_n + BLOCK_N, dim_n) - 1  # J_HI
-        k0 = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_n[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
-        qk0 = tl.dot(q0, tl.trans(k0))
-        s0 = (qk0 / tl.sqrt((dim_d).to(tl.float32)))
-        t1 = ((offs_n[None, :] <= offs_m[:, None]) & ((offs_m[:, None] + (-offs_n[None, :])) <= 128))
-        tile_partial = (((((col_hi + (-row_lo)) <= 0) & ((-128 + row_hi + (-col_lo)) <= 0))) == 0) | (start_n + BLOCK_N > dim_n)
-        if tile_partial:
-            s0 = tl.where(t1 & (offs_n[None, :] < dim_n), s0, float("-inf"))
-        v0 = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_n[:, None] < dim_n) & (offs_v[None, :] < dim_e), other=0.0)
-        m_ij = tl.maximum(m_i0, tl.max(s0, 1) * 1.4426950408889634)
+        k = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_n[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        s = (qk / tl.sqrt((dim_d).to(tl.float32)))
+        mask = ((offs_n[None, :] <= offs_m[:, None]) & ((offs_m[:, None] - offs_n[None, :]) <= 128))
+        if (((((col_hi - row_lo) <= 0) & ((row_hi - col_lo - 128) <= 0))) == 0) | (start_n + BLOCK_N > dim_n):
+            s = tl.where(mask & (offs_n[None, :] < dim_n), s, float("-inf"))
+        v = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_n[:, None] < dim_n) & (offs_v[None, :] < dim_e), other=0.0)
+        m_ij = tl.maximum(m_i, tl.max(s, 1) * 1.4426950408889634)
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.exp2(s0 * 1.4426950408889634 - m_safe[:, None])
-        alpha = tl.exp2(m_i0 - m_safe)
-        l_i0 = l_i0 * alpha + tl.sum(p, 1)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0)
-        m_i0 = m_ij
-    o0 = acc0 / tl.where(l_i0 == 0, 1.0, l_i0)[:, None]  # fin: 0 for rows with no key
+        p = tl.exp2(s * 1.4426950408889634 - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_ij
+    o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
     # epilogue
     out_mask = (offs_m[:, None] < dim_n) & (offs_v[None, :] < dim_e)
-    tl.store(O_ptr + off_O + offs_m[:, None] * stride_O_0 + offs_v[None, :] * stride_O_1, (o0).to(O_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(O_ptr + off_O + offs_m[:, None] * stride_O_0 + offs_v[None, :] * stride_O_1, o.to(O_ptr.dtype.element_ty), mask=out_mask)
