@@ -194,6 +194,9 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
     return out
 
 
+SPLIT = ("lo", "full", "hi")   # the regions of a split key loop's three loops (codegen/emit.py)
+
+
 @dataclass
 class _Iterations:
     """The iterations of every loop of one kernel instance (one leading-index combination): row tiles, key-tile
@@ -220,10 +223,14 @@ def _iterations(sched, led, env, dims, bm: int, bn: int, needed: bool) -> _Itera
     c = Counts(programs=rt.count)
     mult = {"program": rt.count, "lse": rt.count if "lse" in led.regions else 0}
     for k, t in tiles.items():
-        mult[("iter", k)] = len(t.rows)
-        mult[("visit", k)] = int(t.visited.sum())
-        mult[("partial", k)] = int((t.visited & t.partial).sum())
-        c.tiles_visited += mult[("visit", k)]
+        if t.loop is not None:   # a split key loop: its three loops
+            for q, part in enumerate(SPLIT):
+                mult[(part, k)] = int((t.loop == q).sum())
+        else:
+            mult[("iter", k)] = len(t.rows)
+            mult[("visit", k)] = int(t.visited.sum())
+            mult[("partial", k)] = int((t.visited & t.partial).sum())
+        c.tiles_visited += int(t.visited.sum())
         if needed:
             b = sched.branches[k]
             c.tiles_needed += residue_needed(b, sched, env, rt, bm, bn, False) if residue else \
@@ -249,8 +256,11 @@ def _count_bytes(c: Counts, it: _Iterations, led, env, lengths, elem_bytes) -> N
             prog, starts = h.rows, {"hop": h.hops}
         else:
             t = it.tiles[region[1]]
-            sel = np.ones(len(t.rows), dtype=bool) if region[0] == "iter" else \
-                t.visited if region[0] == "visit" else t.visited & t.partial
+            if region[0] in SPLIT:
+                sel = t.loop == SPLIT.index(region[0])
+            else:
+                sel = np.ones(len(t.rows), dtype=bool) if region[0] == "iter" else \
+                    t.visited if region[0] == "visit" else t.visited & t.partial
             prog, starts = t.rows[sel], {"key": t.starts[sel]}
         starts["row"] = rt.base[prog]
         if rt.alo is not None:

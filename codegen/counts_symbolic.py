@@ -146,7 +146,7 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
     R = sp.ceiling(n / bm)
     r, t = ROW_TILE, KEY_TILE
     ilo, ihi = r * bm, sp.Min(r * bm + bm, n) - 1
-    loops, hops = {}, {}
+    loops, hops, splits = {}, {}, {}
     for k, b in enumerate(sched.branches):
         m = b.extent
         if ("hop", k) in led.regions:   # hop loop (codegen/hops.py): t in [t_lo, t_hi] per row tile
@@ -160,6 +160,10 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
         lo_t = sp.Integer(0) if b.key_lo is None else sp.floor(sp.Max(0, b.key_lo.xreplace(rows)) / bn)
         hi_e = m - 1 if b.key_hi is None else sp.Min(m - 1, b.key_hi.xreplace(rows))
         hi_t = sp.floor(hi_e / bn)
+        if b.split:   # three loops over tile indices: [lo, full_lo) / [full_lo, full_hi) / [full_hi, hi]
+            splits[k] = _split_tiles(b, rows, lo_t * bn, hi_e, m, bn)
+            loops[k] = (lo_t, hi_t, sp.true, sp.true, False, m)
+            continue
         corners = {**rows, iv.J_LO: t * bn, iv.J_HI: sp.Min(t * bn + bn, m) - 1}
         vis = sp.true if b.skip is sp.false else sp.Not(b.skip.xreplace(corners))
         part = sp.true if b.full is sp.false else sp.Or(sp.Not(b.full.xreplace(corners)), t * bn + bn > m)
@@ -175,6 +179,10 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
             lo_h, hi_h = hops[k]
             inner = sp.Sum(expr, (HOP, lo_h, sp.Max(hi_h, lo_h - 1))) if expr.has(HOP) else \
                 expr * sp.Max(0, hi_h - lo_h + 1)
+            return _sum_full(inner, r, _row_count(n), n, R)
+        if kind in splits.get(k, {}):
+            a, z = splits[k][kind]
+            inner = expr * sp.Max(0, z - a + 1) if not expr.has(t) else sp.Sum(expr, (t, a, sp.Max(z, a - 1)))
             return _sum_full(inner, r, _row_count(n), n, R)
         lo_t, hi_t, vis, part, full_rect, m = loops[k]
         ind = sp.true if kind == "iter" else vis if kind == "visit" else part
@@ -193,8 +201,9 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
 
     totals = dict.fromkeys(("dot", "other", "trans", "loaded", "stored", "tiles"), sp.Integer(0))
     for k in loops:
-        if loops[k] is not None:
-            totals["tiles"] += region_sum(("visit", k), sp.Integer(1))
+        for kind in (("lo", "full", "hi") if k in splits else ("visit",)):
+            if loops[k] is not None:
+                totals["tiles"] += region_sum((kind, k), sp.Integer(1))
     for k in hops:   # every hop iteration is a visited tile
         totals["tiles"] += region_sum(("hop", k), sp.Integer(1))
     for region, w in led.regions.items():
@@ -213,6 +222,18 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
     return {"flops": f["dot"] + f["other"], "dot_flops": f["dot"], "transcendentals": f["trans"],
             "dram_bytes_loaded": f["loaded"], "dram_bytes_stored": f["stored"],
             "dram_bytes": f["loaded"] + f["stored"], "tiles_visited": f["tiles"], "programs": over_lead(R)}
+
+
+def _split_tiles(b, rows: dict, lo, hi, m, bn) -> dict:
+    """Tile-index ranges [a, z] of a split key loop's three loops, from the bounds the kernel computes
+    (moa/tiles.py split_bounds): a tile starts at t * bn."""
+    fl, fu = (None if x is None else x.xreplace({**rows, iv.TILE_W: bn}) for x in b.span)
+    first = lo if fl is None else sp.Max(lo, sp.floor((fl + bn - 1) / bn) * bn)
+    full_lo = sp.Min(first, hi + 1)
+    last = m - bn if fu is None else sp.Min(fu, m - bn)
+    full_hi = sp.Max(full_lo, sp.Min(hi + 1, (sp.floor(last / bn) + 1) * bn))
+    c_lo, c_hi = sp.ceiling(full_lo / bn), sp.ceiling(full_hi / bn)
+    return {"lo": (lo / bn, c_lo - 1), "full": (c_lo, c_hi - 1), "hi": (c_hi, sp.floor(hi / bn))}
 
 
 def _padded(expr, spec):

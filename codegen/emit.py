@@ -15,12 +15,13 @@ import sympy as sp
 from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
-from moa.onf import HOPS, RESIDUE, BranchValue, Schedule
+from moa import ir
+from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule
 from moa.program import Program
 
 from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
-from .monoid import Monoid
+from .monoid import LOG2E, Monoid
 from .printer import code as pcode
 from .scope import Scope, regions_by_line
 from .tidy import helpers_for, prune
@@ -157,10 +158,11 @@ class KernelEmitter:
         mo.finish(body, f"o{sfx}")
 
     def _key_loop(self, k: int, b, body: Scope, q: str | None, mo: Monoid) -> None:
-        """The loop over key tiles of branch k: bounds from the ONF, a skip test where the bounds do not imply
-        it, the mask only on partial tiles, then the monoid update."""
-        s, x = self.s, self.x
-        i, j = s.row[0], b.var
+        """The loops over key tiles of branch k, bounds from the ONF. When the tiles known full form one interval
+        (`Branch.span`) and the loop bounds imply every skip, the range splits in three: the boundary tiles
+        before the full ones, the full tiles (no mask code), the boundary tiles after them (masked); otherwise
+        one loop with a skip test (where the bounds do not imply it) and a partial-tile test."""
+        x = self.x
         sfx = x.sfx(k)
         ext = b.extent
         if not (ext.is_Symbol or ext.is_Integer):   # a key extent computed once (lifted branches: rows_res)
@@ -169,7 +171,8 @@ class KernelEmitter:
                 body.add(f"{name} = {self.idx(ext)}  # keys of branch {k}")
                 x.name_expr(ext, name)
         m_ext = self.idx(ext)
-        names = {iv.I_LO: "row_lo", iv.I_HI: "row_hi", iv.J_LO: "col_lo", iv.J_HI: "col_hi", **x.names}
+        names = {iv.I_LO: "row_lo", iv.I_HI: "row_hi", iv.J_LO: "col_lo", iv.J_HI: "col_hi",
+                 iv.TILE_W: "BLOCK_N", **x.names}
         if b.mode == "lift":  # residue-lift: key tiles in b-space, the box over (a, b)
             names.update({iv.I_LO: "a_lo", iv.I_HI: "a_hi"})
             body.add(f"# lifted by residue-lift: keys {b.lift.var.name} = {sy.show(b.lift.key)}, loop over tiles of "
@@ -179,14 +182,49 @@ class KernelEmitter:
         hi = f"{m_ext} - 1" if b.key_hi is None else f"tl.minimum({m_ext} - 1, {self._code(b.key_hi, names)})"
         body.add(f"lo{sfx} = {lo}")
         body.add(f"hi{sfx} = {hi}  # last admissible key")
+        scale = self._scale(k, b, body)
         tested = not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
-        # the loop's lines are collected apart so that loop-invariant loads hoist above it
-        loop = Scope([], "    ", parent=body).open(f"for start_n in range(lo{sfx}, hi{sfx} + 1, BLOCK_N):",
-                                                     ("iter" if tested else "visit", k))
+        if not b.split:
+            loop = Scope([], "    ", parent=body).open(f"for start_n in range(lo{sfx}, hi{sfx} + 1, BLOCK_N):",
+                                                         ("iter" if tested else "visit", k))
+            self._tile_box(loop, m_ext)
+            inner = loop.open(f"if {self._code(b.skip, names)} == 0:", ("visit", k)) if tested else loop
+            self._tile(k, b, inner, body, q, mo, scale, names, "test")
+            body.lines.extend(loop.parent.lines)
+            return
+        fl, fu = b.span
+        body.add("# the tiles known full (no mask code) lie in [full_lo, full_hi); the others are masked")
+        first = f"lo{sfx}" if fl is None else \
+            f"tl.maximum(lo{sfx}, _floordiv({self._code(fl, names)} + BLOCK_N - 1, BLOCK_N) * BLOCK_N)"
+        body.add(f"full_lo{sfx} = tl.minimum({first}, hi{sfx} + 1)")
+        last = f"{m_ext} - BLOCK_N" if fu is None else f"tl.minimum({self._code(fu, names)}, {m_ext} - BLOCK_N)"
+        body.add(f"full_hi{sfx} = tl.maximum(full_lo{sfx}, tl.minimum(hi{sfx} + 1, (_floordiv({last}, BLOCK_N) + 1) "
+                 f"* BLOCK_N))")
+        for region, start, stop, masked in (("lo", f"lo{sfx}", f"full_lo{sfx}", "always"),
+                                            ("full", f"full_lo{sfx}", f"full_hi{sfx}", "never"),
+                                            ("hi", f"full_hi{sfx}", f"hi{sfx} + 1", "always")):
+            loop = Scope([], "    ", parent=body).open(f"for start_n in range({start}, {stop}, BLOCK_N):",
+                                                         (region, k))
+            self._tile_box(loop, m_ext)
+            x.inside = {b.var: b.extent} if masked == "never" else {}   # full tiles end inside the keys
+            self._tile(k, b, loop, body, q, mo, scale, names, masked)
+            x.inside = {}
+            body.lines.extend(loop.parent.lines)
+
+    @staticmethod
+    def _tile_box(loop: Scope, m_ext: str) -> None:
+        """The key columns of a tile and its box (J_LO, J_HI: read by the skip and partial tests)."""
         loop.add("offs_n = start_n + tl.arange(0, BLOCK_N)")
         loop.add("col_lo = start_n  # J_LO")
         loop.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m_ext}) - 1  # J_HI")
-        inner = loop.open(f"if {self._code(b.skip, names)} == 0:", ("visit", k)) if tested else loop
+
+    def _tile(self, k: int, b, inner: Scope, body: Scope, q, mo: Monoid, scale, names: dict, masked: str) -> None:
+        """One key tile of branch k: the key tile and qk, the score, the mask (masked: 'always', 'never', or
+        'test': on partial tiles only), the value tile and the monoid's update."""
+        s, x = self.s, self.x
+        i, j = s.row[0], b.var
+        sfx = x.sfx(k)
+        m_ext = self.idx(b.extent)
         smap = {i: "offs_m[:, None]", j: "offs_n[None, :]"}
         if b.mode == "lift":
             smap[s.lift.a] = "offs_a[:, None]"
@@ -195,27 +233,60 @@ class KernelEmitter:
             kt = x.factor(b.dot.b, {j: "offs_n[:, None]", b.dot.var: f"{offs}[None, :]"}, inner, f"k{sfx}",
                           f"(offs_n[:, None] < {m_ext}) & ({offs}[None, :] < {self.idx(b.dot.extent)})")
             inner.add(f"qk{sfx} = tl.dot({q}, tl.trans({kt}){x.dot_kw()})")
-        score = x.emit(b.score, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
         sname = f"s{sfx}" if b.kind == "softmax" else f"w{sfx}"
-        inner.add(f"{sname} = {score}")
-        neutral = 'float("-inf")' if b.kind == "softmax" else "0.0"
-        valid = f"(offs_n[None, :] < {m_ext})"
-        if b.mask is not None:
-            mask = x.emit(b.mask, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"mask{sfx}")
-            valid = f"{mask} & {valid}"
-        if b.full is sp.false:  # the analysis cannot prove any tile mask-free: mask every tile
-            inner.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
+        if scale is not None:   # the score in log2 units: qk * qk_scale (+ the rest times log2 e)
+            rest = scale[1]
+            text = f"qk{sfx} * {scale[0]}"
+            if rest is not None:
+                r = x.emit(rest, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
+                text += f" + {x._float(r, rest)} * {LOG2E}"
+            inner.add(f"{sname} = {text}")
         else:
-            part = inner.open(f"if {self._code(sp.Not(b.full), names)} | (start_n + BLOCK_N > {m_ext}):",
-                              ("partial", k))
-            part.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
+            score = x.emit(b.score, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
+            inner.add(f"{sname} = {score}")
+        neutral = 'float("-inf")' if b.kind == "softmax" else "0.0"
+        if masked != "never":
+            valid = f"(offs_n[None, :] < {m_ext})"
+            if b.mask is not None:
+                mask = x.emit(b.mask, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"mask{sfx}")
+                valid = f"{mask} & {valid}"
+            if masked == "always" or b.full is sp.false:   # no tile known mask-free: mask every tile
+                inner.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
+            else:
+                part = inner.open(f"if {self._code(sp.Not(b.full), names)} | (start_n + BLOCK_N > {m_ext}):",
+                                  ("partial", k))
+                part.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
         v = x.factor(b.value, {j: "offs_n[:, None]", s.col[0]: "offs_v[None, :]"}, inner, f"v{sfx}",
                      f"(offs_n[:, None] < {m_ext}) & (offs_v[None, :] < {self.idx(s.col[1])})")
+        to_log2 = "" if scale is not None else LOG2E
         if b.kind == "softmax":
-            mo.update(inner, sname, lambda p: f"tl.dot({p}.to({v}.dtype), {v}{x.dot_kw()})")
+            mo.update(inner, sname, lambda p: f"tl.dot({p}.to({v}.dtype), {v}{x.dot_kw()})", to_log2=to_log2)
         else:
             mo.update(inner, sname, lambda w: x.weights_dot(w, v))
-        body.lines.extend(loop.parent.lines)
+
+    def _scale(self, k: int, b, body: Scope):
+        """Scale folding: a softmax score affine in the score tile, c * qk + rest with c constant along the keys,
+        gets qk_scale = c log2 e computed once (before the key loop), so a tile costs one multiply per element
+        instead of a division and the log2 e multiply. Returns (qk_scale code, rest or None), or None."""
+        if b.kind != "softmax" or b.dot is None:
+            return None
+        aff = _affine(b.score, DotTile(k))
+        if aff is None or aff[0] is None or not _free_of(aff[0], {b.var}):
+            return None
+        c = aff[0]
+        value = c.value if isinstance(c, D.Const) else c.expr if isinstance(c, D.Index) and c.expr.is_number \
+            else None
+        if value is not None:   # a number: folded into one literal
+            return repr(float(value) * float(LOG2E)), aff[1]
+        rowmap = {self.s.row[0]: "offs_m[:, None]"}
+        coef = self.x.emit(c, rowmap, body, role=f"qk_scale{self.x.sfx(k)}")
+        name = f"qk_scale{self.x.sfx(k)}"
+        if any(isinstance(e, D.Read) or isinstance(e, D.Index) and not e.expr.is_number for e in D.nodes(c)):
+            body.add(f"{name} = {self.x._float(coef, c)} * {LOG2E}  # the score scale in log2 units, once")
+        else:   # a constant expression: typed (a bare Python float would be fp32 in the interpreter)
+            body.add(f"{name} = tl.full([1], ({coef}) * {LOG2E}, dtype={self.x.acc})  # the score scale, log2 units")
+        self.x.taken.add(name)
+        return name, aff[1]
 
     def _code(self, e, names) -> str:
         """Code of an index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and named expressions."""
@@ -315,3 +386,41 @@ def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m
              store_lse: bool = False) -> KernelSpec:
     """Triton source for one output's schedule, specialised to a dtype and the number of batch axes."""
     return KernelEmitter(program, sched, dtype, nbatch).kernel(block_m, block_n, store_lse and returns_total(sched))
+
+
+def _has_tile(e, tile) -> bool:
+    return any(x == tile for x in D.nodes(e))
+
+
+def _free_of(e, vars_) -> bool:
+    return not (D.free_vars(e) & set(vars_)) and not any(isinstance(x, DotTile) for x in D.nodes(e))
+
+
+def _scaled(e, tile):
+    """c for e = tile * c, c * tile or tile / c (c free of the tile), else None."""
+    if e == tile:
+        return D.Const(1.0)
+    if isinstance(e, D.Op) and e.fn in ("mul", "div"):
+        a, b = e.args
+        if e.fn == "mul" and b == tile and not _has_tile(a, tile):
+            return a
+        if a == tile and not _has_tile(b, tile):
+            return b if e.fn == "mul" else D.Op("div", (D.Const(1.0), b), ir.FLOAT)
+    return None
+
+
+def _affine(e, tile):
+    """(c, rest) with e = tile * c + rest at the top of the score (rest None: no additive term), or None. Only
+    these forms, so that folding c log2 e into one multiply changes no evaluation order beyond the log2 e factor
+    (an adversarial `qk / s + 2^62 - 2^62` keeps its cancellation)."""
+    c = _scaled(e, tile)
+    if c is not None:
+        return c, None
+    if isinstance(e, D.Op) and e.fn in ("add", "sub"):
+        a, b = e.args
+        if e.fn == "add" and _scaled(b, tile) is not None and not _has_tile(a, tile):
+            a, b = b, a
+        c = _scaled(a, tile)
+        if c is not None and not _has_tile(b, tile):
+            return c, b if e.fn == "add" else D.Op("neg", (b,), ir.FLOAT)
+    return None

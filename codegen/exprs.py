@@ -121,6 +121,7 @@ class Emitter:
         self.head_dims: dict = {}   # extent -> constexpr name
         self.loads: list = []       # AccessSite per emitted tl.load (the cost model's ledger of memory accesses)
         self.named: dict = {}       # index expression -> the kernel variable that holds it (computed once)
+        self.inside: dict = {}      # tile variable -> an extent its whole tile lies below (loads need no bound)
         self.nbranches = len(sched.branches)
 
     def sfx(self, k: int) -> str:
@@ -327,7 +328,9 @@ class Emitter:
     def _in_range(self, ix, ext, vmap) -> tuple[bool, bool]:
         """(0 <= ix provably, ix < ext provably) over the ranges of the leading indices. Tile variables
         (rows, keys, head dims) are padded to powers of two, so an index using them is never provably below
-        its extent."""
+        its extent, unless the tile is known to lie inside (`inside`: the key tiles of a full-tile loop)."""
+        if ix in self.inside and sp.sympify(ext) == self.inside[ix]:
+            return True, True
         if set(vmap) & ix.free_symbols:
             return bool(ix.is_nonnegative), False
         box = iv.Box({v: (sp.Integer(0), x - 1) for v, x in self.s.lead})

@@ -19,6 +19,7 @@ from . import dnf as D
 
 I_LO, I_HI = sp.Symbol("I_LO", integer=True), sp.Symbol("I_HI", integer=True)
 J_LO, J_HI = sp.Symbol("J_LO", integer=True), sp.Symbol("J_HI", integer=True)
+TILE_W = sp.Symbol("TILE_W", integer=True, positive=True)   # the width of a key tile (BLOCK_N in a kernel)
 
 
 @dataclass(frozen=True)
@@ -269,3 +270,55 @@ def skip_implied_by_range(skip, key_lo, key_hi) -> bool:
 def _same(a, b) -> bool:
     a, b = sp.expand(a), sp.expand(b)
     return a == b or sp.simplify(a - b) == 0
+
+
+def full_span(full):
+    """The key tiles that need no mask code, as an interval of their first key: (lo, hi) such that every tile
+    [J_LO, J_LO + TILE_W - 1] with lo <= J_LO <= hi satisfies `full` (an all-true formula of `classify`), as
+    formulas in I_LO, I_HI and TILE_W; a side is None when unbounded. None when the set is not known to be one
+    interval (a modular or data-dependent mask): then no tile is known full. Used to split a key loop into its
+    full tiles, whose loop carries no mask, and the boundary tiles before and after them."""
+    if full is sp.false:
+        return None
+    if full is sp.true:
+        return None, None
+    return _span(full.xreplace({J_HI: J_LO + TILE_W - 1}))
+
+
+def _span(f):
+    if isinstance(f, sp.And):
+        spans = [_span(a) for a in f.args]
+        if any(x is None for x in spans):
+            return None
+        los = [x[0] for x in spans if x[0] is not None]
+        his = [x[1] for x in spans if x[1] is not None]
+        return (sp.Max(*los) if los else None), (sp.Min(*his) if his else None)
+    if isinstance(f, sp.Or):
+        spans = [_span(a) for a in f.args]
+        if any(x is None for x in spans):
+            return None
+        los, his = [x[0] for x in spans], [x[1] for x in spans]
+        if all(lo is None for lo in los) and all(h is not None for h in his):   # [-inf, Max(hi)]: one interval
+            return None, sp.Max(*his)
+        if all(h is None for h in his) and all(lo is not None for lo in los):
+            return sp.Min(*los), None
+        return None
+    e = _at_least_zero(f)
+    if e is None:
+        return None
+    e = sp.expand(e)
+    for term in sp.Add.make_args(e):   # c - Max(x, y) >= 0 is (c - x >= 0) & (c - y >= 0); c + Min likewise
+        if isinstance(term, sp.Mul) and term.args[0] == -1 and isinstance(term.args[1], sp.Max) or \
+                isinstance(term, sp.Min):
+            inner = term.args[1].args if isinstance(term, sp.Mul) else term.args
+            sign = -1 if isinstance(term, sp.Mul) else 1
+            return _span(sp.And(*[sp.Ge(e - term + sign * x, 0) for x in inner]))
+    if J_LO not in e.free_symbols or e.has(sp.floor, sp.Mod, sp.Abs, sp.Min, sp.Max):
+        return None
+    a = e.coeff(J_LO)
+    rest = sp.expand(e - a * J_LO)
+    if not (a.is_Integer and a != 0) or J_LO in rest.free_symbols:
+        return None
+    if a > 0:   # a J_LO + rest >= 0  <=>  J_LO >= ceil(-rest / a)
+        return -sp.floor(rest / a), None
+    return None, sp.floor(rest / -a)

@@ -98,6 +98,14 @@ class Branch:
     mode: str = TILED       # how the kernel runs it: TILED (key tiles), HOPS (loop over `hop`), "lift" (below)
     source: object = None   # the DNF reduction this branch was built from
     lift: Lift | None = None  # mode "lift": the key map j = rho + s b; var is b, the box is in a-space
+    span: tuple | None = None  # the first keys of the tiles known full (intervals.full_span), or None
+
+    @property
+    def split(self) -> bool:
+        """Whether the key loop splits into boundary tiles, full tiles (no mask code) and boundary tiles: the full
+        tiles are one interval and the loop's bounds imply every skip (no skip test inside)."""
+        return self.span is not None and self.mode in (TILED, "lift") and \
+            iv.skip_implied_by_range(self.skip, self.key_lo, self.key_hi)
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     skip, full = iv.classify(pred, iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
     hop = _hop(mask, i, j, x.extent) if mask is not None and lift is None else None
     return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop, mix,
-                  source=x, lift=lift, mode=TILED if lift is None else "lift")
+                  source=x, lift=lift, mode=TILED if lift is None else "lift", span=iv.full_span(full))
 
 
 def _split_guard(e):

@@ -23,6 +23,7 @@ class BranchTiles:
     starts: np.ndarray      # start_n
     visited: np.ndarray     # bool: the tile body runs (not skipped)
     partial: np.ndarray     # bool: the mask code runs (visited tiles only are meaningful)
+    loop: np.ndarray | None = None   # a split key loop (Branch.split): 0 boundary tiles before, 1 full, 2 after
 
 
 @dataclass
@@ -96,12 +97,30 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int) -> BranchTiles:
           iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts, iv.J_HI: np.minimum(starts + bn, m[rows]) - 1}
     skip = np.zeros(len(rows), dtype=bool) if b.skip is sp.false else \
         np.broadcast_to(np_eval(b.skip, te), (len(rows),)).astype(bool)
+    if b.split:   # three loops: [lo, full_lo) masked, [full_lo, full_hi) no mask code, [full_hi, hi] masked
+        full_lo, full_hi = split_bounds(b, e, lo, hi, m, bn)
+        loop = np.where(starts < full_lo[rows], 0, np.where(starts < full_hi[rows], 1, 2))
+        return BranchTiles(rows, starts, ~skip, loop != 1, loop)
     if b.full is sp.false:
         partial = np.ones(len(rows), dtype=bool)
     else:
         partial = np.logical_or(np.logical_not(np_eval(b.full, te)), starts + bn > m[rows])
         partial = np.broadcast_to(partial, (len(rows),)).astype(bool)
     return BranchTiles(rows, starts, ~skip, partial)
+
+
+def split_bounds(b, env: dict, lo, hi, m, bn: int) -> tuple:
+    """(full_lo, full_hi) per program of a split key loop, as the kernel computes them (codegen/emit.py): the
+    tile starts in [full_lo, full_hi) are the full tiles of Branch.span that end inside the keys (start + bn <= m),
+    aligned to bn and clipped to the loop's range [lo, hi + 1]."""
+    R = len(lo)
+    e = {**env, iv.TILE_W: bn}
+    fl, fu = b.span
+    first = lo if fl is None else np.maximum(lo, np.floor_divide(np_eval(fl, e) + bn - 1, bn) * bn)
+    full_lo = np.broadcast_to(np.minimum(first, hi + 1), (R,)).astype(np.int64)
+    last = m - bn if fu is None else np.minimum(np_eval(fu, e), m - bn)
+    full_hi = np.maximum(full_lo, np.minimum(hi + 1, (np.floor_divide(last, bn) + 1) * bn))
+    return full_lo, np.broadcast_to(full_hi, (R,)).astype(np.int64)
 
 
 @dataclass

@@ -118,9 +118,10 @@ def load_module(key: str, source: str, interpret: bool = False):
                       f"temporary directory instead (set MOA_CACHE_DIR to a writable directory)", RuntimeWarning,
                       stacklevel=2)
         path = store(key, source, _private_dir())
-    text, filename = _entry(source), str(path)
+    text, filename = source, str(path)
     # inspect (Triton's @jit) reads the validated text, whatever happens to the file later; mtime None keeps
-    # linecache.checkcache from dropping the entry
+    # linecache.checkcache from dropping the entry. The digest line is the file's, not the module's: line numbers
+    # are those of the generated source (the cost model's ledger and measure() refer to them)
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     name = f"moa_kernels.{path.stem}" + ("_interpreted" if interpret else "")
     mod = types.ModuleType(name)

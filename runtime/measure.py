@@ -40,7 +40,8 @@ advance.
 
 Load statements: ``instrument(lines={"visit": ("_attn_fwd", "v0 = tl.load(")})`` also counts how often loads
 issued by given source lines of the kernels execute (masked or not, whatever their mask): the hook walks up
-from the load to the kernel's frame (named by its function) and matches the stripped source line's beginning.
+from the load to the kernel's frame (named by its function) and matches the stripped source line's beginning,
+or the line number when an int is given instead of a prefix.
 This counts loop iterations exactly (e.g. visited key tiles: the value tile is loaded once per visited tile).
 
 Flop conventions (per element of the result, floating-point operands only)

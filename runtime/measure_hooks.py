@@ -171,8 +171,8 @@ def _record_line(sessions: list[Session]) -> None:
         return
     text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
     for s in wanted:
-        for prefix, label in s.lines.get(frame.f_code.co_name, {}).items():
-            if text.startswith(prefix):
+        for where, label in s.lines.get(frame.f_code.co_name, {}).items():
+            if where == frame.f_lineno if isinstance(where, int) else text.startswith(where):
                 s.counters.load_calls_by_line[label] += 1
 
 

@@ -7,7 +7,6 @@ import ast
 
 import torch
 
-from moa.codegen.ledger import ledger
 from moa.errors import InputError, UnsupportedError
 
 from .costing import launch_specs, run_schedule, window_launch
@@ -41,9 +40,10 @@ def measure(kernel, **inputs) -> Measurement:
 
 
 def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims: dict, call_dtype: str) -> dict:
-    """label -> (kernel function, line prefix) of one load statement per region whose executions are the visited
-    tiles: a load of each branch's key-tile body ('visit') or hop loop ('hop') of the tiled kernel, of the window
-    kernel's first hop loop, of the linear form's chunk scan (one iteration per chunk x feature tile)."""
+    """label -> (kernel function, line prefix or number) of one load statement per region whose executions are
+    the visited tiles: the first load of each key-tile body or hop loop of the tiled kernel (by line number: the
+    three loops of a split key loop load the same tiles), of the window kernel's first hop loop, of the linear
+    form's chunk scan (one iteration per chunk x feature tile)."""
     if kind == WINDOW:
         launches = [window_launch(planner, name, dtname, nbatch)]
     elif kind == LINEAR:
@@ -52,11 +52,27 @@ def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims:
         cfg = planner.launch_config(name, torch.device("cpu"), dtname, dims)
         sched = run_schedule(planner, name, dims, call_dtype)
         spec = launch_specs(planner, dtname, nbatch, {name: cfg}, {name: sched})[name]
-        led = ledger(planner.program, spec)
-        launches = [(spec.source, "_attn_fwd", led, r) for r in led.regions
-                    if isinstance(r, tuple) and r[0] in ("visit", "hop")]
-        return {f"{name}:{r}": _witness_line(src, fn, lg, r) for src, fn, lg, r in launches}
+        fn = next(x for x in ast.parse(spec.source).body if isinstance(x, ast.FunctionDef) and x.name == "_attn_fwd")
+        out = {}
+        for node in ast.walk(fn):
+            region = spec.regions.get(getattr(node, "lineno", None))
+            if isinstance(node, (ast.For, ast.If)) and region is not None and region[0] in VISITED:
+                out[f"{name}:{region}"] = ("_attn_fwd", _first_load(node, region))
+        return out
     return {f"{name}:{x.fn}": _witness_line(x.source, x.fn, x.ledger, x.witness) for x in launches}
+
+
+VISITED = ("visit", "hop", "lo", "full", "hi")   # regions whose every execution is a visited tile
+
+
+def _first_load(block, region) -> int:
+    """The line of the first tl.load at the top level of a loop's or test's body."""
+    for st in block.body:
+        if isinstance(st, ast.Assign) and isinstance(st.value, ast.Call) and ast.unparse(st.value).startswith(
+                ("tl.load(", "tl.load ")) or isinstance(st, ast.Assign) and "tl.load(" in ast.unparse(st.value):
+            return st.lineno
+    raise UnsupportedError(f"measure: region {region} has no load of its own, so its executions (visited tiles) "
+                           f"cannot be counted")
 
 
 def _witness_line(source: str, fn: str, led, region) -> tuple[str, str]:

@@ -71,16 +71,18 @@ def test_np_eval_uses_floor_semantics_like_the_kernel_helpers():
 def test_causal_ledger_regions():
     k = compile_("causal")
     led = L.ledger(k.program, spec_of(k))
-    # causal's skip test (J_LO > I_HI) is implied by the loop bound: no ('iter', 0) region, every iteration visits
-    assert set(led.regions) == {"program", ("visit", 0), ("partial", 0)}
-    visit = led.regions[("visit", 0)]
-    # two tl.dot per visited tile, and the online-softmax update
-    assert sp.expand(visit.dot - (2 * BM * BN * HD + 2 * BM * BN * HV)) == 0
-    assert sp.expand(visit.trans - (BM * BN + BM + 1)) == 0   # exp2(p), exp2(alpha), sqrt(d) (inline scalar)
-    assert sorted(led.loads[x].tensor for x in visit.loads) == ["K", "V"]
+    # causal's key loop splits: tiles before the full ones (none), the full tiles (no mask code), the diagonal tiles
+    assert set(led.regions) == {"program", ("lo", 0), ("full", 0), ("hi", 0)}
+    full, diag = led.regions[("full", 0)], led.regions[("hi", 0)]
+    # two tl.dot per visited tile, the score scale folded in (qk * qk_scale), and the online-softmax update
+    for region in (full, diag):
+        assert sp.expand(region.dot - (2 * BM * BN * HD + 2 * BM * BN * HV)) == 0
+        assert sp.expand(region.trans - (BM * BN + BM)) == 0   # exp2(p), exp2(alpha): no sqrt, no division
+        assert sorted(led.loads[x].tensor for x in region.loads) == ["K", "V"]
+    assert diag.other == full.other                          # the mask is a tl.where: no FLOPs
     assert [led.loads[x].tensor for x in led.regions["program"].loads] == ["Q"]
     assert led.regions["program"].stores == ["O"]
-    assert led.regions[("partial", 0)].other == 0                  # the mask is a tl.where: no FLOPs
+    assert led.regions["program"].trans == 1                 # sqrt(d) once, in qk_scale
     dil = compile_("dilated_window")
     dil = L.ledger(dil.program, spec_of(dil))
     assert ("iter", 0) in dil.regions and not dil.regions[("iter", 0)].loads   # a skip test the bounds do not imply
@@ -111,13 +113,23 @@ def test_unsupported_constructs_are_named():
 # ---- symbolic formulas ----------------------------------------------------------------------------------------------
 
 def test_sdpa_formulas_in_the_dims():
+    """SDPA's formulas in the dims and tiles: loads of K and V once per row tile (2 R m (d + e) bytes), R T tiles;
+    evaluated where sympy cannot simplify the split loop's tile ranges."""
     k = compile_("sdpa")
     c = k.cost(dtype="bf16", device="h100")
     n, m, d, e = (sp.Symbol(x, integer=True, positive=True) for x in "nmde")
     R, T = sp.ceiling(n / BM), sp.ceiling(m / BN)
-    assert sp.simplify(c.dram_bytes - (2 * n * d + 2 * n * e + 2 * R * m * (d + e))) == 0
-    assert sp.simplify(c.tiles_visited - R * T) == 0
-    assert sp.simplify(c.flops - c.flops.xreplace({})) == 0
+    for vals in ({"n": 300, "m": 77, "d": 64, "e": 32, "BLOCK_M": 64, "BLOCK_N": 32},
+                 {"n": 128, "m": 256, "d": 128, "e": 128, "BLOCK_M": 128, "BLOCK_N": 64},
+                 {"n": 1, "m": 1, "d": 16, "e": 16, "BLOCK_M": 16, "BLOCK_N": 16}):
+        vals = {**vals, "HEAD_DIM": vals["d"], "HEAD_DIM_V": vals["e"]}
+        want = (2 * n * d + 2 * n * e + 2 * R * m * (d + e)).subs({sp.Symbol(x, integer=True, positive=True): v
+                                                                  for x, v in vals.items() if x in "nmde"})
+        want = want.subs({BM: vals["BLOCK_M"], BN: vals["BLOCK_N"]})
+        assert CS.evaluate_formula(c.dram_bytes, vals) == want
+        assert CS.evaluate_formula(c.tiles_visited, vals) == -(-vals["n"] // vals["BLOCK_M"]) * \
+            -(-vals["m"] // vals["BLOCK_N"])
+    assert R.has(BM) and T.has(BN)
     assert c.flops.has(HD) and c.flops.has(BM)
     assert sp.expand(c.unfused_intermediate_bytes - 6 * n * m) == 0   # S, S/sqrt(d), P in bf16
     assert c.bound == "symbolic" and c.predicted_seconds.has(n)
@@ -170,7 +182,7 @@ def test_ledgers_of_hop_and_window_loops():
 
     sched = k.planner.schedule_for("O", {"n": 100, "d": 16, "e": 16})
     led = L.ledger(k.program, generate(k.program, sched, "float64", 0, 64, 32))
-    assert ("hop", 1) in led.regions and ("visit", 0) in led.regions and ("visit", 1) not in led.regions
+    assert ("hop", 1) in led.regions and ("full", 0) in led.regions and ("visit", 1) not in led.regions
     hop_loads = [led.loads[x] for x in led.regions[("hop", 1)].loads]
     assert {a for s in hop_loads for _, a in s.axes} == {"row", "hop", "HEAD_DIM", "col"}
     from moa.runtime.costing import window_launch

@@ -14,6 +14,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _mod(a, b):
+    # floor modulo (b > 0), the same on the GPU (truncating %) and in the interpreter (numpy %)
+    return ((a % b) + b) % b
+
+
+@triton.jit
+def _floordiv(a, b):
+    # floor division (b > 0): exact division of a - _mod(a, b)
+    return (a - _mod(a, b)) // b
+
+
+@triton.jit
 def _attn_fwd(
     Q_ptr,
     stride_Q_z0,
@@ -60,18 +72,47 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     lo = 0
     hi = tl.minimum(dim_n - 1, row_hi)  # last admissible key
-    for start_n in range(lo, hi + 1, BLOCK_N):
+    qk_scale = (1.0 / tl.sqrt((dim_d).to(tl.float32))) * 1.4426950408889634  # the score scale in log2 units, once
+    # the tiles known full (no mask code) lie in [full_lo, full_hi); the others are masked
+    full_lo = tl.minimum(lo, hi + 1)
+    full_hi = tl.maximum(full_lo, tl.minimum(hi + 1, (_floordiv(tl.minimum((row_lo - BLOCK_N + 1), dim_n - BLOCK_N), BLOCK_N) + 1) * BLOCK_N))
+    for start_n in range(lo, full_lo, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_hi = tl.minimum(start_n + BLOCK_N, dim_n) - 1  # J_HI
         k = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_n[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
         qk = tl.dot(q, tl.trans(k))
-        s = (qk / tl.sqrt((dim_d).to(tl.float32)))
-        if ((col_hi - row_lo) > 0) | (start_n + BLOCK_N > dim_n):
-            s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < dim_n), s, float("-inf"))
+        s = qk * qk_scale
+        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < dim_n), s, float("-inf"))
         v = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_n[:, None] < dim_n) & (offs_v[None, :] < dim_e), other=0.0)
-        m_ij = tl.maximum(m_i, tl.max(s, 1) * 1.4426950408889634)
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.exp2(s * 1.4426950408889634 - m_safe[:, None])
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_ij
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_head_dim[None, :] < dim_d), other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        s = qk * qk_scale
+        v = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_v[None, :] < dim_e), other=0.0)
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_ij
+    for start_n in range(full_hi, hi + 1, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K_ptr + off_K + offs_n[:, None] * stride_K_0 + offs_head_dim[None, :] * stride_K_1, mask=(offs_n[:, None] < dim_n) & (offs_head_dim[None, :] < dim_d), other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        s = qk * qk_scale
+        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < dim_n), s, float("-inf"))
+        v = tl.load(V_ptr + off_V + offs_n[:, None] * stride_V_0 + offs_v[None, :] * stride_V_1, mask=(offs_n[:, None] < dim_n) & (offs_v[None, :] < dim_e), other=0.0)
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
