@@ -58,9 +58,13 @@ def returns_total(sched: Schedule) -> bool:
 class KernelEmitter:
     """The tiled kernel (`_attn_fwd`) of one output's schedule, for a dtype and a number of batch axes."""
 
-    def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int):
+    def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int, exact=frozenset()):
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
         self.x = Emitter(program, sched, dtype)
+        # head dims equal to their padded tiles at this launch: loads along them need no bound
+        self.x.exact = {b.dot.var: b.dot.extent for b in sched.branches if b.dot is not None and b.dot.extent in exact}
+        if sched.col[1] in exact:
+            self.x.exact[sched.col[0]] = sched.col[1]
         self.monoids = [Monoid(b.kind, self.x.sfx(k), self.x.acc) for k, b in enumerate(sched.branches)]
 
     def idx(self, e) -> str:
@@ -383,9 +387,11 @@ def _safe_comment(text: str) -> str:
 
 
 def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m: int = 64, block_n: int = 64,
-             store_lse: bool = False) -> KernelSpec:
-    """Triton source for one output's schedule, specialised to a dtype and the number of batch axes."""
-    return KernelEmitter(program, sched, dtype, nbatch).kernel(block_m, block_n, store_lse and returns_total(sched))
+             store_lse: bool = False, exact=frozenset()) -> KernelSpec:
+    """Triton source for one output's schedule, specialised to a dtype, the number of batch axes and the head dims
+    (extents) that equal their padded tiles at the launch (`exact`: their loads need no bound)."""
+    return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact)).kernel(block_m, block_n,
+                                                                                store_lse and returns_total(sched))
 
 
 def _has_tile(e, tile) -> bool:

@@ -122,6 +122,7 @@ class Emitter:
         self.loads: list = []       # AccessSite per emitted tl.load (the cost model's ledger of memory accesses)
         self.named: dict = {}       # index expression -> the kernel variable that holds it (computed once)
         self.inside: dict = {}      # tile variable -> an extent its whole tile lies below (loads need no bound)
+        self.exact: dict = {}       # head-dim variable -> its extent, equal to the padded tile at this launch
         self.nbranches = len(sched.branches)
 
     def sfx(self, k: int) -> str:
@@ -329,7 +330,8 @@ class Emitter:
         """(0 <= ix provably, ix < ext provably) over the ranges of the leading indices. Tile variables
         (rows, keys, head dims) are padded to powers of two, so an index using them is never provably below
         its extent, unless the tile is known to lie inside (`inside`: the key tiles of a full-tile loop)."""
-        if ix in self.inside and sp.sympify(ext) == self.inside[ix]:
+        if ix in self.inside and sp.sympify(ext) == self.inside[ix] or \
+                ix in self.exact and sp.sympify(ext) == self.exact[ix]:
             return True, True
         if set(vmap) & ix.free_symbols:
             return bool(ix.is_nonnegative), False

@@ -25,7 +25,7 @@ from . import form_configs as F
 from .aot_batch import (aot_batch, aot_groups, choose_fitting, cuda_target, disk_path, divisible_args,
                         kernel_signature, req_key, save_choice, target_device)
 from .device import device_table_name, next_pow2
-from .tiling import Config, candidates, default_config, launch_extents
+from .tiling import Config, candidates, default_config, exact_heads, launch_extents
 
 
 def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
@@ -34,7 +34,7 @@ def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch
     `sched` (default: the tiled schedule) generated as the Launcher generates it (the code-generation view)."""
     sched = sched or planner.schedules[name]
     prog = planner.cg_program
-    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False)
+    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact_heads(sched, dims))
     path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
     e = sy.evaluate(sched.col[1], dims)
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}

@@ -34,7 +34,7 @@ from .form_configs import fit_linear
 from .linear_cost import linear_counts, linear_formulas
 from .plan import LINEAR, TILED, WINDOW
 from .reports import Breakdown, CostReport
-from .tiling import Config
+from .tiling import Config, exact_heads
 
 __all__ = ["cost", "cost_breakdown", "launch_specs", "run_schedule", "window_launch"]
 
@@ -54,9 +54,11 @@ def _elem_bytes(planner, sched, compute: str, index_dtype: str) -> dict:
     return out
 
 
-def launch_specs(planner, compute: str, nbatch: int, configs: dict, scheds: dict) -> dict:
-    """Output name -> the generated tiled kernel the cost model counts (in the program's own names)."""
-    return {name: generate(planner.program, scheds[name], compute, nbatch, cfg.block_m, cfg.block_n, False)
+def launch_specs(planner, compute: str, nbatch: int, configs: dict, scheds: dict, dims: dict | None = None) -> dict:
+    """Output name -> the generated tiled kernel the cost model counts (in the program's own names), specialised
+    to the head dims as a launch at `dims` is (tiling.exact_heads)."""
+    return {name: generate(planner.program, scheds[name], compute, nbatch, cfg.block_m, cfg.block_n, False,
+                           exact_heads(planner.schedules[name], dims) if dims else frozenset())
             for name, cfg in configs.items()}
 
 
@@ -125,7 +127,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
              for name in planner.output_names}
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
                                      fit and config is None and dev is not None)
-    specs = launch_specs(planner, compute, len(batch), configs, scheds)
+    specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)
     t = _Totals()
     for name in planner.output_names:
         sched = planner.schedules[name]

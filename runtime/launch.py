@@ -18,7 +18,7 @@ from .cache import module_for
 from .device import check_device, next_pow2, run
 from .linear_run import LinearRunner
 from .plan import LINEAR, WINDOW, Plan, Planner
-from .tiling import DTYPE_NAME, Config, check_grid, row_programs
+from .tiling import DTYPE_NAME, Config, check_grid, exact_heads, row_programs
 from .window_run import WindowRunner
 
 
@@ -49,13 +49,15 @@ class Launcher:
             return self.linear(name, b)
         return self.tiled(name, b, store_lse=False)[0]
 
-    def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None):
-        """The generated tiled kernel (codegen/emit.py KernelSpec) of a schedule, dtype and config."""
+    def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None,
+             exact=frozenset()):
+        """The generated tiled kernel (codegen/emit.py KernelSpec) of a schedule, dtype and config; `exact`: the
+        head dims equal to their padded tiles at the launch (tiling.exact_heads)."""
         sched = sched or self.planner.schedules[name]
-        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse)
+        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact)
         if key not in self._specs:
             self._specs[key] = generate(self.planner.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n,
-                                        store_lse)
+                                        store_lse, exact)
         return self._specs[key]
 
     def plan(self, name: str, b: Binding, config: Config | None = None) -> Plan:
@@ -81,7 +83,8 @@ class Launcher:
         if out.numel() == 0 or grid[1] == 0:
             return _finish(out, dt), lse
         check_grid(grid, b.device, f"output {name}")
-        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched)
+        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched,
+                         exact_heads(self.planner.schedules[name], dims))
         args, consts = self._arguments(spec, b, compute, out, lse, cfg, e)
         fn = module_for(spec.source, b.device)._attn_fwd
         run(fn, grid, args, consts, b.device, f"the generated kernel for output {name}")

@@ -51,7 +51,7 @@ def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims:
     else:
         cfg = planner.launch_config(name, torch.device("cpu"), dtname, dims)
         sched = run_schedule(planner, name, dims, call_dtype)
-        spec = launch_specs(planner, dtname, nbatch, {name: cfg}, {name: sched})[name]
+        spec = launch_specs(planner, dtname, nbatch, {name: cfg}, {name: sched}, dims)[name]
         fn = next(x for x in ast.parse(spec.source).body if isinstance(x, ast.FunctionDef) and x.name == "_attn_fwd")
         out = {}
         for node in ast.walk(fn):

@@ -93,6 +93,21 @@ def head_dims(sched, dims: dict) -> list:
         [sy.evaluate(sched.col[1], dims)]
 
 
+def exact_heads(sched, dims: dict) -> frozenset:
+    """The head-dim extents of a schedule equal to their padded tile (max(16, next_pow2)) at these dims: the kernel
+    specialised to them loads along those axes without a bound (d = 64, 128 ...)."""
+    exts = [b.dot.extent for b in sched.branches if b.dot is not None] + [sched.col[1]]
+    out = set()
+    for x in exts:
+        try:
+            v = sy.evaluate(x, dims)
+        except KeyError:
+            continue
+        if v == max(16, next_pow2(v)):
+            out.add(x)
+    return frozenset(out)
+
+
 def default_config(sched, device: torch.device, dtype: str, dims: dict, what: str) -> Config:
     """choose_config's table for a call, with tiles shrunk where a huge head dim exceeds Triton's tile limit."""
     n, m, head = launch_extents(sched, dims)

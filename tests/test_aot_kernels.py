@@ -119,8 +119,8 @@ def test_the_default_table_is_kept_when_it_fits(fitted):
     for d in (64, 128):
         assert fitted[("causal", d, "bfloat16")][0] == default
         assert fitted[("sdpa", d, "bfloat16")][0] == default
-    # two accumulators at d = 128 do not fit in 255 registers with 128-row tiles: smaller tiles are chosen
-    assert fitted[("pi_attention", 128, "bfloat16")][0] != default
+    # two accumulators at d = 128 (PiAttention): whatever config is kept, it fits (no spills)
+    assert fitted[("pi_attention", 128, "bfloat16")][1].spills == 0
 
 
 def test_fp16_and_bf16_kernels_differ_only_in_dtype_names():
@@ -198,7 +198,6 @@ def test_moa_cost_uses_the_config_the_gpu_runtime_launches(fitted, capsys):
     assert main(["cost", str(ROOT / "examples" / "pi_attention.moa"), "--dims", "n=4096,d=128,e=128"]) == 0
     out = capsys.readouterr().out
     cfg = fitted[("pi_attention", 128, "bfloat16")][0]
-    assert cfg != Config(128, 64, 8, 3)      # two accumulators at d = 128: the default does not fit
     assert f"config O: BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps}" in out
 
 
