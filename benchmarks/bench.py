@@ -14,19 +14,19 @@ and the predicted H100 table at the requested size.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import moa  # noqa: E402
-from moa import ir  # noqa: E402
-from moa.devices import DEVICES, canonical_dtype  # noqa: E402
+import moa
+from moa import ir
+from moa.devices import DEVICES, canonical_dtype
+from moa.runtime import configs as C
+from moa.runtime import costing as K
+from moa.runtime.check import random_inputs
+from moa.runtime.measuring import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -35,6 +35,7 @@ EXAMPLES = ROOT / "examples"
 PARAMS = {"sliding_window": {"w": 1024}, "dilated_window": {"w": 2048, "r": 2}, "ring_local": {"k": 1024},
           "prefix_lm": {"p": 1024}, "global_window": {"w": 512}, "pi_attention": {"k": 1024, "s": 64}}
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "tiles_visited")
+ERROR_SHAPE = (1, 2, 512, 64)   # (batch, heads, n, d) of the float64 error check
 
 
 def examples(selected: str | None) -> list:
@@ -67,8 +68,6 @@ def has_heads(k) -> bool:
 
 
 def make_inputs(k, dims, batch, dtype, device, seed=0):
-    from moa.runtime.check import random_inputs
-
     x = random_inputs(k.program, dims, seed=seed, batch=0, dtype=torch.float32)
     out = {}
     for node in k.program.inputs:
@@ -152,56 +151,182 @@ def reference_fn(name, k, inputs, dims, params):
     return "flex_attention", lambda: flex(q4, k4, v4, score_mod=score_mod, block_mask=bm, enable_gqa=gqa)
 
 
+# The workloads of the speed issue: (label, example, params, (batch, heads, n, d), form, what it is compared with)
+WORKLOADS = [
+    ("non-causal 1x16x16384 d=128", "sdpa", {}, (1, 16, 16384, 128), None, "ref"),
+    ("non-causal 8x32x2048 d=64", "sdpa", {}, (8, 32, 2048, 64), None, "ref"),
+    ("causal 1x16x16384 d=128", "causal", {}, (1, 16, 16384, 128), None, "ref"),
+    ("causal 8x16x2048 d=128", "causal", {}, (8, 16, 2048, 128), None, "ref"),
+    ("mqa 2x16x8192 d=128", "mqa", {}, (2, 16, 8192, 128), None, "ref"),
+    ("sliding_window w=1024 2x16x8192", "sliding_window", {"w": 1024}, (2, 16, 8192, 128), None, "ref"),
+    ("dilated_window w=2048 r=2", "dilated_window", {"w": 2048, "r": 2}, (2, 16, 8192, 128), None, "ref"),
+    ("document_mask", "document_mask", {}, (2, 16, 8192, 128), None, "ref"),
+    ("alibi", "alibi", {}, (2, 16, 8192, 128), None, "ref"),
+    ("relative_bias", "relative_bias", {}, (2, 16, 8192, 128), None, "ref"),
+    ("gqa_alibi", "gqa_alibi", {}, (2, 16, 8192, 128), None, "ref"),
+    ("prefix_lm p=1024", "prefix_lm", {"p": 1024}, (2, 16, 8192, 128), None, "ref"),
+    ("global_window w=512", "global_window", {"w": 512}, (2, 16, 8192, 128), None, "ref"),
+    ("pi_attention k=1024 s=64", "pi_attention", {"k": 1024, "s": 64}, (2, 16, 8192, 128), None, "causal"),
+    ("linear (elu+1), linear form", "linear", {}, (2, 16, 8192, 128), "linear", "power"),
+]
+
+
+def _setup(name, params, shape, form, dt, device, seed=0):
+    """(kernel, inputs, dims, batch axes) of a workload."""
+    b, h, n, d = shape
+    k = moa.compile(EXAMPLES / f"{name}.moa", form=form, **params)
+    dims = dims_for(k, n, d, h)
+    batch = (b,) if has_heads(k) else (b, h)
+    return k, make_inputs(k, dims, batch, dt, device, seed), dims, batch
+
+
+def _sync(where: str) -> None:
+    if where == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _error(name, params, form, dt, where="cuda") -> float:
+    """max |moa - reference| / max |reference| at a small size (the float64 reference runs on the CPU)."""
+    k, x, dims, batch = _setup(name, params, ERROR_SHAPE, form, dt, where, seed=1)
+    out = k(**x).double()
+    ref = k.reference(**{n: (t.double() if t.is_floating_point() else t) for n, t in x.items()})
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _step(row: dict, field: str, fn, keep: bool = True):
+    """fn() (kept as row[field]), or None with the failure noted in row["step_failures"] (the other fields stay)."""
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001
+        row.setdefault("step_failures", {})[field] = f"{type(e).__name__}: {str(e)[:200]}"
+        return None
+    if keep:
+        row[field] = value
+    return value
+
+
+def _versus(row: dict, versus: str, name, k, x, dims, shape, tdt, where):
+    """Time the comparison of a workload: PyTorch's kernel ("ref"), or moa's own dense causal (PiAttention) or
+    quadratic power p = 2 (the linear form). Returns milliseconds, or None where PyTorch has no equivalent."""
+    if versus == "ref":
+        r = reference_fn(name, k, x, dims, {**PARAMS.get(name, {}), **dict(k.program.params)})
+        if r is None:
+            return None
+        row["reference"], fn = r
+        return _time(fn)
+    other = "causal" if versus == "causal" else "power"
+    k2, x2, _, _ = _setup(other, {}, shape, "quadratic" if other == "power" else None, tdt, where)
+    row["reference"] = f"moa {other}" + (" (quadratic)" if other == "power" else "")
+    return _time(lambda: k2(**x2))
+
+
+def _workload(label, name, params, shape, form, versus, dt, tdt, dev, device, where="cuda") -> dict:
+    """One row of the table: moa timed (with the first call, tuning included), then plan, cost, error and the
+    comparison each on its own."""
+    row = {"workload": label, "example": name, "params": params, "shape": shape, "dtype": dt}
+    try:
+        k, x, dims, batch = _setup(name, params, shape, form, tdt, where)
+        _sync(where)
+        t0 = time.perf_counter()
+        k(**x)                                   # compile + tuning (first call of the bucket)
+        _sync(where)
+        row["first_call_s"] = time.perf_counter() - t0
+        row["moa_ms"] = _time(lambda k=k, x=x: k(**x))
+    except Exception as e:  # noqa: BLE001  (a workload that fails is reported, not fatal)
+        row["failed"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if "moa_ms" in row:   # each later step on its own: a failure there keeps the timing
+        _step(row, "plan", lambda: k.plan(**x)[k.output_names[0]].key)
+        c = _step(row, "cost", lambda: k.cost(dtype=dt, device=dev, batch=batch, **dims), keep=False)
+        if c is not None:
+            row["pred_ms"] = c.predicted_seconds * 1e3
+            row["tflops"] = c.flops / (row["moa_ms"] * 1e-3) / 1e12
+            row["pct_peak"] = 100 * row["tflops"] * 1e12 / device.matmul_rate(dt)
+        _step(row, "error_vs_fp64", lambda: _error(name, params, form, tdt, where))
+        _step(row, "ref_ms", lambda: _versus(row, versus, name, k, x, dims, shape, tdt, where))
+        if row.get("ref_ms"):
+            row["ratio"] = row["moa_ms"] / row["ref_ms"]
+    return row
+
+
 def bench_gpu(args):
-    import triton
+    import datetime
+    import json
 
     dev = device_key()
     device = DEVICES[dev]
     dt = canonical_dtype(args.dtype)
     tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "float64": torch.float64}[dt]
-    print(f"GPU: {torch.cuda.get_device_name()} (device table: {device.name}); {dt}, batch {args.batch}, "
-          f"n={args.n}, d=e={args.d}")
-    head = f"{'example':22s} {'moa ms':>9s} {'pred ms':>9s} {'err':>7s} {'TFLOP/s':>8s} {'%peak':>6s} " \
-           f"{'bound':>14s}  reference"
-    print(head)
-    print("-" * len(head))
-    for name, k in examples(args.examples):
-        dims = dims_for(k, args.n, args.d, args.heads)
-        batch = (args.batch,) if has_heads(k) else (args.batch, args.heads)
-        inputs = make_inputs(k, dims, batch, tdt, "cuda")
-        try:
-            k(**inputs)
-            torch.cuda.synchronize()
-            ms = triton.testing.do_bench(lambda k=k, inputs=inputs: k(**inputs))
-            c = k.cost(dtype=dt, device=dev, batch=batch, fit=True, **dims)
-        except moa.MoaError as e:
-            print(f"{name:22s} failed: {e.message[:100]}")
+    gpu = torch.cuda.get_device_name()
+    print(f"GPU: {gpu} (device table: {device.name}); {dt}; torch {torch.__version__}, moa {moa.__version__}")
+    rows = []
+    for label, name, params, shape, form, versus in WORKLOADS:
+        if args.examples and name not in args.examples.split(","):
             continue
-        pred_ms = c.predicted_seconds * 1e3
-        tflops = c.flops / (ms * 1e-3) / 1e12
-        peak = device.matmul_rate(dt) / 1e12
-        ref = ""
-        try:
-            r = reference_fn(name, k, inputs, dims, {**PARAMS.get(name, {}), **dict(k.program.params)})
-            if r is not None:
-                label, fn = r
-                fn()
-                torch.cuda.synchronize()
-                rms = triton.testing.do_bench(fn)
-                ref = f"{label} {rms:.3f} ms ({ms / rms:.2f}x of its time)"
-        except Exception as e:  # noqa: BLE001  (a reference that does not run is reported, not fatal)
-            ref = f"reference failed: {type(e).__name__}: {str(e)[:80]}"
-        print(f"{name:22s} {ms:9.3f} {pred_ms:9.3f} {ms / pred_ms - 1:+7.0%} {tflops:8.1f} {100 * tflops / peak:5.1f}% "
-              f"{c.bound:>14s}  {ref}")
+        row = _workload(label, name, params, shape, form, versus, dt, tdt, dev, device)
+        rows.append(row)
+        print(_line(row), flush=True)
+    _write(args.out, gpu, rows, datetime.date.today().isoformat(), json)
+
+
+def _f(r: dict, field: str, fmt: str) -> str:
+    """A row's field formatted, or '-' where its step failed or does not apply."""
+    v = r.get(field)
+    return "-" if v is None else format(v, fmt)
+
+
+def _cells(r: dict) -> dict:
+    pred_err = r["moa_ms"] / r["pred_ms"] - 1 if r.get("pred_ms") else None
+    return {"moa": _f(r, "moa_ms", ".3f"), "ref": r.get("reference", "-"), "ref_ms": _f(r, "ref_ms", ".3f"),
+            "ratio": _f(r, "ratio", ".2f"), "pred": _f(r, "pred_ms", ".3f"),
+            "pred_err": "-" if pred_err is None else f"{pred_err:+.0%}", "tflops": _f(r, "tflops", ".1f"),
+            "peak": _f(r, "pct_peak", ".1f"), "first": _f(r, "first_call_s", ".1f"),
+            "err": _f(r, "error_vs_fp64", ".1e"), "plan": r.get("plan", "-"),
+            "fails": "; ".join(f"{k}: {v[:80]}" for k, v in r.get("step_failures", {}).items())}
+
+
+def _line(r) -> str:
+    if "failed" in r:
+        return f"{r['workload']:34s} FAILED {r['failed']}"
+    c = _cells(r)
+    return (f"{r['workload']:34s} {c['moa']:>8s} ms  pred {c['pred']:>8s} ({c['pred_err']})  {c['tflops']:>6s} TF/s "
+            f"{c['peak']:>5s}%  err {c['err']}  first {c['first']} s  | {c['ref']} {c['ref_ms']} ms x{c['ratio']}  "
+            f"[{c['plan']}]" + (f"  step failures: {c['fails']}" if c["fails"] else ""))
+
+
+def _write(out_dir, gpu, rows, date, json):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{''.join(c if c.isalnum() else '-' for c in gpu.lower()).strip('-')}-{date}"
+    (out / f"{stem}.json").write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__,
+                                                  "moa": moa.__version__, "rows": rows}, indent=1))
+    lines = [f"# moa on {gpu}, {date}", "", f"torch {torch.__version__}; forward; times are medians of "
+             "triton.testing.do_bench; `first call` is compile plus timed tuning of the bucket.", "",
+             "| workload | moa ms | reference | ref ms | moa / ref | predicted ms | error | TFLOP/s | % peak | "
+             "first call s | max rel err vs fp64 | plan | notes |", "|---" * 13 + "|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['workload']} | failed: {r['failed'][:80]} |" + " |" * 11)
+            continue
+        c = _cells(r)
+        lines.append(f"| {r['workload']} | {c['moa']} | {c['ref']} | {c['ref_ms']} | {c['ratio']} | {c['pred']} | "
+                     f"{c['pred_err']} | {c['tflops']} | {c['peak']} | {c['first']} | {c['err']} | {c['plan']} | "
+                     f"{c['fails']} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.md and .json")
 
 
 # ---- no-GPU path ------------------------------------------------------------------------------------------------
 
 def bench_cpu(args):
-    from moa.runtime import costing as K
-    from moa.runtime.check import random_inputs
-
     print("no CUDA GPU: nothing can be timed here. Printing what a CPU can check instead:\n"
           "  1. the instrumented Triton interpreter's counters next to the cost model's predictions (small dims),\n"
           "  2. the sm_90 AOT resources of the configs the GPU runtime would launch (bf16),\n"
@@ -217,7 +342,7 @@ def bench_cpu(args):
         dims = {x.name: {"n": n, "m": n - 9, "d": d, "e": d, "h": 2, "g": 1}[x.name] for x in k.program.dims}
         t0 = time.perf_counter()
         inputs = random_inputs(k.program, dims, seed=1, dtype=torch.float32)
-        m = K.measure(k, **inputs)
+        m = measure(k, **inputs)
         c = K.cost(k, dtype="float32", device="cpu", **dims)
         ok = all(getattr(m, f) == getattr(c, f) for f in COUNTERS + ("dram_bytes_loaded", "dram_bytes_stored"))
         cells = " ".join(f"{getattr(m, f):>16,d}" for f in COUNTERS)
@@ -237,9 +362,9 @@ def bench_cpu(args):
                 dims = dims_for(k, args.n, hd, args.heads)
                 for out in k.output_names:
                     keys.append((name, out, hd))
-                    plans.append(K.fit_plan(k, out, "bfloat16", dims))
+                    plans.append(C.fit_plan(k.planner, out, "bfloat16", dims))
         t0 = time.perf_counter()
-        results = K.aot_groups([[r for _, _, r in plan] for plan in plans], first_fit=True)
+        results = C.aot_groups([[r for _, _, r in plan] for plan in plans], first_fit=True)
         print(f"   ({sum(len(r) for r in results)} kernels compiled in {time.perf_counter() - t0:.1f} s)")
         head = f"{'example':22s} {'d':>4s} {'schedule':>12s} {'BLOCK_M x N':>11s} {'warps':>5s} {'stages':>6s} " \
                f"{'regs':>5s} {'spills':>6s} {'shared':>9s} {'wgmma':>5s}  tried"
@@ -247,7 +372,7 @@ def bench_cpu(args):
         print("-" * len(head))
         for (name, out, hd), plan, res in zip(keys, plans, results):
             try:
-                i, r = K.choose_plan(plan, res, "sm_90", f"{name} d={hd}")
+                i, r = C.choose_plan(plan, res, "sm_90", f"{name} d={hd}")
             except moa.MoaError as e:
                 print(f"{name:22s} {hd:4d} does not fit: {e.message[:120]}")
                 continue
@@ -288,6 +413,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="h100", choices=sorted(DEVICES), help="device table entry (no GPU)")
     ap.add_argument("--small-n", type=int, default=100, help="n for the interpreter counters (no GPU)")
     ap.add_argument("--no-aot", action="store_true", help="skip the AOT table (no GPU)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the GPU results are written")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():
         bench_gpu(args)

@@ -62,9 +62,7 @@ class KernelEmitter:
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
         self.x = Emitter(program, sched, dtype)
         # head dims equal to their padded tiles at this launch: loads along them need no bound
-        self.x.exact = {b.dot.var: b.dot.extent for b in sched.branches if b.dot is not None and b.dot.extent in exact}
-        if sched.col[1] in exact:
-            self.x.exact[sched.col[0]] = sched.col[1]
+        self.x.exact = frozenset(sp.sympify(x) for x in exact)
         self.monoids = [Monoid(b.kind, self.x.sfx(k), self.x.acc) for k, b in enumerate(sched.branches)]
 
     def idx(self, e) -> str:

@@ -52,14 +52,6 @@ def _axis_of(code: str) -> str:
     return axes.get(base, base[len("offs_"):].upper())
 
 
-def _axis_of(code: str) -> str:
-    """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_a' (the residue
-    schedule's a, i = r + s a) -> 'lifted_row'; 'offs_head_dim_2' -> 'HEAD_DIM_2'."""
-    base = code.split("[")[0].strip()
-    axes = {"offs_m": "row", "offs_n": "key", "offs_v": "col", "offs_a": "lifted_row"}
-    return axes.get(base, base[len("offs_"):].upper())
-
-
 _ROLE = {"offs_m": "row", "offs_a": "row", "offs_n": "key", "offs_v": "col", "hop": "hop"}
 
 
@@ -122,7 +114,7 @@ class Emitter:
         self.loads: list = []       # AccessSite per emitted tl.load (the cost model's ledger of memory accesses)
         self.named: dict = {}       # index expression -> the kernel variable that holds it (computed once)
         self.inside: dict = {}      # tile variable -> an extent its whole tile lies below (loads need no bound)
-        self.exact: dict = {}       # head-dim variable -> its extent, equal to the padded tile at this launch
+        self.exact = frozenset()    # head-dim extents equal to their padded tiles at this launch
         self.nbranches = len(sched.branches)
 
     def sfx(self, k: int) -> str:
@@ -304,7 +296,8 @@ class Emitter:
         m = " & ".join(masks) if masks else "True"
         if scalar_masks:  # a scalar condition joins a tile mask through tl.where (the interpreter rejects &)
             m = f"tl.where({' & '.join(scalar_masks)}, {m}, False)"
-        raw = f"tl.load({' + '.join(parts)}, mask={m}, other={other})"
+        bound = f", mask={m}, other={other}" if masks or scalar_masks else ""  # inside on every axis: no mask
+        raw = f"tl.load({' + '.join(parts)}{bound})"
         load = raw
         if node.dtype == ir.FLOAT and cast:
             load += f".to({self.acc})"
@@ -326,12 +319,20 @@ class Emitter:
         scope.add(f"{name} = {load}")
         return name
 
+    def _exact_lane(self, ix, ext, vmap) -> bool:
+        """ix is a lane of a head-dim arange (offs_head_dim..., offs_v) whose padded tile equals ext at this launch."""
+        if ix not in vmap or sp.sympify(ext) not in self.exact:
+            return False
+        axis = _axis_of(vmap[ix])
+        if axis == "col":
+            return sp.sympify(ext) == sp.sympify(self.s.col[1])
+        return any(name == axis and sp.sympify(x) == sp.sympify(ext) for x, name in self.head_dims.items())
+
     def _in_range(self, ix, ext, vmap) -> tuple[bool, bool]:
         """(0 <= ix provably, ix < ext provably) over the ranges of the leading indices. Tile variables
         (rows, keys, head dims) are padded to powers of two, so an index using them is never provably below
         its extent, unless the tile is known to lie inside (`inside`: the key tiles of a full-tile loop)."""
-        if ix in self.inside and sp.sympify(ext) == self.inside[ix] or \
-                ix in self.exact and sp.sympify(ext) == self.exact[ix]:
+        if ix in self.inside and sp.sympify(ext) == self.inside[ix] or self._exact_lane(ix, ext, vmap):
             return True, True
         if set(vmap) & ix.free_symbols:
             return bool(ix.is_nonnegative), False

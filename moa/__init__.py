@@ -8,12 +8,13 @@ from .errors import InputError, MoaError, ParseError, ShapeError, UnsupportedErr
 from .version import __version__
 
 
-def compile(source_or_path, form=None, schedule=None, **params):
+def compile(source_or_path, form=None, schedule=None, autotune=None, **params):
     """Compile a .moa program (text or a path) into a Kernel (moa.runtime.kernel); params override the program's
-    param defaults, form= / schedule= force what the cost model otherwise picks per call."""
+    param defaults, form= / schedule= force what the cost model otherwise picks per call, autotune= switches the
+    GPU's timed tuning (default: on unless MOA_AUTOTUNE=0)."""
     from moa.runtime.kernel import compile as _compile   # the facade: the algebra imports without torch/triton
 
-    return _compile(source_or_path, form=form, schedule=schedule, **params)
+    return _compile(source_or_path, form=form, schedule=schedule, autotune=autotune, **params)
 
 
 __all__ = ["InputError", "MoaError", "ParseError", "ShapeError", "UnsupportedError", "__version__", "compile"]

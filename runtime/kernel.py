@@ -7,10 +7,13 @@ tiles, code) is decided on demand by the Planner (runtime/plan.py) and run by th
 Kernel is a thin facade over them and over the reference evaluators, the cost model, AOT and the ring."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import torch
+
 from moa import dnf as D
-from moa.errors import InputError, UnsupportedError
+from moa.errors import InputError, MoaError, UnsupportedError
 from moa.frontend import elaborate
 from moa.program import Program
 
@@ -18,9 +21,10 @@ from . import configs, costing, explain, measuring, ring
 from .binding import Binding, bind, check_offsets, check_reads
 from .dnf_eval import evaluate_dnf
 from .launch import Launcher
-from .plan import Plan, Planner
+from .device import device_table_name
+from .plan import TILED, Plan, Planner
 from .reference import reference
-from .tiling import Config
+from .tiling import DTYPE_NAME, Config
 
 
 def _no_positional(args, names):
@@ -44,12 +48,13 @@ def _load_source(source_or_path) -> tuple[str, str]:
     return source_or_path, "<source>"
 
 
-def compile(source_or_path, form=None, schedule=None, **params) -> Kernel:
+def compile(source_or_path, form=None, schedule=None, autotune=None, **params) -> Kernel:
     """Parse, elaborate and reduce a program to DNF; everything else happens per call.
 
     source_or_path: .moa text or a path. form: None (the cost model picks per call), "quadratic" or "linear".
-    schedule: None (the cost model picks among the legal ONFs) or "tiled" | "hops" | "residue". params override
-    the program's `param` defaults."""
+    schedule: None (the cost model picks among the legal ONFs) or "tiled" | "hops" | "residue". autotune: on a
+    GPU, time the candidate plans on the first call of a shape bucket and keep the fastest (None: MOA_AUTOTUNE,
+    default on; runtime/tune.py). params override the program's `param` defaults."""
     text, filename = _load_source(source_or_path)
     program = elaborate(text, filename, **params)   # text -> MoA IR with proven shapes
     try:
@@ -58,7 +63,7 @@ def compile(source_or_path, form=None, schedule=None, **params) -> Kernel:
         raise UnsupportedError("the program is too deeply nested for psi-reduction (a chain of a few hundred "
                                "operations); split the chain or use reductions such as sum(X, axis=k)",
                                program.outputs[0][1].loc) from None
-    return Kernel(program, outputs, form, schedule)   # ONF + Triton on demand (per dtype and config)
+    return Kernel(program, outputs, form, schedule, autotune)   # ONF + Triton on demand (per dtype and config)
 
 
 class Kernel:
@@ -69,8 +74,9 @@ class Kernel:
     Attributes: `program` (the elaborated IR), `dnf` (its normal form), `planner` (runtime/plan.py: schedules,
     forms and configs), `launcher` (runtime/launch.py)."""
 
-    def __init__(self, program: Program, outputs, form: str | None = None, schedule: str | None = None):
-        self.planner = Planner(program, outputs, form, schedule)
+    def __init__(self, program: Program, outputs, form: str | None = None, schedule: str | None = None,
+                 autotune: bool | None = None):
+        self.planner = Planner(program, outputs, form, schedule, autotune)
         self.launcher = Launcher(self.planner)
         self._reads_checked: set = set()
 
@@ -111,26 +117,43 @@ class Kernel:
         return self.launcher.tiled(name, b, store_lse=True)
 
     def plan(self, /, **inputs) -> dict:
-        """Output name -> the Plan a call with these tensors runs (kernel family, schedule, tile config and the
-        schedule predictions), without running it."""
+        """Output name -> the Plan a call with these tensors runs: the kernel family, the schedule and tile config,
+        the cost model's predicted time of the call (on the device's table entry; h100 for CPU tensors) and, on a
+        GPU that tuned the call's bucket, the measured time (tuning runs here if it has not yet)."""
         b = self.bind(inputs)
+        device = device_table_name(b.device)
+        try:
+            dims = {d.name: b.dims[d.name] for d in self.program.dims}
+            predicted = costing.cost(self, dtype=DTYPE_NAME[b.dtype], device=device, batch=b.batch,
+                                     **dims).predicted_seconds
+        except MoaError:   # a program the cost model cannot predict at these dims
+            predicted = None
         out = {}
         for name in self.output_names:
             kind = self.planner.run_kind(name, b.dims)
-            if kind == "tiled":
-                out[name] = self.launcher.plan(name, self.planner.cg_binding(b))
+            if self.launcher.tunes(name, b):
+                p = self.launcher.tuned(name, b)
+            elif kind == TILED:
+                p = self.launcher.plan(name, self.planner.cg_binding(b))
             else:
-                out[name] = Plan(name, kind)
+                p = Plan(name, kind)
+            out[name] = dataclasses.replace(p, predicted_seconds=predicted)
         return out
 
     def reference(self, /, **inputs):
-        """The float64 meaning of the program, evaluated unfused (every intermediate array exists)."""
-        outs = reference(self.program, inputs)
-        return outs[self.output_names[0]] if len(outs) == 1 else outs
+        """The float64 meaning of the program, evaluated unfused (every intermediate array exists). It runs on
+        the CPU; the result comes back on the device of the inputs (GPU tensors are copied over and back)."""
+        return self._on_cpu(lambda x: reference(self.program, x), inputs)
 
     def dnf_reference(self, /, **inputs):
         """The DNF evaluated directly (vectorised, float64, online-softmax merges): equals reference()."""
-        outs = evaluate_dnf(self.program, self.dnf, inputs)
+        return self._on_cpu(lambda x: evaluate_dnf(self.program, self.dnf, x), inputs)
+
+    def _on_cpu(self, fn, inputs):
+        devices = {t.device for t in inputs.values() if isinstance(t, torch.Tensor)}
+        home = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        outs = fn({k: t.cpu() if isinstance(t, torch.Tensor) else t for k, t in inputs.items()})
+        outs = {k: v.to(home) for k, v in outs.items()}
         return outs[self.output_names[0]] if len(outs) == 1 else outs
 
     def ring(self, group=None, *, timeout=None, stats=False, **local_inputs):

@@ -5,14 +5,18 @@ tensors, on the GPU for CUDA tensors (runtime/device.py). The window-mixing kern
 runners of their own (runtime/window_run.py, runtime/linear_run.py)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+import triton
+import triton.testing
 
 from moa import ir, onf
 from moa import symbolic as sy
 from moa.codegen.emit import generate
 
+from . import tune
 from .binding import Binding
 from .cache import module_for
 from .device import check_device, next_pow2, run
@@ -39,15 +43,51 @@ class Launcher:
         self._specs: dict = {}
         self._window: dict = {}
         self._linear: dict = {}
+        self._tuned: dict = {}
 
     def output(self, name: str, b: Binding) -> torch.Tensor:
-        """One output of a call, in the kernel family the planner picks for its dims."""
+        """One output of a call, in the kernel family the planner picks for its dims; on CUDA, with tuning on, the
+        plan the GPU measured fastest for the call's bucket (runtime/tune.py)."""
         kind = self.planner.run_kind(name, b.dims)
         if kind == WINDOW:
             return self.window(name, b)
+        if self.tunes(name, b):
+            return self.run(name, b, self.tuned(name, b))
         if kind == LINEAR:
             return self.linear(name, b)
         return self.tiled(name, b, store_lse=False)[0]
+
+    def tunes(self, name: str, b: Binding) -> bool:
+        """Whether a call of output `name` is tuned by timing: CUDA tensors, tuning on, the tiled family (or the
+        form left to the cost model)."""
+        return b.device.type == "cuda" and tune.enabled(self.planner.autotune) and \
+            not self.planner.is_window(name) and self.planner.form != "linear"
+
+    def run(self, name: str, b: Binding, plan: Plan) -> torch.Tensor:
+        """One output of a call in a given plan (the linear form, or the tiled kernel's schedule and tiles)."""
+        if plan.kind == LINEAR:
+            return self.linear(name, b)
+        return self.tiled(name, b, store_lse=False, plan=plan)[0]
+
+    def tuned(self, name: str, b: Binding) -> Plan:
+        """The plan timed fastest for the call's bucket: chosen on the bucket's first call in any process (every
+        candidate of Planner.candidates launched and timed), read from the tuning cache afterwards."""
+        cgb = self.planner.cg_binding(b)
+        compute = compute_dtype(b.dtype, b.device)
+        device = torch.cuda.get_device_name(b.device)
+        key = self.planner.bucket(name, cgb.dims, DTYPE_NAME[b.dtype], device, len(b.batch))
+        memo = (key, tuple(sorted(cgb.dims.items())), tuple(b.batch))
+        if memo not in self._tuned:
+            cands = self.planner.candidates(name, cgb.dims, DTYPE_NAME[b.dtype], DTYPE_NAME[compute], b.device,
+                                            len(b.batch), math.prod(b.batch))
+
+            def measure(k):
+                return triton.testing.do_bench(lambda: self.run(name, b, cands[k]), warmup=5, rep=25,
+                                               return_mode="median") * 1e-3
+
+            rec = tune.choose(key, [c.key for c in cands], measure)
+            self._tuned[memo] = dataclasses.replace(cands[rec.choice], measured_seconds=rec.seconds)
+        return self._tuned[memo]
 
     def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None,
              exact=frozenset()):
@@ -66,13 +106,14 @@ class Launcher:
         return self.planner.tiled(name, b.dims, DTYPE_NAME[b.dtype], DTYPE_NAME[compute], b.device, len(b.batch),
                                   math.prod(b.batch), config)
 
-    def tiled(self, name: str, b: Binding, store_lse: bool, config: Config | None = None):
-        """(output, lse or None) of the tiled kernel; lse in the accumulation dtype."""
+    def tiled(self, name: str, b: Binding, store_lse: bool, config: Config | None = None, plan: Plan | None = None):
+        """(output, lse or None) of the tiled kernel, in `plan` (default: the planner's); lse in the accumulation
+        dtype."""
         b = self.planner.cg_binding(b)
         check_device(b.device)
         dt = b.dtype
         compute = compute_dtype(dt, b.device)
-        plan = self.plan(name, b, config)
+        plan = plan or self.plan(name, b, config)
         sched, cfg, dims = plan.schedule, plan.config, b.dims
         n, e = sy.evaluate(sched.row[1], dims), sy.evaluate(sched.col[1], dims)
         lead = [sy.evaluate(x, dims) for _, x in sched.lead]

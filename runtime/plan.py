@@ -7,6 +7,7 @@ the ahead-of-time check of the candidate configs (runtime/configs.py, runtime/fo
 spills or overflows shared memory is never launched. `compile(form=..., schedule=...)` forces a choice."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,11 +19,12 @@ from moa.codegen.names import codegen_binding, codegen_view
 from moa.devices import canonical_dtype, get_device
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.program import Program
+from moa.version import __version__
 
-from . import configs
+from . import configs, tune
 from .binding import Binding
 from .device import device_table_name
-from .tiling import Config, choose_config, default_config, fit_tiles, head_dims
+from .tiling import Config, choose_config, default_config, fit_tiles, head_dims, tune_candidates
 
 TILED, WINDOW, LINEAR = "tiled", "window", "linear"
 
@@ -36,29 +38,43 @@ class Plan:
     schedule: object = None    # the ONF Schedule (tiled family)
     config: Config | None = None
     predictions: tuple = ()    # schedule_cost.Prediction of every legal schedule (tiled family), if several
+    measured_seconds: float | None = None    # the time a GPU measured when it tuned this call's bucket
+    predicted_seconds: float | None = None   # the cost model's time (Kernel.plan fills it in)
 
     @property
     def label(self) -> str:
         return onf.label(self.schedule) if self.schedule is not None else self.kind
 
+    @property
+    def key(self) -> str:
+        """The plan in one string (a tuning record's label)."""
+        c = self.config
+        tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+        return f"{self.kind} {self.label}{tiles}"
+
     def __repr__(self) -> str:
         cfg = self.config
         tiles = "" if cfg is None else (f", BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
                                         f"stages={cfg.num_stages}")
-        return f"Plan({self.output}: {self.kind} kernel, schedule {self.label}{tiles})"
+        times = "".join(f", {what} {t * 1e6:.1f} us" for what, t in (("predicted", self.predicted_seconds),
+                                                                     ("measured", self.measured_seconds))
+                        if t is not None)
+        return f"Plan({self.output}: {self.kind} kernel, schedule {self.label}{tiles}{times})"
 
 
 class Planner:
     """The decisions of one compiled program. `form` / `schedule` force the form or schedule (None: the cost
     model decides per call)."""
 
-    def __init__(self, program: Program, dnf, form: str | None = None, schedule: str | None = None):
+    def __init__(self, program: Program, dnf, form: str | None = None, schedule: str | None = None,
+                 autotune: bool | None = None):
         if form not in (None, "quadratic", "linear"):
             raise InputError(f"form={form!r}: choose None (the cost model decides), 'quadratic' or 'linear'")
         if schedule not in (None, *onf.KINDS):
             raise InputError(f"schedule={schedule!r}: choose None (the cost model decides), "
                              + ", ".join(repr(k) for k in onf.KINDS))
         self.program, self.dnf, self.form, self.schedule = program, dnf, form, schedule
+        self.autotune = autotune   # None: MOA_AUTOTUNE decides (runtime/tune.py)
         self._choices: dict = {}
         self.fit_memo: dict = {}     # runtime/configs.py: AOT-fitted (schedule, config) per call shape
 
@@ -91,6 +107,20 @@ class Planner:
     def linear_plans(self) -> dict:
         """Output name -> (LinearPlan or None, why not): the chunked-state form derived by moa/linear.py."""
         return {name: linear.plan(s) for name, s in self.schedules.items()}
+
+    @cached_property
+    def key(self) -> str:
+        """The program as tuning records know it: source, params, forced form and schedule, moa's version."""
+        text = repr((self.program.source, self.program.params, self.form, self.schedule, __version__))
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def bucket(self, name: str, dims: dict, dtype: str, device: str, nbatch: int) -> str:
+        """The tuning bucket of a call (runtime/tune.py): head dims exact, sequence dims by powers of two."""
+        s = self.schedules[name]
+        heads = {str(x) for x in [s.col[1]] + [b.dot.extent for b in s.branches if b.dot is not None]}
+        return tune.bucket_key(device, dtype, self.key, name, nbatch,
+                               {k: v for k, v in dims.items() if k in heads},
+                               {k: v for k, v in dims.items() if k not in heads})
 
     @property
     def output_names(self) -> tuple:
@@ -205,6 +235,28 @@ class Planner:
         n, m, head = _extents(self.schedules[name], dims)
         cfg = config or choose_config(device, compute, n, m, head)
         return Plan(name, TILED, sched, fit_tiles(cfg, head_dims(self.schedules[name], dims), f"output {name}"))
+
+    def candidates(self, name: str, dims: dict, call_dtype: str, compute: str, device: torch.device,
+                   nbatch: int, batch: int, limit: int = 6) -> list:
+        """The plans a GPU times for a call's bucket (runtime/tune.py): the model's schedule with its default tiles
+        first, then the tile configs of tiling.tune_candidates, the runner-up schedule with the default tiles, and
+        the linear form where the program has one and no form is forced. Nothing is checked ahead of time: a
+        candidate that does not compile or run is skipped by the tuner, one that spills is timed slow."""
+        n, m, head = _extents(self.schedules[name], dims)
+        heads = head_dims(self.schedules[name], dims)
+        first = Plan(name, TILED, self.schedule_for(name, dims, call_dtype, device_table_name(device), batch),
+                     fit_tiles(choose_config(device, compute, n, m, head), heads, f"output {name}"))
+        out = [first]
+        for cfg in tune_candidates(compute, head, first.config, limit):
+            p = Plan(name, TILED, first.schedule, fit_tiles(cfg, heads, f"output {name}"))
+            if p.key not in {q.key for q in out}:
+                out.append(p)
+        ranking = self.schedule_ranking(name, dims, call_dtype, device_table_name(device), batch)
+        for sched in ranking[1:2]:
+            out.append(Plan(name, TILED, sched, first.config))
+        if self.form is None and self.linear_plans[name][0] is not None:
+            out.append(Plan(name, LINEAR))
+        return out
 
 
 def _extents(sched, dims):

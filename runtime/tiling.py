@@ -144,6 +144,27 @@ def candidates(dtype: str, head: int, default: Config) -> list:
     return out
 
 
+def tune_candidates(dtype: str, head: int, default: Config, limit: int = 6) -> list:
+    """Configs a GPU times on the first call of a shape bucket (runtime/tune.py), the model's default first: the
+    tile shapes, warps and stages that the fused-attention kernels of the Triton tutorials and FlashAttention use
+    on Hopper and Ampere for this head dim; at most `limit`."""
+    if dtype == "float64":
+        rest = [Config(32, 32, 4, 2), Config(64, 32, 4, 1), Config(16, 32, 4, 1)]
+    elif dtype == "float32":
+        rest = [Config(64, 64, 4, 2), Config(64, 32, 4, 3), Config(128, 32, 8, 2), Config(32, 32, 4, 2)]
+    elif head <= 64:
+        rest = [Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 64, 8, 4), Config(64, 64, 4, 3),
+                Config(128, 32, 4, 4), Config(64, 128, 4, 3)]
+    else:
+        rest = [Config(128, 128, 8, 2), Config(128, 64, 8, 2), Config(128, 64, 4, 3), Config(64, 64, 4, 3),
+                Config(128, 32, 8, 3), Config(64, 128, 8, 2)]
+    out = [default]
+    for c in rest:
+        if c not in out:
+            out.append(c)
+    return out[:limit]
+
+
 @dataclass(frozen=True)
 class LinearConfig:
     """Launch config of the chunked linear form: rows per chunk, feature tile, warps and stages of all three

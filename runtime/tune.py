@@ -1,0 +1,153 @@
+"""Timed tuning on a GPU: the first call of a shape bucket times the candidate plans and keeps the fastest.
+
+A bucket is what a launch's best plan depends on: the device's name, the dtype, the program (its source, params,
+forced form and schedule), the output, the number of batch axes, the head dims, and the sequence dims rounded up
+to powers of two. Its candidates are the plans the model ranks first (runtime/plan.py `Planner.candidates`: the
+schedules, tile configs, warps and stages, and the linear form where one exists). On the first call of a bucket
+each candidate is launched and timed (CUDA events through triton.testing.do_bench by default), and the fastest is
+written to the on-disk cache (`MOA_CACHE_DIR`/tune), under a file lock, so that a second process re-tunes nothing
+and two processes never tune the same bucket at once. `compile(autotune=False)` or `MOA_AUTOTUNE=0` keeps the
+model's choice (checked ahead of time: runtime/configs.py); a candidate that fails to compile or run is skipped.
+
+The logic takes its timer as an argument (`measure(candidate) -> seconds`), so it is tested on the CPU with a fake
+one (tests/test_tune.py)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import cache_dir
+
+try:   # POSIX file locks; elsewhere the in-process lock alone (a second process may then tune too)
+    import fcntl
+except ImportError:   # Windows
+    fcntl = None
+
+_MEMORY: dict = {}
+_LOCK = threading.Lock()
+
+
+def enabled(flag: bool | None) -> bool:
+    """Whether calls are tuned: the compile() argument if given, else MOA_AUTOTUNE (default on)."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("MOA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def bucket_of(n: int) -> int:
+    """A sequence length's bucket: the next power of two (1 for 0 and 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def bucket_key(device: str, dtype: str, program_key: str, output: str, nbatch: int, heads: dict, seqs: dict) -> str:
+    """The key of a shape bucket (a hex digest): heads exact, sequence dims rounded up to powers of two."""
+    parts = {"device": device, "dtype": dtype, "program": program_key, "output": output, "nbatch": nbatch,
+             "heads": sorted(heads.items()), "seqs": sorted((k, bucket_of(v)) for k, v in seqs.items())}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Record:
+    """A tuned bucket: the index of the chosen candidate, its label, and every candidate's time (None: failed)."""
+    choice: int
+    label: str
+    times: list = field(default_factory=list)   # [(label, seconds or None)]
+
+    @property
+    def seconds(self) -> float | None:
+        return self.times[self.choice][1] if self.times else None
+
+
+def _path(key: str) -> Path:
+    return cache_dir() / "tune" / f"{key}.json"
+
+
+def _read(path: Path, labels: list) -> Record | None:
+    try:
+        raw = json.loads(path.read_text())
+        rec = Record(int(raw["choice"]), str(raw["label"]), [tuple(t) for t in raw["times"]])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    # a record from other candidates (another version of moa, another model ranking) is not reused
+    return rec if [t[0] for t in rec.times] == labels and 0 <= rec.choice < len(labels) else None
+
+
+def _write(path: Path, rec: Record) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"choice": rec.choice, "label": rec.label, "times": rec.times}, f)
+        os.replace(tmp, path)   # atomic: a reader sees the old record or this one
+    except OSError:
+        pass   # an unwritable cache: the process keeps the choice in memory
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on path + '.lock' (POSIX), held while a bucket is tuned."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def choose(key: str, labels: list, measure) -> Record:
+    """The tuned Record of a bucket: from memory, else from disk, else by timing every candidate (measure(k) ->
+    seconds for candidate k, raising for a candidate that cannot run) under the bucket's lock. Raises
+    RuntimeError when no candidate runs."""
+    with _LOCK:
+        hit = _MEMORY.get(key)
+    if hit is not None and [t[0] for t in hit.times] == labels:
+        return hit
+    path = _path(key)
+    with _file_lock(path):
+        rec = _read(path, labels)     # another process may have tuned it while this one waited
+        if rec is None:
+            times = []
+            for k, label in enumerate(labels):
+                try:
+                    t = float(measure(k))
+                    times.append((label, t if math.isfinite(t) else None))
+                except Exception:   # noqa: BLE001  (a candidate that does not compile or run is skipped)
+                    times.append((label, None))
+            ok = [(t, k) for k, (_, t) in enumerate(times) if t is not None]
+            if not ok:
+                raise RuntimeError(f"no candidate of {len(labels)} ran: " + ", ".join(labels))
+            best = min(ok)[1]
+            rec = Record(best, labels[best], times)
+            _write(path, rec)
+    with _LOCK:
+        _MEMORY[key] = rec
+    return rec
+
+
+def recorded(key: str) -> Record | None:
+    """The record of a bucket tuned in this process, if any (for explain / Kernel.plan)."""
+    with _LOCK:
+        return _MEMORY.get(key)
+
+
+def clear_memory() -> None:
+    """Forget the in-process records (the disk cache stays)."""
+    with _LOCK:
+        _MEMORY.clear()
