@@ -105,8 +105,10 @@ def classify(pred, box: Box):
         return sp.false if v else sp.true, sp.true if v else sp.false
     if isinstance(pred, D.Op):
         if pred.fn == "and":
-            (f1, t1), (f2, t2) = classify(pred.args[0], box), classify(pred.args[1], box)
-            return sp.Or(f1, f2), sp.And(t1, t2)
+            conj = _conjuncts(pred)
+            parts = [classify(c, box) for c in conj]
+            tight = _modular_conjunction(conj, box)   # replaces the modular atoms' own emptiness tests
+            return sp.Or(*(tight.get(k, f) for k, (f, _) in enumerate(parts))), sp.And(*(t for _, t in parts))
         if pred.fn == "or":
             (f1, t1), (f2, t2) = classify(pred.args[0], box), classify(pred.args[1], box)
             return sp.And(f1, f2), sp.Or(t1, t2)
@@ -118,6 +120,61 @@ def classify(pred, box: Box):
             if d is not None:
                 return _compare(d[0], d[1], box)
     return sp.false, sp.false
+
+
+def _conjuncts(pred):
+    if isinstance(pred, D.Op) and pred.fn == "and":
+        return [a for x in pred.args for a in _conjuncts(x)]
+    return [pred]
+
+
+def _modular_conjunction(conj, box) -> dict:
+    """Emptiness of a conjunction that a modular atom and inequalities on the same index expression decide only
+    together: (e mod r) == 0 with lo' <= e <= hi' from the other atoms (e.g. PiAttention's j < i and
+    (i - j) // s <= T) holds nowhere in the box iff [Max(lo, lo'), Min(hi, hi')] holds no multiple of r.
+    Each atom alone may be satisfiable in the box (i - j = 0 is a multiple of s; j < i holds off the diagonal).
+    Returns {position of the modular atom: its tightened emptiness test}."""
+    atoms = [_diff(c) if isinstance(c, D.Op) and c.fn in _FLIP else None for c in conj]
+    out = {}
+    for k, a in enumerate(atoms):
+        if a is None or a[0] != "eq" or not isinstance(a[1], sp.Mod) or not a[1].args[1].is_positive:
+            continue
+        e, r = a[1].args
+        rng = interval(e, box)
+        if rng is None:
+            continue
+        los, his = [rng[0]], [rng[1]]
+        for b in atoms:
+            lo, hi = _bound_on(e, *b, set(box.ranges)) if b is not None else (None, None)
+            los += [lo] if lo is not None else []
+            his += [hi] if hi is not None else []
+        if len(los) + len(his) > 2:
+            out[k] = sp.floor(sp.Min(*his) / r) * r < sp.Max(*los)
+    return out
+
+
+def _bound_on(e, fn, d, boxvars):
+    """(lo, hi) that `d fn 0` puts on the index expression e, where d is s e + c or s floor(e / r) + c
+    (s = +-1, c free of the box's variables); a side is None when the atom does not bound it."""
+    for sign in (1, -1):
+        c = sp.expand(d - sign * e)
+        if not (c.free_symbols & boxvars) and not c.has(sp.Mod, sp.floor):
+            lo, hi = _solve(fn if sign == 1 else _FLIP[fn], -c if sign == 1 else c)
+            return lo, hi
+    fl = [a for a in sp.Add.make_args(d) if isinstance(a, sp.floor)]
+    if len(fl) == 1 and fn in ("le", "lt", "ge", "gt"):
+        num, den = sp.fraction(sp.together(fl[0].args[0]))
+        c = sp.expand(d - fl[0])
+        if den.is_positive and sp.expand(num - e) == 0 and not (c.free_symbols & boxvars):
+            lo, hi = _solve(fn, -c)   # bounds on floor(e / den)
+            return (None if lo is None else lo * den), (None if hi is None else hi * den + den - 1)
+    return None, None
+
+
+def _solve(fn, k):
+    """(lo, hi) of the integers x with `x fn k` (fn one of lt le gt ge eq)."""
+    return {"lt": (None, k - 1), "le": (None, k), "gt": (k + 1, None), "ge": (k, None),
+            "eq": (k, k)}.get(fn, (None, None))
 
 
 def _compare(fn, d, box):

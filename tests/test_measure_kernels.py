@@ -6,6 +6,7 @@ sizes, in float64 and float32: the tiled kernel, its hops and residue schedules,
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,27 @@ def test_pi_attention_hops_at_4096_visit_only_needed_hops():
         k = moa.compile(ROOT / "examples" / "pi_attention.moa", schedule=schedule, k=64, s=64, T=8)
         c = cost(k, dtype="bf16", device="h100", n=4096, d=64, e=64)
         assert c.tiles_visited == c.tiles_needed > 0
+
+
+def test_pi_attention_tiles_hold_an_admissible_pair():
+    """The key-tile schedule of PiAttention (k = 64, s = 64, T = 8, n = 300) visits exactly the (row tile, key
+    tile) pairs of each branch that hold an admissible pair, counted here from the masks themselves. The skip
+    branch's diagonal tiles are the subtle ones: i - j = 0 is a multiple of s there, but j < i excludes it."""
+    k = moa.compile(ROOT / "examples" / "pi_attention.moa", schedule="tiled", k=64, s=64, T=8)
+    n = 300
+    x = random_inputs(k.program, {"n": n, "d": 16, "e": 16}, seed=0, batch=0, dtype=torch.float64)
+    cfg = k.plan(**x)["O"].config
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    local = (j <= i) & (i - j < 64)
+    skip = (j < i) & ((i - j) % 64 == 0) & ((i - j) // 64 <= 8)
+    want = 0
+    for mask in (local, skip):
+        for r0 in range(0, n, cfg.block_m):
+            for t0 in range(0, n, cfg.block_n):
+                want += bool(mask[r0:r0 + cfg.block_m, t0:t0 + cfg.block_n].any())
+    m = measure(k, **x)
+    assert m.tiles_visited == want
+    assert cost(k, dtype="float64", device="cpu", config=cfg, n=n, d=16, e=16).tiles_visited == want
 
 
 def test_window_kernel_batch_and_hops():
