@@ -193,7 +193,7 @@ def aot_compile(fn, signature: dict[str, str], constexprs: dict[str, object], *,
                      if a in jit_fn.arg_names and a not in constexprs}
             src = triton.compiler.ASTSource(fn=jit_fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
             kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                    options={**(options or {}), "num_warps": num_warps,
+                                    options={"enable_fp_fusion": True, **(options or {}), "num_warps": num_warps,
                                              "num_stages": num_stages})
     except _SharedOverflow as e:
         raise UnsupportedError(f"cannot compile {config}: needs {e.needed} bytes of shared memory, "

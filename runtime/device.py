@@ -120,8 +120,8 @@ def run(fn, grid, args, consts: dict, device: torch.device, what: str) -> None:
         if device.type == "cpu":
             with interpreter():
                 fn[grid](*args, **consts)
-        else:
-            fn[grid](*args, **consts)
+        else:   # FMA contraction on, said explicitly (Triton 3.10 changes the default)
+            fn[grid](*args, **{"enable_fp_fusion": True, **consts})
     except MoaError:
         raise
     except Exception as ex:
