@@ -6,18 +6,27 @@ import os
 import sys
 
 import moa
-from moa.errors import MoaError
+from moa.errors import InputError, MoaError
 from moa.runtime.check import check
 
 from . import cost as cost_commands
 from . import plots
+from .args import dims as _dims
 from .args import params as _params
-from .args import parse_assignments
+from .args import parse_config
+from .launcher import launcher_module
 
 
 def cmd_compile(args) -> int:
     k = moa.compile(args.file, **_params(args))
-    src = k.source(dtype=args.dtype)
+    dims = _dims(args, k.program, complete=True) if args.dims else None
+    config = parse_config(args.config)
+    if args.launcher:
+        src = launcher_module(k, args.output_name, args.dtype, dims, config)
+    else:
+        if args.output_name and args.output_name not in k.output_names:
+            raise InputError(f"--output {args.output_name}: the program's outputs are {', '.join(k.output_names)}")
+        src = k.source(output=args.output_name, dtype=args.dtype, config=config, dims=dims)
     if args.output:
         with open(args.output, "w") as f:
             f.write(src)
@@ -31,13 +40,13 @@ def cmd_explain(args) -> int:
     k = moa.compile(args.file, **_params(args))
     print(k.explain())
     if getattr(args, "tiles", None):
-        plots.tiles_plot(k, args.tiles, parse_assignments(args.dims, "--dims"))
+        plots.tiles_plot(k, args.tiles, _dims(args, k.program))
     return 0
 
 
 def cmd_check(args) -> int:
     k = moa.compile(args.file, **_params(args))
-    dims = parse_assignments(args.dims, "--dims")
+    dims = _dims(args, k.program, complete=True)
     report = check(k, dims, seed=args.seed, batch=args.batch, run_kernel=not args.no_kernel)
     print(report.text())
     return 0 if report.ok else 1
@@ -51,10 +60,18 @@ def main(argv=None) -> int:
         p.add_argument("file", help="a .moa program")
         p.add_argument("--param", action="append", metavar="k=v[,k=v]", help="override param defaults")
 
-    p = sub.add_parser("compile", help="write the generated Triton source")
+    p = sub.add_parser("compile", help="write the generated Triton source (with --launcher: a runnable module)")
     common(p)
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
-    p.add_argument("--dtype", default="float16", choices=["float64", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float16", choices=["float64", "float32", "float16", "bfloat16"],
+                   help="the kernel's dtype (default: float16)")
+    p.add_argument("--launcher", action="store_true", help="write a module with the kernel and a typed Python "
+                   "launcher `launch(**inputs)` (shapes, strides, grid) that imports nothing from moa")
+    p.add_argument("--output-name", metavar="NAME", help="the program output to compile (default: the first)")
+    p.add_argument("--dims", help="dims the schedule and tiles are chosen for, e.g. n=4096,d=64,e=64 (default: "
+                   "head dims 64, other dims 4096)")
+    p.add_argument("--config", metavar="BM,BN[,WARPS[,STAGES]]", help="force the tiles (default: the GPU "
+                   "runtime's table for the dtype)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("explain", help="IR with shapes, DNF, eliminated intermediates, ONF schedule")

@@ -13,10 +13,10 @@ from moa.errors import InputError, MoaError
 from moa.runtime.aot import fits
 from moa.runtime.costing import cost_breakdown
 from moa.runtime.form_configs import launch_label
-from moa.runtime.tiling import Config
 
 from .args import dims as _dims
 from .args import params as _params
+from .args import parse_config
 from .plots import cost_plot, sweep_dims
 
 
@@ -115,7 +115,7 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None
 
 def cmd_cost(args) -> int:
     k = moa.compile(args.file, **_params(args))
-    dims = _dims(args)
+    dims = _dims(args, k.program)
     batch = (args.batch,) if args.batch else ()
     fit = not args.no_fit and args.device != "cpu" and len(dims) == len(k.program.dims)
     rep, bd = cost_breakdown(k, args.dtype, args.device, batch=batch, fit=fit, **dims)
@@ -215,14 +215,8 @@ def cost_table(k, rep, bd, dims) -> str:
 
 def cmd_aot(args) -> int:
     k = moa.compile(args.file, form=args.form, **_params(args))
-    dims = _dims(args)
-    cfg = None
-    if args.config:
-        try:
-            parts = [int(x) for x in args.config.split(",")]
-            cfg = Config(*parts)
-        except (ValueError, TypeError):
-            raise InputError(f"--config: expected BM,BN[,WARPS[,STAGES]], got {args.config!r}") from None
+    dims = _dims(args, k.program)
+    cfg = parse_config(args.config)
     print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {args.dtype} -> "
           f"{args.target} (compiled without a GPU: Triton -> PTX -> ptxas)")
     for i, name in enumerate(k.output_names):

@@ -1,0 +1,180 @@
+"""`moa compile --launcher`: a standalone Python module holding one output's tiled Triton kernel and a typed launcher
+(dims from the input shapes, shape checks, strides, grid, launch). The module imports torch and triton only.
+
+The launcher passes the arguments in the order the runtime's Launcher does (runtime/launch.py `_arguments`): each
+input with its strides (one flattened batch axis first), the output with its strides, the dims, the batch size; the
+constexprs BLOCK_M, BLOCK_N, the padded head dims and HEAD_DIM_V. tests/test_cli.py runs written modules against
+the reference."""
+from __future__ import annotations
+
+import keyword
+import textwrap
+
+import sympy as sp
+import torch
+
+from moa import ir, onf
+from moa import symbolic as sy
+from moa.errors import UnsupportedError
+from moa.runtime.tiling import Config
+
+MODULE_NAMES = {"math", "os", "torch", "triton", "tl", "launch"}
+
+
+def _py(e, names: dict) -> str:
+    """Python text of an integer extent expression over dims (codegen names -> the launcher's local names)."""
+    e = sp.sympify(e).xreplace({sy.dim(cg): sy.dim(user) for cg, user in names.items()})
+    return sy.show(e)
+
+
+def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config: Config | None) -> str:
+    """The text of a module with the tiled kernel of `output` for `dtype` and a function `launch(**inputs)`.
+
+    dims choose the schedule and the default tiles (default: head dims 64, other dims 4096); config forces the
+    tiles. Raises UnsupportedError for outputs that the tiled kernel does not compute (the window-mixing form) and
+    for names a Python launcher cannot take."""
+    name = output or k.output_names[0]
+    if name not in k.output_names:
+        raise UnsupportedError(f"--output {name}: the program's outputs are {', '.join(k.output_names)}")
+    if k.planner.is_window(name):
+        raise UnsupportedError(f"--launcher: output {name} runs in the window-mixing kernel, which has a runner of "
+                               "its own; --launcher writes the tiled kernel's launcher only")
+    program = k.program
+    for x in [n.attrs[0] for n in program.inputs] + [d.name for d in program.dims]:
+        if keyword.iskeyword(x) or x in MODULE_NAMES:
+            raise UnsupportedError(f"--launcher: the name {x!r} cannot be a Python launcher's argument or local "
+                                   f"(a Python keyword or one of {', '.join(sorted(MODULE_NAMES))}); rename it")
+    at = dims or k.planner.reference_dims(name)
+    sched = k.planner.schedule_for(name, at, dtype)
+    if config is None:   # the GPU runtime's default for the dtype (before its ahead-of-time fit)
+        config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
+    spec = k.launcher.spec(name, dtype, 1, config, False, sched)
+    view = k.planner.codegen
+    dim_of = view.dims                      # codegen dim name -> user dim name
+    inp_of = view.inputs                    # codegen input name -> user input name
+    inputs = [n.attrs[0] for n in program.inputs]
+    taken = set(inputs) | {d.name for d in program.dims}
+
+    def local(base: str) -> str:
+        while base in taken:
+            base += "_"
+        taken.add(base)
+        return base
+
+    out_, batch_, size_, dev_, grid_ = (local(x) for x in ("out", "batch", "size", "device", "grid"))
+    lines = [spec.source.rstrip(), "", "",
+             "# ---- launcher (written by `moa compile --launcher`; imports nothing from moa) " + "-" * 36,
+             "import math", "import os", "", "import torch", "",
+             f"DTYPE = torch.{dtype}", f"BLOCK_M, BLOCK_N = {config.block_m}, {config.block_n}",
+             f"NUM_WARPS, NUM_STAGES = {config.num_warps}, {config.num_stages}", "", "",
+             "def _pad(x: int) -> int:",
+             "    \"\"\"A head dim's tile: the next power of two, at least 16.\"\"\"",
+             "    return max(16, 1 << max(0, x - 1).bit_length())", "", "",
+             "def _flat(t: torch.Tensor, name: str, rank: int, batch: tuple, size: int) -> torch.Tensor:",
+             "    \"\"\"t with its leading batch axes as one (stride 0 where t has none).\"\"\"",
+             "    lead = tuple(t.shape[:t.dim() - rank])",
+             "    if lead == batch:",
+             "        return t.reshape(size, *t.shape[t.dim() - rank:])",
+             "    if not lead:",
+             "        return t.unsqueeze(0).expand(size, *t.shape)",
+             "    raise ValueError(f\"{name}: batch axes {list(lead)} differ from the other inputs' {list(batch)}\")",
+             "", ""]
+    summaries = getattr(spec, "summaries", ())   # per-tile (min, max) of the inputs a mask's tile tests read
+    if summaries:
+        lines += ["def _tile_summaries(t: torch.Tensor, axis: int, block: int) -> torch.Tensor:",
+                  "    \"\"\"(min, max) of t over tiles of `block` along `axis`: that axis becomes the tile count, a "
+                  "last axis\n    of 2 holds min and max (booleans as 0/1).\"\"\"",
+                  "    if t.dtype == torch.bool:",
+                  "        t = t.to(torch.int8)",
+                  "    elif t.dtype not in (torch.int32, torch.int64, torch.int8):",
+                  "        t = t.to(torch.int32)",
+                  "    x = t.movedim(axis, -1)",
+                  "    tiles = -(-x.shape[-1] // block)",
+                  "    pad = tiles * block - x.shape[-1]",
+                  "    info = torch.iinfo(x.dtype)",
+                  "    lo = torch.cat([x, x.new_full((*x.shape[:-1], pad), info.max)], -1)",
+                  "    hi = torch.cat([x, x.new_full((*x.shape[:-1], pad), info.min)], -1)",
+                  "    lo = lo.reshape(*x.shape[:-1], tiles, block).amin(-1)",
+                  "    hi = hi.reshape(*x.shape[:-1], tiles, block).amax(-1)",
+                  "    return torch.stack([lo, hi], -1).movedim(-2, axis).contiguous()", "", ""]
+    params = ", ".join(f"{x}: torch.Tensor" for x in inputs)
+    where = {}   # user dim -> (input, axis from the end)
+    for node in program.inputs:
+        for ax, ext in enumerate(node.shape):
+            s = sp.sympify(ext)
+            if s.is_Symbol and s.name not in where:
+                where[s.name] = (node.attrs[0], len(node.shape) - ax)
+    missing = [d.name for d in program.dims if d.name not in where]
+    if missing:
+        raise UnsupportedError(f"--launcher: dim{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                               "is not the extent of any input axis, so a launcher cannot read it from the shapes")
+    doc = textwrap.fill(
+        f"Output {name} of {program.name} ({dtype} kernel) from "
+        f"{', '.join(f'{x}{sy.show_shape(n.shape)}' for x, n in zip(inputs, program.inputs))}, each with optional "
+        "leading batch axes (the same for every input that has them). Float inputs are cast to DTYPE. CUDA "
+        "tensors launch on the GPU; CPU tensors need TRITON_INTERPRET=1 (set before triton is imported).",
+        width=112, initial_indent='    """', subsequent_indent="    ") + '"""'
+    body = [f"def launch({params}) -> torch.Tensor:", doc]
+    for x in inputs:
+        node = program.input_map[x]
+        body.append(f"    if not isinstance({x}, torch.Tensor) or {x}.dim() < {node.rank}:")
+        body.append(f"        raise ValueError(\"{x}: expected a tensor of rank >= {node.rank}\")")
+    first = inputs[0]
+    body.append(f"    {dev_} = {first}.device")
+    body.append(f"    if any(t.device != {dev_} for t in ({', '.join(inputs)},)):")
+    body.append(f"        raise ValueError(f\"every input must be on {{{dev_}}}\")")
+    body.append(f"    if {dev_}.type == \"cpu\" and os.environ.get(\"TRITON_INTERPRET\") != \"1\":")
+    body.append("        raise RuntimeError(\"CPU tensors run in Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "triton is imported\")")
+    for d in program.dims:
+        x, ax = where[d.name]
+        body.append(f"    {d.name} = {x}.shape[-{ax}]")
+    for x in inputs:
+        node = program.input_map[x]
+        if node.rank:
+            exts = [_py(s, {}) for s in node.shape]
+            got = ", ".join(exts) + ("," if node.rank == 1 else "")
+            body.append(f"    if tuple({x}.shape[{x}.dim() - {node.rank}:]) != ({got}):")
+            body.append(f"        raise ValueError(f\"{x}: expected shape [..., {', '.join(exts)}] = "
+                        f"[..., {', '.join('{' + e + '}' for e in exts)}], got {{list({x}.shape)}}\")")
+    body.append(f"    {batch_} = max((tuple(t.shape[:t.dim() - r]) for t, r in "
+                f"[{', '.join(f'({x}, {program.input_map[x].rank})' for x in inputs)}]), key=len)")
+    body.append(f"    {size_} = math.prod({batch_})")
+    for x in inputs:
+        node = program.input_map[x]
+        if node.dtype == ir.FLOAT:
+            body.append(f"    {x} = {x}.to(DTYPE)")
+        elif node.dtype == ir.INT:
+            body.append(f"    {x} = {x} if {x}.dtype in (torch.int32, torch.int64) else {x}.to(torch.int32)")
+        body.append(f"    {x} = _flat({x}, \"{x}\", {node.rank}, {batch_}, {size_})")
+    lead = [_py(ext, dim_of) for _, ext in spec.lead]
+    rows, cols = _py(spec.row_extent, dim_of), _py(spec.col_extent, dim_of)
+    body.append(f"    {out_} = torch.empty(({size_}, {''.join(x + ', ' for x in lead)}{rows}, {cols}), dtype=DTYPE, "
+                f"device={dev_})")
+    if sched.kind == onf.RESIDUE:
+        st = sched.lift.stride
+        programs = (f"({rows}) % {st} * triton.cdiv(({rows}) // {st} + 1, BLOCK_M) + "
+                    f"({st} - ({rows}) % {st}) * triton.cdiv(({rows}) // {st}, BLOCK_M)")
+    else:
+        programs = f"triton.cdiv({rows}, BLOCK_M)"
+    heads = [x if sp.sympify(ext).is_Atom else f"({x})" for x, (_, ext) in zip(lead, spec.lead)]
+    body.append(f"    {grid_} = ({programs}, {' * '.join([size_] + heads)})")
+    body.append(f"    if {out_}.numel() == 0:")
+    body.append(f"        return {out_}.reshape(*{batch_}, *{out_}.shape[1:])")
+    args = [f"{inp_of[x]}, *{inp_of[x]}.stride()" for x in spec.inputs]
+    for ts in summaries:
+        block = "BLOCK_M" if ts.axis == "row" else "BLOCK_N"
+        t = local(f"{inp_of[ts.tensor]}_{ts.axis}_tiles")
+        body.append(f"    {t} = _tile_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {block})")
+        args.append(f"{t}, *{t}.stride()")
+    args.append(f"{out_}, *{out_}.stride()")
+    args += [dim_of[x] for x in spec.dims]
+    args.append(size_)
+    consts = ["BLOCK_M=BLOCK_M", "BLOCK_N=BLOCK_N"]
+    consts += [f"{hd}=_pad({_py(ext, dim_of)})" for hd, ext in spec.head_dims]
+    consts += [f"HEAD_DIM_V=_pad({cols})", "num_warps=NUM_WARPS", "num_stages=NUM_STAGES"]
+    body.append(f"    {spec.name}[{grid_}](")
+    body += [f"        {a}," for a in args + consts]
+    body.append("    )")
+    body.append(f"    return {out_}.reshape(*{batch_}, *{out_}.shape[1:])")
+    return "\n".join(lines + body) + "\n"

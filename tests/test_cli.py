@@ -1,0 +1,237 @@
+"""The command line: `moa check` on every example and its PyTorch oracle chosen from the DNF, `--dims` errors, and
+`moa compile --launcher` modules run standalone (no moa import) against the reference."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moa
+from moa.cli import main
+from moa.errors import InputError
+from moa.runtime.check import SdpaForm, _err, check, random_inputs, sdpa_form
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples"
+EXAMPLES = sorted(p.stem for p in EX.glob("*.moa"))
+SMALL = {"n": 40, "m": 48, "d": 8, "e": 12, "h": 4, "g": 2}    # every dim an example declares
+SDPA = {"sdpa": "F.scaled_dot_product_attention(Q, K, V)",
+        "causal": "F.scaled_dot_product_attention(Q, K, V, is_causal=True)",
+        "causal_bottom_right": "F.scaled_dot_product_attention(Q, K, V, attn_mask=causal_lower_right(n, m))",
+        "mqa": "F.scaled_dot_product_attention(Q, K.unsqueeze(-3), V.unsqueeze(-3))"}
+
+
+def small_dims(program) -> str:
+    return ",".join(f"{d.name}={SMALL[d.name]}" for d in program.dims)
+
+
+# ---- moa check ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_moa_check_every_example(name, capsys):
+    """Exit 0 on every example; the PyTorch row only where the DNF is SDPA's, "no PyTorch equivalent" elsewhere."""
+    path = EX / f"{name}.moa"
+    assert main(["check", str(path), "--dims", small_dims(moa.compile(path).program), "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("OK") and "Triton kernel vs IR reference" in out
+    if name in SDPA:
+        assert "IR reference vs PyTorch SDPA" in out and f"PyTorch oracle for O: {SDPA[name]}" in out
+    else:
+        assert "vs PyTorch" not in out and "no PyTorch equivalent for O: " in out
+
+
+def test_examples_have_small_dims():
+    for name in EXAMPLES:
+        assert {d.name for d in moa.compile(EX / f"{name}.moa").program.dims} <= set(SMALL), name
+
+
+SCORES = [   # (program body, expected call) — spellings of SDPA the DNF comparison must recognise
+    ("in A[n, d], B[m, d], C[m, e]\nout O = softmax(A @ B.T * 0.25, axis=-1) @ C",
+     "F.scaled_dot_product_attention(A, B, C, scale=1/4)"),
+    ("in Q[n, d], K[n, d], V[n, e]\nS[i, j] = where(i >= j, dot(K[j], Q[i]) / 3, -inf)\n"
+     "out O = softmax(S, axis=-1) @ V", "F.scaled_dot_product_attention(Q, K, V, is_causal=True, scale=1/3)"),
+    ("in Q[n, d], K[n, d], V[n, e]\nS[i, j] = where(j < i + 1, dot(Q[i], K[j]) * rsqrt(d), -inf)\n"
+     "out O = softmax(S, axis=-1) @ V", "F.scaled_dot_product_attention(Q, K, V, is_causal=True, scale=1/sqrt(d))"),
+    ("in Q[h, n, d], K[g, m, d], V[g, m, e]\n"
+     "out O[a] = softmax(Q[a] @ K[a // (h // g)].T / sqrt(d), axis=-1) @ V[a // (h // g)]",
+     "F.scaled_dot_product_attention(Q, K, V, enable_gqa=True)"),
+]
+
+
+@pytest.mark.parametrize("body,call", SCORES)
+def test_sdpa_recognised_from_the_dnf(body, call):
+    names = ", ".join(x for x in "hgnmde" if f"{x}," in body or f"{x}]" in body)
+    k = moa.compile(f"dim {names}\n{body}")
+    form = sdpa_form(k.program, k.dnf[0])
+    assert isinstance(form, SdpaForm) and form.call() == call
+    rep = check(k, {x: v for x, v in {"h": 4, "g": 2, "n": 20, "m": 20, "d": 8, "e": 8}.items() if x in names},
+                batch=1)
+    assert rep.ok and any(r[0] == "IR reference vs PyTorch SDPA" for r in rep.rows), rep.text()
+
+
+NOT_SDPA = [   # (score line, the reason's start)
+    ("S[i, j] = where(j < i, dot(Q[i], K[j]) / sqrt(d), -inf)", "the mask (j < i) is not SDPA's"),
+    ("S[i, j] = where(j <= i + 1, dot(Q[i], K[j]) / sqrt(d), -inf)", "the mask (j <= (i + 1)) is not SDPA's"),
+    ("S[i, j] = dot(Q[i], K[j]) / sqrt(d) + 0.5", "the score"),
+    ("S[i, j] = dot(Q[i], K[j]) / sqrt(j + 1)", "the score"),
+    ("S[i, j:n] = dot(Q[i], K[n - 1 - j]) / sqrt(d)", "the score"),
+]
+
+
+@pytest.mark.parametrize("score,why", NOT_SDPA)
+def test_not_sdpa_has_no_oracle(score, why):
+    k = moa.compile(f"dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n{score}\nout O = softmax(S, axis=-1) @ V")
+    form = sdpa_form(k.program, k.dnf[0])
+    assert isinstance(form, str) and form.startswith(why), form
+    rep = check(k, {"n": 20, "d": 8, "e": 8}, batch=0)
+    assert rep.ok and f"no PyTorch equivalent for O: {form}" in rep.notes
+
+
+def test_a_wrong_oracle_fails():
+    """The SDPA row can fail: causal SDPA against the unmasked program's reference is far off."""
+    k = moa.compile(EX / "sdpa.moa")
+    form = sdpa_form(k.program, k.dnf[0])
+    wrong = SdpaForm(form.q, form.k, form.v, form.rows, form.keys, "top-left", None, "same")
+    dims = {"n": 20, "m": 20, "d": 8, "e": 8}
+    x = random_inputs(k.program, dims, batch=1)
+    assert _err(k.reference(**x), wrong.run(x, dims))[1] > 1e-2
+
+
+def test_bottom_right_with_rows_without_keys_is_not_compared():
+    rep = check(moa.compile(EX / "causal_bottom_right.moa"), {"n": 24, "m": 16, "d": 8, "e": 8}, batch=0)
+    assert rep.ok and not any("PyTorch" in r[0] for r in rep.rows)
+    assert any("8 rows without keys" in n for n in rep.notes), rep.notes
+
+
+def test_err_treats_matching_nans_as_equal():
+    a = torch.tensor([1.0, float("nan"), 2.0])
+    assert _err(a, a.clone()) == (0.0, 0.0)
+    assert _err(a, torch.tensor([1.0, 0.0, 2.0]))[0] == float("inf")
+
+
+# ---- --dims -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims,words", [
+    ("n=-5,d=16,e=16", ["dim n must be a non-negative integer, got -5"]),
+    ("n=100,d=16,e=16.5", ["dim e must be a non-negative integer, got 16.5"]),
+    ("n=100,d=16,e=16,zz=3", ["unknown dim 'zz'"]),
+    ("n=100,d=16", ["missing dim e", "n=100,d=16,e=16"]),
+    ("n=4,n=5,d=1,e=1", ["n is given twice"]),
+    ("n=abc,d=1,e=1", ["n must be a number, got 'abc'"]),
+    ("n,d=1,e=1", ["expected name=value, got 'n'"]),
+])
+def test_check_dims_errors(dims, words, capsys):
+    assert main(["check", str(EX / "causal.moa"), "--dims", dims]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moa: error: --dims: ") and "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    if "declares" in err:
+        assert "causal.moa declares dims n, d, e" in err
+
+
+def test_dims_name_a_param(capsys):
+    assert main(["check", str(EX / "sliding_window.moa"), "--dims", "n=8,d=4,e=4,w=2"]) == 2
+    assert "unknown dim 'w' (w is a param: set it with --param w=...)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dims", ["n=24 d=8 e=8", "n=24, d = 8,e=8", " n=24\td=8 e=8 "])
+def test_dims_separated_by_blanks(dims, capsys):
+    assert main(["check", str(EX / "causal.moa"), "--dims", dims, "--batch", "0"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+
+
+def test_other_commands_check_dims(capsys):
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=1024,zz=3"]) == 2
+    assert "unknown dim 'zz'" in capsys.readouterr().err
+    assert main(["aot", str(EX / "causal.moa"), "--dims", "n=1024,d=64.5,e=64"]) == 2
+    assert "dim d must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_check_api_validates_dims():
+    k = moa.compile(EX / "causal.moa")
+    with pytest.raises(InputError, match="dim n must be a non-negative integer, got -5"):
+        check(k, {"n": -5, "d": 4, "e": 4})
+    with pytest.raises(InputError, match="input Q <n d> has a negative extent"):
+        random_inputs(k.program, {"n": -5, "d": 4, "e": 4})
+
+
+# ---- moa compile -----------------------------------------------------------------------------------------------------
+
+def test_compile_help_shows_the_default_dtype(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the kernel's dtype (default: float16)" in out and "--launcher" in out
+
+
+def test_compile_options(tmp_path, capsys):
+    path = tmp_path / "k.py"
+    assert main(["compile", str(EX / "causal.moa"), "--dtype", "float32", "--config", "32,16", "-o", str(path)]) == 0
+    src = path.read_text()
+    assert "dtype: float32" in src and "@triton.jit" in src and "def launch" not in src
+    assert main(["compile", str(EX / "causal.moa"), "--config", "48,16"]) == 2
+    assert "powers of two >= 16" in capsys.readouterr().err
+    assert main(["compile", str(EX / "causal.moa"), "--output-name", "P"]) == 2
+    assert "the program's outputs are O" in capsys.readouterr().err
+
+
+def test_launcher_refuses_the_window_kernel(capsys):
+    assert main(["compile", str(EX / "bla.moa"), "--launcher"]) == 2
+    assert "window-mixing kernel" in capsys.readouterr().err
+
+
+RUNNER = """
+import importlib.util, sys, torch
+cases = torch.load(sys.argv[1])
+outs = {}
+for name, (path, calls) in cases.items():
+    spec = importlib.util.spec_from_file_location("written_" + name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    outs[name] = [mod.launch(**inputs) for inputs in calls]
+    try:
+        mod.launch(**{**calls[0], "K": calls[0]["K"][..., :-1]})   # K's head dim short of Q's
+        outs[name + ":bad shape"] = "accepted"
+    except ValueError as e:
+        outs[name + ":bad shape"] = str(e)
+assert not [m for m in sys.modules if m == "moa" or m.startswith("moa.")], "a written module imported moa"
+torch.save(outs, sys.argv[2])
+"""
+
+LAUNCHED = ["causal", "gqa_alibi", "document_mask", "global_window", "relative_bias", "pi_attention", "mqa", "power"]
+
+
+def test_launcher_modules_run_standalone(tmp_path, capsys):
+    """Modules written by `moa compile --launcher` run in a fresh interpreter process (TRITON_INTERPRET=1, no
+    moa import) and match the reference: batch axes, no batch axes, a batch-less input broadcast, int and bool
+    inputs, heads, grouped heads, the residue schedule (pi_attention at the default dims) and normalize."""
+    cases, refs = {}, {}
+    for name in LAUNCHED:
+        path = tmp_path / f"{name}.py"
+        assert main(["compile", str(EX / f"{name}.moa"), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
+        k = moa.compile(EX / f"{name}.moa")
+        dims = {d.name: SMALL[d.name] for d in k.program.dims}
+        batched = random_inputs(k.program, dims, seed=1, batch=2)
+        plain = {x: t[0] for x, t in batched.items()}
+        calls = [batched, plain]
+        if name == "causal":   # K without the batch axis: broadcast over the batch
+            calls.append({**batched, "K": plain["K"]})
+        cases[str(name)] = (str(path), calls)
+        refs[name] = [k.reference(**c) for c in calls]
+    assert "pi_attention" in LAUNCHED and "residue lifting" in (tmp_path / "pi_attention.py").read_text()
+    capsys.readouterr()
+    torch.save(cases, tmp_path / "in.pt")
+    (tmp_path / "run.py").write_text(RUNNER)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = torch.load(tmp_path / "out.pt")
+    for name in LAUNCHED:
+        for got, want in zip(outs[name], refs[name]):
+            assert got.shape == want.shape and got.dtype == torch.float64
+            assert (got - want).abs().max().item() < 1e-12, name
+        assert "expected shape" in outs[name + ":bad shape"], outs[name + ":bad shape"]
