@@ -17,4 +17,13 @@ def compile(source_or_path, form=None, schedule=None, autotune=None, **params):
     return _compile(source_or_path, form=form, schedule=schedule, autotune=autotune, **params)
 
 
+def __getattr__(name):
+    """moa.nn loads torch (and the runtime) on first use: `import moa` alone needs neither."""
+    if name == "nn":
+        import moa.nn
+
+        return moa.nn
+    raise AttributeError(f"module 'moa' has no attribute {name!r}")
+
+
 __all__ = ["InputError", "MoaError", "ParseError", "ShapeError", "UnsupportedError", "__version__", "compile"]

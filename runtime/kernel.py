@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from moa import dnf as D
+from moa import ir
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.frontend import elaborate
 from moa.program import Program
 
-from . import configs, costing, explain, measuring, ring
+from . import autograd, configs, costing, explain, measuring, ring
 from .binding import Binding, bind, check_offsets, check_reads
 from .dnf_eval import evaluate_dnf
 from .launch import Launcher
@@ -79,6 +80,7 @@ class Kernel:
         self.planner = Planner(program, outputs, form, schedule, autotune)
         self.launcher = Launcher(self.planner)
         self._reads_checked: set = set()
+        autograd.register(self)   # op_key (the moa::attention operator's name for it) and its Backward
 
     program = property(lambda self: self.planner.program, doc="The elaborated program (MoA IR).")
     dnf = property(lambda self: self.planner.dnf, doc="The DNF of every output.")
@@ -101,8 +103,11 @@ class Kernel:
         return b
 
     def __call__(self, /, *args, **inputs):
-        """Run the fused kernel(s): one output -> a tensor; several -> dict name -> tensor."""
+        """Run the fused kernel(s): one output -> a tensor; several -> dict name -> tensor. With inputs that require
+        grad (or under torch.compile) the call goes through the moa::attention operator (runtime/autograd.py)."""
         _no_positional(args, self.input_names)
+        if autograd.wants_op(inputs):
+            return autograd.call(self, inputs)
         b = self.bind(inputs)
         outs = {n: self.launcher.output(n, b) for n in self.output_names}
         return outs[self.output_names[0]] if len(outs) == 1 else outs
@@ -124,8 +129,9 @@ class Kernel:
         device = device_table_name(b.device)
         try:
             dims = {d.name: b.dims[d.name] for d in self.program.dims}
+            data = {x.attrs[0]: b.tensors[x.attrs[0]] for x in self.program.inputs if x.dtype != ir.FLOAT}
             predicted = costing.cost(self, dtype=DTYPE_NAME[b.dtype], device=device, batch=b.batch,
-                                     **dims).predicted_seconds
+                                     inputs=data or None, **dims).predicted_seconds
         except MoaError:   # a program the cost model cannot predict at these dims
             predicted = None
         out = {}
@@ -182,12 +188,14 @@ class Kernel:
         return explain.explain(self.planner)
 
     # ---- cost model, counters, AOT resources ----------------------------------------------------------------
-    def cost(self, dtype="bf16", device="h100", ranks=None, interconnect="nvlink4", **dims):
+    def cost(self, dtype="bf16", device="h100", ranks=None, interconnect="nvlink4", inputs=None, **dims):
         """Predicted CostReport from the ONF (no execution); no dims -> sympy formulas. ranks=P: the ring over P
-        devices instead (RingCost: per-rank compute, bytes sent, whether transfers hide)."""
+        devices instead (RingCost: per-rank compute, bytes sent, whether transfers hide). inputs: the integer and
+        boolean inputs a mask reads (name -> tensor), so that the tiles their per-tile summaries skip are counted
+        as the kernel skips them."""
         if ranks is not None:
             return ring.ring_cost(self, ranks=ranks, interconnect=interconnect, dtype=dtype, device=device, **dims)
-        return costing.cost(self, dtype=dtype, device=device, **dims)
+        return costing.cost(self, dtype=dtype, device=device, inputs=inputs, **dims)
 
     def measure(self, /, **inputs):
         """Measurement: counters of a run in the instrumented Triton interpreter (CPU tensors)."""

@@ -1,0 +1,192 @@
+"""From an adjoint to a gradient DNF: scattering `dA[f(V)] += adj(V)` into `<u> psi dA = expr`.
+
+Reverse-mode differentiation (moa/grad.py) ends at input reads: the read `A[f(V)]`, inside the reductions that
+bind the variables V, receives the adjoint `where(C(V), F1(V) * F2(V) * ..., 0)` for every point V of its index
+space. The gradient of A is the sum of those adjoints over the points that read a given element:
+
+    dA[u] = +red_V where(f(V) == u, where(C, F1 * F2 * ..., 0), 0)
+
+The rules below turn that into a DNF without the equality mask wherever the index can be solved, and nest the
+remaining sums so that each factor sits in the innermost sum over the variables it uses (the factored form of
+FlashAttention's backward: dK[j] = +red_i dS_ij Q[i] with dS_ij = P_ij (+red_c dO[i, c] (V[j, c] - O[i, c]))).
+Each rule is data (SCATTER_RULES) with the identity it applies; tests/test_grad_rules.py checks each in float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import sympy as sp
+
+from . import intervals as iv
+from . import ir
+from . import symbolic as sy
+from .dnf import Rule
+from .dnf_nodes import BINDERS, Const, Index, Op, Read, Reduce, children, free_vars, with_children
+
+
+@dataclass(frozen=True)
+class Term:
+    """The adjoint of one read `name[index]`: the sum over `ranges` ((var, extent) ...) of
+    where(and(conds), prod(factors), 0), added to the element of `name` the index names."""
+    name: str
+    index: tuple
+    ranges: tuple
+    conds: tuple
+    factors: tuple
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """A term on its way to a gradient DNF over the gradient's variables: `pending` holds the (index, u) axes not
+    matched yet; the axes already matched were solved for a variable (dropped from `ranges`) or became masks."""
+    ranges: tuple
+    conds: tuple
+    factors: tuple
+    pending: tuple
+
+
+# ---- substitution that respects binders -------------------------------------------------------------------
+
+
+def subs_free(e, mapping: dict):
+    """Substitute free index variables only (a binder's own variable is not replaced inside it)."""
+    if not mapping:
+        return e
+    if isinstance(e, Read):
+        return replace(e, index=tuple(sp.sympify(x).xreplace(mapping) for x in e.index))
+    if isinstance(e, Index):
+        return replace(e, expr=e.expr.xreplace(mapping))
+    inner = {k: v for k, v in mapping.items() if k != e.var} if isinstance(e, BINDERS) else mapping
+    kids = children(e)
+    return with_children(e, [subs_free(k, inner) for k in kids]) if kids else e
+
+
+def conj(conds: tuple):
+    out = None
+    for c in conds:
+        out = c if out is None else Op("and", (out, c), ir.BOOL)
+    return out
+
+
+def product(factors: tuple):
+    out = None
+    for f in factors:
+        if isinstance(f, Const) and f.value == 1:
+            continue
+        out = f if out is None else Op("mul", (out, f), ir.FLOAT)
+    return Const(1.0) if out is None else out
+
+
+def guarded(conds: tuple, e):
+    """where(c1 and c2 ..., e, 0), or e without conditions."""
+    c = conj(conds)
+    return e if c is None else Op("where", (c, e, Const(0.0)), ir.FLOAT)
+
+
+# ---- the rules ----------------------------------------------------------------------------------------------
+
+
+def _linear_coeff(f, v):
+    """c when f = c v + rest with c a nonzero integer and rest free of v, else None."""
+    if any(v in x.free_symbols for x in f.find(lambda y: isinstance(y, (sp.floor, sp.ceiling, sp.Mod, sp.Min,
+                                                                         sp.Max, sp.Abs)))):
+        return None
+    c = sp.expand(sp.diff(f, v))
+    if not (c.is_Integer and c != 0) or v in sp.expand(f - c * v).free_symbols:
+        return None
+    return int(c)
+
+
+def _in_range(value, ext, ranges, u_ranges) -> tuple[bool, bool]:
+    """(0 <= value, value < ext) provable over the box of the remaining variables and the gradient's variables."""
+    box = iv.Box({**{v: (sp.Integer(0), sp.sympify(x) - 1) for v, x in ranges},
+                  **{v: (sp.Integer(0), sp.sympify(x) - 1) for v, x in u_ranges}})
+    rng = iv.interval(value, box)
+    if rng is None:
+        return False, False
+    lo, hi = rng
+    return sy.prove_nonneg(lo) is True, sy.prove_nonneg(sp.sympify(ext) - 1 - hi) is True
+
+
+def _solve_index(s: Scatter, u_ranges: tuple):
+    # +red_{v<N} where(f(v) == u, X(v), 0)  ->  where(0 <= g(u) < N, X(g(u)), 0),   g = f^-1 (f = c v + r)
+    """solve-index: the first pending axis f(V) == u is affine in a summed variable v with an integer coefficient
+    c: v = (u - r) / c, one point of the sum instead of a mask (the innermost such v is taken). Guards keep
+    0 <= v < N unless the intervals prove them, and (u - r) % c == 0 when |c| > 1."""
+    f, u = s.pending[0]
+    f = sp.sympify(f)
+    for v, ext in reversed(s.ranges):
+        c = _linear_coeff(f, v) if v in f.free_symbols else None
+        if c is None:
+            continue
+        rest = sp.expand(f - c * v)
+        conds = []
+        if abs(c) == 1:
+            value = sp.expand((u - rest) * c)
+        else:
+            value = sy.floordiv(u - rest, c)
+            conds.append(Op("eq", (Index(sy.mod(u - rest, abs(c))), Index(sp.Integer(0))), ir.BOOL))
+        ranges = tuple((w, x) for w, x in s.ranges if w != v)
+        lo_ok, hi_ok = _in_range(value, ext, ranges, u_ranges)
+        if not lo_ok:
+            conds.append(Op("ge", (Index(value), Index(sp.Integer(0))), ir.BOOL))
+        if not hi_ok:
+            conds.append(Op("lt", (Index(value), Index(sp.sympify(ext))), ir.BOOL))
+        m = {v: value}
+        return Scatter(ranges, tuple(conds) + tuple(subs_free(x, m) for x in s.conds),
+                       tuple(subs_free(x, m) for x in s.factors),
+                       tuple((sp.sympify(g).xreplace(m), w) for g, w in s.pending[1:]))
+    return None
+
+
+def _mask_index(s: Scatter, u_ranges: tuple):
+    # +red_V where(C, F, 0) at index f(V) == u  ->  +red_V where(f(V) == u and C, F, 0)
+    """mask-index: an axis whose index solves for no summed variable (a // (h // g), a mask of a product ...) stays
+    a condition of the sum: the gradient sums the adjoint over every point that reads the element."""
+    f, u = s.pending[0]
+    cond = Op("eq", (Index(sp.sympify(f)), Index(u)), ir.BOOL)
+    return Scatter(s.ranges, (cond,) + s.conds, s.factors, s.pending[1:])
+
+
+def _degree(v, parts) -> int:
+    return sum(v in free_vars(p) for p in parts)
+
+
+def eliminate(ranges: tuple, conds: tuple, factors: tuple):
+    # +red_{v, W} where(C_v and C, F_v * F, 0)  ->  +red_W where(C, F * +red_v where(C_v, F_v, 0), 0)
+    """eliminate: sum out one variable at a time, the one fewest factors and conditions use first (the innermost
+    binder on a tie); only the factors and conditions that use it go inside its sum (distributivity), so every
+    factor is evaluated in the smallest index space that holds its variables. A condition stays with the factors
+    it guards as long as it uses the variable being summed."""
+    conds, factors, todo = list(conds), list(factors), list(ranges)
+    while todo:
+        v, ext = min(todo, key=lambda item: (_degree(item[0], conds + factors), -todo.index(item)))
+        todo.remove((v, ext))
+        dc = [c for c in conds if v in free_vars(c)]
+        df = [f for f in factors if v in free_vars(f)]
+        conds = [c for c in conds if not any(c is x for x in dc)]
+        factors = [f for f in factors if not any(f is x for x in df)]
+        factors.append(Reduce("sum", v, ext, guarded(tuple(dc), product(tuple(df)))))
+    return guarded(tuple(conds), product(tuple(factors)))
+
+
+SCATTER_RULES = (
+    Rule("solve-index", "+red_{v<N} where(f(v) == u, X(v), 0) => where(0 <= f^-1(u) < N, X(f^-1(u)), 0)   "
+                        "(f affine in v, integer coefficient)", _solve_index),
+    Rule("mask-index", "dA[f(V)] += X(V) => dA[u] = +red_V where(f(V) == u, X(V), 0)", _mask_index),
+)
+ELIMINATION_RULE = Rule("eliminate", "+red_{v,W} where(C_v and C, F_v * F, 0) => +red_W where(C, F * +red_v "
+                                     "where(C_v, F_v, 0), 0)", eliminate)
+
+
+def scatter(term: Term, us: tuple, extents: tuple):
+    """The gradient DNF expression (over the variables `us`, of extents `extents`) of one term."""
+    u_ranges = tuple(zip(us, extents))
+    s = Scatter(term.ranges, term.conds, term.factors, tuple(zip(term.index, us)))
+    while s.pending:
+        for rule in SCATTER_RULES:
+            out = rule.apply(s, u_ranges)
+            if out is not None:
+                s = out
+                break
+    return ELIMINATION_RULE.apply(s.ranges, s.conds, s.factors)

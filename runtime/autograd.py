@@ -1,0 +1,196 @@
+"""moa kernels as PyTorch operators: `torch.library.custom_op` with `register_fake` (shapes) and `register_autograd`,
+so that a call composes with autograd, `torch.library.opcheck` and `torch.compile(fullgraph=True)`.
+
+Two operators serve every compiled program; the program is named by a string key (the Kernel's registry key):
+
+    moa::attention(str kernel, Tensor[] inputs) -> Tensor[]            outputs, then saved values for the backward
+    moa::attention_backward(str kernel, Tensor[] inputs, Tensor[] saved, Tensor[] cotangents) -> Tensor[]
+                                                                        one gradient per float input
+
+Their fake implementations compute shapes from the inputs' shapes alone (plain integer arithmetic on possibly
+symbolic sizes; no sympy, nothing a tracer cannot follow), so Dynamo and AOTAutograd trace a model that calls moa
+without a graph break. The backward runs runtime/backward.py: fused Triton kernels where the program has them, the
+derived gradient DNF evaluated in float64 otherwise (runtime/grad_eval.py)."""
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+
+import torch
+
+from moa import ir
+from moa import symbolic as sy
+from moa.errors import InputError
+from moa.exprfold import Backend, fold, lookup
+
+from .backward import Backward
+
+_LOCK = threading.Lock()
+_KERNELS = weakref.WeakValueDictionary()   # key -> Kernel (the entry goes when the Kernel does)
+_COUNT = itertools.count()
+
+
+def register(kernel) -> str:
+    """Give a Kernel its operator key and its Backward (Kernel.__init__ calls this: a tracer then only reads the
+    key, an attribute)."""
+    with _LOCK:
+        key = f"moa_{kernel.planner.key[:16]}_{next(_COUNT)}"
+        kernel.op_key = key
+        kernel.backward = Backward(kernel)
+        _KERNELS[key] = kernel
+    return key
+
+
+def entry(key: str):
+    """(Kernel, Backward) of an operator key."""
+    k = _KERNELS.get(key)
+    if k is None:
+        raise InputError(f"no moa kernel is registered under {key!r} in this process (compile it with moa.compile "
+                         f"and keep a reference to it)")
+    return k, k.backward
+
+
+# ---- shapes without sympy (fake tensors, symbolic sizes) ---------------------------------------------------
+
+
+class _Sizes(Backend):
+    """Index arithmetic on Python ints or torch SymInts (floor division, modulo, min / max)."""
+
+    what = "shape inference"
+
+    def __init__(self, env):
+        self.env = env
+
+    def symbol(self, s):
+        return lookup(self.env, s)
+
+    def div(self, num, den):
+        return num // den
+
+    def floordiv(self, a, b):
+        return a // b
+
+    def ceildiv(self, a, b):
+        return -((-a) // b)
+
+    def mod(self, a, b):
+        return a % b
+
+    def minimum(self, xs):
+        return min(xs)
+
+    def maximum(self, xs):
+        return max(xs)
+
+
+def call_shapes(program, tensors: list) -> tuple[dict, tuple]:
+    """(dims, batch shape) of a call from its inputs' shapes only: every dim that is some input axis's whole
+    extent; the batch is the broadcast of the inputs' leading axes."""
+    dims, leads = {}, []
+    for t, node in zip(tensors, program.inputs):
+        r = node.rank
+        if t.dim() < r:
+            raise InputError(f"input {node.attrs[0]} must have at least {r} axes {sy.show_shape(node.shape)}, got "
+                             f"shape {list(t.shape)}")
+        leads.append(tuple(t.shape[:t.dim() - r]))
+        for ax, ext in enumerate(node.shape):
+            if ext.is_Symbol and ext.name not in dims:
+                dims[ext.name] = t.shape[t.dim() - r + ax]
+    return dims, tuple(torch.broadcast_shapes(*leads)) if leads else ()
+
+
+def output_shapes(program, tensors: list) -> list:
+    dims, batch = call_shapes(program, tensors)
+    return [(*batch, *(fold(x, _Sizes(dims)) for x in node.shape)) for _, node in program.outputs]
+
+
+def _float_dtype(program, tensors):
+    for t, node in zip(tensors, program.inputs):
+        if node.dtype == ir.FLOAT:
+            return t.dtype
+    return torch.float64
+
+
+# ---- the operators ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moa::attention", mutates_args=())
+def attention(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every output of the kernel's program, then the values its backward saves (Backward.saved_spec)."""
+    k, bw = entry(kernel)
+    named = dict(zip(k.input_names, inputs))
+    outs, saved = bw.forward(named)
+    return [o.clone() if any(o is x for x in inputs) else o for o in outs] + saved
+
+
+@attention.register_fake
+def _attention_fake(kernel: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    k, bw = entry(kernel)
+    dt = _float_dtype(k.program, inputs)
+    dev = inputs[0].device if inputs else torch.device("cpu")
+    outs = [inputs[0].new_empty(s, dtype=dt, device=dev) for s in output_shapes(k.program, inputs)]
+    dims, batch = call_shapes(k.program, inputs)
+    saved = [inputs[0].new_empty((*batch, *(fold(x, _Sizes(dims)) for x in shape)), dtype=sdt, device=dev)
+             for shape, sdt in bw.saved_spec(dt)]
+    return outs + saved
+
+
+@torch.library.custom_op("moa::attention_backward", mutates_args=())
+def attention_backward(kernel: str, inputs: list[torch.Tensor], saved: list[torch.Tensor],
+                       cotangents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradient of every float input (shaped like the input, its dtype) for the outputs' cotangents."""
+    k, bw = entry(kernel)
+    return bw.backward(dict(zip(k.input_names, inputs)), saved, cotangents)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(kernel, inputs, saved, cotangents):
+    k, _ = entry(kernel)
+    return [torch.empty_like(t) for t, node in zip(inputs, k.program.inputs) if node.dtype == ir.FLOAT]
+
+
+def _setup_context(ctx, inputs, output):
+    kernel, tensors = inputs
+    k, _ = entry(kernel)
+    nout = len(k.output_names)
+    ctx.kernel = kernel
+    ctx.nin, ctx.nout = len(tensors), nout
+    ctx.save_for_backward(*tensors, *output[nout:])
+
+
+def _backward(ctx, grads):
+    k, _ = entry(ctx.kernel)
+    stored = ctx.saved_tensors
+    tensors, saved = list(stored[:ctx.nin]), list(stored[ctx.nin:])
+    outs = output_shapes(k.program, tensors)
+    dt = _float_dtype(k.program, tensors)
+    cot = [torch.zeros(s, dtype=dt, device=tensors[0].device) if g is None else g.contiguous()
+           for g, s in zip(grads[:ctx.nout], outs)]
+    got = iter(attention_backward(ctx.kernel, tensors, saved, cot))
+    res = [next(got) if node.dtype == ir.FLOAT else None for node in k.program.inputs]
+    return None, res
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- calls from Kernel.__call__ ---------------------------------------------------------------------------------
+
+
+def wants_op(inputs: dict) -> bool:
+    """A call goes through the operator when autograd needs its graph or a compiler is tracing it."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
+
+
+def call(kernel, inputs: dict):
+    """k(**inputs) through the operator: one output -> a tensor, several -> dict name -> tensor."""
+    missing = [n for n in kernel.input_names if n not in inputs]
+    extra = [n for n in inputs if n not in kernel.input_names]
+    if missing or extra:
+        kernel.bind(inputs)   # raises the InputError naming what is missing or unknown
+    outs = torch.ops.moa.attention(kernel.op_key, [inputs[n] for n in kernel.input_names])
+    names = kernel.output_names
+    return outs[0] if len(names) == 1 else dict(zip(names, outs[:len(names)]))
