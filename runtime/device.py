@@ -14,6 +14,7 @@ import contextlib
 import sys
 import threading
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -97,14 +98,16 @@ def _take_back() -> None:
 def interpreter():
     """The scope of interpreted launches: Triton's standard library as interpreted functions, and numpy's
     floating-point warnings silenced (the untaken branch of a where, such as 0/0 or exp overflow of a masked
-    score, is computed and discarded, as on a GPU). Re-entrant; the library is restored when the outermost
-    scope exits."""
+    score, is computed and discarded, as on a GPU), and numpy's "All-NaN slice" warning too (the max of a tile
+    of NaN scores is NaN, as on a GPU). Re-entrant; the library is restored when the outermost scope exits."""
     with _LOCK:
         if _DEPTH[0] == 0:
             _lend()
         _DEPTH[0] += 1
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            # a row tile whose scores are all NaN (NaN inputs) makes numpy's nanmax warn; the result is NaN as on a GPU
+            warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
             yield
     finally:
         with _LOCK:
