@@ -24,6 +24,16 @@ def sweep_dims(k) -> set:
     return out
 
 
+def n_ticks(ax, ns) -> None:
+    """The x axis of a sweep over n = 2^p: one tick per point, written 256, 1K, 2K ... (no 3x10^2 minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullLocator   # optional dependency: only for plots
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ns))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(ns, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in ns])
+
+
 def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
     """Predicted DRAM bytes and time against n, fused vs unfused, log-log (n = the sequence dims, swept
     together; the others fixed)."""
@@ -46,23 +56,24 @@ def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
     ax1.loglog(a[:, 0], a[:, 1], "o-", color="tab:blue", label="fused (moa): DRAM bytes")
     ax1.loglog(a[:, 0], a[:, 2], "s--", color="tab:red", label="unfused (eager): DRAM bytes")
     ax1.loglog(a[:, 0], a[:, 5], ":", color="tab:red", alpha=0.7, label="unfused: intermediates")
-    ax1.set_xlabel("n (sequence length)")
-    ax1.set_ylabel("bytes")
+    ax1.set_ylabel("DRAM traffic (bytes, log scale)")
     ax1.set_title("DRAM traffic")
-    ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
-    if a[:, 3].any() and not np.isnan(a[:, 3]).all():
-        ax2.loglog(a[:, 0], a[:, 3], "o-", color="tab:blue", label="fused (moa)")
-        ax2.loglog(a[:, 0], a[:, 4], "s--", color="tab:red", label="unfused (eager)")
-        ax2.set_ylabel("predicted seconds")
+    timed = a[:, 3].any() and not np.isnan(a[:, 3]).all()
+    if timed:
+        ax2.loglog(a[:, 0], a[:, 3] * 1e6, "o-", color="tab:blue", label="fused (moa)")
+        ax2.loglog(a[:, 0], a[:, 4] * 1e6, "s--", color="tab:red", label="unfused (eager)")
+        ax2.legend(fontsize=8)
     else:
         ax2.text(0.5, 0.5, "no time model for device 'cpu'", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set_xlabel("n (sequence length)")
+    ax2.set_ylabel("predicted time (µs, log scale)")
     ax2.set_title("predicted time (roofline + launch)")
-    ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        n_ticks(ax, ns)
+        ax.set_xlabel(f"n = {', '.join(sorted(seq))} (sequence length, tokens; log scale)")
+        ax.grid(True, which="major", alpha=0.3)
     fixed = ", ".join(f"{x}={v}" for x, v in dims.items() if x not in seq)
-    fig.suptitle(f"{k.program.name}: {bd.dtype} on {bd.device.name if bd.device else 'cpu'}"
+    fig.suptitle(f"{k.program.name}: predicted cost, {bd.dtype} on {bd.device.name if bd.device else 'cpu'}"
                  + (f" ({fixed})" if fixed else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -95,10 +106,17 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     if not panels:
         raise MoaError("nothing to draw")
     cols = len(panels)
-    fig, axes = plt.subplots(1, cols, figsize=(max(8.0, min(6.5 * cols, 18)), 6.4), squeeze=False)
+    # each tile drawn in its true proportions (BLOCK_M rows by BLOCK_N keys); the figure is sized to the panels,
+    # so that constrained layout leaves no blank band between the titles and the maps
+    pw = min(6.0, 16.0 / cols) if cols > 1 else 7.0
+    tall = max(p[4].shape[0] * p[3].block_m / (p[4].shape[1] * p[3].block_n) for p in panels)
+    ph = min(max(pw * tall, 2.2), 7.5)
+    fig = plt.figure(figsize=(pw * cols, ph + 2.5), layout="constrained")
+    axes = fig.subplots(1, cols, squeeze=False)
     cmap = ListedColormap(["#e8e8e8", "#1f4e9c", "#f29e38", "#d62728"])
     for ax, (name, bi, b, cfg, g) in zip(axes[0], panels):
-        ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest", aspect="auto", origin="upper")
+        ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest", aspect=cfg.block_m / cfg.block_n,
+                  origin="upper")
         R, T = g.shape
         counts = [int((g == v).sum()) for v in range(4)]
         title = f"{name}" + (f" branch {bi} ({b.kind})" if len(k.schedules[name].branches) > 1 else "")
@@ -114,12 +132,18 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
             ax.tick_params(which="minor", length=0)
     legend = [Patch(color="#1f4e9c", label="full (no mask code)"), Patch(color="#f29e38", label="partial (masked)"),
               Patch(color="#e8e8e8", label="skipped"), Patch(color="#d62728", label="visited, nothing admissible")]
-    fig.legend(handles=legend, loc="lower center", ncol=2 if cols == 1 else 4, fontsize=9, frameon=False)
+    fig.legend(handles=legend, loc="outside lower center", ncol=2 if cols == 1 else 4, fontsize=9, frameon=False)
     shown = " ".join(f"{a}={v}" for a, v in dims.items())
     fig.suptitle(f"{k.program.name}: (query tile, key tile) map\n{shown}; {dt} tiles of "
                  f"{'the interpreter' if device == 'cpu' else 'the GPU runtime'}"
                  + (" (head 0)" if any(s.lead for s in k.schedules.values()) else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.93))
+    # the maps keep their aspect, so the layout leaves blank bands where the figure is taller than they need:
+    # lay it out once, then take the unused height off the figure (the layout is redone when it is saved)
+    fig.canvas.draw()
+    w, h = fig.get_size_inches()
+    spare = min((ax.get_position(original=True).height - ax.get_position().height) * h for ax in axes[0])
+    if spare > 0.05:
+        fig.set_size_inches(w, h - spare)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path} ({', '.join(f'{p[0]}/{p[1]}: {p[4].shape[0]}x{p[4].shape[1]}' for p in panels)} tiles; "

@@ -235,3 +235,49 @@ def test_launcher_modules_run_standalone(tmp_path, capsys):
             assert got.shape == want.shape and got.dtype == torch.float64
             assert (got - want).abs().max().item() < 1e-12, name
         assert "expected shape" in outs[name + ":bad shape"], outs[name + ":bad shape"]
+
+
+# ---- plots ----------------------------------------------------------------------------------------------------------
+
+def blank_bands(png) -> int:
+    """The tallest band of pixel rows that are all background (white) between the first and last drawn row."""
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(str(png))[..., :3]
+    drawn = ~(img > 0.99).all(axis=(1, 2))
+    rows = drawn.nonzero()[0]
+    run = best = 0
+    for r in range(rows[0], rows[-1] + 1):
+        run = 0 if drawn[r] else run + 1
+        best = max(best, run)
+    return best
+
+
+def test_cost_plot_ticks_and_units(tmp_path, capsys):
+    """The n axis has one plain tick per swept n (256, 512, 1K ...), no 3x10^2 minor labels; axes carry units."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moa.cli.plots import n_ticks
+
+    fig, ax = plt.subplots()
+    ax.loglog([256, 8192], [1, 2])
+    ns = [2 ** p for p in range(8, 14)]
+    n_ticks(ax, ns)
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["256", "512", "1K", "2K", "4K", "8K"]
+    assert not [t for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    plt.close(fig)
+    png = tmp_path / "cost.png"
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=4096,d=64,e=64", "--no-fit", "--plot", str(png)]) == 0
+    assert blank_bands(png) < 40
+
+
+def test_tile_map_has_no_blank_gap(tmp_path, capsys):
+    """The map sits right under its titles (at 110 dpi a band of 40 blank pixel rows is about 0.4 in)."""
+    for name, dims in [("sliding_window", "n=2048,d=64,e=64"), ("pi_attention", "n=1024,d=64,e=64"),
+                       ("causal", "n=8192,d=64,e=64")]:
+        png = tmp_path / f"{name}.png"
+        assert main(["explain", str(EX / f"{name}.moa"), "--tiles", str(png), "--dims", dims]) == 0
+        assert blank_bands(png) < 40, name
