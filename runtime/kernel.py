@@ -18,7 +18,7 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.frontend import elaborate
 from moa.program import Program
 
-from . import autograd, configs, costing, explain, measuring, ring
+from . import autograd, configs, costing, decode, explain, measuring, ring
 from .binding import Binding, bind, check_offsets, check_reads
 from .dnf_eval import evaluate_dnf
 from .launch import Launcher
@@ -166,6 +166,17 @@ class Kernel:
         """Sequence-parallel ring attention over torch.distributed: this rank's query/key shards in, this
         rank's rows of every output out (see runtime/ring.py and docs/ring.md)."""
         return ring.ring(self, local_inputs, group=group, timeout=timeout, stats=stats)
+
+    def decode(self, /, splits=None, stats=False, **inputs):
+        """A decoding call against a KV cache: one launch split over the key axis (flash-decoding), the splits
+        merged by log-sum-exp; splits None: the cost model's choice. A program with one dim for the query and
+        key axes sees the queries as the last rows of the keys (runtime/decode.py, docs/inference.md)."""
+        return decode.decode(self, inputs, splits=splits, stats=stats)
+
+    def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, **inputs):
+        """A packed batch of sequences (cumulative lengths, FlashAttention's varlen layout) in one launch, each
+        sequence with its own local indices (runtime/decode.py, docs/inference.md)."""
+        return decode.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats)
 
     # ---- source ---------------------------------------------------------------------------------------------
     def source(self, output: str | None = None, dtype: str = "float16", nbatch: int = 0,

@@ -1,0 +1,170 @@
+"""Split-KV (flash-decoding) and variable-length launches of a block kernel, as Triton text.
+
+The block program of a kernel (moa/shard.py: the DNF with the key axis lifted, j := j + C - 1, and the row axis
+i := i + R - 1, with local extents n_local, m_local) is emitted by codegen/emit.py like any other program. This
+module adds one kernel, `_attn_grid`, that runs the block kernel `_attn_fwd` (inlined: a jit function calling
+another) for every (query tile, batch x head, sequence x key split) of a third grid axis:
+
+  split s of NSPLIT      keys [s L, min((s + 1) L, m)) of its sequence, L = SPLIT_LEN (a multiple of BLOCK_N):
+                         the key inputs' pointers move to key s L, m_local = the split's length, C = s L + 1; the
+                         output and lse pointers move to the split's partial (O_s, lse_s).
+  sequence b (VARLEN)    rows [cu_q[b], cu_q[b + 1]) of the packed query inputs and output, keys
+                         [cu_k[b], cu_k[b + 1]) of the packed key inputs; the sequence's lengths are its dims.
+
+The partials (O_s, lse_s) over disjoint key sets are merged by `_merge_splits` with the log-sum-exp rule of the
+online-softmax monoid (the algebra of ring attention, runtime/ring.py): M = max_s lse_s,
+O = sum_s e^(lse_s - M) O_s / sum_s e^(lse_s - M), lse = M + log(sum_s e^(lse_s - M)); a normalize(A) @ V output's
+partials (O_s, z_s) merge by sums: O = sum_s z_s O_s / sum_s z_s. Splits or rows with no admissible key contribute
+nothing (lse -inf, z 0), and a row with none at all is 0, as in one launch.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from moa.errors import UnsupportedError
+
+GRID_KERNEL = "_attn_grid"
+MERGE_KERNEL = "_merge_splits"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the grid kernel moves per split and per sequence, in codegen names.
+
+    query: input -> axis of its own shape indexed by the row (offset by the sequence's first row);
+    key: input -> axis indexed by the key (offset by the sequence's first key plus the split's);
+    lead: the output's leading extents (heads) after the batch axes; dims: the dim names the kernel overrides,
+    (n, m, n_local, m_local, row0_1, col0_1), n and m None when they are not overridden (fixed split)."""
+    query: dict
+    key: dict
+    nbatch: int
+    nlead: int
+    dims: tuple
+
+
+def signature(source: str) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of the parameters of `_attn_fwd`, in order."""
+    m = re.search(r"def _attn_fwd\(\n(.*?)\n\):", source, re.S)
+    if m is None:
+        raise UnsupportedError("split-KV: the generated kernel has no _attn_fwd signature (a bug of moa's)")
+    out = []
+    for line in m.group(1).splitlines():
+        text = line.strip().rstrip(",")
+        out.append((text.split(":")[0].strip(), text.endswith("tl.constexpr")))
+    return out
+
+
+def input_params(params: list, inputs: tuple, ranks: dict, nbatch: int) -> dict:
+    """input -> (pointer parameter, [stride parameters of its own axes]) read positionally from the signature
+    (each input passes its pointer, its batch strides, then one stride per axis)."""
+    out, pos = {}, 0
+    for name in inputs:
+        ptr = params[pos]
+        strides = params[pos + 1 + nbatch: pos + 1 + nbatch + ranks[name]]
+        out[name] = (ptr, strides)
+        pos += 1 + nbatch + ranks[name]
+    return out
+
+
+# long: one template filled from the signature; the moved pointers and overridden dims read top to bottom
+def grid_source(spec, ranks: dict, layout: Layout, varlen: bool) -> str:
+    """The block kernel's source with `_attn_grid` appended (see the module docstring)."""
+    if spec.summaries:
+        raise UnsupportedError("split-KV and varlen launches do not support programs whose tile tests read "
+                               "per-tile summaries of an input (data-dependent masks such as document ids)")
+    sig = signature(spec.source)
+    params = [n for n, c in sig if not c]
+    consts = [n for n, c in sig if c]
+    ins = input_params(params, spec.inputs, ranks, layout.nbatch)
+    after = params.index(ins[spec.inputs[-1]][0]) + 1 + layout.nbatch + ranks[spec.inputs[-1]]
+    o_ptr = params[after]
+    o_row = params[after + 1 + layout.nbatch + layout.nlead]
+    lse_ptr = params[after + 2 + layout.nbatch + layout.nlead + 1]
+    dim_param = {d: params[params.index(lse_ptr) + 1 + layout.nbatch + layout.nlead + k]
+                 for k, d in enumerate(spec.dims)}
+    n, m, nl, ml, r1, c1 = layout.dims
+    body = ["    pid = tl.program_id(2)", "    split = pid % NSPLIT", "    c0 = split * SPLIT_LEN"]
+    if varlen:
+        body += ["    seq = pid // NSPLIT",
+                 "    q0 = tl.load(cu_q + seq).to(tl.int64)",
+                 "    nq = (tl.load(cu_q + seq + 1) - q0).to(tl.int32)",
+                 "    k0 = tl.load(cu_k + seq).to(tl.int64)",
+                 "    mk = (tl.load(cu_k + seq + 1) - k0).to(tl.int32)",
+                 "    row0 = mk - nq" if n == m else "    row0 = 0 * nq"]
+    else:
+        body += ["    nq = NQ", "    mk = MK", "    row0 = ROW0"]
+    body.append("    ml = tl.minimum(mk - c0, SPLIT_LEN)")
+    # a varlen program past its sequence's row tiles exits (the residue schedule, whose programs are not row
+    # tiles, is refused for varlen by the runtime)
+    body.append("    if (tl.program_id(0) * BLOCK_M < nq) & (ml > 0):" if varlen else "    if ml > 0:")
+    args = []
+    for p in params:
+        moved = None
+        for name, (ptr, strides) in ins.items():
+            if p == ptr and name in layout.query and varlen:
+                moved = f"{p} + q0 * {strides[layout.query[name]]}"
+            elif p == ptr and name in layout.key:
+                base = "(k0 + c0)" if varlen else "c0.to(tl.int64)"
+                moved = f"{p} + {base} * {strides[layout.key[name]]}"
+        if p == o_ptr:
+            moved = f"{p} + split.to(tl.int64) * stride_O_split" + (f" + q0 * {o_row}" if varlen else "")
+        elif p == lse_ptr:
+            moved = f"{p} + split.to(tl.int64) * lse_stride_split" + (" + q0" if varlen else "")
+        for d, val in ((n, "nq" if n != m else "mk"), (m, "mk"), (nl, "nq"), (ml, "ml"), (r1, "row0 + 1"),
+                       (c1, "c0 + 1")):
+            if d is not None and dim_param.get(d) == p and (varlen or d not in (n, m)):
+                moved = val
+        args.append(moved or p)
+    args += [f"{c}={c}" for c in consts]
+    body.append(f"        _attn_fwd({', '.join(args)})")
+    extra = ["stride_O_split", "lse_stride_split"] + (["cu_q", "cu_k"] if varlen else ["NQ", "MK", "ROW0"])
+    head = [f"    {p}," for p in params + extra + ["SPLIT_LEN"]]
+    head += [f"    {c}: tl.constexpr," for c in consts + ["NSPLIT"]]
+    kernel = ["", "", "@triton.jit", f"def {GRID_KERNEL}(", *head, "):",
+              "    # the block kernel on one (query tile, batch x head, sequence x key split)", *body, ""]
+    return spec.source.rstrip("\n") + "\n" + "\n".join(kernel)
+
+
+MERGE_SOURCE = '''# Generated by moa: the merge of split-KV partials (codegen/splitkv.py).
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _merge_splits(
+    O_part, stride_O_s, stride_O_r, lse_part, stride_l_s, O_out, stride_out_r, lse_out,
+    rows, dim_e, nsplit,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr,
+):
+    # log-sum-exp merge of (O_s, lse_s) over the splits s (NORM: sums of (z_s O_s, z_s))
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_r < rows
+    tile_ok = row_ok[:, None] & (offs_e[None, :] < dim_e)
+    top = tl.full([BLOCK_R], float("-inf"), dtype=lse_part.dtype.element_ty)
+    if not NORM:
+        for s in range(nsplit):
+            top = tl.maximum(top, tl.load(lse_part + s * stride_l_s + offs_r, mask=row_ok, other=float("-inf")))
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    den = tl.zeros([BLOCK_R], dtype=lse_part.dtype.element_ty)
+    acc = tl.zeros([BLOCK_R, BLOCK_E], dtype=lse_part.dtype.element_ty)
+    for s in range(nsplit):
+        if NORM:
+            w = tl.load(lse_part + s * stride_l_s + offs_r, mask=row_ok, other=0.0)
+        else:
+            w = tl.exp(tl.load(lse_part + s * stride_l_s + offs_r, mask=row_ok, other=float("-inf")) - top_safe)
+        o = tl.load(O_part + s * stride_O_s + offs_r[:, None] * stride_O_r + offs_e[None, :], mask=tile_ok,
+                    other=0.0)
+        acc += tl.where(w[:, None] != 0, o * w[:, None], 0.0)
+        den += w
+    ok = den != 0
+    out = tl.where(ok[:, None], acc / tl.where(ok, den, 1.0)[:, None], 0.0)
+    tl.store(O_out + offs_r[:, None] * stride_out_r + offs_e[None, :], out.to(O_out.dtype.element_ty),
+             mask=tile_ok)
+    if NORM:
+        total = den
+    else:
+        total = tl.where(ok, top_safe + tl.log(tl.where(ok, den, 1.0)), float("-inf"))
+    tl.store(lse_out + offs_r, total, mask=row_ok)
+'''

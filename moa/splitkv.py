@@ -1,0 +1,65 @@
+"""How many key splits a decoding call runs (flash-decoding), from the shape of the grid and the device table.
+
+One launch of the tiled kernel runs P = (row tiles) x batch x heads programs, each over all T key tiles. With a
+few query rows, P is far below the device's SM count and most of the device idles. Splitting the key axis into
+S contiguous splits of ceil(T / S) tiles gives P S programs; a second, small kernel merges the S partials.
+The time model (per launch, the device of moa/devices.py):
+
+  tile     = max(bytes of one K/V tile x SMs / DRAM bandwidth, flops of one tile x SMs / matmul peak):
+             one SM's share of the device streaming one key tile (decoding is bandwidth-bound)
+  main(S)  = ceil(P S / SMs) waves x ceil(T / S) tiles x tile
+  merge(S) = launch overhead + (S partial rows of O and lse written and read back + the output) / bandwidth
+  time(S)  = launch + main(S) + (merge(S) if S > 1)
+
+S ranges over 1 .. min(T, 256); the smallest time wins (ties: fewer splits). It is a model, not a measurement:
+on a GPU the tuner (runtime/tune.py) may time the candidates instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .devices import DTYPE_BYTES, get_device
+
+MAX_SPLITS = 256
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    splits: int
+    seconds: float            # predicted time at `splits`
+    unsplit_seconds: float    # predicted time of one launch (S = 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_seconds(splits: int, programs: int, key_tiles: int, block_m: int, block_n: int, head: int, head_v: int,
+                  rows: int, dtype: str = "bfloat16", device: str = "h100") -> float:
+    """Predicted seconds of a decoding call with `splits` key splits (see the module docstring). rows: output rows
+    of the call (batch x heads x query rows); head, head_v: the contraction and value extents."""
+    dev = get_device(device)
+    eb = DTYPE_BYTES.get(dtype, 2)
+    acc = 8 if dtype == "float64" else 4
+    bw = dev.hbm_bytes_per_s
+    tile = max(block_n * (head + head_v) * eb * dev.sms / bw,
+               2.0 * block_m * block_n * (head + head_v) * dev.sms / dev.matmul_rate(dtype))
+    waves = _cdiv(programs * splits, dev.sms)
+    t = dev.launch_s + waves * _cdiv(key_tiles, splits) * tile
+    if splits > 1:
+        t += dev.launch_s + (2 * splits * rows * (head_v + 1) * acc + rows * head_v * eb) / bw
+    return t
+
+
+def choose_splits(programs: int, key_tiles: int, block_m: int, block_n: int, head: int, head_v: int, rows: int,
+                  dtype: str = "bfloat16", device: str = "h100") -> SplitChoice:
+    """The number of key splits with the smallest predicted time."""
+    best = None
+    for s in range(1, max(1, min(key_tiles, MAX_SPLITS)) + 1):
+        if s > 1 and _cdiv(key_tiles, s) == _cdiv(key_tiles, s - 1):
+            continue   # the same tiles per split as fewer splits: more programs, no shorter loop
+        t = split_seconds(s, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device)
+        if best is None or t < best[1]:
+            best = (s, t)
+    one = split_seconds(1, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device)
+    return SplitChoice(best[0], best[1], one)

@@ -1,0 +1,265 @@
+"""Decoding against a KV cache (split-KV, flash-decoding) and variable-length batches (cu_seqlens).
+
+Both run the block program of ring attention (moa/shard.py: the key axis lifted, j := j + C - 1, rows
+i := i + R - 1, local extents) through one launch of `_attn_grid` (codegen/splitkv.py), whose third grid axis
+enumerates (sequence, key split) pairs, then merge the key splits' partials (O_s, lse_s) with `_merge_splits`
+(the log-sum-exp algebra of runtime/ring.py; sums of the normaliser for normalize outputs).
+
+Where the queries sit: a program whose query and key axes are two dims (`Q[n, d], K[m, d]`) sees the call's
+query rows as rows 0 .. n_q - 1 (its masks say how they align, e.g. bottom-right causal); a program with one dim
+for both (`Q[n, d], K[n, d]`: sliding window, ALiBi, PiAttention) sees them as the last n_q rows of the m keys
+(rows m - n_q .. m - 1): the decoding step of an autoregressive model. Varlen batches apply the same rule per
+sequence.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from moa import onf, shard
+from moa import symbolic as sy
+from moa.codegen.splitkv import GRID_KERNEL, MERGE_KERNEL, MERGE_SOURCE, Layout, grid_source
+from moa.errors import InputError, UnsupportedError
+from moa.splitkv import choose_splits
+
+from .binding import bind
+from .cache import module_for
+from .device import cdiv, check_device, device_table_name, next_pow2, run
+from .launch import compute_dtype
+from .ring import _results, block_kernel, norm_outputs
+from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
+
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """What one decode / varlen call ran: key splits, the length of a split, the grid of the block launch."""
+    splits: int
+    split_len: int
+    grid: tuple
+    predicted_seconds: float | None = None
+
+
+def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
+    return t.shape[t.dim() - rank + axis]
+
+
+def _plan(kernel):
+    plan, block = block_kernel(kernel)
+    both = [n for n, r in plan.roles.items() if r[0] == shard.BOTH]
+    if both:
+        raise UnsupportedError(f"decode/varlen: input{'s' if len(both) > 1 else ''} {', '.join(both)} "
+                               "is read by both the query and the key index; pass the two sides as separate "
+                               "inputs (not supported yet)")
+    return plan, block
+
+
+def lengths(kernel, inputs: dict) -> tuple[int, int]:
+    """(query rows, keys) of a call: the extents of a query input's row axis and a key input's key axis."""
+    plan, _ = _plan(kernel)
+    decl = kernel.program.input_map
+    nq = mk = None
+    for name, (role, axis) in plan.roles.items():
+        t = inputs.get(name)
+        if not isinstance(t, torch.Tensor) or t.dim() < len(decl[name].shape):
+            continue
+        if role == shard.QUERY and nq is None:
+            nq = _axis_len(t, len(decl[name].shape), axis)
+        elif role == shard.KEY and mk is None:
+            mk = _axis_len(t, len(decl[name].shape), axis)
+    if nq is None or mk is None:
+        raise InputError(f"decode: cannot tell the query rows and the cache length of {kernel.program.name} "
+                         f"from the inputs; pass every input of {', '.join(decl)}")
+    return nq, mk
+
+
+def _global(plan, nq: int, mk: int) -> tuple[dict, int]:
+    """(global dims n, m; first query row) of a call with nq query rows against mk keys (module docstring)."""
+    if plan.n == plan.m:
+        if nq > mk:
+            raise InputError(f"decode: {nq} query rows against {mk} keys; the program uses one dim "
+                             f"{plan.n} for both axes, so the queries are the last rows of the keys (nq <= m)")
+        return {plan.n.name: mk}, mk - nq
+    return {plan.n.name: nq, plan.m.name: mk}, 0
+
+
+def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False):
+    """Every output of a decoding call (module docstring): one launch over (query tiles, batch x heads, key
+    splits), the splits merged. splits: None (the cost model, moa/splitkv.py) or a positive integer."""
+    plan, block = _plan(kernel)
+    nq, mk = lengths(kernel, inputs)
+    gdims, row0 = _global(plan, nq, mk)
+    b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
+    check_device(b.device)
+    acc, info = {}, None
+    for o in plan.outputs:
+        acc[o.name], info = _run_output(block, o.name, b, plan, nq, mk, splits, None)
+    res = _finish(kernel, plan, block, acc, b, nq, inputs)
+    return (res, info) if stats else res
+
+
+def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False):
+    """Every output of a packed batch of sequences: rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the query
+    inputs attend to keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the key inputs, with local indices in
+    each sequence; one launch, no padding (a program past its sequence's rows exits at once)."""
+    plan, block = _plan(kernel)
+    if plan.epilogues:
+        raise UnsupportedError("varlen: outputs combining several softmax branches (PiAttention) are not "
+                               "supported in varlen batches yet; call decode() per sequence")
+    cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
+    _check_replicated(kernel, plan)
+    nq, mk = lengths(kernel, inputs)
+    if nq != int(cu_q[-1]) or mk != int(cu_k[-1]):
+        raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
+                         f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
+    gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
+    b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
+    check_device(b.device)
+    dev = b.device
+    cu = (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32), nq_max, mk_max)
+    acc, info = {}, None
+    for o in plan.outputs:
+        acc[o.name], info = _run_output(block, o.name, b, plan, nq, mk, splits, cu)
+    res = _finish(kernel, plan, block, acc, b, nq, inputs)
+    return (res, info) if stats else res
+
+
+def _check_cu(cu_q, cu_k, plan):
+    out = []
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"varlen: {name} must be a 1-d int32 or int64 tensor of cumulative lengths")
+        c = cu.cpu().to(torch.int64)
+        if c.numel() < 2 or int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()):
+            raise InputError(f"varlen: {name} must start at 0 and never decrease, got {c.tolist()[:8]}")
+        out.append(c)
+    if out[0].numel() != out[1].numel():
+        raise InputError(f"varlen: cu_seqlens_q has {out[0].numel() - 1} sequences and cu_seqlens_k "
+                         f"{out[1].numel() - 1}")
+    lq, lk = out[0].diff(), out[1].diff()
+    if plan.n == plan.m and bool((lq > lk).any()):
+        bad = int((lq > lk).nonzero()[0, 0])
+        raise InputError(f"varlen: sequence {bad} has {int(lq[bad])} query rows and {int(lk[bad])} keys; the "
+                         f"program uses one dim {plan.n} for both axes, so its queries are its last rows")
+    return out[0], out[1], int(lq.max()), int(lk.max())
+
+
+def _check_replicated(kernel, plan):
+    """Inputs read whole by every sequence must not depend on the sequence's length (a bias table of 2n - 1)."""
+    decl = kernel.program.input_map
+    for name, (role, _) in plan.roles.items():
+        syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
+        if role == shard.REPLICATED and syms & {plan.n, plan.m}:
+            raise UnsupportedError(f"varlen: input {name} has a shape that depends on the sequence length; a "
+                                   "packed batch has one length per sequence")
+
+
+# long: one launch described top to bottom (config, splits, buffers, arguments, grid, merge)
+def _run_output(block, name, b, plan, nq, mk, splits, cu):
+    """(O, lse or z) of one block output over the whole call, and DecodeStats."""
+    cb = block.planner.cg_binding(b)
+    dt = b.dtype
+    compute = compute_dtype(dt, b.device)
+    acc_dt = torch.float64 if compute == torch.float64 else torch.float32
+    p = block.launcher.plan(name, cb)
+    sched, cfg = p.schedule, p.config
+    if cu is not None and sched.kind == onf.RESIDUE:
+        raise UnsupportedError("varlen: the residue schedule is not supported in varlen batches; compile with "
+                               "schedule='tiled' or 'hops'")
+    lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
+    e = sy.evaluate(sched.col[1], cb.dims)
+    nseq = 1 if cu is None else cu[0].numel() - 1
+    rows_q = nq if cu is None else cu[2]
+    keys = mk if cu is None else cu[3]
+    z = math.prod(b.batch) * math.prod(lead)
+    ptiles = row_programs(sched, rows_q, cfg.block_m)
+    ktiles = max(1, cdiv(keys, cfg.block_n))
+    predicted = None
+    if splits is None:
+        head = max(head_dims(sched, cb.dims) or [e])
+        ch = choose_splits(ptiles * z * nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * nq,
+                           DTYPE_NAME[dt], device_table_name(b.device))
+        splits, predicted = ch.splits, ch.seconds
+    if not isinstance(splits, int) or splits < 1:
+        raise InputError(f"splits must be a positive integer, got {splits!r}")
+    split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
+    splits = max(1, cdiv(keys, split_len))
+    o_part = torch.empty((splits, *b.batch, *lead, nq, e), dtype=compute if splits == 1 else acc_dt,
+                         device=b.device)
+    lse_part = torch.full((splits, *b.batch, *lead, nq), float("-inf"), dtype=acc_dt, device=b.device)
+    if cu is not None and o_part.numel():
+        o_part.zero_()   # rows of a sequence with no program (none: every row tile runs) stay defined
+    grid = (ptiles, z, nseq * splits)
+    if o_part.numel() == 0 or z == 0:
+        return (o_part[0], lse_part[0]), DecodeStats(splits, split_len, grid, predicted)
+    spec = block.launcher.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, True, sched,
+                               exact_heads(block.planner.schedules[name], cb.dims))
+    fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), cu is not None), b.device),
+                 GRID_KERNEL)
+    args, consts = block.launcher._arguments(spec, cb, compute, o_part[0], lse_part[0], cfg, e)
+    args += [o_part.stride(0), lse_part.stride(0)]
+    args += [cu[0], cu[1]] if cu is not None else [nq, mk, b.dims[plan.r1.name] - 1]
+    args.append(split_len)
+    consts["NSPLIT"] = splits
+    run(fn, grid, args, consts, b.device, f"the split-KV kernel for output {name}")
+    if splits == 1:
+        return (o_part[0], lse_part[0]), DecodeStats(splits, split_len, grid, predicted)
+    return _merge(o_part, lse_part, name in norm_outputs(block), compute, e), \
+        DecodeStats(splits, split_len, grid, predicted)
+
+
+def _source(block, plan, spec, nbatch: int, nlead: int, varlen: bool) -> str:
+    """The block kernel with the grid kernel appended, memoised per spec."""
+    memo = _SOURCES.setdefault(block, {})
+    key = (spec.source, nbatch, nlead, varlen)
+    if key not in memo:
+        view = block.planner.codegen
+        cg_in = {u: c for c, u in view.inputs.items()}
+        cg_dim = {u: c for c, u in view.dims.items()}
+        decl = block.planner.cg_program.input_map
+        q = {cg_in[n]: ax for n, (r, ax) in plan.roles.items() if r == shard.QUERY}
+        k = {cg_in[n]: ax for n, (r, ax) in plan.roles.items() if r == shard.KEY}
+        dims = tuple(cg_dim[s.name] for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1))
+        ranks = {n: len(decl[n].shape) for n in spec.inputs}
+        memo[key] = grid_source(spec, ranks, Layout(q, k, nbatch, nlead, dims), varlen)
+    return memo[key]
+
+
+def grid_sources(kernel, dtype: str = "float32", nbatch: int = 0, varlen: bool = False,
+                 config: Config | None = None) -> list:
+    """The split-KV (or varlen) kernel source of every block output, in the default schedule and `config`
+    (default 16 x 64 tiles): what a decode / varlen call generates."""
+    plan, block = _plan(kernel)
+    cfg = config or Config(16, 64)
+    out = []
+    for o in plan.outputs:
+        sched = block.schedules[o.name]
+        spec = block.launcher.spec(o.name, dtype, nbatch, cfg, True, sched)
+        out.append(_source(block, plan, spec, nbatch, len(sched.lead), varlen))
+    return out
+
+
+def _merge(o_part, lse_part, norm: bool, compute, e: int):
+    """(O, lse or z) merged over the splits by `_merge_splits` (codegen/splitkv.py)."""
+    s = o_part.shape[0]
+    out = torch.empty(o_part.shape[1:], dtype=compute, device=o_part.device)
+    lse = torch.empty(lse_part.shape[1:], dtype=lse_part.dtype, device=o_part.device)
+    rows = lse.numel()
+    op, lp = o_part.reshape(s, rows, e), lse_part.reshape(s, rows)
+    fn = getattr(module_for(MERGE_SOURCE, o_part.device), MERGE_KERNEL)
+    block_r = 16
+    consts = {"BLOCK_R": block_r, "BLOCK_E": max(16, next_pow2(e)), "NORM": norm}
+    args = [op, op.stride(0), op.stride(1), lp, lp.stride(0), out.view(rows, e), e, lse.view(rows), rows, e, s]
+    run(fn, (cdiv(rows, block_r),), args, consts, o_part.device, "the split-KV merge kernel")
+    return out, lse
+
+
+def _finish(kernel, plan, block, acc, b, nq, inputs):
+    qside = {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
+    outs = _results(plan, block, acc, b, nq, qside)
+    names = plan.output_names
+    return outs[names[0]] if len(names) == 1 else outs

@@ -1,0 +1,99 @@
+"""Decoding against a KV cache (runtime/decode.py): split-KV launches merged by log-sum-exp, float64 in the
+interpreter, against the unfused float64 reference and against one unsplit launch."""
+import pytest
+import torch
+
+import moa
+from moa.errors import InputError, UnsupportedError
+from moa.runtime import decode
+
+D = 16
+PROGRAMS = {   # program -> (params, shapes of the full-sequence inputs at m keys)
+    "causal_bottom_right": ({}, None),
+    "sliding_window": ({"w": 300}, lambda m: dict(Q=(m, D), K=(m, D), V=(m, D))),
+    "alibi": ({}, lambda m: dict(Q=(2, m, D), K=(2, m, D), V=(2, m, D))),
+    "gqa_alibi": ({}, lambda m: dict(Q=(4, m, D), K=(2, m, D), V=(2, m, D))),
+    "pi_attention": ({"k": 100, "s": 37}, lambda m: dict(Q=(m, D), K=(m, D), V=(m, D), wg=(D,))),
+}
+_KERNELS: dict = {}
+_REFS: dict = {}
+
+
+def _kernel(name):
+    if name not in _KERNELS:
+        _KERNELS[name] = moa.compile(f"examples/{name}.moa", **PROGRAMS[name][0])
+    return _KERNELS[name]
+
+
+def _case(name, nq, m):
+    """(decode inputs, expected rows): the last nq rows of the full-sequence reference (one dim for both axes),
+    or the reference at n = nq (causal_bottom_right: its own n, m)."""
+    k = _kernel(name)
+    g = torch.Generator().manual_seed(m)
+    if PROGRAMS[name][1] is None:
+        ins = {x: torch.randn(s, generator=g, dtype=torch.float64)
+               for x, s in dict(Q=(2, nq, D), K=(2, m, D), V=(2, m, D)).items()}
+        return ins, k.reference(**ins)
+    if (name, m) not in _REFS:
+        full = {x: torch.randn(s, generator=g, dtype=torch.float64) for x, s in PROGRAMS[name][1](m).items()}
+        _REFS[(name, m)] = (full, k.reference(**full))
+    full, ref = _REFS[(name, m)]
+    ins = dict(full)
+    ins["Q"] = full["Q"][..., m - nq:, :]
+    return ins, ref[..., m - nq:, :]
+
+
+def _check(name, nq, m):
+    ins, want = _case(name, nq, m)
+    got, st = decode.decode(_kernel(name), ins, splits=3, stats=True)
+    assert st.splits == min(3, -(-m // st.split_len))
+    assert st.grid[2] == st.splits
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    one = decode.decode(_kernel(name), ins, splits=1)
+    assert (got - one).abs().max().item() <= 1e-12   # split equals unsplit
+
+
+# a program with one dim for both axes needs nq <= m (its queries are the last rows of the keys)
+CASES = [(name, nq, m) for name in PROGRAMS for m in (1, 1000) for nq in (1, 3, 16)
+         if nq <= m or PROGRAMS[name][1] is None]
+
+
+@pytest.mark.parametrize("name,nq,m", CASES)
+def test_decode_matches_reference(name, nq, m):
+    _check(name, nq, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROGRAMS))
+@pytest.mark.parametrize("nq", [1, 3, 16])
+def test_decode_long_cache(name, nq):
+    _check(name, nq, 4097)
+
+
+def test_decode_long_cache_fast():
+    """m = 4097 (a ragged last key tile, many splits) on the cheapest program, in the default run."""
+    _check("causal_bottom_right", 3, 4097)
+    ins, want = _case("causal_bottom_right", 1, 4097)
+    got, st = decode.decode(_kernel("causal_bottom_right"), ins, stats=True)
+    assert st.splits > 1 and st.predicted_seconds is not None   # the cost model splits a 1-row, 2-head call
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_decode_equals_plain_call_for_two_dim_programs():
+    """A program with its own n and m: decode() is the ordinary call, split."""
+    ins, _ = _case("causal_bottom_right", 16, 1000)
+    k = _kernel("causal_bottom_right")
+    assert (decode.decode(k, ins, splits=4) - k(**ins)).abs().max().item() <= 1e-12
+
+
+def test_decode_refusals():
+    k = _kernel("sliding_window")
+    q = torch.randn(5, D, dtype=torch.float64)
+    kv = torch.randn(3, D, dtype=torch.float64)
+    with pytest.raises(InputError, match="last rows of the keys"):
+        decode.decode(k, dict(Q=q, K=kv, V=kv))
+    with pytest.raises(InputError, match="splits must be a positive integer"):
+        decode.decode(k, dict(Q=kv[:1], K=kv, V=kv), splits=0)
+    doc = moa.compile("examples/document_mask.moa")
+    with pytest.raises(UnsupportedError, match="both the query and the key index"):
+        decode.decode(doc, dict(Q=q, K=q, V=q, doc=torch.zeros(5, dtype=torch.int32)))
