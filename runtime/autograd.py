@@ -156,7 +156,7 @@ def _setup_context(ctx, inputs, output):
     nout = len(k.output_names)
     ctx.kernel = kernel
     ctx.nin, ctx.nout = len(tensors), nout
-    ctx.save_for_backward(*tensors, *output[nout:])
+    ctx.save_for_backward(*tensors, *output)   # the outputs (delta = rowsum(dO * O)), then the saved values
 
 
 def _backward(ctx, grads):

@@ -1,7 +1,9 @@
 """The backward pass of a compiled program: what the forward saves, and how the gradients are computed.
 
-The gradients are the derived gradient DNF (moa/grad.py). They are evaluated unfused (runtime/grad_eval.py, float64,
-vectorised) for now; the fused backward kernels replace that evaluation where the program has them."""
+The gradients are the derived gradient DNF (moa/grad.py). Programs of the softmax family with one plain branch have
+fused backward kernels (codegen/backward.py, launched by runtime/backward_run.py): the forward then also stores the
+log-sum-exp per row, and Q, K and V get their gradients from the kernels. Every other gradient (bias tables, gates,
+the normalised and window forms) is the gradient DNF evaluated unfused in float64 (runtime/grad_eval.py)."""
 from __future__ import annotations
 
 from functools import cached_property
@@ -11,6 +13,7 @@ import torch
 from moa import ir
 from moa.grad import GradProgram, grad
 
+from .backward_run import BackwardRunner
 from .grad_eval import evaluate_grad
 
 
@@ -25,24 +28,56 @@ class Backward:
         """The gradient DNF of every float input (moa/grad.py)."""
         return grad(self.k.program, self.k.dnf)
 
+    @cached_property
+    def unfused_reason(self) -> str | None:
+        """None when the program has fused backward kernels, else why not."""
+        return BackwardRunner.reason(self.k.planner)
+
+    @cached_property
+    def runner(self) -> BackwardRunner | None:
+        return None if self.unfused_reason else BackwardRunner(self.k.planner, self.k.output_names[0])
+
+    @property
+    def fused_inputs(self) -> tuple:
+        """The inputs whose gradients the fused kernels compute (user names); () without fused kernels."""
+        if self.runner is None:
+            return ()
+        back = self.k.planner.codegen.inputs
+        return tuple(dict.fromkeys(back[r.name] for r in self.runner.spec_reads()))
+
     def saved_spec(self, dtype: torch.dtype) -> list:
-        """(shape as extents, dtype) of each value the forward returns for the backward, after the outputs."""
-        return []
+        """(shape as extents, dtype) of each value the forward returns for the backward, after the outputs: the
+        log-sum-exp per row (accumulation dtype) when the program has fused backward kernels."""
+        if self.runner is None:
+            return []
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return [(tuple(self.k.program.outputs[0][1].shape[:-1]), acc)]
 
     def forward(self, named: dict) -> tuple[list, list]:
         """(outputs, saved values) of a call, by the fused forward kernels."""
         k = self.k
         b = k.bind(named)
+        if self.runner is not None:
+            out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
+            return [out], [lse]
         return [k.launcher.output(n, b) for n in k.output_names], []
 
     def backward(self, named: dict, saved: list, cotangents: list) -> list:
-        """The gradient of every float input, in input order, shaped and typed like the input."""
+        """The gradient of every float input, in input order, shaped and typed like the input. `saved`: the
+        outputs, then the values saved_spec describes."""
         k = self.k
         b = k.bind(named)
-        cot = dict(zip(k.output_names, (c.detach().cpu() for c in cotangents)))
-        cpu = {n: t.detach().cpu() for n, t in b.tensors.items()}
-        b_cpu = type(b)(b.dims, b.batch, b.dtype, torch.device("cpu"), cpu)
-        grads = evaluate_grad(k.program, self.grad_program, binding=b_cpu, cotangents=cot)
+        grads = {}
+        if self.runner is not None:
+            back = k.planner.codegen.inputs
+            fused = self.runner.grads(b, saved[0], saved[1], cotangents[0])
+            grads = {back[name]: g for name, g in fused.items()}
+        rest = [n.attrs[0] for n in k.program.inputs if n.dtype == ir.FLOAT and n.attrs[0] not in grads]
+        if rest:
+            cot = dict(zip(k.output_names, (c.detach().cpu() for c in cotangents)))
+            cpu = {n: t.detach().cpu() for n, t in b.tensors.items()}
+            b_cpu = type(b)(b.dims, b.batch, b.dtype, torch.device("cpu"), cpu)
+            grads.update(evaluate_grad(k.program, self.grad_program, binding=b_cpu, cotangents=cot, only=rest))
         out = []
         for node in k.program.inputs:
             if node.dtype != ir.FLOAT:

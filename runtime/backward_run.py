@@ -1,0 +1,140 @@
+"""Launching the fused backward kernels (codegen/backward.py) of a softmax-family output: the buffers (dO, lse,
+delta = rowsum(dO * O), and dQ, dK, dV per batch x leading index), the two launches, and the sums that turn the
+per-head gradients into the gradients of the inputs (a K read by every query head of its group: the heads' dK
+added up)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moa import ir
+from moa import symbolic as sy
+from moa.codegen.backward import BackwardSpec, generate_backward, unfused_reason
+
+from .binding import Binding
+from .cache import module_for
+from .device import check_device, next_pow2, run
+from .launch import compute_dtype
+from .tiling import DTYPE_NAME
+
+
+def block_sizes(device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 16 in the interpreter (ragged tests cross tile edges), 64 on a GPU."""
+    return (16, 16) if device.type == "cpu" else (64, 64)
+
+
+class BackwardRunner:
+    """The fused backward of one output of a Kernel (None from `for_kernel` when the output has none)."""
+
+    def __init__(self, planner, name: str):
+        self.planner, self.name = planner, name
+        self.sched = planner.schedules[name]
+        self._specs: dict = {}
+
+    @classmethod
+    def reason(cls, planner) -> str | None:
+        """Why the program has no fused backward, or None."""
+        if len(planner.output_names) != 1:
+            return "several outputs"
+        try:
+            sched = planner.schedules[planner.output_names[0]]
+        except Exception as ex:   # noqa: BLE001 - no tiled schedule at all: the reason is the error's text
+            return str(ex)
+        return unfused_reason(planner.cg_program, sched)
+
+    def spec_reads(self) -> tuple:
+        """The reads of Q, K and V (codegen names) whose inputs the kernels give gradients."""
+        b = self.sched.branches[0]
+        return (b.dot.a, b.dot.b, b.value)
+
+    def spec(self, dtname: str, nbatch: int) -> BackwardSpec:
+        key = (dtname, nbatch)
+        if key not in self._specs:
+            self._specs[key] = generate_backward(self.planner.cg_program, self.sched, dtname, nbatch)
+        return self._specs[key]
+
+    def grads(self, b: Binding, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor) -> dict:
+        """Codegen input name -> gradient (batch + the input's shape, accumulation dtype) of the operands Q, K, V for
+        the cotangent d_out of the output `out` (lse: the forward's saved log-sum-exp)."""
+        b = self.planner.cg_binding(b)
+        check_device(b.device)
+        compute = compute_dtype(b.dtype, b.device)
+        acc = torch.float64 if compute == torch.float64 else torch.float32
+        spec = self.spec(DTYPE_NAME[compute], len(b.batch))
+        ev = lambda x: int(sy.evaluate(x, b.dims))   # noqa: E731
+        n, m, d, e = ev(spec.row_extent), ev(spec.key_extent), ev(spec.dot_extent), ev(spec.col_extent)
+        lead = [ev(x) for _, x in self.sched.lead]
+        zl = math.prod(b.batch) * math.prod(lead)
+        dev = b.device
+        d_out = d_out.to(dev, compute).reshape(zl, n, e).contiguous()
+        delta = (d_out.to(acc) * out.to(dev, acc).reshape(zl, n, e)).sum(-1).contiguous()
+        lse = lse.to(dev, acc).reshape(zl, n).contiguous()
+        bufs = {"dQ": torch.zeros(zl, n, d, dtype=acc, device=dev), "dK": torch.zeros(zl, m, d, dtype=acc, device=dev),
+                "dV": torch.zeros(zl, m, e, dtype=acc, device=dev)}
+        if zl and n and m:
+            bm, bn = block_sizes(dev)
+            consts = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM_V": max(16, next_pow2(e))}
+            consts.update({hd: max(16, next_pow2(ev(x))) for hd, x in spec.head_dims})
+            mod = module_for(spec.source, dev)
+            for kern, outs, grid in ((spec.kernels[0], ("dK", "dV"), (math.ceil(m / bn), zl)),
+                                     (spec.kernels[1], ("dQ",), (math.ceil(n / bm), zl))):
+                args = self._inputs(kern.inputs, b, compute)
+                args += [d_out, d_out.stride(0), d_out.stride(1), d_out.stride(2), lse, lse.stride(0),
+                         delta, delta.stride(0)]
+                for o in outs:
+                    args += [bufs[o], *bufs[o].stride()]
+                args += [b.dims[x] for x in spec.dims] + list(b.batch)
+                run(getattr(mod, kern.name), grid, args, consts, dev, f"the backward kernel {kern.name}")
+        res: dict = {}
+        for role, buf in zip(("Q", "K", "V"), ("dQ", "dK", "dV")):
+            read = spec.reads[role]
+            g = self._to_input(read, bufs[buf], b, lead)
+            res[read.name] = g if read.name not in res else res[read.name] + g
+        return res
+
+    def _inputs(self, names, b: Binding, compute) -> list:
+        args = []
+        nb = len(b.batch)
+        for inp in names:
+            t = b.tensors[inp]
+            node = self.planner.cg_program.input_map[inp]
+            if node.dtype == ir.FLOAT and t.dtype != compute:
+                t = t.to(compute)
+            if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
+                t = t.to(torch.int32)
+            args += [t, *t.stride()[:nb], *t.stride()[nb:]]
+        return args
+
+    def _to_input(self, read, buf: torch.Tensor, b: Binding, lead: list) -> torch.Tensor:
+        """The per-(batch, lead) gradient buffer summed into the input's shape: the lead point a adds to the input's
+        leading index g(a) of the read X[g(a), row, col]."""
+        node = self.planner.cg_program.input_map[read.name]
+        ishape = [int(sy.evaluate(x, b.dims)) for x in node.shape]
+        nb = math.prod(b.batch)
+        rows, cols = buf.shape[1:]
+        buf = buf.reshape(nb, math.prod(lead), rows, cols)
+        head = [sp_index for sp_index in read.index[:-2]]
+        lvars = [v for v, _ in self.sched.lead]
+        if [str(h) for h in head] == [v.name for v in lvars] and ishape[:-2] == lead:
+            return buf.reshape(*b.batch, *ishape)
+        targets = []
+        for point in _points(lead):
+            env = {**b.dims, **{v.name: a for v, a in zip(lvars, point)}}
+            flat = 0
+            for h, ext in zip(head, ishape[:-2]):
+                flat = flat * ext + int(sy.evaluate(h, env))
+            targets.append(flat)
+        out = torch.zeros(nb, math.prod(ishape[:-2]), rows, cols, dtype=buf.dtype, device=buf.device)
+        out.index_add_(1, torch.tensor(targets, device=buf.device), buf)
+        return out.reshape(*b.batch, *ishape)
+
+
+def _points(extents: list):
+    """Every point of a box, row-major (the flat order of pid_z's leading indices)."""
+    if not extents:
+        yield ()
+        return
+    for a in range(extents[0]):
+        for rest in _points(extents[1:]):
+            yield (a, *rest)
