@@ -67,9 +67,50 @@ def input_params(params: list, inputs: tuple, ranks: dict, nbatch: int) -> dict:
     return out
 
 
+VARLEN, SPLIT, LENGTHS, PAGED = "varlen", "split", "lengths", "paged"
+
+
+def _prologue(mode: str, shared: bool) -> tuple[list, list]:
+    """(lines computing the program's sequence, lengths and key offsets; the extra parameters they read)."""
+    body = ["    pid = tl.program_id(2)", "    split = pid % NSPLIT", "    c0 = split * SPLIT_LEN"]
+    if mode == VARLEN:
+        body += ["    seq = pid // NSPLIT",
+                 "    q0 = tl.load(cu_q + seq).to(tl.int64)",
+                 "    nq = (tl.load(cu_q + seq + 1) - q0).to(tl.int32)",
+                 "    k0 = tl.load(cu_k + seq).to(tl.int64)",
+                 "    mk = (tl.load(cu_k + seq + 1) - k0).to(tl.int32)",
+                 "    koff = k0 + c0"]
+        extra = ["cu_q", "cu_k"]
+    else:
+        body.append("    nq = NQ")
+        extra = ["NQ", "MK", "ROW0"]
+        if mode == SPLIT:
+            body += ["    mk = MK", "    koff = c0.to(tl.int64)"]
+        else:   # the valid length (and the block table) of this program's batch index
+            body += ["    zb = tl.program_id(1) // LEADS",
+                     "    mk = tl.minimum(tl.load(cache_len + zb).to(tl.int32), MK)"]
+            extra += ["LEADS", "cache_len"]
+            if mode == PAGED:
+                body.append("    koff = tl.load(block_table + zb * stride_table + split).to(tl.int64) * SPLIT_LEN")
+                extra += ["block_table", "stride_table"]
+            else:
+                body.append("    koff = c0.to(tl.int64)")
+    if mode != SPLIT:
+        body.append("    row0 = mk - nq" if shared else "    row0 = 0 * nq")
+    else:
+        body.append("    row0 = ROW0")
+    body.append("    ml = tl.minimum(mk - c0, SPLIT_LEN)")
+    # a varlen program past its sequence's row tiles exits (the residue schedule, whose programs are not row
+    # tiles, is refused for varlen by the runtime)
+    body.append("    if (tl.program_id(0) * BLOCK_M < nq) & (ml > 0):" if mode == VARLEN else "    if ml > 0:")
+    return body, extra
+
+
 # long: one template filled from the signature; the moved pointers and overridden dims read top to bottom
-def grid_source(spec, ranks: dict, layout: Layout, varlen: bool) -> str:
-    """The block kernel's source with `_attn_grid` appended (see the module docstring)."""
+def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
+    """The block kernel's source with `_attn_grid` appended (see the module docstring). mode: SPLIT (key splits
+    of one sequence), VARLEN (packed sequences, cu_seqlens), LENGTHS (a valid length per batch index),
+    PAGED (LENGTHS, and split s of batch index b reads page block_table[b, s] of SPLIT_LEN keys)."""
     if spec.summaries:
         raise UnsupportedError("split-KV and varlen launches do not support programs whose tile tests read "
                                "per-tile summaries of an input (data-dependent masks such as document ids)")
@@ -84,20 +125,8 @@ def grid_source(spec, ranks: dict, layout: Layout, varlen: bool) -> str:
     dim_param = {d: params[params.index(lse_ptr) + 1 + layout.nbatch + layout.nlead + k]
                  for k, d in enumerate(spec.dims)}
     n, m, nl, ml, r1, c1 = layout.dims
-    body = ["    pid = tl.program_id(2)", "    split = pid % NSPLIT", "    c0 = split * SPLIT_LEN"]
-    if varlen:
-        body += ["    seq = pid // NSPLIT",
-                 "    q0 = tl.load(cu_q + seq).to(tl.int64)",
-                 "    nq = (tl.load(cu_q + seq + 1) - q0).to(tl.int32)",
-                 "    k0 = tl.load(cu_k + seq).to(tl.int64)",
-                 "    mk = (tl.load(cu_k + seq + 1) - k0).to(tl.int32)",
-                 "    row0 = mk - nq" if n == m else "    row0 = 0 * nq"]
-    else:
-        body += ["    nq = NQ", "    mk = MK", "    row0 = ROW0"]
-    body.append("    ml = tl.minimum(mk - c0, SPLIT_LEN)")
-    # a varlen program past its sequence's row tiles exits (the residue schedule, whose programs are not row
-    # tiles, is refused for varlen by the runtime)
-    body.append("    if (tl.program_id(0) * BLOCK_M < nq) & (ml > 0):" if varlen else "    if ml > 0:")
+    varlen = mode == VARLEN
+    body, extra = _prologue(mode, n == m)
     args = []
     for p in params:
         moved = None
@@ -105,21 +134,19 @@ def grid_source(spec, ranks: dict, layout: Layout, varlen: bool) -> str:
             if p == ptr and name in layout.query and varlen:
                 moved = f"{p} + q0 * {strides[layout.query[name]]}"
             elif p == ptr and name in layout.key:
-                base = "(k0 + c0)" if varlen else "c0.to(tl.int64)"
-                moved = f"{p} + {base} * {strides[layout.key[name]]}"
+                moved = f"{p} + koff * {strides[layout.key[name]]}"
         if p == o_ptr:
             moved = f"{p} + split.to(tl.int64) * stride_O_split" + (f" + q0 * {o_row}" if varlen else "")
         elif p == lse_ptr:
             moved = f"{p} + split.to(tl.int64) * lse_stride_split" + (" + q0" if varlen else "")
         for d, val in ((n, "nq" if n != m else "mk"), (m, "mk"), (nl, "nq"), (ml, "ml"), (r1, "row0 + 1"),
                        (c1, "c0 + 1")):
-            if d is not None and dim_param.get(d) == p and (varlen or d not in (n, m)):
+            if d is not None and dim_param.get(d) == p and (mode != SPLIT or d not in (n, m)):
                 moved = val
         args.append(moved or p)
     args += [f"{c}={c}" for c in consts]
     body.append(f"        _attn_fwd({', '.join(args)})")
-    extra = ["stride_O_split", "lse_stride_split"] + (["cu_q", "cu_k"] if varlen else ["NQ", "MK", "ROW0"])
-    head = [f"    {p}," for p in params + extra + ["SPLIT_LEN"]]
+    head = [f"    {p}," for p in params + ["stride_O_split", "lse_stride_split"] + extra + ["SPLIT_LEN"]]
     head += [f"    {c}: tl.constexpr," for c in consts + ["NSPLIT"]]
     kernel = ["", "", "@triton.jit", f"def {GRID_KERNEL}(", *head, "):",
               "    # the block kernel on one (query tile, batch x head, sequence x key split)", *body, ""]

@@ -13,6 +13,7 @@ sequence.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 
 from moa import onf, shard
 from moa import symbolic as sy
-from moa.codegen.splitkv import GRID_KERNEL, MERGE_KERNEL, MERGE_SOURCE, Layout, grid_source
+from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN, Layout,
+                                 grid_source)
 from moa.errors import InputError, UnsupportedError
 from moa.splitkv import choose_splits
 
@@ -87,19 +89,92 @@ def _global(plan, nq: int, mk: int) -> tuple[dict, int]:
     return {plan.n.name: nq, plan.m.name: mk}, 0
 
 
-def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False):
+@dataclass
+class _Call:
+    """What the grid kernel of one call needs besides the block kernel's arguments (codegen/splitkv.py modes)."""
+    mode: str
+    nq: int                   # query rows of the bound tensors (all sequences when packed)
+    mk: int                   # keys of the bound tensors (the pool when paged)
+    rows: int                 # the longest sequence's query rows
+    keys: int                 # the longest sequence's keys
+    nseq: int = 1
+    cu: tuple = ()            # VARLEN: (cu_seqlens_q, cu_seqlens_k) on the device, int32
+    cache_len: object = None  # LENGTHS, PAGED: the valid length per batch index
+    block_table: object = None   # PAGED: [batch, pages] page numbers
+    page: int = 0             # PAGED: keys per page
+
+
+# long: the checks of the cache arguments, one after the other
+def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False, cache_len=None,
+           block_table=None, page_size: int | None = None):
     """Every output of a decoding call (module docstring): one launch over (query tiles, batch x heads, key
-    splits), the splits merged. splits: None (the cost model, moa/splitkv.py) or a positive integer."""
+    splits), the splits merged. splits: None (the cost model, moa/splitkv.py) or a positive integer.
+    cache_len: the valid length of the cache per batch index (an int tensor broadcasting to the call's batch
+    axes): keys past it are never read. block_table (with page_size): the key inputs are a pool of pages of
+    page_size keys laid back to back along the key axis, and batch index b's key j lives in page
+    block_table[b, j // page_size] at j % page_size."""
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
+    call = _Call(SPLIT, nq, mk, nq, mk)
+    if block_table is not None or page_size is not None:
+        call = _paged(b, call, cache_len, block_table, page_size, plan)
+    elif cache_len is not None:
+        lens = _lengths_per_batch(b, cache_len, "cache_len", mk)
+        call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
+    if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
+        raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
+                         "for both axes, so the queries are the last rows of the valid keys")
     acc, info = {}, None
     for o in plan.outputs:
-        acc[o.name], info = _run_output(block, o.name, b, plan, nq, mk, splits, None)
+        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
     res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
+
+
+def _lengths_per_batch(b, t, what: str, limit: int):
+    """An int tensor broadcast to the call's batch axes, flattened (int32, on the device)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"decode: {what} must be an int32 or int64 tensor, got {t.dtype}")
+    try:
+        t = t.expand(*b.batch) if b.batch else t.reshape(())
+    except RuntimeError:
+        raise InputError(f"decode: {what} of shape {tuple(t.shape)} does not broadcast to the call's batch axes "
+                         f"{tuple(b.batch)}") from None
+    if t.numel() and (bool((t < 0).any()) or bool((t > limit).any())):
+        raise InputError(f"decode: {what} must lie in 0 .. {limit}, got {t.flatten().tolist()[:8]}")
+    return t.reshape(-1).to(device=b.device, dtype=torch.int32).contiguous()
+
+
+def _paged(b, call, cache_len, block_table, page_size, plan):
+    if block_table is None or page_size is None:
+        raise InputError("decode: a paged cache needs both block_table and page_size")
+    if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
+        raise InputError(f"decode: page_size must be a power of two >= 16 (a key tile), got {page_size!r}")
+    if call.mk % page_size:
+        raise InputError(f"decode: the key inputs hold {call.mk} keys, not a whole number of pages of "
+                         f"{page_size}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64) or \
+            block_table.dim() < 1:
+        raise InputError("decode: block_table must be an int32 or int64 tensor [..., pages per sequence]")
+    pages = block_table.shape[-1]
+    try:
+        table = block_table.expand(*b.batch, pages)
+    except RuntimeError:
+        raise InputError(f"decode: block_table of shape {tuple(block_table.shape)} does not broadcast to the "
+                         f"call's batch axes {tuple(b.batch)} (plus the pages axis)") from None
+    npool = call.mk // page_size
+    if table.numel() and (bool((table < 0).any()) or bool((table >= npool).any())):
+        raise InputError(f"decode: block_table entries must be pages 0 .. {npool - 1} of the pool")
+    lens = _lengths_per_batch(b, pages * page_size if cache_len is None else cache_len, "cache_len",
+                              pages * page_size)
+    table = table.reshape(-1, pages).to(device=b.device, dtype=torch.int32).contiguous()
+    return _Call(PAGED, call.nq, call.mk, call.nq, pages * page_size, cache_len=lens, block_table=table,
+                 page=page_size)
 
 
 def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False):
@@ -120,10 +195,11 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     dev = b.device
-    cu = (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32), nq_max, mk_max)
+    call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1,
+                 (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)))
     acc, info = {}, None
     for o in plan.outputs:
-        acc[o.name], info = _run_output(block, o.name, b, plan, nq, mk, splits, cu)
+        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
     res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
 
@@ -159,63 +235,72 @@ def _check_replicated(kernel, plan):
 
 
 # long: one launch described top to bottom (config, splits, buffers, arguments, grid, merge)
-def _run_output(block, name, b, plan, nq, mk, splits, cu):
+def _run_output(block, name, b, plan, call: _Call, splits):
     """(O, lse or z) of one block output over the whole call, and DecodeStats."""
     cb = block.planner.cg_binding(b)
     dt = b.dtype
     compute = compute_dtype(dt, b.device)
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
     p = block.launcher.plan(name, cb)
+    if call.mode == PAGED and p.config.block_n > call.page:   # a page holds whole key tiles
+        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page))
     sched, cfg = p.schedule, p.config
-    if cu is not None and sched.kind == onf.RESIDUE:
+    if call.mode == VARLEN and sched.kind == onf.RESIDUE:
         raise UnsupportedError("varlen: the residue schedule is not supported in varlen batches; compile with "
                                "schedule='tiled' or 'hops'")
     lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
     e = sy.evaluate(sched.col[1], cb.dims)
-    nseq = 1 if cu is None else cu[0].numel() - 1
-    rows_q = nq if cu is None else cu[2]
-    keys = mk if cu is None else cu[3]
     z = math.prod(b.batch) * math.prod(lead)
-    ptiles = row_programs(sched, rows_q, cfg.block_m)
-    ktiles = max(1, cdiv(keys, cfg.block_n))
+    ptiles = row_programs(sched, call.rows, cfg.block_m)
+    ktiles = max(1, cdiv(call.keys, cfg.block_n))
     predicted = None
-    if splits is None:
+    if call.mode == PAGED:
+        splits = ktiles * cfg.block_n // call.page   # one split per page
+    elif splits is None:
         head = max(head_dims(sched, cb.dims) or [e])
-        ch = choose_splits(ptiles * z * nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * nq,
+        ch = choose_splits(ptiles * z * call.nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * call.nq,
                            DTYPE_NAME[dt], device_table_name(b.device))
         splits, predicted = ch.splits, ch.seconds
     if not isinstance(splits, int) or splits < 1:
         raise InputError(f"splits must be a positive integer, got {splits!r}")
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
-    splits = max(1, cdiv(keys, split_len))
+    splits = max(1, cdiv(call.keys, split_len))
+    nq = call.nq
     o_part = torch.empty((splits, *b.batch, *lead, nq, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)
     lse_part = torch.full((splits, *b.batch, *lead, nq), float("-inf"), dtype=acc_dt, device=b.device)
-    if cu is not None and o_part.numel():
-        o_part.zero_()   # rows of a sequence with no program (none: every row tile runs) stay defined
-    grid = (ptiles, z, nseq * splits)
+    if call.mode != SPLIT and o_part.numel():
+        o_part.zero_()   # a sequence without keys runs no program: its rows are 0, as in a call of its own
+    grid = (ptiles, z, call.nseq * splits)
+    info = DecodeStats(splits, split_len, grid, predicted)
     if o_part.numel() == 0 or z == 0:
-        return (o_part[0], lse_part[0]), DecodeStats(splits, split_len, grid, predicted)
+        return (o_part[0], lse_part[0]), info
     spec = block.launcher.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, True, sched,
                                exact_heads(block.planner.schedules[name], cb.dims))
-    fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), cu is not None), b.device),
+    fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), call.mode), b.device),
                  GRID_KERNEL)
     args, consts = block.launcher._arguments(spec, cb, compute, o_part[0], lse_part[0], cfg, e)
     args += [o_part.stride(0), lse_part.stride(0)]
-    args += [cu[0], cu[1]] if cu is not None else [nq, mk, b.dims[plan.r1.name] - 1]
+    if call.mode == VARLEN:
+        args += list(call.cu)
+    else:
+        args += [nq, call.mk, b.dims[plan.r1.name] - 1]
+        if call.mode != SPLIT:
+            args += [math.prod(lead), call.cache_len]
+        if call.mode == PAGED:
+            args += [call.block_table, call.block_table.stride(0)]
     args.append(split_len)
     consts["NSPLIT"] = splits
     run(fn, grid, args, consts, b.device, f"the split-KV kernel for output {name}")
     if splits == 1:
-        return (o_part[0], lse_part[0]), DecodeStats(splits, split_len, grid, predicted)
-    return _merge(o_part, lse_part, name in norm_outputs(block), compute, e), \
-        DecodeStats(splits, split_len, grid, predicted)
+        return (o_part[0], lse_part[0]), info
+    return _merge(o_part, lse_part, name in norm_outputs(block), compute, e), info
 
 
-def _source(block, plan, spec, nbatch: int, nlead: int, varlen: bool) -> str:
+def _source(block, plan, spec, nbatch: int, nlead: int, mode: str) -> str:
     """The block kernel with the grid kernel appended, memoised per spec."""
     memo = _SOURCES.setdefault(block, {})
-    key = (spec.source, nbatch, nlead, varlen)
+    key = (spec.source, nbatch, nlead, mode)
     if key not in memo:
         view = block.planner.codegen
         cg_in = {u: c for c, u in view.inputs.items()}
@@ -225,11 +310,11 @@ def _source(block, plan, spec, nbatch: int, nlead: int, varlen: bool) -> str:
         k = {cg_in[n]: ax for n, (r, ax) in plan.roles.items() if r == shard.KEY}
         dims = tuple(cg_dim[s.name] for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1))
         ranks = {n: len(decl[n].shape) for n in spec.inputs}
-        memo[key] = grid_source(spec, ranks, Layout(q, k, nbatch, nlead, dims), varlen)
+        memo[key] = grid_source(spec, ranks, Layout(q, k, nbatch, nlead, dims), mode)
     return memo[key]
 
 
-def grid_sources(kernel, dtype: str = "float32", nbatch: int = 0, varlen: bool = False,
+def grid_sources(kernel, dtype: str = "float32", nbatch: int = 0, mode: str = SPLIT,
                  config: Config | None = None) -> list:
     """The split-KV (or varlen) kernel source of every block output, in the default schedule and `config`
     (default 16 x 64 tiles): what a decode / varlen call generates."""
@@ -239,7 +324,7 @@ def grid_sources(kernel, dtype: str = "float32", nbatch: int = 0, varlen: bool =
     for o in plan.outputs:
         sched = block.schedules[o.name]
         spec = block.launcher.spec(o.name, dtype, nbatch, cfg, True, sched)
-        out.append(_source(block, plan, spec, nbatch, len(sched.lead), varlen))
+        out.append(_source(block, plan, spec, nbatch, len(sched.lead), mode))
     return out
 
 

@@ -91,8 +91,8 @@ def test_varlen_refusals():
 def test_generated_split_and_varlen_sources_are_pyflakes_clean(tmp_path):
     for name in ("causal_bottom_right", "alibi", "pi_attention"):
         k = moa.compile(f"examples/{name}.moa")
-        for mode in (False, True):
-            for src in decode.grid_sources(k, "float32", nbatch=1, varlen=mode):
+        for mode in ("split", "varlen", "lengths", "paged"):
+            for src in decode.grid_sources(k, "float32", nbatch=1, mode=mode):
                 (tmp_path / f"{name}_{len(list(tmp_path.iterdir()))}.py").write_text(src)
     (tmp_path / "merge.py").write_text(MERGE_SOURCE)
     exe = Path(sys.executable).with_name("ruff")

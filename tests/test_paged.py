@@ -1,0 +1,78 @@
+"""KV caches with a valid length per batch index and paged caches (k.decode(cache_len=, block_table=, page_size=),
+runtime/decode.py): float64 in the interpreter against the reference on the valid keys; shuffled pages equal the
+contiguous cache; refusals."""
+import pytest
+import torch
+
+import moa
+from moa.errors import InputError
+
+D = 16
+F64 = torch.float64
+B, NQ, P, PAGES = 3, 3, 16, 9
+LENS = torch.tensor([5, 70, 144])
+
+
+def _setup(name, params, heads=()):
+    g = torch.Generator().manual_seed(7)
+    k = moa.compile(f"examples/{name}.moa", **params)
+    kc = torch.randn(B, *heads, PAGES * P, D, generator=g, dtype=F64)
+    vc = torch.randn(B, *heads, PAGES * P, D, generator=g, dtype=F64)
+    q = torch.randn(B, *heads, NQ, D, generator=g, dtype=F64)
+    shared = name != "causal_bottom_right"
+    want = []
+    for b in range(B):
+        n = int(LENS[b])
+        kv = dict(K=kc[b, ..., :n, :], V=vc[b, ..., :n, :])
+        if shared:   # the queries are the last rows of the valid keys
+            qf = torch.randn(*heads, n, D, generator=g, dtype=F64)
+            qf[..., n - NQ:, :] = q[b]
+            want.append(k.reference(Q=qf, **kv)[..., n - NQ:, :])
+        else:
+            want.append(k.reference(Q=q[b], **kv))
+    return k, q, kc, vc, torch.stack(want)
+
+
+def _pool(cache, perm, heads):
+    """The batch's pages shuffled into one pool: page p of batch index b goes to pool page perm[b * PAGES + p]."""
+    src = cache.movedim(0, -3).reshape(*heads, B * PAGES, P, D)
+    pool = torch.empty_like(src)
+    pool[..., perm, :, :] = src
+    return pool.flatten(-3, -2)
+
+
+@pytest.mark.parametrize("name,params,heads", [("causal_bottom_right", {}, ()), ("sliding_window", {"w": 40}, ()),
+                                               ("alibi", {}, (2,))])
+def test_valid_length_and_shuffled_pages(name, params, heads):
+    k, q, kc, vc, want = _setup(name, params, heads)
+    pad = torch.arange(PAGES * P)[:, None] >= LENS.view(B, *([1] * len(heads)), 1, 1)
+    kc_nan, vc_nan = kc.masked_fill(pad, float("nan")), vc.masked_fill(pad, float("nan"))
+    got, st = k.decode(Q=q, K=kc_nan, V=vc_nan, cache_len=LENS, splits=3, stats=True)
+    assert st.splits == 3   # splits past a batch index's valid length run no tile
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)   # keys past the valid length never count
+    perm = torch.randperm(B * PAGES, generator=torch.Generator().manual_seed(3))
+    paged, st = k.decode(Q=q, K=_pool(kc, perm, heads), V=_pool(vc, perm, heads), cache_len=LENS,
+                         block_table=perm.view(B, PAGES), page_size=P, stats=True)
+    assert st.splits == PAGES and st.split_len == P
+    contiguous = k.decode(Q=q, K=kc, V=vc, cache_len=LENS)
+    assert (paged - contiguous).abs().max().item() <= 1e-12
+    torch.testing.assert_close(paged, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cache_refusals():
+    k, q, kc, vc, _ = _setup("sliding_window", {"w": 40})
+    with pytest.raises(InputError, match="cache_len must lie in 0 .. 144"):
+        k.decode(Q=q, K=kc, V=vc, cache_len=torch.tensor([1, 2, 200]))
+    with pytest.raises(InputError, match="below the 3 query rows"):
+        k.decode(Q=q, K=kc, V=vc, cache_len=torch.tensor([2, 9, 9]))
+    with pytest.raises(InputError, match="does not broadcast"):
+        k.decode(Q=q, K=kc, V=vc, cache_len=torch.tensor([9, 9]))
+    with pytest.raises(InputError, match="int32 or int64"):
+        k.decode(Q=q, K=kc, V=vc, cache_len=torch.tensor([9.0, 9.0, 9.0]))
+    table = torch.arange(B * PAGES).view(B, PAGES)
+    with pytest.raises(InputError, match="power of two >= 16"):
+        k.decode(Q=q, K=kc, V=vc, block_table=table, page_size=24)
+    with pytest.raises(InputError, match="needs both"):
+        k.decode(Q=q, K=kc, V=vc, block_table=table)
+    with pytest.raises(InputError, match=r"pages 0 \.\. 8 of the pool"):
+        k.decode(Q=q, K=kc, V=vc, block_table=table, page_size=P)
