@@ -38,8 +38,9 @@ from moa import dnf as D
 from moa import symbolic as sy
 from moa.cost import Counts
 from moa.exprfold import np_eval
-from moa.onf import Schedule
-from moa.tiles import RowTiles, hop_iters, hops_needed, key_iterations, residue_needed, row_tiles, tiles_needed
+from moa.onf import Schedule, uses_summaries
+from moa.tiles import (DATA, RowTiles, hop_iters, hops_needed, key_iterations, residue_needed, row_tiles,
+                       summary_env, tiles_needed)
 
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, csym
 from .ledger import ledger
@@ -153,11 +154,15 @@ def _axis_lengths(cvals: dict) -> dict:
 
 
 def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes: dict,
-            needed: bool = True) -> Counts:
+            needed: bool = True, data: dict | None = None) -> Counts:
     """Counters of one output's kernel for concrete dims and the tile config baked into `spec` (the tiled, hops or
     residue schedule: key-tile loops, hop loops, lifted key-tile loops in b-space).
 
-    elem_bytes: tensor name (inputs, the output, 'lse') -> bytes per element as the kernel sees it."""
+    elem_bytes: tensor name (inputs, the output, 'lse') -> bytes per element as the kernel sees it.
+    data: input name -> array (batch axes first, as the call's tensors) of the integer and boolean inputs, or None.
+    With data, the tiles a mask over them skips (per-tile summaries, moa/intervals.py) are counted per batch entry
+    as the kernel skips them, and tiles_needed evaluates the mask on the data; without, a data-dependent test
+    skips nothing (the summaries say nothing) and every data-dependent atom may hold."""
     led = ledger(program, spec)
     cvals = constexpr_values(spec, dims, spec.block_m, spec.block_n)
     n = sy.evaluate(sched.row[1], dims)
@@ -174,14 +179,19 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
     formulas = [x for b in sched.branches for x in (b.key_lo, b.key_hi, b.skip, b.full) if x is not None]
     formulas += [x for b in sched.branches if b.hop is not None for x in (b.hop.t_lo, b.hop.t_hi)]
     formulas += [c for s in (*spec.loads, *spec.stores) for c in s.conds]
-    per_lead = any(sp.sympify(f).free_symbols & leadvars for f in formulas) or \
+    by_data = data is not None and (any(uses_summaries(sched, b) for b in sched.branches) or
+                                    (needed and any(b.mask is not None for b in sched.branches)))
+    per_lead = by_data or any(sp.sympify(f).free_symbols & leadvars for f in formulas) or \
         (needed and any(b.mask is not None and D.free_vars(b.mask) & leadvars for b in sched.branches))
     combos = list(itertools.product(*(range(x) for _, x in lead))) if per_lead else [None]
-    weight = nb * (1 if per_lead else math.prod(x for _, x in lead))
-    for combo in combos:
+    entries = list(itertools.product(*(range(x) for x in batch))) if by_data else [None]
+    weight = (1 if by_data else nb) * (1 if per_lead else math.prod(x for _, x in lead))
+    for entry, combo in itertools.product(entries, combos):
         env = {d: dims[d.name] for d in program.dims}
         if combo is not None:
             env.update({v: val for (v, _), val in zip(lead, combo)})
+        if entry is not None:
+            env[DATA] = _entry(data, entry, len(batch))
         it = _iterations(sched, led, env, dims, spec.block_m, spec.block_n, needed)
         c = it.counts
         for region, (dot, other, trans) in work.items():
@@ -191,6 +201,15 @@ def predict(program, sched: Schedule, spec, dims: dict, batch: tuple, elem_bytes
             c.transcendentals += k * trans
         _count_bytes(c, it, led, env, _axis_lengths(cvals), elem_bytes)
         out.add(c.scaled(weight))
+    return out
+
+
+def _entry(data: dict, entry: tuple, nbatch: int) -> dict:
+    """The arrays of one batch entry (an array with no batch axes is shared by every entry)."""
+    out = {}
+    for name, x in data.items():
+        x = np.asarray(x)
+        out[name] = x[entry] if x.ndim >= nbatch and nbatch else x
     return out
 
 
@@ -219,7 +238,9 @@ def _iterations(sched, led, env, dims, bm: int, bn: int, needed: bool) -> _Itera
         if k not in hops:
             lo, hi = (rt.alo, rt.ahi) if getattr(b, "lift", None) is not None else (rt.ilo, rt.ihi)
             m = np_eval(b.extent, penv) if residue else sy.evaluate(b.extent, dims)
-            tiles[k] = key_iterations(b, penv, lo, hi, m, bn)
+            data = uses_summaries(sched, b)   # the kernel tests b's tiles with the data's summaries
+            benv = {**penv, **summary_env(b, env, env.get(DATA), n, m, bm, bn)} if data else penv
+            tiles[k] = key_iterations(b, benv, lo, hi, m, bn, data)
     c = Counts(programs=rt.count)
     mult = {"program": rt.count, "lse": rt.count if "lse" in led.regions else 0}
     for k, t in tiles.items():

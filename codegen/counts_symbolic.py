@@ -6,7 +6,7 @@ import sympy as sp
 
 from moa import intervals as iv
 from moa.errors import UnsupportedError
-from moa.onf import Schedule
+from moa.onf import Schedule, unknown_summaries, uses_summaries
 
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, KEY_TILE, ROW_TILE, csym
 
@@ -153,21 +153,23 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
             rows = {iv.I_LO: ilo, iv.I_HI: ihi}
             hops[k] = (b.hop.t_lo.xreplace(rows), b.hop.t_hi.xreplace(rows))
             continue
-        if b.skip is sp.true:
+        data = uses_summaries(sched, b)   # tested with the data's summaries: without data, they say nothing
+        skip, full = (sp.sympify(f).subs(unknown_summaries(b)) for f in b.tile_tests(data))
+        if skip is sp.true:
             loops[k] = None
             continue
         rows = {iv.I_LO: ilo, iv.I_HI: ihi}
         lo_t = sp.Integer(0) if b.key_lo is None else sp.floor(sp.Max(0, b.key_lo.xreplace(rows)) / bn)
         hi_e = m - 1 if b.key_hi is None else sp.Min(m - 1, b.key_hi.xreplace(rows))
         hi_t = sp.floor(hi_e / bn)
-        if b.split:   # three loops over tile indices: [lo, full_lo) / [full_lo, full_hi) / [full_hi, hi]
+        if b.split and not data:   # three loops over tile indices: [lo, full_lo) / [full_lo, full_hi) / [full_hi, hi]
             splits[k] = _split_tiles(b, rows, lo_t * bn, hi_e, m, bn)
             loops[k] = (lo_t, hi_t, sp.true, sp.true, False, m)
             continue
         corners = {**rows, iv.J_LO: t * bn, iv.J_HI: sp.Min(t * bn + bn, m) - 1}
-        vis = sp.true if b.skip is sp.false else sp.Not(b.skip.xreplace(corners))
-        part = sp.true if b.full is sp.false else sp.Or(sp.Not(b.full.xreplace(corners)), t * bn + bn > m)
-        full_rect = b.key_lo is None and b.key_hi is None and b.skip is sp.false
+        vis = sp.true if skip is sp.false else sp.Not(skip.xreplace(corners))
+        part = sp.true if full is sp.false else sp.Or(sp.Not(full.xreplace(corners)), t * bn + bn > m)
+        full_rect = b.key_lo is None and b.key_hi is None and skip is sp.false
         loops[k] = (lo_t, hi_t, vis, sp.And(vis, part), full_rect, m)
 
     def region_sum(region, expr):

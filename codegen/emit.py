@@ -16,7 +16,7 @@ from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
 from moa import ir
-from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule
+from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
 
 from .exprs import AccessSite, Emitter
@@ -25,6 +25,18 @@ from .monoid import LOG2E, Monoid
 from .printer import code as pcode
 from .scope import Scope, regions_by_line
 from .tidy import helpers_for, prune
+
+
+@dataclass(frozen=True)
+class TileSummaries:
+    """A kernel argument holding per-tile summaries of an input (runtime/launch.py computes it before the launch):
+    the input's shape with axis `pos` (the row or key axis, in tiles of BLOCK_M or BLOCK_N) replaced by its
+    tile count, and a last axis of 2: the (min, max) of each tile. Booleans are summarised as 0/1."""
+    arg: str               # the argument's name (arg_ptr, stride_arg_z*, stride_arg_k, stride_arg_s)
+    tensor: str            # the input it summarises
+    axis: str              # "row" (tiles of BLOCK_M) or "key" (tiles of BLOCK_N)
+    pos: int               # the tiled axis of the input
+    rank: int              # the input's rank (without batch axes)
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class KernelSpec:
     loads: tuple = ()      # AccessSite per tl.load, in emission order
     stores: tuple = ()     # AccessSite per tl.store
     regions: dict = field(default_factory=dict)   # line number -> the ledger region its block opens
+    summaries: tuple = ()  # TileSummaries arguments, after the inputs in signature order
 
 
 def returns_total(sched: Schedule) -> bool:
@@ -64,6 +77,8 @@ class KernelEmitter:
         # head dims equal to their padded tiles at this launch: loads along them need no bound
         self.x.exact = frozenset(sp.sympify(x) for x in exact)
         self.monoids = [Monoid(b.kind, self.x.sfx(k), self.x.acc) for k, b in enumerate(sched.branches)]
+        self.summaries: dict = {}   # (input, axis, pos) -> TileSummaries
+        self.summary_names: dict = {}   # summary symbol (min / max) -> the variable holding it
 
     def idx(self, e) -> str:
         return self.x.idx(e, {})
@@ -175,6 +190,13 @@ class KernelEmitter:
         m_ext = self.idx(ext)
         names = {iv.I_LO: "row_lo", iv.I_HI: "row_hi", iv.J_LO: "col_lo", iv.J_HI: "col_hi",
                  iv.TILE_W: "BLOCK_N", **x.names}
+        data = uses_summaries(self.s, b)
+        skip, full = b.tile_tests(data)
+        if data:
+            body.add(f"# tiles skipped by the data too: per-tile min / max of "
+                     f"{', '.join(sorted({sm.read.name for sm in b.summaries}))}")
+            self._summary_loads(b, "row", body)
+            names.update(self.summary_names)
         if b.mode == "lift":  # residue-lift: key tiles in b-space, the box over (a, b)
             names.update({iv.I_LO: "a_lo", iv.I_HI: "a_hi"})
             body.add(f"# lifted by residue-lift: keys {b.lift.var.name} = {sy.show(b.lift.key)}, loop over tiles of "
@@ -185,13 +207,16 @@ class KernelEmitter:
         body.add(f"lo{sfx} = {lo}")
         body.add(f"hi{sfx} = {hi}  # last admissible key")
         scale = self._scale(k, b, body)
-        tested = not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
-        if not b.split:
+        tested = not iv.skip_implied_by_range(skip, b.key_lo, b.key_hi)
+        if data or not b.split:
             loop = Scope([], "    ", parent=body).open(f"for start_n in range(lo{sfx}, hi{sfx} + 1, BLOCK_N):",
                                                          ("iter" if tested else "visit", k))
             self._tile_box(loop, m_ext)
-            inner = loop.open(f"if {self._code(b.skip, names)} == 0:", ("visit", k)) if tested else loop
-            self._tile(k, b, inner, body, q, mo, scale, names, "test")
+            if data:
+                self._summary_loads(b, "key", loop)
+                names.update(self.summary_names)
+            inner = loop.open(f"if {self._code(skip, names)} == 0:", ("visit", k)) if tested else loop
+            self._tile(k, b, inner, body, q, mo, scale, names, "test", full)
             body.lines.extend(loop.parent.lines)
             return
         fl, fu = b.span
@@ -209,7 +234,7 @@ class KernelEmitter:
                                                          (region, k))
             self._tile_box(loop, m_ext)
             x.inside = {b.var: b.extent} if masked == "never" else {}   # full tiles end inside the keys
-            self._tile(k, b, loop, body, q, mo, scale, names, masked)
+            self._tile(k, b, loop, body, q, mo, scale, names, masked, b.full)
             x.inside = {}
             body.lines.extend(loop.parent.lines)
 
@@ -220,9 +245,38 @@ class KernelEmitter:
         loop.add("col_lo = start_n  # J_LO")
         loop.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m_ext}) - 1  # J_HI")
 
-    def _tile(self, k: int, b, inner: Scope, body: Scope, q, mo: Monoid, scale, names: dict, masked: str) -> None:
+    def _summary_loads(self, b, axis: str, scope: Scope) -> None:
+        """Load the (min, max) of every summarised read of branch b on `axis` for this row tile ("row", once per
+        program) or key tile ("key", in the key loop), into the variables the tile tests name."""
+        tile = "start_m" if axis == "row" else "(start_n // BLOCK_N)"
+        for sm in b.summaries:
+            if sm.axis != axis:
+                continue
+            ts = self._summary_arg(sm)
+            offs = [f"{tile} * stride_{ts.arg}_{sm.pos}"] + \
+                [f"{self.idx(ix)} * stride_{ts.arg}_{p}" for p, ix in enumerate(sm.read.index) if p != sm.pos]
+            base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
+            for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
+                name = self.x.fresh(f"{sm.read.name}_{axis}_{stat}")
+                self.summary_names[sym] = name
+                scope.add(f"{name} = tl.load({base}{extra})  # {stat} of {sm.read.name} over the {axis} tile")
+                self.x.loads.append(AccessSite(name, ts.arg, (), (), ()))
+
+    def _summary_arg(self, sm) -> TileSummaries:
+        key = (sm.read.name, sm.axis, sm.pos)
+        if key not in self.summaries:
+            taken = set(self.p.input_map) | {t.arg for t in self.summaries.values()}
+            arg, n = f"{sm.read.name}_{sm.axis}_tiles", 1
+            while arg in taken:
+                n += 1
+                arg = f"{sm.read.name}_{sm.axis}_tiles{n}"
+            self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
+        return self.summaries[key]
+
+    def _tile(self, k: int, b, inner: Scope, body: Scope, q, mo: Monoid, scale, names: dict, masked: str,
+              full) -> None:
         """One key tile of branch k: the key tile and qk, the score, the mask (masked: 'always', 'never', or
-        'test': on partial tiles only), the value tile and the monoid's update."""
+        'test': on tiles not known `full` only), the value tile and the monoid's update."""
         s, x = self.s, self.x
         i, j = s.row[0], b.var
         sfx = x.sfx(k)
@@ -252,10 +306,10 @@ class KernelEmitter:
             if b.mask is not None:
                 mask = x.emit(b.mask, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"mask{sfx}")
                 valid = f"{mask} & {valid}"
-            if masked == "always" or b.full is sp.false:   # no tile known mask-free: mask every tile
+            if masked == "always" or full is sp.false:   # no tile known mask-free: mask every tile
                 inner.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
             else:
-                part = inner.open(f"if {self._code(sp.Not(b.full), names)} | (start_n + BLOCK_N > {m_ext}):",
+                part = inner.open(f"if {self._code(sp.Not(full), names)} | (start_n + BLOCK_N > {m_ext}):",
                                   ("partial", k))
                 part.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
         v = x.factor(b.value, {j: "offs_n[:, None]", s.col[0]: "offs_v[None, :]"}, inner, f"v{sfx}",
@@ -305,6 +359,10 @@ class KernelEmitter:
             args.append(f"{name}_ptr")
             args += [f"stride_{name}_z{z}" for z in range(self.nbatch)]
             args += [f"stride_{name}_{k}" for k in range(node.rank)]
+        for ts in self.summaries.values():
+            args.append(f"{ts.arg}_ptr")
+            args += [f"stride_{ts.arg}_z{z}" for z in range(self.nbatch)]
+            args += [f"stride_{ts.arg}_{k}" for k in range(ts.rank)] + [f"stride_{ts.arg}_s"]
         args.append(f"{o}_ptr")
         args += [f"stride_{o}_z{z}" for z in range(self.nbatch + len(s.lead))]
         args += [f"stride_{o}_0", f"stride_{o}_1"]
@@ -333,7 +391,7 @@ class KernelEmitter:
         return KernelSpec("_attn_fwd", src, o, tuple(x.used_inputs), tuple(d.name for d in self.p.dims),
                           self.nbatch, block_m, block_n, hd, store_lse,
                           tuple((v.name, e) for v, e in s.lead), s.row[1], s.col[1], tuple(x.loads), stores,
-                          regions_by_line(lines, head.count("\n") + 1))
+                          regions_by_line(lines, head.count("\n") + 1), tuple(self.summaries.values()))
 
     def _batch_offsets(self, store_lse: bool) -> list:
         """Offsets of every pointer for this program's batch indices (decoded row-major from pid_z)."""
@@ -344,7 +402,7 @@ class KernelEmitter:
             dec.append(f"    off_z{b} = {z} % Z{b}" if b else f"    off_z{b} = {z}")
             if b:
                 dec.append(f"    {z} = {z} // Z{b}")
-        for name in x.used_inputs:
+        for name in [*x.used_inputs, *(ts.arg for ts in self.summaries.values())]:
             terms = [f"off_z{b}.to(tl.int64) * stride_{name}_z{b}" for b in range(self.nbatch)]
             dec.append(f"    off_{name} = {' + '.join(terms) if terms else '0'}")
         lead_idx = [f"off_z{b}.to(tl.int64)" for b in range(self.nbatch)] + \

@@ -324,7 +324,7 @@ _LEDGERS: dict = {}
 def ledger(program, spec) -> Ledger:
     """The per-region work of a generated tiled kernel (cached by source text)."""
     return function_ledger(program, spec.source, "_attn_fwd", spec.loads, spec.stores, spec.output,
-                           marks=spec.regions)
+                           ptr_elems={ts.arg: "i" for ts in spec.summaries} or None, marks=spec.regions)
 
 
 def function_ledger(program, source: str, fn: str, loads, stores, output: str = "", consts=None,

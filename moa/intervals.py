@@ -11,11 +11,12 @@ never all-false, never all-true, unbounded range. That is always correct, only s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
 
 from . import dnf as D
+from . import ir
 
 I_LO, I_HI = sp.Symbol("I_LO", integer=True), sp.Symbol("I_HI", integer=True)
 J_LO, J_HI = sp.Symbol("J_LO", integer=True), sp.Symbol("J_HI", integer=True)
@@ -24,8 +25,61 @@ TILE_W = sp.Symbol("TILE_W", integer=True, positive=True)   # the width of a key
 
 @dataclass(frozen=True)
 class Box:
-    """Index variables with a range over the tile: var -> (lo, hi). Other variables are fixed scalars."""
+    """Index variables with a range over the tile: var -> (lo, hi). Other variables are fixed scalars.
+    reads: data-dependent reads known by a per-tile summary (Read -> its placeholder, whose range is the
+    summary's (min, max) symbols in `ranges`)."""
     ranges: dict
+    reads: dict = field(default_factory=dict)
+
+
+# ---- data-dependent reads: per-tile summaries ---------------------------------------------------------------
+
+UNKNOWN = 2 ** 40   # a summary without data: min -UNKNOWN, max UNKNOWN (the tile may hold any value)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The min and max of an integer or boolean input read by a mask (booleans as 0/1: max = any, min = all), over
+    the row tile (axis "row": index position `pos` of the read is the row variable) or the key tile ("key"); the
+    read's other indices are leading (fixed per program). A pre-pass computes them from the data; the tile tests
+    compare them (intervals of the reads) as they compare index ranges."""
+    read: D.Read
+    axis: str
+    pos: int
+    lo: sp.Symbol
+    hi: sp.Symbol
+    placeholder: sp.Symbol
+
+    @property
+    def unknown(self) -> dict:
+        """The substitution that makes the summary say nothing (no data)."""
+        return {self.lo: -UNKNOWN, self.hi: UNKNOWN}
+
+
+def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
+    """The reads of a mask predicate that a per-tile summary can decide: integer or boolean inputs indexed by the
+    row (or key) variable in one position and by leading variables elsewhere (doc[i], glob[j], seg[h, i])."""
+    out = {}
+    for x in D.nodes(pred):
+        if not isinstance(x, D.Read) or x.dtype not in (ir.INT, ir.BOOL) or x in out:
+            continue
+        index = [sp.sympify(ix) for ix in x.index]
+        for var, axis in ((row, "row"), (key, "key")):
+            pos = [k for k, ix in enumerate(index) if ix == var]
+            others = [ix for k, ix in enumerate(index) if k not in pos]
+            if len(pos) == 1 and all(ix.free_symbols <= lead for ix in others):
+                tag = f"{x.name}_{axis}{len(out)}"
+                out[x] = Summary(x, axis, pos[0], sp.Symbol(f"{tag}_min", integer=True),
+                                 sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
+                break
+    return tuple(out.values())
+
+
+def with_summaries(box: Box, summaries, axes=("row", "key")) -> Box:
+    """The box with the reads of these summaries (on the given axes) ranging over their per-tile min and max."""
+    sums = [s for s in summaries if s.axis in axes]
+    return Box({**box.ranges, **{s.placeholder: (s.lo, s.hi) for s in sums}},
+               {**box.reads, **{s.read: s.placeholder for s in sums}})
 
 
 def interval(e: sp.Expr, box: Box):
@@ -85,16 +139,21 @@ _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
 _NEG = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
 
 
-def _diff(c: D.Op):
-    """A comparison of index expressions as (fn, d) meaning `d fn 0`, or None."""
-    a, b = c.args
-    if not (isinstance(a, (D.Index, D.Const)) and isinstance(b, (D.Index, D.Const))):
+def _diff(c: D.Op, reads=None):
+    """A comparison of index expressions (or of summarised reads: `reads`, Read -> placeholder) as (fn, d)
+    meaning `d fn 0`, or None."""
+    reads = reads or {}
+
+    def value(x):
+        if isinstance(x, D.Index):
+            return x.expr
+        if isinstance(x, D.Const) and isinstance(x.value, int):
+            return sp.Integer(x.value)
+        return reads.get(x) if isinstance(x, D.Read) else None
+
+    va, vb = (value(x) for x in c.args)
+    if va is None or vb is None:
         return None
-    if (isinstance(a, D.Const) and not isinstance(a.value, int)) or \
-            (isinstance(b, D.Const) and not isinstance(b.value, int)):
-        return None
-    va = a.expr if isinstance(a, D.Index) else sp.Integer(a.value)
-    vb = b.expr if isinstance(b, D.Index) else sp.Integer(b.value)
     return c.fn, sp.expand(va - vb) if not (va - vb).has(sp.Mod, sp.floor) else va - vb
 
 
@@ -103,6 +162,9 @@ def classify(pred, box: Box):
     if isinstance(pred, D.Const):
         v = bool(pred.value)
         return sp.false if v else sp.true, sp.true if v else sp.false
+    if isinstance(pred, D.Read) and pred in box.reads and pred.dtype == ir.BOOL:   # any / all of the tile
+        lo, hi = box.ranges[box.reads[pred]]
+        return hi < 1, lo >= 1
     if isinstance(pred, D.Op):
         if pred.fn == "and":
             conj = _conjuncts(pred)
@@ -116,7 +178,7 @@ def classify(pred, box: Box):
             f, t = classify(pred.args[0], box)
             return t, f
         if pred.fn in _FLIP:
-            d = _diff(pred)
+            d = _diff(pred, box.reads)
             if d is not None:
                 return _compare(d[0], d[1], box)
     return sp.false, sp.false
@@ -134,7 +196,7 @@ def _modular_conjunction(conj, box) -> dict:
     (i - j) // s <= T) holds nowhere in the box iff [Max(lo, lo'), Min(hi, hi')] holds no multiple of r.
     Each atom alone may be satisfiable in the box (i - j = 0 is a multiple of s; j < i holds off the diagonal).
     Returns {position of the modular atom: its tightened emptiness test}."""
-    atoms = [_diff(c) if isinstance(c, D.Op) and c.fn in _FLIP else None for c in conj]
+    atoms = [_diff(c, box.reads) if isinstance(c, D.Op) and c.fn in _FLIP else None for c in conj]
     out = {}
     for k, a in enumerate(atoms):
         if a is None or a[0] != "eq" or not isinstance(a[1], sp.Mod) or not a[1].args[1].is_positive:
@@ -221,7 +283,7 @@ def key_range(pred, j: sp.Symbol, box: Box):
             inner = pred.args[0]
             return key_range(D.Op(_NEG[inner.fn], inner.args, inner.dtype), j, box)
         if pred.fn in _FLIP:
-            d = _diff(pred)
+            d = _diff(pred, box.reads)
             if d is not None:
                 return _linear_bound(d[0], d[1], j, box)
     return None, None

@@ -99,6 +99,13 @@ class Branch:
     source: object = None   # the DNF reduction this branch was built from
     lift: Lift | None = None  # mode "lift": the key map j = rho + s b; var is b, the box is in a-space
     span: tuple | None = None  # the first keys of the tiles known full (intervals.full_span), or None
+    summaries: tuple = ()      # data-dependent reads of the mask decided per tile by their min/max (intervals.Summary)
+    data_skip: object = None   # skip / full with those summaries (None: the data decides nothing)
+    data_full: object = None
+
+    def tile_tests(self, data: bool) -> tuple:
+        """(skip, full) as the kernel tests them: with the summaries of the data (`data`) or without."""
+        return (self.data_skip, self.data_full) if data and self.summaries else (self.skip, self.full)
 
     @property
     def split(self) -> bool:
@@ -223,10 +230,32 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
             _check_no_binders(part, "a contraction factor", name)
     pred = mask if mask is not None else D.Const(True, "bool")
     lo, hi = iv.key_range(pred, j, iv.Box({box: (iv.I_LO, iv.I_HI)}))
-    skip, full = iv.classify(pred, iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)}))
+    tile_box = iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)})
+    skip, full = iv.classify(pred, tile_box)
+    sums, dskip, dfull = (), None, None
+    if lift is None:   # data-dependent reads decided by per-tile summaries (data-derived block sparsity)
+        sums = iv.summaries_of(pred, box, j, leadset)
+        if sums:
+            dskip, dfull = iv.classify(pred, iv.with_summaries(tile_box, sums))
+            used = set().union(*(sp.sympify(f).free_symbols for f in (dskip, dfull)))
+            sums = tuple(s for s in sums if {s.lo, s.hi} & used)
+            dskip, dfull = (dskip, dfull) if sums else (None, None)
     hop = _hop(mask, i, j, x.extent) if mask is not None and lift is None else None
     return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop, mix,
-                  source=x, lift=lift, mode=TILED if lift is None else "lift", span=iv.full_span(full))
+                  source=x, lift=lift, mode=TILED if lift is None else "lift", span=iv.full_span(full),
+                  summaries=sums, data_skip=dskip, data_full=dfull)
+
+
+def unknown_summaries(b) -> dict:
+    """The substitution of branch b's summary symbols that says nothing of the data (every tile may hold any
+    value): the tile tests the cost model counts without the inputs."""
+    return {k: v for sm in b.summaries for k, v in sm.unknown.items()}
+
+
+def uses_summaries(sched, b) -> bool:
+    """Whether the kernel of `sched` tests branch b's tiles with the data's per-tile summaries: key tiles of
+    contiguous row tiles (the tiled schedule; a residue schedule's rows are strided)."""
+    return bool(b.summaries) and sched.kind == TILED and b.mode == TILED
 
 
 def _split_guard(e):

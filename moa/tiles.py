@@ -67,6 +67,38 @@ def row_tiles(sched, env: dict, n: int, bm: int) -> RowTiles:
     return RowTiles(len(res), res + st * alo, res + st * ahi, res + st * alo, st, alo, ahi, scal, groups)
 
 
+@dataclass(frozen=True)
+class KeyTable:
+    """A per-key-tile value in an env (a key summary of the data): the key loop reads entry start_n // BLOCK_N."""
+    values: np.ndarray
+
+
+def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: int) -> dict:
+    """The values of branch b's summary symbols: per row tile (arrays over the row tiles) and per key tile
+    (KeyTable), from `data` (input name -> array without batch axes), at the leading indices in env; without data,
+    the summaries that say nothing (intervals.UNKNOWN)."""
+    out = {}
+    for sm in b.summaries:
+        if data is None or sm.read.name not in data:
+            out.update(sm.unknown)
+            continue
+        x = np.asarray(data[sm.read.name])
+        ix = tuple(slice(None) if k == sm.pos else int(np_eval(sp.sympify(e), env))
+                   for k, e in enumerate(sm.read.index))
+        line = x[ix].astype(np.int64)
+        block = bm if sm.axis == "row" else bn
+        tiles = -(-(n if sm.axis == "row" else m) // block)
+        line = line[:tiles * block]
+        pad = tiles * block - len(line)
+        lo = np.concatenate([line, np.full(pad, np.iinfo(np.int64).max)]).reshape(tiles, block).min(1)
+        hi = np.concatenate([line, np.full(pad, np.iinfo(np.int64).min)]).reshape(tiles, block).max(1)
+        if sm.axis == "row":
+            out.update({sm.lo: lo, sm.hi: hi})
+        else:
+            out.update({sm.lo: KeyTable(lo), sm.hi: KeyTable(hi)})
+    return out
+
+
 def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
     """Iterations of branch b's key loop in every row tile: the ONF formulas evaluated like the kernel does."""
     R = -(-n // bm)
@@ -74,12 +106,16 @@ def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
     return key_iterations(b, env, r * bm, np.minimum(r * bm + bm, n) - 1, m, bn)
 
 
-def key_iterations(b, env: dict, ilo, ihi, m, bn: int) -> BranchTiles:
+def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False) -> BranchTiles:
     """Iterations of branch b's key loop for programs with row boxes [ilo, ihi] (arrays) and key extents m (an
-    int or an array: a lifted branch's keys depend on the residue); env may hold per-program arrays."""
+    int or an array: a lifted branch's keys depend on the residue); env may hold per-program arrays. data: the
+    kernel tests the tiles with the data's summaries (their values in env: summary_env)."""
     R = len(ilo)
     m = np.broadcast_to(np.asarray(m, dtype=np.int64), (R,))
-    if b.skip is sp.true:
+    skip_f, full_f = b.tile_tests(data)
+    tables = {k: v.values for k, v in env.items() if isinstance(v, KeyTable)}
+    env = {k: v for k, v in env.items() if not isinstance(v, KeyTable)}
+    if skip_f is sp.true:
         z = np.zeros(0, dtype=np.int64)
         return BranchTiles(z, z, z.astype(bool), z.astype(bool))
     r = np.arange(R, dtype=np.int64)
@@ -94,17 +130,18 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int) -> BranchTiles:
     first = np.cumsum(cnt) - cnt
     starts = lo[rows] + (np.arange(len(rows)) - first[rows]) * bn
     te = {**{k: (v[rows] if isinstance(v, np.ndarray) and v.shape == (R,) else v) for k, v in env.items()},
-          iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts, iv.J_HI: np.minimum(starts + bn, m[rows]) - 1}
-    skip = np.zeros(len(rows), dtype=bool) if b.skip is sp.false else \
-        np.broadcast_to(np_eval(b.skip, te), (len(rows),)).astype(bool)
-    if b.split:   # three loops: [lo, full_lo) masked, [full_lo, full_hi) no mask code, [full_hi, hi] masked
+          iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts, iv.J_HI: np.minimum(starts + bn, m[rows]) - 1,
+          **{k: v[starts // bn] for k, v in tables.items()}}
+    skip = np.zeros(len(rows), dtype=bool) if skip_f is sp.false else \
+        np.broadcast_to(np_eval(skip_f, te), (len(rows),)).astype(bool)
+    if b.split and not (data and b.summaries):   # three loops: [lo, full_lo) masked, full tiles, [full_hi, hi]
         full_lo, full_hi = split_bounds(b, e, lo, hi, m, bn)
         loop = np.where(starts < full_lo[rows], 0, np.where(starts < full_hi[rows], 1, 2))
         return BranchTiles(rows, starts, ~skip, loop != 1, loop)
-    if b.full is sp.false:
+    if full_f is sp.false:
         partial = np.ones(len(rows), dtype=bool)
     else:
-        partial = np.logical_or(np.logical_not(np_eval(b.full, te)), starts + bn > m[rows])
+        partial = np.logical_or(np.logical_not(np_eval(full_f, te)), starts + bn > m[rows])
         partial = np.broadcast_to(partial, (len(rows),)).astype(bool)
     return BranchTiles(rows, starts, ~skip, partial)
 
@@ -154,9 +191,12 @@ def hop_iters(b, env: dict, ilo, ihi) -> HopIters:
 _UNKNOWN = object()
 
 
+DATA = "__data__"   # env key of the inputs the cost model was given (name -> array without batch axes)
+
+
 def mask3(e, env):
     """Three-valued evaluation of a DNF mask on index grids: ('b', possible, certain) for booleans, ('v', x) for
-    values, ('u',) for data-dependent values (a Read: the cost model has no data)."""
+    values, ('u',) for data-dependent values (a Read of an input the cost model was not given: env[DATA])."""
     if isinstance(e, D.Const):
         if isinstance(e.value, bool):
             return ("b", e.value, e.value)
@@ -164,6 +204,11 @@ def mask3(e, env):
     if isinstance(e, D.Index):
         return ("v", np_eval(e.expr, env))
     if isinstance(e, D.Read):
+        data = env.get(DATA, {})
+        if e.name in data and e.dtype != ir.FLOAT:   # the cost model was given this input
+            v = np.asarray(data[e.name])[tuple(np.asarray(np_eval(sp.sympify(ix), env), dtype=np.int64)
+                                               for ix in e.index)]
+            return ("b", v.astype(bool), v.astype(bool)) if e.dtype == ir.BOOL else ("v", v)
         return ("u",) if e.dtype != ir.BOOL else ("b", True, False)
     if isinstance(e, D.Op):
         args = [mask3(a, env) for a in e.args]

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from moa import onf
+from moa import ir, onf
 from moa import symbolic as sy
 from moa.codegen.emit import generate
 from moa.devices import canonical_dtype
@@ -40,10 +40,24 @@ def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
     for hd, ext in spec.head_dims:
         constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
-    sig = kernel_signature(prog, spec.source, "_attn_fwd", dtype, index_dtype, constexprs)
+    sig = kernel_signature(prog, spec.source, "_attn_fwd", dtype, index_dtype, constexprs,
+                           summary_types(prog, spec, index_dtype, constexprs))
     return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
             "block_n": cfg.block_n, "divisible": divisible_args(planner, prog, sig, dims)}
+
+
+def summary_types(prog, spec, index_dtype: str, constexprs: dict) -> dict:
+    """Triton types of the per-tile summary arguments (runtime/summaries.py): booleans as int8, integers in the
+    index dtype, strides i32 but the (min, max) axis, contiguous, specialised to 1 (added to `constexprs`)."""
+    out = {}
+    for ts in spec.summaries:
+        node = prog.input_map[ts.tensor]
+        out[f"{ts.arg}_ptr"] = "*i8" if node.dtype == ir.BOOL else {"int64": "*i64", "int32": "*i32"}[index_dtype]
+        out.update({f"stride_{ts.arg}_{a}": "i32" for a in (*(f"z{z}" for z in range(spec.nbatch)),
+                                                           *(str(k) for k in range(ts.rank)))})
+        constexprs[f"stride_{ts.arg}_s"] = 1
+    return out
 
 
 def fit_requests(planner, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import sympy as sp
 import torch
 
@@ -72,7 +73,7 @@ def run_schedule(planner, name: str, dims: dict | None = None, dtype: str = "bfl
 
 
 def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(), index_dtype="int64",
-         fit: bool = False, **dims) -> CostReport:
+         fit: bool = False, inputs: dict | None = None, **dims) -> CostReport:
     """Predicted cost of calling the kernel with these dims (see CostReport); no dims -> sympy formulas.
 
     device: 'h100', 'a100', 'h200' (tile config of the GPU runtime, time from the device table), or 'cpu' (the
@@ -81,8 +82,12 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     index_dtype: dtype of integer inputs (int64, torch's default, or int32). fit: use the config the GPU
     runtime launches after its ahead-of-time check (compiles once, cached on disk) instead of the default
     table's. Each output is predicted in the kernel a call runs: the tiled kernel, the window-mixing kernel, or
-    the chunked linear form (form='linear', or where the runtime picks it at these dims)."""
-    return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True, **dims)[0]
+    the chunked linear form (form='linear', or where the runtime picks it at these dims).
+    inputs: name -> tensor or array (batch axes first) of integer or boolean inputs a mask reads (document ids,
+    flags): the tiles the kernel skips by their per-tile summaries, and tiles_needed, are counted on this data;
+    without it a data-dependent test is counted as skipping nothing."""
+    return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True,
+                          inputs=inputs, **dims)[0]
 
 
 @dataclass
@@ -110,7 +115,7 @@ def _check_dims(program, dims: dict) -> None:
 
 def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(),
                    index_dtype="int64", needed: bool = True, fit: bool = False, as_called: bool = False,
-                   **dims) -> tuple[CostReport, Breakdown]:
+                   inputs: dict | None = None, **dims) -> tuple[CostReport, Breakdown]:
     """cost() and the details `moa cost` prints (needed=False skips tiles_needed, which evaluates the mask on the
     index grid). as_called=False: an output of a form=None kernel is predicted in the tiled kernel even where the
     runtime would pick the linear form (`moa cost` prints a note then)."""
@@ -128,6 +133,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
                                      fit and config is None and dev is not None)
     specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)
+    data = _data(planner.program, inputs, dims, batch)
     t = _Totals()
     for name in planner.output_names:
         sched = planner.schedules[name]
@@ -150,7 +156,9 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
             t.hbm += counts.dram_bytes
             t.launches += 3
         else:
-            counts = CN.predict(planner.program, scheds[name], specs[name], dims, batch, eb, needed=needed)
+            eb.update({ts.arg: eb[ts.tensor] for ts in specs[name].summaries})
+            counts = CN.predict(planner.program, scheds[name], specs[name], dims, batch, eb, needed=needed,
+                                data=data)
             chip = CN.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute], 8 if compute == "float64" else 4,
                                    configs[name].num_stages)
             t.hbm += _hbm_bytes(planner, sched, counts, dims, math.prod(batch), eb, dev)
@@ -159,6 +167,27 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
         t.counts.add(counts)
         _add_eager(t, planner, name, sched, dims, dtype, dev, math.prod(batch))
     return _report(t, planner, kinds, configs, dev, dtype, needed)
+
+
+def _data(program, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
+    """The integer and boolean inputs given to the cost model, as numpy arrays of shape batch + their own shape."""
+    if not inputs:
+        return None
+    nodes = program.input_map
+    out = {}
+    for name, x in inputs.items():
+        node = nodes.get(name)
+        if node is None or node.dtype == ir.FLOAT:
+            kind = "not an input" if node is None else "a float input"
+            raise InputError(f"cost(inputs=...): {name!r} is {kind}; the cost model reads the integer and boolean "
+                             f"inputs of masks ({', '.join(n for n, v in nodes.items() if v.dtype != ir.FLOAT)})")
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        want = tuple(batch) + tuple(sy.evaluate(e, dims) for e in node.shape)
+        if a.shape != want:
+            raise InputError(f"cost(inputs=...): {name} has shape {tuple(a.shape)}; at these dims and batch it is "
+                             f"{want}")
+        out[name] = a
+    return out
 
 
 def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype, fit) -> tuple:
@@ -254,7 +283,7 @@ def _hbm_bytes(planner, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
         name = node.attrs[0]
         size[name] = math.prod(sy.evaluate(s, dims) for s in node.shape) * nb * eb[name]
     instances = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
-    ws = sum(size[t] for t in counts.loop_loaded_by_tensor) / max(1, instances)
+    ws = sum(size.get(t, 0) for t in counts.loop_loaded_by_tensor) / max(1, instances)   # summaries: tiny
     if ws > dev.l2_bytes / 2:
         return counts.dram_bytes
     loaded = sum(min(v, size.get(t, v)) for t, v in counts.loaded_by_tensor.items())
@@ -283,6 +312,7 @@ def _symbolic(planner, dtype, dev, compute, config, nb, index_dtype, dims) -> tu
             f = linear_formulas(planner, name, compute, eb, nb)
             launches += 3
         else:
+            eb.update({ts.arg: eb[ts.tensor] for ts in specs[name].summaries})
             f = CS.predict_symbolic(planner.program, scheds[name], specs[name], eb, nb)
             if config is not None:
                 sub = {BLOCK_M: config.block_m, BLOCK_N: config.block_n}

@@ -22,6 +22,7 @@ from .cache import module_for
 from .device import check_device, next_pow2, run
 from .linear_run import LinearRunner
 from .plan import LINEAR, WINDOW, Plan, Planner
+from .summaries import tile_summaries
 from .tiling import DTYPE_NAME, Config, check_grid, exact_heads, row_programs
 from .window_run import WindowRunner
 
@@ -144,6 +145,12 @@ class Launcher:
             if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
                 t = t.to(torch.int32)
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
+        for ts in spec.summaries:   # the pre-pass: per-tile (min, max) of the inputs the tile tests read
+            t = b.tensors[ts.tensor]
+            if t.dtype not in (torch.int32, torch.int64, torch.bool):
+                t = t.to(torch.int32)
+            st = tile_summaries(t, nb + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n)
+            args += [st, *st.stride()]
         args += [out, *out.stride()]
         if lse is not None:
             args += [lse, *lse.stride()[:-1]]

@@ -705,7 +705,12 @@ def test_storage_theorem(monkeypatch, name, params, dtype, want_lse, make):
     assert all(stored[nm] == 0 for nm in x), "the kernel stores into an input"
     loaded = {nm: c.loads_by_region[nm] for nm in regions}
     assert loaded["OUT"] == 0 and loaded["LSE"] == 0
-    assert sum(loaded[nm] for nm in x) == c.dram_bytes_loaded, "the kernel loads from memory that is no input"
+    extra = c.dram_bytes_loaded - sum(loaded[nm] for nm in x)
+    if all(t.is_floating_point() for t in x.values()):
+        assert extra == 0, "the kernel loads from memory that is no input"
+    else:   # besides the inputs, only the per-tile (min, max) of ids / flags: two per program and key iteration
+        keys = ref.shape[-2]
+        assert 0 < extra <= 2 * 8 * c.programs * (1 + -(-keys // 16)), "loads from memory that is no input"
     if name == "causal":   # the tutorial schedule: each query tile is read once
         assert loaded["Q"] == x["Q"].numel() * size
     assert err(o, ref) <= TOL.get(dtype, TOL64)

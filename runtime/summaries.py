@@ -1,0 +1,30 @@
+"""Per-tile summaries of the integer and boolean inputs a mask reads (data-derived block sparsity): the pre-pass
+before a launch. For an input read as X[..., i, ...] by a mask, the min and max of X over every row tile (or key
+tile) of the launch's tile size, so that the kernel skips a (row tile, key tile) pair the summaries prove empty,
+and runs a tile they prove full without mask code (moa/intervals.py decides both from the mask's algebra).
+Booleans are summarised as 0/1: the max is `any`, the min is `all`. The cost model evaluates the same tests on
+the same summaries when it is given the inputs."""
+from __future__ import annotations
+
+import torch
+
+
+def tile_summaries(t: torch.Tensor, axis: int, block: int) -> torch.Tensor:
+    """(min, max) of `t` over tiles of `block` along `axis`: the shape of t with that axis replaced by its tile
+    count and a last axis of 2, contiguous. Booleans become int8; integers keep their dtype."""
+    if t.dtype == torch.bool:
+        t = t.to(torch.int8)
+    x = t.movedim(axis, -1)
+    length = x.shape[-1]
+    tiles = -(-length // block)
+    pad = tiles * block - length
+    info = torch.iinfo(x.dtype)
+
+    def padded(value):   # the last tile filled with a value that never wins (exact in any integer dtype)
+        fill = torch.full((*x.shape[:-1], pad), value, dtype=x.dtype, device=x.device)
+        return torch.cat([x, fill], -1) if pad else x
+
+    lo, hi = padded(info.max), padded(info.min)
+    lo = lo.reshape(*x.shape[:-1], tiles, block).amin(-1)
+    hi = hi.reshape(*x.shape[:-1], tiles, block).amax(-1)
+    return torch.stack([lo, hi], -1).movedim(-2, axis).contiguous()
