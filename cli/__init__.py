@@ -8,6 +8,7 @@ import sys
 import moa
 from moa.errors import InputError, MoaError
 from moa.runtime.check import check
+from moa.runtime.grad_check import check_grad
 
 from . import cost as cost_commands
 from . import plots
@@ -48,6 +49,8 @@ def cmd_check(args) -> int:
     k = moa.compile(args.file, **_params(args))
     dims = _dims(args, k.program, complete=True)
     report = check(k, dims, seed=args.seed, batch=args.batch, run_kernel=not args.no_kernel)
+    if args.grad:
+        check_grad(k, dims, seed=args.seed, batch=args.batch, report=report)
     print(report.text())
     return 0 if report.ok else 1
 
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=2, help="extra leading batch axis (0: none)")
     p.add_argument("--no-kernel", action="store_true", help="only compare the IR reference and the DNF")
+    p.add_argument("--grad", action="store_true", help="also compare the gradient of every float input (the "
+                   "kernel's backward) with torch.autograd through the float64 reference")
     p.set_defaults(fn=cmd_check)
 
     cost_commands.add_commands(sub, common)

@@ -12,16 +12,13 @@ from moa import ir
 from moa import symbolic as sy
 from moa.codegen.backward import BackwardSpec, generate_backward, unfused_reason
 
+from . import backward_configs
+from .aot_batch import cuda_target
 from .binding import Binding
 from .cache import module_for
-from .device import check_device, next_pow2, run
+from .device import check_device, run
 from .launch import compute_dtype
-from .tiling import DTYPE_NAME
-
-
-def block_sizes(device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 16 in the interpreter (ragged tests cross tile edges), 64 on a GPU."""
-    return (16, 16) if device.type == "cpu" else (64, 64)
+from .tiling import DTYPE_NAME, Config
 
 
 class BackwardRunner:
@@ -31,6 +28,7 @@ class BackwardRunner:
         self.planner, self.name = planner, name
         self.sched = planner.schedules[name]
         self._specs: dict = {}
+        self._chosen: dict = {}   # (source, head dims) -> the configs chosen for a GPU
 
     @classmethod
     def reason(cls, planner) -> str | None:
@@ -73,12 +71,11 @@ class BackwardRunner:
         bufs = {"dQ": torch.zeros(zl, n, d, dtype=acc, device=dev), "dK": torch.zeros(zl, m, d, dtype=acc, device=dev),
                 "dV": torch.zeros(zl, m, e, dtype=acc, device=dev)}
         if zl and n and m:
-            bm, bn = block_sizes(dev)
-            consts = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM_V": max(16, next_pow2(e))}
-            consts.update({hd: max(16, next_pow2(ev(x))) for hd, x in spec.head_dims})
             mod = module_for(spec.source, dev)
-            for kern, outs, grid in ((spec.kernels[0], ("dK", "dV"), (math.ceil(m / bn), zl)),
-                                     (spec.kernels[1], ("dQ",), (math.ceil(n / bm), zl))):
+            for kern, outs in ((spec.kernels[0], ("dK", "dV")), (spec.kernels[1], ("dQ",))):
+                cfg, consts = self._config(spec, kern, b, compute)
+                grid = (math.ceil((m if kern is spec.kernels[0] else n) /
+                                  (cfg.block_n if kern is spec.kernels[0] else cfg.block_m)), zl)
                 args = self._inputs(kern.inputs, b, compute)
                 args += [d_out, d_out.stride(0), d_out.stride(1), d_out.stride(2), lse, lse.stride(0),
                          delta, delta.stride(0)]
@@ -92,6 +89,20 @@ class BackwardRunner:
             g = self._to_input(read, bufs[buf], b, lead)
             res[read.name] = g if read.name not in res else res[read.name] + g
         return res
+
+    def _config(self, spec, kern, b: Binding, compute) -> tuple:
+        """(Config, constexprs) of one kernel's launch: 16 x 16 tiles in the interpreter (ragged tests cross tile
+        edges); on a GPU the first candidate that fits the device ahead of time (runtime/backward_configs.py)."""
+        if b.device.type != "cuda":
+            cfg = Config(16, 16)
+            return cfg, backward_configs.constexprs(spec, b.dims, cfg)
+        key = (spec.source, tuple(sorted(backward_configs.constexprs(spec, b.dims, Config(16, 16)).items())))
+        if key not in self._chosen:
+            self._chosen[key] = backward_configs.choose(self.planner.cg_program, spec, DTYPE_NAME[compute], b.dims,
+                                                        cuda_target(b.device))
+        cfg = self._chosen[key][kern.name][0]
+        return cfg, {**backward_configs.constexprs(spec, b.dims, cfg), "num_warps": cfg.num_warps,
+                     "num_stages": cfg.num_stages}
 
     def _inputs(self, names, b: Binding, compute) -> list:
         args = []

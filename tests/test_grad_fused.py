@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moa
+from moa.runtime import aot, backward_configs
 from moa.runtime.grad_eval import evaluate_grad
 
 try:
@@ -109,3 +110,29 @@ def test_causal_backward_skips_the_tiles_the_forward_skips():
     dkdv = src[src.index("def _attn_bwd_dkdv("):src.index("def _attn_bwd_dq(")]
     assert "hi = tl.minimum(dim_n - 1, row_hi)" in dq, dq
     assert "if " in dkdv and "row_hi" in dkdv and "col_lo" in dkdv
+
+
+def _aot_fits(stem: str, dtype: str = "bfloat16"):
+    """Every backward kernel at d = 64 and 128 has a config that compiles for sm_90 without spills, within 227 KB
+    of shared memory (runtime/backward_configs.py chooses it as a CUDA launch does)."""
+    k = _compile(stem)
+    spec = k.backward.runner.spec(dtype, 1)
+    chosen = {}
+    for d in (64, 128):
+        dims = {**{x.name: 4 for x in k.program.dims}, "n": 1024, "m": 1024, "d": d, "e": d}
+        picks = backward_configs.choose(k.planner.cg_program, spec, dtype, dims, "sm_90")
+        for name, (cfg, rep) in picks.items():
+            assert aot.fits(rep, "sm_90")[0] and rep.spills == 0 and rep.shared_bytes <= 227 * 1024, rep.summary()
+            chosen[(name, d)] = cfg
+    return chosen
+
+
+def test_aot_sm90_backward_kernels_fit():
+    chosen = _aot_fits("causal")
+    assert chosen[("_attn_bwd_dq", 64)].block_m == 64   # the first candidate fits at d = 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", sorted(FUSED))
+def test_aot_sm90_backward_kernels_fit_every_fused_example(stem):
+    _aot_fits(stem)
