@@ -3,12 +3,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow docs docs-images lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,plot]'
+	$(BIN)/pip install -q -e '.[test,plot,docs]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,7 +20,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check moa frontend codegen runtime cli tests benchmarks
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet   # a broken link or anchor in docs/ fails
 	$(BIN)/python -m pytest -q -n 2 tests
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict   # the site, in build/site
+
+docs-images: $(STAMP)
+	$(BIN)/python docs/images.py   # the tile maps and the cost plot of docs/ (committed PNGs)
 
 test-slow: $(STAMP)
 	MOA_SLOW=1 $(BIN)/python -m pytest -q -n 2 tests -m slow

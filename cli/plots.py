@@ -110,14 +110,17 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     # so that constrained layout leaves no blank band between the titles and the maps
     pw = min(6.0, 16.0 / cols) if cols > 1 else 7.0
     tall = max(p[4].shape[0] * p[3].block_m / (p[4].shape[1] * p[3].block_n) for p in panels)
-    ph = min(max(pw * tall, 2.2), 7.5)
+    true = 1 / 3 <= tall <= 3      # else (a map of one key tile, say) a readable box instead of a sliver
+    ph = min(max(pw * tall, 2.2), 7.5) if true else 0.75 * pw
     fig = plt.figure(figsize=(pw * cols, ph + 2.5), layout="constrained")
     axes = fig.subplots(1, cols, squeeze=False)
     cmap = ListedColormap(["#e8e8e8", "#1f4e9c", "#f29e38", "#d62728"])
     for ax, (name, bi, b, cfg, g) in zip(axes[0], panels):
-        ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest", aspect=cfg.block_m / cfg.block_n,
-                  origin="upper")
         R, T = g.shape
+        ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest",
+                  aspect=cfg.block_m / cfg.block_n if true else "auto", origin="upper")
+        ax.set_xticks(np.unique(np.linspace(0, T - 1, min(T, 9)).round().astype(int)))
+        ax.set_yticks(np.unique(np.linspace(0, R - 1, min(R, 9)).round().astype(int)))
         counts = [int((g == v).sum()) for v in range(4)]
         title = f"{name}" + (f" branch {bi} ({b.kind})" if len(k.schedules[name].branches) > 1 else "")
         ax.set_title(f"{title}\nBLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n}: {R} x {T} tiles\n"

@@ -1,13 +1,13 @@
-"""Independent float64 reference implementations of every variant in VARIANTS.md.
+"""Independent float64 reference implementations of every variant in docs/variants.md.
 
-Written straight from /work/shared/VARIANTS.md, never from moa code: nothing here imports moa. Every function
-takes tensors with optional leading batch (and, for the head-aware variants, head) axes, computes in float64
-on whatever device the inputs live on, and returns float64.
+Written straight from the variants' definitions (docs/variants.md states each one), never from moa code: nothing
+here imports moa. Every function takes tensors with optional leading batch (and, for the head-aware variants,
+head) axes, computes in float64 on whatever device the inputs live on, and returns float64.
 
 Shapes: q [..., n, d], k [..., m, d], v [..., m, e] -> O [..., n, e]. The leading axes of q, k, v broadcast.
 Head-aware variants (alibi, relative_bias, gqa) take q [..., H, n, d] and k/v [..., H or G, m, *].
 
-Conventions (VARIANTS.md):
+Conventions (docs/variants.md):
   * s_ij = scale * q_i . k_j, scale = 1/sqrt(d) unless given;
   * "causal" is top-left (j <= i) unless stated;
   * a softmax over a row with no admissible key gives 0 (and its log-sum-exp is -inf);
@@ -422,7 +422,7 @@ def _pi_skips(q, k, v, s, T, impl, scale):
 
 
 def pi_attention(q, k, v, wg, k_win, s, T=None, bg=0.0, *, impl="flex", scale=None):
-    """PiAttention (VARIANTS.md reading of arXiv 2511.10696).
+    """PiAttention (our reading of arXiv 2511.10696, stated in docs/variants.md).
 
     O_i = g_i * softmax_{L(i)}(s_ij) V + (1 - g_i) * softmax_{P(i)}(s_ij) V, g_i = sigmoid(q_i . wg + bg),
     L(i) = { j : i - k_win < j <= i }, P(i) = { i - t*s : 1 <= t <= T, j >= 0 } (T None: unbounded).
@@ -451,7 +451,7 @@ def dirichlet(x, W: int, M: int):
 
 
 def bla(q, k, v, W, M, *, scale=None, return_lse=False):
-    """Blurry Window Attention (VARIANTS.md reading of arXiv 2606.09862).
+    """Blurry Window Attention (our reading of arXiv 2606.09862, stated in docs/variants.md).
 
     khat_t(j) = sum_{tau=0}^{W-1} D(j - tau) k_{t-tau} (k_{t-tau} = 0 for t - tau < 0), vhat likewise,
     slots j in 0..W-1, slot j admissible iff j <= t; O_t = sum_j softmax_j(scale q_t . khat_t(j)) vhat_t(j).
