@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moa import onf, shard
+from moa import gqa, onf, shard
 from moa import symbolic as sy
 from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN, Layout,
                                  grid_source)
@@ -35,6 +35,8 @@ from .ring import _results, block_kernel, norm_outputs
 from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
 
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PACK_ROWS = 128   # GQA packing by default while the packed rows fit one or two query tiles
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class DecodeStats:
     split_len: int
     grid: tuple
     predicted_seconds: float | None = None
+    packed_heads: int = 1     # query heads per tile row group (GQA packing; 1: not packed)
 
 
 def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
@@ -106,13 +109,14 @@ class _Call:
 
 # long: the checks of the cache arguments, one after the other
 def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False, cache_len=None,
-           block_table=None, page_size: int | None = None):
+           block_table=None, page_size: int | None = None, pack_heads: bool | None = None):
     """Every output of a decoding call (module docstring): one launch over (query tiles, batch x heads, key
     splits), the splits merged. splits: None (the cost model, moa/splitkv.py) or a positive integer.
     cache_len: the valid length of the cache per batch index (an int tensor broadcasting to the call's batch
     axes): keys past it are never read. block_table (with page_size): the key inputs are a pool of pages of
     page_size keys laid back to back along the key axis, and batch index b's key j lives in page
-    block_table[b, j // page_size] at j % page_size."""
+    block_table[b, j // page_size] at j % page_size. pack_heads: run the query heads sharing a K/V head in one
+    tile (moa/gqa.py); None: when that makes at most PACK_ROWS rows."""
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)
@@ -127,11 +131,33 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
                          "for both axes, so the queries are the last rows of the valid keys")
+    packed = _gqa(kernel) if pack_heads is not False else None
+    if packed is None and pack_heads:
+        raise UnsupportedError(f"decode: pack_heads=True, but the key inputs of {kernel.program.name} are not read "
+                               "by a head index floor(a / q) of the output's head a (GQA) nor by no head (MQA)")
+    runner = block if packed is None else packed[1]
+    if packed is not None and pack_heads is None and \
+            sy.evaluate(packed[0].group, b.dims) * nq > PACK_ROWS:
+        runner, packed = block, None
     acc, info = {}, None
     for o in plan.outputs:
-        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
+        (out, lse), info = _run_output(runner, o.name, b, plan, call, splits)
+        if packed is not None:   # O'[G, r] is O[h, nq] in the same memory order
+            h = sy.evaluate(packed[0].heads, b.dims)
+            out, lse = out.reshape(*b.batch, h, nq, out.shape[-1]), lse.reshape(*b.batch, h, nq)
+            info = dataclasses.replace(info, packed_heads=sy.evaluate(packed[0].group, b.dims))
+        acc[o.name] = (out, lse)
     res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
+
+
+def _gqa(kernel):
+    """(GqaPack, Kernel of the packed block program) when the key reads are grouped (moa/gqa.py), else None."""
+    if kernel not in _PACKED:
+        plan, block = _plan(kernel)
+        p = gqa.pack(plan)
+        _PACKED[kernel] = None if p is None else (p, type(block)(p.program, p.outputs))
+    return _PACKED[kernel]
 
 
 def _lengths_per_batch(b, t, what: str, limit: int):
@@ -251,14 +277,15 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
     e = sy.evaluate(sched.col[1], cb.dims)
     z = math.prod(b.batch) * math.prod(lead)
-    ptiles = row_programs(sched, call.rows, cfg.block_m)
+    rows = sy.evaluate(sched.row[1], cb.dims)   # the block's rows: nq, or the packed heads' rows
+    ptiles = row_programs(sched, call.rows if call.mode == VARLEN else rows, cfg.block_m)
     ktiles = max(1, cdiv(call.keys, cfg.block_n))
     predicted = None
     if call.mode == PAGED:
         splits = ktiles * cfg.block_n // call.page   # one split per page
     elif splits is None:
         head = max(head_dims(sched, cb.dims) or [e])
-        ch = choose_splits(ptiles * z * call.nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * call.nq,
+        ch = choose_splits(ptiles * z * call.nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows,
                            DTYPE_NAME[dt], device_table_name(b.device))
         splits, predicted = ch.splits, ch.seconds
     if not isinstance(splits, int) or splits < 1:
@@ -266,9 +293,9 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(call.keys, split_len))
     nq = call.nq
-    o_part = torch.empty((splits, *b.batch, *lead, nq, e), dtype=compute if splits == 1 else acc_dt,
+    o_part = torch.empty((splits, *b.batch, *lead, rows, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)
-    lse_part = torch.full((splits, *b.batch, *lead, nq), float("-inf"), dtype=acc_dt, device=b.device)
+    lse_part = torch.full((splits, *b.batch, *lead, rows), float("-inf"), dtype=acc_dt, device=b.device)
     if call.mode != SPLIT and o_part.numel():
         o_part.zero_()   # a sequence without keys runs no program: its rows are 0, as in a call of its own
     grid = (ptiles, z, call.nseq * splits)

@@ -167,13 +167,14 @@ class Kernel:
         rank's rows of every output out (see runtime/ring.py and docs/ring.md)."""
         return ring.ring(self, local_inputs, group=group, timeout=timeout, stats=stats)
 
-    def decode(self, /, splits=None, stats=False, cache_len=None, block_table=None, page_size=None, **inputs):
+    def decode(self, /, splits=None, stats=False, cache_len=None, block_table=None, page_size=None,
+               pack_heads=None, **inputs):
         """A decoding call against a KV cache: one launch split over the key axis (flash-decoding), the splits
         merged by log-sum-exp; splits None: the cost model's choice. A program with one dim for the query and
         key axes sees the queries as the last rows of the keys. cache_len: valid keys per batch index;
-        block_table, page_size: a paged cache (runtime/decode.py, docs/inference.md)."""
+        block_table, page_size: a paged cache; pack_heads: GQA packing (runtime/decode.py, docs/inference.md)."""
         return decode.decode(self, inputs, splits=splits, stats=stats, cache_len=cache_len,
-                             block_table=block_table, page_size=page_size)
+                             block_table=block_table, page_size=page_size, pack_heads=pack_heads)
 
     def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, **inputs):
         """A packed batch of sequences (cumulative lengths, FlashAttention's varlen layout) in one launch, each
