@@ -192,3 +192,17 @@ def test_mkdocs_build_strict(tmp_path):
                        capture_output=True, text=True, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "site" / "tutorial" / "index.html").exists()
+
+
+def test_readme_api_table_names_what_exists():
+    import inspect
+
+    import moa
+    from moa.runtime.kernel import Kernel
+
+    readme = (ROOT / "README.md").read_text()
+    api = readme[readme.index("## API"):readme.index("Errors are")]
+    for name in sorted(set(re.findall(r"`k\.(\w+)", api))):
+        assert hasattr(Kernel, name), name
+    sig = re.search(r"`moa\.compile\((.*?)\)`", api).group(1)
+    assert [p.split("=")[0].strip("* ") for p in sig.split(",")] == list(inspect.signature(moa.compile).parameters)
