@@ -11,7 +11,8 @@ The time model (per launch, the device of moa/devices.py):
   merge(S) = launch overhead + (S partial rows of O and lse written and read back + the output) / bandwidth
   time(S)  = launch + main(S) + (merge(S) if S > 1)
 
-S ranges over 1 .. min(T, 256); the smallest time wins (ties: fewer splits). It is a model, not a measurement:
+S ranges over 1 .. min(T, 256); the smallest time wins (ties: fewer splits), and only if it saves 10% over one
+launch (the wave quantisation alone of a saturated grid is not worth a second launch). It is a model, not a measurement:
 on a GPU the tuner (runtime/tune.py) may time the candidates instead.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from .devices import DTYPE_BYTES, get_device
 
 MAX_SPLITS = 256
+MIN_GAIN = 0.9    # splitting must save 10% of the predicted time
 
 
 @dataclass(frozen=True)
@@ -62,4 +64,6 @@ def choose_splits(programs: int, key_tiles: int, block_m: int, block_n: int, hea
         if best is None or t < best[1]:
             best = (s, t)
     one = split_seconds(1, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device)
+    if best[1] > MIN_GAIN * one:   # a few percent of wave quantisation is not worth a second launch
+        return SplitChoice(1, one, one)
     return SplitChoice(best[0], best[1], one)

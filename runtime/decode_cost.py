@@ -1,0 +1,101 @@
+"""The cost of a decoding call (runtime/decode.py): every key split is the block program at its offsets, so the
+cost model (runtime/costing.py) counts each split exactly as it counts a ring block (runtime/ring.py
+ring_cost); the merge pass adds its reads and writes; the time is moa/splitkv.py's model of the split launch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moa import symbolic as sy
+from moa.devices import DTYPE_BYTES, canonical_dtype
+from moa.errors import InputError
+from moa.splitkv import choose_splits, split_seconds
+
+from .costing import cost_breakdown
+from .decode import _global, _gqa, _plan
+from .device import cdiv
+from .tiling import default_config, row_programs
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """Predicted cost of k.decode at given dims. flops, transcendentals, dram_bytes: the split launch (every split
+    counted by the cost model) plus the merge pass; kv_bytes: the K/V bytes the call must read at least (every key
+    of every K/V head once), the numerator of the bandwidth target; predicted_seconds: moa/splitkv.py's time at
+    `splits`, unsplit_seconds at 1."""
+    splits: int
+    split_len: int
+    packed_heads: int
+    flops: int
+    transcendentals: int
+    dram_bytes: int
+    merge_bytes: int
+    kv_bytes: int
+    tiles_visited: int
+    predicted_seconds: float
+    unsplit_seconds: float
+    split_reports: tuple
+
+    @property
+    def kv_bandwidth(self) -> float:
+        """KV bytes / predicted seconds (bytes per second)."""
+        return self.kv_bytes / self.predicted_seconds
+
+
+# long: config, packing, splits, then every split's report and the merge, in the order decode runs them
+def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
+                pack_heads: bool | None = None, config=None, **dims) -> DecodeCost:
+    """DecodeCost of a decoding call with nq query rows against m cached keys; dims: the program's other dims
+    (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table)."""
+    plan, block = _plan(kernel)
+    dtype = canonical_dtype(dtype)
+    gdims, row0 = _global(plan, nq, m)
+    base = {**dims, **gdims}
+    missing = sorted(d.name for d in kernel.program.dims if d.name not in base)
+    if missing:
+        raise InputError(f"decode_cost needs every dim of {kernel.program.name}; missing {', '.join(missing)}")
+    batch = (batch,) if isinstance(batch, int) else tuple(batch)
+    packed = _gqa(kernel) if pack_heads is not False else None
+    bd0 = plan.block_dims(base, row0, nq, 0, m)
+    if packed is not None and pack_heads is None and sy.evaluate(packed[0].group, bd0) * nq > 128:
+        packed = None
+    runner = block if packed is None else packed[1]
+    group = 1 if packed is None else sy.evaluate(packed[0].group, bd0)
+    name = plan.outputs[0].name
+    sched = runner.planner.schedules[name]
+    cfg = config or default_config(sched, torch.device("cuda"), dtype, bd0, f"output {name}")
+    lead = [sy.evaluate(x, bd0) for _, x in sched.lead]
+    rows = sy.evaluate(sched.row[1], bd0)
+    e = sy.evaluate(sched.col[1], bd0)
+    head = max([sy.evaluate(b.dot.extent, bd0) for b in sched.branches if b.dot is not None] + [e])
+    z = 1
+    for x in (*batch, *lead):
+        z *= x
+    ptiles = row_programs(sched, rows, cfg.block_m)
+    ktiles = max(1, cdiv(m, cfg.block_n))
+    args = (ptiles * z, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows, dtype, device)
+    splits = splits or choose_splits(*args).splits
+    split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
+    splits = max(1, cdiv(m, split_len))
+    reports = []   # one report per split, over every block output (cost_breakdown sums the outputs)
+    for s in range(splits):
+        bd = plan.block_dims(base, row0, nq, s * split_len, min(split_len, m - s * split_len))
+        reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=batch, needed=False,
+                                      **bd)[0])
+    eb, acc = DTYPE_BYTES[dtype], 8 if dtype == "float64" else 4
+    nout = len(plan.outputs)
+    merge = 0 if splits == 1 else nout * (splits * z * rows * (e + 1) * acc + z * rows * (e * eb + acc))
+    kv = 0
+    for x in plan.key_inputs:
+        node = plan.program.input_map[x]
+        per = DTYPE_BYTES[dtype] if node.dtype == "float" else 8
+        for ext in node.shape:
+            per *= sy.evaluate(ext, bd0)
+        kv += per
+    for x in batch:
+        kv *= x
+    t = split_seconds(splits, *args)
+    return DecodeCost(splits, split_len, group, sum(r.flops for r in reports),
+                      sum(r.transcendentals for r in reports), sum(r.dram_bytes for r in reports) + merge,
+                      merge, kv, sum(r.tiles_visited for r in reports), t, split_seconds(1, *args), tuple(reports))
