@@ -70,7 +70,8 @@ def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
     ax2.set_title("predicted time (roofline + launch)")
     for ax in (ax1, ax2):
         n_ticks(ax, ns)
-        ax.set_xlabel(f"n = {', '.join(sorted(seq))} (sequence length, tokens; log scale)")
+        swept = "" if seq == {"n"} else f"{', '.join(sorted(seq))} = "
+        ax.set_xlabel(swept + "n (sequence length, tokens; log scale)")
         ax.grid(True, which="major", alpha=0.3)
     fixed = ", ".join(f"{x}={v}" for x, v in dims.items() if x not in seq)
     fig.suptitle(f"{k.program.name}: predicted cost, {bd.dtype} on {bd.device.name if bd.device else 'cpu'}"
@@ -119,8 +120,8 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
         R, T = g.shape
         ax.imshow(g, cmap=cmap, vmin=0, vmax=3, interpolation="nearest",
                   aspect=cfg.block_m / cfg.block_n if true else "auto", origin="upper")
-        ax.set_xticks(np.unique(np.linspace(0, T - 1, min(T, 9)).round().astype(int)))
-        ax.set_yticks(np.unique(np.linspace(0, R - 1, min(R, 9)).round().astype(int)))
+        ax.set_xticks(np.arange(0, T, -(-T // 8)))     # at most 8 evenly spaced integer ticks
+        ax.set_yticks(np.arange(0, R, -(-R // 8)))
         counts = [int((g == v).sum()) for v in range(4)]
         title = f"{name}" + (f" branch {bi} ({b.kind})" if len(k.schedules[name].branches) > 1 else "")
         ax.set_title(f"{title}\nBLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n}: {R} x {T} tiles\n"
