@@ -59,6 +59,7 @@ class KernelSpec:
     stores: tuple = ()     # AccessSite per tl.store
     regions: dict = field(default_factory=dict)   # line number -> the ledger region its block opens
     summaries: tuple = ()  # TileSummaries arguments, after the inputs in signature order
+    descriptors: tuple = ()   # exprs.TensorDesc arguments (TMA), after the summaries
 
 
 def returns_total(sched: Schedule) -> bool:
@@ -71,9 +72,11 @@ def returns_total(sched: Schedule) -> bool:
 class KernelEmitter:
     """The tiled kernel (`_attn_fwd`) of one output's schedule, for a dtype and a number of batch axes."""
 
-    def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int, exact=frozenset()):
+    def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int, exact=frozenset(),
+                 tma: bool = False):
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
         self.x = Emitter(program, sched, dtype)
+        self.x.tma, self.x.nbatch = tma, nbatch
         # head dims equal to their padded tiles at this launch: loads along them need no bound
         self.x.exact = frozenset(sp.sympify(x) for x in exact)
         self.monoids = [Monoid(b.kind, self.x.sfx(k), self.x.acc) for k, b in enumerate(sched.branches)]
@@ -363,6 +366,7 @@ class KernelEmitter:
             args.append(f"{ts.arg}_ptr")
             args += [f"stride_{ts.arg}_z{z}" for z in range(self.nbatch)]
             args += [f"stride_{ts.arg}_{k}" for k in range(ts.rank)] + [f"stride_{ts.arg}_s"]
+        args += [td.arg for td in x.descriptors.values()]
         args.append(f"{o}_ptr")
         args += [f"stride_{o}_z{z}" for z in range(self.nbatch + len(s.lead))]
         args += [f"stride_{o}_0", f"stride_{o}_1"]
@@ -391,7 +395,8 @@ class KernelEmitter:
         return KernelSpec("_attn_fwd", src, o, tuple(x.used_inputs), tuple(d.name for d in self.p.dims),
                           self.nbatch, block_m, block_n, hd, store_lse,
                           tuple((v.name, e) for v, e in s.lead), s.row[1], s.col[1], tuple(x.loads), stores,
-                          regions_by_line(lines, head.count("\n") + 1), tuple(self.summaries.values()))
+                          regions_by_line(lines, head.count("\n") + 1), tuple(self.summaries.values()),
+                          tuple(x.descriptors.values()))
 
     def _batch_offsets(self, store_lse: bool) -> list:
         """Offsets of every pointer for this program's batch indices (decoded row-major from pid_z)."""
@@ -443,11 +448,12 @@ def _safe_comment(text: str) -> str:
 
 
 def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m: int = 64, block_n: int = 64,
-             store_lse: bool = False, exact=frozenset()) -> KernelSpec:
+             store_lse: bool = False, exact=frozenset(), tma: bool = False) -> KernelSpec:
     """Triton source for one output's schedule, specialised to a dtype, the number of batch axes and the head dims
-    (extents) that equal their padded tiles at the launch (`exact`: their loads need no bound)."""
-    return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact)).kernel(block_m, block_n,
-                                                                                store_lse and returns_total(sched))
+    (extents) that equal their padded tiles at the launch (`exact`: their loads need no bound). tma: key tiles
+    of plain K / V reads through tensor descriptors (spec.descriptors; Hopper's copy engine)."""
+    return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact), tma).kernel(
+        block_m, block_n, store_lse and returns_total(sched))
 
 
 def _has_tile(e, tile) -> bool:

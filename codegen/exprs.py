@@ -44,6 +44,15 @@ class AccessSite:
     conds: tuple
 
 
+@dataclass(frozen=True)
+class TensorDesc:
+    """A kernel argument that is a TMA tensor descriptor over an input (the call's tensor, batch axes first):
+    `block` is its box, 1 on every axis but the last two (BLOCK_N and a head-dim constexpr, by name)."""
+    arg: str
+    tensor: str
+    block: tuple
+
+
 def _axis_of(code: str) -> str:
     """'offs_m[:, None]' -> 'row'; 'offs_n[None, :]' -> 'key'; 'offs_v[...]' -> 'col'; 'offs_a' (the residue
     schedule's a, i = r + s a) -> 'lifted_row'; 'offs_head_dim_2' -> 'HEAD_DIM_2'."""
@@ -115,6 +124,9 @@ class Emitter:
         self.named: dict = {}       # index expression -> the kernel variable that holds it (computed once)
         self.inside: dict = {}      # tile variable -> an extent its whole tile lies below (loads need no bound)
         self.exact = frozenset()    # head-dim extents equal to their padded tiles at this launch
+        self.tma = False            # key tiles of plain reads through TMA tensor descriptors (Hopper)
+        self.nbatch = 0             # the call's batch axes (leading coordinates of a descriptor)
+        self.descriptors: dict = {}  # (input, head-dim constexpr) -> TensorDesc
         self.nbranches = len(sched.branches)
 
     def sfx(self, k: int) -> str:
@@ -356,13 +368,47 @@ class Emitter:
         return name
 
     def factor(self, e, vmap, scope: Scope, name: str, valid: str) -> str:
-        """A dot operand tile: a plain read stays in the input dtype; anything computed is zeroed on padding
-        lanes (f(0) need not be 0) and cast to the input dtype for the tensor cores."""
+        """A dot operand tile: a plain read stays in the input dtype (through a TMA descriptor where `tma` and the
+        read is a key tile); anything computed is zeroed on padding lanes (f(0) need not be 0) and cast to the
+        input dtype for the tensor cores."""
         if isinstance(e, D.Read):
-            return self._load(e, vmap, scope, name=name, cast=False)
+            return (self.tma and self._desc_load(e, vmap, scope, name)) or \
+                self._load(e, vmap, scope, name=name, cast=False)
         x = self.emit(e, vmap, scope, role=name)
         self.taken.add(name)
         scope.add(f"{name} = tl.where({valid}, {x}, 0.0).to({self.in_dt})")
+        return name
+
+    def _desc_load(self, r: D.Read, vmap, scope: Scope, name: str) -> str | None:
+        """A key tile X[lead..., j, c] (rows start_n + arange(BLOCK_N), all of a head dim or of the value axis in
+        one tile, the other indices fixed per program) read through a tensor descriptor over the call's tensor
+        (batch axes first): the copy engine zero-fills rows and lanes out of bounds, as the masked load does.
+        None where the read is not of that form."""
+        node = self.p.input_map[r.name]
+        index = [sp.sympify(ix) for ix in r.index]
+        if node.dtype != ir.FLOAT or len(index) < 2 or self.nbatch + len(index) > 5:
+            return None
+        row, lane = index[-2], index[-1]
+        base = vmap.get(lane, "").split("[")[0]
+        hd = "HEAD_DIM_V" if base == "offs_v" else base[len("offs_"):].upper() if base.startswith("offs_head") \
+            else None
+        if vmap.get(row) != "offs_n[:, None]" or hd is None or \
+                any(ix.free_symbols & set(vmap) for ix in index[:-2]):
+            return None
+        self.use_input(r.name)
+        key = (r.name, hd)
+        if key not in self.descriptors:
+            arg = f"desc_{r.name}" if not any(k[0] == r.name for k in self.descriptors) else \
+                f"desc_{r.name}_{hd.lower()}"
+            self.descriptors[key] = TensorDesc(arg, r.name, (1,) * (self.nbatch + len(index) - 2) + ("BLOCK_N", hd))
+        desc = self.descriptors[key]
+        coords = [f"off_z{z}" for z in range(self.nbatch)] + [self.idx(ix, vmap) for ix in index[:-2]] + \
+            ["start_n", "0"]
+        load = f"{desc.arg}.load([{', '.join(coords)}])"
+        if len(desc.block) > 2:
+            load += f".reshape(BLOCK_N, {hd})"
+        self.taken.add(name)
+        scope.add(f"{name} = {load}  # TMA: out-of-bounds rows and lanes are zero")
         return name
 
     def dot_kw(self) -> str:

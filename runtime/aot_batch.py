@@ -30,7 +30,7 @@ from . import aot as A
 from .cache import cache_dir
 from .tiling import Config
 
-_TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+TRITON_TYPE = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _MEM: dict = {}
 _LOCK = threading.Lock()
 
@@ -88,7 +88,7 @@ def kernel_signature(prog, source: str, fn: str, dtype: str, index_dtype: str, c
         elif arg.endswith("_ptr"):
             base = arg[:-4]
             node = inputs.get(base)
-            sig[arg] = f"*{_TT[dtype]}" if node is None or node.dtype == ir.FLOAT else \
+            sig[arg] = f"*{TRITON_TYPE[dtype]}" if node is None or node.dtype == ir.FLOAT else \
                 "*i1" if node.dtype == ir.BOOL else f"*{it}"
         elif arg.startswith("stride_"):
             base, _, axis = arg[len("stride_"):].rpartition("_")

@@ -22,8 +22,8 @@ from moa.errors import InputError, UnsupportedError
 from . import aot as A
 from . import cache
 from . import form_configs as F
-from .aot_batch import (aot_batch, aot_groups, choose_fitting, cuda_target, disk_path, divisible_args,
-                        kernel_signature, req_key, save_choice, target_device)
+from .aot_batch import (TRITON_TYPE, aot_batch, aot_groups, choose_fitting, cuda_target, disk_path,
+                        divisible_args, kernel_signature, req_key, save_choice, target_device)
 from .device import device_table_name, next_pow2
 from .tiling import Config, candidates, default_config, exact_heads, launch_extents
 
@@ -34,14 +34,17 @@ def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch
     `sched` (default: the tiled schedule) generated as the Launcher generates it (the code-generation view)."""
     sched = sched or planner.schedules[name]
     prog = planner.cg_program
-    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact_heads(sched, dims))
+    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact_heads(sched, dims), cfg.tma)
     path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
     e = sy.evaluate(sched.col[1], dims)
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
     for hd, ext in spec.head_dims:
         constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
-    sig = kernel_signature(prog, spec.source, "_attn_fwd", dtype, index_dtype, constexprs,
-                           summary_types(prog, spec, index_dtype, constexprs))
+    special = summary_types(prog, spec, index_dtype, constexprs)
+    for d in spec.descriptors:   # TMA: the descriptor's element type and box, as a CUDA launch specialises it
+        box = ", ".join(str(constexprs.get(x, x)) for x in d.block)
+        special[d.arg] = f"tensordesc<{TRITON_TYPE[dtype]}[{box}]>"
+    sig = kernel_signature(prog, spec.source, "_attn_fwd", dtype, index_dtype, constexprs, special)
     return {"file": str(path), "signature": sig, "constexprs": constexprs, "target": target,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,
             "block_n": cfg.block_n, "divisible": divisible_args(planner, prog, sig, dims)}

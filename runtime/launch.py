@@ -11,6 +11,7 @@ import math
 import torch
 import triton
 import triton.testing
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moa import ir, onf
 from moa import symbolic as sy
@@ -30,6 +31,15 @@ from .window_run import WindowRunner
 def compute_dtype(dt: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a kernel computes in: the call's, except bf16 on CPU (the interpreter's bf16 is wrong: fp32)."""
     return torch.float32 if (dt == torch.bfloat16 and device.type == "cpu") else dt
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether the copy engine can address a tensor through a descriptor: at most 5 axes, none empty, the last
+    contiguous, every other stride a non-zero multiple of 16 bytes, the base 16-byte aligned (a broadcast or
+    sliced view may not be: it then runs with plain loads)."""
+    size = t.element_size()
+    return 2 <= t.dim() <= 5 and min(t.shape) > 0 and t.stride()[-1] == 1 and t.data_ptr() % 16 == 0 and \
+        all(st > 0 and st * size % 16 == 0 for st in t.stride()[:-1])
 
 
 def _finish(out, dt):
@@ -95,10 +105,10 @@ class Launcher:
         """The generated tiled kernel (codegen/emit.py KernelSpec) of a schedule, dtype and config; `exact`: the
         head dims equal to their padded tiles at the launch (tiling.exact_heads)."""
         sched = sched or self.planner.schedules[name]
-        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact)
+        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact, cfg.tma)
         if key not in self._specs:
             self._specs[key] = generate(self.planner.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n,
-                                        store_lse, exact)
+                                        store_lse, exact, cfg.tma)
         return self._specs[key]
 
     def plan(self, name: str, b: Binding, config: Config | None = None) -> Plan:
@@ -125,18 +135,20 @@ class Launcher:
         if out.numel() == 0 or grid[1] == 0:
             return _finish(out, dt), lse
         check_grid(grid, b.device, f"output {name}")
-        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched,
-                         exact_heads(self.planner.schedules[name], dims))
-        args, consts = self._arguments(spec, b, compute, out, lse, cfg, e)
+        exact = exact_heads(self.planner.schedules[name], dims)
+        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact)
+        passed = self._passed(spec, b, compute)
+        if spec.descriptors and not all(tma_ready(passed[d.tensor]) for d in spec.descriptors):
+            cfg = dataclasses.replace(cfg, tma=False)   # a layout the copy engine cannot address: plain loads
+            spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact)
+        args, consts = self._arguments(spec, b, compute, out, lse, cfg, e, passed)
         fn = module_for(spec.source, b.device)._attn_fwd
         run(fn, grid, args, consts, b.device, f"the generated kernel for output {name}")
         return _finish(out, dt), lse
 
-    def _arguments(self, spec, b: Binding, compute, out, lse, cfg: Config, e: int) -> tuple[list, dict]:
-        """The kernel's arguments in signature order (inputs with their batch and axis strides, the output, lse,
-        dims, batch sizes) and its constexprs (tiles, padded head dims; warps and stages on CUDA)."""
-        args = []
-        nb = len(b.batch)
+    def _passed(self, spec, b: Binding, compute) -> dict:
+        """The input tensors as the kernel reads them: floats in the compute dtype, integers as int32 or int64."""
+        passed = {}
         for inp in spec.inputs:
             t = b.tensors[inp]
             node = self.planner.cg_program.input_map[inp]
@@ -144,6 +156,19 @@ class Launcher:
                 t = t.to(compute)
             if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
                 t = t.to(torch.int32)
+            passed[inp] = t
+        return passed
+
+    def _arguments(self, spec, b: Binding, compute, out, lse, cfg: Config, e: int,
+                   passed: dict | None = None) -> tuple[list, dict]:
+        """The kernel's arguments in signature order (inputs with their batch and axis strides, the output, lse,
+        dims, batch sizes) and its constexprs (tiles, padded head dims; warps and stages on CUDA). passed: the
+        inputs as converted for the kernel (default: converted here)."""
+        passed = passed or self._passed(spec, b, compute)
+        args = []
+        nb = len(b.batch)
+        for inp in spec.inputs:
+            t = passed[inp]
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
         for ts in spec.summaries:   # the pre-pass: per-tile (min, max) of the inputs the tile tests read
             t = b.tensors[ts.tensor]
@@ -151,6 +176,11 @@ class Launcher:
                 t = t.to(torch.int32)
             st = tile_summaries(t, nb + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n)
             args += [st, *st.stride()]
+        sizes = {"BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e)),
+                 **{hd: max(16, next_pow2(sy.evaluate(ext, b.dims))) for hd, ext in spec.head_dims}}
+        for d in spec.descriptors:   # TMA: the tensor as passed, its box in elements
+            t = passed[d.tensor]
+            args.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [sizes.get(x, x) for x in d.block]))
         args += [out, *out.stride()]
         if lse is not None:
             args += [lse, *lse.stride()[:-1]]

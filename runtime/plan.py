@@ -7,6 +7,7 @@ the ahead-of-time check of the candidate configs (runtime/configs.py, runtime/fo
 spills or overflows shared memory is never launched. `compile(form=..., schedule=...)` forces a choice."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,13 +50,14 @@ class Plan:
     def key(self) -> str:
         """The plan in one string (a tuning record's label)."""
         c = self.config
-        tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+        tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + \
+            (" tma" if c.tma else "")
         return f"{self.kind} {self.label}{tiles}"
 
     def __repr__(self) -> str:
         cfg = self.config
         tiles = "" if cfg is None else (f", BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
-                                        f"stages={cfg.num_stages}")
+                                        f"stages={cfg.num_stages}" + (" TMA" if cfg.tma else ""))
         times = "".join(f", {what} {t * 1e6:.1f} us" for what, t in (("predicted", self.predicted_seconds),
                                                                      ("measured", self.measured_seconds))
                         if t is not None)
@@ -251,12 +253,20 @@ class Planner:
             p = Plan(name, TILED, first.schedule, fit_tiles(cfg, heads, f"output {name}"))
             if p.key not in {q.key for q in out}:
                 out.append(p)
+        if tma_capable(device):   # Hopper's copy engine for the K / V tiles of the two leading configs
+            out[2:2] = [dataclasses.replace(p, config=dataclasses.replace(p.config, tma=True)) for p in out[:2]]
         ranking = self.schedule_ranking(name, dims, call_dtype, device_table_name(device), batch)
         for sched in ranking[1:2]:
             out.append(Plan(name, TILED, sched, first.config))
         if self.form is None and self.linear_plans[name][0] is not None:
             out.append(Plan(name, LINEAR))
         return out
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether launches on `device` can read tiles through TMA tensor descriptors: a CUDA GPU of compute
+    capability 9.0 or newer (Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _extents(sched, dims):

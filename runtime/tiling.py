@@ -28,6 +28,7 @@ class Config:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False    # K / V key tiles through TMA tensor descriptors (Hopper; a tuning candidate on CUDA)
 
 
 def choose_config(device: torch.device, dtype: str, n: int, m: int, head: int) -> Config:

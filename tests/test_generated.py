@@ -1,7 +1,8 @@
 """Generated kernels read like hand-written ones: ruff's pyflakes rules find nothing in the source of any example
-(every kernel family, fp32 and bf16), only the helpers used are defined, no sentinel literal stands for an
-unbounded parameter, temporaries are named by role; and every schedule (tiled, hops, residue) runs the one
-online-softmax emitter, exactly (float64, ragged sizes, scores whose running max moves)."""
+(every kernel family, fp32 and bf16, K / V through TMA descriptors), only the helpers used are defined, no
+sentinel literal stands for an unbounded parameter, temporaries are named by role; and every schedule (tiled,
+hops, residue) runs the one online-softmax emitter, exactly (float64, ragged sizes, scores whose running max
+moves)."""
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import moa
 from moa.codegen.chunked import generate_chunked
+from moa.runtime.tiling import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.moa"))
@@ -25,6 +27,8 @@ def _sources(path: Path) -> dict:
     for dt in ("float32", "bfloat16"):
         for name in k.output_names:
             out[f"{path.stem}_{name}_{dt}"] = k.source(name, dtype=dt)
+            if dt == "bfloat16" and not k.planner.is_window(name):   # K / V tiles through TMA descriptors
+                out[f"{path.stem}_{name}_{dt}_tma"] = k.source(name, dtype=dt, config=Config(128, 64, 8, 3, True))
             lp = k.planner.linear_plans[name][0]
             if lp is not None:
                 out[f"{path.stem}_{name}_{dt}_chunked"] = generate_chunked(k.planner.cg_program, lp, dt, 1).source
