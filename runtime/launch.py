@@ -11,7 +11,6 @@ import math
 import torch
 import triton
 import triton.testing
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moa import ir, onf
 from moa import symbolic as sy
@@ -24,7 +23,7 @@ from .device import check_device, next_pow2, run
 from .linear_run import LinearRunner
 from .plan import LINEAR, WINDOW, Plan, Planner
 from .summaries import tile_summaries
-from .tiling import DTYPE_NAME, Config, check_grid, exact_heads, row_programs
+from .tiling import DTYPE_NAME, Config, TensorDescriptor, check_grid, exact_heads, row_programs
 from .window_run import WindowRunner
 
 
@@ -38,8 +37,8 @@ def tma_ready(t: torch.Tensor) -> bool:
     contiguous, every other stride a non-zero multiple of 16 bytes, the base 16-byte aligned (a broadcast or
     sliced view may not be: it then runs with plain loads)."""
     size = t.element_size()
-    return 2 <= t.dim() <= 5 and min(t.shape) > 0 and t.stride()[-1] == 1 and t.data_ptr() % 16 == 0 and \
-        all(st > 0 and st * size % 16 == 0 for st in t.stride()[:-1])
+    return TensorDescriptor is not None and 2 <= t.dim() <= 5 and min(t.shape) > 0 and t.stride()[-1] == 1 and \
+        t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in t.stride()[:-1])
 
 
 def _finish(out, dt):

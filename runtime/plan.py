@@ -25,7 +25,7 @@ from moa.version import __version__
 from . import configs, tune
 from .binding import Binding
 from .device import device_table_name
-from .tiling import Config, choose_config, default_config, fit_tiles, head_dims, tune_candidates
+from .tiling import Config, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims, tune_candidates
 
 TILED, WINDOW, LINEAR = "tiled", "window", "linear"
 
@@ -266,7 +266,7 @@ class Planner:
 def tma_capable(device: torch.device) -> bool:
     """Whether launches on `device` can read tiles through TMA tensor descriptors: a CUDA GPU of compute
     capability 9.0 or newer (Hopper, Blackwell)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return TensorDescriptor is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _extents(sched, dims):

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:   # host-side TMA descriptors (triton.tools, Triton >= 3.3); without them no config reads through TMA
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 from moa import onf
 from moa import symbolic as sy
 from moa.errors import InputError, UnsupportedError
