@@ -18,7 +18,9 @@ from .binding import Binding
 from .cache import module_for
 from .device import check_device, run
 from .launch import compute_dtype
-from .tiling import DTYPE_NAME, Config
+from .tiling import DTYPE_NAME, Config, choose_config
+
+INTERPRETER_BLOCKS = None   # (BLOCK_M, BLOCK_N) for interpreted launches; None: the forward's choice (tests: 16)
 
 
 class BackwardRunner:
@@ -91,10 +93,12 @@ class BackwardRunner:
         return res
 
     def _config(self, spec, kern, b: Binding, compute) -> tuple:
-        """(Config, constexprs) of one kernel's launch: 16 x 16 tiles in the interpreter (ragged tests cross tile
-        edges); on a GPU the first candidate that fits the device ahead of time (runtime/backward_configs.py)."""
+        """(Config, constexprs) of one kernel's launch: in the interpreter the forward's few large tiles
+        (tiling.choose_config) unless INTERPRETER_BLOCKS fixes them; on a GPU the first candidate that fits the
+        device ahead of time (runtime/backward_configs.py)."""
         if b.device.type != "cuda":
-            cfg = Config(16, 16)
+            n, m = (int(sy.evaluate(x, b.dims)) for x in (spec.row_extent, spec.key_extent))
+            cfg = Config(*INTERPRETER_BLOCKS) if INTERPRETER_BLOCKS else choose_config(b.device, "", n, m, 0)
             return cfg, backward_configs.constexprs(spec, b.dims, cfg)
         key = (spec.source, tuple(sorted(backward_configs.constexprs(spec, b.dims, Config(16, 16)).items())))
         if key not in self._chosen:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moa
-from moa.runtime import aot, backward_configs
+from moa.runtime import aot, backward_configs, backward_run
 from moa.runtime.grad_eval import evaluate_grad
 
 try:
@@ -25,6 +25,12 @@ FUSED = {"alibi", "causal", "causal_bottom_right", "dilated_window", "document_m
          "mqa", "prefix_lm", "relative_bias", "ring_local", "sdpa", "sliding_window", "softcap"}
 UNFUSED = {"bla": "window mixing", "linear": "normalised form", "linear_relu": "normalised form",
            "pi_attention": "several branches", "power": "normalised form", "power_gated": "normalised form"}
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    """16 x 16 tiles in the interpreter: the sizes below cross several tile edges."""
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
 
 
 def _compile(stem: str):
