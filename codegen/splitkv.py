@@ -5,7 +5,8 @@ i := i + R - 1, with local extents n_local, m_local) is emitted by codegen/emit.
 module adds one kernel, `_attn_grid`, that runs the block kernel `_attn_fwd` (inlined: a jit function calling
 another) for every (query tile, batch x head, sequence x key split) of a third grid axis:
 
-  split s of NSPLIT      keys [s L, min((s + 1) L, m)) of its sequence, L = SPLIT_LEN (a multiple of BLOCK_N):
+  split s of NSPLIT      keys [K0 + s L, min(K0 + (s + 1) L, m)) of its sequence, L = SPLIT_LEN (a multiple of
+                         BLOCK_N), K0 = KEY0 the first tile any row admits (0 but for a single sequence):
                          the key inputs' pointers move to key s L, m_local = the split's length, C = s L + 1; the
                          output and lse pointers move to the split's partial (O_s, lse_s).
   sequence b (VARLEN)    rows [cu_q[b], cu_q[b + 1]) of the packed query inputs and output, keys
@@ -72,7 +73,8 @@ VARLEN, SPLIT, LENGTHS, PAGED = "varlen", "split", "lengths", "paged"
 
 def _prologue(mode: str, shared: bool) -> tuple[list, list]:
     """(lines computing the program's sequence, lengths and key offsets; the extra parameters they read)."""
-    body = ["    pid = tl.program_id(2)", "    split = pid % NSPLIT", "    c0 = split * SPLIT_LEN"]
+    body = ["    pid = tl.program_id(2)", "    split = pid % NSPLIT",
+            "    c0 = KEY0 + split * SPLIT_LEN" if mode == SPLIT else "    c0 = split * SPLIT_LEN"]
     if mode == VARLEN:
         body += ["    seq = pid // NSPLIT",
                  "    q0 = tl.load(cu_q + seq).to(tl.int64)",
@@ -83,7 +85,7 @@ def _prologue(mode: str, shared: bool) -> tuple[list, list]:
         extra = ["cu_q", "cu_k"]
     else:
         body.append("    nq = NQ")
-        extra = ["NQ", "MK", "ROW0"]
+        extra = ["NQ", "MK", "ROW0"] + (["KEY0"] if mode == SPLIT else [])
         if mode == SPLIT:
             body += ["    mk = MK", "    koff = c0.to(tl.int64)"]
         else:   # the valid length (and the block table) of this program's batch index

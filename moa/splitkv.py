@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy as sp
+
+from . import intervals as iv
 from .devices import DTYPE_BYTES, get_device
 
 MAX_SPLITS = 256
@@ -37,9 +40,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def split_seconds(splits: int, programs: int, key_tiles: int, block_m: int, block_n: int, head: int, head_v: int,
-                  rows: int, dtype: str = "bfloat16", device: str = "h100") -> float:
+                  rows: int, dtype: str = "bfloat16", device: str = "h100", longest: int | None = None) -> float:
     """Predicted seconds of a decoding call with `splits` key splits (see the module docstring). rows: output rows
-    of the call (batch x heads x query rows); head, head_v: the contraction and value extents."""
+    of the call (batch x heads x query rows); head, head_v: the contraction and value extents; longest: the key
+    tiles of the longest program when known (the cost model's count), else ceil(T / S)."""
     dev = get_device(device)
     eb = DTYPE_BYTES.get(dtype, 2)
     acc = 8 if dtype == "float64" else 4
@@ -47,7 +51,7 @@ def split_seconds(splits: int, programs: int, key_tiles: int, block_m: int, bloc
     tile = max(block_n * (head + head_v) * eb * dev.sms / bw,
                2.0 * block_m * block_n * (head + head_v) * dev.sms / dev.matmul_rate(dtype))
     waves = _cdiv(programs * splits, dev.sms)
-    t = dev.launch_s + waves * _cdiv(key_tiles, splits) * tile
+    t = dev.launch_s + waves * (_cdiv(key_tiles, splits) if longest is None else longest) * tile
     if splits > 1:
         t += dev.launch_s + (2 * splits * rows * (head_v + 1) * acc + rows * head_v * eb) / bw
     return t
@@ -67,3 +71,34 @@ def choose_splits(programs: int, key_tiles: int, block_m: int, block_n: int, hea
     if best[1] > MIN_GAIN * one:   # a few percent of wave quantisation is not worth a second launch
         return SplitChoice(1, one, one)
     return SplitChoice(best[0], best[1], one)
+
+
+def key_range(schedule, dims: dict) -> tuple[int, int] | None:
+    """[lo, hi]: the keys any row of the call may admit (the union over branches of the loop bounds of the
+    schedule, evaluated on the box of every row), or None when a bound does not evaluate (a data-dependent or
+    per-head bound): the splits then cover every key. Splitting only [lo, hi] keeps a sliding window's splits
+    inside the window."""
+    rows = _eval(schedule.row[1], {}, dims)
+    if not rows:
+        return None
+    los, his = [], []
+    for b in schedule.branches:
+        m = _eval(b.extent, {}, dims)
+        if m is None:
+            return None
+        box = {iv.I_LO: 0, iv.I_HI: rows - 1}
+        lo = 0 if b.key_lo is None else _eval(sp.Max(0, b.key_lo), box, dims)
+        hi = m - 1 if b.key_hi is None else _eval(sp.Min(m - 1, b.key_hi), box, dims)
+        if lo is None or hi is None:
+            return None
+        los.append(lo)
+        his.append(hi)
+    return (min(los), max(his)) if los else None
+
+
+def _eval(e, box: dict, dims: dict):
+    e = sp.sympify(e)
+    vals = {s: sp.Integer(box[s]) if s in box else sp.Integer(dims[s.name]) for s in e.free_symbols
+            if s in box or s.name in dims}
+    v = e.xreplace(vals)
+    return int(v) if v.is_Integer else None

@@ -25,7 +25,7 @@ from moa import symbolic as sy
 from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN, Layout,
                                  grid_source)
 from moa.errors import InputError, UnsupportedError
-from moa.splitkv import choose_splits
+from moa.splitkv import choose_splits, key_range
 
 from .binding import bind
 from .cache import module_for
@@ -279,7 +279,12 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     z = math.prod(b.batch) * math.prod(lead)
     rows = sy.evaluate(sched.row[1], cb.dims)   # the block's rows: nq, or the packed heads' rows
     ptiles = row_programs(sched, call.rows if call.mode == VARLEN else rows, cfg.block_m)
-    ktiles = max(1, cdiv(call.keys, cfg.block_n))
+    key0, keys = 0, call.keys
+    span = key_range(sched, cb.dims) if call.mode == SPLIT else None
+    if span is not None:   # split only the keys some row admits (a sliding window's last w keys)
+        key0 = span[0] // cfg.block_n * cfg.block_n
+        keys = max(0, span[1] + 1 - key0)
+    ktiles = max(1, cdiv(keys, cfg.block_n))
     predicted = None
     if call.mode == PAGED:
         splits = ktiles * cfg.block_n // call.page   # one split per page
@@ -291,7 +296,7 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     if not isinstance(splits, int) or splits < 1:
         raise InputError(f"splits must be a positive integer, got {splits!r}")
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
-    splits = max(1, cdiv(call.keys, split_len))
+    splits = max(1, cdiv(keys, split_len))
     nq = call.nq
     o_part = torch.empty((splits, *b.batch, *lead, rows, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)
@@ -311,7 +316,7 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     if call.mode == VARLEN:
         args += list(call.cu)
     else:
-        args += [nq, call.mk, b.dims[plan.r1.name] - 1]
+        args += [nq, call.mk, b.dims[plan.r1.name] - 1] + ([key0] if call.mode == SPLIT else [])
         if call.mode != SPLIT:
             args += [math.prod(lead), call.cache_len]
         if call.mode == PAGED:

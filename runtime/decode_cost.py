@@ -3,6 +3,7 @@ cost model (runtime/costing.py) counts each split exactly as it counts a ring bl
 ring_cost); the merge pass adds its reads and writes; the time is moa/splitkv.py's model of the split launch."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError
-from moa.splitkv import choose_splits, split_seconds
+from moa.splitkv import choose_splits, key_range, split_seconds
 
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan
@@ -22,7 +23,8 @@ from .tiling import default_config, row_programs
 class DecodeCost:
     """Predicted cost of k.decode at given dims. flops, transcendentals, dram_bytes: the split launch (every split
     counted by the cost model) plus the merge pass; kv_bytes: the K/V bytes the call must read at least (every key
-    of every K/V head once), the numerator of the bandwidth target; predicted_seconds: moa/splitkv.py's time at
+    some row admits, of every K/V head, once: the whole cache without a mask, the window of a sliding window), the
+    numerator of the bandwidth target; predicted_seconds: moa/splitkv.py's time at
     `splits`, unsplit_seconds at 1."""
     splits: int
     split_len: int
@@ -45,9 +47,10 @@ class DecodeCost:
 
 # long: config, packing, splits, then every split's report and the merge, in the order decode runs them
 def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
-                pack_heads: bool | None = None, config=None, **dims) -> DecodeCost:
+                pack_heads: bool | None = None, config=None, page_size: int | None = None, **dims) -> DecodeCost:
     """DecodeCost of a decoding call with nq query rows against m cached keys; dims: the program's other dims
-    (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table)."""
+    (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table). page_size: a paged
+    cache (one split per page, key tiles of at most a page)."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     gdims, row0 = _global(plan, nq, m)
@@ -64,25 +67,33 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     group = 1 if packed is None else sy.evaluate(packed[0].group, bd0)
     name = plan.outputs[0].name
     sched = runner.planner.schedules[name]
-    cfg = config or default_config(sched, torch.device("cuda"), dtype, bd0, f"output {name}")
-    lead = [sy.evaluate(x, bd0) for _, x in sched.lead]
-    rows = sy.evaluate(sched.row[1], bd0)
-    e = sy.evaluate(sched.col[1], bd0)
-    head = max([sy.evaluate(b.dot.extent, bd0) for b in sched.branches if b.dot is not None] + [e])
+    cdims = {c: bd0[u] for c, u in runner.planner.codegen.dims.items() if u in bd0}   # codegen names
+    cfg = config or default_config(sched, torch.device("cuda"), dtype, cdims, f"output {name}")
+    if page_size:
+        cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, page_size))
+    lead = [sy.evaluate(x, cdims) for _, x in sched.lead]
+    rows = sy.evaluate(sched.row[1], cdims)
+    e = sy.evaluate(sched.col[1], cdims)
+    head = max([sy.evaluate(b.dot.extent, cdims) for b in sched.branches if b.dot is not None] + [e])
     z = 1
     for x in (*batch, *lead):
         z *= x
     ptiles = row_programs(sched, rows, cfg.block_m)
-    ktiles = max(1, cdiv(m, cfg.block_n))
+    span = key_range(sched, cdims) if not page_size else None   # the keys some row admits, as decode splits
+    key0 = 0 if span is None else span[0] // cfg.block_n * cfg.block_n
+    keys = m if span is None else max(0, span[1] + 1 - key0)
+    ktiles = max(1, cdiv(keys, cfg.block_n))
     args = (ptiles * z, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows, dtype, device)
-    splits = splits or choose_splits(*args).splits
+    splits = cdiv(m, page_size) if page_size else splits or choose_splits(*args).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
-    splits = max(1, cdiv(m, split_len))
+    splits = max(1, cdiv(keys, split_len))
     reports = []   # one report per split, over every block output (cost_breakdown sums the outputs)
     for s in range(splits):
-        bd = plan.block_dims(base, row0, nq, s * split_len, min(split_len, m - s * split_len))
+        c0 = key0 + s * split_len
+        bd = plan.block_dims(base, row0, nq, c0, min(split_len, m - c0))
         reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=batch, needed=False,
                                       **bd)[0])
+    longest = cdiv(max(r.tiles_visited for r in reports), ptiles * z)
     eb, acc = DTYPE_BYTES[dtype], 8 if dtype == "float64" else 4
     nout = len(plan.outputs)
     merge = 0 if splits == 1 else nout * (splits * z * rows * (e + 1) * acc + z * rows * (e * eb + acc))
@@ -91,11 +102,12 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
         node = plan.program.input_map[x]
         per = DTYPE_BYTES[dtype] if node.dtype == "float" else 8
         for ext in node.shape:
-            per *= sy.evaluate(ext, bd0)
+            per *= keys if ext == plan.ml else sy.evaluate(ext, bd0)
         kv += per
     for x in batch:
         kv *= x
-    t = split_seconds(splits, *args)
+    t = split_seconds(splits, *args, longest=longest)
     return DecodeCost(splits, split_len, group, sum(r.flops for r in reports),
                       sum(r.transcendentals for r in reports), sum(r.dram_bytes for r in reports) + merge,
-                      merge, kv, sum(r.tiles_visited for r in reports), t, split_seconds(1, *args), tuple(reports))
+                      merge, kv, sum(r.tiles_visited for r in reports), t, split_seconds(1, *args, longest=ktiles),
+                      tuple(reports))

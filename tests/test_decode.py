@@ -97,3 +97,14 @@ def test_decode_refusals():
     doc = moa.compile("examples/document_mask.moa")
     with pytest.raises(UnsupportedError, match="both the query and the key index"):
         decode.decode(doc, dict(Q=q, K=q, V=q, doc=torch.zeros(5, dtype=torch.int32)))
+
+
+def test_window_splits_stay_in_the_window():
+    """A sliding window's splits cover the keys its rows admit (the last w + n_q keys), not the whole cache."""
+    k = moa.compile("examples/sliding_window.moa", w=100)
+    g = torch.Generator().manual_seed(5)
+    full = {x: torch.randn(4096, D, generator=g, dtype=torch.float64) for x in "QKV"}
+    want = k.reference(Q=full["Q"][3900:], K=full["K"][3900:], V=full["V"][3900:])[-2:]   # keys >= 3900 suffice
+    got, st = decode.decode(k, dict(full, Q=full["Q"][-2:]), splits=4, stats=True)
+    assert st.splits * st.split_len <= 192 and st.splits == 2   # tiles 62, 63 of 64 keys
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

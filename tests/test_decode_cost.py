@@ -25,10 +25,13 @@ def test_splits_visit_the_unsplit_tiles():
     assert four.kv_bytes == 2 * 1000 * 32 * 8
 
 
-def test_sliding_window_splits_before_the_window_visit_nothing():
+def test_sliding_window_splits_only_the_window():
+    """Row 4095 admits keys 3995 .. 4095 (tiles 62, 63): the splits cover those tiles, not the cache."""
     k = moa.compile("examples/sliding_window.moa", w=100)
     c = decode_cost(k, 1, 4096, splits=8, dtype="fp64", config=CFG, d=16, e=16)
-    assert [r.tiles_visited for r in c.split_reports] == [0] * 7 + [2]   # keys 3995 .. 4095: tiles 62, 63
+    assert (c.splits, c.split_len) == (2, 64)
+    assert [r.tiles_visited for r in c.split_reports] == [1, 1]
+    assert c.kv_bytes == 128 * 32 * 8
 
 
 def test_the_model_splits_few_programs_and_not_many():
