@@ -25,6 +25,7 @@ from moa.devices import get_device
 from moa.errors import InputError, MoaError, UnsupportedError
 
 _LOCK = threading.RLock()
+_RUN = threading.RLock()     # held by a thread while it runs interpreted kernels (the interpreter is not thread-safe)
 _DEPTH = [0]
 _SAVED: list = []
 _WRAPPED: dict = {}   # id(JITFunction) -> its InterpretedFunction (one per library function, reused)
@@ -99,21 +100,26 @@ def interpreter():
     """The scope of interpreted launches: Triton's standard library as interpreted functions, and numpy's
     floating-point warnings silenced (the untaken branch of a where, such as 0/0 or exp overflow of a masked
     score, is computed and discarded, as on a GPU), and numpy's "All-NaN slice" warning too (the max of a tile
-    of NaN scores is NaN, as on a GPU). Re-entrant; the library is restored when the outermost scope exits."""
-    with _LOCK:
-        if _DEPTH[0] == 0:
-            _lend()
-        _DEPTH[0] += 1
-    try:
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            # a row tile whose scores are all NaN (NaN inputs) makes numpy's nanmax warn; the result is NaN as on a GPU
-            warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
-            yield
-    finally:
+    of NaN scores is NaN, as on a GPU). Re-entrant. One thread at a time: Triton's interpreter keeps its state in
+    globals (interpreted launches from two threads at once failed with "Did you forget to add @triton.jit ?"), so
+    the scope holds a re-entrant lock; the library and the warning filter (process-wide state too) are set by the
+    outermost scope and restored when it exits."""
+    with _RUN:
         with _LOCK:
-            _DEPTH[0] -= 1
-            if _DEPTH[0] == 0:
-                _take_back()
+            outermost = _DEPTH[0] == 0
+            if outermost:
+                _lend()
+            _DEPTH[0] += 1
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings() if outermost else contextlib.nullcontext():
+                if outermost:   # a row tile of all-NaN scores (NaN inputs) makes numpy's nanmax warn; max is NaN
+                    warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+                yield
+        finally:
+            with _LOCK:
+                _DEPTH[0] -= 1
+                if _DEPTH[0] == 0:
+                    _take_back()
 
 
 def run(fn, grid, args, consts: dict, device: torch.device, what: str) -> None:

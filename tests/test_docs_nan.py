@@ -73,3 +73,28 @@ def test_nan_in_v_reaches_the_visited_query_tiles_only():
     out, ref = k(Q=q, K=kk, V=v), k.reference(Q=q, K=kk, V=v)
     assert torch.equal(nan_rows(out), nan_rows(ref)) and nan_rows(out).nonzero().flatten().tolist() == list(
         range(250, 300))
+
+
+def test_threads_leave_the_warning_filters_as_they_were():
+    """Interpreted launches from several threads at once: the filter that silences numpy's All-NaN warning is
+    set by the outermost scope only, and nothing is left in warnings.filters afterwards."""
+    import threading
+
+    k = moa.compile(EX / "bla.moa")
+    q, kk, v = (torch.randn(40, 8, dtype=torch.float64) for _ in range(3))
+    k(Q=q, K=kk, V=v)                                   # compiled and cached before the threads start
+    before = list(warnings.filters)
+    errors = []
+
+    def call():
+        try:
+            assert k(Q=torch.full_like(q, float("nan")), K=kk, V=v).isnan().all()
+        except Exception as ex:   # reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and warnings.filters == before
