@@ -116,6 +116,9 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     if spec.summaries:
         raise UnsupportedError("split-KV and varlen launches do not support programs whose tile tests read "
                                "per-tile summaries of an input (data-dependent masks such as document ids)")
+    if getattr(spec, "descriptors", ()):
+        raise UnsupportedError("split-KV and varlen launches read key tiles through pointers, not TMA "
+                               "descriptors (a bug of moa's: the runtime plans them without TMA)")
     sig = signature(spec.source)
     params = [n for n, c in sig if not c]
     consts = [n for n, c in sig if c]

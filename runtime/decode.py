@@ -270,6 +270,8 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     p = block.launcher.plan(name, cb)
     if call.mode == PAGED and p.config.block_n > call.page:   # a page holds whole key tiles
         p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page))
+    if getattr(p.config, "tma", False):   # the grid kernel moves key pointers per split: plain loads
+        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, tma=False))
     sched, cfg = p.schedule, p.config
     if call.mode == VARLEN and sched.kind == onf.RESIDUE:
         raise UnsupportedError("varlen: the residue schedule is not supported in varlen batches; compile with "
