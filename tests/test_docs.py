@@ -64,7 +64,7 @@ def test_readme_quickstart_runs_and_prints_what_it_claims():
 def test_readme_links_every_page_and_holds_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     for page in PAGES:
-        assert f"](docs/{page})" in readme, page
+        assert f"](docs/{page})" in readme, f"README.md's Documentation list should link docs/{page}"
     assert "](examples/README.md)" in readme
     assert re.search(r"^make demo ", readme, re.M) and re.search(r"^make test ", readme, re.M)
 
@@ -96,6 +96,31 @@ def test_nothing_points_outside_the_repository():
             text = f.read_text(errors="replace")
             for w in words:
                 assert w not in text, f"{f.relative_to(ROOT)} mentions {w}"
+
+
+def test_named_files_and_functions_exist():
+    """Every repository path (runtime/plan.py ...) and every `module.function` / `Class.method` the README and the
+    docs name in backticks exists."""
+    import importlib
+
+    text = "".join(p.read_text() for p in markdown_files())
+    named = r"\b(?:moa|runtime|codegen|frontend|cli|tests|benchmarks|examples|docs)/[\w/]+\.(?:py|md|moa|lark|png)\b"
+    for path in set(re.findall(named, text)):
+        assert (ROOT / path).exists(), path
+    modules = {}
+    for folder, pkg in [("moa", "moa"), ("runtime", "moa.runtime"), ("codegen", "moa.codegen"),
+                        ("frontend", "moa.frontend"), ("cli", "moa.cli")]:
+        for f in (ROOT / folder).glob("*.py"):
+            modules.setdefault(f.stem, f"{pkg}.{f.stem}")
+    classes = {"Kernel": "moa.runtime.kernel", "Planner": "moa.runtime.plan", "Launcher": "moa.runtime.launch",
+               "LinearRunner": "moa.runtime.linear_run", "WindowRunner": "moa.runtime.window_run",
+               "ShardPlan": "moa.shard", "HaloPlan": "moa.shard_halo"}
+    for owner, attr in sorted(set(re.findall(r"`([A-Za-z_]+)\.([a-z_]+)(?:\(\))?`", text))):
+        if owner in classes:
+            cls = getattr(importlib.import_module(classes[owner]), owner)
+            assert hasattr(cls, attr) or attr in getattr(cls, "__dataclass_fields__", {}), f"{owner}.{attr}"
+        elif owner in modules and attr not in ("py", "md", "lark", "moa"):
+            assert hasattr(importlib.import_module(modules[owner]), attr), f"{owner}.{attr}"
 
 
 # ---- docs/variants.md -----------------------------------------------------------------------------------------------
@@ -179,9 +204,16 @@ def test_tutorial_python_runs():
 
 # ---- the site -------------------------------------------------------------------------------------------------------
 
+def test_home_page_lists_every_page():
+    home = (DOCS / "index.md").read_text()
+    for page in PAGES:
+        assert page == "index.md" or f"]({page})" in home, f"docs/index.md's list of pages should link {page}"
+
+
 def test_mkdocs_nav_has_every_page():
     nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
-    assert sorted(nav) == PAGES
+    assert not set(PAGES) - set(nav), f"add {sorted(set(PAGES) - set(nav))} to the nav of mkdocs.yml"
+    assert not set(nav) - set(PAGES), f"mkdocs.yml's nav names missing pages {sorted(set(nav) - set(PAGES))}"
 
 
 @pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
