@@ -15,8 +15,14 @@ key bounds and skip test) and accumulates dQ. The dK/dV kernel visits every quer
 schedule's skip test proves empty. Gradients are written per leading index (head) and program batch; the runtime
 sums them into inputs read by several heads (GQA, MQA). delta is computed by the runtime (one rowsum).
 
-Programs outside this shape (several branches, a gate epilogue, normalised forms, window mixing, a computed dot
-operand) have no fused backward: `unfused_reason` says why, and the runtime evaluates the gradient DNF instead.
+A normalised branch (O = sum_j w_ij V[j] / Z_i, w_ij = f(qk_ij, ...), power and linear attention) runs the same
+kernels with P_ij = w_ij / Z_i and the adjoint of the weight (dP_ij - delta_i) / Z_i in place of P_ij (dP_ij -
+delta_i); the forward saves Z in place of lse. A dot operand computed elementwise from one read (linear attention's
+elu(Q) + 1) gets its gradient times the operand's sympy partial. Float inputs the score reads (a bias table, the
+gate G of gated power attention) get theirs by atomic adds at the read's index, in the dQ kernel (each pair once).
+
+Programs outside this shape (several branches, a gate epilogue, window mixing) have no fused backward:
+`unfused_reason` says why, and the runtime evaluates the gradient DNF instead.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import sympy as sp
 from moa import dnf as D
 from moa import intervals as iv
 from moa import ir
-from moa.grad_sym import Translation
+from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule
 from moa.program import Program
 
@@ -59,6 +65,11 @@ class BackwardSpec:
     row_extent: sp.Expr
     dot_extent: sp.Expr
     col_extent: sp.Expr
+    kind: str = "softmax"  # the branch's monoid: softmax (saved lse) or norm (saved Z)
+    scatters: tuple = ()   # the inputs the score reads whose gradients the dQ kernel adds atomically (grad_X)
+
+
+BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV"})   # the kernels' own pointer names (X_ptr)
 
 
 def _plain_read(e, last: tuple, tile_vars: set):
@@ -70,6 +81,25 @@ def _plain_read(e, last: tuple, tile_vars: set):
     return tail == tuple(last) and not any(x.free_symbols & tile_vars for x in head)
 
 
+def operand_read(e, last: tuple, tile_vars: set):
+    """The read of a dot operand: e itself when a plain read, or the one plain read of an elementwise expression of
+    it (elu(Q[i, k]) + 1); None otherwise."""
+    if _plain_read(e, last, tile_vars):
+        return e
+    if not is_smooth_op(e):
+        return None
+    reads = [x for x in D.nodes(e) if isinstance(x, D.Read)]
+    rest_ok = all(isinstance(x, (D.Read, D.Const)) or is_smooth_op(x) or isinstance(x, D.Index) and x.expr.is_number
+                  for x in D.nodes(e))
+    return reads[0] if len(set(reads)) == 1 and rest_ok and _plain_read(reads[0], last, tile_vars) else None
+
+
+def score_reads(score, operands: set) -> list:
+    """The float input reads of a score other than the contraction (bias tables, gates), each once."""
+    return list(dict.fromkeys(x for x in D.nodes(score) if isinstance(x, D.Read) and x.dtype == ir.FLOAT
+                              and x.name not in operands))
+
+
 def unfused_reason(program: Program, sched: Schedule) -> str | None:
     """None when the output has fused backward kernels, else why not (in words)."""
     if len(program.outputs) != 1:
@@ -77,20 +107,21 @@ def unfused_reason(program: Program, sched: Schedule) -> str | None:
     if len(sched.branches) != 1:
         return "several branches (a sum of softmaxes, as PiAttention) have no fused backward yet"
     b = sched.branches[0]
-    if b.kind != "softmax":
-        return "a normalised form (normalize) has no fused backward yet"
     if b.mix is not None:
         return "window mixing has no fused backward yet"
     if sched.epilogue != BranchValue(0):
-        return "the output is not the softmax branch itself (an epilogue such as a gate)"
+        return "the output is not the branch itself (an epilogue such as a gate)"
     if sched.kind != TILED or b.mode != TILED or b.dot is None or b.lift is not None:
         return "the branch is not a plain key-tile loop with a q . k contraction"
+    names = {n.attrs[0] for n in program.inputs}
+    if names & BUFFERS or any(n.startswith("grad_") for n in names):
+        return f"an input is named like a buffer of the backward kernels ({', '.join(sorted(BUFFERS))}, grad_*)"
     i, c, j, kv = sched.row[0], sched.col[0], b.var, b.dot.var
     tiles = {i, c, j, kv}
-    if not (_plain_read(b.dot.a, (i, kv), tiles) and _plain_read(b.dot.b, (j, kv), tiles)
-            and _plain_read(b.value, (j, c), tiles)):
-        return "the contraction operands or the value are not plain reads of inputs"
-    qkv = {b.dot.a.name, b.dot.b.name, b.value.name}
+    qa, kb = operand_read(b.dot.a, (i, kv), tiles), operand_read(b.dot.b, (j, kv), tiles)
+    if qa is None or kb is None or not _plain_read(b.value, (j, c), tiles):
+        return "the contraction operands or the value are not (functions of) plain reads of inputs"
+    qkv = {qa.name, kb.name, b.value.name}
     for part in (b.score, b.mask):
         if part is not None and any(isinstance(x, D.Read) and x.name in qkv for x in D.nodes(part)):
             return "the score or mask reads Q, K or V outside the contraction"
@@ -100,14 +131,24 @@ def unfused_reason(program: Program, sched: Schedule) -> str | None:
 class _BackwardEmitter:
     """The two kernels of one schedule (a new Emitter per kernel: names and common sub-expressions are per kernel)."""
 
+    OWN = ("zz", "pid_z", "offs_v", "offs_m", "offs_n", "q", "k", "v", "do", "lse", "z", "zinv", "delta", "qk",
+           "valid", "p", "dp", "dsc", "ds", "dq", "dk", "dv", "lo", "hi", "row_lo", "row_hi", "col_lo", "col_hi",
+           "start_m", "start_n")
+
     def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int):
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
-        self.b = sched.branches[0]
+        self.b = b = sched.branches[0]
         self.head_dims: dict = {}
+        tiles = {sched.row[0], sched.col[0], b.var, b.dot.var}
+        self.qread = operand_read(b.dot.a, (sched.row[0], b.dot.var), tiles)
+        self.kread = operand_read(b.dot.b, (b.var, b.dot.var), tiles)
+        self.scatters = score_reads(b.score, {self.qread.name, self.kread.name, b.value.name})
+        self.scatter_names = tuple(dict.fromkeys(r.name for r in self.scatters))
 
     def _emitter(self) -> Emitter:
         x = Emitter(self.p, self.s, self.dtype)
         x.head_dims = self.head_dims    # shared: HEAD_DIM means the same extent in both kernels
+        x.taken |= set(self.OWN)        # the emitter's temporaries never take the kernels' own names
         return x
 
     def _prologue(self, body: Scope, x: Emitter, tile: str) -> None:
@@ -121,8 +162,8 @@ class _BackwardEmitter:
         body.add("for_batch_offsets")
         body.add("offs_v = tl.arange(0, HEAD_DIM_V)")
 
-    def _rows(self, scope: Scope, x: Emitter, q_offs: str) -> tuple:
-        """Loads of one query tile's q, dO, lse and delta (rows offs_m)."""
+    def _rows(self, scope: Scope, x: Emitter, q_offs: str) -> str:
+        """Loads of one query tile's q, dO, the saved total (lse or Z) and delta (rows offs_m); returns q."""
         s, b = self.s, self.b
         n = x.idx(s.row[1], {})
         q = x.factor(b.dot.a, {s.row[0]: "offs_m[:, None]", b.dot.var: f"{q_offs}[None, :]"}, scope, "q",
@@ -130,10 +171,15 @@ class _BackwardEmitter:
         e = x.idx(s.col[1], {})
         scope.add(f"do = tl.load(dO_ptr + zz * stride_dO_z + offs_m[:, None] * stride_dO_0 + offs_v[None, :] * "
                   f"stride_dO_1, mask=(offs_m[:, None] < {n}) & (offs_v[None, :] < {e}), other=0.0)")
-        scope.add(f"lse = tl.load(lse_ptr + zz * stride_lse_z + offs_m, mask=offs_m < {n}, other=0.0)")
-        scope.add('lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows without a key: every p is masked')
+        total = f"tl.load(lse_ptr + zz * stride_lse_z + offs_m, mask=offs_m < {n}, other=0.0)"
+        if b.kind == "softmax":
+            scope.add(f"lse = {total}")
+            scope.add('lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows without a key: every p is masked')
+        else:
+            scope.add(f"z = {total}  # the normaliser Z (0: the row's output is the constant 0)")
+            scope.add("zinv = tl.where(z == 0, 0.0, 1.0 / tl.where(z == 0, 1.0, z))")
         scope.add(f"delta = tl.load(delta_ptr + zz * stride_delta_z + offs_m, mask=offs_m < {n}, other=0.0)")
-        return q, "do"
+        return q
 
     def _keys(self, scope: Scope, x: Emitter, k_offs: str) -> tuple:
         """Loads of one key tile's k and v (keys offs_n)."""
@@ -145,8 +191,10 @@ class _BackwardEmitter:
                      f"(offs_n[:, None] < {m}) & (offs_v[None, :] < {x.idx(s.col[1], {})})")
         return k, v
 
-    def _ds(self, scope: Scope, x: Emitter, q: str, k: str, v: str, do: str) -> None:
-        """p and ds of one (query tile, key tile) pair: the score recomputed, p from lse, ds = p (dp - delta) f'."""
+    def _pair(self, scope: Scope, x: Emitter, q: str, k: str, v: str, scatter: bool) -> None:
+        """One (query tile, key tile) pair: the score recomputed; p (softmax: exp(s - lse); norm: w / Z); dsc, the
+        adjoint of the score (softmax: p (dp - delta); norm: (dp - delta) / Z); ds = dsc f'(qk); with `scatter`,
+        the atomic adds of the score's other reads' adjoints."""
         s, b = self.s, self.b
         smap = {s.row[0]: "offs_m[:, None]", b.var: "offs_n[None, :]"}
         scope.add(f"qk = tl.dot({q}, tl.trans({k}){x.dot_kw()})")
@@ -154,13 +202,62 @@ class _BackwardEmitter:
         valid = f"(offs_m[:, None] < {x.idx(s.row[1], {})}) & (offs_n[None, :] < {x.idx(b.extent, {})})"
         if b.mask is not None:
             valid = f"{x.emit(b.mask, smap, scope, role='mask')} & {valid}"
-        scope.add(f"p = tl.where({valid}, tl.exp({x._float(score, b.score)} - lse[:, None]), 0.0)")
-        scope.add(f"dp = tl.dot({do}, tl.trans({v}).to({do}.dtype){x.dot_kw()})")
+        scope.add(f"valid = {valid}")
+        sc = x._float(score, b.score)
+        scope.add(f"dp = tl.dot(do, tl.trans({v}).to(do.dtype){x.dot_kw()})")
+        if b.kind == "softmax":
+            scope.add(f"p = tl.where(valid, tl.exp({sc} - lse[:, None]), 0.0)")
+            scope.add("dsc = p * (dp - delta[:, None])")
+        else:
+            scope.add(f"p = tl.where(valid, {sc} * zinv[:, None], 0.0)")
+            scope.add("dsc = tl.where(valid, (dp - delta[:, None]) * zinv[:, None], 0.0)")
         t = Translation(b.score)
-        sym = next(sy for sy, leaf in t.leaves.items() if leaf == DotTile(0))
+        for sym, leaf in t.leaves.items():
+            if leaf == DotTile(0):
+                d = t.to_dnf(t.partial(sym))
+                scope.add(f"ds = tl.where(valid, dsc * {x._float(x.emit(d, smap, scope, role='dscore'), d)}, 0.0)")
+            elif scatter and leaf in self.scatters:
+                d = t.to_dnf(t.partial(sym))
+                adj = f"tl.where(valid, dsc * {x._float(x.emit(d, smap, scope, role='dread'), d)}, 0.0)"
+                self._atomic(scope, x, leaf, adj)
+
+    def _atomic(self, scope: Scope, x: Emitter, r, adj: str) -> None:
+        """grad_X[index of the read r] += its adjoint over the tile (summed over a tile axis the index does not use)."""
+        s, b = self.s, self.b
+        i, j = s.row[0], b.var
+        used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index))
+        vmap, masks = {}, []
+        if i in used and j in used:
+            vmap = {i: "offs_m[:, None]", j: "offs_n[None, :]"}
+        elif i in used:
+            adj, vmap = f"tl.sum({adj}, 1)", {i: "offs_m"}
+        elif j in used:
+            adj, vmap = f"tl.sum({adj}, 0)", {j: "offs_n"}
+        else:
+            adj = f"tl.sum(tl.sum({adj}, 1), 0)"
+        node = self.p.input_map[r.name]
+        g = f"grad_{r.name}"
+        parts = [f"{g}_ptr + off_{g}"]
+        for k, (ix, ext) in enumerate(zip(r.index, node.shape)):
+            ix = sp.sympify(ix)
+            c = x.idx(ix, vmap)
+            parts.append(f"{c} * stride_{g}_{k}")
+            lo_ok, hi_ok = x._in_range(ix, ext, vmap)
+            if not hi_ok:
+                masks.append(f"({c} < {x.idx(ext, {})})")
+            if not lo_ok:
+                masks.append(f"({c} >= 0)")
+        m = f", mask={' & '.join(masks)}" if masks else ""
+        scope.add(f"tl.atomic_add({' + '.join(parts)}, {adj}{m})")
+
+    def _chain(self, scope: Scope, x: Emitter, acc: str, operand, read, vmap: dict) -> None:
+        """acc *= d operand / d read, for a dot operand computed from its read (elu(Q) + 1)."""
+        if operand is read:
+            return
+        t = Translation(operand)
+        sym = next(sy for sy, leaf in t.leaves.items() if leaf == read)
         d = t.to_dnf(t.partial(sym))
-        dscore = x.emit(d, smap, scope, role="dscore")
-        scope.add(f"ds = p * (dp - delta[:, None]) * {x._float(dscore, d)}")
+        scope.add(f"{acc} = {acc} * {x._float(x.emit(d, vmap, scope, role='dfeat'), d)}")
 
     def dkdv(self) -> tuple:
         """`_attn_bwd_dkdv`: one program per key tile; dK and dV accumulated over the query tiles."""
@@ -181,19 +278,21 @@ class _BackwardEmitter:
         loop.add("row_lo = start_m  # I_LO")
         loop.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {x.idx(s.row[1], {})}) - 1  # I_HI")
         inner = loop.open(f"if {self._code(b.skip, x)} == 0:") if b.skip is not sp.false else loop
-        q, do = self._rows(inner, x, offs)
-        self._ds(inner, x, q, k, v, do)
-        inner.add(f"dv += tl.dot(tl.trans(p).to({do}.dtype), {do}{x.dot_kw()})")
+        q = self._rows(inner, x, offs)
+        self._pair(inner, x, q, k, v, scatter=False)
+        inner.add(f"dv += tl.dot(tl.trans(p).to(do.dtype), do{x.dot_kw()})")
         inner.add(f"dk += tl.dot(tl.trans(ds).to({q}.dtype), {q}{x.dot_kw()})")
+        self._chain(body, x, "dk", b.dot.b, self.kread, {b.var: "offs_n[:, None]", b.dot.var: f"{offs}[None, :]"})
         d = x.idx(b.dot.extent, {})
         body.add(f"tl.store(dK_ptr + zz * stride_dK_z + offs_n[:, None] * stride_dK_0 + {offs}[None, :] * "
                  f"stride_dK_1, dk, mask=(offs_n[:, None] < {m}) & ({offs}[None, :] < {d}))")
         body.add(f"tl.store(dV_ptr + zz * stride_dV_z + offs_n[:, None] * stride_dV_0 + offs_v[None, :] * "
                  f"stride_dV_1, dv, mask=(offs_n[:, None] < {m}) & (offs_v[None, :] < {x.idx(s.col[1], {})}))")
-        return self._function("_attn_bwd_dkdv", body, x, ("dK", "dV"))
+        return self._function("_attn_bwd_dkdv", body, x, ("dK", "dV"), ())
 
     def dq(self) -> tuple:
-        """`_attn_bwd_dq`: one program per query tile; dQ accumulated over the key tiles the forward visits."""
+        """`_attn_bwd_dq`: one program per query tile; dQ accumulated over the key tiles the forward visits, and the
+        score's other reads' gradients added atomically."""
         s, b = self.s, self.b
         x = self._emitter()
         body = Scope([], "    ")
@@ -203,7 +302,7 @@ class _BackwardEmitter:
         body.add("offs_m = start_m + tl.arange(0, BLOCK_M)")
         body.add("row_lo = start_m  # I_LO")
         body.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {n}) - 1  # I_HI")
-        q, do = self._rows(body, x, offs)
+        q = self._rows(body, x, offs)
         body.add(f"dq = tl.zeros([BLOCK_M, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         lo = "0" if b.key_lo is None else f"(tl.maximum(0, {self._code(b.key_lo, x)}) // BLOCK_N) * BLOCK_N"
         hi = f"{m} - 1" if b.key_hi is None else f"tl.minimum({m} - 1, {self._code(b.key_hi, x)})"
@@ -216,12 +315,13 @@ class _BackwardEmitter:
         tested = b.skip is not sp.false and not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
         inner = loop.open(f"if {self._code(b.skip, x)} == 0:") if tested else loop
         k, v = self._keys(inner, x, offs)
-        self._ds(inner, x, q, k, v, do)
+        self._pair(inner, x, q, k, v, scatter=True)
         inner.add(f"dq += tl.dot(ds.to({k}.dtype), {k}{x.dot_kw()})")
+        self._chain(body, x, "dq", b.dot.a, self.qread, {s.row[0]: "offs_m[:, None]", b.dot.var: f"{offs}[None, :]"})
         body.add(f"tl.store(dQ_ptr + zz * stride_dQ_z + offs_m[:, None] * stride_dQ_0 + {offs}[None, :] * "
                  f"stride_dQ_1, dq, mask=(offs_m[:, None] < {n}) & ({offs}[None, :] < "
                  f"{x.idx(b.dot.extent, {})}))")
-        return self._function("_attn_bwd_dq", body, x, ("dQ",))
+        return self._function("_attn_bwd_dq", body, x, ("dQ",), self.scatter_names)
 
     def _code(self, e, x: Emitter) -> str:
         """An index formula over the tile box (row_lo, row_hi, col_lo, col_hi)."""
@@ -229,7 +329,7 @@ class _BackwardEmitter:
                  iv.TILE_W: "BLOCK_N", **x.names}
         return pcode(sp.sympify(e), names)
 
-    def _function(self, name: str, body: Scope, x: Emitter, outs: tuple) -> tuple:
+    def _function(self, name: str, body: Scope, x: Emitter, outs: tuple, scatters: tuple) -> tuple:
         """(source of the @triton.jit function, BackwardKernel)."""
         args = []
         for inp in x.used_inputs:
@@ -240,25 +340,30 @@ class _BackwardEmitter:
             args += [f"{buf}_ptr", f"stride_{buf}_z"] + ([f"stride_{buf}_0", f"stride_{buf}_1"] if buf == "dO" else [])
         for buf in outs:
             args += [f"{buf}_ptr", f"stride_{buf}_z", f"stride_{buf}_0", f"stride_{buf}_1"]
+        for inp in scatters:   # grad_X: batch + the input's shape, contiguous
+            args.append(f"grad_{inp}_ptr")
+            args += [f"stride_grad_{inp}_z{z}" for z in range(self.nbatch)]
+            args += [f"stride_grad_{inp}_{k}" for k in range(self.p.input_map[inp].rank)]
         args += [f"dim_{d.name}" for d in self.p.dims]
         args += [f"Z{z}" for z in range(self.nbatch)]
         consts = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
         consts += [f"{hd}: tl.constexpr" for hd in self.head_dims.values()] + ["HEAD_DIM_V: tl.constexpr"]
         lines = []
         for ln in body.lines:
-            lines += self._batch_offsets(x) if ln.strip() == "for_batch_offsets" else [ln]
+            lines += self._batch_offsets(x, scatters) if ln.strip() == "for_batch_offsets" else [ln]
         sig = ",\n    ".join(args + consts)
         src = f"@triton.jit\ndef {name}(\n    {sig},\n):\n" + "\n".join(prune(lines)) + "\n"
         return src, BackwardKernel(name, tuple(x.used_inputs))
 
-    def _batch_offsets(self, x: Emitter) -> list:
-        """Offsets of the inputs for this program's batch indices (decoded row-major from what is left of pid_z)."""
+    def _batch_offsets(self, x: Emitter, scatters: tuple) -> list:
+        """Offsets of the inputs (and gradient buffers) for this program's batch indices (decoded row-major from
+        what is left of pid_z)."""
         dec = []
         for z in reversed(range(self.nbatch)):
             dec.append(f"    off_z{z} = pid_z % Z{z}" if z else f"    off_z{z} = pid_z")
             if z:
                 dec.append(f"    pid_z = pid_z // Z{z}")
-        for name in x.used_inputs:
+        for name in [*x.used_inputs, *(f"grad_{n}" for n in scatters)]:
             terms = [f"off_z{z}.to(tl.int64) * stride_{name}_z{z}" for z in range(self.nbatch)]
             dec.append(f"    off_{name} = {' + '.join(terms) if terms else '0'}")
         return dec
@@ -275,10 +380,10 @@ def generate_backward(program: Program, sched: Schedule, dtype: str, nbatch: int
     b = sched.branches[0]
     head = (f"# Generated by moa: do not edit. Fused backward (FlashAttention-2 style) of output {sched.output} of "
             f"{''.join(ch if 32 <= ord(ch) < 127 else '?' for ch in program.name)[:80]}, dtype {dtype}\n"
-            f"# score {''.join(ch if 32 <= ord(ch) < 127 else '?' for ch in D.show(b.score))[:150]}\n"
+            f"# {b.kind} branch, score {''.join(ch if 32 <= ord(ch) < 127 else '?' for ch in D.show(b.score))[:150]}\n"
             "import triton\nimport triton.language as tl\n")
     source = head + (f"\n\n{helpers}\n" if helpers else "") + "\n\n" + code
     return BackwardSpec(source, (kv, q), tuple(d.name for d in program.dims), nbatch,
                         tuple((name, ext) for ext, name in em.head_dims.items()),
-                        {"Q": b.dot.a, "K": b.dot.b, "V": b.value}, b.extent, sched.row[1], b.dot.extent,
-                        sched.col[1])
+                        {"Q": em.qread, "K": em.kread, "V": b.value}, b.extent, sched.row[1], b.dot.extent,
+                        sched.col[1], b.kind, em.scatter_names)

@@ -43,7 +43,7 @@ class Backward:
         if self.runner is None:
             return ()
         back = self.k.planner.codegen.inputs
-        return tuple(dict.fromkeys(back[r.name] for r in self.runner.spec_reads()))
+        return tuple(back[x] for x in self.runner.fused_names())
 
     def saved_spec(self, dtype: torch.dtype) -> list:
         """(shape as extents, dtype) of each value the forward returns for the backward, after the outputs: the

@@ -43,10 +43,10 @@ class BackwardRunner:
             return str(ex)
         return unfused_reason(planner.cg_program, sched)
 
-    def spec_reads(self) -> tuple:
-        """The reads of Q, K and V (codegen names) whose inputs the kernels give gradients."""
-        b = self.sched.branches[0]
-        return (b.dot.a, b.dot.b, b.value)
+    def fused_names(self) -> tuple:
+        """The inputs (codegen names) the kernels give gradients: the reads of Q, K, V, then the score's reads."""
+        spec = self.spec("float32", 0)
+        return tuple(dict.fromkeys([*(r.name for r in spec.reads.values()), *spec.scatters]))
 
     def spec(self, dtname: str, nbatch: int) -> BackwardSpec:
         key = (dtname, nbatch)
@@ -72,6 +72,8 @@ class BackwardRunner:
         lse = lse.to(dev, acc).reshape(zl, n).contiguous()
         bufs = {"dQ": torch.zeros(zl, n, d, dtype=acc, device=dev), "dK": torch.zeros(zl, m, d, dtype=acc, device=dev),
                 "dV": torch.zeros(zl, m, e, dtype=acc, device=dev)}
+        scat = {x: torch.zeros((*b.batch, *(ev(y) for y in self.planner.cg_program.input_map[x].shape)), dtype=acc,
+                               device=dev) for x in spec.scatters}
         if zl and n and m:
             mod = module_for(spec.source, dev)
             for kern, outs in ((spec.kernels[0], ("dK", "dV")), (spec.kernels[1], ("dQ",))):
@@ -83,6 +85,9 @@ class BackwardRunner:
                          delta, delta.stride(0)]
                 for o in outs:
                     args += [bufs[o], *bufs[o].stride()]
+                if kern is spec.kernels[1]:
+                    for x in spec.scatters:
+                        args += [scat[x], *scat[x].stride()]
                 args += [b.dims[x] for x in spec.dims] + list(b.batch)
                 run(getattr(mod, kern.name), grid, args, consts, dev, f"the backward kernel {kern.name}")
         res: dict = {}
@@ -90,6 +95,8 @@ class BackwardRunner:
             read = spec.reads[role]
             g = self._to_input(read, bufs[buf], b, lead)
             res[read.name] = g if read.name not in res else res[read.name] + g
+        for x, g in scat.items():
+            res[x] = g if x not in res else res[x] + g
         return res
 
     def _config(self, spec, kern, b: Binding, compute) -> tuple:

@@ -22,9 +22,10 @@ except ImportError:  # pragma: no cover
 
 F64 = torch.float64
 FUSED = {"alibi", "causal", "causal_bottom_right", "dilated_window", "document_mask", "global_window", "gqa_alibi",
-         "mqa", "prefix_lm", "relative_bias", "ring_local", "sdpa", "sliding_window", "softcap"}
-UNFUSED = {"bla": "window mixing", "linear": "normalised form", "linear_relu": "normalised form",
-           "pi_attention": "several branches", "power": "normalised form", "power_gated": "normalised form"}
+         "linear", "linear_relu", "mqa", "power", "power_gated", "prefix_lm", "relative_bias", "ring_local", "sdpa",
+         "sliding_window", "softcap"}
+SCORE_READS = {"relative_bias": {"bias"}, "power_gated": {"G"}}   # gradients by atomic adds in the dQ kernel
+UNFUSED = {"bla": "window mixing", "pi_attention": "several branches"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,13 +44,15 @@ def test_which_examples_have_fused_backward_kernels():
     for stem in sorted(stems):
         bw = _compile(stem).backward
         if stem in FUSED:
-            assert bw.unfused_reason is None and set(bw.fused_inputs) == {"Q", "K", "V"}, stem
+            assert bw.unfused_reason is None, (stem, bw.unfused_reason)
+            assert set(bw.fused_inputs) == {"Q", "K", "V"} | SCORE_READS.get(stem, set()), stem
         else:
             assert UNFUSED[stem] in bw.unfused_reason and bw.fused_inputs == (), (stem, bw.unfused_reason)
 
 
 def _fused_vs_dnf(stem: str, size: dict, batch=(2,), seed=0, shared_kv=False):
-    """The fused kernels' dQ, dK, dV against the gradient DNF evaluated directly (float64)."""
+    """The fused kernels' gradients (dQ, dK, dV, the score's reads) against the gradient DNF evaluated directly
+    (float64)."""
     k = _compile(stem)
     x = C.inputs(k.program, C.dims_for(k.program, size), seed, batch=batch)
     if shared_kv:   # K and V without the batch axis: their gradients sum over it
@@ -58,13 +61,15 @@ def _fused_vs_dnf(stem: str, size: dict, batch=(2,), seed=0, shared_kv=False):
     b = k.bind(x)
     out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
     got = k.backward.runner.grads(b, out, lse, cot["O"])
-    want = evaluate_grad(k.program, k.backward.grad_program, x, cot, only=["Q", "K", "V"])
-    for n in ("Q", "K", "V"):
+    want = evaluate_grad(k.program, k.backward.grad_program, x, cot)
+    assert set(got) == set(k.backward.fused_inputs)
+    for n in got:
         assert got[n].shape == want[n].shape, (n, got[n].shape, want[n].shape)
         assert C.rel_err(got[n], want[n]) <= 1e-12, (stem, n, C.rel_err(got[n], want[n]))
 
 
-@pytest.mark.parametrize("stem", ["causal", "sliding_window", "softcap", "document_mask", "relative_bias"])
+@pytest.mark.parametrize("stem", ["causal", "sliding_window", "softcap", "document_mask", "relative_bias", "power",
+                                  "power_gated", "linear", "linear_relu"])
 def test_fused_kernels_match_the_gradient_dnf(stem):
     _fused_vs_dnf(stem, {"n": 45, "m": 45, "d": 5, "e": 3, "h": 2, "g": 1}, seed=1)
 
@@ -82,7 +87,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}   #
 
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE, key=str))
-@pytest.mark.parametrize("stem", ["causal", "softcap", "pi_attention"])
+@pytest.mark.parametrize("stem", ["causal", "softcap", "pi_attention", "power", "linear", "relative_bias"])
 def test_lower_precision_gradients_against_float64(stem, dtype):
     k = _compile(stem)
     x = C.inputs(k.program, C.dims_for(k.program, C.SIZES[1]), 4)
