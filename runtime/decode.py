@@ -267,7 +267,8 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     dt = b.dtype
     compute = compute_dtype(dt, b.device)
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
-    p = block.launcher.plan(name, cb)
+    p = block.launcher.plan(name, cb, decode_config(block.planner.schedules[name], cb.dims, DTYPE_NAME[dt])
+                            if b.device.type == "cuda" else None)
     if call.mode == PAGED and p.config.block_n > call.page:   # a page holds whole key tiles
         p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page))
     if getattr(p.config, "tma", False):   # the grid kernel moves key pointers per split: plain loads
@@ -329,6 +330,21 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     if splits == 1:
         return (o_part[0], lse_part[0]), info
     return _merge(o_part, lse_part, name in norm_outputs(block), compute, e), info
+
+
+def decode_config(sched, dims: dict, dtype: str) -> Config:
+    """Tiles of a decoding launch on a GPU: query tiles just covering the rows (packed heads x n_q, 16 .. 64),
+    key tiles of 128 keys x 4 warps for head dims up to 64, 64 x 8 warps above, 3 stages to keep loads in flight
+    (the key loop is bandwidth-bound). The AOT check (runtime/decode_aot.py) compiles these at d = 64 and 128
+    without spills."""
+    rows = sy.evaluate(sched.row[1], dims)
+    head = max(head_dims(sched, dims))
+    bm = min(64, max(16, next_pow2(rows)))
+    if dtype == "float64":
+        return Config(min(bm, 32), 32, 4, 1)
+    if dtype == "float32":
+        return Config(bm, 32, 4, 2)
+    return Config(bm, 128, 4, 3) if head <= 64 else Config(bm, 64, 8, 3)   # 4 warps spill paged at d = 128
 
 
 def _source(block, plan, spec, nbatch: int, nlead: int, mode: str) -> str:

@@ -6,17 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError
 from moa.splitkv import choose_splits, key_range, split_seconds
 
 from .costing import cost_breakdown
-from .decode import _global, _gqa, _plan
+from .decode import _global, _gqa, _plan, decode_config
 from .device import cdiv
-from .tiling import default_config, row_programs
+from .tiling import row_programs
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     name = plan.outputs[0].name
     sched = runner.planner.schedules[name]
     cdims = {c: bd0[u] for c, u in runner.planner.codegen.dims.items() if u in bd0}   # codegen names
-    cfg = config or default_config(sched, torch.device("cuda"), dtype, cdims, f"output {name}")
+    cfg = config or decode_config(sched, cdims, dtype)
     if page_size:
         cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, page_size))
     lead = [sy.evaluate(x, cdims) for _, x in sched.lead]

@@ -1,0 +1,62 @@
+"""The split-KV / varlen / paged grid kernel of a decoding call compiled ahead of time for a GPU target without a
+GPU (runtime/aot.py): registers, spills and shared memory of what k.decode would launch on CUDA."""
+from __future__ import annotations
+
+import dataclasses
+
+from moa import symbolic as sy
+from moa.codegen.splitkv import GRID_KERNEL, SPLIT, VARLEN
+from moa.devices import canonical_dtype
+
+from . import cache
+from .aot import fits
+from .aot_batch import aot_batch, kernel_signature
+from .decode import _global, _gqa, _plan, _source, decode_config
+from .device import next_pow2
+from .tiling import exact_heads
+
+_TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+# long: the launch decode would make, assembled as a picklable AOT request per block output
+def decode_aot(kernel, nq: int, m: int, dtype="bf16", target: str = "sm_90", mode: str = SPLIT, splits: int = 8,
+               pack_heads: bool | None = None, config=None, **dims) -> dict:
+    """Block output name -> (AotReport, fits, why) of the grid kernel a CUDA decode of nq rows against m keys
+    launches (one batch axis; `mode` SPLIT, VARLEN, LENGTHS or PAGED; partials in fp32 when splits > 1)."""
+    plan, block = _plan(kernel)
+    dtype = canonical_dtype(dtype)
+    gdims, row0 = _global(plan, nq, m)
+    bd = plan.block_dims({**dims, **gdims}, row0, nq, 0, m)
+    packed = _gqa(kernel) if pack_heads is not False and mode != VARLEN else None
+    runner = block if packed is None else packed[1]
+    view = runner.planner.codegen
+    cdims = {c: bd[u] for c, u in view.dims.items() if u in bd}
+    acc = "fp64" if dtype == "float64" else "fp32"
+    requests, names = [], []
+    for o in plan.outputs:
+        sched = runner.planner.schedules[o.name]
+        cfg = config or decode_config(sched, cdims, dtype)
+        cfg = dataclasses.replace(cfg, tma=False)
+        spec = runner.launcher.spec(o.name, dtype, 1, cfg, True, sched, exact_heads(sched, cdims))
+        source = _source(runner, plan, spec, 1, len(sched.lead), mode)
+        path = cache.store(cache.key_of(source, "aot-decode"), source)
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "STORE_LSE": True, "NSPLIT": splits,
+                  "HEAD_DIM_V": max(16, next_pow2(sy.evaluate(sched.col[1], cdims)))}
+        for hd, ext in spec.head_dims:
+            consts[hd] = max(16, next_pow2(sy.evaluate(ext, cdims)))
+        out = next(c for c, u in view.outputs.items() if u == o.name)
+        special = {"lse_out": f"*{acc}", f"{out}_ptr": f"*{acc}" if splits > 1 else f"*{_TT[dtype]}",
+                   **{x: "*i32" for x in ("cu_q", "cu_k", "cache_len", "block_table")}}
+        sig = kernel_signature(runner.planner.cg_program, source, GRID_KERNEL, dtype, "int64", consts, special)
+        requests.append({"file": str(path), "kernel": GRID_KERNEL, "signature": sig, "constexprs": consts,
+                         "target": target, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                         "block_m": cfg.block_m, "block_n": cfg.block_n})
+        names.append(o.name)
+    out = {}
+    for name, res in zip(names, aot_batch(requests)):
+        if isinstance(res, tuple):
+            out[name] = (None, False, res[1])
+        else:
+            ok, why = fits(res, target)
+            out[name] = (res, ok, why)
+    return out
