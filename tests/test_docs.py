@@ -69,6 +69,34 @@ def test_readme_links_every_page_and_holds_the_two_commands():
     assert re.search(r"^make demo ", readme, re.M) and re.search(r"^make test ", readme, re.M)
 
 
+def readme_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    lines = [c.split("  #")[0].strip() for b in blocks(readme, "sh") for c in b.splitlines()]
+    return [c for c in lines if c.startswith("moa ")]
+
+
+@pytest.mark.parametrize("cmd", readme_commands())
+def test_readme_command_lines_parse(cmd, monkeypatch):
+    """Every `moa ...` line of the README names a real file and options the CLI takes (the commands themselves
+    are monkeypatched away: the tutorial's tests run the same subcommands and options for real)."""
+    import moa.cli
+    import moa.cli.cost
+
+    seen = []
+    for mod in (moa.cli, moa.cli.cost):
+        for name in [n for n in vars(mod) if n.startswith("cmd_")]:
+            monkeypatch.setattr(mod, name, lambda args, name=name: seen.append((name, args)) or 0)
+    argv = shlex.split(cmd)[1:]
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 0 and len(seen) == 1
+    assert Path(seen[0][1].file).exists()
+
+
+def test_readme_commands_are_there():
+    cmds = readme_commands()
+    assert len(cmds) >= 7 and {c.split()[1] for c in cmds} == {"explain", "check", "compile", "cost", "aot"}
+
+
 # ---- links and self-containment -------------------------------------------------------------------------------------
 
 def markdown_files() -> list[Path]:
