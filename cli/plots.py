@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import sympy as sp
@@ -13,6 +14,37 @@ from moa.devices import canonical_dtype
 from moa.errors import InputError, MoaError
 from moa.runtime.costing import cost_breakdown
 from moa.runtime.explain import tile_map
+
+
+def pyplot(path: str, flag: str):
+    """matplotlib's pyplot on the Agg backend, after checking that `path` can be written as an image: a missing
+    matplotlib, a missing directory or a format matplotlib cannot write is an InputError (no traceback)."""
+    try:
+        import matplotlib   # optional dependency: only for plots
+    except ImportError:
+        raise InputError(f"{flag} needs matplotlib (the plot extra: pip install -e '.[plot]', or make setup)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt   # optional dependency: only for plots
+    from matplotlib.backend_bases import FigureCanvasBase   # optional dependency: only for plots
+
+    ext = os.path.splitext(path)[1][1:].lower()
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if ext not in kinds:
+        raise InputError(f"{flag} {path}: cannot write {'.' + ext if ext else 'a file without an extension'}; "
+                         f"name a .png, .svg or .pdf file (or any of {', '.join(sorted(kinds))})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path}: the directory {folder} does not exist")
+    return plt
+
+
+def save(fig, plt, path: str, flag: str) -> None:
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as ex:
+        raise InputError(f"{flag} {path}: cannot write it ({ex.strerror or ex})") from None
+    finally:
+        plt.close(fig)
 
 
 def sweep_dims(k) -> set:
@@ -37,11 +69,7 @@ def n_ticks(ax, ns) -> None:
 def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
     """Predicted DRAM bytes and time against n, fused vs unfused, log-log (n = the sequence dims, swept
     together; the others fixed)."""
-    import matplotlib   # optional dependency: only for plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt   # optional dependency: only for plots
-
+    plt = pyplot(path, "--plot")
     seq = sweep_dims(k)
     top = max(max(dims[s] for s in seq), 4096)
     ns = [2 ** p for p in range(8, int(math.log2(top)) + 1)]
@@ -77,17 +105,13 @@ def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
     fig.suptitle(f"{k.program.name}: predicted cost, {bd.dtype} on {bd.device.name if bd.device else 'cpu'}"
                  + (f" ({fixed})" if fixed else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, plt, path, "--plot")
     return path
 
 
 def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     """Draw the (query tile, key tile) map of every output and branch: skipped / full / partial."""
-    import matplotlib   # optional dependency: only for plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt   # optional dependency: only for plots
+    plt = pyplot(path, "--tiles")
     from matplotlib.colors import ListedColormap   # optional dependency: only for plots
     from matplotlib.patches import Patch   # optional dependency: only for plots
 
@@ -148,8 +172,7 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     spare = min((ax.get_position(original=True).height - ax.get_position().height) * h for ax in axes[0])
     if spare > 0.05:
         fig.set_size_inches(w, h - spare)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, plt, path, "--tiles")
     print(f"wrote {path} ({', '.join(f'{p[0]}/{p[1]}: {p[4].shape[0]}x{p[4].shape[1]}' for p in panels)} tiles; "
           f"{sy.show(sum(int((p[4] > 0).sum()) for p in panels))} visited)")
     return path

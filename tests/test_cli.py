@@ -281,3 +281,24 @@ def test_tile_map_has_no_blank_gap(tmp_path, capsys):
         png = tmp_path / f"{name}.png"
         assert main(["explain", str(EX / f"{name}.moa"), "--tiles", str(png), "--dims", dims]) == 0
         assert blank_bands(png) < 40, name
+
+
+@pytest.mark.parametrize("name,words", [
+    ("missing/x.png", "does not exist"), ("x.txt", "cannot write .txt"), ("x", "without an extension"),
+    ("dir.png", "cannot write it")])
+def test_plot_paths_are_input_errors(name, words, tmp_path, capsys):
+    (tmp_path / "dir.png").mkdir()
+    path = str(tmp_path / name)
+    assert main(["explain", str(EX / "causal.moa"), "--tiles", path, "--dims", "n=256,d=16,e=16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moa: error: --tiles ") and words in err and "Traceback" not in err
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=256,d=16,e=16", "--no-fit", "--plot", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moa: error: --plot ") and words in err
+
+
+def test_plots_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # `import matplotlib` raises ImportError
+    assert main(["explain", str(EX / "causal.moa"), "--tiles", str(tmp_path / "t.png"), "--dims",
+                 "n=256,d=16,e=16"]) == 2
+    assert "--tiles needs matplotlib (the plot extra" in capsys.readouterr().err
