@@ -140,8 +140,9 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
             sy.evaluate(packed[0].group, b.dims) * nq > PACK_ROWS:
         runner, packed = block, None
     acc, info = {}, None
-    for o in plan.outputs:
+    for o in plan.outputs:   # one split layout for every output (the first one's choice)
         (out, lse), info = _run_output(runner, o.name, b, plan, call, splits)
+        splits = info.splits
         if packed is not None:   # O'[G, r] is O[h, nq] in the same memory order
             h = sy.evaluate(packed[0].heads, b.dims)
             out, lse = out.reshape(*b.batch, h, nq, out.shape[-1]), lse.reshape(*b.batch, h, nq)
@@ -283,7 +284,7 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     rows = sy.evaluate(sched.row[1], cb.dims)   # the block's rows: nq, or the packed heads' rows
     ptiles = row_programs(sched, call.rows if call.mode == VARLEN else rows, cfg.block_m)
     key0, keys = 0, call.keys
-    span = key_range(sched, cb.dims) if call.mode == SPLIT else None
+    span = call_key_range(runner_schedules(block, plan), cb.dims) if call.mode == SPLIT else None
     if span is not None:   # split only the keys some row admits (a sliding window's last w keys)
         key0 = span[0] // cfg.block_n * cfg.block_n
         keys = max(0, span[1] + 1 - key0)
@@ -330,6 +331,19 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     if splits == 1:
         return (o_part[0], lse_part[0]), info
     return _merge(o_part, lse_part, name in norm_outputs(block), compute, e), info
+
+
+def runner_schedules(kernel, plan) -> list:
+    """The schedules of every block output (of the block or the packed kernel), in plan order."""
+    return [kernel.planner.schedules[o.name] for o in plan.outputs]
+
+
+def call_key_range(schedules, dims: dict):
+    """The keys some row admits in any output (moa/splitkv.key_range over every schedule), or None."""
+    spans = [key_range(s, dims) for s in schedules]
+    if not spans or any(x is None for x in spans):
+        return None
+    return min(x[0] for x in spans), max(x[1] for x in spans)
 
 
 def decode_config(sched, dims: dict, dtype: str) -> Config:

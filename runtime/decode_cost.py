@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError
-from moa.splitkv import choose_splits, key_range, split_seconds
+from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
-from .decode import _global, _gqa, _plan, decode_config
+from .decode import _global, _gqa, _plan, call_key_range, decode_config, runner_schedules
 from .device import cdiv
 from .tiling import row_programs
 
@@ -30,6 +32,8 @@ class DecodeCost:
     flops: int
     transcendentals: int
     dram_bytes: int
+    dram_bytes_loaded: int
+    dram_bytes_stored: int
     merge_bytes: int
     kv_bytes: int
     tiles_visited: int
@@ -66,6 +70,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     name = plan.outputs[0].name
     sched = runner.planner.schedules[name]
     cdims = {c: bd0[u] for c, u in runner.planner.codegen.dims.items() if u in bd0}   # codegen names
+    if config is None and str(device).lower() == "cpu":   # the interpreter's tiles, as a CPU decode runs
+        config = runner.planner.launch_config(name, torch.device("cpu"), dtype, cdims)
     cfg = config or decode_config(sched, cdims, dtype)
     if page_size:
         cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, page_size))
@@ -77,11 +83,12 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     for x in (*batch, *lead):
         z *= x
     ptiles = row_programs(sched, rows, cfg.block_m)
-    span = key_range(sched, cdims) if not page_size else None   # the keys some row admits, as decode splits
+    span = None if page_size else call_key_range(runner_schedules(runner, plan), cdims)   # as decode splits
     key0 = 0 if span is None else span[0] // cfg.block_n * cfg.block_n
     keys = m if span is None else max(0, span[1] + 1 - key0)
     ktiles = max(1, cdiv(keys, cfg.block_n))
-    args = (ptiles * z, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows, dtype, device)
+    args = (ptiles * z, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows, dtype,
+            "h100" if str(device).lower() == "cpu" else device)
     splits = cdiv(m, page_size) if page_size else splits or choose_splits(*args).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
@@ -92,9 +99,22 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
         reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=batch, needed=False,
                                       **bd)[0])
     longest = cdiv(max(r.tiles_visited for r in reports), ptiles * z)
-    eb, acc = DTYPE_BYTES[dtype], 8 if dtype == "float64" else 4
-    nout = len(plan.outputs)
-    merge = 0 if splits == 1 else nout * (splits * z * rows * (e + 1) * acc + z * rows * (e * eb + acc))
+    extra = [0, 0, 0, 0]   # flops, transcendentals, loaded, stored beyond the block programs' reports
+    for o in plan.outputs:
+        so = runner.planner.schedules[o.name]
+        ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
+        norm = so.branches[0].kind == "norm"
+        for k, v in enumerate(_lse_counts(splits, row_programs(so, ro, cfg.block_m) * z, cfg.block_m, z * ro, eo,
+                                          norm, dtype, device)):
+            extra[k] += v
+        if splits > 1:
+            for k, v in enumerate(merge_counts(splits, z * ro, eo, norm, dtype, device)):
+                extra[k] += v
+    if page_size:   # every program of the paged grid reads its valid length and its page number (int32)
+        extra[2] += 8 * splits * sum(row_programs(runner.planner.schedules[o.name], sy.evaluate(
+            runner.planner.schedules[o.name].row[1], cdims), cfg.block_m) * z for o in plan.outputs)
+    merge = 0 if splits == 1 else sum(sum(merge_counts(splits, z * sy.evaluate(runner.planner.schedules[
+        o.name].row[1], cdims), e, False, dtype, device)[2:]) for o in plan.outputs)
     kv = 0
     for x in plan.key_inputs:
         node = plan.program.input_map[x]
@@ -104,8 +124,43 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
         kv += per
     for x in batch:
         kv *= x
+    tdev = "h100" if str(device).lower() == "cpu" else device
+    args = (*args[:-1], tdev)
     t = split_seconds(splits, *args, longest=longest)
-    return DecodeCost(splits, split_len, group, sum(r.flops for r in reports),
-                      sum(r.transcendentals for r in reports), sum(r.dram_bytes for r in reports) + merge,
-                      merge, kv, sum(r.tiles_visited for r in reports), t, split_seconds(1, *args, longest=ktiles),
+    loaded = sum(r.dram_bytes_loaded for r in reports) + extra[2]
+    stored = sum(r.dram_bytes_stored for r in reports) + extra[3]
+    return DecodeCost(splits, split_len, group, sum(r.flops for r in reports) + extra[0],
+                      sum(r.transcendentals for r in reports) + extra[1], loaded + stored, loaded, stored, merge, kv,
+                      sum(r.tiles_visited for r in reports), t, split_seconds(1, *args, longest=ktiles),
                       tuple(reports))
+
+
+def _bytes(dtype: str, device) -> tuple[int, int]:
+    """(output element bytes, accumulation bytes) of a launch: the interpreter computes bf16 in fp32."""
+    compute = "float32" if dtype == "bfloat16" and str(device).lower() == "cpu" else dtype
+    return DTYPE_BYTES[compute], 8 if dtype == "float64" else 4
+
+
+def _lse_counts(splits, programs, block_m, rows, e, norm, dtype, device) -> tuple:
+    """What each split adds to its block program's report: the lse (z) store of STORE_LSE, lse = (m + log2 l) ln 2
+    on every lane (1 log2, 2 flops), and the partial O in the accumulation dtype when it is merged."""
+    eb, acc = _bytes(dtype, device)
+    stored = splits * rows * acc + (splits * rows * e * (acc - eb) if splits > 1 else 0)
+    if norm:
+        return 0, 0, 0, stored
+    return splits * programs * block_m * 2, splits * programs * block_m, 0, stored
+
+
+def merge_counts(splits: int, rows: int, e: int, norm: bool, dtype: str, device="h100") -> tuple:
+    """(flops, transcendentals, bytes loaded, bytes stored) of `_merge_splits` (codegen/splitkv.py) over `rows`
+    rows, counted as the instrumented interpreter counts: arithmetic on every lane of a [16, BLOCK_E] block, loads
+    and stores of the valid lanes. Softmax: per split a max, a subtraction, an exp, the weighted add (2 lanes per
+    element) and the normaliser's add; then the division and log. Normalize: no max, exp or log."""
+    eb, acc = _bytes(dtype, device)
+    br, be = 16, max(16, 1 << max(0, e - 1).bit_length())
+    programs = cdiv(rows, br)
+    loaded = splits * rows * (e + (1 if norm else 2)) * acc
+    stored = rows * (e * eb + acc)
+    if norm:
+        return programs * (splits * (2 * br * be + br) + br * be), 0, loaded, stored
+    return programs * (splits * (2 * br * be + 3 * br) + br * be + br), programs * br * (splits + 1), loaded, stored
