@@ -27,6 +27,7 @@ def _py(e, names: dict) -> str:
     return sy.show(e)
 
 
+# long: one straight template of the module's text (kernel, helpers, argument checks, launch), in file order
 def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config: Config | None) -> str:
     """The text of a module with the tiled kernel of `output` for `dtype` and a function `launch(**inputs)`.
 
