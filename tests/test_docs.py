@@ -157,10 +157,11 @@ def test_named_files_and_functions_exist():
 def test_every_variant_has_definition_source_and_tile_map(name):
     text = (DOCS / "variants.md").read_text()
     src = (ROOT / "examples" / f"{name}.moa").read_text().rstrip("\n")
-    assert f"`examples/{name}.moa`:\n\n```\n{src}\n```" in text, "source not verbatim"
-    assert f"](images/tiles/{name}.png)" in text
+    assert f"`examples/{name}.moa`:\n\n```\n{src}\n```" in text, (
+        f"docs/variants.md needs a section for examples/{name}.moa that quotes its current source verbatim")
+    assert f"](images/tiles/{name}.png)" in text, f"docs/variants.md should show images/tiles/{name}.png"
     png = DOCS / "images" / "tiles" / f"{name}.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png}: run make docs-images"
 
 
 # ---- docs/tutorial.md -----------------------------------------------------------------------------------------------
