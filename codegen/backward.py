@@ -26,7 +26,7 @@ Programs outside this shape (several branches, a gate epilogue, window mixing) h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -100,17 +100,45 @@ def score_reads(score, operands: set) -> list:
                               and x.name not in operands))
 
 
+def is_multi(sched: Schedule) -> bool:
+    """Several branches, or an epilogue around the branch (a gate): each branch gets the single-branch kernels
+    (`branch_schedule`) and the runtime differentiates the epilogue."""
+    return len(sched.branches) != 1 or sched.epilogue != BranchValue(0)
+
+
+def _retile(e, k: int):
+    """e with branch k's contraction tile renamed DotTile(0) (the tile of a single-branch schedule)."""
+    if e == DotTile(k):
+        return DotTile(0)
+    kids = D.children(e)
+    return D.with_children(e, [_retile(x, k) for x in kids]) if kids else e
+
+
+def branch_schedule(sched: Schedule, k: int) -> Schedule:
+    """Branch k of a schedule alone, as its own output: O_k[i, c] = its softmax (or normalised) sum."""
+    b = sched.branches[k]
+    return replace(sched, branches=(replace(b, score=_retile(b.score, k)),), epilogue=BranchValue(0))
+
+
 def unfused_reason(program: Program, sched: Schedule) -> str | None:
-    """None when the output has fused backward kernels, else why not (in words)."""
+    """None when the output has fused backward kernels (for several branches: each branch has), else why not."""
     if len(program.outputs) != 1:
         return "several outputs"
-    if len(sched.branches) != 1:
-        return "several branches (a sum of softmaxes, as PiAttention) have no fused backward yet"
+    if is_multi(sched):
+        if any(b.mix is not None for b in sched.branches):
+            return "window mixing has no fused backward yet"
+        for k in range(len(sched.branches)):
+            why = _single_reason(program, branch_schedule(sched, k))
+            if why:
+                return f"branch {k}: {why}"
+        return None
+    return _single_reason(program, sched)
+
+
+def _single_reason(program: Program, sched: Schedule) -> str | None:
     b = sched.branches[0]
     if b.mix is not None:
         return "window mixing has no fused backward yet"
-    if sched.epilogue != BranchValue(0):
-        return "the output is not the branch itself (an epilogue such as a gate)"
     if sched.kind != TILED or b.mode != TILED or b.dot is None or b.lift is not None:
         return "the branch is not a plain key-tile loop with a q . k contraction"
     names = {n.attrs[0] for n in program.inputs}

@@ -291,9 +291,12 @@ def _names(program: Program, outputs) -> set:
     return taken
 
 
-def grad(program: Program, outputs) -> GradProgram:
-    """The gradient DNF of every float input of a program whose outputs have the DNF `outputs` (moa.dnf.dnf)."""
+def grad(program: Program, outputs, extra: dict | None = None) -> GradProgram:
+    """The gradient DNF of every float input of a program whose outputs have the DNF `outputs` (moa.dnf.dnf);
+    `extra` (name -> shape): more float arrays the outputs read, whose gradients follow the inputs' (the branch
+    values of an epilogue, runtime/backward_multi.py)."""
     bp = _Backprop(program, _names(program, outputs))
+    bp.float_inputs |= set(extra or {})
     cot = {}
     for o in outputs:
         if o.dtype != ir.FLOAT:
@@ -301,17 +304,15 @@ def grad(program: Program, outputs) -> GradProgram:
         cot[o.name] = cotangent_name(o.name)
         start = Adjoint(tuple(zip(o.vars, o.extents)), (), (Read(cot[o.name], o.vars, ir.FLOAT),))
         bp.back(o.expr, start)
+    arrays = [(n.attrs[0], n.shape) for n in program.inputs if n.dtype == ir.FLOAT] + list((extra or {}).items())
     grads = []
-    for node in program.inputs:
-        if node.dtype != ir.FLOAT:
-            continue
-        name = node.attrs[0]
-        us = tuple(bp.fresh("u") for _ in node.shape)
+    for name, shape in arrays:
+        us = tuple(bp.fresh("u") for _ in shape)
         expr = None
         for t in (t for t in bp.terms if t.name == name):
-            x = scatter(t, us, node.shape)
+            x = scatter(t, us, shape)
             expr = x if expr is None else Op("add", (expr, x), ir.FLOAT)
-        grads.append(DnfOutput(name, us, node.shape, Const(0.0) if expr is None else expr, ir.FLOAT))
+        grads.append(DnfOutput(name, us, tuple(shape), Const(0.0) if expr is None else expr, ir.FLOAT))
     return GradProgram(tuple(outputs), cot, tuple(bp.saved.values()), tuple(grads))
 
 

@@ -13,6 +13,9 @@ import torch
 from moa import ir
 from moa.grad import GradProgram, grad
 
+from moa.codegen.backward import is_multi
+
+from .backward_multi import MultiBranchBackward
 from .backward_run import BackwardRunner
 from .grad_eval import evaluate_grad
 
@@ -35,15 +38,26 @@ class Backward:
 
     @cached_property
     def runner(self) -> BackwardRunner | None:
-        return None if self.unfused_reason else BackwardRunner(self.k.planner, self.k.output_names[0])
+        """The fused kernels of a single-branch output (None otherwise)."""
+        if self.unfused_reason or is_multi(self.k.planner.schedules[self.k.output_names[0]]):
+            return None
+        return BackwardRunner(self.k.planner, self.k.output_names[0])
+
+    @cached_property
+    def multi(self) -> MultiBranchBackward | None:
+        """The per-branch fused kernels of an output with several branches or an epilogue (None otherwise)."""
+        if self.unfused_reason or self.runner is not None:
+            return None
+        return MultiBranchBackward(self.k.planner, self.k.output_names[0])
 
     @property
     def fused_inputs(self) -> tuple:
         """The inputs whose gradients the fused kernels compute (user names); () without fused kernels."""
-        if self.runner is None:
+        fused = self.runner or self.multi
+        if fused is None:
             return ()
         back = self.k.planner.codegen.inputs
-        return tuple(back[x] for x in self.runner.fused_names())
+        return tuple(back[x] for x in fused.fused_names())
 
     def saved_spec(self, dtype: torch.dtype) -> list:
         """(shape as extents, dtype) of each value the forward returns for the backward, after the outputs: the
@@ -72,6 +86,12 @@ class Backward:
             back = k.planner.codegen.inputs
             fused = self.runner.grads(b, saved[0], saved[1], cotangents[0])
             grads = {back[name]: g for name, g in fused.items()}
+        elif self.multi is not None:
+            back = k.planner.codegen.inputs
+            fused = self.multi.grads(b, cotangents[0], k.launcher)
+            grads = {back[name]: g for name, g in fused.items()}
+            grads.update({n: torch.zeros(t.shape, dtype=torch.float64) for n, t in b.tensors.items()
+                          if n not in grads and k.program.input_map[n].dtype == ir.FLOAT})
         rest = [n.attrs[0] for n in k.program.inputs if n.dtype == ir.FLOAT and n.attrs[0] not in grads]
         if rest:
             cot = dict(zip(k.output_names, (c.detach().cpu() for c in cotangents)))

@@ -26,9 +26,9 @@ INTERPRETER_BLOCKS = None   # (BLOCK_M, BLOCK_N) for interpreted launches; None:
 class BackwardRunner:
     """The fused backward of one output of a Kernel (None from `for_kernel` when the output has none)."""
 
-    def __init__(self, planner, name: str):
+    def __init__(self, planner, name: str, sched=None):
         self.planner, self.name = planner, name
-        self.sched = planner.schedules[name]
+        self.sched = sched or planner.schedules[name]   # a branch of a several-branch output: its own schedule
         self._specs: dict = {}
         self._chosen: dict = {}   # (source, head dims) -> the configs chosen for a GPU
 
