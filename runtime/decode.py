@@ -27,6 +27,7 @@ from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURC
 from moa.errors import InputError, UnsupportedError
 from moa.splitkv import choose_splits, key_range
 
+from . import paged
 from .binding import bind
 from .cache import module_for
 from .device import cdiv, check_device, device_table_name, next_pow2, run
@@ -117,6 +118,8 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     page_size keys laid back to back along the key axis, and batch index b's key j lives in page
     block_table[b, j // page_size] at j % page_size. pack_heads: run the query heads sharing a K/V head in one
     tile (moa/gqa.py); None: when that makes at most PACK_ROWS rows."""
+    if paged.paging_of(kernel) is not None:   # pools and a block table read through the language's gather
+        inputs, block_table, page_size = paged.unpage(kernel, inputs)
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from moa import dnf as D
+from moa import paging
 from moa import ir
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.frontend import elaborate
 from moa.program import Program
 
-from . import autograd, configs, costing, decode, explain, measuring, ring
+from . import autograd, configs, costing, decode, explain, measuring, paged, ring
 from .binding import Binding, bind, check_offsets, check_reads
 from .dnf_eval import evaluate_dnf
 from .launch import Launcher
@@ -58,13 +59,17 @@ def compile(source_or_path, form=None, schedule=None, autotune=None, **params) -
     default on; runtime/tune.py). params override the program's `param` defaults."""
     text, filename = _load_source(source_or_path)
     program = elaborate(text, filename, **params)   # text -> MoA IR with proven shapes
+    program, pages = paging.lower(program)          # K[page[j // P], j % P]: the contiguous program + its paging
     try:
         outputs = D.dnf(program)                      # psi-reduction: no intermediate arrays
     except RecursionError:
         raise UnsupportedError("the program is too deeply nested for psi-reduction (a chain of a few hundred "
                                "operations); split the chain or use reductions such as sum(X, axis=k)",
                                program.outputs[0][1].loc) from None
-    return Kernel(program, outputs, form, schedule, autotune)   # ONF + Triton on demand (per dtype and config)
+    kernel = Kernel(program, outputs, form, schedule, autotune)   # ONF + Triton on demand (per dtype and config)
+    if pages is not None:
+        paged.register(kernel, pages)   # calls run the paged decode (runtime/paged.py, runtime/decode.py)
+    return kernel
 
 
 class Kernel:
@@ -106,6 +111,8 @@ class Kernel:
         """Run the fused kernel(s): one output -> a tensor; several -> dict name -> tensor. With inputs that require
         grad (or under torch.compile) the call goes through the moa::attention operator (runtime/autograd.py)."""
         _no_positional(args, self.input_names)
+        if paged.paging_of(self) is not None:
+            return decode.decode(self, inputs)
         if autograd.wants_op(inputs):
             return autograd.call(self, inputs)
         b = self.bind(inputs)
@@ -149,6 +156,8 @@ class Kernel:
     def reference(self, /, **inputs):
         """The float64 meaning of the program, evaluated unfused (every intermediate array exists). It runs on
         the CPU; the result comes back on the device of the inputs (GPU tensors are copied over and back)."""
+        if paged.paging_of(self) is not None:   # the pools gathered into the contiguous cache they stand for
+            inputs = paged.contiguous(self, inputs)
         return self._on_cpu(lambda x: reference(self.program, x), inputs)
 
     def dnf_reference(self, /, **inputs):

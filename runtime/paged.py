@@ -1,0 +1,64 @@
+"""Kernels of programs that read a paged KV cache through a block table in the language (moa/paging.py): the
+paging of each such kernel, and the translation of a call's page pools and table into the paged decode's
+arguments (runtime/decode.py: the pools flattened along (pages, page size), the table as block_table)."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from moa.errors import InputError
+
+_PAGING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register(kernel, paging) -> None:
+    _PAGING[kernel] = paging
+
+
+def paging_of(kernel):
+    """The kernel's Paging (moa/paging.py), or None."""
+    return _PAGING.get(kernel)
+
+
+def unpage(kernel, inputs: dict) -> tuple[dict, torch.Tensor, int]:
+    """(inputs with every page pool flattened to [..., pages x page size, rest], block table, page size)."""
+    pg = _PAGING[kernel]
+    if pg.table not in inputs:
+        raise InputError(f"missing input {pg.table} (the block table of the paged inputs "
+                         f"{', '.join(pg.inputs)})")
+    out = {n: t for n, t in inputs.items() if n != pg.table}
+    decl = kernel.program.input_map
+    page = None
+    for name in pg.inputs:
+        t = out.get(name)
+        rest = len(decl[name].shape) - 1      # the lowered input: [m, rest...]; the pool: [pages, P, rest...]
+        if not isinstance(t, torch.Tensor) or t.dim() < rest + 2:
+            raise InputError(f"input {name} must be a page pool [..., pages, page size"
+                             f"{', ...' if rest else ''}], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        size = t.shape[t.dim() - rest - 1]
+        if page is not None and size != page:
+            raise InputError(f"the page pools have different page sizes ({page} and {size} in {name})")
+        page = size
+        out[name] = t.flatten(t.dim() - rest - 2, t.dim() - rest - 1)
+    if getattr(pg.page, "is_Integer", False) and int(pg.page) != page:   # a page size fixed by a param
+        raise InputError(f"the program's page size is {pg.page}, the pools hold pages of {page}")
+    return out, inputs[pg.table], page
+
+
+def contiguous(kernel, inputs: dict) -> dict:
+    """The call's inputs with each page pool gathered into the contiguous cache it stands for (the float64
+    reference runs on these)."""
+    flat, table, page = unpage(kernel, inputs)
+    pg = _PAGING[kernel]
+    decl = kernel.program.input_map
+    for name in pg.inputs:
+        rest = len(decl[name].shape) - 1
+        t = flat[name]
+        ax = t.dim() - rest - 1
+        keys = (table.long()[..., :, None] * page + torch.arange(page, device=table.device)).flatten(-2)
+        if keys.dim() > 1:
+            raise InputError("contiguous(): a batched block table needs batch-aligned pools; gather per batch index")
+        flat[name] = t.index_select(ax, keys.to(t.device))
+    return flat
