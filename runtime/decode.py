@@ -212,9 +212,6 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     inputs attend to keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the key inputs, with local indices in
     each sequence; one launch, no padding (a program past its sequence's rows exits at once)."""
     plan, block = _plan(kernel)
-    if plan.epilogues:
-        raise UnsupportedError("varlen: outputs combining several softmax branches (PiAttention) are not "
-                               "supported in varlen batches yet; call decode() per sequence")
     cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
     _check_replicated(kernel, plan)
     nq, mk = lengths(kernel, inputs)
@@ -230,8 +227,40 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     acc, info = {}, None
     for o in plan.outputs:
         acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
-    res = _finish(kernel, plan, block, acc, b, nq, inputs)
+        splits = info.splits
+    if plan.epilogues:   # several branches (PiAttention): the epilogue per sequence, on its own rows and dims
+        res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist())
+    else:
+        res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
+
+
+def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck):
+    """The user outputs of a varlen call whose outputs have an epilogue: each sequence's merged branch rows and
+    inputs bound with its own dims (as a call of its own), the epilogue evaluated, the rows concatenated."""
+    decl = kernel.program.input_map
+    parts: dict = {}
+    for s in range(len(cq) - 1):
+        nq_s, mk_s = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+        if nq_s == 0:
+            continue
+        seq = {}
+        for name, t in inputs.items():
+            role, axis = plan.roles[name]
+            if role == shard.REPLICATED:
+                seq[name] = t
+            else:
+                start, size = (cq[s], nq_s) if role == shard.QUERY else (ck[s], mk_s)
+                seq[name] = t.narrow(t.dim() - len(decl[name].shape) + axis, start, size)
+        gdims, row0 = _global(plan, nq_s, mk_s)
+        b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s))
+        acc_s = {n: (o.narrow(-2, cq[s], nq_s), t.narrow(-1, cq[s], nq_s)) for n, (o, t) in acc.items()}
+        for name, out in _results(plan, block, acc_s, b_s, nq_s,
+                                  {n: t for n, t in seq.items() if plan.roles[n][0] != shard.KEY}).items():
+            parts.setdefault(name, []).append(out)
+    outs = {name: torch.cat(ps, dim=-2) for name, ps in parts.items()}
+    names = plan.output_names
+    return outs[names[0]] if len(names) == 1 else outs
 
 
 def _check_cu(cu_q, cu_k, plan):
@@ -278,9 +307,8 @@ def _run_output(block, name, b, plan, call: _Call, splits):
     if getattr(p.config, "tma", False):   # the grid kernel moves key pointers per split: plain loads
         p = block.launcher.plan(name, cb, dataclasses.replace(p.config, tma=False))
     sched, cfg = p.schedule, p.config
-    if call.mode == VARLEN and sched.kind == onf.RESIDUE:
-        raise UnsupportedError("varlen: the residue schedule is not supported in varlen batches; compile with "
-                               "schedule='tiled' or 'hops'")
+    if call.mode == VARLEN and sched.kind == onf.RESIDUE:   # its programs are not row tiles of one sequence
+        sched = next(v for v in block.planner.variants[name] if v.kind != onf.RESIDUE)   # tiled comes first
     lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
     e = sy.evaluate(sched.col[1], cb.dims)
     z = math.prod(b.batch) * math.prod(lead)

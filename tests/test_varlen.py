@@ -67,6 +67,18 @@ def test_varlen_one_dim_programs_take_the_last_rows():
         torch.testing.assert_close(got[int(cq[b]):int(cq[b + 1])], want, rtol=1e-12, atol=1e-12)
 
 
+def test_varlen_two_branch_program_equals_separate_calls():
+    """PiAttention: both branches split and merged in one launch each, the gate evaluated per sequence."""
+    k = moa.compile("examples/pi_attention.moa", k=20, s=7)
+    lens = [1, 40, 0, 130]
+    ins, cq, ck = _packed(lens, lens)
+    wg = torch.randn(D, generator=torch.Generator().manual_seed(3), dtype=F64)
+    got = k.varlen(cq, ck, splits=2, wg=wg, **ins)
+    parts = [k(Q=ins["Q"][a:b], K=ins["K"][a:b], V=ins["V"][a:b], wg=wg)
+             for a, b in zip(cq[:-1].tolist(), cq[1:].tolist()) if b > a]
+    assert (got - torch.cat(parts)).abs().max().item() <= 1e-12
+
+
 def test_varlen_refusals():
     k = moa.compile("examples/sliding_window.moa")
     ins, cq, ck = _packed([3, 4], [3, 4])
@@ -80,9 +92,6 @@ def test_varlen_refusals():
         k.varlen(torch.tensor([0, 4, 7]), torch.tensor([0, 3, 7]), **ins)
     with pytest.raises(InputError, match="cu_seqlens_q ends at"):
         k.varlen(torch.tensor([0, 3, 6]), torch.tensor([0, 3, 6]), **ins)
-    pi = moa.compile("examples/pi_attention.moa")
-    with pytest.raises(UnsupportedError, match="several softmax branches"):
-        pi.varlen(cq, ck, **ins, wg=torch.zeros(D, dtype=F64))
     rel = moa.compile("examples/relative_bias.moa")
     with pytest.raises(UnsupportedError, match="depends on the sequence length"):
         rel.varlen(cq, ck, **ins, bias=torch.zeros(13, dtype=F64))
@@ -100,3 +109,29 @@ def test_generated_split_and_varlen_sources_are_pyflakes_clean(tmp_path):
                            "concise", str(tmp_path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert len(list(tmp_path.iterdir())) >= 8
+
+
+def test_varlen_runs_a_residue_plan_in_its_tiled_variant(monkeypatch):
+    """The residue schedule's programs are not row tiles of one sequence: a varlen call planned with it runs the
+    tiled variant instead, with the same result."""
+    import dataclasses
+
+    from moa import onf
+    from moa.runtime import ring
+
+    k = moa.compile("examples/pi_attention.moa", k=20, s=7)
+    _, block = ring.block_kernel(k)
+    plan = block.launcher.plan
+
+    def residue(name, b, config=None):
+        p = plan(name, b, config)
+        res = [v for v in block.planner.variants[name] if v.kind == onf.RESIDUE]
+        return dataclasses.replace(p, schedule=res[0]) if res else p
+
+    lens = [5, 60]
+    ins, cq, ck = _packed(lens, lens)
+    wg = torch.randn(D, generator=torch.Generator().manual_seed(4), dtype=F64)
+    want = k.varlen(cq, ck, splits=2, wg=wg, **ins)
+    monkeypatch.setattr(block.launcher, "plan", residue)
+    assert any(v.kind == onf.RESIDUE for v in block.planner.variants["O_branch1"])
+    assert (k.varlen(cq, ck, splits=2, wg=wg, **ins) - want).abs().max().item() <= 1e-12
