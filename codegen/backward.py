@@ -278,6 +278,13 @@ class _BackwardEmitter:
         m = f", mask={' & '.join(masks)}" if masks else ""
         scope.add(f"tl.atomic_add({' + '.join(parts)}, {adj}{m})")
 
+    def _ds_dot(self, ds: str, operand: str, x: Emitter) -> str:
+        """ds times an operand tile: in the operand's dtype for softmax (ds is bounded by p); for a normalised
+        branch ds is unbounded ((q . k)^p), so it takes the forward's weights dot (fp16: tf32, fp32 range)."""
+        if self.b.kind == "softmax":
+            return f"tl.dot({ds}.to({operand}.dtype), {operand}{x.dot_kw()})"
+        return x.weights_dot(ds, operand)
+
     def _chain(self, scope: Scope, x: Emitter, acc: str, operand, read, vmap: dict) -> None:
         """acc *= d operand / d read, for a dot operand computed from its read (elu(Q) + 1)."""
         if operand is read:
@@ -309,7 +316,7 @@ class _BackwardEmitter:
         q = self._rows(inner, x, offs)
         self._pair(inner, x, q, k, v, scatter=False)
         inner.add(f"dv += tl.dot(tl.trans(p).to(do.dtype), do{x.dot_kw()})")
-        inner.add(f"dk += tl.dot(tl.trans(ds).to({q}.dtype), {q}{x.dot_kw()})")
+        inner.add(f"dk += {self._ds_dot('tl.trans(ds)', q, x)}")
         self._chain(body, x, "dk", b.dot.b, self.kread, {b.var: "offs_n[:, None]", b.dot.var: f"{offs}[None, :]"})
         d = x.idx(b.dot.extent, {})
         body.add(f"tl.store(dK_ptr + zz * stride_dK_z + offs_n[:, None] * stride_dK_0 + {offs}[None, :] * "
@@ -344,7 +351,7 @@ class _BackwardEmitter:
         inner = loop.open(f"if {self._code(b.skip, x)} == 0:") if tested else loop
         k, v = self._keys(inner, x, offs)
         self._pair(inner, x, q, k, v, scatter=True)
-        inner.add(f"dq += tl.dot(ds.to({k}.dtype), {k}{x.dot_kw()})")
+        inner.add(f"dq += {self._ds_dot('ds', k, x)}")
         self._chain(body, x, "dq", b.dot.a, self.qread, {s.row[0]: "offs_m[:, None]", b.dot.var: f"{offs}[None, :]"})
         body.add(f"tl.store(dQ_ptr + zz * stride_dQ_z + offs_m[:, None] * stride_dQ_0 + {offs}[None, :] * "
                  f"stride_dQ_1, dq, mask=(offs_m[:, None] < {n}) & ({offs}[None, :] < "

@@ -191,3 +191,20 @@ def test_cli_check_grad(stem, dims, backward, capsys):
     names = ["Q", "K", "V"] + (["bias"] if stem == "relative_bias" else [])
     assert all(f"d{n}: kernel vs autograd (f64)" in out for n in names), out
     assert backward in out and out.rstrip().endswith("OK")
+
+
+def test_attention_module_passes_other_inputs_and_their_gradients():
+    """relative_bias through moa.nn.Attention: the bias table by name, its gradient against autograd."""
+    att = moa.nn.Attention("examples/relative_bias.moa", num_heads=2, layout="bnhd")
+    g = torch.Generator().manual_seed(5)
+    q, kk, v = (torch.randn(2, 11, 2, 4, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 21, generator=g, dtype=F64, requires_grad=True)
+    att(q, kk, v, bias=bias).square().sum().backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (q, kk, v, bias)]
+    ref = att.kernel.reference(Q=leaves[0].transpose(1, 2), K=leaves[1].transpose(1, 2), V=leaves[2].transpose(1, 2),
+                               bias=leaves[3])
+    ref.transpose(1, 2).square().sum().backward()
+    for got, want in zip((q, kk, v, bias), leaves):
+        assert C.rel_err(got.grad, want.grad) <= 1e-10
+    with pytest.raises(InputError, match="unknown input"):
+        att(q, kk, v, bias=bias, tabel=bias)
