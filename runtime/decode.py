@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from moa import gqa, onf, shard
 from moa import symbolic as sy
 from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN, Layout,
                                  grid_source)
-from moa.errors import InputError, UnsupportedError
+from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import choose_splits, key_range
 
 from . import paged
@@ -37,6 +38,7 @@ from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
 
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREFER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PACK_ROWS = 128   # GQA packing by default while the packed rows fit one or two query tiles
 
 
@@ -110,14 +112,16 @@ class _Call:
 
 # long: the checks of the cache arguments, one after the other
 def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False, cache_len=None,
-           block_table=None, page_size: int | None = None, pack_heads: bool | None = None):
+           block_table=None, page_size: int | None = None, pack_heads: bool | None = None,
+           plan_only: bool = False):
     """Every output of a decoding call (module docstring): one launch over (query tiles, batch x heads, key
     splits), the splits merged. splits: None (the cost model, moa/splitkv.py) or a positive integer.
     cache_len: the valid length of the cache per batch index (an int tensor broadcasting to the call's batch
     axes): keys past it are never read. block_table (with page_size): the key inputs are a pool of pages of
     page_size keys laid back to back along the key axis, and batch index b's key j lives in page
     block_table[b, j // page_size] at j % page_size. pack_heads: run the query heads sharing a K/V head in one
-    tile (moa/gqa.py); None: when that makes at most PACK_ROWS rows."""
+    tile (moa/gqa.py); None: when that makes at most PACK_ROWS rows. plan_only: the DecodeStats of the call,
+    nothing launched."""
     if paged.paging_of(kernel) is not None:   # pools and a block table read through the language's gather
         inputs, block_table, page_size = paged.unpage(kernel, inputs)
     plan, block = _plan(kernel)
@@ -142,6 +146,10 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     if packed is not None and pack_heads is None and \
             sy.evaluate(packed[0].group, b.dims) * nq > PACK_ROWS:
         runner, packed = block, None
+    if plan_only:
+        _, info = _run_output(runner, plan.outputs[0].name, b, plan, call, splits, dry=True)
+        return info if packed is None else dataclasses.replace(
+            info, packed_heads=sy.evaluate(packed[0].group, b.dims))
     acc, info = {}, None
     for o in plan.outputs:   # one split layout for every output (the first one's choice)
         (out, lse), info = _run_output(runner, o.name, b, plan, call, splits)
@@ -153,6 +161,31 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         acc[o.name] = (out, lse)
     res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
+
+
+def prefers_split(kernel, inputs: dict) -> bool:
+    """Whether a plain call k(...) on CUDA runs as a decode: the cost model splits the keys or packs GQA heads
+    for its shapes (MOA_SPLIT_KV=0 turns it off). Decided once per input shapes; a program decode does not take
+    (a window-mixing or linear-form output, per-tile summaries ...) runs the plain kernel."""
+    if os.environ.get("MOA_SPLIT_KV", "1") == "0":
+        return False
+    devices = {t.device.type for t in inputs.values() if isinstance(t, torch.Tensor)}
+    return devices == {"cuda"} and split_preference(kernel, inputs) is not None
+
+
+def split_preference(kernel, inputs: dict):
+    """DecodeStats of the decode a plain call would run when it splits or packs, else None (memoised per
+    input shapes; any refusal: None)."""
+    key = tuple(sorted((n, tuple(t.shape)) for n, t in inputs.items() if isinstance(t, torch.Tensor)))
+    memo = _PREFER.setdefault(kernel, {})
+    if key not in memo:
+        try:
+            kinds = {kernel.planner.run_kind(n, kernel.bind(inputs).dims) for n in kernel.output_names}
+            st = decode(kernel, inputs, plan_only=True) if kinds == {"tiled"} else None
+        except MoaError:
+            st = None
+        memo[key] = st if st is not None and (st.splits > 1 or st.packed_heads > 1) else None
+    return memo[key]
 
 
 def _gqa(kernel):
@@ -207,95 +240,9 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
                  page=page_size)
 
 
-def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False):
-    """Every output of a packed batch of sequences: rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the query
-    inputs attend to keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the key inputs, with local indices in
-    each sequence; one launch, no padding (a program past its sequence's rows exits at once)."""
-    plan, block = _plan(kernel)
-    cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
-    _check_replicated(kernel, plan)
-    nq, mk = lengths(kernel, inputs)
-    if nq != int(cu_q[-1]) or mk != int(cu_k[-1]):
-        raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
-                         f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
-    gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
-    b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
-    check_device(b.device)
-    dev = b.device
-    call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1,
-                 (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)))
-    acc, info = {}, None
-    for o in plan.outputs:
-        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
-        splits = info.splits
-    if plan.epilogues:   # several branches (PiAttention): the epilogue per sequence, on its own rows and dims
-        res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist())
-    else:
-        res = _finish(kernel, plan, block, acc, b, nq, inputs)
-    return (res, info) if stats else res
-
-
-def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck):
-    """The user outputs of a varlen call whose outputs have an epilogue: each sequence's merged branch rows and
-    inputs bound with its own dims (as a call of its own), the epilogue evaluated, the rows concatenated."""
-    decl = kernel.program.input_map
-    parts: dict = {}
-    for s in range(len(cq) - 1):
-        nq_s, mk_s = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
-        if nq_s == 0:
-            continue
-        seq = {}
-        for name, t in inputs.items():
-            role, axis = plan.roles[name]
-            if role == shard.REPLICATED:
-                seq[name] = t
-            else:
-                start, size = (cq[s], nq_s) if role == shard.QUERY else (ck[s], mk_s)
-                seq[name] = t.narrow(t.dim() - len(decl[name].shape) + axis, start, size)
-        gdims, row0 = _global(plan, nq_s, mk_s)
-        b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s))
-        acc_s = {n: (o.narrow(-2, cq[s], nq_s), t.narrow(-1, cq[s], nq_s)) for n, (o, t) in acc.items()}
-        for name, out in _results(plan, block, acc_s, b_s, nq_s,
-                                  {n: t for n, t in seq.items() if plan.roles[n][0] != shard.KEY}).items():
-            parts.setdefault(name, []).append(out)
-    outs = {name: torch.cat(ps, dim=-2) for name, ps in parts.items()}
-    names = plan.output_names
-    return outs[names[0]] if len(names) == 1 else outs
-
-
-def _check_cu(cu_q, cu_k, plan):
-    out = []
-    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-            raise InputError(f"varlen: {name} must be a 1-d int32 or int64 tensor of cumulative lengths")
-        c = cu.cpu().to(torch.int64)
-        if c.numel() < 2 or int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()):
-            raise InputError(f"varlen: {name} must start at 0 and never decrease, got {c.tolist()[:8]}")
-        out.append(c)
-    if out[0].numel() != out[1].numel():
-        raise InputError(f"varlen: cu_seqlens_q has {out[0].numel() - 1} sequences and cu_seqlens_k "
-                         f"{out[1].numel() - 1}")
-    lq, lk = out[0].diff(), out[1].diff()
-    if plan.n == plan.m and bool((lq > lk).any()):
-        bad = int((lq > lk).nonzero()[0, 0])
-        raise InputError(f"varlen: sequence {bad} has {int(lq[bad])} query rows and {int(lk[bad])} keys; the "
-                         f"program uses one dim {plan.n} for both axes, so its queries are its last rows")
-    return out[0], out[1], int(lq.max()), int(lk.max())
-
-
-def _check_replicated(kernel, plan):
-    """Inputs read whole by every sequence must not depend on the sequence's length (a bias table of 2n - 1)."""
-    decl = kernel.program.input_map
-    for name, (role, _) in plan.roles.items():
-        syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
-        if role == shard.REPLICATED and syms & {plan.n, plan.m}:
-            raise UnsupportedError(f"varlen: input {name} has a shape that depends on the sequence length; a "
-                                   "packed batch has one length per sequence")
-
-
 # long: one launch described top to bottom (config, splits, buffers, arguments, grid, merge)
-def _run_output(block, name, b, plan, call: _Call, splits):
-    """(O, lse or z) of one block output over the whole call, and DecodeStats."""
+def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
+    """(O, lse or z) of one block output over the whole call, and DecodeStats (dry: only the stats)."""
     cb = block.planner.cg_binding(b)
     dt = b.dtype
     compute = compute_dtype(dt, b.device)
@@ -332,6 +279,8 @@ def _run_output(block, name, b, plan, call: _Call, splits):
         raise InputError(f"splits must be a positive integer, got {splits!r}")
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
+    if dry:
+        return None, DecodeStats(splits, split_len, (ptiles, z, call.nseq * splits), predicted)
     nq = call.nq
     o_part = torch.empty((splits, *b.batch, *lead, rows, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)

@@ -19,7 +19,7 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.frontend import elaborate
 from moa.program import Program
 
-from . import autograd, configs, costing, decode, explain, measuring, paged, ring
+from . import autograd, configs, costing, decode, explain, measuring, paged, ring, varlen
 from .binding import Binding, bind, check_offsets, check_reads
 from .dnf_eval import evaluate_dnf
 from .launch import Launcher
@@ -115,6 +115,8 @@ class Kernel:
             return decode.decode(self, inputs)
         if autograd.wants_op(inputs):
             return autograd.call(self, inputs)
+        if decode.prefers_split(self, inputs):   # CUDA, few query rows: split-KV / GQA packing (docs/inference.md)
+            return decode.decode(self, inputs)
         b = self.bind(inputs)
         outs = {n: self.launcher.output(n, b) for n in self.output_names}
         return outs[self.output_names[0]] if len(outs) == 1 else outs
@@ -166,6 +168,8 @@ class Kernel:
 
     def _on_cpu(self, fn, inputs):
         devices = {t.device for t in inputs.values() if isinstance(t, torch.Tensor)}
+        if len(devices) > 1:   # the call's own refusal (InputError naming the devices), before any copy
+            self.bind(inputs)
         home = devices.pop() if len(devices) == 1 else torch.device("cpu")
         outs = fn({k: t.cpu() if isinstance(t, torch.Tensor) else t for k, t in inputs.items()})
         outs = {k: v.to(home) for k, v in outs.items()}
@@ -188,7 +192,7 @@ class Kernel:
     def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, **inputs):
         """A packed batch of sequences (cumulative lengths, FlashAttention's varlen layout) in one launch, each
         sequence with its own local indices (runtime/decode.py, docs/inference.md)."""
-        return decode.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats)
+        return varlen.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats)
 
     # ---- source ---------------------------------------------------------------------------------------------
     def source(self, output: str | None = None, dtype: str = "float16", nbatch: int = 0,

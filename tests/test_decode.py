@@ -108,3 +108,22 @@ def test_window_splits_stay_in_the_window():
     got, st = decode.decode(k, dict(full, Q=full["Q"][-2:]), splits=4, stats=True)
     assert st.splits * st.split_len <= 192 and st.splits == 2   # tiles 62, 63 of 64 keys
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_cuda_calls_of_decode_shapes_run_split():
+    """k(...) on CUDA runs as a decode when the cost model splits or packs (decided from the shapes, tested here
+    on CPU tensors, which always run the plain kernel); a prefill does not."""
+    gqa = """
+dim h, g, n, m, d, e
+in Q[h, n, d], K[g, m, d], V[g, m, e]
+S[a, i, j] = dot(Q[a, i], K[a // (h // g), j]) / sqrt(d)
+out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]
+"""
+    k = moa.compile(gqa)
+    one = dict(Q=torch.zeros(32, 1, D), K=torch.zeros(8, 8192, D), V=torch.zeros(8, 8192, D))
+    st = decode.split_preference(k, one)
+    assert st is not None and st.splits > 1 and st.packed_heads == 4
+    assert not decode.prefers_split(k, one)   # CPU tensors
+    prefill = dict(Q=torch.zeros(32, 512, D), K=torch.zeros(8, 512, D), V=torch.zeros(8, 512, D))
+    assert decode.split_preference(k, prefill) is None
+    assert decode.split_preference(moa.compile("examples/bla.moa"), {}) is None   # refusals: no split

@@ -1,0 +1,102 @@
+"""Variable-length batches (FlashAttention's cu_seqlens layout): k.varlen runs the packed sequences of a batch in
+one launch of the split-KV grid kernel (runtime/decode.py, codegen/splitkv.py VARLEN mode), every sequence with
+its own lengths as the block program's dims, so masks written in local indices apply per sequence; programs past
+a sequence's row tiles exit at once (no padding work)."""
+from __future__ import annotations
+
+import torch
+
+from moa import shard
+from moa.codegen.splitkv import VARLEN
+from moa.errors import InputError, UnsupportedError
+
+from .binding import bind
+from .decode import _Call, _finish, _global, _plan, _run_output, lengths
+from .device import check_device
+from .ring import _results
+
+
+def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False):
+    """Every output of a packed batch of sequences: rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the query
+    inputs attend to keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the key inputs, with local indices in
+    each sequence; one launch, no padding (a program past its sequence's rows exits at once)."""
+    plan, block = _plan(kernel)
+    cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
+    _check_replicated(kernel, plan)
+    nq, mk = lengths(kernel, inputs)
+    if nq != int(cu_q[-1]) or mk != int(cu_k[-1]):
+        raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
+                         f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
+    gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
+    b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
+    check_device(b.device)
+    dev = b.device
+    call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1,
+                 (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)))
+    acc, info = {}, None
+    for o in plan.outputs:
+        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
+        splits = info.splits
+    if plan.epilogues:   # several branches (PiAttention): the epilogue per sequence, on its own rows and dims
+        res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist())
+    else:
+        res = _finish(kernel, plan, block, acc, b, nq, inputs)
+    return (res, info) if stats else res
+
+
+def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck):
+    """The user outputs of a varlen call whose outputs have an epilogue: each sequence's merged branch rows and
+    inputs bound with its own dims (as a call of its own), the epilogue evaluated, the rows concatenated."""
+    decl = kernel.program.input_map
+    parts: dict = {}
+    for s in range(len(cq) - 1):
+        nq_s, mk_s = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+        if nq_s == 0:
+            continue
+        seq = {}
+        for name, t in inputs.items():
+            role, axis = plan.roles[name]
+            if role == shard.REPLICATED:
+                seq[name] = t
+            else:
+                start, size = (cq[s], nq_s) if role == shard.QUERY else (ck[s], mk_s)
+                seq[name] = t.narrow(t.dim() - len(decl[name].shape) + axis, start, size)
+        gdims, row0 = _global(plan, nq_s, mk_s)
+        b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s))
+        acc_s = {n: (o.narrow(-2, cq[s], nq_s), t.narrow(-1, cq[s], nq_s)) for n, (o, t) in acc.items()}
+        for name, out in _results(plan, block, acc_s, b_s, nq_s,
+                                  {n: t for n, t in seq.items() if plan.roles[n][0] != shard.KEY}).items():
+            parts.setdefault(name, []).append(out)
+    outs = {name: torch.cat(ps, dim=-2) for name, ps in parts.items()}
+    names = plan.output_names
+    return outs[names[0]] if len(names) == 1 else outs
+
+
+def _check_cu(cu_q, cu_k, plan):
+    out = []
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"varlen: {name} must be a 1-d int32 or int64 tensor of cumulative lengths")
+        c = cu.cpu().to(torch.int64)
+        if c.numel() < 2 or int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()):
+            raise InputError(f"varlen: {name} must start at 0 and never decrease, got {c.tolist()[:8]}")
+        out.append(c)
+    if out[0].numel() != out[1].numel():
+        raise InputError(f"varlen: cu_seqlens_q has {out[0].numel() - 1} sequences and cu_seqlens_k "
+                         f"{out[1].numel() - 1}")
+    lq, lk = out[0].diff(), out[1].diff()
+    if plan.n == plan.m and bool((lq > lk).any()):
+        bad = int((lq > lk).nonzero()[0, 0])
+        raise InputError(f"varlen: sequence {bad} has {int(lq[bad])} query rows and {int(lk[bad])} keys; the "
+                         f"program uses one dim {plan.n} for both axes, so its queries are its last rows")
+    return out[0], out[1], int(lq.max()), int(lk.max())
+
+
+def _check_replicated(kernel, plan):
+    """Inputs read whole by every sequence must not depend on the sequence's length (a bias table of 2n - 1)."""
+    decl = kernel.program.input_map
+    for name, (role, _) in plan.roles.items():
+        syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
+        if role == shard.REPLICATED and syms & {plan.n, plan.m}:
+            raise UnsupportedError(f"varlen: input {name} has a shape that depends on the sequence length; a "
+                                   "packed batch has one length per sequence")
