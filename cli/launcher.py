@@ -15,6 +15,7 @@ import torch
 
 from moa import ir, onf
 from moa import symbolic as sy
+from moa.codegen.emit import SCAN
 from moa.errors import UnsupportedError
 from moa.runtime.tiling import Config
 
@@ -82,9 +83,10 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
              "", ""]
     summaries = getattr(spec, "summaries", ())   # per-tile (min, max) of the inputs a mask's tile tests read
     if summaries:
-        lines += ["def _tile_summaries(t: torch.Tensor, axis: int, block: int) -> torch.Tensor:",
-                  "    \"\"\"(min, max) of t over tiles of `block` along `axis`: that axis becomes the tile count, a "
-                  "last axis\n    of 2 holds min and max (booleans as 0/1).\"\"\"",
+        lines += ["def _tile_summaries(t: torch.Tensor, axis: int, block: int, extra: int) -> torch.Tensor:",
+                  "    \"\"\"(min, max) of t over tiles of `block` along `axis`: that axis becomes the tile count "
+                  "(plus `extra`\n    tiles of padding the kernel's scan may read), a last axis of 2 holds min and "
+                  "max (booleans as 0/1).\"\"\"",
                   "    if t.dtype == torch.bool:",
                   "        t = t.to(torch.int8)",
                   "    elif t.dtype not in (torch.int32, torch.int64, torch.int8):",
@@ -97,7 +99,9 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
                   "    hi = torch.cat([x, x.new_full((*x.shape[:-1], pad), info.min)], -1)",
                   "    lo = lo.reshape(*x.shape[:-1], tiles, block).amin(-1)",
                   "    hi = hi.reshape(*x.shape[:-1], tiles, block).amax(-1)",
-                  "    return torch.stack([lo, hi], -1).movedim(-2, axis).contiguous()", "", ""]
+                  "    out = torch.stack([lo, hi], -1)",
+                  "    out = torch.cat([out, out.new_zeros((*out.shape[:-2], extra, 2))], -2)",
+                  "    return out.movedim(-2, axis).contiguous()", "", ""]
     params = ", ".join(f"{x}: torch.Tensor" for x in inputs)
     where = {}   # user dim -> (input, axis from the end)
     for node in program.inputs:
@@ -166,7 +170,8 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
     for ts in summaries:
         block = "BLOCK_M" if ts.axis == "row" else "BLOCK_N"
         t = local(f"{inp_of[ts.tensor]}_{ts.axis}_tiles")
-        body.append(f"    {t} = _tile_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {block})")
+        body.append(f"    {t} = _tile_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {block}, "
+                    f"{0 if ts.axis == 'row' else SCAN})")
         args.append(f"{t}, *{t}.stride()")
     args.append(f"{out_}, *{out_}.stride()")
     args += [dim_of[x] for x in spec.dims]

@@ -43,6 +43,7 @@ from moa.tiles import (DATA, RowTiles, hop_iters, hops_needed, key_iterations, r
                        summary_env, tiles_needed)
 
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, csym
+from .emit import SCAN
 from .ledger import ledger
 
 
@@ -146,7 +147,7 @@ def _next_pow2(x: int) -> int:
 
 def _axis_lengths(cvals: dict) -> dict:
     out = {"row": cvals[BLOCK_M], "key": cvals[BLOCK_N], "col": cvals[HEAD_DIM_V], "hop": 1,
-           "lifted_row": cvals[BLOCK_M]}
+           "lifted_row": cvals[BLOCK_M], "scan": SCAN}
     for k, v in cvals.items():
         if k.name.startswith("HEAD_DIM") and k.name != "HEAD_DIM_V":
             out[k.name] = v
@@ -240,10 +241,12 @@ def _iterations(sched, led, env, dims, bm: int, bn: int, needed: bool) -> _Itera
             m = np_eval(b.extent, penv) if residue else sy.evaluate(b.extent, dims)
             data = uses_summaries(sched, b)   # the kernel tests b's tiles with the data's summaries
             benv = {**penv, **summary_env(b, env, env.get(DATA), n, m, bm, bn)} if data else penv
-            tiles[k] = key_iterations(b, benv, lo, hi, m, bn, data)
+            tiles[k] = key_iterations(b, benv, lo, hi, m, bn, data, SCAN)
     c = Counts(programs=rt.count)
     mult = {"program": rt.count, "lse": rt.count if "lse" in led.regions else 0}
     for k, t in tiles.items():
+        if t.scans is not None:   # the scan that trims a data-tested loop
+            mult[("scan", k)] = int(t.scans.sum())
         if t.loop is not None:   # a split key loop: its three loops
             for q, part in enumerate(SPLIT):
                 mult[(part, k)] = int((t.loop == q).sum())
@@ -275,6 +278,9 @@ def _count_bytes(c: Counts, it: _Iterations, led, env, lengths, elem_bytes) -> N
         elif region[0] == "hop":
             h = it.hops[region[1]]
             prog, starts = h.rows, {"hop": h.hops}
+        elif region[0] == "scan":
+            scans = it.tiles[region[1]].scans
+            prog, starts = np.repeat(np.arange(len(scans), dtype=np.int64), scans), {}
         else:
             t = it.tiles[region[1]]
             if region[0] in SPLIT:

@@ -11,6 +11,7 @@ from moa.onf import Schedule, unknown_summaries, uses_summaries
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, KEY_TILE, ROW_TILE, csym
 
 from .counts import components
+from .emit import SCAN
 from .ledger import ledger
 
 HOP = sp.Symbol("h", integer=True)   # the hop of a hop loop (codegen/hops.py)
@@ -139,7 +140,7 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
                                f"(rows r + s a per program); pass every dim for numbers")
     led = ledger(program, spec)
     bm, bn = BLOCK_M, BLOCK_N
-    lengths = {"row": bm, "key": bn, "col": HEAD_DIM_V, "hop": 1}
+    lengths = {"row": bm, "key": bn, "col": HEAD_DIM_V, "hop": 1, "scan": SCAN}
     for name, _ in spec.head_dims:
         lengths[name] = csym(name)
     _, n = sched.row
@@ -182,6 +183,9 @@ def predict_symbolic(program, sched: Schedule, spec, elem_bytes: dict, batch=1) 
             inner = sp.Sum(expr, (HOP, lo_h, sp.Max(hi_h, lo_h - 1))) if expr.has(HOP) else \
                 expr * sp.Max(0, hi_h - lo_h + 1)
             return _sum_full(inner, r, _row_count(n), n, R)
+        if kind == "scan":   # steps of the scan over [lo, hi] (the loop it trims is counted untrimmed: a bound)
+            lo_t, hi_t = loops[k][:2]
+            return _sum_full(expr * sp.Max(0, sp.floor((hi_t - lo_t) / SCAN) + 1), r, _row_count(n), n, R)
         if kind in splits.get(k, {}):
             a, z = splits[k][kind]
             inner = expr * sp.Max(0, z - a + 1) if not expr.has(t) else sp.Sum(expr, (t, a, sp.Max(z, a - 1)))

@@ -24,6 +24,7 @@ class BranchTiles:
     visited: np.ndarray     # bool: the tile body runs (not skipped)
     partial: np.ndarray     # bool: the mask code runs (visited tiles only are meaningful)
     loop: np.ndarray | None = None   # a split key loop (Branch.split): 0 boundary tiles before, 1 full, 2 after
+    scans: np.ndarray | None = None  # per row tile: steps of the scan that trims a data-tested loop
 
 
 @dataclass
@@ -106,10 +107,11 @@ def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
     return key_iterations(b, env, r * bm, np.minimum(r * bm + bm, n) - 1, m, bn)
 
 
-def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False) -> BranchTiles:
+def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan: int = 0) -> BranchTiles:
     """Iterations of branch b's key loop for programs with row boxes [ilo, ihi] (arrays) and key extents m (an
     int or an array: a lifted branch's keys depend on the residue); env may hold per-program arrays. data: the
-    kernel tests the tiles with the data's summaries (their values in env: summary_env)."""
+    kernel tests the tiles with the data's summaries (their values in env: summary_env), after a scan of `scan`
+    key tiles per step has trimmed [lo, hi] to the first and last tile the summaries keep."""
     R = len(ilo)
     m = np.broadcast_to(np.asarray(m, dtype=np.int64), (R,))
     skip_f, full_f = b.tile_tests(data)
@@ -129,11 +131,25 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False) -> Br
     rows = np.repeat(r, cnt)
     first = np.cumsum(cnt) - cnt
     starts = lo[rows] + (np.arange(len(rows)) - first[rows]) * bn
-    te = {**{k: (v[rows] if isinstance(v, np.ndarray) and v.shape == (R,) else v) for k, v in env.items()},
-          iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts, iv.J_HI: np.minimum(starts + bn, m[rows]) - 1,
-          **{k: v[starts // bn] for k, v in tables.items()}}
-    skip = np.zeros(len(rows), dtype=bool) if skip_f is sp.false else \
-        np.broadcast_to(np_eval(skip_f, te), (len(rows),)).astype(bool)
+
+    def tests(rows, starts):
+        te = {**{k: (v[rows] if isinstance(v, np.ndarray) and v.shape == (R,) else v) for k, v in env.items()},
+              iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts,
+              iv.J_HI: np.minimum(starts + bn, m[rows]) - 1, **{k: v[starts // bn] for k, v in tables.items()}}
+        skip = np.zeros(len(rows), dtype=bool) if skip_f is sp.false else \
+            np.broadcast_to(np_eval(skip_f, te), (len(rows),)).astype(bool)
+        return te, skip
+
+    te, skip = tests(rows, starts)
+    scans = None
+    if scan and data and b.summaries:   # the scan keeps [first, last] kept tile of each row tile
+        keep_lo, keep_hi = np.full(R, np.iinfo(np.int64).max), np.full(R, -1)
+        np.minimum.at(keep_lo, rows[~skip], starts[~skip])
+        np.maximum.at(keep_hi, rows[~skip], starts[~skip])
+        keep = (starts >= keep_lo[rows]) & (starts <= keep_hi[rows])
+        rows, starts, skip = rows[keep], starts[keep], skip[keep]
+        te, _ = tests(rows, starts)
+        scans = np.maximum(0, -(-(hi // bn - lo // bn + 1) // scan))
     if b.split and not (data and b.summaries):   # three loops: [lo, full_lo) masked, full tiles, [full_hi, hi]
         full_lo, full_hi = split_bounds(b, e, lo, hi, m, bn)
         loop = np.where(starts < full_lo[rows], 0, np.where(starts < full_hi[rows], 1, 2))
@@ -143,7 +159,7 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False) -> Br
     else:
         partial = np.logical_or(np.logical_not(np_eval(full_f, te)), starts + bn > m[rows])
         partial = np.broadcast_to(partial, (len(rows),)).astype(bool)
-    return BranchTiles(rows, starts, ~skip, partial)
+    return BranchTiles(rows, starts, ~skip, partial, scans=scans)
 
 
 def split_bounds(b, env: dict, lo, hi, m, bn: int) -> tuple:

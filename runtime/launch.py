@@ -14,7 +14,7 @@ import triton.testing
 
 from moa import ir, onf
 from moa import symbolic as sy
-from moa.codegen.emit import generate
+from moa.codegen.emit import SCAN, generate
 
 from . import tune
 from .binding import Binding
@@ -173,7 +173,8 @@ class Launcher:
             t = b.tensors[ts.tensor]
             if t.dtype not in (torch.int32, torch.int64, torch.bool):
                 t = t.to(torch.int32)
-            st = tile_summaries(t, nb + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n)
+            st = tile_summaries(t, nb + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n,
+                                0 if ts.axis == "row" else SCAN)
             args += [st, *st.stride()]
         sizes = {"BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e)),
                  **{hd: max(16, next_pow2(sy.evaluate(ext, b.dims))) for hd, ext in spec.head_dims}}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def tile_summaries(t: torch.Tensor, axis: int, block: int) -> torch.Tensor:
+def tile_summaries(t: torch.Tensor, axis: int, block: int, extra: int = 0) -> torch.Tensor:
     """(min, max) of `t` over tiles of `block` along `axis`: the shape of t with that axis replaced by its tile
-    count and a last axis of 2, contiguous. Booleans become int8; integers keep their dtype."""
+    count and a last axis of 2, contiguous. Booleans become int8; integers keep their dtype. extra: tiles of
+    padding after the last (the kernel's scan reads key tiles a vector at a time, unmasked; their values are
+    never used)."""
     if t.dtype == torch.bool:
         t = t.to(torch.int8)
     x = t.movedim(axis, -1)
@@ -27,4 +29,7 @@ def tile_summaries(t: torch.Tensor, axis: int, block: int) -> torch.Tensor:
     lo, hi = padded(info.max), padded(info.min)
     lo = lo.reshape(*x.shape[:-1], tiles, block).amin(-1)
     hi = hi.reshape(*x.shape[:-1], tiles, block).amax(-1)
-    return torch.stack([lo, hi], -1).movedim(-2, axis).contiguous()
+    out = torch.stack([lo, hi], -1)
+    if extra:
+        out = torch.cat([out, out.new_zeros((*out.shape[:-2], extra, 2))], -2)
+    return out.movedim(-2, axis).contiguous()

@@ -128,3 +128,25 @@ def test_cost_inputs_are_checked():
         cost(k, dtype="float64", device="cpu", inputs={"Q": torch.zeros(10, 4)}, n=10, d=4, e=4)
     with pytest.raises(moa.InputError, match="shape"):
         cost(k, dtype="float64", device="cpu", inputs={"doc": torch.zeros(9, dtype=torch.long)}, n=10, d=4, e=4)
+
+
+def test_the_scan_trims_the_key_loop_to_the_kept_tiles():
+    """Sorted ids: after the scan (first and last kept key tile of each row tile) every iteration of the key loop
+    is a visited tile; without it the loop would test every skipped tile below the diagonal."""
+    from moa import tiles
+    from moa.codegen.emit import SCAN
+
+    k = moa.compile("examples/document_mask.moa")
+    b = k.schedules["O"].branches[0]
+    n, bm, bn = 600, 32, 32
+    env = {d: n for d in k.program.dims if d.name == "n"}
+    doc = segments(100, 150, 50, 300).numpy()
+    R = -(-n // bm)
+    ilo = np.arange(R) * bm
+    ihi = np.minimum(ilo + bm, n) - 1
+    sums = tiles.summary_env(b, env, {"doc": doc}, n, n, bm, bn)
+    trimmed = tiles.key_iterations(b, {**env, **sums}, ilo, ihi, n, bn, True, SCAN)
+    full = tiles.key_iterations(b, {**env, **sums}, ilo, ihi, n, bn, True)
+    assert trimmed.visited.all() and trimmed.visited.sum() == full.visited.sum()
+    assert len(full.rows) > len(trimmed.rows)
+    assert trimmed.scans.tolist() == [1] * R    # one step of 64 key tiles covers each row tile's range
