@@ -28,7 +28,7 @@ from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURC
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import choose_splits, key_range
 
-from . import paged
+from . import paged, tune
 from .binding import bind
 from .cache import module_for
 from .device import cdiv, check_device, device_table_name, next_pow2, run
@@ -146,6 +146,11 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     if packed is not None and pack_heads is None and \
             sy.evaluate(packed[0].group, b.dims) * nq > PACK_ROWS:
         runner, packed = block, None
+    if splits is None and call.mode == SPLIT and not plan_only and b.device.type == "cuda" and \
+            tune.enabled(kernel.planner.autotune):
+        model = _run_output(runner, plan.outputs[0].name, b, plan, call, None, dry=True)[1].splits
+        splits = tuned_splits(kernel, plan, b, model, lambda s: _timed(lambda: decode(
+            kernel, inputs, splits=s, pack_heads=pack_heads)))
     if plan_only:
         _, info = _run_output(runner, plan.outputs[0].name, b, plan, call, splits, dry=True)
         return info if packed is None else dataclasses.replace(
@@ -161,6 +166,26 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         acc[o.name] = (out, lse)
     res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
+
+
+def tuned_splits(kernel, plan, b, model: int, seconds) -> int:
+    """The number of splits timed fastest for the call's shape bucket among the model's choice, half and twice it
+    and one launch (runtime/tune.py: timed on the bucket's first call, then read from the tuning cache);
+    seconds(s) times a decode with s splits."""
+    cands = sorted({1, max(1, model // 2), model, 2 * model})
+    seq = {s.name for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1)}
+    heads = {n: v for n, v in b.dims.items() if n not in seq}
+    seqs = {n: v for n, v in b.dims.items() if n in seq}
+    device = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else str(b.device)
+    key = tune.bucket_key(device, str(b.dtype), kernel.planner.key, "decode", len(b.batch), heads, seqs)
+    rec = tune.choose(key, [f"splits={s}" for s in cands], lambda k: seconds(cands[k]))
+    return cands[rec.choice]
+
+
+def _timed(fn) -> float:
+    import triton.testing   # the GPU's timer (CUDA events), where tuning runs
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
 
 
 def prefers_split(kernel, inputs: dict) -> bool:

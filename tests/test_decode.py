@@ -127,3 +127,22 @@ out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]
     prefill = dict(Q=torch.zeros(32, 512, D), K=torch.zeros(8, 512, D), V=torch.zeros(8, 512, D))
     assert decode.split_preference(k, prefill) is None
     assert decode.split_preference(moa.compile("examples/bla.moa"), {}) is None   # refusals: no split
+
+
+def test_tuned_splits_time_the_model_choice_and_its_neighbours(private_cache):
+    """On a GPU the first call of a shape bucket times 1, S / 2, S and 2 S splits (S the model's) and keeps the
+    fastest (runtime/tune.py); here with a stand-in timer that prefers 2 S."""
+    from moa.runtime import ring
+    from moa.runtime.binding import bind
+
+    k = _kernel("causal_bottom_right")
+    ins, _ = _case("causal_bottom_right", 1, 1000)
+    plan, _ = ring.block_kernel(k)
+    b = bind(plan.program, ins, plan.block_dims({"n": 1, "m": 1000}, 0, 1, 0, 1000))
+    timed = []
+
+    def seconds(s):
+        timed.append(s)
+        return 1.0 / s
+    assert decode.tuned_splits(k, plan, b, 6, seconds) == 12 and sorted(timed) == [1, 3, 6, 12]
+    assert decode.tuned_splits(k, plan, b, 6, seconds) == 12 and len(timed) == 4   # the bucket's record

@@ -39,3 +39,10 @@ def test_decode_config_covers_the_packed_rows():
     dims = {"n": 3, "m": 100, "d": 128, "e": 128, "n_local": 3, "m_local": 100, "row0_1": 1, "col0_1": 1}
     assert (decode_config(sched, dims, "bfloat16").block_m, decode_config(sched, dict(dims, n_local=40),
                                                                           "bfloat16").block_m) == (16, 64)
+
+
+@pytest.mark.parametrize("mode", ["varlen", "lengths"])
+def test_varlen_and_valid_length_kernels_fit_sm90(mode):
+    res = decode_aot(moa.compile(GQA), 1, 32768, dtype="bf16", mode=mode, h=32, g=8, d=128, e=128)
+    (rep, ok, why), = res.values()
+    assert ok, why
