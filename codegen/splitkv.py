@@ -113,9 +113,9 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     """The block kernel's source with `_attn_grid` appended (see the module docstring). mode: SPLIT (key splits
     of one sequence), VARLEN (packed sequences, cu_seqlens), LENGTHS (a valid length per batch index),
     PAGED (LENGTHS, and split s of batch index b reads page block_table[b, s] of SPLIT_LEN keys)."""
-    if spec.summaries:
-        raise UnsupportedError("split-KV and varlen launches do not support programs whose tile tests read "
-                               "per-tile summaries of an input (data-dependent masks such as document ids)")
+    if spec.summaries and mode == VARLEN:
+        raise UnsupportedError("varlen launches do not support programs whose tile tests read per-tile summaries "
+                               "of an input (document ids ...): a sequence's rows do not start on a tile")
     if getattr(spec, "descriptors", ()):
         raise UnsupportedError("split-KV and varlen launches read key tiles through pointers, not TMA "
                                "descriptors (a bug of moa's: the runtime plans them without TMA)")
@@ -124,6 +124,11 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     consts = [n for n, c in sig if c]
     ins = input_params(params, spec.inputs, ranks, layout.nbatch)
     after = params.index(ins[spec.inputs[-1]][0]) + 1 + layout.nbatch + ranks[spec.inputs[-1]]
+    tiles = {}   # key-tile summaries: their pointer moves by the split's first tile (splits and pages are whole tiles)
+    for ts in spec.summaries:
+        if ts.axis == "key":
+            tiles[params[after]] = params[after + 1 + layout.nbatch + ts.pos]
+        after += 2 + layout.nbatch + ts.rank
     o_ptr = params[after]
     o_row = params[after + 1 + layout.nbatch + layout.nlead]
     lse_ptr = params[after + 2 + layout.nbatch + layout.nlead + 1]
@@ -140,6 +145,8 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
                 moved = f"{p} + q0 * {strides[layout.query[name]]}"
             elif p == ptr and name in layout.key:
                 moved = f"{p} + koff * {strides[layout.key[name]]}"
+        if p in tiles:
+            moved = f"{p} + (koff // BLOCK_N) * {tiles[p]}"
         if p == o_ptr:
             moved = f"{p} + split.to(tl.int64) * stride_O_split" + (f" + q0 * {o_row}" if varlen else "")
         elif p == lse_ptr:

@@ -57,13 +57,23 @@ def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
 
 
 def _plan(kernel):
-    plan, block = block_kernel(kernel)
-    both = [n for n, r in plan.roles.items() if r[0] == shard.BOTH]
-    if both:
-        raise UnsupportedError(f"decode/varlen: input{'s' if len(both) > 1 else ''} {', '.join(both)} "
-                               "is read by both the query and the key index; pass the two sides as separate "
-                               "inputs (not supported yet)")
-    return plan, block
+    return block_kernel(kernel)
+
+
+def both_sides(kernel, plan, inputs: dict, rows) -> dict:
+    """The block program's inputs: an input read by both the query and the key index (a per-token id or gate,
+    moa/shard.py role BOTH) is passed once along the keys; its key copy is the whole, its query side the rows
+    `rows` selects (an int: the last rows; a tensor: those indices)."""
+    out = dict(inputs)
+    decl = kernel.program.input_map
+    for name, copy in plan.kv_copies.items():
+        t = inputs.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() >= len(decl[name].shape):
+            ax = t.dim() - len(decl[name].shape) + plan.roles[name][1]
+            out[copy] = t
+            out[name] = t.narrow(ax, t.shape[ax] - rows, rows) if isinstance(rows, int) else \
+                t.index_select(ax, rows.to(t.device))
+    return out
 
 
 def lengths(kernel, inputs: dict) -> tuple[int, int]:
@@ -127,6 +137,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)
+    inputs = both_sides(kernel, plan, inputs, nq)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     call = _Call(SPLIT, nq, mk, nq, mk)
@@ -135,6 +146,9 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     elif cache_len is not None:
         lens = _lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
+    if call.mode != SPLIT and plan.kv_copies:
+        raise UnsupportedError(f"decode: input {', '.join(plan.kv_copies)} is read by both the query and the key "
+                               "index; with cache_len or pages its query rows are not the tensor's last rows")
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
                          "for both axes, so the queries are the last rows of the valid keys")
@@ -309,7 +323,9 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     nq = call.nq
     o_part = torch.empty((splits, *b.batch, *lead, rows, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)
-    lse_part = torch.full((splits, *b.batch, *lead, rows), float("-inf"), dtype=acc_dt, device=b.device)
+    norm = name in norm_outputs(block)   # a split that runs no program contributes lse -inf, or z = 0
+    lse_part = torch.full((splits, *b.batch, *lead, rows), 0.0 if norm else float("-inf"), dtype=acc_dt,
+                          device=b.device)
     if call.mode != SPLIT and o_part.numel():
         o_part.zero_()   # a sequence without keys runs no program: its rows are 0, as in a call of its own
     grid = (ptiles, z, call.nseq * splits)
@@ -335,7 +351,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     run(fn, grid, args, consts, b.device, f"the split-KV kernel for output {name}")
     if splits == 1:
         return (o_part[0], lse_part[0]), info
-    return _merge(o_part, lse_part, name in norm_outputs(block), compute, e), info
+    return _merge(o_part, lse_part, norm, compute, e), info
 
 
 def runner_schedules(kernel, plan) -> list:
@@ -375,8 +391,9 @@ def _source(block, plan, spec, nbatch: int, nlead: int, mode: str) -> str:
         cg_in = {u: c for c, u in view.inputs.items()}
         cg_dim = {u: c for c, u in view.dims.items()}
         decl = block.planner.cg_program.input_map
-        q = {cg_in[n]: ax for n, (r, ax) in plan.roles.items() if r == shard.QUERY}
+        q = {cg_in[n]: ax for n, (r, ax) in plan.roles.items() if r in (shard.QUERY, shard.BOTH)}
         k = {cg_in[n]: ax for n, (r, ax) in plan.roles.items() if r == shard.KEY}
+        k.update({cg_in[plan.kv_copies[n]]: ax for n, (r, ax) in plan.roles.items() if r == shard.BOTH})
         dims = tuple(cg_dim[s.name] for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1))
         ranks = {n: len(decl[n].shape) for n in spec.inputs}
         memo[key] = grid_source(spec, ranks, Layout(q, k, nbatch, nlead, dims), mode)
@@ -413,7 +430,9 @@ def _merge(o_part, lse_part, norm: bool, compute, e: int):
 
 
 def _finish(kernel, plan, block, acc, b, nq, inputs):
-    qside = {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
+    """The user outputs from the merged block outputs; `inputs` are the block program's (query sides of BOTH
+    inputs included, their key copies left out of the epilogue's)."""
+    qside = {n: t for n, t in inputs.items() if plan.roles.get(n, (shard.KEY,))[0] != shard.KEY}
     outs = _results(plan, block, acc, b, nq, qside)
     names = plan.output_names
     return outs[names[0]] if len(names) == 1 else outs

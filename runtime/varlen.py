@@ -11,7 +11,7 @@ from moa.codegen.splitkv import VARLEN
 from moa.errors import InputError, UnsupportedError
 
 from .binding import bind
-from .decode import _Call, _finish, _global, _plan, _run_output, lengths
+from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
 from .device import check_device
 from .ring import _results
 
@@ -28,6 +28,10 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
         raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
                          f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
     gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
+    if plan.kv_copies:   # an input read by i and j, packed along the keys: each sequence's last rows are its queries
+        rows = torch.cat([torch.arange(int(cu_k[s + 1]) - int(cu_q[s + 1] - cu_q[s]), int(cu_k[s + 1]))
+                          for s in range(cu_q.numel() - 1)])
+        inputs = both_sides(kernel, plan, inputs, rows)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     dev = b.device

@@ -94,9 +94,9 @@ def test_decode_refusals():
         decode.decode(k, dict(Q=q, K=kv, V=kv))
     with pytest.raises(InputError, match="splits must be a positive integer"):
         decode.decode(k, dict(Q=kv[:1], K=kv, V=kv), splits=0)
-    doc = moa.compile("examples/document_mask.moa")
-    with pytest.raises(UnsupportedError, match="both the query and the key index"):
-        decode.decode(doc, dict(Q=q, K=q, V=q, doc=torch.zeros(5, dtype=torch.int32)))
+    bla = moa.compile("examples/bla.moa")
+    with pytest.raises(UnsupportedError, match="must be a dim"):
+        decode.decode(bla, dict(Q=q, K=q, V=q))
 
 
 def test_window_splits_stay_in_the_window():
@@ -146,3 +146,20 @@ def test_tuned_splits_time_the_model_choice_and_its_neighbours(private_cache):
         return 1.0 / s
     assert decode.tuned_splits(k, plan, b, 6, seconds) == 12 and sorted(timed) == [1, 3, 6, 12]
     assert decode.tuned_splits(k, plan, b, 6, seconds) == 12 and len(timed) == 4   # the bucket's record
+
+
+@pytest.mark.parametrize("name", ["document_mask", "global_window", "power_gated"])
+def test_inputs_read_by_both_indices(name):
+    """A per-token input read by i and by j (document ids, global tokens, a gate) is passed once along the keys:
+    its last rows are the queries' (tile summaries of document ids follow the splits)."""
+    from moa.runtime.check import random_inputs
+
+    k = moa.compile(f"examples/{name}.moa")
+    dims = {d.name: {"n": 300, "d": D, "e": D}.get(d.name, D) for d in k.program.dims}
+    x = random_inputs(k.program, dims, seed=2, batch=0, dtype=torch.float64)
+    want = k.reference(**x)[..., -3:, :]
+    got = decode.decode(k, dict(x, Q=x["Q"][-3:]), splits=3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if name == "document_mask":
+        with pytest.raises(UnsupportedError, match="read by both the query and the key"):
+            decode.decode(k, dict(x, Q=x["Q"][-3:]), cache_len=torch.tensor(200))

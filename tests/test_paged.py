@@ -76,3 +76,17 @@ def test_cache_refusals():
         k.decode(Q=q, K=kc, V=vc, block_table=table)
     with pytest.raises(InputError, match=r"pages 0 \.\. 8 of the pool"):
         k.decode(Q=q, K=kc, V=vc, block_table=table, page_size=P)
+
+
+def test_normalize_output_with_valid_lengths():
+    """power.moa (normalize(A) @ V, merged by sums): splits past a batch index's valid length contribute z = 0."""
+    k = moa.compile("examples/power.moa")
+    g = torch.Generator().manual_seed(9)
+    q, kc, vc = (torch.randn(2, n, D, generator=g, dtype=F64) for n in (144, 144, 144))
+    lens = torch.tensor([50, 144])
+    got = k.decode(Q=q[:, -3:], K=kc, V=vc, cache_len=lens, splits=3)
+    for b in range(2):
+        n = int(lens[b])
+        want = k.reference(Q=q[b, n - 3:n].new_zeros(n, D).index_copy(0, torch.arange(n - 3, n), q[b, -3:]),
+                           K=kc[b, :n], V=vc[b, :n])[-3:]
+        torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)

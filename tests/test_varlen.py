@@ -135,3 +135,18 @@ def test_varlen_runs_a_residue_plan_in_its_tiled_variant(monkeypatch):
     monkeypatch.setattr(block.launcher, "plan", residue)
     assert any(v.kind == onf.RESIDUE for v in block.planner.variants["O_branch1"])
     assert (k.varlen(cq, ck, splits=2, wg=wg, **ins) - want).abs().max().item() <= 1e-12
+
+
+def test_varlen_normalize_with_a_gate_read_by_both_indices():
+    """power_gated: a normalize output (partials merged by sums of the normaliser; a split past a short sequence
+    contributes z = 0) whose gate G[i], G[j] is packed along the keys."""
+    from moa.runtime.check import random_inputs
+
+    k = moa.compile("examples/power_gated.moa")
+    lens = [1, 40, 130]
+    xs = [random_inputs(k.program, {d.name: {"n": n}.get(d.name, D) for d in k.program.dims}, seed=n, batch=0,
+                        dtype=F64) for n in lens]
+    packed = {n: torch.cat([x[n] for x in xs], dim=0) for n in xs[0]}
+    cu = torch.tensor([0] + lens).cumsum(0)
+    got = k.varlen(cu, cu, splits=2, **packed)
+    assert (got - torch.cat([k(**x) for x in xs])).abs().max().item() <= 1e-12
