@@ -208,3 +208,32 @@ def test_attention_module_passes_other_inputs_and_their_gradients():
         assert C.rel_err(got.grad, want.grad) <= 1e-10
     with pytest.raises(InputError, match="unknown input"):
         att(q, kk, v, bias=bias, tabel=bias)
+
+
+def test_several_outputs_and_an_unused_output():
+    """Two outputs (no fused backward: the gradient DNF): both cotangents, or one output only (the other's is 0)."""
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = where(j <= i, dot(Q[i], K[j]) / sqrt(d), "
+                    "-inf)\nT[i, j] = where(j >= i, dot(Q[i], K[j]), -inf)\nout O = softmax(S, axis=-1) @ V\n"
+                    "out L = softmax(T, axis=-1) @ V")
+    assert k.backward.unfused_reason == "several outputs"
+    x = C.inputs(k.program, {"n": 9, "d": 4, "e": 3}, 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    outs, got = _op_grads(k, x, cot)
+    assert set(outs) == {"O", "L"} and all(C.rel_err(got[n], want[n]) <= 1e-10 for n in want)
+    only = C.autograd_grads(k, x, {"O": torch.zeros_like(cot["O"]), "L": cot["L"]})
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    (k(**leaves)["L"] * cot["L"]).sum().backward()
+    assert all(C.rel_err(leaves[n].grad, only[n]) <= 1e-10 for n in only)
+
+
+def test_compile_with_dynamic_shapes():
+    k = moa.compile("examples/causal.moa")
+    f = torch.compile(lambda q, kk, v: k(Q=q, K=kk, V=v).square().sum(), fullgraph=True, dynamic=True,
+                      backend="aot_eager")
+    for n in (9, 13):
+        x = C.inputs(k.program, {"n": n, "d": 4, "e": 3}, n)
+        leaves = {name: t.clone().requires_grad_() for name, t in x.items()}
+        f(leaves["Q"], leaves["K"], leaves["V"]).backward()
+        want = C.autograd_grads(k, x, {"O": 2 * k.reference(**x)})
+        assert all(C.rel_err(leaves[name].grad, want[name]) <= 1e-10 for name in want)
