@@ -369,8 +369,8 @@ def call_key_range(schedules, dims: dict):
 
 def decode_config(sched, dims: dict, dtype: str) -> Config:
     """Tiles of a decoding launch on a GPU: query tiles just covering the rows (packed heads x n_q, 16 .. 64),
-    key tiles of 128 keys x 4 warps for head dims up to 64, 64 x 8 warps above, 3 stages to keep loads in flight
-    (the key loop is bandwidth-bound). The AOT check (runtime/decode_aot.py) compiles these at d = 64 and 128
+    key tiles of 128 keys for head dims up to 64, 64 above, 8 warps, 3 stages to keep loads in flight (the key
+    loop is bandwidth-bound). The AOT check (runtime/decode_aot.py) compiles these at d = 64 and 128
     without spills."""
     rows = sy.evaluate(sched.row[1], dims)
     head = max(head_dims(sched, dims))
@@ -379,7 +379,7 @@ def decode_config(sched, dims: dict, dtype: str) -> Config:
         return Config(min(bm, 32), 32, 4, 1)
     if dtype == "float32":
         return Config(bm, 32, 4, 2)
-    return Config(bm, 128, 4, 3) if head <= 64 else Config(bm, 64, 8, 3)   # 4 warps spill paged at d = 128
+    return Config(bm, 128 if head <= 64 else 64, 8, 3)   # 4 warps: 254 registers at d = 64, spills paged at 128
 
 
 def _source(block, plan, spec, nbatch: int, nlead: int, mode: str) -> str:
