@@ -50,6 +50,7 @@ class DecodeStats:
     grid: tuple
     predicted_seconds: float | None = None
     packed_heads: int = 1     # query heads per tile row group (GQA packing; 1: not packed)
+    specs: tuple = dataclasses.field(default=(), repr=False, compare=False)   # plan_only: each output's kernel
 
 
 def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
@@ -165,10 +166,13 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         model = _run_output(runner, plan.outputs[0].name, b, plan, call, None, dry=True)[1].splits
         splits = tuned_splits(kernel, plan, b, model, lambda s: _timed(lambda: decode(
             kernel, inputs, splits=s, pack_heads=pack_heads)))
-    if plan_only:
-        _, info = _run_output(runner, plan.outputs[0].name, b, plan, call, splits, dry=True)
-        return info if packed is None else dataclasses.replace(
-            info, packed_heads=sy.evaluate(packed[0].group, b.dims))
+    if plan_only:   # every output's stats and kernel, nothing launched (the first output's stats returned)
+        infos = []
+        for o in plan.outputs:
+            infos.append(_run_output(runner, o.name, b, plan, call, splits, dry=True)[1])
+            splits = infos[-1].splits
+        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos),
+                                   packed_heads=1 if packed is None else sy.evaluate(packed[0].group, b.dims))
     acc, info = {}, None
     for o in plan.outputs:   # one split layout for every output (the first one's choice)
         (out, lse), info = _run_output(runner, o.name, b, plan, call, splits)
@@ -319,7 +323,9 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
     if dry:
-        return None, DecodeStats(splits, split_len, (ptiles, z, call.nseq * splits), predicted)
+        spec = block.launcher.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, True, sched,
+                                   exact_heads(block.planner.schedules[name], cb.dims))
+        return None, DecodeStats(splits, split_len, (ptiles, z, call.nseq * splits), predicted, specs=(spec,))
     nq = call.nq
     o_part = torch.empty((splits, *b.batch, *lead, rows, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)

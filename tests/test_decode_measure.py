@@ -49,3 +49,21 @@ def test_two_branch_program_counted_exactly():
     p = decode_cost(k, 3, 200, splits=2, dtype="fp64", device="cpu", d=D, e=D)
     assert (c.flops, c.transcendentals, c.dram_bytes_loaded, c.dram_bytes_stored) == \
         (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored)
+
+
+def test_decode_measure_counts_the_visited_tiles():
+    """runtime/decode_measure.measure: the key tiles the split launch visits (first load of each key-tile loop),
+    equal to the cost model's, with its other counters; a sliding window's splits visit only the window's tiles."""
+    from moa.runtime.decode_measure import measure
+
+    k = moa.compile("examples/sliding_window.moa", w=100)
+    x = dict(Q=_rand(1, D), K=_rand(4096, D), V=_rand(4096, D, seed=1))
+    got = measure(k, x, splits=8)
+    p = decode_cost(k, 1, 4096, splits=8, dtype="fp64", device="cpu", d=D, e=D)
+    assert got.tiles_visited == p.tiles_visited == 2
+    assert (got.flops, got.dram_bytes_loaded, got.dram_bytes_stored) == \
+        (p.flops, p.dram_bytes_loaded, p.dram_bytes_stored)
+    pi = moa.compile("examples/pi_attention.moa", k=20, s=7)
+    x = dict(Q=_rand(3, D), K=_rand(200, D), V=_rand(200, D, seed=1), wg=_rand(D))
+    assert measure(pi, x, splits=2).tiles_visited == decode_cost(pi, 3, 200, splits=2, dtype="fp64", device="cpu",
+                                                                 d=D, e=D).tiles_visited
