@@ -20,6 +20,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import triton.testing
 
 from moa import gqa, onf, shard
 from moa import symbolic as sy
@@ -201,8 +202,7 @@ def tuned_splits(kernel, plan, b, model: int, seconds) -> int:
 
 
 def _timed(fn) -> float:
-    import triton.testing   # the GPU's timer (CUDA events), where tuning runs
-
+    """Seconds of fn on the GPU (CUDA events), where tuning runs."""
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
 
 
