@@ -52,3 +52,16 @@ def test_pack_derivation():
     x = torch.randn(2, 4, D, dtype=F64)
     with pytest.raises(UnsupportedError, match="pack_heads=True"):
         k.decode(Q=x[:, :1], K=x, V=x, pack_heads=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_packed_split_decode_in_lower_precision(dtype, tol):
+    """Partials in fp32 (the accumulation dtype), merged, cast back to the call's dtype."""
+    k = moa.compile("examples/gqa_alibi.moa")
+    g = torch.Generator().manual_seed(11)
+    full = dict(Q=torch.randn(8, 300, 32, generator=g), K=torch.randn(2, 300, 32, generator=g),
+                V=torch.randn(2, 300, 32, generator=g))
+    want = k.reference(**{n: t.double() for n, t in full.items()})[..., -2:, :]
+    ins = {n: t.to(dtype) for n, t in full.items()}
+    got = k.decode(**dict(ins, Q=ins["Q"][..., -2:, :]), splits=3)
+    assert got.dtype == dtype and (got.double() - want).abs().max().item() < tol
