@@ -1,4 +1,5 @@
-"""Decoding against a KV cache (split-KV, flash-decoding) and variable-length batches (cu_seqlens).
+"""Decoding against a KV cache (split-KV, flash-decoding; GQA packing, valid lengths, paged caches), and the launch
+that variable-length batches share (runtime/varlen.py).
 
 Both run the block program of ring attention (moa/shard.py: the key axis lifted, j := j + C - 1, rows
 i := i + R - 1, local extents) through one launch of `_attn_grid` (codegen/splitkv.py), whose third grid axis
