@@ -49,10 +49,12 @@ class DecodeCost:
 
 # long: config, packing, splits, then every split's report and the merge, in the order decode runs them
 def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
-                pack_heads: bool | None = None, config=None, page_size: int | None = None, **dims) -> DecodeCost:
+                pack_heads: bool | None = None, config=None, page_size: int | None = None, cache_len=None,
+                **dims) -> DecodeCost:
     """DecodeCost of a decoding call with nq query rows against m cached keys; dims: the program's other dims
     (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table). page_size: a paged
-    cache (one split per page, key tiles of at most a page)."""
+    cache (one split per page, key tiles of at most a page); m is then the pages' keys of one batch index.
+    cache_len: the valid keys per batch index (a list over the flattened batch, or one int for all)."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     gdims, row0 = _global(plan, nq, m)
@@ -83,7 +85,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     for x in (*batch, *lead):
         z *= x
     ptiles = row_programs(sched, rows, cfg.block_m)
-    span = None if page_size else call_key_range(runner_schedules(runner, plan), cdims)   # as decode splits
+    span = None if page_size or cache_len is not None else \
+        call_key_range(runner_schedules(runner, plan), cdims)   # as decode splits a whole cache
     key0 = 0 if span is None else span[0] // cfg.block_n * cfg.block_n
     keys = m if span is None else max(0, span[1] + 1 - key0)
     ktiles = max(1, cdiv(keys, cfg.block_n))
@@ -92,38 +95,54 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     splits = cdiv(m, page_size) if page_size else splits or choose_splits(*args).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
-    reports = []   # one report per split, over every block output (cost_breakdown sums the outputs)
-    for s in range(splits):
-        c0 = key0 + s * split_len
-        bd = plan.block_dims(base, row0, nq, c0, min(split_len, m - c0))
-        reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=batch, needed=False,
-                                      **bd)[0])
-    longest = cdiv(max(r.tiles_visited for r in reports), ptiles * z)
+    nbatch = 1
+    for x in batch:
+        nbatch *= x
+    if cache_len is None and not page_size:
+        groups = [(batch, m, splits)]   # (batch of the reports, valid keys, splits that run)
+    else:
+        lens = [m] * nbatch if cache_len is None else \
+            [int(cache_len)] * nbatch if isinstance(cache_len, int) else [int(x) for x in cache_len]
+        if len(lens) != nbatch or any(not 0 <= x <= m for x in lens):
+            raise InputError(f"decode_cost: cache_len needs {nbatch} lengths in 0 .. {m}, got {lens}")
+        groups = [((), x, cdiv(x, split_len)) for x in lens]
+    zlead = z // nbatch
+    reports = []   # per group and split that runs, over every block output (cost_breakdown sums the outputs)
     extra = [0, 0, 0, 0]   # flops, transcendentals, loaded, stored beyond the block programs' reports
+    for gbatch, length, runs in groups:
+        zg = zlead * (nbatch if gbatch == batch else 1)
+        gd, r0 = _global(plan, nq, length)
+        for s in range(runs):
+            c0 = key0 + s * split_len
+            bd = plan.block_dims({**dims, **gd}, r0, nq, c0, min(split_len, length - c0))
+            reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=gbatch,
+                                          needed=False, **bd)[0])
+        for o in plan.outputs:   # each split that runs stores its lse (z) and its partial
+            so = runner.planner.schedules[o.name]
+            ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
+            for k, v in enumerate(_lse_counts(runs, row_programs(so, ro, cfg.block_m) * zg, cfg.block_m, zg * ro,
+                                              eo, so.branches[0].kind == "norm", dtype, device, splits)):
+                extra[k] += v
+    longest = cdiv(max([r.tiles_visited for r in reports] + [0]), ptiles * z)
     for o in plan.outputs:
         so = runner.planner.schedules[o.name]
         ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
-        norm = so.branches[0].kind == "norm"
-        for k, v in enumerate(_lse_counts(splits, row_programs(so, ro, cfg.block_m) * z, cfg.block_m, z * ro, eo,
-                                          norm, dtype, device)):
-            extra[k] += v
         if splits > 1:
-            for k, v in enumerate(merge_counts(splits, z * ro, eo, norm, dtype, device)):
+            for k, v in enumerate(merge_counts(splits, z * ro, eo, so.branches[0].kind == "norm", dtype, device)):
                 extra[k] += v
-    if page_size:   # every program of the paged grid reads its valid length and its page number (int32)
-        extra[2] += 8 * splits * sum(row_programs(runner.planner.schedules[o.name], sy.evaluate(
-            runner.planner.schedules[o.name].row[1], cdims), cfg.block_m) * z for o in plan.outputs)
+        if page_size or cache_len is not None:   # every program reads its valid length (and page number), int32
+            extra[2] += (8 if page_size else 4) * splits * row_programs(so, ro, cfg.block_m) * z
     merge = 0 if splits == 1 else sum(sum(merge_counts(splits, z * sy.evaluate(runner.planner.schedules[
         o.name].row[1], cdims), e, False, dtype, device)[2:]) for o in plan.outputs)
-    kv = 0
+    per_key = 0   # bytes of one key of every key input, per batch index
     for x in plan.key_inputs:
         node = plan.program.input_map[x]
         per = DTYPE_BYTES[dtype] if node.dtype == "float" else 8
         for ext in node.shape:
-            per *= keys if ext == plan.ml else sy.evaluate(ext, bd0)
-        kv += per
-    for x in batch:
-        kv *= x
+            per *= 1 if ext == plan.ml else sy.evaluate(ext, bd0)
+        per_key += per
+    kv = per_key * sum(g[1] for g in groups) if len(groups) > 1 or groups[0][0] != batch else \
+        per_key * keys * nbatch
     tdev = "h100" if str(device).lower() == "cpu" else device
     args = (*args[:-1], tdev)
     t = split_seconds(splits, *args, longest=longest)
@@ -141,11 +160,12 @@ def _bytes(dtype: str, device) -> tuple[int, int]:
     return DTYPE_BYTES[compute], 8 if dtype == "float64" else 4
 
 
-def _lse_counts(splits, programs, block_m, rows, e, norm, dtype, device) -> tuple:
-    """What each split adds to its block program's report: the lse (z) store of STORE_LSE, lse = (m + log2 l) ln 2
-    on every lane (1 log2, 2 flops), and the partial O in the accumulation dtype when it is merged."""
+def _lse_counts(splits, programs, block_m, rows, e, norm, dtype, device, merged=None) -> tuple:
+    """What each of `splits` splits that run adds to its block program's report: the lse (z) store of STORE_LSE,
+    lse = (m + log2 l) ln 2 on every lane (1 log2, 2 flops), and the partial O in the accumulation dtype when
+    the call's `merged` splits (default: these) are more than one."""
     eb, acc = _bytes(dtype, device)
-    stored = splits * rows * acc + (splits * rows * e * (acc - eb) if splits > 1 else 0)
+    stored = splits * rows * acc + (splits * rows * e * (acc - eb) if (merged or splits) > 1 else 0)
     if norm:
         return 0, 0, 0, stored
     return splits * programs * block_m * 2, splits * programs * block_m, 0, stored

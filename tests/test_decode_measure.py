@@ -67,3 +67,30 @@ def test_decode_measure_counts_the_visited_tiles():
     x = dict(Q=_rand(3, D), K=_rand(200, D), V=_rand(200, D, seed=1), wg=_rand(D))
     assert measure(pi, x, splits=2).tiles_visited == decode_cost(pi, 3, 200, splits=2, dtype="fp64", device="cpu",
                                                                  d=D, e=D).tiles_visited
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_valid_lengths_counted_exactly(splits):
+    """Splits past a batch index's valid length run no tile and store nothing; every program reads its length."""
+    from moa.runtime.decode_measure import measure
+
+    k = moa.compile("examples/causal_bottom_right.moa")
+    x = dict(Q=_rand(3, 3, D), K=_rand(3, 144, D), V=_rand(3, 144, D, seed=1))
+    got = measure(k, x, splits=splits, cache_len=torch.tensor([5, 70, 144]))
+    p = decode_cost(k, 3, 144, splits=splits, dtype="fp64", device="cpu", batch=(3,), cache_len=[5, 70, 144],
+                    d=D, e=D)
+    assert (got.flops, got.transcendentals, got.dram_bytes_loaded, got.dram_bytes_stored, got.tiles_visited) == \
+        (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored, p.tiles_visited)
+
+
+def test_paged_partial_pages_counted_exactly():
+    from moa.runtime.decode_measure import measure
+
+    k = moa.compile("examples/gqa_alibi.moa")
+    x = dict(Q=_rand(2, 8, 1, D), K=_rand(2, 320, D), V=_rand(2, 320, D, seed=1))
+    table = torch.tensor([[3, 9, 1, 0], [19, 2, 4, 5]])
+    got = measure(k, x, block_table=table, page_size=16, cache_len=torch.tensor([64, 20]))
+    p = decode_cost(k, 1, 64, dtype="fp64", device="cpu", batch=(2,), page_size=16, cache_len=[64, 20], h=8, g=2,
+                    d=D, e=D)
+    assert (got.flops, got.transcendentals, got.dram_bytes_loaded, got.dram_bytes_stored, got.tiles_visited) == \
+        (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored, p.tiles_visited)
