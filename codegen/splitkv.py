@@ -98,7 +98,7 @@ def _prologue(mode: str, shared: bool) -> tuple[list, list]:
             else:
                 body.append("    koff = c0.to(tl.int64)")
     if mode != SPLIT:
-        body.append("    row0 = mk - nq" if shared else "    row0 = 0 * nq")
+        body.append("    row0 = mk - nq" if shared else "    row0 = 0")
     else:
         body.append("    row0 = ROW0")
     body.append("    ml = tl.minimum(mk - c0, SPLIT_LEN)")
