@@ -34,9 +34,10 @@ from moa import dnf as D
 from moa import intervals as iv
 from moa import ir
 from moa.grad_sym import Translation, is_smooth_op
-from moa.onf import TILED, BranchValue, DotTile, Schedule
+from moa.onf import TILED, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
 
+from .emit import TileSummaries
 from .exprs import Emitter
 from .printer import code as pcode
 from .scope import Scope
@@ -67,6 +68,7 @@ class BackwardSpec:
     col_extent: sp.Expr
     kind: str = "softmax"  # the branch's monoid: softmax (saved lse) or norm (saved Z)
     scatters: tuple = ()   # the inputs the score reads whose gradients the dQ kernel adds atomically (grad_X)
+    summaries: tuple = ()  # TileSummaries (codegen/emit.py) both kernels read, after the inputs in signature order
 
 
 BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV"})   # the kernels' own pointer names (X_ptr)
@@ -172,6 +174,18 @@ class _BackwardEmitter:
         self.kread = operand_read(b.dot.b, (b.var, b.dot.var), tiles)
         self.scatters = score_reads(b.score, {self.qread.name, self.kread.name, b.value.name})
         self.scatter_names = tuple(dict.fromkeys(r.name for r in self.scatters))
+        self.data = uses_summaries(sched, b)   # the forward skips tiles by the data too: so do these kernels
+        self.skip = b.tile_tests(self.data)[0]
+        self.summaries = {}
+        for sm in b.summaries if self.data else ():
+            key = (sm.read.name, sm.axis, sm.pos)
+            if key not in self.summaries:
+                taken = set(program.input_map) | {t.arg for t in self.summaries.values()}
+                arg, k = f"{sm.read.name}_{sm.axis}_tiles", 1
+                while arg in taken:
+                    k += 1
+                    arg = f"{sm.read.name}_{sm.axis}_tiles{k}"
+                self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
 
     def _emitter(self) -> Emitter:
         x = Emitter(self.p, self.s, self.dtype)
@@ -278,6 +292,21 @@ class _BackwardEmitter:
         m = f", mask={' & '.join(masks)}" if masks else ""
         scope.add(f"tl.atomic_add({' + '.join(parts)}, {adj}{m})")
 
+    def _summary_loads(self, axis: str, scope: Scope, x: Emitter, names: dict) -> None:
+        """The (min, max) of every summarised read of the mask over this row tile ("row") or key tile ("key"), into
+        the variables the data's skip test names (`names`: summary symbol -> variable)."""
+        tile = "(start_m // BLOCK_M)" if axis == "row" else "(start_n // BLOCK_N)"
+        for sm in self.b.summaries:
+            if sm.axis != axis:
+                continue
+            ts = self.summaries[(sm.read.name, sm.axis, sm.pos)]
+            offs = [f"{tile} * stride_{ts.arg}_{sm.pos}"] + \
+                [f"{x.idx(ix, {})} * stride_{ts.arg}_{p}" for p, ix in enumerate(sm.read.index) if p != sm.pos]
+            base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
+            for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
+                names[sym] = x.fresh(f"{sm.read.name}_{axis}_{stat}")
+                scope.add(f"{names[sym]} = tl.load({base}{extra})  # {stat} of {sm.read.name} over the {axis} tile")
+
     def _ds_dot(self, ds: str, operand: str, x: Emitter) -> str:
         """ds times an operand tile: in the operand's dtype for softmax (ds is bounded by p); for a normalised
         branch ds is unbounded ((q . k)^p), so it takes the forward's weights dot (fp16: tf32, fp32 range)."""
@@ -306,13 +335,16 @@ class _BackwardEmitter:
         body.add("col_lo = start_n  # J_LO")
         body.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m}) - 1  # J_HI")
         k, v = self._keys(body, x, offs)
+        names: dict = {}
+        self._summary_loads("key", body, x, names)
         body.add(f"dk = tl.zeros([BLOCK_N, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         body.add(f"dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype={x.acc})")
         loop = body.open(f"for start_m in range(0, {x.idx(s.row[1], {})}, BLOCK_M):")
         loop.add("offs_m = start_m + tl.arange(0, BLOCK_M)")
         loop.add("row_lo = start_m  # I_LO")
         loop.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {x.idx(s.row[1], {})}) - 1  # I_HI")
-        inner = loop.open(f"if {self._code(b.skip, x)} == 0:") if b.skip is not sp.false else loop
+        self._summary_loads("row", loop, x, names)
+        inner = loop.open(f"if {self._code(self.skip, x, names)} == 0:") if self.skip is not sp.false else loop
         q = self._rows(inner, x, offs)
         self._pair(inner, x, q, k, v, scatter=False)
         inner.add(f"dv += tl.dot(tl.trans(p).to(do.dtype), do{x.dot_kw()})")
@@ -338,6 +370,8 @@ class _BackwardEmitter:
         body.add("row_lo = start_m  # I_LO")
         body.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {n}) - 1  # I_HI")
         q = self._rows(body, x, offs)
+        names: dict = {}
+        self._summary_loads("row", body, x, names)
         body.add(f"dq = tl.zeros([BLOCK_M, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         lo = "0" if b.key_lo is None else f"(tl.maximum(0, {self._code(b.key_lo, x)}) // BLOCK_N) * BLOCK_N"
         hi = f"{m} - 1" if b.key_hi is None else f"tl.minimum({m} - 1, {self._code(b.key_hi, x)})"
@@ -347,8 +381,9 @@ class _BackwardEmitter:
         loop.add("offs_n = start_n + tl.arange(0, BLOCK_N)")
         loop.add("col_lo = start_n  # J_LO")
         loop.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m}) - 1  # J_HI")
-        tested = b.skip is not sp.false and not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
-        inner = loop.open(f"if {self._code(b.skip, x)} == 0:") if tested else loop
+        self._summary_loads("key", loop, x, names)
+        tested = self.skip is not sp.false and (self.data or not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi))
+        inner = loop.open(f"if {self._code(self.skip, x, names)} == 0:") if tested else loop
         k, v = self._keys(inner, x, offs)
         self._pair(inner, x, q, k, v, scatter=True)
         inner.add(f"dq += {self._ds_dot('ds', k, x)}")
@@ -358,10 +393,10 @@ class _BackwardEmitter:
                  f"{x.idx(b.dot.extent, {})}))")
         return self._function("_attn_bwd_dq", body, x, ("dQ",), self.scatter_names)
 
-    def _code(self, e, x: Emitter) -> str:
-        """An index formula over the tile box (row_lo, row_hi, col_lo, col_hi)."""
+    def _code(self, e, x: Emitter, summaries: dict | None = None) -> str:
+        """An index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and the tiles' data summaries."""
         names = {iv.I_LO: "row_lo", iv.I_HI: "row_hi", iv.J_LO: "col_lo", iv.J_HI: "col_hi",
-                 iv.TILE_W: "BLOCK_N", **x.names}
+                 iv.TILE_W: "BLOCK_N", **x.names, **(summaries or {})}
         return pcode(sp.sympify(e), names)
 
     def _function(self, name: str, body: Scope, x: Emitter, outs: tuple, scatters: tuple) -> tuple:
@@ -371,6 +406,10 @@ class _BackwardEmitter:
             args.append(f"{inp}_ptr")
             args += [f"stride_{inp}_z{z}" for z in range(self.nbatch)]
             args += [f"stride_{inp}_{k}" for k in range(self.p.input_map[inp].rank)]
+        for ts in self.summaries.values():
+            args.append(f"{ts.arg}_ptr")
+            args += [f"stride_{ts.arg}_z{z}" for z in range(self.nbatch)]
+            args += [f"stride_{ts.arg}_{k}" for k in range(ts.rank)] + [f"stride_{ts.arg}_s"]
         for buf in ("dO", "lse", "delta"):
             args += [f"{buf}_ptr", f"stride_{buf}_z"] + ([f"stride_{buf}_0", f"stride_{buf}_1"] if buf == "dO" else [])
         for buf in outs:
@@ -398,7 +437,7 @@ class _BackwardEmitter:
             dec.append(f"    off_z{z} = pid_z % Z{z}" if z else f"    off_z{z} = pid_z")
             if z:
                 dec.append(f"    pid_z = pid_z // Z{z}")
-        for name in [*x.used_inputs, *(f"grad_{n}" for n in scatters)]:
+        for name in [*x.used_inputs, *(t.arg for t in self.summaries.values()), *(f"grad_{n}" for n in scatters)]:
             terms = [f"off_z{z}.to(tl.int64) * stride_{name}_z{z}" for z in range(self.nbatch)]
             dec.append(f"    off_{name} = {' + '.join(terms) if terms else '0'}")
         return dec
@@ -421,4 +460,4 @@ def generate_backward(program: Program, sched: Schedule, dtype: str, nbatch: int
     return BackwardSpec(source, (kv, q), tuple(d.name for d in program.dims), nbatch,
                         tuple((name, ext) for ext, name in em.head_dims.items()),
                         {"Q": em.qread, "K": em.kread, "V": b.value}, b.extent, sched.row[1], b.dot.extent,
-                        sched.col[1], b.kind, em.scatter_names)
+                        sched.col[1], b.kind, em.scatter_names, tuple(em.summaries.values()))

@@ -8,6 +8,7 @@ from moa import symbolic as sy
 
 from . import cache
 from .aot_batch import aot_groups, choose_fitting, kernel_signature
+from .configs import summary_types
 from .device import next_pow2
 from .tiling import Config
 
@@ -32,6 +33,7 @@ def request(program, spec, kernel, dtype: str, dims: dict, cfg: Config, target: 
     acc = "fp64" if dtype == "float64" else "fp32"
     special = {f"{b}_ptr": f"*{acc}" for b in ("lse", "delta", "dQ", "dK", "dV")}
     special["dO_ptr"] = f"*{_TT[dtype]}"
+    special.update(summary_types(program, spec, index_dtype, consts))   # the data's per-tile (min, max)
     sig = kernel_signature(program, spec.source, kernel.name, dtype, index_dtype, consts, special)
     return {"file": str(path), "kernel": kernel.name, "signature": sig, "constexprs": consts, "target": target,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "block_m": cfg.block_m,

@@ -6,7 +6,8 @@ tile the skip test keeps) is the abstract walk of its source (codegen/ledger.py)
 from the schedule: every program of the dK/dV kernel iterates over all query tiles and visits those its skip test
 keeps; every program of the dQ kernel iterates over the key tiles of the forward's bounds (and visits those its
 skip test keeps, when the bounds do not imply it). Memory traffic is not predicted yet, nor the atomic adds of the
-score's own reads (a program with a bias table or gate in its score is refused)."""
+score's own reads (a program with a bias table or gate in its score is refused), nor the tiles skipped by the data
+(document masks: refused)."""
 from __future__ import annotations
 
 import math
@@ -88,6 +89,10 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config) -> dict:
     """Kernel name -> BackwardWork of a backward call (runner: runtime/backward_run.py BackwardRunner; dims in the
     program's names; batch: the call's batch shape)."""
     spec = runner.spec(dtype, len(batch))
+    if spec.summaries:
+        raise UnsupportedError("the backward kernels skip tiles by the data (per-tile summaries of "
+                               f"{', '.join(sorted({t.tensor for t in spec.summaries}))}): their work depends on "
+                               "the inputs, which the backward cost model does not read yet")
     if spec.scatters:
         raise UnsupportedError("the backward cost model does not count atomic adds yet (the score reads "
                                f"{', '.join(spec.scatters)})")
