@@ -175,7 +175,7 @@ class _BackwardEmitter:
         self.scatters = score_reads(b.score, {self.qread.name, self.kread.name, b.value.name})
         self.scatter_names = tuple(dict.fromkeys(r.name for r in self.scatters))
         self.data = uses_summaries(sched, b)   # the forward skips tiles by the data too: so do these kernels
-        self.skip = b.tile_tests(self.data)[0]
+        self.skip, self.full = b.tile_tests(self.data)
         self.summaries = {}
         for sm in b.summaries if self.data else ():
             key = (sm.read.name, sm.axis, sm.pos)
@@ -233,35 +233,46 @@ class _BackwardEmitter:
                      f"(offs_n[:, None] < {m}) & (offs_v[None, :] < {x.idx(s.col[1], {})})")
         return k, v
 
-    def _pair(self, scope: Scope, x: Emitter, q: str, k: str, v: str, scatter: bool) -> None:
-        """One (query tile, key tile) pair: the score recomputed; p (softmax: exp(s - lse); norm: w / Z); dsc, the
-        adjoint of the score (softmax: p (dp - delta); norm: (dp - delta) / Z); ds = dsc f'(qk); with `scatter`,
-        the atomic adds of the score's other reads' adjoints."""
+    def _pair(self, scope: Scope, x: Emitter, q: str, k: str, v: str, scatter: bool, accumulate) -> None:
+        """One (query tile, key tile) pair: qk, the score and dp; then, on a tile the schedule proves full and inside
+        the bounds, the unmasked update, else the masked one (the forward's full/partial split): p (softmax:
+        exp(s - lse); norm: w / Z), dsc, the adjoint of the score (softmax: p (dp - delta); norm: (dp - delta) / Z),
+        ds = dsc f'(qk), with `scatter` the atomic adds of the score's other reads' adjoints, and accumulate(scope)
+        (the dot products into dK, dV or dQ)."""
         s, b = self.s, self.b
         smap = {s.row[0]: "offs_m[:, None]", b.var: "offs_n[None, :]"}
         scope.add(f"qk = tl.dot({q}, tl.trans({k}){x.dot_kw()})")
-        score = x.emit(b.score, smap, scope, role="score")
-        valid = f"(offs_m[:, None] < {x.idx(s.row[1], {})}) & (offs_n[None, :] < {x.idx(b.extent, {})})"
-        if b.mask is not None:
-            valid = f"{x.emit(b.mask, smap, scope, role='mask')} & {valid}"
-        scope.add(f"valid = {valid}")
-        sc = x._float(score, b.score)
+        score = x._float(x.emit(b.score, smap, scope, role="score"), b.score)
         scope.add(f"dp = tl.dot(do, tl.trans({v}).to(do.dtype){x.dot_kw()})")
-        if b.kind == "softmax":
-            scope.add(f"p = tl.where(valid, tl.exp({sc} - lse[:, None]), 0.0)")
-            scope.add("dsc = p * (dp - delta[:, None])")
-        else:
-            scope.add(f"p = tl.where(valid, {sc} * zinv[:, None], 0.0)")
-            scope.add("dsc = tl.where(valid, (dp - delta[:, None]) * zinv[:, None], 0.0)")
-        t = Translation(b.score)
-        for sym, leaf in t.leaves.items():
-            if leaf == DotTile(0):
-                d = t.to_dnf(t.partial(sym))
-                scope.add(f"ds = tl.where(valid, dsc * {x._float(x.emit(d, smap, scope, role='dscore'), d)}, 0.0)")
-            elif scatter and leaf in self.scatters:
-                d = t.to_dnf(t.partial(sym))
-                adj = f"tl.where(valid, dsc * {x._float(x.emit(d, smap, scope, role='dread'), d)}, 0.0)"
-                self._atomic(scope, x, leaf, adj)
+        full = self.full
+        n, m = x.idx(s.row[1], {}), x.idx(b.extent, {})
+        test = f"{self._code(sp.Not(full), x, self.names)} | (start_m + BLOCK_M > {n}) | (start_n + BLOCK_N > {m})"
+        for masked in ([True] if full is sp.false else [False, True]):   # each block opened after the last one
+            inner = scope if full is sp.false else \
+                scope.open(f"if ({test}) != 0:  # a partial tile: masked", ("partial", 0)) if masked else \
+                scope.open(f"if ({test}) == 0:  # a full tile: no mask code", ("full", 0))
+            guard = (lambda e: f"tl.where(valid, {e}, 0.0)") if masked else (lambda e: e)
+            if masked:
+                valid = f"(offs_m[:, None] < {n}) & (offs_n[None, :] < {m})"
+                if b.mask is not None:
+                    valid = f"{x.emit(b.mask, smap, inner, role='mask')} & {valid}"
+                inner.add(f"valid = {valid}")
+            if b.kind == "softmax":
+                inner.add(f"p = {guard(f'tl.exp({score} - lse[:, None])')}")
+                inner.add("dsc = p * (dp - delta[:, None])")
+            else:
+                inner.add(f"p = {guard(f'{score} * zinv[:, None]')}")
+                inner.add(f"dsc = {guard('(dp - delta[:, None]) * zinv[:, None]')}")
+            t = Translation(b.score)
+            for sym, leaf in t.leaves.items():
+                if leaf == DotTile(0) or scatter and leaf in self.scatters:
+                    d = t.to_dnf(t.partial(sym))
+                    adj = guard(f"dsc * {x._float(x.emit(d, smap, inner, role='dscore'), d)}")
+                    if leaf == DotTile(0):
+                        inner.add(f"ds = {adj}")
+                    else:
+                        self._atomic(inner, x, leaf, adj)
+            accumulate(inner)
 
     def _atomic(self, scope: Scope, x: Emitter, r, adj: str) -> None:
         """grad_X[index of the read r] += its adjoint over the tile (summed over a tile axis the index does not use)."""
@@ -335,7 +346,7 @@ class _BackwardEmitter:
         body.add("col_lo = start_n  # J_LO")
         body.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m}) - 1  # J_HI")
         k, v = self._keys(body, x, offs)
-        names: dict = {}
+        names = self.names = {}
         self._summary_loads("key", body, x, names)
         body.add(f"dk = tl.zeros([BLOCK_N, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         body.add(f"dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype={x.acc})")
@@ -346,9 +357,11 @@ class _BackwardEmitter:
         self._summary_loads("row", loop, x, names)
         inner = loop.open(f"if {self._code(self.skip, x, names)} == 0:") if self.skip is not sp.false else loop
         q = self._rows(inner, x, offs)
-        self._pair(inner, x, q, k, v, scatter=False)
-        inner.add(f"dv += tl.dot(tl.trans(p).to(do.dtype), do{x.dot_kw()})")
-        inner.add(f"dk += {self._ds_dot('tl.trans(ds)', q, x)}")
+        def acc_kv(sc: Scope) -> None:
+            sc.add(f"dv += tl.dot(tl.trans(p).to(do.dtype), do{x.dot_kw()})")
+            sc.add(f"dk += {self._ds_dot('tl.trans(ds)', q, x)}")
+
+        self._pair(inner, x, q, k, v, False, acc_kv)
         self._chain(body, x, "dk", b.dot.b, self.kread, {b.var: "offs_n[:, None]", b.dot.var: f"{offs}[None, :]"})
         d = x.idx(b.dot.extent, {})
         body.add(f"tl.store(dK_ptr + zz * stride_dK_z + offs_n[:, None] * stride_dK_0 + {offs}[None, :] * "
@@ -370,7 +383,7 @@ class _BackwardEmitter:
         body.add("row_lo = start_m  # I_LO")
         body.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {n}) - 1  # I_HI")
         q = self._rows(body, x, offs)
-        names: dict = {}
+        names = self.names = {}
         self._summary_loads("row", body, x, names)
         body.add(f"dq = tl.zeros([BLOCK_M, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         lo = "0" if b.key_lo is None else f"(tl.maximum(0, {self._code(b.key_lo, x)}) // BLOCK_N) * BLOCK_N"
@@ -385,8 +398,7 @@ class _BackwardEmitter:
         tested = self.skip is not sp.false and (self.data or not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi))
         inner = loop.open(f"if {self._code(self.skip, x, names)} == 0:") if tested else loop
         k, v = self._keys(inner, x, offs)
-        self._pair(inner, x, q, k, v, scatter=True)
-        inner.add(f"dq += {self._ds_dot('ds', k, x)}")
+        self._pair(inner, x, q, k, v, True, lambda sc: sc.add(f"dq += {self._ds_dot('ds', k, x)}"))
         self._chain(body, x, "dq", b.dot.a, self.qread, {s.row[0]: "offs_m[:, None]", b.dot.var: f"{offs}[None, :]"})
         body.add(f"tl.store(dQ_ptr + zz * stride_dQ_z + offs_m[:, None] * stride_dQ_0 + {offs}[None, :] * "
                  f"stride_dQ_1, dq, mask=(offs_m[:, None] < {n}) & ({offs}[None, :] < "

@@ -37,6 +37,8 @@ class BackwardWork:
     programs: int
     iterations: int
     visits: int
+    full_tiles: int = 0      # visits the schedule proves full (no mask code)
+    partial_tiles: int = 0
 
     @property
     def flops(self) -> int:
@@ -53,6 +55,8 @@ def _marks(source: str) -> dict:
             marks[no] = ("iter", 0)
         elif text.startswith("if ") and text.endswith("== 0:"):
             marks[no] = ("visit", 0)
+        elif text.startswith("if (") and text.endswith(("# a full tile: no mask code", "# a partial tile: masked")):
+            marks[no] = ("full" if "full tile" in text else "partial", 0)
     return marks
 
 
@@ -65,24 +69,38 @@ def _value(e, env: dict) -> int:
 
 
 def _tile_counts(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
-    """Kernel name -> (iterations, visits) per batch x lead index (subs: dim symbol -> value)."""
+    """Kernel name -> (iterations, visits, full tiles, partial tiles) per batch x lead index (subs: dim symbol ->
+    value). A visit is an iteration the skip test keeps (every iteration without a test); it is full when the
+    schedule proves every pair admissible and the tile lies inside the bounds, else partial."""
     b = sched.branches[0]
-    it_kv = vis_kv = it_q = vis_q = 0
     tested = b.skip is not sp.false and not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
+    kv = [0, 0, 0]
+    q = [0, 0, 0, 0]
+
+    def kind(rows: dict, s0: int) -> tuple:
+        box = {**subs, **rows, iv.J_LO: s0, iv.J_HI: min(s0 + bn, m) - 1, iv.TILE_W: bn}
+        kept = b.skip is sp.false or not _holds(b.skip, box)
+        full = b.full is not sp.false and _holds(b.full, box) and rows[iv.I_LO] + bm <= n and s0 + bn <= m
+        return kept, full
+
     for t in range(math.ceil(n / bm)):
         rows = {iv.I_LO: t * bm, iv.I_HI: min(t * bm + bm, n) - 1}
+        for u in range(math.ceil(m / bn)):
+            kept, full = kind(rows, u * bn)
+            kv[0] += 1
+            kv[1] += kept
+            kv[2] += kept and full
         lo = 0 if b.key_lo is None else (max(0, _value(b.key_lo, {**subs, **rows})) // bn) * bn
         hi = m - 1 if b.key_hi is None else min(m - 1, _value(b.key_hi, {**subs, **rows}))
-        for u in range(math.ceil(m / bn)):
-            box = {**subs, **rows, iv.J_LO: u * bn, iv.J_HI: min(u * bn + bn, m) - 1, iv.TILE_W: bn}
-            kept = b.skip is sp.false or not _holds(b.skip, box)
-            it_kv += 1
-            vis_kv += kept
-        starts = range(lo, hi + 1, bn)
-        it_q += len(starts)
-        vis_q += sum(1 for s0 in starts if not tested or not _holds(
-            b.skip, {**subs, **rows, iv.J_LO: s0, iv.J_HI: min(s0 + bn, m) - 1, iv.TILE_W: bn}))
-    return {"_attn_bwd_dkdv": (it_kv, vis_kv), "_attn_bwd_dq": (it_q, vis_q if tested else 0)}
+        for s0 in range(lo, hi + 1, bn):
+            kept, full = kind(rows, s0)
+            q[0] += 1
+            q[1] += kept or not tested
+            q[2] += (kept or not tested) and full
+    visits_kv = kv[1] if b.skip is not sp.false else kv[0]
+    split = b.full is not sp.false
+    return {"_attn_bwd_dkdv": (kv[0], kv[1], kv[2] if split else 0, visits_kv - kv[2] if split else 0),
+            "_attn_bwd_dq": (q[0], q[1] if tested else 0, q[2] if split else 0, q[1] - q[2] if split else 0)}
 
 
 def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config) -> dict:
@@ -109,11 +127,13 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config) -> dict:
         stores = [AccessSite(x, x, (), (), ()) for x in ("dK", "dV", "dQ")]
         led = function_ledger(program, spec.source, kern.name, loads, stores, marks=marks)
         progs = zl * (math.ceil(m / cfg.block_n) if kern is spec.kernels[0] else math.ceil(n / cfg.block_m))
-        iters, visits = (zl * c for c in counts[kern.name])
-        reps = {"program": progs, ("iter", 0): iters, ("visit", 0): visits}
+        iters, visits, full, partial = (zl * c for c in counts[kern.name])
+        reps = {"program": progs, ("iter", 0): iters, ("visit", 0): visits, ("full", 0): full,
+                ("partial", 0): partial}
         tot = {"dot": 0, "other": 0, "trans": 0}
         for region, work in led.regions.items():
             for what in tot:
                 tot[what] += reps[region] * int(sp.sympify(getattr(work, what)).xreplace(consts))
-        out[kern.name] = BackwardWork(kern.name, tot["dot"], tot["other"], tot["trans"], progs, iters, visits)
+        out[kern.name] = BackwardWork(kern.name, tot["dot"], tot["other"], tot["trans"], progs, iters, visits, full,
+                                      partial)
     return out

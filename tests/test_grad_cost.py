@@ -44,6 +44,7 @@ def test_predicted_backward_work_is_exact(stem):
     assert kv.iterations == 2 * heads * 3 * 3   # batch 2 x heads programs, each over 3 key x 3 query tiles
     if stem == "causal":   # 45 rows, 45 keys in tiles of 16: 6 of the 9 tile pairs hold a pair j <= i
         assert (kv.visits, q.iterations) == (2 * 6, 2 * 6)
+        assert (kv.full_tiles, kv.partial_tiles) == (2 * 1, 2 * 5)   # rows 16-31 x keys 0-15: full, no mask code
 
 
 @pytest.mark.parametrize("stem, why", [("relative_bias", "atomic adds"), ("document_mask", "by the data")])

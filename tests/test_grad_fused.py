@@ -151,6 +151,10 @@ def test_causal_backward_skips_the_tiles_the_forward_skips():
     dkdv = src[src.index("def _attn_bwd_dkdv("):src.index("def _attn_bwd_dq(")]
     assert "hi = tl.minimum(dim_n - 1, row_hi)" in dq, dq
     assert "if " in dkdv and "row_hi" in dkdv and "col_lo" in dkdv
+    for kernel in (dq, dkdv):   # the full/partial split: the full tiles' block has no mask code
+        full = kernel[kernel.index("# a full tile"):kernel.index("# a partial tile")]
+        assert "tl.where" not in full and "valid" not in full and "ds = " in full
+        assert ("dk +=" in full) != ("dq +=" in full)
 
 
 def _aot_fits(stem: str, dtype: str = "bfloat16"):
