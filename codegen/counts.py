@@ -43,7 +43,7 @@ from moa.tiles import (DATA, RowTiles, hop_iters, hops_needed, key_iterations, r
                        summary_env, tiles_needed)
 
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, csym
-from .emit import SCAN
+from .data_tiles import SCAN
 from .ledger import ledger
 
 

@@ -11,7 +11,7 @@ from moa.onf import Schedule, unknown_summaries, uses_summaries
 from .constexprs import BLOCK_M, BLOCK_N, HEAD_DIM_V, KEY_TILE, ROW_TILE, csym
 
 from .counts import components
-from .emit import SCAN
+from .data_tiles import SCAN
 from .ledger import ledger
 
 HOP = sp.Symbol("h", integer=True)   # the hop of a hop loop (codegen/hops.py)

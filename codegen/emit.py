@@ -19,28 +19,13 @@ from moa import ir
 from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
 
+from .data_tiles import SCAN, SCAN_T, TILE_FULL, DataTiles, TileSummaries  # noqa: F401  (re-exported)
 from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
 from .monoid import LOG2E, Monoid
 from .printer import code as pcode
 from .scope import Scope, regions_by_line
 from .tidy import helpers_for, prune
-
-
-SCAN = 64   # key tiles per step of the scan that trims a data-tested key loop (the pre-pass pads by as many)
-SCAN_T = sp.Symbol("scan_t", integer=True)   # a lane of the scan (an access site's axis, for the cost model)
-
-
-@dataclass(frozen=True)
-class TileSummaries:
-    """A kernel argument holding per-tile summaries of an input (runtime/launch.py computes it before the launch):
-    the input's shape with axis `pos` (the row or key axis, in tiles of BLOCK_M or BLOCK_N) replaced by its
-    tile count, and a last axis of 2: the (min, max) of each tile. Booleans are summarised as 0/1."""
-    arg: str               # the argument's name (arg_ptr, stride_arg_z*, stride_arg_k, stride_arg_s)
-    tensor: str            # the input it summarises
-    axis: str              # "row" (tiles of BLOCK_M) or "key" (tiles of BLOCK_N)
-    pos: int               # the tiled axis of the input
-    rank: int              # the input's rank (without batch axes)
 
 
 @dataclass(frozen=True)
@@ -73,7 +58,7 @@ def returns_total(sched: Schedule) -> bool:
                              and sched.branches[0].mix is None and sched.epilogue == BranchValue(0))
 
 
-class KernelEmitter:
+class KernelEmitter(DataTiles):
     """The tiled kernel (`_attn_fwd`) of one output's schedule, for a dtype and a number of batch axes."""
 
     def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int, exact=frozenset(),
@@ -216,14 +201,12 @@ class KernelEmitter:
         scale = self._scale(k, b, body)
         tested = not iv.skip_implied_by_range(skip, b.key_lo, b.key_hi)
         if data:
-            self._scan(k, b, body, names, skip, m_ext)
-        if data or not b.split:
+            self._data_loop(k, b, body, q, mo, scale, names, skip, full, m_ext)
+            return
+        if not b.split:
             loop = Scope([], "    ", parent=body).open(f"for start_n in range(lo{sfx}, hi{sfx} + 1, BLOCK_N):",
                                                          ("iter" if tested else "visit", k))
             self._tile_box(loop, m_ext)
-            if data:
-                self._summary_loads(b, "key", loop)
-                names.update(self.summary_names)
             inner = loop.open(f"if {self._code(skip, names)} == 0:", ("visit", k)) if tested else loop
             self._tile(k, b, inner, body, q, mo, scale, names, "test", full)
             body.lines.extend(loop.parent.lines)
@@ -253,60 +236,6 @@ class KernelEmitter:
         loop.add("offs_n = start_n + tl.arange(0, BLOCK_N)")
         loop.add("col_lo = start_n  # J_LO")
         loop.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m_ext}) - 1  # J_HI")
-
-    def _summary_loads(self, b, axis: str, scope: Scope, tile: str | None = None, names: dict | None = None) -> None:
-        """Load the (min, max) of every summarised read of branch b on `axis` for this row tile ("row", once per
-        program) or key tile ("key", in the key loop), into the variables the tile tests name (`names`: default
-        summary_names). tile: the key tiles' index (a vector over SCAN tiles in the scan)."""
-        vector = tile is not None
-        tile = tile or ("start_m" if axis == "row" else "(start_n // BLOCK_N)")
-        names = self.summary_names if names is None else names
-        for sm in b.summaries:
-            if sm.axis != axis:
-                continue
-            ts = self._summary_arg(sm)
-            offs = [f"{tile} * stride_{ts.arg}_{sm.pos}"] + \
-                [f"{self.idx(ix)} * stride_{ts.arg}_{p}" for p, ix in enumerate(sm.read.index) if p != sm.pos]
-            base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
-            for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
-                name = self.x.fresh(f"{sm.read.name}_{axis}_{stat}" + ("_t" if vector else ""))
-                names[sym] = name
-                what = f"each of {SCAN} key tiles" if vector else f"the {axis} tile"
-                scope.add(f"{name} = tl.load({base}{extra})  # {stat} of {sm.read.name} over {what}")
-                self.x.loads.append(AccessSite(name, ts.arg, (), ((SCAN_T, "scan"),) if vector else (), ()))
-
-    def _scan(self, k: int, b, body: Scope, names: dict, skip, m_ext: str) -> None:
-        """Trim [lo, hi] to the first and last key tile the data's summaries do not skip, scanning SCAN tiles at a
-        time with vector loads of the key summaries (padded by the pre-pass, so unmasked): the key loop then
-        visits no run of skipped tiles before or after the needed ones (a document's tiles, for sorted ids)."""
-        sfx = self.x.sfx(k)
-        body.add("# the key tiles the data may need: the first and last tile in [lo, hi] the summaries keep")
-        body.add(f"first_t{sfx} = hi{sfx} // BLOCK_N + 1")
-        body.add(f"last_t{sfx} = lo{sfx} // BLOCK_N - 1")
-        loop = Scope([], "    ", parent=body).open(
-            f"for scan_t in range(lo{sfx} // BLOCK_N, hi{sfx} // BLOCK_N + 1, {SCAN}):", ("scan", k))
-        loop.add(f"offs_t = scan_t + tl.arange(0, {SCAN})")
-        loop.add("col_lo_t = offs_t * BLOCK_N")
-        loop.add(f"col_hi_t = tl.minimum(col_lo_t + BLOCK_N, {m_ext}) - 1")
-        vec = {**names, iv.J_LO: "col_lo_t", iv.J_HI: "col_hi_t"}
-        self._summary_loads(b, "key", loop, "offs_t", vec)
-        loop.add(f"need = ({self._code(skip, vec)} == 0) & (offs_t <= hi{sfx} // BLOCK_N)")
-        loop.add(f"first_t{sfx} = tl.minimum(first_t{sfx}, tl.min(tl.where(need, offs_t, first_t{sfx}), 0))")
-        loop.add(f"last_t{sfx} = tl.maximum(last_t{sfx}, tl.max(tl.where(need, offs_t, last_t{sfx}), 0))")
-        body.lines.extend(loop.parent.lines)
-        body.add(f"lo{sfx} = tl.maximum(lo{sfx}, first_t{sfx} * BLOCK_N)")
-        body.add(f"hi{sfx} = tl.minimum(hi{sfx}, last_t{sfx} * BLOCK_N + BLOCK_N - 1)")
-
-    def _summary_arg(self, sm) -> TileSummaries:
-        key = (sm.read.name, sm.axis, sm.pos)
-        if key not in self.summaries:
-            taken = set(self.p.input_map) | {t.arg for t in self.summaries.values()}
-            arg, n = f"{sm.read.name}_{sm.axis}_tiles", 1
-            while arg in taken:
-                n += 1
-                arg = f"{sm.read.name}_{sm.axis}_tiles{n}"
-            self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
-        return self.summaries[key]
 
     def _tile(self, k: int, b, inner: Scope, body: Scope, q, mo: Monoid, scale, names: dict, masked: str,
               full) -> None:

@@ -130,7 +130,8 @@ class _Walker:
                 env[name] = self.binop(s.op, env[name], self.expr(s.value, env))
                 self.target = saved
             elif isinstance(s, ast.For):
-                if self.region != "program" or not (isinstance(s.iter, ast.Call) and isinstance(s.target, ast.Name)):
+                nested = self.region != "program" and s.lineno not in self.marks   # marked: the data scan's tiles
+                if nested or not (isinstance(s.iter, ast.Call) and isinstance(s.target, ast.Name)):
                     raise UnsupportedError("cost model: unexpected (nested) loop in the generated kernel")
                 self.expr(s.iter, env)
                 saved = self.region, self.branch

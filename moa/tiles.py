@@ -110,8 +110,8 @@ def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
 def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan: int = 0) -> BranchTiles:
     """Iterations of branch b's key loop for programs with row boxes [ilo, ihi] (arrays) and key extents m (an
     int or an array: a lifted branch's keys depend on the residue); env may hold per-program arrays. data: the
-    kernel tests the tiles with the data's summaries (their values in env: summary_env), after a scan of `scan`
-    key tiles per step has trimmed [lo, hi] to the first and last tile the summaries keep."""
+    kernel tests the tiles with the data's summaries (their values in env: summary_env) in a scan of `scan` key
+    tiles per step, and runs the kept tiles only."""
     R = len(ilo)
     m = np.broadcast_to(np.asarray(m, dtype=np.int64), (R,))
     skip_f, full_f = b.tile_tests(data)
@@ -142,12 +142,8 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan:
 
     te, skip = tests(rows, starts)
     scans = None
-    if scan and data and b.summaries:   # the scan keeps [first, last] kept tile of each row tile
-        keep_lo, keep_hi = np.full(R, np.iinfo(np.int64).max), np.full(R, -1)
-        np.minimum.at(keep_lo, rows[~skip], starts[~skip])
-        np.maximum.at(keep_hi, rows[~skip], starts[~skip])
-        keep = (starts >= keep_lo[rows]) & (starts <= keep_hi[rows])
-        rows, starts, skip = rows[keep], starts[keep], skip[keep]
+    if scan and data and b.summaries:   # the scan's kept tiles run, and only they
+        rows, starts, skip = rows[~skip], starts[~skip], skip[~skip]
         te, _ = tests(rows, starts)
         scans = np.maximum(0, -(-(hi // bn - lo // bn + 1) // scan))
     if b.split and not (data and b.summaries):   # three loops: [lo, full_lo) masked, full tiles, [full_hi, hi]

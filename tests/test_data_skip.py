@@ -130,9 +130,9 @@ def test_cost_inputs_are_checked():
         cost(k, dtype="float64", device="cpu", inputs={"doc": torch.zeros(9, dtype=torch.long)}, n=10, d=4, e=4)
 
 
-def test_the_scan_trims_the_key_loop_to_the_kept_tiles():
-    """Sorted ids: after the scan (first and last kept key tile of each row tile) every iteration of the key loop
-    is a visited tile; without it the loop would test every skipped tile below the diagonal."""
+def test_the_scan_runs_only_the_kept_tiles():
+    """After the scan (the skip test on 64 key tiles at a time) every iteration of the key loop is a kept tile;
+    a loop testing each tile would also walk every skipped tile below the diagonal."""
     from moa import tiles
     from moa.codegen.emit import SCAN
 

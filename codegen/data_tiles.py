@@ -1,0 +1,96 @@
+"""Data-derived block sparsity in the tiled kernel: per-tile (min, max) summaries of the integer and boolean inputs a
+mask reads (their kernel arguments, computed by the launcher's pre-pass, runtime/summaries.py), and the key loop of
+a branch tested with them: a scan over SCAN key tiles at a time, then the kept tiles only (moa/intervals.py derives
+the skip and full tests from the mask's algebra)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from moa import intervals as iv
+
+from .exprs import AccessSite
+from .monoid import Monoid
+from .scope import Scope
+
+SCAN = 64   # key tiles per step of the scan that trims a data-tested key loop (the pre-pass pads by as many)
+SCAN_T = sp.Symbol("scan_t", integer=True)   # a lane of the scan (an access site's axis, for the cost model)
+TILE_FULL = sp.Symbol("tile_full", integer=True)   # 1 where the scan proved the kept tile mask-free
+
+
+@dataclass(frozen=True)
+class TileSummaries:
+    """A kernel argument holding per-tile summaries of an input (runtime/launch.py computes it before the launch):
+    the input's shape with axis `pos` (the row or key axis, in tiles of BLOCK_M or BLOCK_N) replaced by its
+    tile count, and a last axis of 2: the (min, max) of each tile. Booleans are summarised as 0/1."""
+    arg: str               # the argument's name (arg_ptr, stride_arg_z*, stride_arg_k, stride_arg_s)
+    tensor: str            # the input it summarises
+    axis: str              # "row" (tiles of BLOCK_M) or "key" (tiles of BLOCK_N)
+    pos: int               # the tiled axis of the input
+    rank: int              # the input's rank (without batch axes)
+
+
+class DataTiles:
+    """The KernelEmitter's part for branches whose tiles the data's summaries decide (a mixin: it uses the
+    emitter's expression emitter `x`, `_code`, `_tile` and `_tile_box`)."""
+
+    def _summary_loads(self, b, axis: str, scope: Scope, tile: str | None = None, names: dict | None = None) -> None:
+        """Load the (min, max) of every summarised read of branch b on `axis` for this row tile ("row", once per
+        program) or key tile ("key", in the key loop), into the variables the tile tests name (`names`: default
+        summary_names). tile: the key tiles' index (a vector over SCAN tiles in the scan)."""
+        vector = tile is not None
+        tile = tile or ("start_m" if axis == "row" else "(start_n // BLOCK_N)")
+        names = self.summary_names if names is None else names
+        for sm in b.summaries:
+            if sm.axis != axis:
+                continue
+            ts = self._summary_arg(sm)
+            offs = [f"{tile} * stride_{ts.arg}_{sm.pos}"] + \
+                [f"{self.idx(ix)} * stride_{ts.arg}_{p}" for p, ix in enumerate(sm.read.index) if p != sm.pos]
+            base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
+            for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
+                name = self.x.fresh(f"{sm.read.name}_{axis}_{stat}" + ("_t" if vector else ""))
+                names[sym] = name
+                what = f"each of {SCAN} key tiles" if vector else f"the {axis} tile"
+                scope.add(f"{name} = tl.load({base}{extra})  # {stat} of {sm.read.name} over {what}")
+                self.x.loads.append(AccessSite(name, ts.arg, (), ((SCAN_T, "scan"),) if vector else (), ()))
+
+    def _data_loop(self, k: int, b, body: Scope, q, mo: Monoid, scale, names: dict, skip, full, m_ext: str) -> None:
+        """The key loop of a branch tested with the data's summaries: a scan reads the key summaries SCAN tiles at a
+        time (vector loads; the pre-pass pads them, so unmasked) and evaluates the skip and full tests on all of
+        them; then each kept tile runs, in order, with no test around its loads (the software pipeline can
+        prefetch them): a document mask visits only the tiles of the documents in the row tile."""
+        sfx = self.x.sfx(k)
+        body.add(f"# key tiles kept by the data, found {SCAN} at a time; only those run")
+        scan = Scope([], "    ", parent=body).open(
+            f"for scan_t in range(lo{sfx} // BLOCK_N, hi{sfx} // BLOCK_N + 1, {SCAN}):", ("scan", k))
+        scan.add(f"offs_t = scan_t + tl.arange(0, {SCAN})")
+        scan.add("col_lo_t = offs_t * BLOCK_N")
+        scan.add(f"col_hi_t = tl.minimum(col_lo_t + BLOCK_N, {m_ext}) - 1")
+        vec = {**names, iv.J_LO: "col_lo_t", iv.J_HI: "col_hi_t"}
+        self._summary_loads(b, "key", scan, "offs_t", vec)
+        scan.add(f"kept = ({self._code(skip, vec)} == 0) & (offs_t <= hi{sfx} // BLOCK_N)")
+        if full not in (sp.true, sp.false):
+            scan.add(f"full_t = tl.where({self._code(full, vec)}, 1, 0)  # tiles the data proves mask-free")
+        inner = scan.open("for kept_i in range(tl.sum(kept.to(tl.int32), 0)):", ("visit", k))
+        inner.add("tile_t = tl.min(tl.where(kept, offs_t, 2147483647), 0)  # the next kept key tile")
+        inner.add("kept = kept & (offs_t != tile_t)")
+        inner.add("start_n = tile_t * BLOCK_N")
+        self._tile_box(inner, m_ext)
+        if full not in (sp.true, sp.false):
+            inner.add("tile_full = tl.max(tl.where(offs_t == tile_t, full_t, 0), 0)")
+            full = sp.Eq(TILE_FULL, 1)
+        self._tile(k, b, inner, body, q, mo, scale, {**names, TILE_FULL: "tile_full"}, "test", full)
+        body.lines.extend(scan.parent.lines)
+
+    def _summary_arg(self, sm) -> TileSummaries:
+        key = (sm.read.name, sm.axis, sm.pos)
+        if key not in self.summaries:
+            taken = set(self.p.input_map) | {t.arg for t in self.summaries.values()}
+            arg, n = f"{sm.read.name}_{sm.axis}_tiles", 1
+            while arg in taken:
+                n += 1
+                arg = f"{sm.read.name}_{sm.axis}_tiles{n}"
+            self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
+        return self.summaries[key]
