@@ -76,7 +76,7 @@ class Launcher:
     def run(self, name: str, b: Binding, plan: Plan) -> torch.Tensor:
         """One output of a call in a given plan (the linear form, or the tiled kernel's schedule and tiles)."""
         if plan.kind == LINEAR:
-            return self.linear(name, b)
+            return self.linear(name, b, plan.config)
         return self.tiled(name, b, store_lse=False, plan=plan)[0]
 
     def tuned(self, name: str, b: Binding) -> Plan:
@@ -211,8 +211,8 @@ class Launcher:
         compute = compute_dtype(b.dtype, b.device)
         return _finish(self.window_runner(name).run(b, compute, DTYPE_NAME[compute]), b.dtype)
 
-    def linear(self, name: str, b: Binding) -> torch.Tensor:
-        """The output of the chunked linear form (codegen/chunked.py)."""
+    def linear(self, name: str, b: Binding, config=None) -> torch.Tensor:
+        """The output of the chunked linear form (codegen/chunked.py), in a LinearConfig (default: the runner's)."""
         b = self.planner.cg_binding(b)
         compute = compute_dtype(b.dtype, b.device)
-        return _finish(self.linear_runner(name).run(b, compute, DTYPE_NAME[compute]), b.dtype)
+        return _finish(self.linear_runner(name).run(b, compute, DTYPE_NAME[compute], config), b.dtype)

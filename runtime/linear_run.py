@@ -49,8 +49,9 @@ class LinearRunner:
         chunk, block_f = chunk_config(device, n, self.lp.features(sy.evaluate(self.lp.branch.dot.extent, dims)))
         return LinearConfig(chunk, block_f)
 
-    def run(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> torch.Tensor:
-        launch = self.prepare(b, dt_compute, dtname)
+    def run(self, b: Binding, dt_compute: torch.dtype, dtname: str, config: LinearConfig | None = None) -> torch.Tensor:
+        """The output of one call, in `config` (default: launch_config's)."""
+        launch = self.prepare(b, dt_compute, dtname, config)
         if launch.empty:
             return launch.result()
         self.states(launch)
@@ -60,8 +61,8 @@ class LinearRunner:
     # the phases, for the ring (runtime/ring_linear.py): states; scan(final=True, prefix=False) gives the
     # shard's total state in launch.carried; the carried state of the ranks before; scan(init=True); output
 
-    def prepare(self, b: Binding, dt_compute: torch.dtype, dtname: str) -> _Launch:
-        """Buffers and arguments of one call (nothing is launched)."""
+    def prepare(self, b: Binding, dt_compute: torch.dtype, dtname: str, config: LinearConfig | None = None) -> _Launch:
+        """Buffers and arguments of one call (nothing is launched), in `config` (default: launch_config's)."""
         s, br = self.lp.schedule, self.lp.branch
         dims = b.dims
         n = sy.evaluate(s.row[1], dims)
@@ -74,7 +75,7 @@ class LinearRunner:
         nfeat = self.lp.features(d)
         if out.numel() == 0:
             return _Launch(out, shape, (), {}, [], (), nfeat, 0, zl, e, None)
-        cfg = self.launch_config(b.device, dtname, len(b.batch), dims)
+        cfg = config or self.launch_config(b.device, dtname, len(b.batch), dims)
         chunk, block_f = cfg.chunk, cfg.block_f
         T = cdiv(n, chunk)
         hv = max(16, next_pow2(e))

@@ -25,7 +25,8 @@ from moa.version import __version__
 from . import configs, tune
 from .binding import Binding
 from .device import device_table_name
-from .tiling import Config, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims, tune_candidates
+from .tiling import (Config, LinearConfig, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims,
+                     tune_candidates)
 
 TILED, WINDOW, LINEAR = "tiled", "window", "linear"
 
@@ -37,7 +38,7 @@ class Plan:
     output: str
     kind: str                  # TILED, WINDOW or LINEAR
     schedule: object = None    # the ONF Schedule (tiled family)
-    config: Config | None = None
+    config: Config | LinearConfig | None = None   # a LinearConfig for a tuned linear-form candidate
     predictions: tuple = ()    # schedule_cost.Prediction of every legal schedule (tiled family), if several
     measured_seconds: float | None = None    # the time a GPU measured when it tuned this call's bucket
     predicted_seconds: float | None = None   # the cost model's time (Kernel.plan fills it in)
@@ -50,14 +51,20 @@ class Plan:
     def key(self) -> str:
         """The plan in one string (a tuning record's label)."""
         c = self.config
-        tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + \
-            (" tma" if c.tma else "")
+        if isinstance(c, LinearConfig):
+            tiles = f" chunk{c.chunk} f{c.block_f} w{c.num_warps} s{c.num_stages}"
+        else:
+            tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + \
+                (" tma" if c.tma else "")
         return f"{self.kind} {self.label}{tiles}"
 
     def __repr__(self) -> str:
         cfg = self.config
-        tiles = "" if cfg is None else (f", BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
-                                        f"stages={cfg.num_stages}" + (" TMA" if cfg.tma else ""))
+        if isinstance(cfg, LinearConfig):
+            tiles = f", {cfg.text()}"
+        else:
+            tiles = "" if cfg is None else (f", BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
+                                            f"stages={cfg.num_stages}" + (" TMA" if cfg.tma else ""))
         times = "".join(f", {what} {t * 1e6:.1f} us" for what, t in (("predicted", self.predicted_seconds),
                                                                      ("measured", self.measured_seconds))
                         if t is not None)
@@ -259,7 +266,9 @@ class Planner:
         for sched in ranking[1:2]:
             out.append(Plan(name, TILED, sched, first.config))
         if self.form is None and self.linear_plans[name][0] is not None:
-            out.append(Plan(name, LINEAR))
+            out.append(Plan(name, LINEAR))   # the config fitted ahead of time, then longer chunks (64-128 rows)
+            if n > 64:
+                out += [Plan(name, LINEAR, config=LinearConfig(128, f, 8, 3)) for f in (64, 32)]
         return out
 
 
