@@ -268,7 +268,7 @@ class Planner:
         if self.form is None and self.linear_plans[name][0] is not None:
             out.append(Plan(name, LINEAR))   # the config fitted ahead of time, then longer chunks (64-128 rows)
             if n > 64:
-                out += [Plan(name, LINEAR, config=LinearConfig(128, f, 8, 3)) for f in (64, 32)]
+                out += [Plan(name, LINEAR, config=LinearConfig(128, f, 8, 3)) for f in (32, 16)]
         return out
 
 

@@ -137,7 +137,7 @@ def test_a_call_tunes_its_bucket_with_every_candidate_correct(monkeypatch):
     plan = k.launcher.tuned("O", b)
     labels = [p.key for p in k.planner.candidates("O", b.dims, "float64", "float64", b.device, 1, 2)]
     assert len(seen) == len(labels) >= 3 and "linear linear" in labels
-    assert "linear linear chunk128 f64 w8 s3" in labels     # the linear form with 128-row chunks, timed too
+    assert "linear linear chunk128 f32 w8 s3" in labels     # the linear form with 128-row chunks, timed too
     assert plan.key == labels[3] and plan.measured_seconds == 1e-3
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: pytest.fail("re-timed"))
     k.launcher._tuned.clear()
