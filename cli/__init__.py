@@ -11,23 +11,25 @@ from moa.runtime.check import check
 from moa.runtime.grad_check import check_grad
 
 from . import cost as cost_commands
-from . import plots
+from . import limits, plots
+from .args import count, parse_config, seed, source
 from .args import dims as _dims
+from .args import dtype as _dtype
 from .args import params as _params
-from .args import parse_config
 from .launcher import launcher_module
 
 
 def cmd_compile(args) -> int:
-    k = moa.compile(args.file, **_params(args))
+    dtype = _dtype(args.dtype)
+    k = moa.compile(source(args.file), **_params(args))
     dims = _dims(args, k.program, complete=True) if args.dims else None
     config = parse_config(args.config)
     if args.launcher:
-        src = launcher_module(k, args.output_name, args.dtype, dims, config)
+        src = launcher_module(k, args.output_name, dtype, dims, config)
     else:
         if args.output_name and args.output_name not in k.output_names:
             raise InputError(f"--output {args.output_name}: the program's outputs are {', '.join(k.output_names)}")
-        src = k.source(output=args.output_name, dtype=args.dtype, config=config, dims=dims)
+        src = k.source(output=args.output_name, dtype=dtype, config=config, dims=dims)
     if args.output:
         with open(args.output, "w") as f:
             f.write(src)
@@ -38,19 +40,25 @@ def cmd_compile(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    k = moa.compile(args.file, **_params(args))
+    k = moa.compile(source(args.file), **_params(args))
+    if args.tiles:   # every argument checked before anything is printed
+        dims = plots.tiles_dims(k, _dims(args, k.program))
+        limits.grid_budget(k, dims, "moa explain --tiles")
+        plots.pyplot(args.tiles, "--tiles")
     print(k.explain())
-    if getattr(args, "tiles", None):
-        plots.tiles_plot(k, args.tiles, _dims(args, k.program))
+    if args.tiles:
+        plots.tiles_plot(k, args.tiles, dims)
     return 0
 
 
 def cmd_check(args) -> int:
-    k = moa.compile(args.file, **_params(args))
+    batch, sd = count(args.batch, "--batch", 2), seed(args.seed)
+    k = moa.compile(source(args.file), **_params(args))
     dims = _dims(args, k.program, complete=True)
-    report = check(k, dims, seed=args.seed, batch=args.batch, run_kernel=not args.no_kernel)
+    limits.check_budget(k, dims, batch, args.grad)
+    report = check(k, dims, seed=sd, batch=batch, run_kernel=not args.no_kernel)
     if args.grad:
-        check_grad(k, dims, seed=args.seed, batch=args.batch, report=report)
+        check_grad(k, dims, seed=sd, batch=batch, report=report)
     print(report.text())
     return 0 if report.ok else 1
 
@@ -66,8 +74,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("compile", help="write the generated Triton source (with --launcher: a runnable module)")
     common(p)
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
-    p.add_argument("--dtype", default="float16", choices=["float64", "float32", "float16", "bfloat16"],
-                   help="the kernel's dtype (default: float16)")
+    p.add_argument("--dtype", default="float16", help="the kernel's dtype (default: float16): float64, float32, "
+                   "float16, bfloat16 (or fp64, fp32, fp16, half, bf16)")
     p.add_argument("--launcher", action="store_true", help="write a module with the kernel and a typed Python "
                    "launcher `launch(**inputs)` (shapes, strides, grid) that imports nothing from moa")
     p.add_argument("--output-name", metavar="NAME", help="the program output to compile (default: the first)")
@@ -85,9 +93,10 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("check", help="evaluate IR, DNF and kernel on random float64 inputs; print errors")
     common(p)
-    p.add_argument("--dims", required=True, help="e.g. n=100,d=16,e=16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=2, help="extra leading batch axis (0: none)")
+    p.add_argument("--dims", required=True, help="e.g. n=100,d=16,e=16 (float64 arrays: at most "
+                   f"{limits.CHECK_BYTES // 2 ** 30} GiB of inputs, outputs and unfused intermediates)")
+    p.add_argument("--seed", default=None, help="seed of the random inputs (default: 0)")
+    p.add_argument("--batch", default=None, help="extra leading batch axis of that size (0: none; default: 2)")
     p.add_argument("--no-kernel", action="store_true", help="only compare the IR reference and the DNF")
     p.add_argument("--grad", action="store_true", help="also compare the gradient of every float input (the "
                    "kernel's backward) with torch.autograd through the float64 reference")

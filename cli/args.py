@@ -1,11 +1,16 @@
 """Command-line argument parsing shared by the `moa` subcommands."""
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
+from moa.devices import canonical_dtype
 from moa.errors import InputError
-from moa.runtime.check import check_dims
+from moa.runtime.check import MAX_DIM, check_dims
 from moa.runtime.tiling import Config
+
+INT64 = 2 ** 63 - 1
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -28,6 +33,8 @@ def parse_assignments(text: str | None, what: str) -> dict:
             raise InputError(f"{what}: {k} is given twice")
         try:
             out[k] = int(v)
+            if abs(out[k]) > INT64:
+                raise InputError(f"{what}: {k}={v} does not fit in a 64-bit integer (at most 2^63 - 1)")
         except ValueError:
             try:
                 out[k] = float(v)
@@ -66,4 +73,74 @@ def parse_config(text: str | None) -> Config | None:
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise InputError(f"--config: BLOCK_M and BLOCK_N must be powers of two >= 16 (tl.dot's minimum), got {bm}, "
                          f"{bn}")
+    if bm * bn > 2 ** 20:
+        raise InputError(f"--config: a BLOCK_M x BLOCK_N tile holds at most 2^20 elements (Triton's limit), got "
+                         f"{bm} x {bn}")
+    if len(parts) > 2 and (parts[2] > 32 or parts[2] & (parts[2] - 1)):
+        raise InputError(f"--config: WARPS must be a power of two of at most 32 (1024 threads), got {parts[2]}")
+    if len(parts) > 3 and parts[3] > 16:
+        raise InputError(f"--config: STAGES must be at most 16, got {parts[3]}")
     return Config(*parts)
+
+
+def count(text: str | None, flag: str, default: int, largest: int = MAX_DIM) -> int:
+    """A non-negative integer option (--batch): an InputError naming the flag and the value otherwise."""
+    if text is None:
+        return default
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise InputError(f"{flag} must be a non-negative integer, got {text!r}") from None
+    if not 0 <= v <= largest:
+        raise InputError(f"{flag} must be a non-negative integer of at most {largest}, got {v}")
+    return v
+
+
+def seed(text: str | None) -> int:
+    """--seed: any integer torch.Generator.manual_seed takes (-2^63 .. 2^64 - 1)."""
+    if text is None:
+        return 0
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise InputError(f"--seed must be an integer, got {text!r}") from None
+    if not -(2 ** 63) <= v < 2 ** 64:
+        raise InputError(f"--seed must be an integer between -2^63 and 2^64 - 1, got {v}")
+    return v
+
+
+DTYPES = "float64, float32, float16, bfloat16 (or fp64, fp32, fp16, half, bf16)"
+
+
+def dtype(text: str, flag: str = "--dtype") -> str:
+    """--dtype in any spelling moa.devices knows (bf16, bfloat16, fp16, half ...) -> the canonical name. tf32 is a
+    precision of float32 matrix multiplies, not a dtype of the inputs: refused here."""
+    try:
+        name = canonical_dtype(text)
+    except InputError:
+        name = None
+    if name is None or name == "tf32":
+        raise InputError(f"{flag}: unknown dtype {text!r}; use one of {DTYPES}")
+    return name
+
+
+def source(arg: str):
+    """The program argument of every subcommand: a path (pathlib.Path) when it names an existing file or looks like
+    one (no line break and ending in .moa, or without blanks), else .moa program text. A directory, a missing file
+    or an unreadable file is an InputError naming the path."""
+    if "\n" in arg:
+        return arg
+    if not arg.strip():
+        raise InputError("the program argument is empty; name a .moa file")
+    path = Path(arg)
+    if path.is_dir():
+        inside = sorted(path.glob("*.moa"))
+        raise InputError(f"{arg} is a directory; name a .moa file (e.g. {inside[0]})" if inside else
+                         f"{arg} is a directory, not a .moa file")
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise InputError(f"cannot read {arg}: permission denied")
+        return path
+    if arg.strip().endswith(".moa") or not re.search(r"\s", arg):
+        raise InputError(f"{arg}: no such file")
+    return arg

@@ -8,16 +8,18 @@ import sympy as sp
 import moa
 from moa import cost as C
 from moa import symbolic as sy
-from moa.devices import DTYPE_BYTES
+from moa.devices import DTYPE_BYTES, get_device
 from moa.errors import InputError, MoaError
-from moa.runtime.aot import fits
+from moa.runtime.aot import TARGETS, fits
 from moa.runtime.costing import cost_breakdown
 from moa.runtime.form_configs import launch_label
 
+from . import limits
+from .args import DTYPES, count, parse_config, source
 from .args import dims as _dims
+from .args import dtype as _dtype
 from .args import params as _params
-from .args import parse_config
-from .plots import cost_plot, sweep_dims
+from .plots import cost_plot, pyplot, sweep_dims
 
 
 def add_commands(sub, common):
@@ -25,9 +27,9 @@ def add_commands(sub, common):
     p = sub.add_parser("cost", help="predicted FLOPs, DRAM bytes, intermediates and time: fused vs unfused")
     common(p)
     p.add_argument("--dims", help="e.g. n=8192,d=128,e=128 (omit for formulas in the dims)")
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
+    p.add_argument("--dtype", default="bf16", help=f"{DTYPES} (default bf16)")
     p.add_argument("--device", default="h100", help="h100, h200, a100, or cpu (interpreter tiles, no time)")
-    p.add_argument("--batch", type=int, default=0, help="extra leading batch axis (0: none)")
+    p.add_argument("--batch", default=None, help="extra leading batch axis of that size (0: none; default: 0)")
     p.add_argument("--plot", metavar="FILE.png", help="draw predicted bytes and time against n (log-log)")
     p.add_argument("--no-fit", action="store_true", help="use the default tile table without the ahead-of-time "
                    "check the GPU runtime makes (no compile)")
@@ -36,8 +38,8 @@ def add_commands(sub, common):
     p = sub.add_parser("aot", help="compile the generated kernel for a GPU target without a GPU; print resources")
     common(p)
     p.add_argument("--dims", required=True, help="e.g. n=8192,d=128,e=128 (head dims are required)")
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
-    p.add_argument("--target", default="sm_90", help="sm_90 (default), sm_80, sm_86, sm_89")
+    p.add_argument("--dtype", default="bf16", help=f"{DTYPES} (default bf16)")
+    p.add_argument("--target", default="sm_90", help="sm_90 (default), sm_90a, sm_80, sm_86, sm_89")
     p.add_argument("--config", metavar="BM,BN,WARPS,STAGES", help="force a tile config (default: the runtime's)")
     p.add_argument("--ptx", metavar="FILE", help="write the PTX of the (first) output here")
     p.add_argument("--form", choices=["quadratic", "linear"], help="force the form of normalize(...) @ V outputs "
@@ -114,27 +116,34 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None
 
 
 def cmd_cost(args) -> int:
-    k = moa.compile(args.file, **_params(args))
+    dtype, nbatch = _dtype(args.dtype), count(args.batch, "--batch", 0)
+    if args.device != "cpu":
+        get_device(args.device)
+    k = moa.compile(source(args.file), **_params(args))
     dims = _dims(args, k.program)
-    batch = (args.batch,) if args.batch else ()
+    if args.plot:   # every argument checked before anything is printed
+        if len(dims) < len(k.program.dims):
+            raise InputError("--plot needs --dims with every dim (the sequence dims give the largest n)")
+        pyplot(args.plot, "--plot")
+    if len(dims) == len(k.program.dims):
+        limits.grid_budget(k, dims, "moa cost")
+    batch = (nbatch,) if nbatch else ()
     fit = not args.no_fit and args.device != "cpu" and len(dims) == len(k.program.dims)
-    rep, bd = cost_breakdown(k, args.dtype, args.device, batch=batch, fit=fit, **dims)
+    rep, bd = cost_breakdown(k, dtype, args.device, batch=batch, fit=fit, **dims)
     print(cost_table(k, rep, bd, dims))
-    line = dense_causal_line(k, rep, dims, args.dtype, args.device)
+    line = dense_causal_line(k, rep, dims, dtype, args.device)
     if line:
         print(line)
     if len(dims) == len(k.program.dims) and args.device != "cpu":
         for name in k.output_names:
-            if k.planner.choose_form(name, dims, args.device, args.dtype) == "linear":
+            if k.planner.choose_form(name, dims, args.device, dtype) == "linear":
                 print(f"note: at these dims the runtime runs output {name} in the linear (chunked) form, which is "
                       f"predicted faster (moa explain); this table is the quadratic (tiled) kernel")
     if fit:
         print("config: the runtime default, checked ahead of time for the device's target like the GPU runtime does "
               "(no spills, shared memory in budget)")
     if args.plot:
-        if len(dims) < len(k.program.dims):
-            raise InputError("--plot needs --dims with every dim (the sequence dims give the largest n)")
-        path = cost_plot(k, args.plot, dims, args.dtype, args.device, batch, fit)
+        path = cost_plot(k, args.plot, dims, dtype, args.device, batch, fit)
         print(f"wrote {path}")
     return 0
 
@@ -214,13 +223,16 @@ def cost_table(k, rep, bd, dims) -> str:
 # ---- moa aot -----------------------------------------------------------------------------------------------------
 
 def cmd_aot(args) -> int:
-    k = moa.compile(args.file, form=args.form, **_params(args))
-    dims = _dims(args, k.program)
+    dtype = _dtype(args.dtype)
+    if args.target.strip().lower() not in TARGETS:
+        raise InputError(f"--target {args.target}: unknown GPU target; supported targets: {', '.join(TARGETS)}")
     cfg = parse_config(args.config)
-    print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {args.dtype} -> "
+    k = moa.compile(source(args.file), form=args.form, **_params(args))
+    dims = _dims(args, k.program)
+    print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {dtype} -> "
           f"{args.target} (compiled without a GPU: Triton -> PTX -> ptxas)")
     for i, name in enumerate(k.output_names):
-        r = k.aot(target=args.target, dtype=args.dtype, config=cfg, output=name, **dims)
+        r = k.aot(target=args.target, dtype=dtype, config=cfg, output=name, **dims)
         ok, why = fits(r, args.target)
         if hasattr(r, "kernels"):   # the linear form's or the window kernel's: a report per kernel
             _print_form_aot(name, r, ok, why, args, i == 0)

@@ -109,18 +109,23 @@ def cost_plot(k, path, dims: dict, dtype, device, batch=(), fit=False) -> str:
     return path
 
 
-def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
-    """Draw the (query tile, key tile) map of every output and branch: skipped / full / partial."""
-    plt = pyplot(path, "--tiles")
-    from matplotlib.colors import ListedColormap   # optional dependency: only for plots
-    from matplotlib.patches import Patch   # optional dependency: only for plots
-
+def tiles_dims(k, dims: dict) -> dict:
+    """The dims of `moa explain --tiles`: the sequence dims must be given, other dims default to 64."""
     missing = [d.name for d in k.program.dims if d.name not in dims]
     seq = sweep_dims(k)
     if any(x in seq for x in missing):
         raise InputError(f"--tiles needs --dims with the sequence dims ({', '.join(sorted(seq))}), e.g. --dims "
                          f"{','.join(f'{x}=1024' for x in sorted(seq))}")
-    dims = {**{x: 64 for x in missing}, **dims}
+    return {**{x: 64 for x in missing}, **dims}
+
+
+def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
+    """Draw the (query tile, key tile) map of every output and branch: skipped / full / partial."""
+    dims = tiles_dims(k, dims)
+    plt = pyplot(path, "--tiles")
+    from matplotlib.colors import ListedColormap   # optional dependency: only for plots
+    from matplotlib.patches import Patch   # optional dependency: only for plots
+
     dt = canonical_dtype(dtype)
     panels = []
     for name in k.output_names:

@@ -1,7 +1,8 @@
 """Sequence sharding of a DNF: the program one rank runs on its (query shard, key shard) block.
 
-The online-softmax state (m, l, o) is a monoid over the key axis (DESIGN.md), and so is the normalize state
-(z, acc) (plain sums), so the key axis can be lifted across ranks: a rank holding the query rows
+The online-softmax state (m, l, o) is a monoid over the key axis (two states merge by the log-sum-exp rule, in any
+grouping of the keys; docs/ring.md), and so is the normalize state (z, acc) (plain sums), so the key axis can be
+lifted across ranks: a rank holding the query rows
 [row0, row0 + nl) and, at some step of the ring, the keys
 [col0, col0 + ml) computes the partial (O, lse) of its rows over those keys, and partials over disjoint key
 sets merge with the log-sum-exp rule. This module builds that block program at the DNF level, so that

@@ -14,6 +14,10 @@ from moa import ir
 from moa import symbolic as sy
 from moa.errors import InputError, UnsupportedError
 
+# the largest dim a call may give: the kernels index rows and keys in 32-bit integers (tl.program_id(0) * BLOCK_M
+# + tl.arange), and CUDA grids hold at most 2^31 - 1 programs along their first axis
+MAX_DIM = 2 ** 31 - 1
+
 
 def check_dims(program, dims: dict, what: str = "dims", complete: bool = True) -> dict:
     """The dims of a call of `program` as given by a user: each a dim of the program (every one if `complete`), a
@@ -29,6 +33,9 @@ def check_dims(program, dims: dict, what: str = "dims", complete: bool = True) -
             raise InputError(f"{what}: dim {k} must be a non-negative integer, got {v!r}; {declared}")
         if v < 0:
             raise InputError(f"{what}: dim {k} must be a non-negative integer, got {v}; {declared}")
+        if v > MAX_DIM:
+            raise InputError(f"{what}: dim {k}={v} is too large: dims are at most 2^31 - 1 = {MAX_DIM} (the kernels "
+                             f"index rows and keys in 32-bit integers); {declared}")
     missing = [x for x in names if x not in dims]
     if missing and complete:
         raise InputError(f"{what}: missing dim{'s' if len(missing) > 1 else ''} {', '.join(missing)}; {declared}, "
@@ -102,6 +109,8 @@ def check(kernel, dims: dict, seed: int = 0, batch: int = 2, run_kernel: bool = 
     F.scaled_dot_product_attention for every output whose DNF is SDPA's (plain, causal, scaled, grouped heads)."""
     rep = CheckReport()
     dims = check_dims(kernel.program, dims)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise InputError(f"batch must be a non-negative integer (0: no batch axis), got {batch!r}")
     inputs = random_inputs(kernel.program, dims, seed, batch)
     ref = kernel.reference(**inputs)
     dnf = kernel.dnf_reference(**inputs)

@@ -159,6 +159,7 @@ def aot(planner, target: str = "sm_90", dtype="bf16", config: Config | None = No
     BLOCK_N / BLOCK_M) and an AotReport per kernel (.kernels: the linear form's three kernels with every flag
     combination a launch uses, the ring's included)."""
     dtype = canonical_dtype(dtype)
+    A._capability(target)   # an unknown target is refused once, not once per candidate config
     name = output or planner.output_names[0]
     if name not in planner.output_names:
         raise InputError(f"no output {name!r}; outputs: {', '.join(planner.output_names)}")

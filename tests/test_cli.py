@@ -302,3 +302,161 @@ def test_plots_without_matplotlib(tmp_path, capsys, monkeypatch):
     assert main(["explain", str(EX / "causal.moa"), "--tiles", str(tmp_path / "t.png"), "--dims",
                  "n=256,d=16,e=16"]) == 2
     assert "--tiles needs matplotlib (the plot extra" in capsys.readouterr().err
+
+
+# ---- clean edges: sizes, counts, dtypes, targets, paths (issue 15) --------------------------------------------------
+
+@pytest.mark.parametrize("cmd,dims,words", [
+    ("check", "n=99999999999999999999999,d=16,e=16", "n=99999999999999999999999 does not fit in a 64-bit integer"),
+    ("cost", "n=99999999999999999999999,d=16,e=16", "does not fit in a 64-bit integer"),
+    ("aot", "n=99999999999999999999999,d=16,e=16", "does not fit in a 64-bit integer"),
+    ("compile", "n=99999999999999999999999,d=16,e=16", "does not fit in a 64-bit integer"),
+    ("check", "n=2147483648,d=16,e=16", "dim n=2147483648 is too large: dims are at most 2^31 - 1"),
+    ("aot", "n=1,d=16,e=4294967296", "dim e=4294967296 is too large"),
+])
+def test_overflowing_dims(cmd, dims, words, capsys):
+    assert main([cmd, str(EX / "causal.moa"), "--dims", dims]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("moa: error: --dims") and words in err and len(err.splitlines()) == 1, err
+    assert out == ""
+
+
+def test_overflowing_param(capsys):
+    assert main(["check", str(EX / "sliding_window.moa"), "--dims", "n=10,d=4,e=4", "--param",
+                 "w=99999999999999999999999"]) == 2
+    assert "--param: w=99999999999999999999999 does not fit in a 64-bit integer" in capsys.readouterr().err
+
+
+def test_check_refuses_dims_over_its_memory_budget(capsys):
+    """n=40000 would make the float64 reference allocate [n, n] intermediates (25.6 GB each at batch 2): refused
+    before any allocation, with the bytes it would take and smaller dims that fit."""
+    from moa.cli import limits
+
+    assert main(["check", str(EX / "causal.moa"), "--dims", "n=40000,d=16,e=16"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "moa check would need about " in err and " GiB of memory" in err and "budget of 2 GiB" in err, err
+    suggested = err.split("e.g. --dims ")[1].split()[0]
+    dims = dict((a, int(b)) for a, b in (x.split("=") for x in suggested.split(",")))
+    assert dims["d"] == 16 and dims["e"] == 16 and 1000 < dims["n"] < 40000
+    limits.check_budget(moa.compile(EX / "causal.moa"), dims, 2)     # the suggestion fits
+    assert main(["check", str(EX / "causal.moa"), "--dims", "n=3000,d=16,e=16", "--grad"]) == 2
+    assert "x 3 for --grad" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["cost", str(EX / "causal.moa"), "--dims", "n=2147483647,d=16,e=16", "--no-fit"],
+    ["explain", str(EX / "causal.moa"), "--dims", "n=2147483647,d=16,e=16", "--tiles", "t.png"],
+])
+def test_cost_and_tiles_refuse_huge_index_grids(argv, capsys):
+    """The cost model and the tile map evaluate every (query, key) pair: 2^62 of them was a killed process."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "4.61e+18 pairs here" in err and "e.g. --dims n=262144,d=16,e=16" in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["check", "--dims", "n=10,d=4,e=4", "--batch", "-1"], "--batch must be a non-negative integer of at most"),
+    (["check", "--dims", "n=10,d=4,e=4", "--batch", "two"], "--batch must be a non-negative integer, got 'two'"),
+    (["cost", "--dims", "n=256,d=16,e=16", "--batch", "-3"], "--batch must be a non-negative integer"),
+    (["check", "--dims", "n=10,d=4,e=4", "--seed", str(2 ** 70)], "--seed must be an integer between"),
+    (["check", "--dims", "n=10,d=4,e=4", "--seed", "x"], "--seed must be an integer, got 'x'"),
+    (["cost", "--dims", "n=256,d=16,e=16", "--device", "b200"], "unknown device 'b200'"),
+])
+def test_counts_are_validated(argv, words, capsys):
+    assert main([argv[0], str(EX / "causal.moa"), *argv[1:]]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("moa: error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_check_api_validates_batch():
+    with pytest.raises(InputError, match="batch must be a non-negative integer"):
+        check(moa.compile(EX / "causal.moa"), {"n": 4, "d": 4, "e": 4}, batch=-1)
+
+
+def test_cli_batch_and_seed(capsys):
+    assert main(["check", str(EX / "causal.moa"), "--dims", "n=8,d=4,e=4", "--batch", "0", "--seed", "-1",
+                 "--no-kernel"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize("spelling,name", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp16", "float16"),
+                                           ("half", "float16"), ("fp32", "float32"), ("fp64", "float64")])
+def test_dtype_spellings_everywhere(spelling, name, capsys):
+    assert main(["compile", str(EX / "causal.moa"), "--dtype", spelling]) == 0
+    assert f"dtype: {name}" in capsys.readouterr().out
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=256,d=16,e=16", "--no-fit", "--dtype", spelling]) == 0
+    assert f"{name} on " in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("cmd", [["compile"], ["cost", "--no-fit"], ["aot"]])
+@pytest.mark.parametrize("bad", ["tf32", "int8"])
+def test_unknown_dtypes(cmd, bad, capsys):
+    assert main([cmd[0], str(EX / "causal.moa"), "--dims", "n=64,d=16,e=16", *cmd[1:], "--dtype", bad]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"--dtype: unknown dtype {bad!r}; use one of float64, float32" in err, err
+
+
+def test_aot_unknown_target_once(capsys):
+    assert main(["aot", str(EX / "causal.moa"), "--dims", "n=1024,d=64,e=64", "--target", "sm_70"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("sm_70") == 1 and len(err.splitlines()) == 1, err
+    assert "supported targets: sm_80, sm_86, sm_89, sm_90, sm_90a" in err
+    with pytest.raises(moa.UnsupportedError) as e:    # the API refuses once too, before trying configs
+        moa.compile(EX / "causal.moa").aot(target="sm_70", n=1024, d=64, e=64)
+    assert str(e.value).count("unknown GPU target") == 1
+
+
+@pytest.mark.parametrize("arg,words", [
+    ("{ex}", "is a directory; name a .moa file (e.g. {ex}/alibi.moa)"),
+    ("{tmp}/empty", "is a directory, not a .moa file"),
+    ("{ex}/nosuch.moa", "{ex}/nosuch.moa: no such file"),
+    ("{ex}/causal", "{ex}/causal: no such file"),
+    ("{tmp}/binary.moa", "cannot read"),
+    ("  ", "the program argument is empty"),
+])
+def test_program_paths(arg, words, tmp_path, capsys):
+    (tmp_path / "binary.moa").write_bytes(b"\xff\xfe\x00dim n")
+    (tmp_path / "empty").mkdir()
+    arg, words = (s.format(ex=EX, tmp=tmp_path) for s in (arg, words))
+    for cmd in (["explain"], ["cost"], ["check", "--dims", "n=4"]):
+        assert main([cmd[0], arg, *cmd[1:]]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("moa: error: ") and words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["cost", "--plot", "c.png"], "--plot needs --dims with every dim"),
+    (["cost", "--plot", "c.txt", "--dims", "n=256,d=16,e=16", "--no-fit"], "cannot write .txt"),
+    (["explain", "--tiles", "t.png"], "--tiles needs --dims with the sequence dims (n)"),
+    (["explain", "--tiles", "nodir/t.png", "--dims", "n=256"], "does not exist"),
+])
+def test_plot_arguments_checked_before_printing(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([argv[0], str(EX / "causal.moa"), *argv[1:]]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and words in err and len(err.splitlines()) == 1, err
+
+
+def test_repository_stands_alone():
+    """No tracked file points to design notes outside the repository."""
+    names = ["DESIGN", "LANGUAGE", "VARIANTS"]
+    outside = [n + ".md" for n in names] + ["../" + "shared"]
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for f in files:
+        p = ROOT / f
+        if p.suffix in {".py", ".md", ".moa", ".toml", ".yml", ".cfg", ".txt", ""} and p.is_file():
+            text = p.read_text(errors="replace")
+            hits += [f"{f}: {o}" for o in outside if o in text]
+    assert not hits, hits
+
+
+@pytest.mark.parametrize("config,words", [
+    ("1180591620717411303424,64", "at most 2^20 elements"), ("2048,1024", "got 2048 x 1024"),
+    ("64,64,99999999999999999999,3", "WARPS must be a power of two of at most 32"), ("64,64,4,17", "STAGES must")])
+def test_config_bounds(config, words, capsys):
+    for cmd in (["compile"], ["aot", "--dims", "n=1024,d=64,e=64"]):
+        assert main([cmd[0], str(EX / "causal.moa"), *cmd[1:], "--config", config]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("moa: error: --config: ") and words in err, err
