@@ -2,7 +2,7 @@
 interpreter) or a GPU. The task: predict the token `lag` positions back (a copy task that causal attention can
 solve and a model without attention cannot). The loss goes down from ln(vocab) ~ 2.8.
 
-    python examples/train_tiny.py                         # causal.moa, 50 steps, CPU (about a minute)
+    python examples/train_tiny.py                         # causal.moa, 50 steps, CPU (about 75 s on 2 cores)
     python examples/train_tiny.py --program examples/softcap.moa --steps 100
 """
 from __future__ import annotations
