@@ -37,7 +37,7 @@ from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
 
-from .emit import TileSummaries
+from .data_tiles import TileSummaries
 from .exprs import Emitter
 from .printer import code as pcode
 from .scope import Scope
@@ -68,7 +68,7 @@ class BackwardSpec:
     col_extent: sp.Expr
     kind: str = "softmax"  # the branch's monoid: softmax (saved lse) or norm (saved Z)
     scatters: tuple = ()   # the inputs the score reads whose gradients the dQ kernel adds atomically (grad_X)
-    summaries: tuple = ()  # TileSummaries (codegen/emit.py) both kernels read, after the inputs in signature order
+    summaries: tuple = ()  # TileSummaries (codegen/data_tiles.py) both kernels read, after the inputs
 
 
 BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV"})   # the kernels' own pointer names (X_ptr)
