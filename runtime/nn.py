@@ -42,7 +42,9 @@ class Attention(torch.nn.Module):
         self.num_heads, self.layout = num_heads, layout
         self.qkv = tuple(n.attrs[0] for n in floats[:3])
         self.ranks = tuple(n.rank for n in floats[:3])
-        self.out_rank = p.outputs[0][1].rank
+        if p.outputs[0][1].rank < self.ranks[0]:
+            raise InputError(f"moa.nn.Attention: the output of {p.name} has fewer axes than its query input "
+                             f"{self.qkv[0]}; a module returns one output row per query row and head")
         self.key = self.kernel.op_key
 
     def extra_repr(self) -> str:
@@ -88,6 +90,4 @@ class Attention(torch.nn.Module):
         if missing:
             raise InputError(f"moa.nn.Attention: missing input(s) {', '.join(missing)} (pass them by name)")
         out = torch.ops.moa.attention(self.key, [named[n] for n in self.kernel.input_names])[0]
-        if self.out_rank == 2 and qrank == 3:
-            raise InputError(f"program {self.kernel.program.name}: the output has no head axis")
         return out if self.layout == "bhnd" else out.transpose(1, 2)
