@@ -38,7 +38,7 @@ from moa.onf import TILED, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
 
 from .data_tiles import TileSummaries
-from .exprs import Emitter
+from .exprs import AccessSite, Emitter
 from .printer import code as pcode
 from .scope import Scope
 from .tidy import helpers_for, prune
@@ -48,9 +48,12 @@ ROLES = ("Q", "K", "V")   # the operand roles: dot.a, dot.b, value
 
 @dataclass(frozen=True)
 class BackwardKernel:
-    """One generated backward kernel: its function name and the inputs it reads, in signature order."""
+    """One generated backward kernel: its function name, the inputs it reads (signature order), and its access
+    sites (codegen/exprs.py AccessSite: the cost model's loads and stores)."""
     name: str
     inputs: tuple
+    loads: tuple = ()
+    stores: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,11 @@ class _BackwardEmitter:
             scope.add(f"z = {total}  # the normaliser Z (0: the row's output is the constant 0)")
             scope.add("zinv = tl.where(z == 0, 0.0, 1.0 / tl.where(z == 0, 1.0, z))")
         scope.add(f"delta = tl.load(delta_ptr + zz * stride_delta_z + offs_m, mask=offs_m < {n}, other=0.0)")
+        i, c = s.row[0], s.col[0]
+        rows, cols = (sp.Lt(i, s.row[1], evaluate=False),), (sp.Lt(c, s.col[1], evaluate=False),)
+        x.loads += [AccessSite("do", "dO", (i, c), ((i, "row"), (c, "col")), rows + cols),
+                    AccessSite("lse" if b.kind == "softmax" else "z", "lse", (i,), ((i, "row"),), rows),
+                    AccessSite("delta", "delta", (i,), ((i, "row"),), rows)]
         return q
 
     def _keys(self, scope: Scope, x: Emitter, k_offs: str) -> tuple:
@@ -316,6 +324,7 @@ class _BackwardEmitter:
             base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
             for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
                 names[sym] = x.fresh(f"{sm.read.name}_{axis}_{stat}")
+                x.loads.append(AccessSite(names[sym], ts.arg, (), (), ()))
                 scope.add(f"{names[sym]} = tl.load({base}{extra})  # {stat} of {sm.read.name} over the {axis} tile")
 
     def _ds_dot(self, ds: str, operand: str, x: Emitter) -> str:
@@ -368,7 +377,12 @@ class _BackwardEmitter:
                  f"stride_dK_1, dk, mask=(offs_n[:, None] < {m}) & ({offs}[None, :] < {d}))")
         body.add(f"tl.store(dV_ptr + zz * stride_dV_z + offs_n[:, None] * stride_dV_0 + offs_v[None, :] * "
                  f"stride_dV_1, dv, mask=(offs_n[:, None] < {m}) & (offs_v[None, :] < {x.idx(s.col[1], {})}))")
-        return self._function("_attn_bwd_dkdv", body, x, ("dK", "dV"), ())
+        j, kv, c = b.var, b.dot.var, s.col[0]
+        keys = sp.Lt(j, b.extent, evaluate=False)
+        stores = (AccessSite("dK", "dK", (j, kv), ((j, "key"), (kv, x.head_dim(b.dot.extent))),
+                             (keys, sp.Lt(kv, b.dot.extent, evaluate=False))),
+                  AccessSite("dV", "dV", (j, c), ((j, "key"), (c, "col")), (keys, sp.Lt(c, s.col[1], evaluate=False))))
+        return self._function("_attn_bwd_dkdv", body, x, ("dK", "dV"), (), stores)
 
     def dq(self) -> tuple:
         """`_attn_bwd_dq`: one program per query tile; dQ accumulated over the key tiles the forward visits, and the
@@ -403,7 +417,10 @@ class _BackwardEmitter:
         body.add(f"tl.store(dQ_ptr + zz * stride_dQ_z + offs_m[:, None] * stride_dQ_0 + {offs}[None, :] * "
                  f"stride_dQ_1, dq, mask=(offs_m[:, None] < {n}) & ({offs}[None, :] < "
                  f"{x.idx(b.dot.extent, {})}))")
-        return self._function("_attn_bwd_dq", body, x, ("dQ",), self.scatter_names)
+        i, kv = s.row[0], b.dot.var
+        stores = (AccessSite("dQ", "dQ", (i, kv), ((i, "row"), (kv, x.head_dim(b.dot.extent))),
+                             (sp.Lt(i, s.row[1], evaluate=False), sp.Lt(kv, b.dot.extent, evaluate=False))),)
+        return self._function("_attn_bwd_dq", body, x, ("dQ",), self.scatter_names, stores)
 
     def _code(self, e, x: Emitter, summaries: dict | None = None) -> str:
         """An index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and the tiles' data summaries."""
@@ -411,7 +428,7 @@ class _BackwardEmitter:
                  iv.TILE_W: "BLOCK_N", **x.names, **(summaries or {})}
         return pcode(sp.sympify(e), names)
 
-    def _function(self, name: str, body: Scope, x: Emitter, outs: tuple, scatters: tuple) -> tuple:
+    def _function(self, name: str, body: Scope, x: Emitter, outs: tuple, scatters: tuple, stores: tuple) -> tuple:
         """(source of the @triton.jit function, BackwardKernel)."""
         args = []
         for inp in x.used_inputs:
@@ -439,7 +456,7 @@ class _BackwardEmitter:
             lines += self._batch_offsets(x, scatters) if ln.strip() == "for_batch_offsets" else [ln]
         sig = ",\n    ".join(args + consts)
         src = f"@triton.jit\ndef {name}(\n    {sig},\n):\n" + "\n".join(prune(lines)) + "\n"
-        return src, BackwardKernel(name, tuple(x.used_inputs))
+        return src, BackwardKernel(name, tuple(x.used_inputs), tuple(x.loads), stores)
 
     def _batch_offsets(self, x: Emitter, scatters: tuple) -> list:
         """Offsets of the inputs (and gradient buffers) for this program's batch indices (decoded row-major from

@@ -1,25 +1,26 @@
-"""Predicted work of the fused backward kernels: tl.dot FLOPs, other floating-point operations and transcendentals
-per kernel, exact against the interpreter's counters (runtime/measure.py).
+"""Predicted work of the fused backward kernels: tl.dot FLOPs, other floating-point operations, transcendentals and
+DRAM bytes loaded and stored per kernel, exact against the interpreter's counters (runtime/measure.py).
 
 The work of one execution of each region of a kernel (the program, one iteration of its tile loop, one visit of a
 tile the skip test keeps) is the abstract walk of its source (codegen/ledger.py); the number of executions comes
 from the schedule: every program of the dK/dV kernel iterates over all query tiles and visits those its skip test
 keeps; every program of the dQ kernel iterates over the key tiles of the forward's bounds (and visits those its
-skip test keeps, when the bounds do not imply it). Memory traffic is not predicted yet, nor the atomic adds of the
-score's own reads (a program with a bias table or gate in its score is refused), nor the tiles skipped by the data
-(document masks: refused)."""
+skip test keeps, when the bounds do not imply it), each full or partial. The bytes are the lanes of every access
+site (codegen/counts.py site_lanes) over those executions. The atomic adds of the score's own reads (a bias table or
+gate) and the tiles skipped by the data (document masks) are not predicted: such programs are refused."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
 from moa import intervals as iv
+from moa import ir
 from moa import symbolic as sy
 from moa.codegen.constexprs import csym
-from moa.codegen.exprs import AccessSite
+from moa.codegen.counts import site_lanes
 from moa.codegen.ledger import function_ledger
 from moa.errors import UnsupportedError
 
@@ -39,6 +40,8 @@ class BackwardWork:
     visits: int
     full_tiles: int = 0      # visits the schedule proves full (no mask code)
     partial_tiles: int = 0
+    bytes_loaded: int = 0    # DRAM bytes of the lanes loads read (every access counts, as runtime/measure.py)
+    bytes_stored: int = 0
 
     @property
     def flops(self) -> int:
@@ -68,44 +71,61 @@ def _value(e, env: dict) -> int:
     return int(sp.sympify(e).xreplace({k: sp.Integer(v) for k, v in env.items()}))
 
 
-def _tile_counts(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
-    """Kernel name -> (iterations, visits, full tiles, partial tiles) per batch x lead index (subs: dim symbol ->
-    value). A visit is an iteration the skip test keeps (every iteration without a test); it is full when the
-    schedule proves every pair admissible and the tile lies inside the bounds, else partial."""
+def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
+    """Kernel name -> region -> (row starts, key starts) of its executions per batch x lead index (subs: dim symbol
+    -> value). A visit is an iteration the skip test keeps (every iteration without a test); a visited tile is full
+    when the schedule proves every pair admissible and the tile lies inside the bounds, else partial."""
     b = sched.branches[0]
     tested = b.skip is not sp.false and not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
-    kv = [0, 0, 0]
-    q = [0, 0, 0, 0]
+    split = b.full is not sp.false
+    out = {k: {r: ([], []) for r in ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0))}
+           for k in ("_attn_bwd_dkdv", "_attn_bwd_dq")}
 
-    def kind(rows: dict, s0: int) -> tuple:
+    def add(kernel: str, region, t0: int, s0: int) -> None:
+        out[kernel][region][0].append(t0)
+        out[kernel][region][1].append(s0)
+
+    def pair(kernel: str, rows: dict, t0: int, s0: int, test: bool) -> None:
         box = {**subs, **rows, iv.J_LO: s0, iv.J_HI: min(s0 + bn, m) - 1, iv.TILE_W: bn}
-        kept = b.skip is sp.false or not _holds(b.skip, box)
-        full = b.full is not sp.false and _holds(b.full, box) and rows[iv.I_LO] + bm <= n and s0 + bn <= m
-        return kept, full
+        add(kernel, ("iter", 0), t0, s0)
+        if test and b.skip is not sp.false and _holds(b.skip, box):
+            return
+        if test and b.skip is not sp.false:
+            add(kernel, ("visit", 0), t0, s0)
+        if split:
+            full = _holds(b.full, box) and t0 + bm <= n and s0 + bn <= m
+            add(kernel, ("full", 0) if full else ("partial", 0), t0, s0)
 
+    for u in range(math.ceil(m / bn)):
+        add("_attn_bwd_dkdv", "program", 0, u * bn)
     for t in range(math.ceil(n / bm)):
         rows = {iv.I_LO: t * bm, iv.I_HI: min(t * bm + bm, n) - 1}
+        add("_attn_bwd_dq", "program", t * bm, 0)
         for u in range(math.ceil(m / bn)):
-            kept, full = kind(rows, u * bn)
-            kv[0] += 1
-            kv[1] += kept
-            kv[2] += kept and full
+            pair("_attn_bwd_dkdv", rows, t * bm, u * bn, True)
         lo = 0 if b.key_lo is None else (max(0, _value(b.key_lo, {**subs, **rows})) // bn) * bn
         hi = m - 1 if b.key_hi is None else min(m - 1, _value(b.key_hi, {**subs, **rows}))
         for s0 in range(lo, hi + 1, bn):
-            kept, full = kind(rows, s0)
-            q[0] += 1
-            q[1] += kept or not tested
-            q[2] += (kept or not tested) and full
-    visits_kv = kv[1] if b.skip is not sp.false else kv[0]
-    split = b.full is not sp.false
-    return {"_attn_bwd_dkdv": (kv[0], kv[1], kv[2] if split else 0, visits_kv - kv[2] if split else 0),
-            "_attn_bwd_dq": (q[0], q[1] if tested else 0, q[2] if split else 0, q[1] - q[2] if split else 0)}
+            pair("_attn_bwd_dq", rows, t * bm, s0, tested)
+    return out
 
 
-def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config) -> dict:
+def _elem_bytes(program, spec, dtype: str, int_bytes: int) -> dict:
+    """Tensor name -> element bytes: float inputs and dO in the compute dtype, ints as passed, booleans one byte;
+    lse, delta and the gradients in the accumulation dtype; the data summaries like their input."""
+    size = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    acc = 8 if dtype == "float64" else 4
+    out = {"dO": size, "lse": acc, "delta": acc, "dK": acc, "dV": acc, "dQ": acc}
+    for name, node in program.input_map.items():
+        out[name] = size if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else int_bytes
+    for ts in spec.summaries:
+        out[ts.arg] = out[ts.tensor]
+    return out
+
+
+def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes: int = 8) -> dict:
     """Kernel name -> BackwardWork of a backward call (runner: runtime/backward_run.py BackwardRunner; dims in the
-    program's names; batch: the call's batch shape)."""
+    program's names; batch: the call's batch shape; int_bytes: the element size of integer inputs as passed)."""
     spec = runner.spec(dtype, len(batch))
     if spec.summaries:
         raise UnsupportedError("the backward kernels skip tiles by the data (per-tile summaries of "
@@ -117,23 +137,42 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config) -> dict:
     program, sched = runner.planner.cg_program, runner.sched
     dims = {x.name: int(dims[x.name]) for x in program.dims}
     n, m = (int(sy.evaluate(x, dims)) for x in (spec.row_extent, spec.key_extent))
-    zl = math.prod(batch) * math.prod(int(sy.evaluate(x, dims)) for _, x in sched.lead)
-    consts = {csym(k): v for k, v in backward_configs.constexprs(spec, dims, cfg).items()}
-    counts = _tile_counts(sched, {d: dims[d.name] for d in program.dims}, n, m, cfg.block_m, cfg.block_n)
+    lead = [int(sy.evaluate(x, dims)) for _, x in sched.lead]
+    nb = math.prod(batch)
+    cvals = backward_configs.constexprs(spec, dims, cfg)
+    consts = {csym(k): v for k, v in cvals.items()}
+    lengths = {"row": cfg.block_m, "key": cfg.block_n, "col": cvals["HEAD_DIM_V"],
+               **{hd: cvals[hd] for hd, _ in spec.head_dims}}
+    runs = _executions(sched, {d: dims[d.name] for d in program.dims}, n, m, cfg.block_m, cfg.block_n)
+    nbytes = _elem_bytes(program, spec, dtype, int_bytes)
     marks = _marks(spec.source)
     out = {}
     for kern in spec.kernels:
-        loads = [AccessSite(x, x, (), (), ()) for x in set(re.findall(r"^\s*(\w+) = .*tl\.load\(", spec.source, re.M))]
-        stores = [AccessSite(x, x, (), (), ()) for x in ("dK", "dV", "dQ")]
-        led = function_ledger(program, spec.source, kern.name, loads, stores, marks=marks)
-        progs = zl * (math.ceil(m / cfg.block_n) if kern is spec.kernels[0] else math.ceil(n / cfg.block_m))
-        iters, visits, full, partial = (zl * c for c in counts[kern.name])
-        reps = {"program": progs, ("iter", 0): iters, ("visit", 0): visits, ("full", 0): full,
-                ("partial", 0): partial}
-        tot = {"dot": 0, "other": 0, "trans": 0}
+        led = function_ledger(program, spec.source, kern.name, kern.loads, kern.stores, marks=marks)
+        tot = {"dot": 0, "other": 0, "trans": 0, "loaded": 0, "stored": 0}
         for region, work in led.regions.items():
-            for what in tot:
-                tot[what] += reps[region] * int(sp.sympify(getattr(work, what)).xreplace(consts))
-        out[kern.name] = BackwardWork(kern.name, tot["dot"], tot["other"], tot["trans"], progs, iters, visits, full,
-                                      partial)
+            rows, keys = (np.asarray(x, dtype=np.int64) for x in runs[kern.name][region])
+            for what in ("dot", "other", "trans"):
+                tot[what] += nb * math.prod(lead) * len(rows) * int(sp.sympify(getattr(work, what)).xreplace(consts))
+            for point in _points(lead):   # lanes may depend on the leading indices (a head's bias row)
+                env = {**{d: dims[d.name] for d in program.dims}, **{v: a for (v, _), a in zip(sched.lead, point)}}
+                for names, sites, key in ((work.loads, led.loads, "loaded"), (work.stores, led.stores, "stored")):
+                    for name in names:
+                        site = sites[name]
+                        lanes = site_lanes(site, env, lengths, {"row": rows, "key": keys}, len(rows))
+                        tot[key] += nb * int(lanes.sum()) * nbytes[site.tensor]
+        r = runs[kern.name]
+        out[kern.name] = BackwardWork(kern.name, tot["dot"], tot["other"], tot["trans"],
+                                      *(nb * math.prod(lead) * len(r[x][0]) for x in
+                                        ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0))),
+                                      tot["loaded"], tot["stored"])
     return out
+
+
+def _points(extents: list):
+    if not extents:
+        yield ()
+        return
+    for a in range(extents[0]):
+        for rest in _points(extents[1:]):
+            yield (a, *rest)

@@ -1,6 +1,6 @@
-"""The backward cost model (runtime/backward_cost.py): predicted FLOPs and transcendentals of the fused backward
-kernels equal the interpreter's counters exactly (float64, ragged sizes, 16 x 16 tiles), with the tiles each kernel
-iterates over and visits."""
+"""The backward cost model (runtime/backward_cost.py): predicted FLOPs, transcendentals and bytes loaded and stored
+of the fused backward kernels equal the interpreter's counters exactly (float64, ragged sizes, 16 x 16 tiles), with
+the tiles each kernel iterates over, visits, and finds full or partial."""
 import pytest
 
 import moa
@@ -39,6 +39,8 @@ def test_predicted_backward_work_is_exact(stem):
     assert sum(w.flops for w in pred.values()) == c.flops
     assert sum(w.transcendentals for w in pred.values()) == c.transcendentals
     assert sum(w.programs for w in pred.values()) == c.programs
+    assert sum(w.bytes_loaded for w in pred.values()) == c.dram_bytes_loaded
+    assert sum(w.bytes_stored for w in pred.values()) == c.dram_bytes_stored
     kv, q = pred["_attn_bwd_dkdv"], pred["_attn_bwd_dq"]
     heads = 2 if any(v.name == "a" for v, _ in k.backward.runner.sched.lead) else 1
     assert kv.iterations == 2 * heads * 3 * 3   # batch 2 x heads programs, each over 3 key x 3 query tiles
