@@ -100,7 +100,7 @@ def test_gradcheck(stem):
     assert torch.autograd.gradcheck(f, tuple(x[n].clone().requires_grad_() for n in names))
 
 
-@pytest.mark.parametrize("stem", ["causal", "document_mask", "relative_bias"])
+@pytest.mark.parametrize("stem", ["causal", "document_mask", "relative_bias", "power_gated", "pi_attention"])
 def test_opcheck(stem):
     k = _compile(stem)
     x = C.inputs(k.program, C.dims_for(k.program, {"n": 7, "d": 3, "e": 2, "h": 2, "m": 5, "g": 1}), 0)
