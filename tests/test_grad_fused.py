@@ -198,3 +198,18 @@ def test_large_logits_stay_finite_and_accurate():
         (k(**leaves).to(F64) * cot["O"]).sum().backward()
         for n in want:
             assert torch.isfinite(leaves[n].grad).all() and C.rel_err(leaves[n].grad, want[n]) <= tol, (dtype, n)
+
+
+@pytest.mark.parametrize("names", [("p", "ds", "do"), ("q", "k", "v"), ("dsc", "valid", "zz"), ("lse", "dK", "grad_V")])
+def test_input_names_like_the_kernels_own(names):
+    """Inputs named like the backward kernels' variables and buffers: fused, and still exact."""
+    a, b, c = names
+    k = moa.compile(f"dim n, d, e\nin {a}[n, d], {b}[n, d], {c}[n, e]\nS[i, j] = where(j <= i, dot({a}[i], {b}[j]) / "
+                    f"sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ {c}")
+    assert k.backward.unfused_reason is None
+    x = C.inputs(k.program, {"n": 20, "d": 4, "e": 3}, 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    (k(**leaves) * cot["O"]).sum().backward()
+    assert all(C.rel_err(leaves[n].grad, want[n]) <= 1e-10 for n in want)
