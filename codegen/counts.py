@@ -38,7 +38,7 @@ from moa import dnf as D
 from moa import symbolic as sy
 from moa.cost import Counts
 from moa.exprfold import np_eval
-from moa.onf import Schedule, uses_summaries
+from moa.onf import Schedule, scans_keys, uses_summaries
 from moa.tiles import (DATA, RowTiles, hop_iters, hops_needed, key_iterations, residue_needed, row_tiles,
                        summary_env, tiles_needed)
 
@@ -241,7 +241,7 @@ def _iterations(sched, led, env, dims, bm: int, bn: int, needed: bool) -> _Itera
             m = np_eval(b.extent, penv) if residue else sy.evaluate(b.extent, dims)
             data = uses_summaries(sched, b)   # the kernel tests b's tiles with the data's summaries
             benv = {**penv, **summary_env(b, env, env.get(DATA), n, m, bm, bn)} if data else penv
-            tiles[k] = key_iterations(b, benv, lo, hi, m, bn, data, SCAN)
+            tiles[k] = key_iterations(b, benv, lo, hi, m, bn, data, SCAN if scans_keys(sched, b) else 0)
     c = Counts(programs=rt.count)
     mult = {"program": rt.count, "lse": rt.count if "lse" in led.regions else 0}
     for k, t in tiles.items():

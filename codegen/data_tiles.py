@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from moa import intervals as iv
+from moa.onf import uses_summaries
 
 from .exprs import AccessSite
 from .monoid import Monoid
@@ -57,12 +58,14 @@ class DataTiles:
                 self.x.loads.append(AccessSite(name, ts.arg, (), ((SCAN_T, "scan"),) if vector else (), ()))
 
     def _data_loop(self, k: int, b, body: Scope, q, mo: Monoid, scale, names: dict, skip, full, m_ext: str) -> None:
-        """The key loop of a branch tested with the data's summaries: a scan reads the key summaries SCAN tiles at a
-        time (vector loads; the pre-pass pads them, so unmasked) and evaluates the skip and full tests on all of
-        them; then each kept tile runs, in order, with no test around its loads (the software pipeline can
-        prefetch them): a document mask visits only the tiles of the documents in the row tile."""
+        """The key loop of a branch whose tiles need a skip test (onf.scans_keys): a scan evaluates the skip and
+        full tests on SCAN key tiles at a time (with the data's summaries as vector loads, padded by the pre-pass so
+        unmasked); then each kept tile runs, in order, with no test around its loads (the software pipeline can
+        prefetch them). A document mask visits only the tiles of the documents in the row tile; a strided branch
+        (i - j) % s == 0 only the tiles holding a multiple of s."""
         sfx = self.x.sfx(k)
-        body.add(f"# key tiles kept by the data, found {SCAN} at a time; only those run")
+        by = "the data" if b.summaries and uses_summaries(self.s, b) else "the skip test"
+        body.add(f"# key tiles kept by {by}, found {SCAN} at a time; only those run")
         scan = Scope([], "    ", parent=body).open(
             f"for scan_t in range(lo{sfx} // BLOCK_N, hi{sfx} // BLOCK_N + 1, {SCAN}):", ("scan", k))
         scan.add(f"offs_t = scan_t + tl.arange(0, {SCAN})")

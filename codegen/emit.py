@@ -16,7 +16,7 @@ from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
 from moa import ir
-from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule, uses_summaries
+from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule, scans_keys, uses_summaries
 from moa.program import Program
 
 from .data_tiles import SCAN, SCAN_T, TILE_FULL, DataTiles, TileSummaries  # noqa: F401  (re-exported)
@@ -200,7 +200,7 @@ class KernelEmitter(DataTiles):
         body.add(f"hi{sfx} = {hi}  # last admissible key")
         scale = self._scale(k, b, body)
         tested = not iv.skip_implied_by_range(skip, b.key_lo, b.key_hi)
-        if data:
+        if scans_keys(self.s, b):   # tiles decided by a test (data summaries, a modular atom): scan, then run kept
             self._data_loop(k, b, body, q, mo, scale, names, skip, full, m_ext)
             return
         if not b.split:

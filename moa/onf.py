@@ -246,6 +246,16 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
                   summaries=sums, data_skip=dskip, data_full=dfull)
 
 
+def scans_keys(sched, b) -> bool:
+    """Whether the kernel runs branch b's key tiles through a scan (codegen/data_tiles.py): the skip test evaluated
+    on many key tiles at once, then the kept tiles only, with no test around their loads. So for every tiled
+    branch whose tiles need a skip test (one the loop bounds do not imply: a modular atom, data summaries); a
+    split loop needs none, and lifted branches keep their tested loop."""
+    if uses_summaries(sched, b):
+        return True
+    return b.mode == TILED and not b.split and not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
+
+
 def unknown_summaries(b) -> dict:
     """The substitution of branch b's summary symbols that says nothing of the data (every tile may hold any
     value): the tile tests the cost model counts without the inputs."""

@@ -110,8 +110,8 @@ def branch_tiles(b, env: dict, n: int, m: int, bm: int, bn: int) -> BranchTiles:
 def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan: int = 0) -> BranchTiles:
     """Iterations of branch b's key loop for programs with row boxes [ilo, ihi] (arrays) and key extents m (an
     int or an array: a lifted branch's keys depend on the residue); env may hold per-program arrays. data: the
-    kernel tests the tiles with the data's summaries (their values in env: summary_env) in a scan of `scan` key
-    tiles per step, and runs the kept tiles only."""
+    kernel tests the tiles with the data's summaries (their values in env: summary_env). scan: the kernel scans
+    `scan` key tiles per step with the skip test and runs the kept tiles only (onf.scans_keys)."""
     R = len(ilo)
     m = np.broadcast_to(np.asarray(m, dtype=np.int64), (R,))
     skip_f, full_f = b.tile_tests(data)
@@ -142,7 +142,7 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan:
 
     te, skip = tests(rows, starts)
     scans = None
-    if scan and data and b.summaries:   # the scan's kept tiles run, and only they
+    if scan:   # the scan's kept tiles run, and only they
         rows, starts, skip = rows[~skip], starts[~skip], skip[~skip]
         te, _ = tests(rows, starts)
         scans = np.maximum(0, -(-(hi // bn - lo // bn + 1) // scan))

@@ -60,15 +60,17 @@ def test_golden_source(name):
 def test_skip_test_only_where_the_loop_bounds_do_not_imply_it(name, kept):
     """A skip formula made of J_LO > key_hi / J_HI < key_lo (or conjunctions of such bounds, prefix-LM's
     (J_LO >= p) & (J_LO > I_HI) against key_hi = Max(p - 1, I_HI)) is implied by the loop range: no test, the
-    loads stay at the loop's top level (pipelined). The dilated window's modular skip can hold inside the range."""
+    loads stay at the loop's top level (pipelined). The dilated window's modular skip can hold inside the range:
+    a scan tests 64 key tiles at a time and only the kept tiles run, again with no test around their loads."""
     from moa import intervals as iv
 
     k = moa.compile(EXAMPLES / f"{name}.moa", schedule="tiled")
     b = k.schedules["O"].branches[0]
     assert iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi) is not kept
     spec = k.launcher.spec("O", "float16", 0, Config(128, 64), False, k.schedules["O"])
-    assert (("iter", 0) in spec.regions.values()) is kept    # a loop whose body is under a skip test
-    assert any(ln.strip().endswith("== 0:") for ln in spec.source.splitlines()) is kept
+    assert (("scan", 0) in spec.regions.values()) is kept    # the skip test on vectors of key tiles
+    assert ("iter", 0) not in spec.regions.values()            # no loop body under a per-tile test
+    assert not any(ln.strip().endswith("== 0:") for ln in spec.source.splitlines())
 
 
 # ---------------------------------------------------------------------------------------------------------
