@@ -415,12 +415,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-aot", action="store_true", help="skip the AOT table (no GPU)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the GPU results are written")
     ap.add_argument("--decode", action="store_true", help="the decoding rows (benchmarks/decode_bench.py) instead")
+    ap.add_argument("--backward", action="store_true", help="forward + backward rows (benchmarks/backward_bench.py)")
     args = ap.parse_args(argv)
     if args.decode:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import decode_bench
 
         decode_bench.run(args)
+        return 0
+    if args.backward:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import backward_bench
+
+        backward_bench.run(args)
         return 0
     if torch.cuda.is_available():
         bench_gpu(args)
