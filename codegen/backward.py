@@ -37,6 +37,7 @@ from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
 
+from .backward_bounds import query_loop
 from .data_tiles import TileSummaries
 from .exprs import AccessSite, Emitter
 from .printer import code as pcode
@@ -166,7 +167,7 @@ class _BackwardEmitter:
 
     OWN = ("zz", "pid_z", "offs_v", "offs_m", "offs_n", "q", "k", "v", "do", "lse", "z", "zinv", "delta", "qk",
            "valid", "p", "dp", "dsc", "ds", "dq", "dk", "dv", "lo", "hi", "row_lo", "row_hi", "col_lo", "col_hi",
-           "start_m", "start_n")
+           "start_m", "start_n", "m_first", "m_stop")
 
     def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int):
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
@@ -359,7 +360,10 @@ class _BackwardEmitter:
         self._summary_loads("key", body, x, names)
         body.add(f"dk = tl.zeros([BLOCK_N, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         body.add(f"dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype={x.acc})")
-        loop = body.open(f"for start_m in range(0, {x.idx(s.row[1], {})}, BLOCK_M):")
+        first, stop = query_loop(b.skip, lambda e: self._code(e, x), x.idx(s.row[1], {}))   # the tiles it can need
+        body.add(f"m_first = {first}  # the first query tile that can see this key tile")
+        body.add(f"m_stop = {stop}  # past the last one")
+        loop = body.open("for start_m in range(m_first, m_stop, BLOCK_M):")
         loop.add("offs_m = start_m + tl.arange(0, BLOCK_M)")
         loop.add("row_lo = start_m  # I_LO")
         loop.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {x.idx(s.row[1], {})}) - 1  # I_HI")

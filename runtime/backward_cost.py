@@ -19,6 +19,7 @@ import sympy as sp
 from moa import intervals as iv
 from moa import ir
 from moa import symbolic as sy
+from moa.codegen.backward_bounds import row_bounds
 from moa.codegen.constexprs import csym
 from moa.codegen.counts import site_lanes
 from moa.codegen.ledger import function_ledger
@@ -96,13 +97,20 @@ def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
             full = _holds(b.full, box) and t0 + bm <= n and s0 + bn <= m
             add(kernel, ("full", 0) if full else ("partial", 0), t0, s0)
 
+    row_lo, row_hi = row_bounds(b.skip)
+    span = []   # per key tile: the query rows its loop covers (codegen/backward_bounds.py query_loop)
     for u in range(math.ceil(m / bn)):
         add("_attn_bwd_dkdv", "program", 0, u * bn)
+        box = {**subs, iv.J_LO: u * bn, iv.J_HI: min(u * bn + bn, m) - 1}
+        first = 0 if row_lo is None else (max(_value(row_lo, box), 0) // bm) * bm
+        stop = n if row_hi is None else min(n, ((max(_value(row_hi, box), -1) + bm) // bm) * bm)
+        span.append((first, stop))
     for t in range(math.ceil(n / bm)):
         rows = {iv.I_LO: t * bm, iv.I_HI: min(t * bm + bm, n) - 1}
         add("_attn_bwd_dq", "program", t * bm, 0)
         for u in range(math.ceil(m / bn)):
-            pair("_attn_bwd_dkdv", rows, t * bm, u * bn, True)
+            if span[u][0] <= t * bm < span[u][1]:
+                pair("_attn_bwd_dkdv", rows, t * bm, u * bn, True)
         lo = 0 if b.key_lo is None else (max(0, _value(b.key_lo, {**subs, **rows})) // bn) * bn
         hi = m - 1 if b.key_hi is None else min(m - 1, _value(b.key_hi, {**subs, **rows}))
         for s0 in range(lo, hi + 1, bn):
