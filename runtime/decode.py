@@ -24,6 +24,7 @@ import torch
 import triton.testing
 
 from moa import gqa, onf, shard
+from moa.codegen.data_tiles import SCAN
 from moa import symbolic as sy
 from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN, Layout,
                                  grid_source)
@@ -35,6 +36,7 @@ from .binding import bind
 from .cache import module_for
 from .device import cdiv, check_device, device_table_name, next_pow2, run
 from .launch import compute_dtype
+from .summaries import packed_tile_summaries
 from .ring import _results, block_kernel, norm_outputs
 from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
 
@@ -118,6 +120,7 @@ class _Call:
     keys: int                 # the longest sequence's keys
     nseq: int = 1
     cu: tuple = ()            # VARLEN: (cu_seqlens_q, cu_seqlens_k) on the device, int32
+    cu_host: tuple = ()       # VARLEN: the same as lists (the per-sequence tile summaries)
     cache_len: object = None  # LENGTHS, PAGED: the valid length per batch index
     block_table: object = None   # PAGED: [batch, pages] page numbers
     page: int = 0             # PAGED: keys per page
@@ -344,6 +347,8 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), call.mode), b.device),
                  GRID_KERNEL)
     args, consts = block.launcher._arguments(spec, cb, compute, o_part[0], lse_part[0], cfg, e)
+    if call.mode == VARLEN and spec.summaries:
+        _varlen_summaries(block, spec, cb, args, call, cfg)
     args += [o_part.stride(0), lse_part.stride(0)]
     if call.mode == VARLEN:
         args += list(call.cu)
@@ -359,6 +364,23 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     if splits == 1:
         return (o_part[0], lse_part[0]), info
     return _merge(o_part, lse_part, norm, compute, e), info
+
+
+def _varlen_summaries(block, spec, cb, args: list, call: _Call, cfg) -> None:
+    """Replace the per-tile summary arguments of a varlen launch (computed over the packed tensors) by summaries
+    computed per sequence, in its local tiles (runtime/summaries.packed_tile_summaries)."""
+    decl = block.planner.cg_program.input_map
+    nb = len(cb.batch)
+    pos = sum(1 + nb + len(decl[x].shape) for x in spec.inputs)
+    for ts in spec.summaries:
+        t = cb.tensors[ts.tensor]
+        if t.dtype not in (torch.int32, torch.int64, torch.bool):
+            t = t.to(torch.int32)
+        cu, blk, extra = (call.cu_host[0], cfg.block_m, 0) if ts.axis == "row" else \
+            (call.cu_host[1], cfg.block_n, SCAN)
+        st = packed_tile_summaries(t, nb + ts.pos, blk, cu, extra)
+        args[pos: pos + 2 + nb + ts.rank] = [st, *st.stride()]
+        pos += 2 + nb + ts.rank
 
 
 def runner_schedules(kernel, plan) -> list:

@@ -33,3 +33,19 @@ def tile_summaries(t: torch.Tensor, axis: int, block: int, extra: int = 0) -> to
     if extra:
         out = torch.cat([out, out.new_zeros((*out.shape[:-2], extra, 2))], -2)
     return out.movedim(-2, axis).contiguous()
+
+
+def packed_tile_summaries(t: torch.Tensor, axis: int, block: int, cu: list, extra: int = 0) -> torch.Tensor:
+    """Per-tile summaries of a varlen batch's packed input (sequence s: indices cu[s] .. cu[s + 1] - 1 of `axis`),
+    tiled per sequence in its local indices: sequence s's tiles start at tile cu[s] // block + s (where the grid
+    kernel reads them, codegen/splitkv.py; no two sequences' tiles overlap, as ceil(L / block) <= floor(L / block)
+    + 1), the tiles between sequences zero. The axis holds cu[-1] // block + len(cu) + extra tiles."""
+    ref = tile_summaries(t.narrow(axis, 0, 0), axis, block)
+    shape = list(ref.shape)
+    shape[axis] = cu[-1] // block + len(cu) + extra
+    out = ref.new_zeros(shape)
+    for s in range(len(cu) - 1):
+        if cu[s + 1] > cu[s]:
+            part = tile_summaries(t.narrow(axis, cu[s], cu[s + 1] - cu[s]), axis, block)
+            out.narrow(axis, cu[s] // block + s, part.shape[axis]).copy_(part)
+    return out

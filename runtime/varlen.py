@@ -36,7 +36,8 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     check_device(b.device)
     dev = b.device
     call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1,
-                 (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)))
+                 (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)),
+                 cu_host=(cu_q.tolist(), cu_k.tolist()))
     acc, info = {}, None
     for o in plan.outputs:
         acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
