@@ -12,8 +12,8 @@ from .configs import summary_types
 from .device import next_pow2
 from .tiling import Config
 
-CANDIDATES = (Config(64, 64, 4, 2), Config(32, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 32, 4, 2),
-              Config(16, 32, 4, 2))
+CANDIDATES = (Config(64, 64, 4, 2), Config(32, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 32, 8, 2),
+              Config(32, 32, 4, 2), Config(16, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 2))
 _TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
