@@ -67,7 +67,9 @@ class DataTiles:
         by = "the data" if b.summaries and uses_summaries(self.s, b) else "the skip test"
         body.add(f"# key tiles kept by {by}, found {SCAN} at a time; only those run")
         scan = Scope([], "    ", parent=body).open(
-            f"for scan_t in range(lo{sfx} // BLOCK_N, hi{sfx} // BLOCK_N + 1, {SCAN}):", ("scan", k))
+            # (hi + BLOCK_N) // BLOCK_N, not hi // BLOCK_N + 1: Triton's // truncates, and a key split past the
+            # row tile's keys has -BLOCK_N < hi < 0 (no scan step; the cost model counts none)
+            f"for scan_t in range(lo{sfx} // BLOCK_N, (hi{sfx} + BLOCK_N) // BLOCK_N, {SCAN}):", ("scan", k))
         scan.add(f"offs_t = scan_t + tl.arange(0, {SCAN})")
         scan.add("col_lo_t = offs_t * BLOCK_N")
         scan.add(f"col_hi_t = tl.minimum(col_lo_t + BLOCK_N, {m_ext}) - 1")

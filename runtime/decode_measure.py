@@ -12,14 +12,32 @@ from .decode import decode
 from .measure import instrument
 from .measuring import VISITED, _first_load
 from .reports import Measurement
+from .varlen import varlen
 
 
 def measure(kernel, inputs: dict, **options) -> Measurement:
     """Counters of k.decode(**inputs, **options) (splits, cache_len, block_table, page_size, pack_heads): FLOPs,
     transcendentals, bytes loaded and stored (split launch and merge), programs, and visited key tiles."""
+    _cpu(inputs)
+    return _measured(decode(kernel, inputs, plan_only=True, **options), lambda: decode(kernel, inputs, **options))
+
+
+def measure_varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, **options) -> Measurement:
+    """The same counters of k.varlen(cu_seqlens_q, cu_seqlens_k, **inputs, **options) (splits); the cost model of
+    the call is runtime/varlen_cost.py."""
+    _cpu(inputs)
+    st = varlen(kernel, inputs, cu_seqlens_q, cu_seqlens_k, plan_only=True, **options)
+    return _measured(st, lambda: varlen(kernel, inputs, cu_seqlens_q, cu_seqlens_k, **options))
+
+
+def _cpu(inputs: dict) -> None:
     if any(t.device.type != "cpu" for t in inputs.values() if hasattr(t, "device")):
         raise InputError("measure counts what the Triton interpreter executes: pass CPU tensors")
-    st = decode(kernel, inputs, plan_only=True, **options)
+
+
+def _measured(st, call) -> Measurement:
+    """Run call() in the instrumented interpreter, counting the first load of each key-tile loop of the block
+    kernels in st.specs (the visited tiles)."""
     lines = {}
     for k, spec in enumerate(st.specs):
         fn = next(x for x in ast.parse(spec.source).body if isinstance(x, ast.FunctionDef) and x.name == "_attn_fwd")
@@ -29,7 +47,7 @@ def measure(kernel, inputs: dict, **options) -> Measurement:
                 lines[f"{k}:{region}"] = ("_attn_fwd", _first_load(node, region))
     with instrument() as c:
         with instrument(lines=lines) as ci:
-            decode(kernel, inputs, **options)
+            call()
     return Measurement(flops=c.flops, transcendentals=c.transcendentals, dram_bytes=c.dram_bytes,
                        dram_bytes_loaded=c.dram_bytes_loaded, dram_bytes_stored=c.dram_bytes_stored,
                        tiles_visited=sum(ci.load_calls_by_line.values()), programs=c.programs)

@@ -4,6 +4,8 @@ its own lengths as the block program's dims, so masks written in local indices a
 a sequence's row tiles exit at once (no padding work)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moa import shard
@@ -16,10 +18,12 @@ from .device import check_device
 from .ring import _results
 
 
-def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False):
+def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False,
+           plan_only: bool = False):
     """Every output of a packed batch of sequences: rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the query
     inputs attend to keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the key inputs, with local indices in
-    each sequence; one launch, no padding (a program past its sequence's rows exits at once)."""
+    each sequence; one launch, no padding (a program past its sequence's rows exits at once). plan_only: the
+    DecodeStats of the call (its kernels in specs), nothing launched."""
     plan, block = _plan(kernel)
     cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
     _check_replicated(kernel, plan)
@@ -38,6 +42,12 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1,
                  (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)),
                  cu_host=(cu_q.tolist(), cu_k.tolist()))
+    if plan_only:
+        infos = []
+        for o in plan.outputs:
+            infos.append(_run_output(block, o.name, b, plan, call, splits, dry=True)[1])
+            splits = infos[-1].splits
+        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos))
     acc, info = {}, None
     for o in plan.outputs:
         acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
