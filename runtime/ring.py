@@ -31,6 +31,7 @@ from moa.codegen.emit import returns_total
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError, UnsupportedError
 
+from . import epilogue_eval
 from .binding import bind
 from .costing import cost_breakdown
 from .dnf_eval import _DnfEval
@@ -256,8 +257,16 @@ def _results(plan, block, acc, b0, nl, qside):
 
 
 def _epilogue(plan, ep, merged, qside, b0):
-    """E(merged branches) on the rank's rows, evaluated from the DNF in float64 (on the CPU: it is O(rows e))."""
+    """E(merged branches) on the rank's rows, evaluated from the DNF where the rows are, in the accumulation
+    dtype (float32; float64 for float64 calls): runtime/epilogue_eval.py, no host round trip. An epilogue holding
+    reductions of its own is evaluated on the CPU in float64 (it is O(rows e))."""
     prog = shard.epilogue_program(plan, ep)
+    if epilogue_eval.on_device(ep.expr):
+        compute = F64 if b0.dtype == F64 else torch.float32   # the kernels' accumulation dtype
+        tensors = {**qside, **{b: merged[b] for b in ep.branches}}
+        t = epilogue_eval.evaluate(prog, ep, tensors, {d.name: b0.dims[d.name] for d in prog.dims}, compute,
+                                   b0.device)
+        return t.to(b0.dtype)
     tensors = {n: t.cpu() for n, t in qside.items()}
     tensors.update({b: merged[b].cpu().to(F64) for b in ep.branches})
     b = bind(prog, tensors, {d.name: b0.dims[d.name] for d in prog.dims})
