@@ -8,7 +8,6 @@ import math
 
 import torch
 
-from moa import ir
 from moa import symbolic as sy
 from moa.codegen.backward import BackwardSpec, generate_backward, unfused_reason
 
@@ -17,7 +16,7 @@ from .aot_batch import cuda_target
 from .binding import Binding
 from .cache import module_for
 from .device import check_device, run
-from .launch import compute_dtype
+from .launch import as_kernel_input, compute_dtype
 from .summaries import tile_summaries
 from .tiling import DTYPE_NAME, Config, choose_config
 
@@ -126,12 +125,7 @@ class BackwardRunner:
         args = []
         nb = len(b.batch)
         for inp in names:
-            t = b.tensors[inp]
-            node = self.planner.cg_program.input_map[inp]
-            if node.dtype == ir.FLOAT and t.dtype != compute:
-                t = t.to(compute)
-            if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
-                t = t.to(torch.int32)
+            t = as_kernel_input(b.tensors[inp], self.planner.cg_program.input_map[inp], compute)
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
         return args
 

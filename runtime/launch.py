@@ -32,6 +32,15 @@ def compute_dtype(dt: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if (dt == torch.bfloat16 and device.type == "cpu") else dt
 
 
+def as_kernel_input(t: torch.Tensor, node, compute: torch.dtype) -> torch.Tensor:
+    """An input tensor as a kernel reads it: floats in the compute dtype, integers as int32 or int64."""
+    if node.dtype == ir.FLOAT and t.dtype != compute:
+        return t.to(compute)
+    if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
+        return t.to(torch.int32)
+    return t
+
+
 def tma_ready(t: torch.Tensor) -> bool:
     """Whether the copy engine can address a tensor through a descriptor: at most 5 axes, none empty, the last
     contiguous, every other stride a non-zero multiple of 16 bytes, the base 16-byte aligned (a broadcast or
@@ -146,17 +155,9 @@ class Launcher:
         return _finish(out, dt), lse
 
     def _passed(self, spec, b: Binding, compute) -> dict:
-        """The input tensors as the kernel reads them: floats in the compute dtype, integers as int32 or int64."""
-        passed = {}
-        for inp in spec.inputs:
-            t = b.tensors[inp]
-            node = self.planner.cg_program.input_map[inp]
-            if node.dtype == ir.FLOAT and t.dtype != compute:
-                t = t.to(compute)
-            if node.dtype == ir.INT and t.dtype not in (torch.int32, torch.int64):
-                t = t.to(torch.int32)
-            passed[inp] = t
-        return passed
+        """The input tensors as the kernel reads them (as_kernel_input)."""
+        return {inp: as_kernel_input(b.tensors[inp], self.planner.cg_program.input_map[inp], compute)
+                for inp in spec.inputs}
 
     def _arguments(self, spec, b: Binding, compute, out, lse, cfg: Config, e: int,
                    passed: dict | None = None) -> tuple[list, dict]:

@@ -1,30 +1,21 @@
 """The GPU benchmark's row assembly, run on the CPU at toy sizes: every step (first call, timing, plan, cost,
 float64 error, comparison) must work on tensors of any device, since a GPU session is too rare to debug in."""
-import importlib.util
 import json
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from moa.devices import DEVICES
 
-ROOT = Path(__file__).resolve().parents[1]
+try:  # pytest's default (prepend) import mode puts tests/ on sys.path
+    from bench_loader import load_benchmark, wall_ms
+except ImportError:  # pragma: no cover
+    from tests.bench_loader import load_benchmark, wall_ms
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("moa_bench", ROOT / "benchmarks" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _wall_ms(fn):
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    return load_benchmark("bench.py")
 
 
 @pytest.mark.parametrize("label, name, params, form, versus", [
@@ -32,7 +23,7 @@ def _wall_ms(fn):
     ("pi", "pi_attention", {"k": 8, "s": 4}, None, "causal"),
 ])
 def test_a_workload_row_has_every_field_on_cpu_tensors(bench, monkeypatch, label, name, params, form, versus):
-    monkeypatch.setattr(bench, "_time", _wall_ms)
+    monkeypatch.setattr(bench, "_time", wall_ms)
     monkeypatch.setattr(bench, "ERROR_SHAPE", (1, 2, 24, 16))
     row = bench._workload(label, name, params, (1, 2, 24, 16), form, versus, "float32", torch.float32, "h100",
                           DEVICES["h100"], where="cpu")
@@ -45,7 +36,7 @@ def test_a_workload_row_has_every_field_on_cpu_tensors(bench, monkeypatch, label
 
 
 def test_a_failing_step_keeps_the_timing(bench, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "_time", _wall_ms)
+    monkeypatch.setattr(bench, "_time", wall_ms)
     monkeypatch.setattr(bench, "_error", lambda *a: 1 / 0)
     row = bench._workload("sdpa", "sdpa", {}, (1, 1, 16, 16), None, "ref", "float32", torch.float32, "h100",
                           DEVICES["h100"], where="cpu")

@@ -1,35 +1,26 @@
 """The backward rows of the benchmark (benchmarks/backward_bench.py, `bench.py --backward`) assembled on the CPU at
 toy sizes: every step (first call, timing, prediction, float64 gradient error, SDPA) works on tensors of any device,
 and without a GPU the predicted table prints."""
-import importlib.util
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+try:  # pytest's default (prepend) import mode puts tests/ on sys.path
+    from bench_loader import load_benchmark, wall_ms
+except ImportError:  # pragma: no cover
+    from tests.bench_loader import load_benchmark, wall_ms
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("moa_backward_bench", ROOT / "benchmarks" / "backward_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _wall_ms(fn):
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    return load_benchmark("backward_bench.py")
 
 
 @pytest.mark.parametrize("index", [1, 4])   # causal (SDPA to compare), gqa_alibi (kv heads)
 def test_a_backward_row_has_every_field_on_cpu(bench, monkeypatch, index):
     monkeypatch.setattr(bench, "ERROR_SHAPE", (1, 4, 40, 16))
     stem, params, versus = bench.WORKLOADS[index]
-    r = bench.row(stem, params, versus, (1, 4, 48, 16), torch.float32, "h100", where="cpu", timer=_wall_ms)
+    r = bench.row(stem, params, versus, (1, 4, 48, 16), torch.float32, "h100", where="cpu", timer=wall_ms)
     assert "failed" not in r and "step_failures" not in r, r
     for field in ("moa_ms", "first_call_s", "pred_gflop", "pred_mb", "roofline_ms", "error_vs_fp64"):
         assert r.get(field) is not None, (field, r)

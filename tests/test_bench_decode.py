@@ -1,27 +1,18 @@
 """The decoding rows of the benchmark (benchmarks/decode_bench.py, `bench.py --decode`) assembled on the CPU at
 toy sizes: every step (first call, timing, prediction, float64 error, SDPA) must work on tensors of any device."""
-import importlib.util
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+try:  # pytest's default (prepend) import mode puts tests/ on sys.path
+    from bench_loader import load_benchmark, wall_ms
+except ImportError:  # pragma: no cover
+    from tests.bench_loader import load_benchmark, wall_ms
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("moa_decode_bench", ROOT / "benchmarks" / "decode_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _wall_ms(fn):
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    return load_benchmark("decode_bench.py")
 
 
 @pytest.mark.parametrize("index", [0, 2, 3])   # gqa, gqa paged, gqa speculative (bottom-right)
@@ -30,7 +21,7 @@ def test_a_decode_row_has_every_field_on_cpu(bench, monkeypatch, index):
     label, program, params, _, page, versus = bench.WORKLOADS[index]
     shape = (1, 4, 2, 4 if index == 3 else 1, 128, 16)
     r = bench.row(label, program, params, shape, page and 16, versus, torch.float32, "h100", where="cpu",
-                  timer=_wall_ms)
+                  timer=wall_ms)
     assert "failed" not in r, r
     for field in ("moa_ms", "first_call_s", "splits", "packed_heads", "pred_ms", "kv_bytes", "kv_gbps",
                   "pct_bandwidth", "error_vs_fp64", "sdpa_ms"):
