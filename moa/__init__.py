@@ -20,7 +20,7 @@ def compile(source_or_path, form=None, schedule=None, autotune=None, **params):
 def __getattr__(name):
     """moa.nn loads torch (and the runtime) on first use: `import moa` alone needs neither."""
     if name == "nn":
-        import moa.nn
+        import moa.nn  # heavy (torch and the runtime): loaded on first use of moa.nn
 
         return moa.nn
     raise AttributeError(f"module 'moa' has no attribute {name!r}")
