@@ -34,6 +34,7 @@ from moa.splitkv import choose_splits, key_range
 from . import paged, tune
 from .binding import bind
 from .cache import module_for
+from .decode_rows import both_sides_per_batch, query_rows
 from .device import cdiv, check_device, device_table_name, next_pow2, run
 from .launch import compute_dtype
 from .summaries import packed_tile_summaries
@@ -143,7 +144,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)
-    inputs = both_sides(kernel, plan, inputs, nq)
+    raw, inputs = inputs, both_sides(kernel, plan, inputs, nq)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     call = _Call(SPLIT, nq, mk, nq, mk)
@@ -152,12 +153,13 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     elif cache_len is not None:
         lens = _lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
-    if call.mode != SPLIT and plan.kv_copies:
-        raise UnsupportedError(f"decode: input {', '.join(plan.kv_copies)} is read by both the query and the key "
-                               "index; with cache_len or pages its query rows are not the tensor's last rows")
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
                          "for both axes, so the queries are the last rows of the valid keys")
+    if call.mode != SPLIT and plan.kv_copies:   # an input read by i and j: its query rows per batch index
+        rows = query_rows(nq, call.cache_len, call.block_table, call.page)
+        inputs = both_sides_per_batch(kernel, plan, raw, rows, tuple(b.batch))
+        b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     packed = _gqa(kernel) if pack_heads is not False else None
     if packed is None and pack_heads:
         raise UnsupportedError(f"decode: pack_heads=True, but the key inputs of {kernel.program.name} are not read "
