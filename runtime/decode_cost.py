@@ -10,7 +10,8 @@ import torch
 
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
-from moa.errors import InputError
+from moa import shard
+from moa.errors import InputError, UnsupportedError
 from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
@@ -50,11 +51,13 @@ class DecodeCost:
 # long: config, packing, splits, then every split's report and the merge, in the order decode runs them
 def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
                 pack_heads: bool | None = None, config=None, page_size: int | None = None, cache_len=None,
-                **dims) -> DecodeCost:
+                inputs: dict | None = None, **dims) -> DecodeCost:
     """DecodeCost of a decoding call with nq query rows against m cached keys; dims: the program's other dims
     (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table). page_size: a paged
     cache (one split per page, key tiles of at most a page); m is then the pages' keys of one batch index.
-    cache_len: the valid keys per batch index (a list over the flattened batch, or one int for all)."""
+    cache_len: the valid keys per batch index (a list over the flattened batch, or one int for all).
+    inputs: the integer / boolean inputs a mask reads, as passed to decode (document ids along the keys): the
+    tiles their per-tile summaries skip are counted on them (not with pages or GQA packing)."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     gdims, row0 = _global(plan, nq, m)
@@ -109,14 +112,21 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     zlead = z // nbatch
     reports = []   # per group and split that runs, over every block output (cost_breakdown sums the outputs)
     extra = [0, 0, 0, 0]   # flops, transcendentals, loaded, stored beyond the block programs' reports
-    for gbatch, length, runs in groups:
+    if inputs and (page_size or packed is not None):
+        raise UnsupportedError("decode_cost(inputs=...) counts the data's tile skipping for whole caches and "
+                               "valid lengths, not for pages or GQA-packed heads")
+    data = split_data(kernel, plan, inputs, nq, batch)
+    for g, (gbatch, length, runs) in enumerate(groups):
         zg = zlead * (nbatch if gbatch == batch else 1)
         gd, r0 = _global(plan, nq, length)
         for s in range(runs):
             c0 = key0 + s * split_len
-            bd = plan.block_dims({**dims, **gd}, r0, nq, c0, min(split_len, length - c0))
+            ml = min(split_len, length - c0)
+            bd = plan.block_dims({**dims, **gd}, r0, nq, c0, ml)
+            part = None if data is None else \
+                {n: f(None if gbatch == batch else g, length, c0, ml) for n, f in data.items()}
             reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=gbatch,
-                                          needed=False, **bd)[0])
+                                          needed=False, inputs=part, **bd)[0])
         for o in plan.outputs:   # each split that runs stores its lse (z) and its partial
             so = runner.planner.schedules[o.name]
             ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
@@ -184,3 +194,39 @@ def merge_counts(splits: int, rows: int, e: int, norm: bool, dtype: str, device=
     if norm:
         return programs * (splits * (2 * br * be + br) + br * be), 0, loaded, stored
     return programs * (splits * (2 * br * be + 3 * br) + br * be + br), programs * br * (splits + 1), loaded, stored
+
+
+def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple):
+    """Block input name -> f(batch index or None for all, valid keys L, c0, ml): a mask's integer / boolean input
+    as a decode binds it for the split of keys [c0, c0 + ml): key inputs (and the key copy of an input read by
+    both indices) those keys, the query side of the latter rows L - nq .. L - 1, query and replicated inputs
+    whole."""
+    if not inputs:
+        return None
+    decl = kernel.program.input_map
+    out = {}
+    for name, x in inputs.items():
+        if name not in plan.roles:
+            raise InputError(f"decode_cost(inputs=...): {name!r} is not an input of {kernel.program.name}")
+        t = torch.as_tensor(x)
+        rank = len(decl[name].shape)
+        try:
+            t = t.expand(*batch, *t.shape[t.dim() - rank:])
+        except RuntimeError:
+            raise InputError(f"decode_cost(inputs=...): {name} of shape {tuple(t.shape)} does not broadcast to "
+                             f"the batch {tuple(batch)}") from None
+        flat = t.reshape(-1, *t.shape[len(batch):])
+        role, axis = plan.roles[name]
+
+        def pick(b, t=t, flat=flat):
+            return t if b is None else flat[b]
+
+        def rows(b, start, size, axis=axis, pick=pick):
+            return pick(b).narrow((len(batch) if b is None else 0) + axis, start, size)
+        if role in (shard.QUERY, shard.REPLICATED):
+            out[name] = lambda b, L, c0, ml, pick=pick: pick(b)
+            continue
+        out[plan.kv_copies.get(name, name)] = lambda b, L, c0, ml, rows=rows: rows(b, c0, ml)
+        if role == shard.BOTH:
+            out[name] = lambda b, L, c0, ml, rows=rows: rows(b, L - nq, nq)
+    return out

@@ -62,3 +62,23 @@ def test_unbatched_document_ids_get_each_batch_index_query_rows():
         qf[n - NQ:] = q[b]
         want = k.reference(Q=qf, K=kv["K"][b, :n], V=kv["V"][b, :n], doc=doc[:n])[n - NQ:]
         torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_cost_counts_the_document_skips_exactly(splits):
+    """decode_cost(inputs=) counts the tiles the document ids' summaries skip, per split and per batch index's
+    valid length, as the instrumented interpreter executes them (runtime/decode_measure.py)."""
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.decode_measure import measure
+
+    k = moa.compile("examples/document_mask.moa")
+    g = torch.Generator().manual_seed(0)
+    x = dict(Q=torch.randn(B, NQ, D, generator=g, dtype=F64), K=torch.randn(B, 144, D, generator=g, dtype=F64),
+             V=torch.randn(B, 144, D, generator=g, dtype=F64), doc=torch.arange(144) // 9)
+    for lens in (None, [5, 70, 144]):
+        extra = {} if lens is None else {"cache_len": torch.tensor(lens)}
+        got = measure(k, x, splits=splits, **extra)
+        p = decode_cost(k, NQ, 144, splits=splits, dtype="fp64", device="cpu", batch=(B,), cache_len=lens,
+                        inputs={"doc": x["doc"]}, d=D, e=D)
+        assert (got.flops, got.transcendentals, got.dram_bytes_loaded, got.dram_bytes_stored, got.tiles_visited) \
+            == (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored, p.tiles_visited)

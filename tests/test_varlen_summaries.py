@@ -78,3 +78,14 @@ def test_generated_varlen_sources_with_summaries_are_pyflakes_clean(tmp_path):
     proc = subprocess.run([str(exe), "check", "--isolated", "--no-cache", "--select", "F", "--output-format",
                            "concise", str(tmp_path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_document_mask_varlen_kernel_fits_sm90():
+    """The varlen grid kernel of a document mask (summaries moved per sequence) compiles for sm_90 without spills
+    in decode_config's tiles (bf16, d = 128; runtime/decode_aot.py)."""
+    from moa.runtime.decode_aot import decode_aot
+
+    (rep, ok, why), = decode_aot(moa.compile("examples/document_mask.moa"), 16, 4096, dtype="bf16", mode="varlen",
+                                 d=128, e=128).values()
+    assert ok, why
+    assert rep.spills == 0
