@@ -11,6 +11,8 @@ another) for every (query tile, batch x head, sequence x key split) of a third g
                          output and lse pointers move to the split's partial (O_s, lse_s).
   sequence b (VARLEN)    rows [cu_q[b], cu_q[b + 1]) of the packed query inputs and output, keys
                          [cu_k[b], cu_k[b + 1]) of the packed key inputs; the sequence's lengths are its dims.
+                         VARLEN_PAGED: its keys are pages of a pool instead, split s (a page) at
+                         block_table[b, s] x SPLIT_LEN.
 
 The partials (O_s, lse_s) over disjoint key sets are merged by `_merge_splits` with the log-sum-exp rule of the
 online-softmax monoid (the algebra of ring attention, runtime/ring.py): M = max_s lse_s,
@@ -68,21 +70,26 @@ def input_params(params: list, inputs: tuple, ranks: dict, nbatch: int) -> dict:
     return out
 
 
-VARLEN, SPLIT, LENGTHS, PAGED = "varlen", "split", "lengths", "paged"
+VARLEN, SPLIT, LENGTHS, PAGED, VARLEN_PAGED = "varlen", "split", "lengths", "paged", "varlen_paged"
+VARLENS = (VARLEN, VARLEN_PAGED)   # packed sequences: the third grid axis is (sequence, key split)
 
 
 def _prologue(mode: str, shared: bool) -> tuple[list, list]:
     """(lines computing the program's sequence, lengths and key offsets; the extra parameters they read)."""
     body = ["    pid = tl.program_id(2)", "    split = pid % NSPLIT",
             "    c0 = KEY0 + split * SPLIT_LEN" if mode == SPLIT else "    c0 = split * SPLIT_LEN"]
-    if mode == VARLEN:
+    if mode in VARLENS:
         body += ["    seq = pid // NSPLIT",
                  "    q0 = tl.load(cu_q + seq).to(tl.int64)",
                  "    nq = (tl.load(cu_q + seq + 1) - q0).to(tl.int32)",
                  "    k0 = tl.load(cu_k + seq).to(tl.int64)",
-                 "    mk = (tl.load(cu_k + seq + 1) - k0).to(tl.int32)",
-                 "    koff = k0 + c0"]
+                 "    mk = (tl.load(cu_k + seq + 1) - k0).to(tl.int32)"]
         extra = ["cu_q", "cu_k"]
+        if mode == VARLEN:
+            body.append("    koff = k0 + c0")
+        else:   # split s of sequence seq reads page block_table[seq, s] of the pool
+            body.append("    koff = tl.load(block_table + seq * stride_table + split).to(tl.int64) * SPLIT_LEN")
+            extra += ["block_table", "stride_table"]
     else:
         body.append("    nq = NQ")
         extra = ["NQ", "MK", "ROW0"] + (["KEY0"] if mode == SPLIT else [])
@@ -104,7 +111,7 @@ def _prologue(mode: str, shared: bool) -> tuple[list, list]:
     body.append("    ml = tl.minimum(mk - c0, SPLIT_LEN)")
     # a varlen program past its sequence's row tiles exits (the residue schedule, whose programs are not row
     # tiles, is refused for varlen by the runtime)
-    body.append("    if (tl.program_id(0) * BLOCK_M < nq) & (ml > 0):" if mode == VARLEN else "    if ml > 0:")
+    body.append("    if (tl.program_id(0) * BLOCK_M < nq) & (ml > 0):" if mode in VARLENS else "    if ml > 0:")
     return body, extra
 
 
@@ -112,7 +119,8 @@ def _prologue(mode: str, shared: bool) -> tuple[list, list]:
 def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     """The block kernel's source with `_attn_grid` appended (see the module docstring). mode: SPLIT (key splits
     of one sequence), VARLEN (packed sequences, cu_seqlens), LENGTHS (a valid length per batch index),
-    PAGED (LENGTHS, and split s of batch index b reads page block_table[b, s] of SPLIT_LEN keys)."""
+    PAGED (LENGTHS, and split s of batch index b reads page block_table[b, s] of SPLIT_LEN keys), VARLEN_PAGED
+    (VARLEN with the keys of sequence b in pages: split s reads page block_table[b, s])."""
     if getattr(spec, "descriptors", ()):
         raise UnsupportedError("split-KV and varlen launches read key tiles through pointers, not TMA "
                                "descriptors (a bug of moa's: the runtime plans them without TMA)")
@@ -131,7 +139,7 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     dim_param = {d: params[params.index(lse_ptr) + 1 + layout.nbatch + layout.nlead + k]
                  for k, d in enumerate(spec.dims)}
     n, m, nl, ml, r1, c1 = layout.dims
-    varlen = mode == VARLEN
+    varlen = mode in VARLENS
     body, extra = _prologue(mode, n == m)
     args = []
     for p in params:
@@ -142,7 +150,7 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
             elif p == ptr and name in layout.key:
                 moved = f"{p} + koff * {strides[layout.key[name]]}"
         if p in tiles:
-            moved = _summary_move(p, *tiles[p], varlen)
+            moved = _summary_move(p, *tiles[p], mode)
         if p == o_ptr:
             moved = f"{p} + split.to(tl.int64) * stride_O_split" + (f" + q0 * {o_row}" if varlen else "")
         elif p == lse_ptr:
@@ -161,15 +169,16 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     return spec.source.rstrip("\n") + "\n" + "\n".join(kernel)
 
 
-def _summary_move(p: str, axis: str, stride: str, varlen: bool) -> str | None:
+def _summary_move(p: str, axis: str, stride: str, mode: str) -> str | None:
     """The moved pointer of a per-tile summary argument. A key split or page is whole key tiles: its summaries
-    start at its first tile. Varlen summaries are computed per sequence (runtime/summaries.packed_tile_summaries):
-    sequence `seq`'s tiles start at tile first_row // BLOCK + seq of the packed summaries (no two overlap), a
-    key split's at its sequence's start plus its first tile; row summaries of a single sequence do not move."""
+    start at its first tile (of the pool when paged). Varlen summaries are computed per sequence
+    (runtime/summaries.packed_tile_summaries): sequence `seq`'s tiles start at tile first_row // BLOCK + seq of the
+    packed summaries (no two overlap), a key split's at its sequence's start plus its first tile; row summaries
+    of a single sequence do not move."""
     if axis == "key":
-        return f"{p} + (k0 // BLOCK_N + seq + c0 // BLOCK_N) * {stride}" if varlen else \
+        return f"{p} + (k0 // BLOCK_N + seq + c0 // BLOCK_N) * {stride}" if mode == VARLEN else \
             f"{p} + (koff // BLOCK_N) * {stride}"
-    return f"{p} + (q0 // BLOCK_M + seq) * {stride}" if varlen else None
+    return f"{p} + (q0 // BLOCK_M + seq) * {stride}" if mode in VARLENS else None
 
 
 MERGE_SOURCE = '''# Generated by moa: the merge of split-KV partials (codegen/splitkv.py).

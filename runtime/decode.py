@@ -24,10 +24,10 @@ import torch
 import triton.testing
 
 from moa import gqa, onf, shard
-from moa.codegen.data_tiles import SCAN
 from moa import symbolic as sy
-from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN, Layout,
-                                 grid_source)
+from moa.codegen.data_tiles import SCAN
+from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN_PAGED,
+                                 VARLENS, Layout, grid_source)
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import choose_splits, key_range
 
@@ -298,18 +298,18 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
     p = block.launcher.plan(name, cb, decode_config(block.planner.schedules[name], cb.dims, DTYPE_NAME[dt])
                             if b.device.type == "cuda" else None)
-    if call.mode == PAGED and p.config.block_n > call.page:   # a page holds whole key tiles
+    if call.mode in (PAGED, VARLEN_PAGED) and p.config.block_n > call.page:   # a page holds whole key tiles
         p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page))
     if getattr(p.config, "tma", False):   # the grid kernel moves key pointers per split: plain loads
         p = block.launcher.plan(name, cb, dataclasses.replace(p.config, tma=False))
     sched, cfg = p.schedule, p.config
-    if call.mode == VARLEN and sched.kind == onf.RESIDUE:   # its programs are not row tiles of one sequence
+    if call.mode in VARLENS and sched.kind == onf.RESIDUE:   # its programs are not row tiles of one sequence
         sched = next(v for v in block.planner.variants[name] if v.kind != onf.RESIDUE)   # tiled comes first
     lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
     e = sy.evaluate(sched.col[1], cb.dims)
     z = math.prod(b.batch) * math.prod(lead)
     rows = sy.evaluate(sched.row[1], cb.dims)   # the block's rows: nq, or the packed heads' rows
-    ptiles = row_programs(sched, call.rows if call.mode == VARLEN else rows, cfg.block_m)
+    ptiles = row_programs(sched, call.rows if call.mode in VARLENS else rows, cfg.block_m)
     key0, keys = 0, call.keys
     span = call_key_range(runner_schedules(block, plan), cb.dims) if call.mode == SPLIT else None
     if span is not None:   # split only the keys some row admits (a sliding window's last w keys)
@@ -317,7 +317,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
         keys = max(0, span[1] + 1 - key0)
     ktiles = max(1, cdiv(keys, cfg.block_n))
     predicted = None
-    if call.mode == PAGED:
+    if call.mode in (PAGED, VARLEN_PAGED):
         splits = ktiles * cfg.block_n // call.page   # one split per page
     elif splits is None:
         head = max(head_dims(sched, cb.dims) or [e])
@@ -349,11 +349,13 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), call.mode), b.device),
                  GRID_KERNEL)
     args, consts = block.launcher._arguments(spec, cb, compute, o_part[0], lse_part[0], cfg, e)
-    if call.mode == VARLEN and spec.summaries:
+    if call.mode in VARLENS and spec.summaries:
         _varlen_summaries(block, spec, cb, args, call, cfg)
     args += [o_part.stride(0), lse_part.stride(0)]
-    if call.mode == VARLEN:
+    if call.mode in VARLENS:
         args += list(call.cu)
+        if call.mode == VARLEN_PAGED:
+            args += [call.block_table, call.block_table.stride(0)]
     else:
         args += [nq, call.mk, b.dims[plan.r1.name] - 1] + ([key0] if call.mode == SPLIT else [])
         if call.mode != SPLIT:
@@ -375,6 +377,9 @@ def _varlen_summaries(block, spec, cb, args: list, call: _Call, cfg) -> None:
     nb = len(cb.batch)
     pos = sum(1 + nb + len(decl[x].shape) for x in spec.inputs)
     for ts in spec.summaries:
+        if ts.axis == "key" and call.mode == VARLEN_PAGED:   # the pool's tiles, as a paged decode reads them
+            pos += 2 + nb + ts.rank
+            continue
         t = cb.tensors[ts.tensor]
         if t.dtype not in (torch.int32, torch.int64, torch.bool):
             t = t.to(torch.int32)

@@ -189,10 +189,13 @@ class Kernel:
         return decode.decode(self, inputs, splits=splits, stats=stats, cache_len=cache_len,
                              block_table=block_table, page_size=page_size, pack_heads=pack_heads)
 
-    def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, **inputs):
+    def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, block_table=None, page_size=None,
+               **inputs):
         """A packed batch of sequences (cumulative lengths, FlashAttention's varlen layout) in one launch, each
-        sequence with its own local indices (runtime/decode.py, docs/inference.md)."""
-        return varlen.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats)
+        sequence with its own local indices; block_table, page_size: the keys in a pool of pages
+        (runtime/varlen.py, docs/inference.md)."""
+        return varlen.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats,
+                             block_table=block_table, page_size=page_size)
 
     # ---- source ---------------------------------------------------------------------------------------------
     def source(self, output: str | None = None, dtype: str = "float16", nbatch: int = 0,

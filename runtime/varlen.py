@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from moa import shard
-from moa.codegen.splitkv import VARLEN
+from moa.codegen.splitkv import VARLEN, VARLEN_PAGED
 from moa.errors import InputError, UnsupportedError
 
 from .binding import bind
@@ -18,30 +18,44 @@ from .device import check_device
 from .ring import _results
 
 
+# long: the checks of the packed layout (and the pages), then one launch per output
 def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, stats: bool = False,
-           plan_only: bool = False):
+           plan_only: bool = False, block_table=None, page_size: int | None = None):
     """Every output of a packed batch of sequences: rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of the query
     inputs attend to keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the key inputs, with local indices in
     each sequence; one launch, no padding (a program past its sequence's rows exits at once). plan_only: the
-    DecodeStats of the call (its kernels in specs), nothing launched."""
+    DecodeStats of the call (its kernels in specs), nothing launched. block_table [sequences, pages] with
+    page_size P: the key inputs are a pool of pages (as in a paged decode) and key j of sequence b, for j below
+    its length cu_seqlens_k[b + 1] - cu_seqlens_k[b], lives in page block_table[b, j // P] at j % P."""
     plan, block = _plan(kernel)
     cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
     _check_replicated(kernel, plan)
     nq, mk = lengths(kernel, inputs)
-    if nq != int(cu_q[-1]) or mk != int(cu_k[-1]):
+    paged = block_table is not None or page_size is not None
+    if nq != int(cu_q[-1]) or (mk != int(cu_k[-1]) and not paged):
         raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
                          f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
+    table = _check_pages(block_table, page_size, cu_k, mk) if paged else None
+    if paged and plan.epilogues:
+        raise UnsupportedError("varlen with pages: outputs with several softmax branches (PiAttention) are not "
+                               "supported; pass the keys packed (cu_seqlens_k) instead")
     gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
     if plan.kv_copies:   # an input read by i and j, packed along the keys: each sequence's last rows are its queries
         rows = torch.cat([torch.arange(int(cu_k[s + 1]) - int(cu_q[s + 1] - cu_q[s]), int(cu_k[s + 1]))
                           for s in range(cu_q.numel() - 1)])
+        if paged:   # logical row r of sequence s is pool key table[s, r // P] P + r % P
+            seq = torch.repeat_interleave(torch.arange(cu_q.numel() - 1), cu_q.diff())
+            r = rows - cu_k[seq]
+            rows = table[seq, r // page_size].to(torch.int64) * page_size + r % page_size
         inputs = both_sides(kernel, plan, inputs, rows)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     dev = b.device
-    call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1,
-                 (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32)),
-                 cu_host=(cu_q.tolist(), cu_k.tolist()))
+    cu = (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32))
+    call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1, cu, cu_host=(cu_q.tolist(), cu_k.tolist()))
+    if paged:
+        call = dataclasses.replace(call, mode=VARLEN_PAGED, keys=table.shape[1] * page_size, page=page_size,
+                                   block_table=table.to(device=dev, dtype=torch.int32).contiguous())
     if plan_only:
         infos = []
         for o in plan.outputs:
@@ -85,6 +99,26 @@ def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck):
     outs = {name: torch.cat(ps, dim=-2) for name, ps in parts.items()}
     names = plan.output_names
     return outs[names[0]] if len(names) == 1 else outs
+
+
+def _check_pages(block_table, page_size, cu_k, mk: int):
+    """The block table (on the CPU, int64) of a paged varlen call, checked against the pool of mk keys."""
+    if block_table is None or page_size is None:
+        raise InputError("varlen: a paged cache needs both block_table and page_size")
+    if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
+        raise InputError(f"varlen: page_size must be a power of two >= 16 (a key tile), got {page_size!r}")
+    if mk % page_size:
+        raise InputError(f"varlen: the key inputs hold {mk} keys, not a whole number of pages of {page_size}")
+    nseq = cu_k.numel() - 1
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64) or \
+            block_table.dim() != 2 or block_table.shape[0] != nseq:
+        raise InputError(f"varlen: block_table must be an int32 or int64 tensor [{nseq} sequences, pages]")
+    t = block_table.cpu().to(torch.int64)
+    if t.numel() and (bool((t < 0).any()) or bool((t >= mk // page_size).any())):
+        raise InputError(f"varlen: block_table entries must be pages 0 .. {mk // page_size - 1} of the pool")
+    if bool((cu_k.diff() > t.shape[1] * page_size).any()):
+        raise InputError(f"varlen: a sequence has more keys than its {t.shape[1]} pages of {page_size} hold")
+    return t
 
 
 def _check_cu(cu_q, cu_k, plan):
