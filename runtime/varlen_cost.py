@@ -7,6 +7,8 @@ mask over per-token ids or flags narrowed to the sequence and split (so tiles sk
 counted as the kernel skips them)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moa import shard
@@ -33,12 +35,15 @@ def _lengths(cu, what: str) -> list:
 
 # long: config, splits, then every (sequence, split)'s report, the lse stores and the merge, as varlen runs them
 def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, dtype="bf16", device="h100",
-                batch=(), config=None, inputs: dict | None = None, **dims) -> DecodeCost:
+                batch=(), config=None, inputs: dict | None = None, page_size: int | None = None,
+                pages: int | None = None, **dims) -> DecodeCost:
     """DecodeCost of k.varlen(cu_seqlens_q, cu_seqlens_k, ...) (lists or tensors of cumulative lengths); dims: the
     program's dims other than the sequence lengths (d, e, heads ...); batch: the leading axes (heads) of the
     packed inputs. inputs: the packed integer / boolean inputs a mask reads (document ids, flags), as passed to
     varlen: tiles their per-tile summaries skip are counted on this data (without it: none skipped).
-    split_reports holds one report per (sequence, split) that runs; kv_bytes every key of every sequence once."""
+    split_reports holds one report per (sequence, split) that runs; kv_bytes every key of every sequence once.
+    page_size, pages: the keys in pages (varlen(block_table=, page_size=)): one split per page, `pages` the
+    table's pages per sequence; not with inputs= (the pool's tiles are summarised, not the sequence's)."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     cq, ck = _lengths(cu_seqlens_q, "cu_seqlens_q"), _lengths(cu_seqlens_k, "cu_seqlens_k")
@@ -63,26 +68,31 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     if config is None and on_cpu:
         config = block.planner.launch_config(name, torch.device("cpu"), dtype, cdims)
     cfg = config or decode_config(sched, cdims, dtype)
+    if page_size:   # key tiles of at most a page; one split per page of the table
+        if not pages or inputs:
+            raise InputError("varlen_cost: pages needs page_size and the table's pages per sequence, and does not "
+                             "take inputs=")
+        cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, page_size))
     z = 1
     for x in (*batch, *[sy.evaluate(x, cdims) for _, x in sched.lead]):
         z *= x
     e = sy.evaluate(sched.col[1], cdims)
     ptiles = row_programs(sched, max(lq), cfg.block_m)
-    keys = max(lk)
+    keys = pages * page_size if page_size else max(lk)
     ktiles = max(1, cdiv(keys, cfg.block_n))
     head = max(head_dims(sched, cdims) or [e])
     tdev = "h100" if on_cpu else device
     args = (ptiles * z * nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * sy.evaluate(sched.row[1], cdims),
             dtype, tdev)
-    splits = splits or choose_splits(*args).splits
+    splits = pages if page_size else splits or choose_splits(*args).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
     data = _packed_data(kernel, plan, inputs, cq, ck, lq, batch)
     reports = []
     extra = [0, 0, 0, 0]
-    for o in plan.outputs:   # every program of each output's grid reads its sequence's offsets
+    for o in plan.outputs:   # every program of each output's grid reads its sequence's offsets (and page)
         extra[2] += row_programs(block.planner.schedules[o.name], max(lq), cfg.block_m) * z * nseq * splits * \
-            PROLOGUE_BYTES
+            (PROLOGUE_BYTES + (4 if page_size else 0))
     for s in range(nseq):
         if lq[s] == 0:
             continue

@@ -85,3 +85,18 @@ def test_varlen_cost_refusals():
     dm = moa.compile("examples/document_mask.moa")
     with pytest.raises(InputError, match="not an input"):
         varlen_cost(dm, [0, 3], [0, 3], inputs={"ids": torch.zeros(3)}, d=D, e=D)
+
+
+def test_paged_varlen_counted_exactly():
+    """Keys in shuffled pages (one split per page; every program also reads its page number)."""
+    k = moa.compile("examples/causal_bottom_right.moa")
+    lq, lk, page, pages = [3, 1, 0, 20], [40, 1, 0, 96], 16, 6
+    cq, ck = torch.tensor([0] + lq).cumsum(0), torch.tensor([0] + lk).cumsum(0)
+    pool = len(lk) * pages * page
+    x = dict(Q=_rand(sum(lq), D), K=_rand(pool, D, seed=1), V=_rand(pool, D, seed=2))
+    table = torch.randperm(len(lk) * pages, generator=torch.Generator().manual_seed(0)).view(len(lk), pages)
+    got = measure_varlen(k, x, cq, ck, block_table=table, page_size=page)
+    p = varlen_cost(k, cq, ck, dtype="fp64", device="cpu", page_size=page, pages=pages, d=D, e=D)
+    assert p.splits == pages
+    assert (got.flops, got.transcendentals, got.dram_bytes_loaded, got.dram_bytes_stored, got.tiles_visited) == \
+        (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored, p.tiles_visited)
