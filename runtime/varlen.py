@@ -36,9 +36,6 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
         raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
                          f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
     table = _check_pages(block_table, page_size, cu_k, mk) if paged else None
-    if paged and plan.epilogues:
-        raise UnsupportedError("varlen with pages: outputs with several softmax branches (PiAttention) are not "
-                               "supported; pass the keys packed (cu_seqlens_k) instead")
     gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
     if plan.kv_copies:   # an input read by i and j, packed along the keys: each sequence's last rows are its queries
         rows = torch.cat([torch.arange(int(cu_k[s + 1]) - int(cu_q[s + 1] - cu_q[s]), int(cu_k[s + 1]))
@@ -67,13 +64,13 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
         acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
         splits = info.splits
     if plan.epilogues:   # several branches (PiAttention): the epilogue per sequence, on its own rows and dims
-        res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist())
+        res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist(), paged)
     else:
         res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
 
 
-def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck):
+def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck, paged: bool = False):
     """The user outputs of a varlen call whose outputs have an epilogue: each sequence's merged branch rows and
     inputs bound with its own dims (as a call of its own), the epilogue evaluated, the rows concatenated."""
     decl = kernel.program.input_map
@@ -88,8 +85,14 @@ def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck):
             if role == shard.REPLICATED:
                 seq[name] = t
             else:
+                ax = t.dim() - len(decl[name].shape) + axis
+                if role == shard.KEY and paged:   # the epilogue reads no key: a stand-in of the sequence's length
+                    shape = list(t.shape)
+                    shape[ax] = mk_s
+                    seq[name] = t.narrow(ax, 0, 1).expand(shape)
+                    continue
                 start, size = (cq[s], nq_s) if role == shard.QUERY else (ck[s], mk_s)
-                seq[name] = t.narrow(t.dim() - len(decl[name].shape) + axis, start, size)
+                seq[name] = t.narrow(ax, start, size)
         gdims, row0 = _global(plan, nq_s, mk_s)
         b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s))
         acc_s = {n: (o.narrow(-2, cq[s], nq_s), t.narrow(-1, cq[s], nq_s)) for n, (o, t) in acc.items()}

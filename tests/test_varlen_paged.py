@@ -1,12 +1,12 @@
 """Varlen batches whose keys are pages of a pool (k.varlen(..., block_table=, page_size=), codegen/splitkv.py
 VARLEN_PAGED): shuffled pages equal the packed keys, float64 in the interpreter, for a two-dim program, a
-one-dim program (queries are each sequence's last rows) and a document mask (ids along the keys: per-tile
-summaries of the pool, query rows gathered through the table); refusals."""
+one-dim program (queries are each sequence's last rows), a document mask (ids along the keys: per-tile
+summaries of the pool, query rows gathered through the table) and PiAttention; refusals."""
 import pytest
 import torch
 
 import moa
-from moa.errors import InputError, UnsupportedError
+from moa.errors import InputError
 
 D = 16
 F64 = torch.float64
@@ -27,9 +27,11 @@ def _paged(t, lk, perm):
     return pool
 
 
-@pytest.mark.parametrize("name", ["causal_bottom_right", "sliding_window", "document_mask"])
+@pytest.mark.parametrize("name", ["causal_bottom_right", "sliding_window", "document_mask", "pi_attention"])
 def test_varlen_paged_equals_packed_keys(name):
-    k = moa.compile(f"examples/{name}.moa", **({"w": 20} if name == "sliding_window" else {}))
+    """pi_attention: two branches split per page and merged, the gate per sequence."""
+    params = {"sliding_window": {"w": 20}, "pi_attention": {"k": 20, "s": 7}}.get(name, {})
+    k = moa.compile(f"examples/{name}.moa", **params)
     lq, lk = [3, 1, 0, 20], [40, 1, 0, 96]
     g = torch.Generator().manual_seed(5)
     cq, ck = torch.tensor([0] + lq).cumsum(0), torch.tensor([0] + lk).cumsum(0)
@@ -37,10 +39,12 @@ def test_varlen_paged_equals_packed_keys(name):
              V=torch.randn(sum(lk), D, generator=g, dtype=F64))
     if name == "document_mask":
         x["doc"] = torch.cat([torch.arange(n) // 9 for n in lk])
-    want = k.varlen(cq, ck, **x)
+    wg = {"wg": torch.randn(D, generator=g, dtype=F64)} if name == "pi_attention" else {}
+    want = k.varlen(cq, ck, **x, **wg)
     perm = torch.randperm(len(lk) * PAGES, generator=torch.Generator().manual_seed(1))
     pools = {n: _paged(t, lk, perm) for n, t in x.items() if n != "Q"}
-    got, st = k.varlen(cq, ck, Q=x["Q"], **pools, block_table=perm.view(len(lk), PAGES), page_size=P, stats=True)
+    got, st = k.varlen(cq, ck, Q=x["Q"], **pools, **wg, block_table=perm.view(len(lk), PAGES), page_size=P,
+                       stats=True)
     assert st.splits == PAGES
     assert (got - want).abs().max().item() <= 1e-12
 
@@ -55,10 +59,6 @@ def test_varlen_paged_refusals():
         k.varlen(cq, ck, **x, block_table=torch.tensor([[0, 1]]), page_size=16)
     with pytest.raises(InputError, match="pages 0 .. 3"):
         k.varlen(cq, ck, **x, block_table=torch.tensor([[0, 1, 4]]), page_size=16)
-    pi = moa.compile("examples/pi_attention.moa", k=20, s=7)
-    with pytest.raises(UnsupportedError, match="several softmax branches"):
-        pi.varlen(torch.tensor([0, 4]), torch.tensor([0, 40]), **x, wg=torch.zeros(D, dtype=F64),
-                  block_table=torch.tensor([[0, 1, 2]]), page_size=16)
 
 
 def test_varlen_paged_source_is_pyflakes_clean_and_fits_sm90(tmp_path):
