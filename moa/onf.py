@@ -406,6 +406,12 @@ def show(s: Schedule) -> str:
             hi = f"{sy.show(b.extent)} - 1" if b.key_hi is None else f"min({sy.show(b.extent)} - 1, {b.key_hi})"
             lines.append(f"    keys visited for rows [I_LO, I_HI]: [{lo}, {hi}]")
             lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}")
+            if uses_summaries(s, b):
+                reads = ", ".join(f"{D.show(sm.read)} over the {sm.axis} tile" for sm in b.summaries)
+                lines.append(f"    with the data (per-tile min / max of {reads}): skipped if {b.data_skip};  "
+                             f"mask-free if {b.data_full}")
+            if scans_keys(s, b):
+                lines.append("    key loop: the skip test on 64 key tiles at a time, then the kept tiles only")
             if b.hop is not None:
                 h = b.hop
                 lines.append(f"    residue re-indexing: {b.var} = {sy.show(h.key)}, hops {h.var} in "

@@ -150,3 +150,10 @@ def test_the_scan_runs_only_the_kept_tiles():
     assert trimmed.visited.all() and trimmed.visited.sum() == full.visited.sum()
     assert len(full.rows) > len(trimmed.rows)
     assert trimmed.scans.tolist() == [1] * R    # one step of 64 key tiles covers each row tile's range
+
+
+def test_explain_shows_the_data_tests_and_the_scan():
+    text = moa.compile("examples/document_mask.moa").explain()
+    assert "with the data (per-tile min / max of doc[i] over the row tile, doc[j] over the key tile)" in text
+    assert "key loop: the skip test on 64 key tiles at a time, then the kept tiles only" in text
+    assert "key loop" not in moa.compile("examples/causal.moa").explain()   # a split loop: no test to scan
