@@ -18,11 +18,12 @@ def compile(source_or_path, form=None, schedule=None, autotune=None, **params):
 
 
 def __getattr__(name):
-    """moa.nn loads torch (and the runtime) on first use: `import moa` alone needs neither."""
+    """moa.nn (modules such as moa.nn.Attention, defined in moa.runtime.nn) loads torch and the runtime on first
+    use: `import moa` alone needs neither, and the algebra package holds no module of the runtime's layer."""
     if name == "nn":
-        import moa.nn  # heavy (torch and the runtime): loaded on first use of moa.nn
+        from moa.runtime import nn   # heavy (torch and the runtime): loaded on first use of moa.nn
 
-        return moa.nn
+        return nn
     raise AttributeError(f"module 'moa' has no attribute {name!r}")
 
 
