@@ -140,8 +140,9 @@ def with_children(e, kids):
     return e
 
 
-def subs(e, mapping: dict):
-    """Substitute index variables (sympy symbol -> expression) everywhere in a scalar expression."""
+def subs(e, mapping: dict, free_only: bool = False):
+    """Substitute index variables (sympy symbol -> expression) everywhere in a scalar expression; free_only: not
+    a binder's own variable inside the binder (only the free occurrences)."""
     if not mapping:
         return e
     if isinstance(e, Read):
@@ -150,8 +151,10 @@ def subs(e, mapping: dict):
         return replace(e, expr=e.expr.xreplace(mapping))
     if isinstance(e, (SoftmaxAt, NormalizeAt)):
         e = replace(e, target=sp.sympify(e.target).xreplace(mapping))
+    if free_only and isinstance(e, BINDERS):
+        mapping = {k: v for k, v in mapping.items() if k != e.var}
     kids = children(e)
-    return with_children(e, [subs(k, mapping) for k in kids]) if kids else e
+    return with_children(e, [subs(k, mapping, free_only) for k in kids]) if kids else e
 
 
 def nodes(e):

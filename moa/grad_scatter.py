@@ -13,7 +13,7 @@ Each rule is data (SCATTER_RULES) with the identity it applies; tests/test_grad_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -21,7 +21,7 @@ from . import intervals as iv
 from . import ir
 from . import symbolic as sy
 from .dnf import Rule
-from .dnf_nodes import BINDERS, Const, Index, Op, Read, Reduce, children, free_vars, with_children
+from .dnf_nodes import Const, Index, Op, Reduce, free_vars, subs
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,9 @@ class Scatter:
     pending: tuple
 
 
-# ---- substitution that respects binders -------------------------------------------------------------------
-
-
 def subs_free(e, mapping: dict):
     """Substitute free index variables only (a binder's own variable is not replaced inside it)."""
-    if not mapping:
-        return e
-    if isinstance(e, Read):
-        return replace(e, index=tuple(sp.sympify(x).xreplace(mapping) for x in e.index))
-    if isinstance(e, Index):
-        return replace(e, expr=e.expr.xreplace(mapping))
-    inner = {k: v for k, v in mapping.items() if k != e.var} if isinstance(e, BINDERS) else mapping
-    kids = children(e)
-    return with_children(e, [subs_free(k, inner) for k in kids]) if kids else e
+    return subs(e, mapping, free_only=True)
 
 
 def conj(conds: tuple):

@@ -7,14 +7,13 @@ from __future__ import annotations
 from moa import symbolic as sy
 
 from . import cache
-from .aot_batch import aot_groups, choose_fitting, kernel_signature
+from .aot_batch import TRITON_TYPE, aot_groups, choose_fitting, kernel_signature
 from .configs import summary_types
 from .device import next_pow2
 from .tiling import Config
 
 CANDIDATES = (Config(64, 64, 4, 2), Config(32, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 32, 8, 2),
               Config(32, 32, 4, 2), Config(16, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 2))
-_TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def constexprs(spec, dims: dict, cfg: Config) -> dict:
@@ -32,7 +31,7 @@ def request(program, spec, kernel, dtype: str, dims: dict, cfg: Config, target: 
     consts = constexprs(spec, dims, cfg)
     acc = "fp64" if dtype == "float64" else "fp32"
     special = {f"{b}_ptr": f"*{acc}" for b in ("lse", "delta", "dQ", "dK", "dV")}
-    special["dO_ptr"] = f"*{_TT[dtype]}"
+    special["dO_ptr"] = f"*{TRITON_TYPE[dtype]}"
     special.update(summary_types(program, spec, index_dtype, consts))   # the data's per-tile (min, max)
     sig = kernel_signature(program, spec.source, kernel.name, dtype, index_dtype, consts, special)
     return {"file": str(path), "kernel": kernel.name, "signature": sig, "constexprs": consts, "target": target,

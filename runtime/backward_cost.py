@@ -10,6 +10,7 @@ site (codegen/counts.py site_lanes) over those executions. The atomic adds of th
 gate) and the tiles skipped by the data (document masks) are not predicted: such programs are refused."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -162,7 +163,8 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes
             rows, keys = (np.asarray(x, dtype=np.int64) for x in runs[kern.name][region])
             for what in ("dot", "other", "trans"):
                 tot[what] += nb * math.prod(lead) * len(rows) * int(sp.sympify(getattr(work, what)).xreplace(consts))
-            for point in _points(lead):   # lanes may depend on the leading indices (a head's bias row)
+            # lanes may depend on the leading indices (a head's bias row)
+            for point in itertools.product(*(range(x) for x in lead)):
                 env = {**{d: dims[d.name] for d in program.dims}, **{v: a for (v, _), a in zip(sched.lead, point)}}
                 for names, sites, key in ((work.loads, led.loads, "loaded"), (work.stores, led.stores, "stored")):
                     for name in names:
@@ -176,11 +178,3 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes
                                       tot["loaded"], tot["stored"])
     return out
 
-
-def _points(extents: list):
-    if not extents:
-        yield ()
-        return
-    for a in range(extents[0]):
-        for rest in _points(extents[1:]):
-            yield (a, *rest)

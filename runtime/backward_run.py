@@ -4,6 +4,7 @@ per-head gradients into the gradients of the inputs (a K read by every query hea
 added up)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -142,7 +143,7 @@ class BackwardRunner:
         if [str(h) for h in head] == [v.name for v in lvars] and ishape[:-2] == lead:
             return buf.reshape(*b.batch, *ishape)
         targets = []
-        for point in _points(lead):
+        for point in itertools.product(*(range(x) for x in lead)):
             env = {**b.dims, **{v.name: a for v, a in zip(lvars, point)}}
             flat = 0
             for h, ext in zip(head, ishape[:-2]):
@@ -152,12 +153,3 @@ class BackwardRunner:
         out.index_add_(1, torch.tensor(targets, device=buf.device), buf)
         return out.reshape(*b.batch, *ishape)
 
-
-def _points(extents: list):
-    """Every point of a box, row-major (the flat order of pid_z's leading indices)."""
-    if not extents:
-        yield ()
-        return
-    for a in range(extents[0]):
-        for rest in _points(extents[1:]):
-            yield (a, *rest)

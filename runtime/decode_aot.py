@@ -10,12 +10,11 @@ from moa.devices import canonical_dtype
 
 from . import cache
 from .aot import fits
-from .aot_batch import aot_batch, kernel_signature
+from .aot_batch import TRITON_TYPE, aot_batch, kernel_signature
 from .decode import _global, _gqa, _plan, _source, decode_config
 from .device import next_pow2
 from .tiling import exact_heads
 
-_TT = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 # long: the launch decode would make, assembled as a picklable AOT request per block output
@@ -45,7 +44,7 @@ def decode_aot(kernel, nq: int, m: int, dtype="bf16", target: str = "sm_90", mod
         for hd, ext in spec.head_dims:
             consts[hd] = max(16, next_pow2(sy.evaluate(ext, cdims)))
         out = next(c for c, u in view.outputs.items() if u == o.name)
-        special = {"lse_out": f"*{acc}", f"{out}_ptr": f"*{acc}" if splits > 1 else f"*{_TT[dtype]}",
+        special = {"lse_out": f"*{acc}", f"{out}_ptr": f"*{acc}" if splits > 1 else f"*{TRITON_TYPE[dtype]}",
                    **{x: "*i32" for x in ("cu_q", "cu_k", "cache_len", "block_table")}}
         sig = kernel_signature(runner.planner.cg_program, source, GRID_KERNEL, dtype, "int64", consts, special)
         requests.append({"file": str(path), "kernel": GRID_KERNEL, "signature": sig, "constexprs": consts,
