@@ -73,35 +73,43 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
 def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck, paged: bool = False):
     """The user outputs of a varlen call whose outputs have an epilogue: each sequence's merged branch rows and
     inputs bound with its own dims (as a call of its own), the epilogue evaluated, the rows concatenated."""
-    decl = kernel.program.input_map
+    decl = plan.program.input_map
     parts: dict = {}
     for s in range(len(cq) - 1):
         nq_s, mk_s = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
         if nq_s == 0:
             continue
-        seq = {}
+        seq, qside = {}, {}
         for name, t in inputs.items():
-            role, axis = plan.roles[name]
+            role, axis = _role(plan, name)
             if role == shard.REPLICATED:
-                seq[name] = t
+                seq[name] = qside[name] = t
+                continue
+            ax = t.dim() - len(decl[name].shape) + axis
+            if role != shard.KEY:   # query rows packed by cu_q: a BOTH input's query side is its sequences' rows
+                seq[name] = qside[name] = t.narrow(ax, cq[s], nq_s)
+            elif paged:   # the epilogue reads no key: a stand-in of the sequence's length
+                shape = list(t.shape)
+                shape[ax] = mk_s
+                seq[name] = t.narrow(ax, 0, 1).expand(shape)
             else:
-                ax = t.dim() - len(decl[name].shape) + axis
-                if role == shard.KEY and paged:   # the epilogue reads no key: a stand-in of the sequence's length
-                    shape = list(t.shape)
-                    shape[ax] = mk_s
-                    seq[name] = t.narrow(ax, 0, 1).expand(shape)
-                    continue
-                start, size = (cq[s], nq_s) if role == shard.QUERY else (ck[s], mk_s)
-                seq[name] = t.narrow(ax, start, size)
+                seq[name] = t.narrow(ax, ck[s], mk_s)
         gdims, row0 = _global(plan, nq_s, mk_s)
         b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s))
         acc_s = {n: (o.narrow(-2, cq[s], nq_s), t.narrow(-1, cq[s], nq_s)) for n, (o, t) in acc.items()}
-        for name, out in _results(plan, block, acc_s, b_s, nq_s,
-                                  {n: t for n, t in seq.items() if plan.roles[n][0] != shard.KEY}).items():
+        for name, out in _results(plan, block, acc_s, b_s, nq_s, qside).items():
             parts.setdefault(name, []).append(out)
     outs = {name: torch.cat(ps, dim=-2) for name, ps in parts.items()}
     names = plan.output_names
     return outs[names[0]] if len(names) == 1 else outs
+
+
+def _role(plan, name: str) -> tuple:
+    """(role, axis) of a block-program input: an input read by both indices is its query side (packed by the
+    query rows), its travelling copy (`plan.kv_copies`) a key input (packed by the keys)."""
+    if name in plan.roles:
+        return plan.roles[name]
+    return shard.KEY, plan.roles[plan.source_of(name)][1]
 
 
 def _check_pages(block_table, page_size, cu_k, mk: int):
