@@ -2,8 +2,9 @@
 
 The gradients are the derived gradient DNF (moa/grad.py). Programs of the softmax family with one plain branch have
 fused backward kernels (codegen/backward.py, launched by runtime/backward_run.py): the forward then also stores the
-log-sum-exp per row, and Q, K and V get their gradients from the kernels. Every other gradient (bias tables, gates,
-the normalised and window forms) is the gradient DNF evaluated unfused in float64 (runtime/grad_eval.py)."""
+log-sum-exp per row, and Q, K and V get their gradients from the kernels; window-mixing outputs have their own two
+kernels (codegen/window_backward.py, runtime/window_backward.py; nothing saved). Every gradient the kernels do not
+compute is the gradient DNF evaluated unfused in float64 (runtime/grad_eval.py)."""
 from __future__ import annotations
 
 from functools import cached_property
@@ -18,6 +19,7 @@ from moa.codegen.backward import is_multi
 from .backward_multi import MultiBranchBackward
 from .backward_run import BackwardRunner
 from .grad_eval import evaluate_grad
+from .window_backward import WindowBackwardRunner, is_window
 
 
 class Backward:
@@ -34,26 +36,36 @@ class Backward:
     @cached_property
     def unfused_reason(self) -> str | None:
         """None when the program has fused backward kernels, else why not."""
+        if is_window(self.k.planner):
+            return WindowBackwardRunner.reason(self.k.planner)
         return BackwardRunner.reason(self.k.planner)
+
+    @cached_property
+    def window(self) -> WindowBackwardRunner | None:
+        """The fused kernels of a window-mixing output (codegen/window_backward.py; None otherwise)."""
+        if self.unfused_reason or not is_window(self.k.planner):
+            return None
+        return WindowBackwardRunner(self.k.planner, self.k.output_names[0])
 
     @cached_property
     def runner(self) -> BackwardRunner | None:
         """The fused kernels of a single-branch output (None otherwise)."""
-        if self.unfused_reason or is_multi(self.k.planner.schedules[self.k.output_names[0]]):
+        if self.unfused_reason or self.window is not None or \
+                is_multi(self.k.planner.schedules[self.k.output_names[0]]):
             return None
         return BackwardRunner(self.k.planner, self.k.output_names[0])
 
     @cached_property
     def multi(self) -> MultiBranchBackward | None:
         """The per-branch fused kernels of an output with several branches or an epilogue (None otherwise)."""
-        if self.unfused_reason or self.runner is not None:
+        if self.unfused_reason or self.runner is not None or self.window is not None:
             return None
         return MultiBranchBackward(self.k.planner, self.k.output_names[0])
 
     @property
     def fused_inputs(self) -> tuple:
         """The inputs whose gradients the fused kernels compute (user names); () without fused kernels."""
-        fused = self.runner or self.multi
+        fused = self.runner or self.multi or self.window
         if fused is None:
             return ()
         back = self.k.planner.codegen.inputs
@@ -86,6 +98,9 @@ class Backward:
             back = k.planner.codegen.inputs
             fused = self.runner.grads(b, saved[0], saved[1], cotangents[0])
             grads = {back[name]: g for name, g in fused.items()}
+        elif self.window is not None:
+            back = k.planner.codegen.inputs
+            grads = {back[name]: g for name, g in self.window.grads(b, cotangents[0]).items()}
         elif self.multi is not None:
             back = k.planner.codegen.inputs
             fused = self.multi.grads(b, cotangents[0], k.launcher)
