@@ -15,10 +15,13 @@ from moa import ir
 from moa.grad import GradProgram, grad
 
 from moa.codegen.backward import is_multi
+from moa.codegen.chunked_backward import linear_backward_reason
 
 from .backward_multi import MultiBranchBackward
 from .backward_run import BackwardRunner
 from .grad_eval import evaluate_grad
+from .linear_backward import LinearBackward
+from .plan import LINEAR
 from .window_backward import WindowBackwardRunner, is_window
 
 
@@ -56,6 +59,20 @@ class Backward:
         return BackwardRunner(self.k.planner, self.k.output_names[0])
 
     @cached_property
+    def linear(self) -> LinearBackward | None:
+        """The chunked linear form's backward kernels (runtime/linear_backward.py) of an output that has the linear
+        form and fused kernels; a call uses them when the forward's rule picks the linear form (`uses_linear`)."""
+        lp = self.k.planner.linear_plans[self.k.output_names[0]][0] if self.runner is not None else None
+        if lp is None or linear_backward_reason(self.k.planner.cg_program, lp) is not None:
+            return None
+        return LinearBackward(self.k.planner, self.k.output_names[0], self.runner)
+
+    def uses_linear(self, b) -> bool:
+        """Whether a call (binding b) runs the chunked form forward and backward: the form the forward would run
+        (Planner.run_kind with the call's dims; `form=` when forced), where the chunked backward exists."""
+        return self.linear is not None and self.k.planner.run_kind(self.k.output_names[0], b.dims) == LINEAR
+
+    @cached_property
     def multi(self) -> MultiBranchBackward | None:
         """The per-branch fused kernels of an output with several branches or an epilogue (None otherwise)."""
         if self.unfused_reason or self.runner is not None or self.window is not None:
@@ -83,6 +100,9 @@ class Backward:
         """(outputs, saved values) of a call, by the fused forward kernels."""
         k = self.k
         b = k.bind(named)
+        if self.uses_linear(b):
+            out, z = self.linear.forward(b)
+            return [out], [z]
         if self.runner is not None:
             out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
             return [out], [lse]
@@ -94,7 +114,11 @@ class Backward:
         k = self.k
         b = k.bind(named)
         grads = {}
-        if self.runner is not None:
+        if self.uses_linear(b):
+            back = k.planner.codegen.inputs
+            fused = self.linear.grads(b, saved[0], saved[1], cotangents[0])
+            grads = {back[name]: g for name, g in fused.items()}
+        elif self.runner is not None:
             back = k.planner.codegen.inputs
             fused = self.runner.grads(b, saved[0], saved[1], cotangents[0])
             grads = {back[name]: g for name, g in fused.items()}
