@@ -171,13 +171,16 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
 
 def _summary_move(p: str, axis: str, stride: str, mode: str) -> str | None:
     """The moved pointer of a per-tile summary argument. A key split or page is whole key tiles: its summaries
-    start at its first tile (of the pool when paged). Varlen summaries are computed per sequence
-    (runtime/summaries.packed_tile_summaries): sequence `seq`'s tiles start at tile first_row // BLOCK + seq of the
-    packed summaries (no two overlap), a key split's at its sequence's start plus its first tile; row summaries
-    of a single sequence do not move."""
+    start at its first tile. Paged key summaries are in each batch index's logical key order (the runtime gathers
+    them through the block table, runtime/decode_summaries.py), so a page's start at its logical first tile c0.
+    Varlen summaries are computed per sequence (runtime/summaries.packed_tile_summaries; paged: over the keys
+    gathered from the pages): sequence `seq`'s tiles start at tile first_row // BLOCK + seq of the packed
+    summaries (no two overlap), a key split's at its sequence's start plus its first tile; row summaries of a
+    single sequence do not move."""
     if axis == "key":
-        return f"{p} + (k0 // BLOCK_N + seq + c0 // BLOCK_N) * {stride}" if mode == VARLEN else \
-            f"{p} + (koff // BLOCK_N) * {stride}"
+        if mode in VARLENS:
+            return f"{p} + (k0 // BLOCK_N + seq + c0 // BLOCK_N) * {stride}"
+        return f"{p} + (c0 // BLOCK_N) * {stride}" if mode == PAGED else f"{p} + (koff // BLOCK_N) * {stride}"
     return f"{p} + (q0 // BLOCK_M + seq) * {stride}" if mode in VARLENS else None
 
 

@@ -25,7 +25,6 @@ import triton.testing
 
 from moa import gqa, onf, shard
 from moa import symbolic as sy
-from moa.codegen.data_tiles import SCAN
 from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN_PAGED,
                                  VARLENS, Layout, grid_source)
 from moa.errors import InputError, MoaError, UnsupportedError
@@ -35,9 +34,9 @@ from . import paged, tune
 from .binding import bind
 from .cache import module_for
 from .decode_rows import both_sides_per_batch, query_rows
+from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, next_pow2, run
 from .launch import compute_dtype
-from .summaries import packed_tile_summaries
 from .ring import _results, block_kernel, norm_outputs
 from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
 
@@ -349,8 +348,8 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), call.mode), b.device),
                  GRID_KERNEL)
     args, consts = block.launcher._arguments(spec, cb, compute, o_part[0], lse_part[0], cfg, e)
-    if call.mode in VARLENS and spec.summaries:
-        _varlen_summaries(block, spec, cb, args, call, cfg)
+    if call.mode != SPLIT and spec.summaries:   # per sequence / batch index, over its valid keys
+        replace_summaries(block, spec, cb, args, call, cfg)
     args += [o_part.stride(0), lse_part.stride(0)]
     if call.mode in VARLENS:
         args += list(call.cu)
@@ -368,26 +367,6 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     if splits == 1:
         return (o_part[0], lse_part[0]), info
     return _merge(o_part, lse_part, norm, compute, e), info
-
-
-def _varlen_summaries(block, spec, cb, args: list, call: _Call, cfg) -> None:
-    """Replace the per-tile summary arguments of a varlen launch (computed over the packed tensors) by summaries
-    computed per sequence, in its local tiles (runtime/summaries.packed_tile_summaries)."""
-    decl = block.planner.cg_program.input_map
-    nb = len(cb.batch)
-    pos = sum(1 + nb + len(decl[x].shape) for x in spec.inputs)
-    for ts in spec.summaries:
-        if ts.axis == "key" and call.mode == VARLEN_PAGED:   # the pool's tiles, as a paged decode reads them
-            pos += 2 + nb + ts.rank
-            continue
-        t = cb.tensors[ts.tensor]
-        if t.dtype not in (torch.int32, torch.int64, torch.bool):
-            t = t.to(torch.int32)
-        cu, blk, extra = (call.cu_host[0], cfg.block_m, 0) if ts.axis == "row" else \
-            (call.cu_host[1], cfg.block_n, SCAN)
-        st = packed_tile_summaries(t, nb + ts.pos, blk, cu, extra)
-        args[pos: pos + 2 + nb + ts.rank] = [st, *st.stride()]
-        pos += 2 + nb + ts.rank
 
 
 def runner_schedules(kernel, plan) -> list:

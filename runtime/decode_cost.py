@@ -11,11 +11,12 @@ import torch
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa import shard
-from moa.errors import InputError, UnsupportedError
+from moa.errors import InputError
 from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_key_range, decode_config, runner_schedules
+from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
 
@@ -51,13 +52,14 @@ class DecodeCost:
 # long: config, packing, splits, then every split's report and the merge, in the order decode runs them
 def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
                 pack_heads: bool | None = None, config=None, page_size: int | None = None, cache_len=None,
-                inputs: dict | None = None, **dims) -> DecodeCost:
+                inputs: dict | None = None, block_table=None, **dims) -> DecodeCost:
     """DecodeCost of a decoding call with nq query rows against m cached keys; dims: the program's other dims
     (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table). page_size: a paged
     cache (one split per page, key tiles of at most a page); m is then the pages' keys of one batch index.
     cache_len: the valid keys per batch index (a list over the flattened batch, or one int for all).
     inputs: the integer / boolean inputs a mask reads, as passed to decode (document ids along the keys): the
-    tiles their per-tile summaries skip are counted on them (not with pages or GQA packing)."""
+    tiles their per-tile summaries skip are counted on them. With pages, the key data are pools as passed to
+    decode and block_table (as passed to decode) says where each batch index's keys lie."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     gdims, row0 = _global(plan, nq, m)
@@ -112,10 +114,11 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     zlead = z // nbatch
     reports = []   # per group and split that runs, over every block output (cost_breakdown sums the outputs)
     extra = [0, 0, 0, 0]   # flops, transcendentals, loaded, stored beyond the block programs' reports
-    if inputs and (page_size or packed is not None):
-        raise UnsupportedError("decode_cost(inputs=...) counts the data's tile skipping for whole caches and "
-                               "valid lengths, not for pages or GQA-packed heads")
-    data = split_data(kernel, plan, inputs, nq, batch)
+    if inputs and page_size and block_table is None:
+        raise InputError("decode_cost(inputs=...) with pages needs the block_table the call reads the pools "
+                         "through")
+    table = None if not (inputs and page_size) else _flat_table(block_table, batch)
+    data = split_data(kernel, plan, inputs, nq, batch, table, page_size or 0)
     for g, (gbatch, length, runs) in enumerate(groups):
         zg = zlead * (nbatch if gbatch == batch else 1)
         gd, r0 = _global(plan, nq, length)
@@ -196,11 +199,23 @@ def merge_counts(splits: int, rows: int, e: int, norm: bool, dtype: str, device=
     return programs * (splits * (2 * br * be + 3 * br) + br * be + br), programs * br * (splits + 1), loaded, stored
 
 
-def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple):
+def _flat_table(block_table, batch: tuple) -> torch.Tensor:
+    """The block table broadcast to the batch, [flattened batch, pages] int64 (as decode reads it)."""
+    t = torch.as_tensor(block_table).to(torch.int64).cpu()
+    try:
+        return t.expand(*batch, t.shape[-1]).reshape(-1, t.shape[-1])
+    except RuntimeError:
+        raise InputError(f"decode_cost: block_table of shape {tuple(t.shape)} does not broadcast to the batch "
+                         f"{tuple(batch)}") from None
+
+
+# long: one closure per role, each reading the data as the grid kernel's summaries and loads see it
+def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple, table=None, page: int = 0):
     """Block input name -> f(batch index or None for all, valid keys L, c0, ml): a mask's integer / boolean input
     as a decode binds it for the split of keys [c0, c0 + ml): key inputs (and the key copy of an input read by
     both indices) those keys, the query side of the latter rows L - nq .. L - 1, query and replicated inputs
-    whole."""
+    whole. table ([flattened batch, pages], with page): the key data are pools, read in each batch index's
+    logical key order through the table, as the paged launch summarises them (runtime/decode_summaries.py)."""
     if not inputs:
         return None
     decl = kernel.program.input_map
@@ -215,8 +230,10 @@ def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple):
         except RuntimeError:
             raise InputError(f"decode_cost(inputs=...): {name} of shape {tuple(t.shape)} does not broadcast to "
                              f"the batch {tuple(batch)}") from None
-        flat = t.reshape(-1, *t.shape[len(batch):])
         role, axis = plan.roles[name]
+        if table is not None and role in (shard.KEY, shard.BOTH):
+            t = logical_keys(t, len(batch), axis, batch, table, page)
+        flat = t.reshape(-1, *t.shape[len(batch):])
 
         def pick(b, t=t, flat=flat):
             return t if b is None else flat[b]

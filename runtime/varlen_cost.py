@@ -20,6 +20,7 @@ from moa.splitkv import choose_splits, split_seconds
 from .costing import cost_breakdown
 from .decode import _global, _plan, decode_config
 from .decode_cost import DecodeCost, _lse_counts, merge_counts
+from .decode_summaries import varlen_key_positions
 from .device import cdiv
 from .tiling import head_dims, row_programs
 
@@ -36,14 +37,15 @@ def _lengths(cu, what: str) -> list:
 # long: config, splits, then every (sequence, split)'s report, the lse stores and the merge, as varlen runs them
 def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, dtype="bf16", device="h100",
                 batch=(), config=None, inputs: dict | None = None, page_size: int | None = None,
-                pages: int | None = None, **dims) -> DecodeCost:
+                pages: int | None = None, block_table=None, **dims) -> DecodeCost:
     """DecodeCost of k.varlen(cu_seqlens_q, cu_seqlens_k, ...) (lists or tensors of cumulative lengths); dims: the
     program's dims other than the sequence lengths (d, e, heads ...); batch: the leading axes (heads) of the
     packed inputs. inputs: the packed integer / boolean inputs a mask reads (document ids, flags), as passed to
     varlen: tiles their per-tile summaries skip are counted on this data (without it: none skipped).
     split_reports holds one report per (sequence, split) that runs; kv_bytes every key of every sequence once.
     page_size, pages: the keys in pages (varlen(block_table=, page_size=)): one split per page, `pages` the
-    table's pages per sequence; not with inputs= (the pool's tiles are summarised, not the sequence's)."""
+    table's pages per sequence; with inputs=, the key data are pools and block_table (as passed to varlen) says
+    where each sequence's keys lie (the launch summarises them per sequence, runtime/decode_summaries.py)."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     cq, ck = _lengths(cu_seqlens_q, "cu_seqlens_q"), _lengths(cu_seqlens_k, "cu_seqlens_k")
@@ -69,9 +71,9 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
         config = block.planner.launch_config(name, torch.device("cpu"), dtype, cdims)
     cfg = config or decode_config(sched, cdims, dtype)
     if page_size:   # key tiles of at most a page; one split per page of the table
-        if not pages or inputs:
-            raise InputError("varlen_cost: pages needs page_size and the table's pages per sequence, and does not "
-                             "take inputs=")
+        if not pages or (inputs and block_table is None):
+            raise InputError("varlen_cost: pages needs page_size and the table's pages per sequence, and with "
+                             "inputs= the block_table")
         cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, page_size))
     z = 1
     for x in (*batch, *[sy.evaluate(x, cdims) for _, x in sched.lead]):
@@ -87,6 +89,8 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     splits = pages if page_size else splits or choose_splits(*args).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
+    if page_size and inputs:   # the key data gathered from the pools into each sequence's packed keys
+        inputs = _unpaged(plan, inputs, varlen_key_positions(torch.as_tensor(block_table), page_size, ck), batch)
     data = _packed_data(kernel, plan, inputs, cq, ck, lq, batch)
     reports = []
     extra = [0, 0, 0, 0]
@@ -142,6 +146,16 @@ def _prod(xs) -> int:
     out = 1
     for x in xs:
         out *= x
+    return out
+
+
+def _unpaged(plan, inputs: dict, positions: torch.Tensor, batch: tuple) -> dict:
+    """The inputs with the key axis of every key (or both-indices) input taken at the pool positions."""
+    out = dict(inputs)
+    for name, x in inputs.items():
+        role, axis = plan.roles.get(name, (shard.REPLICATED, None))
+        if role in (shard.KEY, shard.BOTH):
+            out[name] = torch.as_tensor(x).index_select(len(batch) + axis, positions)
     return out
 
 
