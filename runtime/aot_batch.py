@@ -1,24 +1,18 @@
 """Ahead-of-time compiles in batches: requests (a generated kernel, its argument types and constexprs, a target
-and launch options), compiled in this process or, for many at once, in a child process with forked workers;
-results (AotReport or ('error', message)) memoised per process; the first config that fits chosen and the choice
-cached on disk. The tiled kernel's requests are made in runtime/configs.py, the other families' in
-runtime/form_configs.py."""
+and launch options), compiled concurrently in a child process with forked workers (runtime/compile_pool.py), or
+here when one worker is all there is; results (AotReport or ('error', message)) memoised per process; the first
+config that fits chosen and the choice cached on disk. The tiled kernel's requests are made in runtime/configs.py,
+the other families' in runtime/form_configs.py."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
-import pickle
 import re
-import subprocess
-import sys
 import tempfile
 import threading
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -27,6 +21,7 @@ from moa import symbolic as sy
 from moa.errors import UnsupportedError
 
 from . import aot as A
+from . import compile_pool as P
 from .cache import cache_dir
 from .tiling import Config
 
@@ -116,31 +111,21 @@ def req_key(req: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def _compile_one(req: dict):
-    """In a process where triton.language is not interpreted: AotReport or ('error', message). The kernel is
-    req["kernel"] of the module in req["file"] (default _attn_fwd)."""
-    fn = A._load_kernel("moa_aot_kernel", req["file"], req.get("kernel", "_attn_fwd"))
-    try:
-        return A.aot_compile(fn, req["signature"], req["constexprs"], target=req["target"],
-                             num_warps=req["num_warps"], num_stages=req["num_stages"], block_m=req["block_m"],
-                             block_n=req["block_n"], divisible=tuple(req.get("divisible", ())))
-    except UnsupportedError as e:
-        return ("error", e.message)
-
-
 def aot_batch(requests: list) -> list:
     """Compile many kernels ahead of time (results: AotReport or ('error', message)); see aot_groups."""
     return [g[0] for g in aot_groups([[r] for r in requests])]
 
 
 def aot_groups(groups: list, first_fit: bool = False) -> list:
-    """Compile groups of kernels ahead of time, in one child process for all of them when this process runs the
-    Triton interpreter (aot_compile would start one per kernel). An item of a group is one request, or a bundle
-    (a list of requests: the kernels one config launches, e.g. the linear form's three kernels with each set of
-    flags). With first_fit, each group stops at its first item that fits its target (runtime.aot.fits; a bundle
-    fits when each of its kernels does, and stops at its first kernel that does not). Returns, per group, the
-    results compiled so far (AotReport or ('error', message); a list of them for a bundle); results are memoised
-    per process by the kernel source and options."""
+    """Compile groups of kernels ahead of time, concurrently: in one child process with compile_pool.workers()
+    forked compile processes (runtime/compile_pool.py; Triton's compile holds the GIL, so threads would not help),
+    or here, serially, when one worker is all there is and this process does not run the Triton interpreter. An
+    item of a group is one request, or a bundle (a list of requests: the kernels one config launches, e.g. the
+    linear form's three kernels with each set of flags). With first_fit, each group stops at its first item that
+    fits its target (runtime.aot.fits; a bundle fits when each of its kernels does, and stops at its first kernel
+    that does not): the result is the serial one, the items after the fit being compiled only speculatively, on
+    workers that would idle otherwise. Returns, per group, the results compiled so far (AotReport or ('error',
+    message); a list of them for a bundle); results are memoised per process by the kernel source and options."""
     out: list = [None] * len(groups)
     todo = []
     for gi, group in enumerate(groups):
@@ -159,10 +144,16 @@ def aot_groups(groups: list, first_fit: bool = False) -> list:
             todo.append(gi)
     if todo:
         payload = [groups[gi] for gi in todo]
-        if A._language_is_interpreted() or aot_jobs(len(payload)) > 1:   # a child compiles (in parallel)
-            results = _groups_in_child(payload, first_fit)
+        units = sum(len(it) if isinstance(it, list) else 1 for g in payload for it in g)
+        spec = P.speculates(P.workers(units))
+        # the compiles that can run at once: without speculation, a first-fit group's first item (or bundle)
+        useful = units if spec or not first_fit else \
+            sum(max(len(it) if isinstance(it, list) else 1 for it in g) for g in payload if g)
+        n = P.workers(useful)
+        if A._language_is_interpreted() or n > 1:   # a child compiles (in parallel)
+            results = P.in_child(payload, first_fit, n, spec)
         else:
-            results = _compile_groups(payload, first_fit)
+            results = P.run_groups(payload, _compile_guarded, P.job_fits, first_fit)
         with _LOCK:
             for gi, res in zip(todo, results):
                 for r, x in zip(groups[gi], res):
@@ -190,103 +181,15 @@ def _memo(item, first_fit: bool):
 def _fits(res, req) -> bool:
     if isinstance(req, list):
         return len(res) == len(req) and all(_fits(x, r) for x, r in zip(res, req))
-    return not isinstance(res, tuple) and A.fits(res, req["target"])[0]
-
-
-def _compile_groups(groups: list, first_fit: bool) -> list:
-    out = []
-    for group in groups:
-        res = []
-        for r in group:
-            if isinstance(r, list):
-                x = []
-                for rq in r:
-                    x.append(_compile_guarded(rq))
-                    if first_fit and not _fits(x[-1], rq):
-                        break
-            else:
-                x = _compile_guarded(r)
-            res.append(x)
-            if first_fit and _fits(x, r):
-                break
-        out.append(res)
-    return out
-
-
-def aot_jobs(ngroups: int) -> int:
-    """Worker processes of the AOT compile process: MOA_AOT_JOBS, else one per available core (at most 8), never
-    more than there are groups."""
-    try:
-        jobs = int(os.environ.get("MOA_AOT_JOBS", "0"))
-    except ValueError:
-        jobs = 0
-    if jobs <= 0:
-        jobs = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return max(1, min(jobs, ngroups))
-
-
-def _compile_parallel(groups: list, first_fit: bool) -> list:
-    """_compile_groups with the groups spread over aot_jobs() forked workers. Only in the compile process started
-    by _groups_in_child: a fresh process that has touched no GPU and runs no threads of its own."""
-    jobs = aot_jobs(len(groups))
-    if jobs <= 1:
-        return _compile_groups(groups, first_fit)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return [g[0] for g in pool.map(_compile_groups, [[g] for g in groups], [first_fit] * len(groups))]
+    return P.job_fits(res, req)
 
 
 def _compile_guarded(req: dict):
-    """_compile_one, memoised (a bundle may hold the same kernel twice: flags it does not read) and never raising."""
+    """compile_pool.compile_job, memoised (a bundle may hold the same kernel twice: flags it does not read)."""
     key = req_key(req)
-    if key in _MEM:
-        return _MEM[key]
-    try:
-        res = _compile_one(req)
-    except Exception as e:  # noqa: BLE001  (report, keep going with the next kernel)
-        res = ("error", f"{type(e).__name__}: {e}")
-    _MEM[key] = res
-    return res
-
-
-def _groups_in_child(groups: list, first_fit: bool) -> list:
-    env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "0"   # code generation needs a triton.language that is not interpreted
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    with tempfile.TemporaryDirectory(prefix="moa-aot-") as tmp:
-        req_path, resp_path = os.path.join(tmp, "req.pkl"), os.path.join(tmp, "resp.pkl")
-        with open(req_path, "wb") as f:
-            pickle.dump((groups, first_fit), f)
-        script = "import moa.runtime.aot_batch as c; c._child_main()"
-        proc = subprocess.run([sys.executable, "-c", script, req_path, resp_path], env=env, check=False,
-                              capture_output=True, text=True)
-        if not os.path.exists(resp_path):
-            tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-            raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
-        with open(resp_path, "rb") as f:
-            raw = pickle.load(f)
-    return [[_thaw(r) for r in g] for g in raw]
-
-
-def _freeze(res):
-    """A result as plain data for the child's pickle (an AotReport as a dict, an error as a list)."""
-    if isinstance(res, list):
-        return [_freeze(x) for x in res]
-    return dataclasses.asdict(res) if isinstance(res, A.AotReport) else {"error": list(res)}
-
-
-def _thaw(raw):
-    if isinstance(raw, list):
-        return [_thaw(x) for x in raw]
-    return tuple(raw["error"]) if "error" in raw else A.AotReport(**raw)
-
-
-def _child_main():
-    req_path, resp_path = sys.argv[1], sys.argv[2]
-    with open(req_path, "rb") as f:
-        groups, first_fit = pickle.load(f)
-    out = [[_freeze(r) for r in g] for g in _compile_parallel(groups, first_fit)]
-    with open(resp_path, "wb") as f:
-        pickle.dump(out, f)
+    if key not in _MEM:
+        _MEM[key] = P.compile_job(req)
+    return _MEM[key]
 
 
 def disk_path(key: str):

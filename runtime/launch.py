@@ -9,8 +9,6 @@ import dataclasses
 import math
 
 import torch
-import triton
-import triton.testing
 
 from moa import ir, onf
 from moa import symbolic as sy
@@ -100,12 +98,19 @@ class Launcher:
             cands = self.planner.candidates(name, cgb.dims, DTYPE_NAME[b.dtype], DTYPE_NAME[compute], b.device,
                                             len(b.batch), math.prod(b.batch))
 
-            def measure(k):
-                return triton.testing.do_bench(lambda: self.run(name, b, cands[k]), warmup=5, rep=25,
-                                               return_mode="median") * 1e-3
+            timer = tune.Timer()   # short timings; a candidate far slower than the best stops after a probe
 
-            rec = tune.choose(key, [c.key for c in cands], measure)
-            self._tuned[memo] = dataclasses.replace(cands[rec.choice], measured_seconds=rec.seconds)
+            def launch(k):
+                return self.run(name, b, cands[k])
+
+            def prepare():   # the candidates' kernels compiled at once, in compile processes (runtime/tune.py)
+                return tune.precompile(launch, len(cands))
+
+            rec = tune.choose(key, [c.key for c in cands], lambda k: timer(lambda: launch(k)),
+                              prepare if b.device.type == "cuda" else None)
+            self._tuned[memo] = dataclasses.replace(cands[rec.choice], measured_seconds=rec.seconds,
+                                                    compile_seconds=rec.compile_seconds,
+                                                    tune_seconds=rec.tune_seconds)
         return self._tuned[memo]
 
     def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None,

@@ -42,6 +42,8 @@ class Plan:
     predictions: tuple = ()    # schedule_cost.Prediction of every legal schedule (tiled family), if several
     measured_seconds: float | None = None    # the time a GPU measured when it tuned this call's bucket
     predicted_seconds: float | None = None   # the cost model's time (Kernel.plan fills it in)
+    compile_seconds: float | None = None     # tuning's first call: the candidates' compiles (runtime/tune.py)
+    tune_seconds: float | None = None        # tuning's first call: timing the candidates
 
     @property
     def label(self) -> str:
@@ -68,6 +70,8 @@ class Plan:
         times = "".join(f", {what} {t * 1e6:.1f} us" for what, t in (("predicted", self.predicted_seconds),
                                                                      ("measured", self.measured_seconds))
                         if t is not None)
+        if self.compile_seconds is not None:
+            times += f", tuned in {self.compile_seconds:.2f} s compile + {self.tune_seconds or 0.0:.2f} s timing"
         return f"Plan({self.output}: {self.kind} kernel, schedule {self.label}{tiles}{times})"
 
 

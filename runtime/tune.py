@@ -9,8 +9,15 @@ written to the on-disk cache (`MOA_CACHE_DIR`/tune), under a file lock, so that 
 and two processes never tune the same bucket at once. `compile(autotune=False)` or `MOA_AUTOTUNE=0` keeps the
 model's choice (checked ahead of time: runtime/configs.py); a candidate that fails to compile or run is skipped.
 
-The logic takes its timer as an argument (`measure(candidate) -> seconds`), so it is tested on the CPU with a fake
-one (tests/test_tune.py)."""
+The first call's cost is compile plus timing, and both are kept short. Before anything is timed, `precompile` launches
+each candidate once with Triton's JIT compile caught (runtime/compile_pool.py `recording`: nothing compiles, nothing
+runs) and compiles the kernels caught concurrently, in compile processes, into Triton's on-disk cache; the timed
+launches then only load them. Then `Timer` times each candidate briefly (do_bench with TUNE_WARMUP_MS / TUNE_REP_MS, a
+few ms: enough for kernels of ms size) after a probe of TUNE_PROBE_MS; a candidate whose probe is already SLOWER times
+the best so far stops there, its probe's time recorded. The Record keeps both costs (compile_seconds, tune_seconds).
+
+The logic takes its timer as an argument (`measure(candidate) -> seconds`) and its compile step as a callable
+(`prepare`), so it is tested on the CPU with fakes (tests/test_tune.py, tests/test_tune_compile.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +27,13 @@ import math
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import triton.testing
+
+from . import compile_pool as P
 from .cache import cache_dir
 
 try:   # POSIX file locks; elsewhere the in-process lock alone (a second process may then tune too)
@@ -53,12 +64,21 @@ def bucket_key(device: str, dtype: str, program_key: str, output: str, nbatch: i
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+TUNE_PROBE_MS, TUNE_WARMUP_MS, TUNE_REP_MS = 1, 3, 10   # do_bench's budgets (ms) of a probe and of a timing
+SLOWER = 1.5   # a candidate whose probe takes this many times the best so far is not timed further
+
+
 @dataclass
 class Record:
-    """A tuned bucket: the index of the chosen candidate, its label, and every candidate's time (None: failed)."""
+    """A tuned bucket: the index of the chosen candidate, its label, every candidate's time (None: failed), and the
+    cost of the tuning: the candidates' compiles before timing and their timing, in seconds (as measured by the
+    process that tuned; `cached`: this process read the record from disk and spent neither)."""
     choice: int
     label: str
     times: list = field(default_factory=list)   # [(label, seconds or None)]
+    compile_seconds: float = 0.0
+    tune_seconds: float = 0.0
+    cached: bool = False
 
     @property
     def seconds(self) -> float | None:
@@ -72,7 +92,8 @@ def _path(key: str) -> Path:
 def _read(path: Path, labels: list) -> Record | None:
     try:
         raw = json.loads(path.read_text())
-        rec = Record(int(raw["choice"]), str(raw["label"]), [tuple(t) for t in raw["times"]])
+        rec = Record(int(raw["choice"]), str(raw["label"]), [tuple(t) for t in raw["times"]],
+                     float(raw.get("compile_seconds", 0.0)), float(raw.get("tune_seconds", 0.0)), cached=True)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     # a record from other candidates (another version of moa, another model ranking) is not reused
@@ -84,7 +105,8 @@ def _write(path: Path, rec: Record) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump({"choice": rec.choice, "label": rec.label, "times": rec.times}, f)
+            json.dump({"choice": rec.choice, "label": rec.label, "times": rec.times,
+                       "compile_seconds": rec.compile_seconds, "tune_seconds": rec.tune_seconds}, f)
         os.replace(tmp, path)   # atomic: a reader sees the old record or this one
     except OSError:
         pass   # an unwritable cache: the process keeps the choice in memory
@@ -111,9 +133,10 @@ def _file_lock(path: Path):
         os.close(fd)
 
 
-def choose(key: str, labels: list, measure) -> Record:
+def choose(key: str, labels: list, measure, prepare=None) -> Record:
     """The tuned Record of a bucket: from memory, else from disk, else by timing every candidate (measure(k) ->
-    seconds for candidate k, raising for a candidate that cannot run) under the bucket's lock. Raises
+    seconds for candidate k, raising for a candidate that cannot run) under the bucket's lock, after prepare() (the
+    candidates' compiles, e.g. precompile; its failure only leaves the compiles to the timed launches). Raises
     RuntimeError when no candidate runs."""
     with _LOCK:
         hit = _MEMORY.get(key)
@@ -123,6 +146,11 @@ def choose(key: str, labels: list, measure) -> Record:
     with _file_lock(path):
         rec = _read(path, labels)     # another process may have tuned it while this one waited
         if rec is None:
+            t0 = time.perf_counter()
+            if prepare is not None:
+                with contextlib.suppress(Exception):   # noqa: BLE001  (the timed launches compile what is missing)
+                    prepare()
+            t1 = time.perf_counter()
             times = []
             for k, label in enumerate(labels):
                 try:
@@ -134,11 +162,53 @@ def choose(key: str, labels: list, measure) -> Record:
             if not ok:
                 raise RuntimeError(f"no candidate of {len(labels)} ran: " + ", ".join(labels))
             best = min(ok)[1]
-            rec = Record(best, labels[best], times)
+            rec = Record(best, labels[best], times, t1 - t0, time.perf_counter() - t1)
             _write(path, rec)
     with _LOCK:
         _MEMORY[key] = rec
     return rec
+
+
+class Timer:
+    """Times the candidates of one bucket in turn (`timer(fn) -> seconds`): a probe of TUNE_PROBE_MS first; a
+    candidate whose probe is over SLOWER x the best time so far stops there (its probe's time is its time: it cannot
+    win), the others are timed with TUNE_WARMUP_MS / TUNE_REP_MS. `bench(fn, warmup, rep) -> ms` is
+    triton.testing.do_bench's median by default (CUDA events); `stopped` counts the candidates stopped early."""
+
+    def __init__(self, bench=None, slower: float = SLOWER):
+        self.bench, self.slower = bench, slower
+        self.best: float | None = None
+        self.stopped = 0
+
+    def _ms(self, fn, warmup, rep) -> float:
+        if self.bench is not None:
+            return float(self.bench(fn, warmup, rep))
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+    def __call__(self, fn) -> float:
+        probe = self._ms(fn, TUNE_PROBE_MS, TUNE_PROBE_MS) * 1e-3
+        if self.best is not None and probe > self.slower * self.best:
+            self.stopped += 1
+            return probe
+        t = self._ms(fn, TUNE_WARMUP_MS, TUNE_REP_MS) * 1e-3
+        if math.isfinite(t) and (self.best is None or t < self.best):
+            self.best = t
+        return t
+
+
+def precompile(launch, n: int, compile_jobs=None) -> int:
+    """Compile the kernels of n candidates before they are timed, concurrently: launch(k) runs candidate k once with
+    Triton's JIT compile caught (compile_pool.recording: a kernel not compiled yet neither compiles nor runs), then
+    compile_jobs(jobs) (default compile_pool.compile_jit: compile processes writing Triton's on-disk cache) compiles
+    the kernels caught. A candidate whose launch fails is left to the timing. Returns the number of kernels caught."""
+    jobs: list = []
+    with P.recording(jobs):
+        for k in range(n):
+            with contextlib.suppress(Exception):   # noqa: BLE001  (the timing skips a candidate that cannot run)
+                launch(k)
+    if jobs:
+        (compile_jobs or P.compile_jit)(jobs)
+    return len(jobs)
 
 
 def recorded(key: str) -> Record | None:

@@ -56,6 +56,23 @@ def test_no_candidate_runs():
         tune.choose(_key(), ["a", "b"], lambda k: (_ for _ in ()).throw(ValueError("x")))
 
 
+def test_the_record_carries_compile_and_timing_seconds_and_the_disk_keeps_them():
+    import time
+
+    rec = tune.choose(_key(), ["x", "y"], lambda k: (time.sleep(0.02), [2.0, 1.0][k])[1],
+                      prepare=lambda: time.sleep(0.05))
+    assert rec.compile_seconds >= 0.05 and rec.tune_seconds >= 0.04 and not rec.cached
+    tune.clear_memory()
+    again = tune.choose(_key(), ["x", "y"], lambda k: pytest.fail("re-timed"),
+                        prepare=lambda: pytest.fail("re-compiled"))
+    assert again.cached and (again.label, again.compile_seconds) == ("y", rec.compile_seconds)
+
+
+def test_a_failing_prepare_leaves_the_compiles_to_the_timing():
+    rec = tune.choose(_key(), ["x", "y"], lambda k: [2.0, 1.0][k], prepare=lambda: 1 / 0)
+    assert rec.label == "y"
+
+
 def test_the_disk_cache_spares_a_second_process(tmp_path):
     tune.choose(_key(), ["x", "y"], lambda k: [2.0, 1.0][k])
     files = list((tmp_path / "tune").glob("*.json"))
@@ -125,13 +142,15 @@ def test_a_call_tunes_its_bucket_with_every_candidate_correct(monkeypatch):
     ref = k.reference(**x)
     b = k.bind(x)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    seen = []
+    seen = []   # each candidate's timed function (the probe and the timing of a candidate share it)
 
     def fake_bench(fn, **kw):
         out = fn()
         assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
-        seen.append(len(seen))
-        return [5.0, 3.0, 4.0, 1.0, 2.0, 6.0, 7.0, 8.0, 9.0][len(seen) - 1]
+        if not any(f is fn for f in seen):
+            seen.append(fn)
+        k = next(i for i, f in enumerate(seen) if f is fn)
+        return [5.0, 3.0, 4.0, 1.0, 2.0, 6.0, 7.0, 8.0, 9.0][k]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     plan = k.launcher.tuned("O", b)
@@ -139,6 +158,8 @@ def test_a_call_tunes_its_bucket_with_every_candidate_correct(monkeypatch):
     assert len(seen) == len(labels) >= 3 and "linear linear" in labels
     assert "linear linear chunk128 f32 w8 s3" in labels     # the linear form with 128-row chunks, timed too
     assert plan.key == labels[3] and plan.measured_seconds == 1e-3
+    assert plan.compile_seconds < 0.01 and plan.tune_seconds > 0    # CPU tensors: nothing precompiled
+    assert "tuned in" in repr(plan)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: pytest.fail("re-timed"))
     k.launcher._tuned.clear()
     assert k.launcher.tuned("O", b).key == labels[3]     # from the record, not re-timed
