@@ -51,8 +51,9 @@ from .window import _Window
 BUFFERS = ("dO", "dH", "P2", "dQ", "dK", "dV")   # the kernels' own pointer names (X_ptr): one argument list
 CONSTS = ["BLOCK_M", "BLOCK_N", "HEAD_DIM", "HEAD_DIM_V", "W_PAD"]
 KERNELS = ("_attn_window_bwd_dq", "_attn_window_bwd_dkdv")
+T_ROW = sp.Symbol("t", integer=True, nonnegative=True)   # a row of K and V in the second kernel (offs_t)
 OWN = {"a", "H", "h", "bk", "Wm", "s", "valid", "m_row", "l_row", "p", "P2", "do", "x", "dP2", "dp2", "dp", "ds",
-       "dmix", "dH", "gr", "da", "dh", "dk", "dv", "gk", "gv", "p2", "r", "zl", "pid_z", "w_ext", "j_ext", "row_ok",
+       "dmix", "dH", "gr", "da", "dh", "dk", "dv", "p2", "r", "zl", "pid_z", "w_ext", "j_ext", "row_ok",
        "offs_m", "offs_t", "offs_w", "offs_v", "offs_head_dim", "offs_ik", "offs_iv", "ik_ok", "iv_ok", "ikc", "ivc",
        "start_m", "start_n", "do_t"}
 
@@ -145,13 +146,15 @@ class _WindowBackward(_Window):
         self.kread, self.hk = shifted_read(mx.b, i, mx.var, mx.kvar, tiles)
         self.vread, self.hv = shifted_read(mx.x, i, mx.var, c, tiles)
 
-    def chain(self, acc: str, operand, read, vmap: dict, lines: list) -> None:
-        """acc *= d operand / d read (its sympy partial), for an operand computed from its read (elu(Q) + 1)."""
+    def chain(self, acc: str, operand, read, vmap: dict, lines: list, at=None) -> None:
+        """acc *= d operand / d read (its sympy partial), for an operand computed from its read (elu(Q) + 1); `at`:
+        the read as the partial reads it (a key row t in place of i + h(r): the operand is a function of the read's
+        value alone, so the partial is one per gathered row, outside the hop loop)."""
         if operand is read:
             return
         t = Translation(operand)
         sym = next(s for s, leaf in t.leaves.items() if leaf == read)
-        d = t.to_dnf(t.partial(sym))
+        d = t.to_dnf(t.partial(sym), {read: at} if at is not None else None)
         lines.append(f"    {acc} = {acc} * {self.em._float(self.emit(d, vmap, lines), d)}")
 
     def buffer(self, name: str, rows: str, lane: str, row_ok: str, lane_ok: str) -> tuple:
@@ -239,14 +242,14 @@ class _WindowBackward(_Window):
         return self.assemble(KERNELS[0], pro, body)
 
     def gather(self, role: str, hop_shift, lines: list) -> tuple:
-        """offs_i{role} = the rows i whose hop r reads row offs_t of the key (role k) or value (v) input, a clamped
-        copy for addresses and their validity (0 <= i < n)."""
+        """offs_i{role} = the rows i whose hop r reads row offs_t of the key (role k) or value (v) input, their
+        validity (0 <= i < n) and a copy for addresses (n where invalid: every load of row i masks i < n)."""
         i = self.s.row[0]
         shift = self.em.idx(hop_shift, {self.s.branches[0].mix.var: "r"})
         n_c = self.ix(self.s.row[1])
         lines += [f"    offs_i{role} = offs_t - ({shift})  # i + h(r) = t",
                   f"    i{role}_ok = (offs_i{role} >= 0) & (offs_i{role} < {n_c})",
-                  f"    i{role}c = tl.where(i{role}_ok, offs_i{role}, 0)"]
+                  f"    i{role}c = tl.where(i{role}_ok, offs_i{role}, {n_c})  # rows out of range: n, masked"]
         return f"i{role}c", f"i{role}_ok", {i: f"i{role}c[:, None]"}
 
     def dkdv_kernel(self):
@@ -254,7 +257,7 @@ class _WindowBackward(_Window):
         b = s.branches[0]
         mx = b.mix
         c, e = s.col
-        r, kv = mx.var, mx.kvar
+        kv = mx.kvar
         e_c = self.ix(e)
         hd_ok = f"(offs_head_dim[None, :] < {self.ix(mx.kext)})"
         v_ok = f"(offs_v[None, :] < {e_c})"
@@ -270,18 +273,18 @@ class _WindowBackward(_Window):
         a = self.emit(mx.a, {**imap, kv: "offs_head_dim[None, :]"}, inner)
         inner += [f"    a = tl.where({ok}[:, None] & {hd_ok}, {a}, 0.0)",
                   f"    dh = tl.load(dH_ptr + zl.to(tl.int64) * stride_dH_z + {ic} * stride_dH_0 + r * stride_dH_1, "
-                  f"mask={ok}, other=0.0)", "    gk = dh[:, None] * a"]
-        self.chain("gk", mx.b, self.kread, {**imap, r: "r", kv: "offs_head_dim[None, :]"}, inner)
-        inner.append("    dk += gk")
+                  f"mask={ok}, other=0.0)", "    dk += dh[:, None] * a"]
         if sp.simplify(self.hv - self.hk) != 0:
             ic, ok, imap = self.gather("v", self.hv, inner)
         do_at, do_mask = self.buffer("dO", f"{ic}[:, None]", "offs_v[None, :]", f"{ok}[:, None]", v_ok)
         inner += [f"    do_t = tl.load({do_at}, mask={do_mask}, other=0.0).to({self.acc})",
                   f"    p2 = tl.load(P2_ptr + zl.to(tl.int64) * stride_P2_z + {ic} * stride_P2_0 + r * stride_P2_1, "
-                  f"mask={ok}, other=0.0)", "    gv = p2[:, None] * do_t"]
-        self.chain("gv", mx.x, self.vread, {**imap, r: "r", c: "offs_v[None, :]"}, inner)
-        inner.append("    dv += gv")
+                  f"mask={ok}, other=0.0)", "    dv += p2[:, None] * do_t"]
         self.hops(body, inner)
+        for acc, operand, rd, lane in (("dk", mx.b, self.kread, kv), ("dv", mx.x, self.vread, c)):
+            at = D.Read(rd.name, (*rd.index[:-2], T_ROW, rd.index[-1]), rd.dtype)
+            lanes = "offs_head_dim[None, :]" if lane == kv else "offs_v[None, :]"
+            self.chain(acc, operand, rd, {T_ROW: "offs_t[:, None]", lane: lanes}, body, at)
         node_k, node_v = (self.p.input_map[x.name] for x in (self.kread, self.vread))
         for name, val, lane, rows, ok in (("dK", "dk", "offs_head_dim[None, :]", node_k.shape[-2], hd_ok),
                                           ("dV", "dv", "offs_v[None, :]", node_v.shape[-2], v_ok)):
