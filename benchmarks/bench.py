@@ -228,6 +228,14 @@ def _versus(row: dict, versus: str, name, k, x, dims, shape, tdt, where):
     return _time(lambda: k2(**x2))
 
 
+def _plan(row: dict, k, x) -> str:
+    """The plan's key; with the tuning's cost of the first call (compile seconds, timing seconds) where it tuned."""
+    p = k.plan(**x)[k.output_names[0]]
+    if p.compile_seconds is not None:
+        row["compile_s"], row["tune_s"] = p.compile_seconds, p.tune_seconds
+    return p.key
+
+
 def _workload(label, name, params, shape, form, versus, dt, tdt, dev, device, where="cuda") -> dict:
     """One row of the table: moa timed (with the first call, tuning included), then plan, cost, error and the
     comparison each on its own."""
@@ -243,7 +251,7 @@ def _workload(label, name, params, shape, form, versus, dt, tdt, dev, device, wh
     except Exception as e:  # noqa: BLE001  (a workload that fails is reported, not fatal)
         row["failed"] = f"{type(e).__name__}: {str(e)[:200]}"
     if "moa_ms" in row:   # each later step on its own: a failure there keeps the timing
-        _step(row, "plan", lambda: k.plan(**x)[k.output_names[0]].key)
+        _step(row, "plan", lambda: _plan(row, k, x))
         c = _step(row, "cost", lambda: k.cost(dtype=dt, device=dev, batch=batch, **dims), keep=False)
         if c is not None:
             row["pred_ms"] = c.predicted_seconds * 1e3
@@ -288,9 +296,16 @@ def _cells(r: dict) -> dict:
     return {"moa": _f(r, "moa_ms", ".3f"), "ref": r.get("reference", "-"), "ref_ms": _f(r, "ref_ms", ".3f"),
             "ratio": _f(r, "ratio", ".2f"), "pred": _f(r, "pred_ms", ".3f"),
             "pred_err": "-" if pred_err is None else f"{pred_err:+.0%}", "tflops": _f(r, "tflops", ".1f"),
-            "peak": _f(r, "pct_peak", ".1f"), "first": _f(r, "first_call_s", ".1f"),
+            "peak": _f(r, "pct_peak", ".1f"), "first": _f(r, "first_call_s", ".1f") + _split(r),
             "err": _f(r, "error_vs_fp64", ".1e"), "plan": r.get("plan", "-"),
             "fails": "; ".join(f"{k}: {v[:80]}" for k, v in r.get("step_failures", {}).items())}
+
+
+def _split(r: dict) -> str:
+    """' (compile C + timing T)' of a tuned first call, else ''."""
+    if r.get("compile_s") is None:
+        return ""
+    return f" ({r['compile_s']:.1f} compile + {r.get('tune_s') or 0.0:.1f} timing)"
 
 
 def _line(r) -> str:
@@ -309,7 +324,8 @@ def _write(out_dir, gpu, rows, date, json):
     (out / f"{stem}.json").write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__,
                                                   "moa": moa.__version__, "rows": rows}, indent=1))
     lines = [f"# moa on {gpu}, {date}", "", f"torch {torch.__version__}; forward; times are medians of "
-             "triton.testing.do_bench; `first call` is compile plus timed tuning of the bucket.", "",
+             "triton.testing.do_bench; `first call` is compile plus timed tuning of the bucket (in parentheses: the "
+             "candidates' concurrent compiles and their timing, runtime/tune.py).", "",
              "| workload | moa ms | reference | ref ms | moa / ref | predicted ms | error | TFLOP/s | % peak | "
              "first call s | max rel err vs fp64 | plan | notes |", "|---" * 13 + "|"]
     for r in rows:
