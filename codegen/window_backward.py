@@ -34,7 +34,7 @@ power-of-two tile of 2 x BLOCK rows (2x the row work), and storing dKh / dVh ins
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -45,6 +45,7 @@ from moa.onf import MixTile, Schedule
 from moa.program import Program
 
 from .backward import is_multi, operand_read
+from .exprs import AccessSite
 from .tidy import helpers_for, prune
 from .window import _Window
 
@@ -74,6 +75,8 @@ class WindowBackwardSpec:
     key_rows: sp.Expr      # rows of the K and V reads' inputs (their dK / dV buffers)
     value_rows: sp.Expr
     kernels: tuple = KERNELS
+    sites: tuple = ()      # per kernel (name, loads, stores): AccessSite per tl.load / tl.store, for the cost model
+    shifts: tuple = ()     # (h_K(r), h_V(r)): hop r of row i reads key row i + h_K(r), value row i + h_V(r)
 
 
 def shifted_read(e, i, r, lane, tiles: set):
@@ -135,9 +138,13 @@ def window_unfused_reason(program: Program, sched: Schedule) -> str | None:
 class _WindowBackward(_Window):
     """The two kernels of one window schedule (one Emitter: the kernels share one argument list)."""
 
+    # access sites: the second kernel's rows t of K and V, and the rows i gathered for the key and the value
+    SITE_AXES = {**_Window.SITE_AXES, "offs_t": "trow", "ikc": "krow", "ivc": "vrow"}
+
     def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int):
         super().__init__(program, sched, dtype, nbatch)
         self.em.taken |= OWN
+        self.sites: list = []
         b = sched.branches[0]
         mx = b.mix
         i, c = sched.row[0], sched.col[0]
@@ -166,7 +173,7 @@ class _WindowBackward(_Window):
         body.append("    for r in range(0, w_ext):")
         body += ["    " + ln for ln in inner]
 
-    def dq_kernel(self):  # one straight-line kernel body: the derivation in the module docstring, step by step
+    def dq_kernel(self):
         s = self.s
         b = s.branches[0]
         mx = b.mix
@@ -176,6 +183,7 @@ class _WindowBackward(_Window):
         n_c, e_c = self.ix(n), self.ix(e)
         hd_ok = f"(offs_head_dim[None, :] < {self.ix(mx.kext)})"
         v_ok = f"(offs_v[None, :] < {e_c})"
+        first = len(self.em.loads)
         body = ["    start_m = tl.program_id(0)"]
         pro = self.prologue(1)
         body += ["    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)", "    offs_w = tl.arange(0, W_PAD)",
@@ -239,7 +247,20 @@ class _WindowBackward(_Window):
                                     ("P2", "P2", "offs_w[None, :]", "(offs_w[None, :] < w_ext)")):
             at, mask = self.buffer(name, "offs_m[:, None]", lane, "row_ok[:, None]", ok)
             body.append(f"    tl.store({at}, {val}, mask={mask})")
+        self.dq_sites(first)
         return self.assemble(KERNELS[0], pro, body)
+
+    def dq_sites(self, first: int) -> None:
+        """The first kernel's accesses: the emitter's loads, dO's, and the stores of dQ, dH and P2."""
+        s, mx = self.s, self.s.branches[0].mix
+        (i, n), (c, e), r, kv = s.row, s.col, mx.var, mx.kvar
+        rows, hops = sp.Lt(i, n, evaluate=False), sp.Lt(r, mx.extent, evaluate=False)
+        slots = ((i, "row"), (r, "wslot"))
+        self.em.loads.append(AccessSite("do", "dO", (i, c), ((i, "row"), (c, "col")), (rows, sp.Lt(c, e))))
+        stores = (AccessSite("dQ", "dQ", (i, kv), ((i, "row"), (kv, "HEAD_DIM")), (rows, sp.Lt(kv, mx.kext))),
+                  AccessSite("dH", "dH", (i, r), slots, (rows, hops)),
+                  AccessSite("P2", "P2", (i, r), slots, (rows, hops)))
+        self.sites.append((KERNELS[0], tuple(self.em.loads[first:]), stores))
 
     def gather(self, role: str, hop_shift, lines: list) -> tuple:
         """offs_i{role} = the rows i whose hop r reads row offs_t of the key (role k) or value (v) input, their
@@ -261,6 +282,7 @@ class _WindowBackward(_Window):
         e_c = self.ix(e)
         hd_ok = f"(offs_head_dim[None, :] < {self.ix(mx.kext)})"
         v_ok = f"(offs_v[None, :] < {e_c})"
+        first = len(self.em.loads)
         body = ["    start_n = tl.program_id(0)"]
         pro = self.prologue(1)
         body += ["    offs_t = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of K and V",
@@ -290,7 +312,28 @@ class _WindowBackward(_Window):
                                           ("dV", "dv", "offs_v[None, :]", node_v.shape[-2], v_ok)):
             at, mask = self.buffer(name, "offs_t[:, None]", lane, f"(offs_t[:, None] < {self.ix(rows)})", ok)
             body.append(f"    tl.store({at}, {val}, mask={mask})")
+        self.sites.append((KERNELS[1], self.gathered(first, ic), (
+            AccessSite("dK", "dK", (T_ROW, kv), ((T_ROW, "trow"), (kv, "HEAD_DIM")),
+                       (sp.Lt(T_ROW, node_k.shape[-2]), sp.Lt(kv, mx.kext))),
+            AccessSite("dV", "dV", (T_ROW, c), ((T_ROW, "trow"), (c, "col")),
+                       (sp.Lt(T_ROW, node_v.shape[-2]), sp.Lt(c, e))))))
         return self.assemble(KERNELS[1], pro, body)
+
+    def gathered(self, first: int, ic: str) -> tuple:
+        """The second kernel's loads: the emitter's, a gathered row i also masked by i >= 0 (its address is n when
+        out of range), and the buffer loads written as text (dH and P2 at (i, r), dO at row i)."""
+        s, mx = self.s, self.s.branches[0].mix
+        (i, n), (c, e), r = s.row, s.col, mx.var
+        out = []
+        for site in self.em.loads[first:]:
+            gather = [v for v, axis in site.axes if axis in ("krow", "vrow")]
+            out.append(replace(site, conds=site.conds + tuple(sp.Ge(v, 0) for v in gather)))
+        rows = (sp.Ge(i, 0), sp.Lt(i, n, evaluate=False))
+        kax, vax = "krow", ("vrow" if ic == "ivc" else "krow")
+        out += [AccessSite("dh", "dH", (i, r), ((i, kax), (r, "wr")), rows),
+                AccessSite("do_t", "dO", (i, c), ((i, vax), (c, "col")), rows + (sp.Lt(c, e),)),
+                AccessSite("p2", "P2", (i, r), ((i, vax), (r, "wr")), rows)]
+        return tuple(out)
 
     def assemble(self, name: str, pro: list, body: list):
         """The kernel's text, once every kernel has been emitted (one argument list: the inputs any of them reads)."""
@@ -313,7 +356,8 @@ class _WindowBackward(_Window):
         key_rows, value_rows = (self.p.input_map[x.name].shape[-2] for x in (self.kread, self.vread))
         return WindowBackwardSpec(src, tuple(self.em.used_inputs), tuple(d.name for d in self.p.dims), self.nbatch,
                                   {"Q": self.qread, "K": self.kread, "V": self.vread}, s.row[1], b.mix.kext,
-                                  s.col[1], sp.Max(b.mix.extent, b.extent), key_rows, value_rows)
+                                  s.col[1], sp.Max(b.mix.extent, b.extent), key_rows, value_rows, KERNELS,
+                                  tuple(self.sites), (self.hk, self.hv))
 
 
 def generate_window_backward(program: Program, sched: Schedule, dtype: str, nbatch: int) -> WindowBackwardSpec:

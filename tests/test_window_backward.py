@@ -2,8 +2,8 @@
 Blurry Window Attention's dQ, dK, dV through torch.autograd against autograd through the float64 reference (ragged
 n, W = 16 and other W / M, several batch axes, tiles crossed), lower precisions, that the kernels and not the
 gradient DNF compute them, other programs the window form accepts (elementwise operands, a score function, a
-shifted hop, heads sharing K and V), the programs refused (with the reason), pyflakes-clean sources and the AOT fit
-for sm_90."""
+shifted hop, heads sharing K and V), the programs refused (with the reason), the predicted work equal to the
+instrumented interpreter's, pyflakes-clean sources and the AOT fit for sm_90."""
 from __future__ import annotations
 
 import subprocess
@@ -17,6 +17,9 @@ import moa
 from moa.runtime import aot
 from moa.runtime import backward as runtime_backward
 from moa.runtime import window_backward as WB
+from moa.runtime import window_backward_cost as WC
+from moa.runtime.measure import instrument
+from moa.runtime.tiling import Config
 
 try:
     import grad_cases as C
@@ -165,3 +168,30 @@ def test_aot_sm90_window_backward_kernels_fit(d):
     assert set(picks) == set(WB.KERNELS)
     for _cfg, rep in picks.values():
         assert aot.fits(rep, "sm_90")[0] and rep.spills == 0 and rep.shared_bytes <= 227 * 1024, rep.summary()
+
+
+@pytest.mark.parametrize("src,size,batch,blocks", [
+    ("bla", {"n": 37, "d": 8, "e": 5}, (2,), (16, 16)),
+    ("bla", {"n": 130, "d": 8, "e": 5}, (2,), (64, 32)),
+    (_program(key="tanh(K[i - tau - 1])", value="V[i - tau - 1]", guard="i - tau - 1 >= 0",
+              score="dot(elu(Q[i]) + 1, Kh[i, slot])"), {"n": 23, "d": 6, "e": 5}, (2, 2), (16, 32)),
+    (HEADS, {"n": 23, "d": 6, "e": 5, "h": 3}, (2,), (16, 16)),
+])
+def test_predicted_work_equals_the_interpreters_counters(src, size, batch, blocks, monkeypatch):
+    """runtime/window_backward_cost.py: per kernel, FLOPs, transcendentals, programs, bytes loaded and stored."""
+    k = moa.compile("examples/bla.moa") if src == "bla" else moa.compile(src)
+    monkeypatch.setattr(WB, "INTERPRETER_BLOCKS", blocks)
+    measured, launch = {}, WB.run
+
+    def counted(fn, grid, args, consts, dev, what):
+        with instrument() as c:
+            launch(fn, grid, args, consts, dev, what)
+        measured[what.split()[-1]] = c
+    monkeypatch.setattr(WB, "run", counted)
+    x = {n: t.float() for n, t in C.inputs(k.program, C.dims_for(k.program, size), 1, batch=batch).items()}
+    k.backward.window.grads(k.bind(x), torch.randn(k.reference(**x).shape))
+    pred = WC.predict(k.backward.window, C.dims_for(k.program, size), batch, "float32", Config(*blocks))
+    assert set(pred) == set(measured) == set(WB.KERNELS)
+    for name, p in pred.items():
+        for f in ("flops", "transcendentals", "programs", "dram_bytes_loaded", "dram_bytes_stored"):
+            assert getattr(p, f) == getattr(measured[name], f), (name, f, getattr(p, f), getattr(measured[name], f))
