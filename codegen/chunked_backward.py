@@ -34,7 +34,8 @@ Identities (each checked in float64 against torch.autograd through the reference
 Kernels (one module with the forward's three, whose _chunk_out also stores Z per row: the training forward):
   _bwd_state  grid (T, cdiv(D, BLOCK_F), Z): dU_c, du_c (relative to ga at the chunk's first row)
   _bwd_scan   grid (cdiv(D, BLOCK_F), Z): in place, the exclusive suffix over chunks in reverse order
-  _bwd_dkv    grid (T, Z): dK (then its read), dV of the chunk's keys, and gb's reads
+  _bwd_dk     grid (T, Z): dK of the chunk's keys (then its read), and gb's reads
+  _bwd_dv     grid (T, Z): dV of the chunk's keys (apart from _bwd_dk: one [CHUNK, d] accumulator each)
   _bwd_dq     grid (T, Z): dQ of the chunk's rows from the forward's prefix states, and ga's reads
 
 Saved and recomputed: the forward stores Z per row (as the quadratic form's saved normaliser, the same slot and
@@ -58,7 +59,7 @@ from moa.program import Program
 from .backward import operand_read
 from .chunked import ChunkedSpec, _Chunked
 
-BACKWARD_KERNELS = ("_bwd_state", "_bwd_scan", "_bwd_dkv", "_bwd_dq")
+BACKWARD_KERNELS = ("_bwd_state", "_bwd_scan", "_bwd_dk", "_bwd_dv", "_bwd_dq")
 BUFFERS = frozenset({"dn", "dz", "U", "uz", "dQ", "dK", "dV", "zrow", "S", "zs", "fidx", "fw", "S0", "z0", "g0", "out"})
 
 
@@ -106,7 +107,8 @@ class _ChunkedBackward(_Chunked):
         self.scatters = tuple(dict.fromkeys(r.name for d in self.gate_partials.values() for r in d))
 
     def spec(self) -> ChunkedBackwardSpec:
-        base = self.kernels((self._bstate_kernel, self._bscan_kernel, self._dkv_kernel, self._dq_kernel))
+        base = self.kernels((self._bstate_kernel, self._bscan_kernel, self._dk_kernel, self._dv_kernel,
+                             self._dq_kernel))
         return ChunkedBackwardSpec(base.source, base.inputs, base.dims, base.nbatch, base.lead, base.sites,
                                    self.reads, self.scatters)
 
@@ -249,19 +251,30 @@ class _ChunkedBackward(_Chunked):
         body += ["    " + ln for ln in inner]
         return self._fn("_bwd_scan", pro, body, self._args(st_args), consts)
 
-    def _dkv_kernel(self):  # noqa: C901 - one kernel's text in order: states, then the intra-chunk tile
-        """_bwd_dkv: dK and dV of one chunk's keys (suffix states + intra-chunk pairs), gb's reads."""
+    def _dk_kernel(self):
+        return self._key_kernel("dk")
+
+    def _dv_kernel(self):
+        return self._key_kernel("dv")
+
+    def _key_kernel(self, part: str):
+        """_bwd_dk (part "dk": dK, then its read, and gb's reads) or _bwd_dv (dV) of one chunk's keys: the suffix
+        states, then the intra-chunk pairs. Two kernels: each holds one [CHUNK, head dim] accumulator (at d = 128
+        one kernel with both spills at 64-row chunks on sm_90)."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
+        dk = part == "dk"
         body = ["    t = tl.program_id(0)"]
         pro = self.prologue(1)
-        body += self._grad_offsets()
+        body += self._grad_offsets() if dk else []
         body += ["    offs_j = t * CHUNK + tl.arange(0, CHUNK)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
                  "    offs_head_dim = tl.arange(0, HEAD_DIM)", f"    row_ok = offs_j < {n_c}",
                  f"    v_ok = offs_v < {e_c}", states]
-        self._value("offs_j", body)
-        body += [f"    dkf = tl.zeros([CHUNK, HEAD_DIM], dtype={self.acc})",
-                 f"    dv = tl.zeros([CHUNK, HEAD_DIM_V], dtype={self.acc})",
-                 f"    dgb = tl.zeros([CHUNK], dtype={self.acc})"]
+        if dk:
+            self._value("offs_j", body)
+            body += [f"    dkf = tl.zeros([CHUNK, HEAD_DIM], dtype={self.acc})",
+                     f"    dgb = tl.zeros([CHUNK], dtype={self.acc})"]
+        else:
+            body.append(f"    dv = tl.zeros([CHUNK, HEAD_DIM_V], dtype={self.acc})")
         scaled = self.lp.ga is not None
         if scaled:
             body.append(f"    nxt = tl.minimum(t * CHUNK + CHUNK, {n_c} - 1)  # r: the next chunk's first row")
@@ -274,26 +287,29 @@ class _ChunkedBackward(_Chunked):
         xs = self.factors(br.dot.b, j, "offs_j", inner)
         inner += [f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], fw[None, :] * {' * '.join(xs)}, 0.0)",
                   "    U = tl.load(U_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
-                  "offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
-                  "    u = tl.load(uz_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0)",
-                  f"    dphi = tl.dot(v, tl.trans(U){self.dot_kw}) + u[None, :]"]
-        if scaled:
-            inner += ["    dphi = dphi * sc[:, None]", f"    dv += tl.dot(phi * sc[:, None], U{self.dot_kw})"]
+                  "offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0)"]
+        if dk:
+            inner += ["    u = tl.load(uz_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0)",
+                      f"    dphi = tl.dot(v, tl.trans(U){self.dot_kw}) + u[None, :]"]
+            inner += ["    dphi = dphi * sc[:, None]"] if scaled else []
+            inner.append("    dgb -= tl.sum(phi * dphi, 1)")
+            self._scatter_features("dphi", xs, "dkf", inner)
         else:
-            inner.append(f"    dv += tl.dot(phi, U{self.dot_kw})")
-        inner.append("    dgb -= tl.sum(phi * dphi, 1)")
-        self._scatter_features("dphi", xs, "dkf", inner)
+            inner.append(f"    dv += tl.dot({'phi * sc[:, None]' if scaled else 'phi'}, U{self.dot_kw})")
         body += ["    " + ln for ln in inner]
+        if not dk:
+            self._value("offs_j", body)
         self._dy("offs_j", n_c, e_c, body)
         qa, _ = self._intra("offs_j", body)
-        body += [f"    dv += tl.dot(tl.trans(w), dn{self.dot_kw})",
-                 f"    dkf += tl.dot(tl.trans(ds), {qa}{self.dot_kw})", "    dgb -= tl.sum(w * dsc, 0)"]
-        self._chain("dkf", br.dot.b, self.reads["K"], j, "offs_j", body)
-        d_c = self.ix(br.dot.extent)
-        body += [self._store("dK", "offs_j", "offs_head_dim", d_c, "dkf", n_c),
-                 self._store("dV", "offs_j", "offs_v", e_c, "dv", n_c)]
-        self._gate_scatter("b", j, "offs_j", "dgb", n_c, body)
-        return self._fn("_bwd_dkv", pro, body, self._args(st_args), consts)
+        if dk:
+            body += [f"    dkf += tl.dot(tl.trans(ds), {qa}{self.dot_kw})", "    dgb -= tl.sum(w * dsc, 0)"]
+            self._chain("dkf", br.dot.b, self.reads["K"], j, "offs_j", body)
+            body.append(self._store("dK", "offs_j", "offs_head_dim", self.ix(br.dot.extent), "dkf", n_c))
+            self._gate_scatter("b", j, "offs_j", "dgb", n_c, body)
+        else:
+            body += [f"    dv += tl.dot(tl.trans(w), dn{self.dot_kw})",
+                     self._store("dV", "offs_j", "offs_v", e_c, "dv", n_c)]
+        return self._fn(f"_bwd_{part}", pro, body, self._args(st_args), consts)
 
     def _dq_kernel(self):
         """_bwd_dq: dQ of one chunk's rows (the forward's prefix states + intra-chunk pairs), ga's reads."""

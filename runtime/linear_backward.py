@@ -6,10 +6,12 @@ when forced, else the smaller predicted time of moa/linear.py's form costs); the
 (runtime/backward_run.py) runs where it picks the quadratic form or where `linear_backward_reason` refuses. The saved
 value is the same in both (Z per row, the accumulation dtype), so the operator's saved values do not depend on it.
 
-The backward recomputes the forward's prefix states (_chunk_state, _chunk_scan), then: dn = dO / Z and dz = -delta / Z
-(torch, O(n e)), _bwd_state and _bwd_scan (the suffix states), _bwd_dkv and _bwd_dq. On CUDA each call's config is
-the first LinearConfig candidate whose backward kernels compile for the device without spills and within shared
-memory (runtime/aot.py, cached); in the interpreter chunk_config's, or INTERPRETER_CONFIG."""
+The backward recomputes the forward's prefix states (_chunk_state, _chunk_scan), then: dn = dO / Z and
+dz = -delta / Z (torch, O(n e)), _bwd_state and _bwd_scan (the suffix states), _bwd_dk, _bwd_dv and _bwd_dq. On
+CUDA each call's config is the first LinearConfig candidate whose kernels compile for the device without spills and
+within shared memory (runtime/aot.py, cached), chosen separately for the training forward and for the backward (the
+backward recomputes the states in its own chunks, so only its kernels' chunks must agree); in the interpreter
+chunk_config's, or INTERPRETER_CONFIG."""
 from __future__ import annotations
 
 import collections
@@ -68,17 +70,19 @@ class LinearBackward:
     def spec(self, dtname: str, nbatch: int):
         return self.train._spec(dtname, nbatch)
 
-    def _config(self, b: Binding, dtname: str) -> LinearConfig:
+    def _config(self, b: Binding, dtname: str, phase: str) -> LinearConfig:
+        """The LinearConfig of a phase ("forward": the training forward's three kernels; "backward": the states
+        recomputed and the four backward kernels, whose chunks must agree)."""
         n = int(sy.evaluate(self.lp.schedule.row[1], b.dims))
         if b.device.type != "cuda":
             if INTERPRETER_CONFIG is not None:
                 return INTERPRETER_CONFIG
             chunk, block_f = chunk_config(b.device, n, self.lp.features(self._d(b.dims)))
             return LinearConfig(chunk, block_f)
-        key = (dtname, len(b.batch), tuple(sorted(b.dims.items())))
+        key = (phase, dtname, len(b.batch), tuple(sorted(b.dims.items())))
         if key not in self._chosen:
             self._chosen[key] = choose(self.planner.cg_program, self.lp, self.spec(dtname, len(b.batch)), dtname,
-                                       b.dims, cuda_target(b.device))[0]
+                                       b.dims, cuda_target(b.device), phase)[0]
         return self._chosen[key]
 
     def _d(self, dims) -> int:
@@ -90,7 +94,7 @@ class LinearBackward:
         check_device(b.device)
         compute = compute_dtype(b.dtype, b.device)
         acc = torch.float64 if compute == torch.float64 else torch.float32
-        launch = self.train.prepare(b, compute, DTYPE_NAME[compute], self._config(b, DTYPE_NAME[compute]))
+        launch = self.train.prepare(b, compute, DTYPE_NAME[compute], self._config(b, DTYPE_NAME[compute], "forward"))
         zrow = torch.zeros(launch.shape[:-1], dtype=acc, device=b.device)
         if launch.empty:
             out = launch.result()
@@ -118,7 +122,7 @@ class LinearBackward:
                 "dV": torch.zeros(zl, n, e, dtype=acc, device=dev)}
         scat = {x: torch.zeros((*b.batch, *(ev(y) for y in self.planner.cg_program.input_map[x].shape)), dtype=acc,
                                device=dev) for x in spec.scatters}
-        launch = self.train.prepare(b, compute, dtname, self._config(b, dtname))
+        launch = self.train.prepare(b, compute, dtname, self._config(b, dtname, "backward"))
         if not launch.empty:
             self.train.states(launch)   # the forward's prefix states, recomputed (not saved)
             self.train.scan(launch)
@@ -135,8 +139,8 @@ class LinearBackward:
                 args += [g, *g.stride()]
             args += launch.tail
             nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
-            grids = {"_bwd_state": (launch.T, nft, zl), "_bwd_scan": (nft, zl), "_bwd_dkv": (launch.T, zl),
-                     "_bwd_dq": (launch.T, zl)}
+            grids = {"_bwd_state": (launch.T, nft, zl), "_bwd_scan": (nft, zl)}
+            grids.update({x: (launch.T, zl) for x in ("_bwd_dk", "_bwd_dv", "_bwd_dq")})
             for kern in BACKWARD_KERNELS:
                 run(getattr(launch.mod, kern), grids[kern], args, launch.flags(0, 1, 0), dev, _WHAT)
                 self.launches[kern] += 1
@@ -150,21 +154,25 @@ class LinearBackward:
         return res
 
 
-def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90") -> tuple:
-    """(LinearConfig, {kernel: AotReport}) of the first candidate whose seven kernels (the training forward's and
-    the backward's) compile for `target` without spills, within shared memory; an UnsupportedError naming every
-    config tried when none does."""
+PHASES = {"forward": ("_chunk_state", "_chunk_scan", "_chunk_out"),
+          "backward": ("_chunk_state", "_chunk_scan", *BACKWARD_KERNELS)}
+
+
+def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90", phase: str = "backward") -> tuple:
+    """(LinearConfig, {kernel: AotReport}) of the first candidate (tiling.linear_candidates) whose kernels of a
+    phase (PHASES) compile for `target` without spills, within shared memory; an UnsupportedError naming, per
+    config, the first kernel that does not fit when none does."""
     n = int(sy.evaluate(lp.schedule.row[1], dims))
     d = int(sy.evaluate(lp.branch.dot.extent, dims))
     cands = linear_candidates(n)
     path = cache.store(cache.key_of(spec.source, "aot-linear-backward"), spec.source)
     acc = "fp64" if dtype == "float64" else "fp32"
-    kernels = ("_chunk_state", "_chunk_scan", "_chunk_out", *BACKWARD_KERNELS)
+    kernels = PHASES[phase]
     special = {f"{x}_ptr": f"*{acc}" for x in ("S", "zs", "fw", "S0", "z0", "g0", "dn", "dz", "U", "uz", "dQ", "dK",
                                                  "dV", "zrow", *(f"grad_{y}" for y in spec.scatters))}
     special.update({"fidx_ptr": "*i32", "out_ptr": f"*{TRITON_TYPE[dtype]}"})
     bundles = []
-    for c in cands:   # a bundle: the seven kernels of one config (aot_groups stops at its first misfit)
+    for c in cands:   # a bundle: the phase's kernels in one config (aot_groups stops at its first misfit)
         consts = {"CHUNK": c.chunk, "BLOCK_F": c.block_f, "HEAD_DIM": max(16, next_pow2(d)),
                   "HEAD_DIM_V": max(16, next_pow2(int(sy.evaluate(lp.schedule.col[1], dims)))),
                   "INIT": 0, "PREFIX": 1, "FINAL": 0}
@@ -183,5 +191,5 @@ def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90") -> 
         if len(res) == len(kernels) and all(fit):
             return c, dict(zip(kernels, res))
         why.append(f"{c.text()}: {next((k for k, f in zip(kernels, fit) if not f), kernels[len(res) - 1])}")
-    raise UnsupportedError(f"no LinearConfig fits every kernel of the linear form's training forward and backward "
+    raise UnsupportedError(f"no LinearConfig fits every kernel of the linear form's training {phase} "
                            f"on {target} (the first kernel that does not, per config: {'; '.join(why)})")
