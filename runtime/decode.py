@@ -30,7 +30,7 @@ from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURC
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import choose_splits, key_range
 
-from . import paged, tune
+from . import decode_merge, paged, tune
 from .binding import bind
 from .cache import module_for
 from .decode_rows import both_sides_per_batch, query_rows
@@ -179,16 +179,30 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
             splits = infos[-1].splits
         return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos),
                                    packed_heads=1 if packed is None else sy.evaluate(packed[0].group, b.dims))
+    compute = compute_dtype(b.dtype, b.device)
+    acc_dt = torch.float64 if compute == torch.float64 else torch.float32
+    fused = {} if not plan.epilogues else decode_merge.fused_epilogues(   # merge + epilogue in one kernel
+        block, plan, len(b.batch), acc_dt, frozenset().union(*[decode_merge.batched_inputs(plan, ep, b)
+                                                                for ep in plan.epilogues]))
     acc, info = {}, None
     for o in plan.outputs:   # one split layout for every output (the first one's choice)
-        (out, lse), info = _run_output(runner, o.name, b, plan, call, splits)
+        keep = plan.owner.get(o.name) in fused   # its partials go to the fused merge unmerged
+        (out, lse), info = _run_output(runner, o.name, b, plan, call, splits, merge=not keep)
         splits = info.splits
         if packed is not None:   # O'[G, r] is O[h, nq] in the same memory order
             h = sy.evaluate(packed[0].heads, b.dims)
-            out, lse = out.reshape(*b.batch, h, nq, out.shape[-1]), lse.reshape(*b.batch, h, nq)
+            s = (out.shape[0],) if keep else ()
+            out, lse = out.reshape(*s, *b.batch, h, nq, out.shape[-1]), lse.reshape(*s, *b.batch, h, nq)
             info = dataclasses.replace(info, packed_heads=sy.evaluate(packed[0].group, b.dims))
         acc[o.name] = (out, lse)
-    res = _finish(kernel, plan, block, acc, b, nq, inputs)
+    if fused:
+        res = {o.name: acc[o.name][0].to(b.dtype) for o in plan.outputs if o.name not in plan.owner}
+        for ep in plan.epilogues:
+            res[ep.output] = decode_merge.run_fused(fused[ep.output], ep, acc, b, compute)
+        res = res[plan.output_names[0]] if len(plan.output_names) == 1 else \
+            {n: res[n] for n in plan.output_names}
+    else:
+        res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
 
 
@@ -289,8 +303,9 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
 
 
 # long: one launch described top to bottom (config, splits, buffers, arguments, grid, merge)
-def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
-    """(O, lse or z) of one block output over the whole call, and DecodeStats (dry: only the stats)."""
+def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, merge: bool = True):
+    """(O, lse or z) of one block output over the whole call, and DecodeStats (dry: only the stats). merge=False:
+    the partials unmerged, (O_s, lse_s) with the splits first (runtime/decode_merge.py merges them)."""
     cb = block.planner.cg_binding(b)
     dt = b.dtype
     compute = compute_dtype(dt, b.device)
@@ -342,7 +357,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     grid = (ptiles, z, call.nseq * splits)
     info = DecodeStats(splits, split_len, grid, predicted)
     if o_part.numel() == 0 or z == 0:
-        return (o_part[0], lse_part[0]), info
+        return ((o_part, lse_part) if not merge else (o_part[0], lse_part[0])), info
     spec = block.launcher.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, True, sched,
                                exact_heads(block.planner.schedules[name], cb.dims))
     fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), call.mode), b.device),
@@ -364,6 +379,8 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False):
     args.append(split_len)
     consts["NSPLIT"] = splits
     run(fn, grid, args, consts, b.device, f"the split-KV kernel for output {name}")
+    if not merge:
+        return (o_part, lse_part), info
     if splits == 1:
         return (o_part[0], lse_part[0]), info
     return _merge(o_part, lse_part, norm, compute, e), info

@@ -16,6 +16,7 @@ from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_key_range, decode_config, runner_schedules
+from .decode_merge import fused_counts, fused_epilogues
 from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
@@ -137,16 +138,27 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                                               eo, so.branches[0].kind == "norm", dtype, device, splits)):
                 extra[k] += v
     longest = cdiv(max([r.tiles_visited for r in reports] + [0]), ptiles * z)
+    fused = _fused(block, plan, batch, dtype)
+    merge = 0   # bytes of the merge passes
     for o in plan.outputs:
         so = runner.planner.schedules[o.name]
         ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
-        if splits > 1:
-            for k, v in enumerate(merge_counts(splits, z * ro, eo, so.branches[0].kind == "norm", dtype, device)):
+        if splits > 1 and plan.owner.get(o.name) not in fused:
+            counts = merge_counts(splits, z * ro, eo, so.branches[0].kind == "norm", dtype, device)
+            merge += sum(counts[2:])
+            for k, v in enumerate(counts):
                 extra[k] += v
         if page_size or cache_len is not None:   # every program reads its valid length (and page number), int32
             extra[2] += (8 if page_size else 4) * splits * row_programs(so, ro, cfg.block_m) * z
-    merge = 0 if splits == 1 else sum(sum(merge_counts(splits, z * sy.evaluate(runner.planner.schedules[
-        o.name].row[1], cdims), e, False, dtype, device)[2:]) for o in plan.outputs)
+    for ep in plan.epilogues if fused else ():   # one merge with the epilogue fused per output, at any splits
+        so = runner.planner.schedules[ep.branches[0]]
+        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind == "norm"
+                                                      for b in ep.branches), splits,
+                              z * sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims), bd0,
+                              shard.epilogue_program(plan, ep).input_map, dtype, str(device).lower() == "cpu")
+        merge += sum(counts[2:])
+        for k, v in enumerate(counts):
+            extra[k] += v
     per_key = 0   # bytes of one key of every key input, per batch index
     for x in plan.key_inputs:
         node = plan.program.input_map[x]
@@ -165,6 +177,15 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                       sum(r.transcendentals for r in reports) + extra[1], loaded + stored, loaded, stored, merge, kv,
                       sum(r.tiles_visited for r in reports), t, split_seconds(1, *args, longest=ktiles),
                       tuple(reports))
+
+
+def _fused(block, plan, batch: tuple, dtype: str) -> dict:
+    """The fused merges a decode runs (runtime/decode_merge.py), with the epilogue's query-side inputs read per
+    batch index and its replicated inputs (a gate's weights) shared by the batch, as passed without batch axes."""
+    if not plan.epilogues:
+        return {}
+    batched = frozenset(n for n, (r, _) in plan.roles.items() if r != shard.REPLICATED) if batch else frozenset()
+    return fused_epilogues(block, plan, len(batch), torch.float64 if dtype == "float64" else torch.float32, batched)
 
 
 def _bytes(dtype: str, device) -> tuple[int, int]:

@@ -1,0 +1,146 @@
+"""The merge of a decoding call's branch partials with the output's epilogue fused (codegen/splitkv_epilogue.py):
+an output computed from several softmax branches (PiAttention's gate) runs as its branches' split launches and
+one `_merge_epilogue` launch, which merges every branch over the splits and evaluates the epilogue on the merged
+tiles, instead of one merge per branch and torch operations after them (runtime/epilogue_eval.py, still the path
+of epilogues that are not elementwise in the branch values and the rows' inputs, of varlen calls, whose epilogue
+is evaluated per sequence, and of the ring).
+
+`fused_counts` counts the kernel as the instrumented interpreter executes it, for the cost model
+(runtime/decode_cost.py)."""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from moa import shard
+from moa import symbolic as sy
+from moa.codegen.splitkv_epilogue import FUSED_MERGE_KERNEL, fused_merge_source
+from moa.devices import DTYPE_BYTES
+from moa.errors import UnsupportedError
+
+from . import epilogue_eval
+from .cache import module_for
+from .device import cdiv, next_pow2, run
+
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+BLOCK_R = 16
+_TL = {torch.float64: "tl.float64", torch.float32: "tl.float32"}
+
+
+def fused_epilogues(block, plan, nbatch: int, acc: torch.dtype, batched=frozenset()) -> dict:
+    """User output -> FusedMerge for every epilogue of the plan when all of them fuse, else {} (the torch path;
+    `why_not` says why). batched: the inputs that vary along the batch axes."""
+    out = {}
+    for ep in plan.epilogues:
+        fm = _source(block, plan, ep, nbatch, acc, frozenset(batched))
+        if isinstance(fm, str):
+            return {}
+        out[ep.output] = fm
+    return out
+
+
+def why_not(block, plan, nbatch: int = 0, acc: torch.dtype = torch.float32) -> str | None:
+    """Why the epilogues of the plan are evaluated with torch ops after the merges, or None when they fuse."""
+    for ep in plan.epilogues:
+        fm = _source(block, plan, ep, nbatch, acc, frozenset())
+        if isinstance(fm, str):
+            return fm
+    return None
+
+
+def _source(block, plan, ep, nbatch: int, acc: torch.dtype, batched: frozenset):
+    memo = _MEMO.setdefault(block, {})
+    key = (ep.output, nbatch, acc, batched)
+    if key not in memo:
+        if not epilogue_eval.on_device(ep.expr):
+            memo[key] = "the epilogue holds a softmax, normalize or log-sum-exp reduction of its own"
+        else:
+            decl = shard.epilogue_program(plan, ep).input_map
+            norms = tuple(block.planner.schedules[b].branches[0].kind == "norm" for b in ep.branches)
+            try:
+                memo[key] = fused_merge_source(ep, decl, norms, nbatch, _TL[acc], batched)
+            except UnsupportedError as exc:
+                memo[key] = str(exc)
+    return memo[key]
+
+
+def batched_inputs(plan, ep, b) -> frozenset:
+    """The epilogue's inputs whose bound tensors vary along the call's batch axes (non-zero batch strides)."""
+    nb = len(b.batch)
+    out = set()
+    for node in shard.epilogue_program(plan, ep).inputs:
+        name = node.attrs[0]
+        t = b.tensors.get(name)
+        if name in ep.branches or t is None or not nb:
+            continue
+        full = t.expand(*b.batch, *t.shape[t.dim() - len(node.shape):])
+        if any(s != 0 and n > 1 for s, n in zip(full.stride()[:nb], full.shape[:nb])):
+            out.add(name)
+    return frozenset(out)
+
+
+def run_fused(fm, ep, parts: dict, b, compute: torch.dtype) -> torch.Tensor:
+    """The epilogue's output [*batch, *lead, n, e] from its branches' partials parts[branch] = (O_s [splits, *batch,
+    *lead, n, e], lse_s or z_s [splits, *batch, *lead, n]), merged and combined by one `_merge_epilogue` launch."""
+    o0 = parts[ep.branches[0]][0]
+    splits, e = o0.shape[0], o0.shape[-1]
+    out = torch.empty(o0.shape[1:], dtype=compute, device=o0.device)
+    rows = out.numel() // max(e, 1)
+    if rows == 0 or e == 0:
+        return out.to(b.dtype)
+    args = []
+    for br in ep.branches:
+        o, lse = parts[br]
+        op, lp = o.reshape(splits, rows, e), lse.reshape(splits, rows)
+        args += [op, op.stride(0), op.stride(1), lp, lp.stride(0)]
+    nb = len(b.batch)
+    for name, rank in fm.inputs:
+        t = b.tensors[name]
+        t = t.expand(*b.batch, *t.shape[t.dim() - rank:])
+        t = t.to(compute) if t.is_floating_point() else t if t.dtype == torch.bool else t.to(torch.int64)
+        args += [t, *t.stride()[:nb], *t.stride()[nb:]]
+    lead = [sy.evaluate(x, b.dims) for x in ep.extents[:-2]]
+    args += [out.view(rows, e), e, rows, e, splits, o0.shape[-2], *lead, *b.batch]
+    args += [b.dims[d] for d in fm.dims]
+    consts = {"BLOCK_R": BLOCK_R, "BLOCK_E": max(16, next_pow2(e))}
+    consts.update({c: max(16, next_pow2(sy.evaluate(ext, b.dims))) for c, ext in fm.reduces})
+    fn = getattr(module_for(fm.source, o0.device), FUSED_MERGE_KERNEL)
+    run(fn, (cdiv(rows, BLOCK_R),), args, consts, o0.device, "the split-KV merge with the fused epilogue")
+    return out.to(b.dtype)
+
+
+def fused_counts(fm, norms: tuple, splits: int, rows: int, e: int, dims: dict, decl: dict, dtype: str,
+                 on_cpu: bool) -> tuple:
+    """(flops, transcendentals, bytes loaded, bytes stored) of one `_merge_epilogue` launch over `rows` rows of e
+    columns, counted as the instrumented interpreter counts: arithmetic on every lane of the tiles it runs on,
+    loads and stores of the valid lanes. Each branch's merge is `_merge_splits`' without the lse (no log, no
+    lse store); then the epilogue's operations and loads as the emitter recorded them."""
+    comp = DTYPE_BYTES["float32" if dtype == "bfloat16" and on_cpu else dtype]
+    acc = 8 if dtype == "float64" else 4
+    part = comp if splits == 1 else acc   # one split: the grid kernel's output in the compute dtype
+    be = max(16, next_pow2(e))
+    programs = cdiv(rows, BLOCK_R)
+    flops = trans = loaded = 0
+    for norm in norms:
+        per = 2 * BLOCK_R * be + (1 if norm else 3) * BLOCK_R
+        flops += programs * (splits * per + BLOCK_R * be)
+        trans += 0 if norm else programs * BLOCK_R * splits
+        loaded += splits * rows * (e * part + (1 if norm else 2) * acc)
+    lanes = {"e": (be, e)}
+    for k, (_, ext) in enumerate(fm.reduces):
+        v = sy.evaluate(ext, dims)
+        lanes[f"k{k}"] = (max(16, next_pow2(v)), v)
+    for shape, fl, tr, reduce in fm.ops:
+        width = math.prod(lanes[x][0] for x in shape if x != "r")
+        height = BLOCK_R if "r" in shape else 1
+        n = height * width - height if reduce else height * width
+        flops += programs * fl * n
+        trans += programs * tr * n
+    for name, shape in fm.loads:
+        node = decl[name]
+        eb = comp if node.dtype == "float" else 1 if node.dtype == "bool" else 8
+        valid = math.prod(lanes[x][1] for x in shape if x != "r")
+        loaded += (rows if "r" in shape else programs) * valid * eb
+    return flops, trans, loaded, rows * e * comp
