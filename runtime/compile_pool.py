@@ -259,6 +259,7 @@ def _child_main():
     with open(req_path, "rb") as f:
         groups, first_fit, n, speculate = pickle.load(f)
     pool = ForkPool(n) if n > 1 else None
+    _watch_parent(pool)
     try:
         out = run_groups(groups, compile_job, job_fits, first_fit, pool, n, speculate)
     finally:
@@ -268,6 +269,21 @@ def _child_main():
         pickle.dump([[freeze(r) for r in g] for g in out], f)
 
 
+def _watch_parent(pool) -> None:
+    """End the child and its compile processes when the parent that waits for them is gone (killed, interrupted):
+    no orphan keeps compiling."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if pool is not None:
+            pool.close()
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _triton_cache_dir() -> str | None:
     with contextlib.suppress(Exception):
         return str(knobs.cache.dir)
@@ -275,12 +291,13 @@ def _triton_cache_dir() -> str | None:
 
 
 def compile_jit(jobs: list) -> list:
-    """Compile JIT jobs (`recording`) into Triton's cache, on workers(len(jobs)) processes (here when that is one);
-    per job its compile seconds or ('error', message)."""
+    """Compile JIT jobs (`recording`) into Triton's cache, on workers(len(jobs)) processes; per job its compile
+    seconds or ('error', message). With one worker nothing is compiled here: the launches compile their kernels as
+    they come, which is the same work."""
     n = workers(len(jobs))
     if n > 1:
         return in_child([jobs], False, n)[0]
-    return run_groups([jobs], compile_job, job_fits)[0]
+    return [("error", "one compile worker: the launch compiles the kernel")] * len(jobs)
 
 
 # ---- JIT jobs --------------------------------------------------------------------------------------------------
