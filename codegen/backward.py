@@ -55,6 +55,7 @@ class BackwardKernel:
     inputs: tuple
     loads: tuple = ()
     stores: tuple = ()
+    atomics: tuple = ()   # AccessSite "atomic{k}" of the k-th tl.atomic_add (codegen/ledger.py)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class _BackwardEmitter:
         x = Emitter(self.p, self.s, self.dtype)
         x.head_dims = self.head_dims    # shared: HEAD_DIM means the same extent in both kernels
         x.taken |= set(self.OWN)        # the emitter's temporaries never take the kernels' own names
+        x.atomics = []                  # AccessSite of each tl.atomic_add, in source order
         return x
 
     def _prologue(self, body: Scope, x: Emitter, tile: str) -> None:
@@ -288,7 +290,7 @@ class _BackwardEmitter:
         s, b = self.s, self.b
         i, j = s.row[0], b.var
         used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index))
-        vmap, masks = {}, []
+        vmap, masks, conds = {}, [], []
         if i in used and j in used:
             vmap = {i: "offs_m[:, None]", j: "offs_n[None, :]"}
         elif i in used:
@@ -307,10 +309,15 @@ class _BackwardEmitter:
             lo_ok, hi_ok = x._in_range(ix, ext, vmap)
             if not hi_ok:
                 masks.append(f"({c} < {x.idx(ext, {})})")
+                conds.append(sp.Lt(ix, ext, evaluate=False))
             if not lo_ok:
                 masks.append(f"({c} >= 0)")
+                conds.append(sp.Ge(ix, 0, evaluate=False))
         m = f", mask={' & '.join(masks)}" if masks else ""
         scope.add(f"tl.atomic_add({' + '.join(parts)}, {adj}{m})")
+        axes = tuple((v, axis) for v, axis in ((i, "row"), (j, "key")) if v in vmap)
+        x.atomics.append(AccessSite(f"atomic{len(x.atomics)}", g, tuple(sp.sympify(ix) for ix in r.index), axes,
+                                    tuple(conds)))
 
     def _summary_loads(self, axis: str, scope: Scope, x: Emitter, names: dict) -> None:
         """The (min, max) of every summarised read of the mask over this row tile ("row") or key tile ("key"), into
@@ -460,7 +467,7 @@ class _BackwardEmitter:
             lines += self._batch_offsets(x, scatters) if ln.strip() == "for_batch_offsets" else [ln]
         sig = ",\n    ".join(args + consts)
         src = f"@triton.jit\ndef {name}(\n    {sig},\n):\n" + "\n".join(prune(lines)) + "\n"
-        return src, BackwardKernel(name, tuple(x.used_inputs), tuple(x.loads), stores)
+        return src, BackwardKernel(name, tuple(x.used_inputs), tuple(x.loads), stores, tuple(x.atomics))
 
     def _batch_offsets(self, x: Emitter, scatters: tuple) -> list:
         """Offsets of the inputs (and gradient buffers) for this program's batch indices (decoded row-major from

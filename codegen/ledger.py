@@ -25,6 +25,7 @@ class Work:
     trans: sp.Expr = sp.Integer(0)       # transcendental evaluations
     loads: list = field(default_factory=list)    # names of the load sites executed here
     stores: list = field(default_factory=list)   # names of the store sites executed here
+    atomics: list = field(default_factory=list)  # names of the atomic-add sites (each also a load and a store site)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class _Walker:
         self.branch = None
         self.target = None
         self.loops = 0
+        self.atomics = 0   # tl.atomic_add calls so far: the k-th is the site "atomic{k}" (its emitter's record)
 
     def count(self, what: str, amount):
         w = self.regions[self.region]
@@ -279,6 +281,14 @@ class _Walker:
             return _V(ptr.elem, shape)
         if name == "store":
             self.regions[self.region].stores.append(args[0].value)
+            return _V("none")
+        if name == "atomic_add":   # one load and one store per active lane, 1 flop each (runtime/measure.py)
+            site = f"atomic{self.atomics}"
+            self.atomics += 1
+            w = self.regions[self.region]
+            w.loads.append(site)
+            w.stores.append(site)
+            w.atomics.append(site)
             return _V("none")
         if name == "dot":
             a, b = args

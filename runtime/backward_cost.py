@@ -25,6 +25,7 @@ from moa.codegen.constexprs import csym
 from moa.codegen.counts import site_lanes
 from moa.codegen.ledger import function_ledger
 from moa.errors import UnsupportedError
+from moa.tiles import KeyTable, summary_env
 
 from . import backward_configs
 from .tiling import Config
@@ -73,13 +74,16 @@ def _value(e, env: dict) -> int:
     return int(sp.sympify(e).xreplace({k: sp.Integer(v) for k, v in env.items()}))
 
 
-def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
-    """Kernel name -> region -> (row starts, key starts) of its executions per batch x lead index (subs: dim symbol
-    -> value). A visit is an iteration the skip test keeps (every iteration without a test); a visited tile is full
-    when the schedule proves every pair admissible and the tile lies inside the bounds, else partial."""
+def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int, tests: tuple, sums: dict) -> dict:
+    """Kernel name -> region -> (row starts, key starts) of its executions for one batch entry x lead index (subs:
+    dim and lead symbols -> values; tests: (skip, full, data) as the kernels test them (codegen/backward.py: with
+    the data's summaries where the forward skips by them); sums: summary symbol -> (axis, per-tile values)). A visit
+    is an iteration the skip test keeps (every iteration without a test); a visited tile is full when the schedule
+    proves every pair admissible and the tile lies inside the bounds, else partial."""
     b = sched.branches[0]
-    tested = b.skip is not sp.false and not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi)
-    split = b.full is not sp.false
+    skip, full, data = tests
+    tested = skip is not sp.false and (data or not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi))
+    split = full is not sp.false
     out = {k: {r: ([], []) for r in ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0))}
            for k in ("_attn_bwd_dkdv", "_attn_bwd_dq")}
 
@@ -89,14 +93,15 @@ def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
 
     def pair(kernel: str, rows: dict, t0: int, s0: int, test: bool) -> None:
         box = {**subs, **rows, iv.J_LO: s0, iv.J_HI: min(s0 + bn, m) - 1, iv.TILE_W: bn}
+        box.update({sym: int(v[(t0 // bm) if axis == "row" else (s0 // bn)]) for sym, (axis, v) in sums.items()})
         add(kernel, ("iter", 0), t0, s0)
-        if test and b.skip is not sp.false and _holds(b.skip, box):
+        if test and skip is not sp.false and _holds(skip, box):
             return
-        if test and b.skip is not sp.false:
+        if test and skip is not sp.false:
             add(kernel, ("visit", 0), t0, s0)
         if split:
-            full = _holds(b.full, box) and t0 + bm <= n and s0 + bn <= m
-            add(kernel, ("full", 0) if full else ("partial", 0), t0, s0)
+            whole = _holds(full, box) and t0 + bm <= n and s0 + bn <= m
+            add(kernel, ("full", 0) if whole else ("partial", 0), t0, s0)
 
     row_lo, row_hi = row_bounds(b.skip)
     span = []   # per key tile: the query rows its loop covers (codegen/backward_bounds.py query_loop)
@@ -119,6 +124,16 @@ def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int) -> dict:
     return out
 
 
+def _summaries(b, env: dict, entry: dict, n: int, m: int, bm: int, bn: int) -> dict:
+    """Summary symbol -> (axis, per-tile values) of one batch entry's data (runtime/summaries.py's min and max over
+    each row tile of BLOCK_M rows, each key tile of BLOCK_N keys), at the lead indices in env."""
+    out = {}
+    for sym, v in summary_env(b, env, entry, n, m, bm, bn).items():
+        sm = next(x for x in b.summaries if sym in (x.lo, x.hi))
+        out[sym] = (sm.axis, np.asarray(v.values if isinstance(v, KeyTable) else v))
+    return out
+
+
 def _elem_bytes(program, spec, dtype: str, int_bytes: int) -> dict:
     """Tensor name -> element bytes: float inputs and dO in the compute dtype, ints as passed, booleans one byte;
     lse, delta and the gradients in the accumulation dtype; the data summaries like their input."""
@@ -129,21 +144,26 @@ def _elem_bytes(program, spec, dtype: str, int_bytes: int) -> dict:
         out[name] = size if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else int_bytes
     for ts in spec.summaries:
         out[ts.arg] = out[ts.tensor]
+    for x in spec.scatters:
+        out[f"grad_{x}"] = acc
     return out
 
 
-def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes: int = 8) -> dict:
+def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes: int = 8,
+            data: dict | None = None) -> dict:
     """Kernel name -> BackwardWork of a backward call (runner: runtime/backward_run.py BackwardRunner; dims in the
-    program's names; batch: the call's batch shape; int_bytes: the element size of integer inputs as passed)."""
+    program's names; batch: the call's batch shape; int_bytes: the element size of integer inputs as passed; data:
+    codegen input name -> array (batch axes first) of the integer and boolean inputs whose per-tile summaries the
+    kernels test, required when they do)."""
     spec = runner.spec(dtype, len(batch))
-    if spec.summaries:
-        raise UnsupportedError("the backward kernels skip tiles by the data (per-tile summaries of "
-                               f"{', '.join(sorted({t.tensor for t in spec.summaries}))}): their work depends on "
-                               "the inputs, which the backward cost model does not read yet")
-    if spec.scatters:
-        raise UnsupportedError("the backward cost model does not count atomic adds yet (the score reads "
-                               f"{', '.join(spec.scatters)})")
     program, sched = runner.planner.cg_program, runner.sched
+    b = sched.branches[0]
+    is_data = bool(spec.summaries)
+    if is_data and (data is None or any(ts.tensor not in data for ts in spec.summaries)):
+        raise UnsupportedError("the backward kernels skip tiles by the data (per-tile summaries of "
+                               f"{', '.join(sorted({t.tensor for t in spec.summaries}))}): pass those inputs "
+                               "(inputs=) to predict which tiles they visit")
+    tests = (*b.tile_tests(is_data), is_data)
     dims = {x.name: int(dims[x.name]) for x in program.dims}
     n, m = (int(sy.evaluate(x, dims)) for x in (spec.row_extent, spec.key_extent))
     lead = [int(sy.evaluate(x, dims)) for _, x in sched.lead]
@@ -152,29 +172,48 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes
     consts = {csym(k): v for k, v in cvals.items()}
     lengths = {"row": cfg.block_m, "key": cfg.block_n, "col": cvals["HEAD_DIM_V"],
                **{hd: cvals[hd] for hd, _ in spec.head_dims}}
-    runs = _executions(sched, {d: dims[d.name] for d in program.dims}, n, m, cfg.block_m, cfg.block_n)
     nbytes = _elem_bytes(program, spec, dtype, int_bytes)
     marks = _marks(spec.source)
-    out = {}
-    for kern in spec.kernels:
-        led = function_ledger(program, spec.source, kern.name, kern.loads, kern.stores, marks=marks)
-        tot = {"dot": 0, "other": 0, "trans": 0, "loaded": 0, "stored": 0}
-        for region, work in led.regions.items():
-            rows, keys = (np.asarray(x, dtype=np.int64) for x in runs[kern.name][region])
-            for what in ("dot", "other", "trans"):
-                tot[what] += nb * math.prod(lead) * len(rows) * int(sp.sympify(getattr(work, what)).xreplace(consts))
-            # lanes may depend on the leading indices (a head's bias row)
-            for point in itertools.product(*(range(x) for x in lead)):
-                env = {**{d: dims[d.name] for d in program.dims}, **{v: a for (v, _), a in zip(sched.lead, point)}}
-                for names, sites, key in ((work.loads, led.loads, "loaded"), (work.stores, led.stores, "stored")):
-                    for name in names:
-                        site = sites[name]
-                        lanes = site_lanes(site, env, lengths, {"row": rows, "key": keys}, len(rows))
-                        tot[key] += nb * int(lanes.sum()) * nbytes[site.tensor]
-        r = runs[kern.name]
-        out[kern.name] = BackwardWork(kern.name, tot["dot"], tot["other"], tot["trans"],
-                                      *(nb * math.prod(lead) * len(r[x][0]) for x in
-                                        ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0))),
-                                      tot["loaded"], tot["stored"])
-    return out
+    ledgers = {k.name: function_ledger(program, spec.source, k.name, k.loads + k.atomics, k.stores + k.atomics,
+                                       marks=marks, ptr_elems={ts.arg: "i" for ts in spec.summaries} or None)
+               for k in spec.kernels}
+    regions = ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0))
+    tot = {k.name: dict.fromkeys(("dot", "other", "trans", "loaded", "stored", *regions), 0) for k in spec.kernels}
+    env0 = {d: dims[d.name] for d in program.dims}
+    entries = list(itertools.product(*(range(x) for x in batch))) if is_data else [None]
+    weight = 1 if is_data else nb   # the data's tiles per batch entry, else one entry for all
+    runs = None if is_data else _executions(sched, env0, n, m, cfg.block_m, cfg.block_n, tests, {})
+    for entry in entries:
+        for point in itertools.product(*(range(x) for x in lead)):   # lanes may depend on the lead (a head's bias)
+            env = {**env0, **{v: a for (v, _), a in zip(sched.lead, point)}}
+            if is_data:
+                sums = _summaries(b, env, _entry(data, entry, len(batch)), n, m, cfg.block_m, cfg.block_n)
+                runs = _executions(sched, env, n, m, cfg.block_m, cfg.block_n, tests, sums)
+            for kern in spec.kernels:
+                _count(tot[kern.name], ledgers[kern.name], runs[kern.name], env, consts, lengths, nbytes, weight)
+    return {k: BackwardWork(k, t["dot"], t["other"], t["trans"], *(t[r] for r in regions), t["loaded"], t["stored"])
+            for k, t in tot.items()}
 
+
+def _entry(data: dict, entry: tuple, nbatch: int) -> dict:
+    """The arrays of one batch entry (an array with no batch axes is shared by every entry)."""
+    return {name: (np.asarray(x)[entry] if np.ndim(x) >= nbatch and nbatch else np.asarray(x))
+            for name, x in data.items()}
+
+
+def _count(tot: dict, led, runs: dict, env: dict, consts: dict, lengths: dict, nbytes: dict, weight: int) -> None:
+    """Add one (batch entry x lead index)'s work of a kernel, times weight: per region its executions x the work of
+    one, the lanes of its access sites (an atomic add: one load, one store and one flop per active lane)."""
+    for region in ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0)):
+        tot[region] += weight * len(runs[region][0])
+    for region, work in led.regions.items():
+        rows, keys = (np.asarray(x, dtype=np.int64) for x in runs[region])
+        for what in ("dot", "other", "trans"):
+            tot[what] += weight * len(rows) * int(sp.sympify(getattr(work, what)).xreplace(consts))
+        for names, sites, key in ((work.loads, led.loads, "loaded"), (work.stores, led.stores, "stored")):
+            for name in names:
+                site = sites[name]
+                lanes = int(site_lanes(site, env, lengths, {"row": rows, "key": keys}, len(rows)).sum())
+                tot[key] += weight * lanes * nbytes[site.tensor]
+                if key == "loaded" and name in work.atomics:
+                    tot["other"] += weight * lanes
