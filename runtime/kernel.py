@@ -133,7 +133,8 @@ class Kernel:
     def plan(self, /, **inputs) -> dict:
         """Output name -> the Plan a call with these tensors runs: the kernel family, the schedule and tile config,
         the cost model's predicted time of the call (on the device's table entry; h100 for CPU tensors) and, on a
-        GPU that tuned the call's bucket, the measured time (tuning runs here if it has not yet)."""
+        GPU that tuned the call's bucket, the measured time and what the tuning cost (Plan.compile_seconds,
+        Plan.tune_seconds: the candidates' compiles and their timing; tuning runs here if it has not yet)."""
         b = self.bind(inputs)
         device = device_table_name(b.device)
         try:
