@@ -55,6 +55,8 @@ class DecodeStats:
     predicted_seconds: float | None = None
     packed_heads: int = 1     # query heads per tile row group (GQA packing; 1: not packed)
     specs: tuple = dataclasses.field(default=(), repr=False, compare=False)   # plan_only: each output's kernel
+    # plan_only: (output index, grid kernel source) of the outputs whose grids run in one launch (the branches)
+    branch_sources: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
 
 def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
@@ -172,22 +174,26 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         model = _run_output(runner, plan.outputs[0].name, b, plan, call, None, dry=True)[1].splits
         splits = tuned_splits(kernel, plan, b, model, lambda s: _timed(lambda: decode(
             kernel, inputs, splits=s, pack_heads=pack_heads)))
-    if plan_only:   # every output's stats and kernel, nothing launched (the first output's stats returned)
-        infos = []
-        for o in plan.outputs:
-            infos.append(_run_output(runner, o.name, b, plan, call, splits, dry=True)[1])
-            splits = infos[-1].splits
-        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos),
-                                   packed_heads=1 if packed is None else sy.evaluate(packed[0].group, b.dims))
     compute = compute_dtype(b.dtype, b.device)
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
     fused = {} if not plan.epilogues else decode_merge.fused_epilogues(   # merge + epilogue in one kernel
         block, plan, len(b.batch), acc_dt, frozenset().union(*[decode_merge.batched_inputs(plan, ep, b)
                                                                 for ep in plan.epilogues]))
+    if plan_only:   # every output's stats and kernel, nothing launched (the first output's stats returned)
+        infos = []
+        for o in plan.outputs:
+            infos.append(_run_output(runner, o.name, b, plan, call, splits, dry=True)[1])
+            splits = infos[-1].splits
+        deferred = tuple((k, x.branch_sources[0]) for k, (o, x) in enumerate(zip(plan.outputs, infos))
+                         if plan.owner.get(o.name) in fused)
+        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos), branch_sources=deferred,
+                                   packed_heads=1 if packed is None else sy.evaluate(packed[0].group, b.dims))
     acc, info = {}, None
+    pending = [] if fused else None   # the branches' grid kernels, launched together
     for o in plan.outputs:   # one split layout for every output (the first one's choice)
         keep = plan.owner.get(o.name) in fused   # its partials go to the fused merge unmerged
-        (out, lse), info = _run_output(runner, o.name, b, plan, call, splits, merge=not keep)
+        (out, lse), info = _run_output(runner, o.name, b, plan, call, splits, merge=not keep,
+                                       defer=pending if keep else None)
         splits = info.splits
         if packed is not None:   # O'[G, r] is O[h, nq] in the same memory order
             h = sy.evaluate(packed[0].heads, b.dims)
@@ -196,6 +202,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
             info = dataclasses.replace(info, packed_heads=sy.evaluate(packed[0].group, b.dims))
         acc[o.name] = (out, lse)
     if fused:
+        decode_merge.launch_branches(pending, b.device)
         res = {o.name: acc[o.name][0].to(b.dtype) for o in plan.outputs if o.name not in plan.owner}
         for ep in plan.epilogues:
             res[ep.output] = decode_merge.run_fused(fused[ep.output], ep, acc, b, compute)
@@ -303,9 +310,12 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
 
 
 # long: one launch described top to bottom (config, splits, buffers, arguments, grid, merge)
-def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, merge: bool = True):
+def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, merge: bool = True,
+                defer: list | None = None):
     """(O, lse or z) of one block output over the whole call, and DecodeStats (dry: only the stats). merge=False:
-    the partials unmerged, (O_s, lse_s) with the splits first (runtime/decode_merge.py merges them)."""
+    the partials unmerged, (O_s, lse_s) with the splits first (runtime/decode_merge.py merges them). defer: a
+    list that takes the launch (source, args, constexprs, grid, name) instead of running it; the partials are
+    written when the caller launches it (with the other branches, decode_merge.launch_branches)."""
     cb = block.planner.cg_binding(b)
     dt = b.dtype
     compute = compute_dtype(dt, b.device)
@@ -345,7 +355,8 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
     if dry:
         spec = block.launcher.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, True, sched,
                                    exact_heads(block.planner.schedules[name], cb.dims))
-        return None, DecodeStats(splits, split_len, (ptiles, z, call.nseq * splits), predicted, specs=(spec,))
+        return None, DecodeStats(splits, split_len, (ptiles, z, call.nseq * splits), predicted, specs=(spec,),
+                                 branch_sources=(_source(block, plan, spec, len(b.batch), len(lead), call.mode),))
     nq = call.nq
     o_part = torch.empty((splits, *b.batch, *lead, rows, e), dtype=compute if splits == 1 else acc_dt,
                          device=b.device)
@@ -360,8 +371,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
         return ((o_part, lse_part) if not merge else (o_part[0], lse_part[0])), info
     spec = block.launcher.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, True, sched,
                                exact_heads(block.planner.schedules[name], cb.dims))
-    fn = getattr(module_for(_source(block, plan, spec, len(b.batch), len(lead), call.mode), b.device),
-                 GRID_KERNEL)
+    source = _source(block, plan, spec, len(b.batch), len(lead), call.mode)
     args, consts = block.launcher._arguments(spec, cb, compute, o_part[0], lse_part[0], cfg, e)
     if call.mode != SPLIT and spec.summaries:   # per sequence / batch index, over its valid keys
         replace_summaries(block, spec, cb, args, call, cfg)
@@ -378,7 +388,11 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
             args += [call.block_table, call.block_table.stride(0)]
     args.append(split_len)
     consts["NSPLIT"] = splits
-    run(fn, grid, args, consts, b.device, f"the split-KV kernel for output {name}")
+    if defer is not None:
+        defer.append((source, args, consts, grid, name))
+        return (o_part, lse_part), info
+    run(getattr(module_for(source, b.device), GRID_KERNEL), grid, args, consts, b.device,
+        f"the split-KV kernel for output {name}")
     if not merge:
         return (o_part, lse_part), info
     if splits == 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 
+from moa.codegen.splitkv import branches_source
 from moa.errors import InputError
 
 from .decode import decode
@@ -37,14 +38,25 @@ def _cpu(inputs: dict) -> None:
 
 def _measured(st, call) -> Measurement:
     """Run call() in the instrumented interpreter, counting the first load of each key-tile loop of the block
-    kernels in st.specs (the visited tiles)."""
+    kernels in st.specs (the visited tiles; spec k's kernel is _attn_fwd, or _attn_fwd_b<k> when the branches
+    of an epilogue run in one launch)."""
     lines = {}
+    together = {}   # output index -> (its block kernel's name, its def line) in the branches' one launch
+    if len(st.branch_sources) > 1:
+        tree = ast.parse(branches_source([src for _, src in st.branch_sources])).body
+        for j, (k, _) in enumerate(st.branch_sources):
+            together[k] = next((x.name, x.lineno) for x in tree if isinstance(x, ast.FunctionDef) and
+                               x.name == f"_attn_fwd_b{j}")
     for k, spec in enumerate(st.specs):
         fn = next(x for x in ast.parse(spec.source).body if isinstance(x, ast.FunctionDef) and x.name == "_attn_fwd")
         for node in ast.walk(fn):
             region = spec.regions.get(getattr(node, "lineno", None))
             if isinstance(node, (ast.For, ast.If)) and region is not None and region[0] in VISITED:
-                lines[f"{k}:{region}"] = ("_attn_fwd", _first_load(node, region))
+                line = _first_load(node, region)
+                lines[f"{k}:{region}"] = ("_attn_fwd", line)
+                if k in together:   # the same line of the kernel renamed in the branches' launch
+                    name, first = together[k]
+                    lines[f"{k}:{region}:b"] = (name, first + line - fn.lineno)
     with instrument() as c:
         with instrument(lines=lines) as ci:
             call()

@@ -9,6 +9,7 @@ is evaluated per sequence, and of the ring).
 (runtime/decode_cost.py)."""
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -16,6 +17,7 @@ import torch
 
 from moa import shard
 from moa import symbolic as sy
+from moa.codegen.splitkv import BRANCHES_KERNEL, GRID_KERNEL, LAUNCH_OPTIONS, branches_source
 from moa.codegen.splitkv_epilogue import FUSED_MERGE_KERNEL, fused_merge_source
 from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
@@ -79,6 +81,36 @@ def batched_inputs(plan, ep, b) -> frozenset:
         if any(s != 0 and n > 1 for s, n in zip(full.stride()[:nb], full.shape[:nb])):
             out.add(name)
     return frozenset(out)
+
+
+def launch_branches(pending: list, device) -> None:
+    """Run the deferred grid launches of an epilogue's branches (runtime/decode.py _run_output(defer=)): one
+    `_attn_branches` launch (codegen/splitkv.branches_source) when their grids' first two axes and launch options
+    agree, else one launch each."""
+    grids = {(g[0], g[1]) for _, _, _, g, _ in pending}
+    options = {tuple(c.get(x) for x in LAUNCH_OPTIONS) for _, _, c, _, _ in pending}
+    if len(pending) < 2 or len(grids) > 1 or len(options) > 1:
+        for source, args, consts, grid, name in pending:
+            if grid[2]:
+                run(getattr(module_for(source, device), GRID_KERNEL), grid, args, consts, device,
+                    f"the split-KV kernel for output {name}")
+        return
+    args, consts, offsets, total = [], {}, [], 0
+    for k, (_, a, c, grid, _) in enumerate(pending):
+        offsets += [total] if k else []
+        total += grid[2]
+        args += a
+        consts.update({f"b{k}_{n}": v for n, v in c.items() if n not in LAUNCH_OPTIONS})
+        consts.update({n: v for n, v in c.items() if n in LAUNCH_OPTIONS})
+    if total == 0:
+        return
+    fn = getattr(module_for(_branches(tuple(p[0] for p in pending)), device), BRANCHES_KERNEL)
+    run(fn, (*grids.pop(), total), args + offsets, consts, device, "the split-KV kernel of the branches")
+
+
+@functools.lru_cache(maxsize=64)
+def _branches(sources: tuple) -> str:
+    return branches_source(list(sources))
 
 
 def run_fused(fm, ep, parts: dict, b, compute: torch.dtype) -> torch.Tensor:

@@ -58,7 +58,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
         for o in plan.outputs:
             infos.append(_run_output(block, o.name, b, plan, call, splits, dry=True)[1])
             splits = infos[-1].splits
-        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos))
+        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos), branch_sources=())
     acc, info = {}, None
     for o in plan.outputs:
         acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)

@@ -1,9 +1,10 @@
 """Decoding outputs computed from several softmax branches (PiAttention's gate) with the epilogue fused into the
-merge (codegen/splitkv_epilogue.py, runtime/decode_merge.py): one split launch per branch and one merge launch,
-no torch operation after it; float64 in the interpreter, equal to the unsplit plain call (1e-12) at 1 and 3
-splits, with batch axes, GQA packing (a per-head gate), valid lengths and pages, an input read by both indices
-in the gate; the cost model counts the fused kernel exactly as the instrumented interpreter executes it; an
-epilogue without a fused form keeps the torch path, and says why."""
+merge (codegen/splitkv_epilogue.py, runtime/decode_merge.py): one split launch of every branch
+(codegen/splitkv.branches_source) and one merge launch, no torch operation after them; float64 in the
+interpreter, equal to the unsplit plain call (1e-12) at 1 and 3 splits, with batch axes, GQA packing (a per-head
+gate), valid lengths and pages, an input read by both indices in the gate; the cost model counts the fused kernel
+exactly as the instrumented interpreter executes it; an epilogue without a fused form keeps the torch path, and
+says why."""
 import subprocess
 import sys
 from pathlib import Path
@@ -72,14 +73,14 @@ def _same(got, p):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_pi_attention_decodes_in_branch_launches_and_one_fused_merge(splits):
+def test_pi_attention_decodes_in_one_split_launch_and_one_fused_merge(splits):
     k, x = _pi()
     plan, block = ring.block_kernel(k)
     assert decode_merge.why_not(block, plan) is None
     full = k(**x)
     with instrument() as c:
         got = k.decode(**dict(x, Q=x["Q"][:, -NQ:]), splits=splits)
-    assert c.launches == len(plan.outputs) + 1   # a split launch per branch, one merge with the gate
+    assert len(plan.outputs) == 2 and c.launches == 2   # one split launch of both branches, one merge with the gate
     assert (got - full[:, -NQ:]).abs().max().item() <= 1e-12
 
 
@@ -165,7 +166,9 @@ def test_epilogue_without_a_fused_form_keeps_the_torch_path():
 
 def test_fused_merge_sources_are_pyflakes_clean(tmp_path):
     from moa import shard
+    from moa.codegen.splitkv import branches_source
     from moa.codegen.splitkv_epilogue import fused_merge_source
+    from moa.runtime import decode
 
     for i, src in enumerate((None, GQA_PI, GATED_DOC)):
         k = moa.compile("examples/pi_attention.moa") if src is None else moa.compile(src)
@@ -175,6 +178,10 @@ def test_fused_merge_sources_are_pyflakes_clean(tmp_path):
                 fm = fused_merge_source(ep, shard.epilogue_program(plan, ep).input_map, (False, False), nb,
                                         "tl.float32", frozenset({"Q"}))
                 (tmp_path / f"m{i}_{nb}.py").write_text(fm.source)
+        for mode in ("split", "lengths", "paged"):   # the branches' grid kernels in one launch
+            src = branches_source(decode.grid_sources(k, "float32", nbatch=1, mode=mode))
+            assert src.count("def _attn_fwd_b") == len(plan.outputs)
+            (tmp_path / f"b{i}_{mode}.py").write_text(src)
     exe = Path(sys.executable).with_name("ruff")
     proc = subprocess.run([str(exe), "check", "--isolated", "--no-cache", "--select", "F", "--output-format",
                            "concise", str(tmp_path)], capture_output=True, text=True, check=False)
