@@ -186,3 +186,15 @@ def test_fused_merge_sources_are_pyflakes_clean(tmp_path):
     proc = subprocess.run([str(exe), "check", "--isolated", "--no-cache", "--select", "F", "--output-format",
                            "concise", str(tmp_path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_branches_launch_and_fused_merge_fit_sm90():
+    """PiAttention at d = 128, bf16: both branches' grid kernels in one launch fit sm_90 without spills (255
+    registers; 248 and 202 apart), and so does the merge with the gate (182)."""
+    from moa.runtime.decode_aot import branches_aot
+
+    out = branches_aot(moa.compile("examples/pi_attention.moa"), 1, 4096, dtype="bf16", d=128, e=128)
+    assert set(out) == {"_attn_branches", "_merge_epilogue"}
+    for rep, ok, why in out.values():
+        assert ok, why
+        assert rep.spills == 0
