@@ -258,9 +258,9 @@ class _ChunkedBackward(_Chunked):
         return self._key_kernel("dv")
 
     def _key_kernel(self, part: str):
-        """_bwd_dk (part "dk": dK, then its read, and gb's reads) or _bwd_dv (dV) of one chunk's keys: the suffix
-        states, then the intra-chunk pairs. Two kernels: each holds one [CHUNK, head dim] accumulator (at d = 128
-        one kernel with both spills at 64-row chunks on sm_90)."""
+        """_bwd_dk (part "dk": dK, then its read, and gb's reads) or _bwd_dv (dV) of one chunk's keys: the
+        intra-chunk pairs (first: their operand tiles are dead before the state loop), then the suffix states. Two
+        kernels: each holds one [CHUNK, head dim] accumulator."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
         dk = part == "dk"
         body = ["    t = tl.program_id(0)"]
@@ -269,12 +269,13 @@ class _ChunkedBackward(_Chunked):
         body += ["    offs_j = t * CHUNK + tl.arange(0, CHUNK)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
                  "    offs_head_dim = tl.arange(0, HEAD_DIM)", f"    row_ok = offs_j < {n_c}",
                  f"    v_ok = offs_v < {e_c}", states]
+        self._value("offs_j", body)
+        self._dy("offs_j", n_c, e_c, body)
+        qa, _ = self._intra("offs_j", body)
         if dk:
-            self._value("offs_j", body)
-            body += [f"    dkf = tl.zeros([CHUNK, HEAD_DIM], dtype={self.acc})",
-                     f"    dgb = tl.zeros([CHUNK], dtype={self.acc})"]
+            body += [f"    dkf = tl.dot(tl.trans(ds), {qa}{self.dot_kw})", "    dgb = -tl.sum(w * dsc, 0)"]
         else:
-            body.append(f"    dv = tl.zeros([CHUNK, HEAD_DIM_V], dtype={self.acc})")
+            body.append(f"    dv = tl.dot(tl.trans(w), dn{self.dot_kw})")
         scaled = self.lp.ga is not None
         if scaled:
             body.append(f"    nxt = tl.minimum(t * CHUNK + CHUNK, {n_c} - 1)  # r: the next chunk's first row")
@@ -297,22 +298,16 @@ class _ChunkedBackward(_Chunked):
         else:
             inner.append(f"    dv += tl.dot({'phi * sc[:, None]' if scaled else 'phi'}, U{self.dot_kw})")
         body += ["    " + ln for ln in inner]
-        if not dk:
-            self._value("offs_j", body)
-        self._dy("offs_j", n_c, e_c, body)
-        qa, _ = self._intra("offs_j", body)
         if dk:
-            body += [f"    dkf += tl.dot(tl.trans(ds), {qa}{self.dot_kw})", "    dgb -= tl.sum(w * dsc, 0)"]
             self._chain("dkf", br.dot.b, self.reads["K"], j, "offs_j", body)
             body.append(self._store("dK", "offs_j", "offs_head_dim", self.ix(br.dot.extent), "dkf", n_c))
             self._gate_scatter("b", j, "offs_j", "dgb", n_c, body)
         else:
-            body += [f"    dv += tl.dot(tl.trans(w), dn{self.dot_kw})",
-                     self._store("dV", "offs_j", "offs_v", e_c, "dv", n_c)]
+            body.append(self._store("dV", "offs_j", "offs_v", e_c, "dv", n_c))
         return self._fn(f"_bwd_{part}", pro, body, self._args(st_args), consts)
 
     def _dq_kernel(self):
-        """_bwd_dq: dQ of one chunk's rows (the forward's prefix states + intra-chunk pairs), ga's reads."""
+        """_bwd_dq: dQ of one chunk's rows (the intra-chunk pairs, then the forward's prefix states), ga's reads."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
         body = ["    t = tl.program_id(0)"]
         pro = self.prologue(1)
@@ -321,8 +316,9 @@ class _ChunkedBackward(_Chunked):
                  "    offs_head_dim = tl.arange(0, HEAD_DIM)", f"    row_ok = offs_i < {n_c}",
                  f"    v_ok = offs_v < {e_c}", states]
         self._dy("offs_i", n_c, e_c, body)
-        body += [f"    dqf = tl.zeros([CHUNK, HEAD_DIM], dtype={self.acc})",
-                 f"    dga = tl.zeros([CHUNK], dtype={self.acc})"]
+        self._value("offs_i", body)
+        _, kb = self._intra("offs_i", body)
+        body += [f"    dqf = tl.dot(ds, {kb}{self.dot_kw})", "    dga = tl.sum(w * dsc, 1)"]
         scaled = self.lp.ga is not None
         if scaled:
             body.append("    ref = tl.maximum(t * CHUNK - 1, 0)  # b: the previous chunk's last row")
@@ -343,9 +339,6 @@ class _ChunkedBackward(_Chunked):
         inner.append("    dga += tl.sum(phi * dphi, 1)")
         self._scatter_features("dphi", xs, "dqf", inner)
         body += ["    " + ln for ln in inner]
-        self._value("offs_i", body)
-        _, kb = self._intra("offs_i", body)
-        body += [f"    dqf += tl.dot(ds, {kb}{self.dot_kw})", "    dga += tl.sum(w * dsc, 1)"]
         self._chain("dqf", br.dot.a, self.reads["Q"], i, "offs_i", body)
         body.append(self._store("dQ", "offs_i", "offs_head_dim", self.ix(br.dot.extent), "dqf", n_c))
         self._gate_scatter("a", i, "offs_i", "dga", n_c, body)

@@ -25,7 +25,7 @@ from moa.codegen.chunked_backward import BACKWARD_KERNELS, generate_chunked_back
 
 from . import cache
 from . import aot as A
-from .aot_batch import TRITON_TYPE, aot_groups, cuda_target, kernel_signature
+from .aot_batch import TRITON_TYPE, aot_groups, cuda_target, divisible_args, kernel_signature
 from .binding import Binding
 from .device import cdiv, check_device, next_pow2, run
 from .launch import compute_dtype
@@ -180,9 +180,10 @@ def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90", pha
         for k in kernels:
             kc = dict(consts)
             sig = kernel_signature(program, spec.source, k, dtype, "int32", kc, special)
+            div = divisible_args(None, program, sig, dims, (lp.schedule.row[1], lp.schedule.col[1]))
             bundle.append({"file": str(path), "kernel": k, "signature": sig, "constexprs": kc, "target": target,
-                           "num_warps": c.num_warps, "num_stages": c.num_stages, "block_m": c.chunk,
-                           "block_n": c.block_f})
+                           "num_warps": c.num_warps, "num_stages": c.num_stages, "block_m": None, "block_n": None,
+                           "divisible": div})
         bundles.append(bundle)
     results = aot_groups([bundles], first_fit=True)[0]
     why = []
