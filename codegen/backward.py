@@ -196,7 +196,6 @@ class _BackwardEmitter:
         x = Emitter(self.p, self.s, self.dtype)
         x.head_dims = self.head_dims    # shared: HEAD_DIM means the same extent in both kernels
         x.taken |= set(self.OWN)        # the emitter's temporaries never take the kernels' own names
-        x.atomics = []                  # AccessSite of each tl.atomic_add, in source order
         return x
 
     def _prologue(self, body: Scope, x: Emitter, tile: str) -> None:
@@ -307,17 +306,15 @@ class _BackwardEmitter:
             c = x.idx(ix, vmap)
             parts.append(f"{c} * stride_{g}_{k}")
             lo_ok, hi_ok = x._in_range(ix, ext, vmap)
-            if not hi_ok:
-                masks.append(f"({c} < {x.idx(ext, {})})")
-                conds.append(sp.Lt(ix, ext, evaluate=False))
-            if not lo_ok:
-                masks.append(f"({c} >= 0)")
-                conds.append(sp.Ge(ix, 0, evaluate=False))
+            for ok, code, rel in ((hi_ok, f"({c} < {x.idx(ext, {})})", sp.Lt(ix, ext, evaluate=False)),
+                                  (lo_ok, f"({c} >= 0)", sp.Ge(ix, 0, evaluate=False))):
+                if not ok:
+                    masks.append(code)
+                    conds.append(rel)
         m = f", mask={' & '.join(masks)}" if masks else ""
         scope.add(f"tl.atomic_add({' + '.join(parts)}, {adj}{m})")
-        axes = tuple((v, axis) for v, axis in ((i, "row"), (j, "key")) if v in vmap)
-        x.atomics.append(AccessSite(f"atomic{len(x.atomics)}", g, tuple(sp.sympify(ix) for ix in r.index), axes,
-                                    tuple(conds)))
+        x.atomics.append(AccessSite(f"atomic{len(x.atomics)}", g, tuple(sp.sympify(ix) for ix in r.index),
+                                    tuple((v, a) for v, a in ((i, "row"), (j, "key")) if v in vmap), tuple(conds)))
 
     def _summary_loads(self, axis: str, scope: Scope, x: Emitter, names: dict) -> None:
         """The (min, max) of every summarised read of the mask over this row tile ("row") or key tile ("key"), into

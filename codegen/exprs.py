@@ -121,6 +121,7 @@ class Emitter:
         self.taken: set = set()      # names of temporaries given out (fresh)
         self.head_dims: dict = {}   # extent -> constexpr name
         self.loads: list = []       # AccessSite per emitted tl.load (the cost model's ledger of memory accesses)
+        self.atomics: list = []     # AccessSite per emitted tl.atomic_add (named atomic{k}, codegen/ledger.py)
         self.named: dict = {}       # index expression -> the kernel variable that holds it (computed once)
         self.inside: dict = {}      # tile variable -> an extent its whole tile lies below (loads need no bound)
         self.exact = frozenset()    # head-dim extents equal to their padded tiles at this launch

@@ -17,6 +17,7 @@ from moa.grad import GradProgram, grad
 from moa.codegen.backward import is_multi
 from moa.codegen.chunked_backward import linear_backward_reason
 
+from . import backward_cost_all
 from .backward_multi import MultiBranchBackward
 from .backward_run import BackwardRunner
 from .grad_eval import evaluate_grad
@@ -87,6 +88,12 @@ class Backward:
             return ()
         back = self.k.planner.codegen.inputs
         return tuple(back[x] for x in fused.fused_names())
+
+    def cost(self, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict | None = None, config=None):
+        """The predicted work per kernel of the backward a call at these dims would run (runtime/backward_cost_all.py:
+        fused, several branches, window, or the chunked linear form); `inputs`: the integer and boolean inputs whose
+        per-tile summaries decide the tiles the kernels skip."""
+        return backward_cost_all.cost(self, dims, batch, dtype, inputs, config)
 
     def saved_spec(self, dtype: torch.dtype) -> list:
         """(shape as extents, dtype) of each value the forward returns for the backward, after the outputs: the

@@ -52,6 +52,45 @@ class BackwardWork:
         return self.dot_flops + self.other_flops
 
 
+@dataclass(frozen=True)
+class BackwardCost:
+    """The predicted work of one backward call: `path` (fused, multi, window, linear), kernel -> BackwardWork in
+    launch order, and what is not kernel work (`notes`)."""
+    path: str
+    kernels: dict
+    notes: tuple = ()
+
+    def total(self, what: str) -> int:
+        return sum(getattr(w, what) for w in self.kernels.values())
+
+    @property
+    def flops(self) -> int:
+        return self.total("flops")
+
+    @property
+    def transcendentals(self) -> int:
+        return self.total("transcendentals")
+
+    @property
+    def bytes_loaded(self) -> int:
+        return self.total("bytes_loaded")
+
+    @property
+    def bytes_stored(self) -> int:
+        return self.total("bytes_stored")
+
+    @property
+    def programs(self) -> int:
+        return self.total("programs")
+
+
+def work_of(name: str, c) -> BackwardWork:
+    """A Counts (codegen/counts.py, codegen/launches.py) as a BackwardWork."""
+    return BackwardWork(name, c.dot_flops, c.flops - c.dot_flops, c.transcendentals, c.programs,
+                                      c.tiles_visited, c.tiles_visited, 0, 0, c.dram_bytes_loaded,
+                                      c.dram_bytes_stored)
+
+
 def _marks(source: str) -> dict:
     """Line number -> ledger region of the tile loops and skip tests of the generated backward source."""
     marks = {}
