@@ -39,7 +39,9 @@ import triton
 import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
 from triton.runtime import driver
+from triton.runtime.cache import triton_key
 
 from moa.errors import UnsupportedError
 
@@ -214,27 +216,47 @@ def aot_compile(req: dict):
         return ("error", e.message)
 
 
-def in_child(groups: list, first_fit: bool, n: int, speculate: bool = True) -> list:
-    """run_groups in a fresh Python with n forked compile processes; AotReports come back as AotReports."""
-    env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "0"   # code generation needs a triton.language that is not interpreted
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    cache = _triton_cache_dir()
-    if cache:
-        env["TRITON_CACHE_DIR"] = cache   # the JIT jobs must land where this process's JIT looks
-    with tempfile.TemporaryDirectory(prefix="moa-compile-") as tmp:
-        req_path, resp_path = os.path.join(tmp, "req.pkl"), os.path.join(tmp, "resp.pkl")
-        with open(req_path, "wb") as f:
-            pickle.dump((groups, first_fit, n, speculate), f)
+class Child:
+    """A compile child, started ahead: it imports Triton and hashes Triton's sources (0.9 s together, measured) while
+    the caller still prepares the jobs, then waits for them on its standard input. `run` hands them over and
+    returns the results; `close` ends a child that got none."""
+
+    def __init__(self):
+        env = dict(os.environ)
+        env["TRITON_INTERPRET"] = "0"   # code generation needs a triton.language that is not interpreted
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        cache = _triton_cache_dir()
+        if cache:
+            env["TRITON_CACHE_DIR"] = cache   # the JIT jobs must land where this process's JIT looks
+        self.tmp = tempfile.TemporaryDirectory(prefix="moa-compile-")
+        self.resp = os.path.join(self.tmp.name, "resp.pkl")
         script = "import moa.runtime.compile_pool as c; c._child_main()"
-        proc = subprocess.run([sys.executable, "-c", script, req_path, resp_path], env=env, check=False,
-                              capture_output=True, text=True)
-        if not os.path.exists(resp_path):
-            tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-            raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
-        with open(resp_path, "rb") as f:
-            raw = pickle.load(f)
-    return [[thaw(r) for r in g] for g in raw]
+        self.proc = subprocess.Popen([sys.executable, "-c", script, self.resp], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def run(self, groups: list, first_fit: bool, n: int, speculate: bool = True) -> list:
+        """run_groups in the child with n forked compile processes; AotReports come back as AotReports."""
+        try:
+            _, err = self.proc.communicate(pickle.dumps((groups, first_fit, n, speculate)))
+            if not os.path.exists(self.resp):
+                tail = " ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+                raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
+            with open(self.resp, "rb") as f:
+                raw = pickle.load(f)
+        finally:
+            self.close()
+        return [[thaw(r) for r in g] for g in raw]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.tmp.cleanup()
+
+
+def in_child(groups: list, first_fit: bool, n: int, speculate: bool = True) -> list:
+    """run_groups in a fresh Python with n forked compile processes (Child)."""
+    return Child().run(groups, first_fit, n, speculate)
 
 
 def freeze(res):
@@ -255,9 +277,12 @@ def thaw(raw):
 
 
 def _child_main():
-    req_path, resp_path = sys.argv[1], sys.argv[2]
-    with open(req_path, "rb") as f:
-        groups, first_fit, n, speculate = pickle.load(f)
+    resp_path = sys.argv[1]
+    with contextlib.suppress(Exception):
+        triton_key()   # while the parent prepares the jobs; the forked workers inherit it
+    groups, first_fit, n, speculate = pickle.load(sys.stdin.buffer)   # EOF (the parent is gone): exits
+    if n > 1:
+        _warm(groups)
     pool = ForkPool(n) if n > 1 else None
     _watch_parent(pool)
     try:
@@ -267,6 +292,19 @@ def _child_main():
             pool.close()
     with open(resp_path, "wb") as f:
         pickle.dump([[freeze(r) for r in g] for g in out], f)
+
+
+def _warm(groups: list) -> None:
+    """Fill Triton's per-process caches that every compile needs before the workers fork, so that they inherit them:
+    triton_key (a hash of Triton's sources, 0.5 s; _child_main computes it first) and the target backend's hash
+    (ptxas --version)."""
+    with contextlib.suppress(Exception):
+        triton_key()
+        job = next(j for g in groups for it in g for j in (it if isinstance(it, list) else [it]))
+        t = job["target"]
+        target = GPUTarget(t["backend"], t["arch"], t["warp_size"]) if job.get("jit") else \
+            GPUTarget("cuda", A.TARGETS[t], 32)
+        make_backend(target).hash()
 
 
 def _watch_parent(pool) -> None:
@@ -290,13 +328,15 @@ def _triton_cache_dir() -> str | None:
     return None
 
 
-def compile_jit(jobs: list) -> list:
-    """Compile JIT jobs (`recording`) into Triton's cache, on workers(len(jobs)) processes; per job its compile
-    seconds or ('error', message). With one worker nothing is compiled here: the launches compile their kernels as
-    they come, which is the same work."""
+def compile_jit(jobs: list, child: Child | None = None) -> list:
+    """Compile JIT jobs (`recording`) into Triton's cache, on workers(len(jobs)) processes (in `child`, one started
+    ahead, else a new one); per job its compile seconds or ('error', message). With one worker nothing is compiled
+    here: the launches compile their kernels as they come, which is the same work."""
     n = workers(len(jobs))
     if n > 1:
-        return in_child([jobs], False, n)[0]
+        return (child or Child()).run([jobs], False, n)[0]
+    if child is not None:
+        child.close()
     return [("error", "one compile worker: the launch compiles the kernel")] * len(jobs)
 
 

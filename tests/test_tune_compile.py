@@ -208,16 +208,19 @@ def test_a_precompiled_kernel_is_loaded_by_the_launch_not_compiled(sm90, monkeyp
     (milliseconds instead of seconds, on an idle machine)."""
     monkeypatch.setenv("MOA_COMPILE_WORKERS", "2")   # through the child process, as on a GPU machine
     cands = [_launch_args(Config(128, 64, 8, 3)), _launch_args(Config(64, 64, 4, 3))]
-    compiled = []
+    compiled, real = [], P.compile_jit
 
     def launch(k):
         fn, args, consts = cands[k % 2]
         fn[(2, 1)](*args, **consts)
 
-    def compile_jobs(jobs):
-        compiled.append(P.compile_jit(jobs))
+    def spy(jobs, child=None):
+        assert child is not None and child.proc.poll() is None   # started before the launches, waiting for jobs
+        compiled.append(real(jobs, child))
+        return compiled[-1]
 
-    assert tune.precompile(launch, 4, compile_jobs) == 2    # two kernels, each caught once
+    monkeypatch.setattr(P, "compile_jit", spy)
+    assert tune.precompile(launch, 4) == 2                   # two kernels, each caught once
     assert knobs.runtime.jit_cache_hook is None             # the hook is gone
     assert len(compiled[0]) == 2 and all(isinstance(t, float) for t in compiled[0]), compiled
     before = _files(sm90)
@@ -225,6 +228,12 @@ def test_a_precompiled_kernel_is_loaded_by_the_launch_not_compiled(sm90, monkeyp
         kernel = fn.warmup(*args, grid=(2, 1), **consts)
         assert _files(sm90) == before
         assert kernel.metadata.num_warps == consts["num_warps"]
+
+
+def test_a_child_started_ahead_and_never_used_is_ended():
+    child = P.Child()
+    child.close()
+    assert child.proc.poll() is not None and not os.path.exists(child.tmp.name)
 
 
 def test_recording_leaves_other_threads_alone(sm90):
