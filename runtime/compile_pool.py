@@ -5,8 +5,10 @@ Triton's compile holds the GIL for most of its time (the MLIR passes and the LLV
 subprocess): measured on Triton 3.9 for sm_90, two threads compile four causal kernels no faster than one thread
 (docs/runtime.md). Concurrency therefore needs processes. A batch of jobs goes to one fresh child Python
 (`python -c`: the user's __main__ is never imported again, as a spawned multiprocessing worker would, and a parent
-that initialised CUDA is never forked), which imports Triton but not torch and forks up to `workers()` compile
-processes. Nothing is started at import; a child lives for one batch.
+that initialised CUDA is never forked), which imports Triton but not torch, hashes Triton's sources (triton_key) and
+forks up to `workers()` compile processes that inherit both. Nothing is started at import; a child (`Child`) lives
+for one batch, may be started ahead of it (tune.precompile starts it before catching the launches), and ends with
+its workers when its parent is gone.
 
 Jobs are of two kinds:
 - an AOT request (runtime/aot_batch.py): aot_compile's AotReport, or ('error', message);
@@ -16,8 +18,9 @@ Jobs are of two kinds:
   A job the child cannot compile, or whose key does not match, costs nothing but time: the launch compiles it.
 
 `run_groups` schedules the jobs, in order, at most `workers` in flight, with the first-fit rule of aot_groups: a group
-stops at its first item that fits (later items are compiled only speculatively, while workers are free) and a bundle
-at its first kernel that does not. The executor is injectable (tests use threads and sleeping fakes)."""
+stops at its first item that fits (later items are compiled only speculatively, while workers are free, and only
+with 4 workers or more: `speculates`) and a bundle at its first kernel that does not. The executor is injectable
+(tests use threads and sleeping fakes)."""
 from __future__ import annotations
 
 import contextlib
