@@ -1,13 +1,19 @@
 """Predicted work of the fused backward kernels: tl.dot FLOPs, other floating-point operations, transcendentals and
-DRAM bytes loaded and stored per kernel, exact against the interpreter's counters (runtime/measure.py).
+DRAM bytes loaded and stored per kernel, exact against the interpreter's counters (runtime/measure.py). Every
+backward path is reached through `Backward.cost` (runtime/backward_cost_all.py); this module counts the two fused
+kernels of one single-branch schedule.
 
 The work of one execution of each region of a kernel (the program, one iteration of its tile loop, one visit of a
 tile the skip test keeps) is the abstract walk of its source (codegen/ledger.py); the number of executions comes
-from the schedule: every program of the dK/dV kernel iterates over all query tiles and visits those its skip test
-keeps; every program of the dQ kernel iterates over the key tiles of the forward's bounds (and visits those its
-skip test keeps, when the bounds do not imply it), each full or partial. The bytes are the lanes of every access
-site (codegen/counts.py site_lanes) over those executions. The atomic adds of the score's own reads (a bias table or
-gate) and the tiles skipped by the data (document masks) are not predicted: such programs are refused."""
+from the schedule: every program of the dK/dV kernel iterates over the query tiles its bounds allow and visits
+those its skip test keeps; every program of the dQ kernel iterates over the key tiles of the forward's bounds (and
+visits those its skip test keeps, when the bounds do not imply it), each full or partial. The bytes are the lanes
+of every access site (codegen/counts.py site_lanes) over those executions. The atomic adds of the score's own float
+reads (a bias table, a gate) are access sites too (codegen/backward.py records them, the ledger names them
+atomic{k}): one load, one store and one flop per active lane, as the interpreter counts tl.atomic_add. Where the
+kernels skip tiles by the data (document ids, global flags: per-tile min / max summaries, runtime/summaries.py),
+the skip and full tests are evaluated per batch entry and lead index on the summaries of the given data (`data=`);
+without it the prediction is refused (the tiles depend on the ids)."""
 from __future__ import annotations
 
 import itertools
@@ -207,6 +213,8 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes
     n, m = (int(sy.evaluate(x, dims)) for x in (spec.row_extent, spec.key_extent))
     lead = [int(sy.evaluate(x, dims)) for _, x in sched.lead]
     nb = math.prod(batch)
+    if not nb * math.prod(lead) * n * m:   # runtime/backward_run.py launches nothing
+        return {k.name: BackwardWork(k.name, 0, 0, 0, 0, 0, 0) for k in spec.kernels}
     cvals = backward_configs.constexprs(spec, dims, cfg)
     consts = {csym(k): v for k, v in cvals.items()}
     lengths = {"row": cfg.block_m, "key": cfg.block_n, "col": cvals["HEAD_DIM_V"],

@@ -144,6 +144,24 @@ def test_data_decides_the_tiles(launches):
     assert pred.flops < one.flops
 
 
+GQA_GATED = """dim h, g, n, d, e
+in Q[h, n, d], K[g, n, d], V[g, n, e], G[h, n]
+A[a, i, j] = where(j <= i, dot(Q[a, i], K[a // (h // g), j]) ^ 2 * exp(G[a, i] - G[a, j]), 0)
+out O[a] = normalize(A[a], axis=-1) @ V[a // (h // g)]
+"""
+
+
+@pytest.mark.parametrize("form", ["quadratic", "linear"])
+def test_heads_sharing_kv_with_a_per_head_gate(form, launches):
+    """A lead axis (K, V read by groups of heads), the gate's atomic adds at a per-head index, both forms."""
+    k = moa.compile(GQA_GATED, form=form)
+    dims = {"h": 4, "g": 2, "n": 21, "d": 4, "e": 3}
+    x = C.inputs(k.program, dims, 1)
+    pred = k.backward.cost(dims, (2,), "float64")
+    assert pred.path == {"quadratic": "fused"}.get(form, form)
+    _check(pred, _measured(k, x, launches))
+
+
 def test_data_skipping_needs_the_inputs():
     k, dims, _ = _setup("global_window")
     with pytest.raises(UnsupportedError, match="inputs="):
