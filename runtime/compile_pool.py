@@ -349,13 +349,16 @@ def compile_jit(jobs: list, child: Child | None = None) -> list:
 def recording(jobs: list):
     """Inside: a CUDA launch from this thread whose kernel is not compiled yet neither compiles nor runs: the
     specialisation is appended to `jobs` (once per kernel and key) and the launch returns at once. Launches of
-    other threads are left alone (a hook set before is called for them). Triton >= 3.3 (knobs.runtime)."""
+    other threads are left alone (a hook set before is called for them), and so is every launch once the block is
+    left, even where another thread's recording, overlapping this one, put this hook back as the one it found.
+    Triton >= 3.3 (knobs.runtime)."""
     prev = knobs.runtime.jit_cache_hook
     me = threading.get_ident()
+    on = [True]
     seen: set = set()
 
     def hook(*, key, fn, compile, **kw):
-        if threading.get_ident() != me:
+        if not on[0] or threading.get_ident() != me:
             return prev(key=key, fn=fn, compile=compile, **kw) if prev is not None else None
         job = jit_job(fn.jit_function, compile)
         if job is None:
@@ -370,7 +373,9 @@ def recording(jobs: list):
     try:
         yield jobs
     finally:
-        knobs.runtime.jit_cache_hook = prev
+        on[0] = False   # from now on the hook only passes launches on
+        if knobs.runtime.jit_cache_hook is hook:
+            knobs.runtime.jit_cache_hook = prev
 
 
 def jit_job(jit_fn, compile: dict) -> dict | None:

@@ -247,6 +247,41 @@ def test_recording_leaves_other_threads_alone(sm90):
     assert answers == [None] and jobs == []
 
 
+def test_overlapping_recordings_leave_no_hook_that_swallows_launches():
+    """Two tuning threads: A starts recording, B starts (chaining A's hook), A ends, B ends and puts back the hook it
+    found, A's. That hook must pass A's later launches on, not swallow them."""
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    hooks = {}
+
+    def a():
+        with P.recording([]):
+            hooks["a"] = knobs.runtime.jit_cache_hook
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+        hooks["a_after"] = knobs.runtime.jit_cache_hook(key="k", fn=None, compile={}) if \
+            knobs.runtime.jit_cache_hook else None
+
+    def b():
+        a_in.wait(5)
+        with P.recording([]):
+            b_in.set()
+            a_out.wait(5)
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    stale = knobs.runtime.jit_cache_hook
+    try:
+        assert stale is hooks["a"]                                  # B put back what it found
+        assert stale(key="k", fn=None, compile={}) is None        # ... and it passes launches on
+        assert hooks["a_after"] is None                            # as B's did for A's launches after A's end
+    finally:
+        knobs.runtime.jit_cache_hook = None
+
+
 # ---- real AOT compiles for sm_90 ---------------------------------------------------------------------------------
 
 def test_concurrent_aot_compiles_report_what_serial_ones_do(tmp_path, monkeypatch):
