@@ -194,12 +194,13 @@ def _elem_bytes(program, spec, dtype: str, int_bytes: int) -> dict:
     return out
 
 
-def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes: int = 8,
+def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config | dict, int_bytes: int = 8,
             data: dict | None = None) -> dict:
     """Kernel name -> BackwardWork of a backward call (runner: runtime/backward_run.py BackwardRunner; dims in the
-    program's names; batch: the call's batch shape; int_bytes: the element size of integer inputs as passed; data:
-    codegen input name -> array (batch axes first) of the integer and boolean inputs whose per-tile summaries the
-    kernels test, required when they do)."""
+    program's names; batch: the call's batch shape; cfg: the Config of both kernels, or kernel name -> Config (a GPU
+    chooses each kernel's own, runtime/backward_configs.py); int_bytes: the element size of integer inputs as
+    passed; data: codegen input name -> array (batch axes first) of the integer and boolean inputs whose per-tile
+    summaries the kernels test, required when they do)."""
     spec = runner.spec(dtype, len(batch))
     program, sched = runner.planner.cg_program, runner.sched
     b = sched.branches[0]
@@ -215,31 +216,33 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config, int_bytes
     nb = math.prod(batch)
     if not nb * math.prod(lead) * n * m:   # runtime/backward_run.py launches nothing
         return {k.name: BackwardWork(k.name, 0, 0, 0, 0, 0, 0) for k in spec.kernels}
-    cvals = backward_configs.constexprs(spec, dims, cfg)
-    consts = {csym(k): v for k, v in cvals.items()}
-    lengths = {"row": cfg.block_m, "key": cfg.block_n, "col": cvals["HEAD_DIM_V"],
-               **{hd: cvals[hd] for hd, _ in spec.head_dims}}
     nbytes = _elem_bytes(program, spec, dtype, int_bytes)
     marks = _marks(spec.source)
-    ledgers = {k.name: function_ledger(program, spec.source, k.name, k.loads + k.atomics, k.stores + k.atomics,
-                                       marks=marks, ptr_elems={ts.arg: "i" for ts in spec.summaries} or None)
-               for k in spec.kernels}
     regions = ("program", ("iter", 0), ("visit", 0), ("full", 0), ("partial", 0))
-    tot = {k.name: dict.fromkeys(("dot", "other", "trans", "loaded", "stored", *regions), 0) for k in spec.kernels}
     env0 = {d: dims[d.name] for d in program.dims}
     entries = list(itertools.product(*(range(x) for x in batch))) if is_data else [None]
     weight = 1 if is_data else nb   # the data's tiles per batch entry, else one entry for all
-    runs = None if is_data else _executions(sched, env0, n, m, cfg.block_m, cfg.block_n, tests, {})
-    for entry in entries:
-        for point in itertools.product(*(range(x) for x in lead)):   # lanes may depend on the lead (a head's bias)
-            env = {**env0, **{v: a for (v, _), a in zip(sched.lead, point)}}
-            if is_data:
-                sums = _summaries(b, env, _entry(data, entry, len(batch)), n, m, cfg.block_m, cfg.block_n)
-                runs = _executions(sched, env, n, m, cfg.block_m, cfg.block_n, tests, sums)
-            for kern in spec.kernels:
-                _count(tot[kern.name], ledgers[kern.name], runs[kern.name], env, consts, lengths, nbytes, weight)
-    return {k: BackwardWork(k, t["dot"], t["other"], t["trans"], *(t[r] for r in regions), t["loaded"], t["stored"])
-            for k, t in tot.items()}
+    out = {}
+    for kern in spec.kernels:
+        kc = cfg[kern.name] if isinstance(cfg, dict) else cfg
+        cvals = backward_configs.constexprs(spec, dims, kc)
+        consts = {csym(k): v for k, v in cvals.items()}
+        lengths = {"row": kc.block_m, "key": kc.block_n, "col": cvals["HEAD_DIM_V"],
+                   **{hd: cvals[hd] for hd, _ in spec.head_dims}}
+        led = function_ledger(program, spec.source, kern.name, kern.loads + kern.atomics, kern.stores + kern.atomics,
+                              marks=marks, ptr_elems={ts.arg: "i" for ts in spec.summaries} or None)
+        tot = dict.fromkeys(("dot", "other", "trans", "loaded", "stored", *regions), 0)
+        runs = None if is_data else _executions(sched, env0, n, m, kc.block_m, kc.block_n, tests, {})
+        for entry in entries:
+            for point in itertools.product(*(range(x) for x in lead)):   # lanes may depend on the lead (a bias row)
+                env = {**env0, **{v: a for (v, _), a in zip(sched.lead, point)}}
+                if is_data:
+                    sums = _summaries(b, env, _entry(data, entry, len(batch)), n, m, kc.block_m, kc.block_n)
+                    runs = _executions(sched, env, n, m, kc.block_m, kc.block_n, tests, sums)
+                _count(tot, led, runs[kern.name], env, consts, lengths, nbytes, weight)
+        out[kern.name] = BackwardWork(kern.name, tot["dot"], tot["other"], tot["trans"], *(tot[r] for r in regions),
+                                      tot["loaded"], tot["stored"])
+    return out
 
 
 def _entry(data: dict, entry: tuple, nbatch: int) -> dict:

@@ -14,9 +14,9 @@ import torch
 
 import moa
 from moa.errors import UnsupportedError
-from moa.runtime import backward_multi, backward_run, linear_backward, linear_run, window_backward
+from moa.runtime import backward_configs, backward_multi, backward_run, linear_backward, linear_run, window_backward
 from moa.runtime.measure import instrument
-from moa.runtime.tiling import LinearConfig
+from moa.runtime.tiling import Config, LinearConfig
 
 try:
     import grad_cases as C
@@ -159,6 +159,16 @@ def test_heads_sharing_kv_with_a_per_head_gate(form, launches):
     x = C.inputs(k.program, dims, 1)
     pred = k.backward.cost(dims, (2,), "float64")
     assert pred.path == {"quadratic": "fused"}.get(form, form)
+    _check(pred, _measured(k, x, launches))
+
+
+def test_each_kernel_its_own_tiles(monkeypatch, launches):
+    """On a GPU each fused kernel takes its own config (runtime/backward_configs.py): config= kernel -> Config."""
+    tiles = {"_attn_bwd_dkdv": Config(16, 32), "_attn_bwd_dq": Config(32, 16)}
+    monkeypatch.setattr(backward_run.BackwardRunner, "_config", lambda self, spec, kern, b, compute: (
+        tiles[kern.name], backward_configs.constexprs(spec, b.dims, tiles[kern.name])))
+    k, dims, x = _setup("document_mask", size={**SIZE, "n": 40})
+    pred = k.backward.cost(dims, (2,), "float64", inputs=_ints(x), config=tiles)
     _check(pred, _measured(k, x, launches))
 
 
