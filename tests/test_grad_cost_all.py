@@ -112,11 +112,13 @@ def test_chunked_linear_backward_is_predicted_exactly(stem, launches):
     _check(pred, _measured(k, x, launches))
 
 
-@pytest.mark.parametrize("stem, form", [("relative_bias", None), ("document_mask", None), ("pi_attention", None),
-                                        ("bla", None), ("power_gated", "linear")])
-def test_float32_is_predicted_exactly(stem, form, launches):
-    k, dims, x = _setup(stem, form, seed=1, dtype=torch.float32)
-    pred = k.backward.cost(dims, (2,), "float32", inputs=_ints(x))
+@pytest.mark.parametrize("stem, form, dtype", [("relative_bias", None, "float32"), ("document_mask", None, "bfloat16"),
+                                               ("pi_attention", None, "float32"), ("bla", None, "bfloat16"),
+                                               ("power_gated", "linear", "float32")])
+def test_float32_and_bfloat16_are_predicted_exactly(stem, form, dtype, launches):
+    """bfloat16 inputs compute in float32 in the interpreter (runtime/launch.py compute_dtype): 4-byte elements."""
+    k, dims, x = _setup(stem, form, seed=1, dtype=getattr(torch, dtype))
+    pred = k.backward.cost(dims, (2,), dtype, inputs=_ints(x))
     _check(pred, _measured(k, x, launches))
 
 
