@@ -199,3 +199,20 @@ def test_aot_sm90_linear_d64_fits():
 @pytest.mark.parametrize("stem", ["linear", "power", "power_gated"])
 def test_aot_sm90_fits(stem, d):
     _aot_fits(stem, d)
+
+
+def test_opcheck_and_gradcheck(monkeypatch):
+    """The operator with the chunked form: fake shapes and strides of the outputs and the saved Z (opcheck), and
+    finite differences (gradcheck, float64)."""
+    _chunk(monkeypatch, 16)
+    k = _compile("power_gated")
+    x = C.inputs(k.program, {"n": 7, "d": 3, "e": 2}, 0, batch=(1,))
+    names = C.float_names(k.program)
+    ts = [x[n].clone().requires_grad_() if n in names else x[n] for n in k.input_names]
+    torch.library.opcheck(torch.ops.moa.attention, (k.op_key, ts))
+
+    def f(*args):
+        return k(**{**x, **dict(zip(names, args))})
+
+    assert torch.autograd.gradcheck(f, tuple(x[n].clone().requires_grad_() for n in names))
+    assert k.backward.linear.launches["_bwd_dq"] > 0
