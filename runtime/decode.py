@@ -202,12 +202,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
             info = dataclasses.replace(info, packed_heads=sy.evaluate(packed[0].group, b.dims))
         acc[o.name] = (out, lse)
     if fused:
-        decode_merge.launch_branches(pending, b.device)
-        res = {o.name: acc[o.name][0].to(b.dtype) for o in plan.outputs if o.name not in plan.owner}
-        for ep in plan.epilogues:
-            res[ep.output] = decode_merge.run_fused(fused[ep.output], ep, acc, b, compute)
-        res = res[plan.output_names[0]] if len(plan.output_names) == 1 else \
-            {n: res[n] for n in plan.output_names}
+        res = decode_merge.finish_fused(plan, fused, acc, pending, b, compute)
     else:
         res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res

@@ -15,6 +15,7 @@ import weakref
 
 import torch
 
+from moa import dnf as D
 from moa import shard
 from moa import symbolic as sy
 from moa.codegen.splitkv import BRANCHES_KERNEL, GRID_KERNEL, LAUNCH_OPTIONS, branches_source
@@ -81,6 +82,29 @@ def batched_inputs(plan, ep, b) -> frozenset:
         if any(s != 0 and n > 1 for s, n in zip(full.stride()[:nb], full.shape[:nb])):
             out.add(name)
     return frozenset(out)
+
+
+def finish_fused(plan, fused: dict, acc: dict, pending: list, b, compute: torch.dtype):
+    """The user outputs of a call whose epilogues fuse: the branches' deferred grid launches run (together), each
+    epilogue's fused merge over its branches' partials, other outputs as merged (one output: its tensor)."""
+    launch_branches(pending, b.device)
+    res = {o.name: acc[o.name][0].to(b.dtype) for o in plan.outputs if o.name not in plan.owner}
+    for ep in plan.epilogues:
+        res[ep.output] = run_fused(fused[ep.output], ep, acc, b, compute)
+    return res[plan.output_names[0]] if len(plan.output_names) == 1 else {n: res[n] for n in plan.output_names}
+
+
+def packed_rows(plan, fused: dict) -> dict:
+    """The fused merges of a varlen call, whose rows are every sequence's rows packed: `fused` when no epilogue
+    reads a dim that differs per sequence (its lengths, offsets) or the row index as a number (a position of its
+    own sequence), so that evaluating it on the packed rows is evaluating it per sequence; else {}."""
+    local = {s.name for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1)}
+    for ep in plan.epilogues if fused else ():
+        row = ep.vars[-2]
+        if set(fused[ep.output].dims) & local or any(isinstance(x, D.Index) and row in x.expr.free_symbols
+                                                     for x in D.nodes(ep.expr)):
+            return {}
+    return fused
 
 
 def launch_branches(pending: list, device) -> None:

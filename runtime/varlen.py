@@ -12,9 +12,11 @@ from moa import shard
 from moa.codegen.splitkv import VARLEN, VARLEN_PAGED
 from moa.errors import InputError, UnsupportedError
 
+from . import decode_merge
 from .binding import bind
 from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
 from .device import check_device
+from .launch import compute_dtype
 from .ring import _results
 
 
@@ -53,17 +55,28 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     if paged:
         call = dataclasses.replace(call, mode=VARLEN_PAGED, keys=table.shape[1] * page_size, page=page_size,
                                    block_table=table.to(device=dev, dtype=torch.int32).contiguous())
+    compute = compute_dtype(b.dtype, b.device)
+    fused = {} if not plan.epilogues else decode_merge.packed_rows(plan, decode_merge.fused_epilogues(
+        block, plan, len(b.batch), torch.float64 if compute == torch.float64 else torch.float32,
+        frozenset().union(*[decode_merge.batched_inputs(plan, ep, b) for ep in plan.epilogues])))
     if plan_only:
         infos = []
         for o in plan.outputs:
             infos.append(_run_output(block, o.name, b, plan, call, splits, dry=True)[1])
             splits = infos[-1].splits
-        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos), branch_sources=())
+        deferred = tuple((k, x.branch_sources[0]) for k, (o, x) in enumerate(zip(plan.outputs, infos))
+                         if plan.owner.get(o.name) in fused)
+        return dataclasses.replace(infos[0], specs=tuple(x.specs[0] for x in infos), branch_sources=deferred)
     acc, info = {}, None
+    pending = [] if fused else None   # the branches' grid kernels in one launch, merged with the epilogue
     for o in plan.outputs:
-        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits)
+        keep = plan.owner.get(o.name) in fused
+        acc[o.name], info = _run_output(block, o.name, b, plan, call, splits, merge=not keep,
+                                        defer=pending if keep else None)
         splits = info.splits
-    if plan.epilogues:   # several branches (PiAttention): the epilogue per sequence, on its own rows and dims
+    if fused:   # the epilogue on the packed rows, in the merge (runtime/decode_merge.py)
+        res = decode_merge.finish_fused(plan, fused, acc, pending, b, compute)
+    elif plan.epilogues:   # the epilogue per sequence, on its own rows and dims, with torch ops
         res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist(), paged)
     else:
         res = _finish(kernel, plan, block, acc, b, nq, inputs)

@@ -19,7 +19,8 @@ from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
 from .decode import _global, _plan, decode_config
-from .decode_cost import DecodeCost, _lse_counts, merge_counts
+from .decode_cost import DecodeCost, _fused, _lse_counts, merge_counts
+from .decode_merge import fused_counts, packed_rows
 from .decode_summaries import varlen_key_positions
 from .device import cdiv
 from .tiling import head_dims, row_programs
@@ -117,10 +118,22 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
                                               so.branches[0].kind == "norm", dtype, device, splits)):
                 extra[k] += v
     merge = 0
+    fused = packed_rows(plan, _fused(block, plan, batch, dtype))   # the epilogue fused into the merge
     for o in plan.outputs if splits > 1 else ():
+        if plan.owner.get(o.name) in fused:
+            continue
         so = block.planner.schedules[o.name]
         counts = merge_counts(splits, z * nq, sy.evaluate(so.col[1], cdims), so.branches[0].kind == "norm", dtype,
                               device)
+        merge += sum(counts[2:])
+        for k, v in enumerate(counts):
+            extra[k] += v
+    for ep in plan.epilogues if fused else ():   # one fused merge per epilogue over every packed row
+        so = block.planner.schedules[ep.branches[0]]
+        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind == "norm"
+                                                      for b in ep.branches), splits, z * nq,
+                              sy.evaluate(so.col[1], cdims), bd0, shard.epilogue_program(plan, ep).input_map, dtype,
+                              on_cpu)
         merge += sum(counts[2:])
         for k, v in enumerate(counts):
             extra[k] += v

@@ -4,11 +4,14 @@ value G read as a key bias G[j] in the scores and as the gate G[i] in the epilog
 runtime/varlen.py must take such an input's query side at the sequence's query offsets (cu_seqlens_q) and its
 travelling key copy at the key offsets (cu_seqlens_k): it read the key copy's name as an unknown role (KeyError)
 and the query side at the key offsets before. Float64 in the interpreter, against separate per-sequence calls
-(1e-12), with cu_seqlens_q equal to and different from cu_seqlens_k, key splits, pages."""
+(1e-12), with cu_seqlens_q equal to and different from cu_seqlens_k, key splits, pages; through both epilogue
+paths of a varlen call: fused into the merge over the packed rows (runtime/decode_merge.py), and per sequence
+with torch ops for a gate without a fused form (`sign`)."""
 import pytest
 import torch
 
 import moa
+from moa.runtime import decode_merge, ring
 
 D = 16
 F64 = torch.float64
@@ -34,6 +37,19 @@ L[i, j] = where(j <= i + m - n and i + m - n - j < 10, S[i, j], -inf)
 A[i, j] = where(j <= i + m - n, S[i, j], -inf)
 out O[i] = sigmoid(gq[i]) * (softmax(L[i], axis=-1) @ V) + (1 - sigmoid(gq[i])) * (softmax(A[i], axis=-1) @ V)
 """
+
+
+def _compile(two_dim: bool, path: str = "fused"):
+    """The program; path "torch": its gate through `sign`, which has no fused form, so a varlen call evaluates the
+    epilogue per sequence with torch ops (runtime/varlen._finish_per_sequence) instead of in the fused merge."""
+    src = GATED_TWO_DIM if two_dim else GATED_DOC
+    if path == "torch":
+        src = src.replace("sigmoid(gq[i])", "sigmoid(sign(gq[i]))").replace("sigmoid(dot(Q[i], wg)",
+                                                                             "sigmoid(sign(dot(Q[i], wg))")
+    k = moa.compile(src)
+    plan, block = ring.block_kernel(k)
+    assert (decode_merge.why_not(block, plan) is None) == (path == "fused")
+    return k
 
 
 def _inputs(lq, lk, two_dim: bool, seed=0):
@@ -71,11 +87,12 @@ CASES = [([5, 150, 17, 1], [5, 150, 17, 1]),         # cu_seqlens_q == cu_seqlen
          ([2, 1, 0, 17], [150, 9, 0, 30])]            # fewer queries than keys (decoding, an empty sequence)
 
 
+@pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("two_dim", [False, True])
 @pytest.mark.parametrize("lq,lk", CASES)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_varlen_epilogue_equals_separate_calls(two_dim, lq, lk, splits):
-    k = moa.compile(GATED_TWO_DIM if two_dim else GATED_DOC)
+def test_varlen_epilogue_equals_separate_calls(path, two_dim, lq, lk, splits):
+    k = _compile(two_dim, path)
     x, cq, ck = _inputs(lq, lk, two_dim)
     got, st = k.varlen(cq, ck, splits=splits, stats=True, **x)
     assert st.splits == splits
@@ -95,11 +112,12 @@ def _paged(t, lk, perm):
     return pool
 
 
+@pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("two_dim", [False, True])
 @pytest.mark.parametrize("lq,lk", CASES)
-def test_paged_varlen_epilogue_equals_separate_calls(two_dim, lq, lk):
+def test_paged_varlen_epilogue_equals_separate_calls(path, two_dim, lq, lk):
     """Keys (and the key side of G, doc) in shuffled pages: the query side of G is gathered through the table."""
-    k = moa.compile(GATED_TWO_DIM if two_dim else GATED_DOC)
+    k = _compile(two_dim, path)
     x, cq, ck = _inputs(lq, lk, two_dim)
     perm = torch.randperm(len(lk) * PAGES, generator=torch.Generator().manual_seed(1))
     keyed = ("K", "V", "kb") if two_dim else ("K", "V", "G", "doc")
@@ -134,3 +152,29 @@ def test_decode_epilogue_with_inputs_read_by_both_indices():
         pools[n] = pool
     got = k.decode(Q=q, wg=x["wg"], **pools, block_table=table, page_size=P, cache_len=lens)
     assert (got - want).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_varlen_fused_merge_counted_exactly(splits):
+    """varlen_cost counts the fused merge over the packed rows (at one split too) as the instrumented interpreter
+    executes it: PiAttention with heads as a batch axis, and the gated document program with its ids (inputs=),
+    fewer queries than keys; the visited tiles of the branches' one launch too."""
+    from moa.runtime.decode_measure import measure_varlen
+    from moa.runtime.varlen_cost import varlen_cost
+
+    def same(k, x, lq, lk, batch=(), data=None):
+        cq, ck = torch.tensor([0] + lq).cumsum(0), torch.tensor([0] + lk).cumsum(0)
+        got = measure_varlen(k, x, cq, ck, splits=splits)
+        p = varlen_cost(k, cq, ck, splits=splits, dtype="fp64", device="cpu", batch=batch, inputs=data, d=D, e=D)
+        assert (got.flops, got.transcendentals, got.dram_bytes_loaded, got.dram_bytes_stored, got.tiles_visited) \
+            == (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored, p.tiles_visited)
+
+    pi = moa.compile("examples/pi_attention.moa", k=20, s=7)
+    lens = [1, 40, 0, 130]
+    g = torch.Generator().manual_seed(7)
+    x = {n: torch.randn(2, sum(lens), D, generator=g, dtype=F64) for n in ("Q", "K", "V")}
+    same(pi, dict(x, wg=torch.randn(D, generator=g, dtype=F64)), lens, lens, batch=(2,))
+    k = _compile(False)
+    lq, lk = [2, 1, 0, 17], [150, 9, 0, 30]
+    x, _, _ = _inputs(lq, lk, False)
+    same(k, x, lq, lk, data={"doc": x["doc"]})
