@@ -55,7 +55,8 @@ class DecodeStats:
     predicted_seconds: float | None = None
     packed_heads: int = 1     # query heads per tile row group (GQA packing; 1: not packed)
     specs: tuple = dataclasses.field(default=(), repr=False, compare=False)   # plan_only: each output's kernel
-    # plan_only: (output index, grid kernel source) of the outputs whose grids run in one launch (the branches)
+    # plan_only: (output index, grid kernel source) of the outputs whose grids run in one launch (the branches);
+    # one output's dry stats (_run_output(dry=True)): (its grid kernel source,)
     branch_sources: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
 
