@@ -41,8 +41,8 @@ Kernels (one module with the forward's three, whose _chunk_out also stores Z per
 Saved and recomputed: the forward stores Z per row (as the quadratic form's saved normaliser, the same slot and
 shape); the prefix states S, z are recomputed by the forward's _chunk_state and _chunk_scan in the backward rather
 than stored: they are O(n D e / C) in the accumulator dtype (p = 2, d = e = 64, C = 64: 2080 x 64 x 4 B = 530 KB per
-chunk, 2x the size of K and V together in fp32), cost one state pass to recompute, and storing them would change the
-operator's saved values by the form.
+chunk of 64 rows, 16x the size of those rows' K and V together in fp32), cost one state pass to recompute, and storing
+them would make the operator's saved values depend on the form.
 """
 from __future__ import annotations
 
