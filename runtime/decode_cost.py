@@ -181,7 +181,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
 
 def _fused(block, plan, batch: tuple, dtype: str) -> dict:
     """The fused merges a decode runs (runtime/decode_merge.py), with the epilogue's query-side inputs read per
-    batch index and its replicated inputs (a gate's weights) shared by the batch, as passed without batch axes."""
+    batch index and its replicated inputs (a gate's weights) shared by the batch (as passed without batch axes;
+    decode_merge.batched_inputs)."""
     if not plan.epilogues:
         return {}
     batched = frozenset(n for n, (r, _) in plan.roles.items() if r != shard.REPLICATED) if batch else frozenset()

@@ -70,7 +70,10 @@ def _source(block, plan, ep, nbatch: int, acc: torch.dtype, batched: frozenset):
 
 
 def batched_inputs(plan, ep, b) -> frozenset:
-    """The epilogue's inputs whose bound tensors vary along the call's batch axes (non-zero batch strides)."""
+    """The epilogue's inputs read at each row's batch index: the query side (rows of the call, which a decode
+    with valid lengths gathers per batch index), and a replicated input (a gate's weights) whose bound tensor
+    varies along the batch axes (non-zero batch strides); the cost model (decode_cost._fused) takes the same rule
+    with replicated inputs shared."""
     nb = len(b.batch)
     out = set()
     for node in shard.epilogue_program(plan, ep).inputs:
@@ -79,7 +82,8 @@ def batched_inputs(plan, ep, b) -> frozenset:
         if name in ep.branches or t is None or not nb:
             continue
         full = t.expand(*b.batch, *t.shape[t.dim() - len(node.shape):])
-        if any(s != 0 and n > 1 for s, n in zip(full.stride()[:nb], full.shape[:nb])):
+        if plan.roles.get(name, (shard.REPLICATED,))[0] != shard.REPLICATED or \
+                any(s != 0 and n > 1 for s, n in zip(full.stride()[:nb], full.shape[:nb])):
             out.add(name)
     return frozenset(out)
 

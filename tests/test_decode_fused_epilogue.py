@@ -198,3 +198,16 @@ def test_branches_launch_and_fused_merge_fit_sm90():
     for rep, ok, why in out.values():
         assert ok, why
         assert rep.spills == 0
+
+
+def test_fused_merge_of_inputs_shared_by_the_batch_counted_exactly():
+    """G (read by both indices, in the gate) and doc passed once for both batch indices: the fused merge reads the
+    query side per row all the same (the model's rule), and the count stays exact."""
+    k = moa.compile(GATED_DOC)
+    m = 96
+    x = dict(Q=_rand(2, NQ, D), K=_rand(2, m, D, seed=1), V=_rand(2, m, D, seed=2), G=_rand(m, seed=3),
+             wg=_rand(D, seed=4), doc=torch.arange(m) // 30)
+    full = k(**dict(x, Q=_rand(2, m, D, seed=5).index_copy(1, torch.arange(m - NQ, m), x["Q"])))
+    assert (k.decode(**x, splits=3) - full[:, -NQ:]).abs().max().item() <= 1e-12
+    _same(measure(k, x, splits=3), decode_cost(k, NQ, m, splits=3, dtype="fp64", device="cpu", batch=(2,),
+                                               inputs={"doc": x["doc"]}, d=D, e=D))
