@@ -6,9 +6,9 @@ subprocess): measured on Triton 3.9 for sm_90, two threads compile four causal k
 (docs/runtime.md). Concurrency therefore needs processes. A batch of jobs goes to one fresh child Python
 (`python -c`: the user's __main__ is never imported again, as a spawned multiprocessing worker would, and a parent
 that initialised CUDA is never forked), which imports Triton but not torch, hashes Triton's sources (triton_key) and
-forks up to `workers()` compile processes that inherit both. Nothing is started at import; a child (`Child`) lives
-for one batch, may be started ahead of it (tune.precompile starts it before catching the launches), and ends with
-its workers when its parent is gone.
+forks up to `workers()` compile processes that inherit both. Nothing is started at import. A child (`Child`) serves
+one batch, or every batch of a `with Child():` block (tune.precompile starts one before catching the launches: it
+serves the AOT checks they make, then the JIT jobs), and ends with its workers when its parent is gone.
 
 Jobs are of two kinds:
 - an AOT request (runtime/aot_batch.py): aot_compile's AotReport, or ('error', message);
@@ -24,6 +24,7 @@ with 4 workers or more: `speculates`) and a bundle at its first kernel that does
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import linecache
@@ -219,10 +220,13 @@ def aot_compile(req: dict):
         return ("error", e.message)
 
 
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("moa_compile_child", default=None)
+
+
 class Child:
     """A compile child, started ahead: it imports Triton and hashes Triton's sources (0.9 s together, measured) while
-    the caller still prepares the jobs, then waits for them on its standard input. `run` hands them over and
-    returns the results; `close` ends a child that got none."""
+    the caller still prepares the jobs, then serves batches (`run`) read from its standard input until it is closed.
+    Inside `with Child() as c:` the batches of this thread (in_child: AOT checks too) go to c."""
 
     def __init__(self):
         env = dict(os.environ)
@@ -231,35 +235,60 @@ class Child:
         cache = _triton_cache_dir()
         if cache:
             env["TRITON_CACHE_DIR"] = cache   # the JIT jobs must land where this process's JIT looks
-        self.tmp = tempfile.TemporaryDirectory(prefix="moa-compile-")
-        self.resp = os.path.join(self.tmp.name, "resp.pkl")
+        self.err = tempfile.TemporaryFile()
         script = "import moa.runtime.compile_pool as c; c._child_main()"
-        self.proc = subprocess.Popen([sys.executable, "-c", script, self.resp], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err)
+        self.token = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and not self.proc.stdin.closed
 
     def run(self, groups: list, first_fit: bool, n: int, speculate: bool = True) -> list:
         """run_groups in the child with n forked compile processes; AotReports come back as AotReports."""
         try:
-            _, err = self.proc.communicate(pickle.dumps((groups, first_fit, n, speculate)))
-            if not os.path.exists(self.resp):
-                tail = " ".join(err.decode(errors="replace").strip().splitlines()[-3:])
-                raise UnsupportedError(f"AOT compile process failed: {tail[:600]}")
-            with open(self.resp, "rb") as f:
-                raw = pickle.load(f)
-        finally:
+            pickle.dump((groups, first_fit, n, speculate), self.proc.stdin)
+            self.proc.stdin.flush()
+            raw = pickle.load(self.proc.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
             self.close()
+            self.err.seek(0)
+            tail = " ".join(self.err.read().decode(errors="replace").strip().splitlines()[-3:]) or repr(e)
+            raise UnsupportedError(f"AOT compile process failed: {tail[:600]}") from None
         return [[thaw(r) for r in g] for g in raw]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        """End the child (it exits at the end of its input; killed if it does not within 2 s)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.tmp.cleanup()
+        with contextlib.suppress(OSError):
+            self.proc.stdout.close()
+
+    def __enter__(self):
+        self.token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self.token)
+        self.close()
 
 
 def in_child(groups: list, first_fit: bool, n: int, speculate: bool = True) -> list:
-    """run_groups in a fresh Python with n forked compile processes (Child)."""
-    return Child().run(groups, first_fit, n, speculate)
+    """run_groups in a child with n forked compile processes: this thread's active Child, else a new one."""
+    child = _ACTIVE.get()
+    if child is not None and child.alive:
+        return child.run(groups, first_fit, n, speculate)
+    child = Child()
+    try:
+        return child.run(groups, first_fit, n, speculate)
+    finally:
+        child.close()
 
 
 def freeze(res):
@@ -280,21 +309,27 @@ def thaw(raw):
 
 
 def _child_main():
-    resp_path = sys.argv[1]
+    """Serve batches from standard input until its end; the responses go to the original standard output, while
+    fd 1 (inherited by the workers: Triton prints there) goes to /dev/null."""
+    proto = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     with contextlib.suppress(Exception):
         triton_key()   # while the parent prepares the jobs; the forked workers inherit it
-    groups, first_fit, n, speculate = pickle.load(sys.stdin.buffer)   # EOF (the parent is gone): exits
-    if n > 1:
-        _warm(groups)
-    pool = ForkPool(n) if n > 1 else None
-    _watch_parent(pool)
-    try:
-        out = run_groups(groups, compile_job, job_fits, first_fit, pool, n, speculate)
-    finally:
-        if pool is not None:
-            pool.close()
-    with open(resp_path, "wb") as f:
-        pickle.dump([[freeze(r) for r in g] for g in out], f)
+    while True:
+        try:
+            groups, first_fit, n, speculate = pickle.load(sys.stdin.buffer)
+        except EOFError:   # closed, or the parent is gone
+            return
+        if n > 1:
+            _warm(groups)
+        pool = ForkPool(n) if n > 1 else None
+        stop = _watch_parent(pool)
+        try:
+            out = run_groups(groups, compile_job, job_fits, first_fit, pool, n, speculate)
+        finally:
+            stop()
+        pickle.dump([[freeze(r) for r in g] for g in out], proto)
+        proto.flush()
 
 
 def _warm(groups: list) -> None:
@@ -310,19 +345,29 @@ def _warm(groups: list) -> None:
         make_backend(target).hash()
 
 
-def _watch_parent(pool) -> None:
-    """End the child and its compile processes when the parent that waits for them is gone (killed, interrupted):
-    no orphan keeps compiling."""
-    parent = os.getppid()
+def _watch_parent(pool):
+    """While a batch compiles: end the child and its compile processes when the parent that waits for them is gone
+    (killed, interrupted), so that no orphan keeps compiling. Returns the function that ends the batch (the pool
+    and the watch; no thread is left when the next batch forks)."""
+    parent, done = os.getppid(), threading.Event()
 
     def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
+        while not done.wait(0.5):
+            if os.getppid() != parent:
+                if pool is not None:
+                    pool.close()
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def stop():
+        done.set()
+        thread.join()
         if pool is not None:
             pool.close()
-        os._exit(1)
 
-    threading.Thread(target=watch, daemon=True).start()
+    return stop
 
 
 def _triton_cache_dir() -> str | None:
@@ -333,14 +378,14 @@ def _triton_cache_dir() -> str | None:
 
 def compile_jit(jobs: list, child: Child | None = None) -> list:
     """Compile JIT jobs (`recording`) into Triton's cache, on workers(len(jobs)) processes (in `child`, one started
-    ahead, else a new one); per job its compile seconds or ('error', message). With one worker nothing is compiled
+    ahead, else in_child's); per job its compile seconds or ('error', message). With one worker nothing is compiled
     here: the launches compile their kernels as they come, which is the same work."""
     n = workers(len(jobs))
-    if n > 1:
-        return (child or Child()).run([jobs], False, n)[0]
-    if child is not None:
-        child.close()
-    return [("error", "one compile worker: the launch compiles the kernel")] * len(jobs)
+    if n <= 1:
+        return [("error", "one compile worker: the launch compiles the kernel")] * len(jobs)
+    if child is not None and child.alive:
+        return child.run([jobs], False, n)[0]
+    return in_child([jobs], False, n)[0]
 
 
 # ---- JIT jobs --------------------------------------------------------------------------------------------------

@@ -200,20 +200,18 @@ def precompile(launch, n: int, compile_jobs=None) -> int:
     """Compile the kernels of n candidates before they are timed, concurrently: launch(k) runs candidate k once with
     Triton's JIT compile caught (compile_pool.recording: a kernel not compiled yet neither compiles nor runs), then
     compile_jobs(jobs) compiles the kernels caught (default compile_pool.compile_jit: compile processes writing
-    Triton's on-disk cache, their child started before the launches, so that its start overlaps them). A candidate
+    Triton's on-disk cache, their child started before the launches, so that its start overlaps them, and serving
+    the AOT checks the launches make, e.g. the linear form's fit). A candidate
     whose launch fails is left to the timing. Returns the number of kernels caught."""
     jobs: list = []
-    child = P.Child() if compile_jobs is None and P.workers(n) > 1 else None   # starts while the jobs are caught
-    try:
+    # the child starts while the jobs are caught, and serves the AOT checks made meanwhile (the linear form's)
+    with P.Child() if compile_jobs is None and P.workers(n) > 1 else contextlib.nullcontext() as child:
         with P.recording(jobs):
             for k in range(n):
                 with contextlib.suppress(Exception):   # noqa: BLE001  (the timing skips a candidate that cannot run)
                     launch(k)
         if jobs:
             (compile_jobs or (lambda js: P.compile_jit(js, child)))(jobs)
-    finally:
-        if child is not None:
-            child.close()
     return len(jobs)
 
 

@@ -233,7 +233,22 @@ def test_a_precompiled_kernel_is_loaded_by_the_launch_not_compiled(sm90, monkeyp
 def test_a_child_started_ahead_and_never_used_is_ended():
     child = P.Child()
     child.close()
-    assert child.proc.poll() is not None and not os.path.exists(child.tmp.name)
+    assert child.proc.poll() is not None and not child.alive
+
+
+def test_a_child_serves_the_batches_of_its_block(tmp_path, monkeypatch):
+    """Inside `with Child()`, in_child's batches (the AOT checks made while the launches are caught) go to that one
+    process, one batch after the other; it ends with the block."""
+    monkeypatch.setenv("MOA_CACHE_DIR", str(tmp_path))
+    k = moa.compile("examples/causal.moa")
+    reqs = [r for _, _, r in configs.fit_plan(k.planner, "O", "bf16", {"n": 4096, "d": 64, "e": 64})][:2]
+    with P.Child() as child:
+        first = P.in_child([[reqs[0]]], False, 1)
+        second = P.in_child([[reqs[1]]], False, 1)
+        assert child.alive
+    assert not child.alive and P._ACTIVE.get() is None
+    assert (first[0][0].block_m, second[0][0].block_m) == (reqs[0]["block_m"], reqs[1]["block_m"])
+    assert first[0][0].spills == 0 == second[0][0].spills
 
 
 def test_recording_leaves_other_threads_alone(sm90):
