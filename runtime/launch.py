@@ -108,9 +108,9 @@ class Launcher:
 
             rec = tune.choose(key, [c.key for c in cands], lambda k: timer(lambda: launch(k)),
                               prepare if b.device.type == "cuda" else None)
+            spent = (0.0, 0.0) if rec.cached else (rec.compile_seconds, rec.tune_seconds)   # by this process
             self._tuned[memo] = dataclasses.replace(cands[rec.choice], measured_seconds=rec.seconds,
-                                                    compile_seconds=rec.compile_seconds,
-                                                    tune_seconds=rec.tune_seconds)
+                                                    compile_seconds=spent[0], tune_seconds=spent[1])
         return self._tuned[memo]
 
     def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None,

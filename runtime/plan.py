@@ -42,8 +42,8 @@ class Plan:
     predictions: tuple = ()    # schedule_cost.Prediction of every legal schedule (tiled family), if several
     measured_seconds: float | None = None    # the time a GPU measured when it tuned this call's bucket
     predicted_seconds: float | None = None   # the cost model's time (Kernel.plan fills it in)
-    compile_seconds: float | None = None     # tuning's first call: the candidates' compiles (runtime/tune.py)
-    tune_seconds: float | None = None        # tuning's first call: timing the candidates
+    compile_seconds: float | None = None     # tuning in this process: the candidates' compiles (runtime/tune.py)
+    tune_seconds: float | None = None        # tuning in this process: timing them (0, 0: read from the cache)
 
     @property
     def label(self) -> str:

@@ -163,3 +163,7 @@ def test_a_call_tunes_its_bucket_with_every_candidate_correct(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: pytest.fail("re-timed"))
     k.launcher._tuned.clear()
     assert k.launcher.tuned("O", b).key == labels[3]     # from the record, not re-timed
+    tune.clear_memory()
+    k.launcher._tuned.clear()
+    again = k.launcher.tuned("O", b)                        # from the disk: this process spent nothing on it
+    assert again.key == labels[3] and (again.compile_seconds, again.tune_seconds) == (0.0, 0.0)
