@@ -37,8 +37,8 @@ def _derived(program: Program, dnf_outputs) -> list:
         out += [f"{name}_ptr", f"off_{name}"] + [f"stride_{name}_{k}" for k in range(8)] + \
             [f"stride_{name}_z{k}" for k in range(8)]
     out += [f"dim_{d.name}" for d in program.dims]
-    for o in dnf_outputs:
-        out += [f"idx_{v.name}" for v in o.vars[:-2]]
+    # a leading index shared by several outputs (the branches of one output) is one name, not a collision
+    out += sorted({f"idx_{v.name}" for o in dnf_outputs for v in o.vars[:-2]})
     return out
 
 

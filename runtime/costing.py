@@ -47,7 +47,7 @@ def _compute_dtype(dtype: str, on_cpu: bool) -> str:
 def _elem_bytes(planner, sched, compute: str, index_dtype: str) -> dict:
     out = {}
     ib = torch.empty(0, dtype=getattr(torch, index_dtype)).element_size()
-    for node in planner.program.inputs:
+    for node in planner.cg_program.inputs:
         name = node.attrs[0]
         out[name] = DTYPE_BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else ib
     out[sched.output] = DTYPE_BYTES[compute]
@@ -58,7 +58,7 @@ def _elem_bytes(planner, sched, compute: str, index_dtype: str) -> dict:
 def launch_specs(planner, compute: str, nbatch: int, configs: dict, scheds: dict, dims: dict | None = None) -> dict:
     """Output name -> the generated tiled kernel the cost model counts (in the program's own names), specialised
     to the head dims as a launch at `dims` is (tiling.exact_heads)."""
-    return {name: generate(planner.program, scheds[name], compute, nbatch, cfg.block_m, cfg.block_n, False,
+    return {name: generate(planner.cg_program, scheds[name], compute, nbatch, cfg.block_m, cfg.block_n, False,
                            exact_heads(planner.schedules[name], dims) if dims else frozenset())
             for name, cfg in configs.items()}
 
@@ -128,12 +128,13 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     _check_dims(planner.program, dims)
     if any(d.name not in dims for d in planner.program.dims):
         return _symbolic(planner, dtype, dev, compute, config, math.prod(batch), index_dtype, dims)
+    dims, inputs = _codegen_names(planner, dims, inputs)
     kinds = {name: planner.run_kind(name, dims if as_called else None, None if on_cpu else device, dtype)
              for name in planner.output_names}
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
                                      fit and config is None and dev is not None)
     specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)
-    data = _data(planner.program, inputs, dims, batch)
+    data = _data(planner, inputs, dims, batch)
     t = _Totals()
     for name in planner.output_names:
         sched = planner.schedules[name]
@@ -157,7 +158,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
             t.launches += 3
         else:
             eb.update({ts.arg: eb[ts.tensor] for ts in specs[name].summaries})
-            counts = CN.predict(planner.program, scheds[name], specs[name], dims, batch, eb, needed=needed,
+            counts = CN.predict(planner.cg_program, scheds[name], specs[name], dims, batch, eb, needed=needed,
                                 data=data)
             chip = CN.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute], 8 if compute == "float64" else 4,
                                    configs[name].num_stages)
@@ -169,24 +170,40 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     return _report(t, planner, kinds, configs, dev, dtype, needed)
 
 
-def _data(program, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
-    """The integer and boolean inputs given to the cost model, as numpy arrays of shape batch + their own shape."""
+def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict | None]:
+    """dims and inputs in the names code generation sees (the planner's schedules and the generated kernels use
+    them: user names are replaced where their renamed forms could collide, codegen/names.py)."""
+    cg = planner.codegen
+    dims = {c: dims[u] for c, u in cg.dims.items()}
+    if inputs:
+        user = {u: c for c, u in cg.inputs.items()}
+        nodes = planner.program.input_map
+        for name in inputs:
+            node = nodes.get(name)
+            if node is None or node.dtype == ir.FLOAT:
+                kind = "not an input" if node is None else "a float input"
+                raise InputError(f"cost(inputs=...): {name!r} is {kind}; the cost model reads the integer and "
+                                 "boolean inputs of masks "
+                                 f"({', '.join(n for n, v in nodes.items() if v.dtype != ir.FLOAT)})")
+        inputs = {user[n]: x for n, x in inputs.items()}
+    return dims, inputs
+
+
+def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
+    """The integer and boolean inputs given to the cost model (code-generation names), as numpy arrays of shape
+    batch + their own shape."""
     if not inputs:
         return None
-    nodes = program.input_map
+    nodes, back = planner.cg_program.input_map, planner.codegen.inputs
     out = {}
-    for name, x in inputs.items():
-        node = nodes.get(name)
-        if node is None or node.dtype == ir.FLOAT:
-            kind = "not an input" if node is None else "a float input"
-            raise InputError(f"cost(inputs=...): {name!r} is {kind}; the cost model reads the integer and boolean "
-                             f"inputs of masks ({', '.join(n for n, v in nodes.items() if v.dtype != ir.FLOAT)})")
+    for cg, x in inputs.items():
+        node, name = nodes[cg], back[cg]   # the user's name, for messages
         a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         want = tuple(batch) + tuple(sy.evaluate(e, dims) for e in node.shape)
         if a.shape != want:
             raise InputError(f"cost(inputs=...): {name} has shape {tuple(a.shape)}; at these dims and batch it is "
                              f"{want}")
-        out[name] = a
+        out[cg] = a
     return out
 
 
@@ -210,7 +227,7 @@ def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, 
 def _add_eager(t: _Totals, planner, name, sched, dims, dtype, dev, nb) -> None:
     """The unfused PyTorch plan of one output, op by op, into the totals (and its roofline time on `dev`)."""
     plan = C.eager_plan(sched, DTYPE_BYTES[dtype], nb)
-    env = {d: dims[d.name] for d in planner.program.dims}
+    env = {d: dims[d.name] for d in planner.cg_program.dims}
     t.eager_dram += int(plan.dram_bytes.xreplace(env))
     t.eager_inter += int(plan.intermediate_bytes.xreplace(env))
     t.eager_flops += int(plan.flops.xreplace(env))
@@ -262,7 +279,7 @@ def _window_counts(planner, name, dims, batch, dtname, eb, needed) -> tuple[C.Co
     sched = planner.schedules[name]
     launch = window_launch(planner, name, dtname, len(batch))
     cv = CL.window_consts(sched, dims)
-    env = {d: dims[d.name] for d in planner.program.dims}
+    env = {d: dims[d.name] for d in planner.cg_program.dims}
     counts = CL.total_counts([launch], sched, env, cv, {**eb, "out": eb[sched.output]}, math.prod(batch))
     if needed:
         n = sy.evaluate(sched.row[1], dims)
@@ -279,7 +296,7 @@ def _hbm_bytes(planner, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
     if dev is None:
         return counts.dram_bytes
     size = {}
-    for node in planner.program.inputs:
+    for node in planner.cg_program.inputs:
         name = node.attrs[0]
         size[name] = math.prod(sy.evaluate(s, dims) for s in node.shape) * nb * eb[name]
     instances = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
@@ -293,7 +310,9 @@ def _hbm_bytes(planner, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
 # ---- formulas (no dims) -------------------------------------------------------------------------------------
 
 def _symbolic(planner, dtype, dev, compute, config, nb, index_dtype, dims) -> tuple[CostReport, Breakdown]:
-    given = {d: dims[d.name] for d in planner.program.dims if d.name in dims}
+    names = planner.codegen.dims   # codegen dim -> user dim: the formulas are written back in the user's names
+    user = {d: sp.Symbol(names[d.name], **d.assumptions0) for d in planner.cg_program.dims}
+    given = {d: dims[names[d.name]] for d in planner.cg_program.dims if names[d.name] in dims}
     totals: dict = {}
     eager = {"dram": sp.Integer(0), "inter": sp.Integer(0), "flops": sp.Integer(0)}
     cfg = config or Config(128, 64)
@@ -313,7 +332,7 @@ def _symbolic(planner, dtype, dev, compute, config, nb, index_dtype, dims) -> tu
             launches += 3
         else:
             eb.update({ts.arg: eb[ts.tensor] for ts in specs[name].summaries})
-            f = CS.predict_symbolic(planner.program, scheds[name], specs[name], eb, nb)
+            f = CS.predict_symbolic(planner.cg_program, scheds[name], specs[name], eb, nb)
             if config is not None:
                 sub = {BLOCK_M: config.block_m, BLOCK_N: config.block_n}
                 f = {k: v.xreplace(sub) for k, v in f.items()}
@@ -324,8 +343,8 @@ def _symbolic(planner, dtype, dev, compute, config, nb, index_dtype, dims) -> tu
         eager["dram"] += plan.dram_bytes
         eager["inter"] += plan.intermediate_bytes
         eager["flops"] += plan.flops
-    totals = {k: v.xreplace(given) for k, v in totals.items()}
-    eager = {k: v.xreplace(given) for k, v in eager.items()}
+    totals = {k: v.xreplace(given).xreplace(user) for k, v in totals.items()}
+    eager = {k: v.xreplace(given).xreplace(user) for k, v in eager.items()}
     if dev is not None:
         seconds, _, parts = C.roofline(totals["dot_flops"], totals["flops"] - totals["dot_flops"],
                                        totals["transcendentals"], totals["dram_bytes"], dev, dtype,

@@ -77,7 +77,7 @@ def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, dev
     chunk, block_f = tiles or chunk_config(torch.device(device), n, nfeat)
     cv = {CHUNK: chunk, csym("BLOCK_F"): block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
     launches = linear_launches(planner, name, dtname, len(batch), device)
-    env = {x: dims[x.name] for x in planner.program.dims}
+    env = {x: dims[x.name] for x in planner.cg_program.dims}
     nb = math.prod(batch)
     counts = CL.total_counts(launches, sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb)
     counts.tiles_needed = counts.tiles_visited

@@ -356,6 +356,12 @@ def test_colliding_pairs_of_user_names(template, a, b):
     call = {x.replace("{A}", a).replace("{B}", b): torch.randn(2, *lead, 9, 5, generator=g, dtype=torch.float64)
             for x in ins}
     run_and_compare(k, call)
+    # the cost model reads the renamed schedules with the user's dims and writes formulas in the user's names
+    size = {x.name: v for x, v in zip(k.program.dims, (7, 5, 3))}
+    got = k.cost(device="cpu", dtype="fp64", **size)
+    want = kn.cost(device="cpu", dtype="fp64", **{x.name: v for x, v in zip(kn.program.dims, (7, 5, 3))})
+    assert (got.flops, got.dram_bytes, got.tiles_visited) == (want.flops, want.dram_bytes, want.tiles_visited)
+    assert {x.name for x in k.cost().flops.free_symbols} & set(k.planner.codegen.dims) <= set(size)
 
 
 @pytest.mark.parametrize("name,role,cls,fragment", REJECTED,
