@@ -92,7 +92,7 @@ def linear_backward_reason(program: Program, lp: LinearPlan) -> str | None:
 
 
 class _ChunkedBackward(_Chunked):
-    """The forward's emitter (its helpers, inputs and sites) with the four backward kernels."""
+    """The forward's emitter (its helpers, inputs and sites) with the five backward kernels."""
 
     def __init__(self, program: Program, lp: LinearPlan, dtype: str, nbatch: int):
         super().__init__(program, lp, dtype, nbatch)
@@ -346,7 +346,7 @@ class _ChunkedBackward(_Chunked):
 
 
 def generate_chunked_backward(program: Program, lp: LinearPlan, dtype: str, nbatch: int) -> ChunkedBackwardSpec:
-    """One module: the forward's three kernels (_chunk_out also storing Z per row) and the four backward kernels."""
+    """One module: the forward's three kernels (_chunk_out also storing Z per row) and the five backward kernels."""
     return _ChunkedBackward(program, lp, dtype, nbatch).spec()
 
 

@@ -1,5 +1,5 @@
 """Launching the chunked linear form's backward (codegen/chunked_backward.py): the training forward (the forward's
-three kernels, _chunk_out also storing Z per row) and the four backward kernels, one module.
+three kernels, _chunk_out also storing Z per row) and the five backward kernels, one module.
 
 Which form a call that needs gradients runs is the forward's rule (Planner.run_kind with the call's dims: `form=`
 when forced, else the smaller predicted time of moa/linear.py's form costs); the quadratic fused backward
@@ -72,7 +72,7 @@ class LinearBackward:
 
     def _config(self, b: Binding, dtname: str, phase: str) -> LinearConfig:
         """The LinearConfig of a phase ("forward": the training forward's three kernels; "backward": the states
-        recomputed and the four backward kernels, whose chunks must agree)."""
+        recomputed and the five backward kernels, whose chunks must agree)."""
         n = int(sy.evaluate(self.lp.schedule.row[1], b.dims))
         if b.device.type != "cuda":
             if INTERPRETER_CONFIG is not None:
