@@ -68,10 +68,13 @@ class Backward:
             return None
         return LinearBackward(self.k.planner, self.k.output_names[0], self.runner)
 
-    def uses_linear(self, b) -> bool:
-        """Whether a call (binding b) runs the chunked form forward and backward: the form the forward would run
-        (Planner.run_kind with the call's dims; `form=` when forced), where the chunked backward exists."""
-        return self.linear is not None and self.k.planner.run_kind(self.k.output_names[0], b.dims) == LINEAR
+    def uses_linear(self, b, phase: str = "backward") -> bool:
+        """Whether a call (binding b) runs the chunked form in a phase ("forward": storing Z, "backward"): the form
+        the forward would run (Planner.run_kind with the call's dims; `form=` when forced), where the chunked
+        backward exists and, on CUDA, a config of the phase fits the device (else the quadratic kernels run: the
+        saved Z is the same in both forms)."""
+        return self.linear is not None and self.k.planner.run_kind(self.k.output_names[0], b.dims) == LINEAR and \
+            self.linear.fits(b, phase)
 
     @cached_property
     def multi(self) -> MultiBranchBackward | None:
@@ -107,7 +110,7 @@ class Backward:
         """(outputs, saved values) of a call, by the fused forward kernels."""
         k = self.k
         b = k.bind(named)
-        if self.uses_linear(b):
+        if self.uses_linear(b, "forward"):
             out, z = self.linear.forward(b)
             return [out], [z]
         if self.runner is not None:

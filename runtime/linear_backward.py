@@ -85,6 +85,16 @@ class LinearBackward:
                                        b.dims, cuda_target(b.device), phase)[0]
         return self._chosen[key]
 
+    def fits(self, b: Binding, phase: str) -> bool:
+        """Whether a phase of a call has a config (always in the interpreter; on CUDA one that fits the device). A
+        phase without one runs the quadratic kernels: the saved Z means the same in both forms."""
+        b = self.planner.cg_binding(b)
+        try:
+            self._config(b, DTYPE_NAME[compute_dtype(b.dtype, b.device)], phase)
+        except UnsupportedError:
+            return False
+        return True
+
     def _d(self, dims) -> int:
         return int(sy.evaluate(self.lp.branch.dot.extent, dims))
 

@@ -13,6 +13,7 @@ import torch
 
 import moa
 from moa.codegen.chunked_backward import BACKWARD_KERNELS, linear_backward_reason
+from moa.errors import UnsupportedError
 from moa.runtime import aot, backward_run, linear_backward
 from moa.runtime.tiling import LinearConfig
 
@@ -216,3 +217,20 @@ def test_opcheck_and_gradcheck(monkeypatch):
 
     assert torch.autograd.gradcheck(f, tuple(x[n].clone().requires_grad_() for n in names))
     assert k.backward.linear.launches["_bwd_dq"] > 0
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_a_phase_without_a_config_runs_the_quadratic_kernels(phase, monkeypatch):
+    """Where no config of a phase fits (CUDA), that phase runs the quadratic kernels: the saved Z means the same
+    in both forms, so a chunked forward feeds the quadratic backward and the other way round."""
+    real = linear_backward.LinearBackward._config
+
+    def config(self, b, dtname, ph):
+        if ph == phase:
+            raise UnsupportedError("no config fits (test)")
+        return real(self, b, dtname, ph)
+
+    monkeypatch.setattr(linear_backward.LinearBackward, "_config", config)
+    _chunk(monkeypatch, 16)
+    k, _ = _check("power_gated", {"n": 37, "d": 5, "e": 3}, 1e-10, seed=9)
+    assert bool(k.backward.linear.launches) == (phase == "forward")
