@@ -138,7 +138,7 @@ class FormCost:
 
 
 def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int = 4, block_m: int = 128,
-               block_n: int = 64, chunk: int = 64, block_f: int = 64) -> dict:
+               block_n: int = 64, chunk: int = 64, block_f: int = 64, training: bool = False) -> dict:
     """FLOPs and DRAM bytes of the quadratic (tiled, causal) and chunked linear forms for concrete dims,
     counted on padded tiles like the generated kernels (HD, HV: head dims padded to powers of two >= 16).
 
@@ -148,6 +148,7 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
                state kernel T F C (2 HV + p + 2), prefix 2 T F (HV + 1), output T F C (2 HV + p + 2) plus the
                intra-chunk part C^2 (2 HD + 2 HV + p + 4); states written once, read-modified-written once
                and read once in the accumulator dtype.
+    training: the forward plus the backward of each form (`backward_costs`).
     """
     def pad(x):
         return max(16, 1 << max(0, x - 1).bit_length())
@@ -170,10 +171,42 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     l_flops = t * F * chunk * (4 * hv + 2 * lp.p + 4) + 2 * t * F * (hv + 1) \
         + t * chunk * chunk * (2 * (hd + hv) + lp.p + 4)
     l_bytes = elem_bytes * (2 * n * d + 2 * n * e) + acc_bytes * t * D * (e + 1) * 4
+    if training:
+        bq, bl = backward_costs(lp, n, d, e, tiles, elem_bytes, acc_bytes, block_m, block_n, chunk, block_f)
+        q_flops, q_bytes, l_flops, l_bytes = q_flops + bq[0], q_bytes + bq[1], l_flops + bl[0], l_bytes + bl[1]
     return {
         "quadratic": FormCost("quadratic", zl * q_flops, zl * q_bytes, acc_bytes * block_m * hv),
         "linear": FormCost("linear", zl * l_flops, zl * l_bytes, acc_bytes * block_f * hv),
     }
+
+
+def backward_costs(lp: LinearPlan, n: int, d: int, e: int, tiles: int, elem_bytes: int, acc_bytes: int,
+                   block_m: int, block_n: int, chunk: int, block_f: int) -> tuple:
+    """((FLOPs, bytes) of the quadratic backward, (FLOPs, bytes) of the chunked backward) of one leading index,
+    leading order, on padded tiles like the generated kernels (their tl.dot FLOPs are these exactly).
+
+    quadratic: per visited tile, dK/dV 4 BM BN (HD + HV) (S, dP, dV, dK) and dQ BM BN (2 HV + 2 HD + 2 HD [p >= 2:
+               the score's partial needs S]); reads Q, dO per visited tile, K, V per visited tile, writes dQ, dK, dV.
+    linear:    per chunk and feature, 2 HV for the recomputed state, the suffix state, dK, dV and dQ, plus p one-hot
+               dots of 2 HD for the features' adjoint in dK and dQ (p >= 2); per chunk C^2 (10 HD + 6 HV) intra;
+               each of five kernels reads the chunk's inputs per feature tile; states written, scanned (read and
+               written) and read for the prefix and the suffix.
+    """
+    def pad(x):
+        return max(16, 1 << max(0, x - 1).bit_length())
+
+    hd, hv, p = pad(d), pad(e), lp.p
+    q_dots = tiles * block_m * block_n * (4 * (hd + hv) + 2 * hv + 2 * hd + (2 * hd if p >= 2 else 0))
+    q_other = tiles * block_m * block_n * (p + 10)
+    q_bytes = elem_bytes * (tiles * (block_m + block_n) * (d + e) + 2 * n * (d + e)) + acc_bytes * n * (2 * d + e)
+    t = -(-n // chunk)
+    D = lp.features(d)
+    F = -(-D // block_f) * block_f
+    one_hot = 2 * hd * p if p >= 2 else 0
+    l_dots = t * F * chunk * (10 * hv + 2 * one_hot) + t * chunk * chunk * (10 * hd + 6 * hv)
+    l_other = 5 * t * F * chunk * (p + 2) + 4 * t * F * (hv + 1)
+    l_bytes = elem_bytes * 5 * (F // block_f) * n * (d + e) + acc_bytes * (9 * t * D * (e + 1) + n * (2 * d + e))
+    return (q_dots + q_other, q_bytes), (l_dots + l_other, l_bytes)
 
 
 def predicted_seconds(c: FormCost, peak_flops: float, bandwidth: float) -> float:

@@ -62,7 +62,7 @@ class Backward:
     @cached_property
     def linear(self) -> LinearBackward | None:
         """The chunked linear form's backward kernels (runtime/linear_backward.py) of an output that has the linear
-        form and fused kernels; a call uses them when the forward's rule picks the linear form (`uses_linear`)."""
+        form and fused kernels; a call uses them when the training form choice picks the linear form (`uses_linear`)."""
         lp = self.k.planner.linear_plans[self.k.output_names[0]][0] if self.runner is not None else None
         if lp is None or linear_backward_reason(self.k.planner.cg_program, lp) is not None:
             return None
@@ -70,10 +70,11 @@ class Backward:
 
     def uses_linear(self, b, phase: str = "backward") -> bool:
         """Whether a call (binding b) runs the chunked form in a phase ("forward": storing Z, "backward"): the form
-        the forward would run (Planner.run_kind with the call's dims; `form=` when forced), where the chunked
-        backward exists and, on CUDA, a config of the phase fits the device (else the quadratic kernels run: the
-        saved Z is the same in both forms)."""
-        return self.linear is not None and self.k.planner.run_kind(self.k.output_names[0], b.dims) == LINEAR and \
+        a training call runs (Planner.run_kind with the call's dims and training=True: the form whose forward plus
+        backward is predicted faster; `form=` when forced), where the chunked backward exists and, on CUDA, a config
+        of the phase fits the device (else the quadratic kernels run: the saved Z is the same in both forms)."""
+        return self.linear is not None and \
+            self.k.planner.run_kind(self.k.output_names[0], b.dims, training=True) == LINEAR and \
             self.linear.fits(b, phase)
 
     @cached_property

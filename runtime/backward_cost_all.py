@@ -8,7 +8,7 @@ them (runtime/measure.py).
            codegen/counts.py as the forward's cost) and its two fused kernels (`branch{k}/_attn_bwd_*`); the
            epilogue's gradient is evaluated in float64 on the CPU (torch, no kernel: no counted work)
   window   window mixing (bla): its two kernels (runtime/window_backward_cost.py)
-  linear   the chunked linear form, where the forward's rule picks it (runtime/backward_cost_linear.py)
+  linear   the chunked linear form, where the training form choice picks it (runtime/backward_cost_linear.py)
 
 The tiles are the ones a call in the interpreter takes (runtime/backward_run.py INTERPRETER_BLOCKS or the
 forward's choice), or `config=` (a GPU's fitted config is chosen ahead of time per kernel: pass it). Torch's own
@@ -89,7 +89,7 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
                          Config(*(2 * (window_default(int(sy.evaluate(spec.row_extent, cg_dims))).block_m,))))
         got = window_backward_cost.predict(r, cg_dims, batch, compute, cfg)
         return BackwardCost("window", {n: work_of(n, c) for n, c in got.items()})
-    if bw.linear is not None and planner.run_kind(k.output_names[0], dims) == "linear":
+    if bw.linear is not None and planner.run_kind(k.output_names[0], dims, training=True) == "linear":
         return backward_cost_linear.cost(bw.linear, cg_dims, batch, compute, config)
     if bw.runner is not None:
         r = bw.runner

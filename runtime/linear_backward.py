@@ -1,8 +1,9 @@
 """Launching the chunked linear form's backward (codegen/chunked_backward.py): the training forward (the forward's
 three kernels, _chunk_out also storing Z per row) and the five backward kernels, one module.
 
-Which form a call that needs gradients runs is the forward's rule (Planner.run_kind with the call's dims: `form=`
-when forced, else the smaller predicted time of moa/linear.py's form costs); the quadratic fused backward
+Which form a call that needs gradients runs is Planner.run_kind with the call's dims and training=True (`form=` when
+forced, else the smaller predicted time of the forward plus the backward, moa/linear.py's form costs); the quadratic
+fused backward
 (runtime/backward_run.py) runs where it picks the quadratic form or where `linear_backward_reason` refuses. The saved
 value is the same in both (Z per row, the accumulation dtype), so the operator's saved values do not depend on it.
 

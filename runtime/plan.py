@@ -199,8 +199,10 @@ class Planner:
         return forced[0] if forced else self.schedules[name]
 
     # ---- the form and the kernel family --------------------------------------------------------------------------
-    def choose_form(self, name: str, dims: dict, device: str = "h100", dtype: str = "bf16") -> str:
-        """The form run for one output: forced by `form=`, else the one with the smaller predicted time."""
+    def choose_form(self, name: str, dims: dict, device: str = "h100", dtype: str = "bf16",
+                    training: bool = False) -> str:
+        """The form run for one output: forced by `form=`, else the one with the smaller predicted time (training:
+        of the forward and the backward together, as a call that needs gradients runs both)."""
         lp, why = self.linear_plans[name]
         if self.form == "linear":
             if lp is None:
@@ -209,13 +211,13 @@ class Planner:
         if self.form == "quadratic" or lp is None:
             return "quadratic"
         peak, bw = device_roofline(device, dtype)
-        c = linear.form_costs(lp, dims)
+        c = linear.form_costs(lp, dims, training=training)
         return min(c, key=lambda f: linear.predicted_seconds(c[f], peak, bw))
 
-    def run_kind(self, name: str, dims: dict | None, device=None, dtype=None) -> str:
+    def run_kind(self, name: str, dims: dict | None, device=None, dtype=None, training: bool = False) -> str:
         """The kernel family an output runs: WINDOW (codegen/window.py), LINEAR (codegen/chunked.py) or TILED
         (codegen/emit.py). dims None: the family without a call (tiled unless forced); device/dtype None: as a
-        call decides (h100, bf16 prediction)."""
+        call decides (h100, bf16 prediction); training: the form of a call that also runs the backward."""
         if self.is_window(name):
             return WINDOW
         if self.form == "linear":
@@ -224,8 +226,8 @@ class Planner:
         if self.form == "quadratic" or dims is None:
             return TILED
         try:
-            form = self.choose_form(name, dims) if device is None else \
-                self.choose_form(name, dims, device=str(device), dtype=dtype)
+            form = self.choose_form(name, dims, training=training) if device is None else \
+                self.choose_form(name, dims, device=str(device), dtype=dtype, training=training)
         except (UnsupportedError, KeyError):
             return TILED
         return LINEAR if form == "linear" else TILED

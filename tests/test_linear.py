@@ -14,9 +14,11 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 import moa
-from moa.linear import crossover, feature_table, form_costs, plan
+from moa.linear import backward_costs, crossover, feature_table, form_costs, plan
 from moa.runtime.linear_eval import linear_reference
 from moa.runtime.measure import instrument
+from moa.runtime.plan import device_roofline
+from moa.runtime.tiling import Config, LinearConfig
 
 import oracles
 
@@ -223,3 +225,37 @@ def test_cost_report_names_the_form():
     forced = moa.compile("examples/power_gated.moa", form="quadratic").cost(dtype="bf16", device="h100",
                                                                           n=1 << 17, d=64, e=64)
     assert forced.form == "quadratic" and forced.flops > long.flops
+
+
+@pytest.mark.parametrize("example", ["power", "linear", "power_gated"])
+def test_training_form_costs_follow_the_backward_kernels(example):
+    """moa/linear.py backward_costs (the planner's training form choice) against the exact counts of the generated
+    backward kernels of both forms (k.backward.cost), at the tiles it assumes: FLOPs within 3%, bytes within 25%."""
+    kl = moa.compile(f"examples/{example}.moa", form="linear")
+    kq = moa.compile(f"examples/{example}.moa", form="quadratic")
+    lp = kl.planner.linear_plans["O"][0]
+    n, d = 300, 64
+    dims = {"n": n, "d": d, "e": d}
+    exact_l = kl.backward.cost(dims, dtype="float32", config=LinearConfig(64, 64))
+    exact_q = kq.backward.cost(dims, dtype="float32", config=Config(128, 64))
+    assert (exact_l.path, exact_q.path) == ("linear", "fused")
+    tiles = sum(min(-(-n // 64), ((r + 1) * 128 - 1) // 64 + 1) for r in range(-(-n // 128)))
+    model_q, model_l = backward_costs(lp, n, d, d, tiles, 4, 4, 128, 64, 64, 64)
+    for (flops, nbytes), exact in ((model_q, exact_q), (model_l, exact_l)):
+        assert abs(flops / exact.flops - 1) < 0.03, (flops, exact.flops)
+        assert abs(nbytes / (exact.bytes_loaded + exact.bytes_stored) - 1) < 0.25
+
+
+def test_training_form_choice_counts_the_backward():
+    """A call that needs gradients picks the form whose forward plus backward is predicted faster: linear attention
+    at d = 64 trains in the chunked form from n = 897 (its forward alone from 1153)."""
+    k = moa.compile("examples/linear.moa")
+    lp = k.planner.linear_plans["O"][0]
+    peak, bw = device_roofline("h100", "bf16")
+    fwd, train = (crossover(lp, {"d": 64, "e": 64}, peak, bw, training=t) for t in (False, True))
+    assert train < fwd
+    dims = {"n": 1000, "d": 64, "e": 64}   # between the two (the choice is not monotone just past a tile boundary)
+    assert k.planner.run_kind("O", dims) == "tiled" and k.planner.run_kind("O", dims, training=True) == "linear"
+    assert k.backward.cost(dims, dtype="float32").path == "linear"
+    c = form_costs(lp, dims, training=True)
+    assert c["quadratic"].flops > form_costs(lp, dims)["quadratic"].flops

@@ -134,15 +134,16 @@ def test_heads_sharing_kv_with_a_per_head_gate(monkeypatch):
     assert k.backward.linear.launches["_bwd_dq"] == 1
 
 
-def test_form_choice_is_the_forwards(monkeypatch):
-    """form=None: the forward's rule (moa/linear.py's predicted times; at d = e = 4 the linear form wins from
-    n = 129): n = 37 trains through the quadratic kernels, n = 130 through the chunked ones; both exact."""
+def test_form_choice_of_training(monkeypatch):
+    """form=None: the training form choice (moa/linear.py's predicted times of forward plus backward; at d = e = 4
+    the linear form wins from about n = 129 either way): n = 37 trains through the quadratic kernels, n = 130
+    through the chunked ones; both exact."""
     _chunk(monkeypatch, 32)
     for n, linear in ((37, False), (130, True)):
         k = _compile("power", None)
         x = C.inputs(k.program, {"n": n, "d": 4, "e": 4}, 3)
         assert k.backward.uses_linear(k.bind(x)) == linear
-        assert k.planner.run_kind("O", k.bind(x).dims) == ("linear" if linear else "tiled")
+        assert k.planner.run_kind("O", k.bind(x).dims, training=True) == ("linear" if linear else "tiled")
         _check("power", {"n": n, "d": 4, "e": 4}, 1e-10, form=None, seed=3)
     kq = _compile("power", "quadratic")
     assert not kq.backward.uses_linear(kq.bind(x))
