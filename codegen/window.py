@@ -52,35 +52,11 @@ class _Window(_Chunked):
         mx = b.mix
         i, n = s.row
         c, e = s.col
-        j, r = b.var, mx.var
-        n_c, e_c = self.ix(n), self.ix(e)
-        hd_ok = f"(offs_head_dim[None, :] < {self.ix(mx.kext)})"
+        r = mx.var
+        e_c = self.ix(e)
         body = ["    start_m = tl.program_id(0)"]
         pro = self.prologue(1)
-        body += ["    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)", "    offs_w = tl.arange(0, W_PAD)",
-                 "    offs_head_dim = tl.arange(0, HEAD_DIM)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
-                 f"    row_ok = offs_m < {n_c}", f"    w_ext = {self.ix(mx.extent)}  # window hops r < w_ext",
-                 f"    j_ext = {self.ix(b.extent)}  # slots j < j_ext"]
-        a = self.emit(mx.a, {i: "offs_m[:, None]", mx.kvar: "offs_head_dim[None, :]"}, body)
-        body += [f"    a = tl.where(row_ok[:, None] & {hd_ok}, {a}, 0.0)",
-                 f"    H = tl.zeros([BLOCK_M, W_PAD], dtype={self.acc})",
-                 "    for r in range(0, w_ext):  # hop r: row i meets key row i - r (one diagonal, no wasted pair)"]
-        inner: list = []
-        bb = self.emit(mx.b, {i: "offs_m[:, None]", r: "r", mx.kvar: "offs_head_dim[None, :]"}, inner)
-        inner += [f"    bk = tl.where(row_ok[:, None] & {hd_ok}, {bb}, 0.0)", "    h = tl.sum(a * bk, 1)"]
-        if mx.guard is not None:
-            g = self.emit(mx.guard, {i: "offs_m", r: "r"}, inner)
-            inner.append(f"    h = tl.where({g}, h, 0.0)")
-        inner.append("    H = tl.where(offs_w[None, :] == r, h[:, None], H)")
-        body += ["    " + ln for ln in inner]
-        wm = self.emit(mx.weight, {j: "offs_w[:, None]", r: "offs_w[None, :]"}, body)
-        body += [f"    Wm = tl.where((offs_w[:, None] < j_ext) & (offs_w[None, :] < w_ext), {wm}, 0.0)  # w[j, r]",
-                 f"    qk{self.em.sfx(0)} = tl.dot(H, tl.trans(Wm){self.dot_kw})  # mixed scores [BLOCK_M, slots]"]
-        smap = {i: "offs_m[:, None]", j: "offs_w[None, :]"}
-        score = self._score(b.score, smap, body)
-        valid = "(offs_w[None, :] < j_ext)"
-        if b.mask is not None:
-            valid = f"{self.emit(b.mask, smap, body)} & {valid}"
+        valid, score = self.mixed_scores(body)
         body.append(f"    s = tl.where({valid}, {score}, float(\"-inf\"))")
         mo = Monoid("softmax", "", self.acc)   # one tile of slots: one step of the online softmax
         scope = Scope(body, "    ")
@@ -109,6 +85,45 @@ class _Window(_Chunked):
                          (sp.Lt(i, n, evaluate=False), sp.Lt(c, e, evaluate=False)))
         return WindowSpec(src, tuple(self.em.used_inputs), tuple(d.name for d in self.p.dims), self.nbatch,
                           tuple(self.em.loads), (out,))
+
+    def hops(self, body: list, inner: list) -> None:
+        """The loop over the window hops around `inner`."""
+        body.append("    for r in range(0, w_ext):  # hop r: row i meets key row i - r (one diagonal, no wasted pair)")
+        body += ["    " + ln for ln in inner]
+
+    def mixed_scores(self, body: list) -> tuple[str, str]:
+        """A program's rows, hop scores H [BLOCK_M, W_PAD] and mixed scores qk = H w^T (the forward's and the
+        backward's): the slots' validity and score expressions."""
+        s = self.s
+        b = s.branches[0]
+        mx = b.mix
+        i, n = s.row
+        j, r = b.var, mx.var
+        hd_ok = f"(offs_head_dim[None, :] < {self.ix(mx.kext)})"
+        body += ["    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)", "    offs_w = tl.arange(0, W_PAD)",
+                 "    offs_head_dim = tl.arange(0, HEAD_DIM)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
+                 f"    row_ok = offs_m < {self.ix(n)}", f"    w_ext = {self.ix(mx.extent)}  # window hops r < w_ext",
+                 f"    j_ext = {self.ix(b.extent)}  # slots j < j_ext"]
+        rows = {i: "offs_m[:, None]", mx.kvar: "offs_head_dim[None, :]"}
+        a = self.emit(mx.a, rows, body)
+        body += [f"    a = tl.where(row_ok[:, None] & {hd_ok}, {a}, 0.0)",
+                 f"    H = tl.zeros([BLOCK_M, W_PAD], dtype={self.acc})"]
+        inner: list = []
+        bb = self.emit(mx.b, {**rows, r: "r"}, inner)
+        inner += [f"    bk = tl.where(row_ok[:, None] & {hd_ok}, {bb}, 0.0)", "    h = tl.sum(a * bk, 1)"]
+        if mx.guard is not None:
+            inner.append(f"    h = tl.where({self.emit(mx.guard, {i: 'offs_m', r: 'r'}, inner)}, h, 0.0)")
+        inner.append("    H = tl.where(offs_w[None, :] == r, h[:, None], H)")
+        self.hops(body, inner)
+        wm = self.emit(mx.weight, {j: "offs_w[:, None]", r: "offs_w[None, :]"}, body)
+        body += [f"    Wm = tl.where((offs_w[:, None] < j_ext) & (offs_w[None, :] < w_ext), {wm}, 0.0)  # w[j, r]",
+                 f"    qk{self.em.sfx(0)} = tl.dot(H, tl.trans(Wm){self.dot_kw})  # mixed scores [BLOCK_M, slots]"]
+        smap = {i: "offs_m[:, None]", j: "offs_w[None, :]"}
+        score = self._score(b.score, smap, body)
+        valid = "(offs_w[None, :] < j_ext)"
+        if b.mask is not None:
+            valid = f"{self.emit(b.mask, smap, body)} & {valid}"
+        return valid, score
 
     def _score(self, e, smap, body) -> str:
         """The score with its MixTile placeholder bound to the mixed tile (emitted as the score tile qk)."""

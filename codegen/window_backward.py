@@ -169,10 +169,6 @@ class _WindowBackward(_Window):
         return (f"{name}_ptr + zl.to(tl.int64) * stride_{name}_z + {rows} * stride_{name}_0 + {lane} * "
                 f"stride_{name}_1", f"{row_ok} & {lane_ok}")
 
-    def hops(self, body: list, inner: list) -> None:
-        body.append("    for r in range(0, w_ext):")
-        body += ["    " + ln for ln in inner]
-
     def dq_kernel(self):
         s = self.s
         b = s.branches[0]
@@ -180,35 +176,14 @@ class _WindowBackward(_Window):
         i, n = s.row
         c, e = s.col
         j, r, kv = b.var, mx.var, mx.kvar
-        n_c, e_c = self.ix(n), self.ix(e)
+        e_c = self.ix(e)
         hd_ok = f"(offs_head_dim[None, :] < {self.ix(mx.kext)})"
         v_ok = f"(offs_v[None, :] < {e_c})"
+        rows, smap = {i: "offs_m[:, None]", kv: "offs_head_dim[None, :]"}, {i: "offs_m[:, None]", j: "offs_w[None, :]"}
         first = len(self.em.loads)
         body = ["    start_m = tl.program_id(0)"]
         pro = self.prologue(1)
-        body += ["    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)", "    offs_w = tl.arange(0, W_PAD)",
-                 "    offs_head_dim = tl.arange(0, HEAD_DIM)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
-                 f"    row_ok = offs_m < {n_c}", f"    w_ext = {self.ix(mx.extent)}  # window hops r < w_ext",
-                 f"    j_ext = {self.ix(b.extent)}  # slots j < j_ext"]
-        rows = {i: "offs_m[:, None]", kv: "offs_head_dim[None, :]"}
-        a = self.emit(mx.a, rows, body)
-        body += [f"    a = tl.where(row_ok[:, None] & {hd_ok}, {a}, 0.0)",
-                 f"    H = tl.zeros([BLOCK_M, W_PAD], dtype={self.acc})"]
-        inner: list = []
-        bb = self.emit(mx.b, {**rows, r: "r"}, inner)
-        inner += [f"    bk = tl.where(row_ok[:, None] & {hd_ok}, {bb}, 0.0)", "    h = tl.sum(a * bk, 1)"]
-        if mx.guard is not None:
-            inner.append(f"    h = tl.where({self.emit(mx.guard, {i: 'offs_m', r: 'r'}, inner)}, h, 0.0)")
-        inner.append("    H = tl.where(offs_w[None, :] == r, h[:, None], H)  # the forward's hop scores")
-        self.hops(body, inner)
-        wm = self.emit(mx.weight, {j: "offs_w[:, None]", r: "offs_w[None, :]"}, body)
-        body += [f"    Wm = tl.where((offs_w[:, None] < j_ext) & (offs_w[None, :] < w_ext), {wm}, 0.0)  # w[j, r]",
-                 f"    qk{self.em.sfx(0)} = tl.dot(H, tl.trans(Wm){self.dot_kw})  # mixed scores M [BLOCK_M, slots]"]
-        smap = {i: "offs_m[:, None]", j: "offs_w[None, :]"}
-        score = self._score(b.score, smap, body)
-        valid = "(offs_w[None, :] < j_ext)"
-        if b.mask is not None:
-            valid = f"{self.emit(b.mask, smap, body)} & {valid}"
+        valid, score = self.mixed_scores(body)   # the forward's hop scores and mixed scores M
         body += [f"    valid = {valid}", f"    s = tl.where(valid, {score}, float(\"-inf\"))",
                  "    m_row = tl.max(s, 1)",
                  "    m_row = tl.where(m_row == float(\"-inf\"), 0.0, m_row)  # a row without an admissible slot",
