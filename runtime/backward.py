@@ -140,7 +140,7 @@ class Backward:
             back = k.planner.codegen.inputs
             fused = self.multi.grads(b, cotangents[0], k.launcher)
             grads = {back[name]: g for name, g in fused.items()}
-            grads.update({n: torch.zeros(t.shape, dtype=torch.float64) for n, t in b.tensors.items()
+            grads.update({n: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for n, t in b.tensors.items()
                           if n not in grads and k.program.input_map[n].dtype == ir.FLOAT})
         rest = [n.attrs[0] for n in k.program.inputs if n.dtype == ir.FLOAT and n.attrs[0] not in grads]
         if rest:

@@ -3,10 +3,10 @@ mixing two softmax branches): O[i, c] = E(o_0[i, c], o_1[i, c], ..., the epilogu
 
 Each branch is recomputed alone by the forward kernel of its single-branch schedule (codegen/backward.py
 `branch_schedule`), which stores its o_k and lse_k (or Z_k); the epilogue E, a DNF expression over (lead, i, c) with
-the branch values as reads, is differentiated by the gradient rules (moa/grad.py) and evaluated in float64 on the
-CPU, giving the
-cotangent of each branch, dO_k = dO dE/do_k, and the gradients of the inputs E reads itself (the gate's Q and wg);
-then each branch's fused backward kernels (runtime/backward_run.py) give its Q, K, V gradients for dO_k."""
+the branch values as reads, is differentiated by the gradient rules (moa/grad.py) and evaluated in float64 where
+the tensors are (torch on the GPU, no copy to the host), giving the cotangent of each branch, dO_k = dO dE/do_k,
+and the gradients of the inputs E reads itself (the gate's Q and wg); then each branch's fused backward kernels
+(runtime/backward_run.py) give its Q, K, V gradients for dO_k."""
 from __future__ import annotations
 
 import math
@@ -82,13 +82,13 @@ class MultiBranchBackward:
         return out, lse
 
     def _epilogue(self, b: Binding, values: list, d_out: torch.Tensor) -> dict:
-        """Name -> gradient (batch + shape, float64, CPU) of every float input and branch value through the
-        epilogue: its gradient DNF (moa/grad.py, the branch values as extra arrays) evaluated for the cotangent
-        d_out (runtime/dnf_eval.py)."""
-        cpu = {n: t.detach().cpu() for n, t in b.tensors.items()}
-        extra = {n: o.detach().cpu().to(F64) for n, (o, _) in zip(self.value_names, values)}
-        extra[self.grad_program.cotangents[self.epilogue.name]] = d_out.detach().cpu().to(F64)
-        ev = _GradEval(self.planner.cg_program, Binding(b.dims, b.batch, b.dtype, torch.device("cpu"), cpu), extra)
+        """Name -> gradient (batch + shape, float64, on the call's device) of every float input and branch value
+        through the epilogue: its gradient DNF (moa/grad.py, the branch values as extra arrays) evaluated for the
+        cotangent d_out (runtime/dnf_eval.py), where the tensors are (O(n e) work: no copy to the host)."""
+        ins = {n: t.detach() for n, t in b.tensors.items()}
+        extra = {n: o.detach().to(F64) for n, (o, _) in zip(self.value_names, values)}
+        extra[self.grad_program.cotangents[self.epilogue.name]] = d_out.detach().to(F64)
+        ev = _GradEval(self.planner.cg_program, Binding(b.dims, b.batch, b.dtype, b.device, ins), extra)
         res = {}
         for g in self.grad_program.grads:
             exts = [int(sy.evaluate(x, b.dims)) for x in g.extents]
@@ -104,7 +104,7 @@ class MultiBranchBackward:
         got = self._epilogue(b, values, d_out)
         res = {n: got.pop(n) for n in list(got) if n not in self.value_names}
         for k, (runner, (o, lse)) in enumerate(zip(self.runners, values)):
-            for n, g in runner.grads(b_user, o, lse, got[self.value_names[k]].to(b.device)).items():
-                g = g.to(F64).cpu()
+            for n, g in runner.grads(b_user, o, lse, got[self.value_names[k]]).items():
+                g = g.to(F64)
                 res[n] = g if n not in res else res[n] + g
         return res

@@ -23,6 +23,7 @@ CHUNK = 16  # key-axis chunk of the online-softmax evaluation
 class _DnfEval:
     def __init__(self, program: Program, b: Binding):
         self.p, self.b = program, b
+        self.dev = b.device   # every tensor made here lives where the inputs do (the GPU's, for the epilogue)
         self.nb = len(b.batch)
         self.inputs = {}
         for name, node in program.input_map.items():
@@ -47,7 +48,7 @@ class _DnfEval:
         n = len(active)
         for k, (v, ext, chunk) in enumerate(active):
             shape = [1] * n
-            rng = torch.arange(ext, dtype=torch.int64) if chunk is None else chunk
+            rng = torch.arange(ext, dtype=torch.int64, device=self.dev) if chunk is None else chunk
             shape[k] = rng.numel()
             env[v] = rng.reshape(shape)
         for d in self.p.dims:
@@ -60,10 +61,10 @@ class _DnfEval:
 
     def e_Const(self, e, active, guard):
         dt = torch.bool if e.dtype == ir.BOOL else torch.int64 if e.dtype == ir.INT else F64
-        return self.full(torch.tensor(e.value, dtype=dt), active)
+        return self.full(torch.tensor(e.value, dtype=dt, device=self.dev), active)
 
     def e_Index(self, e, active, guard):
-        v = torch.as_tensor(ieval(e.expr, self.env(active)))
+        v = torch.as_tensor(ieval(e.expr, self.env(active)), device=self.dev)
         v = v.to(torch.int64) if not v.is_floating_point() else v.to(F64)
         return self.full(v, active)
 
@@ -74,17 +75,22 @@ class _DnfEval:
         idx = []
         shape = torch.broadcast_shapes(*(torch.as_tensor(ieval(i, env)).shape for i in e.index)) if e.index else ()
         for k, i in enumerate(e.index):
-            v = torch.as_tensor(ieval(i, env), dtype=torch.int64)
+            v = torch.as_tensor(ieval(i, env), dtype=torch.int64, device=self.dev)
             v = v.expand(shape) if v.dim() else v.expand(shape) if shape else v
             bad = (v < 0) | (v >= own[k])
             if guard is not None:
                 bad = bad & self._vars_guard(guard, bad.shape, len(active))
-            if bool(torch.as_tensor(bad).any()):
-                raise InputError(f"index out of range: {e.name}[{', '.join(sy.show(x) for x in e.index)}] reads "
-                                 f"axis {k} (extent {own[k]}) outside 0..{own[k] - 1}; guard it with where(...)")
+            self.check_range(bad, e, k, own[k])
             idx.append(v.clamp(0, max(own[k] - 1, 0)))
         out = t[(Ellipsis, *idx)] if idx else t
         return self.full(out.reshape(*self.b.batch, *out.shape[self.nb:]) if self.nb else out, active)
+
+    @staticmethod
+    def check_range(bad, e, k: int, extent: int) -> None:
+        """An InputError where a read's index `k` leaves its axis at an unguarded point (bad: a bool tensor)."""
+        if bool(bad.any()):
+            raise InputError(f"index out of range: {e.name}[{', '.join(sy.show(x) for x in e.index)}] reads "
+                             f"axis {k} (extent {extent}) outside 0..{extent - 1}; guard it with where(...)")
 
     def _vars_guard(self, guard, shape, nvars):
         """The guard over the variable axes only, any-reduced where the read does not vary."""
@@ -128,14 +134,14 @@ class _DnfEval:
             return t.sum(-1)
         if ext == 0:
             ident = float("-inf") if e.op == "max" else float("inf")
-            return torch.full(t.shape[:-1], ident, dtype=F64)
+            return torch.full(t.shape[:-1], ident, dtype=F64, device=self.dev)
         return t.amax(-1) if e.op == "max" else t.amin(-1)
 
     def e_SoftmaxSum(self, e, active, guard):
         ext = int(sy.evaluate(e.extent, self.b.dims))
         m = l = o = None
         for start in range(0, max(ext, 1), CHUNK):
-            chunk = torch.arange(start, min(start + CHUNK, ext), dtype=torch.int64)
+            chunk = torch.arange(start, min(start + CHUNK, ext), dtype=torch.int64, device=self.dev)
             if chunk.numel() == 0:
                 break
             inner = active + ((e.var, ext, chunk),)
@@ -155,8 +161,8 @@ class _DnfEval:
             a, b = torch.exp(m - safe_n), torch.exp(mb - safe_n)
             m, l, o = mn, l * a + lb * b, o * a + ob * b
         if m is None:
-            return self.full(torch.zeros((), dtype=F64), active)
-        return torch.where(l == 0, torch.zeros((), dtype=F64), o / torch.where(l == 0, 1.0, l))
+            return self.full(torch.zeros((), dtype=F64, device=self.dev), active)
+        return torch.where(l == 0, torch.zeros((), dtype=F64, device=self.dev), o / torch.where(l == 0, 1.0, l))
 
     def e_NormSum(self, e, active, guard):
         inner, ext = self._inner(e, active)
@@ -164,7 +170,8 @@ class _DnfEval:
         v = self.full(self.ev(e.value, inner, self._guard(guard)), inner).to(F64)
         w, v = torch.broadcast_tensors(w, v)
         z = w.sum(-1)
-        return torch.where(z == 0, torch.zeros((), dtype=F64), (w * v).sum(-1) / torch.where(z == 0, 1.0, z))
+        zero = torch.zeros((), dtype=F64, device=self.dev)
+        return torch.where(z == 0, zero, (w * v).sum(-1) / torch.where(z == 0, 1.0, z))
 
     def e_LogSumExp(self, e, active, guard):
         inner, ext = self._inner(e, active)
