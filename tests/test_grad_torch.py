@@ -4,6 +4,8 @@ float64 reference at ragged sizes (max relative error <= 1e-10), fully masked ro
 gradcheck, opcheck, moa.nn.Attention's layouts, and torch.compile(fullgraph=True) of a 2-layer model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -183,12 +185,22 @@ def test_compile_fullgraph_inductor_matches_eager():
     _compiled_matches_eager("inductor")
 
 
+# window mixing by a learned table T: the window backward kernels refuse float inputs in the mixing weights
+LEARNED_MIX = Path("examples/bla.moa").read_text().replace("in Q[n, d], K[n, d], V[n, e]",
+                                                           "in Q[n, d], K[n, d], V[n, e], T[W, W]")
+LEARNED_MIX = LEARNED_MIX[:LEARNED_MIX.index("Dk[j:W, tau:W] =")] + "Dk[j:W, tau:W] = T[j, tau]\n" + \
+    LEARNED_MIX[LEARNED_MIX.index("Kt[i:n"):]
+
+
 @pytest.mark.parametrize("stem, dims, backward", [("relative_bias", "h=2,n=13,d=4,e=3", "fused kernels for Q, K, V"),
-                                                  ("bla", "n=13,d=4,e=3", "the gradient DNF, unfused")])
-def test_cli_check_grad(stem, dims, backward, capsys):
-    assert main(["check", f"examples/{stem}.moa", "--dims", dims, "--grad"]) == 0
+                                                  ("bla", "n=13,d=4,e=3", "fused kernels for Q, K, V"),
+                                                  (None, "n=13,d=4,e=3", "the gradient DNF, unfused")])
+def test_cli_check_grad(stem, dims, backward, capsys, tmp_path):
+    path = tmp_path / "learned_mix.moa"
+    path.write_text(LEARNED_MIX)
+    assert main(["check", str(path) if stem is None else f"examples/{stem}.moa", "--dims", dims, "--grad"]) == 0
     out = capsys.readouterr().out
-    names = ["Q", "K", "V"] + (["bias"] if stem == "relative_bias" else [])
+    names = ["Q", "K", "V"] + (["bias"] if stem == "relative_bias" else ["T"] if stem is None else [])
     assert all(f"d{n}: kernel vs autograd (f64)" in out for n in names), out
     assert backward in out and out.rstrip().endswith("OK")
 
