@@ -3,7 +3,8 @@
 The readable scheme puts affixes on user names: input/output X -> X_ptr, off_X, stride_X_<k>, stride_X_z<b>;
 dim n -> dim_n; leading index a -> idx_a. Distinct user names can still meet (an input `off_Q` has the
 pointer `off_Q_ptr`, which is also the offset of an input `Q_ptr`), and `off_X` can meet the kernel's own
-`off_z<b>` / `off_lse`. When any collision is possible, every user name is replaced by an opaque `u<k>` for
+`off_z<b>` / `off_lse`, and an input can be named like a buffer of the backward kernels (`dO`, `lse`, `S`, ...).
+When any collision is possible, every user name is replaced by an opaque `u<k>` for
 code generation (the kernel's own names never look like that), so renaming stays injective. The runtime
 translates the call's tensors and dims to these names (`codegen_binding`).
 """
@@ -19,6 +20,10 @@ from moa import ir
 from moa.program import Program
 
 _INTERNAL = re.compile(r"^(off_z\d+|off_lse)$")
+# the buffers the backward kernels pass besides the inputs (codegen/backward.py, chunked_backward.py,
+# window_backward.py BUFFERS; a test keeps this their union): an input named like one is renamed, as are `grad_*`
+KERNEL_BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV", "dH", "P2", "dn", "dz", "U", "uz", "zrow", "S",
+                            "zs", "fidx", "fw", "S0", "z0", "g0", "out"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,9 @@ def _derived(program: Program, dnf_outputs) -> list:
 
 def needs_renaming(program: Program, dnf_outputs) -> bool:
     names = _derived(program, dnf_outputs)
-    return len(names) != len(set(names)) or any(_INTERNAL.match(n) for n in names)
+    ins = {n.attrs[0] for n in program.inputs}
+    return len(names) != len(set(names)) or any(_INTERNAL.match(n) for n in names) or \
+        bool(ins & KERNEL_BUFFERS) or any(n.startswith("grad_") for n in ins)
 
 
 def codegen_view(program: Program, dnf_outputs) -> CodegenView:

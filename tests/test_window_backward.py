@@ -129,7 +129,6 @@ def test_other_window_programs_get_fused_gradients(name, src, no_dnf):
 @pytest.mark.parametrize("src,why", [
     (_program(extra=", B[W]", score="dot(Q[i], Kh[i, slot]) / sqrt(d) + B[slot]"), "read float inputs"),
     (_program(extra=", T[W, W]", mixing="T[j, tau]"), "read float inputs"),
-    (_program(extra=", dH[n]", score="dot(Q[i], Kh[i, slot]) / sqrt(d) + dH[i]"), "named like a buffer"),
 ])
 def test_refused_window_programs_say_why_and_train_through_the_dnf(src, why):
     k = moa.compile(src)
@@ -195,3 +194,25 @@ def test_predicted_work_equals_the_interpreters_counters(src, size, batch, block
     for name, p in pred.items():
         for f in ("flops", "transcendentals", "programs", "dram_bytes_loaded", "dram_bytes_stored"):
             assert getattr(p, f) == getattr(measured[name], f), (name, f, getattr(p, f), getattr(measured[name], f))
+
+
+@pytest.mark.parametrize("src", [
+    # softmax: a key bias named lse, the values named delta, the queries dO (codegen/backward.py's buffers)
+    "dim n, d, e\nin dO[n, d], K[n, d], delta[n, e], lse[n]\n"
+    "S[i, j] = where(j <= i, dot(dO[i], K[j]) / sqrt(d) + lse[j], -inf)\nout O = softmax(S, axis=-1) @ delta\n",
+    # window mixing: the keys named dH, the values P2 (window_backward.py's)
+    open("examples/bla.moa").read().replace("K[", "dH[").replace("V[", "P2[").replace("K,", "dH,"),
+    # the chunked linear form: queries S, keys U (chunked_backward.py's)
+    "dim n, d, e\nin S[n, d], U[n, d], V[n, e]\n"
+    "A[i, j] = where(j <= i, dot(elu(S[i]) + 1, elu(U[j]) + 1), 0)\nout O = normalize(A, axis=-1) @ V\n",
+])
+def test_inputs_named_like_the_backward_buffers_are_renamed_and_fused(src, no_dnf):
+    """An input named like a buffer of the backward kernels is renamed for code generation (codegen/names.py
+    KERNEL_BUFFERS), so the fused kernels still run (the gradient DNF is not evaluated); the name lists cannot
+    drift apart."""
+    from moa.codegen import backward, chunked_backward, names, window_backward
+    assert names.KERNEL_BUFFERS == backward.BUFFERS | chunked_backward.BUFFERS | set(window_backward.BUFFERS)
+    k = moa.compile(src, form="linear") if "normalize" in src else moa.compile(src)
+    assert set(k.planner.codegen.inputs) != set(k.planner.codegen.inputs.values())   # renamed
+    assert k.backward.unfused_reason is None, k.backward.unfused_reason
+    assert max(_autograd_case(k, {"n": 13, "d": 4, "e": 3}, (2,), seed=5).values()) <= 1e-10
