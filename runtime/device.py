@@ -6,7 +6,9 @@ generated kernels is loaded as Triton JIT functions (CUDA) and, for CPU tensors,
 functions (`interpreted_module`). While an interpreted kernel runs, `interpreter()` lends the interpreter
 Triton's standard library (tl.sum, tl.max, tl.sigmoid, tl.cdiv ... are JIT functions in a normal process) as
 interpreted functions and restores it on exit, the way Triton's interpreter patches `tl` builtins for the
-duration of a launch. When the user did set TRITON_INTERPRET=1, Triton's own interpreted functions are used.
+duration of a launch; it also lends the interpreter a tensor `__index__` that reads one-element arrays as scalars
+(Triton 3.6 with numpy >= 2.4 failed on every tensor loop bound otherwise). When the user did set TRITON_INTERPRET=1,
+Triton's own interpreted functions are used.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import warnings
 
 import numpy as np
 import torch
+from triton.runtime import interpreter as triton_interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -72,10 +75,25 @@ def _language_objects() -> list:
     return mods + classes
 
 
+def _index_patch(original):
+    """Triton's per-launch tensor patches, with `__index__` (a loop bound such as range(lo, hi, BLOCK_N)) read from a
+    one-element array as a scalar: Triton 3.6's int(data) of a shape-(1,) array is an error from numpy 2.4 on
+    (later Triton versions squeeze it, as here)."""
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    patch.moa_index_patch = True
+    return patch
+
+
 def _lend() -> None:
     """Snapshot the language, then swap its JIT functions for interpreted ones."""
     objs = _language_objects()
     _SAVED.extend((obj, dict(vars(obj))) for obj in objs)
+    original = getattr(triton_interpreter, "_patch_lang_tensor", None)
+    if original is not None and not getattr(original, "moa_index_patch", False):
+        _SAVED.append((triton_interpreter, {"_patch_lang_tensor": original}))
+        triton_interpreter._patch_lang_tensor = _index_patch(original)
     for obj in objs:
         if isinstance(obj, types.ModuleType):
             for name, value in list(vars(obj).items()):
