@@ -24,6 +24,16 @@ from .tiling import DTYPE_NAME, Config, choose_config
 INTERPRETER_BLOCKS = None   # (BLOCK_M, BLOCK_N) for interpreted launches; None: the forward's choice (tests: 16)
 
 
+def call_setup(runner, b: Binding) -> tuple:
+    """(the binding in code-generation names, compute dtype, accumulation dtype, the runner's spec for them, an
+    evaluator of extents at the call's dims) of a backward call; runner: has .planner and .spec(dtname, nbatch)."""
+    b = runner.planner.cg_binding(b)
+    check_device(b.device)
+    compute = compute_dtype(b.dtype, b.device)
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    return b, compute, acc, runner.spec(DTYPE_NAME[compute], len(b.batch)), lambda x: int(sy.evaluate(x, b.dims))
+
+
 class BackwardRunner:
     """The fused backward of one output of a Kernel (None from `for_kernel` when the output has none)."""
 
@@ -58,12 +68,7 @@ class BackwardRunner:
     def grads(self, b: Binding, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor) -> dict:
         """Codegen input name -> gradient (batch + the input's shape, accumulation dtype) of the operands Q, K, V for
         the cotangent d_out of the output `out` (lse: the forward's saved log-sum-exp)."""
-        b = self.planner.cg_binding(b)
-        check_device(b.device)
-        compute = compute_dtype(b.dtype, b.device)
-        acc = torch.float64 if compute == torch.float64 else torch.float32
-        spec = self.spec(DTYPE_NAME[compute], len(b.batch))
-        ev = lambda x: int(sy.evaluate(x, b.dims))   # noqa: E731
+        b, compute, acc, spec, ev = call_setup(self, b)
         n, m, d, e = ev(spec.row_extent), ev(spec.key_extent), ev(spec.dot_extent), ev(spec.col_extent)
         lead = [ev(x) for _, x in self.sched.lead]
         zl = math.prod(b.batch) * math.prod(lead)

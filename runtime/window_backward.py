@@ -17,10 +17,9 @@ from moa.codegen.window_backward import (KERNELS, WindowBackwardSpec, generate_w
 
 from . import cache
 from .aot_batch import TRITON_TYPE, aot_groups, choose_fitting, cuda_target, divisible_args, kernel_signature
-from .backward_run import BackwardRunner
+from .backward_run import BackwardRunner, call_setup
 from .binding import Binding
-from .device import cdiv, check_device, next_pow2, run
-from .launch import compute_dtype
+from .device import cdiv, next_pow2, run
 from .tiling import DTYPE_NAME, Config, window_default
 
 INTERPRETER_BLOCKS = None   # (BLOCK_M, BLOCK_N) of interpreted launches; None: the forward's row tile
@@ -63,12 +62,7 @@ class WindowBackwardRunner(BackwardRunner):
         """Codegen input name -> gradient (batch + the input's shape, accumulation dtype) of the Q, K and V reads
         for the cotangent d_out of the output. Needs neither the output nor a saved total: each row's softmax is
         recomputed from its W scores."""
-        b = self.planner.cg_binding(b)
-        check_device(b.device)
-        compute = compute_dtype(b.dtype, b.device)
-        acc = torch.float64 if compute == torch.float64 else torch.float32
-        spec = self.spec(DTYPE_NAME[compute], len(b.batch))
-        ev = lambda x: int(sy.evaluate(x, b.dims))   # noqa: E731
+        b, compute, acc, spec, ev = call_setup(self, b)
         n, d, e, w = ev(spec.row_extent), ev(spec.dot_extent), ev(spec.col_extent), ev(spec.w_extent)
         mk, mv = ev(spec.key_rows), ev(spec.value_rows)
         lead = [ev(x) for _, x in self.sched.lead]
