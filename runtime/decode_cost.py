@@ -51,6 +51,36 @@ class DecodeCost:
 
 
 # long: config, packing, splits, then every split's report and the merge, in the order decode runs them
+
+def fused_merges(plan, fused: dict, block, planner, splits: int, rows, cdims: dict, bd0: dict, dtype: str,
+                 on_cpu: bool, extra: list) -> int:
+    """Bytes of the merges with an epilogue fused (one per epilogue, at any splits; decode_merge.fused_counts),
+    their counts added to extra (flops, transcendentals, loaded, stored); planner: whose branch schedules give
+    the rows (rows(schedule): the merged rows) and columns."""
+    merge = 0
+    for ep in plan.epilogues if fused else ():
+        so = planner.schedules[ep.branches[0]]
+        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind == "norm"
+                                                      for b in ep.branches), splits, rows(so),
+                              sy.evaluate(so.col[1], cdims), bd0, shard.epilogue_program(plan, ep).input_map, dtype,
+                              on_cpu)
+        merge += sum(counts[2:])
+        for k, v in enumerate(counts):
+            extra[k] += v
+    return merge
+
+
+def key_bytes(plan, dtype: str, bd0: dict) -> int:
+    """Bytes of one key of every key input, per batch index (integers as int64)."""
+    per_key = 0
+    for x in plan.key_inputs:
+        node = plan.program.input_map[x]
+        per = DTYPE_BYTES[dtype] if node.dtype == "float" else 8
+        for ext in node.shape:
+            per *= 1 if ext == plan.ml else sy.evaluate(ext, bd0)
+        per_key += per
+    return per_key
+
 def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
                 pack_heads: bool | None = None, config=None, page_size: int | None = None, cache_len=None,
                 inputs: dict | None = None, block_table=None, **dims) -> DecodeCost:
@@ -150,22 +180,9 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                 extra[k] += v
         if page_size or cache_len is not None:   # every program reads its valid length (and page number), int32
             extra[2] += (8 if page_size else 4) * splits * row_programs(so, ro, cfg.block_m) * z
-    for ep in plan.epilogues if fused else ():   # one merge with the epilogue fused per output, at any splits
-        so = runner.planner.schedules[ep.branches[0]]
-        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind == "norm"
-                                                      for b in ep.branches), splits,
-                              z * sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims), bd0,
-                              shard.epilogue_program(plan, ep).input_map, dtype, str(device).lower() == "cpu")
-        merge += sum(counts[2:])
-        for k, v in enumerate(counts):
-            extra[k] += v
-    per_key = 0   # bytes of one key of every key input, per batch index
-    for x in plan.key_inputs:
-        node = plan.program.input_map[x]
-        per = DTYPE_BYTES[dtype] if node.dtype == "float" else 8
-        for ext in node.shape:
-            per *= 1 if ext == plan.ml else sy.evaluate(ext, bd0)
-        per_key += per
+    merge += fused_merges(plan, fused, block, runner.planner, splits, lambda so: z * sy.evaluate(so.row[1], cdims),
+                          cdims, bd0, dtype, str(device).lower() == "cpu", extra)
+    per_key = key_bytes(plan, dtype, bd0)
     kv = per_key * sum(g[1] for g in groups) if len(groups) > 1 or groups[0][0] != batch else \
         per_key * keys * nbatch
     tdev = "h100" if str(device).lower() == "cpu" else device

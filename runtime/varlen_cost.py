@@ -13,14 +13,14 @@ import torch
 
 from moa import shard
 from moa import symbolic as sy
-from moa.devices import DTYPE_BYTES, canonical_dtype
+from moa.devices import canonical_dtype
 from moa.errors import InputError
 from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
 from .decode import _global, _plan, decode_config
-from .decode_cost import DecodeCost, _fused, _lse_counts, merge_counts
-from .decode_merge import fused_counts, packed_rows
+from .decode_cost import DecodeCost, _fused, _lse_counts, fused_merges, key_bytes, merge_counts
+from .decode_merge import packed_rows
 from .decode_summaries import varlen_key_positions
 from .device import cdiv
 from .tiling import head_dims, row_programs
@@ -128,22 +128,10 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
         merge += sum(counts[2:])
         for k, v in enumerate(counts):
             extra[k] += v
-    for ep in plan.epilogues if fused else ():   # one fused merge per epilogue over every packed row
-        so = block.planner.schedules[ep.branches[0]]
-        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind == "norm"
-                                                      for b in ep.branches), splits, z * nq,
-                              sy.evaluate(so.col[1], cdims), bd0, shard.epilogue_program(plan, ep).input_map, dtype,
-                              on_cpu)
-        merge += sum(counts[2:])
-        for k, v in enumerate(counts):
-            extra[k] += v
-    per_key = 0   # bytes of one key of every key input, per batch index
-    for x in plan.key_inputs:
-        node = plan.program.input_map[x]
-        per = DTYPE_BYTES[dtype] if node.dtype == "float" else 8
-        for ext in node.shape:
-            per *= 1 if ext == plan.ml else sy.evaluate(ext, bd0)
-        per_key += per
+    # one fused merge per epilogue over every packed row
+    merge += fused_merges(plan, fused, block, block.planner, splits, lambda so: z * nq, cdims, bd0, dtype, on_cpu,
+                          extra)
+    per_key = key_bytes(plan, dtype, bd0)
     nbatch = _prod(batch)
     longest = cdiv(max([r.tiles_visited for r in reports] + [0]), max(1, ptiles * z))
     loaded = sum(r.dram_bytes_loaded for r in reports) + extra[2]
