@@ -50,8 +50,6 @@ class DecodeCost:
         return self.kv_bytes / self.predicted_seconds
 
 
-# long: config, packing, splits, then every split's report and the merge, in the order decode runs them
-
 def fused_merges(plan, fused: dict, block, planner, splits: int, rows, cdims: dict, bd0: dict, dtype: str,
                  on_cpu: bool, extra: list) -> int:
     """Bytes of the merges with an epilogue fused (one per epilogue, at any splits; decode_merge.fused_counts),
@@ -81,6 +79,8 @@ def key_bytes(plan, dtype: str, bd0: dict) -> int:
         per_key += per
     return per_key
 
+
+# long: config, packing, splits, then every split's report and the merge, in the order decode runs them
 def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16", device="h100", batch=(),
                 pack_heads: bool | None = None, config=None, page_size: int | None = None, cache_len=None,
                 inputs: dict | None = None, block_table=None, **dims) -> DecodeCost:
