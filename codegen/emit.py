@@ -254,7 +254,12 @@ class KernelEmitter(DataTiles):
                           f"(offs_n[:, None] < {m_ext}) & ({offs}[None, :] < {self.idx(b.dot.extent)})")
             inner.add(f"qk{sfx} = tl.dot({q}, tl.trans({kt}){x.dot_kw()})")
         sname = f"s{sfx}" if b.kind == "softmax" else f"w{sfx}"
-        if scale is not None:   # the score in log2 units: qk * qk_scale (+ the rest times log2 e)
+        raw = scale is not None and scale[1] is None and scale[2]   # s = qk: the monoid scales max and exponent
+        if raw and masked == "never":
+            sname = f"qk{sfx}"
+        elif raw:
+            inner.add(f"{sname} = qk{sfx}  # the score in units of 1 / qk_scale")
+        elif scale is not None:   # the score in log2 units: qk * qk_scale (+ the rest times log2 e)
             rest = scale[1]
             text = f"qk{sfx} * {scale[0]}"
             if rest is not None:
@@ -278,7 +283,7 @@ class KernelEmitter(DataTiles):
                 part.add(f"{sname} = tl.where({valid}, {sname}, {neutral})")
         v = x.factor(b.value, {j: "offs_n[:, None]", s.col[0]: "offs_v[None, :]"}, inner, f"v{sfx}",
                      f"(offs_n[:, None] < {m_ext}) & (offs_v[None, :] < {self.idx(s.col[1])})")
-        to_log2 = "" if scale is not None else LOG2E
+        to_log2 = scale[0] if raw else "" if scale is not None else LOG2E
         if b.kind == "softmax":
             mo.update(inner, sname, lambda p: f"tl.dot({p}.to({v}.dtype), {v}{x.dot_kw()})", to_log2=to_log2)
         else:
@@ -287,7 +292,9 @@ class KernelEmitter(DataTiles):
     def _scale(self, k: int, b, body: Scope):
         """Scale folding: a softmax score affine in the score tile, c * qk + rest with c constant along the keys,
         gets qk_scale = c log2 e computed once (before the key loop), so a tile costs one multiply per element
-        instead of a division and the log2 e multiply. Returns (qk_scale code, rest or None), or None."""
+        instead of a division and the log2 e multiply. Returns (qk_scale code, rest or None, c > 0), or None. With
+        no rest and c > 0 the row max is taken over qk and scaled after (rowmax(c qk) = c rowmax(qk), exactly: a
+        rounded multiply by c > 0 is monotone), and the exponent is one fused multiply-add, qk * qk_scale - m."""
         if b.kind != "softmax" or b.dot is None:
             return None
         aff = _affine(b.score, DotTile(k))
@@ -297,7 +304,7 @@ class KernelEmitter(DataTiles):
         value = c.value if isinstance(c, D.Const) else c.expr if isinstance(c, D.Index) and c.expr.is_number \
             else None
         if value is not None:   # a number: folded into one literal
-            return repr(float(value) * float(LOG2E)), aff[1]
+            return repr(float(value) * float(LOG2E)), aff[1], _positive(c)
         rowmap = {self.s.row[0]: "offs_m[:, None]"}
         coef = self.x.emit(c, rowmap, body, role=f"qk_scale{self.x.sfx(k)}")
         name = f"qk_scale{self.x.sfx(k)}"
@@ -306,7 +313,7 @@ class KernelEmitter(DataTiles):
         else:   # a constant expression: typed (a bare Python float would be fp32 in the interpreter)
             body.add(f"{name} = tl.full([1], ({coef}) * {LOG2E}, dtype={self.x.acc})  # the score scale, log2 units")
         self.x.taken.add(name)
-        return name, aff[1]
+        return name, aff[1], _positive(c)
 
     def _code(self, e, names) -> str:
         """Code of an index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and named expressions."""
@@ -423,6 +430,24 @@ def _has_tile(e, tile) -> bool:
 
 def _free_of(e, vars_) -> bool:
     return not (D.free_vars(e) & set(vars_)) and not any(isinstance(x, DotTile) for x in D.nodes(e))
+
+
+def _positive(e) -> bool:
+    """Whether a score scale is positive at every evaluation: positive numbers, index arithmetic sympy proves
+    positive (dims are), and sums, products, quotients, square roots, exponentials and powers of positive bases."""
+    if isinstance(e, D.Const):
+        return isinstance(e.value, (int, float)) and not isinstance(e.value, bool) and e.value > 0
+    if isinstance(e, D.Index):
+        return bool(sp.sympify(e.expr).is_positive)
+    if isinstance(e, D.Op):
+        if e.fn in ("add", "mul", "div"):
+            return all(_positive(a) for a in e.args)
+        if e.fn == "sqrt":
+            return _positive(e.args[0])
+        if e.fn == "pow":
+            return _positive(e.args[0])
+        return e.fn == "exp"
+    return False
 
 
 def _scaled(e, tile):
