@@ -26,7 +26,7 @@ Programs outside this shape (several branches, a gate epilogue, window mixing) h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -36,6 +36,7 @@ from moa import ir
 from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
+from moa.split import branch_alone
 
 from .backward_bounds import query_loop
 from .data_tiles import TileSummaries
@@ -113,18 +114,9 @@ def is_multi(sched: Schedule) -> bool:
     return len(sched.branches) != 1 or sched.epilogue != BranchValue(0)
 
 
-def _retile(e, k: int):
-    """e with branch k's contraction tile renamed DotTile(0) (the tile of a single-branch schedule)."""
-    if e == DotTile(k):
-        return DotTile(0)
-    kids = D.children(e)
-    return D.with_children(e, [_retile(x, k) for x in kids]) if kids else e
-
-
 def branch_schedule(sched: Schedule, k: int) -> Schedule:
     """Branch k of a schedule alone, as its own output: O_k[i, c] = its softmax (or normalised) sum."""
-    b = sched.branches[k]
-    return replace(sched, branches=(replace(b, score=_retile(b.score, k)),), epilogue=BranchValue(0))
+    return branch_alone(sched, k)
 
 
 def unfused_reason(program: Program, sched: Schedule) -> str | None:

@@ -104,3 +104,22 @@ def codegen_binding(view: CodegenView, b):
         return b
     return replace(b, dims={cg: b.dims[user] for cg, user in view.dims.items()},
                    tensors={cg: b.tensors[user] for cg, user in view.inputs.items()})
+
+
+def fresh_names(program: Program, dnf_outputs, bases) -> tuple:
+    """Names for arrays added as inputs of code generation (a split schedule's stored branch values): each base,
+    or base_<k>, the first that is no input's or output's name and keeps every renamed form distinct (the
+    readable scheme above, `needs_renaming` false for the program with them added)."""
+    taken = {n.attrs[0] for n in program.inputs} | {o.name for o in dnf_outputs}
+    out = []
+    for base in bases:
+        for k in range(1 << 16):
+            name = base if k == 0 else f"{base}_{k}"
+            if name in taken:
+                continue
+            trial = replace(program, inputs=program.inputs + tuple(ir.input_(x, ()) for x in out + [name]))
+            if not needs_renaming(trial, dnf_outputs):
+                break
+        out.append(name)
+        taken.add(name)
+    return tuple(out)

@@ -29,8 +29,8 @@ from .residue import (LIFTING_RULES, Hop, Lift, RowLift, _band, _hop, _strip_mas
                       row_lift)
 from .errors import UnsupportedError
 
-TILED, HOPS, RESIDUE = "tiled", "hops", "residue"
-KINDS = (TILED, HOPS, RESIDUE)
+TILED, HOPS, RESIDUE, SPLIT = "tiled", "hops", "residue", "split"
+KINDS = (TILED, HOPS, RESIDUE, SPLIT)   # SPLIT: one kernel per branch (moa/split.py)
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class Schedule:
     dtype: str
     kind: str = TILED
     lift: RowLift | None = None   # kind RESIDUE: the row lifting
+    split: object = None          # kind SPLIT: moa/split.py Split (its kernels); the fields above are the base's
 
     @property
     def has_lse(self) -> bool:
@@ -361,12 +362,24 @@ def variants(s: Schedule) -> tuple:
 
 
 def label(s: Schedule) -> str:
-    """'tiled', 'hops' or 'residue s=16'."""
+    """'tiled', 'hops', 'residue s=16' or 'split(b0 tiled, b1 residue s=16)' (each branch's kernel)."""
+    if s.kind == SPLIT:
+        kinds = {k: label(v) for k, v in s.split.parts}
+        kinds[s.split.last] = label(s.split.final)
+        return f"{SPLIT}(" + ", ".join(f"b{k} {kinds[k]}" for k in sorted(kinds)) + ")"
     return f"{RESIDUE} s={s.lift.stride}" if s.kind == RESIDUE else s.kind
 
 
 def show(s: Schedule) -> str:
     """The schedule in words and formulas (for `moa explain`)."""
+    if s.kind == SPLIT:
+        sp_ = s.split
+        lines = [f"ONF {s.output} ({label(s)}): one kernel per branch; the values of branches "
+                 + ", ".join(f"{k} -> {n}" for k, n in enumerate(sp_.names) if n)
+                 + f" stored, then branch {sp_.last} with the epilogue reading them"]
+        for _, v in sp_.parts:
+            lines += ["  " + x for x in show(v).splitlines()]
+        return "\n".join(lines + ["  " + x for x in show(sp_.final).splitlines()])
     i, n = s.row
     c, e = s.col
     lead = " * ".join(["batch"] + [sy.show(x) for _, x in s.lead])

@@ -11,8 +11,10 @@ branch) or hops (hop loops). Per visit:
              loads BM (d + e) elements (one key row per query row);
 
 with D, E the head dims padded to powers of two (>= 16) as the launcher pads them, and per program the query
-tile and the output tile. Bytes that reach HBM count every input at most once when a (batch, head)'s key-side
-inputs fit in half of L2 (as moa/cost.py). Time = max(tl.dot FLOPs at the dtype's matrix peak + other FLOPs at
+tile and the output tile. Bytes that reach HBM count every input of a key-tile loop at most once when a (batch,
+head)'s key-side inputs fit in half of L2 (as moa/cost.py); a hop loop's rows count in full (measured on an H200
+on 2026-12-04: PiAttention's hop schedule, 8.6 GB of hop rows at n = 8192, took 2.1 ms, i.e. its hop loads ran
+at about the HBM rate, where the L2 rule predicted 0.36 ms). Time = max(tl.dot FLOPs at the dtype's matrix peak + other FLOPs at
 the vector peak, bytes at the HBM bandwidth, exp2 at the transcendental rate) + one launch (moa/devices.py).
 
 Leading axes (heads, comprehension axes) multiply the work; formulas that depend on a leading index are
@@ -105,6 +107,8 @@ def _hops(h, env, box_lo, box_hi) -> int:
 def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_m=128, block_n=64,
             batch: int = 1) -> Prediction:
     """The predicted work and time of schedule s for concrete dims (name -> int)."""
+    if s.kind == onf.SPLIT:
+        return _predict_split(s, dims, dtype, device, block_m, block_n, batch)
     dev = get_device(device)
     dtype = canonical_dtype(dtype)
     elt = DTYPE_BYTES[dtype]
@@ -123,7 +127,8 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
     e_dim = sy.evaluate(s.col[1], dims)
     E = _pow2(e_dim)
     tiles = hops = dot = other = trans = 0
-    loaded: dict = {}   # input -> elements loaded by the key loops
+    loaded: dict = {}   # input -> elements loaded by the key-tile loops
+    gathered = 0        # elements loaded by hop loops
     sizes: dict = {}    # input -> elements of one (batch, head) instance
     for b in s.branches:
         if b.skip is sp.true and b.mode != onf.HOPS:
@@ -147,6 +152,9 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
             width = bn
         for part, cols in ((b.dot.b if b.dot is not None else None, d), (b.value, e_dim)):
             for x in _reads(part):
+                if b.mode == onf.HOPS:   # one key row per query row: no tile reuse, every hop's rows from HBM
+                    gathered += visits * width * cols
+                    continue
                 loaded[x.name] = loaded.get(x.name, 0) + visits * width * cols
                 sizes[x.name] = max(sizes.get(x.name, 0), m * cols)
     rows_io = R * bm * (max([sy.evaluate(b.dot.extent, dims) for b in s.branches if b.dot is not None], default=0)
@@ -154,13 +162,31 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
     hbm = sum(loaded.values())
     if sum(sizes.values()) * elt <= dev.l2_bytes / 2:  # K, V re-reads served from L2: each read once from HBM
         hbm = sum(min(v, sizes[k]) for k, v in loaded.items())
-    hbm = (hbm + rows_io) * elt * inst
+    hbm = (hbm + gathered + rows_io) * elt * inst
     dot, other, trans = dot * inst, other * inst, trans * inst
     parts = {"compute": dot / dev.matmul_rate(dtype) + other / dev.vector_rate(dtype),
              "memory": hbm / dev.hbm_bytes_per_s, "transcendental": trans / dev.transcendental_rate(dtype)}
     bound = max(parts, key=parts.get)
     return Prediction(onf.label(s), R * inst, tiles * inst, hops * inst, int(dot), int(other), int(trans), int(hbm),
                       parts[bound] + dev.launch_s, bound)
+
+
+def _predict_split(s: onf.Schedule, dims: dict, dtype, device, block_m, block_n, batch) -> Prediction:
+    """A split schedule (moa/split.py): its kernels one after the other, plus the stored branch values: each
+    written in the accumulation dtype (the part's prediction counted its output tile at the input width) and read
+    once by the final kernel."""
+    dev = get_device(device)
+    dtype = canonical_dtype(dtype)
+    preds = [predict(k, dims, dtype, device, block_m, block_n, batch) for k in s.split.kernels]
+    acc = 8 if dtype == "float64" else 4
+    inst = batch * math.prod(sy.evaluate(x, dims) for _, x in s.lead)
+    values = sy.evaluate(s.row[1], dims) * sy.evaluate(s.col[1], dims) * inst * len(s.split.parts)
+    extra = values * (2 * acc - DTYPE_BYTES[dtype])
+    top = max(preds, key=lambda p: p.seconds)
+    return Prediction(onf.label(s), sum(p.programs for p in preds), sum(p.tiles for p in preds),
+                      sum(p.hops for p in preds), sum(p.dot_flops for p in preds), sum(p.other_flops for p in preds),
+                      sum(p.transcendentals for p in preds), sum(p.hbm_bytes for p in preds) + int(extra),
+                      sum(p.seconds for p in preds) + extra / dev.hbm_bytes_per_s, top.bound)
 
 
 def _reads(e):

@@ -114,14 +114,18 @@ class Launcher:
         return self._tuned[memo]
 
     def spec(self, name: str, dtname: str, nbatch: int, cfg: Config, store_lse: bool, sched=None,
-             exact=frozenset()):
+             exact=frozenset(), role: str = ""):
         """The generated tiled kernel (codegen/emit.py KernelSpec) of a schedule, dtype and config; `exact`: the
-        head dims equal to their padded tiles at the launch (tiling.exact_heads)."""
+        head dims equal to their padded tiles at the launch (tiling.exact_heads); role: '' for an output's kernel,
+        'final' for a split schedule's last kernel (its program holds the stored branch values), 'part' for the
+        others (moa/split.py)."""
         sched = sched or self.planner.schedules[name]
-        key = (name, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact, cfg.tma)
+        key = (name, sched.output, role, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact,
+               cfg.tma)
         if key not in self._specs:
-            self._specs[key] = generate(self.planner.cg_program, sched, dtname, nbatch, cfg.block_m, cfg.block_n,
-                                        store_lse, exact, cfg.tma)
+            prog = self.planner.split_program(name) if role == "final" else self.planner.cg_program
+            self._specs[key] = generate(prog, sched, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact,
+                                        cfg.tma)
         return self._specs[key]
 
     def plan(self, name: str, b: Binding, config: Config | None = None) -> Plan:
@@ -132,36 +136,56 @@ class Launcher:
 
     def tiled(self, name: str, b: Binding, store_lse: bool, config: Config | None = None, plan: Plan | None = None):
         """(output, lse or None) of the tiled kernel, in `plan` (default: the planner's); lse in the accumulation
-        dtype."""
+        dtype. A split schedule runs its kernels in turn (no lse: an output of several branches has none)."""
         b = self.planner.cg_binding(b)
         check_device(b.device)
-        dt = b.dtype
-        compute = compute_dtype(dt, b.device)
+        compute = compute_dtype(b.dtype, b.device)
         plan = plan or self.plan(name, b, config)
-        sched, cfg, dims = plan.schedule, plan.config, b.dims
+        if plan.schedule.kind == onf.SPLIT:
+            return _finish(self._split(name, b, compute, plan.schedule, plan.config), b.dtype), None
+        out, lse = self._kernel(name, b, compute, plan.schedule, plan.config, store_lse)
+        return _finish(out, b.dtype), lse
+
+    def _split(self, name: str, b: Binding, compute, sched, cfg: Config) -> torch.Tensor:
+        """The output of a split schedule (moa/split.py): each stored branch by its own kernel, in the accumulation
+        dtype, then the last branch's kernel with the epilogue reading them."""
+        acc = torch.float64 if compute == torch.float64 else torch.float32
+        values = {}
+        for k, part in sched.split.parts:
+            values[sched.split.names[k]] = self._kernel(name, b, compute, part, cfg, False, "part", acc)[0]
+        return self._kernel(name, dataclasses.replace(b, tensors={**b.tensors, **values}), compute,
+                            sched.split.final, cfg, False, "final")[0]
+
+    def _kernel(self, name: str, b: Binding, compute, sched, cfg: Config, store_lse: bool, role: str = "",
+                out_dtype=None):
+        """(output in out_dtype (default: compute), lse or None) of one tiled kernel of `sched` (b in code-generation
+        names)."""
+        dims = b.dims
         n, e = sy.evaluate(sched.row[1], dims), sy.evaluate(sched.col[1], dims)
         lead = [sy.evaluate(x, dims) for _, x in sched.lead]
-        out = torch.empty((*b.batch, *lead, n, e), dtype=compute, device=b.device)
+        out = torch.empty((*b.batch, *lead, n, e), dtype=out_dtype or compute, device=b.device)
         acc_dt = torch.float64 if compute == torch.float64 else torch.float32
         lse = torch.empty((*b.batch, *lead, n), dtype=acc_dt, device=b.device) if store_lse else None
         grid = (row_programs(sched, n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
         if out.numel() == 0 or grid[1] == 0:
-            return _finish(out, dt), lse
+            return out, lse
         check_grid(grid, b.device, f"output {name}")
         exact = exact_heads(self.planner.schedules[name], dims)
-        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact)
+        spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact, role)
         passed = self._passed(spec, b, compute)
         if spec.descriptors and not all(tma_ready(passed[d.tensor]) for d in spec.descriptors):
             cfg = dataclasses.replace(cfg, tma=False)   # a layout the copy engine cannot address: plain loads
-            spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact)
+            spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact, role)
         args, consts = self._arguments(spec, b, compute, out, lse, cfg, e, passed)
         fn = module_for(spec.source, b.device)._attn_fwd
         run(fn, grid, args, consts, b.device, f"the generated kernel for output {name}")
-        return _finish(out, dt), lse
+        return out, lse
 
     def _passed(self, spec, b: Binding, compute) -> dict:
-        """The input tensors as the kernel reads them (as_kernel_input)."""
-        return {inp: as_kernel_input(b.tensors[inp], self.planner.cg_program.input_map[inp], compute)
+        """The input tensors as the kernel reads them (as_kernel_input); a split schedule's stored branch values
+        (no input of the program) as they are, in the accumulation dtype."""
+        decl = self.planner.cg_program.input_map
+        return {inp: as_kernel_input(b.tensors[inp], decl[inp], compute) if inp in decl else b.tensors[inp]
                 for inp in spec.inputs}
 
     def _arguments(self, spec, b: Binding, compute, out, lse, cfg: Config, e: int,

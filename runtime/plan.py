@@ -14,9 +14,9 @@ from functools import cached_property
 
 import torch
 
-from moa import linear, onf, schedule_cost
+from moa import linear, onf, schedule_cost, split
 from moa import symbolic as sy
-from moa.codegen.names import codegen_binding, codegen_view
+from moa.codegen.names import codegen_binding, codegen_view, fresh_names
 from moa.devices import canonical_dtype, get_device
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.program import Program
@@ -89,6 +89,7 @@ class Planner:
         self.program, self.dnf, self.form, self.schedule = program, dnf, form, schedule
         self.autotune = autotune   # None: MOA_AUTOTUNE decides (runtime/tune.py)
         self._choices: dict = {}
+        self._split_programs: dict = {}
         self.fit_memo: dict = {}     # runtime/configs.py: AOT-fitted (schedule, config) per call shape
 
     # ---- per program ------------------------------------------------------------------------------------------
@@ -113,8 +114,24 @@ class Planner:
 
     @cached_property
     def variants(self) -> dict:
-        """Output name -> its legal ONFs (moa/onf.py `variants`): tiled first, then hops and residue liftings."""
-        return {name: onf.variants(s) for name, s in self.schedules.items()}
+        """Output name -> its legal ONFs (moa/onf.py `variants`): tiled first, then hops and residue liftings, then
+        the splits into one kernel per branch (moa/split.py)."""
+        return {name: onf.variants(s) + split.variants(s, self.value_names(name))
+                for name, s in self.schedules.items()}
+
+    def value_names(self, name: str) -> tuple:
+        """The array names of output `name`'s stored branch values in a split schedule (code-generation names)."""
+        v = self.codegen
+        return fresh_names(v.program, v.dnf, [f"{name}_b{k}" for k in range(len(self.schedules[name].branches))])
+
+    def split_program(self, name: str) -> Program:
+        """The code-generation program with output `name`'s stored branch values as inputs (a split schedule's final
+        kernel reads them)."""
+        if name not in self._split_programs:
+            s, p = self.schedules[name], self.cg_program
+            self._split_programs[name] = dataclasses.replace(
+                p, inputs=p.inputs + tuple(split.value_input(s, n) for n in self.value_names(name)))
+        return self._split_programs[name]
 
     @cached_property
     def linear_plans(self) -> dict:
