@@ -6,6 +6,7 @@ import os
 import sys
 
 import moa
+from moa import onf
 from moa.errors import InputError, MoaError
 from moa.runtime.check import check
 from moa.runtime.grad_check import check_grad
@@ -21,7 +22,7 @@ from .launcher import launcher_module
 
 def cmd_compile(args) -> int:
     dtype = _dtype(args.dtype)
-    k = moa.compile(source(args.file), **_params(args))
+    k = moa.compile(source(args.file), schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program, complete=True) if args.dims else None
     config = parse_config(args.config)
     if args.launcher:
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
                    "head dims 64, other dims 4096)")
     p.add_argument("--config", metavar="BM,BN[,WARPS[,STAGES]]", help="force the tiles (default: the GPU "
                    "runtime's table for the dtype)")
+    p.add_argument("--schedule", choices=onf.KINDS, help="force the schedule kind (default: the cost model's "
+                   "choice at --dims)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("explain", help="IR with shapes, DNF, eliminated intermediates, ONF schedule")

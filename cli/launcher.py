@@ -47,7 +47,11 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
             raise UnsupportedError(f"--launcher: the name {x!r} cannot be a Python launcher's argument or local "
                                    f"(a Python keyword or one of {', '.join(sorted(MODULE_NAMES))}); rename it")
     at = dims or k.planner.reference_dims(name)
-    sched = k.planner.schedule_for(name, at, dtype)
+    if k.planner.schedule == onf.SPLIT:
+        raise UnsupportedError("--launcher writes one kernel; a split schedule runs one kernel per branch (use the "
+                               "moa runtime for it, or another --schedule)")
+    # the fastest predicted schedule of one kernel (a split one needs the runtime's launches)
+    sched = next(s for s in k.planner.schedule_ranking(name, at, dtype) if s.kind != onf.SPLIT)
     if config is None:   # the GPU runtime's default for the dtype (before its ahead-of-time fit)
         config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
     spec = k.launcher.spec(name, dtype, 1, config, False, sched)

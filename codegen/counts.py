@@ -305,6 +305,8 @@ def _count_bytes(c: Counts, it: _Iterations, led, env, lengths, elem_bytes) -> N
                 c.loaded_by_tensor[site.tensor] = c.loaded_by_tensor.get(site.tensor, 0) + nbytes
                 if region not in ("program", "lse"):
                     c.loop_loaded_by_tensor[site.tensor] = c.loop_loaded_by_tensor.get(site.tensor, 0) + nbytes
+                if region[0] == "hop":
+                    c.hop_loaded_by_tensor[site.tensor] = c.hop_loaded_by_tensor.get(site.tensor, 0) + nbytes
 
 
 def onchip_bytes(sched: Schedule, spec, dims: dict, in_bytes: int, acc_bytes: int, num_stages: int) -> int:

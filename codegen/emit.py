@@ -19,6 +19,7 @@ from moa import ir
 from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule, scans_keys, uses_summaries
 from moa.program import Program
 
+from .affine import emit_key_affine
 from .data_tiles import SCAN, SCAN_T, TILE_FULL, DataTiles, TileSummaries  # noqa: F401  (re-exported)
 from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
@@ -262,7 +263,9 @@ class KernelEmitter(DataTiles):
         elif scale is not None:   # the score in log2 units: qk * qk_scale (+ the rest times log2 e)
             rest = scale[1]
             text = f"qk{sfx} * {scale[0]}"
-            if rest is not None:
+            if scale[3] is not None:   # a rest affine in the key: one FFMA per element (codegen/affine.py)
+                text += f" + {scale[3].element(inner)}"
+            elif rest is not None:
                 r = x.emit(rest, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
                 text += f" + {x._float(r, rest)} * {LOG2E}"
             inner.add(f"{sname} = {text}")
@@ -294,26 +297,33 @@ class KernelEmitter(DataTiles):
         gets qk_scale = c log2 e computed once (before the key loop), so a tile costs one multiply per element
         instead of a division and the log2 e multiply. Returns (qk_scale code, rest or None, c > 0), or None. With
         no rest and c > 0 the row max is taken over qk and scaled after (rowmax(c qk) = c rowmax(qk), exactly: a
-        rounded multiply by c > 0 is monotone), and the exponent is one fused multiply-add, qk * qk_scale - m."""
+        rounded multiply by c > 0 is monotone), and the exponent is one fused multiply-add, qk * qk_scale - m. A rest
+        affine in the key index (ALiBi) gets its slope and key-free part once too (codegen/affine.py: the 4th item,
+        else None), so that an element costs qk * qk_scale + (offs_nf * slope + tile bias)."""
         if b.kind != "softmax" or b.dot is None:
             return None
         aff = _affine(b.score, DotTile(k))
         if aff is None or aff[0] is None or not _free_of(aff[0], {b.var}):
             return None
-        c = aff[0]
+        c, sfx = aff[0], self.x.sfx(k)
         value = c.value if isinstance(c, D.Const) else c.expr if isinstance(c, D.Index) and c.expr.is_number \
             else None
-        if value is not None:   # a number: folded into one literal
-            return repr(float(value) * float(LOG2E)), aff[1], _positive(c)
         rowmap = {self.s.row[0]: "offs_m[:, None]"}
-        coef = self.x.emit(c, rowmap, body, role=f"qk_scale{self.x.sfx(k)}")
-        name = f"qk_scale{self.x.sfx(k)}"
-        if any(isinstance(e, D.Read) or isinstance(e, D.Index) and not e.expr.is_number for e in D.nodes(c)):
-            body.add(f"{name} = {self.x._float(coef, c)} * {LOG2E}  # the score scale in log2 units, once")
-        else:   # a constant expression: typed (a bare Python float would be fp32 in the interpreter)
-            body.add(f"{name} = tl.full([1], ({coef}) * {LOG2E}, dtype={self.x.acc})  # the score scale, log2 units")
-        self.x.taken.add(name)
-        return name, aff[1], _positive(c)
+        if b.mode == "lift":
+            rowmap[self.s.lift.a] = "offs_a[:, None]"
+        if value is not None:   # a number: folded into one literal
+            name = repr(float(value) * float(LOG2E))
+        else:
+            coef = self.x.emit(c, rowmap, body, role=f"qk_scale{sfx}")
+            name = f"qk_scale{sfx}"
+            if any(isinstance(e, D.Read) or isinstance(e, D.Index) and not e.expr.is_number for e in D.nodes(c)):
+                body.add(f"{name} = {self.x._float(coef, c)} * {LOG2E}  # the score scale in log2 units, once")
+            else:   # a constant expression: typed (a bare Python float would be fp32 in the interpreter)
+                body.add(f"{name} = tl.full([1], ({coef}) * {LOG2E}, dtype={self.x.acc})  # the score scale, "
+                         "log2 units")
+            self.x.taken.add(name)
+        key = None if aff[1] is None else emit_key_affine(self.x, aff[1], b.var, rowmap, body, sfx)
+        return name, aff[1], _positive(c), key
 
     def _code(self, e, names) -> str:
         """Code of an index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and named expressions."""

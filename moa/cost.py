@@ -26,6 +26,7 @@ class Counts:
     programs: int = 0
     loaded_by_tensor: dict = field(default_factory=dict)
     loop_loaded_by_tensor: dict = field(default_factory=dict)
+    hop_loaded_by_tensor: dict = field(default_factory=dict)   # loaded by hop loops (one key row per query row)
 
     @property
     def dram_bytes(self) -> int:
@@ -38,6 +39,7 @@ class Counts:
                                                           "tiles_needed", "programs")})
         out.loaded_by_tensor = {t: v * k for t, v in self.loaded_by_tensor.items()}
         out.loop_loaded_by_tensor = {t: v * k for t, v in self.loop_loaded_by_tensor.items()}
+        out.hop_loaded_by_tensor = {t: v * k for t, v in self.hop_loaded_by_tensor.items()}
         return out
 
     def add(self, o: Counts):
@@ -45,7 +47,8 @@ class Counts:
                   "tiles_visited", "tiles_needed", "programs"):
             setattr(self, f, getattr(self, f) + getattr(o, f))
         for d, od in ((self.loaded_by_tensor, o.loaded_by_tensor),
-                      (self.loop_loaded_by_tensor, o.loop_loaded_by_tensor)):
+                      (self.loop_loaded_by_tensor, o.loop_loaded_by_tensor),
+                      (self.hop_loaded_by_tensor, o.hop_loaded_by_tensor)):
             for k, v in od.items():
                 d[k] = d.get(k, 0) + v
 

@@ -14,8 +14,9 @@ with D, E the head dims padded to powers of two (>= 16) as the launcher pads the
 tile and the output tile. Bytes that reach HBM count every input of a key-tile loop at most once when a (batch,
 head)'s key-side inputs fit in half of L2 (as moa/cost.py); a hop loop's rows count in full (measured on an H200
 on 2026-12-04: PiAttention's hop schedule, 8.6 GB of hop rows at n = 8192, took 2.1 ms, i.e. its hop loads ran
-at about the HBM rate, where the L2 rule predicted 0.36 ms). Time = max(tl.dot FLOPs at the dtype's matrix peak + other FLOPs at
-the vector peak, bytes at the HBM bandwidth, exp2 at the transcendental rate) + one launch (moa/devices.py).
+at about the HBM rate, where the L2 rule predicted 0.36 ms). Time = max(tl.dot FLOPs at the dtype's matrix
+peak + other FLOPs at the vector peak, bytes at the HBM bandwidth, exp2 at the transcendental rate) + one
+launch (moa/devices.py). A split schedule (moa/split.py) is its kernels' predictions summed, plus its stored values.
 
 Leading axes (heads, comprehension axes) multiply the work; formulas that depend on a leading index are
 evaluated at index 0. The exact, kernel-level model (moa/cost.py) counts what the generated kernel does;

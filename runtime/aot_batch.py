@@ -239,7 +239,7 @@ def save_choice(path, index: int):
 
 
 def cfg_text(c: Config) -> str:
-    return f"BLOCK_M={c.block_m} BLOCK_N={c.block_n} warps={c.num_warps} stages={c.num_stages}"
+    return c.text()
 
 
 def cuda_target(device) -> str:

@@ -134,6 +134,11 @@ def load_module(key: str, source: str, interpret: bool = False):
     return mod
 
 
+def module_stem(source: str) -> str:
+    """The file name (without '.py') the module of a generated source is executed from (module_for)."""
+    return _path(key_of(source, __version__, triton.__version__, torch.__version__)).stem
+
+
 def module_for(source: str, device: torch.device):
     """The module of a generated source for tensors on `device`: interpreted for CPU, JIT-compiled for CUDA."""
     check_device(device)

@@ -22,25 +22,39 @@ from moa.errors import InputError, UnsupportedError
 from . import aot as A
 from . import cache
 from . import form_configs as F
-from .aot_batch import (TRITON_TYPE, aot_batch, aot_groups, choose_fitting, cuda_target, disk_path,
+from .aot_batch import (TRITON_TYPE, aot_groups, choose_fitting, cuda_target, disk_path,
                         divisible_args, kernel_signature, req_key, save_choice, target_device)
 from .device import device_table_name, next_pow2
 from .tiling import Config, candidates, default_config, exact_heads, launch_extents
 
 
 def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
-                 target: str, sched=None) -> dict:
+                 target: str, sched=None):
     """Everything needed to compile one output's kernel ahead of time (a picklable request): the kernel of
-    `sched` (default: the tiled schedule) generated as the Launcher generates it (the code-generation view)."""
+    `sched` (default: the tiled schedule) generated as the Launcher generates it (the code-generation view). A
+    split schedule gives a bundle: a request per kernel, the stored branch values typed in the accumulation
+    dtype."""
     sched = sched or planner.schedules[name]
-    prog = planner.cg_program
-    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact_heads(sched, dims), cfg.tma)
+    if sched.kind == onf.SPLIT:
+        acc = "*fp64" if dtype == "float64" else "*fp32"
+        values = {f"{v}_ptr": acc for v in planner.value_names(name)}
+        kernels = [(planner.cg_program, s) for _, s in sched.split.parts] + \
+            [(planner.split_program(name), sched.split.final)]
+        return [_kernel_request(planner, prog, s, dtype, cfg, dims, nbatch, index_dtype, target, values,
+                                exact_heads(sched, dims)) for prog, s in kernels]
+    return _kernel_request(planner, planner.cg_program, sched, dtype, cfg, dims, nbatch, index_dtype, target, {},
+                           exact_heads(sched, dims))
+
+
+def _kernel_request(planner, prog, sched, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
+                    target: str, values: dict, exact) -> dict:
+    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma)
     path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
     e = sy.evaluate(sched.col[1], dims)
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
     for hd, ext in spec.head_dims:
         constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
-    special = summary_types(prog, spec, index_dtype, constexprs)
+    special = {**summary_types(prog, spec, index_dtype, constexprs), **values}
     for d in spec.descriptors:   # TMA: the descriptor's element type and box, as a CUDA launch specialises it
         box = ", ".join(str(constexprs.get(x, x)) for x in d.block)
         special[d.arg] = f"tensordesc<{TRITON_TYPE[dtype]}[{box}]>"
@@ -116,15 +130,28 @@ def fit_plan(planner, name: str, dtype: str, dims: dict, target: str = "sm_90", 
 
 
 def choose_plan(plan: list, results: list, target: str, what: str) -> tuple:
-    """(index into plan, AotReport with .schedule set) of the first entry that fits; UnsupportedError naming
-    every schedule and config tried otherwise."""
+    """(index into plan, report) of the first entry that fits: an AotReport with .schedule set, or for a split
+    schedule a FormAotReport (form: the split's label) of its kernels; UnsupportedError naming every schedule and
+    config tried otherwise."""
+    results = [_bundle(s, c, r, target) for (s, c, _), r in zip(plan, results)]
     k, rep = choose_fitting([(_label(s), c) for s, c, _ in plan], results, target, what)
-    return k, dataclasses.replace(rep, schedule=_label(plan[k][0]))
+    return k, rep if isinstance(rep, F.FormAotReport) else dataclasses.replace(rep, schedule=_label(plan[k][0]))
+
+
+def _bundle(sched, cfg: Config, res, target: str):
+    """A split schedule's results (one per kernel) as one report, or its first error."""
+    if not isinstance(res, list):
+        return res
+    bad = next((x for x in res if isinstance(x, tuple)), None)
+    if bad is not None:
+        return bad
+    return F.FormAotReport(_label(sched), target, cfg, tuple(res), sched.output)
 
 
 def _first_fit(planner, name, dtype, dims, scheds, target, nbatch, index_dtype, default):
     plan = fit_plan(planner, name, dtype, dims, target, nbatch, index_dtype, default, scheds)
-    key = hashlib.sha256("".join(req_key(r) for _, _, r in plan).encode()).hexdigest()[:32]
+    key = hashlib.sha256("".join(req_key(x) for _, _, r in plan for x in (r if isinstance(r, list) else [r]))
+                         .encode()).hexdigest()[:32]
     path = disk_path(key)
     try:
         sched, cfg, _ = plan[json.loads(path.read_text())["choice"]]
@@ -175,10 +202,11 @@ def aot(planner, target: str = "sm_90", dtype="bf16", config: Config | None = No
             return rep
     else:
         sched = ranked_schedules(planner, name, dtype, dims, target)[0]
-    res = aot_batch([_aot_request(planner, name, dtype, config, dims, nbatch, index_dtype, target, sched)])[0]
+    req = _aot_request(planner, name, dtype, config, dims, nbatch, index_dtype, target, sched)
+    res = _bundle(sched, config, aot_groups([[req]])[0][0], target)
     if isinstance(res, tuple):
         raise UnsupportedError(res[1])
-    return dataclasses.replace(res, schedule=_label(sched))
+    return res if isinstance(res, F.FormAotReport) else dataclasses.replace(res, schedule=_label(sched))
 
 
 def _aot_dims(planner, name, dims) -> dict:

@@ -17,7 +17,7 @@ import sympy as sp
 import torch
 
 from moa import cost as C
-from moa import ir
+from moa import ir, onf
 from moa import symbolic as sy
 from moa import tiles as TL
 from moa.codegen import counts as CN
@@ -61,6 +61,20 @@ def launch_specs(planner, compute: str, nbatch: int, configs: dict, scheds: dict
     return {name: generate(planner.cg_program, scheds[name], compute, nbatch, cfg.block_m, cfg.block_n, False,
                            exact_heads(planner.schedules[name], dims) if dims else frozenset())
             for name, cfg in configs.items()}
+
+
+def kernel_specs(planner, name: str, sched, spec, compute: str, nbatch: int, cfg, dims: dict) -> list:
+    """[(program, schedule, KernelSpec)] of the kernels an output's tiled launch runs, in order: its one kernel
+    (`spec`), or a split schedule's kernels (moa/split.py: each stored branch, then the final one, whose program
+    holds the stored values as inputs), generated as the Launcher generates them."""
+    if sched.kind != onf.SPLIT:
+        return [(planner.cg_program, sched, spec)]
+    exact = exact_heads(planner.schedules[name], dims)
+    out = []
+    for k, prog in [(s, planner.cg_program) for _, s in sched.split.parts] + \
+            [(sched.split.final, planner.split_program(name))]:
+        out.append((prog, k, generate(prog, k, compute, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma)))
+    return out
 
 
 def run_schedule(planner, name: str, dims: dict | None = None, dtype: str = "bfloat16", device=None):
@@ -157,13 +171,17 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
             t.hbm += counts.dram_bytes
             t.launches += 3
         else:
-            eb.update({ts.arg: eb[ts.tensor] for ts in specs[name].summaries})
-            counts = CN.predict(planner.cg_program, scheds[name], specs[name], dims, batch, eb, needed=needed,
-                                data=data)
-            chip = CN.onchip_bytes(sched, specs[name], dims, DTYPE_BYTES[compute], 8 if compute == "float64" else 4,
-                                   configs[name].num_stages)
-            t.hbm += _hbm_bytes(planner, sched, counts, dims, math.prod(batch), eb, dev)
-            t.launches += 1
+            counts, chip = C.Counts(), 0
+            for prog, ks, spec in kernel_specs(planner, name, scheds[name], specs[name], compute, len(batch),
+                                               configs[name], dims):
+                eb.update({ts.arg: eb[ts.tensor] for ts in spec.summaries})
+                eb.update({v: 8 if compute == "float64" else 4 for v in planner.value_names(name)})
+                got = CN.predict(prog, ks, spec, dims, batch, eb, needed=needed, data=data)
+                chip = max(chip, CN.onchip_bytes(ks, spec, dims, DTYPE_BYTES[compute], 8 if compute == "float64"
+                                                 else 4, configs[name].num_stages))
+                t.hbm += _hbm_bytes(planner, ks, got, dims, math.prod(batch), eb, dev)
+                t.launches += 1
+                counts.add(got)
         t.onchip = max(t.onchip, chip)
         t.counts.add(counts)
         _add_eager(t, planner, name, sched, dims, dtype, dev, math.prod(batch))
@@ -292,7 +310,8 @@ def _window_counts(planner, name, dims, batch, dtname, eb, needed) -> tuple[C.Co
 
 def _hbm_bytes(planner, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
     """DRAM traffic that reaches HBM: the key-side tensors re-read by every row tile are served from L2 when the
-    per-(batch, head) working set fits in half of L2; then each input costs at most its size once."""
+    per-(batch, head) working set fits in half of L2; then each input costs at most its size once, except what hop
+    loops load (one key row per query row, no tile reuse), which counts in full (moa/schedule_cost.py says why)."""
     if dev is None:
         return counts.dram_bytes
     size = {}
@@ -303,7 +322,8 @@ def _hbm_bytes(planner, sched, counts: C.Counts, dims, nb, eb, dev) -> int:
     ws = sum(size.get(t, 0) for t in counts.loop_loaded_by_tensor) / max(1, instances)   # summaries: tiny
     if ws > dev.l2_bytes / 2:
         return counts.dram_bytes
-    loaded = sum(min(v, size.get(t, v)) for t, v in counts.loaded_by_tensor.items())
+    hop = counts.hop_loaded_by_tensor
+    loaded = sum(min(v - hop.get(t, 0), size.get(t, v)) + hop.get(t, 0) for t, v in counts.loaded_by_tensor.items())
     return loaded + counts.dram_bytes_stored
 
 

@@ -14,7 +14,7 @@ import torch
 
 from moa import dnf as D
 from moa import paging
-from moa import ir
+from moa import ir, onf
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.frontend import elaborate
 from moa.program import Program
@@ -207,7 +207,14 @@ class Kernel:
         if self.planner.is_window(name):
             return self.launcher.window_runner(name).source(dtype, nbatch)
         sched = self.planner.schedule_for(name, dims or self.planner.reference_dims(name), dtype)
-        return self.launcher.spec(name, dtype, nbatch, config or Config(128, 64), store_lse, sched).source
+        cfg = config or Config(128, 64)
+        if sched.kind != onf.SPLIT:
+            return self.launcher.spec(name, dtype, nbatch, cfg, store_lse, sched).source
+        roles = [("part", k, s) for k, s in sched.split.parts] + [("final", sched.split.last, sched.split.final)]
+        return "\n\n".join(f"# ---- kernel {i + 1} of {len(roles)} ({onf.label(sched)}): branch {k} in {onf.label(s)}"
+                           + (f", stored as {sched.split.names[k]}" if role == "part" else ", with the epilogue")
+                           + "\n" + self.launcher.spec(name, dtype, nbatch, cfg, False, s, role=role).source
+                           for i, (role, k, s) in enumerate(roles))
 
     @property
     def triton_source(self) -> str:

@@ -172,7 +172,11 @@ def _record_line(sessions: list[Session]) -> None:
     text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
     for s in wanted:
         for where, label in s.lines.get(frame.f_code.co_name, {}).items():
-            if where == frame.f_lineno if isinstance(where, int) else text.startswith(where):
+            if isinstance(where, tuple):   # (line, file stem): one of several kernels with the same function name
+                hit = where[0] == frame.f_lineno and frame.f_code.co_filename.endswith(f"{where[1]}.py")
+            else:
+                hit = where == frame.f_lineno if isinstance(where, int) else text.startswith(where)
+            if hit:
                 s.counters.load_calls_by_line[label] += 1
 
 

@@ -9,7 +9,8 @@ import torch
 
 from moa.errors import InputError, UnsupportedError
 
-from .costing import launch_specs, run_schedule, window_launch
+from .cache import module_stem
+from .costing import kernel_specs, launch_specs, run_schedule, window_launch
 from .linear_cost import linear_launches
 from .measure import instrument
 from .plan import LINEAR, WINDOW
@@ -52,12 +53,17 @@ def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims:
         cfg = planner.launch_config(name, torch.device("cpu"), dtname, dims)
         sched = run_schedule(planner, name, dims, call_dtype)
         spec = launch_specs(planner, dtname, nbatch, {name: cfg}, {name: sched}, dims)[name]
-        fn = next(x for x in ast.parse(spec.source).body if isinstance(x, ast.FunctionDef) and x.name == "_attn_fwd")
+        kernels = kernel_specs(planner, name, sched, spec, dtname, nbatch, cfg, dims)
         out = {}
-        for node in ast.walk(fn):
-            region = spec.regions.get(getattr(node, "lineno", None))
-            if isinstance(node, (ast.For, ast.If)) and region is not None and region[0] in VISITED:
-                out[f"{name}:{region}"] = ("_attn_fwd", _first_load(node, region))
+        for k, (_, _, spec) in enumerate(kernels):
+            fn = next(x for x in ast.parse(spec.source).body if isinstance(x, ast.FunctionDef) and
+                      x.name == "_attn_fwd")
+            stem = module_stem(spec.source) if len(kernels) > 1 else None   # the kernels' lines told apart
+            for node in ast.walk(fn):
+                region = spec.regions.get(getattr(node, "lineno", None))
+                if isinstance(node, (ast.For, ast.If)) and region is not None and region[0] in VISITED:
+                    line = _first_load(node, region)
+                    out[f"{name}:{k}:{region}"] = ("_attn_fwd", line if stem is None else (line, stem))
         return out
     return {f"{name}:{x.fn}": _witness_line(x.source, x.fn, x.ledger, x.witness) for x in launches}
 

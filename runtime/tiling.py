@@ -35,6 +35,10 @@ class Config:
     num_stages: int = 2
     tma: bool = False    # K / V key tiles through TMA tensor descriptors (Hopper; a tuning candidate on CUDA)
 
+    def text(self) -> str:
+        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}" + \
+            (" TMA" if self.tma else "")
+
 
 def choose_config(device: torch.device, dtype: str, n: int, m: int, head: int) -> Config:
     """Block sizes for a call. The interpreter favours few, large programs; on a GPU the table follows the

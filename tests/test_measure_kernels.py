@@ -30,8 +30,8 @@ EXAMPLES = {
 LINEAR = ("power", "power_gated", "linear", "linear_relu")   # also run in the chunked linear form
 LINEAR_SIZES = (1, 17, 63, 65, 129)   # chunks of 32 / 64 rows: one row, ragged, a multiple +- 1
 # schedules with a residue conjunct (i - j) % s == 0: hop loops and the residue lifting, besides the tiled one
-SCHEDULES = [("pi_attention", "hops"), ("pi_attention", "residue"), ("dilated_window", "hops"),
-             ("dilated_window", "residue")]
+SCHEDULES = [("pi_attention", "hops"), ("pi_attention", "residue"), ("pi_attention", "split"),
+             ("dilated_window", "hops"), ("dilated_window", "residue")]
 STRUCTURED = ("causal", "sliding_window", "dilated_window", "prefix_lm", "causal_bottom_right", "ring_local")
 SIZES = (1, 17, 100, 130)
 KEYS = {1: 1, 17: 24, 100: 61, 130: 130}   # m for programs with a separate key length (m < n and m > n)

@@ -85,3 +85,28 @@ def test_the_score_scale_costs_no_multiply_per_element(tmp_path, d):
     scores, acc = 128 * 64 // 256, 128 * d // 256
     assert ops.count("FFMA") >= scores          # qk * qk_scale - m, fused
     assert ops.count("FMUL") <= acc + 4, ops.count("FMUL")
+
+
+@pytest.mark.parametrize("name", ["alibi", "gqa_alibi"])
+def test_a_score_modifier_affine_in_the_key_costs_two_flops_per_element(tmp_path, name):
+    """ALiBi's slope * (j - i) is affine in the key index: its slope and the value at each tile's first key are
+    computed before the loop and once per row of a tile (codegen/affine.py), so a score element costs
+    qk * qk_scale + (offs_nf * slope + tile bias), two FFMAs, and the exponent's s - m one FADD, where causal's
+    element is one FFMA: at most two float instructions per score beyond causal's, and no int -> float
+    conversion per element (one per row of the thread's tile; 548 -> 441 instructions per thread at d = 128)."""
+    d = 128
+    rep = moa.compile(EXAMPLES / f"{name}.moa").aot(dtype="bf16", n=4096, d=d, e=d)
+    base = moa.compile(EXAMPLES / "causal.moa").aot(dtype="bf16", n=4096, d=d, e=d)
+    assert (rep.block_m, rep.block_n, rep.num_warps) == (base.block_m, base.block_n, base.num_warps) == (128, 64, 8)
+    full, _ = _key_loops(rep.cubin, tmp_path)
+    causal, _ = _key_loops(base.cubin, tmp_path)
+    ops, ref = [_opcode(t) for t in full[0]], [_opcode(t) for t in causal[0]]
+    scores, acc, rows = 128 * 64 // 256, 128 * d // 256, 2   # per thread: a wgmma m64 tile gives a thread 2 rows
+
+    def flops(xs):
+        return sum(xs.count(op) for op in ("FMUL", "FFMA", "FADD"))
+
+    assert sum(ops.count(op) for op in ("I2F", "I2FP")) <= rows, [t for t in full[0] if t.startswith("I2F")]
+    assert ops.count("FMUL") <= acc + 4, ops.count("FMUL")
+    assert flops(ops) <= flops(ref) + 2 * scores + 4, (flops(ops), flops(ref))
+    assert len(ops) <= len(ref) + 2 * scores + 8, (len(ops), len(ref))
