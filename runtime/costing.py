@@ -77,13 +77,15 @@ def kernel_specs(planner, name: str, sched, spec, compute: str, nbatch: int, cfg
     return out
 
 
-def run_schedule(planner, name: str, dims: dict | None = None, dtype: str = "bfloat16", device=None):
-    """The ONF a call with these dims runs (the planner's choice on the device, h100 for CPU tensors, or the one
-    forced by compile(schedule=...)); without dims the base schedule unless one is forced."""
+def run_schedule(planner, name: str, dims: dict | None = None, dtype: str = "bfloat16", device=None,
+                 batch: int = 1):
+    """The ONF a call with these dims and batch size (the product of its batch axes) runs (the planner's choice on
+    the device, h100 for CPU tensors, or the one forced by compile(schedule=...)); without dims the base schedule
+    unless one is forced."""
     if dims is None:
         return planner.base_schedule(name)
     dev = "h100" if device is None or str(device).lower() == "cpu" else str(device)
-    return planner.schedule_for(name, dims, canonical_dtype(dtype), dev)
+    return planner.schedule_for(name, dims, canonical_dtype(dtype), dev, batch)
 
 
 def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(), index_dtype="int64",
@@ -233,7 +235,7 @@ def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, 
     for name in planner.output_names:
         if kinds[name] != TILED:
             continue
-        scheds[name] = run_schedule(planner, name, dims, dtype, device)
+        scheds[name] = run_schedule(planner, name, dims, dtype, device, math.prod(batch))
         configs[name] = config or planner.launch_config(name, tdev, compute, dims)
         if fit:
             target = get_device(device).target

@@ -4,6 +4,7 @@ the executions of one load statement per loop body (`witness_lines`)."""
 from __future__ import annotations
 
 import ast
+import math
 
 import torch
 
@@ -31,7 +32,8 @@ def measure(kernel, **inputs) -> Measurement:
     with instrument() as c:
         for name in planner.output_names:
             kind = planner.run_kind(name, b.dims)
-            lines = witness_lines(planner, name, kind, dtname, len(b.batch), b.dims, DTYPE_NAME[b.dtype])
+            lines = witness_lines(planner, name, kind, dtname, len(b.batch), b.dims, DTYPE_NAME[b.dtype],
+                                  math.prod(b.batch))
             with instrument(lines=lines) as ci:
                 launcher.output(name, b)
             tiles += sum(ci.load_calls_by_line.values())
@@ -40,7 +42,8 @@ def measure(kernel, **inputs) -> Measurement:
                        tiles_visited=tiles, programs=c.programs)
 
 
-def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims: dict, call_dtype: str) -> dict:
+def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims: dict, call_dtype: str,
+                  batch: int = 1) -> dict:
     """label -> (kernel function, line prefix or number) of one load statement per region whose executions are
     the visited tiles: the first load of each key-tile body or hop loop of the tiled kernel (by line number: the
     three loops of a split key loop load the same tiles), of the window kernel's first hop loop, of the linear
@@ -51,7 +54,7 @@ def witness_lines(planner, name: str, kind: str, dtname: str, nbatch: int, dims:
         launches = [x for x in linear_launches(planner, name, dtname, nbatch, "cpu") if x.witness is not None]
     else:
         cfg = planner.launch_config(name, torch.device("cpu"), dtname, dims)
-        sched = run_schedule(planner, name, dims, call_dtype)
+        sched = run_schedule(planner, name, dims, call_dtype, batch=batch)
         spec = launch_specs(planner, dtname, nbatch, {name: cfg}, {name: sched}, dims)[name]
         kernels = kernel_specs(planner, name, sched, spec, dtname, nbatch, cfg, dims)
         out = {}
