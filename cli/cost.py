@@ -199,7 +199,9 @@ def cost_table(k, rep, bd, dims) -> str:
     lines += [f"{a:{w0}}{b:{w1}}{c}" for a, b, c in rows]
     if dev:
         parts = ", ".join(f"{k_} {_seconds(v)}" for k_, v in bd.parts.items())
-        lines.append(f"roofline parts (fused): {parts}; + {_seconds(dev.launch_s)} launch")
+        per = f"{bd.launches} x {_seconds(dev.launch_s)} launches" if bd.launches > 1 else \
+            f"{_seconds(dev.launch_s)} launch"
+        lines.append(f"roofline parts (fused): {parts}; + {per}")
     # the MoA storage theorem, as formulas in the dims
     inter = sp.Integer(0)
     for name in k.output_names:

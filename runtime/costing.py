@@ -279,7 +279,7 @@ def _report(t: _Totals, planner, kinds, configs, dev, dtype, needed) -> tuple[Co
         onchip_bytes=t.onchip, arithmetic_intensity=total.flops / total.dram_bytes if total.dram_bytes else 0.0,
         predicted_seconds=seconds, bound=bound, form=form)
     bd = Breakdown(dev, dtype, configs, total.dot_flops, total.programs, t.hbm, parts, t.eager_flops, unfused_s,
-                   ubound, t.unfused_ops, frac)
+                   ubound, t.unfused_ops, frac, t.launches)
     return report, bd
 
 

@@ -69,3 +69,4 @@ class Breakdown:
     unfused_bound: str
     unfused_ops: list
     fraction_of_peak: object
+    launches: int = 1             # kernel launches of the fused call (linear form 3, a split schedule 1 per branch)
