@@ -8,6 +8,7 @@ gradient error at a small size. Without a GPU it prints the predicted table at t
 """
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -179,8 +180,6 @@ def run(args) -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"{stem:16s} not predicted: {type(e).__name__}: {str(e)[:120]}")
         return
-    import datetime
-
     gpu = torch.cuda.get_device_name()
     key = next((x for x in ("h200", "h100", "a100") if x in gpu.lower()), "h100")
     dt = {"fp16": torch.float16, "float16": torch.float16}.get(args.dtype, torch.bfloat16)
@@ -188,7 +187,15 @@ def run(args) -> None:
     for stem, params, versus in WORKLOADS:
         rows.append(row(stem, params, versus, shape_of(args), dt, key))
         print(line(rows[-1]), flush=True)
-    out = Path(args.out)
+        _save(args.out, gpu, rows)   # after every row: a cut run keeps them
+
+
+__all__ = ["WORKLOADS", "line", "predicted", "row", "run"]
+
+
+def _save(out, gpu: str, rows: list) -> None:
+    """The rows so far as <gpu>-<date>-backward.md and .json under `out`."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{''.join(c if c.isalnum() else '-' for c in gpu.lower()).strip('-')}-{datetime.date.today()}-backward"
     (out / f"{stem}.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "moa": moa.__version__,
@@ -196,6 +203,3 @@ def run(args) -> None:
     (out / f"{stem}.md").write_text(f"# moa forward + backward on {gpu}\n\n" +
                                     "\n".join(f"    {line(r)}" for r in rows) + "\n")
     print(f"wrote {out / stem}.md and .json")
-
-
-__all__ = ["WORKLOADS", "line", "predicted", "row", "run"]

@@ -282,7 +282,7 @@ def bench_gpu(args):
         row = _workload(label, name, params, shape, form, versus, dt, tdt, dev, device)
         rows.append(row)
         print(_line(row), flush=True)
-    _write(args.out, gpu, rows, datetime.date.today().isoformat(), json)
+        _write(args.out, gpu, rows, datetime.date.today().isoformat(), json)   # after every row: a cut run keeps them
 
 
 def _f(r: dict, field: str, fmt: str) -> str:

@@ -8,6 +8,7 @@ size. Without a GPU it prints the predicted table (splits, packing, KV bandwidth
 """
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -226,8 +227,6 @@ def run(args) -> None:
             print(f"{label:30s} {c.splits:6d} {c.packed_heads:6d} {c.predicted_seconds * 1e6:9.1f} "
                   f"{c.kv_bytes / 2 ** 20:8.1f} {bw / 1e9:8.0f} {100 * bw / DEVICES[args.device].hbm_bytes_per_s:6.0f}")
         return
-    import datetime
-
     gpu = torch.cuda.get_device_name()
     key = next((x for x in ("h200", "h100", "a100") if x in gpu.lower()), "h100")
     dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(
@@ -236,7 +235,12 @@ def run(args) -> None:
     for w in WORKLOADS:
         rows.append(row(*w, dt, key))
         print(line(rows[-1]), flush=True)
-    out = Path(args.out)
+        _save(args.out, gpu, rows)   # after every row: a cut run keeps them
+
+
+def _save(out, gpu: str, rows: list) -> None:
+    """The rows so far as <gpu>-<date>-decode.md and .json under `out`."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{''.join(c if c.isalnum() else '-' for c in gpu.lower()).strip('-')}-{datetime.date.today()}-decode"
     (out / f"{stem}.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "moa": moa.__version__,

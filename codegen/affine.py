@@ -69,7 +69,7 @@ def split(e, j):
     """(terms, free): e = sum coef * lin + sum free (free: DNF expressions free of j), or None where e has another
     form along j (a read indexed by j, a non-linear function of it)."""
     if isinstance(e, D.Index):
-        return [Term(None, sp.expand(e.expr))], []
+        return [Term(None, e.expr)], []
     if _free(e, j):
         return [], [e]
     if not isinstance(e, D.Op):
@@ -108,6 +108,11 @@ def _negated(part):
     return [Term(t.coef, -t.lin) for t in terms], [D.Op("neg", (x,), x.dtype) for x in free]
 
 
+def slope_of(lin, j) -> sp.Expr:
+    """d lin / d j (lin = alpha j + beta: alpha)."""
+    return sp.expand(sp.diff(lin, j))
+
+
 def key_affine(e, j):
     """(terms along j, terms free of j, free DNF terms) of a score modifier affine in the key index j, or None:
     terms with the same coefficient merged (their index expressions added exactly, in integers), each term's
@@ -117,16 +122,16 @@ def key_affine(e, j):
         return None
     merged: dict = {}
     for t in part[0]:
-        merged[t.coef] = sp.expand(merged.get(t.coef, sp.Integer(0)) + t.lin)
+        merged[t.coef] = merged.get(t.coef, sp.Integer(0)) + t.lin
     along, fixed = [], []
     for coef, lin in merged.items():
-        alpha = sp.expand(sp.diff(lin, j))
+        alpha = slope_of(lin, j)
         beta = sp.expand(lin - alpha * j)
         if j in alpha.free_symbols or j in beta.free_symbols or not (alpha.is_integer and beta.is_integer):
             return None
         if alpha != 0:
             along.append(Term(coef, lin))
-        elif lin != 0:
+        elif sp.expand(lin) != 0:
             fixed.append(Term(coef, lin))
     if not along:
         return None
@@ -171,9 +176,10 @@ def emit_key_affine(x, e, j, rowmap: dict, body: Scope, sfx: str) -> KeyAffine |
             code = f"tl.full([1], {code}, dtype={x.acc})"
         return _named(x, body, what, code, "a coefficient in log2 units, once")
 
-    coefs = [log2_units(t.coef, f"slope{sfx}") for t in along]
-    slopes = [c if alpha == 1 else _times(c, index(alpha))
-              for t, c in zip(along, coefs) for alpha in [sp.expand(sp.diff(t.lin, j))]]
+    alphas = [slope_of(t.lin, j) for t in along]
+    one = len(along) == 1 and alphas[0] == 1   # the coefficient is the slope
+    coefs = [log2_units(t.coef, f"slope{sfx}" if one else f"key_coef{sfx}") for t in along]
+    slopes = [c if alpha == 1 else _times(c, index(alpha)) for c, alpha in zip(coefs, alphas)]
     slope = _sum(slopes)
     if isinstance(slope, str) and slope not in coefs:
         slope = _named(x, body, f"slope{sfx}", slope, "d score / d key, log2 units, once")
