@@ -3,8 +3,9 @@
 On a CUDA machine each workload times moa's forward and fused backward kernels (the gradients of every float input
 for a random cotangent) and, where PyTorch expresses the program, F.scaled_dot_product_attention's and compiled
 flex_attention's forward + backward on the same tensors; the row gives the times, the backward cost model's
-prediction (runtime/backward_cost.py: FLOPs, bytes and the roofline time they imply on the device) and the float64
-gradient error at a small size. Without a GPU it prints the predicted table at the requested size.
+prediction (Backward.cost, runtime/backward_cost_all.py: FLOPs, bytes and the roofline time they imply on the
+device) and the float64 gradient error at a small size. Without a GPU it prints the predicted table at the
+requested size.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 
 import moa
 from moa.devices import DEVICES
-from moa.runtime import backward_cost
 from moa.runtime.tiling import Config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -98,19 +98,18 @@ def _error(stem, params, where) -> float:
 
 
 def predicted(k, shape, dtype: str, device_key: str) -> dict:
-    """The backward cost model's work at a shape (64 x 64 tiles) and the roofline time it implies. The bytes are
+    """The backward cost model's work at a shape (64 x 64 tiles, the GPU's dtype; fused, several branches, window or
+    the chunked linear form: Backward.cost) and the roofline time it implies. The bytes are
     every access the kernels make (no cache model: K and V re-read per query tile count each time), so the memory
     side of the roofline is an upper bound."""
     b, h, n, d = shape
     names = {x.name for x in k.program.dims}
     dims = {x: v for x, v in {"n": n, "m": n, "d": d, "e": d, "h": h, "g": max(1, h // 4)}.items() if x in names}
     batch = (b,) if _heads(k) else (b, h)
-    bw = k.backward
-    runners = [bw.runner] if bw.runner is not None else list(bw.multi.runners)
-    work = [w for r in runners for w in backward_cost.predict(r, dims, batch, dtype, Config(64, 64)).values()]
+    work = k.backward.cost(dims, batch, dtype, config=Config(64, 64), device="cuda")   # every path's kernels
     dev = DEVICES[device_key]
-    flops = sum(w.flops for w in work)
-    nbytes = sum(w.bytes_loaded + w.bytes_stored for w in work)
+    flops = work.flops
+    nbytes = work.bytes_loaded + work.bytes_stored
     rate = dev.matmul_rate(dtype)
     return {"pred_gflop": flops / 1e9, "pred_mb": nbytes / 2 ** 20,
             "roofline_ms": max(flops / rate, nbytes / dev.hbm_bytes_per_s) * 1e3}

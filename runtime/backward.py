@@ -93,11 +93,13 @@ class Backward:
         back = self.k.planner.codegen.inputs
         return tuple(back[x] for x in fused.fused_names())
 
-    def cost(self, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict | None = None, config=None):
+    def cost(self, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict | None = None, config=None,
+             device: str = "cpu"):
         """The predicted work per kernel of the backward a call at these dims would run (runtime/backward_cost_all.py:
         fused, several branches, window, or the chunked linear form); `inputs`: the integer and boolean inputs whose
-        per-tile summaries decide the tiles the kernels skip."""
-        return backward_cost_all.cost(self, dims, batch, dtype, inputs, config)
+        per-tile summaries decide the tiles the kernels skip; device 'cpu' (the interpreter: bf16 computes in fp32)
+        or 'cuda' (a GPU's kernels, in the call's dtype)."""
+        return backward_cost_all.cost(self, dims, batch, dtype, inputs, config, device)
 
     def saved_spec(self, dtype: torch.dtype) -> list:
         """(shape as extents, dtype) of each value the forward returns for the backward, after the outputs: the

@@ -68,15 +68,16 @@ def _runner_config(spec, dims: dict, config: Config | None) -> Config:
 
 
 def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict | None = None,
-         config: Config | None = None) -> BackwardCost:
+         config: Config | None = None, device: str = "cpu") -> BackwardCost:
     """The predicted work of the backward of Kernel bw.k at these dims (user names) and batch shape, for float inputs
-    of `dtype` on the CPU interpreter (bf16 computes in fp32 there); `inputs`: the integer and boolean inputs
-    (document ids, flags) where the kernels skip tiles by their per-tile summaries."""
+    of `dtype` on the CPU interpreter (bf16 computes in fp32 there) or, device='cuda', on a GPU (bf16 kernels);
+    `inputs`: the integer and boolean inputs (document ids, flags) where the kernels skip tiles by their per-tile
+    summaries."""
     k = bw.k
     planner = k.planner
     dims = {x.name: int(dims[x.name]) for x in k.program.dims}
     batch = tuple(int(x) for x in batch)
-    compute = DTYPE_NAME[compute_dtype(getattr(torch, dtype), torch.device("cpu"))]
+    compute = DTYPE_NAME[compute_dtype(getattr(torch, dtype), torch.device("cuda" if device == "cuda" else "cpu"))]
     cg_dims = {cg: dims[user] for cg, user in planner.codegen.dims.items()}
     data, int_bytes = _data(planner, inputs, dims, batch)
     if bw.unfused_reason:
