@@ -222,7 +222,14 @@ def _tokens(src: str):
 
 
 def check_source(src: str):
-    """Facts every generated source satisfies, whatever the program."""
+    """Facts every generated source satisfies, whatever the program (a split schedule's source: each of its
+    kernel modules, after the '# ---- kernel i of n' line k.source puts before each)."""
+    parts = re.split(r"^# ---- kernel \d+ of \d+ .*\n", src, flags=re.M)
+    if len(parts) > 1:
+        assert parts[0] == "" and len(parts) >= 3
+        for part in parts[1:]:
+            check_source(part)
+        return
     tree = ast.parse(src)
     compile(tree, "<generated>", "exec")
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
