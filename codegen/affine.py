@@ -37,18 +37,17 @@ class Term:
 @dataclass(frozen=True)
 class KeyAffine:
     """The code of a score modifier affine in the key index: `slope` and `bias` are computed once per program
-    ('' where there is none), `tile` ((index code at j = start_n, coef log2 e code), ...) once per key tile into the
-    variable `name`; `offs` holds arange(BLOCK_N) as floats."""
+    ('' where there is none), `tile` ((float code of the index at j = start_n, code of coef log2 e), ...) once per
+    key tile into the variable `name`; `offs` holds arange(BLOCK_N) as floats."""
     slope: str
     tile: tuple
     bias: str
     offs: str
     name: str
-    acc: str
 
     def element(self, scope: Scope) -> str:
         """The modifier of a score element in log2 units; the tile bias goes to `scope` (the tile's body)."""
-        parts = [f"({code}).to({self.acc}) * {coef}" for code, coef in self.tile]
+        parts = [f"{code} * {coef}" for code, coef in self.tile]
         scope.add(f"{self.name} = {' + '.join(parts + ([self.bias] if self.bias else []))}"
                   f"  # the modifier at the first key of the tile")
         return f"({self.offs}[None, :] * {self.slope} + {self.name})"
@@ -91,6 +90,9 @@ def split(e, j):
         part = split(g, j) if _free(f, j) else None
         if part is None:
             return None
+        if isinstance(f, D.Index):   # an integer factor: exact in the index arithmetic
+            return [Term(t.coef, f.expr * t.lin) for t in part[0]], \
+                [D.Op("mul", (f, x) if left else (x, f), ir.FLOAT) for x in part[1]]
         return ([Term(_scaled(f, t.coef, left), t.lin) for t in part[0]],
                 [D.Op("mul", (f, x) if left else (x, f), ir.FLOAT) for x in part[1]])
     if fn == "div" and _free(args[1], j):
@@ -192,8 +194,17 @@ def emit_key_affine(x, e, j, rowmap: dict, body: Scope, sfx: str) -> KeyAffine |
     if offs not in x.taken:
         x.taken.add(offs)
         body.add(f"{offs} = tl.arange(0, BLOCK_N).to({x.acc})  # key offsets within a tile")
-    tile = tuple((x.idx(t.lin, {**rowmap, j: "start_n"}), _code(c)) for t, c in zip(along, coefs))
-    return KeyAffine(_code(slope), tile, _code(bias), offs, x.fresh(f"tile_bias{sfx}"), x.acc)
+    tile = tuple((_at_first_key(x, t.lin, j, rowmap), _code(c)) for t, c in zip(along, coefs))
+    return KeyAffine(_code(slope), tile, _code(bias), offs, x.fresh(f"tile_bias{sfx}"))
+
+
+def _at_first_key(x, lin, j, rowmap: dict) -> str:
+    """lin at j = start_n, in the accumulator's float type: one conversion of the exact integer. start_n alone (and
+    numbers) is a Python int in the interpreter: typed with tl.full, which casts a scalar tensor too."""
+    code = x.idx(lin, {**rowmap, j: "start_n"})
+    if lin.free_symbols <= {j}:
+        return f"tl.full([1], {code}, dtype={x.acc})"
+    return f"({code}).to({x.acc})"
 
 
 def _sum(values):
