@@ -16,7 +16,7 @@ from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
 from moa import ir
-from moa.onf import HOPS, RESIDUE, BranchValue, DotTile, Schedule, scans_keys, uses_summaries
+from moa.onf import HOPS, RESIDUE, TILED, BranchValue, DotTile, Schedule, scans_keys, uses_summaries
 from moa.program import Program
 
 from .affine import emit_key_affine
@@ -63,8 +63,9 @@ class KernelEmitter(DataTiles):
     """The tiled kernel (`_attn_fwd`) of one output's schedule, for a dtype and a number of batch axes."""
 
     def __init__(self, program: Program, sched: Schedule, dtype: str, nbatch: int, exact=frozenset(),
-                 tma: bool = False):
+                 tma: bool = False, overlap: bool = False):
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
+        self.overlap = overlap   # the full-tile loop computes the next tile's q . k^T ahead (_ahead)
         self.x = Emitter(program, sched, dtype)
         self.x.tma, self.x.nbatch = tma, nbatch
         # head dims equal to their padded tiles at this launch: loads along them need no bound
@@ -223,13 +224,36 @@ class KernelEmitter(DataTiles):
         for region, start, stop, masked in (("lo", f"lo{sfx}", f"full_lo{sfx}", "always"),
                                             ("full", f"full_lo{sfx}", f"full_hi{sfx}", "never"),
                                             ("hi", f"full_hi{sfx}", f"hi{sfx} + 1", "always")):
+            ahead = region == "full" and self.overlap and b.dot is not None and b.mode == TILED
+            if ahead:   # the first full tile's scores before the loop, each next tile's one iteration ahead
+                body.add("# q . k^T of the next full tile is issued before this tile's softmax (tensor cores "
+                         "overlap it)")
+                body.add(f"nxt_n = full_lo{sfx}")
+                pro = body.child()   # its loads cached apart: the loop's own look-ahead loads the next tiles
+                self._ahead(k, b, pro, body, q)
+                body.lines.extend(pro.lines)
             loop = Scope([], "    ", parent=body).open(f"for start_n in range({start}, {stop}, BLOCK_N):",
                                                          (region, k))
+            if ahead:
+                loop.add(f"qk{sfx} = qk_nxt{sfx}")
+                loop.add("nxt_n = start_n + BLOCK_N")
+                self._ahead(k, b, loop, body, q)
             self._tile_box(loop, m_ext)
             x.inside = {b.var: b.extent} if masked == "never" else {}   # full tiles end inside the keys
-            self._tile(k, b, loop, body, q, mo, scale, names, masked, b.full)
+            self._tile(k, b, loop, body, q, mo, scale, names, masked, b.full, ahead)
             x.inside = {}
             body.lines.extend(loop.parent.lines)
+
+    def _ahead(self, k: int, b, scope: Scope, body: Scope, q) -> None:
+        """qk_nxt = q . k^T of the key tile starting at nxt_n, with bound masks (past the last full tile it reads
+        zeros or a tile it discards): its tensor-core work can run while the current tile's softmax does."""
+        x, sfx = self.x, self.x.sfx(k)
+        m_ext = self.idx(b.extent)
+        offs = x.head_offsets(b.dot.extent, body)
+        scope.add("offs_nx = nxt_n + tl.arange(0, BLOCK_N)")
+        kt = x.factor(b.dot.b, {b.var: "offs_nx[:, None]", b.dot.var: f"{offs}[None, :]"}, scope, f"k{sfx}",
+                      f"(offs_nx[:, None] < {m_ext}) & ({offs}[None, :] < {self.idx(b.dot.extent)})")
+        scope.add(f"qk_nxt{sfx} = tl.dot({q}, tl.trans({kt}){x.dot_kw()})")
 
     @staticmethod
     def _tile_box(loop: Scope, m_ext: str) -> None:
@@ -239,9 +263,10 @@ class KernelEmitter(DataTiles):
         loop.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m_ext}) - 1  # J_HI")
 
     def _tile(self, k: int, b, inner: Scope, body: Scope, q, mo: Monoid, scale, names: dict, masked: str,
-              full) -> None:
-        """One key tile of branch k: the key tile and qk, the score, the mask (masked: 'always', 'never', or
-        'test': on tiles not known `full` only), the value tile and the monoid's update."""
+              full, ahead: bool = False) -> None:
+        """One key tile of branch k: the key tile and qk (`ahead`: qk computed by the previous iteration), the
+        score, the mask (masked: 'always', 'never', or 'test': on tiles not known `full` only), the value tile and
+        the monoid's update."""
         s, x = self.s, self.x
         i, j = s.row[0], b.var
         sfx = x.sfx(k)
@@ -249,7 +274,7 @@ class KernelEmitter(DataTiles):
         smap = {i: "offs_m[:, None]", j: "offs_n[None, :]"}
         if b.mode == "lift":
             smap[s.lift.a] = "offs_a[:, None]"
-        if b.dot is not None:
+        if b.dot is not None and not ahead:
             offs = x.head_offsets(b.dot.extent, body)
             kt = x.factor(b.dot.b, {j: "offs_n[:, None]", b.dot.var: f"{offs}[None, :]"}, inner, f"k{sfx}",
                           f"(offs_n[:, None] < {m_ext}) & ({offs}[None, :] < {self.idx(b.dot.extent)})")
@@ -426,11 +451,13 @@ def _safe_comment(text: str) -> str:
 
 
 def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m: int = 64, block_n: int = 64,
-             store_lse: bool = False, exact=frozenset(), tma: bool = False) -> KernelSpec:
+             store_lse: bool = False, exact=frozenset(), tma: bool = False, overlap: bool = False) -> KernelSpec:
     """Triton source for one output's schedule, specialised to a dtype, the number of batch axes and the head dims
     (extents) that equal their padded tiles at the launch (`exact`: their loads need no bound). tma: key tiles
-    of plain K / V reads through tensor descriptors (spec.descriptors; Hopper's copy engine)."""
-    return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact), tma).kernel(
+    of plain K / V reads through tensor descriptors (spec.descriptors; Hopper's copy engine). overlap: the loop
+    over full key tiles computes each next tile's q . k^T one iteration ahead, so that the tensor cores work on it
+    while the current tile's softmax runs (FlashAttention-3's intra-warpgroup overlap)."""
+    return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact), tma, overlap).kernel(
         block_m, block_n, store_lse and returns_total(sched))
 
 

@@ -61,6 +61,7 @@ def _axis_of(code: str) -> str:
     return axes.get(base, base[len("offs_"):].upper())
 
 
+_KEY_STARTS = {"offs_n[:, None]": "start_n", "offs_nx[:, None]": "nxt_n"}   # key-tile rows -> their first key
 _ROLE = {"offs_m": "row", "offs_a": "row", "offs_n": "key", "offs_v": "col", "hop": "hop"}
 
 
@@ -393,8 +394,8 @@ class Emitter:
         base = vmap.get(lane, "").split("[")[0]
         hd = "HEAD_DIM_V" if base == "offs_v" else base[len("offs_"):].upper() if base.startswith("offs_head") \
             else None
-        if vmap.get(row) != "offs_n[:, None]" or hd is None or \
-                any(ix.free_symbols & set(vmap) for ix in index[:-2]):
+        start = _KEY_STARTS.get(vmap.get(row))   # the current key tile, or the next one (a look-ahead load)
+        if start is None or hd is None or any(ix.free_symbols & set(vmap) for ix in index[:-2]):
             return None
         self.use_input(r.name)
         key = (r.name, hd)
@@ -404,7 +405,7 @@ class Emitter:
             self.descriptors[key] = TensorDesc(arg, r.name, (1,) * (self.nbatch + len(index) - 2) + ("BLOCK_N", hd))
         desc = self.descriptors[key]
         coords = [f"off_z{z}" for z in range(self.nbatch)] + [self.idx(ix, vmap) for ix in index[:-2]] + \
-            ["start_n", "0"]
+            [start, "0"]
         load = f"{desc.arg}.load([{', '.join(coords)}])"
         if len(desc.block) > 2:
             load += f".reshape(BLOCK_N, {hd})"

@@ -48,7 +48,7 @@ def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch
 
 def _kernel_request(planner, prog, sched, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,
                     target: str, values: dict, exact) -> dict:
-    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma)
+    spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma, cfg.overlap)
     path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
     e = sy.evaluate(sched.col[1], dims)
     constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}

@@ -121,11 +121,11 @@ class Launcher:
         others (moa/split.py)."""
         sched = sched or self.planner.schedules[name]
         key = (name, sched.output, role, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact,
-               cfg.tma)
+               cfg.tma, cfg.overlap)
         if key not in self._specs:
             prog = self.planner.split_program(name) if role == "final" else self.planner.cg_program
             self._specs[key] = generate(prog, sched, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact,
-                                        cfg.tma)
+                                        cfg.tma, cfg.overlap)
         return self._specs[key]
 
     def plan(self, name: str, b: Binding, config: Config | None = None) -> Plan:

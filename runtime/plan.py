@@ -57,7 +57,7 @@ class Plan:
             tiles = f" chunk{c.chunk} f{c.block_f} w{c.num_warps} s{c.num_stages}"
         else:
             tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + \
-                (" tma" if c.tma else "")
+                (" tma" if c.tma else "") + (" overlap" if c.overlap else "")
         return f"{self.kind} {self.label}{tiles}"
 
     def __repr__(self) -> str:
@@ -65,8 +65,7 @@ class Plan:
         if isinstance(cfg, LinearConfig):
             tiles = f", {cfg.text()}"
         else:
-            tiles = "" if cfg is None else (f", BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} warps={cfg.num_warps} "
-                                            f"stages={cfg.num_stages}" + (" TMA" if cfg.tma else ""))
+            tiles = "" if cfg is None else ", " + cfg.text()
         times = "".join(f", {what} {t * 1e6:.1f} us" for what, t in (("predicted", self.predicted_seconds),
                                                                      ("measured", self.measured_seconds))
                         if t is not None)
@@ -271,7 +270,8 @@ class Planner:
     def candidates(self, name: str, dims: dict, call_dtype: str, compute: str, device: torch.device,
                    nbatch: int, batch: int, limit: int = 6) -> list:
         """The plans a GPU times for a call's bucket (runtime/tune.py): the model's schedule with its default tiles
-        first, then the tile configs of tiling.tune_candidates, the runner-up schedule with the default tiles, and
+        first, then the tile configs of tiling.tune_candidates (the two leading ones also with the look-ahead
+        q . k^T of `overlaps`, and on Hopper with TMA key tiles), the runner-up schedule with the default tiles, and
         the linear form where the program has one and no form is forced. Nothing is checked ahead of time: a
         candidate that does not compile or run is skipped by the tuner, one that spills is timed slow."""
         n, m, head = _extents(self.schedules[name], dims)
@@ -283,8 +283,12 @@ class Planner:
             p = Plan(name, TILED, first.schedule, fit_tiles(cfg, heads, f"output {name}"))
             if p.key not in {q.key for q in out}:
                 out.append(p)
-        if tma_capable(device):   # Hopper's copy engine for the K / V tiles of the two leading configs
-            out[2:2] = [dataclasses.replace(p, config=dataclasses.replace(p.config, tma=True)) for p in out[:2]]
+        lead, extra = out[:2], []
+        if overlaps(first.schedule):   # the next full tile's q . k^T overlapping this tile's softmax
+            extra += [dataclasses.replace(p, config=dataclasses.replace(p.config, overlap=True)) for p in lead]
+        if tma_capable(device):   # Hopper's copy engine for the K / V tiles
+            extra += [dataclasses.replace(p, config=dataclasses.replace(p.config, tma=True)) for p in lead]
+        out[2:2] = extra
         ranking = self.schedule_ranking(name, dims, call_dtype, device_table_name(device), batch)
         for sched in ranking[1:2]:
             out.append(Plan(name, TILED, sched, first.config))
@@ -293,6 +297,14 @@ class Planner:
             if n > 64:
                 out += [Plan(name, LINEAR, config=LinearConfig(128, f, 8, 3)) for f in (32, 16)]
         return out
+
+
+def overlaps(sched) -> bool:
+    """Whether Config.overlap changes a schedule's kernels: a branch with a loop over full key tiles and a q . k^T
+    (a split schedule: in any of its kernels)."""
+    scheds = sched.split.kernels if sched.kind == onf.SPLIT else (sched,)
+    return any(b.split and b.dot is not None and b.mode == TILED and not onf.scans_keys(s, b)
+               for s in scheds for b in s.branches)
 
 
 def tma_capable(device: torch.device) -> bool:

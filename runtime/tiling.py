@@ -34,10 +34,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False    # K / V key tiles through TMA tensor descriptors (Hopper; a tuning candidate on CUDA)
+    overlap: bool = False   # the next full tile's q . k^T ahead of this tile's softmax (a tuning candidate on CUDA)
 
     def text(self) -> str:
         return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}" + \
-            (" TMA" if self.tma else "")
+            (" TMA" if self.tma else "") + (" overlap" if self.overlap else "")
 
 
 def choose_config(device: torch.device, dtype: str, n: int, m: int, head: int) -> Config:
