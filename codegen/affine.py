@@ -1,6 +1,6 @@
 """Score modifiers affine in the key index (ALiBi's 2^(-8 (a + 1) / h) * (j - i)), computed mostly outside the key loop.
 
-A softmax score c * qk + rest (codegen/emit.py `_affine`) whose rest is, in its DNF, a sum of terms coef * L with
+A softmax score c * qk + rest (codegen/scale.py `affine`) whose rest is, in its DNF, a sum of terms coef * L with
 coef free of the key index j (and of score tiles) and L an index expression affine in j (L = alpha j + beta, alpha
 and beta integer index expressions free of j), plus terms free of j, is emitted as
 - once per program: coef log2 e per term, the slope d rest / d j in log2 units (a number, a scalar or one value

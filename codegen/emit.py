@@ -15,11 +15,11 @@ import sympy as sp
 from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
-from moa import ir
 from moa.onf import HOPS, RESIDUE, TILED, BranchValue, DotTile, Schedule, scans_keys, uses_summaries
 from moa.program import Program
 
 from .affine import emit_key_affine
+from .scale import affine, free_of, positive
 from .data_tiles import SCAN, SCAN_T, TILE_FULL, DataTiles, TileSummaries  # noqa: F401  (re-exported)
 from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
@@ -327,8 +327,8 @@ class KernelEmitter(DataTiles):
         else None), so that an element costs qk * qk_scale + (offs_nf * slope + tile bias)."""
         if b.kind != "softmax" or b.dot is None:
             return None
-        aff = _affine(b.score, DotTile(k))
-        if aff is None or aff[0] is None or not _free_of(aff[0], {b.var}):
+        aff = affine(b.score, DotTile(k))
+        if aff is None or aff[0] is None or not free_of(aff[0], {b.var}):
             return None
         c, sfx = aff[0], self.x.sfx(k)
         value = c.value if isinstance(c, D.Const) else c.expr if isinstance(c, D.Index) and c.expr.is_number \
@@ -348,7 +348,7 @@ class KernelEmitter(DataTiles):
                          "log2 units")
             self.x.taken.add(name)
         key = None if aff[1] is None else emit_key_affine(self.x, aff[1], b.var, rowmap, body, sfx)
-        return name, aff[1], _positive(c), key
+        return name, aff[1], positive(c), key
 
     def _code(self, e, names) -> str:
         """Code of an index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and named expressions."""
@@ -459,59 +459,3 @@ def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m
     while the current tile's softmax runs (FlashAttention-3's intra-warpgroup overlap)."""
     return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact), tma, overlap).kernel(
         block_m, block_n, store_lse and returns_total(sched))
-
-
-def _has_tile(e, tile) -> bool:
-    return any(x == tile for x in D.nodes(e))
-
-
-def _free_of(e, vars_) -> bool:
-    return not (D.free_vars(e) & set(vars_)) and not any(isinstance(x, DotTile) for x in D.nodes(e))
-
-
-def _positive(e) -> bool:
-    """Whether a score scale is positive at every evaluation: positive numbers, index arithmetic sympy proves
-    positive (dims are), and sums, products, quotients, square roots, exponentials and powers of positive bases."""
-    if isinstance(e, D.Const):
-        return isinstance(e.value, (int, float)) and not isinstance(e.value, bool) and e.value > 0
-    if isinstance(e, D.Index):
-        return bool(sp.sympify(e.expr).is_positive)
-    if isinstance(e, D.Op):
-        if e.fn in ("add", "mul", "div"):
-            return all(_positive(a) for a in e.args)
-        if e.fn == "sqrt":
-            return _positive(e.args[0])
-        if e.fn == "pow":
-            return _positive(e.args[0])
-        return e.fn == "exp"
-    return False
-
-
-def _scaled(e, tile):
-    """c for e = tile * c, c * tile or tile / c (c free of the tile), else None."""
-    if e == tile:
-        return D.Const(1.0)
-    if isinstance(e, D.Op) and e.fn in ("mul", "div"):
-        a, b = e.args
-        if e.fn == "mul" and b == tile and not _has_tile(a, tile):
-            return a
-        if a == tile and not _has_tile(b, tile):
-            return b if e.fn == "mul" else D.Op("div", (D.Const(1.0), b), ir.FLOAT)
-    return None
-
-
-def _affine(e, tile):
-    """(c, rest) with e = tile * c + rest at the top of the score (rest None: no additive term), or None. Only
-    these forms, so that folding c log2 e into one multiply changes no evaluation order beyond the log2 e factor
-    (an adversarial `qk / s + 2^62 - 2^62` keeps its cancellation)."""
-    c = _scaled(e, tile)
-    if c is not None:
-        return c, None
-    if isinstance(e, D.Op) and e.fn in ("add", "sub"):
-        a, b = e.args
-        if e.fn == "add" and _scaled(b, tile) is not None and not _has_tile(a, tile):
-            a, b = b, a
-        c = _scaled(a, tile)
-        if c is not None and not _has_tile(b, tile):
-            return c, b if e.fn == "add" else D.Op("neg", (b,), ir.FLOAT)
-    return None

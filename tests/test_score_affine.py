@@ -11,7 +11,7 @@ from moa import dnf as D
 from moa import ir
 from moa import symbolic as sy
 from moa.codegen.affine import key_affine
-from moa.codegen.emit import _affine
+from moa.codegen.scale import affine
 from moa.onf import DotTile
 
 try:  # pytest's default (prepend) import mode puts tests/ on sys.path
@@ -44,7 +44,7 @@ out O = softmax(S, axis=-1) @ V
 
 def _rest(k):
     b = k.schedules["O"].branches[0]
-    return _affine(b.score, DotTile(0))[1], b.var
+    return affine(b.score, DotTile(0))[1], b.var
 
 
 def test_alibi_is_one_term_with_the_head_slope_as_coefficient():
