@@ -252,7 +252,8 @@ def _workload(label, name, params, shape, form, versus, dt, tdt, dev, device, wh
         row["failed"] = f"{type(e).__name__}: {str(e)[:200]}"
     if "moa_ms" in row:   # each later step on its own: a failure there keeps the timing
         _step(row, "plan", lambda: _plan(row, k, x))
-        c = _step(row, "cost", lambda: k.cost(dtype=dt, device=dev, batch=batch, **dims), keep=False)
+        data = {n: t for n, t in x.items() if not t.is_floating_point()} or None   # ids, flags: tiles skipped
+        c = _step(row, "cost", lambda: k.cost(dtype=dt, device=dev, batch=batch, inputs=data, **dims), keep=False)
         if c is not None:
             row["pred_ms"] = c.predicted_seconds * 1e3
             row["tflops"] = c.flops / (row["moa_ms"] * 1e-3) / 1e12
@@ -359,7 +360,8 @@ def bench_cpu(args):
         t0 = time.perf_counter()
         inputs = random_inputs(k.program, dims, seed=1, dtype=torch.float32)
         m = measure(k, **inputs)
-        c = K.cost(k, dtype="float32", device="cpu", **dims)
+        c = K.cost(k, dtype="float32", device="cpu", inputs={x: t for x, t in inputs.items()
+                                                             if not t.is_floating_point()} or None, **dims)
         ok = all(getattr(m, f) == getattr(c, f) for f in COUNTERS + ("dram_bytes_loaded", "dram_bytes_stored"))
         cells = " ".join(f"{getattr(m, f):>16,d}" for f in COUNTERS)
         print(f"{name:22s} {cells} {c.tiles_needed:>13,d} {time.perf_counter() - t0:5.1f}  "
@@ -410,7 +412,9 @@ def bench_cpu(args):
         dims = dims_for(k, args.n, args.d, args.heads)
         batch = (args.batch,) if has_heads(k) else (args.batch, args.heads)
         cfg = configs.get((name, k.output_names[0], args.d))
-        rep, bd = K.cost_breakdown(k, dt, args.device, config=cfg, batch=batch, **dims)
+        ints = {x: t.expand(*batch, *t.shape) for x, t in random_inputs(k.program, dims, seed=1).items()
+                if not t.is_floating_point()}   # ids and flags as the GPU rows make them: the tiles they skip
+        rep, bd = K.cost_breakdown(k, dt, args.device, config=cfg, batch=batch, inputs=ints or None, **dims)
         tf = rep.flops / rep.predicted_seconds / 1e12
         print(f"{name:22s} {rep.flops / 1e9:9.1f} {rep.dram_bytes / 2 ** 20:9.1f} "
               f"{rep.unfused_dram_bytes / 2 ** 20:11.1f} {rep.predicted_seconds * 1e6:9.1f} "
