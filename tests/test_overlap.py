@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import moa
 from moa.runtime.check import random_inputs
@@ -28,7 +29,7 @@ def test_overlap_equals_the_reference(name):
     ins = random_inputs(k.program, dims, seed=3, batch=2)
     ref = k.reference(**ins)
     sched = k.planner.schedule_for("O", dims, "float64")
-    assert overlaps(sched) or name in ("sdpa", "document_mask")   # no split key loop: all full / a data scan
+    assert overlaps(sched) or name == "document_mask"   # its key loop runs the tiles a data scan keeps
     for cfg in (Config(32, 16, overlap=True), Config(16, 32, overlap=True)):
         out = k.launcher.tiled("O", k.bind(ins), False, plan=Plan("O", TILED, sched, cfg))[0]
         assert (out - ref).abs().max().item() <= 1e-12, (name, cfg)
@@ -51,3 +52,24 @@ def test_the_next_tiles_hgmma_runs_among_this_tiles_exp2(tmp_path):
 
     assert runs(Config(128, 64, 8, 3)) == 0
     assert runs(Config(128, 64, 8, 3, overlap=True)) >= 2
+
+
+def test_the_tuner_times_the_look_ahead_where_it_changes_the_kernel(monkeypatch):
+    """The two leading configs with overlap (and with TMA keys on compute capability 9.0), for a schedule whose
+    kernel has a loop over full key tiles (sdpa's covers every key); none for one without (document_mask's key
+    loop runs the tiles its data scan keeps)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    dev = torch.device("cuda")
+
+    def keys(name, dims, **params):
+        k = moa.compile(EXAMPLES / f"{name}.moa", **params)
+        return [p.key for p in k.planner.candidates("O", dims, "bfloat16", "bfloat16", dev, 2, 32)]
+
+    causal = keys("causal", {"n": 8192, "d": 128, "e": 128})
+    assert causal[:2] == ["tiled tiled 128x64 w8 s3", "tiled tiled 128x128 w8 s2"]
+    assert causal[2:6] == [c + " overlap" for c in causal[:2]] + [c + " tma" for c in causal[:2]]
+    assert any("overlap" in c for c in keys("sdpa", {"n": 8192, "m": 8192, "d": 128, "e": 128}))   # all full
+    assert not any("overlap" in c for c in keys("document_mask", {"n": 8192, "d": 128, "e": 128}))   # a data scan
+    pi = keys("pi_attention", {"n": 8192, "d": 128, "e": 128}, k=1024, s=64)
+    assert pi[0] == "tiled split(b0 tiled, b1 residue s=64) 128x64 w8 s3" and pi[2].endswith(" overlap")
+    assert pi[-1] == "tiled tiled 128x64 w8 s3"   # the runner-up schedule: one fused kernel
