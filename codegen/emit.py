@@ -224,7 +224,7 @@ class KernelEmitter(DataTiles):
         for region, start, stop, masked in (("lo", f"lo{sfx}", f"full_lo{sfx}", "always"),
                                             ("full", f"full_lo{sfx}", f"full_hi{sfx}", "never"),
                                             ("hi", f"full_hi{sfx}", f"hi{sfx} + 1", "always")):
-            ahead = region == "full" and self.overlap and b.dot is not None and b.mode == TILED
+            ahead = region == "full" and self.overlap and b.dot is not None and b.mode in (TILED, "lift")
             if ahead:   # the first full tile's scores before the loop, each next tile's one iteration ahead
                 body.add("# q . k^T of the next full tile is issued before this tile's softmax (tensor cores "
                          "overlap it)")

@@ -303,7 +303,7 @@ def overlaps(sched) -> bool:
     """Whether Config.overlap changes a schedule's kernels: a branch with a loop over full key tiles and a q . k^T
     (a split schedule: in any of its kernels)."""
     scheds = sched.split.kernels if sched.kind == onf.SPLIT else (sched,)
-    return any(b.split and b.dot is not None and b.mode == TILED and not onf.scans_keys(s, b)
+    return any(b.split and b.dot is not None and b.mode in (TILED, "lift") and not onf.scans_keys(s, b)
                for s in scheds for b in s.branches)
 
 

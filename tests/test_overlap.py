@@ -73,3 +73,18 @@ def test_the_tuner_times_the_look_ahead_where_it_changes_the_kernel(monkeypatch)
     pi = keys("pi_attention", {"n": 8192, "d": 128, "e": 128}, k=1024, s=64)
     assert pi[0] == "tiled split(b0 tiled, b1 residue s=64) 128x64 w8 s3" and pi[2].endswith(" overlap")
     assert pi[-1] == "tiled tiled 128x64 w8 s3"   # the runner-up schedule: one fused kernel
+
+
+@pytest.mark.parametrize("schedule", ["residue", "split"])
+def test_overlap_in_residue_lifted_branches(schedule):
+    """The lifted branch's full b-space tiles (PiAttention's strided branch, alone in a split or with the window's
+    hops in the residue schedule) look ahead too; n = 131 is no multiple of s = 7."""
+    k = moa.compile(EXAMPLES / "pi_attention.moa", k=9, s=7, schedule=schedule)
+    dims = {"n": 131, "d": 16, "e": 16}
+    ins = random_inputs(k.program, dims, seed=2, batch=2)
+    ref = k.reference(**ins)
+    sched = k.planner.schedule_for("O", dims, "float64")
+    assert overlaps(sched)
+    for cfg in (Config(32, 16, overlap=True), Config(16, 32, overlap=True)):
+        out = k.launcher.tiled("O", k.bind(ins), False, plan=Plan("O", TILED, sched, cfg))[0]
+        assert (out - ref).abs().max().item() <= 1e-12, cfg
