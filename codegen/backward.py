@@ -110,13 +110,8 @@ def score_reads(score, operands: set) -> list:
 
 def is_multi(sched: Schedule) -> bool:
     """Several branches, or an epilogue around the branch (a gate): each branch gets the single-branch kernels
-    (`branch_schedule`) and the runtime differentiates the epilogue."""
+    (moa/split.py `branch_alone`) and the runtime differentiates the epilogue."""
     return len(sched.branches) != 1 or sched.epilogue != BranchValue(0)
-
-
-def branch_schedule(sched: Schedule, k: int) -> Schedule:
-    """Branch k of a schedule alone, as its own output: O_k[i, c] = its softmax (or normalised) sum."""
-    return branch_alone(sched, k)
 
 
 def unfused_reason(program: Program, sched: Schedule) -> str | None:
@@ -127,7 +122,7 @@ def unfused_reason(program: Program, sched: Schedule) -> str | None:
         if any(b.mix is not None for b in sched.branches):
             return "window mixing has no fused backward yet"
         for k in range(len(sched.branches)):
-            why = _single_reason(program, branch_schedule(sched, k))
+            why = _single_reason(program, branch_alone(sched, k))
             if why:
                 return f"branch {k}: {why}"
         return None

@@ -23,9 +23,6 @@ from . import dnf as D
 from . import ir
 from . import onf
 
-SPLIT = "split"
-
-
 @dataclass(frozen=True)
 class Split:
     """The kernels of a split schedule in launch order: `parts` (branch k alone, output `names[k]`, stored), then
@@ -70,18 +67,25 @@ def value_input(sched: onf.Schedule, name: str) -> ir.Node:
     return ir.input_(name, value_shape(sched), ir.FLOAT)
 
 
+def with_values(e, values: dict):
+    """The epilogue e with BranchValue(k) replaced by values[k] (k in values; the others kept)."""
+    if isinstance(e, onf.BranchValue):
+        return values.get(e.branch, e)
+    kids = D.children(e)
+    return D.with_children(e, [with_values(x, values) for x in kids]) if kids else e
+
+
+def value_reads(sched: onf.Schedule, names: dict) -> dict:
+    """Branch k -> the read names[k][lead, i, c] of its stored value."""
+    idx = value_vars(sched)
+    return {k: D.Read(n, idx, ir.FLOAT) for k, n in names.items()}
+
+
 def final(sched: onf.Schedule, last: int, names: tuple) -> onf.Schedule:
     """Branch `last` alone with the output's epilogue, the other branches' values read from their stored arrays:
     E(o_0, ..., o_last, ...) with o_k (k != last) -> names[k][lead, i, c]."""
-    idx = value_vars(sched)
-
-    def put(e):
-        if isinstance(e, onf.BranchValue):
-            return onf.BranchValue(0) if e.branch == last else D.Read(names[e.branch], idx, ir.FLOAT)
-        kids = D.children(e)
-        return D.with_children(e, [put(x) for x in kids]) if kids else e
-
-    return replace(branch_alone(sched, last), epilogue=put(sched.epilogue))
+    reads = value_reads(sched, {k: n for k, n in enumerate(names) if k != last})
+    return replace(branch_alone(sched, last), epilogue=with_values(sched.epilogue, {**reads, last: onf.BranchValue(0)}))
 
 
 def splittable(sched: onf.Schedule) -> bool:
@@ -109,6 +113,6 @@ def variants(sched: onf.Schedule, names: tuple) -> tuple:
             continue
         parts = tuple((k, replace(v, output=names[k])) for k, v in enumerate(combo) if k != last)
         kept = tuple("" if k == last else n for k, n in enumerate(names))
-        out.append(replace(sched, kind=SPLIT, split=Split(parts, last, fin, kept)))
+        out.append(replace(sched, kind=onf.SPLIT, split=Split(parts, last, fin, kept)))
     return tuple(out)
 

@@ -1,43 +1,29 @@
 """The backward of an output with several branches or an epilogue around its branch (PiAttention: a sigmoid gate
 mixing two softmax branches): O[i, c] = E(o_0[i, c], o_1[i, c], ..., the epilogue's own reads).
 
-Each branch is recomputed alone by the forward kernel of its single-branch schedule (codegen/backward.py
-`branch_schedule`), which stores its o_k and lse_k (or Z_k); the epilogue E, a DNF expression over (lead, i, c) with
+Each branch is recomputed alone by the forward kernel of its single-branch schedule (moa/split.py
+`branch_alone`), which stores its o_k and lse_k (or Z_k); the epilogue E, a DNF expression over (lead, i, c) with
 the branch values as reads, is differentiated by the gradient rules (moa/grad.py) and evaluated in float64 where
 the tensors are (torch on the GPU, no copy to the host), giving the cotangent of each branch, dO_k = dO dE/do_k,
 and the gradients of the inputs E reads itself (the gate's Q and wg); then each branch's fused backward kernels
 (runtime/backward_run.py) give its Q, K, V gradients for dO_k."""
 from __future__ import annotations
 
-import math
 
 import torch
 
-from moa import ir
+from moa import ir, split
 from moa import symbolic as sy
-from moa.codegen.backward import branch_schedule
-from moa.codegen.emit import generate
 from moa.dnf import DnfOutput
-from moa.dnf_nodes import Read, children, with_children
 from moa.grad import grad
-from moa.onf import BranchValue
 
 from .backward_run import BackwardRunner
 from .binding import Binding
-from .cache import module_for
-from .device import check_device, run
+from .device import check_device
 from .grad_eval import _GradEval
 from .launch import compute_dtype
 from .reference import F64
-from .tiling import DTYPE_NAME, choose_config, exact_heads, row_programs
-
-
-def _branch_reads(e, k_of: dict):
-    """The epilogue with BranchValue(k) replaced by reads of the named branch values."""
-    if isinstance(e, BranchValue):
-        return k_of[e.branch]
-    kids = children(e)
-    return with_children(e, [_branch_reads(x, k_of) for x in kids]) if kids else e
+from .tiling import DTYPE_NAME, choose_config
 
 
 class MultiBranchBackward:
@@ -46,14 +32,14 @@ class MultiBranchBackward:
     def __init__(self, planner, name: str):
         self.planner, self.name = planner, name
         self.sched = planner.schedules[name]
-        self.subs = [branch_schedule(self.sched, k) for k in range(len(self.sched.branches))]
+        self.subs = [split.branch_alone(self.sched, k) for k in range(len(self.sched.branches))]
         self.runners = [BackwardRunner(planner, name, sub) for sub in self.subs]
         s = self.sched
-        vars_ = tuple(v for v, _ in s.lead) + (s.row[0], s.col[0])
         self.value_names = [f"__branch{k}" for k in range(len(s.branches))]
-        k_of = {k: Read(n, vars_, ir.FLOAT) for k, n in enumerate(self.value_names)}
-        exts = tuple(x for _, x in s.lead) + (s.row[1], s.col[1])
-        self.epilogue = DnfOutput("__epilogue", vars_, exts, _branch_reads(s.epilogue, k_of), ir.FLOAT)
+        reads = split.value_reads(s, dict(enumerate(self.value_names)))
+        exts = split.value_shape(s)
+        self.epilogue = DnfOutput("__epilogue", split.value_vars(s), exts, split.with_values(s.epilogue, reads),
+                                  ir.FLOAT)
         self.grad_program = grad(planner.cg_program, [self.epilogue], {n: exts for n in self.value_names})
 
     def fused_names(self) -> tuple:
@@ -62,24 +48,13 @@ class MultiBranchBackward:
 
     def _branch_forward(self, k: int, b: Binding, launcher) -> tuple:
         """(o_k, lse_k) of branch k by the forward kernel of its schedule alone (b in codegen names)."""
-        sub, dims = self.subs[k], b.dims
+        sub = self.subs[k]
         compute = compute_dtype(b.dtype, b.device)
-        n, e = sy.evaluate(sub.row[1], dims), sy.evaluate(sub.col[1], dims)
-        lead = [sy.evaluate(x, dims) for _, x in sub.lead]
-        cfg = choose_config(b.device, DTYPE_NAME[compute], n, sy.evaluate(sub.branches[0].extent, dims), 0) \
+        cfg = choose_config(b.device, DTYPE_NAME[compute], sy.evaluate(sub.row[1], b.dims),
+                            sy.evaluate(sub.branches[0].extent, b.dims), 0) \
             if b.device.type != "cuda" else launcher.plan(self.name, b).config
-        out = torch.empty((*b.batch, *lead, n, e), dtype=compute, device=b.device)
-        acc = torch.float64 if compute == torch.float64 else torch.float32
-        lse = torch.empty((*b.batch, *lead, n), dtype=acc, device=b.device)
-        grid = (row_programs(sub, n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
-        if out.numel() == 0 or grid[1] == 0:
-            return out, lse.fill_(float("-inf"))
-        spec = generate(self.planner.cg_program, sub, DTYPE_NAME[compute], len(b.batch), cfg.block_m, cfg.block_n,
-                        True, exact_heads(sub, dims))
-        args, consts = launcher._arguments(spec, b, compute, out, lse, cfg, e)
-        run(module_for(spec.source, b.device)._attn_fwd, grid, args, consts, b.device,
-            f"the forward kernel of branch {k} of output {self.name}")
-        return out, lse
+        out, lse = launcher._kernel(self.name, b, compute, sub, cfg, True, role=f"branch{k}")
+        return out, (lse.fill_(float("-inf")) if out.numel() == 0 else lse)
 
     def _epilogue(self, b: Binding, values: list, d_out: torch.Tensor) -> dict:
         """Name -> gradient (batch + shape, float64, on the call's device) of every float input and branch value

@@ -14,7 +14,7 @@ import torch
 
 import moa
 from moa.errors import UnsupportedError
-from moa.runtime import backward_configs, backward_multi, backward_run, linear_backward, linear_run, window_backward
+from moa.runtime import backward_configs, backward_run, launch, linear_backward, linear_run, window_backward
 from moa.runtime.measure import instrument
 from moa.runtime.tiling import Config, LinearConfig
 
@@ -39,9 +39,10 @@ def _small_tiles(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Every kernel launch of the modules a backward runs, counted alone: [(function name, Counters)]."""
+    """Every kernel launch of the modules a backward runs (launch: the several-branch forward recompute), counted
+    alone: [(function name, Counters)]."""
     seen: list = []
-    for mod in (backward_run, backward_multi, window_backward, linear_backward, linear_run):
+    for mod in (backward_run, launch, window_backward, linear_backward, linear_run):
         orig = mod.run
 
         def counted(fn, grid, args, consts, device, what, _orig=orig):
