@@ -224,7 +224,7 @@ class KernelEmitter(DataTiles):
         for region, start, stop, masked in (("lo", f"lo{sfx}", f"full_lo{sfx}", "always"),
                                             ("full", f"full_lo{sfx}", f"full_hi{sfx}", "never"),
                                             ("hi", f"full_hi{sfx}", f"hi{sfx} + 1", "always")):
-            ahead = region == "full" and self.overlap and b.dot is not None and b.mode in (TILED, "lift")
+            ahead = region == "full" and self.overlap and looks_ahead(self.s, b)
             if ahead:   # the first full tile's scores before the loop, each next tile's one iteration ahead
                 body.add("# q . k^T of the next full tile is issued before this tile's softmax (tensor cores "
                          "overlap it)")
@@ -448,6 +448,12 @@ class KernelEmitter(DataTiles):
 def _safe_comment(text: str) -> str:
     """Comment text: printable ASCII without newlines (names are validated identifiers already)."""
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)[:200]
+
+
+def looks_ahead(sched: Schedule, b) -> bool:
+    """Whether `overlap` gives branch b a look-ahead q . k^T: a split key loop over full tiles (not the tiles a
+    scan keeps), of key tiles or residue-lifted b-space tiles, with a contraction."""
+    return b.split and b.dot is not None and b.mode in (TILED, "lift") and not scans_keys(sched, b)
 
 
 def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m: int = 64, block_n: int = 64,

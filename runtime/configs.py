@@ -35,15 +35,11 @@ def _aot_request(planner, name: str, dtype: str, cfg: Config, dims: dict, nbatch
     split schedule gives a bundle: a request per kernel, the stored branch values typed in the accumulation
     dtype."""
     sched = sched or planner.schedules[name]
-    if sched.kind == onf.SPLIT:
-        acc = "*fp64" if dtype == "float64" else "*fp32"
-        values = {f"{v}_ptr": acc for v in planner.value_names(name)}
-        kernels = [(planner.cg_program, s) for _, s in sched.split.parts] + \
-            [(planner.split_program(name), sched.split.final)]
-        return [_kernel_request(planner, prog, s, dtype, cfg, dims, nbatch, index_dtype, target, values,
-                                exact_heads(sched, dims)) for prog, s in kernels]
-    return _kernel_request(planner, planner.cg_program, sched, dtype, cfg, dims, nbatch, index_dtype, target, {},
-                           exact_heads(sched, dims))
+    acc = "*fp64" if dtype == "float64" else "*fp32"
+    values = {f"{v}_ptr": acc for v in planner.value_names(name)} if sched.kind == onf.SPLIT else {}
+    reqs = [_kernel_request(planner, prog, s, dtype, cfg, dims, nbatch, index_dtype, target, values,
+                            exact_heads(sched, dims)) for _, _, prog, s in planner.kernels(name, sched)]
+    return reqs if sched.kind == onf.SPLIT else reqs[0]
 
 
 def _kernel_request(planner, prog, sched, dtype: str, cfg: Config, dims: dict, nbatch: int, index_dtype: str,

@@ -70,11 +70,8 @@ def kernel_specs(planner, name: str, sched, spec, compute: str, nbatch: int, cfg
     if sched.kind != onf.SPLIT:
         return [(planner.cg_program, sched, spec)]
     exact = exact_heads(planner.schedules[name], dims)
-    out = []
-    for k, prog in [(s, planner.cg_program) for _, s in sched.split.parts] + \
-            [(sched.split.final, planner.split_program(name))]:
-        out.append((prog, k, generate(prog, k, compute, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma)))
-    return out
+    return [(prog, s, generate(prog, s, compute, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma))
+            for _, _, prog, s in planner.kernels(name, sched)]
 
 
 def run_schedule(planner, name: str, dims: dict | None = None, dtype: str = "bfloat16", device=None,

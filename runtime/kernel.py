@@ -210,11 +210,11 @@ class Kernel:
         cfg = config or Config(128, 64)
         if sched.kind != onf.SPLIT:
             return self.launcher.spec(name, dtype, nbatch, cfg, store_lse, sched).source
-        roles = [("part", k, s) for k, s in sched.split.parts] + [("final", sched.split.last, sched.split.final)]
+        roles = self.planner.kernels(name, sched)
         return "\n\n".join(f"# ---- kernel {i + 1} of {len(roles)} ({onf.label(sched)}): branch {k} in {onf.label(s)}"
                            + (f", stored as {sched.split.names[k]}" if role == "part" else ", with the epilogue")
                            + "\n" + self.launcher.spec(name, dtype, nbatch, cfg, False, s, role=role).source
-                           for i, (role, k, s) in enumerate(roles))
+                           for i, (role, k, _, s) in enumerate(roles))
 
     @property
     def triton_source(self) -> str:

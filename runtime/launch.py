@@ -123,7 +123,7 @@ class Launcher:
         key = (name, sched.output, role, onf.label(sched), dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact,
                cfg.tma, cfg.overlap)
         if key not in self._specs:
-            prog = self.planner.split_program(name) if role == "final" else self.planner.cg_program
+            prog = self.planner.kernel_program(name, role)
             self._specs[key] = generate(prog, sched, dtname, nbatch, cfg.block_m, cfg.block_n, store_lse, exact,
                                         cfg.tma, cfg.overlap)
         return self._specs[key]
@@ -151,10 +151,11 @@ class Launcher:
         dtype, then the last branch's kernel with the epilogue reading them."""
         acc = torch.float64 if compute == torch.float64 else torch.float32
         values = {}
-        for k, part in sched.split.parts:
-            values[sched.split.names[k]] = self._kernel(name, b, compute, part, cfg, False, "part", acc)[0]
-        return self._kernel(name, dataclasses.replace(b, tensors={**b.tensors, **values}), compute,
-                            sched.split.final, cfg, False, "final")[0]
+        for role, k, _, s in self.planner.kernels(name, sched):
+            if role == "part":
+                values[sched.split.names[k]] = self._kernel(name, b, compute, s, cfg, False, role, acc)[0]
+        return self._kernel(name, dataclasses.replace(b, tensors={**b.tensors, **values}), compute, s, cfg, False,
+                            role)[0]
 
     def _kernel(self, name: str, b: Binding, compute, sched, cfg: Config, store_lse: bool, role: str = "",
                 out_dtype=None):

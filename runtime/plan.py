@@ -16,6 +16,7 @@ import torch
 
 from moa import linear, onf, schedule_cost, split
 from moa import symbolic as sy
+from moa.codegen.emit import looks_ahead
 from moa.codegen.names import codegen_binding, codegen_view, fresh_names
 from moa.devices import canonical_dtype, get_device
 from moa.errors import InputError, MoaError, UnsupportedError
@@ -122,6 +123,21 @@ class Planner:
         """The array names of output `name`'s stored branch values in a split schedule (code-generation names)."""
         v = self.codegen
         return fresh_names(v.program, v.dnf, [f"{name}_b{k}" for k in range(len(self.schedules[name].branches))])
+
+    def kernels(self, name: str, sched) -> list:
+        """[(role, branch, program, schedule)] of the kernels a tiled launch of `sched` runs, in order: its one
+        kernel (role ''), or a split schedule's stored branches ('part') and then the last branch with the epilogue
+        ('final': its program holds the stored values as inputs, `kernel_program`)."""
+        if sched.kind != onf.SPLIT:
+            return [("", None, self.cg_program, sched)]
+        sp_ = sched.split
+        return [("part", k, self.cg_program, s) for k, s in sp_.parts] + \
+            [("final", sp_.last, self.kernel_program(name, "final"), sp_.final)]
+
+    def kernel_program(self, name: str, role: str) -> Program:
+        """The program a kernel of output `name` is generated from: the code-generation program, or for a split
+        schedule's final kernel that program with the stored branch values (`split_program`)."""
+        return self.split_program(name) if role == "final" else self.cg_program
 
     def split_program(self, name: str) -> Program:
         """The code-generation program with output `name`'s stored branch values as inputs (a split schedule's final
@@ -303,8 +319,7 @@ def overlaps(sched) -> bool:
     """Whether Config.overlap changes a schedule's kernels: a branch with a loop over full key tiles and a q . k^T
     (a split schedule: in any of its kernels)."""
     scheds = sched.split.kernels if sched.kind == onf.SPLIT else (sched,)
-    return any(b.split and b.dot is not None and b.mode in (TILED, "lift") and not onf.scans_keys(s, b)
-               for s in scheds for b in s.branches)
+    return any(looks_ahead(s, b) for s in scheds for b in s.branches)
 
 
 def tma_capable(device: torch.device) -> bool:
