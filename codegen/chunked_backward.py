@@ -31,15 +31,15 @@ Identities (each checked in float64 against torch.autograd through the reference
                 matrices [idx[f, t] = m] (BLOCK_F x HEAD_DIM); then dRead = dx d(operand)/d(read), the sympy partial
                 of an elementwise operand (elu(Q) + 1).
 
-Kernels (one module with the forward's three, whose _chunk_out also stores Z per row: the training forward):
-  _bwd_state  grid (T, cdiv(D, BLOCK_F), Z): dU_c, du_c (relative to ga at the chunk's first row)
-  _bwd_scan   grid (cdiv(D, BLOCK_F), Z): in place, the exclusive suffix over chunks in reverse order
+Kernels (one module with the forward's two, whose _chunk_out also stores Z per row: the training forward):
+  _bwd_scan   grid (cdiv(D, BLOCK_F), Z): over the chunks in reverse order, each chunk's dU_c, du_c (relative to
+              ga at its first row) and the exclusive suffix, stored per chunk
   _bwd_dk     grid (T, Z): dK of the chunk's keys (then its read), and gb's reads
   _bwd_dv     grid (T, Z): dV of the chunk's keys (apart from _bwd_dk: one [CHUNK, d] accumulator each)
   _bwd_dq     grid (T, Z): dQ of the chunk's rows from the forward's prefix states, and ga's reads
 
 Saved and recomputed: the forward stores Z per row (as the quadratic form's saved normaliser, the same slot and
-shape); the prefix states S, z are recomputed by the forward's _chunk_state and _chunk_scan in the backward rather
+shape); the prefix states S, z are recomputed by the forward's _chunk_scan in the backward rather
 than stored: they are O(n D e / C) in the accumulator dtype (p = 2, d = e = 64, C = 64: 2080 x 64 x 4 B = 530 KB per
 chunk of 64 rows, 16x the size of those rows' K and V together in fp32), cost one state pass to recompute, and storing
 them would make the operator's saved values depend on the form.
@@ -59,7 +59,7 @@ from moa.program import Program
 from .backward import operand_read
 from .chunked import ChunkedSpec, _Chunked
 
-BACKWARD_KERNELS = ("_bwd_state", "_bwd_scan", "_bwd_dk", "_bwd_dv", "_bwd_dq")
+BACKWARD_KERNELS = ("_bwd_scan", "_bwd_dk", "_bwd_dv", "_bwd_dq")
 BUFFERS = frozenset({"dn", "dz", "U", "uz", "dQ", "dK", "dV", "zrow", "S", "zs", "fidx", "fw", "S0", "z0", "g0", "out"})
 
 
@@ -92,7 +92,7 @@ def linear_backward_reason(program: Program, lp: LinearPlan) -> str | None:
 
 
 class _ChunkedBackward(_Chunked):
-    """The forward's emitter (its helpers, inputs and sites) with the five backward kernels."""
+    """The forward's emitter (its helpers, inputs and sites) with the four backward kernels."""
 
     def __init__(self, program: Program, lp: LinearPlan, dtype: str, nbatch: int):
         super().__init__(program, lp, dtype, nbatch)
@@ -107,7 +107,7 @@ class _ChunkedBackward(_Chunked):
         self.scatters = tuple(dict.fromkeys(r.name for d in self.gate_partials.values() for r in d))
 
     def spec(self) -> ChunkedBackwardSpec:
-        base = self.kernels((self._bstate_kernel, self._bscan_kernel, self._dk_kernel, self._dv_kernel,
+        base = self.kernels((self._bscan_kernel, self._dk_kernel, self._dv_kernel,
                              self._dq_kernel))
         return ChunkedBackwardSpec(base.source, base.inputs, base.dims, base.nbatch, base.lead, base.sites,
                                    self.reads, self.scatters)
@@ -202,53 +202,37 @@ class _ChunkedBackward(_Chunked):
                 f"{cols}[None, :], {acc}, mask=({rows}[:, None] < {n_c}) & ({cols}[None, :] < {ext_c}))")
 
     # ---- the kernels --------------------------------------------------------------------------------------------
-    def _bstate_kernel(self):
-        """_bwd_state: every chunk's own suffix contribution dU_c, du_c."""
-        br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
-        body = ["    t = tl.program_id(0)", "    ft = tl.program_id(1)"]
-        pro = self.prologue(2)
-        body += ["    offs_i = t * CHUNK + tl.arange(0, CHUNK)", "    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)",
-                 "    offs_v = tl.arange(0, HEAD_DIM_V)", "    f_ok = offs_f < n_feat",
-                 f"    row_ok = offs_i < {n_c}", f"    v_ok = offs_v < {e_c}"]
-        phi = self.features(br.dot.a, i, "offs_i", body)
-        body.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], {phi}, 0.0)")
-        body.append("    first = t * CHUNK  # the reference row of the chunk's suffix contribution")
-        g0 = self.gate("a", i, "first", body)
-        if g0 is not None:
-            gi = self.gate("a", i, "offs_i[:, None]", body)
-            body.append(f"    phi = phi * tl.exp({gi} - {g0})  # e^(ga_i - ga_first) <= 1 for a cumulative log-gate")
-        self._dy("offs_i", n_c, e_c, body)
-        body += [f"    dU = tl.dot(tl.trans(phi), dn{self.dot_kw})", "    du = tl.sum(phi * dz[:, None], 0)", states,
-                 "    tl.store(U_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
-                 "offs_v[None, :], dU, mask=f_ok[:, None] & v_ok[None, :])",
-                 "    tl.store(uz_ptr + z_base + t * n_feat + offs_f, du, mask=f_ok)"]
-        return self._fn("_bwd_state", pro, body, self._args(st_args), consts)
-
     def _bscan_kernel(self):
-        """_bwd_scan: the exclusive suffix over chunks, chunk order reversed, in place."""
+        """_bwd_scan: each chunk's own suffix contribution dU_c, du_c (relative to ga at its first row), computed in
+        the loop, and the exclusive suffix over the chunks, chunk order reversed: the states are written once."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
         body = ["    ft = tl.program_id(0)"]
         pro = self.prologue(1)
         body += ["    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
                  "    f_ok = offs_f < n_feat", f"    v_ok = offs_v < {e_c}", states,
                  f"    U = tl.zeros([BLOCK_F, HEAD_DIM_V], dtype={self.acc})",
-                 f"    u = tl.zeros([BLOCK_F], dtype={self.acc})",
-                 "    for tt in range(0, n_chunks):",
-                 "        t = n_chunks - 1 - tt",
-                 "        u_ptrs = U_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
-                 "offs_v[None, :]",
-                 "        dU = tl.load(u_ptrs, mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
-                 "        du = tl.load(uz_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0)",
-                 "        tl.store(u_ptrs, U, mask=f_ok[:, None] & v_ok[None, :])  # chunks after t, ref. row (t+1) C",
-                 "        tl.store(uz_ptr + z_base + t * n_feat + offs_f, u, mask=f_ok)"]
-        inner = ["    first = t * CHUNK", f"    nxt = tl.minimum(t * CHUNK + CHUNK, {n_c} - 1)"]
+                 f"    u = tl.zeros([BLOCK_F], dtype={self.acc})"]
+        inner = ["    t = n_chunks - 1 - tt", "    offs_i = t * CHUNK + tl.arange(0, CHUNK)",
+                 f"    row_ok = offs_i < {n_c}"]
+        factors = self.factors(br.dot.a, i, "offs_i", inner, table=body)
+        inner.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], fw[None, :] * {' * '.join(factors)}, 0.0)")
+        inner.append("    first = t * CHUNK  # the reference row of the chunk's suffix contribution")
         g0 = self.gate("a", i, "first", inner)
         if g0 is not None:
+            gi = self.gate("a", i, "offs_i[:, None]", inner)
+            inner.append(f"    phi = phi * tl.exp({gi} - {g0})  # e^(ga_i - ga_first) <= 1 for a cumulative log-gate")
+        self._dy("offs_i", n_c, e_c, inner)
+        inner += [f"    dU = tl.dot(tl.trans(phi), dn{self.dot_kw})", "    du = tl.sum(phi * dz[:, None], 0)",
+                  "    tl.store(U_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
+                  "offs_v[None, :], U, mask=f_ok[:, None] & v_ok[None, :])  # chunks after t, ref. row (t+1) C",
+                  "    tl.store(uz_ptr + z_base + t * n_feat + offs_f, u, mask=f_ok)"]
+        if g0 is not None:
+            inner.append(f"    nxt = tl.minimum(t * CHUNK + CHUNK, {n_c} - 1)")
             g1 = self.gate("a", i, "nxt", inner)
             inner += [f"    decay = tl.exp({g1} - {g0})", "    U = U * decay + dU", "    u = u * decay + du"]
         else:
             inner += ["    U = U + dU", "    u = u + du"]
-        body += ["    " + ln for ln in inner]
+        body += ["    for tt in range(0, n_chunks):", *("    " + ln for ln in inner)]
         return self._fn("_bwd_scan", pro, body, self._args(st_args), consts)
 
     def _dk_kernel(self):
@@ -346,7 +330,7 @@ class _ChunkedBackward(_Chunked):
 
 
 def generate_chunked_backward(program: Program, lp: LinearPlan, dtype: str, nbatch: int) -> ChunkedBackwardSpec:
-    """One module: the forward's three kernels (_chunk_out also storing Z per row) and the five backward kernels."""
+    """One module: the forward's two kernels (_chunk_out also storing Z per row) and the four backward kernels."""
     return _ChunkedBackward(program, lp, dtype, nbatch).spec()
 
 

@@ -1,9 +1,8 @@
 """Predicted work of the chunked linear form's backward (codegen/chunked_backward.py, launched by
-runtime/linear_backward.py): the forward's prefix states recomputed (_chunk_state, _chunk_scan), then _bwd_state,
+runtime/linear_backward.py): the forward's prefix states recomputed (_chunk_scan), then
 _bwd_scan, _bwd_dk, _bwd_dv and _bwd_dq, counted as runtime/linear_cost.py counts the forward's chunked kernels
 (codegen/launches.py: the ledger of each function, its grid and loops, the lanes of its access sites).
 
-  _chunk_state, _bwd_state   programs (chunk t, feature tile ft)
   _chunk_scan, _bwd_scan     programs (feature tile ft), a loop over the chunks
   _bwd_dk, _bwd_dv, _bwd_dq  programs (chunk t), a loop over the feature tiles
 
@@ -36,7 +35,7 @@ from .backward_cost import BackwardCost, work_of
 from .linear_cost import FLAGS
 from .tiling import LinearConfig, chunk_config
 
-KERNELS = ("_chunk_state", "_chunk_scan", *BACKWARD_KERNELS)
+KERNELS = ("_chunk_scan", *BACKWARD_KERNELS)
 _FT = sp.Symbol("ft", integer=True, nonnegative=True)
 _ONE = "one"   # the axis of a gate read at a chunk's boundary row: one lane
 
@@ -67,10 +66,8 @@ def _text_sites(lp, program) -> dict:
         return tuple(out)
 
     ua, ub = atomics(lp.ga, i), atomics(lp.gb, br.var)
-    return {"_chunk_state": ((), (state("S", "S"), state("zs", "zs", False))),
-            "_chunk_scan": ((), (state("S", "S"), state("zs", "zs", False))),
-            "_bwd_state": ((dn, dz), (state("U", "U"), state("uz", "uz", False))),
-            "_bwd_scan": ((state("dU", "U"), state("du", "uz", False)), (state("U", "U"), state("uz", "uz", False))),
+    return {"_chunk_scan": ((), (state("S", "S"), state("zs", "zs", False))),
+            "_bwd_scan": ((dn, dz), (state("U", "U"), state("uz", "uz", False))),
             "_bwd_dk": ((dn, dz, state("U", "U"), state("u", "uz", False)) + ub, (grad("dK", kv, "HEAD_DIM", d),) + ub),
             "_bwd_dv": ((dn, dz, state("U", "U")), (grad("dV", c, "col", e),)),
             "_bwd_dq": ((dn, dz, state("S", "S"), state("z", "zs", False)) + ua, (grad("dQ", kv, "HEAD_DIM", d),) + ua)}
@@ -94,9 +91,8 @@ def launches(lb, dtname: str, nbatch: int) -> list:
     T, NFT = sp.ceiling(lp.schedule.row[1] / CHUNK), sp.ceiling(NFEAT / block_f)
     axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, _FT * block_f), "col": (HEAD_DIM_V, 0),
             "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX), _ONE: (1, 0)}
-    tiles, feats = ((CHUNK_IDX, T), (_FT, NFT)), ((_FT, NFT),)
-    shape = {"_chunk_state": (tiles, {}), "_bwd_state": (tiles, {}),
-             "_chunk_scan": (feats, {("loop", 0): (CHUNK_IDX, 0, T)}),
+    feats = ((_FT, NFT),)
+    shape = {"_chunk_scan": (feats, {("loop", 0): (CHUNK_IDX, 0, T)}),
              "_bwd_scan": (feats, {("loop", 0): (CHUNK_IDX, 0, T)}),
              **{k: (((CHUNK_IDX, T),), {("loop", 0): (_FT, 0, NFT)}) for k in ("_bwd_dk", "_bwd_dv", "_bwd_dq")}}
     out = []

@@ -1,5 +1,5 @@
 """AOT-checked configs of the two kernel families beside the tiled kernel: the chunked linear form
-(codegen/chunked.py: _chunk_state, _chunk_scan, _chunk_out, launched by runtime/linear_run.py, and by the ring with
+(codegen/chunked.py: _chunk_scan, _chunk_out, launched by runtime/linear_run.py, and by the ring with
 other INIT / PREFIX / FINAL flags) and the window-mixing kernel (codegen/window.py: _attn_window,
 runtime/window_run.py).
 
@@ -37,10 +37,10 @@ __all__ = ["LINEAR_LAUNCHES", "FormAotReport", "FormPlan", "LinearConfig", "Wind
            "window_candidates", "window_plan", "window_runtime_config"]
 
 
-# (planner, INIT, PREFIX, FINAL) of every launch of the linear form: a single-process call (states, scan, output
+# (planner, INIT, PREFIX, FINAL) of every launch of the linear form: a single-process call (scan, output
 # with 0, 1, 0), then the ring's other ones (runtime/ring_linear.py): the scan giving the rank's total (FINAL, with
 # or without the prefix), the scan from the carried state (INIT) and the output after it (INIT)
-LINEAR_LAUNCHES = (("_chunk_state", 0, 1, 0), ("_chunk_scan", 0, 1, 0), ("_chunk_out", 0, 1, 0),
+LINEAR_LAUNCHES = (("_chunk_scan", 0, 1, 0), ("_chunk_out", 0, 1, 0),
                    ("_chunk_scan", 0, 1, 1), ("_chunk_scan", 0, 0, 1), ("_chunk_scan", 1, 1, 0),
                    ("_chunk_out", 1, 1, 0))
 _FLAGS = ("INIT", "PREFIX", "FINAL")
@@ -55,7 +55,7 @@ def _names_in(source: str, fn: str) -> set:
 
 # the order a bundle compiles them in (indices into LINEAR_LAUNCHES): the likeliest to spill first (the ring's scan
 # with PREFIX and FINAL, the output kernel), so that a config that does not fit stops early
-_COMPILE_ORDER = (3, 2, 6, 4, 5, 1, 0)
+_COMPILE_ORDER = (2, 1, 5, 3, 4, 0)
 
 
 def _relabel(form: str, res: list) -> list:

@@ -1,5 +1,5 @@
 """Launching the chunked linear form's backward (codegen/chunked_backward.py): the training forward (the forward's
-three kernels, _chunk_out also storing Z per row) and the five backward kernels, one module.
+two kernels, _chunk_out also storing Z per row) and the four backward kernels, one module.
 
 Which form a call that needs gradients runs is Planner.run_kind with the call's dims and training=True (`form=` when
 forced, else the smaller predicted time of the forward plus the backward, moa/linear.py's form costs); the quadratic
@@ -7,8 +7,8 @@ fused backward
 (runtime/backward_run.py) runs where it picks the quadratic form or where `linear_backward_reason` refuses. The saved
 value is the same in both (Z per row, the accumulation dtype), so the operator's saved values do not depend on it.
 
-The backward recomputes the forward's prefix states (_chunk_state, _chunk_scan), then: dn = dO / Z and
-dz = -delta / Z (torch, O(n e)), _bwd_state and _bwd_scan (the suffix states), _bwd_dk, _bwd_dv and _bwd_dq. On
+The backward recomputes the forward's prefix states (_chunk_scan), then: dn = dO / Z and
+dz = -delta / Z (torch, O(n e)), _bwd_scan (the suffix states), _bwd_dk, _bwd_dv and _bwd_dq. On
 CUDA each call's config is the first LinearConfig candidate whose kernels compile for the device without spills and
 within shared memory (runtime/aot.py, cached), chosen separately for the training forward and for the backward (the
 backward recomputes the states in its own chunks, so only its kernels' chunks must agree); in the interpreter
@@ -72,8 +72,8 @@ class LinearBackward:
         return self.train._spec(dtname, nbatch)
 
     def _config(self, b: Binding, dtname: str, phase: str) -> LinearConfig:
-        """The LinearConfig of a phase ("forward": the training forward's three kernels; "backward": the states
-        recomputed and the five backward kernels, whose chunks must agree)."""
+        """The LinearConfig of a phase ("forward": the training forward's two kernels; "backward": the states
+        recomputed and the four backward kernels, whose chunks must agree)."""
         n = int(sy.evaluate(self.lp.schedule.row[1], b.dims))
         if b.device.type != "cuda":
             if INTERPRETER_CONFIG is not None:
@@ -110,7 +110,6 @@ class LinearBackward:
         if launch.empty:
             out = launch.result()
         else:
-            self.train.states(launch)
             self.train.scan(launch)
             out = self.train.output_z(launch, zrow)
         return (out if out.dtype == b.dtype else out.to(b.dtype)), zrow
@@ -135,8 +134,7 @@ class LinearBackward:
                                device=dev) for x in spec.scatters}
         launch = self.train.prepare(b, compute, dtname, self._config(b, dtname, "backward"))
         if not launch.empty:
-            self.train.states(launch)   # the forward's prefix states, recomputed (not saved)
-            self.train.scan(launch)
+            self.train.scan(launch)   # the forward's prefix states, recomputed (not saved)
             d_out = d_out.to(dev, acc).reshape(zl, n, e)
             zr = z.to(dev, acc).reshape(zl, n)
             zinv = torch.where(zr == 0, torch.zeros_like(zr), 1.0 / torch.where(zr == 0, torch.ones_like(zr), zr))
@@ -150,7 +148,7 @@ class LinearBackward:
                 args += [g, *g.stride()]
             args += launch.tail
             nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
-            grids = {"_bwd_state": (launch.T, nft, zl), "_bwd_scan": (nft, zl)}
+            grids = {"_bwd_scan": (nft, zl)}
             grids.update({x: (launch.T, zl) for x in ("_bwd_dk", "_bwd_dv", "_bwd_dq")})
             for kern in BACKWARD_KERNELS:
                 run(getattr(launch.mod, kern), grids[kern], args, launch.flags(0, 1, 0), dev, _WHAT)
@@ -165,8 +163,8 @@ class LinearBackward:
         return res
 
 
-PHASES = {"forward": ("_chunk_state", "_chunk_scan", "_chunk_out"),
-          "backward": ("_chunk_state", "_chunk_scan", *BACKWARD_KERNELS)}
+PHASES = {"forward": ("_chunk_scan", "_chunk_out"),
+          "backward": ("_chunk_scan", *BACKWARD_KERNELS)}
 
 
 def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90", phase: str = "backward") -> tuple:

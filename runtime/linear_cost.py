@@ -1,12 +1,12 @@
-"""The cost of the chunked linear form (codegen/chunked.py, run by runtime/linear_run.py): its three launches
+"""The cost of the chunked linear form (codegen/chunked.py, run by runtime/linear_run.py): its two launches
 described for the cost model (codegen/launches.py), counted exactly like the tiled planner.
 
-  _chunk_state  programs (chunk t, feature tile ft): per program the chunk's rows x BLOCK_F features
-  _chunk_scan   programs (feature tile ft), a loop over the chunks t: the exclusive prefix of the states
+  _chunk_scan   programs (feature tile ft), a loop over the chunks t: each chunk's rows x BLOCK_F features give
+                its own state, stored as the exclusive prefix of the states
   _chunk_out    programs (chunk t), a loop over the feature tiles ft, then the intra-chunk tile
 
 tiles_visited of the linear form: the (chunk, feature tile) blocks of the state, i.e. the iterations of the
-scan's loop (each block is also one program of _chunk_state and one iteration of _chunk_out's loop).
+scan's loop (each block is also one iteration of _chunk_out's loop).
 tiles_needed: the same (every block holds valid rows and features). The state buffers S [Z, T, D, HEAD_DIM_V]
 and zs [Z, T, D] (accumulator dtype) are the form's intermediate_bytes.
 """
@@ -30,7 +30,7 @@ FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/
 
 
 def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = "cpu") -> list:
-    """The three launches of one output's chunked form (codegen.launches.Launch), in launch order."""
+    """The two launches of one output's chunked form (codegen.launches.Launch), in launch order."""
     lp = planner.linear_plans[name][0]
     if lp is None:
         raise UnsupportedError(f"output {name} has no linear form: {planner.linear_plans[name][1]}")
@@ -47,8 +47,7 @@ def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = 
     T, NFT = sp.ceiling(n / CHUNK), sp.ceiling(NFEAT / block_f)
     axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, ft * block_f), "col": (HEAD_DIM_V, 0),
             "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX)}
-    return [CL.Launch("_chunk_state", led("_chunk_state"), ((CHUNK_IDX, T), (ft, NFT)), {}, axes, None, spec.source),
-            CL.Launch("_chunk_scan", led("_chunk_scan"), ((ft, NFT),), {("loop", 0): (CHUNK_IDX, 0, T)}, axes,
+    return [CL.Launch("_chunk_scan", led("_chunk_scan"), ((ft, NFT),), {("loop", 0): (CHUNK_IDX, 0, T)}, axes,
                       ("loop", 0), spec.source),
             CL.Launch("_chunk_out", led("_chunk_out"), ((CHUNK_IDX, T),), {("loop", 0): (ft, 0, NFT)}, axes, None,
                       spec.source)]

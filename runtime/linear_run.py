@@ -1,4 +1,4 @@
-"""Launching the chunked-state (linear) form: three kernels over chunk states (codegen/chunked.py)."""
+"""Launching the chunked-state (linear) form: two kernels over chunk states (codegen/chunked.py)."""
 from __future__ import annotations
 
 import math
@@ -38,7 +38,7 @@ class LinearRunner:
         return generate_chunked(self.program, self.lp, dtname, nbatch).source
 
     def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict):
-        """The LinearConfig of a call: on CUDA, the first candidate whose three kernels, with every flag combination
+        """The LinearConfig of a call: on CUDA, the first candidate whose two kernels, with every flag combination
         a launch uses (the ring's too), compile for the device's architecture with no spills and shared memory in
         budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in memory); on the CPU
         interpreter, chunk_config's."""
@@ -54,12 +54,11 @@ class LinearRunner:
         launch = self.prepare(b, dt_compute, dtname, config)
         if launch.empty:
             return launch.result()
-        self.states(launch)
         self.scan(launch)
         return self.output(launch)
 
-    # the phases, for the ring (runtime/ring_linear.py): states; scan(final=True, prefix=False) gives the
-    # shard's total state in launch.carried; the carried state of the ranks before; scan(init=True); output
+    # the phases, for the ring (runtime/ring_linear.py): scan(final=True, prefix=False) gives the shard's total
+    # state in launch.carried; the carried state of the ranks before; scan(init=True); output
 
     def prepare(self, b: Binding, dt_compute: torch.dtype, dtname: str, config: LinearConfig | None = None) -> _Launch:
         """Buffers and arguments of one call (nothing is launched), in `config` (default: launch_config's)."""
@@ -107,15 +106,9 @@ class LinearRunner:
             launch.options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         return launch
 
-    def states(self, launch: _Launch) -> None:
-        """Kernel 1: every chunk's own state dS_c, dz_c."""
-        nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
-        run(launch.mod._chunk_state, (launch.T, nft, launch.zl), [*launch.args, *launch.carry_args(), *launch.tail],
-            launch.flags(0, 1, 0), launch.out.device, _WHAT)
-
     def scan(self, launch: _Launch, init: bool = False, prefix: bool = True, final: bool = False) -> None:
-        """Kernel 2: the exclusive prefix over chunks (prefix), from launch.carried (init), writing the state
-        after the last chunk to launch.carried (final)."""
+        """Kernel 1: every chunk's own state and their exclusive prefix over chunks (prefix), from
+        launch.carried (init), writing the state after the last chunk to launch.carried (final)."""
         nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
         if init or final:
             launch.carry()
@@ -124,7 +117,7 @@ class LinearRunner:
         launch.init = init
 
     def output(self, launch: _Launch) -> torch.Tensor:
-        """Kernel 3: O from the exclusive prefix states and the intra-chunk part."""
+        """Kernel 2: O from the exclusive prefix states and the intra-chunk part."""
         out = launch.out
         run(launch.mod._chunk_out, (launch.T, launch.zl),
             [*launch.args, *launch.carry_args(), out, *out.stride(), *launch.tail],

@@ -106,7 +106,7 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
     fake = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in inputs.items()}
     agree_or_raise(bind_check(plan.program, fake, dims), group, cdev, timeout, rank, "checking the shards")
 
-    # 3. local chunk states and this rank's total
+    # 3. this rank's total (the scan computes the chunk states)
     st = RingStats(rank, world)
     has_prev = any(nl[s] for s in range(rank))
     need_total = nl[rank] > 0 and any(nl[s] for s in range(rank + 1, world))
@@ -123,7 +123,6 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
             L = runner.prepare(cgb, compute, DTYPE_NAME[compute])
             launches[name] = (runner, L)
             if not L.empty:
-                runner.states(L)
                 if need_total:   # without a prefix from before, the exclusive prefix is stored in the same pass
                     runner.scan(L, init=False, prefix=not has_prev, final=True)
     except Exception as e:  # re-raised below, after the others have been told

@@ -103,13 +103,12 @@ def test_every_example_backward_is_predicted_exactly(stem, launches):
 
 @pytest.mark.parametrize("stem", LINEAR)
 def test_chunked_linear_backward_is_predicted_exactly(stem, launches):
-    """form="linear": the recomputed prefix states and the five backward kernels (power_gated: the gates' atomic
+    """form="linear": the recomputed prefix states and the four backward kernels (power_gated: the gates' atomic
     adds at G[i] and G[j])."""
     k, dims, x = _setup(stem, form="linear")
     pred = k.backward.cost(dims, (2,), "float64")
     assert pred.path == "linear"
-    assert list(pred.kernels) == ["_chunk_state", "_chunk_scan", "_bwd_state", "_bwd_scan", "_bwd_dk", "_bwd_dv",
-                                  "_bwd_dq"]
+    assert list(pred.kernels) == ["_chunk_scan", "_bwd_scan", "_bwd_dk", "_bwd_dv", "_bwd_dq"]
     _check(pred, _measured(k, x, launches))
 
 

@@ -183,9 +183,9 @@ def _job_linear(rank, world, job):
     except moa.MoaError as e:
         res["mismatch"] = (type(e).__name__, str(e))
     if rank == 2:   # a rank whose chunk states fail: every rank is told, nobody waits for a timeout
-        def states(self, launch):
+        def scan(self, launch, **flags):
             raise RuntimeError("injected failure")
-        linear_run.LinearRunner.states = states
+        linear_run.LinearRunner.scan = scan
     try:
         res["fault"] = ("ok", k.ring(timeout=60, **local))
     except Exception as e:  # noqa: BLE001 - reported to the parent
