@@ -76,8 +76,9 @@ class _Chunked:
                 if base in ("last", "ref"):   # a chunk's boundary row: a formula of the chunk index
                     conds = [c.xreplace({v: self.site_scalar(base)}) for c in conds]
                     axes.append((CHUNK_IDX, "chunk"))
-                elif axis is None:   # a feature index loaded from fidx: in [0, d) by construction (0 on padding)
-                    conds = [c for c in conds if v not in c.free_symbols]
+                elif axis is None:   # a feature index loaded from fidx: in [0, d) for a feature, HEAD_DIM (>= d,
+                    # so the read's bound test masks it) for a padded one: the lane is read iff f < n_feat
+                    conds = [c for c in conds if v not in c.free_symbols] + [sp.Lt(v, NFEAT)]
                     axes.append((v, "feat"))
                 else:
                     axes.append((v, axis))
@@ -125,7 +126,7 @@ class _Chunked:
         self._site("fw", "fw", FEAT)
         factors = []
         for t in range(self.lp.p):
-            table.append(f"    fidx{t} = tl.load(fidx_ptr + offs_f * {self.lp.p} + {t}, mask=f_ok, other=0)")
+            table.append(f"    fidx{t} = tl.load(fidx_ptr + offs_f * {self.lp.p} + {t}, mask=f_ok, other=HEAD_DIM)")
             self._site(f"fidx{t}", "fidx", FEAT * self.lp.p + t)
             factors.append(self.emit(expr, {var: f"{rows}[:, None]", br.dot.var: f"fidx{t}[None, :]"}, lines))
         return factors
@@ -299,6 +300,15 @@ class _Chunked:
         (i, n), (c, e) = self.s.row, self.s.col
         state = (AccessSite("S", "S", (FEAT, c), ((FEAT, "feat"), (c, "col")), (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
                  AccessSite("zs", "zs", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),)))
+        if name == "_chunk_scan":   # the carried state of the ring: read (INIT), written (FINAL), one per program
+            carried = (AccessSite("S0", "S0", (FEAT, c), ((FEAT, "feat"), (c, "col")),
+                                  (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
+                       AccessSite("z0", "z0", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),)),
+                       AccessSite("g0", "g0", (), (), ()))
+            state += carried
+            loads += tuple(replace(x, name=v) for x, v in zip(carried, ("S", "z", "g_prev")))
+        elif self.lp.ga is not None:   # _chunk_out after a carried state (INIT): the gate's value at row -1
+            loads += (AccessSite("g_ref", "g0", (), (), ()),)
         out = AccessSite("out", "out", (i, c), ((i, "crow"), (c, "col")), (sp.Lt(i, n), sp.Lt(c, e)))
         return name, loads, (out,) if name == "_chunk_out" else state
 

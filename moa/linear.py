@@ -145,9 +145,9 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     quadratic: visited tiles = the causal part of (n / BM) x (n / BN); per tile 2 BM BN (HD + HV) for the two
                dots and (p + 4) BM BN elementwise; reads Q once, K and V once per visited tile; writes O.
     linear:    T = n / C chunks, F = D rounded up to BLOCK_F features (D = C(d + p - 1, p)):
-               state kernel T F C (2 HV + p + 2), prefix 2 T F (HV + 1), output T F C (2 HV + p + 2) plus the
-               intra-chunk part C^2 (2 HD + 2 HV + p + 4); states written once, read-modified-written once
-               and read once in the accumulator dtype.
+               scan T F C (2 HV + p + 2) for the chunks' own states plus 2 T F (HV + 1) for the prefix, output
+               T F C (2 HV + p + 2) plus the intra-chunk part C^2 (2 HD + 2 HV + p + 4); states written once (by
+               the scan) and read once (by the output kernel) in the accumulator dtype.
     training: the forward plus the backward of each form (`backward_costs`).
     """
     def pad(x):
@@ -170,7 +170,7 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     F = -(-D // block_f) * block_f
     l_flops = t * F * chunk * (4 * hv + 2 * lp.p + 4) + 2 * t * F * (hv + 1) \
         + t * chunk * chunk * (2 * (hd + hv) + lp.p + 4)
-    l_bytes = elem_bytes * (2 * n * d + 2 * n * e) + acc_bytes * t * D * (e + 1) * 4
+    l_bytes = elem_bytes * (2 * n * d + 2 * n * e) + acc_bytes * t * D * (e + 1) * 2
     if training:
         bq, bl = backward_costs(lp, n, d, e, tiles, elem_bytes, acc_bytes, block_m, block_n, chunk, block_f)
         q_flops, q_bytes, l_flops, l_bytes = q_flops + bq[0], q_bytes + bq[1], l_flops + bl[0], l_bytes + bl[1]
@@ -189,8 +189,11 @@ def backward_costs(lp: LinearPlan, n: int, d: int, e: int, tiles: int, elem_byte
                the score's partial needs S]); reads Q, dO per visited tile, K, V per visited tile, writes dQ, dK, dV.
     linear:    per chunk and feature, 2 HV for the recomputed state, the suffix state, dK, dV and dQ, plus p one-hot
                dots of 2 HD for the features' adjoint in dK and dQ (p >= 2); per chunk C^2 (10 HD + 6 HV) intra;
-               each of five kernels reads the chunk's inputs per feature tile; states written, scanned (read and
-               written) and read for the prefix and the suffix.
+               the two scans read their operand's p gathered factors of every feature (p D per row) and V (dn)
+               per feature tile, the dK, dV and dQ kernels an operand's p factors of every feature and once the
+               intra-chunk tiles; the prefix states
+               written by the recomputing scan and read by dQ's kernel, the suffix states written by the reverse
+               scan and read by dK's and dV's.
     """
     def pad(x):
         return max(16, 1 << max(0, x - 1).bit_length())
@@ -205,7 +208,9 @@ def backward_costs(lp: LinearPlan, n: int, d: int, e: int, tiles: int, elem_byte
     one_hot = 2 * hd * p if p >= 2 else 0
     l_dots = t * F * chunk * (10 * hv + 2 * one_hot) + t * chunk * chunk * (10 * hd + 6 * hv)
     l_other = 5 * t * F * chunk * (p + 2) + 4 * t * F * (hv + 1)
-    l_bytes = elem_bytes * 5 * (F // block_f) * n * (d + e) + acc_bytes * (9 * t * D * (e + 1) + n * (2 * d + e))
+    nft = F // block_f
+    l_bytes = elem_bytes * (2 * n * (p * D + nft * e) + 3 * n * p * D + 3 * n * (d + e)) \
+        + acc_bytes * (5 * t * D * (e + 1) + n * (2 * d + e))
     return (q_dots + q_other, q_bytes), (l_dots + l_other, l_bytes)
 
 

@@ -32,12 +32,13 @@ from moa.errors import InputError
 
 from .configs import fit_schedule
 from .form_configs import fit_linear
+from .linear_cost import KERNELS as LINEAR_KERNELS
 from .linear_cost import linear_counts, linear_formulas
 from .plan import LINEAR, TILED, WINDOW
 from .reports import Breakdown, CostReport
 from .tiling import Config, exact_heads
 
-__all__ = ["cost", "cost_breakdown", "launch_specs", "run_schedule", "window_launch"]
+__all__ = ["cost", "cost_breakdown", "launch_specs", "linear_pass", "run_schedule", "window_launch"]
 
 
 def _compute_dtype(dtype: str, on_cpu: bool) -> str:
@@ -101,6 +102,22 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     without it a data-dependent test is counted as skipping nothing."""
     return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True,
                           inputs=inputs, **dims)[0]
+
+
+def linear_pass(kernel, name: str, dims: dict, batch, dtype: str, device: str, flags: dict, kernels: tuple) -> tuple:
+    """(FLOPs, DRAM bytes, predicted seconds) of some launches of one output's chunked linear form with other flags
+    than a single-process call's (runtime/ring_linear.py: the scan that gives a rank's total), counted as cost()
+    counts the linear form."""
+    planner = kernel.planner
+    dtype = canonical_dtype(dtype)
+    dev = get_device(device)
+    batch = (batch,) if isinstance(batch, int) else tuple(batch)
+    dims, _ = _codegen_names(planner, dims, None)
+    eb = _elem_bytes(planner, planner.schedules[name], dtype, "int64")
+    counts = linear_counts(planner, name, dims, batch, dtype, "cuda", eb, flags=flags, kernels=kernels)[0]
+    seconds = C.roofline(counts.dot_flops, counts.flops - counts.dot_flops, counts.transcendentals,
+                         counts.dram_bytes, dev, dtype, launches=len(kernels))[0]
+    return counts.flops, counts.dram_bytes, seconds
 
 
 @dataclass
@@ -168,7 +185,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
                                                  eb, tiles)
             t.inter += states
             t.hbm += counts.dram_bytes
-            t.launches += 3
+            t.launches += len(LINEAR_KERNELS)
         else:
             counts, chip = C.Counts(), 0
             for prog, ks, spec in kernel_specs(planner, name, scheds[name], specs[name], compute, len(batch),
@@ -348,7 +365,7 @@ def _symbolic(planner, dtype, dev, compute, config, nb, index_dtype, dims) -> tu
             launches += 1
         elif kinds[name] == LINEAR:
             f = linear_formulas(planner, name, compute, eb, nb)
-            launches += 3
+            launches += len(LINEAR_KERNELS)
         else:
             eb.update({ts.arg: eb[ts.tensor] for ts in specs[name].summaries})
             f = CS.predict_symbolic(planner.cg_program, scheds[name], specs[name], eb, nb)

@@ -27,16 +27,19 @@ from moa.errors import UnsupportedError
 from .tiling import chunk_config
 
 FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
+KERNELS = ("_chunk_scan", "_chunk_out")       # what such a call launches, in order
 
 
-def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = "cpu") -> list:
-    """The two launches of one output's chunked form (codegen.launches.Launch), in launch order."""
+def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = "cpu", flags=None,
+                    kernels: tuple = KERNELS) -> list:
+    """The launches of one output's chunked form (codegen.launches.Launch), in launch order: `kernels` of it
+    (default both) with `flags` INIT, PREFIX, FINAL (default a single-process call's)."""
     lp = planner.linear_plans[name][0]
     if lp is None:
         raise UnsupportedError(f"output {name} has no linear form: {planner.linear_plans[name][1]}")
     spec = generate_chunked(planner.cg_program, lp, dtname, nbatch)
     sites = {fn: (loads, stores) for fn, loads, stores in spec.sites}
-    consts = {k: v for k, v in FLAGS.items() if f"{k}: tl.constexpr" in spec.source}
+    consts = {k: v for k, v in (flags or FLAGS).items() if f"{k}: tl.constexpr" in spec.source}
 
     def led(fn):
         return function_ledger(planner.cg_program, spec.source, fn, *sites[fn], "out", consts, {"fidx": "i"})
@@ -47,21 +50,22 @@ def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = 
     T, NFT = sp.ceiling(n / CHUNK), sp.ceiling(NFEAT / block_f)
     axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, ft * block_f), "col": (HEAD_DIM_V, 0),
             "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX)}
-    return [CL.Launch("_chunk_scan", led("_chunk_scan"), ((ft, NFT),), {("loop", 0): (CHUNK_IDX, 0, T)}, axes,
-                      ("loop", 0), spec.source),
-            CL.Launch("_chunk_out", led("_chunk_out"), ((CHUNK_IDX, T),), {("loop", 0): (ft, 0, NFT)}, axes, None,
-                      spec.source)]
+    shape = {"_chunk_scan": (((ft, NFT),), {("loop", 0): (CHUNK_IDX, 0, T)}, ("loop", 0)),
+             "_chunk_out": (((CHUNK_IDX, T),), {("loop", 0): (ft, 0, NFT)}, None)}
+    return [CL.Launch(fn, led(fn), shape[fn][0], shape[fn][1], axes, shape[fn][2], spec.source) for fn in kernels]
 
 
 def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
     acc = 8 if dtname == "float64" else 4
-    return {**eb, "out": eb[output], "S": acc, "zs": acc, "fw": acc, "fidx": 4}
+    return {**eb, "out": eb[output], "S": acc, "zs": acc, "fw": acc, "fidx": 4, "S0": acc, "z0": acc, "g0": acc}
 
 
 def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
-                  tiles: tuple | None = None):
+                  tiles: tuple | None = None, flags: dict | None = None, kernels: tuple = KERNELS):
     """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims; `tiles` (CHUNK,
-    BLOCK_F) overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses)."""
+    BLOCK_F) overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses); `flags` and
+    `kernels`: the launches of another call than a single-process one (the ring's scan giving a rank's total:
+    PREFIX = 0, FINAL = 1, the scan alone)."""
 
     lp = planner.linear_plans[name][0]
     sched = lp.schedule
@@ -75,7 +79,7 @@ def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, dev
     nfeat = lp.features(d)
     chunk, block_f = tiles or chunk_config(torch.device(device), n, nfeat)
     cv = {CHUNK: chunk, csym("BLOCK_F"): block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
-    launches = linear_launches(planner, name, dtname, len(batch), device)
+    launches = linear_launches(planner, name, dtname, len(batch), device, flags, kernels)
     env = {x: dims[x.name] for x in planner.cg_program.dims}
     nb = math.prod(batch)
     counts = CL.total_counts(launches, sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb)

@@ -25,19 +25,19 @@ import torch
 
 from moa import shard
 from moa import symbolic as sy
-from moa.devices import canonical_dtype, get_device
+from moa.devices import canonical_dtype
 from moa.errors import InputError, UnsupportedError
 
 from .binding import bind
-from .costing import cost
-from .device import next_pow2
+from .costing import cost, linear_pass
 from .launch import compute_dtype
 from .linear_run import LinearRunner
 from .ring_comm import (RingError, RingStats, agree_or_raise, bind_check, comm_device, exchange_shapes, lengths,
                         outcome, post, wait)
 from .ring_cost import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange_cost
-from .tiling import DTYPE_NAME, chunk_config
+from .tiling import DTYPE_NAME
 
+TOTAL_FLAGS = {"INIT": 0, "PREFIX": 0, "FINAL": 1}   # the scan that gives a rank's total and stores no prefix
 _RANK_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -217,14 +217,14 @@ def _incoming(parts, lengths, zl, nf, e, gated):
 def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, dims):
     """RingCost of ring_linear (runtime/ring.py ring_cost delegates here): each rank's chunked linear form (the
     cost model, runtime/costing.py, of the rank program with its global offset) plus, on ranks that both take a
-    carried state and give a total to later ranks, the extra read-only scan pass (2 T F (HV + 1) FLOPs, the
-    states read once); the link: one all_gather of (T_r, z_r, G_r) in the accumulator dtype, each rank sending
-    (P - 1) x its state (a ring all_gather), between the two compute phases, so never hidden. The per-rank
-    combination of the gathered states (P small tensor ops) is not counted."""
+    carried state and give a total to later ranks, the extra scan pass (PREFIX = 0, FINAL = 1: the chunks'
+    states computed again, none stored, counted by the same cost model); the link: one all_gather of (T_r, z_r,
+    G_r) in the accumulator dtype, each rank sending (P - 1) x its state (a ring all_gather), between the two
+    compute phases, so never hidden. The per-rank combination of the gathered states (P small tensor ops) is not
+    counted."""
     plan, rk = linear_kernel(kernel)
     dtype = canonical_dtype(dtype)
     bw, source = INTERCONNECTS[interconnect]
-    dev = get_device(device)
     n = dims[plan.n.name]
     nl = aligned_shards(n, ranks, shards, "the linear form across ranks")
     rows0 = [sum(nl[:s]) for s in range(ranks)]
@@ -249,13 +249,8 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
         f, by, sec = rep.flops, rep.dram_bytes, rep.predicted_seconds
         if any(nl[:r]) and any(nl[r + 1:]):   # the extra scan pass that gives the rank's total
             for name in names:
-                zl, feats, e = state(name, bd)
-                chunk, block_f = chunk_config(torch.device("cuda"), nl[r], feats)
-                t, hv = -(-nl[r] // chunk), max(16, next_pow2(e))
-                xf = nb * zl * 2 * t * (-(-feats // block_f) * block_f) * (hv + 1)
-                xb = nb * zl * acc * t * feats * (e + 1)
-                f, by = f + xf, by + xb
-                sec += max(xf / dev.vector_rate(dtype), xb / dev.hbm_bytes_per_s) + dev.launch_s
+                xf, xb, xs = linear_pass(rk, name, bd, batch, dtype, device, TOTAL_FLAGS, ("_chunk_scan",))
+                f, by, sec = f + xf, by + xb, sec + xs
         return f, rep.transcendentals, by, sec, rep
 
     single = cost(kernel, dtype=dtype, device=device, batch=batch, **dims)

@@ -136,10 +136,10 @@ def test_heads_sharing_kv_with_a_per_head_gate(monkeypatch):
 
 def test_form_choice_of_training(monkeypatch):
     """form=None: the training form choice (moa/linear.py's predicted times of forward plus backward; at d = e = 4
-    the linear form wins from about n = 129 either way): n = 37 trains through the quadratic kernels, n = 130
-    through the chunked ones; both exact."""
+    the linear form wins from n = 129 for the forward alone, from n = 513 for forward plus backward): n = 130
+    trains through the quadratic kernels, n = 520 through the chunked ones; both exact."""
     _chunk(monkeypatch, 32)
-    for n, linear in ((37, False), (130, True)):
+    for n, linear in ((130, False), (520, True)):
         k = _compile("power", None)
         x = C.inputs(k.program, {"n": n, "d": 4, "e": 4}, 3)
         assert k.backward.uses_linear(k.bind(x)) == linear
