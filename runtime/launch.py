@@ -75,10 +75,9 @@ class Launcher:
         return self.tiled(name, b, store_lse=False)[0]
 
     def tunes(self, name: str, b: Binding) -> bool:
-        """Whether a call of output `name` is tuned by timing: CUDA tensors, tuning on, the tiled family (or the
-        form left to the cost model)."""
-        return b.device.type == "cuda" and tune.enabled(self.planner.autotune) and \
-            not self.planner.is_window(name) and self.planner.form != "linear"
+        """Whether a call of output `name` is tuned by timing: CUDA tensors, tuning on, the tiled family, the form
+        left to the cost model or the linear form (its chunk and feature tiles); the window-mixing kernel is not."""
+        return b.device.type == "cuda" and tune.enabled(self.planner.autotune) and not self.planner.is_window(name)
 
     def run(self, name: str, b: Binding, plan: Plan) -> torch.Tensor:
         """One output of a call in a given plan (the linear form, or the tiled kernel's schedule and tiles)."""

@@ -27,7 +27,7 @@ from . import configs, tune
 from .binding import Binding
 from .device import device_table_name
 from .tiling import (Config, LinearConfig, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims,
-                     tune_candidates)
+                     linear_tune_configs, tune_candidates)
 
 TILED, WINDOW, LINEAR = "tiled", "window", "linear"
 
@@ -288,9 +288,12 @@ class Planner:
         """The plans a GPU times for a call's bucket (runtime/tune.py): the model's schedule with its default tiles
         first, then the tile configs of tiling.tune_candidates (the two leading ones also with the look-ahead
         q . k^T of `overlaps`, and on Hopper with TMA key tiles), the runner-up schedule with the default tiles, and
-        the linear form where the program has one and no form is forced. Nothing is checked ahead of time: a
+        the linear form where the program has one and no form is forced (a forced linear form: its configs only,
+        `linear_candidates`). Nothing is checked ahead of time: a
         candidate that does not compile or run is skipped by the tuner, one that spills is timed slow."""
         n, m, head = _extents(self.schedules[name], dims)
+        if self.form == "linear":   # the form is forced: its configs only
+            return self.linear_candidates(name, n)
         heads = head_dims(self.schedules[name], dims)
         first = Plan(name, TILED, self.schedule_for(name, dims, call_dtype, device_table_name(device), batch),
                      fit_tiles(choose_config(device, compute, n, m, head), heads, f"output {name}"))
@@ -309,10 +312,12 @@ class Planner:
         for sched in ranking[1:2]:
             out.append(Plan(name, TILED, sched, first.config))
         if self.form is None and self.linear_plans[name][0] is not None:
-            out.append(Plan(name, LINEAR))   # the config fitted ahead of time, then longer chunks (64-128 rows)
-            if n > 64:
-                out += [Plan(name, LINEAR, config=LinearConfig(128, f, 8, 3)) for f in (32, 16)]
+            out += self.linear_candidates(name, n)
         return out
+
+    def linear_candidates(self, name: str, n: int) -> list:
+        """The linear form's plans a GPU times: the config fitted ahead of time, then 128-row chunks."""
+        return [Plan(name, LINEAR), *(Plan(name, LINEAR, config=c) for c in linear_tune_configs(n))]
 
 
 def overlaps(sched) -> bool:

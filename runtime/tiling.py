@@ -233,6 +233,14 @@ def linear_candidates(n: int) -> list:
     return out
 
 
+def linear_tune_configs(n: int) -> list:
+    """The linear form's configs a GPU times beside the AOT-fitted one (runtime/plan.py Planner.candidates): 128-row
+    chunks, which halve the chunk states the scan writes and the output kernel reads (the linear form's main
+    traffic), with feature tiles of 64, 32 and 16 (the larger spill at some head dims: the tuner skips or outtimes
+    them); none where a sequence fits in one 64-row chunk."""
+    return [LinearConfig(128, f, 8, 3) for f in (64, 32, 16)] if n > 64 else []
+
+
 def window_default(n: int) -> WindowConfig:
     """The window kernel's config before any AOT check: BLOCK_M = min(64, next_pow2(n)), 4 warps, 3 stages."""
     return WindowConfig(rows_of(n), 4, 3)
