@@ -1,13 +1,16 @@
-"""Triton kernels of the chunked-state (linear) form: chunk states, exclusive prefix over chunks, output.
+"""Triton kernels of the chunked-state (linear) form: chunk states with their exclusive prefix over chunks, output.
 
-Derived from a LinearPlan (moa/linear.py). Three kernels, each with the grid's last axis over batch x leading
+Derived from a LinearPlan (moa/linear.py). Two kernels, each with the grid's last axis over batch x leading
 axes (decoded like the quadratic kernel's):
-  _chunk_state  grid (T, cdiv(D, BLOCK_F), Z): dS_c[f, :] = sum_{j in c} e^(gb_b - gb_j) phi(B_j)_f v_j,
-                dz_c[f] likewise with v = 1 (b = the chunk's last row); phi(x)_f = w_f prod_t x[idx[f, t]]
-  _chunk_scan   grid (cdiv(D, BLOCK_F), Z): in place, S_c <- exclusive prefix with decays e^(gb_b' - gb_b)
-                (optionally from a carried state, and writing the final state: ring attention)
+  _chunk_scan   grid (cdiv(D, BLOCK_F), Z): a loop over the chunks c in order: the chunk's own state
+                dS_c[f, :] = sum_{j in c} e^(gb_b - gb_j) phi(B_j)_f v_j, dz_c[f] likewise with v = 1 (b = the
+                chunk's last row; phi(x)_f = w_f prod_t x[idx[f, t]]), and S_c, the exclusive prefix with decays
+                e^(gb_b' - gb_b), stored (optionally from a carried state, and writing the final state: ring
+                attention); the states are written once and never read back here
   _chunk_out    grid (T, Z): O_i = (e^(ga_i - gb_b) phi(A_i) . S_c + intra_i) / (same with z), 0 if 0
-States are [Z, T, D, e] in the accumulator dtype: the only arrays beyond inputs and outputs, O(n D e / C).
+States are [Z, T, D, e] in the buffers' dtype (the accumulator's, or bfloat16 for a bfloat16 forward:
+runtime/linear_run.py), the running sums in the accumulator dtype: the only arrays beyond inputs and outputs,
+O(n D e / C).
 """
 from __future__ import annotations
 
@@ -209,11 +212,11 @@ class _Chunked:
         v = self.emit(br.value, {j: "offs_j[:, None]", c: "offs_v[None, :]"}, inner)
         inner += [f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0)",
                   f"    dS = tl.dot(tl.trans(phi), v{self.dot_kw})", "    dz = tl.sum(phi, 0)",
-                  "    if PREFIX:",
+                  "    if PREFIX:  # the state before chunk t",
                   "        s_ptrs = S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :]",
-                  "        tl.store(s_ptrs, S, mask=f_ok[:, None] & v_ok[None, :])  # state before chunk t",
-                  "        tl.store(zs_ptr + z_base + t * n_feat + offs_f, z, mask=f_ok)"]
+                  "        tl.store(s_ptrs, S.to(S_ptr.dtype.element_ty), mask=f_ok[:, None] & v_ok[None, :])",
+                  "        tl.store(zs_ptr + z_base + t * n_feat + offs_f, z.to(zs_ptr.dtype.element_ty), mask=f_ok)"]
         body += ["    for t in range(0, n_chunks):", *("    " + ln for ln in inner)]
         if gl is not None:
             body += [f"        decay = tl.where(t + INIT > 0, tl.exp({gl} - g_prev), 1.0)",
@@ -245,8 +248,8 @@ class _Chunked:
         inner.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], {phi}, 0.0)")
         body += ["    " + ln for ln in inner]
         body += ["        S = tl.load(S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
-                 "offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
-                 "        z = tl.load(zs_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0)",
+                 f"offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0).to({self.acc})",
+                 f"        z = tl.load(zs_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0).to({self.acc})",
                  f"        num += tl.dot(phi, S{self.dot_kw})", "        den += tl.sum(phi * z[None, :], 1)"]
         ga = self.gate("a", i, "offs_i", body)
         if ga is not None:

@@ -174,7 +174,8 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
     path = _store(spec.source)
     _, d, e = linear_extents(lp, dims)
     acc = _acc_ptr(dtype)
-    special = {"S_ptr": acc, "zs_ptr": acc, "fw_ptr": acc, "S0_ptr": acc, "z0_ptr": acc, "g0_ptr": acc,
+    state = "*bf16" if dtype == "bfloat16" else acc   # the stored states (runtime/linear_run.py state_dtype)
+    special = {"S_ptr": state, "zs_ptr": state, "fw_ptr": acc, "S0_ptr": acc, "z0_ptr": acc, "g0_ptr": acc,
                "fidx_ptr": "*i32"}
     base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "HEAD_DIM": max(16, next_pow2(d)),
             "HEAD_DIM_V": max(16, next_pow2(e))}

@@ -38,7 +38,10 @@ _WHAT = "the chunked linear form's backward kernels"
 
 
 class _TrainRunner(LinearRunner):
-    """The forward's phases on the module that also holds the backward kernels (_chunk_out storing Z per row)."""
+    """The forward's phases on the module that also holds the backward kernels (_chunk_out storing Z per row); the
+    states in the accumulator dtype (the backward's dQ kernel reads them)."""
+
+    STATE_16 = False
 
     def _spec(self, dtname: str, nbatch: int):
         key = ("train", dtname, nbatch)

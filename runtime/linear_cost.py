@@ -55,9 +55,15 @@ def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = 
     return [CL.Launch(fn, led(fn), shape[fn][0], shape[fn][1], axes, shape[fn][2], spec.source) for fn in kernels]
 
 
+def state_bytes(dtname: str) -> int:
+    """Bytes per element of the stored chunk states (runtime/linear_run.py LinearRunner: bfloat16 for a bfloat16
+    call, else the accumulator dtype)."""
+    return 2 if dtname == "bfloat16" else 8 if dtname == "float64" else 4
+
+
 def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
-    acc = 8 if dtname == "float64" else 4
-    return {**eb, "out": eb[output], "S": acc, "zs": acc, "fw": acc, "fidx": 4, "S0": acc, "z0": acc, "g0": acc}
+    acc, st = 8 if dtname == "float64" else 4, state_bytes(dtname)
+    return {**eb, "out": eb[output], "S": st, "zs": st, "fw": acc, "fidx": 4, "S0": acc, "z0": acc, "g0": acc}
 
 
 def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
@@ -86,7 +92,7 @@ def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, dev
     counts.tiles_needed = counts.tiles_visited
     acc = 8 if dtname == "float64" else 4
     zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
-    states = acc * zl * -(-n // chunk) * nfeat * (pad(e) + 1) if n * e else 0
+    states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (pad(e) + 1) if n * e else 0
     return counts, states, acc * (chunk * block_f + chunk * pad(e) + block_f * pad(e))
 
 

@@ -22,7 +22,15 @@ STATE_LIMIT = 1 << 31   # elements of the state buffers beyond which the linear 
 
 
 class LinearRunner:
-    """Compiled chunked-form kernels of one output, cached per dtype and number of batch axes."""
+    """Compiled chunked-form kernels of one output, cached per dtype and number of batch axes.
+
+    The chunk states cross DRAM once each way (the scan writes them, the output kernel reads them): a bfloat16 call
+    stores them in bfloat16 (half the linear form's main traffic; the running sums stay in float32, so only the
+    stored copy is rounded, once, as flash-linear-attention's chunked kernels store theirs), other dtypes in the
+    accumulator dtype (float16 has too little range for sums over the sequence). STATE_16 = False keeps the
+    accumulator dtype (the training forward: the backward reads the states)."""
+
+    STATE_16 = True
 
     def __init__(self, program, lp: LinearPlan):
         self.program, self.lp = program, lp
@@ -60,6 +68,10 @@ class LinearRunner:
     # the phases, for the ring (runtime/ring_linear.py): scan(final=True, prefix=False) gives the shard's total
     # state in launch.carried; the carried state of the ranks before; scan(init=True); output
 
+    def state_dtype(self, dt_compute: torch.dtype, acc: torch.dtype) -> torch.dtype:
+        """The dtype the chunk states are stored in (the class docstring)."""
+        return torch.bfloat16 if self.STATE_16 and dt_compute == torch.bfloat16 else acc
+
     def prepare(self, b: Binding, dt_compute: torch.dtype, dtname: str, config: LinearConfig | None = None) -> _Launch:
         """Buffers and arguments of one call (nothing is launched), in `config` (default: launch_config's)."""
         s, br = self.lp.schedule, self.lp.branch
@@ -83,8 +95,9 @@ class LinearRunner:
                              f"(D = C({d} + {self.lp.p} - 1, {self.lp.p}) = {nfeat:,} features); use "
                              f"form='quadratic' or a smaller head dimension")
         acc = torch.float64 if dt_compute == torch.float64 else torch.float32
-        S = torch.empty((zl, T, nfeat, hv), dtype=acc, device=b.device)
-        zs = torch.empty((zl, T, nfeat), dtype=acc, device=b.device)
+        sdt = self.state_dtype(dt_compute, acc)
+        S = torch.empty((zl, T, nfeat, hv), dtype=sdt, device=b.device)
+        zs = torch.empty((zl, T, nfeat), dtype=sdt, device=b.device)
         idx, w = feature_table(d, self.lp.p)
         fidx = torch.tensor(idx, dtype=torch.int32, device=b.device).reshape(-1)
         fw = torch.tensor(w, dtype=acc, device=b.device)
@@ -101,7 +114,7 @@ class LinearRunner:
         tail = [dims[dn] for dn in spec.dims] + list(b.batch)
         consts = dict(CHUNK=chunk, BLOCK_F=block_f, HEAD_DIM=max(16, next_pow2(d)), HEAD_DIM_V=hv)
         st = [S, zs, fidx, fw, nfeat, T]
-        launch = _Launch(out, shape, args + st, consts, tail, mod, nfeat, T, zl, e, (S, zs))
+        launch = _Launch(out, shape, args + st, consts, tail, mod, nfeat, T, zl, e, (S, zs), acc)
         if b.device.type == "cuda":
             launch.options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         return launch
@@ -129,9 +142,9 @@ class _Launch:
     """Buffers and arguments of one call of the chunked form; `carried` = (S0 [Z, D, HEAD_DIM_V], z0 [Z, D],
     g0 [Z]) when a state is carried in or out (ring attention)."""
 
-    def __init__(self, out, shape, args, consts, tail, mod, nfeat, T, zl, e, buffers):
+    def __init__(self, out, shape, args, consts, tail, mod, nfeat, T, zl, e, buffers, acc=torch.float32):
         self.out, self.shape, self.args, self.consts, self.tail, self.mod = out, shape, args, consts, tail, mod
-        self.nfeat, self.T, self.zl, self.e, self.buffers = nfeat, T, zl, e, buffers
+        self.nfeat, self.T, self.zl, self.e, self.buffers, self.acc = nfeat, T, zl, e, buffers, acc
         self.carried = None
         self.init = False
         self.options: dict = {}   # launch options of every kernel (CUDA: num_warps, num_stages)
@@ -143,7 +156,7 @@ class _Launch:
     def carry(self) -> tuple:
         """The carried state's buffers (zeros when first asked for)."""
         if self.carried is None:
-            acc, dev = self.buffers[0].dtype, self.out.device
+            acc, dev = self.acc, self.out.device
             self.carried = (torch.zeros((self.zl, self.nfeat, self.consts["HEAD_DIM_V"]), dtype=acc, device=dev),
                             torch.zeros((self.zl, self.nfeat), dtype=acc, device=dev),
                             torch.zeros((self.zl,), dtype=acc, device=dev))

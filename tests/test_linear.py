@@ -262,3 +262,33 @@ def test_training_form_choice_counts_the_backward():
     assert k.backward.cost({**dims, "n": 1000}, dtype="float32").path == "linear"
     c = form_costs(lp, dims, training=True)
     assert c["quadratic"].flops > form_costs(lp, dims)["quadratic"].flops
+
+
+def test_bfloat16_calls_store_bfloat16_states(monkeypatch):
+    """A bfloat16 call stores the chunk states in bfloat16 (the running sums stay float32): the cost model counts
+    half the state bytes of a float16 call. The interpreter cannot run bfloat16 inputs, so the store path runs
+    with float32 inputs and bfloat16 state buffers: only the stored copy is rounded, once (error far above the
+    float32 states', far below bfloat16's 2^-8); the training forward keeps float32 states."""
+    from moa.runtime import linear_run
+    from moa.runtime.linear_backward import _TrainRunner
+
+    k = moa.compile("examples/linear.moa", form="linear")
+    dims = {"n": 8192, "d": 128, "e": 128}
+    half, bf = (k.cost(device="h200", dtype=dt, batch=(2, 16), **dims) for dt in ("fp16", "bf16"))
+    assert 2 * bf.intermediate_bytes == half.intermediate_bytes
+    assert half.dram_bytes - bf.dram_bytes == half.intermediate_bytes   # written once, read once
+    quad = moa.compile("examples/linear.moa", form="quadratic").cost(device="h200", dtype="bf16", batch=(2, 16), **dims)
+    assert bf.predicted_seconds < half.predicted_seconds < 0.5 * quad.predicted_seconds
+    r = linear_run.LinearRunner(k.planner.cg_program, k.planner.linear_plans["O"][0])
+    assert r.state_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+    assert r.state_dtype(torch.float16, torch.float32) == torch.float32
+    assert _TrainRunner(k.planner.cg_program, k.planner.linear_plans["O"][0]).state_dtype(
+        torch.bfloat16, torch.float32) == torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(2, 300, 16, generator=g, dtype=torch.float32) for n in ("Q", "K", "V")}
+    ref = k.reference(**{n: t.double() for n, t in x.items()})
+    exact = _err(k(**x).double(), ref)
+    monkeypatch.setattr(linear_run.LinearRunner, "state_dtype", lambda self, dc, acc: torch.bfloat16)
+    k16 = moa.compile("examples/linear.moa", form="linear")
+    rounded = _err(k16(**x).double(), ref)
+    assert exact < 1e-6 and 1e-5 < rounded < 2 ** -8, (exact, rounded)
