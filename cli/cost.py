@@ -94,9 +94,9 @@ out O = softmax(S, axis=-1) @ V
 """
 
 
-def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None:
-    """FLOPs of dense causal attention at the same sequence length and head dims (times the leading axes),
-    for a sparse or windowed program (PiAttention, windows, BLA)."""
+def dense_causal_line(k, rep, dims: dict, dtype: str, device: str, batch: int = 1) -> str | None:
+    """FLOPs of dense causal attention at the same sequence length and head dims (times the leading axes and the
+    call's batch), for a sparse or windowed program (PiAttention, windows, BLA)."""
     try:
         if len(k.output_names) != 1 or isinstance(rep.flops, sp.Basic):
             return None
@@ -106,12 +106,12 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str) -> str | None
             return None
         n, e = sy.evaluate(s.row[1], dims), sy.evaluate(s.col[1], dims)
         d = max(sy.evaluate(h, dims) for h in heads)
-        lead = math.prod(sy.evaluate(x, dims) for _, x in s.lead)
+        lead = math.prod(sy.evaluate(x, dims) for _, x in s.lead) * batch
         c = cost_breakdown(moa.compile(DENSE_CAUSAL), dtype, device, needed=False, n=n, d=d, e=e)[0]
     except MoaError:
         return None
     dense = c.flops * lead
-    return (f"dense causal attention at n={n}, d={d}, e={e}{f' (x {lead} leading)' if lead > 1 else ''}: "
+    return (f"dense causal attention at n={n}, d={d}, e={e}{f' (x {lead} heads and batch)' if lead > 1 else ''}: "
             f"{_si(dense)} FLOPs; this program {_si(rep.flops)} = {rep.flops / dense:.3g} of it")
 
 
@@ -131,7 +131,7 @@ def cmd_cost(args) -> int:
     fit = not args.no_fit and args.device != "cpu" and len(dims) == len(k.program.dims)
     rep, bd = cost_breakdown(k, dtype, args.device, batch=batch, fit=fit, **dims)
     print(cost_table(k, rep, bd, dims))
-    line = dense_causal_line(k, rep, dims, dtype, args.device)
+    line = dense_causal_line(k, rep, dims, dtype, args.device, max(1, nbatch))
     if line:
         print(line)
     if len(dims) == len(k.program.dims) and args.device != "cpu":

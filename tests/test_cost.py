@@ -355,6 +355,10 @@ def test_moa_cost_compares_with_dense_causal(capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense causal attention"))
     ratio = float(line.rsplit("=", 1)[1].split()[0])
     assert 0.05 < ratio < 0.12  # 64-key window: two key tiles per row tile instead of n / 2 / 64 on average
+    # with a batch axis both sides count it (the comparison once ignored it: 8x the ratio at --batch 8)
+    assert main(["cost", "examples/ring_local.moa", "--dims", "n=4096,d=64,e=64", "--no-fit", "--batch", "8"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense causal attention"))
+    assert "(x 8 heads and batch)" in line and float(line.rsplit("=", 1)[1].split()[0]) == ratio
 
 
 @pytest.mark.parametrize("cfg", [Config(128, 64, 8, 3), Config(64, 32, 4, 2)])
