@@ -55,10 +55,16 @@ class _Chunked:
         # float32 inputs keep exact fp32 dots; 16-bit inputs use TF32 tensor cores (fp32 range, 10-bit mantissa)
         self.dot_kw = {"float32": ', input_precision="ieee"', "float16": ', input_precision="tf32"',
                        "bfloat16": ', input_precision="tf32"'}.get(dtype, "")
+        # the forward of a bfloat16 call multiplies bfloat16 operands (float32 accumulation, fp32's range: as the
+        # quadratic kernel's P @ V and flash-linear-attention's chunked kernels), at twice tf32's rate
+        self.dot16 = "tl.bfloat16" if dtype == "bfloat16" else None
+        # degree 1: phi_f(x) = x_f (feature_table(d, 1) is the identity with weights 1), a block of columns read
+        # directly (contiguous, vectorised) instead of gathered through the feature table
+        self.direct = getattr(lp, "p", 0) == 1   # (the window kernel's plan has no degree)
 
     # access sites (cost model): the tile axis of each index code; None: the value of a loaded feature index
     SITE_AXES = {"offs_j": "crow", "offs_i": "crow", "offs_v": "col", "offs_head_dim": "HEAD_DIM", "last": "chunk",
-                 "ref": "chunk", "fidx": None}
+                 "ref": "chunk", "fidx": None, "offs_f": "feat"}
 
     def emit(self, e, vmap, lines, indent="    ", role: str = "tmp") -> str:
         # a fresh scope per call: the same expression under different index maps must not be shared
@@ -118,12 +124,24 @@ class _Chunked:
 
     def features(self, expr, var, rows: str, lines) -> str:
         """phi(x) tile [rows, BLOCK_F]: w_f prod_t x(rows, idx[f, t]), zero on padding."""
-        return "fw[None, :] * " + " * ".join(self.factors(expr, var, rows, lines))
+        return self.weighted(self.factors(expr, var, rows, lines))
+
+    def weighted(self, factors: list) -> str:
+        """w_f times the factors (the weights are 1 for direct features)."""
+        return " * ".join(factors if self.direct else ["fw[None, :]", *factors])
+
+    def dot(self, a: str, b: str) -> str:
+        """tl.dot of two fp32 tiles: bfloat16 operands in a bfloat16 forward (dot16), else at dot_kw's precision."""
+        if self.dot16:
+            return f"tl.dot({a}.to({self.dot16}), {b}.to({self.dot16}))"
+        return f"tl.dot({a}, {b}{self.dot_kw})"
 
     def factors(self, expr, var, rows: str, lines, table: list | None = None) -> list:
         """The loads of fw and fidx0..fidx{p-1} (into `table` if given, else `lines`), and the p gathered factors
         x(rows, idx[f, t]) of phi (codes)."""
         br = self.lp.branch
+        if self.direct:
+            return [self.emit(expr, {var: f"{rows}[:, None]", br.dot.var: "offs_f[None, :]"}, lines)]
         table = lines if table is None else table
         table.append("    fw = tl.load(fw_ptr + offs_f, mask=f_ok, other=0.0)")
         self._site("fw", "fw", FEAT)
@@ -203,7 +221,7 @@ class _Chunked:
         # chunk t's own state (the feature table is read once, before the loop)
         inner = ["    offs_j = t * CHUNK + tl.arange(0, CHUNK)", f"    row_ok = offs_j < {n_c}"]
         factors = self.factors(br.dot.b, j, "offs_j", inner, table=body)
-        inner.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], fw[None, :] * {' * '.join(factors)}, 0.0)")
+        inner.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], {self.weighted(factors)}, 0.0)")
         inner.append(f"    last = tl.minimum(t * CHUNK + CHUNK, {n_c}) - 1  # b: the chunk's last row")
         gl = self.gate("b", j, "last", inner)
         if gl is not None:
@@ -211,7 +229,7 @@ class _Chunked:
             inner.append(f"    phi = phi * tl.exp({gl} - {gj})  # e^(gb_b - gb_j) <= 1 for a cumulative log-gate")
         v = self.emit(br.value, {j: "offs_j[:, None]", c: "offs_v[None, :]"}, inner)
         inner += [f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0)",
-                  f"    dS = tl.dot(tl.trans(phi), v{self.dot_kw})", "    dz = tl.sum(phi, 0)",
+                  f"    dS = {self.dot('tl.trans(phi)', 'v')}", "    dz = tl.sum(phi, 0)",
                   "    if PREFIX:  # the state before chunk t",
                   "        s_ptrs = S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :]",
@@ -250,7 +268,7 @@ class _Chunked:
         body += ["        S = tl.load(S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                  f"offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0).to({self.acc})",
                  f"        z = tl.load(zs_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0).to({self.acc})",
-                 f"        num += tl.dot(phi, S{self.dot_kw})", "        den += tl.sum(phi * z[None, :], 1)"]
+                 f"        num += {self.dot('phi', 'S')}", "        den += tl.sum(phi * z[None, :], 1)"]
         ga = self.gate("a", i, "offs_i", body)
         if ga is not None:
             body.append("    ref = tl.maximum(t * CHUNK - 1, 0)  # b: the previous chunk's last row")
@@ -268,12 +286,12 @@ class _Chunked:
         hd_ok = f"(offs_head_dim[None, :] < {self.ix(br.dot.extent)})"
         body += [f"    qa = tl.where(row_ok[:, None] & {hd_ok}, {qa}, 0.0)",
                  f"    kb = tl.where(row_ok[:, None] & {hd_ok}, {kb}, 0.0)",
-                 f"    qk{self.em.sfx(0)} = tl.dot(qa, tl.trans(kb){self.dot_kw})"]
+                 f"    qk{self.em.sfx(0)} = {self.dot('qa', 'tl.trans(kb)')}"]
         w = self.emit(br.score, {i: "offs_i[:, None]", j: "offs_i[None, :]"}, body)
         body.append(f"    w = tl.where((offs_i[None, :] <= offs_i[:, None]) & row_ok[None, :], {w}, 0.0)")
         v = self.emit(br.value, {j: "offs_i[:, None]", c: "offs_v[None, :]"}, body)
         body += [f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0)",
-                 f"    num += tl.dot(w, v{self.dot_kw})", "    den += tl.sum(w, 1)",
+                 f"    num += {self.dot('w', 'v')}", "    den += tl.sum(w, 1)",
                  "    out = num / tl.where(den == 0, 1.0, den)[:, None]  # 0 where the normaliser is 0",
                  "    tl.store(out_ptr + zl.to(tl.int64) * stride_out_z + offs_i[:, None] * stride_out_0 + "
                  "offs_v[None, :] * stride_out_1, out.to(out_ptr.dtype.element_ty), "

@@ -97,6 +97,7 @@ class _ChunkedBackward(_Chunked):
     def __init__(self, program: Program, lp: LinearPlan, dtype: str, nbatch: int):
         super().__init__(program, lp, dtype, nbatch)
         self.store_z = True
+        self.dot16, self.direct = None, False   # the training forward and the backward: fp32 / tf32 dots, the table
         s, b = self.s, lp.branch
         i, c, j, kv = s.row[0], s.col[0], b.var, b.dot.var
         tiles = {i, c, j, kv}

@@ -292,3 +292,36 @@ def test_bfloat16_calls_store_bfloat16_states(monkeypatch):
     k16 = moa.compile("examples/linear.moa", form="linear")
     rounded = _err(k16(**x).double(), ref)
     assert exact < 1e-6 and 1e-5 < rounded < 2 ** -8, (exact, rounded)
+
+
+def test_bfloat16_forward_multiplies_bfloat16_operands(monkeypatch):
+    """The chunked forward of a bfloat16 call casts its dot operands to bfloat16 (float32 accumulation), the training
+    module keeps tf32; degree 1 reads a block of columns directly (no feature table). The interpreter cannot
+    multiply bfloat16, so the casts run as float16 operands with float32 inputs: rounded once per operand (error
+    near float16's 2^-11, far above the float32 dots')."""
+    from moa.codegen import chunked
+    from moa.codegen.chunked_backward import generate_chunked_backward
+
+    k = moa.compile("examples/linear.moa", form="linear")
+    lp = k.planner.linear_plans["O"][0]
+    src = chunked.generate_chunked(k.planner.cg_program, lp, "bfloat16", 0).source
+    assert src.count(".to(tl.bfloat16))") == 4 and "fidx0" not in src and "offs_f[None, :] * stride_K_1" in src
+    train = generate_chunked_backward(k.planner.cg_program, lp, "bfloat16", 0).source
+    assert "tl.bfloat16" not in train and 'input_precision="tf32"' in train and "fidx0" in train
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(2, 300, 16, generator=g, dtype=torch.float32) for n in ("Q", "K", "V")}
+    init = chunked._Chunked.__init__
+
+    def half_dots(self, *a, **kw):
+        init(self, *a, **kw)
+        if type(self) is chunked._Chunked:   # the forward module, not the training one
+            self.dot16 = "tl.float16"
+
+    for name, params in (("linear", {}), ("power", {"p": 2})):
+        ref = moa.compile(f"examples/{name}.moa", form="linear", **params).reference(
+            **{n: t.double() for n, t in x.items()})
+        exact = _err(moa.compile(f"examples/{name}.moa", form="linear", **params)(**x).double(), ref)
+        monkeypatch.setattr(chunked._Chunked, "__init__", half_dots)
+        rounded = _err(moa.compile(f"examples/{name}.moa", form="linear", **params)(**x).double(), ref)
+        monkeypatch.setattr(chunked._Chunked, "__init__", init)
+        assert exact < 1e-6 and 1e-5 < rounded < 2e-3, (name, exact, rounded)
