@@ -255,16 +255,20 @@ def test_linear_and_window_configs_fit(form_fitted):
 
 
 def test_the_linear_default_is_kept_only_when_it_fits(form_fitted):
-    """The default (CHUNK 64, BLOCK_F 64, 4 warps) fits every form at d = 64; at d = 128 the power kernels spill
-    with 4 warps in float16 (float32 states) and the search moves on (8 warps); in bfloat16 (bfloat16 states) the
-    power kernels fit 4 warps, the gated ones still need 8."""
+    """The default (CHUNK 64, BLOCK_F 64, 4 warps) fits every form at d = 64 (Triton 3.6, the GPU machines': linear
+    only; p = 2 gathers its features and needs 8 warps); at d = 128 the power kernels spill with 4 warps in float16
+    (float32 states) and the search moves on (8 warps); in bfloat16 (bfloat16 states) power fits 4 warps on Triton
+    3.9, power_gated needs 8."""
+    import triton
+
+    old = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
     default = F.linear_default(4096)
     assert default == F.LinearConfig(64, 64, 4, 3)
-    for name in ("power", "power_gated", "linear"):
+    for name in ("linear",) if old else ("power", "power_gated", "linear"):
         assert form_fitted[(name, 64, "bfloat16")][0] == default, name
     for key in (("power", 128, "float16"), ("power_gated", 128, "float16"), ("power_gated", 128, "bfloat16")):
         assert form_fitted[key][0] != default and form_fitted[key][0].num_warps == 8, key
-    assert form_fitted[("power", 128, "bfloat16")][0] == default
+    assert (form_fitted[("power", 128, "bfloat16")][0] == default) != old
     assert form_fitted[("bla", 64, "bfloat16")][0] == F.window_default(4096)
 
 
