@@ -237,8 +237,10 @@ def linear_tune_configs(n: int) -> list:
     """The linear form's configs a GPU times beside the AOT-fitted one (runtime/plan.py Planner.candidates): 128-row
     chunks, which halve the chunk states the scan writes and the output kernel reads (the linear form's main
     traffic), with feature tiles of 64, 32 and 16 (the larger spill at some head dims: the tuner skips or outtimes
-    them); none where a sequence fits in one 64-row chunk."""
-    return [LinearConfig(128, f, 8, 3) for f in (64, 32, 16)] if n > 64 else []
+    them), and 64-row chunks with 32-feature tiles, which double the scan's programs (cdiv(D, BLOCK_F) x batch x
+    heads, each walking the chunks in order: 64 at d = 128 and 2 x 16 heads with 64-feature tiles, fewer than an
+    H100's 132 SMs); none where a sequence fits in one 64-row chunk."""
+    return [*(LinearConfig(128, f, 8, 3) for f in (64, 32, 16)), LinearConfig(64, 32, 8, 3)] if n > 64 else []
 
 
 def window_default(n: int) -> WindowConfig:

@@ -171,8 +171,8 @@ def test_a_call_tunes_its_bucket_with_every_candidate_correct(monkeypatch):
 
 def test_a_forced_linear_form_tunes_its_chunk_configs(monkeypatch):
     """form="linear": the call is tuned too (it was not: the fitted config ran untimed), over the linear form's
-    configs only (the fitted one, then 128-row chunks with 64, 32 and 16 features per tile); each candidate is
-    exact, the fastest by the fake clock wins, and the plan launches with its config."""
+    configs only (the fitted one, then 128-row chunks with 64, 32 and 16 features per tile, and 64-row chunks with
+    32); each candidate is exact, the fastest by the fake clock wins, and the plan launches with its config."""
     import types
 
     import torch
@@ -194,11 +194,11 @@ def test_a_forced_linear_form_tunes_its_chunk_configs(monkeypatch):
         assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
         if not any(f is fn for f in seen):
             seen.append(fn)
-        return [4.0, 3.0, 1.0, 2.0][next(i for i, f in enumerate(seen) if f is fn)]
+        return [4.0, 3.0, 1.0, 2.0, 5.0][next(i for i, f in enumerate(seen) if f is fn)]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     plan = k.launcher.tuned("O", b)
     labels = [p.key for p in k.planner.candidates("O", b.dims, "float64", "float64", b.device, 1, 2)]
     assert labels == ["linear linear", "linear linear chunk128 f64 w8 s3", "linear linear chunk128 f32 w8 s3",
-                      "linear linear chunk128 f16 w8 s3"]
-    assert len(seen) == 4 and plan.key == labels[2] and plan.config.chunk == 128 and plan.config.block_f == 32
+                      "linear linear chunk128 f16 w8 s3", "linear linear chunk64 f32 w8 s3"]
+    assert len(seen) == 5 and plan.key == labels[2] and plan.config.chunk == 128 and plan.config.block_f == 32
