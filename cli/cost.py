@@ -111,7 +111,8 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str, batch: int = 
     except MoaError:
         return None
     dense = c.flops * lead
-    return (f"dense causal attention at n={n}, d={d}, e={e}{f' (x {lead} heads and batch)' if lead > 1 else ''}: "
+    times = f" (x {lead} {'heads' if batch == 1 else 'heads x batch'})" if lead > 1 else ""
+    return (f"dense causal attention at n={n}, d={d}, e={e}{times}: "
             f"{_si(dense)} FLOPs; this program {_si(rep.flops)} = {rep.flops / dense:.3g} of it")
 
 

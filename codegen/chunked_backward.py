@@ -216,7 +216,7 @@ class _ChunkedBackward(_Chunked):
         inner = ["    t = n_chunks - 1 - tt", "    offs_i = t * CHUNK + tl.arange(0, CHUNK)",
                  f"    row_ok = offs_i < {n_c}"]
         factors = self.factors(br.dot.a, i, "offs_i", inner, table=body)
-        inner.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], fw[None, :] * {' * '.join(factors)}, 0.0)")
+        inner.append(f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], {self.weighted(factors)}, 0.0)")
         inner.append("    first = t * CHUNK  # the reference row of the chunk's suffix contribution")
         g0 = self.gate("a", i, "first", inner)
         if g0 is not None:
@@ -271,7 +271,7 @@ class _ChunkedBackward(_Chunked):
                  "        offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)", "        f_ok = offs_f < n_feat"]
         inner: list = []
         xs = self.factors(br.dot.b, j, "offs_j", inner)
-        inner += [f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], fw[None, :] * {' * '.join(xs)}, 0.0)",
+        inner += [f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], {self.weighted(xs)}, 0.0)",
                   "    U = tl.load(U_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0)"]
         if dk:
@@ -314,7 +314,7 @@ class _ChunkedBackward(_Chunked):
                  "        offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)", "        f_ok = offs_f < n_feat"]
         inner: list = []
         xs = self.factors(br.dot.a, i, "offs_i", inner)
-        inner += [f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], fw[None, :] * {' * '.join(xs)}, 0.0)",
+        inner += [f"    phi = tl.where(row_ok[:, None] & f_ok[None, :], {self.weighted(xs)}, 0.0)",
                   "    S = tl.load(S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :], mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
                   "    z = tl.load(zs_ptr + z_base + t * n_feat + offs_f, mask=f_ok, other=0.0)",

@@ -1,5 +1,5 @@
 """Counters of a kernel launch described by its grid and loops: the window-mixing kernel (codegen/window.py) and
-the three kernels of the chunked linear form (codegen/chunked.py).
+the two kernels of the chunked linear form (codegen/chunked.py).
 
 A `Launch` names one generated function, its ledger (codegen/ledger.py: work per region, access sites), the program
 ids it ranges over, the range of every loop region, and the tile axes of its access sites: axis -> (length, base),

@@ -138,7 +138,8 @@ class FormCost:
 
 
 def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int = 4, block_m: int = 128,
-               block_n: int = 64, chunk: int = 64, block_f: int = 64, training: bool = False) -> dict:
+               block_n: int = 64, chunk: int = 64, block_f: int = 64, training: bool = False,
+               state_bytes: int | None = None) -> dict:
     """FLOPs and DRAM bytes of the quadratic (tiled, causal) and chunked linear forms for concrete dims,
     counted on padded tiles like the generated kernels (HD, HV: head dims padded to powers of two >= 16).
 
@@ -146,9 +147,11 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
                dots and (p + 4) BM BN elementwise; reads Q once, K and V once per visited tile; writes O.
     linear:    T = n / C chunks, F = D rounded up to BLOCK_F features (D = C(d + p - 1, p)):
                scan T F C (2 HV + p + 2) for the chunks' own states plus 2 T F (HV + 1) for the prefix, output
-               T F C (2 HV + p + 2) plus the intra-chunk part C^2 (2 HD + 2 HV + p + 4); states written once (by
-               the scan) and read once (by the output kernel) in the accumulator dtype.
-    training: the forward plus the backward of each form (`backward_costs`).
+               T F C (2 HV + p + 2) plus the intra-chunk part C^2 (2 HD + 2 HV + p + 4); reads per row the p
+               factors of every feature twice (the scan's operand, the output kernel's), V once per feature
+               tile, and Q, K, V once more for the intra-chunk part; states written once (by the scan) and read
+               once (by the output kernel), state_bytes each (default acc_bytes; 2 for a bfloat16 forward).
+    training: the forward plus the backward of each form (`backward_costs`; the states in acc_bytes).
     """
     def pad(x):
         return max(16, 1 << max(0, x - 1).bit_length())
@@ -170,7 +173,8 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     F = -(-D // block_f) * block_f
     l_flops = t * F * chunk * (4 * hv + 2 * lp.p + 4) + 2 * t * F * (hv + 1) \
         + t * chunk * chunk * (2 * (hd + hv) + lp.p + 4)
-    l_bytes = elem_bytes * (2 * n * d + 2 * n * e) + acc_bytes * t * D * (e + 1) * 2
+    st = acc_bytes if training or state_bytes is None else state_bytes
+    l_bytes = elem_bytes * n * (2 * lp.p * D + (F // block_f) * e + 2 * d + e) + st * t * D * (e + 1) * 2
     if training:
         bq, bl = backward_costs(lp, n, d, e, tiles, elem_bytes, acc_bytes, block_m, block_n, chunk, block_f)
         q_flops, q_bytes, l_flops, l_bytes = q_flops + bq[0], q_bytes + bq[1], l_flops + bl[0], l_bytes + bl[1]

@@ -121,7 +121,7 @@ def aot_groups(groups: list, first_fit: bool = False) -> list:
     forked compile processes (runtime/compile_pool.py; Triton's compile holds the GIL, so threads would not help),
     or here, serially, when one worker is all there is and this process does not run the Triton interpreter. An
     item of a group is one request, or a bundle (a list of requests: the kernels one config launches, e.g. the
-    linear form's three kernels with each set of flags). With first_fit, each group stops at its first item that
+    linear form's two kernels with each set of flags). With first_fit, each group stops at its first item that
     fits its target (runtime.aot.fits; a bundle fits when each of its kernels does, and stops at its first kernel
     that does not): the result is the serial one, the items after the fit being compiled only speculatively, on
     workers that would idle otherwise. Returns, per group, the results compiled so far (AotReport or ('error',

@@ -179,7 +179,7 @@ def aot(planner, target: str = "sm_90", dtype="bf16", config: Config | None = No
     An output that runs in the window-mixing kernel, or in the chunked linear form (compiled with form="linear",
     or chosen by the runtime at these dims), gives a runtime/form_configs.FormAotReport instead: the config the
     runtime launches (or `config`: a LinearConfig / WindowConfig, or a Config read as CHUNK = BLOCK_M, BLOCK_F =
-    BLOCK_N / BLOCK_M) and an AotReport per kernel (.kernels: the linear form's three kernels with every flag
+    BLOCK_N / BLOCK_M) and an AotReport per kernel (.kernels: the linear form's two kernels with every flag
     combination a launch uses, the ring's included)."""
     dtype = canonical_dtype(dtype)
     A._capability(target)   # an unknown target is refused once, not once per candidate config

@@ -165,7 +165,9 @@ class _Launch:
     def carry_args(self) -> list:
         if self.carried is not None:
             return list(self.carried)
-        return [self.buffers[0], self.buffers[1], self.buffers[1]]   # not read: INIT = FINAL = 0
+        # not read (INIT = FINAL = 0), but typed as the carried state is (the accumulator dtype), as AOT checks them
+        spare = torch.empty(1, dtype=self.acc, device=self.out.device)
+        return [spare, spare, spare]
 
     def flags(self, init: int, prefix: int, final: int) -> dict:
         return {**self.consts, "INIT": init, "PREFIX": prefix, "FINAL": final, **self.options}

@@ -21,7 +21,7 @@ from .tiling import DTYPE_NAME
 
 def measure(kernel, **inputs) -> Measurement:
     """Run the kernel(s) on CPU tensors in the instrumented Triton interpreter and return its counters: the kernel
-    a call runs (tiled, window-mixing, or the three chunked linear-form launches, summed)."""
+    a call runs (tiled, window-mixing, or the two chunked linear-form launches, summed)."""
     b = kernel.bind(inputs)     # the refusals a call makes, before anything runs
     if b.device.type != "cpu":
         raise InputError("measure() counts what the Triton interpreter executes: pass CPU tensors")

@@ -243,7 +243,8 @@ class Planner:
         if self.form == "quadratic" or lp is None:
             return "quadratic"
         peak, bw = device_roofline(device, dtype)
-        c = linear.form_costs(lp, dims, training=training)
+        c = linear.form_costs(lp, dims, training=training,   # a bfloat16 forward stores bfloat16 states
+                              state_bytes=2 if canonical_dtype(dtype) == "bfloat16" else None)
         return min(c, key=lambda f: linear.predicted_seconds(c[f], peak, bw))
 
     def run_kind(self, name: str, dims: dict | None, device=None, dtype=None, training: bool = False) -> str:

@@ -178,7 +178,7 @@ def tune_candidates(dtype: str, head: int, default: Config, limit: int = 6) -> l
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """Launch config of the chunked linear form: rows per chunk, feature tile, warps and stages of all three
+    """Launch config of the chunked linear form: rows per chunk, feature tile, warps and stages of both
     kernels."""
     chunk: int
     block_f: int

@@ -1,7 +1,7 @@
 """The generated kernels compiled for sm_90 without a GPU: the config the runtime launches never spills, stays in
 the 227 KiB shared-memory budget and uses wgmma (fp16/bf16, d in {64, 128}, every softmax-family example and
 the quadratic form of the normalised ones (power, linear), in the schedule the runtime chooses for the dims:
-tiled, hops or residue); and the other two kernel families the same way: the chunked linear form's three kernels
+tiled, hops or residue); and the other two kernel families the same way: the chunked linear form's two kernels
 with every flag combination a launch uses (the ring's included) and the window-mixing kernel
 (runtime/form_configs.py)."""
 

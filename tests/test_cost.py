@@ -157,7 +157,7 @@ def test_formulas_evaluate_to_the_numeric_prediction(name, params):
     ("bla", {"W": 8, "M": 3}, None, None), ("power_gated", {}, "linear", None), ("linear_relu", {}, "linear", None),
     ("pi_attention", {"k": 20, "s": 40}, "quadratic", "hops"), ("dilated_window", {"w": 40, "r": 3}, None, "hops")])
 def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, params, form, schedule):
-    """The window-mixing kernel, the chunked linear form (three launches) and hop loops have formulas too."""
+    """The window-mixing kernel, the chunked linear form (two launches) and hop loops have formulas too."""
     from moa.codegen.launches import window_consts
     from moa.runtime.tiling import chunk_config
 
@@ -358,7 +358,7 @@ def test_moa_cost_compares_with_dense_causal(capsys):
     # with a batch axis both sides count it (the comparison once ignored it: 8x the ratio at --batch 8)
     assert main(["cost", "examples/ring_local.moa", "--dims", "n=4096,d=64,e=64", "--no-fit", "--batch", "8"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense causal attention"))
-    assert "(x 8 heads and batch)" in line and float(line.rsplit("=", 1)[1].split()[0]) == ratio
+    assert "(x 8 heads x batch)" in line and float(line.rsplit("=", 1)[1].split()[0]) == ratio
 
 
 @pytest.mark.parametrize("cfg", [Config(128, 64, 8, 3), Config(64, 32, 4, 2)])

@@ -174,7 +174,7 @@ def test_generated_sources_are_pyflakes_clean(tmp_path):
 
 
 def _aot_fits(stem: str, d: int) -> dict:
-    """The training forward's three kernels and the backward's (with the states it recomputes) each have a config
+    """The training forward's two kernels and the backward's (with the states it recomputes) each have a config
     that compiles for sm_90 without spills, within 227 KB of shared memory (chosen as a CUDA call does)."""
     k = _compile(stem)
     lb = k.backward.linear

@@ -1,7 +1,7 @@
 """Predicted counters (moa/cost.py: the ONF plus the emitted kernel's ledger, nothing executed) equal what the
 instrumented Triton interpreter counts when the generated kernel runs, exactly, for every example at ragged
 sizes, in float64 and float32: the tiled kernel, its hops and residue schedules, the window-mixing kernel
-(bla.moa) and the three launches of the chunked linear form."""
+(bla.moa) and the two launches of the chunked linear form."""
 
 
 from pathlib import Path
@@ -91,7 +91,7 @@ def test_predicted_counters_equal_measured(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", LINEAR)
 def test_linear_form_counters_equal_measured(name, dtype):
-    """The chunked form's three launches, summed; tiles_visited = (chunk, feature tile) blocks."""
+    """The chunked form's two launches, summed; tiles_visited = (chunk, feature tile) blocks."""
     k = kernel(name, form="linear")
     for n in LINEAR_SIZES:
         m, c = check(k, dims_for(k, n, d=8), dtype, seed=n)

@@ -134,7 +134,10 @@ def test_linear_ring_cost():
     assert c.bytes_sent == [3 * (feats * 64 + feats + 1) * 4] * 4   # fp32 states, G at the last row, P - 1 sends
     assert not c.hides and c.exposed_seconds[0] > 0
     assert c.flops[0] == c.flops[3] < c.flops[1] == c.flops[2]     # middle ranks run the extra total scan
-    assert 0.99 * c.single_device_flops <= sum(c.flops) <= 1.05 * c.single_device_flops
+    # which computes their chunk states a second time (p = 2, d = 64: the scan's dots and features, about half of
+    # an edge rank's work): two ranks x ~1.5 + two x 1
+    assert 1.4 < c.flops[1] / c.flops[0] < 1.6
+    assert 0.99 * c.single_device_flops <= sum(c.flops) <= 1.3 * c.single_device_flops
     assert c.predicted_seconds < c.single_device_seconds
     assert "no K/V rotation" in c.summary()
 
