@@ -121,12 +121,12 @@ def _forms(planner) -> list:
                    f" features of degree {lp.p}{', gated' if lp.ga is not None else ''})")
         for n in (1024, 16384, 131072):
             row = lp.schedule.row[1]
-            c = linear.form_costs(lp, {**dims, str(row): n})
+            c = linear.form_costs(lp, {**dims, str(row): n}, state_bytes=2)   # bf16: bf16 states
             t = {f: linear.predicted_seconds(c[f], peak, bw) for f in c}
             out.append(f"  n = {n:6d} ({', '.join(f'{k}={v}' for k, v in dims.items())}): quadratic "
                        f"{c['quadratic'].flops:.3g} FLOP {t['quadratic'] * 1e6:.1f} us, linear "
                        f"{c['linear'].flops:.3g} FLOP {t['linear'] * 1e6:.1f} us (h100 bf16 roofline)")
-        x = linear.crossover(lp, dims, peak, bw)
+        x = linear.crossover(lp, dims, peak, bw, state_bytes=2)
         out.append(f"  predicted crossover: linear is faster from n = {x} on" if x else
                    "  predicted crossover: none below n = 2^24")
     return out
