@@ -224,7 +224,9 @@ def predicted_seconds(c: FormCost, peak_flops: float, bandwidth: float) -> float
 
 
 def crossover(lp: LinearPlan, dims: dict, peak_flops: float, bandwidth: float, **kw) -> int | None:
-    """The smallest n (power of two search, then bisection) at which the linear form is predicted faster."""
+    """The n from which the linear form is predicted faster (power of two search, then bisection). Past a tile
+    boundary the choice can flip back for a few rows, so some smaller n may favour the linear form too (linear
+    attention at d = 64 with bfloat16 states: 641, and 513-634)."""
     row = lp.schedule.row[1]
     if not row.is_Symbol:
         return None
