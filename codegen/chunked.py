@@ -130,6 +130,12 @@ class _Chunked:
         """w_f times the factors (the weights are 1 for direct features)."""
         return " * ".join(factors if self.direct else ["fw[None, :]", *factors])
 
+    def value(self, rows: str, lines: list) -> None:
+        """v [rows, HEAD_DIM_V]: the branch's value at key rows `rows`, zero outside the rows and columns."""
+        br, c = self.lp.branch, self.s.col[0]
+        v = self.emit(br.value, {br.var: f"{rows}[:, None]", c: "offs_v[None, :]"}, lines)
+        lines.append(f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0).to({self.acc})")
+
     def dot(self, a: str, b: str) -> str:
         """tl.dot of two fp32 tiles: bfloat16 operands in a bfloat16 forward (dot16), else at dot_kw's precision."""
         if self.dot16:
@@ -227,9 +233,8 @@ class _Chunked:
         if gl is not None:
             gj = self.gate("b", j, "offs_j[:, None]", inner)
             inner.append(f"    phi = phi * tl.exp({gl} - {gj})  # e^(gb_b - gb_j) <= 1 for a cumulative log-gate")
-        v = self.emit(br.value, {j: "offs_j[:, None]", c: "offs_v[None, :]"}, inner)
-        inner += [f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0)",
-                  f"    dS = {self.dot('tl.trans(phi)', 'v')}", "    dz = tl.sum(phi, 0)",
+        self.value("offs_j", inner)
+        inner += [f"    dS = {self.dot('tl.trans(phi)', 'v')}", "    dz = tl.sum(phi, 0)",
                   "    if PREFIX:  # the state before chunk t",
                   "        s_ptrs = S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :]",
@@ -289,9 +294,8 @@ class _Chunked:
                  f"    qk{self.em.sfx(0)} = {self.dot('qa', 'tl.trans(kb)')}"]
         w = self.emit(br.score, {i: "offs_i[:, None]", j: "offs_i[None, :]"}, body)
         body.append(f"    w = tl.where((offs_i[None, :] <= offs_i[:, None]) & row_ok[None, :], {w}, 0.0)")
-        v = self.emit(br.value, {j: "offs_i[:, None]", c: "offs_v[None, :]"}, body)
-        body += [f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0)",
-                 f"    num += {self.dot('w', 'v')}", "    den += tl.sum(w, 1)",
+        self.value("offs_i", body)
+        body += [f"    num += {self.dot('w', 'v')}", "    den += tl.sum(w, 1)",
                  "    out = num / tl.where(den == 0, 1.0, den)[:, None]  # 0 where the normaliser is 0",
                  "    tl.store(out_ptr + zl.to(tl.int64) * stride_out_z + offs_i[:, None] * stride_out_0 + "
                  "offs_v[None, :] * stride_out_1, out.to(out_ptr.dtype.element_ty), "

@@ -183,11 +183,6 @@ class _ChunkedBackward(_Chunked):
                  "    dsc = tl.where(valid, g, 0.0)", f"    ds = tl.where(valid, dsc * {dw}, 0.0)"]
         return "qa", "kb"
 
-    def _value(self, rows: str, body: list) -> None:
-        br, c = self.lp.branch, self.s.col[0]
-        v = self.emit(br.value, {br.var: f"{rows}[:, None]", c: "offs_v[None, :]"}, body)
-        body.append(f"    v = tl.where(row_ok[:, None] & v_ok[None, :], {v}, 0.0).to({self.acc})")
-
     def _chain(self, acc: str, operand, read, var, rows: str, body: list) -> None:
         """acc *= d operand / d read (an elementwise operand of one read: elu(Q) + 1)."""
         if operand is read:
@@ -254,7 +249,7 @@ class _ChunkedBackward(_Chunked):
         body += ["    offs_j = t * CHUNK + tl.arange(0, CHUNK)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
                  "    offs_head_dim = tl.arange(0, HEAD_DIM)", f"    row_ok = offs_j < {n_c}",
                  f"    v_ok = offs_v < {e_c}", states]
-        self._value("offs_j", body)
+        self.value("offs_j", body)
         self._dy("offs_j", n_c, e_c, body)
         qa, _ = self._intra("offs_j", body)
         if dk:
@@ -301,7 +296,7 @@ class _ChunkedBackward(_Chunked):
                  "    offs_head_dim = tl.arange(0, HEAD_DIM)", f"    row_ok = offs_i < {n_c}",
                  f"    v_ok = offs_v < {e_c}", states]
         self._dy("offs_i", n_c, e_c, body)
-        self._value("offs_i", body)
+        self.value("offs_i", body)
         _, kb = self._intra("offs_i", body)
         body += [f"    dqf = tl.dot(ds, {kb}{self.dot_kw})", "    dga = tl.sum(w * dsc, 1)"]
         scaled = self.lp.ga is not None

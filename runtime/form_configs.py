@@ -26,11 +26,11 @@ from moa.codegen.window import generate_window
 
 from . import aot as A
 from . import cache
-from .aot_batch import (aot_groups, cuda_target, disk_path, divisible_args, kernel_signature, req_key, save_choice,
-                        short_reason)
+from .aot_batch import (TRITON_TYPE, aot_groups, cuda_target, disk_path, divisible_args, kernel_signature, req_key,
+                        save_choice, short_reason)
 from .device import next_pow2
-from .tiling import (LinearConfig, WindowConfig, linear_candidates, linear_default, rows_of, window_candidates,
-                     window_default)
+from .tiling import (LinearConfig, WindowConfig, linear_candidates, linear_default, rows_of, state_dtype,
+                     window_candidates, window_default)
 
 __all__ = ["LINEAR_LAUNCHES", "FormAotReport", "FormPlan", "LinearConfig", "WindowConfig", "aot_form",
            "choose_bundle", "fit_linear", "fit_window", "linear_candidates", "linear_plan", "linear_runtime_config",
@@ -174,7 +174,7 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
     path = _store(spec.source)
     _, d, e = linear_extents(lp, dims)
     acc = _acc_ptr(dtype)
-    state = "*bf16" if dtype == "bfloat16" else acc   # the stored states (runtime/linear_run.py state_dtype)
+    state = f"*{TRITON_TYPE[state_dtype(dtype)]}"   # the stored states
     special = {"S_ptr": state, "zs_ptr": state, "fw_ptr": acc, "S0_ptr": acc, "z0_ptr": acc, "g0_ptr": acc,
                "fidx_ptr": "*i32"}
     base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "HEAD_DIM": max(16, next_pow2(d)),

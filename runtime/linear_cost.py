@@ -8,7 +8,7 @@ described for the cost model (codegen/launches.py), counted exactly like the til
 tiles_visited of the linear form: the (chunk, feature tile) blocks of the state, i.e. the iterations of the
 scan's loop (each block is also one iteration of _chunk_out's loop).
 tiles_needed: the same (every block holds valid rows and features). The state buffers S [Z, T, D, HEAD_DIM_V]
-and zs [Z, T, D] (accumulator dtype) are the form's intermediate_bytes.
+and zs [Z, T, D] (tiling.state_dtype) are the form's intermediate_bytes.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from moa.codegen import launches as CL
 from moa.codegen.chunked import CHUNK, CHUNK_IDX, NFEAT, generate_chunked
 from moa.codegen.constexprs import HEAD_DIM_V, csym
 from moa.codegen.ledger import function_ledger
+from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
 
-from .tiling import chunk_config
+from .tiling import chunk_config, state_dtype
 
 FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
 KERNELS = ("_chunk_scan", "_chunk_out")       # what such a call launches, in order
@@ -56,9 +57,8 @@ def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = 
 
 
 def state_bytes(dtname: str) -> int:
-    """Bytes per element of the stored chunk states (runtime/linear_run.py LinearRunner: bfloat16 for a bfloat16
-    call, else the accumulator dtype)."""
-    return 2 if dtname == "bfloat16" else 8 if dtname == "float64" else 4
+    """Bytes per element of the stored chunk states (tiling.state_dtype)."""
+    return DTYPE_BYTES[state_dtype(dtname)]
 
 
 def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:

@@ -15,7 +15,7 @@ from .binding import Binding
 from .cache import module_for
 from .device import cdiv, next_pow2, run
 from .form_configs import linear_runtime_config
-from .tiling import LinearConfig, chunk_config
+from .tiling import DTYPE_NAME, LinearConfig, chunk_config, state_dtype
 
 _WHAT = "the chunked linear-form kernels"
 STATE_LIMIT = 1 << 31   # elements of the state buffers beyond which the linear form is refused
@@ -25,10 +25,9 @@ class LinearRunner:
     """Compiled chunked-form kernels of one output, cached per dtype and number of batch axes.
 
     The chunk states cross DRAM once each way (the scan writes them, the output kernel reads them): a bfloat16 call
-    stores them in bfloat16 (half the linear form's main traffic; the running sums stay in float32, so only the
-    stored copy is rounded, once, as flash-linear-attention's chunked kernels store theirs), other dtypes in the
-    accumulator dtype (float16 has too little range for sums over the sequence). STATE_16 = False keeps the
-    accumulator dtype (the training forward: the backward reads the states)."""
+    stores them in bfloat16 (tiling.state_dtype: half the linear form's main traffic, as flash-linear-attention's
+    chunked kernels store theirs). STATE_16 = False keeps the accumulator dtype (the training forward: the backward
+    reads the states)."""
 
     STATE_16 = True
 
@@ -69,8 +68,8 @@ class LinearRunner:
     # state in launch.carried; the carried state of the ranks before; scan(init=True); output
 
     def state_dtype(self, dt_compute: torch.dtype, acc: torch.dtype) -> torch.dtype:
-        """The dtype the chunk states are stored in (the class docstring)."""
-        return torch.bfloat16 if self.STATE_16 and dt_compute == torch.bfloat16 else acc
+        """The dtype the chunk states are stored in (tiling.state_dtype; the accumulator's where not STATE_16)."""
+        return getattr(torch, state_dtype(DTYPE_NAME[dt_compute])) if self.STATE_16 else acc
 
     def prepare(self, b: Binding, dt_compute: torch.dtype, dtname: str, config: LinearConfig | None = None) -> _Launch:
         """Buffers and arguments of one call (nothing is launched), in `config` (default: launch_config's)."""

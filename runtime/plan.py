@@ -18,7 +18,7 @@ from moa import linear, onf, schedule_cost, split
 from moa import symbolic as sy
 from moa.codegen.emit import looks_ahead
 from moa.codegen.names import codegen_binding, codegen_view, fresh_names
-from moa.devices import canonical_dtype, get_device
+from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.program import Program
 from moa.version import __version__
@@ -27,7 +27,7 @@ from . import configs, tune
 from .binding import Binding
 from .device import device_table_name
 from .tiling import (Config, LinearConfig, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims,
-                     linear_tune_configs, tune_candidates)
+                     linear_tune_configs, state_dtype, tune_candidates)
 
 TILED, WINDOW, LINEAR = "tiled", "window", "linear"
 
@@ -243,8 +243,8 @@ class Planner:
         if self.form == "quadratic" or lp is None:
             return "quadratic"
         peak, bw = device_roofline(device, dtype)
-        c = linear.form_costs(lp, dims, training=training,   # a bfloat16 forward stores bfloat16 states
-                              state_bytes=2 if canonical_dtype(dtype) == "bfloat16" else None)
+        c = linear.form_costs(lp, dims, training=training,   # the forward's stored states
+                              state_bytes=DTYPE_BYTES[state_dtype(canonical_dtype(dtype))])
         return min(c, key=lambda f: linear.predicted_seconds(c[f], peak, bw))
 
     def run_kind(self, name: str, dims: dict | None, device=None, dtype=None, training: bool = False) -> str:

@@ -26,6 +26,13 @@ DTYPE_NAME = {torch.float64: "float64", torch.float32: "float32", torch.float16:
               torch.bfloat16: "bfloat16"}
 
 
+def state_dtype(dtname: str) -> str:
+    """The dtype the chunked linear form's forward stores its chunk states in (runtime/linear_run.py, the cost
+    model, AOT, the form choice): bfloat16 for a bfloat16 call (the running sums stay float32, only the stored
+    copy is rounded), else the accumulator dtype (float16 has too little range for sums over the sequence)."""
+    return "bfloat16" if dtname == "bfloat16" else "float64" if dtname == "float64" else "float32"
+
+
 @dataclass(frozen=True)
 class Config:
     """Tile sizes and launch options of one kernel."""
