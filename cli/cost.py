@@ -7,6 +7,7 @@ import sympy as sp
 
 import moa
 from moa import cost as C
+from moa import onf
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, get_device
 from moa.errors import InputError, MoaError
@@ -33,6 +34,7 @@ def add_commands(sub, common):
     p.add_argument("--plot", metavar="FILE.png", help="draw predicted bytes and time against n (log-log)")
     p.add_argument("--no-fit", action="store_true", help="use the default tile table without the ahead-of-time "
                    "check the GPU runtime makes (no compile)")
+    p.add_argument("--schedule", choices=onf.KINDS, help=_SCHEDULE)
     p.set_defaults(fn=cmd_cost)
 
     p = sub.add_parser("aot", help="compile the generated kernel for a GPU target without a GPU; print resources")
@@ -44,7 +46,11 @@ def add_commands(sub, common):
     p.add_argument("--ptx", metavar="FILE", help="write the PTX of the (first) output here")
     p.add_argument("--form", choices=["quadratic", "linear"], help="force the form of normalize(...) @ V outputs "
                    "(default: the one the runtime picks at --dims)")
+    p.add_argument("--schedule", choices=onf.KINDS, help=_SCHEDULE)
     p.set_defaults(fn=cmd_aot)
+
+
+_SCHEDULE = "force the schedule kind (default: the cost model's choice at --dims)"
 
 
 # ---- formatting -----------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def cmd_cost(args) -> int:
     dtype, nbatch = _dtype(args.dtype), count(args.batch, "--batch", 0)
     if args.device != "cpu":
         get_device(args.device)
-    k = moa.compile(source(args.file), **_params(args))
+    k = moa.compile(source(args.file), schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program)
     if args.plot:   # every argument checked before anything is printed
         if len(dims) < len(k.program.dims):
@@ -230,7 +236,7 @@ def cmd_aot(args) -> int:
     if args.target.strip().lower() not in TARGETS:
         raise InputError(f"--target {args.target}: unknown GPU target; supported targets: {', '.join(TARGETS)}")
     cfg = parse_config(args.config)
-    k = moa.compile(source(args.file), form=args.form, **_params(args))
+    k = moa.compile(source(args.file), form=args.form, schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program)
     print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {dtype} -> "
           f"{args.target} (compiled without a GPU: Triton -> PTX -> ptxas)")

@@ -2,11 +2,14 @@
 
 Derived from a LinearPlan (moa/linear.py). Two kernels, each with the grid's last axis over batch x leading
 axes (decoded like the quadratic kernel's):
-  _chunk_scan   grid (cdiv(D, BLOCK_F), Z): a loop over the chunks c in order: the chunk's own state
+  _chunk_scan   grid (cdiv(D, BLOCK_F), cdiv(HEAD_DIM_V, BLOCK_V), Z): a loop over the chunks c in order, over
+                a BLOCK_F x BLOCK_V block of the state (the value axis split: more programs where batch x heads
+                x feature tiles are fewer than the SMs, as flash-linear-attention's BV blocks): the chunk's own state
                 dS_c[f, :] = sum_{j in c} e^(gb_b - gb_j) phi(B_j)_f v_j, dz_c[f] likewise with v = 1 (b = the
                 chunk's last row; phi(x)_f = w_f prod_t x[idx[f, t]]), and S_c, the exclusive prefix with decays
                 e^(gb_b' - gb_b), stored (optionally from a carried state, and writing the final state: ring
-                attention); the states are written once and never read back here
+                attention); the states are written once and never read back here; z (no value axis) is
+                computed by every value tile and stored by the first
   _chunk_out    grid (T, Z): O_i = (e^(ga_i - gb_b) phi(A_i) . S_c + intra_i) / (same with z), 0 if 0
 States are [Z, T, D, e] in the buffers' dtype (the accumulator's, or bfloat16 for a bfloat16 forward:
 runtime/linear_run.py), the running sums in the accumulator dtype: the only arrays beyond inputs and outputs,
@@ -31,6 +34,7 @@ CHUNK_IDX = _sym("t", integer=True, nonnegative=True)
 FEAT = _sym("f", integer=True, nonnegative=True)
 CHUNK = _sym("CHUNK", integer=True, positive=True)
 NFEAT = _sym("n_feat", integer=True, positive=True)
+VTILE = _sym("v_tile", integer=True, nonnegative=True)   # the scan's value tile (a lane of axis "vtile")
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class _Chunked:
         # INIT reads it as the state before chunk 0 (relative to gb at row -1), FINAL writes the state after the
         # last chunk there, PREFIX stores the exclusive prefix per chunk (single process: 0, 1, 0)
         st_args = ["S_ptr", "zs_ptr", "fidx_ptr", "fw_ptr", "n_feat", "n_chunks", "S0_ptr", "z0_ptr", "g0_ptr"]
-        consts = ["CHUNK", "BLOCK_F", "HEAD_DIM", "HEAD_DIM_V", "INIT", "PREFIX", "FINAL"]
+        consts = ["CHUNK", "BLOCK_F", "BLOCK_V", "HEAD_DIM", "HEAD_DIM_V", "INIT", "PREFIX", "FINAL"]
         carried = ("        c_ptrs = S0_ptr + zl.to(tl.int64) * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                    "offs_v[None, :]\n        c_zptrs = z0_ptr + zl.to(tl.int64) * n_feat + offs_f")
         states = ("    s_base = zl.to(tl.int64) * n_chunks * n_feat * HEAD_DIM_V\n"
@@ -212,11 +216,13 @@ class _Chunked:
         """_chunk_scan: each chunk's own state dS_c, dz_c, computed in the loop, and the exclusive prefix over the
         chunks (with the carried state and the final one of the ring): the states are written once, never read."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
-        body = ["    ft = tl.program_id(0)"]
-        pro = self.prologue(1)
-        body += ["    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
-                 "    f_ok = offs_f < n_feat", f"    v_ok = offs_v < {e_c}", states,
-                 f"    S = tl.zeros([BLOCK_F, HEAD_DIM_V], dtype={self.acc})",
+        body = ["    ft = tl.program_id(0)", "    vt = tl.program_id(1)  # the value tile"]
+        pro = self.prologue(2)
+        body += ["    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)",
+                 "    offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)", "    f_ok = offs_f < n_feat",
+                 f"    v_ok = offs_v < {e_c}",
+                 "    z_st = offs_f < tl.where(vt == 0, n_feat, 0)  # z: stored by the first value tile", states,
+                 f"    S = tl.zeros([BLOCK_F, BLOCK_V], dtype={self.acc})",
                  f"    z = tl.zeros([BLOCK_F], dtype={self.acc})",
                  f"    g_prev = tl.zeros([1], dtype={self.acc})",
                  "    if INIT:  # the state before chunk 0", carried,
@@ -239,7 +245,7 @@ class _Chunked:
                   "        s_ptrs = S_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :]",
                   "        tl.store(s_ptrs, S.to(S_ptr.dtype.element_ty), mask=f_ok[:, None] & v_ok[None, :])",
-                  "        tl.store(zs_ptr + z_base + t * n_feat + offs_f, z.to(zs_ptr.dtype.element_ty), mask=f_ok)"]
+                  "        tl.store(zs_ptr + z_base + t * n_feat + offs_f, z.to(zs_ptr.dtype.element_ty), mask=z_st)"]
         body += ["    for t in range(0, n_chunks):", *("    " + ln for ln in inner)]
         if gl is not None:
             body += [f"        decay = tl.where(t + INIT > 0, tl.exp({gl} - g_prev), 1.0)",
@@ -248,9 +254,10 @@ class _Chunked:
             body += ["        S = S + dS", "        z = z + dz"]
         body += ["    if FINAL:  # the state after the last chunk, relative to gb at the last row", carried,
                  "        tl.store(c_ptrs, S, mask=f_ok[:, None] & v_ok[None, :])",
-                 "        tl.store(c_zptrs, z, mask=f_ok)"]
+                 "        tl.store(c_zptrs, z, mask=z_st)"]
         if self.lp.gb is not None:
-            body.append("        tl.store(g0_ptr + zl + tl.zeros([1], dtype=tl.int32), g_prev)")
+            body.append("        tl.store(g0_ptr + zl + tl.zeros([1], dtype=tl.int32), g_prev, "
+                        "mask=tl.zeros([1], dtype=tl.int32) + vt == 0)")
         return self._fn("_chunk_scan", pro, body, st_args, consts)
 
 
@@ -323,14 +330,13 @@ class _Chunked:
         loads = tuple(self.em.loads[mark:])
         self._mark = len(self.em.loads)
         (i, n), (c, e) = self.s.row, self.s.col
-        state = (AccessSite("S", "S", (FEAT, c), ((FEAT, "feat"), (c, "col")), (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
-                 AccessSite("zs", "zs", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),)))
+        state = scan_state_sites(self.s)
         if name == "_chunk_scan":   # the carried state of the ring: read (INIT), written (FINAL), one per program
             carried = (AccessSite("S0", "S0", (FEAT, c), ((FEAT, "feat"), (c, "col")),
                                   (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
                        AccessSite("z0", "z0", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),)),
                        AccessSite("g0", "g0", (), (), ()))
-            state += carried
+            state += tuple(_first_value_tile(x) if x.tensor != "S0" else x for x in carried)
             loads += tuple(replace(x, name=v) for x, v in zip(carried, ("S", "z", "g_prev")))
         elif self.lp.ga is not None:   # _chunk_out after a carried state (INIT): the gate's value at row -1
             loads += (AccessSite("g_ref", "g0", (), (), ()),)
@@ -342,6 +348,19 @@ class _Chunked:
         # assembled later: every kernel takes the inputs any of them uses (one argument list for all of them)
         return lambda: (f"@triton.jit\ndef {name}(\n    {self.signature(extra, consts)},\n):\n"
                         + "\n".join(prune("\n".join(pro + self.offsets() + body).split("\n"))) + "\n")
+
+
+def _first_value_tile(site: AccessSite) -> AccessSite:
+    """A store of the scan that only its first value tile's programs make (the normaliser, the gate)."""
+    return replace(site, axes=site.axes + ((VTILE, "vtile"),), conds=site.conds + (sp.Lt(VTILE, 1),))
+
+
+def scan_state_sites(s) -> tuple:
+    """The stores of _chunk_scan's exclusive prefix states (schedule s): S [.., D, e] by every value tile's
+    programs, over their block of columns; zs [.., D] by the first value tile's."""
+    c, e = s.col
+    return (AccessSite("S", "S", (FEAT, c), ((FEAT, "feat"), (c, "col")), (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
+            _first_value_tile(AccessSite("zs", "zs", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),))))
 
 
 def _safe(text: str) -> str:

@@ -171,6 +171,21 @@ def roofline(dot_flops, other_flops, trans, hbm_bytes, device, dtype: str, launc
     return float(parts[bound]) + launches * device.launch_s, bound, parts
 
 
+def launches_roofline(launches, device, dtype: str):
+    """(seconds, bound, parts) of launches run one after the other, each (dot FLOPs, other FLOPs, transcendentals,
+    HBM bytes, programs): per launch its roofline divided by its occupancy (Device.occupancy), plus the launch
+    overhead; parts (the compute, memory and transcendental times) summed over the launches, bound the largest."""
+    parts = dict.fromkeys(("compute", "memory", "transcendental"), 0.0)
+    seconds = 0.0
+    for dot, other, trans, hbm, programs in launches:
+        s, _, p = roofline(dot, other, trans, hbm, device, dtype, launches=0)
+        occ = device.occupancy(programs)
+        seconds += s / occ + device.launch_s
+        for k in parts:
+            parts[k] += float(p[k]) / occ
+    return seconds, max(parts, key=parts.get), parts
+
+
 def _postorder(e):
     for k in D.children(e):
         yield from _postorder(k)

@@ -67,6 +67,13 @@ class Device:
     launch_s: float = 5e-6
     sources: tuple = field(default=(), compare=False)
 
+    def occupancy(self, programs) -> float:
+        """The share of the device a launch of `programs` programs keeps busy: min(1, programs / SMs). One program
+        runs on one SM at 1/SMs of the device's peaks and bandwidth (the split-KV model's assumption,
+        moa/splitkv.py), so a launch of fewer programs than SMs takes SMs / programs times its roofline (a scan
+        over batch x heads x feature tiles, one head of few row tiles). Waves beyond the first are not modelled."""
+        return min(1.0, programs / self.sms) if programs else 1.0
+
     def transcendental_rate(self, dtype: str) -> float:
         """Transcendental evaluations per second for the accumulation dtype of a kernel."""
         if canonical_dtype(dtype) == "float64":

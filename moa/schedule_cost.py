@@ -15,8 +15,9 @@ tile and the output tile. Bytes that reach HBM count every input of a key-tile l
 head)'s key-side inputs fit in half of L2 (as moa/cost.py); a hop loop's rows count in full (measured on an H200
 on 2026-12-04: PiAttention's hop schedule, 8.6 GB of hop rows at n = 8192, took 2.1 ms, i.e. its hop loads ran
 at about the HBM rate, where the L2 rule predicted 0.36 ms). Time = max(tl.dot FLOPs at the dtype's matrix
-peak + other FLOPs at the vector peak, bytes at the HBM bandwidth, exp2 at the transcendental rate) + one
-launch (moa/devices.py). A split schedule (moa/split.py) is its kernels' predictions summed, plus its stored values.
+peak + other FLOPs at the vector peak, bytes at the HBM bandwidth, exp2 at the transcendental rate), divided
+by the launch's occupancy when its programs are fewer than the SMs (`Device.occupancy`), + one launch
+(moa/devices.py). A split schedule (moa/split.py) is its kernels' predictions summed, plus its stored values.
 
 Leading axes (heads, comprehension axes) multiply the work; formulas that depend on a leading index are
 evaluated at index 0. The exact, kernel-level model (moa/cost.py) counts what the generated kernel does;
@@ -106,10 +107,11 @@ def _hops(h, env, box_lo, box_hi) -> int:
 
 
 def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_m=128, block_n=64,
-            batch: int = 1) -> Prediction:
-    """The predicted work and time of schedule s for concrete dims (name -> int)."""
+            batch: int = 1, fills: bool = False) -> Prediction:
+    """The predicted work and time of schedule s for concrete dims (name -> int); fills: the launch fills the
+    device whatever its row tiles (a split-KV decode chooses its key splits for that): no occupancy term."""
     if s.kind == onf.SPLIT:
-        return _predict_split(s, dims, dtype, device, block_m, block_n, batch)
+        return _predict_split(s, dims, dtype, device, block_m, block_n, batch, fills)
     dev = get_device(device)
     dtype = canonical_dtype(dtype)
     elt = DTYPE_BYTES[dtype]
@@ -167,18 +169,18 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
     dot, other, trans = dot * inst, other * inst, trans * inst
     parts = {"compute": dot / dev.matmul_rate(dtype) + other / dev.vector_rate(dtype),
              "memory": hbm / dev.hbm_bytes_per_s, "transcendental": trans / dev.transcendental_rate(dtype)}
-    bound = max(parts, key=parts.get)
+    bound = max(parts, key=parts.get)   # a launch of fewer programs than SMs has a share of the device
     return Prediction(onf.label(s), R * inst, tiles * inst, hops * inst, int(dot), int(other), int(trans), int(hbm),
-                      parts[bound] + dev.launch_s, bound)
+                      parts[bound] / (1.0 if fills else dev.occupancy(R * inst)) + dev.launch_s, bound)
 
 
-def _predict_split(s: onf.Schedule, dims: dict, dtype, device, block_m, block_n, batch) -> Prediction:
+def _predict_split(s: onf.Schedule, dims: dict, dtype, device, block_m, block_n, batch, fills) -> Prediction:
     """A split schedule (moa/split.py): its kernels one after the other, plus the stored branch values: each
     written in the accumulation dtype (the part's prediction counted its output tile at the input width) and read
     once by the final kernel."""
     dev = get_device(device)
     dtype = canonical_dtype(dtype)
-    preds = [predict(k, dims, dtype, device, block_m, block_n, batch) for k in s.split.kernels]
+    preds = [predict(k, dims, dtype, device, block_m, block_n, batch, fills) for k in s.split.kernels]
     acc = 8 if dtype == "float64" else 4
     inst = batch * math.prod(sy.evaluate(x, dims) for _, x in s.lead)
     values = sy.evaluate(s.row[1], dims) * sy.evaluate(s.col[1], dims) * inst * len(s.split.parts)
@@ -194,10 +196,11 @@ def _reads(e):
     return [] if e is None else [x for x in D.nodes(e) if isinstance(x, D.Read)]
 
 
-def choose(variants, dims: dict, dtype="bfloat16", device="h100", block_m=128, block_n=64, batch: int = 1):
+def choose(variants, dims: dict, dtype="bfloat16", device="h100", block_m=128, block_n=64, batch: int = 1,
+           fills: bool = False):
     """(the chosen schedule, its index, the predictions of every variant): the smallest predicted time; a
     prediction within TIE of the best counts as equal and the earlier variant (simpler kind) wins."""
-    preds = [predict(v, dims, dtype, device, block_m, block_n, batch) for v in variants]
+    preds = [predict(v, dims, dtype, device, block_m, block_n, batch, fills) for v in variants]
     best = min(p.seconds for p in preds)
     k = next(k for k, p in enumerate(preds) if p.seconds <= best * (1 + TIE))
     return variants[k], k, preds

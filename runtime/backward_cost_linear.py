@@ -23,7 +23,7 @@ from moa import dnf as D
 from moa import ir
 from moa import symbolic as sy
 from moa.codegen import launches as CL
-from moa.codegen.chunked import CHUNK, CHUNK_IDX, FEAT, NFEAT
+from moa.codegen.chunked import CHUNK, CHUNK_IDX, FEAT, NFEAT, scan_state_sites
 from moa.codegen.chunked_backward import BACKWARD_KERNELS
 from moa.codegen.constexprs import HEAD_DIM_V, csym
 from moa.codegen.exprs import AccessSite
@@ -32,11 +32,11 @@ from moa.grad_sym import partials
 
 from . import linear_backward
 from .backward_cost import BackwardCost, work_of
-from .linear_cost import FLAGS
+from .linear_cost import FLAGS, consts_of, scan_axes, scan_grid
+from .linear_cost import FT as _FT
 from .tiling import LinearConfig, chunk_config
 
 KERNELS = ("_chunk_scan", *BACKWARD_KERNELS)
-_FT = sp.Symbol("ft", integer=True, nonnegative=True)
 _ONE = "one"   # the axis of a gate read at a chunk's boundary row: one lane
 
 
@@ -66,7 +66,7 @@ def _text_sites(lp, program) -> dict:
         return tuple(out)
 
     ua, ub = atomics(lp.ga, i), atomics(lp.gb, br.var)
-    return {"_chunk_scan": ((), (state("S", "S"), state("zs", "zs", False))),
+    return {"_chunk_scan": ((), scan_state_sites(s)),
             "_bwd_scan": ((dn, dz), (state("U", "U"), state("uz", "uz", False))),
             "_bwd_dk": ((dn, dz, state("U", "U"), state("u", "uz", False)) + ub, (grad("dK", kv, "HEAD_DIM", d),) + ub),
             "_bwd_dv": ((dn, dz, state("U", "U")), (grad("dV", c, "col", e),)),
@@ -92,14 +92,15 @@ def launches(lb, dtname: str, nbatch: int) -> list:
     axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, _FT * block_f), "col": (HEAD_DIM_V, 0),
             "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX), _ONE: (1, 0)}
     feats = ((_FT, NFT),)
-    shape = {"_chunk_scan": (feats, {("loop", 0): (CHUNK_IDX, 0, T)}),
+    shape = {"_chunk_scan": (scan_grid(), {("loop", 0): (CHUNK_IDX, 0, T)}),
              "_bwd_scan": (feats, {("loop", 0): (CHUNK_IDX, 0, T)}),
              **{k: (((CHUNK_IDX, T),), {("loop", 0): (_FT, 0, NFT)}) for k in ("_bwd_dk", "_bwd_dv", "_bwd_dq")}}
     out = []
     for fn in KERNELS:
         loads = tuple(_boundary(x) for x in sites[fn][0]) + extra[fn][0]
         led = function_ledger(program, spec.source, fn, loads, extra[fn][1], "out", consts, {"fidx": "i"})
-        out.append(CL.Launch(fn, led, *shape[fn], axes, None, spec.source))
+        out.append(CL.Launch(fn, led, *shape[fn], scan_axes(axes) if fn == "_chunk_scan" else axes, None,
+                             spec.source))
     return out
 
 
@@ -111,8 +112,7 @@ def cost(lb, dims: dict, batch: tuple, dtname: str, config: LinearConfig | None 
     d = int(sy.evaluate(lp.branch.dot.extent, dims))
     nfeat = lp.features(d)
     cfg = config or linear_backward.INTERPRETER_CONFIG or LinearConfig(*chunk_config(torch.device("cpu"), n, nfeat))
-    pad = lambda x: max(16, 1 << max(0, int(x) - 1).bit_length())   # noqa: E731
-    cv = {CHUNK: cfg.chunk, csym("BLOCK_F"): cfg.block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
+    cv = consts_of(cfg, d, e, nfeat)
     size = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtname]
     acc = 8 if dtname == "float64" else 4
     eb = {name: size if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else 8

@@ -107,10 +107,11 @@ def fit_schedule(planner, name: str, dtype: str, dims: dict, target: str = "sm_9
 
 
 def ranked_schedules(planner, name: str, dtype: str, dims: dict, target: str, batch: int = 1,
-                     device: str | None = None) -> list:
+                     device: str | None = None, fills: bool = False) -> list:
     """The schedules a CUDA launch on `target` tries, in order (Kernel.schedule_ranking), predicted on `device`
     (a device-table name; default: the target's, sm_90 -> h100)."""
-    return planner.schedule_ranking(name, dims, canonical_dtype(dtype), device or target_device(target), batch)
+    return planner.schedule_ranking(name, dims, canonical_dtype(dtype), device or target_device(target), batch,
+                                    fills)
 
 
 def fit_plan(planner, name: str, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
@@ -221,7 +222,8 @@ def _aot_dims(planner, name, dims) -> dict:
     return out
 
 
-def runtime_config(planner, name: str, dtype: str, dims: dict, nbatch: int, device, batch: int = 1) -> tuple:
+def runtime_config(planner, name: str, dtype: str, dims: dict, nbatch: int, device, batch: int = 1,
+                   fills: bool = False) -> tuple:
     """(schedule, config) a tiled launch runs on a CUDA device: the schedules in the runtime's order, each with
     the default table then smaller tiles, checked ahead of time for the device's architecture (no spills, shared
     memory in budget): fit_schedule. If the AOT check itself cannot run, the predicted schedule and the default
@@ -231,7 +233,7 @@ def runtime_config(planner, name: str, dtype: str, dims: dict, nbatch: int, devi
     heads = tuple(sy.evaluate(x, dims) for x in [sched.col[1]] + [b.dot.extent for b in sched.branches
                                                                    if b.dot is not None])
     memo = planner.fit_memo
-    ranking = ranked_schedules(planner, name, dtype, dims, target, batch, device_table_name(device))
+    ranking = ranked_schedules(planner, name, dtype, dims, target, batch, device_table_name(device), fills)
     key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads),
            tuple(_label(x) for x in ranking),
            tuple(sorted((k, v % 16 == 0) for k, v in dims.items())))   # the JIT's divisibility specialisation

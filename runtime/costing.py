@@ -33,10 +33,10 @@ from moa.errors import InputError
 from .configs import fit_schedule
 from .form_configs import fit_linear
 from .linear_cost import KERNELS as LINEAR_KERNELS
-from .linear_cost import linear_counts, linear_formulas
+from .linear_cost import linear_counts, linear_formulas, linear_launch_split
 from .plan import LINEAR, TILED, WINDOW
 from .reports import Breakdown, CostReport
-from .tiling import Config, exact_heads
+from .tiling import Config, LinearConfig, exact_heads
 
 __all__ = ["cost", "cost_breakdown", "launch_specs", "linear_pass", "run_schedule", "window_launch"]
 
@@ -92,7 +92,8 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
 
     device: 'h100', 'a100', 'h200' (tile config of the GPU runtime, time from the device table), or 'cpu' (the
     interpreter's tile config and float32 compute for bf16, as `measure` runs it; no time prediction).
-    config: force a tile config (otherwise the runtime's default table). batch: extra leading axes.
+    config: force a tile config (otherwise the runtime's default table): a Config for the tiled kernel, a
+    LinearConfig for the chunked linear form. batch: extra leading axes.
     index_dtype: dtype of integer inputs (int64, torch's default, or int32). fit: use the config the GPU
     runtime launches after its ahead-of-time check (compiles once, cached on disk) instead of the default
     table's. Each output is predicted in the kernel a call runs: the tiled kernel, the window-mixing kernel, or
@@ -114,9 +115,9 @@ def linear_pass(kernel, name: str, dims: dict, batch, dtype: str, device: str, f
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
     dims, _ = _codegen_names(planner, dims, None)
     eb = _elem_bytes(planner, planner.schedules[name], dtype, "int64")
-    counts = linear_counts(planner, name, dims, batch, dtype, "cuda", eb, flags=flags, kernels=kernels)[0]
-    seconds = C.roofline(counts.dot_flops, counts.flops - counts.dot_flops, counts.transcendentals,
-                         counts.dram_bytes, dev, dtype, launches=len(kernels))[0]
+    counts, _, _, per = linear_counts(planner, name, dims, batch, dtype, "cuda", eb, flags=flags, kernels=kernels)
+    seconds = C.launches_roofline([(c.dot_flops, c.flops - c.dot_flops, c.transcendentals, c.dram_bytes, c.programs)
+                                   for c in per], dev, dtype)[0]
     return counts.flops, counts.dram_bytes, seconds
 
 
@@ -134,6 +135,13 @@ class _Totals:
     unfused_s: float = 0.0
     unfused_bounds: list = field(default_factory=list)
     unfused_ops: list = field(default_factory=list)
+    kernels: list = field(default_factory=list)   # per launch: (dot, other FLOPs, transcendentals, HBM bytes, programs)
+
+    def add_launch(self, c: C.Counts, hbm: int) -> None:
+        """One launch of the fused call: its counts and the HBM bytes it moves."""
+        self.hbm += hbm
+        self.launches += 1
+        self.kernels.append((c.dot_flops, c.flops - c.dot_flops, c.transcendentals, hbm, c.programs))
 
 
 def _check_dims(program, dims: dict) -> None:
@@ -145,10 +153,11 @@ def _check_dims(program, dims: dict) -> None:
 
 def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(),
                    index_dtype="int64", needed: bool = True, fit: bool = False, as_called: bool = False,
-                   inputs: dict | None = None, **dims) -> tuple[CostReport, Breakdown]:
+                   inputs: dict | None = None, schedules: dict | None = None, **dims) -> tuple[CostReport, Breakdown]:
     """cost() and the details `moa cost` prints (needed=False skips tiles_needed, which evaluates the mask on the
     index grid). as_called=False: an output of a form=None kernel is predicted in the tiled kernel even where the
-    runtime would pick the linear form (`moa cost` prints a note then)."""
+    runtime would pick the linear form (`moa cost` prints a note then). schedules: output -> the ONF schedule to
+    count (a decode or varlen call counts each split, at the split's dims, in the schedule the whole call runs)."""
     planner = kernel.planner
     dtype = canonical_dtype(dtype)
     on_cpu = str(device).lower() == "cpu"
@@ -156,13 +165,15 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     compute = _compute_dtype(dtype, on_cpu)
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
     _check_dims(planner.program, dims)
+    # a LinearConfig is the chunked form's tiles (a tuned candidate's), a Config the tiled kernel's
+    linear_config, config = (config, None) if isinstance(config, LinearConfig) else (None, config)
     if any(d.name not in dims for d in planner.program.dims):
         return _symbolic(planner, dtype, dev, compute, config, math.prod(batch), index_dtype, dims)
     dims, inputs = _codegen_names(planner, dims, inputs)
     kinds = {name: planner.run_kind(name, dims if as_called else None, None if on_cpu else device, dtype)
              for name in planner.output_names}
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
-                                     fit and config is None and dev is not None)
+                                     fit and config is None and dev is not None, schedules or {})
     specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)
     data = _data(planner, inputs, dims, batch)
     t = _Totals()
@@ -173,19 +184,19 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
             counts, chip = _window_counts(planner, name, dims, batch, compute, eb, needed)
             # a program's W hops re-read rows [i0 - W + 1, i0 + BLOCK_M): from L1/L2, like the tiled key loop
             counts.loop_loaded_by_tensor = dict(counts.loaded_by_tensor)
-            t.hbm += _hbm_bytes(planner, sched, counts, dims, math.prod(batch), eb, dev)
-            t.launches += 1
+            t.add_launch(counts, _hbm_bytes(planner, sched, counts, dims, math.prod(batch), eb, dev))
         elif kinds[name] == LINEAR:
-            tiles = None
-            if fit and config is None and dev is not None:   # the config a CUDA launch fits
-                lcfg = fit_linear(planner.cg_program, planner.linear_plans[name][0], compute, dims, dev.target,
-                                  len(batch), index_dtype)[0]
-                tiles = (lcfg.chunk, lcfg.block_f)
-            counts, states, chip = linear_counts(planner, name, dims, batch, compute, "cpu" if on_cpu else "cuda",
-                                                 eb, tiles)
+            lcfg = linear_config
+            if lcfg is None and dev is not None:   # the config a CUDA launch fits (fit), or the default table's,
+                lp = planner.linear_plans[name][0]   # its value axis split as a launch splits it
+                lcfg = fit_linear(planner.cg_program, lp, compute, dims, dev.target, len(batch), index_dtype)[0] \
+                    if fit else None
+                lcfg = linear_launch_split(lp, dims, batch, dev.sms, lcfg)
+            counts, states, chip, per = linear_counts(planner, name, dims, batch, compute,
+                                                      "cpu" if on_cpu else "cuda", eb, lcfg)
             t.inter += states
-            t.hbm += counts.dram_bytes
-            t.launches += len(LINEAR_KERNELS)
+            for c in per:
+                t.add_launch(c, c.dram_bytes)
         else:
             counts, chip = C.Counts(), 0
             for prog, ks, spec in kernel_specs(planner, name, scheds[name], specs[name], compute, len(batch),
@@ -195,8 +206,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
                 got = CN.predict(prog, ks, spec, dims, batch, eb, needed=needed, data=data)
                 chip = max(chip, CN.onchip_bytes(ks, spec, dims, DTYPE_BYTES[compute], 8 if compute == "float64"
                                                  else 4, configs[name].num_stages))
-                t.hbm += _hbm_bytes(planner, ks, got, dims, math.prod(batch), eb, dev)
-                t.launches += 1
+                t.add_launch(got, _hbm_bytes(planner, ks, got, dims, math.prod(batch), eb, dev))
                 counts.add(got)
         t.onchip = max(t.onchip, chip)
         t.counts.add(counts)
@@ -241,15 +251,16 @@ def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None
     return out
 
 
-def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype, fit) -> tuple:
+def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype, fit,
+                   forced: dict) -> tuple:
     """(configs, schedules) of the outputs that run the tiled kernel: the default table's (or the forced config),
-    or with `fit` the (schedule, config) a CUDA launch fits."""
+    or with `fit` the (schedule, config) a CUDA launch fits; `forced`: output -> schedule given by the caller."""
     tdev = torch.device("cpu" if str(device).lower() == "cpu" else "cuda")
     configs, scheds = {}, {}
     for name in planner.output_names:
         if kinds[name] != TILED:
             continue
-        scheds[name] = run_schedule(planner, name, dims, dtype, device, math.prod(batch))
+        scheds[name] = forced.get(name) or run_schedule(planner, name, dims, dtype, device, math.prod(batch))
         configs[name] = config or planner.launch_config(name, tdev, compute, dims)
         if fit:
             target = get_device(device).target
@@ -277,8 +288,7 @@ def _add_eager(t: _Totals, planner, name, sched, dims, dtype, dev, nb) -> None:
 def _report(t: _Totals, planner, kinds, configs, dev, dtype, needed) -> tuple[CostReport, Breakdown]:
     total = t.counts
     if dev is not None:
-        seconds, bound, parts = C.roofline(total.dot_flops, total.flops - total.dot_flops, total.transcendentals,
-                                           t.hbm, dev, dtype, launches=t.launches)
+        seconds, bound, parts = C.launches_roofline(t.kernels, dev, dtype)
         frac = total.flops / seconds / dev.matmul_rate(dtype)
         ubound = max(t.unfused_bounds)[1] if t.unfused_bounds else "n/a"
         unfused_s = t.unfused_s

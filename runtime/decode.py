@@ -305,6 +305,23 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
                  page=page_size)
 
 
+def _runnable(block, name: str, sched, varlen: bool):
+    """The schedule a decode or varlen call runs when the model picks `sched`: a varlen call runs a residue
+    schedule's tiled variant (its programs are not row tiles of one sequence)."""
+    if varlen and sched.kind == onf.RESIDUE:
+        return next(v for v in block.planner.variants[name] if v.kind != onf.RESIDUE)   # tiled comes first
+    return sched
+
+
+def call_schedules(block, plan, dims: dict, dtype: str, device: str, batch: int, varlen: bool = False) -> dict:
+    """Output -> the schedule a decode (varlen) call of `block` at its dims (code-generation names) runs, as
+    _run_output's plan picks it without an AOT fit: the model's choice for the whole call on `device` (h100 for
+    the CPU), batch the product of the call's batch axes. The cost model counts every split in it."""
+    dev = "h100" if str(device).lower() == "cpu" else str(device)
+    return {o.name: _runnable(block, o.name, block.planner.schedule_for(o.name, dims, dtype, dev, batch, True),
+                              varlen) for o in plan.outputs}
+
+
 # long: one launch described top to bottom (config, splits, buffers, arguments, grid, merge)
 def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, merge: bool = True,
                 defer: list | None = None):
@@ -317,14 +334,12 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
     compute = compute_dtype(dt, b.device)
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
     p = block.launcher.plan(name, cb, decode_config(block.planner.schedules[name], cb.dims, DTYPE_NAME[dt])
-                            if b.device.type == "cuda" else None)
+                            if b.device.type == "cuda" else None, fills=True)   # the key splits fill the device
     if call.mode in (PAGED, VARLEN_PAGED) and p.config.block_n > call.page:   # a page holds whole key tiles
-        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page))
+        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page), fills=True)
     if getattr(p.config, "tma", False):   # the grid kernel moves key pointers per split: plain loads
-        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, tma=False))
-    sched, cfg = p.schedule, p.config
-    if call.mode in VARLENS and sched.kind == onf.RESIDUE:   # its programs are not row tiles of one sequence
-        sched = next(v for v in block.planner.variants[name] if v.kind != onf.RESIDUE)   # tiled comes first
+        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, tma=False), fills=True)
+    sched, cfg = _runnable(block, name, p.schedule, call.mode in VARLENS), p.config
     lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
     e = sy.evaluate(sched.col[1], cb.dims)
     z = math.prod(b.batch) * math.prod(lead)

@@ -15,7 +15,7 @@ from moa.errors import InputError
 from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
-from .decode import _global, _gqa, _plan, call_key_range, decode_config, runner_schedules
+from .decode import _global, _gqa, _plan, call_key_range, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues
 from .decode_summaries import logical_keys
 from .device import cdiv
@@ -150,6 +150,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                          "through")
     table = None if not (inputs and page_size) else _flat_table(block_table, batch)
     data = split_data(kernel, plan, inputs, nq, batch, table, page_size or 0)
+    run = call_schedules(runner, plan, cdims, dtype, device, nbatch)
     for g, (gbatch, length, runs) in enumerate(groups):
         zg = zlead * (nbatch if gbatch == batch else 1)
         gd, r0 = _global(plan, nq, length)
@@ -160,7 +161,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
             part = None if data is None else \
                 {n: f(None if gbatch == batch else g, length, c0, ml) for n, f in data.items()}
             reports.append(cost_breakdown(runner, dtype=dtype, device=device, config=cfg, batch=gbatch,
-                                          needed=False, inputs=part, **bd)[0])
+                                          needed=False, inputs=part, schedules=run, **bd)[0])
         for o in plan.outputs:   # each split that runs stores its lse (z) and its partial
             so = runner.planner.schedules[o.name]
             ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)

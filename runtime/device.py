@@ -167,3 +167,11 @@ def device_table_name(device: torch.device) -> str:
         except (InputError, RuntimeError, AssertionError):   # unknown device; a torch build without CUDA
             pass
     return "h100"
+
+
+def sm_count(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (its properties; the device table's where torch cannot say)."""
+    try:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    except (RuntimeError, AssertionError):   # a torch build without CUDA
+        return get_device(device_table_name(device)).sms

@@ -177,8 +177,9 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
     state = f"*{TRITON_TYPE[state_dtype(dtype)]}"   # the stored states
     special = {"S_ptr": state, "zs_ptr": state, "fw_ptr": acc, "S0_ptr": acc, "z0_ptr": acc, "g0_ptr": acc,
                "fidx_ptr": "*i32"}
-    base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "HEAD_DIM": max(16, next_pow2(d)),
-            "HEAD_DIM_V": max(16, next_pow2(e))}
+    hv = max(16, next_pow2(e))
+    base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "BLOCK_V": cfg.value_tile(hv),
+            "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": hv}
     out = []
     for fn, *flags in (LINEAR_LAUNCHES[k] for k in _COMPILE_ORDER):
         # a flag the kernel does not read is given its single-process value: the same kernel, compiled once

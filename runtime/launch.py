@@ -127,11 +127,12 @@ class Launcher:
                                         cfg.tma, cfg.overlap)
         return self._specs[key]
 
-    def plan(self, name: str, b: Binding, config: Config | None = None) -> Plan:
-        """The tiled Plan of a call (code-generation binding)."""
+    def plan(self, name: str, b: Binding, config: Config | None = None, fills: bool = False) -> Plan:
+        """The tiled Plan of a call (code-generation binding); fills: the launch fills the device whatever its row
+        tiles (a split-KV decode), so the schedule choice has no occupancy term."""
         compute = compute_dtype(b.dtype, b.device)
         return self.planner.tiled(name, b.dims, DTYPE_NAME[b.dtype], DTYPE_NAME[compute], b.device, len(b.batch),
-                                  math.prod(b.batch), config)
+                                  math.prod(b.batch), config, fills)
 
     def tiled(self, name: str, b: Binding, store_lse: bool, config: Config | None = None, plan: Plan | None = None):
         """(output, lse or None) of the tiled kernel, in `plan` (default: the planner's); lse in the accumulation

@@ -185,9 +185,9 @@ def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90", pha
     special.update({"fidx_ptr": "*i32", "out_ptr": f"*{TRITON_TYPE[dtype]}"})
     bundles = []
     for c in cands:   # a bundle: the phase's kernels in one config (aot_groups stops at its first misfit)
-        consts = {"CHUNK": c.chunk, "BLOCK_F": c.block_f, "HEAD_DIM": max(16, next_pow2(d)),
-                  "HEAD_DIM_V": max(16, next_pow2(int(sy.evaluate(lp.schedule.col[1], dims)))),
-                  "INIT": 0, "PREFIX": 1, "FINAL": 0}
+        hv = max(16, next_pow2(int(sy.evaluate(lp.schedule.col[1], dims))))
+        consts = {"CHUNK": c.chunk, "BLOCK_F": c.block_f, "BLOCK_V": c.value_tile(hv),
+                  "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": hv, "INIT": 0, "PREFIX": 1, "FINAL": 0}
         bundle = []
         for k in kernels:
             kc = dict(consts)

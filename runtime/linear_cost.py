@@ -1,12 +1,12 @@
 """The cost of the chunked linear form (codegen/chunked.py, run by runtime/linear_run.py): its two launches
 described for the cost model (codegen/launches.py), counted exactly like the tiled planner.
 
-  _chunk_scan   programs (feature tile ft), a loop over the chunks t: each chunk's rows x BLOCK_F features give
-                its own state, stored as the exclusive prefix of the states
+  _chunk_scan   programs (feature tile ft, value tile vt), a loop over the chunks t: each chunk's rows x BLOCK_F
+                features give its own state (BLOCK_V of its columns), stored as the exclusive prefix of the states
   _chunk_out    programs (chunk t), a loop over the feature tiles ft, then the intra-chunk tile
 
-tiles_visited of the linear form: the (chunk, feature tile) blocks of the state, i.e. the iterations of the
-scan's loop (each block is also one iteration of _chunk_out's loop).
+tiles_visited of the linear form: the (chunk, feature tile, value tile) blocks of the state, i.e. the iterations
+of the scan's loop (with one value tile, each block is also one iteration of _chunk_out's loop).
 tiles_needed: the same (every block holds valid rows and features). The state buffers S [Z, T, D, HEAD_DIM_V]
 and zs [Z, T, D] (tiling.state_dtype) are the form's intermediate_bytes.
 """
@@ -22,10 +22,11 @@ from moa.codegen import launches as CL
 from moa.codegen.chunked import CHUNK, CHUNK_IDX, NFEAT, generate_chunked
 from moa.codegen.constexprs import HEAD_DIM_V, csym
 from moa.codegen.ledger import function_ledger
+from moa.cost import Counts
 from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
 
-from .tiling import chunk_config, state_dtype
+from .tiling import LinearConfig, chunk_config, state_dtype, value_split
 
 FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
 KERNELS = ("_chunk_scan", "_chunk_out")       # what such a call launches, in order
@@ -47,13 +48,40 @@ def linear_launches(planner, name: str, dtname: str, nbatch: int, device: str = 
 
     n = lp.schedule.row[1]
     block_f, hd = csym("BLOCK_F"), csym("HEAD_DIM")
-    ft = sp.Symbol("ft", integer=True, nonnegative=True)
     T, NFT = sp.ceiling(n / CHUNK), sp.ceiling(NFEAT / block_f)
-    axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, ft * block_f), "col": (HEAD_DIM_V, 0),
+    axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, FT * block_f), "col": (HEAD_DIM_V, 0),
             "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX)}
-    shape = {"_chunk_scan": (((ft, NFT),), {("loop", 0): (CHUNK_IDX, 0, T)}, ("loop", 0)),
-             "_chunk_out": (((CHUNK_IDX, T),), {("loop", 0): (ft, 0, NFT)}, None)}
-    return [CL.Launch(fn, led(fn), shape[fn][0], shape[fn][1], axes, shape[fn][2], spec.source) for fn in kernels]
+    shape = {"_chunk_scan": (scan_grid(), {("loop", 0): (CHUNK_IDX, 0, T)}, ("loop", 0)),
+             "_chunk_out": (((CHUNK_IDX, T),), {("loop", 0): (FT, 0, NFT)}, None)}
+    return [CL.Launch(fn, led(fn), shape[fn][0], shape[fn][1], scan_axes(axes) if fn == "_chunk_scan" else axes,
+                      shape[fn][2], spec.source) for fn in kernels]
+
+
+FT = sp.Symbol("ft", integer=True, nonnegative=True)   # program ids of the scan: feature tile, value tile
+VT = sp.Symbol("vt", integer=True, nonnegative=True)
+BLOCK_V = csym("BLOCK_V")
+
+
+def scan_grid() -> tuple:
+    """_chunk_scan's program ids (codegen/chunked.py): feature tiles x value tiles."""
+    return (FT, sp.ceiling(NFEAT / csym("BLOCK_F"))), (VT, sp.ceiling(HEAD_DIM_V / BLOCK_V))
+
+
+def scan_axes(axes: dict) -> dict:
+    """The tile axes of _chunk_scan: `axes` with the value columns a BLOCK_V block at vt, and the value tile a
+    lane (the normaliser's stores: the first value tile's)."""
+    return {**axes, "col": (BLOCK_V, VT * BLOCK_V), "vtile": (1, VT)}
+
+
+def consts_of(cfg: LinearConfig, d: int, e: int, nfeat: int) -> dict:
+    """The constexpr symbols' values (the counters' cvals) of a LinearConfig at head dims d, e and D features."""
+    hv = _pad(e)
+    return {CHUNK: cfg.chunk, csym("BLOCK_F"): cfg.block_f, BLOCK_V: cfg.value_tile(hv), csym("HEAD_DIM"): _pad(d),
+            HEAD_DIM_V: hv, NFEAT: nfeat}
+
+
+def _pad(x) -> int:
+    return max(16, 1 << max(0, int(x) - 1).bit_length())
 
 
 def state_bytes(dtname: str) -> int:
@@ -67,33 +95,45 @@ def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
 
 
 def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
-                  tiles: tuple | None = None, flags: dict | None = None, kernels: tuple = KERNELS):
-    """(Counts, state bytes, on-chip estimate) of one output's chunked form at concrete dims; `tiles` (CHUNK,
-    BLOCK_F) overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses); `flags` and
+                  config: LinearConfig | None = None, flags: dict | None = None, kernels: tuple = KERNELS):
+    """(Counts, state bytes, on-chip estimate, Counts per launch) of one output's chunked form at concrete dims;
+    `config` overrides
+    the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses, a tuned one); `flags` and
     `kernels`: the launches of another call than a single-process one (the ring's scan giving a rank's total:
     PREFIX = 0, FINAL = 1, the scan alone)."""
 
     lp = planner.linear_plans[name][0]
     sched = lp.schedule
-
-    def pad(x):
-        return max(16, 1 << max(0, int(x) - 1).bit_length())
-
+    pad = _pad
     n = sy.evaluate(sched.row[1], dims)
     e = sy.evaluate(sched.col[1], dims)
     d = sy.evaluate(lp.branch.dot.extent, dims)
     nfeat = lp.features(d)
-    chunk, block_f = tiles or chunk_config(torch.device(device), n, nfeat)
-    cv = {CHUNK: chunk, csym("BLOCK_F"): block_f, csym("HEAD_DIM"): pad(d), HEAD_DIM_V: pad(e), NFEAT: nfeat}
+    cfg = config or LinearConfig(*chunk_config(torch.device(device), n, nfeat))
+    chunk, block_f = cfg.chunk, cfg.block_f
+    cv = consts_of(cfg, d, e, nfeat)
     launches = linear_launches(planner, name, dtname, len(batch), device, flags, kernels)
     env = {x: dims[x.name] for x in planner.cg_program.dims}
     nb = math.prod(batch)
-    counts = CL.total_counts(launches, sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb)
-    counts.tiles_needed = counts.tiles_visited
+    per = [CL.total_counts([x], sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb) for x in launches]
+    counts = Counts()
+    for c in per:
+        c.tiles_needed = c.tiles_visited
+        counts.add(c)
     acc = 8 if dtname == "float64" else 4
     zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
     states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (pad(e) + 1) if n * e else 0
-    return counts, states, acc * (chunk * block_f + chunk * pad(e) + block_f * pad(e))
+    return counts, states, acc * (chunk * block_f + chunk * pad(e) + block_f * pad(e)), per
+
+
+def linear_launch_split(lp, dims: dict, batch: tuple, sms: int, config: LinearConfig | None = None) -> LinearConfig:
+    """The LinearConfig a CUDA launch of `lp` at dims and batch runs without timing: `config` (default: the
+    runtime's default tiles) with the scan's value axis split for the device's SMs (tiling.value_split)."""
+    n, e, d = (sy.evaluate(x, dims) for x in (lp.schedule.row[1], lp.schedule.col[1], lp.branch.dot.extent))
+    nfeat = lp.features(d)
+    cfg = config or LinearConfig(*chunk_config(torch.device("cuda"), n, nfeat))
+    zl = math.prod(batch) * math.prod(sy.evaluate(x, dims) for _, x in lp.schedule.lead)
+    return value_split(cfg, nfeat, _pad(e), zl, sms)
 
 
 def linear_formulas(planner, name: str, dtname: str, eb: dict, nbatch=1) -> dict:

@@ -13,8 +13,9 @@ from moa.linear import LinearPlan, feature_table
 
 from .binding import Binding
 from .cache import module_for
-from .device import cdiv, next_pow2, run
+from .device import cdiv, next_pow2, run, sm_count
 from .form_configs import linear_runtime_config
+from .linear_cost import linear_launch_split
 from .tiling import DTYPE_NAME, LinearConfig, chunk_config, state_dtype
 
 _WHAT = "the chunked linear-form kernels"
@@ -44,14 +45,16 @@ class LinearRunner:
     def source(self, dtname: str = "float32", nbatch: int = 0) -> str:
         return generate_chunked(self.program, self.lp, dtname, nbatch).source
 
-    def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict):
-        """The LinearConfig of a call: on CUDA, the first candidate whose two kernels, with every flag combination
-        a launch uses (the ring's too), compile for the device's architecture with no spills and shared memory in
-        budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in memory); on the CPU
-        interpreter, chunk_config's."""
+    def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict, batch: tuple = ()):
+        """The LinearConfig of a call (batch: its batch sizes): on CUDA, the first candidate whose two kernels,
+        with every flag combination a launch uses (the ring's too), compile for the device's architecture with no
+        spills and shared memory in budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in
+        memory), its scan's value axis split while that keeps its programs within the SMs (tiling.value_split);
+        on the CPU interpreter, chunk_config's."""
         if device.type == "cuda":
-            return linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
-                                         self._spec(dtname, nbatch).source)
+            cfg = linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
+                                        self._spec(dtname, nbatch).source)
+            return linear_launch_split(self.lp, dims, batch, sm_count(device), cfg)
         n = sy.evaluate(self.lp.schedule.row[1], dims)
         chunk, block_f = chunk_config(device, n, self.lp.features(sy.evaluate(self.lp.branch.dot.extent, dims)))
         return LinearConfig(chunk, block_f)
@@ -85,7 +88,7 @@ class LinearRunner:
         nfeat = self.lp.features(d)
         if out.numel() == 0:
             return _Launch(out, shape, (), {}, [], (), nfeat, 0, zl, e, None)
-        cfg = config or self.launch_config(b.device, dtname, len(b.batch), dims)
+        cfg = config or self.launch_config(b.device, dtname, len(b.batch), dims, b.batch)
         chunk, block_f = cfg.chunk, cfg.block_f
         T = cdiv(n, chunk)
         hv = max(16, next_pow2(e))
@@ -111,7 +114,8 @@ class LinearRunner:
                 t = t.to(dt_compute)
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
         tail = [dims[dn] for dn in spec.dims] + list(b.batch)
-        consts = dict(CHUNK=chunk, BLOCK_F=block_f, HEAD_DIM=max(16, next_pow2(d)), HEAD_DIM_V=hv)
+        consts = dict(CHUNK=chunk, BLOCK_F=block_f, BLOCK_V=cfg.value_tile(hv), HEAD_DIM=max(16, next_pow2(d)),
+                      HEAD_DIM_V=hv)
         st = [S, zs, fidx, fw, nfeat, T]
         launch = _Launch(out, shape, args + st, consts, tail, mod, nfeat, T, zl, e, (S, zs), acc)
         if b.device.type == "cuda":
@@ -121,10 +125,9 @@ class LinearRunner:
     def scan(self, launch: _Launch, init: bool = False, prefix: bool = True, final: bool = False) -> None:
         """Kernel 1: every chunk's own state and their exclusive prefix over chunks (prefix), from
         launch.carried (init), writing the state after the last chunk to launch.carried (final)."""
-        nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
         if init or final:
             launch.carry()
-        run(launch.mod._chunk_scan, (nft, launch.zl), [*launch.args, *launch.carry_args(), *launch.tail],
+        run(launch.mod._chunk_scan, launch.scan_grid(), [*launch.args, *launch.carry_args(), *launch.tail],
             launch.flags(int(init), int(prefix), int(final)), launch.out.device, _WHAT)
         launch.init = init
 
@@ -151,6 +154,11 @@ class _Launch:
     @property
     def empty(self) -> bool:
         return self.buffers is None
+
+    def scan_grid(self) -> tuple:
+        """_chunk_scan's grid: (feature tiles, value tiles, batch x leading)."""
+        c = self.consts
+        return cdiv(self.nfeat, c["BLOCK_F"]), cdiv(c["HEAD_DIM_V"], c["BLOCK_V"]), self.zl
 
     def carry(self) -> tuple:
         """The carried state's buffers (zeros when first asked for)."""

@@ -25,7 +25,7 @@ from moa.version import __version__
 
 from . import configs, tune
 from .binding import Binding
-from .device import device_table_name
+from .device import device_table_name, next_pow2
 from .tiling import (Config, LinearConfig, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims,
                      linear_tune_configs, state_dtype, tune_candidates)
 
@@ -55,7 +55,8 @@ class Plan:
         """The plan in one string (a tuning record's label)."""
         c = self.config
         if isinstance(c, LinearConfig):
-            tiles = f" chunk{c.chunk} f{c.block_f} w{c.num_warps} s{c.num_stages}"
+            tiles = f" chunk{c.chunk} f{c.block_f}" + (f" v{c.block_v}" if c.block_v else "") + \
+                f" w{c.num_warps} s{c.num_stages}"
         else:
             tiles = "" if c is None else f" {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + \
                 (" tma" if c.tma else "") + (" overlap" if c.overlap else "")
@@ -187,9 +188,10 @@ class Planner:
 
     # ---- the schedule of the tiled family --------------------------------------------------------------------
     def schedule_choice(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
-                        batch: int = 1):
+                        batch: int = 1, fills: bool = False):
         """(the schedule run for these dims, the predictions of every legal schedule): forced by `schedule=`,
-        else the smallest predicted time on the device (moa/schedule_cost.py; ties go to the simpler kind)."""
+        else the smallest predicted time on the device (moa/schedule_cost.py; ties go to the simpler kind).
+        fills: the launch fills the device whatever its row tiles (a split-KV decode): no occupancy term."""
         vs = self.variants[name]
         if self.schedule is not None:
             forced = [v for v in vs if v.kind == self.schedule]
@@ -202,14 +204,14 @@ class Planner:
             return vs[0], None
         cfg = default_config(self.schedules[name], torch.device("cuda"), canonical_dtype(dtype), dims,
                              f"output {name}")
-        chosen, _, preds = schedule_cost.choose(vs, dims, dtype, device, cfg.block_m, cfg.block_n, batch)
+        chosen, _, preds = schedule_cost.choose(vs, dims, dtype, device, cfg.block_m, cfg.block_n, batch, fills)
         return chosen, preds
 
     def schedule_ranking(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
-                         batch: int = 1) -> list:
+                         batch: int = 1, fills: bool = False) -> list:
         """The legal schedules in the order a CUDA launch tries them: the choice first, then by predicted time
         (runtime/configs.py takes the first whose kernel fits the GPU without spilling)."""
-        chosen, preds = self.schedule_choice(name, dims, dtype, device, batch)
+        chosen, preds = self.schedule_choice(name, dims, dtype, device, batch, fills)
         if preds is None:
             return [chosen]
         vs = [v for v in self.variants[name] if self.schedule is None or v.kind == self.schedule]
@@ -217,12 +219,12 @@ class Planner:
         return [chosen] + [vs[k] for k in order if vs[k] is not chosen]
 
     def schedule_for(self, name: str, dims: dict, dtype: str = "bfloat16", device: str = "h100",
-                     batch: int = 1) -> onf.Schedule:
+                     batch: int = 1, fills: bool = False) -> onf.Schedule:
         """The ONF a launch with these dims and batch size (the product of the batch axes) runs; see
         schedule_choice. Memoised per call shape."""
-        key = (name, tuple(sorted(dims.items())), str(dtype), str(device), batch)
+        key = (name, tuple(sorted(dims.items())), str(dtype), str(device), batch, fills)
         if key not in self._choices:
-            self._choices[key] = self.schedule_choice(name, dims, dtype, device, batch)[0]
+            self._choices[key] = self.schedule_choice(name, dims, dtype, device, batch, fills)[0]
         return self._choices[key]
 
     def base_schedule(self, name: str) -> onf.Schedule:
@@ -271,14 +273,14 @@ class Planner:
         return default_config(self.schedules[name], device, dtype, dims, f"output {name}")
 
     def tiled(self, name: str, dims: dict, call_dtype: str, compute: str, device: torch.device, nbatch: int,
-              batch: int, config: Config | None = None) -> Plan:
+              batch: int, config: Config | None = None, fills: bool = False) -> Plan:
         """The Plan of a tiled launch. The schedule is predicted for the call's dtype on the device (h100 for CPU
         tensors); the config is the compute dtype's: on CPU (the interpreter) the interpreter's tiles, on CUDA the
         schedules in the runtime's order with their candidate configs, the first that fits the device without
-        spilling (runtime/configs.py; AOT-checked, cached). `config` forces the tiles."""
-        sched = self.schedule_for(name, dims, call_dtype, device_table_name(device), batch)
+        spilling (runtime/configs.py; AOT-checked, cached). `config` forces the tiles; fills: schedule_choice's."""
+        sched = self.schedule_for(name, dims, call_dtype, device_table_name(device), batch, fills)
         if config is None and device.type == "cuda":
-            sched, cfg = configs.runtime_config(self, name, compute, dims, nbatch, device, batch)
+            sched, cfg = configs.runtime_config(self, name, compute, dims, nbatch, device, batch, fills)
             return Plan(name, TILED, sched, cfg)
         n, m, head = _extents(self.schedules[name], dims)
         cfg = config or choose_config(device, compute, n, m, head)
@@ -294,7 +296,7 @@ class Planner:
         candidate that does not compile or run is skipped by the tuner, one that spills is timed slow."""
         n, m, head = _extents(self.schedules[name], dims)
         if self.form == "linear":   # the form is forced: its configs only
-            return self.linear_candidates(name, n)
+            return self.linear_candidates(name, n, dims)
         heads = head_dims(self.schedules[name], dims)
         first = Plan(name, TILED, self.schedule_for(name, dims, call_dtype, device_table_name(device), batch),
                      fit_tiles(choose_config(device, compute, n, m, head), heads, f"output {name}"))
@@ -313,12 +315,14 @@ class Planner:
         for sched in ranking[1:2]:
             out.append(Plan(name, TILED, sched, first.config))
         if self.form is None and self.linear_plans[name][0] is not None:
-            out += self.linear_candidates(name, n)
+            out += self.linear_candidates(name, n, dims)
         return out
 
-    def linear_candidates(self, name: str, n: int) -> list:
-        """The linear form's plans a GPU times: the config fitted ahead of time, then 128-row chunks."""
-        return [Plan(name, LINEAR), *(Plan(name, LINEAR, config=c) for c in linear_tune_configs(n))]
+    def linear_candidates(self, name: str, n: int, dims: dict) -> list:
+        """The linear form's plans a GPU times: the config fitted ahead of time (its value axis split as a launch
+        without timing splits it), then tiling.linear_tune_configs."""
+        hv = max(16, next_pow2(sy.evaluate(self.schedules[name].col[1], dims)))
+        return [Plan(name, LINEAR), *(Plan(name, LINEAR, config=c) for c in linear_tune_configs(n, hv))]
 
 
 def overlaps(sched) -> bool:

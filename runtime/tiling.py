@@ -7,7 +7,7 @@ ahead of time; runtime/plan.py chooses)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -186,14 +186,20 @@ def tune_candidates(dtype: str, head: int, default: Config, limit: int = 6) -> l
 @dataclass(frozen=True)
 class LinearConfig:
     """Launch config of the chunked linear form: rows per chunk, feature tile, warps and stages of both
-    kernels."""
+    kernels, and the scan's value tile (block_v; 0: the whole padded value width, one value tile)."""
     chunk: int
     block_f: int
     num_warps: int = 4
     num_stages: int = 3
+    block_v: int = 0
+
+    def value_tile(self, head_dim_v: int) -> int:
+        """BLOCK_V at a padded value width: block_v, or the whole width when 0 or wider."""
+        return min(self.block_v, head_dim_v) if self.block_v else head_dim_v
 
     def text(self) -> str:
-        return f"CHUNK={self.chunk} BLOCK_F={self.block_f} warps={self.num_warps} stages={self.num_stages}"
+        return (f"CHUNK={self.chunk} BLOCK_F={self.block_f}" + (f" BLOCK_V={self.block_v}" if self.block_v else "")
+                + f" warps={self.num_warps} stages={self.num_stages}")
 
 
 @dataclass(frozen=True)
@@ -240,14 +246,32 @@ def linear_candidates(n: int) -> list:
     return out
 
 
-def linear_tune_configs(n: int) -> list:
+def linear_tune_configs(n: int, head_dim_v: int = 128) -> list:
     """The linear form's configs a GPU times beside the AOT-fitted one (runtime/plan.py Planner.candidates): 128-row
     chunks, which halve the chunk states the scan writes and the output kernel reads (the linear form's main
     traffic), with feature tiles of 64, 32 and 16 (the larger spill at some head dims: the tuner skips or outtimes
-    them), and 64-row chunks with 32-feature tiles, which double the scan's programs (cdiv(D, BLOCK_F) x batch x
-    heads, each walking the chunks in order: 64 at d = 128 and 2 x 16 heads with 64-feature tiles, fewer than an
-    H100's 132 SMs); none where a sequence fits in one 64-row chunk."""
-    return [*(LinearConfig(128, f, 8, 3) for f in (64, 32, 16)), LinearConfig(64, 32, 8, 3)] if n > 64 else []
+    them); then configs that double the scan's programs (cdiv(D, BLOCK_F) x value tiles x batch x heads, each
+    walking the chunks in order: 64 at d = e = 128 and 2 x 16 heads with one value tile, fewer than an H100's 132
+    SMs): where the padded value width is over 32, half-width value tiles with 128- and 64-row chunks (which also
+    halve the scan's state accumulator), else 64-row chunks with 32-feature tiles; none where a sequence fits in
+    one 64-row chunk."""
+    if n <= 64:
+        return []
+    out = [LinearConfig(128, f, 8, 3) for f in (64, 32, 16)]
+    if head_dim_v > 32:
+        return out + [LinearConfig(128, 64, 8, 3, head_dim_v // 2), LinearConfig(64, 64, 4, 3, head_dim_v // 2)]
+    return out + [LinearConfig(64, 32, 8, 3)]
+
+
+def value_split(cfg: LinearConfig, nfeat: int, head_dim_v: int, zl: int, sms: int) -> LinearConfig:
+    """The scan's value tile a launch uses without timing: cfg's, halved while twice the scan's programs (feature
+    tiles x value tiles x zl, zl = batch x leading indices) still fit on the device's SMs and the tile keeps 32
+    columns or more. A launch of P < SMs programs has P / SMs of the device (moa/devices.py Device.occupancy);
+    the split re-reads the keys' features once per value tile and shrinks the scan's state accumulator."""
+    bv = cfg.value_tile(head_dim_v)
+    while bv >= 64 and 2 * -(-nfeat // cfg.block_f) * -(-head_dim_v // bv) * zl <= sms:
+        bv //= 2
+    return cfg if bv == cfg.value_tile(head_dim_v) else replace(cfg, block_v=bv)
 
 
 def window_default(n: int) -> WindowConfig:

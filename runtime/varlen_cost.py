@@ -8,6 +8,7 @@ counted as the kernel skips them)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -18,7 +19,7 @@ from moa.errors import InputError
 from moa.splitkv import choose_splits, split_seconds
 
 from .costing import cost_breakdown
-from .decode import _global, _plan, decode_config
+from .decode import _global, _plan, call_schedules, decode_config
 from .decode_cost import DecodeCost, _fused, _lse_counts, fused_merges, key_bytes, merge_counts
 from .decode_merge import packed_rows
 from .decode_summaries import varlen_key_positions
@@ -93,6 +94,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     if page_size and inputs:   # the key data gathered from the pools into each sequence's packed keys
         inputs = _unpaged(plan, inputs, varlen_key_positions(torch.as_tensor(block_table), page_size, ck), batch)
     data = _packed_data(kernel, plan, inputs, cq, ck, lq, batch)
+    run = call_schedules(block, plan, cdims, dtype, device, math.prod(batch), varlen=True)
     reports = []
     extra = [0, 0, 0, 0]
     for o in plan.outputs:   # every program of each output's grid reads its sequence's offsets (and page)
@@ -109,7 +111,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
             bd = plan.block_dims({**dims, **gd}, r0, lq[s], c0, ml)
             part = None if data is None else {n: f(s, c0, ml) for n, f in data.items()}
             reports.append(cost_breakdown(block, dtype=dtype, device=device, config=cfg, batch=batch, needed=False,
-                                          inputs=part, **bd)[0])
+                                          inputs=part, schedules=run, **bd)[0])
         bdc = {c: bd[u] for c, u in block.planner.codegen.dims.items() if u in bd} if runs else {}
         for o in plan.outputs if runs else ():   # each split that runs stores its lse (z) and its partial
             so = block.planner.schedules[o.name]

@@ -6,6 +6,7 @@ with every flag combination a launch uses (the ring's included) and the window-m
 (runtime/form_configs.py)."""
 
 
+import dataclasses
 import difflib
 from pathlib import Path
 
@@ -27,7 +28,8 @@ KB = 1024
 def softmax_family():
     out = []
     for path in sorted((ROOT / "examples").glob("*.moa")):
-        k = moa.compile(path, form="quadratic")
+        # PiAttention's tiled kernel (at these dims the model picks the split schedule: one launch per branch)
+        k = moa.compile(path, form="quadratic", schedule="tiled" if path.stem == "pi_attention" else None)
         try:
             scheds = k.schedules
         except UnsupportedError:
@@ -39,7 +41,7 @@ def softmax_family():
 
 
 FAMILY = softmax_family()
-# PiAttention's other schedules (one head of 4096 rows runs the tiled kernel): hops (short skips) and residue
+# PiAttention's other schedules: hops (short skips) and residue
 FAMILY.append(("pi_attention_hops", moa.compile(ROOT / "examples" / "pi_attention.moa", s=64, T=8, schedule="hops")))
 FAMILY.append(("pi_attention_residue", moa.compile(ROOT / "examples" / "pi_attention.moa", schedule="residue")))
 # fp16 kernels differ from bf16 ones only in the dtype they cast to (test below): fp16 is compiled for a
@@ -79,7 +81,8 @@ def test_family_is_not_empty():
 
 
 def test_the_schedule_that_fits_is_launched(fitted):
-    """The predicted-fastest schedule when one of its configs fits; else the next schedule in the ranking."""
+    """The predicted-fastest schedule when one of its configs fits; else the next schedule in the ranking (a
+    forced schedule: that one)."""
     assert fitted[("pi_attention", 64, "bfloat16")][1].schedule == "tiled"
     assert fitted[("pi_attention_residue", 64, "bfloat16")][1].schedule == "residue s=16"
     assert fitted[("pi_attention_hops", 64, "bfloat16")][1].schedule == "hops"
@@ -87,7 +90,8 @@ def test_the_schedule_that_fits_is_launched(fitted):
     k = moa.compile(ROOT / "examples" / "pi_attention.moa", s=64, T=8)
     dims = dims_for(k, 128)
     ranking = K.ranked_schedules(k.planner, "O", "bfloat16", dims, "sm_90")
-    assert [s.kind for s in ranking[:2]] == ["tiled", "hops"]
+    assert ranking[0].kind == "tiled"
+    ranking = [ranking[0], next(s for s in ranking if s.kind == "hops")]
     # when no config of the first schedule fits, the first fitting one of the next is chosen
     plan = K.fit_plan(k.planner, "O", "bfloat16", dims, scheds=ranking[:2])
     first = sum(1 for s, _, _ in plan if s is ranking[0])
@@ -197,7 +201,8 @@ def test_runtime_config_on_cuda_uses_the_fit(monkeypatch, fitted):
 
 
 def test_moa_cost_uses_the_config_the_gpu_runtime_launches(fitted, capsys):
-    assert main(["cost", str(ROOT / "examples" / "pi_attention.moa"), "--dims", "n=4096,d=128,e=128"]) == 0
+    assert main(["cost", str(ROOT / "examples" / "pi_attention.moa"), "--dims", "n=4096,d=128,e=128",
+                 "--schedule", "tiled"]) == 0
     out = capsys.readouterr().out
     cfg = fitted[("pi_attention", 128, "bfloat16")][0]
     assert f"config O: BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} num_warps={cfg.num_warps}" in out
@@ -252,6 +257,26 @@ def test_linear_and_window_configs_fit(form_fitted):
                        for kr in rep.kernels)
             assert cfg.chunk == 64 and rep.kernel("_chunk_out").uses_wgmma   # 64-row chunks: wgmma
     print("\n".join(rows))
+
+
+def test_value_tiles_of_a_fitted_config_fit(form_fitted):
+    """A launch without timing splits the fitted config's scan along the value axis (tiling.value_split: BLOCK_V of
+    half the padded width, down to 32) without compiling it again: every split scan launch the rule can produce
+    compiles with no spills, where its registers do not exceed the unsplit scan's by more than a few."""
+    keys = [(name, d, bv) for name in ("linear", "power_gated") for d, bvs in ((64, (32,)), (128, (64, 32)))
+            for bv in bvs]
+    bundles = []
+    for name, d, bv in keys:
+        k = LINEAR_FORM[name]
+        cfg = dataclasses.replace(form_fitted[(name, d, "bfloat16")][0], block_v=bv)
+        reqs = F.linear_requests(k.planner.cg_program, k.planner.linear_plans["O"][0], "bfloat16", dims_for(k, d), cfg)
+        bundles.append([r for r in reqs if r["kernel"] == "_chunk_scan"])
+    results = K.aot_groups([[b] for b in bundles])
+    for (name, d, bv), res in zip(keys, results):
+        whole = max(kr.registers for kr in form_fitted[(name, d, "bfloat16")][1].kernels if kr.name == "_chunk_scan")
+        assert len(res[0]) == 4 and all(not isinstance(kr, tuple) for kr in res[0]), (name, d, bv, res[0])
+        assert all(kr.spills == 0 and kr.constant("BLOCK_V") == bv for kr in res[0]), (name, d, bv)
+        assert max(kr.registers for kr in res[0]) <= whole + 32, (name, d, bv)
 
 
 def test_the_linear_default_is_kept_only_when_it_fits(form_fitted):
@@ -311,10 +336,14 @@ def test_linear_and_window_runtime_configs_on_cuda_use_the_fit(monkeypatch, form
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = torch.device("cuda")
-    for name, d in (("power_gated", 128), ("linear", 64), ("power", 64)):
+    for name, d, split in (("power_gated", 128, 0), ("linear", 64, 32), ("power", 64, 32)):
         k = LINEAR_FORM[name]
         runner = LinearRunner(k.planner.cg_program, k.planner.linear_plans["O"][0])
-        assert runner.launch_config(cuda, "bfloat16", 0, dims_for(k, d)) == form_fitted[(name, d, "bfloat16")][0]
+        fitted = form_fitted[(name, d, "bfloat16")][0]
+        assert runner.launch_config(cuda, "bfloat16", 1, dims_for(k, d), (128,)) == fitted
+        # one (batch, head): the scan's programs (feature tiles x value tiles) far below the SMs, its value axis split
+        # (tiling.value_split; power_gated at d = 128 has 129 feature tiles already)
+        assert runner.launch_config(cuda, "bfloat16", 0, dims_for(k, d)) == dataclasses.replace(fitted, block_v=split)
     runner = WindowRunner(WINDOW.planner.cg_program, WINDOW.schedules["O"])
     assert runner.launch_config(cuda, "bfloat16", 0, dims_for(WINDOW, 128)) == form_fitted[("bla", 128, "bfloat16")][0]
     # the CPU interpreter keeps its own tiles

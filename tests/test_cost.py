@@ -170,7 +170,7 @@ def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, 
             vals = {s.name: v for s, v in window_consts(k.schedules["O"], dims).items()}
         elif form == "linear":
             chunk, block_f = chunk_config(torch.device("cpu"), n, k.planner.linear_plans["O"][0].features(8))
-            vals = {"CHUNK": chunk, "BLOCK_F": block_f, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
+            vals = {"CHUNK": chunk, "BLOCK_F": block_f, "BLOCK_V": 32, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
         else:
             vals = {"BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 16, "HEAD_DIM_V": 32}
         for field in ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored",
@@ -261,6 +261,18 @@ def test_device_table():
         get_device("tpu")
     with pytest.raises(InputError, match="dtype"):
         canonical_dtype("int8")
+
+
+def test_launches_of_fewer_programs_than_sms_have_a_share_of_the_device():
+    """A launch of P < SMs programs takes SMs / P times its roofline (one program per SM): causal attention at
+    d = 128, n = 8192 (64 row tiles per head) costs the same with 1 and 2 heads and 256/132 of that with 4."""
+    k = compile_("causal")
+    launch = get_device("h100").launch_s
+    assert get_device("h100").occupancy(66) == 0.5 and get_device("h100").occupancy(1000) == 1.0
+    t = {b: k.cost(dtype="bf16", device="h100", batch=b, n=8192, d=128, e=128).predicted_seconds - launch
+         for b in (1, 2, 4)}
+    assert t[1] == pytest.approx(t[2], rel=1e-9)
+    assert t[4] / t[2] == pytest.approx(256 / 132, rel=1e-9)
 
 
 def test_roofline_bounds_and_devices():

@@ -202,3 +202,6 @@ def test_a_forced_linear_form_tunes_its_chunk_configs(monkeypatch):
     assert labels == ["linear linear", "linear linear chunk128 f64 w8 s3", "linear linear chunk128 f32 w8 s3",
                       "linear linear chunk128 f16 w8 s3", "linear linear chunk64 f32 w8 s3"]
     assert len(seen) == 5 and plan.key == labels[2] and plan.config.chunk == 128 and plan.config.block_f == 32
+    # a value width over 32: half-width value tiles (the scan's programs doubled) instead of 32-feature tiles
+    wide = [p.key for p in k.planner.candidates("O", {**b.dims, "e": 128}, "float64", "float64", b.device, 1, 2)]
+    assert wide == labels[:4] + ["linear linear chunk128 f64 v64 w8 s3", "linear linear chunk64 f64 v64 w4 s3"]

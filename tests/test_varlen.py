@@ -123,8 +123,8 @@ def test_varlen_runs_a_residue_plan_in_its_tiled_variant(monkeypatch):
     _, block = ring.block_kernel(k)
     plan = block.launcher.plan
 
-    def residue(name, b, config=None):
-        p = plan(name, b, config)
+    def residue(name, b, config=None, fills=False):
+        p = plan(name, b, config, fills)
         res = [v for v in block.planner.variants[name] if v.kind == onf.RESIDUE]
         return dataclasses.replace(p, schedule=res[0]) if res else p
 
