@@ -143,7 +143,7 @@ def cmd_cost(args) -> int:
         print(line)
     if len(dims) == len(k.program.dims) and args.device != "cpu":
         for name in k.output_names:
-            if k.planner.choose_form(name, dims, args.device, dtype) == "linear":
+            if k.planner.choose_form(name, dims, args.device, dtype, batch=max(1, nbatch)) == "linear":
                 print(f"note: at these dims the runtime runs output {name} in the linear (chunked) form, which is "
                       f"predicted faster (moa explain); this table is the quadratic (tiled) kernel")
     if fit:

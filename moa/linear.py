@@ -135,23 +135,49 @@ class FormCost:
     flops: float
     dram_bytes: float
     onchip_state_bytes: float
+    # ((tl.dot FLOPs, other FLOPs, bytes, programs, launches), ...): kernels one after the other, each group of
+    # `launches` kernels timed as one launch of `programs` programs (the backward's kernels of one grid)
+    launches: tuple = ()
 
 
+def value_tile(nfeat: int, block_f: int, head_dim_v: int, zl: int, sms: int, start: int | None = None) -> int:
+    """The chunk scan's value tile BLOCK_V (the state's columns per program) when the value axis is split for the
+    device: the padded value width, halved while twice the scan's programs (feature tiles x value tiles x zl, zl =
+    batch x leading indices) still fit on the `sms` SMs and the tile keeps 32 columns or more. A launch of fewer
+    programs than SMs has that share of the device (moa/devices.py Device.occupancy); the split re-reads the
+    keys' features once per value tile. start: the tile to halve from (default the whole width)."""
+    bv = start or head_dim_v
+    while bv >= 64 and 2 * -(-nfeat // block_f) * -(-head_dim_v // bv) * zl <= sms:
+        bv //= 2
+    return bv
+
+
+# long: the two forms' counts side by side, forward and training, per launch
 def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int = 4, block_m: int = 128,
                block_n: int = 64, chunk: int = 64, block_f: int = 64, training: bool = False,
-               state_bytes: int | None = None) -> dict:
+               state_bytes: int | None = None, batch: int = 1, sms: int | None = None,
+               l2_bytes: int | None = None) -> dict:
     """FLOPs and DRAM bytes of the quadratic (tiled, causal) and chunked linear forms for concrete dims,
-    counted on padded tiles like the generated kernels (HD, HV: head dims padded to powers of two >= 16).
+    counted on padded tiles like the generated kernels (HD, HV: head dims padded to powers of two >= 16), over
+    the leading indices and `batch` instances; `launches` holds them per kernel with its programs.
 
     quadratic: visited tiles = the causal part of (n / BM) x (n / BN); per tile 2 BM BN (HD + HV) for the two
-               dots and (p + 4) BM BN elementwise; reads Q once, K and V once per visited tile; writes O.
+               dots and (p + 4) BM BN elementwise; reads Q once, K and V once per visited tile (once in all
+               where one instance's K and V fit in half of `l2_bytes`: the re-reads hit L2, as moa/cost.py
+               counts them); writes O. One launch of n / BM row tiles.
     linear:    T = n / C chunks, F = D rounded up to BLOCK_F features (D = C(d + p - 1, p)):
                scan T F C (2 HV + p + 2) for the chunks' own states plus 2 T F (HV + 1) for the prefix, output
                T F C (2 HV + p + 2) plus the intra-chunk part C^2 (2 HD + 2 HV + p + 4); reads per row the p
-               factors of every feature twice (the scan's operand, the output kernel's), V once per feature
-               tile, and Q, K, V once more for the intra-chunk part; states written once (by the scan) and read
-               once (by the output kernel), state_bytes each (default acc_bytes; 2 for a bfloat16 forward).
-    training: the forward plus the backward of each form (`backward_costs`; the states in acc_bytes).
+               factors of every feature twice (the scan's operand, once per value tile; the output kernel's), V
+               once per feature tile, and Q, K, V once more for the intra-chunk part; states written once (by the
+               scan) and read once (by the output kernel), state_bytes each (default acc_bytes; 2 for a bfloat16
+               forward). The scan's programs are the feature tiles x value tiles (`value_tile` for `sms`; one
+               value tile without), the output kernel's the chunks.
+    training: the forward plus the backward of each form (`backward_costs`; the states in acc_bytes): the
+              quadratic backward's two kernels timed as one launch over the key tiles (its dK / dV grid), the
+              chunked backward's two scans (the recomputed prefix, the reverse suffix: 2 T F C (2 HV + p + 2)
+              + 4 T F (HV + 1), their operand's factors and V per feature tile, the states) as launches over
+              the feature tiles, and its dK, dV and dQ kernels as launches over the chunks.
     """
     def pad(x):
         return max(16, 1 << max(0, x - 1).bit_length())
@@ -161,33 +187,47 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     e = sy.evaluate(s.col[1], dims)
     d = sy.evaluate(br.dot.extent, dims)
     hd, hv = pad(d), pad(e)
-    zl = 1
+    zl = batch
     for _, x in s.lead:
         zl *= sy.evaluate(x, dims)
     rt = -(-n // block_m)
     tiles = sum(min(-(-n // block_n), ((r + 1) * block_m - 1) // block_n + 1) for r in range(rt))
-    q_flops = tiles * block_m * block_n * (2 * (hd + hv) + lp.p + 4)
-    q_bytes = elem_bytes * (n * d + tiles * block_n * (d + e) + n * e)
+    kv_rows = n if l2_bytes and n * (d + e) * elem_bytes <= l2_bytes / 2 else tiles * block_n
+    quad = [(tiles * block_m * block_n * 2 * (hd + hv), tiles * block_m * block_n * (lp.p + 4),
+             elem_bytes * (n * d + kv_rows * (d + e) + n * e), rt, 1)]
     t = -(-n // chunk)
     D = lp.features(d)
-    F = -(-D // block_f) * block_f
-    l_flops = t * F * chunk * (4 * hv + 2 * lp.p + 4) + 2 * t * F * (hv + 1) \
-        + t * chunk * chunk * (2 * (hd + hv) + lp.p + 4)
+    nft = -(-D // block_f)
+    F = nft * block_f
+    nvt = hv // value_tile(D, block_f, hv, zl, sms) if sms else 1
     st = acc_bytes if training or state_bytes is None else state_bytes
-    l_bytes = elem_bytes * n * (2 * lp.p * D + (F // block_f) * e + 2 * d + e) + st * t * D * (e + 1) * 2
+    states = st * t * D * (e + 1)
+    lin = [(t * F * chunk * 2 * hv, t * F * chunk * (lp.p + 2) + 2 * t * F * (hv + 1),
+            elem_bytes * n * (lp.p * D * nvt + nft * e) + states, nft * nvt, 1),
+           (t * F * chunk * 2 * hv + t * chunk * chunk * 2 * (hd + hv),
+            t * F * chunk * (lp.p + 2) + t * chunk * chunk * (lp.p + 4),
+            elem_bytes * n * (lp.p * D + 2 * d + e) + states, t, 1)]
     if training:
-        bq, bl = backward_costs(lp, n, d, e, tiles, elem_bytes, acc_bytes, block_m, block_n, chunk, block_f)
-        q_flops, q_bytes, l_flops, l_bytes = q_flops + bq[0], q_bytes + bq[1], l_flops + bl[0], l_bytes + bl[1]
-    return {
-        "quadratic": FormCost("quadratic", zl * q_flops, zl * q_bytes, acc_bytes * block_m * hv),
-        "linear": FormCost("linear", zl * l_flops, zl * l_bytes, acc_bytes * block_f * hv),
-    }
+        (qd, qo, qb), (ld, lo, lb) = backward_costs(lp, n, d, e, tiles, elem_bytes, acc_bytes, block_m, block_n,
+                                                    chunk, block_f, parts=True)
+        quad.append((qd, qo, qb, -(-n // block_n), 2))
+        scans = (2 * t * F * chunk * 2 * hv, 2 * t * F * chunk * (lp.p + 2) + 4 * t * F * (hv + 1),
+                 elem_bytes * 2 * n * (lp.p * D + nft * e) + acc_bytes * 2 * t * D * (e + 1))
+        lin += [(*scans, nft, 2), (ld - scans[0], lo - scans[1], lb - scans[2], t, 3)]
+
+    def cost(form, parts, onchip):
+        launches = tuple((zl * a, zl * o, zl * b, zl * p, k) for a, o, b, p, k in parts)
+        return FormCost(form, sum(x[0] + x[1] for x in launches), sum(x[2] for x in launches), onchip, launches)
+
+    return {"quadratic": cost("quadratic", quad, acc_bytes * block_m * hv),
+            "linear": cost("linear", lin, acc_bytes * block_f * hv)}
 
 
 def backward_costs(lp: LinearPlan, n: int, d: int, e: int, tiles: int, elem_bytes: int, acc_bytes: int,
-                   block_m: int, block_n: int, chunk: int, block_f: int) -> tuple:
+                   block_m: int, block_n: int, chunk: int, block_f: int, parts: bool = False) -> tuple:
     """((FLOPs, bytes) of the quadratic backward, (FLOPs, bytes) of the chunked backward) of one leading index,
-    leading order, on padded tiles like the generated kernels (their tl.dot FLOPs are these exactly).
+    leading order, on padded tiles like the generated kernels (their tl.dot FLOPs are these exactly); parts:
+    (tl.dot FLOPs, other FLOPs, bytes) each.
 
     quadratic: per visited tile, dK/dV 4 BM BN (HD + HV) (S, dP, dV, dK) and dQ BM BN (2 HV + 2 HD + 2 HD [p >= 2:
                the score's partial needs S]); reads Q, dO per visited tile, K, V per visited tile, writes dQ, dK, dV.
@@ -215,26 +255,36 @@ def backward_costs(lp: LinearPlan, n: int, d: int, e: int, tiles: int, elem_byte
     nft = F // block_f
     l_bytes = elem_bytes * (2 * n * (p * D + nft * e) + 3 * n * p * D + 3 * n * (d + e)) \
         + acc_bytes * (5 * t * D * (e + 1) + n * (2 * d + e))
+    if parts:
+        return (q_dots, q_other, q_bytes), (l_dots, l_other, l_bytes)
     return (q_dots + q_other, q_bytes), (l_dots + l_other, l_bytes)
 
 
-def predicted_seconds(c: FormCost, peak_flops: float, bandwidth: float) -> float:
-    """Roofline: the larger of compute time and memory time."""
-    return max(c.flops / peak_flops, c.dram_bytes / bandwidth)
+def predicted_seconds(c: FormCost, peak_flops: float, bandwidth: float, sms: int | None = None,
+                      launch_s: float = 0.0, vector_flops: float | None = None) -> float:
+    """Roofline: the larger of compute time and memory time. With `sms`, as moa/cost.py times a call: per launch,
+    tl.dot FLOPs at peak_flops and the others at vector_flops (the CUDA cores), divided by the launch's
+    occupancy min(1, programs / SMs), plus launch_s per launch."""
+    if sms is None or not c.launches:
+        return max(c.flops / peak_flops, c.dram_bytes / bandwidth) + launch_s * sum(x[4] for x in c.launches)
+    vec = vector_flops or peak_flops
+    return sum(max(a / peak_flops + o / vec, b / bandwidth) / min(1.0, p / sms) + launch_s * k
+               for a, o, b, p, k in c.launches)
 
 
-def crossover(lp: LinearPlan, dims: dict, peak_flops: float, bandwidth: float, **kw) -> int | None:
-    """The n from which the linear form is predicted faster (power of two search, then bisection). Past a tile
-    boundary the choice can flip back for a few rows, so some smaller n may favour the linear form too (linear
-    attention at d = 64 with bfloat16 states: 641, and 513-634)."""
+def crossover(lp: LinearPlan, dims: dict, peak_flops: float, bandwidth: float, launch_s: float = 0.0,
+              vector_flops: float | None = None, **kw) -> int | None:
+    """The n from which the linear form is predicted faster (power of two search, then bisection); kw: those of
+    form_costs (`sms` also times the launches by their occupancy). Past a tile boundary the choice can flip back
+    for a few rows, so some smaller n may favour the linear form too."""
     row = lp.schedule.row[1]
     if not row.is_Symbol:
         return None
 
     def faster(n):
         c = form_costs(lp, {**dims, row.name: n}, **kw)
-        return predicted_seconds(c["linear"], peak_flops, bandwidth) < predicted_seconds(c["quadratic"],
-                                                                                         peak_flops, bandwidth)
+        t = {f: predicted_seconds(c[f], peak_flops, bandwidth, kw.get("sms"), launch_s, vector_flops) for f in c}
+        return t["linear"] < t["quadratic"]
     hi = 64
     while not faster(hi):
         hi *= 2

@@ -7,6 +7,8 @@ kernels (codegen/window_backward.py, runtime/window_backward.py; nothing saved).
 compute is the gradient DNF evaluated unfused in float64 (runtime/grad_eval.py)."""
 from __future__ import annotations
 
+import math
+
 from functools import cached_property
 
 import torch
@@ -74,7 +76,8 @@ class Backward:
         backward is predicted faster; `form=` when forced), where the chunked backward exists and, on CUDA, a config
         of the phase fits the device (else the quadratic kernels run: the saved Z is the same in both forms)."""
         return self.linear is not None and \
-            self.k.planner.run_kind(self.k.output_names[0], b.dims, training=True) == LINEAR and \
+            self.k.planner.run_kind(self.k.output_names[0], b.dims, training=True,
+                                    batch=math.prod(b.batch)) == LINEAR and \
             self.linear.fits(b, phase)
 
     @cached_property

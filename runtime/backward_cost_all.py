@@ -90,7 +90,8 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
                          Config(*(2 * (window_default(int(sy.evaluate(spec.row_extent, cg_dims))).block_m,))))
         got = window_backward_cost.predict(r, cg_dims, batch, compute, cfg)
         return BackwardCost("window", {n: work_of(n, c) for n, c in got.items()})
-    if bw.linear is not None and planner.run_kind(k.output_names[0], dims, training=True) == "linear":
+    if bw.linear is not None and planner.run_kind(k.output_names[0], dims, training=True,
+                                                  batch=math.prod(batch)) == "linear":
         return backward_cost_linear.cost(bw.linear, cg_dims, batch, compute, config)
     if bw.runner is not None:
         r = bw.runner

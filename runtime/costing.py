@@ -170,8 +170,8 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     if any(d.name not in dims for d in planner.program.dims):
         return _symbolic(planner, dtype, dev, compute, config, math.prod(batch), index_dtype, dims)
     dims, inputs = _codegen_names(planner, dims, inputs)
-    kinds = {name: planner.run_kind(name, dims if as_called else None, None if on_cpu else device, dtype)
-             for name in planner.output_names}
+    kinds = {name: planner.run_kind(name, dims if as_called else None, None if on_cpu else device, dtype,
+                                    batch=math.prod(batch)) for name in planner.output_names}
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
                                      fit and config is None and dev is not None, schedules or {})
     specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)

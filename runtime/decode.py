@@ -245,7 +245,8 @@ def split_preference(kernel, inputs: dict):
     memo = _PREFER.setdefault(kernel, {})
     if key not in memo:
         try:
-            kinds = {kernel.planner.run_kind(n, kernel.bind(inputs).dims) for n in kernel.output_names}
+            b = kernel.bind(inputs)
+            kinds = {kernel.planner.run_kind(n, b.dims, batch=math.prod(b.batch)) for n in kernel.output_names}
             st = decode(kernel, inputs, plan_only=True) if kinds == {"tiled"} else None
         except MoaError:
             st = None

@@ -8,11 +8,8 @@ from moa import dnf as D
 from moa import linear, onf
 from moa import symbolic as sy
 from moa import tiles as TL
-from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
 
-from .plan import device_roofline
-from .tiling import state_dtype
 
 
 def tile_map(k, name: str, branch: int, dims: dict, config):
@@ -115,8 +112,6 @@ def _forms(planner) -> list:
     for name, (lp, _why) in plans.items():
         if lp is None:
             continue
-        peak, bw = device_roofline("h100", "bf16")
-        states = DTYPE_BYTES[state_dtype("bfloat16")]   # a bfloat16 call's stored chunk states
         d = lp.branch.dot.extent
         e = lp.schedule.col[1]
         dims = {str(s): 64 for s in (d, e) if s.is_Symbol}
@@ -124,14 +119,15 @@ def _forms(planner) -> list:
                    f" features of degree {lp.p}{', gated' if lp.ga is not None else ''})")
         for n in (1024, 16384, 131072):
             row = lp.schedule.row[1]
-            c = linear.form_costs(lp, {**dims, str(row): n}, state_bytes=states)
-            t = {f: linear.predicted_seconds(c[f], peak, bw) for f in c}
+            c = linear.form_costs(lp, {**dims, str(row): n})
+            t = planner.form_times(name, {**dims, str(row): n})
             out.append(f"  n = {n:6d} ({', '.join(f'{k}={v}' for k, v in dims.items())}): quadratic "
                        f"{c['quadratic'].flops:.3g} FLOP {t['quadratic'] * 1e6:.1f} us, linear "
-                       f"{c['linear'].flops:.3g} FLOP {t['linear'] * 1e6:.1f} us (h100 bf16 roofline)")
-        x = linear.crossover(lp, dims, peak, bw, state_bytes=states)
-        out.append(f"  predicted crossover: linear is faster from n = {x} on" if x else
-                   "  predicted crossover: none below n = 2^24")
+                       f"{c['linear'].flops:.3g} FLOP {t['linear'] * 1e6:.1f} us (h100 bf16, one batch index)")
+        for b in (1, 32):
+            x = planner.form_crossover(name, dims, batch=b)
+            out.append(f"  predicted crossover at batch {b}: linear is faster from n = {x} on" if x else
+                       f"  predicted crossover at batch {b}: none below n = 2^24")
     return out
 
 

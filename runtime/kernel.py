@@ -7,6 +7,8 @@ tiles, code) is decided on demand by the Planner (runtime/plan.py) and run by th
 Kernel is a thin facade over them and over the reference evaluators, the cost model, AOT and the ring."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from pathlib import Path
 
@@ -146,7 +148,7 @@ class Kernel:
             predicted = None
         out = {}
         for name in self.output_names:
-            kind = self.planner.run_kind(name, b.dims)
+            kind = self.planner.run_kind(name, b.dims, batch=math.prod(b.batch))
             if self.launcher.tunes(name, b):
                 p = self.launcher.tuned(name, b)
             elif kind == TILED:

@@ -65,7 +65,7 @@ class Launcher:
     def output(self, name: str, b: Binding) -> torch.Tensor:
         """One output of a call, in the kernel family the planner picks for its dims; on CUDA, with tuning on, the
         plan the GPU measured fastest for the call's bucket (runtime/tune.py)."""
-        kind = self.planner.run_kind(name, b.dims)
+        kind = self.planner.run_kind(name, b.dims, batch=math.prod(b.batch))
         if kind == WINDOW:
             return self.window(name, b)
         if self.tunes(name, b):

@@ -31,7 +31,7 @@ def measure(kernel, **inputs) -> Measurement:
     tiles = 0
     with instrument() as c:
         for name in planner.output_names:
-            kind = planner.run_kind(name, b.dims)
+            kind = planner.run_kind(name, b.dims, batch=math.prod(b.batch))
             lines = witness_lines(planner, name, kind, dtname, len(b.batch), b.dims, DTYPE_NAME[b.dtype],
                                   math.prod(b.batch))
             with instrument(lines=lines) as ci:

@@ -234,9 +234,11 @@ class Planner:
 
     # ---- the form and the kernel family --------------------------------------------------------------------------
     def choose_form(self, name: str, dims: dict, device: str = "h100", dtype: str = "bf16",
-                    training: bool = False) -> str:
+                    training: bool = False, batch: int = 1) -> str:
         """The form run for one output: forced by `form=`, else the one with the smaller predicted time (training:
-        of the forward and the backward together, as a call that needs gradients runs both)."""
+        of the forward and the backward together, as a call that needs gradients runs both): per launch, its
+        roofline on the device divided by its occupancy, plus the launch overhead, as cost() times a call, with
+        `batch` instances (the product of the batch axes) and the scan's value axis split as a launch splits it."""
         lp, why = self.linear_plans[name]
         if self.form == "linear":
             if lp is None:
@@ -244,15 +246,37 @@ class Planner:
             return "linear"
         if self.form == "quadratic" or lp is None:
             return "quadratic"
-        peak, bw = device_roofline(device, dtype)
-        c = linear.form_costs(lp, dims, training=training,   # the forward's stored states
-                              state_bytes=DTYPE_BYTES[state_dtype(canonical_dtype(dtype))])
-        return min(c, key=lambda f: linear.predicted_seconds(c[f], peak, bw))
+        t = self.form_times(name, dims, device, dtype, training, batch)
+        return min(t, key=t.get)
 
-    def run_kind(self, name: str, dims: dict | None, device=None, dtype=None, training: bool = False) -> str:
+    def _form_model(self, device: str, dtype: str, training: bool, batch: int) -> tuple:
+        """(form_costs keywords, predicted_seconds arguments) of the form choice on a device."""
+        dev = form_device(device)
+        kw = dict(training=training, state_bytes=DTYPE_BYTES[state_dtype(canonical_dtype(dtype))],  # forward's states
+                  batch=batch, sms=dev.sms, l2_bytes=dev.l2_bytes)
+        return kw, (dev.matmul_rate(dtype), dev.dram_bandwidth, dev.sms, dev.launch_s, dev.vector_rate(dtype))
+
+    def form_times(self, name: str, dims: dict, device: str = "h100", dtype: str = "bf16", training: bool = False,
+                   batch: int = 1) -> dict:
+        """Form -> predicted seconds of one output with a linear form (moa/linear.py form_costs and
+        predicted_seconds, as choose_form compares them)."""
+        kw, args = self._form_model(device, dtype, training, batch)
+        c = linear.form_costs(self.linear_plans[name][0], dims, **kw)
+        return {f: linear.predicted_seconds(c[f], *args) for f in c}
+
+    def form_crossover(self, name: str, dims: dict, device: str = "h100", dtype: str = "bf16",
+                       training: bool = False, batch: int = 1) -> int | None:
+        """The n from which choose_form predicts the linear form faster (moa/linear.py crossover), dims: the
+        others."""
+        kw, (peak, bw, _, launch_s, vec) = self._form_model(device, dtype, training, batch)
+        return linear.crossover(self.linear_plans[name][0], dims, peak, bw, launch_s, vec, **kw)
+
+    def run_kind(self, name: str, dims: dict | None, device=None, dtype=None, training: bool = False,
+                 batch: int = 1) -> str:
         """The kernel family an output runs: WINDOW (codegen/window.py), LINEAR (codegen/chunked.py) or TILED
         (codegen/emit.py). dims None: the family without a call (tiled unless forced); device/dtype None: as a
-        call decides (h100, bf16 prediction); training: the form of a call that also runs the backward."""
+        call decides (h100, bf16 prediction); training: the form of a call that also runs the backward; batch:
+        the product of the call's batch axes."""
         if self.is_window(name):
             return WINDOW
         if self.form == "linear":
@@ -261,8 +285,8 @@ class Planner:
         if self.form == "quadratic" or dims is None:
             return TILED
         try:
-            form = self.choose_form(name, dims, training=training) if device is None else \
-                self.choose_form(name, dims, device=str(device), dtype=dtype, training=training)
+            form = self.choose_form(name, dims, training=training, batch=batch) if device is None else \
+                self.choose_form(name, dims, device=str(device), dtype=dtype, training=training, batch=batch)
         except (UnsupportedError, KeyError):
             return TILED
         return LINEAR if form == "linear" else TILED
@@ -344,10 +368,9 @@ def _extents(sched, dims):
     return n, mext, max(head_dims(sched, dims))
 
 
-def device_roofline(device: str, dtype: str) -> tuple[float, float]:
-    """(peak FLOP/s, DRAM bytes/s) of a named device for the form choice."""
+def form_device(device: str):
+    """The device-table entry (moa/devices.py) the form choice predicts on (h100 where `device` names none)."""
     try:
-        dev = get_device(device)
-        return dev.peak_flops(dtype), dev.dram_bandwidth
+        return get_device(device)
     except (MoaError, AttributeError, KeyError):
-        return 989e12, 3.35e12  # H100 SXM dense bf16, HBM3
+        return get_device("h100")

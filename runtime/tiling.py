@@ -18,6 +18,7 @@ except ImportError:
 
 from moa import onf
 from moa import symbolic as sy
+from moa.linear import value_tile
 from moa.errors import InputError, UnsupportedError
 
 from .device import cdiv, next_pow2
@@ -266,11 +267,9 @@ def linear_tune_configs(n: int, head_dim_v: int = 128) -> list:
 def value_split(cfg: LinearConfig, nfeat: int, head_dim_v: int, zl: int, sms: int) -> LinearConfig:
     """The scan's value tile a launch uses without timing: cfg's, halved while twice the scan's programs (feature
     tiles x value tiles x zl, zl = batch x leading indices) still fit on the device's SMs and the tile keeps 32
-    columns or more. A launch of P < SMs programs has P / SMs of the device (moa/devices.py Device.occupancy);
-    the split re-reads the keys' features once per value tile and shrinks the scan's state accumulator."""
-    bv = cfg.value_tile(head_dim_v)
-    while bv >= 64 and 2 * -(-nfeat // cfg.block_f) * -(-head_dim_v // bv) * zl <= sms:
-        bv //= 2
+    columns or more (moa.linear.value_tile, the rule the form choice counts); it also shrinks the scan's state
+    accumulator."""
+    bv = value_tile(nfeat, cfg.block_f, head_dim_v, zl, sms, cfg.value_tile(head_dim_v))
     return cfg if bv == cfg.value_tile(head_dim_v) else replace(cfg, block_v=bv)
 
 

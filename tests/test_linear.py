@@ -17,7 +17,6 @@ import moa
 from moa.linear import backward_costs, crossover, feature_table, form_costs, plan
 from moa.runtime.linear_eval import linear_reference
 from moa.runtime.measure import instrument
-from moa.runtime.plan import device_roofline
 from moa.runtime.tiling import Config, LinearConfig
 
 import oracles
@@ -247,20 +246,21 @@ def test_training_form_costs_follow_the_backward_kernels(example):
 
 
 def test_training_form_choice_counts_the_backward():
-    """A call that needs gradients picks the form whose forward plus backward is predicted faster: at d = 64 and
-    n = 600 linear attention's forward alone (bfloat16 states) is predicted faster in the chunked form, forward plus
-    backward in the quadratic one (the chunked backward reads every feature tile's factors in four kernels and keeps
-    float32 states); both are chunked from n = 641, where a sixth 128-row tile starts."""
+    """A call that needs gradients picks the form whose forward plus backward is predicted faster (per launch, with
+    its occupancy and overhead, as cost() times a call): linear attention at d = 64 and one (batch, head) is
+    chunked from n = 62209 for the forward alone (its scan runs 2 programs: the quadratic kernel's n / 128 row
+    tiles fill the device sooner), from 51073 for forward plus backward (the quadratic backward's n^2 work weighs
+    more); in between the forward stays quadratic and training is chunked; 32 heads bring both down to 3201 and
+    2305."""
     k = moa.compile("examples/linear.moa")
     lp = k.planner.linear_plans["O"][0]
-    peak, bw = device_roofline("h100", "bf16")
-    fwd = crossover(lp, {"d": 64, "e": 64}, peak, bw, state_bytes=2)   # a bfloat16 forward: bfloat16 states
-    train = crossover(lp, {"d": 64, "e": 64}, peak, bw, training=True)
-    assert fwd == train == 641
-    dims = {"n": 600, "d": 64, "e": 64}   # below both (the choice is not monotone just past a tile boundary)
-    assert k.planner.run_kind("O", dims) == "linear" and k.planner.run_kind("O", dims, training=True) == "tiled"
-    assert k.backward.cost(dims, dtype="float32").path == "fused"
-    assert k.backward.cost({**dims, "n": 1000}, dtype="float32").path == "linear"
+    cross = {(t, b): k.planner.form_crossover("O", {"d": 64, "e": 64}, training=t, batch=b)
+             for t in (False, True) for b in (1, 32)}
+    assert cross == {(False, 1): 62209, (True, 1): 51073, (False, 32): 3201, (True, 32): 2305}
+    dims = {"n": 56000, "d": 64, "e": 64}
+    assert k.planner.run_kind("O", dims) == "tiled" and k.planner.run_kind("O", dims, training=True) == "linear"
+    assert k.backward.cost(dims, dtype="float32").path == "linear"
+    assert k.backward.cost({**dims, "n": 1000}, dtype="float32").path == "fused"
     c = form_costs(lp, dims, training=True)
     assert c["quadratic"].flops > form_costs(lp, dims)["quadratic"].flops
 

@@ -135,11 +135,22 @@ def test_heads_sharing_kv_with_a_per_head_gate(monkeypatch):
 
 
 def test_form_choice_of_training(monkeypatch):
-    """form=None: the training form choice (moa/linear.py's predicted times of forward plus backward; at d = e = 4
-    the linear form wins from n = 129 for the forward alone, from n = 513 for forward plus backward): n = 130
-    trains through the quadratic kernels, n = 520 through the chunked ones; both exact."""
+    """form=None: the training form choice (moa/linear.py's predicted times of forward plus backward) picks the
+    kernels a call trains through, both exact. On the H100's table the chunked form wins at d = e = 4 and batch 2
+    from n = 13569 only (its scans run few programs); on a device that any grid fills, without launch overhead
+    (the interpreter's scale), from n = 257 (and for some n past a tile boundary, 129 to 255): n = 100 trains
+    through the quadratic kernels, n = 520 through the chunked ones."""
+    import dataclasses
+
+    from moa.devices import get_device
+    from moa.runtime import plan
+
+    assert _compile("power", None).planner.form_crossover("O", {"d": 4, "e": 4}, training=True, batch=2) == 13569
+    filled = dataclasses.replace(get_device("h100"), sms=1, launch_s=0.0)
+    monkeypatch.setattr(plan, "form_device", lambda device: filled)
+    assert _compile("power", None).planner.form_crossover("O", {"d": 4, "e": 4}, training=True, batch=2) == 257
     _chunk(monkeypatch, 32)
-    for n, linear in ((130, False), (520, True)):
+    for n, linear in ((100, False), (520, True)):
         k = _compile("power", None)
         x = C.inputs(k.program, {"n": n, "d": 4, "e": 4}, 3)
         assert k.backward.uses_linear(k.bind(x)) == linear

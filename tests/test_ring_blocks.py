@@ -128,10 +128,11 @@ def test_normalize_without_a_linear_form_rotates():
 
 def test_linear_ring_cost():
     k = moa.compile(os.path.join(EXAMPLES, "power_gated.moa"))
-    c = k.cost(ranks=4, interconnect="nvlink4", dtype="bf16", n=65536, d=64, e=64)
+    # 32 heads: one device would run the linear form too (with one, its scan's few programs keep it quadratic)
+    c = k.cost(ranks=4, interconnect="nvlink4", dtype="bf16", batch=32, n=65536, d=64, e=64)
     feats = 65 * 64 // 2                                     # D = C(64 + 1, 2)
     assert c.form == "linear" and c.blocks_total == 4 and c.blocks_skipped == 0
-    assert c.bytes_sent == [3 * (feats * 64 + feats + 1) * 4] * 4   # fp32 states, G at the last row, P - 1 sends
+    assert c.bytes_sent == [32 * 3 * (feats * 64 + feats + 1) * 4] * 4   # fp32 states, G at the last row, P - 1 sends
     assert not c.hides and c.exposed_seconds[0] > 0
     assert c.flops[0] == c.flops[3] < c.flops[1] == c.flops[2]     # middle ranks run the extra total scan
     # which computes their chunk states a second time (p = 2, d = 64: the scan's dots and features, about half of
