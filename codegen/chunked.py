@@ -216,15 +216,8 @@ class _Chunked:
         """_chunk_scan: each chunk's own state dS_c, dz_c, computed in the loop, and the exclusive prefix over the
         chunks (with the carried state and the final one of the ring): the states are written once, never read."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
-        body = ["    ft = tl.program_id(0)", "    vt = tl.program_id(1)  # the value tile"]
-        pro = self.prologue(2)
-        body += ["    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)",
-                 "    offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)", "    f_ok = offs_f < n_feat",
-                 f"    v_ok = offs_v < {e_c}",
-                 "    z_st = offs_f < tl.where(vt == 0, n_feat, 0)  # z: stored by the first value tile", states,
-                 f"    S = tl.zeros([BLOCK_F, BLOCK_V], dtype={self.acc})",
-                 f"    z = tl.zeros([BLOCK_F], dtype={self.acc})",
-                 f"    g_prev = tl.zeros([1], dtype={self.acc})",
+        pro, body = self.value_tiled("S", "z", e_c, states)
+        body += [f"    g_prev = tl.zeros([1], dtype={self.acc})",
                  "    if INIT:  # the state before chunk 0", carried,
                  "        S = tl.load(c_ptrs, mask=f_ok[:, None] & v_ok[None, :], other=0.0)",
                  "        z = tl.load(c_zptrs, mask=f_ok, other=0.0)"]
@@ -260,6 +253,19 @@ class _Chunked:
                         "mask=tl.zeros([1], dtype=tl.int32) + vt == 0)")
         return self._fn("_chunk_scan", pro, body, st_args, consts)
 
+
+    def value_tiled(self, state: str, norm: str, e_c: str, states: str) -> tuple:
+        """(prologue, body start) of a scan over a BLOCK_F x BLOCK_V block of a state: grid (feature tiles, value
+        tiles, Z), the offsets and masks (z_st: the normaliser's lanes, stored by the first value tile), the state
+        `state` and its normaliser `norm` set to 0."""
+        body = ["    ft = tl.program_id(0)", "    vt = tl.program_id(1)  # the value tile",
+                "    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)",
+                "    offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)", "    f_ok = offs_f < n_feat",
+                f"    v_ok = offs_v < {e_c}",
+                "    z_st = offs_f < tl.where(vt == 0, n_feat, 0)  # the normaliser: stored by the first value tile",
+                states, f"    {state} = tl.zeros([BLOCK_F, BLOCK_V], dtype={self.acc})",
+                f"    {norm} = tl.zeros([BLOCK_F], dtype={self.acc})"]
+        return self.prologue(2), body
 
     def _out_kernel(self):
         """_chunk_out: O from the exclusive prefix states and the intra-chunk quadratic part."""
@@ -336,7 +342,7 @@ class _Chunked:
                                   (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
                        AccessSite("z0", "z0", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),)),
                        AccessSite("g0", "g0", (), (), ()))
-            state += tuple(_first_value_tile(x) if x.tensor != "S0" else x for x in carried)
+            state += tuple(first_value_tile(x) if x.tensor != "S0" else x for x in carried)
             loads += tuple(replace(x, name=v) for x, v in zip(carried, ("S", "z", "g_prev")))
         elif self.lp.ga is not None:   # _chunk_out after a carried state (INIT): the gate's value at row -1
             loads += (AccessSite("g_ref", "g0", (), (), ()),)
@@ -350,7 +356,7 @@ class _Chunked:
                         + "\n".join(prune("\n".join(pro + self.offsets() + body).split("\n"))) + "\n")
 
 
-def _first_value_tile(site: AccessSite) -> AccessSite:
+def first_value_tile(site: AccessSite) -> AccessSite:
     """A store of the scan that only its first value tile's programs make (the normaliser, the gate)."""
     return replace(site, axes=site.axes + ((VTILE, "vtile"),), conds=site.conds + (sp.Lt(VTILE, 1),))
 
@@ -360,7 +366,7 @@ def scan_state_sites(s) -> tuple:
     programs, over their block of columns; zs [.., D] by the first value tile's."""
     c, e = s.col
     return (AccessSite("S", "S", (FEAT, c), ((FEAT, "feat"), (c, "col")), (sp.Lt(FEAT, NFEAT), sp.Lt(c, e))),
-            _first_value_tile(AccessSite("zs", "zs", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),))))
+            first_value_tile(AccessSite("zs", "zs", (FEAT,), ((FEAT, "feat"),), (sp.Lt(FEAT, NFEAT),))))
 
 
 def _safe(text: str) -> str:

@@ -32,8 +32,9 @@ Identities (each checked in float64 against torch.autograd through the reference
                 of an elementwise operand (elu(Q) + 1).
 
 Kernels (one module with the forward's two, whose _chunk_out also stores Z per row: the training forward):
-  _bwd_scan   grid (cdiv(D, BLOCK_F), Z): over the chunks in reverse order, each chunk's dU_c, du_c (relative to
-              ga at its first row) and the exclusive suffix, stored per chunk
+  _bwd_scan   grid (cdiv(D, BLOCK_F), cdiv(HEAD_DIM_V, BLOCK_V), Z): over the chunks in reverse order, each
+              chunk's dU_c, du_c (relative to ga at its first row) and the exclusive suffix, stored per chunk
+              (a BLOCK_F x BLOCK_V block of U per program, as the forward's scan; u by the first value tile)
   _bwd_dk     grid (T, Z): dK of the chunk's keys (then its read), and gb's reads
   _bwd_dv     grid (T, Z): dV of the chunk's keys (apart from _bwd_dk: one [CHUNK, d] accumulator each)
   _bwd_dq     grid (T, Z): dQ of the chunk's rows from the forward's prefix states, and ga's reads
@@ -202,12 +203,7 @@ class _ChunkedBackward(_Chunked):
         """_bwd_scan: each chunk's own suffix contribution dU_c, du_c (relative to ga at its first row), computed in
         the loop, and the exclusive suffix over the chunks, chunk order reversed: the states are written once."""
         br, i, n, c, e, j, n_c, e_c, st_args, consts, carried, states = self._common()
-        body = ["    ft = tl.program_id(0)"]
-        pro = self.prologue(1)
-        body += ["    offs_f = ft * BLOCK_F + tl.arange(0, BLOCK_F)", "    offs_v = tl.arange(0, HEAD_DIM_V)",
-                 "    f_ok = offs_f < n_feat", f"    v_ok = offs_v < {e_c}", states,
-                 f"    U = tl.zeros([BLOCK_F, HEAD_DIM_V], dtype={self.acc})",
-                 f"    u = tl.zeros([BLOCK_F], dtype={self.acc})"]
+        pro, body = self.value_tiled("U", "u", e_c, states)
         inner = ["    t = n_chunks - 1 - tt", "    offs_i = t * CHUNK + tl.arange(0, CHUNK)",
                  f"    row_ok = offs_i < {n_c}"]
         factors = self.factors(br.dot.a, i, "offs_i", inner, table=body)
@@ -221,7 +217,7 @@ class _ChunkedBackward(_Chunked):
         inner += [f"    dU = tl.dot(tl.trans(phi), dn{self.dot_kw})", "    du = tl.sum(phi * dz[:, None], 0)",
                   "    tl.store(U_ptr + s_base + t * n_feat * HEAD_DIM_V + offs_f[:, None] * HEAD_DIM_V + "
                   "offs_v[None, :], U, mask=f_ok[:, None] & v_ok[None, :])  # chunks after t, ref. row (t+1) C",
-                  "    tl.store(uz_ptr + z_base + t * n_feat + offs_f, u, mask=f_ok)"]
+                  "    tl.store(uz_ptr + z_base + t * n_feat + offs_f, u, mask=z_st)"]
         if g0 is not None:
             inner.append(f"    nxt = tl.minimum(t * CHUNK + CHUNK, {n_c} - 1)")
             g1 = self.gate("a", i, "nxt", inner)

@@ -176,8 +176,8 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     training: the forward plus the backward of each form (`backward_costs`; the states in acc_bytes): the
               quadratic backward's two kernels timed as one launch over the key tiles (its dK / dV grid), the
               chunked backward's two scans (the recomputed prefix, the reverse suffix: 2 T F C (2 HV + p + 2)
-              + 4 T F (HV + 1), their operand's factors and V per feature tile, the states) as launches over
-              the feature tiles, and its dK, dV and dQ kernels as launches over the chunks.
+              + 4 T F (HV + 1), their operand's factors per value tile and V per feature tile, the states) as
+              launches over the feature x value tiles, and its dK, dV and dQ kernels as launches over the chunks.
     """
     def pad(x):
         return max(16, 1 << max(0, x - 1).bit_length())
@@ -213,7 +213,8 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
         quad.append((qd, qo, qb, -(-n // block_n), 2))
         scans = (2 * t * F * chunk * 2 * hv, 2 * t * F * chunk * (lp.p + 2) + 4 * t * F * (hv + 1),
                  elem_bytes * 2 * n * (lp.p * D + nft * e) + acc_bytes * 2 * t * D * (e + 1))
-        lin += [(*scans, nft, 2), (ld - scans[0], lo - scans[1], lb - scans[2], t, 3)]
+        rest = (ld - scans[0], lo - scans[1], lb - scans[2], t, 3)
+        lin += [(*scans[:2], scans[2] + elem_bytes * 2 * n * lp.p * D * (nvt - 1), nft * nvt, 2), rest]
 
     def cost(form, parts, onchip):
         launches = tuple((zl * a, zl * o, zl * b, zl * p, k) for a, o, b, p, k in parts)

@@ -23,7 +23,7 @@ from moa import dnf as D
 from moa import ir
 from moa import symbolic as sy
 from moa.codegen import launches as CL
-from moa.codegen.chunked import CHUNK, CHUNK_IDX, FEAT, NFEAT, scan_state_sites
+from moa.codegen.chunked import CHUNK, CHUNK_IDX, FEAT, NFEAT, first_value_tile, scan_state_sites
 from moa.codegen.chunked_backward import BACKWARD_KERNELS
 from moa.codegen.constexprs import HEAD_DIM_V, csym
 from moa.codegen.exprs import AccessSite
@@ -37,6 +37,7 @@ from .linear_cost import FT as _FT
 from .tiling import LinearConfig, chunk_config
 
 KERNELS = ("_chunk_scan", *BACKWARD_KERNELS)
+SCANS = ("_chunk_scan", "_bwd_scan")   # grid (feature tiles, value tiles, Z)
 _ONE = "one"   # the axis of a gate read at a chunk's boundary row: one lane
 
 
@@ -67,7 +68,7 @@ def _text_sites(lp, program) -> dict:
 
     ua, ub = atomics(lp.ga, i), atomics(lp.gb, br.var)
     return {"_chunk_scan": ((), scan_state_sites(s)),
-            "_bwd_scan": ((dn, dz), (state("U", "U"), state("uz", "uz", False))),
+            "_bwd_scan": ((dn, dz), (state("U", "U"), first_value_tile(state("uz", "uz", False)))),
             "_bwd_dk": ((dn, dz, state("U", "U"), state("u", "uz", False)) + ub, (grad("dK", kv, "HEAD_DIM", d),) + ub),
             "_bwd_dv": ((dn, dz, state("U", "U")), (grad("dV", c, "col", e),)),
             "_bwd_dq": ((dn, dz, state("S", "S"), state("z", "zs", False)) + ua, (grad("dQ", kv, "HEAD_DIM", d),) + ua)}
@@ -91,16 +92,14 @@ def launches(lb, dtname: str, nbatch: int) -> list:
     T, NFT = sp.ceiling(lp.schedule.row[1] / CHUNK), sp.ceiling(NFEAT / block_f)
     axes = {"crow": (CHUNK, CHUNK_IDX * CHUNK), "feat": (block_f, _FT * block_f), "col": (HEAD_DIM_V, 0),
             "HEAD_DIM": (hd, 0), "chunk": (1, CHUNK_IDX), _ONE: (1, 0)}
-    feats = ((_FT, NFT),)
     shape = {"_chunk_scan": (scan_grid(), {("loop", 0): (CHUNK_IDX, 0, T)}),
-             "_bwd_scan": (feats, {("loop", 0): (CHUNK_IDX, 0, T)}),
+             "_bwd_scan": (scan_grid(), {("loop", 0): (CHUNK_IDX, 0, T)}),
              **{k: (((CHUNK_IDX, T),), {("loop", 0): (_FT, 0, NFT)}) for k in ("_bwd_dk", "_bwd_dv", "_bwd_dq")}}
     out = []
     for fn in KERNELS:
         loads = tuple(_boundary(x) for x in sites[fn][0]) + extra[fn][0]
         led = function_ledger(program, spec.source, fn, loads, extra[fn][1], "out", consts, {"fidx": "i"})
-        out.append(CL.Launch(fn, led, *shape[fn], scan_axes(axes) if fn == "_chunk_scan" else axes, None,
-                             spec.source))
+        out.append(CL.Launch(fn, led, *shape[fn], scan_axes(axes) if fn in SCANS else axes, None, spec.source))
     return out
 
 

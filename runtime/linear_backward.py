@@ -28,8 +28,9 @@ from . import cache
 from . import aot as A
 from .aot_batch import TRITON_TYPE, aot_groups, cuda_target, divisible_args, kernel_signature
 from .binding import Binding
-from .device import cdiv, check_device, next_pow2, run
+from .device import check_device, next_pow2, run, sm_count
 from .launch import compute_dtype
+from .linear_cost import linear_launch_split
 from .linear_run import LinearRunner
 from .tiling import DTYPE_NAME, LinearConfig, chunk_config, linear_candidates
 
@@ -76,7 +77,9 @@ class LinearBackward:
 
     def _config(self, b: Binding, dtname: str, phase: str) -> LinearConfig:
         """The LinearConfig of a phase ("forward": the training forward's two kernels; "backward": the states
-        recomputed and the four backward kernels, whose chunks must agree)."""
+        recomputed and the four backward kernels, whose chunks must agree). On CUDA the fitted config with the
+        scans' value axis split while that keeps their programs within the SMs (tiling.value_split: the split
+        only shrinks the scans' tiles)."""
         n = int(sy.evaluate(self.lp.schedule.row[1], b.dims))
         if b.device.type != "cuda":
             if INTERPRETER_CONFIG is not None:
@@ -87,7 +90,7 @@ class LinearBackward:
         if key not in self._chosen:
             self._chosen[key] = choose(self.planner.cg_program, self.lp, self.spec(dtname, len(b.batch)), dtname,
                                        b.dims, cuda_target(b.device), phase)[0]
-        return self._chosen[key]
+        return linear_launch_split(self.lp, b.dims, b.batch, sm_count(b.device), self._chosen[key])
 
     def fits(self, b: Binding, phase: str) -> bool:
         """Whether a phase of a call has a config (always in the interpreter; on CUDA one that fits the device). A
@@ -150,8 +153,7 @@ class LinearBackward:
             for g in scat.values():
                 args += [g, *g.stride()]
             args += launch.tail
-            nft = cdiv(launch.nfeat, launch.consts["BLOCK_F"])
-            grids = {"_bwd_scan": (nft, zl)}
+            grids = {"_bwd_scan": launch.scan_grid()}
             grids.update({x: (launch.T, zl) for x in ("_bwd_dk", "_bwd_dv", "_bwd_dq")})
             for kern in BACKWARD_KERNELS:
                 run(getattr(launch.mod, kern), grids[kern], args, launch.flags(0, 1, 0), dev, _WHAT)

@@ -194,3 +194,14 @@ def test_larger_and_two_batch_axes(stem, form, launches):
     k, dims, x = _setup(stem, form, size={**SIZE, "n": 70, "m": 53, "d": 20, "e": 9}, batch=(2, 3))
     pred = k.backward.cost(dims, (2, 3), "float64", inputs=_ints(x))
     _check(pred, _measured(k, x, launches))
+
+
+@pytest.mark.parametrize("stem", ["linear", "power_gated"])
+def test_chunked_linear_backward_with_value_tiles_is_predicted_exactly(stem, launches, monkeypatch):
+    """The scans split along the value axis (BLOCK_V = 16 of HEAD_DIM_V = 64: four value tiles per feature tile;
+    the normalisers z and u stored by the first), counted exactly."""
+    monkeypatch.setattr(linear_backward, "INTERPRETER_CONFIG", LinearConfig(16, 16, block_v=16))
+    k, dims, x = _setup(stem, form="linear", size={**SIZE, "e": 40})
+    pred = k.backward.cost(dims, (2,), "float64")
+    assert pred.kernels["_bwd_scan"].programs == 1 * 4 * 2   # one feature tile x 4 value tiles x batch 2
+    _check(pred, _measured(k, x, launches))

@@ -160,6 +160,14 @@ def test_form_choice_of_training(monkeypatch):
     assert not kq.backward.uses_linear(kq.bind(x))
 
 
+@pytest.mark.parametrize("stem", ["linear", "power_gated"])
+def test_value_tiles_of_the_scans(monkeypatch, stem):
+    """The forward's recomputed scan and the reverse scan split along the value axis (BLOCK_V = 16 of 64 value
+    columns: four programs per feature tile) give the same gradients."""
+    monkeypatch.setattr(linear_backward, "INTERPRETER_CONFIG", LinearConfig(16, 16, block_v=16))
+    _check(stem, {"n": 37, "d": 5, "e": 40}, 1e-10, seed=2)
+
+
 def test_no_grad_call_unchanged(monkeypatch):
     """Without gradients the plain chunked forward runs (no Z store, no backward module)."""
     k = _compile("power")
