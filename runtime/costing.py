@@ -105,20 +105,23 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
                           inputs=inputs, **dims)[0]
 
 
-def linear_pass(kernel, name: str, dims: dict, batch, dtype: str, device: str, flags: dict, kernels: tuple) -> tuple:
-    """(FLOPs, DRAM bytes, predicted seconds) of some launches of one output's chunked linear form with other flags
-    than a single-process call's (runtime/ring_linear.py: the scan that gives a rank's total), counted as cost()
-    counts the linear form."""
+def linear_pass(kernel, name: str, dims: dict, batch, dtype: str, device: str, launches: list) -> tuple:
+    """(FLOPs, transcendentals, DRAM bytes, predicted seconds) of launches (kernel, flags INIT / PREFIX / FINAL) of
+    one output's chunked linear form, such as the ring runs them (runtime/ring_linear.py: a rank's total, a scan
+    from a carried state), counted as cost() counts the linear form, in the config a CUDA launch runs."""
     planner = kernel.planner
     dtype = canonical_dtype(dtype)
     dev = get_device(device)
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
     dims, _ = _codegen_names(planner, dims, None)
     eb = _elem_bytes(planner, planner.schedules[name], dtype, "int64")
-    counts, _, _, per = linear_counts(planner, name, dims, batch, dtype, "cuda", eb, flags=flags, kernels=kernels)
+    cfg = linear_launch_split(planner.linear_plans[name][0], dims, batch, dev.sms)
+    per = [linear_counts(planner, name, dims, batch, dtype, "cuda", eb, cfg, flags, (fn,))[3][0]
+           for fn, flags in launches]
     seconds = C.launches_roofline([(c.dot_flops, c.flops - c.dot_flops, c.transcendentals, c.dram_bytes, c.programs)
                                    for c in per], dev, dtype)[0]
-    return counts.flops, counts.dram_bytes, seconds
+    return (sum(c.flops for c in per), sum(c.transcendentals for c in per), sum(c.dram_bytes for c in per),
+            seconds)
 
 
 @dataclass

@@ -38,6 +38,17 @@ from .ring_cost import INTERCONNECTS, LINK_LATENCY, aligned_shards, one_exchange
 from .tiling import DTYPE_NAME
 
 TOTAL_FLAGS = {"INIT": 0, "PREFIX": 0, "FINAL": 1}   # the scan that gives a rank's total and stores no prefix
+
+
+def rank_launches(has_prev: bool, need_total: bool) -> list:
+    """(kernel, flags) of the launches of one non-empty rank, in order (ring_linear): the scan giving its total
+    (storing the prefix too when no rank before holds rows), the scan from the carried state, the output."""
+    out = []
+    if need_total:
+        out.append(("_chunk_scan", {**TOTAL_FLAGS, "PREFIX": int(not has_prev)}))
+    if has_prev or not need_total:
+        out.append(("_chunk_scan", {"INIT": int(has_prev), "PREFIX": 1, "FINAL": 0}))
+    return out + [("_chunk_out", {"INIT": int(has_prev), "PREFIX": 1, "FINAL": 0})]
 _RANK_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -216,9 +227,10 @@ def _incoming(parts, lengths, zl, nf, e, gated):
 
 def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, dims):
     """RingCost of ring_linear (runtime/ring.py ring_cost delegates here): each rank's chunked linear form (the
-    cost model, runtime/costing.py, of the rank program with its global offset) plus, on ranks that both take a
-    carried state and give a total to later ranks, the extra scan pass (PREFIX = 0, FINAL = 1: the chunks'
-    states computed again, none stored, counted by the same cost model); the link: one all_gather of (T_r, z_r,
+    cost model, runtime/costing.py, of the rank program with its global offset), every launch with the flags the
+    rank runs it with (rank_launches: the total's scan with FINAL, its stores of the state; the scan and output
+    after a carried state with INIT, their loads of it; on ranks that both take a carried state and give a total
+    to later ranks, the extra scan pass); the link: one all_gather of (T_r, z_r,
     G_r) in the accumulator dtype, each rank sending (P - 1) x its state (a ring all_gather), between the two
     compute phases, so never hidden. The per-rank combination of the gathered states (P small tensor ops) is not
     counted."""
@@ -246,12 +258,14 @@ def linear_ring_cost(kernel, ranks, interconnect, dtype, device, batch, shards, 
     def rank_cost(r):
         bd = plan.block_dims(dims, rows0[r], nl[r])
         rep = cost(rk, dtype=dtype, device=device, batch=batch, **bd)
-        f, by, sec = rep.flops, rep.dram_bytes, rep.predicted_seconds
-        if any(nl[:r]) and any(nl[r + 1:]):   # the extra scan pass that gives the rank's total
-            for name in names:
-                xf, xb, xs = linear_pass(rk, name, bd, batch, dtype, device, TOTAL_FLAGS, ("_chunk_scan",))
-                f, by, sec = f + xf, by + xb, sec + xs
-        return f, rep.transcendentals, by, sec, rep
+        if not nl[r]:
+            return rep.flops, rep.transcendentals, rep.dram_bytes, rep.predicted_seconds, rep
+        f = t = by = sec = 0
+        for name in names:   # the launches ring_linear makes on this rank, with their flags
+            xf, xt, xb, xs = linear_pass(rk, name, bd, batch, dtype, device, rank_launches(any(nl[:r]),
+                                                                                           any(nl[r + 1:])))
+            f, t, by, sec = f + xf, t + xt, by + xb, sec + xs
+        return f, t, by, sec, rep
 
     single = cost(kernel, dtype=dtype, device=device, batch=batch, **dims)
     return one_exchange_cost(ranks, interconnect, bw, source, device, dtype, nl, rank_cost, [sent] * ranks,

@@ -138,6 +138,9 @@ def test_linear_ring_cost():
     # which computes their chunk states a second time (p = 2, d = 64: the scan's dots and features, about half of
     # an edge rank's work): two ranks x ~1.5 + two x 1
     assert 1.4 < c.flops[1] / c.flops[0] < 1.6
+    # each rank is counted with the flags it launches: the first stores its total state (FINAL), the last reads the
+    # carried one (INIT) and its output kernel the carried gate, once per program (32 heads x 256 chunks, float32)
+    assert c.dram_bytes[3] - c.dram_bytes[0] == 32 * 256 * 4
     assert 0.99 * c.single_device_flops <= sum(c.flops) <= 1.3 * c.single_device_flops
     assert c.predicted_seconds < c.single_device_seconds
     assert "no K/V rotation" in c.summary()
