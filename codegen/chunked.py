@@ -253,7 +253,6 @@ class _Chunked:
                         "mask=tl.zeros([1], dtype=tl.int32) + vt == 0)")
         return self._fn("_chunk_scan", pro, body, st_args, consts)
 
-
     def value_tiled(self, state: str, norm: str, e_c: str, states: str) -> tuple:
         """(prologue, body start) of a scan over a BLOCK_F x BLOCK_V block of a state: grid (feature tiles, value
         tiles, Z), the offsets and masks (z_st: the normaliser's lanes, stored by the first value tile), the state
