@@ -214,6 +214,20 @@ def test_form_choice_follows_cost():
     assert c["linear"].flops < c["quadratic"].flops
 
 
+def test_explain_prints_the_form_choice_model():
+    """moa explain prints both forms' predicted times (the form choice's, one batch index) and the crossover at
+    batch 1 and 32, as Planner.form_crossover gives them."""
+    k = moa.compile("examples/linear.moa")
+    text = k.explain()
+    t = k.planner.form_times("O", {"n": 16384, "d": 64, "e": 64})
+    assert f"quadratic 3.53e+10 FLOP {t['quadratic'] * 1e6:.1f} us" in text
+    for b in (1, 32):
+        x = k.planner.form_crossover("O", {"d": 64, "e": 64}, batch=b)
+        assert f"predicted crossover at batch {b}: linear is faster from n = {x} on" in text
+    assert k.planner.choose_form("O", {"n": x, "d": 64, "e": 64}, batch=32) == "linear"
+    assert k.planner.choose_form("O", {"n": x - 1, "d": 64, "e": 64}, batch=32) == "quadratic"
+
+
 def test_cost_report_names_the_form():
     """CostReport.form is the form the runtime would run for those dims (quadratic short, linear long)."""
     k = moa.compile("examples/power_gated.moa")
