@@ -140,7 +140,7 @@ class FormCost:
     launches: tuple = ()
 
 
-def value_tile(nfeat: int, block_f: int, head_dim_v: int, zl: int, sms: int, start: int | None = None) -> int:
+def scan_value_tile(nfeat: int, block_f: int, head_dim_v: int, zl: int, sms: int, start: int | None = None) -> int:
     """The chunk scan's value tile BLOCK_V (the state's columns per program) when the value axis is split for the
     device: the padded value width, halved while twice the scan's programs (feature tiles x value tiles x zl, zl =
     batch x leading indices) still fit on the `sms` SMs and the tile keeps 32 columns or more. A launch of fewer
@@ -199,7 +199,7 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
     D = lp.features(d)
     nft = -(-D // block_f)
     F = nft * block_f
-    nvt = hv // value_tile(D, block_f, hv, zl, sms) if sms else 1
+    nvt = hv // scan_value_tile(D, block_f, hv, zl, sms) if sms else 1
     st = acc_bytes if training or state_bytes is None else state_bytes
     states = st * t * D * (e + 1)
     lin = [(t * F * chunk * 2 * hv, t * F * chunk * (lp.p + 2) + 2 * t * F * (hv + 1),

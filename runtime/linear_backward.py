@@ -78,8 +78,8 @@ class LinearBackward:
     def _config(self, b: Binding, dtname: str, phase: str) -> LinearConfig:
         """The LinearConfig of a phase ("forward": the training forward's two kernels; "backward": the states
         recomputed and the four backward kernels, whose chunks must agree). On CUDA the fitted config with the
-        scans' value axis split while that keeps their programs within the SMs (tiling.value_split: the split
-        only shrinks the scans' tiles)."""
+        scans' value axis split while that keeps their programs within the SMs (linear_cost.linear_launch_split:
+        the split only shrinks the scans' tiles)."""
         n = int(sy.evaluate(self.lp.schedule.row[1], b.dims))
         if b.device.type != "cuda":
             if INTERPRETER_CONFIG is not None:

@@ -12,6 +12,7 @@ and zs [Z, T, D] (tiling.state_dtype) are the form's intermediate_bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import sympy as sp
@@ -25,8 +26,9 @@ from moa.codegen.ledger import function_ledger
 from moa.cost import Counts
 from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
+from moa.linear import scan_value_tile
 
-from .tiling import LinearConfig, chunk_config, state_dtype, value_split
+from .tiling import LinearConfig, chunk_config, state_dtype
 
 FLAGS = {"INIT": 0, "PREFIX": 1, "FINAL": 0}   # a single-process call (runtime/linear_run.py)
 KERNELS = ("_chunk_scan", "_chunk_out")       # what such a call launches, in order
@@ -97,14 +99,12 @@ def _elem_bytes(eb: dict, output: str, dtname: str) -> dict:
 def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, device: str, eb: dict,
                   config: LinearConfig | None = None, flags: dict | None = None, kernels: tuple = KERNELS):
     """(Counts, state bytes, on-chip estimate, Counts per launch) of one output's chunked form at concrete dims;
-    `config` overrides
-    the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses, a tuned one); `flags` and
-    `kernels`: the launches of another call than a single-process one (the ring's scan giving a rank's total:
-    PREFIX = 0, FINAL = 1, the scan alone)."""
+    `config` overrides the runtime's default tiles (e.g. the AOT-fitted config a CUDA launch uses, a tuned one);
+    `flags` and `kernels`: the launches of another call than a single-process one (the ring's: runtime/ring_linear.py
+    rank_launches)."""
 
     lp = planner.linear_plans[name][0]
     sched = lp.schedule
-    pad = _pad
     n = sy.evaluate(sched.row[1], dims)
     e = sy.evaluate(sched.col[1], dims)
     d = sy.evaluate(lp.branch.dot.extent, dims)
@@ -122,18 +122,22 @@ def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, dev
         counts.add(c)
     acc = 8 if dtname == "float64" else 4
     zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
-    states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (pad(e) + 1) if n * e else 0
-    return counts, states, acc * (chunk * block_f + chunk * pad(e) + block_f * pad(e)), per
+    states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (_pad(e) + 1) if n * e else 0
+    return counts, states, acc * (chunk * block_f + chunk * _pad(e) + block_f * _pad(e)), per
 
 
 def linear_launch_split(lp, dims: dict, batch: tuple, sms: int, config: LinearConfig | None = None) -> LinearConfig:
     """The LinearConfig a CUDA launch of `lp` at dims and batch runs without timing: `config` (default: the
-    runtime's default tiles) with the scan's value axis split for the device's SMs (tiling.value_split)."""
+    runtime's default tiles) with the scans' value tile halved while twice their programs (feature tiles x value
+    tiles x batch x leading indices) still fit on the `sms` SMs and the tile keeps 32 columns or more
+    (moa.linear.scan_value_tile, the rule the form choice counts): the split also shrinks the scans' state
+    accumulator."""
     n, e, d = (sy.evaluate(x, dims) for x in (lp.schedule.row[1], lp.schedule.col[1], lp.branch.dot.extent))
-    nfeat = lp.features(d)
+    nfeat, hv = lp.features(d), _pad(e)
     cfg = config or LinearConfig(*chunk_config(torch.device("cuda"), n, nfeat))
     zl = math.prod(batch) * math.prod(sy.evaluate(x, dims) for _, x in lp.schedule.lead)
-    return value_split(cfg, nfeat, _pad(e), zl, sms)
+    bv = scan_value_tile(nfeat, cfg.block_f, hv, zl, sms, cfg.value_tile(hv))
+    return cfg if bv == cfg.value_tile(hv) else dataclasses.replace(cfg, block_v=bv)
 
 
 def linear_formulas(planner, name: str, dtname: str, eb: dict, nbatch=1) -> dict:

@@ -49,8 +49,8 @@ class LinearRunner:
         """The LinearConfig of a call (batch: its batch sizes): on CUDA, the first candidate whose two kernels,
         with every flag combination a launch uses (the ring's too), compile for the device's architecture with no
         spills and shared memory in budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in
-        memory), its scan's value axis split while that keeps its programs within the SMs (tiling.value_split);
-        on the CPU interpreter, chunk_config's."""
+        memory), its scan's value axis split while that keeps its programs within the SMs
+        (linear_cost.linear_launch_split); on the CPU interpreter, chunk_config's."""
         if device.type == "cuda":
             cfg = linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
                                         self._spec(dtname, nbatch).source)

@@ -7,7 +7,7 @@ ahead of time; runtime/plan.py chooses)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +18,6 @@ except ImportError:
 
 from moa import onf
 from moa import symbolic as sy
-from moa.linear import value_tile
 from moa.errors import InputError, UnsupportedError
 
 from .device import cdiv, next_pow2
@@ -262,15 +261,6 @@ def linear_tune_configs(n: int, head_dim_v: int = 128) -> list:
     if head_dim_v > 32:
         return out + [LinearConfig(128, 64, 8, 3, head_dim_v // 2), LinearConfig(64, 64, 4, 3, head_dim_v // 2)]
     return out + [LinearConfig(64, 32, 8, 3)]
-
-
-def value_split(cfg: LinearConfig, nfeat: int, head_dim_v: int, zl: int, sms: int) -> LinearConfig:
-    """The scan's value tile a launch uses without timing: cfg's, halved while twice the scan's programs (feature
-    tiles x value tiles x zl, zl = batch x leading indices) still fit on the device's SMs and the tile keeps 32
-    columns or more (moa.linear.value_tile, the rule the form choice counts); it also shrinks the scan's state
-    accumulator."""
-    bv = value_tile(nfeat, cfg.block_f, head_dim_v, zl, sms, cfg.value_tile(head_dim_v))
-    return cfg if bv == cfg.value_tile(head_dim_v) else replace(cfg, block_v=bv)
 
 
 def window_default(n: int) -> WindowConfig:

@@ -260,8 +260,8 @@ def test_linear_and_window_configs_fit(form_fitted):
 
 
 def test_value_tiles_of_a_fitted_config_fit(form_fitted):
-    """A launch without timing splits the fitted config's scan along the value axis (tiling.value_split: BLOCK_V of
-    half the padded width, down to 32) without compiling it again: every split scan launch the rule can produce
+    """A launch without timing splits the fitted config's scan along the value axis (linear_launch_split: BLOCK_V
+    of half the padded width, down to 32) without compiling it again: every split scan launch the rule can produce
     compiles with no spills, where its registers do not exceed the unsplit scan's by more than a few."""
     keys = [(name, d, bv) for name in ("linear", "power_gated") for d, bvs in ((64, (32,)), (128, (64, 32)))
             for bv in bvs]
@@ -342,7 +342,7 @@ def test_linear_and_window_runtime_configs_on_cuda_use_the_fit(monkeypatch, form
         fitted = form_fitted[(name, d, "bfloat16")][0]
         assert runner.launch_config(cuda, "bfloat16", 1, dims_for(k, d), (128,)) == fitted
         # one (batch, head): the scan's programs (feature tiles x value tiles) far below the SMs, its value axis split
-        # (tiling.value_split; power_gated at d = 128 has 129 feature tiles already)
+        # (linear_cost.linear_launch_split; power_gated at d = 128 has 129 feature tiles already)
         assert runner.launch_config(cuda, "bfloat16", 0, dims_for(k, d)) == dataclasses.replace(fitted, block_v=split)
     runner = WindowRunner(WINDOW.planner.cg_program, WINDOW.schedules["O"])
     assert runner.launch_config(cuda, "bfloat16", 0, dims_for(WINDOW, 128)) == form_fitted[("bla", 128, "bfloat16")][0]

@@ -82,18 +82,24 @@ def test_value_tiles_carry_the_ring_state(name):
 
 
 def test_value_split_rule_and_its_predicted_time():
-    """tiling.value_split halves BLOCK_V while twice the scan's programs fit on the SMs (down to 32 columns); the
-    cost model (with the occupancy of each launch) predicts the split scan faster at the issue's shape, and a
-    CUDA-table prediction without a config splits as a launch does."""
-    from moa.runtime.tiling import value_split
+    """A launch halves BLOCK_V while twice the scan's programs fit on the SMs (down to 32 columns:
+    moa.linear.scan_value_tile, linear_cost.linear_launch_split); the cost model (with the occupancy of each launch)
+    predicts the split scan faster at the issue's shape, and a CUDA-table prediction without a config splits as a
+    launch does."""
+    from moa.linear import scan_value_tile
+    from moa.runtime.linear_cost import linear_launch_split
 
-    base = LinearConfig(64, 64)
-    assert value_split(base, 128, 128, 32, 132) == LinearConfig(64, 64, block_v=64)    # 64 -> 128 programs
-    assert value_split(base, 128, 128, 64, 132) == base                                 # 128 already
-    assert value_split(base, 128, 128, 1, 132) == LinearConfig(64, 64, block_v=32)     # 2 -> 8, not below 32
-    assert value_split(base, 128, 32, 1, 132) == base                                   # a 32-wide value tile
+    assert scan_value_tile(128, 64, 128, 32, 132) == 64                  # 64 -> 128 programs
+    assert scan_value_tile(128, 64, 128, 64, 132) == 128                 # 128 already
+    assert scan_value_tile(128, 64, 128, 1, 132) == 32                   # 2 -> 8, not below 32
+    assert scan_value_tile(128, 64, 32, 1, 132) == 32                    # a 32-wide value tile
     k = moa.compile(ROOT / "examples" / "linear.moa", form="linear")
     dims = {"n": 8192, "d": 128, "e": 128}
+    lp = k.planner.linear_plans["O"][0]
+    assert linear_launch_split(lp, dims, (2, 16), 132) == LinearConfig(64, 64, block_v=64)
+    assert linear_launch_split(lp, dims, (4, 16), 132) == LinearConfig(64, 64)
+    assert linear_launch_split(lp, dims, (2, 16), 132, LinearConfig(64, 64, block_v=64)) == \
+        LinearConfig(64, 64, block_v=64)   # already split: kept
     t = {c: cost(k, dtype="bf16", device="h200", batch=(2, 16), config=c, **dims).predicted_seconds
          for c in (LinearConfig(64, 64), LinearConfig(64, 64, block_v=64), None)}
     assert t[None] == t[LinearConfig(64, 64, block_v=64)] < 0.8 * t[LinearConfig(64, 64)]
