@@ -171,7 +171,7 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
                factors of every feature twice (the scan's operand, once per value tile; the output kernel's), V
                once per feature tile, and Q, K, V once more for the intra-chunk part; states written once (by the
                scan) and read once (by the output kernel), state_bytes each (default acc_bytes; 2 for a bfloat16
-               forward). The scan's programs are the feature tiles x value tiles (`value_tile` for `sms`; one
+               forward). The scan's programs are the feature tiles x value tiles (`scan_value_tile` for `sms`; one
                value tile without), the output kernel's the chunks.
     training: the forward plus the backward of each form (`backward_costs`; the states in acc_bytes): the
               quadratic backward's two kernels timed as one launch over the key tiles (its dK / dV grid), the
