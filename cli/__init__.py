@@ -10,6 +10,7 @@ from moa import onf
 from moa.errors import InputError, MoaError
 from moa.runtime.check import check
 from moa.runtime.grad_check import check_grad
+from moa.runtime.tiling import LinearConfig
 
 from . import cost as cost_commands
 from . import limits, plots
@@ -25,6 +26,9 @@ def cmd_compile(args) -> int:
     k = moa.compile(source(args.file), schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program, complete=True) if args.dims else None
     config = parse_config(args.config)
+    if isinstance(config, LinearConfig):
+        raise InputError("--config: bv= sets the chunked linear form's value tile (moa aot); moa compile writes the "
+                         "tiled kernel")
     if args.launcher:
         src = launcher_module(k, args.output_name, dtype, dims, config)
     else:
@@ -82,8 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--output-name", metavar="NAME", help="the program output to compile (default: the first)")
     p.add_argument("--dims", help="dims the schedule and tiles are chosen for, e.g. n=4096,d=64,e=64 (default: "
                    "head dims 64, other dims 4096)")
-    p.add_argument("--config", metavar="BM,BN[,WARPS[,STAGES]]", help="force the tiles (default: the GPU "
-                   "runtime's table for the dtype)")
+    p.add_argument("--config", metavar="BM,BN[,WARPS[,STAGES]][,tma][,overlap]", help="force the tiles "
+                   "(default: the GPU runtime's table for the dtype); tma / overlap: the Hopper options")
     p.add_argument("--schedule", choices=onf.KINDS, help="force the schedule kind (default: the cost model's "
                    "choice at --dims)")
     p.set_defaults(fn=cmd_compile)

@@ -8,7 +8,7 @@ from pathlib import Path
 from moa.devices import canonical_dtype
 from moa.errors import InputError
 from moa.runtime.check import MAX_DIM, check_dims
-from moa.runtime.tiling import Config
+from moa.runtime.tiling import Config, LinearConfig
 
 INT64 = 2 ** 63 - 1
 
@@ -59,16 +59,24 @@ def dims(args, program, complete: bool = False) -> dict:
     return check_dims(program, parse_assignments(getattr(args, "dims", None), "--dims"), "--dims", complete)
 
 
-def parse_config(text: str | None) -> Config | None:
-    """--config BM,BN[,WARPS[,STAGES]] as a tile Config (None when not given)."""
+def parse_config(text: str | None) -> Config | LinearConfig | None:
+    """--config BM,BN[,WARPS[,STAGES]][,tma][,overlap][,bv=N] as a tile Config (None when not given). `tma` and
+    `overlap` set the tiled kernel's Hopper options; `bv=N` (the chunked linear form's value tile) gives a
+    LinearConfig with CHUNK = BM, BLOCK_F = BN."""
     if not text:
         return None
+    usage = "BM,BN[,WARPS[,STAGES]][,tma][,overlap][,bv=N]"
+    words = [w for w in text.replace(" ", "").lower().split(",") if w]
+    flags = {w for w in words if w in ("tma", "overlap")}
+    bv = [w for w in words if w.startswith("bv=")]
+    nums = [w for w in words if w not in flags and w not in bv]
     try:
-        parts = [int(x) for x in text.replace(" ", "").split(",")]
-        if not 2 <= len(parts) <= 4 or min(parts) <= 0:
+        parts = [int(x) for x in nums]
+        block_v = [int(w[3:]) for w in bv]
+        if not 2 <= len(parts) <= 4 or min(parts + block_v) <= 0 or len(block_v) > 1:
             raise ValueError
     except ValueError:
-        raise InputError(f"--config: expected BM,BN[,WARPS[,STAGES]] (positive integers), got {text!r}") from None
+        raise InputError(f"--config: expected {usage} (positive integers), got {text!r}") from None
     bm, bn = parts[:2]
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise InputError(f"--config: BLOCK_M and BLOCK_N must be powers of two >= 16 (tl.dot's minimum), got {bm}, "
@@ -80,7 +88,14 @@ def parse_config(text: str | None) -> Config | None:
         raise InputError(f"--config: WARPS must be a power of two of at most 32 (1024 threads), got {parts[2]}")
     if len(parts) > 3 and parts[3] > 16:
         raise InputError(f"--config: STAGES must be at most 16, got {parts[3]}")
-    return Config(*parts)
+    if block_v:
+        if flags:
+            raise InputError(f"--config: bv= (the linear form's value tile) does not combine with "
+                             f"{', '.join(sorted(flags))} (options of the tiled kernel), got {text!r}")
+        if block_v[0] < 16 or block_v[0] & (block_v[0] - 1):
+            raise InputError(f"--config: bv (BLOCK_V) must be a power of two >= 16, got {block_v[0]}")
+        return LinearConfig(*parts, block_v=block_v[0])
+    return Config(*parts, tma="tma" in flags, overlap="overlap" in flags)
 
 
 def count(text: str | None, flag: str, default: int, largest: int = MAX_DIM) -> int:

@@ -42,7 +42,9 @@ def add_commands(sub, common):
     p.add_argument("--dims", required=True, help="e.g. n=8192,d=128,e=128 (head dims are required)")
     p.add_argument("--dtype", default="bf16", help=f"{DTYPES} (default bf16)")
     p.add_argument("--target", default="sm_90", help="sm_90 (default), sm_90a, sm_80, sm_86, sm_89")
-    p.add_argument("--config", metavar="BM,BN,WARPS,STAGES", help="force a tile config (default: the runtime's)")
+    p.add_argument("--config", metavar="BM,BN[,WARPS[,STAGES]][,tma][,overlap][,bv=N]", help="force a tile config "
+                   "(default: the runtime's); tma / overlap: the tiled kernel's Hopper options; the linear form reads "
+                   "BM,BN as CHUNK,BLOCK_F and bv=N as its scan's value tile BLOCK_V")
     p.add_argument("--ptx", metavar="FILE", help="write the PTX of the (first) output here")
     p.add_argument("--form", choices=["quadratic", "linear"], help="force the form of normalize(...) @ V outputs "
                    "(default: the one the runtime picks at --dims)")
@@ -252,6 +254,7 @@ def cmd_aot(args) -> int:
         print(f"  spills            {r.spills} B")
         print(f"  shared memory     {r.shared_bytes} B ({r.shared_bytes / 1024:.1f} KiB)")
         print(f"  wgmma             {'yes' if r.uses_wgmma else 'no'}")
+        print(f"  TMA loads         {'yes' if r.uses_tma else 'no'}")
         print(f"  fits {args.target}      {'yes' if ok else 'NO: ' + why}")
         print(f"  ptx {len(r.ptx.splitlines())} lines, cubin {len(r.cubin)} B, compiled in {r.compile_seconds:.2f} s")
         if args.ptx and i == 0:

@@ -54,6 +54,9 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
     sched = next(s for s in k.planner.schedule_ranking(name, at, dtype) if s.kind != onf.SPLIT)
     if config is None:   # the GPU runtime's default for the dtype (before its ahead-of-time fit)
         config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
+    elif config.tma:
+        raise UnsupportedError("--launcher writes plain pointer loads; the tma option needs the runtime's tensor "
+                               "descriptors (drop tma, or use the moa runtime)")
     spec = k.launcher.spec(name, dtype, 1, config, False, sched)
     view = k.planner.codegen
     dim_of = view.dims                      # codegen dim name -> user dim name

@@ -85,6 +85,11 @@ class AotReport:
         """The value of constexpr `name` the kernel was compiled with (``default`` when it has none)."""
         return dict(self.constants).get(name, default)
 
+    @property
+    def uses_tma(self) -> bool:
+        """Whether the kernel loads tiles through TMA tensor descriptors (bulk tensor copies in its PTX)."""
+        return "cp.async.bulk.tensor" in self.ptx
+
     def summary(self) -> str:
         """One line: kernel, target, config and resources."""
         blocks = f" BLOCK_M={self.block_m} BLOCK_N={self.block_n}" if self.block_m or self.block_n else ""

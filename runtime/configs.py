@@ -193,6 +193,9 @@ def aot(planner, target: str = "sm_90", dtype="bf16", config: Config | None = No
     dims = _aot_dims(planner, name, dims)
     if planner.choose_form(name, dims) == "linear":
         return F.aot_form(planner, name, "linear", target, dtype, config, nbatch, index_dtype, dims)
+    if config is not None and not isinstance(config, Config):
+        raise InputError(f"output {name} runs in the tiled kernel at these dims: config must be a tile Config "
+                         f"(BLOCK_M, BLOCK_N, warps, stages), not a {type(config).__name__}")
     if config is None:
         sched, config, rep = fit_schedule(planner, name, dtype, dims, target, nbatch, index_dtype)
         if rep is not None:

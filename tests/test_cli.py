@@ -1,6 +1,7 @@
 """The command line: `moa check` on every example and its PyTorch oracle chosen from the DNF, `--dims` errors, and
 `moa compile --launcher` modules run standalone (no moa import) against the reference."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -462,3 +463,34 @@ def test_config_bounds(config, words, capsys):
         assert main([cmd[0], str(EX / "causal.moa"), *cmd[1:], "--config", config]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("moa: error: --config: ") and words in err, err
+
+
+def test_config_options():
+    """--config takes the tiled kernel's Hopper options and the linear form's value tile by name."""
+    from moa.cli.args import parse_config
+    from moa.runtime.tiling import Config, LinearConfig
+    assert parse_config("64,64,4,3,tma,overlap") == Config(64, 64, 4, 3, tma=True, overlap=True)
+    assert parse_config("128, 64, 8, 3, BV=64") == LinearConfig(128, 64, 8, 3, block_v=64)
+    for bad, words in [("64,64,bv=48", "power of two >= 16, got 48"), ("64,64,tma,bv=64", "does not combine"),
+                       ("64,64,fast", "expected BM,BN[,WARPS[,STAGES]][,tma][,overlap][,bv=N]"),
+                       ("64,64,bv=32,bv=64", "expected")]:
+        with pytest.raises(InputError, match=re.escape(words)):
+            parse_config(bad)
+
+
+def test_config_options_reach_the_compile(capsys):
+    """tma reaches the AOT compile (bulk tensor copies in the PTX); bv= the linear scan's value tile; each refused
+    where it cannot apply."""
+    assert main(["aot", str(EX / "causal.moa"), "--dims", "n=1024,d=64,e=64", "--config", "64,64,4,3,tma"]) == 0
+    out = capsys.readouterr().out
+    assert "BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3" in out and "TMA loads         yes" in out, out
+    assert main(["aot", str(EX / "linear.moa"), "--dims", "n=1024,d=16,e=64", "--form", "linear",
+                 "--config", "64,32,4,3,bv=32"]) == 0
+    out = capsys.readouterr().out
+    assert "CHUNK=64 BLOCK_F=32 BLOCK_V=32 warps=4 stages=3" in out and "fits sm_90" in out, out
+    for argv, words in [(["compile", "--config", "64,64,bv=32"], "moa compile writes the tiled kernel"),
+                        (["compile", "--launcher", "--config", "64,64,4,3,tma"], "the tma option needs"),
+                        (["aot", "--dims", "n=1024,d=64,e=64", "--config", "64,64,bv=32"], "must be a tile Config")]:
+        assert main([argv[0], str(EX / "causal.moa"), *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("moa: error: ") and words in err and len(err.splitlines()) == 1, err
