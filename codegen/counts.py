@@ -135,14 +135,10 @@ def site_lanes(site, env: dict, lengths: dict, starts: dict, ntiles: int, stride
 def constexpr_values(spec, dims: dict, block_m: int, block_n: int) -> dict:
     """BLOCK_M, BLOCK_N, HEAD_DIM* and HEAD_DIM_V as the launcher sets them (padded to powers of two, >= 16)."""
     vals = {BLOCK_M: block_m, BLOCK_N: block_n,
-            HEAD_DIM_V: max(16, _next_pow2(sy.evaluate(spec.col_extent, dims)))}
+            HEAD_DIM_V: sy.tile_width(sy.evaluate(spec.col_extent, dims))}
     for name, ext in spec.head_dims:
-        vals[csym(name)] = max(16, _next_pow2(sy.evaluate(ext, dims)))
+        vals[csym(name)] = sy.tile_width(sy.evaluate(ext, dims))
     return vals
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _axis_lengths(cvals: dict) -> dict:

@@ -192,11 +192,8 @@ def window_launch(sched, led: Ledger, source: str = "") -> Launch:
 
 def window_consts(sched, dims: dict) -> dict:
     """The constexprs runtime/window_run.py launches with."""
-    def pad(x):
-        return max(16, 1 << max(0, int(x) - 1).bit_length())
-
     b = sched.branches[0]
     n = sy.evaluate(sched.row[1], dims)
     w = max(sy.evaluate(b.mix.extent, dims), sy.evaluate(b.extent, dims))
-    return {BLOCK_M: min(64, pad(n)), HEAD_DIM: pad(sy.evaluate(b.mix.kext, dims)),
-            HEAD_DIM_V: pad(sy.evaluate(sched.col[1], dims)), W_PAD: pad(w)}
+    return {BLOCK_M: min(64, sy.tile_width(n)), HEAD_DIM: sy.tile_width(sy.evaluate(b.mix.kext, dims)),
+            HEAD_DIM_V: sy.tile_width(sy.evaluate(sched.col[1], dims)), W_PAD: sy.tile_width(w)}

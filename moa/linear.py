@@ -179,14 +179,11 @@ def form_costs(lp: LinearPlan, dims: dict, elem_bytes: int = 2, acc_bytes: int =
               + 4 T F (HV + 1), their operand's factors per value tile and V per feature tile, the states) as
               launches over the feature x value tiles, and its dK, dV and dQ kernels as launches over the chunks.
     """
-    def pad(x):
-        return max(16, 1 << max(0, x - 1).bit_length())
-
     s, br = lp.schedule, lp.branch
     n = sy.evaluate(s.row[1], dims)
     e = sy.evaluate(s.col[1], dims)
     d = sy.evaluate(br.dot.extent, dims)
-    hd, hv = pad(d), pad(e)
+    hd, hv = sy.tile_width(d), sy.tile_width(e)
     zl = batch
     for _, x in s.lead:
         zl *= sy.evaluate(x, dims)
@@ -240,10 +237,7 @@ def backward_costs(lp: LinearPlan, n: int, d: int, e: int, tiles: int, elem_byte
                written by the recomputing scan and read by dQ's kernel, the suffix states written by the reverse
                scan and read by dK's and dV's.
     """
-    def pad(x):
-        return max(16, 1 << max(0, x - 1).bit_length())
-
-    hd, hv, p = pad(d), pad(e), lp.p
+    hd, hv, p = sy.tile_width(d), sy.tile_width(e), lp.p
     q_dots = tiles * block_m * block_n * (4 * (hd + hv) + 2 * hv + 2 * hd + (2 * hd if p >= 2 else 0))
     q_other = tiles * block_m * block_n * (p + 10)
     q_bytes = elem_bytes * (tiles * (block_m + block_n) * (d + e) + 2 * n * (d + e)) + acc_bytes * n * (2 * d + e)

@@ -56,10 +56,6 @@ class Prediction:
     bound: str
 
 
-def _pow2(x: int) -> int:
-    return max(16, 1 << max(0, int(x) - 1).bit_length())
-
-
 def _vec(x, size):
     return np.broadcast_to(np.asarray(x, dtype=np.int64), (size,)).astype(np.int64)
 
@@ -128,7 +124,7 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
                 env[b.lift.base] = np_eval(b.lift.base_value, env)
     bm, bn = block_m, block_n
     e_dim = sy.evaluate(s.col[1], dims)
-    E = _pow2(e_dim)
+    E = sy.tile_width(e_dim)
     tiles = hops = dot = other = trans = 0
     loaded: dict = {}   # input -> elements loaded by the key-tile loops
     gathered = 0        # elements loaded by hop loops
@@ -137,7 +133,7 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
         if b.skip is sp.true and b.mode != onf.HOPS:
             continue
         d = sy.evaluate(b.dot.extent, dims) if b.dot is not None else 0
-        D = _pow2(d) if d else 0
+        D = sy.tile_width(d) if d else 0
         m = sy.evaluate(b.lift.extent if b.mode == "lift" else b.extent, dims)
         if b.mode == onf.HOPS:
             visits = _hops(b.hop, env, rows["I_LO"], rows["I_HI"])

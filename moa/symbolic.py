@@ -134,3 +134,14 @@ __all__ = [
     "simplify",
     "split_floor",
 ]
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def tile_width(x: int) -> int:
+    """The extent of a tile that holds x: the next power of two, at least 16 (tl.arange takes powers of two and
+    tl.dot needs 16): a head axis's HEAD_DIM, the smallest BLOCK_M."""
+    return max(16, next_pow2(x))

@@ -9,7 +9,6 @@ from moa import symbolic as sy
 from . import cache
 from .aot_batch import TRITON_TYPE, aot_groups, choose_fitting, kernel_signature
 from .configs import summary_types
-from .device import next_pow2
 from .tiling import Config
 
 CANDIDATES = (Config(64, 64, 4, 2), Config(32, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 32, 8, 2),
@@ -19,8 +18,8 @@ CANDIDATES = (Config(64, 64, 4, 2), Config(32, 64, 8, 2), Config(32, 64, 4, 2), 
 def constexprs(spec, dims: dict, cfg: Config) -> dict:
     """The constexprs of a launch: tiles and the head dims padded to powers of two (at least 16)."""
     out = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-           "HEAD_DIM_V": max(16, next_pow2(int(sy.evaluate(spec.col_extent, dims))))}
-    out.update({hd: max(16, next_pow2(int(sy.evaluate(x, dims)))) for hd, x in spec.head_dims})
+           "HEAD_DIM_V": sy.tile_width(int(sy.evaluate(spec.col_extent, dims)))}
+    out.update({hd: sy.tile_width(int(sy.evaluate(x, dims))) for hd, x in spec.head_dims})
     return out
 
 

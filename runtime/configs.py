@@ -24,7 +24,7 @@ from . import cache
 from . import form_configs as F
 from .aot_batch import (TRITON_TYPE, aot_groups, choose_fitting, cuda_target, disk_path,
                         divisible_args, kernel_signature, req_key, save_choice, target_device)
-from .device import device_table_name, next_pow2
+from .device import device_table_name
 from .tiling import Config, candidates, default_config, exact_heads, launch_extents
 
 
@@ -47,9 +47,9 @@ def _kernel_request(planner, prog, sched, dtype: str, cfg: Config, dims: dict, n
     spec = generate(prog, sched, dtype, nbatch, cfg.block_m, cfg.block_n, False, exact, cfg.tma, cfg.overlap)
     path = cache.store(cache.key_of(spec.source, "aot"), spec.source)
     e = sy.evaluate(sched.col[1], dims)
-    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
+    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": sy.tile_width(e)}
     for hd, ext in spec.head_dims:
-        constexprs[hd] = max(16, next_pow2(sy.evaluate(ext, dims)))
+        constexprs[hd] = sy.tile_width(sy.evaluate(ext, dims))
     special = {**summary_types(prog, spec, index_dtype, constexprs), **values}
     for d in spec.descriptors:   # TMA: the descriptor's element type and box, as a CUDA launch specialises it
         box = ", ".join(str(constexprs.get(x, x)) for x in d.block)
@@ -237,7 +237,7 @@ def runtime_config(planner, name: str, dtype: str, dims: dict, nbatch: int, devi
                                                                    if b.dot is not None])
     memo = planner.fit_memo
     ranking = ranked_schedules(planner, name, dtype, dims, target, batch, device_table_name(device), fills)
-    key = (name, dtype, nbatch, target, tuple(max(16, next_pow2(h)) for h in heads),
+    key = (name, dtype, nbatch, target, tuple(sy.tile_width(h) for h in heads),
            tuple(_label(x) for x in ranking),
            tuple(sorted((k, v % 16 == 0) for k, v in dims.items())))   # the JIT's divisibility specialisation
     if key in memo:

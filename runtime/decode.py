@@ -35,7 +35,7 @@ from .binding import bind
 from .cache import module_for
 from .decode_rows import both_sides_per_batch, query_rows
 from .decode_summaries import replace_summaries
-from .device import cdiv, check_device, device_table_name, next_pow2, run
+from .device import cdiv, check_device, device_table_name, run
 from .launch import compute_dtype
 from .ring import _results, block_kernel, norm_outputs
 from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
@@ -432,7 +432,7 @@ def decode_config(sched, dims: dict, dtype: str) -> Config:
     without spills."""
     rows = sy.evaluate(sched.row[1], dims)
     head = max(head_dims(sched, dims))
-    bm = min(64, max(16, next_pow2(rows)))
+    bm = min(64, sy.tile_width(rows))
     if dtype == "float64":
         return Config(min(bm, 32), 32, 4, 1)
     if dtype == "float32":
@@ -481,7 +481,7 @@ def _merge(o_part, lse_part, norm: bool, compute, e: int):
     op, lp = o_part.reshape(s, rows, e), lse_part.reshape(s, rows)
     fn = getattr(module_for(MERGE_SOURCE, o_part.device), MERGE_KERNEL)
     block_r = 16
-    consts = {"BLOCK_R": block_r, "BLOCK_E": max(16, next_pow2(e)), "NORM": norm}
+    consts = {"BLOCK_R": block_r, "BLOCK_E": sy.tile_width(e), "NORM": norm}
     args = [op, op.stride(0), op.stride(1), lp, lp.stride(0), out.view(rows, e), e, lse.view(rows), rows, e, s]
     run(fn, (cdiv(rows, block_r),), args, consts, o_part.device, "the split-KV merge kernel")
     return out, lse

@@ -16,7 +16,6 @@ from . import cache, decode_merge
 from .aot import fits
 from .aot_batch import TRITON_TYPE, aot_batch, arg_names, kernel_signature
 from .decode import _global, _gqa, _plan, _source, decode_config
-from .device import next_pow2
 from .tiling import exact_heads
 
 
@@ -44,9 +43,9 @@ def decode_aot(kernel, nq: int, m: int, dtype="bf16", target: str = "sm_90", mod
         source = _source(runner, plan, spec, 1, len(sched.lead), mode)
         path = cache.store(cache.key_of(source, "aot-decode"), source)
         consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "STORE_LSE": True, "NSPLIT": splits,
-                  "HEAD_DIM_V": max(16, next_pow2(sy.evaluate(sched.col[1], cdims)))}
+                  "HEAD_DIM_V": sy.tile_width(sy.evaluate(sched.col[1], cdims))}
         for hd, ext in spec.head_dims:
-            consts[hd] = max(16, next_pow2(sy.evaluate(ext, cdims)))
+            consts[hd] = sy.tile_width(sy.evaluate(ext, cdims))
         out = next(c for c, u in view.outputs.items() if u == o.name)
         special = {"lse_out": f"*{acc}", f"{out}_ptr": f"*{acc}" if splits > 1 else f"*{TRITON_TYPE[dtype]}",
                    **{x: "*i32" for x in ("cu_q", "cu_k", "cache_len", "block_table")}}
@@ -85,9 +84,9 @@ def branches_aot(kernel, nq: int, m: int, dtype="bf16", target: str = "sm_90", s
         spec = block.launcher.spec(o.name, dtype, 1, cfg, True, sched, exact_heads(sched, cdims))
         source = _source(block, plan, spec, 1, len(sched.lead), SPLIT)
         c = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "STORE_LSE": True, "NSPLIT": splits,
-             "HEAD_DIM_V": max(16, next_pow2(sy.evaluate(sched.col[1], cdims)))}
+             "HEAD_DIM_V": sy.tile_width(sy.evaluate(sched.col[1], cdims))}
         for hd, ext in spec.head_dims:
-            c[hd] = max(16, next_pow2(sy.evaluate(ext, cdims)))
+            c[hd] = sy.tile_width(sy.evaluate(ext, cdims))
         out = next(x for x, u in view.outputs.items() if u == o.name)
         special = {"lse_out": f"*{acc}", f"{out}_ptr": f"*{acc}"}
         s = kernel_signature(block.planner.cg_program, source, GRID_KERNEL, dtype, "int64", c, special)
@@ -107,8 +106,8 @@ def branches_aot(kernel, nq: int, m: int, dtype="bf16", target: str = "sm_90", s
     for a in arg_names(fm.source, FUSED_MERGE_KERNEL):
         msig[a] = f"*{acc}" if re.fullmatch(r"(O|lse)\d+", a) else \
             f"*{TRITON_TYPE[dtype]}" if re.fullmatch(r"in\d+|O_out", a) else "i32"
-    mconsts = {"BLOCK_R": decode_merge.BLOCK_R, "BLOCK_E": max(16, next_pow2(e)),
-               **{c: max(16, next_pow2(sy.evaluate(x, bd))) for c, x in fm.reduces}}
+    mconsts = {"BLOCK_R": decode_merge.BLOCK_R, "BLOCK_E": sy.tile_width(e),
+               **{c: sy.tile_width(sy.evaluate(x, bd)) for c, x in fm.reduces}}
     for a in [a for a in msig if a.startswith("BLOCK")]:
         del msig[a]
     requests.append({"file": str(cache.store(cache.key_of(fm.source, "aot-decode"), fm.source)),

@@ -230,7 +230,7 @@ def merge_counts(splits: int, rows: int, e: int, norm: bool, dtype: str, device=
     and stores of the valid lanes. Softmax: per split a max, a subtraction, an exp, the weighted add (2 lanes per
     element) and the normaliser's add; then the division and log. Normalize: no max, exp or log."""
     eb, acc = _bytes(dtype, device)
-    br, be = 16, max(16, 1 << max(0, e - 1).bit_length())
+    br, be = 16, sy.tile_width(e)
     programs = cdiv(rows, br)
     loaded = splits * rows * (e + (1 if norm else 2)) * acc
     stored = rows * (e * eb + acc)

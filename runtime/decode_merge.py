@@ -25,7 +25,7 @@ from moa.errors import UnsupportedError
 
 from . import epilogue_eval
 from .cache import module_for
-from .device import cdiv, next_pow2, run
+from .device import cdiv, run
 
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BLOCK_R = 16
@@ -164,8 +164,8 @@ def run_fused(fm, ep, parts: dict, b, compute: torch.dtype) -> torch.Tensor:
     lead = [sy.evaluate(x, b.dims) for x in ep.extents[:-2]]
     args += [out.view(rows, e), e, rows, e, splits, o0.shape[-2], *lead, *b.batch]
     args += [b.dims[d] for d in fm.dims]
-    consts = {"BLOCK_R": BLOCK_R, "BLOCK_E": max(16, next_pow2(e))}
-    consts.update({c: max(16, next_pow2(sy.evaluate(ext, b.dims))) for c, ext in fm.reduces})
+    consts = {"BLOCK_R": BLOCK_R, "BLOCK_E": sy.tile_width(e)}
+    consts.update({c: sy.tile_width(sy.evaluate(ext, b.dims)) for c, ext in fm.reduces})
     fn = getattr(module_for(fm.source, o0.device), FUSED_MERGE_KERNEL)
     run(fn, (cdiv(rows, BLOCK_R),), args, consts, o0.device, "the split-KV merge with the fused epilogue")
     return out.to(b.dtype)
@@ -180,7 +180,7 @@ def fused_counts(fm, norms: tuple, splits: int, rows: int, e: int, dims: dict, d
     comp = DTYPE_BYTES["float32" if dtype == "bfloat16" and on_cpu else dtype]
     acc = 8 if dtype == "float64" else 4
     part = comp if splits == 1 else acc   # one split: the grid kernel's output in the compute dtype
-    be = max(16, next_pow2(e))
+    be = sy.tile_width(e)
     programs = cdiv(rows, BLOCK_R)
     flops = trans = loaded = 0
     for norm in norms:
@@ -191,7 +191,7 @@ def fused_counts(fm, norms: tuple, splits: int, rows: int, e: int, dims: dict, d
     lanes = {"e": (be, e)}
     for k, (_, ext) in enumerate(fm.reduces):
         v = sy.evaluate(ext, dims)
-        lanes[f"k{k}"] = (max(16, next_pow2(v)), v)
+        lanes[f"k{k}"] = (sy.tile_width(v), v)
     for shape, fl, tr, reduce in fm.ops:
         width = math.prod(lanes[x][0] for x in shape if x != "r")
         height = BLOCK_R if "r" in shape else 1

@@ -26,16 +26,13 @@ from triton.runtime.jit import JITFunction
 
 from moa.devices import get_device
 from moa.errors import InputError, MoaError, UnsupportedError
+from moa.symbolic import next_pow2  # noqa: F401  (the runtime's name for it)
 
 _LOCK = threading.RLock()
 _RUN = threading.RLock()     # held by a thread while it runs interpreted kernels (the interpreter is not thread-safe)
 _DEPTH = [0]
 _SAVED: list = []
 _WRAPPED: dict = {}   # id(JITFunction) -> its InterpretedFunction (one per library function, reused)
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def cdiv(a: int, b: int) -> int:

@@ -28,7 +28,6 @@ from . import aot as A
 from . import cache
 from .aot_batch import (TRITON_TYPE, aot_groups, cuda_target, disk_path, divisible_args, kernel_signature, req_key,
                         save_choice, short_reason)
-from .device import next_pow2
 from .tiling import (LinearConfig, WindowConfig, linear_candidates, linear_default, rows_of, state_dtype,
                      window_candidates, window_default)
 
@@ -177,9 +176,9 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
     state = f"*{TRITON_TYPE[state_dtype(dtype)]}"   # the stored states
     special = {"S_ptr": state, "zs_ptr": state, "fw_ptr": acc, "S0_ptr": acc, "z0_ptr": acc, "g0_ptr": acc,
                "fidx_ptr": "*i32"}
-    hv = max(16, next_pow2(e))
+    hv = sy.tile_width(e)
     base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "BLOCK_V": cfg.value_tile(hv),
-            "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": hv}
+            "HEAD_DIM": sy.tile_width(d), "HEAD_DIM_V": hv}
     out = []
     for fn, *flags in (LINEAR_LAUNCHES[k] for k in _COMPILE_ORDER):
         # a flag the kernel does not read is given its single-process value: the same kernel, compiled once
@@ -207,8 +206,8 @@ def window_requests(program, sched, dtype: str, dims: dict, cfg: WindowConfig, t
     dtype = canonical_dtype(dtype)
     spec = generate_window(program, sched, dtype, nbatch)
     _, d, e, w = window_extents(sched, dims)
-    cx = {"BLOCK_M": cfg.block_m, "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": max(16, next_pow2(e)),
-          "W_PAD": max(16, next_pow2(w))}
+    cx = {"BLOCK_M": cfg.block_m, "HEAD_DIM": sy.tile_width(d), "HEAD_DIM_V": sy.tile_width(e),
+          "W_PAD": sy.tile_width(w)}
     sig = kernel_signature(program, spec.source, "_attn_window", dtype, index_dtype, cx)
     div = divisible_args(None, program, sig, dims, (sched.row[1], sched.col[1]))
     return [{"file": _store(spec.source), "kernel": "_attn_window", "signature": sig, "constexprs": cx,
@@ -343,7 +342,7 @@ def linear_runtime_config(program, lp, dtype: str, dims: dict, nbatch: int, devi
     target = cuda_target(device)
     n, d, e = linear_extents(lp, dims)
     src = cache.key_of(source or generate_chunked(program, lp, canonical_dtype(dtype), nbatch).source)
-    key = ("linear", target, src, rows_of(n), max(16, next_pow2(d)), max(16, next_pow2(e)))
+    key = ("linear", target, src, rows_of(n), sy.tile_width(d), sy.tile_width(e))
     return _runtime("linear", lambda: fit_linear(program, lp, dtype, dims, target, nbatch), linear_default(n), key)
 
 
@@ -353,7 +352,7 @@ def window_runtime_config(program, sched, dtype: str, dims: dict, nbatch: int, d
     target = cuda_target(device)
     n, d, e, w = window_extents(sched, dims)
     src = cache.key_of(source or generate_window(program, sched, canonical_dtype(dtype), nbatch).source)
-    key = ("window", target, src, rows_of(n), max(16, next_pow2(d)), max(16, next_pow2(e)), max(16, next_pow2(w)))
+    key = ("window", target, src, rows_of(n), sy.tile_width(d), sy.tile_width(e), sy.tile_width(w))
     return _runtime("window", lambda: fit_window(program, sched, dtype, dims, target, nbatch), window_default(n),
                     key)
 

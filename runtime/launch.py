@@ -17,7 +17,7 @@ from moa.codegen.emit import SCAN, generate
 from . import tune
 from .binding import Binding
 from .cache import module_for
-from .device import check_device, next_pow2, run
+from .device import check_device, run
 from .linear_run import LinearRunner
 from .plan import LINEAR, WINDOW, Plan, Planner
 from .summaries import tile_summaries
@@ -207,8 +207,8 @@ class Launcher:
             st = tile_summaries(t, nb + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n,
                                 0 if ts.axis == "row" else SCAN)
             args += [st, *st.stride()]
-        sizes = {"BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e)),
-                 **{hd: max(16, next_pow2(sy.evaluate(ext, b.dims))) for hd, ext in spec.head_dims}}
+        sizes = {"BLOCK_N": cfg.block_n, "HEAD_DIM_V": sy.tile_width(e),
+                 **{hd: sy.tile_width(sy.evaluate(ext, b.dims)) for hd, ext in spec.head_dims}}
         for d in spec.descriptors:   # TMA: the tensor as passed, its box in elements
             t = passed[d.tensor]
             args.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [sizes.get(x, x) for x in d.block]))
@@ -217,9 +217,9 @@ class Launcher:
             args += [lse, *lse.stride()[:-1]]
         args += [b.dims[d] for d in spec.dims]
         args += list(b.batch)
-        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": max(16, next_pow2(e))}
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM_V": sy.tile_width(e)}
         for hd, ext in spec.head_dims:
-            consts[hd] = max(16, next_pow2(sy.evaluate(ext, b.dims)))
+            consts[hd] = sy.tile_width(sy.evaluate(ext, b.dims))
         if lse is not None:
             consts["STORE_LSE"] = True
         if b.device.type == "cuda":

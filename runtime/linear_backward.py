@@ -28,7 +28,7 @@ from . import cache
 from . import aot as A
 from .aot_batch import TRITON_TYPE, aot_groups, cuda_target, divisible_args, kernel_signature
 from .binding import Binding
-from .device import check_device, next_pow2, run, sm_count
+from .device import check_device, run, sm_count
 from .launch import compute_dtype
 from .linear_cost import linear_launch_split
 from .linear_run import LinearRunner
@@ -187,9 +187,9 @@ def choose(program, lp, spec, dtype: str, dims: dict, target: str = "sm_90", pha
     special.update({"fidx_ptr": "*i32", "out_ptr": f"*{TRITON_TYPE[dtype]}"})
     bundles = []
     for c in cands:   # a bundle: the phase's kernels in one config (aot_groups stops at its first misfit)
-        hv = max(16, next_pow2(int(sy.evaluate(lp.schedule.col[1], dims))))
+        hv = sy.tile_width(int(sy.evaluate(lp.schedule.col[1], dims)))
         consts = {"CHUNK": c.chunk, "BLOCK_F": c.block_f, "BLOCK_V": c.value_tile(hv),
-                  "HEAD_DIM": max(16, next_pow2(d)), "HEAD_DIM_V": hv, "INIT": 0, "PREFIX": 1, "FINAL": 0}
+                  "HEAD_DIM": sy.tile_width(d), "HEAD_DIM_V": hv, "INIT": 0, "PREFIX": 1, "FINAL": 0}
         bundle = []
         for k in kernels:
             kc = dict(consts)

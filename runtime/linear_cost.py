@@ -77,13 +77,9 @@ def scan_axes(axes: dict) -> dict:
 
 def consts_of(cfg: LinearConfig, d: int, e: int, nfeat: int) -> dict:
     """The constexpr symbols' values (the counters' cvals) of a LinearConfig at head dims d, e and D features."""
-    hv = _pad(e)
-    return {CHUNK: cfg.chunk, csym("BLOCK_F"): cfg.block_f, BLOCK_V: cfg.value_tile(hv), csym("HEAD_DIM"): _pad(d),
-            HEAD_DIM_V: hv, NFEAT: nfeat}
-
-
-def _pad(x) -> int:
-    return max(16, 1 << max(0, int(x) - 1).bit_length())
+    hv = sy.tile_width(e)
+    return {CHUNK: cfg.chunk, csym("BLOCK_F"): cfg.block_f, BLOCK_V: cfg.value_tile(hv),
+            csym("HEAD_DIM"): sy.tile_width(d), HEAD_DIM_V: hv, NFEAT: nfeat}
 
 
 def state_bytes(dtname: str) -> int:
@@ -122,8 +118,8 @@ def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, dev
         counts.add(c)
     acc = 8 if dtname == "float64" else 4
     zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
-    states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (_pad(e) + 1) if n * e else 0
-    return counts, states, acc * (chunk * block_f + chunk * _pad(e) + block_f * _pad(e)), per
+    states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (sy.tile_width(e) + 1) if n * e else 0
+    return counts, states, acc * (chunk * block_f + chunk * sy.tile_width(e) + block_f * sy.tile_width(e)), per
 
 
 def linear_launch_split(lp, dims: dict, batch: tuple, sms: int, config: LinearConfig | None = None) -> LinearConfig:
@@ -133,7 +129,7 @@ def linear_launch_split(lp, dims: dict, batch: tuple, sms: int, config: LinearCo
     (moa.linear.scan_value_tile, the rule the form choice counts): the split also shrinks the scans' state
     accumulator."""
     n, e, d = (sy.evaluate(x, dims) for x in (lp.schedule.row[1], lp.schedule.col[1], lp.branch.dot.extent))
-    nfeat, hv = lp.features(d), _pad(e)
+    nfeat, hv = lp.features(d), sy.tile_width(e)
     cfg = config or LinearConfig(*chunk_config(torch.device("cuda"), n, nfeat))
     zl = math.prod(batch) * math.prod(sy.evaluate(x, dims) for _, x in lp.schedule.lead)
     bv = scan_value_tile(nfeat, cfg.block_f, hv, zl, sms, cfg.value_tile(hv))

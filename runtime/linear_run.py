@@ -13,7 +13,7 @@ from moa.linear import LinearPlan, feature_table
 
 from .binding import Binding
 from .cache import module_for
-from .device import cdiv, next_pow2, run, sm_count
+from .device import cdiv, run, sm_count
 from .form_configs import linear_runtime_config
 from .linear_cost import linear_launch_split
 from .tiling import DTYPE_NAME, LinearConfig, chunk_config, state_dtype
@@ -91,7 +91,7 @@ class LinearRunner:
         cfg = config or self.launch_config(b.device, dtname, len(b.batch), dims, b.batch)
         chunk, block_f = cfg.chunk, cfg.block_f
         T = cdiv(n, chunk)
-        hv = max(16, next_pow2(e))
+        hv = sy.tile_width(e)
         if zl * T * nfeat * (hv + 1) > STATE_LIMIT:
             raise InputError(f"the linear form's chunk states need {zl * T * nfeat * (hv + 1):,} elements "
                              f"(D = C({d} + {self.lp.p} - 1, {self.lp.p}) = {nfeat:,} features); use "
@@ -114,7 +114,7 @@ class LinearRunner:
                 t = t.to(dt_compute)
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
         tail = [dims[dn] for dn in spec.dims] + list(b.batch)
-        consts = dict(CHUNK=chunk, BLOCK_F=block_f, BLOCK_V=cfg.value_tile(hv), HEAD_DIM=max(16, next_pow2(d)),
+        consts = dict(CHUNK=chunk, BLOCK_F=block_f, BLOCK_V=cfg.value_tile(hv), HEAD_DIM=sy.tile_width(d),
                       HEAD_DIM_V=hv)
         st = [S, zs, fidx, fw, nfeat, T]
         launch = _Launch(out, shape, args + st, consts, tail, mod, nfeat, T, zl, e, (S, zs), acc)

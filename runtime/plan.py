@@ -25,7 +25,7 @@ from moa.version import __version__
 
 from . import configs, tune
 from .binding import Binding
-from .device import device_table_name, next_pow2
+from .device import device_table_name
 from .tiling import (Config, LinearConfig, TensorDescriptor, choose_config, default_config, fit_tiles, head_dims,
                      linear_tune_configs, state_dtype, tune_candidates)
 
@@ -345,7 +345,7 @@ class Planner:
     def linear_candidates(self, name: str, n: int, dims: dict) -> list:
         """The linear form's plans a GPU times: the config fitted ahead of time (its value axis split as a launch
         without timing splits it), then tiling.linear_tune_configs."""
-        hv = max(16, next_pow2(sy.evaluate(self.schedules[name].col[1], dims)))
+        hv = sy.tile_width(sy.evaluate(self.schedules[name].col[1], dims))
         return [Plan(name, LINEAR), *(Plan(name, LINEAR, config=c) for c in linear_tune_configs(n, hv))]
 
 

@@ -54,7 +54,7 @@ def choose_config(device: torch.device, dtype: str, n: int, m: int, head: int) -
     the GPU runtime checks this default ahead of time and falls back to smaller tiles when it spills
     (runtime/configs.py)."""
     if device.type == "cpu":
-        return Config(min(64, max(16, next_pow2(n))), min(64, max(16, next_pow2(m))))
+        return Config(min(64, sy.tile_width(n)), min(64, sy.tile_width(m)))
     if dtype == "float64":
         return Config(32, 32, 4, 1)
     if dtype == "float32":
@@ -69,7 +69,7 @@ def fit_tiles(cfg: Config, heads, what: str) -> Config:
     """Halve BLOCK_M / BLOCK_N (not below 16, tl.dot's minimum) until every tile of BLOCK x padded head dim
     holds at most 2^20 elements; a head dim that does not fit even with 16 rows is an UnsupportedError (never
     a Triton failure at launch)."""
-    h = max(max(16, next_pow2(x)) for x in heads)
+    h = max(sy.tile_width(x) for x in heads)
     if 16 * h > MAX_TILE:
         raise UnsupportedError(f"{what}: a head dim of {max(heads)} (padded to {h}) does not fit: one tile of 16 x "
                                f"{h} elements exceeds Triton's limit of {MAX_TILE} elements per tile; head dims up "
@@ -121,7 +121,7 @@ def exact_heads(sched, dims: dict) -> frozenset:
             v = sy.evaluate(x, dims)
         except KeyError:
             continue
-        if v == max(16, next_pow2(v)):
+        if v == sy.tile_width(v):
             out.add(x)
     return frozenset(out)
 
@@ -218,13 +218,13 @@ def chunk_config(device: torch.device, n: int, nfeat: int) -> tuple[int, int]:
     interpretation overhead, the feature tile grows with D up to 4096 (p = 4, d = 64: 4x faster than 256). On
     CUDA this is the default the launch starts from; the runtime launches the first config that compiles for the device
     without spills (runtime/form_configs.py)."""
-    chunk = min(64, max(16, next_pow2(n)))
+    chunk = min(64, sy.tile_width(n))
     return chunk, (min(4096, max(256, next_pow2(nfeat))) if device.type == "cpu" else 64)
 
 
 def rows_of(n: int) -> int:
     """Rows per program of the linear and window kernels: min(64, next_pow2(n)), at least 16."""
-    return min(64, max(16, next_pow2(n)))
+    return min(64, sy.tile_width(n))
 
 
 def linear_default(n: int) -> LinearConfig:

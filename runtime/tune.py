@@ -33,6 +33,8 @@ from pathlib import Path
 
 import triton.testing
 
+from moa.symbolic import next_pow2
+
 from . import compile_pool as P
 from .cache import cache_dir
 
@@ -54,7 +56,7 @@ def enabled(flag: bool | None) -> bool:
 
 def bucket_of(n: int) -> int:
     """A sequence length's bucket: the next power of two (1 for 0 and 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
+    return next_pow2(n)
 
 
 def bucket_key(device: str, dtype: str, program_key: str, output: str, nbatch: int, heads: dict, seqs: dict) -> str:

@@ -19,7 +19,7 @@ from . import cache
 from .aot_batch import TRITON_TYPE, aot_groups, choose_fitting, cuda_target, divisible_args, kernel_signature
 from .backward_run import BackwardRunner, call_setup
 from .binding import Binding
-from .device import cdiv, next_pow2, run
+from .device import cdiv, run
 from .tiling import DTYPE_NAME, Config, window_default
 
 INTERPRETER_BLOCKS = None   # (BLOCK_M, BLOCK_N) of interpreted launches; None: the forward's row tile
@@ -55,8 +55,8 @@ class WindowBackwardRunner(BackwardRunner):
     @staticmethod
     def constexprs(spec: WindowBackwardSpec, dims: dict, cfg: Config) -> dict:
         ev = lambda x: int(sy.evaluate(x, dims))   # noqa: E731
-        return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM": max(16, next_pow2(ev(spec.dot_extent))),
-                "HEAD_DIM_V": max(16, next_pow2(ev(spec.col_extent))), "W_PAD": max(16, next_pow2(ev(spec.w_extent)))}
+        return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HEAD_DIM": sy.tile_width(ev(spec.dot_extent)),
+                "HEAD_DIM_V": sy.tile_width(ev(spec.col_extent)), "W_PAD": sy.tile_width(ev(spec.w_extent))}
 
     def grads(self, b: Binding, d_out: torch.Tensor) -> dict:
         """Codegen input name -> gradient (batch + the input's shape, accumulation dtype) of the Q, K and V reads

@@ -11,7 +11,7 @@ from moa.codegen.window import generate_window
 
 from .binding import Binding
 from .cache import module_for
-from .device import cdiv, next_pow2, run
+from .device import cdiv, run
 from .form_configs import window_runtime_config
 from .tiling import window_default
 
@@ -64,8 +64,8 @@ class WindowRunner:
         tail = [dims[dn] for dn in spec.dims] + list(b.batch)
         cfg = self.launch_config(b.device, dtname, nb, dims)
         block_m = cfg.block_m
-        consts = dict(BLOCK_M=block_m, HEAD_DIM=max(16, next_pow2(d)), HEAD_DIM_V=max(16, next_pow2(e)),
-                      W_PAD=max(16, next_pow2(w)))
+        consts = dict(BLOCK_M=block_m, HEAD_DIM=sy.tile_width(d), HEAD_DIM_V=sy.tile_width(e),
+                      W_PAD=sy.tile_width(w))
         if b.device.type == "cuda":
             consts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         run(mod._attn_window, (cdiv(n, block_m), zl), [*args, out, *out.stride(), *tail], consts, b.device,
