@@ -296,6 +296,10 @@ class KernelEmitter(DataTiles):
             inner.add(f"{sname} = {text}")
         else:
             score = x.emit(b.score, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
+            if _literal(score):   # a constant score (x^0 = 1): a tile of it
+                score = f"tl.full((BLOCK_M, BLOCK_N), {score}, {x.acc})"
+            elif not _tile_wide(b.score, set(smap) - {j}, j):   # constant along a tile axis (a key bias)
+                score = f"tl.broadcast_to({score}, (BLOCK_M, BLOCK_N))"
             inner.add(f"{sname} = {score}")
         neutral = 'float("-inf")' if b.kind == "softmax" else "0.0"
         if masked != "never":
@@ -465,3 +469,20 @@ def generate(program: Program, sched: Schedule, dtype: str, nbatch: int, block_m
     while the current tile's softmax runs (FlashAttention-3's intra-warpgroup overlap)."""
     return KernelEmitter(program, sched, dtype, nbatch, frozenset(exact), tma, overlap).kernel(
         block_m, block_n, store_lse and returns_total(sched))
+
+
+def _tile_wide(e, rows: set, key) -> bool:
+    """Whether the score e varies along both axes of a tile (rows, keys), so that its code is a full tile."""
+    if any(isinstance(t, DotTile) for t in D.nodes(e)):
+        return True
+    free = D.free_vars(e)
+    return bool(free & rows) and key in free
+
+
+def _literal(code: str) -> bool:
+    """Whether emitted code is a number literal."""
+    try:
+        float(code)
+    except ValueError:
+        return False
+    return True

@@ -274,12 +274,16 @@ class Emitter:
         base, ex = e.args
         exv = ex.value if isinstance(ex, D.Const) else ex.expr if isinstance(ex, D.Index) and ex.expr.is_number \
             else None
-        if exv is not None and float(exv).is_integer() and 0 <= float(exv) <= 16:
+        if exv is not None and float(exv).is_integer() and (0 <= float(exv) <= 16 or e.dtype == ir.FLOAT):
             k = int(float(exv))
             if k == 0:
                 return "1.0" if e.dtype == ir.FLOAT else "1"
             b = self._float(a[0], base) if e.dtype == ir.FLOAT else a[0]
-            return "(" + " * ".join([b] * k) + ")"
+            if abs(k) <= 16:   # a^k by products, a^-k = 1 / a^k: exact signs for negative bases
+                prod = " * ".join([b] * abs(k))
+                return f"({prod})" if k > 0 else f"(1.0 / ({prod}))"
+            mag = f"tl.exp2({float(k)!r} * tl.log2(tl.abs({b})))"   # |a|^k, negated for a < 0 and odd k
+            return f"tl.where({b} < 0, -{mag}, {mag})" if k % 2 else mag
         bv = base.value if isinstance(base, D.Const) else base.expr if isinstance(base, D.Index) and \
             base.expr.is_number else None
         x = self._float(a[1], ex)

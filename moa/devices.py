@@ -47,6 +47,12 @@ def canonical_dtype(dtype) -> str:
     return DTYPE_ALIASES[text]
 
 
+
+def occupancy(programs, sms: int) -> float:
+    """min(1, programs / SMs): the share of a device of `sms` SMs a launch of `programs` programs keeps busy
+    (Device.occupancy); 1 for a launch of no program, which costs its launch overhead only."""
+    return min(1.0, programs / sms) if programs else 1.0
+
 @dataclass(frozen=True)
 class Device:
     """Peak rates (per second), memory system and per-block limits of one GPU."""
@@ -72,7 +78,7 @@ class Device:
         runs on one SM at 1/SMs of the device's peaks and bandwidth (the split-KV model's assumption,
         moa/splitkv.py), so a launch of fewer programs than SMs takes SMs / programs times its roofline (a scan
         over batch x heads x feature tiles, one head of few row tiles). Waves beyond the first are not modelled."""
-        return min(1.0, programs / self.sms) if programs else 1.0
+        return occupancy(programs, self.sms)
 
     def transcendental_rate(self, dtype: str) -> float:
         """Transcendental evaluations per second for the accumulation dtype of a kernel."""

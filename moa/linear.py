@@ -30,6 +30,7 @@ import sympy as sp
 
 from . import dnf as D
 from . import symbolic as sy
+from .devices import occupancy
 from .onf import BranchValue, DotTile, Schedule
 
 
@@ -263,7 +264,7 @@ def predicted_seconds(c: FormCost, peak_flops: float, bandwidth: float, sms: int
     if sms is None or not c.launches:
         return max(c.flops / peak_flops, c.dram_bytes / bandwidth) + launch_s * sum(x[4] for x in c.launches)
     vec = vector_flops or peak_flops
-    return sum(max(a / peak_flops + o / vec, b / bandwidth) / min(1.0, p / sms) + launch_s * k
+    return sum(max(a / peak_flops + o / vec, b / bandwidth) / occupancy(p, sms) + launch_s * k
                for a, o, b, p, k in c.launches)
 
 

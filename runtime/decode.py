@@ -65,7 +65,12 @@ def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
 
 
 def _plan(kernel):
-    return block_kernel(kernel)
+    """(ShardPlan, block Kernel): the program over a block of keys, as ring attention shards it."""
+    try:
+        return block_kernel(kernel)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"decode and varlen calls run the program over blocks of keys, as ring attention "
+                               f"does, and this program cannot be split so: {e.message}") from None
 
 
 def both_sides(kernel, plan, inputs: dict, rows) -> dict:
@@ -375,8 +380,8 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
     norm = name in norm_outputs(block)   # a split that runs no program contributes lse -inf, or z = 0
     lse_part = torch.full((splits, *b.batch, *lead, rows), 0.0 if norm else float("-inf"), dtype=acc_dt,
                           device=b.device)
-    if call.mode != SPLIT and o_part.numel():
-        o_part.zero_()   # a sequence without keys runs no program: its rows are 0, as in a call of its own
+    if (call.mode != SPLIT or keys == 0) and o_part.numel():
+        o_part.zero_()   # a sequence (or a call) without keys runs no program: its rows are 0, as in a plain call
     grid = (ptiles, z, call.nseq * splits)
     info = DecodeStats(splits, split_len, grid, predicted)
     if o_part.numel() == 0 or z == 0:

@@ -86,6 +86,16 @@ def test_decode_equals_plain_call_for_two_dim_programs():
     assert (decode.decode(k, ins, splits=4) - k(**ins)).abs().max().item() <= 1e-12
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+def test_decode_against_an_empty_cache_is_zero(splits):
+    """No key at all: every row is 0 (as a plain call gives), not the unwritten partial output."""
+    k = _kernel("causal_bottom_right")
+    for dt in (torch.float64, torch.float32):
+        q, kv = torch.randn(2, 3, D, dtype=dt), torch.randn(2, 0, D, dtype=dt)
+        o = k.decode(Q=q, K=kv, V=kv, splits=splits)
+        assert o.shape == (2, 3, D) and o.dtype == dt and not o.any()
+
+
 def test_decode_refusals():
     k = _kernel("sliding_window")
     q = torch.randn(5, D, dtype=torch.float64)
