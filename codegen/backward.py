@@ -33,6 +33,7 @@ import sympy as sp
 from moa import dnf as D
 from moa import intervals as iv
 from moa import ir
+from moa import symbolic as sy
 from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule, uses_summaries
 from moa.program import Program
@@ -143,6 +144,12 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
     qa, kb = operand_read(b.dot.a, (i, kv), tiles), operand_read(b.dot.b, (j, kv), tiles)
     if qa is None or kb is None or not _plain_read(b.value, (j, c), tiles):
         return "the contraction operands or the value are not (functions of) plain reads of inputs"
+    for read, tail in ((qa, (sched.row[1], b.dot.extent)), (kb, (b.extent, b.dot.extent)),
+                       (b.value, (b.extent, sched.col[1]))):
+        shape = program.input_map[read.name].shape
+        if not all(sy.prove_equal(x, y) for x, y in zip(shape[len(shape) - 2:], tail)):
+            return (f"{read.name}'s last two axes are not the tile's rows and columns (a slice of the input, as "
+                    f"take(t, {read.name}[...]), gets its gradient unfused)")
     qkv = {qa.name, kb.name, b.value.name}
     for part in (b.score, b.mask):
         if part is not None and any(isinstance(x, D.Read) and x.name in qkv for x in D.nodes(part)):

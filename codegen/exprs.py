@@ -310,6 +310,9 @@ class Emitter:
             if not lo_ok:
                 sink.append(f"({c} >= 0)")
                 conds.append(sp.Ge(ix, 0, evaluate=False))
+        for v, x in self._unbounded_lanes(r, node, vmap):   # padding lanes of a head dim read real data: zero them
+            masks.append(f"({self.idx(v, vmap)} < {self.idx(x, {})})")
+            conds.append(sp.Lt(v, x, evaluate=False))
         other = "0.0" if node.dtype == ir.FLOAT else "0"
         m = " & ".join(masks) if masks else "True"
         if scalar_masks:  # a scalar condition joins a tile mask through tl.where (the interpreter rejects &)
@@ -336,6 +339,24 @@ class Emitter:
                                      tuple(conds)))
         scope.add(f"{name} = {load}")
         return name
+
+    def _unbounded_lanes(self, r: D.Read, node, vmap) -> list:
+        """(lane variable, its head-dim extent) of each head-dim lane the read's bound masks do not stop at that
+        extent: a lane past it (the tile is padded to a power of two) must load 0, or a dot over the head dim adds
+        it in. A lane read as the whole index of an axis of that very extent is bounded by the axis's own mask;
+        one read through a slice (take(t, Q[i])) or an offset (heads packed into the last axis) is not."""
+        extents = {name: x for x, name in self.head_dims.items()}
+        out = []
+        for v, code in vmap.items():
+            x = extents.get(_axis_of(code))
+            if x is None or not any(sp.sympify(ix).has(v) for ix in r.index):
+                continue
+            if any(sp.sympify(ix) == v and sy.prove_equal(ext, x) for ix, ext in zip(r.index, node.shape)):
+                continue
+            if self._exact_lane(v, x, vmap):   # the padded tile is the extent itself: no lane past it
+                continue
+            out.append((v, x))
+        return out
 
     def _exact_lane(self, ix, ext, vmap) -> bool:
         """ix is a lane of a head-dim arange (offs_head_dim..., offs_v) whose padded tile equals ext at this launch."""
@@ -399,7 +420,8 @@ class Emitter:
         hd = "HEAD_DIM_V" if base == "offs_v" else base[len("offs_"):].upper() if base.startswith("offs_head") \
             else None
         start = _KEY_STARTS.get(vmap.get(row))   # the current key tile, or the next one (a look-ahead load)
-        if start is None or hd is None or any(ix.free_symbols & set(vmap) for ix in index[:-2]):
+        if start is None or hd is None or any(ix.free_symbols & set(vmap) for ix in index[:-2]) or \
+                self._unbounded_lanes(r, node, vmap):
             return None
         self.use_input(r.name)
         key = (r.name, hd)

@@ -52,3 +52,30 @@ def test_normalised_programs_over_no_rows(name):
         ins["G"] = _rand(2, 0)
     ins["V"] = _rand(2, 0, 5)
     assert k(**ins).shape == (2, 0, 5)
+
+
+_TAKE = """dim n, d, e
+param t = 3
+in Q[n, d], K[n, d], V[n, e]
+S[i, j] = where(j <= i, dot(take(t, Q[i]), take(t, K[j])), -inf)
+out O = softmax(S, axis=-1) @ V"""
+_PACKED = """dim n, d, e
+param h = 2
+in Q[n, h * d], K[n, h * d], V[n, e]
+S[a:h, i, j] = dot(reshape(Q[i], [h, d])[a], reshape(K[j], [h, d])[a]) / sqrt(d)
+out O[a] = softmax(S[a], axis=-1) @ V"""
+
+
+@pytest.mark.parametrize("src,width", [(_TAKE, 8), (_PACKED, 10)])
+def test_contractions_over_part_of_an_axis(src, width):
+    """A dot over the first t features of Q and K (take), or over one head's d = 5 features of heads packed into
+    the last axis: the lanes past the contraction's extent load 0 (they read the next features, and the dot summed
+    them in); the gradients too."""
+    k = moa.compile(src)
+    q, kk, v = _rand(2, 40, width), _rand(2, 41, width)[:, 1:], _rand(2, 40, 5)
+    assert _rel(k(Q=q, K=kk, V=v), k.reference(Q=q, K=kk, V=v)) <= 1e-13
+    qg, kg = q.clone().requires_grad_(), kk.clone().requires_grad_()
+    k(Q=qg, K=kg, V=v).square().sum().backward()
+    qr, kr = q.clone().requires_grad_(), kk.clone().requires_grad_()
+    k.reference(Q=qr, K=kr, V=v).square().sum().backward()
+    assert _rel(qg.grad, qr.grad) <= 1e-12 and _rel(kg.grad, kr.grad) <= 1e-12
