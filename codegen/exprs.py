@@ -61,6 +61,26 @@ def _axis_of(code: str) -> str:
     return axes.get(base, base[len("offs_"):].upper())
 
 
+def _may_overflow(e, vmap) -> bool:
+    """Whether integer index arithmetic e multiplies a tile variable by another variable, by itself, or by a
+    constant of 128 or more: tile indices are 32-bit in a kernel (tl.arange), so such a product can wrap at
+    dims far below the 2^31 a sum of indices reaches."""
+    tiles = set(vmap)
+    for t in sp.preorder_traversal(e):
+        if isinstance(t, sp.Mul) and t.free_symbols & tiles:
+            coeff, rest = t.as_coeff_Mul()
+            if abs(coeff) >= 128 or len([f for f in sp.Mul.make_args(rest) if not f.is_number]) >= 2:
+                return True
+        if isinstance(t, sp.Pow) and t.base.free_symbols & tiles and t.exp.is_number and t.exp >= 2:
+            return True
+    return False
+
+
+def _wide(code: str) -> str:
+    """The code of a tile variable as a 64-bit integer (a loop counter is a Python int in the interpreter)."""
+    return f"tl.full([], {code}, tl.int64)" if code.isidentifier() else f"{code}.to(tl.int64)"
+
+
 _KEY_STARTS = {"offs_n[:, None]": "start_n", "offs_nx[:, None]": "nxt_n"}   # key-tile rows -> their first key
 _ROLE = {"offs_m": "row", "offs_a": "row", "offs_n": "key", "offs_v": "col", "hop": "hop"}
 
@@ -180,6 +200,8 @@ class Emitter:
         e = sp.sympify(e)
         if self.named:
             e = e.xreplace(self.named)
+        if vmap and _may_overflow(e, vmap):   # a product of tile indices: in 64 bits, as the reference computes it
+            vmap = {v: _wide(c) for v, c in vmap.items()}
         return pcode(e, {**self.names, **vmap})
 
     def emit(self, e, vmap: dict, scope: Scope, hoist: Scope | None = None, key_vars=frozenset(),

@@ -79,3 +79,17 @@ def test_contractions_over_part_of_an_axis(src, width):
     qr, kr = q.clone().requires_grad_(), kk.clone().requires_grad_()
     k.reference(Q=qr, K=kr, V=v).square().sum().backward()
     assert _rel(qg.grad, qr.grad) <= 1e-12 and _rel(kg.grad, kr.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("score", ["dot(Q[i], K[j]) + i * 1000000000 * j / 1e10",
+                                   "dot(Q[i], K[j]) + (i * 100000) * (j * 100000) / 1e10",
+                                   "where((i * j * 300000) % 7 == 1, dot(Q[i], K[j]), -inf)"])
+def test_products_of_indices_do_not_wrap(score):
+    """Tile indices are 32-bit in a kernel: a product of them (or by a large constant) is computed in 64 bits, as
+    the reference does (it wrapped, or failed to build: 'Scalar 10000000000 is out of range for type int32')."""
+    k = moa.compile(f"""dim n, d, e
+in Q[n, d], K[n, d], V[n, e]
+S[i, j] = {score}
+out O = softmax(S, axis=-1) @ V""")
+    ins = dict(Q=_rand(23, 4), K=_rand(23, 4), V=_rand(23, 3))
+    assert _rel(k(**ins), k.reference(**ins)) <= 1e-13
