@@ -170,8 +170,11 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
                 unknown = [s for s in ext.free_symbols if s.name not in values]
                 if len(unknown) == 1:
                     actual = t.shape[t.dim() - node.rank + ax]
-                    sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
-                                                       if s.name in values}), actual), unknown[0])
+                    try:
+                        sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
+                                                           if s.name in values}), actual), unknown[0])
+                    except NotImplementedError:   # e.g. floor(e / 2) = 3: many solutions, none chosen
+                        continue
                     if len(sol) == 1 and sol[0].is_Integer and sol[0] > 0:
                         values[unknown[0].name] = int(sol[0])
                         origin[unknown[0].name] = f"input {name} axis {ax}"

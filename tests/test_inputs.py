@@ -35,6 +35,10 @@ in Q[n, d], K[n, d], V[n, d]
 S[i, j] = where(j <= i and i - j < w, dot(Q[i], K[j]), -inf)
 out O = softmax(S, axis=-1) @ V
 """)
+HALVED = moa.compile("""dim n, d, e
+in Q[n, d], K[n, d], V[n, e // 2]
+out O = softmax(Q @ K.T, axis=-1) @ V
+""")
 SELF = moa.compile("""dim n, d
 in self[n, d], K[n, d], V[n, d]
 out O = softmax(self @ K.T, axis=-1) @ V
@@ -111,6 +115,8 @@ def _bad_calls():
                         ["output O", "131072 x 32768"]),
         "runtime-guard": (GUARDED, {"Q": r(9, 5), "K": r(7, 5), "V": r(7, 5)}, ["needs m == n", "n=9", "m=7"]),
         "unbindable-dim": (UNBOUND, qkv(e=5), ["dim w cannot be bound", "no input's shape mentions it"]),
+        "floor-extent": (HALVED, {"Q": r(9, 5), "K": r(9, 5), "V": r(9, 3)},
+                         ["dim e cannot be bound", "compound extents of V"]),   # floor(e / 2) = 3: e is 6 or 7
         "positional": (CAUSAL, None, ["pass the inputs by name", "k(Q=..., K=..., V=...)"]),
     }
     return cases
