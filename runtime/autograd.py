@@ -21,7 +21,7 @@ import torch
 
 from moa import ir
 from moa import symbolic as sy
-from moa.errors import InputError
+from moa.errors import InputError, UnsupportedError
 from moa.exprfold import Backend, fold, lookup
 
 from .backward import Backward
@@ -167,6 +167,9 @@ def _backward(ctx, grads):
     dt = _float_dtype(k.program, tensors)
     cot = [torch.zeros(s, dtype=dt, device=tensors[0].device) if g is None else g.contiguous()
            for g, s in zip(grads[:ctx.nout], outs)]
+    d_lse = grads[ctx.nout] if len(grads) > ctx.nout else None
+    if d_lse is not None and k.backward.runner is not None:   # with_lse's lse took part in the loss
+        cot.append(d_lse.contiguous())
     got = iter(attention_backward(ctx.kernel, tensors, saved, cot))
     res = [next(got) if node.dtype == ir.FLOAT else None for node in k.program.inputs]
     return None, res
@@ -183,6 +186,18 @@ def wants_op(inputs: dict) -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
+
+
+def call_with_lse(kernel, inputs: dict):
+    """k.with_lse(**inputs) through the operator: (O, lse), both differentiable. The lse is the value the fused
+    backward saves; its cotangent g enters the backward as delta - g (d lse_i / d s_ij = p_ij)."""
+    if kernel.backward.runner is None:
+        raise UnsupportedError("with_lse differentiates only through the fused backward kernels, which this "
+                               f"program does not have ({kernel.backward.unfused_reason or 'several branches'}); call "
+                               "k(...) for O's gradients, or with_lse under torch.no_grad()")
+    kernel.bind(inputs)
+    outs = torch.ops.moa.attention(kernel.op_key, [inputs[n] for n in kernel.input_names])
+    return outs[0], outs[1]
 
 
 def call(kernel, inputs: dict):

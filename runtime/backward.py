@@ -136,7 +136,8 @@ class Backward:
             grads = {back[name]: g for name, g in fused.items()}
         elif self.runner is not None:
             back = k.planner.codegen.inputs
-            fused = self.runner.grads(b, saved[0], saved[1], cotangents[0])
+            d_lse = cotangents[1] if len(cotangents) > len(k.output_names) else None   # with_lse's lse
+            fused = self.runner.grads(b, saved[0], saved[1], cotangents[0], d_lse)
             grads = {back[name]: g for name, g in fused.items()}
         elif self.window is not None:
             back = k.planner.codegen.inputs

@@ -65,16 +65,21 @@ class BackwardRunner:
             self._specs[key] = generate_backward(self.planner.cg_program, self.sched, dtname, nbatch)
         return self._specs[key]
 
-    def grads(self, b: Binding, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor) -> dict:
+    def grads(self, b: Binding, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
+              d_lse: torch.Tensor | None = None) -> dict:
         """Codegen input name -> gradient (batch + the input's shape, accumulation dtype) of the operands Q, K, V for
-        the cotangent d_out of the output `out` (lse: the forward's saved log-sum-exp)."""
+        the cotangent d_out of the output `out` (lse: the forward's saved log-sum-exp; d_lse: its cotangent, when
+        the caller's loss used it: d lse_i / d s_ij = p_ij, so it enters as delta_i - d_lse_i)."""
         b, compute, acc, spec, ev = call_setup(self, b)
         n, m, d, e = ev(spec.row_extent), ev(spec.key_extent), ev(spec.dot_extent), ev(spec.col_extent)
         lead = [ev(x) for _, x in self.sched.lead]
         zl = math.prod(b.batch) * math.prod(lead)
         dev = b.device
         d_out = d_out.to(dev, compute).reshape(zl, n, e).contiguous()
-        delta = (d_out.to(acc) * out.to(dev, acc).reshape(zl, n, e)).sum(-1).contiguous()
+        delta = (d_out.to(acc) * out.to(dev, acc).reshape(zl, n, e)).sum(-1)
+        if d_lse is not None:
+            delta = delta - d_lse.to(dev, acc).reshape(zl, n)
+        delta = delta.contiguous()
         lse = lse.to(dev, acc).reshape(zl, n).contiguous()
         bufs = {"dQ": torch.zeros(zl, n, d, dtype=acc, device=dev), "dK": torch.zeros(zl, m, d, dtype=acc, device=dev),
                 "dV": torch.zeros(zl, m, e, dtype=acc, device=dev)}

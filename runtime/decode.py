@@ -64,6 +64,15 @@ def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
     return t.shape[t.dim() - rank + axis]
 
 
+def refuse_grad(inputs: dict) -> None:
+    """Decode, varlen and paged calls are inference calls: an UnsupportedError when autograd would need their
+    graph (rather than outputs that silently carry no gradient)."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values()):
+        names = ", ".join(n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad)
+        raise UnsupportedError(f"decode, varlen and paged calls compute no gradients, and {names} require grad: "
+                               "train with k(...) on the contiguous inputs, or run this call under torch.no_grad()")
+
+
 def _plan(kernel):
     """(ShardPlan, block Kernel): the program over a block of keys, as ring attention shards it."""
     try:
@@ -146,6 +155,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     block_table[b, j // page_size] at j % page_size. pack_heads: run the query heads sharing a K/V head in one
     tile (moa/gqa.py); None: when that makes at most PACK_ROWS rows. plan_only: the DecodeStats of the call,
     nothing launched."""
+    refuse_grad(inputs)
     if paged.paging_of(kernel) is not None:   # pools and a block table read through the language's gather
         inputs, block_table, page_size = paged.unpage(kernel, inputs)
     plan, block = _plan(kernel)

@@ -130,6 +130,8 @@ class Kernel:
         name = self.output_names[0]
         if len(self.output_names) != 1 or not self.schedules[name].has_lse:
             raise UnsupportedError("with_lse needs a program with one output of the form softmax(S) @ V")
+        if autograd.wants_op(inputs):   # differentiable (O, lse): runtime/autograd.py call_with_lse
+            return autograd.call_with_lse(self, inputs)
         return self.launcher.tiled(name, b, store_lse=True)
 
     def plan(self, /, **inputs) -> dict:

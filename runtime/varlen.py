@@ -14,7 +14,7 @@ from moa.errors import InputError, UnsupportedError
 
 from . import decode_merge
 from .binding import bind
-from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
+from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths, refuse_grad
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results
@@ -29,6 +29,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     DecodeStats of the call (its kernels in specs), nothing launched. block_table [sequences, pages] with
     page_size P: the key inputs are a pool of pages (as in a paged decode) and key j of sequence b, for j below
     its length cu_seqlens_k[b + 1] - cu_seqlens_k[b], lives in page block_table[b, j // P] at j % P."""
+    refuse_grad(inputs)
     plan, block = _plan(kernel)
     cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
     _check_replicated(kernel, plan)

@@ -249,3 +249,30 @@ def test_compile_with_dynamic_shapes():
         f(leaves["Q"], leaves["K"], leaves["V"]).backward()
         want = C.autograd_grads(k, x, {"O": 2 * k.reference(**x)})
         assert all(C.rel_err(leaves[name].grad, want[name]) <= 1e-10 for name in want)
+
+
+@pytest.mark.parametrize("stem,lead", [("causal", ()), ("softcap", ()), ("alibi", (2,))])
+def test_with_lse_differentiates_both_outputs(stem, lead):
+    """(O, lse) of with_lse are both differentiable: the lse's cotangent g enters the fused backward as
+    delta - g (d lse_i / d s_ij = p_ij); checked against finite differences."""
+    k = moa.compile(Path("examples") / f"{stem}.moa")
+    g = torch.Generator().manual_seed(3)
+    q, kk, v = (torch.randn(*lead, 5, w, dtype=F64, generator=g).requires_grad_() for w in (4, 4, 3))
+    o, lse = k.with_lse(Q=q, K=kk, V=v)
+    assert o.grad_fn is not None and lse.grad_fn is not None
+    assert torch.autograd.gradcheck(lambda a, b, c: k.with_lse(Q=a, K=b, V=c), (q, kk, v), eps=1e-6, atol=1e-7)
+
+
+def test_inference_calls_refuse_inputs_that_require_grad():
+    """decode and varlen compute no gradients: an input that requires grad is refused by name (it gave outputs
+    without a graph, so a loss through them silently missed the attention's share)."""
+    from moa.errors import UnsupportedError
+    k = moa.compile(Path("examples") / "causal_bottom_right.moa")
+    q = torch.randn(3, 8, dtype=F64).requires_grad_()
+    kv = torch.randn(9, 8, dtype=F64)
+    with pytest.raises(UnsupportedError, match="compute no gradients, and Q require grad"):
+        k.decode(Q=q, K=kv, V=kv)
+    with pytest.raises(UnsupportedError, match="compute no gradients"):
+        k.varlen(torch.tensor([0, 3]), torch.tensor([0, 9]), Q=q, K=kv, V=kv)
+    with torch.no_grad():
+        assert k.decode(Q=q, K=kv, V=kv).shape == (3, 8)
