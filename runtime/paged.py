@@ -58,7 +58,18 @@ def contiguous(kernel, inputs: dict) -> dict:
         t = flat[name]
         ax = t.dim() - rest - 1
         keys = (table.long()[..., :, None] * page + torch.arange(page, device=table.device)).flatten(-2)
-        if keys.dim() > 1:
-            raise InputError("contiguous(): a batched block table needs batch-aligned pools; gather per batch index")
-        flat[name] = t.index_select(ax, keys.to(t.device))
+        keys = keys.to(t.device)
+        if keys.dim() == 1:
+            flat[name] = t.index_select(ax, keys)
+            continue
+        # a table per batch index: gather each batch index's keys from its pool (or the shared one)
+        try:
+            batch = torch.broadcast_shapes(t.shape[:ax], keys.shape[:-1])
+        except RuntimeError:
+            raise InputError(f"the block table's batch axes {list(keys.shape[:-1])} do not broadcast with those of "
+                             f"the pool {name} {list(t.shape[:ax])}") from None
+        rest_shape = list(t.shape[ax + 1:])
+        src = t.expand(*batch, *t.shape[ax:])
+        idx = keys.expand(*batch, keys.shape[-1]).reshape(*batch, keys.shape[-1], *([1] * rest))
+        flat[name] = torch.gather(src, len(batch), idx.expand(*batch, keys.shape[-1], *rest_shape))
     return flat

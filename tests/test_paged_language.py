@@ -70,6 +70,22 @@ def test_paged_gqa_vllm_layout_batched_table_and_valid_lengths():
         torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_reference_of_a_batched_block_table(aligned):
+    """k.reference gathers a table per batch index from a shared pool or from batch-aligned pools (it refused
+    both), equal to the kernel and to a gather written here."""
+    k = moa.compile(PAGED)
+    lead = (2,) if aligned else ()
+    pool, vpool = _rand(*lead, 6, 16, D), _rand(*lead, 6, 16, D, seed=1)
+    table, q = torch.tensor([[0, 3], [5, 1]]), _rand(2, 3, D)
+    ref = k.reference(Q=q, Kc=pool, Vc=vpool, page=table)
+    torch.testing.assert_close(k(Q=q, Kc=pool, Vc=vpool, page=table), ref, rtol=1e-12, atol=1e-12)
+    for b in range(2):
+        kk, vv = ((x[b] if aligned else x)[table[b]].flatten(0, 1) for x in (pool, vpool))
+        s = (q[b] @ kk.T / D ** 0.5).masked_fill(torch.arange(32)[None] > torch.arange(3)[:, None] + 29, -torch.inf)
+        torch.testing.assert_close(ref[b], torch.softmax(s, -1) @ vv, rtol=1e-12, atol=1e-12)
+
+
 def test_paged_refusals():
     with pytest.raises(UnsupportedError, match="read outside the page indirection"):
         moa.compile(PAGED.replace("out O = softmax(S, axis=-1) @ Vp", "out O = softmax(S, axis=-1) @ Vp + Kc[0, 0, 0]"))
