@@ -141,6 +141,11 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan:
         return te, skip
 
     te, skip = tests(rows, starts)
+    if not scan and iv.skip_implied_by_range(skip_f, b.key_lo, b.key_hi):
+        # no skip test in the kernel (codegen/emit.py): every iteration runs its tile. The skip formula can still
+        # hold on one: a row tile whose first admissible key lies past the last key (key_lo >= m) starts at the
+        # tile holding key_lo rounded down, which ends at m - 1 < key_lo (J_HI clipped to the keys)
+        skip = np.zeros(len(rows), dtype=bool)
     scans = None
     if scan:   # the scan's kept tiles run, and only they
         rows, starts, skip = rows[~skip], starts[~skip], skip[~skip]

@@ -98,9 +98,10 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     runtime launches after its ahead-of-time check (compiles once, cached on disk) instead of the default
     table's. Each output is predicted in the kernel a call runs: the tiled kernel, the window-mixing kernel, or
     the chunked linear form (form='linear', or where the runtime picks it at these dims).
-    inputs: name -> tensor or array (batch axes first) of integer or boolean inputs a mask reads (document ids,
-    flags): the tiles the kernel skips by their per-tile summaries, and tiles_needed, are counted on this data;
-    without it a data-dependent test is counted as skipping nothing."""
+    inputs: name -> tensor or array (batch axes first, or leading axes that broadcast to them, as a call takes
+    them) of integer or boolean inputs a mask reads (document ids, flags): the tiles the kernel skips by their
+    per-tile summaries, and tiles_needed, are counted on this data; without it a data-dependent test is counted
+    as skipping nothing."""
     return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True,
                           inputs=inputs, **dims)[0]
 
@@ -238,7 +239,8 @@ def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict
 
 def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
     """The integer and boolean inputs given to the cost model (code-generation names), as numpy arrays of shape
-    batch + their own shape."""
+    batch + their own shape: leading axes that broadcast to the batch are expanded, as a call expands them
+    (runtime/binding.py; document ids shared by every head)."""
     if not inputs:
         return None
     nodes, back = planner.cg_program.input_map, planner.codegen.inputs
@@ -246,11 +248,17 @@ def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None
     for cg, x in inputs.items():
         node, name = nodes[cg], back[cg]   # the user's name, for messages
         a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        want = tuple(batch) + tuple(sy.evaluate(e, dims) for e in node.shape)
-        if a.shape != want:
-            raise InputError(f"cost(inputs=...): {name} has shape {tuple(a.shape)}; at these dims and batch it is "
-                             f"{want}")
-        out[cg] = a
+        own = tuple(sy.evaluate(e, dims) for e in node.shape)
+        want = tuple(batch) + own
+        lead = a.ndim - len(own)
+        if lead < 0 or a.shape[lead:] != own:
+            raise InputError(f"cost(inputs=...): {name} has shape {tuple(a.shape)}; at these dims it ends in {own} "
+                             f"(batch axes {tuple(batch)} before it, or any that broadcast to them)")
+        try:
+            out[cg] = np.broadcast_to(a, want)
+        except ValueError:
+            raise InputError(f"cost(inputs=...): {name} of shape {tuple(a.shape)} does not broadcast to the batch "
+                             f"{tuple(batch)} (at these dims and batch it is {want})") from None
     return out
 
 

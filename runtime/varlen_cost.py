@@ -91,6 +91,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     splits = pages if page_size else splits or choose_splits(*args).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
+    inputs = _broadcast(kernel, inputs, batch)
     if page_size and inputs:   # the key data gathered from the pools into each sequence's packed keys
         inputs = _unpaged(plan, inputs, varlen_key_positions(torch.as_tensor(block_table), page_size, ck), batch)
     data = _packed_data(kernel, plan, inputs, cq, ck, lq, batch)
@@ -149,6 +150,28 @@ def _prod(xs) -> int:
     out = 1
     for x in xs:
         out *= x
+    return out
+
+
+def _broadcast(kernel, inputs: dict | None, batch: tuple) -> dict | None:
+    """The inputs with leading axes that broadcast to the batch expanded to it, as varlen binds them (document ids
+    shared by every head)."""
+    if not inputs:
+        return inputs
+    decl = kernel.program.input_map
+    out = {}
+    for name, x in inputs.items():
+        t = torch.as_tensor(x)
+        if name in decl:
+            rank = len(decl[name].shape)
+            try:
+                t = t.expand(*batch, *t.shape[t.dim() - rank:]) if t.dim() >= rank else None
+            except RuntimeError:
+                t = None
+            if t is None:
+                raise InputError(f"varlen_cost(inputs=...): {name} of shape {tuple(torch.as_tensor(x).shape)} "
+                                 f"does not broadcast to the batch {tuple(batch)} (its own axes: {rank})")
+        out[name] = t
     return out
 
 
