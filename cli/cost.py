@@ -113,15 +113,39 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str, batch: int = 
         if not heads:
             return None
         n, e = sy.evaluate(s.row[1], dims), sy.evaluate(s.col[1], dims)
+        if any(sy.evaluate(b.extent, dims) != n for b in s.branches):   # queries against another length of keys
+            return None
         d = max(sy.evaluate(h, dims) for h in heads)
         lead = math.prod(sy.evaluate(x, dims) for _, x in s.lead) * batch
         c = cost_breakdown(moa.compile(DENSE_CAUSAL), dtype, device, needed=False, n=n, d=d, e=e)[0]
     except MoaError:
         return None
     dense = c.flops * lead
+    if not dense:
+        return None
     times = f" (x {lead} {'heads' if batch == 1 else 'heads x batch'})" if lead > 1 else ""
     return (f"dense causal attention at n={n}, d={d}, e={e}{times}: "
             f"{_si(dense)} FLOPs; this program {_si(rep.flops)} = {rep.flops / dense:.3g} of it")
+
+
+def decode_note(k, dims: dict, dtype: str, device: str, batch: tuple) -> str | None:
+    """A note when a CUDA call at these dims runs as a split-KV decode (few query rows against many keys, or GQA
+    heads packed): the decode's prediction (runtime/decode_cost.py), which this table (the plain kernel) is not."""
+    s = k.schedules[k.output_names[0]]
+    row, key = s.row[1], s.branches[0].extent
+    if not (row.is_Symbol and key.is_Symbol) or row == key:
+        return None
+    from moa.runtime.decode_cost import decode_cost
+    rest = {x: v for x, v in dims.items() if x not in (row.name, key.name)}
+    try:
+        c = decode_cost(k, dims[row.name], dims[key.name], dtype=dtype, device=device, batch=batch, **rest)
+    except MoaError:
+        return None
+    if c.splits == 1 and c.packed_heads == 1:
+        return None
+    return (f"note: a CUDA call at these dims runs as a split-KV decode ({c.splits} key splits, {c.packed_heads} "
+            f"query heads per tile): predicted {_seconds(c.predicted_seconds)}, {_si(c.dram_bytes, 'B')} accessed "
+            "(decode_cost, docs/inference.md); this table is the plain tiled kernel")
 
 
 def cmd_cost(args) -> int:
@@ -148,9 +172,12 @@ def cmd_cost(args) -> int:
             if k.planner.choose_form(name, dims, args.device, dtype, batch=max(1, nbatch)) == "linear":
                 print(f"note: at these dims the runtime runs output {name} in the linear (chunked) form, which is "
                       f"predicted faster (moa explain); this table is the quadratic (tiled) kernel")
+        note = decode_note(k, dims, dtype, args.device, batch)
+        if note:
+            print(note)
     if fit:
-        print("config: the runtime default, checked ahead of time for the device's target like the GPU runtime does "
-              "(no spills, shared memory in budget)")
+        print("config: the one the GPU runtime launches: the first of its candidates (its default first) that "
+              "compiles ahead of time for the device's target without spills and with shared memory in budget")
     if args.plot:
         path = cost_plot(k, args.plot, dims, dtype, args.device, batch, fit)
         print(f"wrote {path}")

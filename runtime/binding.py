@@ -10,7 +10,7 @@ from moa import ir
 from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
-from moa.errors import InputError
+from moa.errors import InputError, UnsupportedError
 from moa.program import Program
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -208,3 +208,12 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
         t = inputs[name]
         tensors[name] = t.expand(tuple(batch) + tuple(t.shape[t.dim() - node.rank:]))  # () for a scalar
     return Binding(values, batch, dtype, device, tensors)
+
+
+def refuse_grad(inputs: dict) -> None:
+    """Decode, varlen and paged calls are inference calls: an UnsupportedError when autograd would need their
+    graph (rather than outputs that silently carry no gradient)."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values()):
+        names = ", ".join(n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad)
+        raise UnsupportedError(f"decode, varlen and paged calls compute no gradients, and {names} require grad: "
+                               "train with k(...) on the contiguous inputs, or run this call under torch.no_grad()")

@@ -31,7 +31,7 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import choose_splits, key_range
 
 from . import decode_merge, paged, tune
-from .binding import bind
+from .binding import bind, refuse_grad
 from .cache import module_for
 from .decode_rows import both_sides_per_batch, query_rows
 from .decode_summaries import replace_summaries
@@ -58,19 +58,6 @@ class DecodeStats:
     # plan_only: (output index, grid kernel source) of the outputs whose grids run in one launch (the branches);
     # one output's dry stats (_run_output(dry=True)): (its grid kernel source,)
     branch_sources: tuple = dataclasses.field(default=(), repr=False, compare=False)
-
-
-def _axis_len(t: torch.Tensor, rank: int, axis: int) -> int:
-    return t.shape[t.dim() - rank + axis]
-
-
-def refuse_grad(inputs: dict) -> None:
-    """Decode, varlen and paged calls are inference calls: an UnsupportedError when autograd would need their
-    graph (rather than outputs that silently carry no gradient)."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values()):
-        names = ", ".join(n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad)
-        raise UnsupportedError(f"decode, varlen and paged calls compute no gradients, and {names} require grad: "
-                               "train with k(...) on the contiguous inputs, or run this call under torch.no_grad()")
 
 
 def _plan(kernel):
@@ -108,9 +95,9 @@ def lengths(kernel, inputs: dict) -> tuple[int, int]:
         if not isinstance(t, torch.Tensor) or t.dim() < len(decl[name].shape):
             continue
         if role == shard.QUERY and nq is None:
-            nq = _axis_len(t, len(decl[name].shape), axis)
+            nq = t.shape[t.dim() - len(decl[name].shape) + axis]
         elif role == shard.KEY and mk is None:
-            mk = _axis_len(t, len(decl[name].shape), axis)
+            mk = t.shape[t.dim() - len(decl[name].shape) + axis]
     if nq is None or mk is None:
         raise InputError(f"decode: cannot tell the query rows and the cache length of {kernel.program.name} "
                          f"from the inputs; pass every input of {', '.join(decl)}")

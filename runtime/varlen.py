@@ -13,8 +13,8 @@ from moa.codegen.splitkv import VARLEN, VARLEN_PAGED
 from moa.errors import InputError, UnsupportedError
 
 from . import decode_merge
-from .binding import bind
-from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths, refuse_grad
+from .binding import bind, refuse_grad
+from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results

@@ -494,3 +494,14 @@ def test_config_options_reach_the_compile(capsys):
         assert main([argv[0], str(EX / "causal.moa"), *argv[1:]]) == 2
         err = capsys.readouterr().err
         assert err.startswith("moa: error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_cost_at_edges_and_decode_shapes(capsys):
+    """moa cost over no rows prints a table (it divided by zero), and at decode shapes says that a CUDA call runs
+    the split-KV decode, with that prediction."""
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=0,d=64,e=64", "--no-fit"]) == 0
+    assert "dense causal" not in capsys.readouterr().out
+    assert main(["cost", str(EX / "mqa.moa"), "--dims", "h=32,n=1,m=32768,d=128,e=128", "--no-fit"]) == 0
+    out = capsys.readouterr().out
+    assert "runs as a split-KV decode (128 key splits, 32 query heads per tile)" in out, out
+    assert "dense causal" not in out   # queries against another length of keys: no causal comparison
