@@ -13,6 +13,7 @@ from moa.devices import DTYPE_BYTES, get_device
 from moa.errors import InputError, MoaError
 from moa.runtime.aot import TARGETS, fits
 from moa.runtime.costing import cost_breakdown
+from moa.runtime.decode_cost import decode_cost
 from moa.runtime.form_configs import launch_label
 
 from . import limits
@@ -135,7 +136,6 @@ def decode_note(k, dims: dict, dtype: str, device: str, batch: tuple) -> str | N
     row, key = s.row[1], s.branches[0].extent
     if not (row.is_Symbol and key.is_Symbol) or row == key:
         return None
-    from moa.runtime.decode_cost import decode_cost
     rest = {x: v for x, v in dims.items() if x not in (row.name, key.name)}
     try:
         c = decode_cost(k, dims[row.name], dims[key.name], dtype=dtype, device=device, batch=batch, **rest)
