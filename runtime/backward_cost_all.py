@@ -25,10 +25,11 @@ from moa import ir
 from moa import symbolic as sy
 from moa.codegen import counts as CN
 from moa.codegen.emit import generate
-from moa.errors import InputError, UnsupportedError
+from moa.errors import UnsupportedError
 
 from . import backward_cost, backward_cost_linear, backward_run, window_backward, window_backward_cost
 from .backward_cost import BackwardCost, work_of
+from .costing import batched
 from .launch import compute_dtype
 from .tiling import DTYPE_NAME, Config, choose_config, exact_heads, window_default
 
@@ -47,13 +48,10 @@ def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> tuple[dict 
             continue
         x = inputs[user]
         a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        want = tuple(batch) + tuple(sy.evaluate(e, dims) for e in nodes[user].shape)
-        if a.shape != want:
-            raise InputError(f"backward.cost(inputs=...): {user} has shape {a.shape}; at these dims and batch it "
-                             f"is {want}")
         if nodes[user].dtype == ir.INT:
             ib = 4 if a.dtype == np.int32 else 8
-        out[cg] = a
+        out[cg] = batched(a, tuple(sy.evaluate(e, dims) for e in nodes[user].shape), batch,
+                          f"backward.cost(inputs=...): {user}")
     return out, ib
 
 

@@ -248,18 +248,23 @@ def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None
     for cg, x in inputs.items():
         node, name = nodes[cg], back[cg]   # the user's name, for messages
         a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        own = tuple(sy.evaluate(e, dims) for e in node.shape)
-        want = tuple(batch) + own
-        lead = a.ndim - len(own)
-        if lead < 0 or a.shape[lead:] != own:
-            raise InputError(f"cost(inputs=...): {name} has shape {tuple(a.shape)}; at these dims it ends in {own} "
-                             f"(batch axes {tuple(batch)} before it, or any that broadcast to them)")
-        try:
-            out[cg] = np.broadcast_to(a, want)
-        except ValueError:
-            raise InputError(f"cost(inputs=...): {name} of shape {tuple(a.shape)} does not broadcast to the batch "
-                             f"{tuple(batch)} (at these dims and batch it is {want})") from None
+        out[cg] = batched(a, tuple(sy.evaluate(e, dims) for e in node.shape), batch, f"cost(inputs=...): {name}")
     return out
+
+
+def batched(a: np.ndarray, own: tuple, batch: tuple, what: str) -> np.ndarray:
+    """An input's array as batch + its own shape: leading axes that broadcast to the batch are expanded, as a call
+    expands them (runtime/binding.py; document ids shared by every head). InputError naming `what` otherwise."""
+    want = tuple(batch) + own
+    lead = a.ndim - len(own)
+    if lead < 0 or a.shape[lead:] != own:
+        raise InputError(f"{what} has shape {tuple(a.shape)}; at these dims it ends in {own} (batch axes "
+                         f"{tuple(batch)} before it, or any that broadcast to them)")
+    try:
+        return np.broadcast_to(a, want)
+    except ValueError:
+        raise InputError(f"{what} of shape {tuple(a.shape)} does not broadcast to the batch {tuple(batch)} (at "
+                         f"these dims and batch it is {want})") from None
 
 
 def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype, fit,

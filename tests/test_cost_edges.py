@@ -107,6 +107,14 @@ def test_cost_inputs_broadcast_to_the_batch(shape):
                                        e=D).tiles_needed
 
 
+def test_backward_cost_inputs_broadcast_to_the_batch():
+    """The backward's cost takes the same shared ids as the call and the forward's cost."""
+    k = _kernel("examples/document_mask.moa")
+    doc, dims = _doc(130), dict(n=130, d=D, e=D)
+    assert k.backward.cost(dims, batch=(2,), dtype="float64", inputs={"doc": doc}) == \
+        k.backward.cost(dims, batch=(2,), dtype="float64", inputs={"doc": doc.expand(2, 130)})
+
+
 def test_cost_inputs_that_do_not_broadcast_are_refused():
     k = _kernel("examples/document_mask.moa")
     with pytest.raises(InputError, match="does not broadcast"):
