@@ -505,3 +505,14 @@ def test_cost_at_edges_and_decode_shapes(capsys):
     out = capsys.readouterr().out
     assert "runs as a split-KV decode (128 key splits, 32 query heads per tile)" in out, out
     assert "dense causal" not in out   # queries against another length of keys: no causal comparison
+
+
+def test_check_fails_without_a_kernel(tmp_path, capsys):
+    """A program moa emits no kernel for (sigmoid attention) does not pass `moa check`: it printed OK."""
+    path = tmp_path / "sigmoid.moa"
+    path.write_text("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = dot(Q[i], K[j]) / sqrt(d)\n"
+                    "out O = sigmoid(S) @ V\n")
+    assert main(["check", str(path), "--dims", "n=20,d=8,e=8"]) == 1
+    out = capsys.readouterr().out
+    assert "kernel: not compiled" in out and out.rstrip().splitlines()[-1].startswith("NO KERNEL"), out
+    assert main(["check", str(path), "--dims", "n=20,d=8,e=8", "--no-kernel"]) == 0
