@@ -149,10 +149,15 @@ def _check_pages(block_table, page_size, cu_k, mk: int):
 def _check_cu(cu_q, cu_k, plan):
     out = []
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if isinstance(cu, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in cu):
+            cu = torch.tensor(cu, dtype=torch.int64)   # a Python list, as cache_len takes one
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-            raise InputError(f"varlen: {name} must be a 1-d int32 or int64 tensor of cumulative lengths")
+            raise InputError(f"varlen: {name} must be a 1-d int32 or int64 tensor (or a list of ints) of cumulative "
+                             "lengths")
         c = cu.cpu().to(torch.int64)
-        if c.numel() < 2 or int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()):
+        if c.numel() < 2:
+            raise InputError(f"varlen: {name} must hold at least one sequence (0 and its end), got {c.tolist()}")
+        if int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()):
             raise InputError(f"varlen: {name} must start at 0 and never decrease, got {c.tolist()[:8]}")
         out.append(c)
     if out[0].numel() != out[1].numel():

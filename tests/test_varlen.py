@@ -88,6 +88,9 @@ def test_varlen_refusals():
         k.varlen(cq.float(), ck, **ins)
     with pytest.raises(InputError, match="2 sequences and cu_seqlens_k 1"):
         k.varlen(cq, ck[:2], **ins)
+    with pytest.raises(InputError, match="at least one sequence"):
+        k.varlen([0], [0], **{n: t[:0] for n, t in ins.items()})
+    assert (k.varlen(cq.tolist(), ck.tolist(), **ins) - k.varlen(cq, ck, **ins)).abs().max() == 0   # lists too
     with pytest.raises(InputError, match="its queries are its last rows"):
         k.varlen(torch.tensor([0, 4, 7]), torch.tensor([0, 3, 7]), **ins)
     with pytest.raises(InputError, match="cu_seqlens_q ends at"):
