@@ -42,6 +42,9 @@ def parse(source: str, filename: str = "<source>") -> lark.Tree:
     except lark.exceptions.UnexpectedCharacters as e:
         loc = Loc(e.line, e.column, source, filename)
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
+        if ch and not ch.isascii() and ch.isalpha():   # a letter outside ASCII (é, λ) where a name may stand
+            raise ParseError(f"unexpected character {ch!r}: names are ASCII letters, digits and _ (a letter or _ "
+                             "first)", loc) from None
         raise ParseError(f"unexpected character {ch!r}" + (f"; expected {_expected(e.allowed)}"
                                                            if e.allowed else ""), loc) from None
     except lark.exceptions.UnexpectedToken as e:

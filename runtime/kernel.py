@@ -128,6 +128,9 @@ class Kernel:
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
         b = self.bind(inputs)
         name = self.output_names[0]
+        if len(self.output_names) == 1 and self.planner.is_window(name):
+            raise UnsupportedError(f"with_lse: output {name} runs in the window-mixing kernel, which keeps no "
+                                   "log-sum-exp of its scores")
         if len(self.output_names) != 1 or not self.schedules[name].has_lse:
             raise UnsupportedError("with_lse needs a program with one output of the form softmax(S) @ V")
         if autograd.wants_op(inputs):   # differentiable (O, lse): runtime/autograd.py call_with_lse

@@ -26,6 +26,7 @@ CASES = [
     ("unknown-character", H + "out O = Q $ K\n", ParseError, 3, 11, "unexpected character '$'"),
     ("unknown-unicode-character", H + "out O = Q \u00d7 K\n", ParseError, 3, 11,
      "unexpected character '\u00d7'"),
+    ("non-ascii-name", H + "out O\u00e9 = Q\n", ParseError, 3, 6, "names are ASCII letters, digits and _"),
     ("bare-list", H + "out O = [1, 2]\n", ParseError, 3, 9, "a list [...] is only allowed"),
     # ---- names -------------------------------------------------------------------------------------------
     ("keyword-out-as-name", H + "out = Q\n", ParseError, 3, 5,

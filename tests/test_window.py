@@ -275,3 +275,11 @@ def test_residue_schedule_no_program_without_rows():
     assert c.programs == 5
     assert c.load_calls_by_region["K"] == sum(min(2, i) + 1 for i in range(5))  # local hops only
     assert _err(out, k.reference(**ins)) <= 1e-12
+
+
+def test_with_lse_names_the_window_kernel():
+    """bla is softmax(S) @ V, but its kernel keeps no log-sum-exp: the refusal says that, not that the form is
+    wrong."""
+    x = torch.randn(20, 8, dtype=torch.float64)
+    with pytest.raises(moa.UnsupportedError, match="window-mixing kernel, which keeps no log-sum-exp"):
+        moa.compile("examples/bla.moa").with_lse(Q=x, K=x, V=x)
