@@ -1,6 +1,7 @@
 """Command-line argument parsing shared by the `moa` subcommands."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -40,6 +41,8 @@ def parse_assignments(text: str | None, what: str) -> dict:
                 out[k] = float(v)
             except ValueError:
                 raise InputError(f"{what}: {k} must be a number, got {v!r}") from None
+        if isinstance(out[k], float) and math.isinf(out[k]) and v.lower().lstrip("+-") not in ("inf", "infinity"):
+            raise InputError(f"{what}: {k}={v} overflows a 64-bit float (write inf for infinity)")
     return out
 
 

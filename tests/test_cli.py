@@ -328,6 +328,8 @@ def test_overflowing_param(capsys):
     assert main(["check", str(EX / "sliding_window.moa"), "--dims", "n=10,d=4,e=4", "--param",
                  "w=99999999999999999999999"]) == 2
     assert "--param: w=99999999999999999999999 does not fit in a 64-bit integer" in capsys.readouterr().err
+    assert main(["check", str(EX / "softcap.moa"), "--dims", "n=10,d=4,e=4", "--param", "c=1e400"]) == 2
+    assert "--param: c=1e400 overflows a 64-bit float (write inf for infinity)" in capsys.readouterr().err
 
 
 def test_check_refuses_dims_over_its_memory_budget(capsys):
