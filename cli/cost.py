@@ -267,10 +267,10 @@ def cmd_aot(args) -> int:
     cfg = parse_config(args.config)
     k = moa.compile(source(args.file), form=args.form, schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program)
+    reports = [k.aot(target=args.target, dtype=dtype, config=cfg, output=name, **dims) for name in k.output_names]
     print(f"moa aot {k.program.name}  {' '.join(f'{a}={b}' for a, b in dims.items())}  {dtype} -> "
           f"{args.target} (compiled without a GPU: Triton -> PTX -> ptxas)")
-    for i, name in enumerate(k.output_names):
-        r = k.aot(target=args.target, dtype=dtype, config=cfg, output=name, **dims)
+    for i, (name, r) in enumerate(zip(k.output_names, reports)):
         ok, why = fits(r, args.target)
         if hasattr(r, "kernels"):   # the linear form's or the window kernel's: a report per kernel
             _print_form_aot(name, r, ok, why, args, i == 0)

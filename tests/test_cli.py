@@ -494,8 +494,8 @@ def test_config_options_reach_the_compile(capsys):
                         (["compile", "--launcher", "--config", "64,64,4,3,tma"], "the tma option needs"),
                         (["aot", "--dims", "n=1024,d=64,e=64", "--config", "64,64,bv=32"], "must be a tile Config")]:
         assert main([argv[0], str(EX / "causal.moa"), *argv[1:]]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("moa: error: ") and words in err and len(err.splitlines()) == 1, err
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("moa: error: ") and words in err and len(err.splitlines()) == 1, err
 
 
 def test_cost_at_edges_and_decode_shapes(capsys):
