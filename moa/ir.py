@@ -341,8 +341,9 @@ def drop(k, a: Node, loc=None) -> Node:
 def _take_size(k, a, what, loc):
     sign = sy.prove_nonneg(k)
     if sign is None:
-        raise ShapeError(f"{what}({sy.show(k)}, ...): the sign of {sy.show(k)} must be known at compile time",
-                         loc)
+        raise ShapeError(f"{what}({sy.show(k)}, ...): the sign of {sy.show(k)} must be known at compile time (a "
+                         f"count >= 0 from the front, < 0 from the end); dims are only known to be >= 0, so write "
+                         f"the extents so that it is a dim or a sum of dims (e.g. K[n + c, d] with {what}(c, K))", loc)
     size = k if sign else -k
     fits = sy.prove_nonneg(a.shape[0] - size)
     if fits is False:
