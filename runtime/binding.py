@@ -89,12 +89,17 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
                     n = int(sy.evaluate(ext, b.dims))
                     if int(lo) < 0 or int(hi) > n - 1:
                         at = int(lo) if int(lo) < 0 else int(hi)
+                        shown = ", ".join(sy.show(x) if a == k else ":" for a, x in enumerate(read.index))
                         raise InputError(
-                            f"index out of range: {read.name}[{', '.join(sy.show(x) for x in read.index)}] reads axis "
-                            f"{k} (extent {n}) at index {at}, outside 0..{n - 1}, for the call's dims; guard the "
-                            "read with where(...)")
+                            f"index out of range: the read {read.name}[{shown}] reaches index {at} on axis {k} "
+                            f"(extent {n}: 0..{n - 1}) at the call's dims ({_dims_text(b.dims)}); guard the read "
+                            "with where(...)")
             except (TypeError, ValueError):
                 continue
+
+
+def _dims_text(dims: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dims.items())
 
 
 def _dim_syms(program: Program, b: Binding):

@@ -313,8 +313,8 @@ out O = softmax(Q @ K.T, axis=-1) @ Vs
 """)
 
 
-@pytest.mark.parametrize("k,text", [(SHIFTED, r"K\[j \+ 1, k\d*\] reads axis 0 \(extent 9\) at index 9"),
-                                    (BEHIND, r"V\[j\d* - 1, c\] reads axis 0 \(extent 9\) at index -1")])
+@pytest.mark.parametrize("k,text", [(SHIFTED, r"the read K\[j \+ 1, :\] reaches index 9 on axis 0 \(extent 9"),
+                                    (BEHIND, r"the read V\[j\d* - 1, :\] reaches index -1 on axis 0 \(extent 9")])
 def test_unguarded_out_of_range_read_is_an_input_error_like_the_reference(k, text):
     """The reference refuses an unguarded read outside its input; the kernel (masked loads would read 0) refuses
     it before launching, with the read, the axis and the index."""
