@@ -55,8 +55,7 @@ class DecodeStats:
     predicted_seconds: float | None = None
     packed_heads: int = 1     # query heads per tile row group (GQA packing; 1: not packed)
     specs: tuple = dataclasses.field(default=(), repr=False, compare=False)   # plan_only: each output's kernel
-    # plan_only: (output index, grid kernel source) of the outputs whose grids run in one launch (the branches);
-    # one output's dry stats (_run_output(dry=True)): (its grid kernel source,)
+    # plan_only: (output index, grid source) of the outputs whose grids run in one launch, or (grid source,)
     branch_sources: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
 
@@ -299,11 +298,14 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
         raise InputError(f"decode: block_table of shape {tuple(block_table.shape)} does not broadcast to the "
                          f"call's batch axes {tuple(b.batch)} (plus the pages axis)") from None
     npool = call.mk // page_size
-    if table.numel() and (bool((table < 0).any()) or bool((table >= npool).any())):
-        raise InputError(f"decode: block_table entries must be pages 0 .. {npool - 1} of the pool")
     lens = _lengths_per_batch(b, pages * page_size if cache_len is None else cache_len, "cache_len",
                               pages * page_size)
-    table = table.reshape(-1, pages).to(device=b.device, dtype=torch.int32).contiguous()
+    table = table.reshape(-1, pages)
+    used = torch.arange(pages)[None, :] < (lens.cpu().to(torch.int64)[:, None] + page_size - 1) // page_size
+    if bool((used & ((table.cpu() < 0) | (table.cpu() >= npool))).any()):   # entries past cache_len are never read
+        raise InputError(f"decode: block_table entries must be pages 0 .. {npool - 1} of the pool (those holding "
+                         "keys below cache_len; the rest may be any padding, e.g. -1)")
+    table = table.to(device=b.device, dtype=torch.int32).contiguous()
     return _Call(PAGED, call.nq, call.mk, call.nq, pages * page_size, cache_len=lens, block_table=table,
                  page=page_size)
 

@@ -63,7 +63,8 @@ def logical_keys(t: torch.Tensor, nb: int, pos: int, batch: tuple, table: torch.
     nbatch = table.shape[0]
     flat = full.reshape(nbatch, *full.shape[nb:])
     j = torch.arange(table.shape[1] * page, device=table.device)
-    idx = table.to(torch.int64)[:, j // page] * page + j % page   # [flattened batch, logical keys]
+    pages = table.to(torch.int64).clamp(0, flat.shape[1 + pos] // page - 1)   # padding past the valid keys
+    idx = pages[:, j // page] * page + j % page   # [flattened batch, logical keys]
     shape = [1] * flat.dim()
     shape[0], shape[1 + pos] = nbatch, idx.shape[1]
     want = list(flat.shape)

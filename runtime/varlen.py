@@ -139,8 +139,10 @@ def _check_pages(block_table, page_size, cu_k, mk: int):
             block_table.dim() != 2 or block_table.shape[0] != nseq:
         raise InputError(f"varlen: block_table must be an int32 or int64 tensor [{nseq} sequences, pages]")
     t = block_table.cpu().to(torch.int64)
-    if t.numel() and (bool((t < 0).any()) or bool((t >= mk // page_size).any())):
-        raise InputError(f"varlen: block_table entries must be pages 0 .. {mk // page_size - 1} of the pool")
+    used = torch.arange(t.shape[1])[None, :] < (cu_k.diff()[:, None] + page_size - 1) // page_size
+    if bool((used & ((t < 0) | (t >= mk // page_size))).any()):   # entries past a sequence's keys are never read
+        raise InputError(f"varlen: block_table entries must be pages 0 .. {mk // page_size - 1} of the pool (those "
+                         "holding a sequence's keys; the rest may be any padding, e.g. -1)")
     if bool((cu_k.diff() > t.shape[1] * page_size).any()):
         raise InputError(f"varlen: a sequence has more keys than its {t.shape[1]} pages of {page_size} hold")
     return t

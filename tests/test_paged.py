@@ -90,3 +90,31 @@ def test_normalize_output_with_valid_lengths():
         want = k.reference(Q=q[b, n - 3:n].new_zeros(n, D).index_copy(0, torch.arange(n - 3, n), q[b, -3:]),
                            K=kc[b, :n], V=vc[b, :n])[-3:]
         torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+def test_block_table_padding_past_the_valid_keys():
+    """Entries past a batch index's (or a sequence's) keys are never read: padding them with -1, as serving
+    stacks do, gives the same result (and the same predicted work with per-tile summaries); entries in use
+    must still be pages of the pool."""
+    from moa.runtime.decode_cost import decode_cost
+    g = torch.Generator().manual_seed(0)
+    pool, vpool = (torch.randn(160, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    doc = torch.sort(torch.randint(0, 4, (160,), generator=g)).values
+    padded, lens = torch.tensor([[3, 7, -1, -1], [2, 5, 9, 0]]), torch.tensor([20, 64])
+    q = torch.randn(2, 2, 8, dtype=torch.float64, generator=g)
+    k = moa.compile("examples/document_mask.moa")
+    for table in (padded, padded.clamp_min(0)):
+        out = k.decode(Q=q, K=pool, V=vpool, doc=doc, block_table=table, page_size=16, cache_len=lens)
+        c = decode_cost(k, 2, 64, dtype="float64", device="cpu", batch=(2,), page_size=16, cache_len=[20, 64],
+                        inputs={"doc": doc}, block_table=table, d=8, e=8)
+        if table is padded:
+            want, cost = out, c
+    assert (out - want).abs().max() == 0 and (c.flops, c.tiles_visited) == (cost.flops, cost.tiles_visited)
+    causal = moa.compile("examples/causal_bottom_right.moa")
+    rows = torch.randn(5, 8, dtype=torch.float64, generator=g)
+    one, two = (causal.varlen([0, 2, 5], [0, 20, 64], Q=rows, K=pool, V=vpool, block_table=t, page_size=16)
+                for t in (padded, padded.clamp_min(0)))
+    assert (one - two).abs().max() == 0
+    with pytest.raises(InputError, match="those holding keys below cache_len"):
+        k.decode(Q=q, K=pool, V=vpool, doc=doc, block_table=torch.tensor([[3, -1, -1, -1], [2, 5, 9, 0]]),
+                 page_size=16, cache_len=lens)
