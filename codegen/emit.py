@@ -25,6 +25,7 @@ from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
 from .monoid import LOG2E, Monoid
 from .printer import code as pcode
+from .printer import is_number
 from .scope import Scope, regions_by_line
 from .tidy import helpers_for, prune
 
@@ -296,7 +297,7 @@ class KernelEmitter(DataTiles):
             inner.add(f"{sname} = {text}")
         else:
             score = x.emit(b.score, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
-            if _literal(score):   # a constant score (x^0 = 1): a tile of it
+            if is_number(score):   # a constant score (x^0 = 1): a tile of it
                 score = f"tl.full((BLOCK_M, BLOCK_N), {score}, {x.acc})"
             elif not _tile_wide(b.score, set(smap) - {j}, j):   # constant along a tile axis (a key bias)
                 score = f"tl.broadcast_to({score}, (BLOCK_M, BLOCK_N))"
@@ -477,12 +478,3 @@ def _tile_wide(e, rows: set, key) -> bool:
         return True
     free = D.free_vars(e)
     return bool(free & rows) and key in free
-
-
-def _literal(code: str) -> bool:
-    """Whether emitted code is a number literal."""
-    try:
-        float(code)
-    except ValueError:
-        return False
-    return True

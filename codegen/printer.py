@@ -47,7 +47,7 @@ class TritonText(Backend):
 
     def add(self, terms):
         # symbols first, numbers last: (row_hi - 1) rather than (-1 + row_hi)
-        terms = sorted(terms, key=lambda t: _is_number(t.inner if isinstance(t, _Neg) else t))
+        terms = sorted(terms, key=lambda t: is_number(t.inner if isinstance(t, _Neg) else t))
         first = terms[0]
         out = f"-{first.inner}" if isinstance(first, _Neg) else first
         for t in terms[1:]:
@@ -109,7 +109,8 @@ class TritonText(Backend):
         return f"({a} {op} {b})"
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether code text is a number literal."""
     try:
         float(text)
     except ValueError:
