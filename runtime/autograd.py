@@ -178,6 +178,14 @@ def _backward(ctx, grads):
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, grads):
+    raise UnsupportedError("gradients of moa's gradients (double backward, create_graph=True through the "
+                           "backward) are not supported: the backward kernels have no derivative of their own")
+
+
+attention_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # ---- calls from Kernel.__call__ ---------------------------------------------------------------------------------
 
 
@@ -188,14 +196,36 @@ def wants_op(inputs: dict) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
 
 
+@torch.compiler.assume_constant_result
+def lse_refusal(kernel) -> str | None:
+    """Why with_lse cannot run on this kernel (None: it can, differentiably where it has the fused backward). A
+    constant to a tracer: decided on the program, never on tensors."""
+    name = kernel.output_names[0]
+    if len(kernel.output_names) == 1 and kernel.planner.is_window(name):
+        return f"with_lse: output {name} runs in the window-mixing kernel, which keeps no log-sum-exp of its scores"
+    if len(kernel.output_names) != 1 or not kernel.schedules[name].has_lse:
+        return "with_lse needs a program with one output of the form softmax(S) @ V"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _lse_grad_refusal(kernel) -> str | None:
+    if kernel.backward.runner is None:
+        return ("with_lse differentiates only through the fused backward kernels, which this program does not have "
+                f"({kernel.backward.unfused_reason or 'several branches'}); call k(...) for O's gradients, or "
+                "with_lse under torch.no_grad()")
+    return None
+
+
 def call_with_lse(kernel, inputs: dict):
     """k.with_lse(**inputs) through the operator: (O, lse), both differentiable. The lse is the value the fused
     backward saves; its cotangent g enters the backward as delta - g (d lse_i / d s_ij = p_ij)."""
-    if kernel.backward.runner is None:
-        raise UnsupportedError("with_lse differentiates only through the fused backward kernels, which this "
-                               f"program does not have ({kernel.backward.unfused_reason or 'several branches'}); call "
-                               "k(...) for O's gradients, or with_lse under torch.no_grad()")
-    kernel.bind(inputs)
+    why = _lse_grad_refusal(kernel)
+    if why is not None:
+        raise UnsupportedError(why)
+    missing = [n for n in kernel.input_names if n not in inputs]
+    if missing or len(inputs) != len(kernel.input_names):
+        kernel.bind(inputs)   # raises the InputError naming what is missing or unknown
     outs = torch.ops.moa.attention(kernel.op_key, [inputs[n] for n in kernel.input_names])
     return outs[0], outs[1]
 

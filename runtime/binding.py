@@ -215,10 +215,11 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     return Binding(values, batch, dtype, device, tensors)
 
 
-def refuse_grad(inputs: dict) -> None:
-    """Decode, varlen and paged calls are inference calls: an UnsupportedError when autograd would need their
+def refuse_grad(inputs: dict, what: str = "decode, varlen and paged calls",
+                how: str = "train with k(...) on the contiguous inputs") -> None:
+    """Calls without a backward (decode, varlen, paged, ring): an UnsupportedError when autograd would need their
     graph (rather than outputs that silently carry no gradient)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values()):
         names = ", ".join(n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad)
-        raise UnsupportedError(f"decode, varlen and paged calls compute no gradients, and {names} require grad: "
-                               "train with k(...) on the contiguous inputs, or run this call under torch.no_grad()")
+        raise UnsupportedError(f"{what} compute no gradients, and {names} require grad: {how}, or run this call "
+                               "under torch.no_grad()")

@@ -89,6 +89,20 @@ class Kernel:
         self._reads_checked: set = set()
         autograd.register(self)   # op_key (the moa::attention operator's name for it) and its Backward
 
+    def __getstate__(self) -> dict:
+        """A copy (pickle, deepcopy, torch.save of a module holding it) keeps the plans, not the operator key."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("op_key", "backward")}
+        state["_paging"] = paged.paging_of(self)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """The copy registers as a kernel of its own (in this process), with its paging if any."""
+        paging = state.pop("_paging", None)
+        self.__dict__.update(state)
+        autograd.register(self)
+        if paging is not None:
+            paged.register(self, paging)
+
     program = property(lambda self: self.planner.program, doc="The elaborated program (MoA IR).")
     dnf = property(lambda self: self.planner.dnf, doc="The DNF of every output.")
     form = property(lambda self: self.planner.form, doc="The forced form, or None.")
@@ -126,16 +140,12 @@ class Kernel:
     def with_lse(self, /, **inputs):
         """(O, lse) for a single softmax-attention output: lse[..., i] = log sum_j exp(s_ij), -inf for a row
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
-        b = self.bind(inputs)
-        name = self.output_names[0]
-        if len(self.output_names) == 1 and self.planner.is_window(name):
-            raise UnsupportedError(f"with_lse: output {name} runs in the window-mixing kernel, which keeps no "
-                                   "log-sum-exp of its scores")
-        if len(self.output_names) != 1 or not self.schedules[name].has_lse:
-            raise UnsupportedError("with_lse needs a program with one output of the form softmax(S) @ V")
-        if autograd.wants_op(inputs):   # differentiable (O, lse): runtime/autograd.py call_with_lse
+        why = autograd.lse_refusal(self)
+        if why is not None:
+            raise UnsupportedError(why)
+        if autograd.wants_op(inputs):   # differentiable (O, lse), traceable: runtime/autograd.py call_with_lse
             return autograd.call_with_lse(self, inputs)
-        return self.launcher.tiled(name, b, store_lse=True)
+        return self.launcher.tiled(self.output_names[0], self.bind(inputs), store_lse=True)
 
     def plan(self, /, **inputs) -> dict:
         """Output name -> the Plan a call with these tensors runs: the kernel family, the schedule and tile config,

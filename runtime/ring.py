@@ -32,7 +32,7 @@ from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa.errors import InputError, UnsupportedError
 
 from . import epilogue_eval
-from .binding import bind
+from .binding import bind, refuse_grad
 from .costing import cost_breakdown
 from .dnf_eval import _DnfEval
 from .reference import F64
@@ -133,6 +133,7 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     when stats=True. `timeout` (seconds or timedelta) bounds every wait; None uses the process group's."""
     import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
+    refuse_grad(inputs, "ring attention's calls", "gather the shards and train with k(...)")
     if not (dist.is_available() and dist.is_initialized()):
         raise RingError("ring attention needs torch.distributed initialised: call "
                         "torch.distributed.init_process_group(...) first (torchrun sets up the environment)")

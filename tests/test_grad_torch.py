@@ -276,3 +276,48 @@ def test_inference_calls_refuse_inputs_that_require_grad():
         k.varlen(torch.tensor([0, 3]), torch.tensor([0, 9]), Q=q, K=kv, V=kv)
     with torch.no_grad():
         assert k.decode(Q=q, K=kv, V=kv).shape == (3, 8)
+
+
+def test_copies_of_a_kernel_register_their_own_operator():
+    """A pickled (torch.save) or deep-copied kernel runs, gradients included, after the original is gone (it
+    kept the original's operator key and failed in a fresh process)."""
+    import copy
+    import gc
+    import pickle
+    k = moa.compile(Path("examples") / "causal.moa")
+    key = k.op_key
+    copies = [pickle.loads(pickle.dumps(k)), copy.deepcopy(k)]
+    del k
+    gc.collect()
+    for c in copies:
+        q = torch.randn(5, 8, dtype=F64, requires_grad=True)
+        c(Q=q, K=q, V=q).sum().backward()
+        assert c.op_key != key and q.grad is not None
+
+
+def test_double_backward_and_ring_gradients_are_refused_by_moa():
+    """Double backward raises moa's UnsupportedError (it raised torch's 'no autograd formula'); k.ring with inputs
+    that require grad is refused (its output carried no graph)."""
+    from moa.errors import UnsupportedError
+    k = moa.compile(Path("examples") / "causal.moa")
+    q = torch.randn(5, 8, dtype=F64, requires_grad=True)
+    g, = torch.autograd.grad(k(Q=q, K=q, V=q).square().sum(), q, create_graph=True)
+    with pytest.raises(UnsupportedError, match="double backward"):
+        g.sum().backward()
+    with pytest.raises(UnsupportedError, match="ring attention's calls compute no gradients"):
+        k.ring(Q=q, K=q, V=q)
+
+
+def test_with_lse_traces_in_one_graph():
+    """with_lse under torch.compile(fullgraph=True): its program checks are constants to the tracer (they ran
+    sympy inside the trace and broke the graph)."""
+    k = moa.compile(Path("examples") / "causal.moa")
+    q = torch.randn(5, 8, dtype=F64, requires_grad=True)
+    f = torch.compile(lambda a: k.with_lse(Q=a, K=a, V=a), backend="aot_eager", fullgraph=True)
+    o, lse = f(q)
+    (o.sum() + lse.sum()).backward()
+    want = q.grad.clone()
+    q.grad = None
+    o2, lse2 = k.with_lse(Q=q, K=q, V=q)
+    (o2.sum() + lse2.sum()).backward()
+    assert (o - o2).abs().max() == 0 and (lse - lse2).abs().max() == 0 and (q.grad - want).abs().max() == 0
