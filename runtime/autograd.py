@@ -25,6 +25,7 @@ from moa.errors import InputError, UnsupportedError
 from moa.exprfold import Backend, fold, lookup
 
 from .backward import Backward
+from .binding import refuse_functorch
 
 _LOCK = threading.Lock()
 _KERNELS = weakref.WeakValueDictionary()   # key -> Kernel (the entry goes when the Kernel does)
@@ -232,6 +233,8 @@ def call_with_lse(kernel, inputs: dict):
 
 def call(kernel, inputs: dict):
     """k(**inputs) through the operator: one output -> a tensor, several -> dict name -> tensor."""
+    if not torch.compiler.is_compiling():
+        refuse_functorch(inputs)
     missing = [n for n in kernel.input_names if n not in inputs]
     extra = [n for n in inputs if n not in kernel.input_names]
     if missing or extra:

@@ -98,6 +98,17 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
                 continue
 
 
+def refuse_functorch(inputs: dict) -> None:
+    """An UnsupportedError for tensors of a torch.func transform (vmap, grad, jvp), which the kernels cannot read
+    (they failed inside the launch, or in torch's autograd.Function check)."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    for name, t in inputs.items():
+        if check is not None and isinstance(t, torch.Tensor) and check(t):
+            raise UnsupportedError(f"input {name} is a torch.func transform's tensor (vmap, grad, jvp): moa's "
+                                   "kernels run on plain tensors; batch by leading axes (they broadcast) and "
+                                   "differentiate with torch.autograd")
+
+
 def _dims_text(dims: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in dims.items())
 
@@ -128,6 +139,7 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
         if t.layout != torch.strided:
             raise InputError(f"input {name} must be a dense (strided) tensor, got layout {t.layout}; "
                              f"convert it with .to_dense()")
+    refuse_functorch(inputs)
     devices = {t.device for t in inputs.values()}
     if len(devices) > 1:
         raise InputError("inputs are on different devices: " + ", ".join(f"{n} on {t.device}"

@@ -321,3 +321,15 @@ def test_with_lse_traces_in_one_graph():
     o2, lse2 = k.with_lse(Q=q, K=q, V=q)
     (o2.sum() + lse2.sum()).backward()
     assert (o - o2).abs().max() == 0 and (lse - lse2).abs().max() == 0 and (q.grad - want).abs().max() == 0
+
+
+def test_torch_func_transforms_are_refused_by_moa():
+    """vmap and torch.func.grad reach the kernels with wrapped tensors: a moa UnsupportedError says so (they failed
+    inside the launch, or in torch's autograd.Function check)."""
+    from moa.errors import UnsupportedError
+    k = moa.compile(Path("examples") / "causal.moa")
+    q = torch.randn(3, 5, 8, dtype=F64)
+    with pytest.raises(UnsupportedError, match="torch.func transform"):
+        torch.vmap(lambda a: k(Q=a, K=a, V=a))(q)
+    with pytest.raises(UnsupportedError, match="torch.func transform"):
+        torch.func.grad(lambda a: k(Q=a, K=a, V=a).square().sum())(q[0])
