@@ -74,6 +74,7 @@ class KernelEmitter(DataTiles):
         self.monoids = [Monoid(b.kind, self.x.sfx(k), self.x.acc) for k, b in enumerate(sched.branches)]
         self.summaries: dict = {}   # (input, axis, pos) -> TileSummaries
         self.summary_names: dict = {}   # summary symbol (min / max) -> the variable holding it
+        self.store_lse = False   # set by kernel()
 
     def idx(self, e) -> str:
         return self.x.idx(e, {})
@@ -85,6 +86,7 @@ class KernelEmitter(DataTiles):
         c, e_ext = s.col
         body = Scope([], "    ")
         rowmap = {i: "offs_m[:, None]", c: "offs_v[None, :]"}
+        self.store_lse = store_lse
         self._programs(body)
         for k, b in enumerate(s.branches):
             self._branch(k, b, body)
@@ -155,6 +157,8 @@ class KernelEmitter(DataTiles):
         sfx = x.sfx(k)
         body.add(f"# branch {k}: {b.kind} reduction over {b.var.name} < {sy.show(b.extent)}")
         if b.skip is sp.true:
+            if k == 0 and self.store_lse:   # the stored total of no key: lse -inf, z 0 (the monoid's identity)
+                mo.init(body)
             body.add(f"o{sfx} = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype={x.acc})  # no admissible key")
             return
         q = None
@@ -297,7 +301,7 @@ class KernelEmitter(DataTiles):
             inner.add(f"{sname} = {text}")
         else:
             score = x.emit(b.score, smap, inner, hoist=body, key_vars=frozenset({j}), role=f"score{sfx}")
-            if is_number(score):   # a constant score (x^0 = 1): a tile of it
+            if is_number(score) or score in ('float("inf")', 'float("-inf")'):   # constant (x^0 = 1, -inf): a tile
                 score = f"tl.full((BLOCK_M, BLOCK_N), {score}, {x.acc})"
             elif not _tile_wide(b.score, set(smap) - {j}, j):   # constant along a tile axis (a key bias)
                 score = f"tl.broadcast_to({score}, (BLOCK_M, BLOCK_N))"

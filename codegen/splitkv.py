@@ -129,7 +129,8 @@ def grid_source(spec, ranks: dict, layout: Layout, mode: str) -> str:
     params = [n for n, c in sig if not c]
     consts = [n for n, c in sig if c]
     ins = input_params(params, spec.inputs, ranks, layout.nbatch)
-    after = params.index(ins[spec.inputs[-1]][0]) + 1 + layout.nbatch + ranks[spec.inputs[-1]]
+    after = params.index(ins[spec.inputs[-1]][0]) + 1 + layout.nbatch + ranks[spec.inputs[-1]] if spec.inputs \
+        else 0   # a kernel that reads no input (its mask admits no key) starts with its output
     tiles = {}   # per-tile summaries: pointer -> (axis, stride of the tiled axis)
     for ts in spec.summaries:
         tiles[params[after]] = (ts.axis, params[after + 1 + layout.nbatch + ts.pos])

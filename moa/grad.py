@@ -172,6 +172,8 @@ def _grad_softmax_sum(bp, e: SoftmaxSum, adj: Adjoint):
     mask of the score is peeled (P_j = 0 off it); O and lse are saved forward values."""
     out, lse = bp.save(e, "O", e, adj), bp.save(e, "lse", LogSumExp(e.var, e.extent, e.score), adj)
     conds, x = peel(e.score, NEG_INF)
+    if _is_value(x, NEG_INF):   # no admissible key anywhere: P = 0, no adjoint (never exp(-inf - -inf))
+        return
     inner = adj.over(e.var, e.extent).guard(*conds)
     p = Op("exp", (Op("sub", (x, lse), ir.FLOAT),), ir.FLOAT)
     bp.back(e.value, inner.times(p))
@@ -195,6 +197,8 @@ def _grad_logsumexp(bp, e: LogSumExp, adj: Adjoint):
     """grad-logsumexp: dL/ds_j = exp(s_j - L) (softmax), 0 off the score's mask; L is a saved forward value."""
     total = bp.save(e, "L", e, adj)
     conds, x = peel(e.score, NEG_INF)
+    if _is_value(x, NEG_INF):   # L = -inf for every row: no adjoint
+        return
     bp.back(x, adj.over(e.var, e.extent).guard(*conds).times(Op("exp", (Op("sub", (x, total), ir.FLOAT),),
                                                                  ir.FLOAT)))
 

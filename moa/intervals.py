@@ -199,7 +199,8 @@ def _modular_conjunction(conj, box) -> dict:
     atoms = [_diff(c, box.reads) if isinstance(c, D.Op) and c.fn in _FLIP else None for c in conj]
     out = {}
     for k, a in enumerate(atoms):
-        if a is None or a[0] != "eq" or not isinstance(a[1], sp.Mod) or not a[1].args[1].is_positive:
+        if a is None or a[0] != "eq" or not isinstance(a[1], sp.Mod) or not a[1].args[1].is_positive or \
+                a[1].args[1].free_symbols & set(box.ranges):   # a modulus that varies over the box
             continue
         e, r = a[1].args
         rng = interval(e, box)
@@ -241,7 +242,8 @@ def _solve(fn, k):
 
 def _compare(fn, d, box):
     # eq/ne of a modular expression: (e mod r) == 0 holds somewhere iff [lo(e), hi(e)] holds a multiple of r
-    if fn in ("eq", "ne") and isinstance(d, sp.Mod) and d.args[1].is_positive:
+    if fn in ("eq", "ne") and isinstance(d, sp.Mod) and d.args[1].is_positive and \
+            not d.args[1].free_symbols & set(box.ranges):   # a modulus fixed over the box (not a packed head's)
         e, r = d.args
         rng = interval(e, box)
         if rng is None:

@@ -316,6 +316,8 @@ def residue_needed(b, sched, env: dict, rt: RowTiles, bm: int, bn: int, hop: boo
         if len(ivals) == 0:
             continue
         e = {**env, rl.res: int(ivals[0] - rl.stride * avals[0])}
+        if b.lift is not None and b.lift.base != rl.res:   # rho = (r + c) mod s, a scalar of the residue
+            e[b.lift.base] = int(np_eval(b.lift.base_value, e))
         ncols = int(np_eval(b.extent, e))
         cols = np.arange(max(0, ncols), dtype=np.int64)
         step = max(1, (1 << 22) // max(1, len(cols)))
