@@ -41,7 +41,7 @@ from moa.split import branch_alone
 
 from .backward_bounds import query_loop
 from .data_tiles import TileSummaries
-from .exprs import AccessSite, Emitter
+from .exprs import AccessSite, Emitter, joined_mask
 from .printer import code as pcode
 from .scope import Scope
 from .tidy import helpers_for, prune
@@ -283,7 +283,7 @@ class _BackwardEmitter:
         s, b = self.s, self.b
         i, j = s.row[0], b.var
         used = set().union(*(sp.sympify(ix).free_symbols for ix in r.index))
-        vmap, masks, conds = {}, [], []
+        vmap, masks, scalar_masks, conds = {}, [], [], []
         if i in used and j in used:
             vmap = {i: "offs_m[:, None]", j: "offs_n[None, :]"}
         elif i in used:
@@ -300,12 +300,14 @@ class _BackwardEmitter:
             c = x.idx(ix, vmap)
             parts.append(f"{c} * stride_{g}_{k}")
             lo_ok, hi_ok = x._in_range(ix, ext, vmap)
+            sink = masks if set(vmap) & ix.free_symbols else scalar_masks   # a head index's test is a scalar
             for ok, code, rel in ((hi_ok, f"({c} < {x.idx(ext, {})})", sp.Lt(ix, ext, evaluate=False)),
                                   (lo_ok, f"({c} >= 0)", sp.Ge(ix, 0, evaluate=False))):
                 if not ok:
-                    masks.append(code)
+                    sink.append(code)
                     conds.append(rel)
-        m = f", mask={' & '.join(masks)}" if masks else ""
+        m = joined_mask(masks, scalar_masks)
+        m = f", mask={m}" if m else ""
         scope.add(f"tl.atomic_add({' + '.join(parts)}, {adj}{m})")
         x.atomics.append(AccessSite(f"atomic{len(x.atomics)}", g, tuple(sp.sympify(ix) for ix in r.index),
                                     tuple((v, a) for v, a in ((i, "row"), (j, "key")) if v in vmap), tuple(conds)))

@@ -59,6 +59,7 @@ from moa.program import Program
 
 from .backward import operand_read
 from .chunked import ChunkedSpec, _Chunked
+from .exprs import joined_mask
 
 BACKWARD_KERNELS = ("_bwd_scan", "_bwd_dk", "_bwd_dv", "_bwd_dq")
 BUFFERS = frozenset({"dn", "dz", "U", "uz", "dQ", "dK", "dV", "zrow", "S", "zs", "fidx", "fw", "S0", "z0", "g0", "out"})
@@ -143,15 +144,16 @@ class _ChunkedBackward(_Chunked):
             vmap = {var: rows}
             dcode = self.em._float(self.emit(d, vmap, lines), d)
             node, g = self.p.input_map[r.name], f"grad_{r.name}"
-            parts, masks = [f"{g}_ptr + off_{g}"], [f"({rows} < {n_c})"]
+            parts, masks, scalar = [f"{g}_ptr + off_{g}"], [f"({rows} < {n_c})"], []
             for k, (ix, ext) in enumerate(zip(r.index, node.shape)):
                 ix = sp.sympify(ix)
                 code = self.em.idx(ix, vmap)
                 parts.append(f"({code}) * stride_{g}_{k}")
                 lo_ok, hi_ok = self.em._in_range(ix, ext, vmap)
-                masks += ([] if hi_ok else [f"({code} < {self.ix(ext)})"]) + ([] if lo_ok else [f"({code} >= 0)"])
-            lines.append(f"    tl.atomic_add({' + '.join(parts)}, {adj} * {dcode}, "
-                         f"mask={' & '.join(dict.fromkeys(masks))})")
+                sink = masks if var in ix.free_symbols else scalar   # a head index's test is a scalar
+                sink += ([] if hi_ok else [f"({code} < {self.ix(ext)})"]) + ([] if lo_ok else [f"({code} >= 0)"])
+            mask = joined_mask(list(dict.fromkeys(masks)), list(dict.fromkeys(scalar)))
+            lines.append(f"    tl.atomic_add({' + '.join(parts)}, {adj} * {dcode}, mask={mask})")
 
     def _grad_offsets(self) -> list:
         out = []

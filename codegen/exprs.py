@@ -61,6 +61,14 @@ def _axis_of(code: str) -> str:
     return axes.get(base, base[len("offs_"):].upper())
 
 
+def joined_mask(tile: list, scalar: list) -> str:
+    """One mask of tile conditions and scalar ones (conditions on a program's leading indices): scalars join
+    through tl.where (the interpreter rejects scalar & tile, and a mask of scalars alone); '' when there is none."""
+    if scalar:
+        return f"tl.where({' & '.join(scalar)}, {' & '.join(tile) or 'True'}, False)"
+    return " & ".join(tile)
+
+
 def _may_overflow(e, vmap) -> bool:
     """Whether integer index arithmetic e multiplies a tile variable by another variable, by itself, or by a
     constant of 128 or more: tile indices are 32-bit in a kernel (tl.arange), so such a product can wrap at
@@ -336,9 +344,7 @@ class Emitter:
             masks.append(f"({self.idx(v, vmap)} < {self.idx(x, {})})")
             conds.append(sp.Lt(v, x, evaluate=False))
         other = "0.0" if node.dtype == ir.FLOAT else "0"
-        m = " & ".join(masks) if masks else "True"
-        if scalar_masks:  # a scalar condition joins a tile mask through tl.where (the interpreter rejects &)
-            m = f"tl.where({' & '.join(scalar_masks)}, {m}, False)"
+        m = joined_mask(masks, scalar_masks) or "True"
         bound = f", mask={m}, other={other}" if masks or scalar_masks else ""  # inside on every axis: no mask
         raw = f"tl.load({' + '.join(parts)}{bound})"
         load = raw

@@ -161,3 +161,32 @@ out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]""")
     ref = k.reference(Q=q, K=kv, V=kv)
     for splits in (None, 3):
         assert _rel(k.decode(Q=q, K=kv, V=kv, splits=splits), ref) <= 1e-13
+
+
+_HEAD_BIAS = """dim h, n, d, e
+in Q[h, n, d], K[h, n, d], V[h, n, e], B[h, n]
+S[a, i, j] = dot(Q[a, i], K[a, j]) + B[a // 2, j]
+out O[a] = softmax(S[a], axis=-1) @ V[a]"""
+_KV_HEAD_GATE = """dim h, g, n, d, e
+in Q[h, n, d], K[g, n, d], V[g, n, e], G[g, n]
+A[a, i, j] = where(j <= i, dot(Q[a, i], K[a // (h // g), j]) ^ 2 * exp(G[a // (h // g), i] - G[a // (h // g), j]), 0)
+out O[a] = normalize(A[a], axis=-1) @ V[a // (h // g)]"""
+
+
+@pytest.mark.parametrize("src,form", [(_HEAD_BIAS, None), (_KV_HEAD_GATE, "quadratic"), (_KV_HEAD_GATE, "linear")])
+def test_gradients_of_inputs_read_at_a_head_expression(src, form):
+    """A bias or gate read at a head expression (a // 2, a // (h // g)) with a row or key index: the gradient's
+    atomic add joins the head's scalar bound test to the tile's through tl.where (the mask was scalar & tile,
+    which failed to run)."""
+    k = moa.compile(src, form=form)
+    g = src.startswith("dim h, g")
+    shapes = dict(Q=(4, 9, 3), K=(2 if g else 4, 9, 3), V=(2 if g else 4, 9, 2), **({"G": (2, 9)} if g else
+                                                                                    {"B": (4, 9)}))
+    x = {n: _rand(*s) for n, s in shapes.items()}
+    if g:
+        x["G"] = torch.nn.functional.logsigmoid(x["G"] + 2).cumsum(-1)
+    w = _rand(4, 9, 2)
+    got = torch.autograd.grad((k(**{n: t.requires_grad_() for n, t in x.items()}) * w).sum(), list(x.values()))
+    want = torch.autograd.grad((k.reference(**x) * w).sum(), list(x.values()))
+    for a, b in zip(got, want):
+        assert _rel(a, b) <= 1e-12
