@@ -97,6 +97,12 @@ def lower(program: Program) -> tuple[Program, Paging | None]:
         memo[id(node)] = out
         return out
 
+    for node in program.inputs:   # a key-length input read directly: the paged launch reads key inputs in pages
+        name = node.attrs[0]
+        if name not in paged and name != table and any(m in sp.sympify(x).free_symbols for x in node.shape):
+            raise UnsupportedError(f"paged caches: input {name} has an axis of the cache's logical length {m}, but "
+                                   "a paged call reads every key input through the block table: give it pages too "
+                                   f"and read it as {name}c[{table}[j // {page}], j % {page}]", node.loc)
     bindings = tuple((n, rebuild(x)) for n, x in program.bindings)
     outputs = tuple((n, rebuild(x)) for n, x in program.outputs)
     inputs = tuple(new_inputs.get(n.attrs[0], n) for n in program.inputs if n.attrs[0] != table)

@@ -86,6 +86,23 @@ def test_reference_of_a_batched_block_table(aligned):
         torch.testing.assert_close(ref[b], torch.softmax(s, -1) @ vv, rtol=1e-12, atol=1e-12)
 
 
+def test_other_key_inputs_of_a_paged_program_are_paged_too():
+    """A key-length input read directly (bias[j]) would be read at pool positions by the paged launch (wrong
+    numbers): refused at compile time, naming the pooled form, which runs and equals a gather written here."""
+    bias_src = PAGED.replace("in page[L]: int", "in bias[m]\nin page[L]: int").replace("/ sqrt(d)",
+                                                                                      "/ sqrt(d) + bias[j]")
+    with pytest.raises(UnsupportedError, match=r"input bias has an axis of the cache's logical length m.*biasc\["):
+        moa.compile(bias_src)
+    k = moa.compile(PAGED.replace("Vc[np, P, e]", "Vc[np, P, e], Bc[np, P]").replace(
+        "Vp[j:m, c] =", "Bp[j:m] = Bc[page[j // P], j % P]\nVp[j:m, c] =").replace("/ sqrt(d)", "/ sqrt(d) + Bp[j]"))
+    kc, vc, bc, q = _rand(4, 16, D), _rand(4, 16, D, seed=1), 3 * _rand(4, 16), _rand(3, D)
+    page = torch.tensor([2, 0])
+    got = k(Q=q, Kc=kc, Vc=vc, Bc=bc, page=page)
+    kk, vv, bb = kc[page].flatten(0, 1), vc[page].flatten(0, 1), bc[page].flatten()
+    s = (q @ kk.T / D ** 0.5 + bb).masked_fill(torch.arange(32)[None] > torch.arange(3)[:, None] + 29, -torch.inf)
+    torch.testing.assert_close(got, torch.softmax(s, -1) @ vv, rtol=1e-12, atol=1e-12)
+
+
 def test_paged_refusals():
     with pytest.raises(UnsupportedError, match="read outside the page indirection"):
         moa.compile(PAGED.replace("out O = softmax(S, axis=-1) @ Vp", "out O = softmax(S, axis=-1) @ Vp + Kc[0, 0, 0]"))
