@@ -102,3 +102,11 @@ def _eval(e, box: dict, dims: dict):
             if s in box or s.name in dims}
     v = e.xreplace(vals)
     return int(v) if v.is_Integer else None
+
+
+def call_key_range(schedules, dims: dict):
+    """The keys some row admits in any output of a call (key_range over every schedule), or None."""
+    spans = [key_range(s, dims) for s in schedules]
+    if not spans or any(x is None for x in spans):
+        return None
+    return min(x[0] for x in spans), max(x[1] for x in spans)

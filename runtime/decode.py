@@ -28,7 +28,7 @@ from moa import symbolic as sy
 from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURCE, PAGED, SPLIT, VARLEN_PAGED,
                                  VARLENS, Layout, grid_source)
 from moa.errors import InputError, MoaError, UnsupportedError
-from moa.splitkv import choose_splits, key_range
+from moa.splitkv import call_key_range, choose_splits
 
 from . import decode_merge, paged, tune
 from .binding import bind, refuse_grad
@@ -338,12 +338,16 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
     dt = b.dtype
     compute = compute_dtype(dt, b.device)
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
-    p = block.launcher.plan(name, cb, decode_config(block.planner.schedules[name], cb.dims, DTYPE_NAME[dt])
+    pb, key = cb, block.planner.schedules[name].branches[0].extent
+    if call.mode in (PAGED, VARLEN_PAGED) and key.is_Symbol:   # plan for the keys read, not the pool's size
+        pb = dataclasses.replace(cb, dims={**cb.dims, key.name: call.keys if call.mode == PAGED else
+                                           int(call.cu_host[1][-1])})
+    p = block.launcher.plan(name, pb, decode_config(block.planner.schedules[name], pb.dims, DTYPE_NAME[dt])
                             if b.device.type == "cuda" else None, fills=True)   # the key splits fill the device
     if call.mode in (PAGED, VARLEN_PAGED) and p.config.block_n > call.page:   # a page holds whole key tiles
-        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, block_n=call.page), fills=True)
+        p = block.launcher.plan(name, pb, dataclasses.replace(p.config, block_n=call.page), fills=True)
     if getattr(p.config, "tma", False):   # the grid kernel moves key pointers per split: plain loads
-        p = block.launcher.plan(name, cb, dataclasses.replace(p.config, tma=False), fills=True)
+        p = block.launcher.plan(name, pb, dataclasses.replace(p.config, tma=False), fills=True)
     sched, cfg = _runnable(block, name, p.schedule, call.mode in VARLENS), p.config
     lead = [sy.evaluate(x, cb.dims) for _, x in sched.lead]
     e = sy.evaluate(sched.col[1], cb.dims)
@@ -419,14 +423,6 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
 def runner_schedules(kernel, plan) -> list:
     """The schedules of every block output (of the block or the packed kernel), in plan order."""
     return [kernel.planner.schedules[o.name] for o in plan.outputs]
-
-
-def call_key_range(schedules, dims: dict):
-    """The keys some row admits in any output (moa/splitkv.key_range over every schedule), or None."""
-    spans = [key_range(s, dims) for s in schedules]
-    if not spans or any(x is None for x in spans):
-        return None
-    return min(x[0] for x in spans), max(x[1] for x in spans)
 
 
 def decode_config(sched, dims: dict, dtype: str) -> Config:

@@ -12,10 +12,10 @@ from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, canonical_dtype
 from moa import shard
 from moa.errors import InputError
-from moa.splitkv import choose_splits, split_seconds
+from moa.splitkv import call_key_range, choose_splits, split_seconds
 
 from .costing import cost_breakdown
-from .decode import _global, _gqa, _plan, call_key_range, call_schedules, decode_config, runner_schedules
+from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues
 from .decode_summaries import logical_keys
 from .device import cdiv

@@ -12,7 +12,8 @@ import moa
 from moa import tiles as TL
 from moa.errors import InputError
 from moa.runtime.check import random_inputs
-from moa.runtime.decode_measure import measure_varlen
+from moa.runtime.decode_cost import decode_cost
+from moa.runtime.decode_measure import measure, measure_varlen
 from moa.runtime.varlen_cost import varlen_cost
 
 D = 16
@@ -162,3 +163,30 @@ def test_paged_varlen_cost_pool_ids_broadcast_to_the_batch():
     p = varlen_cost(k, cq, ck, dtype="fp64", device="cpu", batch=(2,), page_size=p_, pages=pages, block_table=table,
                     inputs={"doc": doc}, d=D, e=D)
     assert _counters(got) == _counters(p)
+
+
+def _counters5(x):
+    return (x.flops, x.transcendentals, x.dram_bytes_loaded, x.dram_bytes_stored, x.tiles_visited)
+
+
+def test_paged_calls_plan_for_the_keys_read_not_the_pool():
+    """A paged decode or varlen call picks its schedule and tiles for the keys its table reads, as decode_cost and
+    varlen_cost predict them: a pool larger than the call's pages changed the runtime's choice (a residue schedule
+    at a 448-key pool, 32-key tiles at a 32-key pool), so measured and predicted work differed."""
+    k = moa.compile("""dim n, d, e
+param s = 5
+in Q[n, d], K[n, d], V[n, e]
+S[i, j] = where((i - j) % s == 0, dot(Q[i], K[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V""")
+    want = _counters5(decode_cost(k, 1, 112, dtype="fp64", device="cpu", batch=(4,), page_size=16, d=4, e=4))
+    for pool in (28, 7):   # each batch index its own 7 pages, or the same 7 shared
+        table = torch.arange(28).view(4, 7) if pool == 28 else torch.arange(7).expand(4, 7).contiguous()
+        x = dict(Q=_rand(4, 1, 4), K=_rand(pool * 16, 4, seed=1), V=_rand(pool * 16, 4, seed=2))
+        assert _counters5(measure(k, x, block_table=table, page_size=16)) == want, pool
+    causal = moa.compile("examples/causal_bottom_right.moa")
+    for lk, pool in ((1, 1), (1, 4), (33, 2)):
+        cq, ck, npg = torch.tensor([0, 1]), torch.tensor([0, lk]), -(-lk // 32)
+        x = dict(Q=_rand(1, 4), K=_rand(pool * 32, 4, seed=1), V=_rand(pool * 32, 4, seed=2))
+        got = measure_varlen(causal, x, cq, ck, block_table=torch.arange(npg).view(1, npg), page_size=32)
+        assert _counters5(got) == _counters5(varlen_cost(causal, cq, ck, dtype="fp64", device="cpu", page_size=32,
+                                                         pages=npg, d=4, e=4)), (lk, pool)
