@@ -116,7 +116,8 @@ class _Window(_Chunked):
         inner.append("    H = tl.where(offs_w[None, :] == r, h[:, None], H)")
         self.hops(body, inner)
         wm = self.emit(mx.weight, {j: "offs_w[:, None]", r: "offs_w[None, :]"}, body)
-        body += [f"    Wm = tl.where((offs_w[:, None] < j_ext) & (offs_w[None, :] < w_ext), {wm}, 0.0)  # w[j, r]",
+        body += [f"    Wm = tl.where((offs_w[:, None] < j_ext) & (offs_w[None, :] < w_ext), {wm}, 0.0).to({self.acc})"
+                 "  # w[j, r] (in the accumulator's type also when made of literals)",
                  f"    qk{self.em.sfx(0)} = tl.dot(H, tl.trans(Wm){self.dot_kw})  # mixed scores [BLOCK_M, slots]"]
         smap = {i: "offs_m[:, None]", j: "offs_w[None, :]"}
         score = self._score(b.score, smap, body)

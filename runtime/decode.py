@@ -61,6 +61,9 @@ class DecodeStats:
 
 def _plan(kernel):
     """(ShardPlan, block Kernel): the program over a block of keys, as ring attention shards it."""
+    if any(kernel.planner.is_window(n) for n in kernel.output_names):
+        raise UnsupportedError("decode and varlen calls do not take window-mixing outputs: their scores mix keys "
+                               "across a block's boundary; call k(...) (or k.ring, which exchanges halos)")
     try:
         return block_kernel(kernel)
     except UnsupportedError as e:

@@ -105,7 +105,7 @@ def test_decode_refusals():
     with pytest.raises(InputError, match="splits must be a positive integer"):
         decode.decode(k, dict(Q=kv[:1], K=kv, V=kv), splits=0)
     bla = moa.compile("examples/bla.moa")
-    with pytest.raises(UnsupportedError, match="must be a dim"):
+    with pytest.raises(UnsupportedError, match="do not take window-mixing outputs"):
         decode.decode(bla, dict(Q=q, K=q, V=q))
 
 

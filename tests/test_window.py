@@ -283,3 +283,20 @@ def test_with_lse_names_the_window_kernel():
     x = torch.randn(20, 8, dtype=torch.float64)
     with pytest.raises(moa.UnsupportedError, match="window-mixing kernel, which keeps no log-sum-exp"):
         moa.compile("examples/bla.moa").with_lse(Q=x, K=x, V=x)
+
+
+def test_mixing_weights_made_of_literals_in_float64():
+    """A mixing matrix of literal constants (Dk = where(j == tau, 1.0, 0)) is a float32 tile unless cast: the
+    float64 kernel's dot failed on mixed dtypes."""
+    k = moa.compile("""dim n, d, e
+param W = 3
+in Q[n, d], K[n, d], V[n, e]
+Dk[j:W, tau:W] = where(j == tau, 1.0, 0)
+Kt[i:n, slot:W, tau:W] = where(i - tau >= 0, Dk[slot, tau] * K[i - tau], 0)
+Vt[i:n, slot:W, tau:W] = where(i - tau >= 0, Dk[slot, tau] * V[i - tau], 0)
+Kh[i, slot] = sum(Kt[i, slot], axis=0)
+Vh[i, slot] = sum(Vt[i, slot], axis=0)
+S[i, slot] = where(slot <= i, dot(Q[i], Kh[i, slot]), -inf)
+out O[i] = softmax(S[i], axis=-1) @ Vh[i]""")
+    x = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert (k(Q=x, K=x, V=x) - k.reference(Q=x, K=x, V=x)).abs().max() <= 1e-13
