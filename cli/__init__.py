@@ -33,7 +33,7 @@ def cmd_compile(args) -> int:
         src = launcher_module(k, args.output_name, dtype, dims, config)
     else:
         if args.output_name and args.output_name not in k.output_names:
-            raise InputError(f"--output {args.output_name}: the program's outputs are {', '.join(k.output_names)}")
+            raise InputError(f"--output-name {args.output_name}: the program's outputs are {', '.join(k.output_names)}")
         src = k.source(output=args.output_name, dtype=dtype, config=config, dims=dims)
     if args.output:
         with open(args.output, "w") as f:

@@ -37,7 +37,7 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
     for names a Python launcher cannot take."""
     name = output or k.output_names[0]
     if name not in k.output_names:
-        raise UnsupportedError(f"--output {name}: the program's outputs are {', '.join(k.output_names)}")
+        raise UnsupportedError(f"--output-name {name}: the program's outputs are {', '.join(k.output_names)}")
     if k.planner.is_window(name):
         raise UnsupportedError(f"--launcher: output {name} runs in the window-mixing kernel, which has a runner of "
                                "its own; --launcher writes the tiled kernel's launcher only")

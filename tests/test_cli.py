@@ -176,7 +176,7 @@ def test_compile_options(tmp_path, capsys):
     assert main(["compile", str(EX / "causal.moa"), "--config", "48,16"]) == 2
     assert "powers of two >= 16" in capsys.readouterr().err
     assert main(["compile", str(EX / "causal.moa"), "--output-name", "P"]) == 2
-    assert "the program's outputs are O" in capsys.readouterr().err
+    assert "--output-name P: the program's outputs are O" in capsys.readouterr().err
 
 
 def test_launcher_refuses_the_window_kernel(capsys):
