@@ -185,13 +185,11 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
             t = inputs[name]
             for ax, ext in enumerate(node.shape):
                 unknown = [s for s in ext.free_symbols if s.name not in values]
-                if len(unknown) == 1:
+                # an extent through floor / mod (e // 2) has many solutions: it binds nothing (the error below)
+                if len(unknown) == 1 and not ext.has(sp.floor, sp.ceiling, sp.Mod):
                     actual = t.shape[t.dim() - node.rank + ax]
-                    try:
-                        sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
-                                                           if s.name in values}), actual), unknown[0])
-                    except NotImplementedError:   # e.g. floor(e / 2) = 3: many solutions, none chosen
-                        continue
+                    sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
+                                                       if s.name in values}), actual), unknown[0])
                     if len(sol) == 1 and sol[0].is_Integer and sol[0] > 0:
                         values[unknown[0].name] = int(sol[0])
                         origin[unknown[0].name] = f"input {name} axis {ax}"
