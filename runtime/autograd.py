@@ -224,21 +224,23 @@ def call_with_lse(kernel, inputs: dict):
     why = _lse_grad_refusal(kernel)
     if why is not None:
         raise UnsupportedError(why)
-    missing = [n for n in kernel.input_names if n not in inputs]
-    if missing or len(inputs) != len(kernel.input_names):
-        kernel.bind(inputs)   # raises the InputError naming what is missing or unknown
-    outs = torch.ops.moa.attention(kernel.op_key, [inputs[n] for n in kernel.input_names])
+    outs = _op(kernel, inputs)
     return outs[0], outs[1]
 
 
 def call(kernel, inputs: dict):
     """k(**inputs) through the operator: one output -> a tensor, several -> dict name -> tensor."""
+    outs = _op(kernel, inputs)
+    names = kernel.output_names
+    return outs[0] if len(names) == 1 else dict(zip(names, outs[:len(names)]))
+
+
+def _op(kernel, inputs: dict) -> list:
+    """The moa::attention operator's outputs for a call (every output, then the values the backward saves)."""
     if not torch.compiler.is_compiling():
         refuse_functorch(inputs)
     missing = [n for n in kernel.input_names if n not in inputs]
     extra = [n for n in inputs if n not in kernel.input_names]
     if missing or extra:
         kernel.bind(inputs)   # raises the InputError naming what is missing or unknown
-    outs = torch.ops.moa.attention(kernel.op_key, [inputs[n] for n in kernel.input_names])
-    names = kernel.output_names
-    return outs[0] if len(names) == 1 else dict(zip(names, outs[:len(names)]))
+    return torch.ops.moa.attention(kernel.op_key, [inputs[n] for n in kernel.input_names])
