@@ -121,6 +121,8 @@ class _Eval:
         args = [self.align(self.run(a, ctx, guard), a.rank, n.rank) for a in n.args]
         if n.dtype == ir.FLOAT:
             args = [a.to(F64) if not a.dtype == torch.bool else a for a in args]
+            if guard is not None and torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                args = self.gated(args, guard, self.lead(ctx))
         elif fn not in ("and", "or", "not") and any(a.dtype == torch.bool for a in args):
             args = [a.to(torch.int64) for a in args]
         try:
@@ -129,6 +131,19 @@ class _Eval:
             if "ZeroDivision" not in str(e):
                 raise
             raise InputError(f"integer division by zero at {n.loc} ('{fn}' of the call's data)") from None
+
+    def gated(self, args: list, guard, lead: int) -> list:
+        """The float arguments of an op evaluated under a guard, their gradients zeroed where the guard is false:
+        a cell no taken branch reads gets no gradient, so an op whose derivative is infinite there (exp of a large
+        score in the untaken branch) gives 0, not 0 * inf = NaN. Only the guard's context axes are used (they mean
+        the same cell throughout a comprehension's body); its own axes are any-reduced."""
+        shape = torch.broadcast_shapes(*(a.shape for a in args))
+        g = guard.reshape((*guard.shape[:lead], -1)).any(-1) if guard.dim() > lead else guard
+        for d in range(lead):  # the op does not vary along this axis: any guarded cell counts
+            if shape[d] == 1 and g.shape[d] > 1:
+                g = g.any(d, keepdim=True)
+        g = g.reshape((*g.shape, *([1] * (len(shape) - lead))))
+        return [_Gate.apply(a.expand(shape), g) if a.requires_grad else a for a in args]
 
     # structure
     def op_matmul(self, n, ctx, guard):
@@ -271,6 +286,20 @@ class _Eval:
         if n.dtype == ir.FLOAT:
             x, y = x.to(F64), y.to(F64)
         return scalar_fn(n.attrs[0], [x, y])
+
+
+class _Gate(torch.autograd.Function):
+    """Identity whose gradient is zero where a guard is false (the reference's untaken where-branches)."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.save_for_backward(g)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return torch.where(g, grad, torch.zeros((), dtype=grad.dtype)), None
 
 
 def softmax(t: torch.Tensor, dim: int) -> torch.Tensor:

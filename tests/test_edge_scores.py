@@ -190,3 +190,21 @@ def test_gradients_of_inputs_read_at_a_head_expression(src, form):
     want = torch.autograd.grad((k.reference(**x) * w).sum(), list(x.values()))
     for a, b in zip(got, want):
         assert _rel(a, b) <= 1e-12
+
+
+def test_reference_gradients_through_an_untaken_overflowing_branch():
+    # exp(G[i] - G[j]) overflows where j > i; the where takes 0 there, so no gradient may reach it (was 0 * inf = NaN)
+    k = moa.compile(EX + "power_gated.moa")
+    g = torch.Generator().manual_seed(0)
+    n, d = 20, 8
+    x = {"Q": torch.randn(n, d, generator=g, dtype=torch.float64),
+         "K": torch.randn(n, d, generator=g, dtype=torch.float64),
+         "V": torch.randn(n, d, generator=g, dtype=torch.float64),
+         "G": torch.linspace(0, -800, n, dtype=torch.float64)}
+    ts = [t.requires_grad_(True) for t in x.values()]
+    w = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad((k.reference(**x) * w).sum(), ts)
+    got = torch.autograd.grad((k(**x) * w).sum(), ts)
+    for r, o in zip(ref, got):
+        assert torch.isfinite(r).all()
+        assert (r - o).abs().max() <= 1e-12 * max(1.0, o.abs().max().item())
