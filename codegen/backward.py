@@ -17,9 +17,11 @@ sums them into inputs read by several heads (GQA, MQA). delta is computed by the
 
 A normalised branch (O = sum_j w_ij V[j] / Z_i, w_ij = f(qk_ij, ...), power and linear attention) runs the same
 kernels with P_ij = w_ij / Z_i and the adjoint of the weight (dP_ij - delta_i) / Z_i in place of P_ij (dP_ij -
-delta_i); the forward saves Z in place of lse. A dot operand computed elementwise from one read (linear attention's
-elu(Q) + 1) gets its gradient times the operand's sympy partial. Float inputs the score reads (a bias table, the
-gate G of gated power attention) get theirs by atomic adds at the read's index, in the dQ kernel (each pair once).
+delta_i); the forward saves Z in place of lse. A plain sum (O = sum_j w_ij V[j], sigmoid attention, retention) has
+P_ij = w_ij and the weight's adjoint dP_ij: no saved total, no delta. A dot operand computed elementwise from one
+read (linear attention's elu(Q) + 1) gets its gradient times the operand's sympy partial. Float inputs the score
+reads (a bias table, the gate G of gated power attention) get theirs by atomic adds at the read's index, in the dQ
+kernel (each pair once).
 
 Programs outside this shape (several branches, a gate epilogue, window mixing) have no fused backward:
 `unfused_reason` says why, and the runtime evaluates the gradient DNF instead.
@@ -150,6 +152,8 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
         if not all(sy.prove_equal(x, y) for x, y in zip(shape[len(shape) - 2:], tail)):
             return (f"{read.name}'s last two axes are not the tile's rows and columns (a slice of the input, as "
                     f"take(t, {read.name}[...]), gets its gradient unfused)")
+    if DotTile(0) not in Translation(b.score).leaves.values():
+        return "the score reaches its contraction through an op with no derivative rule (a where inside the score)"
     qkv = {qa.name, kb.name, b.value.name}
     for part in (b.score, b.mask):
         if part is not None and any(isinstance(x, D.Read) and x.name in qkv for x in D.nodes(part)):
@@ -212,6 +216,11 @@ class _BackwardEmitter:
         e = x.idx(s.col[1], {})
         scope.add(f"do = tl.load(dO_ptr + zz * stride_dO_z + offs_m[:, None] * stride_dO_0 + offs_v[None, :] * "
                   f"stride_dO_1, mask=(offs_m[:, None] < {n}) & (offs_v[None, :] < {e}), other=0.0)")
+        i, c = s.row[0], s.col[0]
+        rows, cols = (sp.Lt(i, s.row[1], evaluate=False),), (sp.Lt(c, s.col[1], evaluate=False),)
+        x.loads.append(AccessSite("do", "dO", (i, c), ((i, "row"), (c, "col")), rows + cols))
+        if b.kind == "sum":   # no normaliser: the weight's adjoint is dp itself (no total, no delta)
+            return q
         total = f"tl.load(lse_ptr + zz * stride_lse_z + offs_m, mask=offs_m < {n}, other=0.0)"
         if b.kind == "softmax":
             scope.add(f"lse = {total}")
@@ -220,10 +229,7 @@ class _BackwardEmitter:
             scope.add(f"z = {total}  # the normaliser Z (0: the row's output is the constant 0)")
             scope.add("zinv = tl.where(z == 0, 0.0, 1.0 / tl.where(z == 0, 1.0, z))")
         scope.add(f"delta = tl.load(delta_ptr + zz * stride_delta_z + offs_m, mask=offs_m < {n}, other=0.0)")
-        i, c = s.row[0], s.col[0]
-        rows, cols = (sp.Lt(i, s.row[1], evaluate=False),), (sp.Lt(c, s.col[1], evaluate=False),)
-        x.loads += [AccessSite("do", "dO", (i, c), ((i, "row"), (c, "col")), rows + cols),
-                    AccessSite("lse" if b.kind == "softmax" else "z", "lse", (i,), ((i, "row"),), rows),
+        x.loads += [AccessSite("lse" if b.kind == "softmax" else "z", "lse", (i,), ((i, "row"),), rows),
                     AccessSite("delta", "delta", (i,), ((i, "row"),), rows)]
         return q
 
@@ -264,9 +270,12 @@ class _BackwardEmitter:
             if b.kind == "softmax":
                 inner.add(f"p = {guard(f'tl.exp({score} - lse[:, None])')}")
                 inner.add("dsc = p * (dp - delta[:, None])")
-            else:
+            elif b.kind == "norm":
                 inner.add(f"p = {guard(f'{score} * zinv[:, None]')}")
                 inner.add(f"dsc = {guard('(dp - delta[:, None]) * zinv[:, None]')}")
+            else:
+                inner.add(f"p = {guard(score)}")
+                inner.add(f"dsc = {guard('dp')}")
             t = Translation(b.score)
             for sym, leaf in t.leaves.items():
                 if leaf == DotTile(0) or scatter and leaf in self.scatters:

@@ -7,6 +7,7 @@ softmax: the online-softmax state (m_i, l_i, acc) in log2 units, merged per tile
   with lse = (m_i + log2 l_i) ln 2 (-inf where l_i = 0) when the kernel stores it.
 norm: the sum state (z_i, acc): z_i += rowsum(w); acc += w V; finished as acc / z_i, 0 where z_i = 0 (the kernel
   stores z_i as its total).
+sum: acc alone: acc += w V, finished as acc (no normaliser: sigmoid attention, retention).
 A step is either a tile (scores [BLOCK_M, cols], reduced over axis 1) or a row (scores [BLOCK_M], one key per row,
 as in a hop loop)."""
 from __future__ import annotations
@@ -21,7 +22,7 @@ LN2 = "0.6931471805599453"
 
 @dataclass(frozen=True)
 class Monoid:
-    """The state names of one branch's reduction ('softmax' or 'norm'); `sfx` tells branches apart."""
+    """The state names of one branch's reduction ('softmax', 'norm' or 'sum'); `sfx` tells branches apart."""
     kind: str
     sfx: str
     acc_dtype: str      # tl.float32 or tl.float64
@@ -43,11 +44,11 @@ class Monoid:
         return f"acc{self.sfx}"
 
     def init(self, scope: Scope, cols: str = "HEAD_DIM_V") -> None:
-        """The identity: (-inf, 0, 0) for softmax, (0, 0) for a sum; acc is [BLOCK_M, cols]."""
+        """The identity: (-inf, 0, 0) for softmax, (0, 0) for norm, 0 for sum; acc is [BLOCK_M, cols]."""
         if self.kind == "softmax":
             scope.add(f'{self.m_i} = tl.full([BLOCK_M], float("-inf"), dtype={self.acc_dtype})')
             scope.add(f"{self.l_i} = tl.zeros([BLOCK_M], dtype={self.acc_dtype})")
-        else:
+        elif self.kind == "norm":
             scope.add(f"{self.z_i} = tl.zeros([BLOCK_M], dtype={self.acc_dtype})")
         scope.add(f"{self.acc} = tl.zeros([BLOCK_M, {cols}], dtype={self.acc_dtype})")
 
@@ -57,7 +58,8 @@ class Monoid:
         red = (lambda x, op: f"tl.{op}({x}, 1)") if tile else (lambda x, op: x)
         col = (lambda x: f"{x}[:, None]") if tile else (lambda x: x)
         if self.kind != "softmax":
-            scope.add(f"{self.z_i} = {self.z_i} + {red(s, 'sum')}")
+            if self.kind == "norm":
+                scope.add(f"{self.z_i} = {self.z_i} + {red(s, 'sum')}")
             scope.add(f"{self.acc} = {self.acc} + {weighted(s)}")
             return
         s2 = f"{s} * {to_log2}" if to_log2 else s
@@ -71,7 +73,10 @@ class Monoid:
         scope.add(f"{self.m_i} = m_ij")
 
     def finish(self, scope: Scope, out: str) -> None:
-        """out = the branch's value: acc over the normaliser, 0 for rows with no admissible key."""
+        """out = the branch's value: acc over the normaliser, 0 for rows with no admissible key (sum: acc)."""
+        if self.kind == "sum":
+            scope.add(f"{out} = {self.acc}")
+            return
         den = self.l_i if self.kind == "softmax" else self.z_i
         scope.add(f"{out} = {self.acc} / tl.where({den} == 0, 1.0, {den})[:, None]")
 

@@ -16,13 +16,14 @@ import sympy as sp
 from . import ir
 from . import symbolic as sy
 from .errors import UnsupportedError
-from .dnf_nodes import (BINDERS, Const, Index, LogSumExp, NormalizeAt, NormSum, Op, Read, Reduce, SoftmaxAt,
-                        SoftmaxSum, children, free_vars, nodes, show, subs, with_children)
+from .dnf_nodes import (BINDERS, Const, Index, KeySum, LogSumExp, NormalizeAt, NormSum, Op, Read, Reduce,
+                        SoftmaxAt, SoftmaxSum, children, free_vars, nodes, show, subs, with_children)
 from .program import Program
 
 __all__ = ["BINDERS", "FUSION_RULES", "LOWERING_RULES", "PSI_RULES", "REASSOCIATION_RULES", "Const", "DnfOutput",
-           "Index", "LogSumExp", "NormSum", "NormalizeAt", "Op", "Read", "Reduce", "Rule", "SoftmaxAt", "SoftmaxSum",
-           "children", "dnf", "free_vars", "nodes", "show", "show_output", "subs", "unguarded_reads", "with_children"]
+           "Index", "KeySum", "LogSumExp", "NormSum", "NormalizeAt", "Op", "Read", "Reduce", "Rule", "SoftmaxAt",
+           "SoftmaxSum", "children", "dnf", "free_vars", "nodes", "show", "show_output", "subs", "unguarded_reads",
+           "with_children"]
 
 # ---- psi-reduction ---------------------------------------------------------------------------------------
 
@@ -418,17 +419,23 @@ LOWERING_RULES = (
 )
 
 
-def rewrite(e, rules) -> object:
-    """Apply rules bottom-up until none fires (a fixpoint)."""
+def rewrite(e, rules, _seen=frozenset()) -> object:
+    """Apply rules bottom-up until none fires (a fixpoint). A chain of rewrites that comes back to an expression it
+    passed through (fubini then factor-out swap two sums back and forth in A @ B @ C) stops before the step that
+    closes the loop: the form reached first is kept."""
     kids = children(e)
     if kids:
         new = [rewrite(k, rules) for k in kids]
         if any(a is not b for a, b in zip(new, kids)):
             e = with_children(e, new)
+    if e in _seen:
+        return None
     for rule in rules:
         out = rule.apply(e)
         if out is not None:
-            return rewrite(out, rules)
+            done = rewrite(out, rules, _seen | {e})
+            if done is not None:
+                return done
     return e
 
 

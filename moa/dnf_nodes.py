@@ -97,6 +97,18 @@ class NormSum:
 
 
 @dataclass(frozen=True)
+class KeySum:
+    """sum_var weight * value with no normaliser: a (sum) monoid. Not a rewrite result: the DNF keeps it as
+    +red_var (weight * value); moa/onf.py recognises the attention-shaped ones (weight over (i, j), value over
+    (j, c): sigmoid attention, retention) as branches of a kernel."""
+    var: sp.Symbol
+    extent: sp.Expr
+    weight: object
+    value: object
+    dtype: str = ir.FLOAT
+
+
+@dataclass(frozen=True)
 class LogSumExp:
     """log sum_var exp(score) (-inf when every score is -inf)."""
     var: sp.Symbol
@@ -105,7 +117,7 @@ class LogSumExp:
     dtype: str = ir.FLOAT
 
 
-BINDERS = (Reduce, SoftmaxAt, NormalizeAt, SoftmaxSum, NormSum, LogSumExp)
+BINDERS = (Reduce, SoftmaxAt, NormalizeAt, SoftmaxSum, NormSum, KeySum, LogSumExp)
 
 
 def children(e) -> tuple:
@@ -119,7 +131,7 @@ def children(e) -> tuple:
         return (e.weight,)
     if isinstance(e, SoftmaxSum):
         return (e.score, e.value)
-    if isinstance(e, NormSum):
+    if isinstance(e, (NormSum, KeySum)):
         return (e.weight, e.value)
     return ()
 
@@ -135,7 +147,7 @@ def with_children(e, kids):
         return replace(e, weight=kids[0])
     if isinstance(e, SoftmaxSum):
         return replace(e, score=kids[0], value=kids[1])
-    if isinstance(e, NormSum):
+    if isinstance(e, (NormSum, KeySum)):
         return replace(e, weight=kids[0], value=kids[1])
     return e
 
@@ -214,6 +226,8 @@ def show(e) -> str:
         return f"fin((+)_{{{rng}}} ({show(e.score)}, 1, {show(e.value)}))"
     if isinstance(e, NormSum):
         return f"(+red_{{{rng}}} {show(e.weight)} * {show(e.value)}) / (+red_{{{rng}}} {show(e.weight)})"
+    if isinstance(e, KeySum):
+        return f"+red_{{{rng}}} {show(e.weight)} * {show(e.value)}"
     if isinstance(e, LogSumExp):
         return f"log +red_{{{rng}}} exp({show(e.score)})"
     if isinstance(e, SoftmaxAt):

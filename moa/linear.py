@@ -91,8 +91,10 @@ def plan(s: Schedule) -> tuple[LinearPlan | None, str]:
         return None, "the linear form needs exactly one normalize(...) @ V contraction as the output"
     b = s.branches[0]
     i, n = s.row
-    if b.kind != "norm":
+    if b.kind == "softmax":
         return None, "softmax has no finite feature map (only normalize(...) @ V with a factored kernel)"
+    if b.kind != "norm":
+        return None, "the linear form is derived for normalize(...) @ V; a plain sum A @ V runs the quadratic kernel"
     if b.dot is None:
         return None, "no contraction over a feature axis in the score"
     if b.mask != D.Op("le", (D.Index(b.var), D.Index(i)), "bool"):

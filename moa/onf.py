@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import sympy as sp
 
 from . import dnf as D
+from . import ir
 from . import intervals as iv
 from . import symbolic as sy
 from .residue import (LIFTING_RULES, Hop, Lift, RowLift, _band, _hop, _strip_mask,
@@ -81,7 +82,7 @@ class Mix:
 
 @dataclass(frozen=True)
 class Branch:
-    """One monoid reduction over the key axis: kind 'softmax' (m, l, acc) or 'norm' (z, acc)."""
+    """One monoid reduction over the key axis: kind 'softmax' (m, l, acc), 'norm' (z, acc) or 'sum' (acc)."""
     kind: str
     var: sp.Symbol
     extent: sp.Expr
@@ -177,7 +178,8 @@ def schedule(o: D.DnfOutput) -> Schedule:
     branches: list = []
 
     def lift(x):
-        if isinstance(x, (D.SoftmaxSum, D.NormSum)):
+        x = key_sum(x, leadset, i, c) or x
+        if isinstance(x, (D.SoftmaxSum, D.NormSum, D.KeySum)):
             k = len(branches)
             branches.append(_branch(o.name, x, k, leadset, i, c))
             return BranchValue(k)
@@ -186,7 +188,8 @@ def schedule(o: D.DnfOutput) -> Schedule:
 
     epi = lift(o.expr)
     if not branches:
-        raise UnsupportedError(f"output {o.name}: no softmax(...) @ V or normalize(...) @ V contraction found; "
+        raise UnsupportedError(f"output {o.name}: no softmax(...) @ V, normalize(...) @ V or A @ V contraction over "
+                               f"a key axis found; "
                                f"codegen compiles attention-shaped programs (DNF: {D.show(o.expr)[:160]})")
     for x in D.nodes(epi):
         if isinstance(x, D.BINDERS) and not (isinstance(x, D.Reduce) and _free(x) <= leadset | {i}):
@@ -198,6 +201,50 @@ def schedule(o: D.DnfOutput) -> Schedule:
                     epi, o.dtype)
 
 
+def _factors(e) -> list:
+    if isinstance(e, D.Op) and e.fn == "mul":
+        return _factors(e.args[0]) + _factors(e.args[1])
+    return [e]
+
+
+def key_sum(x, leadset, i, c):
+    """Rule `key-sum`: +red_j where(P, w1 * ... * v1 * ..., 0) => KeySum_j(where(P, w1 * ..., 0), v1 * ...), the
+    w factors over (lead, i, j), the v factors over (lead, j, c) and reading c, P free of c (A @ V with A an
+    attention-shaped array and no normaliser: sigmoid attention, retention); a w factor's own mask,
+    where(P2, w2, 0), joins P. The product is regrouped (the same terms), so the reduction is the same sum; None
+    where x is not of that form."""
+    if not (isinstance(x, D.Reduce) and x.op == "sum" and x.dtype == ir.FLOAT):
+        return None
+    j = x.var
+    mask, body = _strip_mask(x.body, 0.0)
+    if mask is None:
+        mask, body = _strip_mask(x.body, 0)
+    fs = _factors(body)
+    value = [f for f in fs if c in _free(f)]
+    weight = []
+    for f in fs:   # where(P, w, 0) * x = where(P, w * x, 0): a factor's mask is the weight's
+        if c not in _free(f):
+            p, f = _strip_mask(f, 0.0)
+            if p is None:
+                p, f = _strip_mask(f, 0)
+            if p is not None:
+                mask = p if mask is None else D.Op("and", (mask, p), "bool")
+            weight.append(f)
+    if not value or not all(_free(f) <= leadset | {j, c} for f in value) or \
+            not all(_free(f) <= leadset | {i, j} for f in weight) or \
+            (mask is not None and not _free(mask) <= leadset | {i, j}):
+        return None
+    w = weight[0] if weight else D.Const(1.0)
+    for f in weight[1:]:
+        w = D.Op("mul", (w, f), ir.FLOAT)
+    v = value[0]
+    for f in value[1:]:
+        v = D.Op("mul", (v, f), ir.FLOAT)
+    if mask is not None:
+        w = D.Op("where", (mask, w, D.Const(0.0)), ir.FLOAT)
+    return D.KeySum(j, x.extent, w, v, x.dtype)
+
+
 def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     """Analyse one monoid reduction x over its key variable. box: the row variable of the tile box (i, or a
     for a branch lifted by `residue-lift`, whose mask is over (a, b))."""
@@ -206,7 +253,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     if isinstance(x, D.SoftmaxSum):
         kind, mask, score = "softmax", *_strip_mask(x.score, float("-inf"))
     else:
-        kind, mask, score = "norm", *_strip_mask(x.weight, 0.0)
+        kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *_strip_mask(x.weight, 0.0)
         if mask is None:
             mask, score = _strip_mask(x.weight, 0)
     score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
@@ -237,7 +284,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     if lift is None:   # data-dependent reads decided by per-tile summaries (data-derived block sparsity)
         sums = iv.summaries_of(pred, box, j, leadset)
         if sums:
-            dskip, dfull = iv.classify(pred, iv.with_summaries(tile_box, sums))
+            dskip, dfull = (iv.no_wrap(t) for t in iv.classify(pred, iv.with_summaries(tile_box, sums)))
             used = set().union(*(sp.sympify(f).free_symbols for f in (dskip, dfull)))
             sums = tuple(s for s in sums if {s.lo, s.hi} & used)
             dskip, dfull = (dskip, dfull) if sums else (None, None)

@@ -149,14 +149,14 @@ def _residue_lift(x, i, rl: RowLift):
 
     Proof: i = r + s a with 0 <= r < s, so the conjunct holds iff j = r + c = rho (mod s), and b -> rho + s b
     is a bijection from iota(cdiv(m - rho, s)) onto { j < m : j = rho (mod s) } (0 <= rho < s); the conjunct is
-    then identically true and drops. (+) is either branch monoid (online softmax, (sum, sum)), over the same
+    then identically true and drops. (+) is any branch monoid (online softmax, (sum, sum), sum), over the same
     terms. The result is a reduction over b whose mask is over (a, b): a dense band on each residue subsequence
     (PiAttention's skips: b in [a - T, a - 1]). Score and value keep i, which the row lifting binds to r + s a;
     rho is r when s divides c, else a symbol standing for (r + c) mod s (a fixed scalar for the tile analysis).
     Returns (the lifted reduction, its Lift) or None."""
     if isinstance(x, D.SoftmaxSum):
         neutral, body = float("-inf"), x.score
-    elif isinstance(x, D.NormSum):
+    elif isinstance(x, (D.NormSum, D.KeySum)):
         neutral, body = 0.0, x.weight
     else:
         return None
@@ -186,7 +186,7 @@ def _residue_lift(x, i, rl: RowLift):
     if isinstance(x, D.SoftmaxSum):
         out = D.SoftmaxSum(bvar, keys, body, D.subs(x.value, {j: key}), x.dtype)
     else:
-        out = D.NormSum(bvar, keys, body, D.subs(x.value, {j: key}), x.dtype)
+        out = type(x)(bvar, keys, body, D.subs(x.value, {j: key}), x.dtype)
     return out, Lift(s, j, x.extent, key, rho, value, keys)
 
 

@@ -49,6 +49,7 @@ from . import intervals as iv
 from . import ir
 from . import symbolic as sy
 from .errors import UnsupportedError
+from .onf import key_sum
 from .program import Program
 
 QUERY, KEY, BOTH, REPLICATED = "query", "key", "both", "replicated"
@@ -175,6 +176,9 @@ def plan(program: Program, outputs) -> ShardPlan:
         if len(o.vars) < 2:
             raise UnsupportedError(f"output {o.name}: ring attention needs rows x columns outputs")
         i = o.vars[-2]
+        if any(key_sum(x, set(o.vars[:-2]), i, o.vars[-1]) for x in D.nodes(o.expr)):
+            raise UnsupportedError(f"output {o.name}: a plain sum A @ V (no softmax or normalize) has no merge of "
+                                   f"key blocks yet (derived for the softmax and normalize monoids)")
         jv = _branch_vars(o.expr)
         if not jv:
             raise UnsupportedError(f"output {o.name}: no softmax(...) @ V contraction to lift across ranks")

@@ -76,7 +76,10 @@ class BackwardRunner:
         zl = math.prod(b.batch) * math.prod(lead)
         dev = b.device
         d_out = d_out.to(dev, compute).reshape(zl, n, e).contiguous()
-        delta = (d_out.to(acc) * out.to(dev, acc).reshape(zl, n, e)).sum(-1)
+        if self.sched.branches[0].kind == "sum":   # the kernels read neither delta nor a total
+            delta = torch.zeros(zl, n, dtype=acc, device=dev)
+        else:
+            delta = (d_out.to(acc) * out.to(dev, acc).reshape(zl, n, e)).sum(-1)
         if d_lse is not None:
             delta = delta - d_lse.to(dev, acc).reshape(zl, n)
         delta = delta.contiguous()

@@ -83,7 +83,7 @@ class Case:
     make: object              # g -> inputs dict (float64)
     oracle: object            # inputs -> O (float64), independent of moa
     lse: object = None        # inputs -> lse (float64), or None (no single-softmax lse)
-    kind: str = "softmax"     # softmax | norm | bla
+    kind: str = "softmax"     # softmax | norm | bla | sum
 
 
 def _qkv(g, n=N, m=None, hq=(), hk=None, qscale=1.0, d=D, e=E):
@@ -173,7 +173,13 @@ BLA_CASES = [   # Blurry Window Attention: its own window-mixing schedule
          lambda x: O.sliding_window(*_qkv_(x), w=7), kind="bla"),
 ]
 
-ALL_CASES = SOFTMAX_CASES + NORM_CASES + BLA_CASES
+SUM_CASES = [   # plain sums A @ V (no normaliser)
+    Case("sigmoid", {}, lambda g: _qkv(g), lambda x: O.sigmoid_attention(*_qkv_(x)), kind="sum"),
+    Case("retention", {}, lambda g: _qkv(g, hq=(4,)),
+         lambda x: O.retention(*_qkv_(x), gamma=1 - 2.0 ** (-5 - torch.arange(4))), kind="sum"),
+]
+
+ALL_CASES = SOFTMAX_CASES + NORM_CASES + BLA_CASES + SUM_CASES
 
 
 def case_id(c: Case) -> str:

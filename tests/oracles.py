@@ -66,8 +66,10 @@ __all__ = [
     "prefix_lm",
     "relative_bias",
     "ring_local",
+    "retention",
     "ring_merge",
     "sdpa",
+    "sigmoid_attention",
     "sliding_window",
     "softcap",
 ]
@@ -364,3 +366,34 @@ def linear_attention(q, k, v, phi=None, eps=1e-6, *, causal=True):
         i, j = _ij(q.shape[-2], k.shape[-2], q.device)
         a = torch.where(j <= i, a, torch.zeros_like(a))
     return _safe_div(a @ v, a.sum(-1, keepdim=True) + eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unnormalised sums (no softmax, no denominator)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sigmoid_attention(q, k, v, b=None, *, causal=True, scale=None):
+    """Sigmoid attention (Ramapuram et al., arXiv 2409.04431): A_ij = sigmoid(scale q_i . k_j + b) for j <= i
+    (every j when not causal), else 0; O = A V with no normaliser. b defaults to -log(n) (n: the key count)."""
+    q, k, v = _f64(q, k, v)
+    m = k.shape[-2]
+    b = -math.log(m) if b is None else float(b)
+    a = torch.sigmoid((q @ k.transpose(-1, -2)) * _scale(q.shape[-1], scale) + b)
+    if causal:
+        i, j = _ij(q.shape[-2], m, q.device)
+        a = torch.where(j <= i, a, torch.zeros_like(a))
+    return a @ v
+
+
+def retention(q, k, v, gamma, *, scale=None):
+    """Retention (RetNet, arXiv 2307.08621), parallel form, before its group norm: O = (scale Q K^T * D) V with
+    D_ij = gamma^(i - j) for j <= i, else 0. q, k, v [..., H, n, *]: gamma is a float or a per-head tensor [H]."""
+    q, k, v = _f64(q, k, v)
+    n = q.shape[-2]
+    i, j = _ij(n, k.shape[-2], q.device)
+    g = torch.as_tensor(gamma, dtype=F64, device=q.device).reshape(-1, 1, 1)
+    decay = torch.where(j <= i, g ** (i - j).clamp_min(0).to(F64), torch.zeros((), dtype=F64))
+    a = (q @ k.transpose(-1, -2)) * _scale(q.shape[-1], scale) * decay
+    return a @ v
+

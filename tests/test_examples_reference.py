@@ -80,6 +80,8 @@ def _oracle_table():
         "power_gated": lambda x, p: O.power_attention(*qkv(x), p=p["p"], G=x["G"]),
         "linear": lambda x, p: O.linear_attention(*qkv(x), eps=0),
         "linear_relu": lambda x, p: O.linear_attention(*qkv(x), phi=torch.relu, eps=0),
+        "sigmoid": lambda x, p: O.sigmoid_attention(*qkv(x)),
+        "retention": lambda x, p: O.retention(*qkv(x), gamma=1 - 2.0 ** (-5 - torch.arange(x["Q"].shape[-3]))),
     }
 
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
 F64 = torch.float64
 FUSED = {"alibi", "causal", "causal_bottom_right", "dilated_window", "document_mask", "global_window", "gqa_alibi",
          "linear", "linear_relu", "mqa", "pi_attention", "power", "power_gated", "prefix_lm", "relative_bias",
-         "ring_local", "sdpa", "sliding_window", "softcap"}
+         "retention", "ring_local", "sdpa", "sigmoid", "sliding_window", "softcap"}
 SCORE_READS = {"relative_bias": {"bias"}, "power_gated": {"G"}}   # gradients by atomic adds in the dQ kernel
 UNFUSED: dict = {}
 WINDOW = {"bla"}   # fused by codegen/window_backward.py (tests/test_window_backward.py)

@@ -48,12 +48,12 @@ except ImportError:  # pragma: no cover - importlib mode / run from the reposito
 
 try:  # pytest's default (prepend) import mode puts tests/ on sys.path
     from kernel_cases import (
-        ALL_CASES, BLA_CASES, Case, D, E, EXAMPLES, F64, LOW, N, NEG_INF, NORM_CASES, SOFTMAX_CASES, TOL, TOL64,
-        TOL_LARGE, _qkv, _qkv_, _with, case_id, cast, compiled, err, example, f64, gen, randn)
+        ALL_CASES, BLA_CASES, Case, D, E, EXAMPLES, F64, LOW, N, NEG_INF, NORM_CASES, SOFTMAX_CASES, SUM_CASES, TOL,
+        TOL64, TOL_LARGE, _qkv, _qkv_, _with, case_id, cast, compiled, err, example, f64, gen, randn)
 except ImportError:  # pragma: no cover
     from tests.kernel_cases import (
-        ALL_CASES, BLA_CASES, Case, D, E, EXAMPLES, F64, LOW, N, NEG_INF, NORM_CASES, SOFTMAX_CASES, TOL, TOL64,
-        TOL_LARGE, _qkv, _qkv_, _with, case_id, cast, compiled, err, example, f64, gen, randn)
+        ALL_CASES, BLA_CASES, Case, D, E, EXAMPLES, F64, LOW, N, NEG_INF, NORM_CASES, SOFTMAX_CASES, SUM_CASES, TOL,
+        TOL64, TOL_LARGE, _qkv, _qkv_, _with, case_id, cast, compiled, err, example, f64, gen, randn)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def test_softmax_family_float64(c: Case):
             k.with_lse(**x)
 
 
-@pytest.mark.parametrize("c", NORM_CASES + BLA_CASES, ids=case_id)
-def test_normalised_and_bla_float64(c: Case):
+@pytest.mark.parametrize("c", NORM_CASES + BLA_CASES + SUM_CASES, ids=case_id)
+def test_normalised_bla_and_sums_float64(c: Case):
     x = c.make(gen("f64", case_id(c)))
     k = compiled(c)
     out = k(**x)

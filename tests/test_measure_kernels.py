@@ -26,6 +26,7 @@ EXAMPLES = {
     "prefix_lm": {"p": 20}, "document_mask": {}, "alibi": {}, "softcap": {}, "relative_bias": {}, "mqa": {},
     "ring_local": {"k": 20}, "pi_attention": {"k": 20, "s": 7}, "power_gated": {}, "linear_relu": {},
     "bla": {},   # the window-mixing kernel (codegen/window.py)
+    "sigmoid": {}, "retention": {},   # plain sums A @ V
 }
 LINEAR = ("power", "power_gated", "linear", "linear_relu")   # also run in the chunked linear form
 LINEAR_SIZES = (1, 17, 63, 65, 129)   # chunks of 32 / 64 rows: one row, ragged, a multiple +- 1
