@@ -15,6 +15,7 @@ large; the rounding left is that of the modifier's value itself, as when slope *
 Any other rest (a read along the keys, a non-linear function of j) keeps the per-element code."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -146,7 +147,13 @@ def _constant(e) -> bool:
 
 
 def _code(v) -> str:
-    return repr(v) if isinstance(v, float) else v
+    return _num(v) if isinstance(v, float) else v
+
+
+def _num(v: float) -> str:
+    """A float literal; infinities and NaN as float(...) (repr gives a bare inf, no Python name)."""
+    return repr(v) if math.isfinite(v) else f'float("{v}")'
+
 
 
 def _times(a, b):
@@ -213,7 +220,7 @@ def _sum(values):
     codes = [v for v in values if not isinstance(v, float)]
     if not codes:
         return sum(nums)
-    return " + ".join(codes + ([repr(sum(nums))] if nums else []))
+    return " + ".join(codes + ([_num(sum(nums))] if nums else []))
 
 
 def _named(x, body: Scope, base: str, code: str, note: str) -> str:

@@ -357,7 +357,8 @@ class KernelEmitter(DataTiles):
                          "log2 units")
             self.x.taken.add(name)
         key = None if aff[1] is None else emit_key_affine(self.x, aff[1], b.var, rowmap, body, sfx)
-        return name, aff[1], positive(c), key
+        per_row = bool(D.free_vars(c) & set(rowmap))   # a [BLOCK_M, 1] scale: the row max is taken after it
+        return name, aff[1], positive(c) and not per_row, key
 
     def _code(self, e, names) -> str:
         """Code of an index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and named expressions."""

@@ -222,6 +222,8 @@ class Emitter:
                 return "True" if v else "False"
             if isinstance(v, float) and math.isinf(v):
                 return 'float("inf")' if v > 0 else 'float("-inf")'
+            if isinstance(v, int) and abs(v) >= 2 ** 30:   # 64-bit arithmetic (codegen/printer.py integer)
+                return f"tl.full([], {v}, tl.int64)"
             return repr(v)
         if isinstance(e, D.Index):
             return self.idx(e.expr, vmap)
@@ -232,7 +234,9 @@ class Emitter:
         target = scope
         if hoist is not None and _invariant(e, key_vars):
             target = hoist
-        key = _canon(e)
+        # the same expression at another tile layout (offs_m[:, None] in a key tile, offs_m in a hop loop) is
+        # another value: the key holds the layout of the variables it reads
+        key = (_canon(e), tuple(sorted((v.name, c) for v, c in vmap.items() if v in D.free_vars(e))))
         found = target.lookup(key) or scope.lookup(key)
         if found:
             return found

@@ -37,7 +37,9 @@ class TritonText(Backend):
         raise UnsupportedError(f"internal: no code name for symbol {s}")
 
     def integer(self, v):
-        return str(v)
+        # a literal near or past int32's range makes the arithmetic 64-bit: offs_n + 2147483647 would wrap in
+        # 32 bits (tile indices are int32), and Triton refuses an int32 operand with 2147483648
+        return f"tl.full([], {v}, tl.int64)" if abs(int(v)) >= 2 ** 30 else str(v)
 
     def number(self, v):
         return repr(v)

@@ -166,7 +166,7 @@ def roofline(dot_flops, other_flops, trans, hbm_bytes, device, dtype: str, launc
              "memory": hbm_bytes / device.hbm_bytes_per_s,
              "transcendental": trans / device.transcendental_rate(dtype)}
     if any(isinstance(v, sp.Basic) and v.free_symbols for v in parts.values()):
-        return sp.Max(*parts.values()) + launches * device.launch_s, "symbolic", parts
+        return sp.Max(*parts.values(), evaluate=False) + launches * device.launch_s, "symbolic", parts
     bound = max(parts, key=lambda k: float(parts[k]))
     return float(parts[bound]) + launches * device.launch_s, bound, parts
 

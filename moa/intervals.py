@@ -82,6 +82,21 @@ def with_summaries(box: Box, summaries, axes=("row", "key")) -> Box:
                {**box.reads, **{s.read: s.placeholder for s in sums}})
 
 
+def no_wrap(e):
+    """A tile test with every comparison `sum op 0` written as `(its positive terms) op (its negated negative
+    terms)`: the same truth value with no subtraction of data, so summaries near the ends of their integer type
+    (int32 or int64 ids, hashed document ids) do not wrap: doc_min - doc_max > 0 becomes doc_min > doc_max. The
+    kernel and the cost model both evaluate this form."""
+    def split(r):
+        pos, neg = [], []
+        for t in sp.Add.make_args(sp.expand(r.lhs - r.rhs)):
+            (neg if t.could_extract_minus_sign() else pos).append(t)
+        return r.func(sp.Add(*pos), -sp.Add(*neg), evaluate=False)
+
+    e = sp.sympify(e)
+    return e.replace(lambda x: isinstance(x, sp.core.relational.Relational), split) if e.free_symbols else e
+
+
 def interval(e: sp.Expr, box: Box):
     """(lo, hi) of an integer index expression over the box, or None when unknown."""
     e = sp.sympify(e)

@@ -186,9 +186,17 @@ def _fold_int_expr(fn, xs):
     return None
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+# functions of constants, folded in float64 at elaboration (a kernel would evaluate them on a float32 literal)
 _PY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "neg": lambda a: -a, "abs": abs, "min": min, "max": max,
+    "neg": lambda a: -a, "abs": abs, "min": min, "max": max, "div": lambda a, b: a / b,
+    "pow": lambda a, b: float(a) ** b, "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
+    "rsqrt": lambda a: 1.0 / math.sqrt(a), "tanh": math.tanh, "sigmoid": _sigmoid, "sin": math.sin,
+    "cos": math.cos, "relu": lambda a: max(a, 0), "elu": lambda a: a if a > 0 else math.expm1(a),
 }
 
 
@@ -201,6 +209,8 @@ def _fold_float(fn, args):
     try:
         r = _PY[fn](*vals)
     except (OverflowError, ValueError, ZeroDivisionError):
+        return None
+    if isinstance(r, complex):   # (-8) ^ 0.5
         return None
     return r if isinstance(r, int) or math.isfinite(r) or math.isinf(r) else None
 

@@ -86,7 +86,7 @@ def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: in
         x = np.asarray(data[sm.read.name])
         ix = tuple(slice(None) if k == sm.pos else int(np_eval(sp.sympify(e), env))
                    for k, e in enumerate(sm.read.index))
-        line = x[ix].astype(np.int64)
+        line = x[ix].astype(np.int64) if sm.read.dtype != ir.BOOL else (x[ix] != 0).astype(np.int64)   # flags: 0 / 1
         block = bm if sm.axis == "row" else bn
         tiles = -(-(n if sm.axis == "row" else m) // block)
         line = line[:tiles * block]

@@ -221,6 +221,8 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     tensors = {}
     for name, node in decl.items():
         t = inputs[name]
+        if node.dtype == ir.BOOL and t.dtype != torch.bool:   # an integer tensor as flags: nonzero is true (the
+            t = t != 0                                        # per-tile any / all summaries read 0 / 1)
         tensors[name] = t.expand(tuple(batch) + tuple(t.shape[t.dim() - node.rank:]))  # () for a scalar
     return Binding(values, batch, dtype, device, tensors)
 

@@ -190,3 +190,13 @@ out O = softmax(S, axis=-1) @ V""")
         got = measure_varlen(causal, x, cq, ck, block_table=torch.arange(npg).view(1, npg), page_size=32)
         assert _counters5(got) == _counters5(varlen_cost(causal, cq, ck, dtype="fp64", device="cpu", page_size=32,
                                                          pages=npg, d=4, e=4)), (lk, pool)
+
+
+@pytest.mark.parametrize("name, schedule", [("causal", None), ("pi_attention", "hops")])
+def test_formulas_with_only_the_sequence_dims_given(name, schedule):
+    # head dims left symbolic, sequence dims given: sympy sums over the row tiles inside the roofline's Max
+    # (comparing them raised sympy's TypeError)
+    from moa.runtime.tiling import Config
+    k = moa.compile(f"examples/{name}.moa", schedule=schedule)
+    c = k.cost(config=Config(64, 64), n=4096)
+    assert c.flops.free_symbols and c.predicted_seconds.free_symbols

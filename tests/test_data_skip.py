@@ -157,3 +157,35 @@ def test_explain_shows_the_data_tests_and_the_scan():
     assert "with the data (per-tile min / max of doc[i] over the row tile, doc[j] over the key tile)" in text
     assert "key loop: the skip test on 64 key tiles at a time, then the kept tiles only" in text
     assert "key loop" not in moa.compile("examples/causal.moa").explain()   # a split loop: no test to scan
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [(torch.int32, -2 ** 31 + 1, 2 ** 31 - 1),
+                                           (torch.int64, -2 ** 62 - 12345, 2 ** 62 + 999)])
+def test_ids_near_the_ends_of_their_type(dtype, lo, hi):
+    # the tile tests compare per-tile min / max without subtracting them (doc_min - doc_max wrapped in int32 and
+    # near +-2^62 in int64: tiles holding admissible pairs were skipped)
+    k = moa.compile("examples/document_mask.moa")
+    n = 128
+    doc = torch.full((n,), 5, dtype=dtype)
+    doc[64], doc[63] = lo, hi
+    x = inputs(n, doc=doc)
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
+    m = measure(k, **x)
+    c = cost(k, dtype="float64", device="cpu", inputs={"doc": doc}, n=n, d=16, e=16)
+    assert m.tiles_visited == c.tiles_visited == c.tiles_needed == 3
+
+
+@pytest.mark.parametrize("mask, values", [("g[j] and j <= i", [-1]), ("not g[j]", [-1, 0]), ("g[i] == g[j]", [1, 2])])
+def test_integer_tensors_for_bool_inputs(mask, values):
+    # nonzero is true: the per-tile any / all summaries see 0 / 1, not the raw integers
+    k = moa.compile(HEAD + f"in g[n]: bool\nS[i, j] = where({mask}, dot(Q[i], K[j]), -inf)\n"
+                           "out O = softmax(S, axis=-1) @ V\n")
+    n = 130
+    g = torch.tensor(values).repeat_interleave(-(-n // len(values)))[:n]
+    x = inputs(n, g=g)
+    flags = inputs(n, g=g != 0)
+    assert (k(**x) - k(**flags)).abs().max() == 0
+    assert (k(**x) - k.reference(**flags)).abs().max() <= 1e-12
+    m = measure(k, **x)
+    c = cost(k, dtype="float64", device="cpu", inputs={"g": g}, n=n, d=16, e=16)
+    assert m.tiles_visited == c.tiles_visited

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import moa
+from moa import symbolic as sy
 
 EX = "examples/"
 
@@ -208,3 +209,57 @@ def test_reference_gradients_through_an_untaken_overflowing_branch():
     for r, o in zip(ref, got):
         assert torch.isfinite(r).all()
         assert (r - o).abs().max() <= 1e-12 * max(1.0, o.abs().max().item())
+
+
+HEAD3 = "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
+
+
+@pytest.mark.parametrize("src", [
+    "S = Q @ K.T * sqrt(2)\nout O = softmax(S, axis=-1) @ V",                          # functions of literals:
+    "S[i, j] = dot(Q[i], K[j]) + exp(2) * K[j, 1]\nout O = softmax(S, axis=-1) @ V",    # folded in float64
+    "param w = 2147483647\nS[i, j] = where(j <= i and j + w >= i, dot(Q[i], K[j]), -inf)\n"
+    "out O = softmax(S, axis=-1) @ V",                                                    # index sums past int32
+    "S = Q @ rotate(2147483647, K).T\nout O = softmax(S, axis=-1) @ V",
+    "param w = 2147483648\nS[i, j] = where(j <= i and i - j <= w, dot(Q[i], K[j]), -inf)\n"
+    "out O = softmax(S, axis=-1) @ V",                                                    # literals past int32
+    "S[i, j] = dot(Q[i], K[j]) / sqrt(i + 1)\nout O = softmax(S, axis=-1) @ V",          # positive per-row scales
+    "S[i, j] = dot(Q[i], K[j]) * (1 + (i % 3) ^ 2)\nout O = softmax(S, axis=-1) @ V",
+    "param w = inf\nS[i, j] = where(j <= i, dot(Q[i], K[j]) - w * (i - j), -inf)\n"
+    "out O = softmax(S, axis=-1) @ V",                                                    # inf times an index
+])
+def test_constants_and_scales_in_float64(src):
+    k = moa.compile(HEAD3 + src)
+    n = 40
+    x = {a: _rand(n, 8 if a != "V" else 5) for a in "QKV"}
+    x["K"] = x["K"] + 0.01 * _rand(n, 8, dtype=torch.float64).flip(0)
+    ref = k.reference(**x)
+    out = k(**x)
+    same = (out.isnan() == ref.isnan()).all()
+    assert same and ((out - ref).nan_to_num().abs().max() <= 1e-12 * max(1.0, ref.nan_to_num().abs().max()))
+
+
+def test_a_mask_input_read_in_a_tile_and_in_a_hop_loop():
+    # doc[i] as a [BLOCK_M, 1] tile in the key-tile branch and as a [BLOCK_M] row in the hop branch: two loads
+    src = HEAD3 + ("param s = 3\nin doc[n]: int\n"
+                   "A[i, j] = where(doc[i] >= 1 and j <= i, dot(Q[i], K[j]), -inf)\n"
+                   "B[i, j] = where((i - j) % s == 0 and j <= i and doc[i] >= 0, dot(Q[i], K[j]), -inf)\n"
+                   "out O = softmax(A, axis=-1) @ V + softmax(B, axis=-1) @ V")
+    n = 70
+    x = {a: _rand(n, 8) for a in "QKV"}
+    x["doc"] = torch.arange(n) % 4 - 1
+    for schedule in ("tiled", "hops"):
+        k = moa.compile(src, schedule=schedule)
+        assert _rel(k(**x), k.reference(**x)) <= 1e-12
+
+
+@pytest.mark.parametrize("src, dims", [
+    ("dim a, b, c, d\nin A[a, b], B[b, c], C[c, d]\nout O = A @ B @ C", {"a": 5, "b": 6, "c": 7, "d": 8}),
+    ("dim n, m\nin A[n, m], u[m], v[n]\nout O = (v @ A) @ u", {"n": 5, "m": 6}),
+    ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], W[d, d]\nout O = softmax((Q @ W) @ K.T, axis=-1) @ V",
+     {"n": 9, "d": 8, "e": 4}),
+])
+def test_chained_contractions_reach_a_normal_form(src, dims):
+    # fubini and factor-out swapped two sums back and forth (a RecursionError reported as too deep nesting)
+    k = moa.compile(src)
+    x = {nd.attrs[0]: _rand(*(int(sy.evaluate(s, dims)) for s in nd.shape)) for nd in k.program.inputs}
+    assert _rel(k.dnf_reference(**x), k.reference(**x)) <= 1e-12

@@ -7,7 +7,8 @@ with a name replaced by a hostile one, sentences of moa.lark itself, random unic
 token soup. Programs that compile are also evaluated by `k.reference` on tiny random inputs (dims 1..3), and a
 smaller set of attention programs runs its Triton kernel (interpreter) against the reference.
 
-Case counts: the default run draws 10,500 cases (about a minute on 2 cores); MOA_FUZZ_LONG=1 multiplies every
+Case counts: the default run draws 10,524 cases (10,500 texts and programs, 24 kernels; about a minute on 2 cores);
+MOA_FUZZ_LONG=1 multiplies every
 count by 10 (105,000 cases). Timing: a case (compile + reference) that takes more than 2 s twice in a row fails;
 a case still running after 20 s is interrupted and fails (a hang). Hypothesis' own deadline is off because it
 reports a slow case on a loaded machine as "flaky"; the 2 s rule is applied here instead, with one retry.
