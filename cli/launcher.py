@@ -16,7 +16,8 @@ import torch
 from moa import ir, onf
 from moa import symbolic as sy
 from moa.codegen.emit import SCAN
-from moa.errors import UnsupportedError
+from moa.errors import MoaError, UnsupportedError
+from moa.runtime.configs import fit_config
 from moa.runtime.tiling import Config
 
 MODULE_NAMES = {"math", "os", "torch", "triton", "tl", "launch"}
@@ -32,9 +33,10 @@ def _py(e, names: dict) -> str:
 def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config: Config | None) -> str:
     """The text of a module with the tiled kernel of `output` for `dtype` and a function `launch(**inputs)`.
 
-    dims choose the schedule and the default tiles (default: head dims 64, other dims 4096); config forces the
-    tiles. Raises UnsupportedError for outputs that the tiled kernel does not compute (the window-mixing form) and
-    for names a Python launcher cannot take."""
+    dims choose the schedule and the tiles (default: head dims 64, other dims 4096): the GPU runtime's, the
+    first candidate that compiles for sm_90 without spills (runtime/configs.py fit_config); config forces the
+    tiles. Raises UnsupportedError for outputs that the tiled kernel does not compute (the window-mixing form)
+    and for names a Python launcher cannot take."""
     name = output or k.output_names[0]
     if name not in k.output_names:
         raise UnsupportedError(f"--output-name {name}: the program's outputs are {', '.join(k.output_names)}")
@@ -52,8 +54,11 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
                                "moa runtime for it, or another --schedule)")
     # the fastest predicted schedule of one kernel (a split one needs the runtime's launches)
     sched = next(s for s in k.planner.schedule_ranking(name, at, dtype) if s.kind != onf.SPLIT)
-    if config is None:   # the GPU runtime's default for the dtype (before its ahead-of-time fit)
-        config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
+    if config is None:   # the GPU runtime's: the first candidate that compiles for sm_90 without spilling
+        try:
+            config = fit_config(k.planner, name, dtype, at, "sm_90", 1, sched=sched)[0]
+        except MoaError:   # no candidate fits (or no ptxas): the runtime's default, as it would start from
+            config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
     elif config.tma:
         raise UnsupportedError("--launcher writes plain pointer loads; the tma option needs the runtime's tensor "
                                "descriptors (drop tma, or use the moa runtime)")

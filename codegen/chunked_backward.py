@@ -57,7 +57,7 @@ from moa.linear import LinearPlan
 from moa.onf import DotTile
 from moa.program import Program
 
-from .backward import operand_read
+from .backward_shape import operand_read
 from .chunked import ChunkedSpec, _Chunked
 from .exprs import joined_mask
 

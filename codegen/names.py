@@ -20,7 +20,7 @@ from moa import ir
 from moa.program import Program
 
 _INTERNAL = re.compile(r"^(off_z\d+|off_lse)$")
-# the buffers the backward kernels pass besides the inputs (codegen/backward.py, chunked_backward.py,
+# the buffers the backward kernels pass besides the inputs (codegen/backward_shape.py, chunked_backward.py,
 # window_backward.py BUFFERS; a test keeps this their union): an input named like one is renamed, as are `grad_*`
 KERNEL_BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV", "dH", "P2", "dn", "dz", "U", "uz", "zrow", "S",
                             "zs", "fidx", "fw", "S0", "z0", "g0", "out"})

@@ -44,7 +44,7 @@ from moa.grad_sym import Translation
 from moa.onf import MixTile, Schedule
 from moa.program import Program
 
-from .backward import is_multi, operand_read
+from .backward_shape import is_multi, operand_read
 from .exprs import AccessSite
 from .tidy import helpers_for, prune
 from .window import _Window

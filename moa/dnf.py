@@ -17,7 +17,8 @@ from . import ir
 from . import symbolic as sy
 from .errors import UnsupportedError
 from .dnf_nodes import (BINDERS, Const, Index, KeySum, LogSumExp, NormalizeAt, NormSum, Op, Read, Reduce,
-                        SoftmaxAt, SoftmaxSum, children, free_vars, nodes, show, subs, with_children)
+                        SoftmaxAt, SoftmaxSum, children, free_vars, nodes, show, subs, unguarded_reads,
+                        with_children)
 from .program import Program
 
 __all__ = ["BINDERS", "FUSION_RULES", "LOWERING_RULES", "PSI_RULES", "REASSOCIATION_RULES", "Const", "DnfOutput",
@@ -482,25 +483,3 @@ def dnf(program: Program) -> tuple[DnfOutput, ...]:
 
 def show_output(o: DnfOutput) -> str:
     return f"<{' '.join(v.name for v in o.vars)}> psi {o.name} = {show(o.expr)}"
-
-
-def unguarded_reads(out: DnfOutput) -> list:
-    """(Read, ranges) for every input read that no `where` guards: evaluated at every point of its index
-    space, so each index must lie in its axis for all values of the variables in `ranges` (var -> extent, the
-    output's and the enclosing binders'). Reads inside a `where` branch are lazy (the untaken branch is never
-    evaluated) and are not listed."""
-    found: list = []
-
-    def walk(e, ranges):
-        if isinstance(e, Read):
-            found.append((e, dict(ranges)))
-            return
-        if isinstance(e, Op) and e.fn == "where":
-            walk(e.args[0], ranges)          # the condition is always evaluated; the branches are guarded
-            return
-        inner = {**ranges, e.var: e.extent} if isinstance(e, BINDERS) else ranges
-        for k in children(e):
-            walk(k, inner)
-
-    walk(out.expr, dict(zip(out.vars, out.extents)))
-    return found

@@ -235,3 +235,25 @@ def show(e) -> str:
     if isinstance(e, NormalizeAt):
         return f"normalize_{{{rng}}}({show(e.weight)})|{e.var}={sy.show(e.target)}"
     return repr(e)
+
+
+def unguarded_reads(out) -> list:
+    """(Read, ranges) for every input read of a DNF output (moa/dnf.py DnfOutput) that no `where` guards:
+    evaluated at every point of its index space, so each index must lie in its axis for all values of the
+    variables in `ranges` (var -> extent, the output's and the enclosing binders'). Reads inside a `where`
+    branch are lazy (the untaken branch is never evaluated) and are not listed."""
+    found: list = []
+
+    def walk(e, ranges):
+        if isinstance(e, Read):
+            found.append((e, dict(ranges)))
+            return
+        if isinstance(e, Op) and e.fn == "where":
+            walk(e.args[0], ranges)          # the condition is always evaluated; the branches are guarded
+            return
+        inner = {**ranges, e.var: e.extent} if isinstance(e, BINDERS) else ranges
+        for k in children(e):
+            walk(k, inner)
+
+    walk(out.expr, dict(zip(out.vars, out.extents)))
+    return found

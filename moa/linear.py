@@ -97,7 +97,8 @@ def plan(s: Schedule) -> tuple[LinearPlan | None, str]:
         return None, "the linear form is derived for normalize(...) @ V; a plain sum A @ V runs the quadratic kernel"
     if b.dot is None:
         return None, "no contraction over a feature axis in the score"
-    if b.mask != D.Op("le", (D.Index(b.var), D.Index(i)), "bool"):
+    j = D.Index(b.var)
+    if b.mask not in (D.Op("le", (j, D.Index(i)), "bool"), D.Op("ge", (D.Index(i), j), "bool")):
         return None, "the linear form is derived for the causal mask j <= i"
     if sp.simplify(b.extent - n) != 0:
         return None, "the causal linear form needs as many keys as queries"
@@ -110,7 +111,13 @@ def plan(s: Schedule) -> tuple[LinearPlan | None, str]:
                 break
     p = _power(score, 0)
     if p is None:
+        if isinstance(score, D.Op) and score.fn == "pow" and score.args[0] == DotTile(0) \
+                and _as_int(score.args[1]) is not None:
+            return None, f"the power feature map is built for 1 <= p <= 8, got p = {_as_int(score.args[1])}"
         return None, "the score is not (A . B)^p [* exp(ga_i - gb_j)]"
+    if ga is not None and D.subs(ga, {i: b.var}) != gb:
+        return None, ("the gate-split rule needs one gate read at both indices, exp(G[i] - G[j]) with G a "
+                      "cumulative log-gate (non-increasing: every chunk factor is then <= 1)")
     return LinearPlan(s, p, ga, gb), ""
 
 

@@ -197,6 +197,10 @@ def schedule(o: D.DnfOutput) -> Schedule:
                                    f"a softmax/normalize contraction: {D.show(x)[:120]}")
     if not _free(epi) <= leadset | {i, c}:
         raise UnsupportedError(f"output {o.name}: epilogue depends on {sorted(map(str, _free(epi) - leadset))}")
+    if any(b.mix is not None for b in branches) and (len(branches) > 1 or epi != BranchValue(0)):
+        raise UnsupportedError(f"output {o.name}: a window-mixing softmax (Blurry Window Attention's form) has a "
+                               f"kernel only as the whole output; other branches or an epilogue around it have none "
+                               f"yet")
     return Schedule(o.name, tuple(zip(lead, lead_ext)), (i, o.extents[-2]), (c, o.extents[-1]), tuple(branches),
                     epi, o.dtype)
 
@@ -209,8 +213,9 @@ def _factors(e) -> list:
 
 def key_sum(x, leadset, i, c):
     """Rule `key-sum`: +red_j where(P, w1 * ... * v1 * ..., 0) => KeySum_j(where(P, w1 * ..., 0), v1 * ...), the
-    w factors over (lead, i, j), the v factors over (lead, j, c) and reading c, P free of c (A @ V with A an
-    attention-shaped array and no normaliser: sigmoid attention, retention); a w factor's own mask,
+    w factors over (lead, i, j) and holding a contraction (q . k), the v factors over (lead, j, c) and reading c,
+    P free of c (A @ V with A an attention-shaped array and no normaliser: sigmoid attention, retention); a w
+    factor's own mask,
     where(P2, w2, 0), joins P. The product is regrouped (the same terms), so the reduction is the same sum; None
     where x is not of that form."""
     if not (isinstance(x, D.Reduce) and x.op == "sum" and x.dtype == ir.FLOAT):
@@ -240,6 +245,8 @@ def key_sum(x, leadset, i, c):
     v = value[0]
     for f in value[1:]:
         v = D.Op("mul", (v, f), ir.FLOAT)
+    if not any(isinstance(y, D.Reduce) and y.op == "sum" for y in D.nodes(w)):
+        return None   # no contraction in the weight: a product of arrays (Q @ K.T), not attention
     if mask is not None:
         w = D.Op("where", (mask, w, D.Const(0.0)), ir.FLOAT)
     return D.KeySum(j, x.extent, w, v, x.dtype)

@@ -16,7 +16,7 @@ import torch
 from moa import ir
 from moa.grad import GradProgram, grad
 
-from moa.codegen.backward import is_multi
+from moa.codegen.backward_shape import is_multi
 from moa.codegen.chunked_backward import linear_backward_reason
 
 from . import backward_cost_all

@@ -10,7 +10,8 @@ import math
 import torch
 
 from moa import symbolic as sy
-from moa.codegen.backward import BackwardSpec, generate_backward, unfused_reason
+from moa.codegen.backward import BackwardSpec, generate_backward
+from moa.codegen.backward_shape import unfused_reason
 
 from . import backward_configs
 from .aot_batch import cuda_target

@@ -59,12 +59,13 @@ def random_inputs(program, dims: dict, seed: int = 0, batch: int = 0, dtype=torc
             raise InputError(f"input {name} {sy.show_shape(node.shape)} has a negative extent at "
                              f"{', '.join(f'{k}={v}' for k, v in dims.items())}: {shape}")
         if node.dtype == ir.FLOAT:
-            out[name] = torch.randn(*lead, *shape, generator=g, dtype=torch.float64).to(dtype)
+            out[name] = torch.randn((*lead, *shape), generator=g, dtype=torch.float64).to(dtype)
         elif node.dtype == ir.INT:
             hi = max(2, (shape[-1] if shape else 4) // 8)
-            out[name] = torch.sort(torch.randint(0, hi, (*lead, *shape), generator=g), dim=-1)[0]
+            ids = torch.randint(0, hi, (*lead, *shape), generator=g)
+            out[name] = torch.sort(ids, dim=-1)[0] if ids.dim() else ids
         else:
-            out[name] = torch.rand(*lead, *shape, generator=g) < 0.1
+            out[name] = torch.rand((*lead, *shape), generator=g) < 0.1
     return out
 
 

@@ -340,7 +340,10 @@ def _window_counts(planner, name, dims, batch, dtname, eb, needed) -> tuple[C.Co
     launch = window_launch(planner, name, dtname, len(batch))
     cv = CL.window_consts(sched, dims)
     env = {d: dims[d.name] for d in planner.cg_program.dims}
-    counts = CL.total_counts([launch], sched, env, cv, {**eb, "out": eb[sched.output]}, math.prod(batch))
+    size = math.prod(batch) * math.prod(sy.evaluate(x, dims) for x in (*(x for _, x in sched.lead), sched.row[1],
+                                                                        sched.col[1]))
+    counts = CL.total_counts([launch] if size else [], sched, env, cv, {**eb, "out": eb[sched.output]},
+                             math.prod(batch))   # an empty output: the runner launches nothing
     if needed:
         n = sy.evaluate(sched.row[1], dims)
         lead = math.prod(sy.evaluate(x, dims) for _, x in sched.lead)

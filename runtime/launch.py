@@ -168,8 +168,8 @@ class Launcher:
         acc_dt = torch.float64 if compute == torch.float64 else torch.float32
         lse = torch.empty((*b.batch, *lead, n), dtype=acc_dt, device=b.device) if store_lse else None
         grid = (row_programs(sched, n, cfg.block_m), math.prod(b.batch) * math.prod(lead))
-        if out.numel() == 0 or grid[1] == 0:
-            return out, lse
+        if grid[1] == 0 or lse is None and out.numel() == 0 or lse is not None and lse.numel() == 0:
+            return out, lse   # nothing to compute (with e = 0 but rows, the kernel still computes the lse / Z)
         check_grid(grid, b.device, f"output {name}")
         exact = exact_heads(self.planner.schedules[name], dims)
         spec = self.spec(name, DTYPE_NAME[compute], len(b.batch), cfg, store_lse, sched, exact, role)

@@ -111,13 +111,15 @@ def linear_counts(planner, name: str, dims: dict, batch: tuple, dtname: str, dev
     launches = linear_launches(planner, name, dtname, len(batch), device, flags, kernels)
     env = {x: dims[x.name] for x in planner.cg_program.dims}
     nb = math.prod(batch)
+    zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
+    if zl * n * e == 0:   # an empty output: the runner launches nothing
+        launches = ()
     per = [CL.total_counts([x], sched, env, cv, _elem_bytes(eb, sched.output, dtname), nb) for x in launches]
     counts = Counts()
     for c in per:
         c.tiles_needed = c.tiles_visited
         counts.add(c)
     acc = 8 if dtname == "float64" else 4
-    zl = nb * math.prod(sy.evaluate(x, dims) for _, x in sched.lead)
     states = state_bytes(dtname) * zl * -(-n // chunk) * nfeat * (sy.tile_width(e) + 1) if n * e else 0
     return counts, states, acc * (chunk * block_f + chunk * sy.tile_width(e) + block_f * sy.tile_width(e)), per
 

@@ -138,7 +138,7 @@ class _Eval:
         score in the untaken branch) gives 0, not 0 * inf = NaN. Only the guard's context axes are used (they mean
         the same cell throughout a comprehension's body); its own axes are any-reduced."""
         shape = torch.broadcast_shapes(*(a.shape for a in args))
-        g = guard.reshape((*guard.shape[:lead], -1)).any(-1) if guard.dim() > lead else guard
+        g = guard.flatten(lead).any(-1) if guard.dim() > lead else guard
         for d in range(lead):  # the op does not vary along this axis: any guarded cell counts
             if shape[d] == 1 and g.shape[d] > 1:
                 g = g.any(d, keepdim=True)
@@ -179,7 +179,7 @@ class _Eval:
         t = t.permute((*range(L), *(L + k for k in taken + kept + rest)))
         g = None
         if guard is not None:
-            g = guard.reshape((*guard.shape[:L], -1)).any(-1) if guard.dim() > L else guard
+            g = guard.flatten(L).any(-1) if guard.dim() > L else guard
             for d in range(L):  # the read does not vary along this axis: any guarded cell counts
                 if lead_shape[d] == 1 and g.shape[d] > 1:
                     g = g.any(d, keepdim=True)
@@ -209,7 +209,11 @@ class _Eval:
         vs = n.attrs[0]
         exts = [int(sy.evaluate(e, self.b.dims)) for e in n.shape[:len(vs)]]
         inner = tuple(ctx) + tuple(zip(vs, exts))
-        g = None if guard is None else guard.reshape((*guard.shape, *([1] * len(vs))))
+        g = None
+        if guard is not None:   # the guard's own axes need not be the comprehension's: any cell of them counts
+            L = self.lead(ctx)
+            g = guard.flatten(L).any(-1) if guard.dim() > L else guard
+            g = g.reshape((*g.shape, *([1] * len(vs))))
         t = self.run(n.args[0], inner, g)
         L = self.lead(ctx)
         want = list(t.shape)

@@ -510,10 +510,10 @@ def test_cost_at_edges_and_decode_shapes(capsys):
 
 
 def test_check_fails_without_a_kernel(tmp_path, capsys):
-    """A program moa emits no kernel for (sigmoid attention) does not pass `moa check`: it printed OK."""
-    path = tmp_path / "sigmoid.moa"
+    """A program moa emits no kernel for (a softmax over the query axis) does not pass `moa check`: it printed OK."""
+    path = tmp_path / "column.moa"
     path.write_text("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = dot(Q[i], K[j]) / sqrt(d)\n"
-                    "out O = sigmoid(S) @ V\n")
+                    "out O = softmax(S, axis=0) @ V\n")
     assert main(["check", str(path), "--dims", "n=20,d=8,e=8"]) == 1
     out = capsys.readouterr().out
     assert "kernel: not compiled" in out and out.rstrip().splitlines()[-1].startswith("NO KERNEL"), out

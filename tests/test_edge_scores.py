@@ -263,3 +263,24 @@ def test_chained_contractions_reach_a_normal_form(src, dims):
     k = moa.compile(src)
     x = {nd.attrs[0]: _rand(*(int(sy.evaluate(s, dims)) for s in nd.shape)) for nd in k.program.inputs}
     assert _rel(k.dnf_reference(**x), k.reference(**x)) <= 1e-12
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_a_scalar_input_in_every_evaluation(batch):
+    # a rank-0 input with batch axes: the DNF evaluation put the batch axis last; random inputs of rank 0 failed
+    from moa.runtime.check import check
+    k = moa.compile(HEAD3 + "in t\nout O = softmax(Q @ K.T * t, axis=-1) @ V")
+    rep = check(k, dims={"n": 20, "d": 8, "e": 4}, batch=batch)
+    assert rep.ok, rep.text()
+    x = {"Q": _rand(2, 20, 8), "K": _rand(2, 20, 8), "V": _rand(2, 20, 4),
+         "t": torch.tensor([0.5, 2.0], dtype=torch.float64)}
+    assert _rel(k.dnf_reference(**x), k.reference(**x)) <= 1e-12
+
+
+def test_a_guarded_read_inside_a_comprehension_under_a_where_on_arrays():
+    # where(y > 0, S, 0) around S[j] = where(j >= 1, x[j - 1], 0): the read at j = 0 is never taken
+    k = moa.compile("dim n\nin x[n], y[n]\nS[j:n] = where(j >= 1, x[j - 1], 0.0)\nout O = where(y > 0.0, S, 0.0)")
+    x = torch.arange(1.0, 6.0, dtype=torch.float64)
+    assert torch.equal(k.reference(x=x, y=x), torch.arange(0.0, 5.0, dtype=torch.float64))
+    with pytest.raises(moa.InputError, match="out of range"):   # unguarded: still an error
+        moa.compile("dim n\nin x[n]\nS[j:n] = x[j - 1]\nout O = S").reference(x=x)

@@ -405,7 +405,7 @@ UNSUPPORTED = [
     ("rank1", "dim n, d\nin Q[n, d]\nout s = sum(Q, axis=1)\n", "rank"),
     ("probabilities", "dim n, m, d\nin Q[n, d], K[m, d]\nout P = softmax(Q @ K.T, axis=-1)\n", "softmax"),
     ("column-softmax", "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nout O = softmax(Q @ K.T, axis=0) @ V\n",
-     "softmax"),
+     "reduction"),
     ("max-over-keys", "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nout O[i, c] = max(Q[i] @ K.T, axis=0) * V[i, c]\n",
      "softmax"),
     ("reduction-in-score", "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"

@@ -46,7 +46,6 @@ SUMS = {   # score forms: a mask around the weight or the whole product, factors
     "value_factors": "in G[n]\nA[i, j] = where(j <= i and i - j < 9, dot(Q[i], K[j]), 0)\n"
                      "out O[i, c] = sum(A[i] * (V[:, c] * G), axis=0)",
     "gated": "in G[n]\nA[i, j] = where(j <= i, dot(Q[i], K[j]) * exp(G[i] - G[j]), 0)\nout O = A @ V",
-    "cumsum": "A[i:n, j:n] = where(j <= i, 1.0, 0.0)\nout O = A @ V",
 }
 
 
@@ -61,8 +60,7 @@ def test_sum_kernels_equal_the_reference(name, n):
     assert k.planner.schedules["O"].branches[0].kind == "sum"
     x = _x(n, G=lambda g: _gates(g, n)) if "G[n]" in SUMS[name] else _x(n)
     assert _rel(k(**x), k.reference(**x)) <= 1e-12
-    if name != "cumsum":   # cumsum reads no float input through a contraction: its gradient is V's only
-        _grads_match(k, x)
+    _grads_match(k, x)
     m = measure(k, **x)
     c = cost(k, dtype="float64", device="cpu", n=n, d=8, e=5)
     assert {f: getattr(m, f) for f in COUNTERS} == {f: getattr(c, f) for f in COUNTERS}
@@ -76,6 +74,16 @@ def test_rule_key_sum_regroups_the_product():
     assert isinstance(ks, D.KeySum)
     assert D.free_vars(ks.weight) <= {i, ks.var} and D.free_vars(ks.value) <= {ks.var, c}
     assert c in D.free_vars(ks.value) and i in D.free_vars(ks.weight)
+
+
+def test_products_without_a_contraction_are_not_attention():
+    # A @ V with A free of any q . k (a mask of ones; Q @ K.T itself): no kernel, the reference stays
+    for src in ("A[i:n, j:n] = where(j <= i, 1.0, 0.0)\nout O = A @ V", "out O = Q @ K.T"):
+        k = moa.compile(HEAD + src)
+        x = _x(20)
+        assert k.reference(**x).shape[0] == 20
+        with pytest.raises(UnsupportedError, match="contraction over a key axis"):
+            k(**x)
 
 
 def test_reductions_that_are_not_key_sums_stay_in_the_epilogue():

@@ -210,8 +210,8 @@ def test_inputs_named_like_the_backward_buffers_are_renamed_and_fused(src, no_dn
     """An input named like a buffer of the backward kernels is renamed for code generation (codegen/names.py
     KERNEL_BUFFERS), so the fused kernels still run (the gradient DNF is not evaluated); the name lists cannot
     drift apart."""
-    from moa.codegen import backward, chunked_backward, names, window_backward
-    assert names.KERNEL_BUFFERS == backward.BUFFERS | chunked_backward.BUFFERS | set(window_backward.BUFFERS)
+    from moa.codegen import backward_shape, chunked_backward, names, window_backward
+    assert names.KERNEL_BUFFERS == backward_shape.BUFFERS | chunked_backward.BUFFERS | set(window_backward.BUFFERS)
     k = moa.compile(src, form="linear") if "normalize" in src else moa.compile(src)
     assert set(k.planner.codegen.inputs) != set(k.planner.codegen.inputs.values())   # renamed
     assert k.backward.unfused_reason is None, k.backward.unfused_reason

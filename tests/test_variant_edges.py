@@ -1,0 +1,83 @@
+"""Edges of the non-softmax families and of the forced schedules found by review: window mixing with anything
+around it, the linear form's gate and mask rules, lse / Z at e = 0, non-integer window bounds under hops, empty
+outputs in the cost model. Each against the float64 reference (or a clear refusal)."""
+import pytest
+import torch
+
+import moa
+from moa.errors import UnsupportedError
+from moa.runtime.costing import cost
+from moa.runtime.measuring import measure
+
+F64 = torch.float64
+EX = "examples/"
+HEAD = "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
+
+
+def _x(n, d=4, e=3, seed=0, **extra):
+    g = torch.Generator().manual_seed(seed)
+    out = {a: torch.randn(n, d if a != "V" else e, generator=g, dtype=F64) for a in "QKV"}
+    return {**out, **extra}
+
+
+@pytest.mark.parametrize("out", ["out O[i] = 2 * (softmax(S[i], axis=-1) @ Vh[i])",
+                                 "C[i, j] = where(j <= i, dot(Q[i], K[j]), -inf)\n"
+                                 "out O[i] = (softmax(S[i], axis=-1) @ Vh[i]) + (softmax(C[i], axis=-1) @ V)"])
+def test_window_mixing_with_an_epilogue_or_another_branch_is_refused(out):
+    # the window kernel computed the first branch alone (the epilogue and the other branches were dropped)
+    src = open(EX + "bla.moa").read().replace("out O[i] = softmax(S[i], axis=-1) @ Vh[i]", out)
+    k = moa.compile(src, W=8, M=3)
+    x = _x(30)
+    assert k.reference(**x).shape == (30, 3)
+    with pytest.raises(UnsupportedError, match="window-mixing"):
+        k(**x)
+
+
+def test_lse_and_normaliser_at_no_value_columns():
+    # e = 0 with rows: the kernel still computes the lse (it returned uninitialised memory) and Z (NaN gradients)
+    k = moa.compile(EX + "causal.moa")
+    x = _x(20)
+    _, lse = k.with_lse(**x)
+    _, lse0 = k.with_lse(Q=x["Q"], K=x["K"], V=x["V"][:, :0])
+    assert torch.equal(lse, lse0)
+    k = moa.compile(EX + "power.moa", form="quadratic")
+    q, kk = (x[a].clone().requires_grad_(True) for a in "QK")
+    k(Q=q, K=kk, V=x["V"][:, :0]).sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(kk.grad, torch.zeros_like(kk))
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "hops", "residue"])
+def test_a_non_integer_window_bound(schedule):
+    # i - j <= 7.5 is i - j <= 7 on integers: the hop loop compared a Python int with a float (a crash)
+    k = moa.compile(EX + "dilated_window.moa", schedule=schedule, w=7.5, r=2)
+    x = _x(40)
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
+    lt = moa.compile(HEAD + "param w = 7.5\nS[i, j] = where(j <= i and i - j < w and i - j != w, "
+                            "dot(Q[i], K[j]) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ V")
+    assert (lt(**x) - moa.compile(EX + "sliding_window.moa", w=7)(**x)).abs().max() <= 1e-12
+
+
+def test_linear_form_rules():
+    pg = HEAD + "in G[n], H[n]\nA[i, j] = where(j <= i, dot(Q[i], K[j]) ^ 2 * exp(G[i] - H[j]), 0)\n" \
+                "out O = normalize(A, axis=-1) @ V"
+    with pytest.raises(UnsupportedError, match="one gate read at both indices"):
+        moa.compile(pg, form="linear")(**_x(10, G=torch.zeros(10, dtype=F64), H=torch.zeros(10, dtype=F64)))
+    ge = moa.compile(HEAD + "A[i, j] = where(i >= j, dot(Q[i], K[j]) ^ 2, 0)\nout O = normalize(A, axis=-1) @ V",
+                     form="linear")
+    x = _x(70)
+    assert (ge(**x) - ge.reference(**x)).abs().max() <= 1e-12   # i >= j is the causal mask too
+    with pytest.raises(UnsupportedError, match="1 <= p <= 8, got p = 9"):
+        moa.compile(EX + "power.moa", form="linear", p=9)(**x)
+
+
+@pytest.mark.parametrize("name, form, dims", [("linear", "linear", {"n": 20, "d": 4, "e": 0}),
+                                              ("power_gated", "linear", {"n": 0, "d": 4, "e": 3}),
+                                              ("bla", None, {"n": 20, "d": 4, "e": 0})])
+def test_empty_outputs_cost_nothing(name, form, dims):
+    k = moa.compile(EX + f"{name}.moa", form=form)
+    x = {nd.attrs[0]: torch.randn(*(dims[s.name] for s in nd.shape), dtype=F64) for nd in k.program.inputs}
+    m = measure(k, **x)
+    c = cost(k, dtype="float64", device="cpu", **dims)
+    assert m.flops == c.flops == 0 and m.dram_bytes == c.dram_bytes == 0 and c.tiles_visited == 0
+    if name == "bla":
+        assert k.reference(**{**x, "Q": x["Q"][:0], "K": x["K"][:0], "V": x["V"][:0]}).shape == (0, 0)
