@@ -165,13 +165,15 @@ def shape_of(args) -> tuple:
 
 
 def run(args) -> None:
-    """`bench.py --backward`: time every workload on the GPU (results written to args.out), or print the predicted
-    table without one."""
+    """`bench.py --backward`: time every workload (those of --examples) on the GPU (results written to args.out),
+    or print the predicted table without one."""
+    chosen = set(args.examples.split(",")) if getattr(args, "examples", None) else None
+    workloads = [w for w in WORKLOADS if chosen is None or w[0] in chosen]
     if not torch.cuda.is_available():
         dt = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
         print(f"no CUDA GPU: the backward rows cannot be timed here; predicted on the {args.device} table entry "
               f"({args.dtype}, shape {shape_of(args)}, 64 x 64 tiles):")
-        for stem, params, _ in WORKLOADS:
+        for stem, params, _ in workloads:
             try:
                 p = predicted(compile_workload(stem, params), shape_of(args), dt, args.device)
                 print(f"{stem:16s} {p['pred_gflop']:10.1f} GFLOP {p['pred_mb']:10.0f} MB accessed  roofline "
@@ -183,7 +185,7 @@ def run(args) -> None:
     key = next((x for x in ("h200", "h100", "a100") if x in gpu.lower()), "h100")
     dt = {"fp16": torch.float16, "float16": torch.float16}.get(args.dtype, torch.bfloat16)
     rows = []
-    for stem, params, versus in WORKLOADS:
+    for stem, params, versus in workloads:
         rows.append(row(stem, params, versus, shape_of(args), dt, key))
         print(line(rows[-1]), flush=True)
         _save(args.out, gpu, rows)   # after every row: a cut run keeps them

@@ -168,6 +168,9 @@ WORKLOADS = [
     ("global_window w=512", "global_window", {"w": 512}, (2, 16, 8192, 128), None, "ref"),
     ("pi_attention k=1024 s=64", "pi_attention", {"k": 1024, "s": 64}, (2, 16, 8192, 128), None, "causal"),
     ("linear (elu+1), linear form", "linear", {}, (2, 16, 8192, 128), "linear", "power"),
+    # plain sums A @ V (no normaliser): nothing in PyTorch fuses them; moa's causal softmax has the same FLOPs
+    ("sigmoid attention, causal", "sigmoid", {}, (2, 16, 8192, 128), None, "causal"),
+    ("retention (RetNet)", "retention", {}, (2, 16, 8192, 128), None, "causal"),
 ]
 
 

@@ -200,10 +200,10 @@ def line(r: dict) -> str:
             f"flex {f('flex_ms', '.4f')} ms" + (f"  step failures: {fails}" if fails else ""))
 
 
-def predicted_table(device_key: str, dtype: str = "bf16") -> list:
-    """(label, DecodeCost) of every workload on a device table entry: what a CPU can say."""
+def predicted_table(device_key: str, dtype: str = "bf16", workloads=None) -> list:
+    """(label, DecodeCost) of every workload (default: WORKLOADS) on a device table entry: what a CPU can say."""
     out = []
-    for label, program, params, shape, page, _versus in WORKLOADS:
+    for label, program, params, shape, page, _versus in workloads or WORKLOADS:
         k = compile_workload(program, params)
         b, hq, hk, nq, m, d = shape
         heads = any(s.lead for s in k.schedules.values())
@@ -215,14 +215,16 @@ def predicted_table(device_key: str, dtype: str = "bf16") -> list:
 
 
 def run(args) -> None:
-    """`bench.py --decode`: time every workload on the GPU (results written to args.out), or print the predicted
-    table without one."""
+    """`bench.py --decode`: time every workload (those whose program --examples names) on the GPU (results written
+    to args.out), or print the predicted table without one."""
+    chosen = set(args.examples.split(",")) if getattr(args, "examples", None) else None
+    workloads = [w for w in WORKLOADS if chosen is None or w[1] in chosen]
     if not torch.cuda.is_available():
         print(f"no CUDA GPU: the decoding rows cannot be timed here; predicted on the {args.device} table entry "
               f"({args.dtype}):")
         print(f"{'workload':30s} {'splits':>6s} {'packed':>6s} {'pred us':>9s} {'KV MB':>8s} {'KV GB/s':>8s} "
               f"{'% DRAM':>6s}")
-        for label, c in predicted_table(args.device, args.dtype):
+        for label, c in predicted_table(args.device, args.dtype, workloads):
             bw = c.kv_bytes / c.predicted_seconds
             print(f"{label:30s} {c.splits:6d} {c.packed_heads:6d} {c.predicted_seconds * 1e6:9.1f} "
                   f"{c.kv_bytes / 2 ** 20:8.1f} {bw / 1e9:8.0f} {100 * bw / DEVICES[args.device].hbm_bytes_per_s:6.0f}")
@@ -232,7 +234,7 @@ def run(args) -> None:
     dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(
         args.dtype, torch.bfloat16)
     rows = []
-    for w in WORKLOADS:
+    for w in workloads:
         rows.append(row(*w, dt, key))
         print(line(rows[-1]), flush=True)
         _save(args.out, gpu, rows)   # after every row: a cut run keeps them

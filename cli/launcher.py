@@ -33,10 +33,10 @@ def _py(e, names: dict) -> str:
 def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config: Config | None) -> str:
     """The text of a module with the tiled kernel of `output` for `dtype` and a function `launch(**inputs)`.
 
-    dims choose the schedule and the tiles (default: head dims 64, other dims 4096): the GPU runtime's, the
-    first candidate that compiles for sm_90 without spills (runtime/configs.py fit_config); config forces the
-    tiles. Raises UnsupportedError for outputs that the tiled kernel does not compute (the window-mixing form)
-    and for names a Python launcher cannot take."""
+    dims choose the schedule and the tiles (default: head dims 64, other dims 4096, the runtime's default
+    tiles); given dims take the GPU runtime's tiles, the first candidate that compiles for sm_90 without spills
+    (runtime/configs.py fit_config); config forces the tiles. Raises UnsupportedError for outputs that the tiled
+    kernel does not compute (the window-mixing form) and for names a Python launcher cannot take."""
     name = output or k.output_names[0]
     if name not in k.output_names:
         raise UnsupportedError(f"--output-name {name}: the program's outputs are {', '.join(k.output_names)}")
@@ -54,11 +54,13 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
                                "moa runtime for it, or another --schedule)")
     # the fastest predicted schedule of one kernel (a split one needs the runtime's launches)
     sched = next(s for s in k.planner.schedule_ranking(name, at, dtype) if s.kind != onf.SPLIT)
-    if config is None:   # the GPU runtime's: the first candidate that compiles for sm_90 without spilling
-        try:
-            config = fit_config(k.planner, name, dtype, at, "sm_90", 1, sched=sched)[0]
-        except MoaError:   # no candidate fits (or no ptxas): the runtime's default, as it would start from
-            config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
+    if config is None:   # the runtime's default; at given dims the first candidate that fits sm_90 without spills
+        config = k.planner.launch_config(name, torch.device("cuda"), dtype, at)
+        if dims:
+            try:
+                config = fit_config(k.planner, name, dtype, at, "sm_90", 1, sched=sched)[0]
+            except MoaError:   # none fits (or no ptxas): the default the runtime starts from
+                pass
     elif config.tma:
         raise UnsupportedError("--launcher writes plain pointer loads; the tma option needs the runtime's tensor "
                                "descriptors (drop tma, or use the moa runtime)")
@@ -129,7 +131,8 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
         f"Output {name} of {program.name} ({dtype} kernel) from "
         f"{', '.join(f'{x}{sy.show_shape(n.shape)}' for x, n in zip(inputs, program.inputs))}, each with optional "
         "leading batch axes (the same for every input that has them). Float inputs are cast to DTYPE. CUDA "
-        "tensors launch on the GPU; CPU tensors need TRITON_INTERPRET=1 (set before triton is imported).",
+        "tensors launch on the GPU; CPU tensors need TRITON_INTERPRET=1 (set before triton is imported) and a "
+        "float32 or float64 module (the interpreter computes bfloat16 wrongly).",
         width=112, initial_indent='    """', subsequent_indent="    ") + '"""'
     body = [f"def launch({params}) -> torch.Tensor:", doc]
     for x in inputs:
@@ -143,6 +146,10 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
     body.append(f"    if {dev_}.type == \"cpu\" and os.environ.get(\"TRITON_INTERPRET\") != \"1\":")
     body.append("        raise RuntimeError(\"CPU tensors run in Triton's interpreter: set TRITON_INTERPRET=1 before "
                 "triton is imported\")")
+    if dtype == "bfloat16":   # the interpreter computes bfloat16 wrongly (the moa runtime computes it in float32)
+        body.append(f"    if {dev_}.type == \"cpu\":")
+        body.append("        raise RuntimeError(\"a bfloat16 kernel computes wrong numbers in Triton's interpreter: "
+                    "write the module with --dtype float32 for CPU tensors\")")
     for d in program.dims:
         x, ax = where[d.name]
         body.append(f"    {d.name} = {x}.shape[-{ax}]")

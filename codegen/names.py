@@ -11,7 +11,7 @@ translates the call's tensors and dims to these names (`codegen_binding`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
@@ -34,6 +34,14 @@ class CodegenView:
     inputs: dict     # codegen name -> user name
     dims: dict       # codegen dim name -> user dim name
     outputs: dict    # codegen output name -> user output name
+    words: dict = field(default_factory=dict)   # every renamed name (inputs, dims, outputs, index variables) -> user's
+
+    def user_text(self, text: str) -> str:
+        """A message about the code-generation program in the user's names (u5 -> O)."""
+        if not self.words:
+            return text
+        pat = re.compile(r"\b(" + "|".join(sorted(map(re.escape, self.words), key=len, reverse=True)) + r")\b")
+        return pat.sub(lambda m: self.words[m.group(1)], text)
 
 
 def _derived(program: Program, dnf_outputs) -> list:
@@ -85,7 +93,8 @@ def codegen_view(program: Program, dnf_outputs) -> CodegenView:
     prog = replace(program, dims=tuple(dim_map[d] for d in program.dims), inputs=inputs,
                    bindings=(), outputs=tuple((o.name, None) for o in outs))
     return CodegenView(prog, tuple(outs), {v: k for k, v in in_names.items()},
-                       {dim_map[d].name: d.name for d in program.dims}, out_map)
+                       {dim_map[d].name: d.name for d in program.dims}, out_map,
+                       {cg: key[-1] for key, cg in fresh.items()})
 
 
 def _rename(e, names, dim_map):

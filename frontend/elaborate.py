@@ -340,7 +340,10 @@ class Elaborator:
         loc = self.loc(ftok)
         if fname not in BUILTINS:
             if fname in self._all_names():
-                raise ParseError(f"'{fname}' is an array, not a function; index it with {fname}[...]", loc)
+                what = "a dim" if fname in self.s.dims else "a param" if fname in self.s.params else \
+                    "an index" if fname in self.s.index else "an array"
+                how = f"; index it with {fname}[...]" if what == "an array" else ""
+                raise ParseError(f"'{fname}' is {what}, not a function{how}", loc)
             raise self.undefined(ftok)
         pos, kw = [], {}
         for a in rawargs:

@@ -310,7 +310,8 @@ def psi(a: Node, index: tuple, slots: tuple | None = None, loc=None) -> Node:
         ix = next(it)
         if ix.rank != 0 or ix.dtype != INT:
             raise ShapeError(f"index {k} of {sy.show_shape(a.shape)} must be an integer scalar, got a "
-                             f"{ix.dtype} of shape {sy.show_shape(ix.shape)}", ix.loc or loc)
+                             f"{ix.dtype} of shape {sy.show_shape(ix.shape)}",
+                             loc if ix.op == "input" else ix.loc or loc)   # an input's loc is its declaration
         if ix.op in ("const", "sym"):
             v = sp.sympify(ix.attrs[0])
             if sy.prove_nonneg(v) is False or (v.is_number and sy.prove_nonneg(a.shape[k] - 1 - v) is False):

@@ -49,6 +49,8 @@ def check_grad(kernel, dims: dict, seed: int = 0, batch: int = 2, report: CheckR
         rep.rows.append((f"d{name}: kernel vs autograd (f64)", name, *_err(got[name], want[name])))
     bw = kernel.backward
     fused = ", ".join(bw.fused_inputs)
-    rep.notes.append(f"backward: fused kernels for {fused}; the gradient DNF (unfused) for the rest" if fused else
+    rest = ", ".join(x for x in want if x not in bw.fused_inputs)
+    unfused = f"; the gradient DNF (unfused) for {rest}" if rest else ""
+    rep.notes.append(f"backward: fused kernels for {fused}{unfused}" if fused else
                      f"backward: the gradient DNF, unfused ({bw.unfused_reason})")
     return rep

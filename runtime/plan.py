@@ -111,7 +111,10 @@ class Planner:
     @cached_property
     def schedules(self) -> dict:
         """Output name -> ONF Schedule (raises UnsupportedError naming the construct codegen lacks)."""
-        return {self.codegen.outputs[o.name]: onf.schedule(o) for o in self.codegen.dnf}
+        try:
+            return {self.codegen.outputs[o.name]: onf.schedule(o) for o in self.codegen.dnf}
+        except UnsupportedError as e:   # said in the user's names, not the renamed ones (codegen/names.py)
+            raise UnsupportedError(self.codegen.user_text(str(e))) from None
 
     @cached_property
     def variants(self) -> dict:

@@ -21,6 +21,7 @@ def bench():
 @pytest.mark.parametrize("label, name, params, form, versus", [
     ("sdpa", "sdpa", {}, None, "ref"),
     ("pi", "pi_attention", {"k": 8, "s": 4}, None, "causal"),
+    ("retention", "retention", {}, None, "causal"),
 ])
 def test_a_workload_row_has_every_field_on_cpu_tensors(bench, monkeypatch, label, name, params, form, versus):
     monkeypatch.setattr(bench, "_time", wall_ms)

@@ -518,3 +518,13 @@ def test_check_fails_without_a_kernel(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kernel: not compiled" in out and out.rstrip().splitlines()[-1].startswith("NO KERNEL"), out
     assert main(["check", str(path), "--dims", "n=20,d=8,e=8", "--no-kernel"]) == 0
+
+
+def test_launcher_tiles_and_bfloat16_on_the_cpu(tmp_path, capsys):
+    """At given dims the launcher takes the tiles the runtime fits for sm_90 (gated.moa at d = 128: 128 x 32; the
+    default 128 x 64 spills), and a bfloat16 module refuses CPU tensors (the interpreter computes bf16 wrongly)."""
+    path = tmp_path / "gated.py"
+    assert main(["compile", str(ROOT / "docs" / "tutorial" / "gated.moa"), "--launcher", "--dtype", "bfloat16",
+                 "--dims", "n=8192,d=128,e=128", "-o", str(path)]) == 0
+    text = path.read_text()
+    assert "BLOCK_M, BLOCK_N = 128, 32" in text and "computes wrong numbers in Triton's interpreter" in text

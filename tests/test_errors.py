@@ -244,3 +244,21 @@ def test_guard_message_names_the_place():
     p = elaborate("dim n, m, d\nin Q[n, d], K[m, d]\nout O = Q + K\n")
     (g,) = p.guards()
     assert "<source>:3:11" in g.message and (g.loc.line, g.loc.column) == (3, 11)
+
+
+def test_unsupported_messages_use_the_users_names():
+    # an input named like a kernel buffer (S) renames the code-generation program (u0, u1 ...): messages map back
+    k = moa.compile("dim n, m\nin S[n, m]\nout O = softmax(S, axis=0)")
+    with pytest.raises(moa.UnsupportedError) as info:
+        k(S=torch.randn(10, 4, dtype=torch.float64))
+    assert "output O" in str(info.value) and "S[j, c]" in str(info.value) and "u2" not in str(info.value)
+
+
+@pytest.mark.parametrize("src, where, says", [
+    ("dim n, d\nin Q[n, d], K[n, d]\nout O = Q[K]", (3, 9), "must be an integer scalar"),   # the use, not the decl
+    ("dim n, d\nin Q[n, d]\nout O = n(0) + Q", (3, 9), "'n' is a dim, not a function"),
+])
+def test_errors_point_at_the_use(src, where, says):
+    with pytest.raises(moa.MoaError) as info:
+        moa.compile(src)
+    assert says in str(info.value) and f":{where[0]}:{where[1]}:" in str(info.value)
