@@ -54,9 +54,10 @@ class KernelSpec:
 
 
 def returns_total(sched: Schedule) -> bool:
-    """The kernel can store a per-row total with the output: the lse of a single softmax branch, or the normaliser
-    z of a single normalize branch (STORE_LSE; ring attention merges partials by it)."""
-    return sched.has_lse or (len(sched.branches) == 1 and sched.branches[0].kind == "norm"
+    """The kernel can store a per-row total with the output: the lse of a single softmax branch, the normaliser z
+    of a single normalize branch, or 1 for a plain sum (STORE_LSE; ring attention and split-KV merge partials by
+    it)."""
+    return sched.has_lse or (len(sched.branches) == 1 and sched.branches[0].kind in ("norm", "sum")
                              and sched.branches[0].mix is None and sched.epilogue == BranchValue(0))
 
 

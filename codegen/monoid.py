@@ -81,7 +81,10 @@ class Monoid:
         scope.add(f"{out} = {self.acc} / tl.where({den} == 0, 1.0, {den})[:, None]")
 
     def total(self) -> str:
-        """The per-row total a kernel stores with its output: lse (natural log) or the normaliser z."""
+        """The per-row total a kernel stores with its output: lse (natural log), the normaliser z, or for a plain
+        sum 1 (each partial counts once: split-KV and ring partials of a sum merge by adding them)."""
+        if self.kind == "sum":
+            return f"tl.full([BLOCK_M], 1.0, dtype={self.acc_dtype})"
         if self.kind != "softmax":
             return self.z_i
         return (f'tl.where({self.l_i} == 0, float("-inf"), ({self.m_i} + tl.log2(tl.where({self.l_i} == 0, 1.0, '

@@ -195,9 +195,10 @@ import triton.language as tl
 def _merge_splits(
     O_part, stride_O_s, stride_O_r, lse_part, stride_l_s, O_out, stride_out_r, lse_out,
     rows, dim_e, nsplit,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr, DIVIDE: tl.constexpr,
 ):
-    # log-sum-exp merge of (O_s, lse_s) over the splits s (NORM: sums of (z_s O_s, z_s))
+    # log-sum-exp merge of (O_s, lse_s) over the splits s (NORM: sums of (z_s O_s, z_s); not DIVIDE: a plain
+    # sum, whose partials (O_s, 1) add up)
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_r < rows
@@ -219,7 +220,10 @@ def _merge_splits(
         acc += tl.where(w[:, None] != 0, o * w[:, None], 0.0)
         den += w
     ok = den != 0
-    out = tl.where(ok[:, None], acc / tl.where(ok, den, 1.0)[:, None], 0.0)
+    if DIVIDE:
+        out = tl.where(ok[:, None], acc / tl.where(ok, den, 1.0)[:, None], 0.0)
+    else:
+        out = acc
     tl.store(O_out + offs_r[:, None] * stride_out_r + offs_e[None, :], out.to(O_out.dtype.element_ty),
              mask=tile_ok)
     if NORM:

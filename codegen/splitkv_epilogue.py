@@ -233,10 +233,10 @@ class _Epi:
 
 
 # long: the signature, the row decomposition, each branch's merge, the epilogue and the store, top to bottom
-def fused_merge_source(ep, decl: dict, norms: tuple, nbatch: int, acc: str,
+def fused_merge_source(ep, decl: dict, kinds: tuple, nbatch: int, acc: str,
                        batched: frozenset = frozenset()) -> FusedMerge:
     """The kernel `_merge_epilogue`: every branch of `ep` (moa/shard.py Epilogue) merged over its splits as
-    `_merge_splits` merges them (norms[k]: branch k is a normalize output), then the epilogue evaluated on the
+    `_merge_splits` merges them (kinds[k]: branch k's monoid, softmax, norm or sum), then the epilogue evaluated on the
     merged tiles and the output stored; rows are (batch..., lead..., n) flattened. UnsupportedError (with the
     reason) for an epilogue that is not elementwise in the branch values and the rows' inputs: a branch read
     elsewhere than at its own (row, column), a reduction over the columns or nested, an input read at an index
@@ -268,8 +268,8 @@ def fused_merge_source(ep, decl: dict, norms: tuple, nbatch: int, acc: str,
     for k, (name, _) in enumerate(epi.inputs):
         if name in epi.batched:
             body.append(f"    boff{k} = " + " + ".join(f"bat{j}[:, None] * sb{k}_{j}" for j in range(nbatch)))
-    for k, norm in enumerate(norms):
-        body += [line.replace("#", str(k)) for line in _merge_lines(norm, acc)]
+    for k, kind in enumerate(kinds):
+        body += [line.replace("#", str(k)) for line in _merge_lines(kind, acc)]
     body += epi.lines
     out = val[0] if val[1] == frozenset("re") and val[2] == "float" else \
         f"tl.broadcast_to({epi._float(val)}, [BLOCK_R, BLOCK_E])"
@@ -284,8 +284,10 @@ def fused_merge_source(ep, decl: dict, norms: tuple, nbatch: int, acc: str,
                       tuple(epi.loads))
 
 
-def _merge_lines(norm: bool, acc: str) -> list:
-    """Branch #'s merge over the splits (the arithmetic of `_merge_splits`), leaving br# [BLOCK_R, BLOCK_E]."""
+def _merge_lines(kind: str, acc: str) -> list:
+    """Branch #'s merge over the splits (the arithmetic of `_merge_splits`), leaving br# [BLOCK_R, BLOCK_E]; kind
+    softmax, norm or sum (partials (O_s, 1) added, not divided)."""
+    norm = kind != "softmax"
     lines = [f"    den# = tl.zeros([BLOCK_R], dtype={acc})", f"    acc# = tl.zeros([BLOCK_R, BLOCK_E], dtype={acc})"]
     if not norm:
         lines += [f"    top# = tl.full([BLOCK_R], float(\"-inf\"), dtype={acc})",
@@ -300,5 +302,6 @@ def _merge_lines(norm: bool, acc: str) -> list:
               "        acc# += tl.where(w[:, None] != 0, o * w[:, None], 0.0)",
               "        den# += w",
               "    ok# = den# != 0",
-              "    br# = tl.where(ok#[:, None], acc# / tl.where(ok#, den#, 1.0)[:, None], 0.0)"]
+              "    br# = tl.where(ok#[:, None], acc# / tl.where(ok#, den#, 1.0)[:, None], 0.0)" if kind != "sum" else
+              "    br# = acc#"]
     return lines

@@ -53,7 +53,7 @@ from .onf import key_sum
 from .program import Program
 
 QUERY, KEY, BOTH, REPLICATED = "query", "key", "both", "replicated"
-BRANCHES = (D.SoftmaxSum, D.NormSum)
+BRANCHES = (D.SoftmaxSum, D.NormSum, D.KeySum)
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,18 @@ def _extent_symbol(e, what: str) -> sp.Symbol:
     return e
 
 
+def _key_sums(e, lead: set, i, c):
+    """The expression with its plain sums over a key axis (moa/onf.py rule key-sum) as KeySum nodes: branches
+    of the block program like the softmax and normalize monoids (partials merge by adding them)."""
+    if isinstance(e, BRANCHES):
+        return e
+    ks = key_sum(e, lead, i, c)
+    if ks is not None:
+        return ks
+    kids = D.children(e)
+    return D.with_children(e, [_key_sums(k, lead, i, c) for k in kids]) if kids else e
+
+
 def _branch_vars(expr) -> dict:
     """Key variable -> extent of every online-softmax / normalize branch in an expression."""
     return {x.var: sp.sympify(x.extent) for x in D.nodes(expr) if isinstance(x, BRANCHES)}
@@ -176,9 +188,7 @@ def plan(program: Program, outputs) -> ShardPlan:
         if len(o.vars) < 2:
             raise UnsupportedError(f"output {o.name}: ring attention needs rows x columns outputs")
         i = o.vars[-2]
-        if any(key_sum(x, set(o.vars[:-2]), i, o.vars[-1]) for x in D.nodes(o.expr)):
-            raise UnsupportedError(f"output {o.name}: a plain sum A @ V (no softmax or normalize) has no merge of "
-                                   f"key blocks yet (derived for the softmax and normalize monoids)")
+        o = replace(o, expr=_key_sums(o.expr, set(o.vars[:-2]), i, o.vars[-1]))
         jv = _branch_vars(o.expr)
         if not jv:
             raise UnsupportedError(f"output {o.name}: no softmax(...) @ V contraction to lift across ranks")

@@ -37,7 +37,7 @@ from .decode_rows import both_sides_per_batch, query_rows
 from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, run
 from .launch import compute_dtype
-from .ring import _results, block_kernel, norm_outputs
+from .ring import _results, block_kernel, norm_outputs, sum_outputs
 from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
 
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -420,7 +420,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
         return (o_part, lse_part), info
     if splits == 1:
         return (o_part[0], lse_part[0]), info
-    return _merge(o_part, lse_part, norm, compute, e), info
+    return _merge(o_part, lse_part, norm, compute, e, name not in sum_outputs(block)), info
 
 
 def runner_schedules(kernel, plan) -> list:
@@ -475,8 +475,8 @@ def grid_sources(kernel, dtype: str = "float32", nbatch: int = 0, mode: str = SP
     return out
 
 
-def _merge(o_part, lse_part, norm: bool, compute, e: int):
-    """(O, lse or z) merged over the splits by `_merge_splits` (codegen/splitkv.py)."""
+def _merge(o_part, lse_part, norm: bool, compute, e: int, divide: bool = True):
+    """(O, lse or z) merged over the splits by `_merge_splits` (codegen/splitkv.py); divide=False: a plain sum."""
     s = o_part.shape[0]
     out = torch.empty(o_part.shape[1:], dtype=compute, device=o_part.device)
     lse = torch.empty(lse_part.shape[1:], dtype=lse_part.dtype, device=o_part.device)
@@ -484,7 +484,7 @@ def _merge(o_part, lse_part, norm: bool, compute, e: int):
     op, lp = o_part.reshape(s, rows, e), lse_part.reshape(s, rows)
     fn = getattr(module_for(MERGE_SOURCE, o_part.device), MERGE_KERNEL)
     block_r = 16
-    consts = {"BLOCK_R": block_r, "BLOCK_E": sy.tile_width(e), "NORM": norm}
+    consts = {"BLOCK_R": block_r, "BLOCK_E": sy.tile_width(e), "NORM": norm, "DIVIDE": divide}
     args = [op, op.stride(0), op.stride(1), lp, lp.stride(0), out.view(rows, e), e, lse.view(rows), rows, e, s]
     run(fn, (cdiv(rows, block_r),), args, consts, o_part.device, "the split-KV merge kernel")
     return out, lse

@@ -58,7 +58,7 @@ def fused_merges(plan, fused: dict, block, planner, splits: int, rows, cdims: di
     merge = 0
     for ep in plan.epilogues if fused else ():
         so = planner.schedules[ep.branches[0]]
-        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind == "norm"
+        counts = fused_counts(fused[ep.output], tuple(block.planner.schedules[b].branches[0].kind
                                                       for b in ep.branches), splits, rows(so),
                               sy.evaluate(so.col[1], cdims), bd0, shard.epilogue_program(plan, ep).input_map, dtype,
                               on_cpu)
@@ -166,7 +166,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
             so = runner.planner.schedules[o.name]
             ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
             for k, v in enumerate(_lse_counts(runs, row_programs(so, ro, cfg.block_m) * zg, cfg.block_m, zg * ro,
-                                              eo, so.branches[0].kind == "norm", dtype, device, splits)):
+                                              eo, so.branches[0].kind != "softmax", dtype, device, splits)):
                 extra[k] += v
     longest = cdiv(max([r.tiles_visited for r in reports] + [0]), ptiles * z)
     fused = _fused(block, plan, batch, dtype)
@@ -175,7 +175,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
         so = runner.planner.schedules[o.name]
         ro, eo = sy.evaluate(so.row[1], cdims), sy.evaluate(so.col[1], cdims)
         if splits > 1 and plan.owner.get(o.name) not in fused:
-            counts = merge_counts(splits, z * ro, eo, so.branches[0].kind == "norm", dtype, device)
+            counts = merge_counts(splits, z * ro, eo, so.branches[0].kind, dtype, device)
             merge += sum(counts[2:])
             for k, v in enumerate(counts):
                 extra[k] += v
@@ -224,18 +224,20 @@ def _lse_counts(splits, programs, block_m, rows, e, norm, dtype, device, merged=
     return splits * programs * block_m * 2, splits * programs * block_m, 0, stored
 
 
-def merge_counts(splits: int, rows: int, e: int, norm: bool, dtype: str, device="h100") -> tuple:
+def merge_counts(splits: int, rows: int, e: int, kind: str, dtype: str, device="h100") -> tuple:
     """(flops, transcendentals, bytes loaded, bytes stored) of `_merge_splits` (codegen/splitkv.py) over `rows`
     rows, counted as the instrumented interpreter counts: arithmetic on every lane of a [16, BLOCK_E] block, loads
     and stores of the valid lanes. Softmax: per split a max, a subtraction, an exp, the weighted add (2 lanes per
-    element) and the normaliser's add; then the division and log. Normalize: no max, exp or log."""
+    element) and the normaliser's add; then the division and log. Normalize: no max, exp or log; a plain sum
+    (kind 'sum') no division either."""
+    norm = kind != "softmax"
     eb, acc = _bytes(dtype, device)
     br, be = 16, sy.tile_width(e)
     programs = cdiv(rows, br)
     loaded = splits * rows * (e + (1 if norm else 2)) * acc
     stored = rows * (e * eb + acc)
     if norm:
-        return programs * (splits * (2 * br * be + br) + br * be), 0, loaded, stored
+        return programs * (splits * (2 * br * be + br) + (br * be if kind == "norm" else 0)), 0, loaded, stored
     return programs * (splits * (2 * br * be + 3 * br) + br * be + br), programs * br * (splits + 1), loaded, stored
 
 

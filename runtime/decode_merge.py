@@ -61,9 +61,9 @@ def _source(block, plan, ep, nbatch: int, acc: torch.dtype, batched: frozenset):
             memo[key] = "the epilogue holds a softmax, normalize or log-sum-exp reduction of its own"
         else:
             decl = shard.epilogue_program(plan, ep).input_map
-            norms = tuple(block.planner.schedules[b].branches[0].kind == "norm" for b in ep.branches)
+            kinds = tuple(block.planner.schedules[b].branches[0].kind for b in ep.branches)
             try:
-                memo[key] = fused_merge_source(ep, decl, norms, nbatch, _TL[acc], batched)
+                memo[key] = fused_merge_source(ep, decl, kinds, nbatch, _TL[acc], batched)
             except UnsupportedError as exc:
                 memo[key] = str(exc)
     return memo[key]
@@ -171,7 +171,7 @@ def run_fused(fm, ep, parts: dict, b, compute: torch.dtype) -> torch.Tensor:
     return out.to(b.dtype)
 
 
-def fused_counts(fm, norms: tuple, splits: int, rows: int, e: int, dims: dict, decl: dict, dtype: str,
+def fused_counts(fm, kinds: tuple, splits: int, rows: int, e: int, dims: dict, decl: dict, dtype: str,
                  on_cpu: bool) -> tuple:
     """(flops, transcendentals, bytes loaded, bytes stored) of one `_merge_epilogue` launch over `rows` rows of e
     columns, counted as the instrumented interpreter counts: arithmetic on every lane of the tiles it runs on,
@@ -183,9 +183,10 @@ def fused_counts(fm, norms: tuple, splits: int, rows: int, e: int, dims: dict, d
     be = sy.tile_width(e)
     programs = cdiv(rows, BLOCK_R)
     flops = trans = loaded = 0
-    for norm in norms:
+    for kind in kinds:   # each branch's merge: softmax, norm or sum (the last has no division)
+        norm = kind != "softmax"
         per = 2 * BLOCK_R * be + (1 if norm else 3) * BLOCK_R
-        flops += programs * (splits * per + BLOCK_R * be)
+        flops += programs * (splits * per + (BLOCK_R * be if kind != "sum" else 0))
         trans += 0 if norm else programs * BLOCK_R * splits
         loaded += splits * rows * (e * part + (1 if norm else 2) * acc)
     lanes = {"e": (be, e)}

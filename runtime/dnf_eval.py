@@ -175,6 +175,13 @@ class _DnfEval:
         zero = torch.zeros((), dtype=F64, device=self.dev)
         return torch.where(z == 0, zero, (w * v).sum(-1) / torch.where(z == 0, 1.0, z))
 
+    def e_KeySum(self, e, active, guard):
+        inner, ext = self._inner(e, active)
+        w = self.full(self.ev(e.weight, inner, self._guard(guard)), inner).to(F64)
+        v = self.full(self.ev(e.value, inner, self._guard(guard)), inner).to(F64)
+        w, v = torch.broadcast_tensors(w, v)
+        return (w * v).sum(-1)
+
     def e_LogSumExp(self, e, active, guard):
         inner, ext = self._inner(e, active)
         s = self.full(self.ev(e.score, inner, self._guard(guard)), inner).to(F64)

@@ -18,7 +18,7 @@ from .indexing import ieval
 from .reference import scalar_fn
 
 # reductions of their own: such an epilogue is evaluated on the host (runtime/ring.py)
-HOST_ONLY = (D.SoftmaxSum, D.NormSum, D.LogSumExp, D.SoftmaxAt, D.NormalizeAt)
+HOST_ONLY = (D.SoftmaxSum, D.NormSum, D.KeySum, D.LogSumExp, D.SoftmaxAt, D.NormalizeAt)
 
 
 def on_device(expr) -> bool:

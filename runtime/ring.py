@@ -62,9 +62,9 @@ def block_kernel(kernel):
                                        "(runtime/ring_halo.py), not on the K/V rotation")
             if not returns_total(s):
                 raise UnsupportedError(
-                    f"ring attention: block output {name} is not a single softmax(S) @ V or normalize(A) @ V "
-                    "reduction; partials merge by log-sum-exp or by sums of the normaliser, which the kernel "
-                    "returns only for those")
+                    f"ring attention: block output {name} is not a single softmax(S) @ V, normalize(A) @ V or "
+                    "A @ V reduction; partials merge by log-sum-exp or by sums, which the kernel returns only "
+                    "for those")
         if not any(r[0] in (shard.QUERY, shard.BOTH) for r in plan.roles.values()):
             raise UnsupportedError("ring attention: no input is indexed by the query axis (a bare row index i), "
                                    "so the rank's rows cannot be told from its inputs")
@@ -88,9 +88,15 @@ def merge(o1, lse1, o2, lse2):
 
 
 def norm_outputs(block) -> set:
-    """Block outputs that are normalize(A) @ V: the kernel returns (O, z), z the normaliser; partials merge by
-    sums, (sum_k z_k O_k, sum_k z_k), divided once at the end."""
-    return {name for name, s in block.schedules.items() if s.branches[0].kind == "norm"}
+    """Block outputs that merge by sums: normalize(A) @ V (the kernel returns (O, z), z the normaliser; partials
+    merge as (sum_k z_k O_k, sum_k z_k), divided once at the end) and plain sums A @ V (the kernel returns (O, 1):
+    the same sums, not divided: sum_outputs)."""
+    return {name for name, s in block.schedules.items() if s.branches[0].kind in ("norm", "sum")}
+
+
+def sum_outputs(block) -> set:
+    """Block outputs that are plain sums A @ V: their merged partials are not divided by the summed totals."""
+    return {name for name, s in block.schedules.items() if s.branches[0].kind == "sum"}
 
 
 def accumulate(acc, name, o, t, norm: bool):
@@ -103,12 +109,12 @@ def accumulate(acc, name, o, t, norm: bool):
         acc[name] = (o, t) if name not in acc else merge(*acc[name], o, t)
 
 
-def finish(acc, norm: set) -> dict:
+def finish(acc, norm: set, sums: frozenset = frozenset()) -> dict:
     """The merged (O, total) of every output: normalize outputs divided by their summed normaliser (0 where it
-    is 0, as in one process)."""
+    is 0, as in one process); plain sums as added."""
     out = {}
     for name, (o, t) in acc.items():
-        if name in norm:
+        if name in norm and name not in sums:
             ok = t != 0
             o = torch.where(ok.unsqueeze(-1), o / torch.where(ok, t, torch.ones_like(t)).unsqueeze(-1),
                             torch.zeros_like(o))
@@ -233,7 +239,7 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     bad = [f"rank {s}: {m}" for s, m in enumerate(status) if m]
     if bad:
         raise RingError("ring attention failed on " + "; ".join(bad))
-    outs = _results(plan, block, finish(acc, norm), b0, nl[rank], qside)
+    outs = _results(plan, block, finish(acc, norm, sum_outputs(block)), b0, nl[rank], qside)
     names = plan.output_names
     res = outs[names[0]] if len(names) == 1 else outs
     return (res, st) if stats else res

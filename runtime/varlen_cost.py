@@ -118,7 +118,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
             so = block.planner.schedules[o.name]
             ro, eo = sy.evaluate(so.row[1], bdc), sy.evaluate(so.col[1], bdc)
             for k, v in enumerate(_lse_counts(runs, row_programs(so, ro, cfg.block_m) * z, cfg.block_m, z * ro, eo,
-                                              so.branches[0].kind == "norm", dtype, device, splits)):
+                                              so.branches[0].kind != "softmax", dtype, device, splits)):
                 extra[k] += v
     merge = 0
     fused = packed_rows(plan, _fused(block, plan, batch, dtype))   # the epilogue fused into the merge
@@ -126,8 +126,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
         if plan.owner.get(o.name) in fused:
             continue
         so = block.planner.schedules[o.name]
-        counts = merge_counts(splits, z * nq, sy.evaluate(so.col[1], cdims), so.branches[0].kind == "norm", dtype,
-                              device)
+        counts = merge_counts(splits, z * nq, sy.evaluate(so.col[1], cdims), so.branches[0].kind, dtype, device)
         merge += sum(counts[2:])
         for k, v in enumerate(counts):
             extra[k] += v

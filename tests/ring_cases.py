@@ -32,6 +32,7 @@ PROGRAMS = {
     "novel": (NOVEL, {}, {"h": 2, "n": 30, "m": 44, "d": 8, "e": 8}, None),
     "pi_attention": ("pi_attention.moa", {"k": 5, "s": 4, "T": 3}, {"n": 40, "d": 8, "e": 8},
                      lambda i, j, x: ((j <= i) & (i - j < 5)) | ((j < i) & ((i - j) % 4 == 0) & ((i - j) // 4 <= 3))),
+    "sigmoid": ("sigmoid.moa", {}, {"n": 44, "d": 8, "e": 8}, lambda i, j, x: j <= i),   # a plain sum: partials add
 }
 
 

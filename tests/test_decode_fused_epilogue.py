@@ -170,7 +170,7 @@ def test_fused_merge_sources_are_pyflakes_clean(tmp_path):
         plan, block = ring.block_kernel(k)
         for ep in plan.epilogues:
             for nb in (0, 2):
-                fm = fused_merge_source(ep, shard.epilogue_program(plan, ep).input_map, (False, False), nb,
+                fm = fused_merge_source(ep, shard.epilogue_program(plan, ep).input_map, ("softmax", "softmax"), nb,
                                         "tl.float32", frozenset({"Q"}))
                 (tmp_path / f"m{i}_{nb}.py").write_text(fm.source)
         for mode in ("split", "lengths", "paged"):   # the branches' grid kernels in one launch

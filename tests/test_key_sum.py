@@ -9,6 +9,8 @@ from moa import dnf as D
 from moa.errors import UnsupportedError
 from moa.onf import key_sum
 from moa.runtime.costing import cost
+from moa.runtime.decode_cost import decode_cost
+from moa.runtime.measure import instrument
 from moa.runtime.measuring import measure
 
 F64 = torch.float64
@@ -153,12 +155,64 @@ def test_batched_float32_sums():
     assert _rel(out.double(), k.reference(**{n: t.double() for n, t in x.items()})) <= 2e-6
 
 
-def test_sums_say_what_they_do_not_run_yet():
-    k = moa.compile(HEAD + SUMS["sigmoid"])
-    x = _x(40)
-    with pytest.raises(UnsupportedError, match="plain sum"):
-        k.decode(Q=x["Q"][-2:], K=x["K"], V=x["V"])
-    with pytest.raises(UnsupportedError, match="plain sum"):
-        k.varlen(torch.tensor([0, 10, 40]), torch.tensor([0, 10, 40]), **x)
+def test_the_linear_form_is_not_derived_for_sums():
     with pytest.raises(UnsupportedError, match="plain sum A @ V runs the quadratic kernel"):
-        moa.compile(HEAD + SUMS["sigmoid"], form="linear")(**x)
+        moa.compile(HEAD + SUMS["sigmoid"], form="linear")(**_x(40))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("nq", [1, 3, 16])
+def test_decoding_a_sum(nq, splits):
+    # split-KV: each split's partial (O_s, 1) adds up (no weights, no division); the last n_q rows of the call
+    k = moa.compile("examples/sigmoid.moa")
+    g = torch.Generator().manual_seed(nq)
+    x = {a: torch.randn(2, 300, 8 if a != "V" else 5, generator=g, dtype=F64) for a in "QKV"}
+    full = k(**x)
+    o = k.decode(Q=x["Q"][:, -nq:], K=x["K"], V=x["V"], splits=splits)
+    assert _rel(o, full[:, -nq:]) <= 1e-12
+    with instrument() as c:
+        k.decode(Q=x["Q"][:, -nq:], K=x["K"], V=x["V"], splits=splits)
+    p = decode_cost(k, nq, 300, splits=splits, dtype="fp64", device="cpu", batch=(2,), d=8, e=5)
+    assert (c.flops, c.transcendentals, c.dram_bytes_loaded, c.dram_bytes_stored) == \
+        (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored)
+
+
+def test_decoding_sums_with_heads_lengths_and_pages():
+    # retention's per-head decays; GQA packing of a gated sum; valid lengths and a shuffled paged cache
+    r = moa.compile("examples/retention.moa")
+    g = torch.Generator().manual_seed(5)
+    x = {a: torch.randn(2, 4, 200, 8 if a != "V" else 5, generator=g, dtype=F64) for a in "QKV"}
+    assert _rel(r.decode(Q=x["Q"][:, :, -2:], K=x["K"], V=x["V"], splits=3), r(**x)[..., -2:, :]) <= 1e-12
+    gqa = moa.compile("dim h, g, n, d, e\nin Q[h, n, d], K[g, n, d], V[g, n, e], G[n]\n"
+                      "A[a, i, j] = where(j <= i, dot(Q[a, i], K[a // (h // g), j]) * exp(G[i] - G[j]), 0)\n"
+                      "out O[a] = A[a] @ V[a // (h // g)]")
+    q, kk, v = (torch.randn(s, generator=g, dtype=F64) for s in ((8, 1, 8), (2, 160, 8), (2, 160, 5)))
+    gates = torch.cumsum(-torch.rand(160, generator=g, dtype=F64) * 0.1, 0)
+    lens = torch.tensor(120)
+    want = gqa(Q=torch.randn(8, 120, 8, dtype=F64).index_copy(1, torch.tensor([119]), q), K=kk[:, :120],
+               V=v[:, :120], G=gates[:120])[:, -1:]
+    got, st = gqa.decode(Q=q, K=kk, V=v, G=gates, cache_len=lens, splits=2, stats=True)
+    assert st.packed_heads > 1 and _rel(got, want) <= 1e-12
+    pages = torch.randperm(10, generator=g)
+    pool = [torch.zeros_like(t) for t in (kk, v, gates)]   # keys, values and the gates in the pool's layout
+    for t, p in enumerate(pages.tolist()):
+        pool[0][:, p * 16:(p + 1) * 16] = kk[:, t * 16:(t + 1) * 16]
+        pool[1][:, p * 16:(p + 1) * 16] = v[:, t * 16:(t + 1) * 16]
+        pool[2][p * 16:(p + 1) * 16] = gates[t * 16:(t + 1) * 16]
+    paged = gqa.decode(Q=q, K=pool[0], V=pool[1], G=pool[2], cache_len=lens, block_table=pages, page_size=16)
+    assert _rel(paged, want) <= 1e-12
+
+
+def test_varlen_and_two_branch_decode_of_sums():
+    k = moa.compile("examples/sigmoid.moa")
+    g = torch.Generator().manual_seed(9)
+    x = {a: torch.randn(300, 8 if a != "V" else 5, generator=g, dtype=F64) for a in "QKV"}
+    cu = torch.tensor([0, 1, 70, 300])
+    sep = torch.cat([k(**{a: t[cu[s]:cu[s + 1]] for a, t in x.items()}) for s in range(3)])
+    assert _rel(k.varlen(cu, cu, **x, splits=2), sep) <= 1e-12
+    two = moa.compile(HEAD + "S[i, j] = where(j <= i, dot(Q[i], K[j]) / sqrt(d), -inf)\n"
+                             "A[i, j] = where(j <= i, sigmoid(dot(Q[i], K[j])), 0)\n"
+                             "out O = softmax(S, axis=-1) @ V + 0.5 * (A @ V)")
+    full = two(**x)
+    for splits in (1, 3):
+        assert _rel(two.decode(Q=x["Q"][-3:], K=x["K"], V=x["V"], splits=splits), full[-3:]) <= 1e-12
