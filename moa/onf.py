@@ -467,6 +467,9 @@ def show(s: Schedule) -> str:
             how = "residue re-indexing" if h.stride > 1 else "diagonals (per-row window)"
             lines.append(f"  branch {k} ({b.kind}): {how}: {b.var} = {sy.show(h.key)}, loop over hops {h.var} in "
                          f"[{sy.show(h.t_lo)}, {sy.show(h.t_hi)}] for rows in [I_LO, I_HI] (one key per row per hop)")
+        elif b.mix is not None:
+            lines.append(f"  branch {k} ({b.kind}, window mixing): the window kernel, not key tiles: per row the "
+                         f"{sy.show(b.mix.extent)} hop dot products over {b.mix.kvar}, mixed by one tl.dot")
         else:
             lines.append(f"  branch {k} ({b.kind}): {b.var} -> loop over BLOCK_N tiles of {sy.show(b.extent)}")
             lo = "0" if b.key_lo is None else f"max(0, {b.key_lo})"
