@@ -40,9 +40,15 @@ def operand_read(e, last: tuple, tile_vars: set):
 
 
 def score_reads(score, operands: set) -> list:
-    """The float input reads of a score other than the contraction (bias tables, gates), each once."""
+    """The float input reads of a score other than the contraction (bias tables, gates), each once, whose
+    gradient the kernels take by atomic adds: every read of that input is a leaf of the score's sympy translation
+    (reached through smooth ops). An input also read under a where (a non-smooth leaf) is left out: its gradient
+    runs unfused (the gradient DNF), where the kernels would have given it none for that read."""
+    leaves = Translation(score).leaves.values()
+    hidden = {x.name for leaf in leaves if not isinstance(leaf, D.Read) for x in D.nodes(leaf)
+              if isinstance(x, D.Read)}
     return list(dict.fromkeys(x for x in D.nodes(score) if isinstance(x, D.Read) and x.dtype == ir.FLOAT
-                              and x.name not in operands))
+                              and x.name not in operands and x.name not in hidden))
 
 
 def is_multi(sched: Schedule) -> bool:

@@ -8,6 +8,7 @@ tidy pass (codegen/tidy.py: no dead assignment, only the helpers used). The line
 the cost model's regions, which the spec maps to line numbers (codegen/ledger.py reads them)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -346,8 +347,9 @@ class KernelEmitter(DataTiles):
         rowmap = {self.s.row[0]: "offs_m[:, None]"}
         if b.mode == "lift":
             rowmap[self.s.lift.a] = "offs_a[:, None]"
-        if value is not None:   # a number: folded into one literal
-            name = repr(float(value) * float(LOG2E))
+        if value is not None:   # a number: folded into one literal (inf / nan spelt float(...))
+            v = float(value) * float(LOG2E)
+            name = repr(v) if math.isfinite(v) else f'float("{v}")'
         else:
             coef = self.x.emit(c, rowmap, body, role=f"qk_scale{sfx}")
             name = f"qk_scale{sfx}"

@@ -29,8 +29,6 @@ _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%"
 _CMPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 MAX_NAME = 64
-
-
 MAX_EXTENT = 2 ** 31 - 1  # kernels take extents as 32-bit integers
 
 
@@ -340,10 +338,10 @@ class Elaborator:
         loc = self.loc(ftok)
         if fname not in BUILTINS:
             if fname in self._all_names():
-                what = "a dim" if fname in self.s.dims else "a param" if fname in self.s.params else \
-                    "an index" if fname in self.s.index else "an array"
-                how = f"; index it with {fname}[...]" if what == "an array" else ""
-                raise ParseError(f"'{fname}' is {what}, not a function{how}", loc)
+                what = next(w for w, t in (("a dim", self.s.dims), ("a param", self.s.params),
+                                           ("an index", self.s.index), ("an array", self.s.arrays)) if fname in t)
+                raise ParseError(f"'{fname}' is {what}, not a function" + (f"; index it with {fname}[...]"
+                                                                          if what == "an array" else ""), loc)
             raise self.undefined(ftok)
         pos, kw = [], {}
         for a in rawargs:

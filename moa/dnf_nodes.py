@@ -177,20 +177,21 @@ def nodes(e):
 
 
 def free_vars(e) -> set:
+    """The index variables e depends on: those it reads, less each binder's own variable within that binder only
+    (V[k, c] * +red_k V[k, c] depends on k: its first factor is outside the sum)."""
     out: set = set()
-    bound: set = set()
-    for x in nodes(e):
-        if isinstance(x, Read):
-            for i in x.index:
-                out |= sp.sympify(i).free_symbols
-        elif isinstance(x, Index):
-            out |= x.expr.free_symbols
-        elif isinstance(x, (SoftmaxAt, NormalizeAt)):
-            out |= sp.sympify(x.target).free_symbols
-        if isinstance(x, BINDERS):
-            bound.add(x.var)
-            out |= sp.sympify(x.extent).free_symbols
-    return {s for s in out - bound if not s.is_positive}
+    if isinstance(e, Read):
+        for i in e.index:
+            out |= sp.sympify(i).free_symbols
+    elif isinstance(e, Index):
+        out |= e.expr.free_symbols
+    elif isinstance(e, (SoftmaxAt, NormalizeAt)):
+        out |= sp.sympify(e.target).free_symbols
+    inner = set().union(*(free_vars(k) for k in children(e)))
+    if isinstance(e, BINDERS):
+        inner.discard(e.var)
+        out |= sp.sympify(e.extent).free_symbols
+    return {s for s in out | inner if not s.is_positive}
 
 
 # ---- MoA notation --------------------------------------------------------------------------------------

@@ -220,15 +220,14 @@ _MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne
 
 def _integer_compare(fn, args, loc):
     """x op c with x an integer and c a non-integer float constant (a param w = 7.5) as a comparison of integers:
-    x <= 7.5 and x < 7.5 are x <= 7, x >= 7.5 and x > 7.5 are x >= 8, x == 7.5 is false, x != 7.5 true (the same
-    truth values; the kernels' index arithmetic stays integer). None where it does not apply."""
-    if fn not in COMPARE:
+    x <= 7.5 and x < 7.5 are x <= 7, x >= 7.5 and x > 7.5 are x >= 8 (the same
+    truth values; the kernels' index arithmetic stays integer). None where it does not apply: == and != keep x
+    (its reads are still evaluated and checked)."""
+    if fn not in COMPARE - {"eq", "ne"}:
         return None
     for x, c, op in ((args[0], args[1], fn), (args[1], args[0], _MIRROR[fn])):
         v = c.attrs[0] if c.op == "const" else None
         if x.dtype == INT and isinstance(v, float) and math.isfinite(v) and not v.is_integer():
-            if op in ("eq", "ne"):
-                return None if x.rank else const(op == "ne", loc)
             return ewise(op if op in ("le", "ge") else {"lt": "le", "gt": "ge"}[op], x,
                          sym(math.floor(v) if op in ("le", "lt") else math.ceil(v), loc), loc=loc)
     return None

@@ -224,7 +224,13 @@ def key_sum(x, leadset, i, c):
     mask, body = _strip_mask(x.body, 0.0)
     if mask is None:
         mask, body = _strip_mask(x.body, 0)
-    fs = _factors(body)
+    fs = []
+    for f in _factors(body):   # a value factor's own mask over (i, j), where(P, v, 0), joins the weight's
+        p, g = _strip_mask(f, 0.0) if c in _free(f) else (None, f)
+        if p is not None and c not in _free(p):
+            mask = p if mask is None else D.Op("and", (mask, p), "bool")
+            f = g
+        fs.append(f)
     value = [f for f in fs if c in _free(f)]
     weight = []
     for f in fs:   # where(P, w, 0) * x = where(P, w * x, 0): a factor's mask is the weight's

@@ -96,10 +96,12 @@ def _key_tiles(b, env, lo_f, hi_f, ext, box_lo, box_hi, bn):
     return int((~skip).sum())
 
 
-def _hops(h, env, box_lo, box_hi) -> int:
+def _hops(h, env, box_lo, box_hi, valid) -> tuple[int, int]:
+    """(hops visited over all row boxes, the same weighted by each box's valid rows: the rows a hop loads)."""
     e = {**env, iv.I_LO: box_lo, iv.I_HI: box_hi}
     lo, hi = _vec(np_eval(h.t_lo, e), len(box_lo)), _vec(np_eval(h.t_hi, e), len(box_lo))
-    return int(np.maximum(0, hi - lo + 1).sum())
+    per = np.maximum(0, hi - lo + 1)
+    return int(per.sum()), int((per * valid).sum())
 
 
 def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_m=128, block_n=64,
@@ -117,6 +119,7 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
     inst = batch * math.prod(sy.evaluate(x, dims) for _, x in s.lead)
     rows = _row_tiles(s, dims, block_m)
     R = len(rows["I_LO"])
+    valid = (rows["A_HI"] - rows["A_LO"] + 1) if "A_LO" in rows else (rows["I_HI"] - rows["I_LO"] + 1)   # per box
     if s.kind == onf.RESIDUE:
         env[s.lift.res] = rows["r"]
         for b in s.branches:
@@ -136,7 +139,7 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
         D = sy.tile_width(d) if d else 0
         m = sy.evaluate(b.lift.extent if b.mode == "lift" else b.extent, dims)
         if b.mode == onf.HOPS:
-            visits = _hops(b.hop, env, rows["I_LO"], rows["I_HI"])
+            visits, loaded_rows = _hops(b.hop, env, rows["I_LO"], rows["I_HI"], valid)
             hops += visits
             other += visits * (2 * bm * D + 3 * bm * E + 8 * bm)
             trans += visits * 2 * bm
@@ -151,13 +154,13 @@ def predict(s: onf.Schedule, dims: dict, dtype="bfloat16", device="h100", block_
             width = bn
         for part, cols in ((b.dot.b if b.dot is not None else None, d), (b.value, e_dim)):
             for x in _reads(part):
-                if b.mode == onf.HOPS:   # one key row per query row: no tile reuse, every hop's rows from HBM
-                    gathered += visits * width * cols
+                if b.mode == onf.HOPS:   # one key row per valid query row: no tile reuse, every row from HBM
+                    gathered += loaded_rows * cols
                     continue
                 loaded[x.name] = loaded.get(x.name, 0) + visits * width * cols
                 sizes[x.name] = max(sizes.get(x.name, 0), m * cols)
-    rows_io = R * bm * (max([sy.evaluate(b.dot.extent, dims) for b in s.branches if b.dot is not None], default=0)
-                        + e_dim)  # the query tile and the output tile of every program
+    qd = max([sy.evaluate(b.dot.extent, dims) for b in s.branches if b.dot is not None], default=0)
+    rows_io = int(valid.sum()) * (qd + e_dim)  # the query and output rows of every program (masked past the rows)
     hbm = sum(loaded.values())
     if sum(sizes.values()) * elt <= dev.l2_bytes / 2:  # K, V re-reads served from L2: each read once from HBM
         hbm = sum(min(v, sizes[k]) for k, v in loaded.items())

@@ -183,9 +183,9 @@ def fused_counts(fm, kinds: tuple, splits: int, rows: int, e: int, dims: dict, d
     be = sy.tile_width(e)
     programs = cdiv(rows, BLOCK_R)
     flops = trans = loaded = 0
-    for kind in kinds:   # each branch's merge: softmax, norm or sum (the last has no division)
+    for kind in kinds:   # each branch's merge: softmax, norm or sum (no division, and no normaliser: tidied away)
         norm = kind != "softmax"
-        per = 2 * BLOCK_R * be + (1 if norm else 3) * BLOCK_R
+        per = 2 * BLOCK_R * be + (0 if kind == "sum" else 1 if norm else 3) * BLOCK_R
         flops += programs * (splits * per + (BLOCK_R * be if kind != "sum" else 0))
         trans += 0 if norm else programs * BLOCK_R * splits
         loaded += splits * rows * (e * part + (1 if norm else 2) * acc)

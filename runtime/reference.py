@@ -62,11 +62,28 @@ class _Eval:
         return [1] * self.lead(ctx)
 
     def run(self, node, ctx=(), guard=None):
+        guard = self.aligned(guard, ctx, node.rank)
         key = (id(node), tuple(v for v, _ in ctx), id(guard))
         if key not in self.memo:
             # node and guard are kept alive with the result so that their ids stay unique
             self.memo[key] = (getattr(self, "op_" + node.op)(node, ctx, guard), node, guard)
         return self.memo[key][0]
+
+    def aligned(self, guard, ctx, rank: int):
+        """A guard as the node of own rank `rank` sees it: the context axes, then the node's own axes (an
+        elementwise parent's leading own axes are its child's); axes past them any-reduced (the child does not
+        vary along them: scalar extension), missing ones broadcast. Structural ops pass `lead(guard)`."""
+        if guard is None:
+            return None
+        want = self.lead(ctx) + rank
+        if guard.dim() > want:
+            return guard.flatten(want).any(-1)
+        return guard.reshape((*guard.shape, *([1] * (want - guard.dim())))) if guard.dim() < want else guard
+
+    def lead_guard(self, guard, ctx):
+        """The guard over the context axes only (any cell of the own axes counts): what a structural op (a
+        reduction, transpose, read, contraction ...) passes on, its operands' axes not being its own."""
+        return self.aligned(guard, ctx, 0)
 
     def align(self, t, rank, want):
         """Give a value of own rank `rank` the own rank `want` (scalar extension adds trailing axes)."""
@@ -112,7 +129,7 @@ class _Eval:
         fn = n.attrs[0]
         if fn == "where":
             c = self.align(self.run(n.args[0], ctx, guard), n.args[0].rank, n.rank)
-            g = c if guard is None else guard & c
+            g = c if guard is None else guard & c   # both: the context axes, then this node's own
             a = self.align(self.run(n.args[1], ctx, g), n.args[1].rank, n.rank)
             b = self.align(self.run(n.args[2], ctx, ~c if guard is None else guard & ~c), n.args[2].rank, n.rank)
             if a.dtype != b.dtype:
@@ -147,6 +164,7 @@ class _Eval:
 
     # structure
     def op_matmul(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         a, b = n.args
         x, y = self.run(a, ctx, guard), self.run(b, ctx, guard)
         dt = F64 if n.dtype == ir.FLOAT else torch.int64
@@ -159,11 +177,13 @@ class _Eval:
         return torch.einsum(f"...{sa},...{sb}->...{out}", x, y)
 
     def op_transpose(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard)
         L = self.lead(ctx)
         return t.permute((*range(L), *(L + p for p in n.attrs[0])))
 
     def op_psi(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         a, *ix = n.args
         slots = n.attrs[0]
         t = self.run(a, ctx, guard)
@@ -209,12 +229,7 @@ class _Eval:
         vs = n.attrs[0]
         exts = [int(sy.evaluate(e, self.b.dims)) for e in n.shape[:len(vs)]]
         inner = tuple(ctx) + tuple(zip(vs, exts))
-        g = None
-        if guard is not None:   # the guard's own axes need not be the comprehension's: any cell of them counts
-            L = self.lead(ctx)
-            g = guard.flatten(L).any(-1) if guard.dim() > L else guard
-            g = g.reshape((*g.shape, *([1] * len(vs))))
-        t = self.run(n.args[0], inner, g)
+        t = self.run(n.args[0], inner, guard)   # its own axes are the variables, then the body's own
         L = self.lead(ctx)
         want = list(t.shape)
         for k, e in enumerate(exts):
@@ -222,6 +237,7 @@ class _Eval:
         return t.expand(tuple(want))
 
     def op_reduce(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         op, ax = n.attrs
         t = self.run(n.args[0], ctx, guard)
         dim = self.lead(ctx) + ax
@@ -232,26 +248,31 @@ class _Eval:
         return t.amax(dim) if op == "max" else t.amin(dim)
 
     def op_softmax(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard).to(F64)
         dim = self.lead(ctx) + n.attrs[0]
         return softmax(t, dim)
 
     def op_normalize(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard).to(F64)
         s = t.sum(self.lead(ctx) + n.attrs[0], keepdim=True)
         return torch.where(s == 0, torch.zeros((), dtype=F64), t / torch.where(s == 0, 1.0, s))
 
     def op_logsumexp(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard).to(F64)
         return torch.logsumexp(t, self.lead(ctx) + n.attrs[0])
 
     def op_take(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard)
         dim = self.lead(ctx)
         k = int(sy.evaluate(n.attrs[0], self.b.dims))
         return t.narrow(dim, 0, k) if k >= 0 else t.narrow(dim, t.shape[dim] + k, -k)
 
     def op_drop(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard)
         dim = self.lead(ctx)
         k = int(sy.evaluate(n.attrs[0], self.b.dims))
@@ -259,6 +280,7 @@ class _Eval:
         return t.narrow(dim, k, size - k) if k >= 0 else t.narrow(dim, 0, size + k)
 
     def op_cat(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         a, b = (self.run(x, ctx, guard) for x in n.args)
         L = self.lead(ctx)
         lead = torch.broadcast_shapes(a.shape[:L], b.shape[:L])
@@ -269,19 +291,23 @@ class _Eval:
         return torch.cat([a, b], dim=L)
 
     def op_reverse(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         return self.run(n.args[0], ctx, guard).flip(self.lead(ctx))
 
     def op_rotate(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         k = int(sy.evaluate(n.attrs[0], self.b.dims))
         return self.run(n.args[0], ctx, guard).roll(-k, self.lead(ctx))
 
     def op_reshape(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         t = self.run(n.args[0], ctx, guard)
         L = self.lead(ctx)
         shape = [int(sy.evaluate(s, self.b.dims)) for s in n.attrs[0]]
         return t.reshape((*t.shape[:L], *shape))
 
     def op_outer(self, n, ctx, guard):
+        guard = self.lead_guard(guard, ctx)
         a, b = n.args
         x, y = self.run(a, ctx, guard), self.run(b, ctx, guard)
         x = x.reshape((*x.shape, *([1] * b.rank)))

@@ -81,3 +81,62 @@ def test_empty_outputs_cost_nothing(name, form, dims):
     assert m.flops == c.flops == 0 and m.dram_bytes == c.dram_bytes == 0 and c.tiles_visited == 0
     if name == "bla":
         assert k.reference(**{**x, "Q": x["Q"][:0], "K": x["K"][:0], "V": x["V"][:0]}).shape == (0, 0)
+
+
+def _grads(k, x, wanted):
+    ts = {a: t.clone().requires_grad_(a in wanted) for a, t in x.items()}
+    w = torch.randn(k.reference(**x).shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    ref = torch.autograd.grad((k.reference(**ts) * w).sum(), [ts[a] for a in wanted])
+    got = torch.autograd.grad((k(**ts) * w).sum(), [ts[a] for a in wanted])
+    return ref, got
+
+
+@pytest.mark.parametrize("bias", ["where(j >= 1, G[j - 1], 0)", "where(j <= 7, G[j + 1], 0) + G[j]"])
+def test_a_bias_read_under_a_where_gets_its_gradient(bias):
+    # the fused kernels scattered only the reads the score's sympy form reaches: G under a where got 0 (wrong)
+    k = moa.compile(HEAD + f"in G[n]\nS[i, j] = where(j <= i, dot(Q[i], K[j]) + {bias}, -inf)\n"
+                           "out O = softmax(S, axis=-1) @ V")
+    x = _x(9, G=torch.randn(9, generator=torch.Generator().manual_seed(1), dtype=F64))
+    ref, got = _grads(k, x, ("Q", "G"))
+    for r, o in zip(ref, got):
+        assert (r - o).abs().max() <= 1e-12 * max(1.0, r.abs().max().item())
+
+
+def test_reference_guards_follow_the_axes():
+    # a comprehension as the where's branch keeps its cells' guard (a false out-of-range error); a where over an
+    # array inside a scalar where in a comprehension: the outer guard is the row's (a wrong, zeroed gradient)
+    k = moa.compile(HEAD + "in G[n]\nGp[i:n, j:n] = G[i - j]\nM[i:n, j:n] = j <= i\n"
+                           "S = where(M, Q @ K.T + Gp, -inf)\nout O = softmax(S, axis=-1) @ V")
+    x = _x(9, G=torch.randn(9, dtype=F64))
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
+    k = moa.compile("dim n, m\nin A[n, m], c[n]\nout O[i:n] = where(c[i] > 0, sum(where(A[i] > 0, exp(A[i]), 0), "
+                    "axis=0), 0)")
+    a = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    c = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=F64)
+    (g,) = torch.autograd.grad(k.reference(A=a, c=c).sum(), [a])
+    want = torch.where((c[:, None] > 0) & (a > 0), a.exp(), torch.zeros((), dtype=F64))
+    assert torch.equal(g, want.detach())
+
+
+def test_sums_under_a_nonlinear_epilogue_have_gradients():
+    # the gradient DNF recomputes the sum inside the epilogue's derivative; free_vars was not scope-aware and
+    # factor-out hoisted a factor out of the sum that binds its index (KeyError 'no value for k')
+    k = moa.compile(HEAD + "A[i, j] = where(j <= i, sigmoid(dot(Q[i], K[j])), 0)\nW[j, c] = tanh(V[j, c])\n"
+                           "out O = relu(A @ W)")
+    x = _x(30)
+    ref, got = _grads(k, x, ("Q", "K", "V"))
+    for r, o in zip(ref, got):
+        assert (r - o).abs().max() <= 1e-12 * max(1.0, r.abs().max().item())
+    masked_value = moa.compile(HEAD + "A[i, j] = sigmoid(dot(Q[i], K[j]))\n"
+                                      "out O[i, c] = sum(A[i] * where(iota(n) <= i, V[:, c], 0), axis=0)")
+    assert (masked_value(**x) - masked_value.reference(**x)).abs().max() <= 1e-12
+
+
+def test_constants_that_fold_to_infinities_and_equalities_with_fractions():
+    k = moa.compile(HEAD + "S[i, j] = dot(Q[i], K[j]) * exp(inf)\nout O = softmax(S, axis=-1) @ V")
+    x = _x(20)
+    assert torch.equal(k(**x).isnan(), k.reference(**x).isnan())
+    eq = moa.compile(HEAD + "in doc[n]: int\nS[i, j] = where(doc[i + 1] == 2.5 or j <= i, dot(Q[i], K[j]), -inf)\n"
+                            "out O = softmax(S, axis=-1) @ V")
+    with pytest.raises(moa.InputError, match="out of range"):   # the read is still evaluated and checked
+        eq.reference(**_x(20, doc=torch.zeros(20, dtype=torch.int64)))
