@@ -86,7 +86,8 @@ def _may_overflow(e, vmap) -> bool:
 
 def _wide(code: str) -> str:
     """The code of a tile variable as a 64-bit integer (a loop counter is a Python int in the interpreter)."""
-    return f"tl.full([], {code}, tl.int64)" if code.isidentifier() else f"{code}.to(tl.int64)"
+    scalar = code.isidentifier() and not code.startswith("offs_")   # offs_m & co. are index vectors
+    return f"tl.full([], {code}, tl.int64)" if scalar else f"{code}.to(tl.int64)"
 
 
 _KEY_STARTS = {"offs_n[:, None]": "start_n", "offs_nx[:, None]": "nxt_n"}   # key-tile rows -> their first key
@@ -265,6 +266,9 @@ class Emitter:
 
     def _op(self, e: D.Op, a: list) -> str:
         fn = e.fn
+        if e.dtype == ir.INT and fn in ("add", "sub", "mul", "neg", "floordiv", "mod", "pow"):
+            # integer data in arithmetic is 64-bit, as the reference computes it (int32 ids + 3 would wrap)
+            a = [f"({c}).to(tl.int64)" if isinstance(x, D.Read) else c for c, x in zip(a, e.args)]
         binary = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==",
                   "ne": "!=", "and": "&", "or": "|"}
         if fn in binary:

@@ -68,9 +68,10 @@ def _row_tiles(s: onf.Schedule, dims: dict, bm: int) -> dict:
         lo = np.arange(0, n, bm, dtype=np.int64)
         return {"I_LO": lo, "I_HI": np.minimum(lo + bm, n) - 1}
     st = s.lift.stride
-    per = (n - 1 - np.arange(st, dtype=np.int64)) // st + 1       # rows of residue r (0 for r >= n)
+    rs = np.arange(min(st, max(n, 0)), dtype=np.int64)   # residues r >= n hold no row (a stride of 2^30 ...)
+    per = (n - 1 - rs) // st + 1       # rows of residue r
     tiles = -(-per // bm)
-    res = np.repeat(np.arange(st, dtype=np.int64), tiles)
+    res = np.repeat(rs, tiles)
     alo = (np.arange(len(res)) - np.repeat(np.cumsum(tiles) - tiles, tiles)) * bm
     ahi = np.minimum(alo + bm, per[res]) - 1
     return {"I_LO": res + st * alo, "I_HI": res + st * ahi, "A_LO": alo, "A_HI": ahi, "r": res}

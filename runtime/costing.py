@@ -86,7 +86,7 @@ def run_schedule(planner, name: str, dims: dict | None = None, dtype: str = "bfl
     return planner.schedule_for(name, dims, canonical_dtype(dtype), dev, batch)
 
 
-def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(), index_dtype="int64",
+def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(), index_dtype=None,
          fit: bool = False, inputs: dict | None = None, **dims) -> CostReport:
     """Predicted cost of calling the kernel with these dims (see CostReport); no dims -> sympy formulas.
 
@@ -94,7 +94,8 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     interpreter's tile config and float32 compute for bf16, as `measure` runs it; no time prediction).
     config: force a tile config (otherwise the runtime's default table): a Config for the tiled kernel, a
     LinearConfig for the chunked linear form. batch: extra leading axes.
-    index_dtype: dtype of integer inputs (int64, torch's default, or int32). fit: use the config the GPU
+    index_dtype: dtype of integer inputs (int64, torch's default, or int32; default: that of the integer `inputs`
+    given, which the kernel reads as int64 or, for any narrower integer, int32). fit: use the config the GPU
     runtime launches after its ahead-of-time check (compiles once, cached on disk) instead of the default
     table's. Each output is predicted in the kernel a call runs: the tiled kernel, the window-mixing kernel, or
     the chunked linear form (form='linear', or where the runtime picks it at these dims).
@@ -102,6 +103,10 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     them) of integer or boolean inputs a mask reads (document ids, flags): the tiles the kernel skips by their
     per-tile summaries, and tiles_needed, are counted on this data; without it a data-dependent test is counted
     as skipping nothing."""
+    if index_dtype is None:
+        ints = [torch.as_tensor(t).dtype for t in (inputs or {}).values()]
+        ints = [t for t in ints if not t.is_floating_point and t != torch.bool]
+        index_dtype = "int32" if ints and torch.int64 not in ints else "int64"
     return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True,
                           inputs=inputs, **dims)[0]
 

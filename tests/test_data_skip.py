@@ -173,6 +173,7 @@ def test_ids_near_the_ends_of_their_type(dtype, lo, hi):
     m = measure(k, **x)
     c = cost(k, dtype="float64", device="cpu", inputs={"doc": doc}, n=n, d=16, e=16)
     assert m.tiles_visited == c.tiles_visited == c.tiles_needed == 3
+    assert m.dram_bytes == c.dram_bytes   # int32 ids are read as 4 bytes (the cost model took 8 for any ids)
 
 
 @pytest.mark.parametrize("mask, values", [("g[j] and j <= i", [-1]), ("not g[j]", [-1, 0]), ("g[i] == g[j]", [1, 2])])
@@ -189,3 +190,17 @@ def test_integer_tensors_for_bool_inputs(mask, values):
     m = measure(k, **x)
     c = cost(k, dtype="float64", device="cpu", inputs={"g": g}, n=n, d=16, e=16)
     assert m.tiles_visited == c.tiles_visited
+
+
+def test_arithmetic_on_int32_ids_is_64_bit():
+    # doc[j] + 3 in the mask: int32 ids near 2^31 - 1 wrapped in the kernel (the reference computes in int64)
+    k = moa.compile(HEAD + "in doc[n]: int\nS[i, j] = where(doc[j] + 3 >= doc[i] and j <= i, dot(Q[i], K[j]), -inf)\n"
+                           "out O = softmax(S, axis=-1) @ V\n")
+    n = 100
+    doc = torch.full((n,), 2 ** 31 - 2, dtype=torch.int32)
+    doc[::3] = 2 ** 31 - 6
+    x = inputs(n, doc=doc)
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
+    m = measure(k, **x)
+    c = cost(k, dtype="float64", device="cpu", inputs={"doc": doc}, n=n, d=16, e=16)
+    assert {f: getattr(m, f) for f in COUNTERS} == {f: getattr(c, f) for f in COUNTERS}

@@ -140,3 +140,12 @@ def test_constants_that_fold_to_infinities_and_equalities_with_fractions():
                             "out O = softmax(S, axis=-1) @ V")
     with pytest.raises(moa.InputError, match="out of range"):   # the read is still evaluated and checked
         eq.reference(**_x(20, doc=torch.zeros(20, dtype=torch.int64)))
+
+
+@pytest.mark.parametrize("schedule", [None, "hops"])
+def test_a_stride_past_the_sequence(schedule):
+    # (i - j) % 2^30 == 0: the model enumerated 2^30 residues (MemoryError); the hop loop widened offs_m as a scalar
+    k = moa.compile(HEAD + "S[i, j] = where(j <= i and (i - j) % 1073741824 == 0, dot(Q[i], K[j]), -inf)\n"
+                           "out O = softmax(S, axis=-1) @ V", schedule=schedule)
+    x = _x(70)
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
