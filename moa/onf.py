@@ -19,6 +19,7 @@ A schedule has a kind (`variants` lists the legal ones of an output; the runtime
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import reduce
 
 import sympy as sp
 
@@ -245,12 +246,7 @@ def key_sum(x, leadset, i, c):
             not all(_free(f) <= leadset | {i, j} for f in weight) or \
             (mask is not None and not _free(mask) <= leadset | {i, j}):
         return None
-    w = weight[0] if weight else D.Const(1.0)
-    for f in weight[1:]:
-        w = D.Op("mul", (w, f), ir.FLOAT)
-    v = value[0]
-    for f in value[1:]:
-        v = D.Op("mul", (v, f), ir.FLOAT)
+    w, v = (reduce(lambda x, y: D.Op("mul", (x, y), ir.FLOAT), fs) for fs in (weight or [D.Const(1.0)], value))
     if not any(isinstance(y, D.Reduce) and y.op == "sum" for y in D.nodes(w)):
         return None   # no contraction in the weight: a product of arrays (Q @ K.T), not attention
     if mask is not None:

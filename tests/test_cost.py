@@ -139,7 +139,9 @@ def test_sdpa_formulas_in_the_dims():
 
 @pytest.mark.parametrize("name, params", [("causal", {}), ("sliding_window", {"w": 20}),
                                           ("causal_bottom_right", {}), ("gqa_alibi", {}),
-                                          ("relative_bias", {}), ("pi_attention", {"k": 20, "s": 7})])
+                                          ("relative_bias", {}),
+                                          # one schedule at every n (the model picks hops at n = 1)
+                                          ("pi_attention", {"k": 20, "s": 7, "schedule": "tiled"})])
 def test_formulas_evaluate_to_the_numeric_prediction(name, params):
     k = compile_(name, **params)
     f = k.cost(dtype="bf16", device="h100")
