@@ -139,7 +139,7 @@ class _Eval:
         if n.dtype == ir.FLOAT:
             args = [a.to(F64) if not a.dtype == torch.bool else a for a in args]
             if guard is not None and torch.is_grad_enabled() and any(a.requires_grad for a in args):
-                args = self.gated(args, guard, self.lead(ctx))
+                args = self.gated(args, guard)
         elif fn not in ("and", "or", "not") and any(a.dtype == torch.bool for a in args):
             args = [a.to(torch.int64) for a in args]
         try:
@@ -149,17 +149,17 @@ class _Eval:
                 raise
             raise InputError(f"integer division by zero at {n.loc} ('{fn}' of the call's data)") from None
 
-    def gated(self, args: list, guard, lead: int) -> list:
+    def gated(self, args: list, guard) -> list:
         """The float arguments of an op evaluated under a guard, their gradients zeroed where the guard is false:
         a cell no taken branch reads gets no gradient, so an op whose derivative is infinite there (exp of a large
-        score in the untaken branch) gives 0, not 0 * inf = NaN. Only the guard's context axes are used (they mean
-        the same cell throughout a comprehension's body); its own axes are any-reduced."""
+        score in the untaken branch) gives 0, not 0 * inf = NaN. The guard is aligned with the op (`aligned`: the
+        context axes, then the op's own), so each cell is gated by its own guard."""
         shape = torch.broadcast_shapes(*(a.shape for a in args))
-        g = guard.flatten(lead).any(-1) if guard.dim() > lead else guard
-        for d in range(lead):  # the op does not vary along this axis: any guarded cell counts
+        g = guard.flatten(len(shape)).any(-1) if guard.dim() > len(shape) else \
+            guard.reshape((*guard.shape, *([1] * (len(shape) - guard.dim()))))
+        for d in range(len(shape)):  # the op does not vary along this axis: any guarded cell counts
             if shape[d] == 1 and g.shape[d] > 1:
                 g = g.any(d, keepdim=True)
-        g = g.reshape((*g.shape, *([1] * (len(shape) - lead))))
         return [_Gate.apply(a.expand(shape), g) if a.requires_grad else a for a in args]
 
     # structure

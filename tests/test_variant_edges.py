@@ -149,3 +149,13 @@ def test_a_stride_past_the_sequence(schedule):
                            "out O = softmax(S, axis=-1) @ V", schedule=schedule)
     x = _x(70)
     assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
+
+
+def test_reference_gradients_of_a_where_over_arrays():
+    # the gate of the untaken cells is per cell (it was any-reduced over the array: sqrt's 0 * inf NaN leaked)
+    a = torch.tensor([[1.5, -0.3], [0.6, -1.1]], dtype=F64, requires_grad=True)
+    for src in ("dim n, m\nin A[n, m]\nout O = where(A > 0.1, sqrt(A), 0.0)",
+                "dim n, m\nin A[n, m]\nout O[i:n] = sum(where(A[i] > 0.1, sqrt(A[i]), 0.0), axis=0)"):
+        (g,) = torch.autograd.grad(moa.compile(src).reference(A=a).sum(), [a])
+        want = torch.where(a > 0.1, 0.5 / a.clamp_min(0.1).sqrt(), torch.zeros((), dtype=F64))
+        assert torch.allclose(g, want.detach(), rtol=1e-14, atol=0)
