@@ -159,6 +159,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     elif cache_len is not None:
         lens = _lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
+    decode_merge.refuse_positional(plan, call.mode)
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
                          "for both axes, so the queries are the last rows of the valid keys")

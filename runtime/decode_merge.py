@@ -13,12 +13,13 @@ import functools
 import math
 import weakref
 
+import sympy as sp
 import torch
 
 from moa import dnf as D
 from moa import shard
 from moa import symbolic as sy
-from moa.codegen.splitkv import BRANCHES_KERNEL, GRID_KERNEL, LAUNCH_OPTIONS, branches_source
+from moa.codegen.splitkv import BRANCHES_KERNEL, GRID_KERNEL, LAUNCH_OPTIONS, SPLIT, branches_source
 from moa.codegen.splitkv_epilogue import FUSED_MERGE_KERNEL, fused_merge_source
 from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
@@ -98,17 +99,35 @@ def finish_fused(plan, fused: dict, acc: dict, pending: list, b, compute: torch.
     return res[plan.output_names[0]] if len(plan.output_names) == 1 else {n: res[n] for n in plan.output_names}
 
 
+def positional(plan) -> bool:
+    """Whether an epilogue reads the row index as a number or a dim that differs per sequence (its length, offset):
+    evaluated once for a call, it would take the call's values, not each sequence's."""
+    local = {s.name for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1)}
+    for ep in plan.epilogues:
+        row = ep.vars[-2]
+        for x in D.nodes(ep.expr):
+            syms = x.expr.free_symbols if isinstance(x, D.Index) else \
+                set().union(*(sp.sympify(i).free_symbols for i in x.index)) - {row} if isinstance(x, D.Read) else \
+                sp.sympify(x.extent).free_symbols if isinstance(x, D.BINDERS) else set()
+            if row in syms and isinstance(x, D.Index) or {s.name for s in syms} & local:
+                return True
+    return False
+
+
+def refuse_positional(plan, mode: str) -> None:
+    """decode with valid lengths or pages (a mode other than the whole cache's) gives each batch index its own
+    rows and length; an epilogue reading them as numbers would take the cache's (positional): refused."""
+    if mode != SPLIT and positional(plan):
+        raise UnsupportedError("decode with cache_len or a block table: an epilogue reads the row index or the "
+                               "sequence length (as a number), which differ per batch index; decode each batch "
+                               "index on its own valid keys (K[b, :L_b]) instead")
+
+
 def packed_rows(plan, fused: dict) -> dict:
     """The fused merges of a varlen call, whose rows are every sequence's rows packed: `fused` when no epilogue
     reads a dim that differs per sequence (its lengths, offsets) or the row index as a number (a position of its
     own sequence), so that evaluating it on the packed rows is evaluating it per sequence; else {}."""
-    local = {s.name for s in (plan.n, plan.m, plan.nl, plan.ml, plan.r1, plan.c1)}
-    for ep in plan.epilogues if fused else ():
-        row = ep.vars[-2]
-        if set(fused[ep.output].dims) & local or any(isinstance(x, D.Index) and row in x.expr.free_symbols
-                                                     for x in D.nodes(ep.expr)):
-            return {}
-    return fused
+    return {} if fused and positional(plan) else fused
 
 
 def launch_branches(pending: list, device) -> None:

@@ -159,3 +159,16 @@ def test_reference_gradients_of_a_where_over_arrays():
         (g,) = torch.autograd.grad(moa.compile(src).reference(A=a).sum(), [a])
         want = torch.where(a > 0.1, 0.5 / a.clamp_min(0.1).sqrt(), torch.zeros((), dtype=F64))
         assert torch.allclose(g, want.detach(), rtol=1e-14, atol=0)
+
+
+def test_decode_with_lengths_refuses_epilogues_that_read_positions():
+    # the epilogue took the cache's row numbers and length, not each batch index's (wrong numbers): refused now;
+    # a whole-cache decode still computes it
+    k = moa.compile(HEAD + "A[i, j] = where(j <= i, sigmoid(dot(Q[i], K[j])), 0)\n"
+                           "out O[i, c] = (A[i] @ V)[c] / (i + 1)")
+    g = torch.Generator().manual_seed(0)
+    x = {a: torch.randn(2, 64, 8 if a != "V" else 5, generator=g, dtype=F64) for a in "QKV"}
+    full = k(**x)
+    assert (k.decode(Q=x["Q"][:, -2:], K=x["K"], V=x["V"], splits=3) - full[:, -2:]).abs().max() <= 1e-12
+    with pytest.raises(UnsupportedError, match="row index or the sequence length"):
+        k.decode(Q=x["Q"][:, -2:], K=x["K"], V=x["V"], cache_len=torch.tensor([10, 64]))
