@@ -15,7 +15,6 @@ large; the rounding left is that of the modifier's value itself, as when slope *
 Any other rest (a read along the keys, a non-linear function of j) keeps the per-element code."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -25,6 +24,7 @@ from moa import ir
 from moa.onf import DotTile
 
 from .monoid import LOG2E
+from .printer import float_literal
 from .scope import Scope
 
 
@@ -147,13 +147,7 @@ def _constant(e) -> bool:
 
 
 def _code(v) -> str:
-    return _num(v) if isinstance(v, float) else v
-
-
-def _num(v: float) -> str:
-    """A float literal; infinities and NaN as float(...) (repr gives a bare inf, no Python name)."""
-    return repr(v) if math.isfinite(v) else f'float("{v}")'
-
+    return float_literal(v) if isinstance(v, float) else v
 
 
 def _times(a, b):
@@ -220,7 +214,7 @@ def _sum(values):
     codes = [v for v in values if not isinstance(v, float)]
     if not codes:
         return sum(nums)
-    return " + ".join(codes + ([_num(sum(nums))] if nums else []))
+    return " + ".join(codes + ([float_literal(sum(nums))] if nums else []))
 
 
 def _named(x, body: Scope, base: str, code: str, note: str) -> str:

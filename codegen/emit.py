@@ -8,7 +8,6 @@ tidy pass (codegen/tidy.py: no dead assignment, only the helpers used). The line
 the cost model's regions, which the spec maps to line numbers (codegen/ledger.py reads them)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -26,7 +25,7 @@ from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
 from .monoid import LOG2E, Monoid
 from .printer import code as pcode
-from .printer import is_number
+from .printer import float_literal, is_number
 from .scope import Scope, regions_by_line
 from .tidy import helpers_for, prune
 
@@ -347,9 +346,8 @@ class KernelEmitter(DataTiles):
         rowmap = {self.s.row[0]: "offs_m[:, None]"}
         if b.mode == "lift":
             rowmap[self.s.lift.a] = "offs_a[:, None]"
-        if value is not None:   # a number: folded into one literal (inf / nan spelt float(...))
-            v = float(value) * float(LOG2E)
-            name = repr(v) if math.isfinite(v) else f'float("{v}")'
+        if value is not None:   # a number: folded into one literal
+            name = float_literal(float(value) * float(LOG2E))
         else:
             coef = self.x.emit(c, rowmap, body, role=f"qk_scale{sfx}")
             name = f"qk_scale{sfx}"

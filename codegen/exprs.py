@@ -23,6 +23,7 @@ from moa.onf import BranchValue, DotTile, Schedule
 from moa.program import Program
 
 from .printer import code as pcode
+from .printer import float_literal, int_literal
 from .scope import Scope
 
 TL_DTYPE = {"float64": "tl.float64", "float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
@@ -221,11 +222,7 @@ class Emitter:
             v = e.value
             if isinstance(v, bool):
                 return "True" if v else "False"
-            if isinstance(v, float) and math.isinf(v):
-                return 'float("inf")' if v > 0 else 'float("-inf")'
-            if isinstance(v, int) and abs(v) >= 2 ** 30:   # 64-bit arithmetic (codegen/printer.py integer)
-                return f"tl.full([], {v}, tl.int64)"
-            return repr(v)
+            return float_literal(v) if isinstance(v, float) else int_literal(v)
         if isinstance(e, D.Index):
             return self.idx(e.expr, vmap)
         if isinstance(e, DotTile):

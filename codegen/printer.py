@@ -2,6 +2,8 @@
 semantics for // and % through the kernel's _floordiv / _mod helpers)."""
 from __future__ import annotations
 
+import math
+
 from moa.errors import UnsupportedError
 from moa.exprfold import Backend, fold
 
@@ -37,9 +39,7 @@ class TritonText(Backend):
         raise UnsupportedError(f"internal: no code name for symbol {s}")
 
     def integer(self, v):
-        # a literal near or past int32's range makes the arithmetic 64-bit: offs_n + 2147483647 would wrap in
-        # 32 bits (tile indices are int32), and Triton refuses an int32 operand with 2147483648
-        return f"tl.full([], {v}, tl.int64)" if abs(int(v)) >= 2 ** 30 else str(v)
+        return int_literal(int(v))
 
     def number(self, v):
         return repr(v)
@@ -109,6 +109,17 @@ class TritonText(Backend):
 
     def compare(self, op, a, b):
         return f"({a} {op} {b})"
+
+
+def int_literal(v: int) -> str:
+    """An integer literal; one near or past int32's range makes the arithmetic 64-bit (offs_n + 2147483647 would
+    wrap in 32 bits, tile indices being int32, and Triton refuses an int32 operand with 2147483648)."""
+    return f"tl.full([], {v}, tl.int64)" if abs(v) >= 2 ** 30 else str(v)
+
+
+def float_literal(v: float) -> str:
+    """A float literal; infinities and NaN as float("inf") (repr gives a bare inf, no name in Python)."""
+    return repr(v) if math.isfinite(v) else f'float("{v}")'
 
 
 def is_number(text: str) -> bool:

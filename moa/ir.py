@@ -215,7 +215,7 @@ def _fold_float(fn, args):
     return r if isinstance(r, int) or math.isfinite(r) or math.isinf(r) else None
 
 
-_MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
+_MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 
 
 def _integer_compare(fn, args, loc):
@@ -223,7 +223,7 @@ def _integer_compare(fn, args, loc):
     x <= 7.5 and x < 7.5 are x <= 7, x >= 7.5 and x > 7.5 are x >= 8 (the same
     truth values; the kernels' index arithmetic stays integer). None where it does not apply: == and != keep x
     (its reads are still evaluated and checked)."""
-    if fn not in COMPARE - {"eq", "ne"}:
+    if fn not in _MIRROR:
         return None
     for x, c, op in ((args[0], args[1], fn), (args[1], args[0], _MIRROR[fn])):
         v = c.attrs[0] if c.op == "const" else None

@@ -179,7 +179,6 @@ def schedule(o: D.DnfOutput) -> Schedule:
     branches: list = []
 
     def lift(x):
-        x = key_sum(x, leadset, i, c) or x
         if isinstance(x, (D.SoftmaxSum, D.NormSum, D.KeySum)):
             k = len(branches)
             branches.append(_branch(o.name, x, k, leadset, i, c))
@@ -187,7 +186,7 @@ def schedule(o: D.DnfOutput) -> Schedule:
         kids = D.children(x)
         return D.with_children(x, [lift(y) for y in kids]) if kids else x
 
-    epi = lift(o.expr)
+    epi = lift(with_key_sums(o.expr, leadset, i, c))
     if not branches:
         raise UnsupportedError(f"output {o.name}: no softmax(...) @ V, normalize(...) @ V or A @ V contraction over "
                                f"a key axis found; "
@@ -206,6 +205,22 @@ def schedule(o: D.DnfOutput) -> Schedule:
                     epi, o.dtype)
 
 
+def _strip_zero(e) -> tuple:
+    """(P, x) of where(P, x, 0) (a float or an integer 0), else (None, e)."""
+    mask, body = _strip_mask(e, 0.0)
+    return (mask, body) if mask is not None else _strip_mask(e, 0)
+
+
+def with_key_sums(e, lead: set, i, c):
+    """e with every plain sum over a key axis (rule key-sum) as a KeySum node, as the other monoids are: the
+    branches of a schedule (`schedule`) and of ring / split-KV block programs (moa/shard.py)."""
+    done = e if isinstance(e, (D.SoftmaxSum, D.NormSum, D.KeySum)) else key_sum(e, lead, i, c)
+    if done is not None:
+        return done
+    kids = D.children(e)
+    return D.with_children(e, [with_key_sums(k, lead, i, c) for k in kids]) if kids else e
+
+
 def _factors(e) -> list:
     if isinstance(e, D.Op) and e.fn == "mul":
         return _factors(e.args[0]) + _factors(e.args[1])
@@ -215,33 +230,21 @@ def _factors(e) -> list:
 def key_sum(x, leadset, i, c):
     """Rule `key-sum`: +red_j where(P, w1 * ... * v1 * ..., 0) => KeySum_j(where(P, w1 * ..., 0), v1 * ...), the
     w factors over (lead, i, j) and holding a contraction (q . k), the v factors over (lead, j, c) and reading c,
-    P free of c (A @ V with A an attention-shaped array and no normaliser: sigmoid attention, retention); a w
-    factor's own mask,
-    where(P2, w2, 0), joins P. The product is regrouped (the same terms), so the reduction is the same sum; None
-    where x is not of that form."""
+    P free of c (A @ V with A an attention-shaped array and no normaliser: sigmoid attention, retention); a
+    factor's own mask over (i, j), where(P2, f, 0), joins P. The product is regrouped (the same terms), so the
+    reduction is the same sum; None where x is not of that form."""
     if not (isinstance(x, D.Reduce) and x.op == "sum" and x.dtype == ir.FLOAT):
         return None
     j = x.var
-    mask, body = _strip_mask(x.body, 0.0)
-    if mask is None:
-        mask, body = _strip_mask(x.body, 0)
+    mask, body = _strip_zero(x.body)
     fs = []
-    for f in _factors(body):   # a value factor's own mask over (i, j), where(P, v, 0), joins the weight's
-        p, g = _strip_mask(f, 0.0) if c in _free(f) else (None, f)
+    for f in _factors(body):   # where(P, f, 0) * x = where(P, f * x, 0): a factor's mask over (i, j) is the weight's
+        p, g = _strip_zero(f)
         if p is not None and c not in _free(p):
-            mask = p if mask is None else D.Op("and", (mask, p), "bool")
-            f = g
+            mask, f = (p if mask is None else D.Op("and", (mask, p), "bool")), g
         fs.append(f)
     value = [f for f in fs if c in _free(f)]
-    weight = []
-    for f in fs:   # where(P, w, 0) * x = where(P, w * x, 0): a factor's mask is the weight's
-        if c not in _free(f):
-            p, f = _strip_mask(f, 0.0)
-            if p is None:
-                p, f = _strip_mask(f, 0)
-            if p is not None:
-                mask = p if mask is None else D.Op("and", (mask, p), "bool")
-            weight.append(f)
+    weight = [f for f in fs if c not in _free(f)]
     if not value or not all(_free(f) <= leadset | {j, c} for f in value) or \
             not all(_free(f) <= leadset | {i, j} for f in weight) or \
             (mask is not None and not _free(mask) <= leadset | {i, j}):
@@ -262,9 +265,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     if isinstance(x, D.SoftmaxSum):
         kind, mask, score = "softmax", *_strip_mask(x.score, float("-inf"))
     else:
-        kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *_strip_mask(x.weight, 0.0)
-        if mask is None:
-            mask, score = _strip_mask(x.weight, 0)
+        kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *_strip_zero(x.weight)
     score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
     mix = None
     if kind == "softmax" and dot is None:

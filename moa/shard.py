@@ -49,7 +49,7 @@ from . import intervals as iv
 from . import ir
 from . import symbolic as sy
 from .errors import UnsupportedError
-from .onf import key_sum
+from .onf import with_key_sums
 from .program import Program
 
 QUERY, KEY, BOTH, REPLICATED = "query", "key", "both", "replicated"
@@ -143,18 +143,6 @@ def _extent_symbol(e, what: str) -> sp.Symbol:
     return e
 
 
-def _key_sums(e, lead: set, i, c):
-    """The expression with its plain sums over a key axis (moa/onf.py rule key-sum) as KeySum nodes: branches
-    of the block program like the softmax and normalize monoids (partials merge by adding them)."""
-    if isinstance(e, BRANCHES):
-        return e
-    ks = key_sum(e, lead, i, c)
-    if ks is not None:
-        return ks
-    kids = D.children(e)
-    return D.with_children(e, [_key_sums(k, lead, i, c) for k in kids]) if kids else e
-
-
 def _branch_vars(expr) -> dict:
     """Key variable -> extent of every online-softmax / normalize branch in an expression."""
     return {x.var: sp.sympify(x.extent) for x in D.nodes(expr) if isinstance(x, BRANCHES)}
@@ -188,7 +176,7 @@ def plan(program: Program, outputs) -> ShardPlan:
         if len(o.vars) < 2:
             raise UnsupportedError(f"output {o.name}: ring attention needs rows x columns outputs")
         i = o.vars[-2]
-        o = replace(o, expr=_key_sums(o.expr, set(o.vars[:-2]), i, o.vars[-1]))
+        o = replace(o, expr=with_key_sums(o.expr, set(o.vars[:-2]), i, o.vars[-1]))   # sums: partials add
         jv = _branch_vars(o.expr)
         if not jv:
             raise UnsupportedError(f"output {o.name}: no softmax(...) @ V contraction to lift across ranks")

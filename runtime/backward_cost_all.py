@@ -104,13 +104,12 @@ def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: int, d
     program = mb.planner.cg_program
     out = {}
     for k, (sub, runner) in enumerate(zip(mb.subs, mb.runners)):
-        n, e = sy.evaluate(sub.row[1], dims), sy.evaluate(sub.col[1], dims)
+        n = sy.evaluate(sub.row[1], dims)
         lead = math.prod(sy.evaluate(x, dims) for _, x in sub.lead)
-        total = sub.branches[0].kind != "sum"   # MultiBranchBackward._branch_forward: a sum stores no total
-        if n * lead * math.prod(batch) and (e or total):   # it launches nothing otherwise (Launcher._kernel)
+        if n * lead * math.prod(batch):   # _branch_forward launches nothing otherwise (its lse: also at e = 0)
             cfg = config or choose_config(torch.device("cpu"), compute, n, sy.evaluate(sub.branches[0].extent, dims),
                                           0)
-            spec = generate(program, sub, compute, len(batch), cfg.block_m, cfg.block_n, total,
+            spec = generate(program, sub, compute, len(batch), cfg.block_m, cfg.block_n, True,
                             exact_heads(sub, dims))
             eb = {name: BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else int_bytes
                   for name, node in program.input_map.items()}

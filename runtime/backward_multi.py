@@ -53,10 +53,7 @@ class MultiBranchBackward:
         cfg = choose_config(b.device, DTYPE_NAME[compute], sy.evaluate(sub.row[1], b.dims),
                             sy.evaluate(sub.branches[0].extent, b.dims), 0) \
             if b.device.type != "cuda" else launcher.plan(self.name, b).config
-        total = sub.branches[0].kind != "sum"   # a plain sum stores no total (its backward reads none)
-        out, lse = launcher._kernel(self.name, b, compute, sub, cfg, total, role=f"branch{k}")
-        if lse is None:
-            return out, torch.zeros(out.shape[:-1], dtype=F64 if compute == F64 else torch.float32, device=out.device)
+        out, lse = launcher._kernel(self.name, b, compute, sub, cfg, True, role=f"branch{k}")
         return out, (lse.fill_(float("-inf")) if out.numel() == 0 else lse)
 
     def _epilogue(self, b: Binding, values: list, d_out: torch.Tensor) -> dict:
