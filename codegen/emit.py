@@ -25,7 +25,7 @@ from .exprs import AccessSite, Emitter
 from .hops import emit_hop_branch
 from .monoid import LOG2E, Monoid
 from .printer import code as pcode
-from .printer import float_literal, is_number
+from .printer import float_literal, int_literal, is_number
 from .scope import Scope, regions_by_line
 from .tidy import helpers_for, prune
 
@@ -122,7 +122,7 @@ class KernelEmitter(DataTiles):
             body.add("offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         body.add("offs_v = tl.arange(0, HEAD_DIM_V)")
         if s.kind == RESIDUE:
-            st = s.lift.stride
+            st = int_literal(s.lift.stride)
             body.add("a_lo = start_m * BLOCK_M  # I_LO of a lifted branch: first a of this tile")
             body.add("a_hi = tl.minimum(a_lo + BLOCK_M, rows_res) - 1  # I_HI of a lifted branch: last valid a")
             body.add(f"row_lo = res + {st} * a_lo  # I_LO: first row of this tile")
@@ -134,9 +134,10 @@ class KernelEmitter(DataTiles):
     def _residue_rows(self, body: Scope) -> None:
         """The rows of a program of the residue schedule: i = r + s a for one residue r and a tile of a."""
         rl = self.s.lift
-        st = rl.stride
+        st = int_literal(rl.stride)   # 64-bit past 2^30: r + s a must not wrap
         n = self.idx(self.s.row[1])
-        body.add(f"# residue lifting i = r + {st} a: program_id(0) -> (residue res, tile start_m of a); the residues")
+        body.add(f"# residue lifting i = r + {rl.stride} a: program_id(0) -> (residue res, tile start_m of a); the "
+                 "residues")
         body.add("# below rows_rem hold rows_q + 1 rows, the others rows_q: no program without a row")
         body.add(f"rows_q = _floordiv({n}, {st})")
         body.add(f"rows_rem = {n} - {st} * rows_q")

@@ -51,8 +51,8 @@ def row_tiles(sched, env: dict, n: int, bm: int) -> RowTiles:
                         rows=[(0, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))])
     st = rl.stride
     res, alo, groups = [], [], []
-    for r in range(st):
-        nrows = (n - 1 - r) // st + 1 if r < n else 0
+    for r in range(min(st, n)):   # residues r >= n hold no row (a stride may be 2^30)
+        nrows = (n - 1 - r) // st + 1
         a = np.arange(nrows, dtype=np.int64)
         groups.append((len(res), r + st * a, a))
         for a0 in range(0, nrows, bm):

@@ -283,6 +283,18 @@ def test_residue_schedule_no_program_without_rows():
     assert _err(out, k.reference(**ins)) <= 1e-12
 
 
+def test_residue_schedule_with_a_stride_past_int32():
+    """s = 2^30: the launcher enumerated all s residues (hung), and r + s a wrapped in 32 bits (rows a >= 2 stored
+    garbage over valid rows). Residues r >= n hold no row; the row arithmetic is 64-bit."""
+    k = moa.compile("examples/pi_attention.moa", k=3, s=2 ** 30, schedule="residue")
+    ins = _qkv(40, batch=(), seed=3)
+    ins["wg"] = torch.randn(8, dtype=F64)
+    assert _err(k(**ins), k.reference(**ins)) <= 1e-12
+    m = k.measure(**ins)
+    c = k.cost(dtype="float64", device="cpu", n=40, d=8, e=6)
+    assert m.tiles_visited == c.tiles_visited and m.dram_bytes == c.dram_bytes
+
+
 def test_with_lse_names_the_window_kernel():
     """bla is softmax(S) @ V, but its kernel keeps no log-sum-exp: the refusal says that, not that the form is
     wrong."""
