@@ -33,7 +33,8 @@ from moa.splitkv import call_key_range, choose_splits
 from . import decode_merge, paged, tune
 from .binding import bind, refuse_grad
 from .cache import module_for
-from .decode_rows import both_sides_per_batch, query_rows
+from .decode_rows import both_sides_per_batch, finish_per_length, query_rows
+from .decode_rows import global_dims as _global
 from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, run
 from .launch import compute_dtype
@@ -106,16 +107,6 @@ def lengths(kernel, inputs: dict) -> tuple[int, int]:
     return nq, mk
 
 
-def _global(plan, nq: int, mk: int) -> tuple[dict, int]:
-    """(global dims n, m; first query row) of a call with nq query rows against mk keys (module docstring)."""
-    if plan.n == plan.m:
-        if nq > mk:
-            raise InputError(f"decode: {nq} query rows against {mk} keys; the program uses one dim "
-                             f"{plan.n} for both axes, so the queries are the last rows of the keys (nq <= m)")
-        return {plan.n.name: mk}, mk - nq
-    return {plan.n.name: nq, plan.m.name: mk}, 0
-
-
 @dataclass
 class _Call:
     """What the grid kernel of one call needs besides the block kernel's arguments (codegen/splitkv.py modes)."""
@@ -159,7 +150,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     elif cache_len is not None:
         lens = _lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
-    decode_merge.refuse_positional(plan, call.mode)
+    per_length = call.mode != SPLIT and decode_merge.positional(plan)   # the epilogue per valid length
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
                          "for both axes, so the queries are the last rows of the valid keys")
@@ -182,7 +173,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
             kernel, inputs, splits=s, pack_heads=pack_heads)))
     compute = compute_dtype(b.dtype, b.device)
     acc_dt = torch.float64 if compute == torch.float64 else torch.float32
-    fused = {} if not plan.epilogues else decode_merge.fused_epilogues(   # merge + epilogue in one kernel
+    fused = {} if not plan.epilogues or per_length else decode_merge.fused_epilogues(   # merge + epilogue in one kernel
         block, plan, len(b.batch), acc_dt, frozenset().union(*[decode_merge.batched_inputs(plan, ep, b)
                                                                 for ep in plan.epilogues]))
     if plan_only:   # every output's stats and kernel, nothing launched (the first output's stats returned)
@@ -209,6 +200,8 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         acc[o.name] = (out, lse)
     if fused:
         res = decode_merge.finish_fused(plan, fused, acc, pending, b, compute)
+    elif per_length:
+        res = finish_per_length(plan, block, acc, b, nq, inputs, call.cache_len)
     else:
         res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res

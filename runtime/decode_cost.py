@@ -16,7 +16,7 @@ from moa.splitkv import call_key_range, choose_splits, split_seconds
 
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
-from .decode_merge import fused_counts, fused_epilogues
+from .decode_merge import fused_counts, fused_epilogues, positional
 from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
@@ -169,7 +169,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                                               eo, so.branches[0].kind != "softmax", dtype, device, splits)):
                 extra[k] += v
     longest = cdiv(max([r.tiles_visited for r in reports] + [0]), ptiles * z)
-    fused = _fused(block, plan, batch, dtype)
+    per_length = (page_size or cache_len is not None) and positional(plan)   # the epilogue by torch, per length
+    fused = {} if per_length else _fused(block, plan, batch, dtype)
     merge = 0   # bytes of the merge passes
     for o in plan.outputs:
         so = runner.planner.schedules[o.name]

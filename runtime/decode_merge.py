@@ -19,7 +19,7 @@ import torch
 from moa import dnf as D
 from moa import shard
 from moa import symbolic as sy
-from moa.codegen.splitkv import BRANCHES_KERNEL, GRID_KERNEL, LAUNCH_OPTIONS, SPLIT, branches_source
+from moa.codegen.splitkv import BRANCHES_KERNEL, GRID_KERNEL, LAUNCH_OPTIONS, branches_source
 from moa.codegen.splitkv_epilogue import FUSED_MERGE_KERNEL, fused_merge_source
 from moa.devices import DTYPE_BYTES
 from moa.errors import UnsupportedError
@@ -112,15 +112,6 @@ def positional(plan) -> bool:
             if row in syms and isinstance(x, D.Index) or {s.name for s in syms} & local:
                 return True
     return False
-
-
-def refuse_positional(plan, mode: str) -> None:
-    """decode with valid lengths or pages (a mode other than the whole cache's) gives each batch index its own
-    rows and length; an epilogue reading them as numbers would take the cache's (positional): refused."""
-    if mode != SPLIT and positional(plan):
-        raise UnsupportedError("decode with cache_len or a block table: an epilogue reads the row index or the "
-                               "sequence length (as a number), which differ per batch index; decode each batch "
-                               "index on its own valid keys (K[b, :L_b]) instead")
 
 
 def packed_rows(plan, fused: dict) -> dict:

@@ -6,12 +6,30 @@ moves it with the other key inputs: per split, or per page); its query side is t
 `cache_len` are the last n_q rows of each batch index's valid keys, L_b - n_q .. L_b - 1 (a program with one dim
 for both axes sees its queries there), and with a block table the pool positions of those logical rows,
 block_table[b, r // P] P + r % P. Each batch index gets its own rows: the query side is gathered per batch index
-(it has the call's batch axes even where the input has none)."""
+(it has the call's batch axes even where the input has none).
+
+An epilogue that reads the row index or the length as a number (O = (A @ V) / (i + 1)) takes them per batch
+index too: `finish_per_length` evaluates it for the batch indices of each valid length as a call of their own."""
 from __future__ import annotations
 
 import torch
 
+from moa import shard
 from moa.errors import InputError
+
+from .binding import bind
+from .ring import _results
+
+
+def global_dims(plan, nq: int, mk: int) -> tuple[dict, int]:
+    """(global dims n, m; first query row) of a call with nq query rows against mk keys: a program with one dim
+    for both axes sees its queries as the last nq rows of the keys."""
+    if plan.n == plan.m:
+        if nq > mk:
+            raise InputError(f"decode: {nq} query rows against {mk} keys; the program uses one dim "
+                             f"{plan.n} for both axes, so the queries are the last rows of the keys (nq <= m)")
+        return {plan.n.name: mk}, mk - nq
+    return {plan.n.name: nq, plan.m.name: mk}, 0
 
 
 def query_rows(nq: int, lens: torch.Tensor, table: torch.Tensor | None = None, page: int = 0) -> torch.Tensor:
@@ -49,3 +67,44 @@ def both_sides_per_batch(kernel, plan, inputs: dict, rows: torch.Tensor, batch: 
         out[copy] = t
         out[name] = full.gather(nb + axis, idx.expand(want))
     return out
+
+
+def finish_per_length(plan, block, acc: dict, b, nq: int, inputs: dict, lens: torch.Tensor) -> dict:
+    """The user outputs of a decode with valid lengths (lens: int32 per flattened batch index) whose epilogue
+    reads the row index or the length as a number (decode_merge.positional): the batch indices of each length L
+    are bound as a call of their own (L keys; the epilogue reads no key, so a key input is a stand-in of L rows),
+    the epilogue evaluated on their merged rows, the rows put back in batch order."""
+    decl = plan.program.input_map
+    nbatch, lens_host = len(lens), lens.cpu().tolist()
+    flat = {}
+    for name, t in inputs.items():   # every input with one flattened batch axis
+        own = t.shape[t.dim() - len(decl[name].shape):]
+        flat[name] = t.expand(*b.batch, *own).reshape(nbatch, *own)
+    parts: dict = {}
+    for length in sorted(set(lens_host)):
+        idx = torch.tensor([k for k, x in enumerate(lens_host) if x == length], device=b.device)
+        seq, qside = {}, {}
+        for name, t in flat.items():
+            t = t.index_select(0, idx)
+            role, axis = plan.roles.get(name, (shard.KEY, 0))
+            if role == shard.KEY:
+                shape = list(t.shape)
+                shape[1 + axis] = length
+                t = t.narrow(1 + axis, 0, 1).expand(shape)
+            else:
+                qside[name] = t
+            seq[name] = t
+        gdims, row0 = global_dims(plan, nq, length)
+        b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq, 0, length))
+        acc_s = {n: (o.reshape(nbatch, *o.shape[len(b.batch):]).index_select(0, idx), None)
+                 for n, (o, _) in acc.items()}
+        for name, out in _results(plan, block, acc_s, b_s, nq, qside).items():
+            parts.setdefault(name, []).append((idx, out))
+    outs = {}
+    for name, ps in parts.items():
+        res = ps[0][1].new_empty((nbatch, *ps[0][1].shape[1:]))
+        for idx, out in ps:
+            res[idx] = out
+        outs[name] = res.reshape(*b.batch, *res.shape[1:])
+    names = plan.output_names
+    return outs[names[0]] if len(names) == 1 else outs

@@ -161,14 +161,28 @@ def test_reference_gradients_of_a_where_over_arrays():
         assert torch.allclose(g, want.detach(), rtol=1e-14, atol=0)
 
 
-def test_decode_with_lengths_refuses_epilogues_that_read_positions():
-    # the epilogue took the cache's row numbers and length, not each batch index's (wrong numbers): refused now;
-    # a whole-cache decode still computes it
+@pytest.mark.parametrize("epilogue", ["(A[i] @ V)[c] / (i + 1)", "(A[i] @ V)[c] * (n - i)"])
+def test_decode_with_lengths_evaluates_positional_epilogues_per_batch_index(epilogue):
+    # an epilogue reading the row index or the length as a number took the whole cache's values for every batch
+    # index (wrong numbers; then refused): it is evaluated per valid length, as a call on K[b, :L_b]
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.measure import instrument
+
     k = moa.compile(HEAD + "A[i, j] = where(j <= i, sigmoid(dot(Q[i], K[j])), 0)\n"
-                           "out O[i, c] = (A[i] @ V)[c] / (i + 1)")
+                           f"out O[i, c] = {epilogue}")
     g = torch.Generator().manual_seed(0)
-    x = {a: torch.randn(2, 64, 8 if a != "V" else 5, generator=g, dtype=F64) for a in "QKV"}
-    full = k(**x)
-    assert (k.decode(Q=x["Q"][:, -2:], K=x["K"], V=x["V"], splits=3) - full[:, -2:]).abs().max() <= 1e-12
-    with pytest.raises(UnsupportedError, match="row index or the sequence length"):
-        k.decode(Q=x["Q"][:, -2:], K=x["K"], V=x["V"], cache_len=torch.tensor([10, 64]))
+    x = {a: torch.randn(3, 64, 8 if a != "V" else 5, generator=g, dtype=F64) for a in "QKV"}
+    lens = torch.tensor([10, 64, 10])
+    q = torch.stack([x["Q"][b, L - 2:L] for b, L in enumerate(lens.tolist())])
+    want = torch.stack([k(Q=x["Q"][b, :L], K=x["K"][b, :L], V=x["V"][b, :L])[-2:]
+                        for b, L in enumerate(lens.tolist())])
+    with instrument() as c:
+        got = k.decode(Q=q, K=x["K"], V=x["V"], cache_len=lens, splits=3)
+    assert (got - want).abs().max() <= 1e-12
+    p = decode_cost(k, 2, 64, splits=3, dtype="fp64", device="cpu", batch=(3,), cache_len=lens.tolist(), d=8, e=5)
+    assert (c.flops, c.dram_bytes_loaded, c.dram_bytes_stored) == (p.flops, p.dram_bytes_loaded, p.dram_bytes_stored)
+    perm = torch.randperm(12, generator=g)   # the same cache as shuffled pages of 16 keys
+    pool = {a: x[a].reshape(12, 16, -1)[perm.argsort()].reshape(192, -1) for a in "KV"}
+    table = perm.reshape(3, 4)
+    paged = k.decode(Q=q, **pool, cache_len=lens, block_table=table, page_size=16)
+    assert (paged - want).abs().max() <= 1e-12
