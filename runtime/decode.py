@@ -33,7 +33,7 @@ from moa.splitkv import call_key_range, choose_splits
 from . import decode_merge, paged, tune
 from .binding import bind, refuse_grad
 from .cache import module_for
-from .decode_rows import both_sides_per_batch, finish_per_length, query_rows
+from .decode_rows import both_sides_per_batch, finish_per_length, per_sequence, query_rows
 from .decode_rows import global_dims as _global
 from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, run
@@ -268,7 +268,7 @@ def _lengths_per_batch(b, t, what: str, limit: int):
     if t.dtype not in (torch.int32, torch.int64):
         raise InputError(f"decode: {what} must be an int32 or int64 tensor, got {t.dtype}")
     try:
-        t = t.expand(*b.batch) if b.batch else t.reshape(())
+        t = per_sequence(t, b.batch).expand(*b.batch) if b.batch else t.reshape(())
     except RuntimeError:
         raise InputError(f"decode: {what} of shape {tuple(t.shape)} does not broadcast to the call's batch axes "
                          f"{tuple(b.batch)}") from None
@@ -290,7 +290,7 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
         raise InputError("decode: block_table must be an int32 or int64 tensor [..., pages per sequence]")
     pages = block_table.shape[-1]
     try:
-        table = block_table.expand(*b.batch, pages)
+        table = per_sequence(block_table, b.batch, 1).expand(*b.batch, pages)
     except RuntimeError:
         raise InputError(f"decode: block_table of shape {tuple(block_table.shape)} does not broadcast to the "
                          f"call's batch axes {tuple(b.batch)} (plus the pages axis)") from None

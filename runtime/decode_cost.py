@@ -17,6 +17,7 @@ from moa.splitkv import call_key_range, choose_splits, split_seconds
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues, positional
+from .decode_rows import per_sequence
 from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
@@ -246,7 +247,7 @@ def _flat_table(block_table, batch: tuple) -> torch.Tensor:
     """The block table broadcast to the batch, [flattened batch, pages] int64 (as decode reads it)."""
     t = torch.as_tensor(block_table).to(torch.int64).cpu()
     try:
-        return t.expand(*batch, t.shape[-1]).reshape(-1, t.shape[-1])
+        return per_sequence(t, batch, 1).expand(*batch, t.shape[-1]).reshape(-1, t.shape[-1])
     except RuntimeError:
         raise InputError(f"decode_cost: block_table of shape {tuple(t.shape)} does not broadcast to the batch "
                          f"{tuple(batch)}") from None

@@ -21,6 +21,17 @@ from .binding import bind
 from .ring import _results
 
 
+def per_sequence(t: torch.Tensor, batch: tuple, trailing: int = 0) -> torch.Tensor:
+    """A per-sequence tensor (cache_len [B], a block table [B, pages]: `trailing` axes of its own) with its axes
+    aligned to the LEADING batch axes: with inputs [B, H, n, d] to a program without a head axis the call's batch
+    axes are (B, H), and lengths [B] are per sequence, as serving stacks pass them (numpy broadcasting would align
+    them with H: per head, wrong numbers when B == H). A tensor with every batch axis is taken as it is."""
+    lead = t.dim() - trailing
+    if 0 < lead < len(batch):
+        t = t.reshape(*t.shape[:lead], *([1] * (len(batch) - lead)), *t.shape[lead:])
+    return t
+
+
 def global_dims(plan, nq: int, mk: int) -> tuple[dict, int]:
     """(global dims n, m; first query row) of a call with nq query rows against mk keys: a program with one dim
     for both axes sees its queries as the last nq rows of the keys."""

@@ -118,3 +118,16 @@ def test_block_table_padding_past_the_valid_keys():
     with pytest.raises(InputError, match="those holding keys below cache_len"):
         k.decode(Q=q, K=pool, V=vpool, doc=doc, block_table=torch.tensor([[3, -1, -1, -1], [2, 5, 9, 0]]),
                  page_size=16, cache_len=lens)
+
+
+def test_lengths_and_tables_align_with_the_leading_batch_axis():
+    # inputs [B, H, ...] to a program without a head axis: the call's batch axes are (B, H), and cache_len [B] /
+    # block_table [B, pages] are per sequence (numpy broadcasting read them per head: wrong numbers when B == H)
+    k, q, kc, vc, want = _setup("causal_bottom_right", {}, (B,))
+    got = k.decode(Q=q, K=kc, V=vc, cache_len=LENS, splits=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (k.decode(Q=q, K=kc, V=vc, cache_len=LENS.view(B, 1)) - got).abs().max().item() <= 1e-12
+    perm = torch.randperm(B * PAGES, generator=torch.Generator().manual_seed(5))
+    paged = k.decode(Q=q, K=_pool(kc, perm, (B,)), V=_pool(vc, perm, (B,)), cache_len=LENS,
+                     block_table=perm.view(B, PAGES), page_size=P)
+    torch.testing.assert_close(paged, want, rtol=1e-12, atol=1e-12)
