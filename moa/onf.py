@@ -19,14 +19,13 @@ A schedule has a kind (`variants` lists the legal ones of an output; the runtime
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import reduce
 
 import sympy as sp
 
 from . import dnf as D
-from . import ir
 from . import intervals as iv
 from . import symbolic as sy
+from .key_sums import key_sum, score_conjuncts, strip_zero, with_key_sums  # noqa: F401  (key_sum re-exported)
 from .residue import (LIFTING_RULES, Hop, Lift, RowLift, _band, _hop, _strip_mask,
                       row_lift)
 from .errors import UnsupportedError
@@ -143,7 +142,8 @@ def _free(e) -> set:
 
 
 def _find_dot(e, rowvars, colvars, k_branch):
-    """Replace the one contraction +red_k A(rows, k) * B(cols, k) by a DotTile."""
+    """Replace the contraction +red_k A(rows, k) * B(cols, k) by a DotTile: its first occurrence, and every
+    occurrence of the same contraction (up to the name of k: a score read twice, S * sigmoid(S))."""
     found = []
 
     def go(x):
@@ -151,9 +151,13 @@ def _find_dot(e, rowvars, colvars, k_branch):
             a, b = x.body.args
             fa, fb = _free(a) - {x.var}, _free(b) - {x.var}
             for p, q, fp, fq in ((a, b, fa, fb), (b, a, fb, fa)):
-                if fp <= rowvars and fq <= colvars and not found:
-                    found.append(Dot(p, q, x.var, x.extent))
-                    return DotTile(k_branch)
+                if fp <= rowvars and fq <= colvars:
+                    if not found:
+                        found.append(Dot(p, q, x.var, x.extent))
+                    f = found[0]
+                    ren = {x.var: f.var}
+                    if (D.subs(p, ren), D.subs(q, ren), sy.simplify(x.extent - f.extent)) == (f.a, f.b, 0):
+                        return DotTile(k_branch)
         kids = D.children(x)
         return D.with_children(x, [go(k) for k in kids]) if kids else x
 
@@ -205,58 +209,6 @@ def schedule(o: D.DnfOutput) -> Schedule:
                     epi, o.dtype)
 
 
-def _strip_zero(e) -> tuple:
-    """(P, x) of where(P, x, 0) (a float or an integer 0), else (None, e)."""
-    mask, body = _strip_mask(e, 0.0)
-    return (mask, body) if mask is not None else _strip_mask(e, 0)
-
-
-def with_key_sums(e, lead: set, i, c):
-    """e with every plain sum over a key axis (rule key-sum) as a KeySum node, as the other monoids are: the
-    branches of a schedule (`schedule`) and of ring / split-KV block programs (moa/shard.py)."""
-    done = e if isinstance(e, (D.SoftmaxSum, D.NormSum, D.KeySum)) else key_sum(e, lead, i, c)
-    if done is not None:
-        return done
-    kids = D.children(e)
-    return D.with_children(e, [with_key_sums(k, lead, i, c) for k in kids]) if kids else e
-
-
-def _factors(e) -> list:
-    if isinstance(e, D.Op) and e.fn == "mul":
-        return _factors(e.args[0]) + _factors(e.args[1])
-    return [e]
-
-
-def key_sum(x, leadset, i, c):
-    """Rule `key-sum`: +red_j where(P, w1 * ... * v1 * ..., 0) => KeySum_j(where(P, w1 * ..., 0), v1 * ...), the
-    w factors over (lead, i, j) and holding a contraction (q . k), the v factors over (lead, j, c) and reading c,
-    P free of c (A @ V with A an attention-shaped array and no normaliser: sigmoid attention, retention); a
-    factor's own mask over (i, j), where(P2, f, 0), joins P. The product is regrouped (the same terms), so the
-    reduction is the same sum; None where x is not of that form."""
-    if not (isinstance(x, D.Reduce) and x.op == "sum" and x.dtype == ir.FLOAT):
-        return None
-    j = x.var
-    mask, body = _strip_zero(x.body)
-    fs = []
-    for f in _factors(body):   # where(P, f, 0) * x = where(P, f * x, 0): a factor's mask over (i, j) is the weight's
-        p, g = _strip_zero(f)
-        if p is not None and c not in _free(p):
-            mask, f = (p if mask is None else D.Op("and", (mask, p), "bool")), g
-        fs.append(f)
-    value = [f for f in fs if c in _free(f)]
-    weight = [f for f in fs if c not in _free(f)]
-    if not value or not all(_free(f) <= leadset | {j, c} for f in value) or \
-            not all(_free(f) <= leadset | {i, j} for f in weight) or \
-            (mask is not None and not _free(mask) <= leadset | {i, j}):
-        return None
-    w, v = (reduce(lambda x, y: D.Op("mul", (x, y), ir.FLOAT), fs) for fs in (weight or [D.Const(1.0)], value))
-    if not any(isinstance(y, D.Reduce) and y.op == "sum" for y in D.nodes(w)):
-        return None   # no contraction in the weight: a product of arrays (Q @ K.T), not attention
-    if mask is not None:
-        w = D.Op("where", (mask, w, D.Const(0.0)), ir.FLOAT)
-    return D.KeySum(j, x.extent, w, v, x.dtype)
-
-
 def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     """Analyse one monoid reduction x over its key variable. box: the row variable of the tile box (i, or a
     for a branch lifted by `residue-lift`, whose mask is over (a, b))."""
@@ -265,7 +217,8 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     if isinstance(x, D.SoftmaxSum):
         kind, mask, score = "softmax", *_strip_mask(x.score, float("-inf"))
     else:
-        kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *_strip_zero(x.weight)
+        kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *strip_zero(x.weight)
+    mask, score = score_conjuncts(mask, score, float("-inf") if kind == "softmax" else 0.0)
     score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
     mix = None
     if kind == "softmax" and dot is None:
