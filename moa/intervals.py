@@ -97,6 +97,29 @@ def no_wrap(e):
     return e.replace(lambda x: isinstance(x, sp.core.relational.Relational), split) if e.free_symbols else e
 
 
+def spread_minmax(e) -> sp.Expr:
+    """e with sums and constant factors pushed into Min / Max (a + Max(x, y) = Max(a + x, a + y), -Max = Min of
+    the negatives) and Max(x, -x) as Abs(x): `interval` then bounds the terms together (i - Min(i, j) is
+    Max(0, i - j) >= 0, where the terms' own bounds give -(n - 1))."""
+    e = sp.sympify(e)
+    if not e.has(sp.Min, sp.Max):
+        return e
+    args = [spread_minmax(a) for a in e.args]
+    mm = next((a for a in args if isinstance(a, (sp.Min, sp.Max))), None)
+    if isinstance(e, sp.Add) and mm is not None:
+        rest = sp.Add(*args) - mm
+        return spread_minmax(type(mm)(*[x + rest for x in mm.args]))
+    if isinstance(e, sp.Mul) and mm is not None and len(args) == 2 and (sp.Mul(*args) / mm).is_number:
+        c = sp.Mul(*args) / mm
+        f = type(mm) if c.is_nonnegative else sp.Min if isinstance(mm, sp.Max) else sp.Max
+        return spread_minmax(f(*[c * x for x in mm.args]))
+    out = e.func(*args)
+    if isinstance(out, (sp.Min, sp.Max)) and len(out.args) == 2 and sp.expand(sum(out.args)) == 0:
+        a = sp.Abs(out.args[0])
+        return a if isinstance(out, sp.Max) else -a
+    return out
+
+
 def interval(e: sp.Expr, box: Box):
     """(lo, hi) of an integer index expression over the box, or None when unknown."""
     e = sp.sympify(e)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 import torch
 
@@ -11,6 +12,7 @@ from moa import dnf as D
 from moa import intervals as iv
 from moa import symbolic as sy
 from moa.errors import InputError, UnsupportedError
+from moa.exprfold import np_eval
 from moa.program import Program
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -78,8 +80,9 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
                 if any(int(hi) < int(lo) for lo, hi in box.ranges.values()):
                     continue          # an empty index space: nothing is read
                 for k, (idx, ext) in enumerate(zip(read.index, node.shape)):
-                    r = iv.interval(sp.sympify(idx).xreplace({d: sp.Integer(v) for d, v in _dim_syms(program, b)}),
-                                    box)
+                    at_dims = iv.spread_minmax(sp.sympify(idx).xreplace({d: sp.Integer(v)
+                                                                        for d, v in _dim_syms(program, b)}))
+                    r = iv.interval(at_dims, box)
                     if r is None:
                         continue
                     lo, hi = (sp.sympify(x).xreplace({d: sp.Integer(v) for d, v in _dim_syms(program, b)})
@@ -87,15 +90,38 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
                     if not (lo.is_Integer and hi.is_Integer):
                         continue
                     n = int(sy.evaluate(ext, b.dims))
+                    exact = _affine(at_dims)
+                    if (int(lo) < 0 or int(hi) > n - 1) and not exact:   # bounds of Min / Max may not be reached
+                        lo, hi, exact = _exact_range(at_dims, box, lo, hi)
                     if int(lo) < 0 or int(hi) > n - 1:
                         at = int(lo) if int(lo) < 0 else int(hi)
                         shown = ", ".join(sy.show(x) if a == k else ":" for a, x in enumerate(read.index))
                         raise InputError(
-                            f"index out of range: the read {read.name}[{shown}] reaches index {at} on axis {k} "
+                            f"index out of range: the read {read.name}[{shown}] "
+                            f"{'reaches' if exact else 'may reach (by interval bounds)'} index {at} on axis {k} "
                             f"(extent {n}: 0..{n - 1}) at the call's dims ({_dims_text(b.dims)}); guard the read "
                             "with where(...)")
             except (TypeError, ValueError):
                 continue
+
+
+def _affine(e) -> bool:
+    """Whether the interval of e is exact (an affine index: its bounds are reached at the box's corners)."""
+    xs = sorted(e.free_symbols, key=str)
+    return not xs or (e.is_polynomial(*xs) and sp.Poly(e, *xs).total_degree() <= 1)
+
+
+def _exact_range(e, box, lo, hi, limit: int = 1 << 22) -> tuple:
+    """The least and greatest value of index e over the box, evaluated at every point when there are at most
+    `limit` of them (exact: True); else the interval bounds (lo, hi), which may not be reached (False)."""
+    vs = sorted(e.free_symbols & set(box.ranges), key=str)
+    sizes = [int(box.ranges[v][1]) - int(box.ranges[v][0]) + 1 for v in vs]
+    if not vs or np.prod(sizes, dtype=np.float64) > limit:
+        return lo, hi, False
+    env = {v: np.arange(int(box.ranges[v][0]), int(box.ranges[v][1]) + 1).reshape(
+        [-1 if a == k else 1 for a in range(len(vs))]) for k, v in enumerate(vs)}
+    vals = np.broadcast_to(np_eval(e, env), sizes)
+    return sp.Integer(int(vals.min())), sp.Integer(int(vals.max())), True
 
 
 def refuse_functorch(inputs: dict) -> None:

@@ -325,6 +325,27 @@ def test_unguarded_out_of_range_read_is_an_input_error_like_the_reference(k, tex
         k(**ins)
 
 
+TABLE = "dim n, d, e\nin Q[n, d], K[n, d], V[n, e], bias[4]\nS[i, j] = dot(Q[i], K[j]) + bias[{}]\n" \
+        "out O = softmax(S, axis=-1) @ V\n"
+
+
+@pytest.mark.parametrize("index", ["min(max(j - i, i - j), 3)", "min(i - min(i, j), 3)", "min(max(i, j) - j, 3)",
+                                   "3 - min(max(i - j, j - i), 3)"])
+def test_min_max_indices_in_range_are_not_refused(index):
+    # the terms of i - min(i, j) were bounded apart ("reaches index -9"): Min / Max are spread first, and a bound
+    # that is still not reached is checked at every point of the call's index space
+    k = moa.compile(TABLE.format(index))
+    ins = dict(qkv(n=10), bias=torch.randn(4, dtype=torch.float64))
+    agree(k, ins)
+
+
+def test_min_max_index_out_of_range_names_the_index_it_reaches():
+    k = moa.compile(TABLE.format("min(max(j - i, i - j), 4)"))
+    ins = dict(qkv(n=10), bias=torch.randn(4, dtype=torch.float64))
+    with pytest.raises(moa.InputError, match="reaches index 4 on axis 0"):
+        k(**ins)
+
+
 def test_guarded_read_runs_and_an_empty_index_space_reads_nothing():
     agree(GUARDED, qkv())
     out = SHIFTED(**qkv(n=0))      # no row, no key: K[j + 1] is never read

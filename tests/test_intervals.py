@@ -49,3 +49,19 @@ def test_a_modular_atom_alone_keeps_the_diagonal_tile():
     assert not iv.classify(lt, box)[0].subs(corners)
     assert not iv.classify(mod, box)[0].subs(corners)
     assert iv.classify(D.Op("and", (lt, mod), ir.BOOL), box)[0].subs(corners)
+
+
+@pytest.mark.parametrize("e,lo", [("i - Min(i, j)", 0), ("Max(i, j) - j", 0), ("Max(j - i, i - j)", 0),
+                                  ("-Max(i - j, j - i) + 5", -4), ("2 * Max(i, j) - 2 * j", 0),
+                                  ("Min(i - j, j - i)", -9)])
+def test_spread_minmax_bounds_the_terms_together(e, lo):
+    """i - Min(i, j) = Max(0, i - j) (sums and constant factors pushed into Min / Max, Max(x, -x) = Abs(x)): the
+    same values everywhere, and the interval's lower bound is reached."""
+    i, j = sp.symbols("i j", integer=True)
+    ex = sp.sympify(e, locals={"i": i, "j": j})
+    sp_ex = iv.spread_minmax(ex)
+    box = iv.Box({i: (sp.Integer(0), sp.Integer(9)), j: (sp.Integer(0), sp.Integer(9))})
+    assert iv.interval(sp_ex, box)[0] == lo
+    for a in range(10):
+        for b in range(10):
+            assert ex.subs({i: a, j: b}) == sp_ex.subs({i: a, j: b})
