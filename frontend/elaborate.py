@@ -397,7 +397,7 @@ class Elaborator:
     def f_reduction(self, fname, pos, kw, loc):
         if fname in ("max", "min") and len(pos) == 2 and not kw:
             return ir.ewise(fname, self.expr(pos[0]), self.expr(pos[1]), loc=loc)
-        self.arity(fname, pos, kw, 1, loc, ("axis",))
+        self.arity(fname, pos, kw, (1, 2) if fname in ("max", "min") and not kw else 1, loc, ("axis",))
         x = self.expr(pos[0])
         if "axis" not in kw and x.rank != 1:
             raise ParseError(f"{fname}() of a rank-{x.rank} array needs axis=k", loc)

@@ -31,6 +31,9 @@ def _expected(names) -> str:
     return ", ".join(shown[:12]) + (" ..." if len(shown) > 12 else "")
 
 
+_COMPARE = {"<", "<=", ">", ">=", "==", "!="}
+
+
 def parse(source: str, filename: str = "<source>") -> lark.Tree:
     """Parse .moa text into a lark tree, or raise ParseError pointing at the offending place."""
     if len(source) > MAX_SOURCE:  # lark reads ~100 KB/s: a bigger text is no attention program, only a stall
@@ -63,6 +66,10 @@ def parse(source: str, filename: str = "<source>") -> lark.Tree:
                 and tok.type in ("EQUAL", "LSQB", "RSQB", "COMMA", "RPAR", "COLON", "DOT")):
             # `out = Q`: the keyword was read as the statement keyword, so the error is at the '=' after it
             hint = f" ('{prev}' is a keyword and cannot be used as a name)"
+        if not hint and str(tok) in _COMPARE:   # 0 <= x <= 8 (Python chains comparisons)
+            hint = " (comparisons do not chain: write 0 <= x and x <= 8)"
+        elif not hint and str(tok) == "*" and prev is not None and str(prev) == "*":
+            hint = " (a power is written x ^ p)"
         raise ParseError(f"unexpected {what}{hint}; expected {_expected(e.expected)}", loc) from None
     except lark.exceptions.UnexpectedEOF as e:
         lines = source_lines(source.removesuffix("\n"))

@@ -235,9 +235,10 @@ def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict
             node = nodes.get(name)
             if node is None or node.dtype == ir.FLOAT:
                 kind = "not an input" if node is None else "a float input"
+                ints = ", ".join(n for n, v in nodes.items() if v.dtype != ir.FLOAT)
                 raise InputError(f"cost(inputs=...): {name!r} is {kind}; the cost model reads the integer and "
-                                 "boolean inputs of masks "
-                                 f"({', '.join(n for n, v in nodes.items() if v.dtype != ir.FLOAT)})")
+                                 "boolean inputs of masks " + (f"({ints})" if ints else
+                                                               "(this program has none: leave inputs= out)"))
         inputs = {user[n]: x for n, x in inputs.items()}
     return dims, inputs
 
