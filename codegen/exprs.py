@@ -250,7 +250,7 @@ class Emitter:
         elif isinstance(e, D.Reduce):
             name = self._row_reduce(e, vmap, target, role)
         else:
-            raise UnsupportedError(f"cannot emit {type(e).__name__} inside a tile: {D.show(e)[:100]}")
+            raise UnsupportedError(f"cannot emit {type(e).__name__} inside a tile: {D.show_clipped(e, 100)}")
         target.cache[key] = name
         return name
 

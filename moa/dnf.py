@@ -19,6 +19,7 @@ from .errors import UnsupportedError
 from .dnf_nodes import (BINDERS, Const, Index, KeySum, LogSumExp, NormalizeAt, NormSum, Op, Read, Reduce,
                         SoftmaxAt, SoftmaxSum, children, free_vars, nodes, show, subs, unguarded_reads,
                         with_children)
+from .dnf_nodes import show_clipped  # noqa: F401  (for messages, re-exported)
 from .program import Program
 
 __all__ = ["BINDERS", "FUSION_RULES", "LOWERING_RULES", "PSI_RULES", "REASSOCIATION_RULES", "Const", "DnfOutput",

@@ -200,6 +200,15 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod
           "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "and", "or": "or"}
 
 
+def show_clipped(e, limit: int) -> str:
+    """show(e) for a message: at most about `limit` characters, cut at a space and marked by ' ...'."""
+    text = show(e)
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut if cut > limit // 2 else limit] + " ..."
+
+
 def show(e) -> str:
     """A scalar expression in MoA notation."""
     if isinstance(e, Read):

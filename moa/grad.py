@@ -37,7 +37,7 @@ from . import ir
 from . import symbolic as sy
 from .dnf import DnfOutput, Rule, show
 from .dnf_nodes import (BINDERS, Const, Index, LogSumExp, NormSum, Op, Read, Reduce, SoftmaxSum, free_vars, nodes,
-                        subs)
+                        show_clipped, subs)
 from .errors import UnsupportedError
 from .grad_scatter import Term, scatter, subs_free
 from .grad_sym import Translation, is_smooth_op
@@ -242,7 +242,7 @@ def node_kind(e) -> str:
             return "ewise"
     if isinstance(e, (Const, Index, Op)):
         return "constant"
-    raise UnsupportedError(f"no gradient rule for {type(e).__name__}: {show(e)[:120]}")
+    raise UnsupportedError(f"no gradient rule for {type(e).__name__}: {show_clipped(e, 120)}")
 
 
 # ---- the pass -----------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def _check_no_binders(e, what, name):
     for x in D.nodes(e):
         if isinstance(x, D.BINDERS):
             raise UnsupportedError(f"output {name}: {what} contains a reduction ({type(x).__name__}) that the "
-                                   f"tiled schedule cannot place yet: {D.show(x)[:120]}")
+                                   f"tiled schedule cannot place yet: {D.show_clipped(x, 120)}")
 
 
 def schedule(o: D.DnfOutput) -> Schedule:
@@ -194,11 +194,14 @@ def schedule(o: D.DnfOutput) -> Schedule:
     if not branches:
         raise UnsupportedError(f"output {o.name}: no softmax(...) @ V, normalize(...) @ V or A @ V contraction over "
                                f"a key axis found; "
-                               f"codegen compiles attention-shaped programs (DNF: {D.show(o.expr)[:160]})")
+                               f"codegen compiles attention-shaped programs (DNF: {D.show_clipped(o.expr, 160)})")
     for x in D.nodes(epi):
         if isinstance(x, D.BINDERS) and not (isinstance(x, D.Reduce) and _free(x) <= leadset | {i}):
+            lse = isinstance(x, D.LogSumExp) or any(isinstance(y, D.Op) and y.fn == "exp" for y in D.nodes(x))
             raise UnsupportedError(f"output {o.name}: the epilogue has a reduction over the key axis outside "
-                                   f"a softmax/normalize contraction: {D.show(x)[:120]}")
+                                   f"a softmax/normalize contraction: {D.show_clipped(x, 120)}" +
+                                   ("; a log-sum-exp of the scores is not fused into an epilogue (a learned sink "
+                                    "logit is one more key: docs/variants.md, attention sinks)" if lse else ""))
     if not _free(epi) <= leadset | {i, c}:
         raise UnsupportedError(f"output {o.name}: epilogue depends on {sorted(map(str, _free(epi) - leadset))}")
     if any(b.mix is not None for b in branches) and (len(branches) > 1 or epi != BranchValue(0)):

@@ -186,3 +186,46 @@ def test_decode_with_lengths_evaluates_positional_epilogues_per_batch_index(epil
     table = perm.reshape(3, 4)
     paged = k.decode(Q=q, **pool, cache_len=lens, block_table=table, page_size=16)
     assert (paged - want).abs().max() <= 1e-12
+
+
+SINK = """dim h, n, d, e
+param w = 30
+in Q[h, n, d], K[h, n, d], V[h, n, e], sink[h]
+S[a, i, j:n+1] = where(j >= 1, where(j - 1 <= i and i - j + 1 <= w, dot(Q[a, i], K[a, j - 1]) / sqrt(d), -inf), sink[a])
+Vp[a, j:n+1, c:e] = where(j >= 1, V[a, j - 1, c], 0)
+out O[a] = softmax(S[a], axis=-1) @ Vp[a]
+"""
+
+
+def test_learned_sink_logit_as_one_more_key():
+    # docs/variants.md: the gpt-oss sink, e^sink added to every row's normaliser, written as key j = 0; against
+    # a plain PyTorch softmax with the sink logit appended (forward and gradients); the log-sum-exp form is
+    # refused with the way out in the message
+    g = torch.Generator().manual_seed(4)
+    x = {a: torch.randn(2, 3, 70, 8, generator=g, dtype=F64) for a in "QKV"}
+    x["sink"] = torch.randn(3, generator=g, dtype=F64)
+
+    def oracle(Q, K, V, sink):
+        s = Q @ K.transpose(-1, -2) / 8 ** 0.5
+        i, j = torch.arange(70)[:, None], torch.arange(70)[None, :]
+        s = s.masked_fill(~((j <= i) & (i - j <= 30)), float("-inf"))
+        s = torch.cat([sink[:, None, None].expand(*s.shape[:-1], 1), s], -1)
+        return torch.softmax(s, -1)[..., 1:] @ V
+
+    k = moa.compile(SINK)
+    xs = {a: t.clone().requires_grad_() for a, t in x.items()}
+    xr = {a: t.clone().requires_grad_() for a, t in x.items()}
+    out, want = k(**xs), oracle(**xr)
+    assert (out - want).abs().max() <= 1e-12
+    w = torch.randn_like(want)
+    (out * w).sum().backward()
+    (want * w).sum().backward()
+    for a in xs:
+        assert (xs[a].grad - xr[a].grad).abs().max() <= 1e-11
+    lse_form = moa.compile("dim h, n, d, e\nparam w = 30\nin Q[h, n, d], K[h, n, d], V[h, n, e], sink[h]\n"
+                           "S[a, i, j] = where(j <= i and i - j <= w, dot(Q[a, i], K[a, j]) / sqrt(d), -inf)\n"
+                           "out O[a, i] = (softmax(S[a, i], axis=-1) @ V[a]) * "
+                           "sigmoid(logsumexp(S[a, i], axis=-1) - sink[a])")
+    assert (lse_form.reference(**x) - want).abs().max() <= 1e-12
+    with pytest.raises(UnsupportedError, match="a learned sink logit is one more key"):
+        lse_form(**x)
