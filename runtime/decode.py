@@ -31,7 +31,7 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import call_key_range, choose_splits
 
 from . import decode_merge, paged, tune
-from .binding import bind, refuse_grad
+from .binding import bind, check_reads, refuse_grad
 from .cache import module_for
 from .decode_rows import both_sides_per_batch, finish_per_length, per_sequence, query_rows
 from .decode_rows import global_dims as _global
@@ -144,6 +144,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     raw, inputs = inputs, both_sides(kernel, plan, inputs, nq)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
+    check_call_reads(kernel, b, gdims)
     call = _Call(SPLIT, nq, mk, nq, mk)
     if block_table is not None or page_size is not None:
         call = _paged(b, call, cache_len, block_table, page_size, plan)
@@ -205,6 +206,13 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     else:
         res = _finish(kernel, plan, block, acc, b, nq, inputs)
     return (res, info) if stats else res
+
+
+def check_call_reads(kernel, b, gdims: dict) -> None:
+    """The plain call's check of unguarded reads (runtime/binding.check_reads) at the user program's dims of this
+    call (`gdims` the sequence dims): a GQA head index a // (h // g) past the K/V heads when g does not divide h."""
+    dims = {**{d.name: b.dims[d.name] for d in kernel.program.dims if d.name in b.dims}, **gdims}
+    check_reads(kernel.program, kernel.dnf, dataclasses.replace(b, dims=dims))
 
 
 def tuned_splits(kernel, plan, b, model: int, seconds) -> int:

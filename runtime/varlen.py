@@ -14,7 +14,7 @@ from moa.errors import InputError, UnsupportedError
 
 from . import decode_merge
 from .binding import bind, refuse_grad
-from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
+from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, check_call_reads, lengths
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results
@@ -50,6 +50,8 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
         inputs = both_sides(kernel, plan, inputs, rows)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
+    check_call_reads(kernel, b, {plan.n.name: nq_max, plan.m.name: mk_max} if plan.n != plan.m else
+                     {plan.n.name: mk_max})
     dev = b.device
     cu = (cu_q.to(device=dev, dtype=torch.int32), cu_k.to(device=dev, dtype=torch.int32))
     call = _Call(VARLEN, nq, mk, nq_max, mk_max, cu_q.numel() - 1, cu, cu_host=(cu_q.tolist(), cu_k.tolist()))

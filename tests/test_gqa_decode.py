@@ -65,3 +65,17 @@ def test_packed_split_decode_in_lower_precision(dtype, tol):
     ins = {n: t.to(dtype) for n, t in full.items()}
     got = k.decode(**dict(ins, Q=ins["Q"][..., -2:, :]), splits=3)
     assert got.dtype == dtype and (got.double() - want).abs().max().item() < tol
+
+
+def test_heads_that_do_not_divide_are_refused_like_the_plain_call():
+    # h = 3 query heads over g = 2 K/V heads: a // (h // g) reads K/V head 2, which does not exist; the plain call
+    # refuses it, decode returned zeros for that head (unpacked) or raised a raw RuntimeError (packed)
+    k = moa.compile("examples/gqa_alibi.moa")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64)
+    kv = {a: torch.randn(2, 2, 64, 8, generator=g, dtype=torch.float64) for a in "KV"}
+    for pack in (None, False, True):
+        with pytest.raises(moa.InputError, match=r"reaches index 2 on axis 0"):
+            k.decode(Q=q, **kv, pack_heads=pack)
+    with pytest.raises(moa.InputError, match=r"reaches index 2 on axis 0"):
+        k.varlen(torch.tensor([0, 1]), torch.tensor([0, 64]), Q=q[0], K=kv["K"][0], V=kv["V"][0])
