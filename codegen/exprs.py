@@ -283,9 +283,10 @@ class Emitter:
             return f"(-{a[0]})"
         if fn == "not":
             return f"({a[0]} == 0)"
-        if fn == "where":   # two literals make a float32 tile: the accumulation dtype's (a float64 kernel's 0.1)
-            lits = e.dtype == ir.FLOAT and all(isinstance(x, D.Const) for x in e.args[1:])
-            return f"tl.where({a[0]}, {a[1]}, {a[2]})" + (f".to({self.acc})" if lits else "")
+        if fn == "where":   # two literals would make a float32 tile (a float64 kernel's 0.7 rounded): typed ones
+            if e.dtype == ir.FLOAT and all(isinstance(x, D.Const) for x in e.args[1:]):
+                a = [a[0]] + [f"tl.full([], {x}, {self.acc})" for x in a[1:]]
+            return f"tl.where({a[0]}, {a[1]}, {a[2]})"
         if fn in ("min", "max"):
             x, y = a
             if e.dtype == ir.FLOAT:

@@ -4,6 +4,7 @@ ring_cost); the merge pass adds its reads and writes; the time is moa/splitkv.py
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -142,7 +143,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
             [int(cache_len)] * nbatch if isinstance(cache_len, int) else [int(x) for x in cache_len]
         if len(lens) != nbatch or any(not 0 <= x <= m for x in lens):
             raise InputError(f"decode_cost: cache_len needs {nbatch} lengths in 0 .. {m}, got {lens}")
-        groups = [((), x, cdiv(x, split_len)) for x in lens]
+        groups = [((), x, cdiv(x, split_len)) for x in lens] if inputs else \
+            [((lens.count(x),), x, cdiv(x, split_len)) for x in sorted(set(lens))]   # one length costs the same
     zlead = z // nbatch
     reports = []   # per group and split that runs, over every block output (cost_breakdown sums the outputs)
     extra = [0, 0, 0, 0]   # flops, transcendentals, loaded, stored beyond the block programs' reports
@@ -153,7 +155,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     data = split_data(kernel, plan, inputs, nq, batch, table, page_size or 0)
     run = call_schedules(runner, plan, cdims, dtype, device, nbatch)
     for g, (gbatch, length, runs) in enumerate(groups):
-        zg = zlead * (nbatch if gbatch == batch else 1)
+        zg = zlead * math.prod(gbatch)
         gd, r0 = _global(plan, nq, length)
         for s in range(runs):
             c0 = key0 + s * split_len
@@ -186,8 +188,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     merge += fused_merges(plan, fused, block, runner.planner, splits, lambda so: z * sy.evaluate(so.row[1], cdims),
                           cdims, bd0, dtype, str(device).lower() == "cpu", extra)
     per_key = key_bytes(plan, dtype, bd0)
-    kv = per_key * sum(g[1] for g in groups) if len(groups) > 1 or groups[0][0] != batch else \
-        per_key * keys * nbatch
+    kv = per_key * keys * nbatch if cache_len is None and not page_size else \
+        per_key * sum(length * math.prod(gb) for gb, length, _ in groups)
     tdev = "h100" if str(device).lower() == "cpu" else device
     args = (*args[:-1], tdev)
     t = split_seconds(splits, *args, longest=longest)

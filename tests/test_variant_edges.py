@@ -229,3 +229,14 @@ def test_learned_sink_logit_as_one_more_key():
     assert (lse_form.reference(**x) - want).abs().max() <= 1e-12
     with pytest.raises(UnsupportedError, match="a learned sink logit is one more key"):
         lse_form(**x)
+
+
+@pytest.mark.parametrize("score", ["dot(Q[i], K[j]) * where(j > i - 3, 0.7, 1.2)",
+                                   "sigmoid(dot(Q[i], K[j]) + where(j > i - 3, 0.7, 1.2))"])
+def test_a_where_of_two_literals_is_float64_in_float64_kernels(score):
+    # tl.where(mask, 0.7, 1.2) is a float32 tile: 0.7 was rounded (relative errors 5e-9 .. 8e-8, found by a
+    # fuzzing helper); the literals are typed in the accumulation dtype
+    k = moa.compile(HEAD + f"S[i, j] = {score}\nout O = softmax(S, axis=-1) @ V")
+    x = _x(40)
+    assert "tl.full([], 0.7, tl.float64)" in k.source(dtype="float64")
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-13
