@@ -114,6 +114,12 @@ class _DnfEval:
             if a.dtype != b.dtype:
                 a, b = a.to(F64), b.to(F64)
             return torch.where(c, a, b)
+        if e.fn in ("and", "or"):   # the right operand matters (and its reads must be in range) where the left
+            a = self.ev(e.args[0], active, guard)   # does not decide: a guard conjunct protects the next one
+            g = a if a.dtype == torch.bool else a != 0
+            g = g if e.fn == "and" else ~g
+            b = self.ev(e.args[1], active, g if guard is None else guard & g)
+            return scalar_fn(e.fn, [a, b])
         args = [self.ev(a, active, guard) for a in e.args]
         if e.dtype == ir.FLOAT:
             args = [a.to(F64) if a.dtype != torch.bool else a for a in args]

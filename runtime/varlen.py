@@ -79,7 +79,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
         splits = info.splits
     if fused:   # the epilogue on the packed rows, in the merge (runtime/decode_merge.py)
         res = decode_merge.finish_fused(plan, fused, acc, pending, b, compute)
-    elif plan.epilogues:   # the epilogue per sequence, on its own rows and dims, with torch ops
+    elif plan.epilogues and nq:   # the epilogue per sequence, on its own rows and dims, with torch ops
         res = _finish_per_sequence(kernel, plan, block, acc, inputs, cu_q.tolist(), cu_k.tolist(), paged)
     else:
         res = _finish(kernel, plan, block, acc, b, nq, inputs)

@@ -240,3 +240,20 @@ def test_a_where_of_two_literals_is_float64_in_float64_kernels(score):
     x = _x(40)
     assert "tl.full([], 0.7, tl.float64)" in k.source(dtype="float64")
     assert (k(**x) - k.reference(**x)).abs().max() <= 1e-13
+
+
+def test_gradient_of_a_relative_bias_under_a_data_mask_with_two_outputs():
+    # the bias gradient substitutes j = i + n - 1 - u into the mask's doc[j]: the DNF evaluation read doc out of
+    # range beside the conjunct that guards it ("index out of range", found by a fuzzing helper); `and` / `or`
+    # evaluate their right operand under the left one
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], rb[2 * n - 1]\nin doc[n]: int\n"
+                    "S[i, j] = where(doc[j] <= 1, dot(Q[i], K[j]) + rb[i - j + n - 1], -inf)\n"
+                    "out O0 = softmax(S, axis=-1) @ V\nout O1 = exp(1.0) * (softmax(S, axis=-1) @ V)\n")
+    x = _x(9, doc=torch.tensor([0, 1, 2, 1, 0, 3, 1, 1, 0]))
+    grads = []
+    for f in (k, k.reference):
+        rb = torch.linspace(-1, 1, 17, dtype=F64).requires_grad_()
+        o = f(**x, rb=rb)
+        (o["O0"].sum() + o["O1"].square().sum()).backward()
+        grads.append(rb.grad)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-12

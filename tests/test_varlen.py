@@ -153,3 +153,12 @@ def test_varlen_normalize_with_a_gate_read_by_both_indices():
     cu = torch.tensor([0] + lens).cumsum(0)
     got = k.varlen(cu, cu, splits=2, **packed)
     assert (got - torch.cat([k(**x) for x in xs])).abs().max().item() <= 1e-12
+
+
+def test_varlen_with_no_query_rows_and_a_positional_epilogue():
+    # the per-sequence epilogue found no sequence with rows: a raw KeyError (found by a fuzzing helper)
+    k = moa.compile("dim n, m, d, e\nin Q[n, d], K[m, d], V[m, e]\nS[i, j] = dot(Q[i], K[j])\n"
+                    "out O[i] = (softmax(S[i], axis=-1) @ V) / (i + 1)")
+    kv = torch.randn(5, 4, dtype=F64)
+    out = k.varlen(torch.tensor([0, 0]), torch.tensor([0, 5]), Q=torch.zeros(0, 4, dtype=F64), K=kv, V=kv)
+    assert out.shape == (0, 4)
