@@ -14,7 +14,7 @@ from moa.runtime.tiling import LinearConfig
 
 from . import cost as cost_commands
 from . import limits, plots
-from .args import count, parse_config, seed, source
+from .args import count, output_path, parse_config, seed, source, write_text
 from .args import dims as _dims
 from .args import dtype as _dtype
 from .args import params as _params
@@ -23,6 +23,7 @@ from .launcher import launcher_module
 
 def cmd_compile(args) -> int:
     dtype = _dtype(args.dtype)
+    output_path(args.output, "-o")
     k = moa.compile(source(args.file), schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program, complete=True) if args.dims else None
     config = parse_config(args.config)
@@ -36,8 +37,7 @@ def cmd_compile(args) -> int:
             raise InputError(f"--output-name {args.output_name}: the program's outputs are {', '.join(k.output_names)}")
         src = k.source(output=args.output_name, dtype=dtype, config=config, dims=dims)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(src)
+        write_text(args.output, src, "-o")
         print(f"wrote {args.output} ({len(src.splitlines())} lines)")
     else:
         print(src)

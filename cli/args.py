@@ -162,3 +162,24 @@ def source(arg: str):
     if arg.strip().endswith(".moa") or not re.search(r"\s", arg):
         raise InputError(f"{arg}: no such file")
     return arg
+
+
+def output_path(path: str | None, flag: str) -> str | None:
+    """A file the command will write, checked before any work: its directory exists and it is not a directory."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory; name the file to write")
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path}: the directory {folder} does not exist")
+    return path
+
+
+def write_text(path: str, text: str, flag: str) -> None:
+    """Write a command's output file; an OSError (permissions, a full disk) is an InputError naming the flag."""
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as ex:
+        raise InputError(f"{flag} {path}: cannot write it ({ex.strerror or ex})") from None

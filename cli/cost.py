@@ -17,7 +17,7 @@ from moa.runtime.decode_cost import decode_cost
 from moa.runtime.form_configs import launch_label
 
 from . import limits
-from .args import DTYPES, count, parse_config, source
+from .args import DTYPES, count, output_path, parse_config, source, write_text
 from .args import dims as _dims
 from .args import dtype as _dtype
 from .args import params as _params
@@ -154,6 +154,10 @@ def cmd_cost(args) -> int:
         get_device(args.device)
     k = moa.compile(source(args.file), schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program)
+    if dims and len(dims) < len(k.program.dims):   # numbers need every dim; none gives the formulas
+        missing = [d.name for d in k.program.dims if d.name not in dims]
+        raise InputError(f"--dims: missing {', '.join(missing)} (give every dim for numbers, or no --dims for the "
+                         "formulas)")
     if args.plot:   # every argument checked before anything is printed
         if len(dims) < len(k.program.dims):
             raise InputError("--plot needs --dims with every dim (the sequence dims give the largest n)")
@@ -265,6 +269,7 @@ def cmd_aot(args) -> int:
     if args.target.strip().lower() not in TARGETS:
         raise InputError(f"--target {args.target}: unknown GPU target; supported targets: {', '.join(TARGETS)}")
     cfg = parse_config(args.config)
+    output_path(args.ptx, "--ptx")
     k = moa.compile(source(args.file), form=args.form, schedule=args.schedule, **_params(args))
     dims = _dims(args, k.program)
     reports = [k.aot(target=args.target, dtype=dtype, config=cfg, output=name, **dims) for name in k.output_names]
@@ -285,8 +290,7 @@ def cmd_aot(args) -> int:
         print(f"  fits {args.target}      {'yes' if ok else 'NO: ' + why}")
         print(f"  ptx {len(r.ptx.splitlines())} lines, cubin {len(r.cubin)} B, compiled in {r.compile_seconds:.2f} s")
         if args.ptx and i == 0:
-            with open(args.ptx, "w") as f:
-                f.write(r.ptx)
+            write_text(args.ptx, r.ptx, "--ptx")
             print(f"  wrote {args.ptx}")
     return 0
 
@@ -303,6 +307,5 @@ def _print_form_aot(name, r, ok, why, args, first) -> None:
     print(f"  fits {args.target}      {'yes' if ok else 'NO: ' + why}")
     print(f"  compiled in {sum(kr.compile_seconds for kr in r.kernels):.2f} s")
     if args.ptx and first:
-        with open(args.ptx, "w") as f:
-            f.write("\n".join(kr.ptx for kr in r.kernels))
+        write_text(args.ptx, "\n".join(kr.ptx for kr in r.kernels), "--ptx")
         print(f"  wrote {args.ptx}")

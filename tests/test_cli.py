@@ -528,3 +528,15 @@ def test_launcher_tiles_and_bfloat16_on_the_cpu(tmp_path, capsys):
                  "--dims", "n=8192,d=128,e=128", "-o", str(path)]) == 0
     text = path.read_text()
     assert "BLOCK_M, BLOCK_N = 128, 32" in text and "computes wrong numbers in Triton's interpreter" in text
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["compile", "{ex}", "-o", "{tmp}/missing/k.py"], "does not exist"),
+    (["compile", "{ex}", "-o", "{tmp}"], "is a directory"),
+    (["aot", "{ex}", "--dims", "n=1024,d=64,e=64", "--ptx", "{tmp}/missing/x.ptx"], "does not exist"),
+])
+def test_output_files_that_cannot_be_written_are_errors(argv, words, tmp_path, capsys):
+    # a raw FileNotFoundError / IsADirectoryError traceback before (found by a helper); checked before compiling
+    args = [a.format(ex=EX / "causal.moa", tmp=tmp_path) for a in argv]
+    assert main(args) == 2
+    assert words in capsys.readouterr().err
