@@ -31,9 +31,10 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import call_key_range, choose_splits
 
 from . import decode_merge, paged, tune
-from .binding import bind, check_reads, refuse_grad
+from .binding import bind, refuse_grad
 from .cache import module_for
-from .decode_rows import both_sides_per_batch, finish_per_length, per_sequence, query_rows
+from .decode_rows import (both_sides_per_batch, check_call_reads, finish_per_length, lengths_per_batch,
+                          per_sequence, query_rows, whole)
 from .decode_rows import global_dims as _global
 from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, run
@@ -149,7 +150,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     if block_table is not None or page_size is not None:
         call = _paged(b, call, cache_len, block_table, page_size, plan)
     elif cache_len is not None:
-        lens = _lengths_per_batch(b, cache_len, "cache_len", mk)
+        lens = lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
     per_length = call.mode != SPLIT and decode_merge.positional(plan)   # the epilogue per valid length
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
@@ -208,13 +209,6 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     return (res, info) if stats else res
 
 
-def check_call_reads(kernel, b, gdims: dict) -> None:
-    """The plain call's check of unguarded reads (runtime/binding.check_reads) at the user program's dims of this
-    call (`gdims` the sequence dims): a GQA head index a // (h // g) past the K/V heads when g does not divide h."""
-    dims = {**{d.name: b.dims[d.name] for d in kernel.program.dims if d.name in b.dims}, **gdims}
-    check_reads(kernel.program, kernel.dnf, dataclasses.replace(b, dims=dims))
-
-
 def tuned_splits(kernel, plan, b, model: int, seconds) -> int:
     """The number of splits timed fastest for the call's shape bucket among the model's choice, half and twice it
     and one launch (runtime/tune.py: timed on the bucket's first call, then read from the tuning cache);
@@ -269,26 +263,11 @@ def _gqa(kernel):
     return _PACKED[kernel]
 
 
-def _lengths_per_batch(b, t, what: str, limit: int):
-    """An int tensor broadcast to the call's batch axes, flattened (int32, on the device)."""
-    if not isinstance(t, torch.Tensor):
-        t = torch.tensor(t)
-    if t.dtype not in (torch.int32, torch.int64):
-        raise InputError(f"decode: {what} must be an int32 or int64 tensor, got {t.dtype}")
-    try:
-        t = per_sequence(t, b.batch).expand(*b.batch) if b.batch else t.reshape(())
-    except RuntimeError:
-        raise InputError(f"decode: {what} of shape {tuple(t.shape)} does not broadcast to the call's batch axes "
-                         f"{tuple(b.batch)}") from None
-    if t.numel() and (bool((t < 0).any()) or bool((t > limit).any())):
-        raise InputError(f"decode: {what} must lie in 0 .. {limit}, got {t.flatten().tolist()[:8]}")
-    return t.reshape(-1).to(device=b.device, dtype=torch.int32).contiguous()
-
-
 def _paged(b, call, cache_len, block_table, page_size, plan):
     if block_table is None or page_size is None:
         raise InputError("decode: a paged cache needs both block_table and page_size")
-    if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
+    page_size = whole(page_size, "page_size")
+    if page_size < 16 or page_size & (page_size - 1):
         raise InputError(f"decode: page_size must be a power of two >= 16 (a key tile), got {page_size!r}")
     if call.mk % page_size:
         raise InputError(f"decode: the key inputs hold {call.mk} keys, not a whole number of pages of "
@@ -303,13 +282,14 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
         raise InputError(f"decode: block_table of shape {tuple(block_table.shape)} does not broadcast to the "
                          f"call's batch axes {tuple(b.batch)} (plus the pages axis)") from None
     npool = call.mk // page_size
-    lens = _lengths_per_batch(b, pages * page_size if cache_len is None else cache_len, "cache_len",
-                              pages * page_size)
+    lens = lengths_per_batch(b, pages * page_size if cache_len is None else cache_len, "cache_len",
+                             pages * page_size, f" (the block table's {pages} pages of {page_size} keys)")
     table = table.reshape(-1, pages)
     used = torch.arange(pages)[None, :] < (lens.cpu().to(torch.int64)[:, None] + page_size - 1) // page_size
     if bool((used & ((table.cpu() < 0) | (table.cpu() >= npool))).any()):   # entries past cache_len are never read
         raise InputError(f"decode: block_table entries must be pages 0 .. {npool - 1} of the pool (those holding "
-                         "keys below cache_len; the rest may be any padding, e.g. -1)")
+                         "keys below cache_len; the rest may be any padding, e.g. -1); the pool is the key inputs' "
+                         "key axis in pages: pool.flatten(-3, -2) of a [..., pages, page_size, d] pool")
     table = table.to(device=b.device, dtype=torch.int32).contiguous()
     return _Call(PAGED, call.nq, call.mk, call.nq, pages * page_size, cache_len=lens, block_table=table,
                  page=page_size)
@@ -373,7 +353,8 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
         ch = choose_splits(ptiles * z * call.nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows,
                            DTYPE_NAME[dt], device_table_name(b.device))
         splits, predicted = ch.splits, ch.seconds
-    if not isinstance(splits, int) or splits < 1:
+    splits = whole(splits, "splits")
+    if splits < 1:
         raise InputError(f"splits must be a positive integer, got {splits!r}")
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))

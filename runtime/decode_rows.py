@@ -12,12 +12,15 @@ An epilogue that reads the row index or the length as a number (O = (A @ V) / (i
 index too: `finish_per_length` evaluates it for the batch indices of each valid length as a call of their own."""
 from __future__ import annotations
 
+import dataclasses
+import numbers
+
 import torch
 
 from moa import shard
 from moa.errors import InputError
 
-from .binding import bind
+from .binding import bind, check_reads
 from .ring import _results
 
 
@@ -30,6 +33,38 @@ def per_sequence(t: torch.Tensor, batch: tuple, trailing: int = 0) -> torch.Tens
     if 0 < lead < len(batch):
         t = t.reshape(*t.shape[:lead], *([1] * (len(batch) - lead)), *t.shape[lead:])
     return t
+
+
+def lengths_per_batch(b, t, what: str, limit: int, why: str = ""):
+    """An int tensor broadcast to the call's batch axes, flattened (int32, on the device)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"decode: {what} must be an int32 or int64 tensor, got {t.dtype}")
+    try:
+        t = per_sequence(t, b.batch).expand(*b.batch) if b.batch else t.reshape(())
+    except RuntimeError:
+        raise InputError(f"decode: {what} of shape {tuple(t.shape)} does not broadcast to the call's batch axes "
+                         f"{tuple(b.batch)}") from None
+    if t.numel() and (bool((t < 0).any()) or bool((t > limit).any())):
+        raise InputError(f"decode: {what} must lie in 0 .. {limit}{why}, got {t.flatten().tolist()[:8]}")
+    return t.reshape(-1).to(device=b.device, dtype=torch.int32).contiguous()
+
+
+def whole(x, what: str) -> int:
+    """An integer argument (a Python, numpy or 0-d tensor integer; not a bool), else an InputError naming it."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise InputError(f"decode: {what} must be a positive integer, got {x!r}")
+    return int(x)
+
+
+def check_call_reads(kernel, b, gdims: dict) -> None:
+    """The plain call's check of unguarded reads (runtime/binding.check_reads) at the user program's dims of this
+    call (`gdims` the sequence dims): a GQA head index a // (h // g) past the K/V heads when g does not divide h."""
+    dims = {**{d.name: b.dims[d.name] for d in kernel.program.dims if d.name in b.dims}, **gdims}
+    check_reads(kernel.program, kernel.dnf, dataclasses.replace(b, dims=dims))
 
 
 def global_dims(plan, nq: int, mk: int) -> tuple[dict, int]:

@@ -5,7 +5,9 @@ a sequence's row tiles exit at once (no padding work)."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
+import numpy as np
 import torch
 
 from moa import shard
@@ -14,7 +16,8 @@ from moa.errors import InputError, UnsupportedError
 
 from . import decode_merge
 from .binding import bind, refuse_grad
-from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, check_call_reads, lengths
+from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
+from .decode_rows import check_call_reads
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results
@@ -153,8 +156,11 @@ def _check_pages(block_table, page_size, cu_k, mk: int):
 def _check_cu(cu_q, cu_k, plan):
     out = []
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if isinstance(cu, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in cu):
-            cu = torch.tensor(cu, dtype=torch.int64)   # a Python list, as cache_len takes one
+        if isinstance(cu, np.ndarray) and cu.dtype.kind in "iu":
+            cu = torch.from_numpy(cu.astype(np.int64))
+        if isinstance(cu, (list, tuple)) and all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                 for x in cu):
+            cu = torch.tensor([int(x) for x in cu], dtype=torch.int64)   # a list, as cache_len takes one
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
             raise InputError(f"varlen: {name} must be a 1-d int32 or int64 tensor (or a list of ints) of cumulative "
                              "lengths")

@@ -131,3 +131,24 @@ def test_lengths_and_tables_align_with_the_leading_batch_axis():
     paged = k.decode(Q=q, K=_pool(kc, perm, (B,)), V=_pool(vc, perm, (B,)), cache_len=LENS,
                      block_table=perm.view(B, PAGES), page_size=P)
     torch.testing.assert_close(paged, want, rtol=1e-12, atol=1e-12)
+
+
+def test_integer_arguments_of_numpy_and_the_messages_name_the_table():
+    # page_size as a numpy / 0-d tensor integer is a page size; splits=True is no split count; a cache_len past the
+    # block table's pages names the table (found by a helper)
+    import numpy as np
+
+    k, q, kc, vc, want = _setup("causal_bottom_right", {})
+    perm = torch.randperm(B * PAGES, generator=torch.Generator().manual_seed(1))
+    pool = {"K": _pool(kc, perm, ()), "V": _pool(vc, perm, ())}
+    for ps in (np.int64(P), torch.tensor(P)):
+        got = k.decode(Q=q, **pool, cache_len=LENS, block_table=perm.view(B, PAGES), page_size=ps)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError, match="splits must be a positive integer, got True"):
+        k.decode(Q=q, K=kc, V=vc, splits=True)
+    with pytest.raises(InputError, match=r"the block table's 2 pages of 16 keys"):
+        k.decode(Q=q, **pool, cache_len=LENS, block_table=perm.view(B, PAGES)[:, :2], page_size=P)
+    x = torch.randn(10, D, dtype=F64)
+    c = moa.compile("examples/causal.moa")
+    out = c.varlen(np.array([0, 4, 10]), [np.int64(0), np.int64(4), np.int64(10)], Q=x, K=x, V=x)
+    torch.testing.assert_close(out[4:], c(Q=x[4:], K=x[4:], V=x[4:]), rtol=1e-12, atol=1e-12)
