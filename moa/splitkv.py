@@ -40,34 +40,41 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def split_seconds(splits: int, programs: int, key_tiles: int, block_m: int, block_n: int, head: int, head_v: int,
-                  rows: int, dtype: str = "bfloat16", device: str = "h100", longest: int | None = None) -> float:
+                  rows: int, dtype: str = "bfloat16", device: str = "h100", longest: int | None = None,
+                  mix: tuple | None = None) -> float:
     """Predicted seconds of a decoding call with `splits` key splits (see the module docstring). rows: output rows
     of the call (batch x heads x query rows); head, head_v: the contraction and value extents; longest: the key
-    tiles of the longest program when known (the cost model's count), else ceil(T / S)."""
+    tiles of the longest program when known (the cost model's count), else ceil(T / S). mix: ((programs, key
+    tiles) ...) when the programs' keys differ (a varlen batch's sequences; key_tiles is the longest): the
+    longest split bounds the time from below, the tiles of all of them fill the SMs' waves."""
     dev = get_device(device)
     eb = DTYPE_BYTES.get(dtype, 2)
     acc = 8 if dtype == "float64" else 4
     bw = dev.hbm_bytes_per_s
     tile = max(block_n * (head + head_v) * eb * dev.sms / bw,
                2.0 * block_m * block_n * (head + head_v) * dev.sms / dev.matmul_rate(dtype))
-    waves = _cdiv(programs * splits, dev.sms)
-    t = dev.launch_s + waves * (_cdiv(key_tiles, splits) if longest is None else longest) * tile
+    per = _cdiv(key_tiles, splits) if longest is None else longest
+    if mix:
+        work = sum(p * kt for p, kt in mix)
+        t = dev.launch_s + _cdiv(work, dev.sms * max(per, 1)) * per * tile
+    else:
+        t = dev.launch_s + _cdiv(programs * splits, dev.sms) * per * tile
     if splits > 1:
         t += dev.launch_s + (2 * splits * rows * (head_v + 1) * acc + rows * head_v * eb) / bw
     return t
 
 
 def choose_splits(programs: int, key_tiles: int, block_m: int, block_n: int, head: int, head_v: int, rows: int,
-                  dtype: str = "bfloat16", device: str = "h100") -> SplitChoice:
-    """The number of key splits with the smallest predicted time."""
+                  dtype: str = "bfloat16", device: str = "h100", mix: tuple | None = None) -> SplitChoice:
+    """The number of key splits with the smallest predicted time (mix: see split_seconds)."""
     best = None
     for s in range(1, max(1, min(key_tiles, MAX_SPLITS)) + 1):
         if s > 1 and _cdiv(key_tiles, s) == _cdiv(key_tiles, s - 1):
             continue   # the same tiles per split as fewer splits: more programs, no shorter loop
-        t = split_seconds(s, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device)
+        t = split_seconds(s, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device, mix=mix)
         if best is None or t < best[1]:
             best = (s, t)
-    one = split_seconds(1, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device)
+    one = split_seconds(1, programs, key_tiles, block_m, block_n, head, head_v, rows, dtype, device, mix=mix)
     if best[1] > MIN_GAIN * one:   # a few percent of wave quantisation is not worth a second launch
         return SplitChoice(1, one, one)
     return SplitChoice(best[0], best[1], one)

@@ -295,6 +295,15 @@ def _paged(b, call, cache_len, block_table, page_size, plan):
                  page=page_size)
 
 
+def varlen_mix(sched, call, z: int, cfg) -> tuple | None:
+    """((programs, key tiles) per sequence) of a varlen call (splitkv.split_seconds' mix), else None."""
+    if call.mode not in VARLENS:
+        return None
+    cq, ck = call.cu_host
+    return tuple((row_programs(sched, cq[s + 1] - cq[s], cfg.block_m) * z, cdiv(ck[s + 1] - ck[s], cfg.block_n))
+                 for s in range(len(cq) - 1))
+
+
 def _runnable(block, name: str, sched, varlen: bool):
     """The schedule a decode or varlen call runs when the model picks `sched`: a varlen call runs a residue
     schedule's tiled variant (its programs are not row tiles of one sequence)."""
@@ -351,7 +360,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
     elif splits is None:
         head = max(head_dims(sched, cb.dims) or [e])
         ch = choose_splits(ptiles * z * call.nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows,
-                           DTYPE_NAME[dt], device_table_name(b.device))
+                           DTYPE_NAME[dt], device_table_name(b.device), varlen_mix(sched, call, z, cfg))
         splits, predicted = ch.splits, ch.seconds
     splits = whole(splits, "splits")
     if splits < 1:

@@ -88,7 +88,8 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     tdev = "h100" if on_cpu else device
     args = (ptiles * z * nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * sy.evaluate(sched.row[1], cdims),
             dtype, tdev)
-    splits = pages if page_size else splits or choose_splits(*args).splits
+    mix = tuple((row_programs(sched, a, cfg.block_m) * z, cdiv(b, cfg.block_n)) for a, b in zip(lq, lk))
+    splits = pages if page_size else splits or choose_splits(*args, mix=mix).splits
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
     inputs = _broadcast(kernel, inputs, batch)
@@ -141,7 +142,8 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     return DecodeCost(splits, split_len, 1, sum(r.flops for r in reports) + extra[0],
                       sum(r.transcendentals for r in reports) + extra[1], loaded + stored, loaded, stored, merge,
                       per_key * mk * nbatch, sum(r.tiles_visited for r in reports),
-                      split_seconds(splits, *args, longest=longest), split_seconds(1, *args, longest=ktiles),
+                      split_seconds(splits, *args, longest=longest, mix=mix),
+                      split_seconds(1, *args, longest=ktiles, mix=mix),
                       tuple(reports))
 
 

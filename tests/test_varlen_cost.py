@@ -100,3 +100,17 @@ def test_paged_varlen_counted_exactly():
     assert p.splits == pages
     assert (got.flops, got.transcendentals, got.dram_bytes_loaded, got.dram_bytes_stored, got.tiles_visited) == \
         (p.flops, p.transcendentals, p.dram_bytes_loaded, p.dram_bytes_stored, p.tiles_visited)
+
+
+def test_mixed_lengths_split_the_long_sequence():
+    # one long sequence among short ones: the model counted every (sequence, split) program at the longest length,
+    # so no split looked worthwhile (1 split, ~4x its own decode prediction; found by a helper); now the longest
+    # split bounds the time and all splits' tiles fill the waves
+    from moa.runtime.decode_cost import decode_cost
+
+    k = moa.compile("examples/causal_bottom_right.moa")
+    cu_q, cu_k = [0, 1, 2, 3, 4], [0, 100, 30000, 30100, 31000]
+    mixed = varlen_cost(k, cu_q, cu_k, dtype="bf16", device="h100", batch=(32,), d=128, e=128)
+    alone = decode_cost(k, 1, 29900, dtype="bf16", device="h100", batch=(32,), d=128, e=128)
+    assert mixed.splits > 8 and mixed.predicted_seconds < 1.3 * alone.predicted_seconds
+    assert mixed.predicted_seconds < 0.5 * mixed.unsplit_seconds
