@@ -30,7 +30,7 @@ def add_commands(sub, common):
     common(p)
     p.add_argument("--dims", help="e.g. n=8192,d=128,e=128 (omit for formulas in the dims)")
     p.add_argument("--dtype", default="bf16", help=f"{DTYPES} (default bf16)")
-    p.add_argument("--device", default="h100", help="h100, h200, a100, or cpu (interpreter tiles, no time)")
+    p.add_argument("--device", default="h100", help="h100 (default), h200, a100, or cpu (interpreter tiles, no time)")
     p.add_argument("--batch", default=None, help="extra leading batch axis of that size (0: none; default: 0)")
     p.add_argument("--plot", metavar="FILE.png", help="draw predicted bytes and time against n (log-log)")
     p.add_argument("--no-fit", action="store_true", help="use the default tile table without the ahead-of-time "
