@@ -27,9 +27,10 @@ from .tiling import row_programs
 @dataclass(frozen=True)
 class DecodeCost:
     """Predicted cost of k.decode at given dims. flops, transcendentals, dram_bytes: the split launch (every split
-    counted by the cost model) plus the merge pass; kv_bytes: the K/V bytes the call must read at least (every key
-    some row admits, of every K/V head, once: the whole cache without a mask, the window of a sliding window), the
-    numerator of the bandwidth target; predicted_seconds: moa/splitkv.py's time at
+    counted by the cost model) plus the merge pass; kv_bytes: the K/V bytes the call reads (the keys from the tile
+    holding the first key some row admits to the last, of every K/V head, once: the whole cache without a mask,
+    the window of a sliding window from its first tile; with cache_len or pages each batch index's valid keys),
+    the numerator of the bandwidth target; predicted_seconds: moa/splitkv.py's time at
     `splits`, unsplit_seconds at 1."""
     splits: int
     split_len: int
