@@ -59,8 +59,9 @@ def key_sum(x, leadset, i, c):
             (mask is not None and not _free(mask) <= leadset | {i, j}):
         return None
     w, v = (reduce(lambda x, y: D.Op("mul", (x, y), ir.FLOAT), fs) for fs in (weight or [D.Const(1.0)], value))
-    if not any(isinstance(y, D.Reduce) and y.op == "sum" for y in D.nodes(w)):
-        return None   # no contraction in the weight: a product of arrays (Q @ K.T), not attention
+    if not any(isinstance(y, D.Reduce) and y.op == "sum" for part in (w, mask) if part is not None
+               for y in D.nodes(part)):
+        return None   # no contraction in the weight or its mask: a product of arrays (Q @ K.T), not attention
     if mask is not None:
         w = D.Op("where", (mask, w, D.Const(0.0)), ir.FLOAT)
     return D.KeySum(j, x.extent, w, v, x.dtype)

@@ -179,8 +179,12 @@ def _residue_lift(x, i, rl: RowLift):
         if sp.simplify(e.xreplace({i: rl.row, j: key})) != 0:
             return None
     others = parts[:k] + parts[k + 1:]
+    reads = [p for p in others if any(isinstance(y, D.BINDERS) for y in D.nodes(p))]   # on the score (S > 0): it
+    others = [p for p in others if not any(p is y for y in reads)]                      # keeps i, as the score does
     lifted = _tidy(D.subs(_and(others), {i: rl.row, j: key})) if others else None
     inner = D.subs(inner, {j: key})
+    if reads:
+        inner = D.Op("where", (D.subs(_and(reads), {j: key}), inner, D.Const(neutral)), inner.dtype)
     body = inner if lifted is None else D.Op("where", (lifted, inner, D.Const(neutral)), inner.dtype)
     keys = sp.floor((x.extent - 1 - rho) / s) + 1
     if isinstance(x, D.SoftmaxSum):

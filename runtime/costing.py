@@ -10,6 +10,7 @@ transcendentals (exp, exp2, log, log2, sqrt, rsqrt, sin, cos) count once per ele
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,12 +57,26 @@ def _elem_bytes(planner, sched, compute: str, index_dtype: str) -> dict:
     return out
 
 
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # planner -> launch_specs' kernels
+
+
 def launch_specs(planner, compute: str, nbatch: int, configs: dict, scheds: dict, dims: dict | None = None) -> dict:
     """Output name -> the generated tiled kernel the cost model counts (in the program's own names), specialised
     to the head dims as a launch at `dims` is (tiling.exact_heads)."""
-    return {name: generate(planner.cg_program, scheds[name], compute, nbatch, cfg.block_m, cfg.block_n, False,
-                           exact_heads(planner.schedules[name], dims) if dims else frozenset())
-            for name, cfg in configs.items()}
+    out = {}
+    memo = _SPECS.setdefault(planner, {})
+    for name, cfg in configs.items():   # the same kernel for every split of a decode: generated once
+        sched = scheds[name]
+        exact = exact_heads(planner.schedules[name], dims) if dims else frozenset()
+        key = (name, id(sched), compute, nbatch, cfg.block_m, cfg.block_n, exact)
+        hit = memo.get(key)
+        if hit is None or hit[0] is not sched:   # the schedule held with its spec: its id is not reused meanwhile
+            if len(memo) >= 256:
+                memo.clear()
+            hit = memo[key] = (sched, generate(planner.cg_program, sched, compute, nbatch, cfg.block_m, cfg.block_n,
+                                               False, exact))
+        out[name] = hit[1]
+    return out
 
 
 def kernel_specs(planner, name: str, sched, spec, compute: str, nbatch: int, cfg, dims: dict) -> list:

@@ -145,7 +145,6 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     raw, inputs = inputs, both_sides(kernel, plan, inputs, nq)
     b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
-    check_call_reads(kernel, b, gdims)
     call = _Call(SPLIT, nq, mk, nq, mk)
     if block_table is not None or page_size is not None:
         call = _paged(b, call, cache_len, block_table, page_size, plan)
@@ -156,6 +155,8 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
                          "for both axes, so the queries are the last rows of the valid keys")
+    for length in [mk] if call.cache_len is None else sorted(set(call.cache_len.tolist())):   # the keys read
+        check_call_reads(kernel, b, _global(plan, nq, length)[0])
     if call.mode != SPLIT and plan.kv_copies:   # an input read by i and j: its query rows per batch index
         rows = query_rows(nq, call.cache_len, call.block_table, call.page)
         inputs = both_sides_per_batch(kernel, plan, raw, rows, tuple(b.batch))

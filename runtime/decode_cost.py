@@ -90,7 +90,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     """DecodeCost of a decoding call with nq query rows against m cached keys; dims: the program's other dims
     (d, e, heads ...). config: the block kernel's tiles (default: the runtime's CUDA table). page_size: a paged
     cache (one split per page, key tiles of at most a page); m is then the pages' keys of one batch index.
-    cache_len: the valid keys per batch index (a list over the flattened batch, or one int for all).
+    cache_len: the valid keys per batch index (a list over the flattened batch, one per index of the leading
+    batch axis as decode aligns a [B] tensor, or one int for all).
     inputs: the integer / boolean inputs a mask reads, as passed to decode (document ids along the keys): the
     tiles their per-tile summaries skip are counted on them. With pages, the key data are pools as passed to
     decode and block_table (as passed to decode) says where each batch index's keys lie."""
@@ -142,6 +143,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     else:
         lens = [m] * nbatch if cache_len is None else \
             [int(cache_len)] * nbatch if isinstance(cache_len, int) else [int(x) for x in cache_len]
+        if len(batch) > 1 and len(lens) == batch[0] != nbatch:   # per sequence, as decode aligns them: the
+            lens = [x for x in lens for _ in range(nbatch // batch[0])]   # leading batch axis
         if len(lens) != nbatch or any(not 0 <= x <= m for x in lens):
             raise InputError(f"decode_cost: cache_len needs {nbatch} lengths in 0 .. {m}, got {lens}")
         groups = [((), x, cdiv(x, split_len)) for x in lens] if inputs else \

@@ -21,6 +21,8 @@ CHUNK = 16  # key-axis chunk of the online-softmax evaluation
 
 
 class _DnfEval:
+    guarding_logic = False   # and / or guard their right operand (gradient DNFs); the program's own DNF: not
+
     def __init__(self, program: Program, b: Binding):
         self.p, self.b = program, b
         self.dev = b.device   # every tensor made here lives where the inputs do (the GPU's, for the epilogue)
@@ -114,8 +116,8 @@ class _DnfEval:
             if a.dtype != b.dtype:
                 a, b = a.to(F64), b.to(F64)
             return torch.where(c, a, b)
-        if e.fn in ("and", "or"):   # the right operand matters (and its reads must be in range) where the left
-            a = self.ev(e.args[0], active, guard)   # does not decide: a guard conjunct protects the next one
+        if e.fn in ("and", "or") and self.guarding_logic:   # gradient DNFs: the scatter's range guard conjunct
+            a = self.ev(e.args[0], active, guard)              # protects the next one (a substituted doc[j])
             g = a if a.dtype == torch.bool else a != 0
             g = g if e.fn == "and" else ~g
             b = self.ev(e.args[1], active, g if guard is None else guard & g)

@@ -18,7 +18,10 @@ from .reference import F64
 
 
 class _GradEval(_DnfEval):
-    """The DNF evaluator with more named tensors to read: cotangents and saved values (batch + own shape)."""
+    """The DNF evaluator with more named tensors to read: cotangents and saved values (batch + own shape); its
+    and / or guard their right operand (moa/grad_scatter.py conjoins an index's range guard with the conditions
+    it substitutes into)."""
+    guarding_logic = True
 
     def __init__(self, program: Program, b: Binding, extra: dict):
         super().__init__(program, b)

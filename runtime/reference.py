@@ -216,7 +216,8 @@ class _Eval:
                 bad = bad & g
             if bool(bad.any()):
                 where = n.loc or a.loc
-                raise InputError(f"index out of range at {where}: axis {k} of extent {ext} read at index "
+                what = f"the read of {a.attrs[0]}, " if a.op == "input" else ""
+                raise InputError(f"index out of range at {where}: {what}axis {k} of extent {ext} read at index "
                                  f"{int(i[bad.expand(i.shape)][0]) if bad.shape == i.shape else int(i.min())} "
                                  f"(guard the read with where(...))")
             flat.append(i.clamp(0, max(ext - 1, 0)))

@@ -152,3 +152,28 @@ def test_integer_arguments_of_numpy_and_the_messages_name_the_table():
     c = moa.compile("examples/causal.moa")
     out = c.varlen(np.array([0, 4, 10]), [np.int64(0), np.int64(4), np.int64(10)], Q=x, K=x, V=x)
     torch.testing.assert_close(out[4:], c(Q=x[4:], K=x[4:], V=x[4:]), rtol=1e-12, atol=1e-12)
+
+
+def test_reads_are_checked_at_the_valid_lengths():
+    # bias[min(i, j) // 4] of 8 entries is in range for every valid length (<= 32) but not for the whole cache of
+    # 48: decode checked the cache's length and refused (found by a helper); decode_cost takes lengths per sequence
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.measure import instrument
+
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], bias[8]\n"
+                    "S[i, j] = where(j <= i, dot(Q[i], K[j]), -inf) + bias[min(i, j) // 4]\n"
+                    "out O = softmax(S, axis=-1) @ V")
+    g = torch.Generator().manual_seed(2)
+    kc, vc = (torch.randn(2, 2, 48, D, generator=g, dtype=F64) for _ in range(2))
+    bias = torch.randn(8, generator=g, dtype=F64)
+    lens = torch.tensor([12, 30])
+    q = torch.stack([kc[b, :, L - 1:L] for b, L in enumerate(lens.tolist())])
+    with instrument() as c:
+        got = k.decode(Q=q, K=kc, V=vc, bias=bias, cache_len=lens, splits=2)
+    for b, L in enumerate(lens.tolist()):
+        want = k(Q=kc[b, :, :L], K=kc[b, :, :L], V=vc[b, :, :L], bias=bias)[:, -1:]
+        torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError, match=r"reaches index 11"):
+        k.decode(Q=q, K=kc, V=vc, bias=bias, cache_len=torch.tensor([12, 48]))
+    p = decode_cost(k, 1, 48, splits=2, dtype="fp64", device="cpu", batch=(2, 2), cache_len=lens.tolist(), d=D, e=D)
+    assert (c.flops, c.dram_bytes_loaded, c.dram_bytes_stored) == (p.flops, p.dram_bytes_loaded, p.dram_bytes_stored)

@@ -53,3 +53,22 @@ def test_decode(name):
     full = k(**x)
     got = k.decode(Q=x["Q"][:, -3:], K=x["K"], V=x["V"], splits=3)
     assert (got - full[:, -3:]).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("schedule", ["tiled", "hops", "residue"])
+def test_a_score_mask_beside_a_stride_mask(schedule):
+    # the residue lifting substituted i = r + s a into the score conjunct too (the contraction was then not found
+    # and every schedule was refused; found by a helper): a conjunct reading the score keeps i, as the score does
+    k = moa.compile(HEAD + "P[i, j] = where(j < i and (i - j) % 4 == 0 and S[i, j] > -0.5, S[i, j], -inf)\n"
+                           "out O = softmax(P, axis=-1) @ V", schedule=schedule)
+    x = _inputs(64, seed=2)
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
+    got = k.decode(Q=x["Q"][:, -2:], K=x["K"], V=x["V"], splits=2)
+    assert (got - k(**x)[:, -2:]).abs().max() <= 1e-12
+
+
+def test_a_plain_sum_whose_contraction_is_only_in_its_mask():
+    # where(j <= i and q . k > 0, 1 / (i + 1), 0) @ V: the key-sum rule looked for the contraction in the weight only
+    k = moa.compile(HEAD + "A[i, j] = where(j <= i and S[i, j] > 0, 1.0 / (i + 1), 0)\nout O = A @ V")
+    x = _inputs(50, seed=5)
+    assert (k(**x) - k.reference(**x)).abs().max() <= 1e-12
