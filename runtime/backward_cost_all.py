@@ -6,7 +6,7 @@ them (runtime/measure.py).
            atomic adds of a bias table or gate; tiles skipped by the data, predicted from `inputs=`)
   multi    several branches or an epilogue (PiAttention): per branch k its forward recomputed (`branch{k}/_attn_fwd`,
            codegen/counts.py as the forward's cost) and its two fused kernels (`branch{k}/_attn_bwd_*`); the
-           epilogue's gradient is evaluated in float64 on the CPU (torch, no kernel: no counted work)
+           epilogue's gradient is evaluated in float64 by torch where the tensors are (no kernel: no counted work)
   window   window mixing (bla): its two kernels (runtime/window_backward_cost.py)
   linear   the chunked linear form, where the training form choice picks it (runtime/backward_cost_linear.py)
 
@@ -122,6 +122,6 @@ def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: int, d
             out[f"branch{k}/{name}"] = w
     if not out:
         raise UnsupportedError("no branch")   # pragma: no cover - a schedule has a branch
-    return BackwardCost("multi", out, ("the epilogue's gradient (the cotangent of each branch, the gradients of its "
-                                       "own reads: the gate's Q and wg) is evaluated in float64 on the CPU by torch: "
-                                       "no kernel work, not counted",))
+    return BackwardCost("multi", out, ("the epilogue's gradient (the cotangent of each branch, the gradients of the "
+                                       "inputs it reads itself, e.g. a gate's weights) is evaluated in float64 by "
+                                       "torch where the tensors are: no kernel work, not counted",))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 import torch
+from torch.autograd import forward_ad
 
 from moa import ir
 from moa import dnf as D
@@ -133,6 +134,9 @@ def refuse_functorch(inputs: dict) -> None:
             raise UnsupportedError(f"input {name} is a torch.func transform's tensor (vmap, grad, jvp): moa's "
                                    "kernels run on plain tensors; batch by leading axes (they broadcast) and "
                                    "differentiate with torch.autograd")
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:   # its tangent was lost
+            raise UnsupportedError(f"input {name} carries a forward-mode tangent (torch.autograd.forward_ad): moa "
+                                   "has no forward-mode derivatives; differentiate in reverse mode (.backward())")
 
 
 def _dims_text(dims: dict) -> str:

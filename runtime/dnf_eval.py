@@ -85,7 +85,7 @@ class _DnfEval:
             self.check_range(bad, e, k, own[k])
             idx.append(v.clamp(0, max(own[k] - 1, 0)))
         out = t[(Ellipsis, *idx)] if idx else t
-        if not idx and self.nb:   # a scalar input with batch axes: its value at every point of the variables
+        if not shape and self.nb:   # a scalar (or a constant index: lam[0]) with batch axes: at every point
             out = out.reshape(*out.shape, *([1] * len(active)))
         return self.full(out.reshape(*self.b.batch, *out.shape[self.nb:]) if self.nb else out, active)
 

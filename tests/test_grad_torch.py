@@ -333,3 +333,8 @@ def test_torch_func_transforms_are_refused_by_moa():
         torch.vmap(lambda a: k(Q=a, K=a, V=a))(q)
     with pytest.raises(UnsupportedError, match="torch.func transform"):
         torch.func.grad(lambda a: k(Q=a, K=a, V=a).square().sum())(q[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():   # the tangent was dropped silently (a zero derivative; found by a helper)
+        d = fwAD.make_dual(q, torch.ones_like(q))
+        with pytest.raises(UnsupportedError, match="forward-mode tangent"):
+            k(Q=d, K=q, V=q)

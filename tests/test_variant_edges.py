@@ -257,3 +257,22 @@ def test_gradient_of_a_relative_bias_under_a_data_mask_with_two_outputs():
         (o["O0"].sum() + o["O1"].square().sum()).backward()
         grads.append(rb.grad)
     assert (grads[0] - grads[1]).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("lam_shape", [(2, 1), (1,)])
+def test_a_learnable_scalar_in_the_epilogue_with_batch_axes(lam_shape):
+    # differential attention's lam[0]: a read at a constant index in the epilogue's gradient DNF was a (B,) tensor
+    # aligned with the value axis (raw RuntimeError in .backward() with any batch axis; found by a helper)
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], W[n, d], lam[1]\n"
+                    "S1[i, j] = where(j <= i, dot(Q[i], K[j]), -inf)\nS2[i, j] = where(j <= i, dot(W[i], K[j]), -inf)\n"
+                    "out O[i] = (softmax(S1[i], axis=-1) @ V) - lam[0] * (softmax(S2[i], axis=-1) @ V)")
+    g = torch.Generator().manual_seed(1)
+    x = {a: torch.randn(2, 33, 4, generator=g, dtype=F64) for a in ("Q", "K", "V", "W")}
+    x["lam"] = torch.randn(*lam_shape, generator=g, dtype=F64)
+    grads = []
+    for f in (k, k.reference):
+        xs = {a: t.clone().requires_grad_() for a, t in x.items()}
+        f(**xs).square().sum().backward()
+        grads.append(xs)
+    for a in x:
+        assert (grads[0][a].grad - grads[1][a].grad).abs().max() <= 1e-11, a
