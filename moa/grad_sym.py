@@ -64,9 +64,17 @@ class Sgn(sp.Function):
         return sp.Integer(0)
 
 
+class RealAbs(sp.Function):
+    """|x| of a real x; d/dx = sign(x) (sympy's Abs differentiates a possibly complex argument: sqrt(d) of a leaf
+    it cannot prove non-negative gave atan2 terms)."""
+
+    def fdiff(self, argindex=1):
+        return Sgn(self.args[0])
+
+
 _UNARY = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "rsqrt": lambda x: 1 / sp.sqrt(x), "tanh": sp.tanh,
           "sin": sp.sin, "cos": sp.cos, "sigmoid": Sigmoid, "relu": Relu, "elu": Elu, "sign": Sgn,
-          "abs": sp.Abs, "neg": lambda x: -x}
+          "abs": RealAbs, "neg": lambda x: -x}
 _BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
            "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "min": sp.Min, "max": sp.Max}
 DIFFERENTIABLE = frozenset(_UNARY) | frozenset(_BINARY)
@@ -209,7 +217,7 @@ def _from_add(x, leaves):
 
 
 _FUNC = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos", Sigmoid: "sigmoid",
-         Relu: "relu", Elu: "elu", sp.Abs: "abs", Sgn: "sign", sp.sign: "sign"}
+         Relu: "relu", Elu: "elu", sp.Abs: "abs", RealAbs: "abs", Sgn: "sign", sp.sign: "sign"}
 
 
 def from_sympy(x, leaves: dict):  # noqa: C901 - one case per sympy construct

@@ -119,7 +119,9 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     per-tile summaries, and tiles_needed, are counted on this data; without it a data-dependent test is counted
     as skipping nothing."""
     if index_dtype is None:
-        ints = [torch.as_tensor(t).dtype for t in (inputs or {}).values()]
+        decl = kernel.program.input_map   # a bool input passed as integers is read as flags: not an int width
+        ints = [torch.as_tensor(t).dtype for n, t in (inputs or {}).items()
+                if n not in decl or decl[n].dtype != ir.BOOL]
         ints = [t for t in ints if not t.is_floating_point and t != torch.bool]
         index_dtype = "int32" if ints and torch.int64 not in ints else "int64"
     return cost_breakdown(kernel, dtype, device, config, batch, index_dtype, fit=fit, as_called=True,

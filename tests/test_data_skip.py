@@ -204,3 +204,16 @@ def test_arithmetic_on_int32_ids_is_64_bit():
     m = measure(k, **x)
     c = cost(k, dtype="float64", device="cpu", inputs={"doc": doc}, n=n, d=16, e=16)
     assert {f: getattr(m, f) for f in COUNTERS} == {f: getattr(c, f) for f in COUNTERS}
+
+
+def test_int_width_ignores_flags_given_as_integers():
+    # int32 ids with a bool input passed as an int64 tensor: the flag is read as bools, so the ids' width is the
+    # integers' (the cost model took int64 from the flag tensor: bytes off; found by a fuzzing helper)
+    k = moa.compile(HEAD + "in seg[n]: int\nin flag[n]: bool\n"
+                           "S[i, j] = where(seg[j] == 0 and flag[j], dot(Q[i], K[j]), -inf)\n"
+                           "out O = softmax(S, axis=-1) @ V\n")
+    n = 65
+    seg, flag = torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.int64)
+    m = measure(k, **inputs(n, seg=seg, flag=flag))
+    c = cost(k, dtype="float64", device="cpu", inputs={"seg": seg, "flag": flag}, n=n, d=16, e=16)
+    assert m.dram_bytes == c.dram_bytes and m.tiles_visited == c.tiles_visited

@@ -276,3 +276,18 @@ def test_a_learnable_scalar_in_the_epilogue_with_batch_axes(lam_shape):
         grads.append(xs)
     for a in x:
         assert (grads[0][a].grad - grads[1][a].grad).abs().max() <= 1e-11, a
+
+
+def test_gradient_of_abs_of_a_scaled_score():
+    # sympy's Abs differentiates a possibly complex argument: abs(q.k / sqrt(d) + b[i]) gave atan2 terms and the
+    # backward was refused (found by a fuzzing helper); |x|' = sign(x) over the reals
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], bi[n]\n"
+                    "A[i, j] = where(j <= i, abs(dot(Q[i], K[j]) / sqrt(d) + bi[i]), 0)\nout O = A @ V")
+    x = _x(40, bi=torch.randn(40, dtype=F64))
+    grads = []
+    for f in (k, k.reference):
+        xs = {a: t.clone().requires_grad_() for a, t in x.items()}
+        f(**xs).square().sum().backward()
+        grads.append(xs)
+    for a in x:
+        assert (grads[0][a].grad - grads[1][a].grad).abs().max() <= 1e-10, a
