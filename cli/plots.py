@@ -9,6 +9,7 @@ import numpy as np
 import sympy as sp
 import torch
 
+from moa import onf
 from moa import symbolic as sy
 from moa.devices import canonical_dtype
 from moa.errors import InputError, MoaError
@@ -128,9 +129,14 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
 
     dt = canonical_dtype(dtype)
     panels = []
+    notes = []
     for name in k.output_names:
         sched = k.schedules[name]
         cfg = k.planner.launch_config(name, torch.device("cpu" if device == "cpu" else "cuda"), dt, dims)
+        runs = k.planner.schedule_for(name, dims, dt, "h100" if device == "cpu" else device)
+        if runs.kind != sched.kind:   # a map is of (query tile, key tile) pairs: the tiled schedule's
+            notes.append(f"output {name}: the tiled schedule's map; at these dims the runtime runs "
+                         f"{onf.label(runs)} (moa explain)")
         for bi, b in enumerate(sched.branches):
             panels.append((name, bi, b, cfg, tile_map(k, name, bi, dims, cfg)))
     if not panels:
@@ -169,7 +175,8 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     shown = " ".join(f"{a}={v}" for a, v in dims.items())
     fig.suptitle(f"{k.program.name}: (query tile, key tile) map\n{shown}; {dt} tiles of "
                  f"{'the interpreter' if device == 'cpu' else 'the GPU runtime'}"
-                 + (" (head 0)" if any(s.lead for s in k.schedules.values()) else ""), fontsize=10)
+                 + (" (head 0)" if any(s.lead for s in k.schedules.values()) else "")
+                 + "".join(f"\n{note}" for note in notes), fontsize=10)
     # the maps keep their aspect, so the layout leaves blank bands where the figure is taller than they need:
     # lay it out once, then take the unused height off the figure (the layout is redone when it is saved)
     fig.canvas.draw()
@@ -180,4 +187,6 @@ def tiles_plot(k, path, dims: dict, dtype="bf16", device="h100") -> str:
     save(fig, plt, path, "--tiles")
     print(f"wrote {path} ({', '.join(f'{p[0]}/{p[1]}: {p[4].shape[0]}x{p[4].shape[1]}' for p in panels)} tiles; "
           f"{sy.show(sum(int((p[4] > 0).sum()) for p in panels))} visited)")
+    for note in notes:
+        print(f"note: {note}")
     return path

@@ -221,8 +221,9 @@ def lengths(plan, decl, metas):
         pos = len(shp[0]) - node.rank + ax
         rest = [s[:pos] + s[pos + 1:] for s in shp]
         if any(x != rest[0] for x in rest):
-            problems.append(f"{role}-sharded input {name} may differ across ranks only in axis {ax} (the sharded "
-                            "one), got shape " + ", ".join(f"{s} on rank {r}" for r, s in enumerate(shp)))
+            problems.append(f"{role}-sharded input {name} may differ across ranks only in axis {pos} of its "
+                            "tensor (the sharded one), got shape "
+                            + ", ".join(f"{s} on rank {r}" for r, s in enumerate(shp)))
         for s in range(world):
             length = shp[s][pos]
             for kind, store in (((shard.QUERY,), nl), ((shard.KEY,), ml)):
