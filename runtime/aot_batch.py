@@ -227,6 +227,15 @@ def short_reason(message: str) -> str:
     return tail[:160]
 
 
+def load_choice(path, count: int) -> int:
+    """The cached index of the first fitting candidate among `count`; ValueError when the file holds anything else
+    (a negative index, a bool or another type: a stale or edited file is rebuilt, never obeyed)."""
+    x = json.loads(path.read_text())["choice"]
+    if type(x) is not int or not 0 <= x < count:
+        raise ValueError(f"bad cached choice {x!r}")
+    return x
+
+
 def save_choice(path, index: int):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import warnings
 
 import torch
@@ -22,7 +21,7 @@ from moa.errors import InputError, UnsupportedError
 from . import aot as A
 from . import cache
 from . import form_configs as F
-from .aot_batch import (TRITON_TYPE, aot_groups, choose_fitting, cuda_target, disk_path,
+from .aot_batch import (TRITON_TYPE, aot_groups, choose_fitting, cuda_target, disk_path, load_choice,
                         divisible_args, kernel_signature, req_key, save_choice, target_device)
 from .device import device_table_name
 from .tiling import Config, candidates, default_config, exact_heads, launch_extents
@@ -151,7 +150,7 @@ def _first_fit(planner, name, dtype, dims, scheds, target, nbatch, index_dtype, 
                          .encode()).hexdigest()[:32]
     path = disk_path(key)
     try:
-        sched, cfg, _ = plan[json.loads(path.read_text())["choice"]]
+        sched, cfg, _ = plan[load_choice(path, len(plan))]
         return sched, cfg, None
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
-import json
 import warnings
 
 
@@ -27,7 +26,7 @@ from moa.codegen.window import generate_window
 from . import aot as A
 from . import cache
 from .aot_batch import (TRITON_TYPE, aot_groups, cuda_target, disk_path, divisible_args, kernel_signature, req_key,
-                        save_choice, short_reason)
+                        load_choice, save_choice, short_reason)
 from .tiling import (LinearConfig, WindowConfig, linear_candidates, linear_default, rows_of, state_dtype,
                      window_candidates, window_default)
 
@@ -287,7 +286,7 @@ def _fit(plan: FormPlan) -> tuple:
     report is None when it came from there) and the compiles in memory (configs.aot_groups)."""
     path = disk_path(plan.key)
     try:
-        return plan.cands[json.loads(path.read_text())["choice"]], None
+        return plan.cands[load_choice(path, len(plan.cands))], None
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         pass
     results = aot_groups([plan.bundles], first_fit=True)[0]

@@ -237,3 +237,17 @@ def test_key_covers_versions_and_source():
     assert base != cache.key_of("src", "0.1.0", "3.3", "2.4")
     assert base != cache.key_of("src", "0.1.0", "3.2", "2.5")
     assert len(base) == 32 and all(c in "0123456789abcdef" for c in base)
+
+
+@pytest.mark.parametrize("raw", ['{"choice": -1}', '{"choice": true}', '{"choice": 1.0}', '{"choice": 7}', "[]"])
+def test_a_stale_or_edited_aot_choice_is_not_obeyed(raw, tmp_path):
+    # {"choice": -1} picked the last candidate and true the second, silently (found by a helper): only an index
+    # of the candidates is read; anything else is rebuilt (the callers catch ValueError, KeyError, TypeError)
+    from moa.runtime.aot_batch import load_choice, save_choice
+
+    path = tmp_path / "aot" / "x.json"
+    save_choice(path, 2)
+    assert load_choice(path, 3) == 2
+    path.write_text(raw)
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        load_choice(path, 3)
