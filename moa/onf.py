@@ -192,8 +192,13 @@ def schedule(o: D.DnfOutput) -> Schedule:
 
     epi = lift(with_key_sums(o.expr, leadset, i, c))
     if not branches:
+        nested = any(isinstance(x, D.Reduce) and any(isinstance(y, D.Reduce) for y in D.nodes(x.body))
+                     for x in D.nodes(o.expr))
         raise UnsupportedError(f"output {o.name}: no softmax(...) @ V, normalize(...) @ V or A @ V contraction over "
-                               f"a key axis found; "
+                               f"a key axis found; " +
+                               ("the DNF holds a nested sum, as an unmasked, unnormalised (Q @ K.T) @ V does once "
+                                "reassociated to Q @ (K.T @ V): no kernel for that (two matmuls compute it); "
+                                if nested else "") +
                                f"codegen compiles attention-shaped programs (DNF: {D.show_clipped(o.expr, 160)})")
     for x in D.nodes(epi):
         if isinstance(x, D.BINDERS) and not (isinstance(x, D.Reduce) and _free(x) <= leadset | {i}):

@@ -216,3 +216,12 @@ def test_varlen_and_two_branch_decode_of_sums():
     full = two(**x)
     for splits in (1, 3):
         assert _rel(two.decode(Q=x["Q"][-3:], K=x["K"], V=x["V"], splits=splits), full[-3:]) <= 1e-12
+
+
+def test_unmasked_unnormalised_linear_attention_says_why_it_has_no_kernel():
+    # (Q @ K.T) @ V with no mask reassociates to Q @ (K.T @ V): the refusal said no A @ V was found in a program
+    # holding one (found by a fuzzing helper); it names the reassociation now
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = dot(Q[i], K[j]) * 0.5\nout O = S @ V")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(moa.UnsupportedError, match=r"reassociated to Q @ \(K.T @ V\)"):
+        k(Q=x, K=x, V=x)
