@@ -33,6 +33,17 @@ def test_window_mixing_with_an_epilogue_or_another_branch_is_refused(out):
         k(**x)
 
 
+def _same_gradients(k, x: dict, tol: float) -> None:
+    """Every input's gradient of sum(O^2) through the kernels equals the reference's autograd."""
+    grads = []
+    for f in (k, k.reference):
+        xs = {a: t.clone().requires_grad_() for a, t in x.items()}
+        f(**xs).square().sum().backward()
+        grads.append(xs)
+    for a in x:
+        assert (grads[0][a].grad - grads[1][a].grad).abs().max() <= tol, a
+
+
 def test_lse_and_normaliser_at_no_value_columns():
     # e = 0 with rows: the kernel still computes the lse (it returned uninitialised memory) and Z (NaN gradients)
     k = moa.compile(EX + "causal.moa")
@@ -269,13 +280,7 @@ def test_a_learnable_scalar_in_the_epilogue_with_batch_axes(lam_shape):
     g = torch.Generator().manual_seed(1)
     x = {a: torch.randn(2, 33, 4, generator=g, dtype=F64) for a in ("Q", "K", "V", "W")}
     x["lam"] = torch.randn(*lam_shape, generator=g, dtype=F64)
-    grads = []
-    for f in (k, k.reference):
-        xs = {a: t.clone().requires_grad_() for a, t in x.items()}
-        f(**xs).square().sum().backward()
-        grads.append(xs)
-    for a in x:
-        assert (grads[0][a].grad - grads[1][a].grad).abs().max() <= 1e-11, a
+    _same_gradients(k, x, 1e-11)
 
 
 def test_gradient_of_abs_of_a_scaled_score():
@@ -284,10 +289,4 @@ def test_gradient_of_abs_of_a_scaled_score():
     k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], bi[n]\n"
                     "A[i, j] = where(j <= i, abs(dot(Q[i], K[j]) / sqrt(d) + bi[i]), 0)\nout O = A @ V")
     x = _x(40, bi=torch.randn(40, dtype=F64))
-    grads = []
-    for f in (k, k.reference):
-        xs = {a: t.clone().requires_grad_() for a, t in x.items()}
-        f(**xs).square().sum().backward()
-        grads.append(xs)
-    for a in x:
-        assert (grads[0][a].grad - grads[1][a].grad).abs().max() <= 1e-10, a
+    _same_gradients(k, x, 1e-10)
