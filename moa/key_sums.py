@@ -7,7 +7,7 @@ from functools import reduce
 
 from . import dnf as D
 from . import ir
-from .residue import _conjuncts, _strip_mask
+from .residue import _and, _conjuncts, _strip_mask, score_parts
 
 
 def _free(e) -> set:
@@ -72,10 +72,7 @@ def score_conjuncts(mask, score, neutral) -> tuple:
     as where(P, score, neutral): the mask decides tiles from indices and data summaries; P is decided per pair."""
     if mask is None:
         return mask, score
-    parts = _conjuncts(mask)
-    inner = [p for p in parts if any(isinstance(x, D.BINDERS) for x in D.nodes(p))]
+    rest, inner = score_parts(_conjuncts(mask))
     if not inner:
         return mask, score
-    rest = [p for p in parts if p not in inner]
-    conj = lambda ps: reduce(lambda a, b: D.Op("and", (a, b), ir.BOOL), ps)   # noqa: E731
-    return (conj(rest) if rest else None), D.Op("where", (conj(inner), score, D.Const(neutral)), score.dtype)
+    return (_and(rest) if rest else None), D.Op("where", (_and(inner), score, D.Const(neutral)), score.dtype)

@@ -99,6 +99,13 @@ def _residue_conjunct(mask, i, j):
     return None
 
 
+def score_parts(parts) -> tuple[list, list]:
+    """(the conjuncts over indices and data, those that read a reduction: the score itself, S > 0): the first
+    decide tiles and are re-indexed by liftings; the second are decided per pair, with the score."""
+    reads = [p for p in parts if any(isinstance(y, D.BINDERS) for y in D.nodes(p))]
+    return [p for p in parts if not any(p is y for y in reads)], reads
+
+
 def _and(parts):
     out = parts[0]
     for q in parts[1:]:
@@ -179,8 +186,7 @@ def _residue_lift(x, i, rl: RowLift):
         if sp.simplify(e.xreplace({i: rl.row, j: key})) != 0:
             return None
     others = parts[:k] + parts[k + 1:]
-    reads = [p for p in others if any(isinstance(y, D.BINDERS) for y in D.nodes(p))]   # on the score (S > 0): it
-    others = [p for p in others if not any(p is y for y in reads)]                      # keeps i, as the score does
+    others, reads = score_parts(others)   # a conjunct on the score (S > 0) keeps i, as the score does
     lifted = _tidy(D.subs(_and(others), {i: rl.row, j: key})) if others else None
     inner = D.subs(inner, {j: key})
     if reads:

@@ -143,8 +143,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     else:
         lens = [m] * nbatch if cache_len is None else \
             [int(cache_len)] * nbatch if isinstance(cache_len, int) else [int(x) for x in cache_len]
-        if len(batch) > 1 and len(lens) == batch[0] != nbatch:   # per sequence, as decode aligns them: the
-            lens = [x for x in lens for _ in range(nbatch // batch[0])]   # leading batch axis
+        if len(batch) > 1 and len(lens) == batch[0] != nbatch:   # per sequence, aligned as decode aligns them
+            lens = per_sequence(torch.tensor(lens), batch).expand(*batch).reshape(-1).tolist()
         if len(lens) != nbatch or any(not 0 <= x <= m for x in lens):
             raise InputError(f"decode_cost: cache_len needs {nbatch} lengths in 0 .. {m}, got {lens}")
         groups = [((), x, cdiv(x, split_len)) for x in lens] if inputs else \

@@ -64,7 +64,10 @@ def check_call_reads(kernel, b, gdims: dict) -> None:
     """The plain call's check of unguarded reads (runtime/binding.check_reads) at the user program's dims of this
     call (`gdims` the sequence dims): a GQA head index a // (h // g) past the K/V heads when g does not divide h."""
     dims = {**{d.name: b.dims[d.name] for d in kernel.program.dims if d.name in b.dims}, **gdims}
-    check_reads(kernel.program, kernel.dnf, dataclasses.replace(b, dims=dims))
+    key = tuple(sorted(dims.items()))
+    if key not in kernel._reads_checked:   # depends on the dims only: once per shape, as Kernel.bind checks
+        check_reads(kernel.program, kernel.dnf, dataclasses.replace(b, dims=dims))
+        kernel._reads_checked.add(key)
 
 
 def global_dims(plan, nq: int, mk: int) -> tuple[dict, int]:
