@@ -29,7 +29,7 @@ from moa.codegen.emit import generate
 from moa.codegen.ledger import function_ledger
 from moa.codegen.window import generate_window
 from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
-from moa.errors import InputError
+from moa.errors import InputError, UnsupportedError
 
 from .configs import fit_schedule
 from .form_configs import fit_linear
@@ -177,6 +177,21 @@ def _check_dims(program, dims: dict) -> None:
                          f" has {', '.join(d.name for d in program.dims)}")
 
 
+def _fitting_kind(planner, name: str, kind: str, compute: str, dims: dict, dev, batch: tuple, index_dtype: str) -> str:
+    """The kernel family a CUDA call runs (runtime/launch.py Launcher.run_kind): the tiled kernel where the model
+    picked the linear form (not forced) and no linear-form config fits the device."""
+    if kind != LINEAR or planner.form == "linear":
+        return kind
+    try:
+        fit_linear(planner.cg_program, planner.linear_plans[name][0], compute, dims, dev.target, len(batch),
+                   index_dtype, single=True)
+    except UnsupportedError as e:
+        if " does not fit on " not in e.message:
+            raise
+        return TILED
+    return kind
+
+
 def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = None, batch=(),
                    index_dtype="int64", needed: bool = True, fit: bool = False, as_called: bool = False,
                    inputs: dict | None = None, schedules: dict | None = None, **dims) -> tuple[CostReport, Breakdown]:
@@ -198,6 +213,8 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     dims, inputs = _codegen_names(planner, dims, inputs)
     kinds = {name: planner.run_kind(name, dims if as_called else None, None if on_cpu else device, dtype,
                                     batch=math.prod(batch)) for name in planner.output_names}
+    if fit and linear_config is None and dev is not None:
+        kinds = {nm: _fitting_kind(planner, nm, kd, compute, dims, dev, batch, index_dtype) for nm, kd in kinds.items()}
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
                                      fit and config is None and dev is not None, schedules or {})
     specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)
@@ -215,7 +232,8 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
             lcfg = linear_config
             if lcfg is None and dev is not None:   # the config a CUDA launch fits (fit), or the default table's,
                 lp = planner.linear_plans[name][0]   # its value axis split as a launch splits it
-                lcfg = fit_linear(planner.cg_program, lp, compute, dims, dev.target, len(batch), index_dtype)[0] \
+                lcfg = fit_linear(planner.cg_program, lp, compute, dims, dev.target, len(batch), index_dtype,
+                                  single=True)[0] \
                     if fit else None
                 lcfg = linear_launch_split(lp, dims, batch, dev.sms, lcfg)
             counts, states, chip, per = linear_counts(planner, name, dims, batch, compute,

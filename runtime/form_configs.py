@@ -7,7 +7,8 @@ As for the tiled kernel (runtime/configs.py fit_schedule): candidate configs in 
 the first whose every kernel compiles for the target with no spills and shared memory within the per-block limit
 is launched; decisions are cached on disk and in memory; none fitting is an UnsupportedError naming every config
 tried. A config of the linear form is checked with every flag combination a launch uses (LINEAR_LAUNCHES: the
-single-process call and the ring's), so one config serves both."""
+single-process call and the ring's), so one config serves both; where none fits them all, a single-process call fits
+its own two launches alone (the ring then says it does not fit)."""
 from __future__ import annotations
 
 import ast
@@ -52,23 +53,25 @@ def _names_in(source: str, fn: str) -> set:
 
 
 # the order a bundle compiles them in (indices into LINEAR_LAUNCHES): the likeliest to spill first (the ring's scan
-# with PREFIX and FINAL, the output kernel), so that a config that does not fit stops early
+# with PREFIX and FINAL, the output kernel), so that a config that does not fit stops early; SINGLE_ORDER: the
+# single-process call's two launches alone
 _COMPILE_ORDER = (2, 1, 5, 3, 4, 0)
+SINGLE_ORDER = (1, 0)
 
 
-def _relabel(form: str, res: list) -> list:
+def _relabel(form: str, res: list, order: tuple = _COMPILE_ORDER) -> list:
     """A complete bundle's reports (compile order) in launch order, each with its launch's own flags in
     .constants (a kernel that does not read a flag was compiled once, with the single-process value)."""
     if form != "linear":
         return list(res)
-    out: list = [None] * len(LINEAR_LAUNCHES)
-    for rep, k in zip(res, _COMPILE_ORDER):
+    out = {}
+    for rep, k in zip(res, order):
         if isinstance(rep, A.AotReport):
             consts = dict(rep.constants)
             consts.update(zip(_FLAGS, LINEAR_LAUNCHES[k][1:]))
             rep = dataclasses.replace(rep, constants=tuple(consts.items()))
         out[k] = rep
-    return out
+    return [out[k] for k in sorted(out)]
 
 
 def launch_label(rep: A.AotReport) -> str:
@@ -164,9 +167,10 @@ def linear_extents(lp, dims: dict) -> tuple:
 
 
 def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, target: str = "sm_90",
-                    nbatch: int = 0, index_dtype: str = "int64") -> list:
-    """AOT requests (a bundle) of every launch of the linear form with `cfg`, in _COMPILE_ORDER: the kernels
-    generated as runtime/linear_run.py generates them, with its constexprs."""
+                    nbatch: int = 0, index_dtype: str = "int64", order: tuple = _COMPILE_ORDER) -> list:
+    """AOT requests (a bundle) of the launches of the linear form with `cfg` in `order` (default every launch, in
+    _COMPILE_ORDER; SINGLE_ORDER: a single-process call's): the kernels generated as runtime/linear_run.py
+    generates them, with its constexprs."""
     dtype = canonical_dtype(dtype)
     spec = generate_chunked(program, lp, dtype, nbatch)
     path = _store(spec.source)
@@ -179,7 +183,7 @@ def linear_requests(program, lp, dtype: str, dims: dict, cfg: LinearConfig, targ
     base = {"CHUNK": cfg.chunk, "BLOCK_F": cfg.block_f, "BLOCK_V": cfg.value_tile(hv),
             "HEAD_DIM": sy.tile_width(d), "HEAD_DIM_V": hv}
     out = []
-    for fn, *flags in (LINEAR_LAUNCHES[k] for k in _COMPILE_ORDER):
+    for fn, *flags in (LINEAR_LAUNCHES[k] for k in order):
         # a flag the kernel does not read is given its single-process value: the same kernel, compiled once
         used = _names_in(spec.source, fn)
         cx = {**base, **{f: v if f in used else _SINGLE[f] for f, v in zip(_FLAGS, flags)}}
@@ -216,9 +220,11 @@ def window_requests(program, sched, dtype: str, dims: dict, cfg: WindowConfig, t
 
 # ---- the fit -------------------------------------------------------------------------------------------------
 
-def choose_bundle(form: str, cands: list, results: list, target: str, what: str) -> tuple:
+def choose_bundle(form: str, cands: list, results: list, target: str, what: str,
+                  order: tuple = _COMPILE_ORDER) -> tuple:
     """(index, FormAotReport) of the first candidate whose every kernel fits (`results`: per candidate, the
-    bundle's results from aot_groups); UnsupportedError naming every config tried and why otherwise."""
+    bundle's results from aot_groups; `order`: the linear form's launches in a bundle); UnsupportedError naming
+    every config tried and why otherwise."""
     reasons = []
     for k, (cfg, res) in enumerate(zip(cands, results)):
         errors = [x for x in res if isinstance(x, tuple)]
@@ -226,15 +232,11 @@ def choose_bundle(form: str, cands: list, results: list, target: str, what: str)
             reasons.append(f"{cfg.text()}: {short_reason(errors[0][1])}")
             continue
         bad = [f"{launch_label(x)}: {why}" for x in res for ok, why in [A.fits(x, target)] if not ok]
-        if not bad and len(res) == len(_launches(form)):
-            return k, FormAotReport(form, target, cfg, tuple(_relabel(form, res)))
+        if not bad and len(res) == (len(order) if form == "linear" else 1):
+            return k, FormAotReport(form, target, cfg, tuple(_relabel(form, res, order)))
         reasons.append(f"{cfg.text()}: {'; '.join(bad) or 'not compiled'}")
     raise UnsupportedError(f"{what} does not fit on {target}: every {form}-form config spills, exceeds shared "
                            f"memory or fails to compile ({'; '.join(reasons)})")
-
-
-def _launches(form: str) -> tuple:
-    return LINEAR_LAUNCHES if form == "linear" else (("_attn_window",),)
 
 
 def _what(program, name, dtype, dims) -> str:
@@ -252,25 +254,28 @@ class FormPlan:
     target: str
     what: str
     output: str
+    order: tuple = _COMPILE_ORDER   # the linear form's launches in a bundle
 
     def choose(self, results: list) -> tuple:
         """(config, FormAotReport) of the first candidate that fits (see choose_bundle)."""
-        k, rep = choose_bundle(self.form, self.cands, results, self.target, self.what)
+        k, rep = choose_bundle(self.form, self.cands, results, self.target, self.what, self.order)
         return self.cands[k], dataclasses.replace(rep, output=self.output)
 
     @property
     def key(self) -> str:
         keys = "".join(req_key(r) for b in self.bundles for r in b)
-        return hashlib.sha256(f"form:{self.form}:{keys}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"form:{self.form}:{self.order}:{keys}".encode()).hexdigest()[:32]
 
 
 def linear_plan(program, lp, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
-                index_dtype: str = "int64") -> FormPlan:
-    """The config search of the linear form of `lp` (a LinearPlan of `program`, the code-generation view)."""
+                index_dtype: str = "int64", single: bool = False) -> FormPlan:
+    """The config search of the linear form of `lp` (a LinearPlan of `program`, the code-generation view): every
+    launch, the ring's included; single=True: a single-process call's two launches alone."""
+    order = SINGLE_ORDER if single else _COMPILE_ORDER
     cands = linear_candidates(linear_extents(lp, dims)[0])
-    bundles = [linear_requests(program, lp, dtype, dims, c, target, nbatch, index_dtype) for c in cands]
-    return FormPlan("linear", cands, bundles, target, _what(program, lp.schedule.output, dtype, dims),
-                    lp.schedule.output)
+    bundles = [linear_requests(program, lp, dtype, dims, c, target, nbatch, index_dtype, order) for c in cands]
+    what = _what(program, lp.schedule.output, dtype, dims) + (" (a single-process call)" if single else "")
+    return FormPlan("linear", cands, bundles, target, what, lp.schedule.output, order)
 
 
 def window_plan(program, sched, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
@@ -296,11 +301,25 @@ def _fit(plan: FormPlan) -> tuple:
 
 
 def fit_linear(program, lp, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
-               index_dtype: str = "int64") -> tuple:
+               index_dtype: str = "int64", single: bool = False) -> tuple:
     """(LinearConfig, FormAotReport or None) of the linear form of `lp` on `target`: the first of
     linear_candidates whose kernels, with every flag combination of LINEAR_LAUNCHES, compile with no spills and
-    shared memory in budget. Raises UnsupportedError naming every config tried when none fits."""
-    return _fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype))
+    shared memory in budget. single=True: a single-process call's config, the one every launch fits where one
+    does, else the first its own two launches fit. Raises UnsupportedError naming every config tried when none
+    fits."""
+    if not single:
+        return _fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype))
+    return _fit_call(program, lp, dtype, dims, target, nbatch, index_dtype)[:2]
+
+
+def _fit_call(program, lp, dtype: str, dims: dict, target: str, nbatch: int, index_dtype: str) -> tuple:
+    """(config, FormAotReport or None, launch order) of fit_linear(single=True)."""
+    try:
+        return (*_fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype)), _COMPILE_ORDER)
+    except UnsupportedError as e:
+        if " does not fit on " not in e.message:
+            raise
+    return (*_fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype, single=True)), SINGLE_ORDER)
 
 
 def fit_window(program, sched, dtype: str, dims: dict, target: str = "sm_90", nbatch: int = 0,
@@ -317,13 +336,17 @@ _RUNTIME: dict = {}   # (form, target, kernel source digest, constexprs ...) -> 
 
 def _runtime(form: str, fit, default, key) -> LinearConfig | WindowConfig:
     """fit()'s config, memoised per process; the default with a warning when the AOT check itself cannot run
-    (no ptxas, the compile process failed ...). A search that ran and found nothing raises."""
+    (no ptxas, the compile process failed ...). A search that ran and found nothing raises (every time: the
+    failure is memoised too)."""
     if key in _RUNTIME:
+        if isinstance(_RUNTIME[key], UnsupportedError):
+            raise _RUNTIME[key]
         return _RUNTIME[key]
     try:
         cfg = fit()[0]
     except UnsupportedError as e:
         if " does not fit on " in e.message:
+            _RUNTIME[key] = e
             raise
         warnings.warn(f"moa: AOT config check unavailable ({e.message[:200]}); using the default {form}-form "
                       "config", RuntimeWarning, stacklevel=4)
@@ -333,16 +356,17 @@ def _runtime(form: str, fit, default, key) -> LinearConfig | WindowConfig:
 
 
 def linear_runtime_config(program, lp, dtype: str, dims: dict, nbatch: int, device,
-                          source: str | None = None) -> LinearConfig:
+                          source: str | None = None, single: bool = True) -> LinearConfig:
     """The LinearConfig runtime/linear_run.py launches on a CUDA device: fit_linear for the device's
-    architecture, memoised per process by kernel source (`source`: the runner's, else generated) and constexprs
-    (the ring builds a runner per call). If the AOT check itself cannot run, the default config is used with a
-    warning."""
+    architecture (single: for a single-process call; False: the ring's, every launch), memoised per process by
+    kernel source (`source`: the runner's, else generated) and constexprs (the ring builds a runner per call). If
+    the AOT check itself cannot run, the default config is used with a warning."""
     target = cuda_target(device)
     n, d, e = linear_extents(lp, dims)
     src = cache.key_of(source or generate_chunked(program, lp, canonical_dtype(dtype), nbatch).source)
-    key = ("linear", target, src, rows_of(n), sy.tile_width(d), sy.tile_width(e))
-    return _runtime("linear", lambda: fit_linear(program, lp, dtype, dims, target, nbatch), linear_default(n), key)
+    key = ("linear", target, src, rows_of(n), sy.tile_width(d), sy.tile_width(e), single)
+    return _runtime("linear", lambda: fit_linear(program, lp, dtype, dims, target, nbatch, single=single),
+                    linear_default(n), key)
 
 
 def window_runtime_config(program, sched, dtype: str, dims: dict, nbatch: int, device,
@@ -392,14 +416,15 @@ def aot_form(planner, name: str, form: str, target: str, dtype: str, config, nba
     prog = planner.cg_program
     if form == "linear":
         lp = planner.linear_plans[name][0]
-        if config is None:
-            cfg, rep = fit_linear(prog, lp, dtype, dims, target, nbatch, index_dtype)
+        order = _COMPILE_ORDER
+        if config is None:   # a single-process call's config: every launch where one fits them all
+            cfg, rep, order = _fit_call(prog, lp, dtype, dims, target, nbatch, index_dtype)
             if rep is not None:
                 return rep
         else:
             cfg = config if isinstance(config, LinearConfig) else \
                 LinearConfig(config.block_m, config.block_n, config.num_warps, config.num_stages)
-        reqs = linear_requests(prog, lp, dtype, dims, cfg, target, nbatch, index_dtype)
+        reqs = linear_requests(prog, lp, dtype, dims, cfg, target, nbatch, index_dtype, order)
     else:
         sched = planner.schedules[name]
         if config is None:
@@ -414,4 +439,4 @@ def aot_form(planner, name: str, form: str, target: str, dtype: str, config, nba
     errors = [x for x in res if isinstance(x, tuple)]
     if errors:
         raise UnsupportedError(errors[0][1])
-    return FormAotReport(form, target, cfg, tuple(_relabel(form, res)), name)
+    return FormAotReport(form, target, cfg, tuple(_relabel(form, res, order if form == "linear" else ())), name)

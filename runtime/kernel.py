@@ -7,7 +7,6 @@ tiles, code) is decided on demand by the Planner (runtime/plan.py) and run by th
 Kernel is a thin facade over them and over the reference evaluators, the cost model, AOT and the ring."""
 from __future__ import annotations
 
-import math
 
 import dataclasses
 from pathlib import Path
@@ -163,7 +162,7 @@ class Kernel:
             predicted = None
         out = {}
         for name in self.output_names:
-            kind = self.planner.run_kind(name, b.dims, batch=math.prod(b.batch))
+            kind = self.launcher.run_kind(name, b)
             if self.launcher.tunes(name, b):
                 p = self.launcher.tuned(name, b)
             elif kind == TILED:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from moa import ir, onf
+from moa.errors import UnsupportedError
 from moa import symbolic as sy
 from moa.codegen.emit import SCAN, generate
 
@@ -19,7 +20,7 @@ from .binding import Binding
 from .cache import module_for
 from .device import check_device, run
 from .linear_run import LinearRunner
-from .plan import LINEAR, WINDOW, Plan, Planner
+from .plan import LINEAR, TILED, WINDOW, Plan, Planner
 from .summaries import tile_summaries
 from .tiling import DTYPE_NAME, Config, TensorDescriptor, check_grid, exact_heads, row_programs
 from .window_run import WindowRunner
@@ -65,7 +66,7 @@ class Launcher:
     def output(self, name: str, b: Binding) -> torch.Tensor:
         """One output of a call, in the kernel family the planner picks for its dims; on CUDA, with tuning on, the
         plan the GPU measured fastest for the call's bucket (runtime/tune.py)."""
-        kind = self.planner.run_kind(name, b.dims, batch=math.prod(b.batch))
+        kind = self.run_kind(name, b)
         if kind == WINDOW:
             return self.window(name, b)
         if self.tunes(name, b):
@@ -73,6 +74,23 @@ class Launcher:
         if kind == LINEAR:
             return self.linear(name, b)
         return self.tiled(name, b, store_lse=False)[0]
+
+    def run_kind(self, name: str, b: Binding) -> str:
+        """The kernel family a call of output `name` runs (Planner.run_kind), except that on CUDA, where the cost
+        model picked the linear form (no `form=` forcing it), the tiled kernel runs when no linear-form config fits
+        the device (a forced linear form raises, naming each config tried)."""
+        kind = self.planner.run_kind(name, b.dims, batch=math.prod(b.batch))
+        if kind != LINEAR or b.device.type != "cuda" or self.planner.form == "linear":
+            return kind
+        cgb = self.planner.cg_binding(b)
+        try:
+            self.linear_runner(name).launch_config(cgb.device, DTYPE_NAME[compute_dtype(b.dtype, b.device)],
+                                                   len(cgb.batch), cgb.dims, cgb.batch)
+        except UnsupportedError as e:
+            if " does not fit on " not in e.message:
+                raise
+            return TILED
+        return kind
 
     def tunes(self, name: str, b: Binding) -> bool:
         """Whether a call of output `name` is tuned by timing: CUDA tensors, tuning on, the tiled family, the form

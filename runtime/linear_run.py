@@ -45,15 +45,17 @@ class LinearRunner:
     def source(self, dtname: str = "float32", nbatch: int = 0) -> str:
         return generate_chunked(self.program, self.lp, dtname, nbatch).source
 
-    def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict, batch: tuple = ()):
+    def launch_config(self, device: torch.device, dtname: str, nbatch: int, dims: dict, batch: tuple = (),
+                      ring: bool = False):
         """The LinearConfig of a call (batch: its batch sizes): on CUDA, the first candidate whose two kernels,
-        with every flag combination a launch uses (the ring's too), compile for the device's architecture with no
-        spills and shared memory in budget (form_configs.linear_runtime_config: AOT-checked, cached on disk and in
-        memory), its scan's value axis split while that keeps its programs within the SMs
-        (linear_cost.linear_launch_split); on the CPU interpreter, chunk_config's."""
+        with every flag combination a launch uses (the ring's too; where none fits them all, a single-process
+        call's own, ring=False), compile for the device's architecture with no spills and shared memory in budget
+        (form_configs.linear_runtime_config: AOT-checked, cached on disk and in memory), its scan's value axis
+        split while that keeps its programs within the SMs (linear_cost.linear_launch_split); on the CPU
+        interpreter, chunk_config's."""
         if device.type == "cuda":
             cfg = linear_runtime_config(self.program, self.lp, dtname, dims, nbatch, device,
-                                        self._spec(dtname, nbatch).source)
+                                        self._spec(dtname, nbatch).source, single=not ring)
             return linear_launch_split(self.lp, dims, batch, sm_count(device), cfg)
         n = sy.evaluate(self.lp.schedule.row[1], dims)
         chunk, block_f = chunk_config(device, n, self.lp.features(sy.evaluate(self.lp.branch.dot.extent, dims)))

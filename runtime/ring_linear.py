@@ -131,7 +131,8 @@ def ring_linear(kernel, inputs: dict, group, timeout, stats: bool):
         cgb = rk.planner.cg_binding(b)
         for name in names:
             runner = LinearRunner(rk.planner.cg_program, rk.planner.linear_plans[name][0])
-            L = runner.prepare(cgb, compute, DTYPE_NAME[compute])
+            cfg = runner.launch_config(cgb.device, DTYPE_NAME[compute], len(cgb.batch), cgb.dims, cgb.batch, ring=True)
+            L = runner.prepare(cgb, compute, DTYPE_NAME[compute], cfg)
             launches[name] = (runner, L)
             if not L.empty:
                 if need_total:   # without a prefix from before, the exclusive prefix is stored in the same pass

@@ -8,6 +8,7 @@ with every flag combination a launch uses (the ring's included) and the window-m
 
 import dataclasses
 import difflib
+import types
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,96 @@ def test_form_search_names_every_config_it_tried():
     assert "does not fit on sm_90" in msg
     assert "CHUNK=64 BLOCK_F=64 warps=4" in msg and "CHUNK=64 BLOCK_F=32 warps=8" in msg
     assert "_chunk_scan 0,1,1 (ring): 148 bytes of register spills" in msg and "needs 292 KiB" in msg
+
+
+def _no_fit(what="output O of linear.moa (float32, n=4096, d=128, e=128)"):
+    return UnsupportedError(f"{what} does not fit on sm_90: every linear-form config spills (...)")
+
+
+def test_a_single_process_call_fits_its_own_launches_where_the_ring_does_not_fit(monkeypatch):
+    """fit_linear: every launch (the ring's too) where one config fits them all; else, for a single-process call
+    (single=True), the first config its own two launches fit; the ring's search still raises."""
+    seen = []
+
+    def fake_fit(plan):
+        seen.append(plan.order)
+        if plan.order != F.SINGLE_ORDER:
+            raise _no_fit()
+        return plan.cands[-1], None
+
+    monkeypatch.setattr(F, "_fit", fake_fit)
+    k = LINEAR_FORM["linear"]
+    args = (k.planner.cg_program, k.planner.linear_plans["O"][0], "float32", dims_for(k, 128))
+    with pytest.raises(UnsupportedError, match="does not fit on sm_90"):
+        F.fit_linear(*args)
+    assert F.fit_linear(*args, single=True)[0] == F.linear_candidates(4096)[-1]
+    assert seen == [F._COMPILE_ORDER, F._COMPILE_ORDER, F.SINGLE_ORDER] and len(F._COMPILE_ORDER) == 6
+    plan = F.linear_plan(*args, single=True)   # its bundles: the two single-process launches, output kernel first
+    assert [(r["kernel"], r["constexprs"].get("PREFIX")) for r in plan.bundles[0]] == \
+        [("_chunk_out", 1), ("_chunk_scan", 1)]
+    assert plan.key != F.linear_plan(*args).key and "(a single-process call)" in plan.what
+    # a failure that is not a search that ran (no ptxas ...) is not retried
+    monkeypatch.setattr(F, "_fit", lambda plan: (_ for _ in ()).throw(UnsupportedError("no ptxas")))
+    with pytest.raises(UnsupportedError, match="no ptxas"):
+        F.fit_linear(*args, single=True)
+
+
+def test_single_process_bundle_reports_its_two_launches():
+    def rep(name, prefix=1):
+        return A.AotReport(registers=182, spills=0, shared_bytes=27648, uses_wgmma=False, num_warps=4,
+                           num_stages=3, block_m=None, block_n=None, ptx="", cubin=b"", target="sm_90", name=name,
+                           constants=(("INIT", 0), ("PREFIX", prefix), ("FINAL", 0)))
+    cands = [F.LinearConfig(64, 64, 4), F.LinearConfig(16, 16, 4)]
+    results = [[("error", "needs 300000 bytes of shared memory")], [rep("_chunk_out"), rep("_chunk_scan")]]
+    k, r = F.choose_bundle("linear", cands, results, "sm_90", "output O", F.SINGLE_ORDER)
+    assert k == 1 and [F.launch_label(x) for x in r.kernels] == ["_chunk_scan 0,1,0", "_chunk_out 0,1,0"]
+    # a six-launch search does not take a two-kernel bundle as complete
+    with pytest.raises(UnsupportedError, match="not compiled"):
+        F.choose_bundle("linear", cands, results, "sm_90", "output O")
+
+
+def test_a_cuda_call_runs_the_tiled_kernel_where_no_linear_config_fits(monkeypatch):
+    """The model's linear form (form=None) on a device where no linear-form config fits: the call runs the tiled
+    kernel (Launcher.run_kind), and cost(fit=True) counts that kernel; a forced linear form still raises."""
+    import torch
+
+    from moa.runtime import costing, linear_run
+    from moa.runtime.binding import Binding
+    from moa.runtime.plan import LINEAR, TILED
+
+    def no_fit(*a, **kw):
+        raise _no_fit()
+
+    monkeypatch.setattr(linear_run, "linear_runtime_config", no_fit)
+    monkeypatch.setattr(costing, "fit_linear", no_fit)
+    dims = {"n": 65536, "d": 128, "e": 128}
+    for form, want in ((None, TILED), ("linear", LINEAR)):
+        k = moa.compile(ROOT / "examples" / "linear.moa", form=form)
+        assert k.planner.run_kind("O", dims) == LINEAR   # the model's choice at this n
+        b = Binding(dims, (), torch.float32, torch.device("cuda"), {})
+        assert k.launcher.run_kind("O", b) == want
+        assert k.launcher.run_kind("O", dataclasses.replace(b, device=torch.device("cpu"))) == LINEAR
+        dev = types.SimpleNamespace(target="sm_90")
+        assert costing._fitting_kind(k.planner, "O", LINEAR, "float32", dims, dev, (), "int64") == want
+    monkeypatch.setattr(linear_run, "linear_runtime_config",
+                        lambda *a, **kw: (_ for _ in ()).throw(UnsupportedError("AOT compile process failed")))
+    with pytest.raises(UnsupportedError, match="process failed"):   # not a search that found nothing: raised
+        moa.compile(ROOT / "examples" / "linear.moa").launcher.run_kind("O", b)
+
+
+@pytest.mark.slow
+def test_fp32_linear_at_d128_fits_a_single_process_call_only(capsys):
+    """fp32 linear.moa at d = e = 128 (no tensor cores): no config fits the ring's scan with PREFIX and FINAL, while
+    the single-process call's two kernels fit at CHUNK = BLOCK_F = 16 (what a CUDA call launches)."""
+    k = LINEAR_FORM["linear"]
+    args = (k.planner.cg_program, k.planner.linear_plans["O"][0], "float32", dims_for(k, 128))
+    with pytest.raises(UnsupportedError, match=r"_chunk_scan 0,1,1 \(ring\)"):
+        F.fit_linear(*args)
+    cfg, rep = F.fit_linear(*args, single=True)
+    assert rep is None or [F.launch_label(x) for x in rep.kernels] == ["_chunk_scan 0,1,0", "_chunk_out 0,1,0"]
+    assert rep is None or rep.fits()[0]
+    assert cfg in F.linear_candidates(4096)
+    assert main(["aot", str(ROOT / "examples" / "linear.moa"), "--form", "linear", "--dims", "n=4096,d=128,e=128",
+                 "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert f"linear form, {cfg.text()}" in out and "_chunk_scan 0,1,0" in out and "(ring)" not in out
