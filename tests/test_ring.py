@@ -331,7 +331,7 @@ def _expected_skips(name, world):
     return count
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow), 4])   # 3: make test-slow
 def test_ring_equals_single_process(world, tmp_path):
     names = list(PROGRAMS)
     recs, wall = _launch(world, {"kind": "equal", "programs": names}, tmp_path, deadline=240)
