@@ -228,6 +228,10 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
         kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *strip_zero(x.weight)
     mask, score = score_conjuncts(mask, score, float("-inf") if kind == "softmax" else 0.0)
     score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
+    if dot is None and c in _free(score):
+        raise UnsupportedError(f"output {name}: the score reads the output's last index {c}, which must be the "
+                               f"value column of A @ V (a transposed output, (softmax(S) @ V).T, has no kernel: "
+                               f"transpose the result after the call)")
     mix = None
     if kind == "softmax" and dot is None:
         score, mix = _find_mix(score, x.value, leadset, i, j, k)
@@ -242,8 +246,12 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
             raise UnsupportedError(f"output {name}: the {what} depends on {sorted(map(str, _free(part) - allowed))}"
                                    f" (it may use only the row, key and leading indices)")
     if mix is None and not _free(x.value) <= leadset | {j, c}:
+        extra = _free(x.value) - (leadset | {j, c})
+        what = "the row index" if i in extra else "the index of a reduction around the contraction (an epilogue " \
+            "summing over the output's columns, sum(X[i] * X[i]) of X = A @ V, has no kernel)"
         raise UnsupportedError(f"output {name}: the value of the contraction depends on "
-                               f"{sorted(map(str, _free(x.value) - (leadset | {j, c})))}; expected V[j, c]")
+                               f"{sorted(map(str, extra))}, {what}; expected V[j, c] (the key, the output "
+                               "column and the leading indices only)")
     if dot is not None:
         for part in (dot.a, dot.b):
             _check_no_binders(part, "a contraction factor", name)

@@ -151,9 +151,8 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-# long: one pass over the inputs, each check naming the input, axis and dims involved
-def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
-    """Check the call's tensors against the program and bind every dim; InputError names what is wrong."""
+def check_names(program: Program, inputs: dict) -> None:
+    """InputError naming the inputs missing from the call, or passed but not declared by the program."""
     decl = program.input_map
     missing = [n for n in decl if n not in inputs]
     if missing:
@@ -163,6 +162,13 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     if extra:
         raise InputError(f"unknown input{'s' if len(extra) > 1 else ''} {', '.join(extra)}; "
                          f"{program.name} takes {', '.join(decl)}")
+
+
+# long: one pass over the inputs, each check naming the input, axis and dims involved
+def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
+    """Check the call's tensors against the program and bind every dim; InputError names what is wrong."""
+    decl = program.input_map
+    check_names(program, inputs)
     for name, t in inputs.items():
         if not isinstance(t, torch.Tensor):
             raise InputError(f"input {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -31,9 +31,9 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import call_key_range, choose_splits
 
 from . import decode_merge, paged, tune
-from .binding import bind, refuse_grad
+from .binding import check_names, refuse_grad
 from .cache import module_for
-from .decode_rows import (both_sides_per_batch, check_call_reads, finish_per_length, lengths_per_batch,
+from .decode_rows import (bind_block, both_sides_per_batch, check_call_reads, finish_per_length, lengths_per_batch,
                           per_sequence, query_rows, whole)
 from .decode_rows import global_dims as _global
 from .decode_summaries import replace_summaries
@@ -139,11 +139,12 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     refuse_grad(inputs)
     if paged.paging_of(kernel) is not None:   # pools and a block table read through the language's gather
         inputs, block_table, page_size = paged.unpage(kernel, inputs)
+    check_names(kernel.program, inputs)
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)
     raw, inputs = inputs, both_sides(kernel, plan, inputs, nq)
-    b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
+    b = bind_block(plan, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     call = _Call(SPLIT, nq, mk, nq, mk)
     if block_table is not None or page_size is not None:
@@ -160,7 +161,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     if call.mode != SPLIT and plan.kv_copies:   # an input read by i and j: its query rows per batch index
         rows = query_rows(nq, call.cache_len, call.block_table, call.page)
         inputs = both_sides_per_batch(kernel, plan, raw, rows, tuple(b.batch))
-        b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
+        b = bind_block(plan, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     packed = _gqa(kernel) if pack_heads is not False else None
     if packed is None and pack_heads:
         raise UnsupportedError(f"decode: pack_heads=True, but the key inputs of {kernel.program.name} are not read "

@@ -18,7 +18,8 @@ from moa.splitkv import call_key_range, choose_splits, split_seconds
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues, positional
-from .decode_rows import per_sequence
+from .binding import Binding
+from .decode_rows import check_call_reads, per_sequence, whole
 from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
@@ -97,6 +98,19 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     decode and block_table (as passed to decode) says where each batch index's keys lie."""
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
+    nq, m = whole(nq, "nq", "decode_cost"), whole(m, "m", "decode_cost")
+    if nq < 1 or m < 1:
+        raise InputError(f"decode_cost: nq and m must be at least 1 (a call without query rows or keys launches "
+                         f"nothing), got nq={nq}, m={m}")
+    if plan.n == plan.m and nq > m:
+        raise InputError(f"decode_cost: {nq} query rows against {m} keys; the program uses one dim {plan.n} for both "
+                         "axes, so the queries are the last rows of the keys (nq <= m)")
+    if splits is not None and (whole(splits, "splits", "decode_cost") < 1):
+        raise InputError(f"decode_cost: splits must be a positive integer, got {splits!r}")
+    if page_size is not None:
+        page_size = whole(page_size, "page_size", "decode_cost")
+        if page_size < 16 or page_size & (page_size - 1):
+            raise InputError(f"decode_cost: page_size must be a power of two >= 16 (a key tile), got {page_size}")
     gdims, row0 = _global(plan, nq, m)
     base = {**dims, **gdims}
     missing = sorted(d.name for d in kernel.program.dims if d.name not in base)
@@ -149,6 +163,12 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
             raise InputError(f"decode_cost: cache_len needs {nbatch} lengths in 0 .. {m}, got {lens}")
         groups = [((), x, cdiv(x, split_len)) for x in lens] if inputs else \
             [((lens.count(x),), x, cdiv(x, split_len)) for x in sorted(set(lens))]   # one length costs the same
+    if plan.n == plan.m and min(x for _, x, _ in groups) < nq:
+        raise InputError(f"decode_cost: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "
+                         "for both axes, so the queries are the last rows of the valid keys")
+    for length in sorted({x for _, x, _ in groups}):   # the reads decode refuses, at each valid length
+        gl = _global(plan, nq, length)[0]
+        check_call_reads(kernel, Binding({**dims, **gl}, (), torch.float64, torch.device("cpu"), {}), gl)
     zlead = z // nbatch
     reports = []   # per group and split that runs, over every block output (cost_breakdown sums the outputs)
     extra = [0, 0, 0, 0]   # flops, transcendentals, loaded, stored beyond the block programs' reports

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 
 import torch
 
@@ -22,6 +23,21 @@ from moa.errors import InputError
 
 from .binding import bind, check_reads
 from .ring import _results
+
+
+def bind_block(plan, inputs: dict, dims: dict, what: str = "decode"):
+    """bind() of the block program a decode or varlen call runs (moa/shard.py), its InputError in the user's
+    terms: the block's local lengths named by the program's dims they stand for (the query rows, the keys), the
+    dims the call's query and key inputs gave named so, and no block program's name."""
+    try:
+        return bind(plan.program, inputs, dims)
+    except InputError as e:
+        one = plan.n == plan.m   # one dim for both axes: its query rows and its keys
+        names = {plan.nl.name: f"{plan.n.name} (the query rows)" if one else plan.n.name,
+                 plan.ml.name: f"{plan.m.name} (the keys)" if one else plan.m.name}
+        msg = re.sub(r"(?<![\w])(" + "|".join(map(re.escape, names)) + r")(?![\w])", lambda x: names[x.group(1)],
+                     e.message).replace(" from given ", " from the query and key inputs ")
+        raise InputError(f"{what}: {msg}") from None
 
 
 def per_sequence(t: torch.Tensor, batch: tuple, trailing: int = 0) -> torch.Tensor:
@@ -51,12 +67,12 @@ def lengths_per_batch(b, t, what: str, limit: int, why: str = ""):
     return t.reshape(-1).to(device=b.device, dtype=torch.int32).contiguous()
 
 
-def whole(x, what: str) -> int:
+def whole(x, what: str, who: str = "decode") -> int:
     """An integer argument (a Python, numpy or 0-d tensor integer; not a bool), else an InputError naming it."""
     if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
         x = int(x)
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise InputError(f"decode: {what} must be a positive integer, got {x!r}")
+        raise InputError(f"{who}: {what} must be a positive integer, got {x!r}")
     return int(x)
 
 
@@ -144,7 +160,7 @@ def finish_per_length(plan, block, acc: dict, b, nq: int, inputs: dict, lens: to
                 qside[name] = t
             seq[name] = t
         gdims, row0 = global_dims(plan, nq, length)
-        b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq, 0, length))
+        b_s = bind_block(plan, seq, plan.block_dims(gdims, row0, nq, 0, length))
         acc_s = {n: (o.reshape(nbatch, *o.shape[len(b.batch):]).index_select(0, idx), None)
                  for n, (o, _) in acc.items()}
         for name, out in _results(plan, block, acc_s, b_s, nq, qside).items():

@@ -53,10 +53,16 @@ def contiguous(kernel, inputs: dict) -> dict:
     flat, table, page = unpage(kernel, inputs)
     pg = _PAGING[kernel]
     decl = kernel.program.input_map
+    if not isinstance(table, torch.Tensor) or table.is_floating_point() or table.dtype == torch.bool:
+        raise InputError(f"the block table {pg.table} must be an integer tensor")
     for name in pg.inputs:
         rest = len(decl[name].shape) - 1
         t = flat[name]
         ax = t.dim() - rest - 1
+        pages = t.shape[ax] // page
+        if table.numel() and not bool(((table >= 0) & (table < pages)).all()):   # every entry is gathered here
+            raise InputError(f"block table {pg.table} entries must be pages 0 .. {pages - 1} of the pool {name}, "
+                             f"got {int(table.min())} .. {int(table.max())}")
         keys = (table.long()[..., :, None] * page + torch.arange(page, device=table.device)).flatten(-2)
         keys = keys.to(t.device)
         if keys.dim() == 1:

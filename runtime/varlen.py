@@ -15,9 +15,9 @@ from moa.codegen.splitkv import VARLEN, VARLEN_PAGED
 from moa.errors import InputError, UnsupportedError
 
 from . import decode_merge
-from .binding import bind, refuse_grad
+from .binding import check_names, refuse_grad
 from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
-from .decode_rows import check_call_reads
+from .decode_rows import bind_block, check_call_reads, whole
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results
@@ -33,6 +33,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     page_size P: the key inputs are a pool of pages (as in a paged decode) and key j of sequence b, for j below
     its length cu_seqlens_k[b + 1] - cu_seqlens_k[b], lives in page block_table[b, j // P] at j % P."""
     refuse_grad(inputs)
+    check_names(kernel.program, inputs)
     plan, block = _plan(kernel)
     cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
     _check_replicated(kernel, plan)
@@ -41,7 +42,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     if nq != int(cu_q[-1]) or (mk != int(cu_k[-1]) and not paged):
         raise InputError(f"varlen: the packed inputs hold {nq} query rows and {mk} keys, but cu_seqlens_q ends at "
                          f"{int(cu_q[-1])} and cu_seqlens_k at {int(cu_k[-1])}")
-    table = _check_pages(block_table, page_size, cu_k, mk) if paged else None
+    table, page_size = _check_pages(block_table, page_size, cu_k, mk) if paged else (None, None)
     gdims, row0 = _global(plan, nq, mk) if plan.n != plan.m else ({plan.n.name: mk}, mk - nq)
     if plan.kv_copies:   # an input read by i and j, packed along the keys: each sequence's last rows are its queries
         rows = torch.cat([torch.arange(int(cu_k[s + 1]) - int(cu_q[s + 1] - cu_q[s]), int(cu_k[s + 1]))
@@ -51,7 +52,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
             r = rows - cu_k[seq]
             rows = table[seq, r // page_size].to(torch.int64) * page_size + r % page_size
         inputs = both_sides(kernel, plan, inputs, rows)
-    b = bind(plan.program, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
+    b = bind_block(plan, inputs, plan.block_dims(gdims, row0, nq, 0, mk), "varlen")
     check_device(b.device)
     check_call_reads(kernel, b, {plan.n.name: nq_max, plan.m.name: mk_max} if plan.n != plan.m else
                      {plan.n.name: mk_max})
@@ -114,7 +115,7 @@ def _finish_per_sequence(kernel, plan, block, acc, inputs, cq, ck, paged: bool =
             else:
                 seq[name] = t.narrow(ax, ck[s], mk_s)
         gdims, row0 = _global(plan, nq_s, mk_s)
-        b_s = bind(plan.program, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s))
+        b_s = bind_block(plan, seq, plan.block_dims(gdims, row0, nq_s, 0, mk_s), "varlen")
         acc_s = {n: (o.narrow(-2, cq[s], nq_s), t.narrow(-1, cq[s], nq_s)) for n, (o, t) in acc.items()}
         for name, out in _results(plan, block, acc_s, b_s, nq_s, qside).items():
             parts.setdefault(name, []).append(out)
@@ -132,10 +133,12 @@ def _role(plan, name: str) -> tuple:
 
 
 def _check_pages(block_table, page_size, cu_k, mk: int):
-    """The block table (on the CPU, int64) of a paged varlen call, checked against the pool of mk keys."""
+    """(block table on the CPU, int64; page_size as an int) of a paged varlen call, checked against the pool of mk
+    keys."""
     if block_table is None or page_size is None:
         raise InputError("varlen: a paged cache needs both block_table and page_size")
-    if not isinstance(page_size, int) or page_size < 16 or page_size & (page_size - 1):
+    page_size = whole(page_size, "page_size", "varlen")
+    if page_size < 16 or page_size & (page_size - 1):
         raise InputError(f"varlen: page_size must be a power of two >= 16 (a key tile), got {page_size!r}")
     if mk % page_size:
         raise InputError(f"varlen: the key inputs hold {mk} keys, not a whole number of pages of {page_size}")
@@ -150,7 +153,7 @@ def _check_pages(block_table, page_size, cu_k, mk: int):
                          "holding a sequence's keys; the rest may be any padding, e.g. -1)")
     if bool((cu_k.diff() > t.shape[1] * page_size).any()):
         raise InputError(f"varlen: a sequence has more keys than its {t.shape[1]} pages of {page_size} hold")
-    return t
+    return t, page_size
 
 
 def _check_cu(cu_q, cu_k, plan):

@@ -1,0 +1,135 @@
+"""Refusals of serving and training calls in the user's own terms (found by helpers acting as users): decode and
+varlen name the program's inputs and dims (not the block program's), the paged reference checks its table, the
+decode cost refuses what decode refuses, and a forced linear form is refused with or without gradients."""
+import numpy as np
+import pytest
+import torch
+
+import moa
+from moa.errors import InputError, UnsupportedError
+from moa.runtime.decode_cost import decode_cost
+
+F64 = torch.float64
+EX = "examples/"
+FLAGGED = """
+dim n, m, d, e
+in Q[n, d], K[m, d], V[m, e]
+in kf[m]: bool
+S[i, j] = where(kf[j] and j <= i + m - n, dot(Q[i], K[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V
+"""
+
+
+def _r(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_decode_and_varlen_name_the_programs_inputs_and_dims():
+    k = moa.compile(FLAGGED)
+    q, kk, v = _r(1, 8), _r(64, 8, seed=1), _r(64, 8, seed=2)
+    short = torch.ones(63, dtype=torch.bool)
+    with pytest.raises(InputError) as plain:
+        k(Q=q, K=kk, V=v, kf=short)
+    with pytest.raises(InputError) as dec:
+        k.decode(Q=q, K=kk, V=v, kf=short)
+    assert "dim m is 64" in str(plain.value)
+    assert str(dec.value).startswith("decode: dim m is 64 from the query and key inputs but 63 from input kf")
+    assert "_local" not in str(dec.value)
+    for call in (lambda: k.decode(Q=q, K=kk, V=v), lambda: k.varlen([0, 1], [0, 64], Q=q, K=kk, V=v)):
+        with pytest.raises(InputError) as e:
+            call()
+        assert str(e.value) == "missing input kf; <source> takes Q, K, V, kf"
+    with pytest.raises(InputError, match=r"^varlen: dim m is 64 .* 63 from input kf"):
+        k.varlen([0, 1], [0, 64], Q=q, K=kk, V=v, kf=short)
+    # one dim for both axes: its query rows and its keys are told apart
+    s = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], kf[n]: bool\n"
+                    "S[i, j] = where(kf[j] and j <= i, dot(Q[i], K[j]), -inf)\nout O = softmax(S, axis=-1) @ V")
+    with pytest.raises(InputError, match=r"dim n \(the keys\) is 64 .* 63 from input kf"):
+        s.decode(Q=q, K=kk, V=v, kf=short)
+
+
+def test_varlen_takes_page_size_as_decode_does():
+    k = moa.compile(EX + "causal_bottom_right.moa")
+    q, kk, v = _r(2, 8), _r(64, 8, seed=1), _r(64, 8, seed=2)
+    table = torch.tensor([[0, 1], [2, 3]])
+    want = k.varlen([0, 1, 2], [0, 20, 40], Q=q, K=kk, V=v, block_table=table, page_size=16)
+    for ps in (np.int64(16), torch.tensor(16)):
+        got = k.varlen([0, 1, 2], [0, 20, 40], Q=q, K=kk, V=v, block_table=table, page_size=ps)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for ps in (16.0, True, torch.tensor(16.0)):
+        with pytest.raises(InputError, match="varlen: page_size must be a positive integer"):
+            k.varlen([0, 1, 2], [0, 20, 40], Q=q, K=kk, V=v, block_table=table, page_size=ps)
+
+
+def test_the_paged_reference_checks_its_block_table():
+    k = moa.compile("""
+dim n, m, d, e, np, P, L
+in Q[n, d], Kc[np, P, d], Vc[np, P, e]
+in page[L]: int
+Kp[j:m, k] = Kc[page[j // P], j % P, k]
+Vp[j:m, c] = Vc[page[j // P], j % P, c]
+S[i, j] = where(j <= i + m - n, dot(Q[i], Kp[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ Vp
+""")
+    ins = dict(Q=_r(1, 8), Kc=_r(4, 16, 8, seed=1), Vc=_r(4, 16, 8, seed=2))
+    for bad, shown in (([4, 0], "0 .. 4"), ([0, -1], "-1 .. 0")):
+        for call in (k, k.reference):
+            with pytest.raises(InputError, match="entries must be pages 0 .. 3"):
+                call(**ins, page=torch.tensor(bad))
+        with pytest.raises(InputError, match=f"got {shown}"):
+            k.reference(**ins, page=torch.tensor(bad))
+    with pytest.raises(InputError, match="must be an integer tensor"):
+        k.reference(**ins, page=torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(k.reference(**ins, page=torch.tensor([3, 1])), k(**ins, page=torch.tensor([3, 1])),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_decode_cost_refuses_what_decode_refuses():
+    k = moa.compile(EX + "causal_bottom_right.moa")
+    g = moa.compile(EX + "gqa_alibi.moa")
+    s = moa.compile(EX + "sliding_window.moa")
+    cases = [(lambda: decode_cost(k, 0, 50, d=8, e=8), "nq and m must be at least 1"),
+             (lambda: decode_cost(k, 1, 500, splits=2.5, d=8, e=8), "splits must be a positive integer"),
+             (lambda: decode_cost(k, 1, 500, splits=0, d=8, e=8), "splits must be a positive integer"),
+             (lambda: decode_cost(k, 1, 480, page_size=24, d=8, e=8), "power of two >= 16"),
+             (lambda: decode_cost(k, 1, 480, page_size=1, d=8, e=8), "power of two >= 16"),
+             (lambda: decode_cost(g, 1, 64, h=6, g=4, d=8, e=8), "reaches index 5"),
+             (lambda: decode_cost(s, 5, 3, d=8, e=8), "nq <= m"),
+             (lambda: decode_cost(s, 5, 64, cache_len=[3], d=8, e=8), "below the 5 query rows")]
+    for call, why in cases:
+        with pytest.raises(InputError, match=why):
+            call()
+    # and decode itself, at the same arguments
+    with pytest.raises(InputError, match="reaches index 5"):
+        g.decode(Q=_r(6, 1, 8), K=_r(4, 64, 8), V=_r(4, 64, 8))
+    # 3 splits of 4 key tiles of 128 are whole tiles: 2 tiles per split, so 2 splits hold the 500 keys
+    assert decode_cost(k, 1, 500, splits=np.int64(3), d=8, e=8).splits == 2
+    assert decode_cost(g, 1, 64, h=8, g=4, d=8, e=8).splits >= 1
+
+
+def test_a_forced_linear_form_is_refused_with_gradients_too():
+    k = moa.compile(EX + "causal.moa", form="linear")   # softmax: no linear form
+    ins = dict(Q=_r(20, 4), K=_r(20, 4, seed=1), V=_r(20, 3, seed=2))
+    with pytest.raises(UnsupportedError, match="form='linear' for output O") as plain:
+        k(**ins)
+    grads = {x: t.clone().requires_grad_() for x, t in ins.items()}
+    with pytest.raises(UnsupportedError) as trained:
+        k(**grads)
+    assert str(trained.value) == str(plain.value)
+    with pytest.raises(UnsupportedError, match="form='linear' for output O"):
+        k.with_lse(**grads)
+    lin = moa.compile(EX + "linear.moa", form="linear")   # has a linear form: trains
+    lin(**grads).sum().backward()
+    assert grads["Q"].grad is not None
+
+
+@pytest.mark.parametrize("src,why", [
+    ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nout O = (softmax(Q @ K.T, axis=-1) @ V).T",
+     "the score reads the output's last index"),
+    ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = where(j <= i, dot(Q[i], K[j]), -inf)\n"
+     "X = softmax(S, axis=-1) @ V\nout O[i] = X[i] / sqrt(sum(X[i] * X[i]) + 1)",
+     "an epilogue summing over the output's columns"),
+])
+def test_unsupported_output_shapes_say_what_the_user_wrote(src, why):
+    with pytest.raises(UnsupportedError, match=why):
+        moa.compile(src)(Q=_r(9, 4), K=_r(9, 4, seed=1), V=_r(9, 3, seed=2))
