@@ -110,6 +110,12 @@ class TritonText(Backend):
     def compare(self, op, a, b):
         return f"({a} {op} {b})"
 
+    def piecewise(self, pairs):
+        out = None
+        for v, c in reversed(pairs):   # the last pair's condition is True
+            out = v if out is None else f"tl.where({c}, {v}, {out})"
+        return out
+
 
 def int_literal(v: int) -> str:
     """An integer literal; one near or past int32's range makes the arithmetic 64-bit (offs_n + 2147483647 would

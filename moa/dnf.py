@@ -52,10 +52,22 @@ class Rule:
 
 
 def _idx(node: ir.Node, env) -> sp.Expr:
+    """A read's index as sympy index arithmetic; where(c, a, b) over index conditions is a Piecewise there (T5's
+    bidirectional buckets, bias[where(j > i, nb, 0) + min(abs(i - j), nb - 1)])."""
     if node.op == "sym":
         return node.attrs[0].xreplace(env)
     if node.op == "const" and node.dtype == ir.INT:
         return sp.Integer(node.attrs[0])
+    if node.op == "ewise" and node.dtype == ir.INT and node.rank == 0:
+        fn, args = node.attrs[0], node.args
+        cond = ir.index_condition(args[0]) if fn == "where" else None
+        if cond is not None:
+            a, b = _idx(args[1], env), _idx(args[2], env)
+            return sp.Piecewise((a, cond.xreplace(env)), (b, True))
+        if fn != "where":
+            folded = ir.fold_int_expr(fn, [_idx(a, env) for a in args])
+            if folded is not None:
+                return folded
     raise UnsupportedError("an index computed from array data (a gather) is not supported yet; index with "
                            "index arithmetic over index variables, dims and params", node.loc)
 

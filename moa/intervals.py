@@ -170,6 +170,11 @@ def interval(e: sp.Expr, box: Box):
             return None
         f = type(e)
         return f(*(p[0] for p in parts)), f(*(p[1] for p in parts))
+    if isinstance(e, sp.Piecewise):   # where(c, a, b) of indices: the hull of its values (the conditions aside)
+        parts = [interval(v, box) for v, _ in e.args]
+        if any(p is None for p in parts):
+            return None
+        return sp.Min(*(p[0] for p in parts)), sp.Max(*(p[1] for p in parts))
     return None
 
 

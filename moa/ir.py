@@ -153,6 +153,29 @@ def _check_int_range(e, loc):
     return e
 
 
+_RELATIONS = {"lt": sp.Lt, "le": sp.Le, "gt": sp.Gt, "ge": sp.Ge, "eq": sp.Eq, "ne": sp.Ne}
+
+
+def index_condition(node: Node):
+    """A boolean scalar over index arithmetic (comparisons of integer scalars joined by and / or / not) as a
+    sympy condition; None for anything that reads data."""
+    if node.rank or node.dtype != BOOL:
+        return None
+    if node.op == "const":
+        return sp.true if node.attrs[0] else sp.false
+    if node.op != "ewise":
+        return None
+    fn, args = node.attrs[0], node.args
+    if fn in _RELATIONS and all(a.rank == 0 and a.op in ("sym", "const") and a.dtype == INT for a in args):
+        return _RELATIONS[fn](*(a.attrs[0] if a.op == "sym" else sp.Integer(a.attrs[0]) for a in args))
+    if fn in LOGIC:
+        parts = [index_condition(a) for a in args]
+        if any(p is None for p in parts):
+            return None
+        return sp.Not(parts[0]) if fn == "not" else (sp.And if fn == "and" else sp.Or)(*parts)
+    return None
+
+
 def _fold_int(fn, args, loc=None):
     """Integer scalar arithmetic folds into one sympy index expression (constants stay within int64)."""
     if not all(a.rank == 0 and a.op in ("sym", "const") and a.dtype == INT for a in args):
@@ -160,11 +183,13 @@ def _fold_int(fn, args, loc=None):
     xs = [a.attrs[0] if a.op == "sym" else sp.Integer(a.attrs[0]) for a in args]
     if fn == "pow" and xs[1].is_Integer and xs[1] >= 64 and not (xs[0].is_Integer and abs(int(xs[0])) <= 1):
         raise ShapeError(f"integer arithmetic overflows int64: {sy.show(xs[0])} ^ {sy.show(xs[1])}", loc)
-    folded = _fold_int_expr(fn, xs)
+    folded = fold_int_expr(fn, xs)
     return None if folded is None else _check_int_range(folded, loc)
 
 
-def _fold_int_expr(fn, xs):
+def fold_int_expr(fn, xs):
+    """The sympy index expression of an integer scalar function `fn` of sympy arguments, or None (no such
+    index arithmetic: a division by zero, a negative power ...)."""
     if fn == "add":
         return xs[0] + xs[1]
     if fn == "sub":

@@ -97,6 +97,21 @@ class _Printer(sp.printing.str.StrPrinter):
         pb = self._print(b) if b.is_Atom else f"({self._print(b)})"
         return f"{pa} % {pb}"
 
+    def _print_Piecewise(self, e):   # where(c, a, b), as the language writes it
+        out = self._print(e.args[-1][0])
+        for v, c in reversed(e.args[:-1]):
+            out = f"where({self._print(c)}, {self._print(v)}, {out})"
+        return out
+
+    def _print_And(self, e):
+        return " and ".join(f"({self._print(a)})" if isinstance(a, sp.Or) else self._print(a) for a in e.args)
+
+    def _print_Or(self, e):
+        return " or ".join(self._print(a) for a in e.args)
+
+    def _print_Not(self, e):
+        return f"not ({self._print(e.args[0])})"
+
 
 def floordiv(a, b) -> sp.Expr:
     return sp.floor(sp.sympify(a) / sp.sympify(b))

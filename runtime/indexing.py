@@ -58,6 +58,33 @@ class _Torch(Backend):
     def abs(self, x):
         return x.abs() if isinstance(x, torch.Tensor) else abs(x)
 
+    def and_(self, xs):
+        return self._pick(xs, torch.logical_and, all)
+
+    def or_(self, xs):
+        return self._pick(xs, torch.logical_or, any)
+
+    def not_(self, x):
+        return torch.logical_not(x) if isinstance(x, torch.Tensor) else not x
+
+    def compare(self, op, a, b):
+        return _COMPARE[op](a, b)
+
+    def piecewise(self, pairs):
+        out = None
+        for v, c in reversed(pairs):   # the last pair's condition is True
+            if out is None:
+                out = v
+            elif isinstance(c, torch.Tensor) or isinstance(v, torch.Tensor) or isinstance(out, torch.Tensor):
+                out = torch.where(torch.as_tensor(c), torch.as_tensor(v), torch.as_tensor(out))
+            else:
+                out = v if c else out
+        return out
+
+
+_COMPARE = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+            "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+
 
 def ieval(e, env: dict):
     """Value of a sympy index expression; env maps symbols (or names) to ints or int64 tensors (broadcasting)."""
