@@ -326,8 +326,13 @@ class Emitter:
         x = self._float(a[1], ex)
         if bv is not None and float(bv) > 0:
             return f"tl.exp2({x} * {math.log2(float(bv))!r})"
-        # general real power a^b = 2^(b log2 a), defined for a > 0 (a = 0 gives 0 for b > 0)
-        return f"tl.exp2({x} * tl.log2({self._float(a[0], base)}))"
+        # a^x as torch.pow: |a|^x = 2^(x log2 |a|); x = 0 gives 1 (0 * log2 0 is nan); a < 0 gives -|a|^x for odd
+        # integer x, |a|^x for even, nan for other x (log2 of a negative)
+        b = self._float(a[0], base)
+        p = f"tl.exp2({x} * tl.log2(tl.abs({b})))"
+        odd = f"(({x}) - 2.0 * tl.floor(({x}) * 0.5) == 1.0)"
+        neg = f"tl.where(({x}) == tl.floor({x}), tl.where({odd}, -{p}, {p}), tl.exp2({x} * tl.log2({b})))"
+        return f"tl.where(({x}) == 0, 1.0, tl.where({b} < 0, {neg}, {p}))"
 
     def _load(self, r: D.Read, vmap, scope: Scope, name: str | None = None, cast: bool = True) -> str:
         self.use_input(r.name)

@@ -284,3 +284,27 @@ def test_a_guarded_read_inside_a_comprehension_under_a_where_on_arrays():
     assert torch.equal(k.reference(x=x, y=x), torch.arange(0.0, 5.0, dtype=torch.float64))
     with pytest.raises(moa.InputError, match="out of range"):   # unguarded: still an error
         moa.compile("dim n\nin x[n]\nS[j:n] = x[j - 1]\nout O = S").reference(x=x)
+
+
+@pytest.mark.parametrize("g", [0, -1, -0.5, 0.5, 2])
+def test_powers_with_an_index_exponent_of_any_base(g):
+    """g^(i - j) with g a param (a retention decay of 0, a negative ratio): the kernel computed 2^(x log2 g), nan
+    for g <= 0 (found by a fuzzing helper); now torch.pow's values: 0^0 = 1, the sign of odd integer powers."""
+    k = moa.compile("dim n, d, e\nparam g = 0\nin Q[n, d], K[n, d], V[n, e]\n"
+                    "A[i, j] = where(j <= i, g ^ (i - j) * dot(Q[i], K[j]), 0)\nout O = A @ V", g=g)
+    ins = dict(Q=_rand(40, 4), K=_rand(41, 4)[:40], V=_rand(40, 3))
+    out, ref = k(**ins), k.reference(**ins)
+    assert torch.isfinite(ref).all() and _rel(out, ref) <= 1e-13
+
+
+def test_powers_of_data_bases_and_exponents_match_torch_pow():
+    """G[i] ^ X[j] for negative, zero and positive bases and integer or fractional exponents: torch.pow's
+    values, nan where it gives nan (a negative base to a fractional power) and inf where it does (0^-1)."""
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], G[n], X[n]\n"
+                    "A[i, j] = where(j <= i, G[i] ^ X[j] * dot(Q[i], K[j]), 0)\nout O = A @ V")
+    base = dict(Q=_rand(40, 4), K=_rand(41, 4)[:40], V=_rand(40, 3))
+    g = torch.tensor([-2.0, 0.0, 1.5, -0.5] * 10, dtype=torch.float64)
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0] * 8, dtype=torch.float64)
+    for G, X in ((g, x), (g.where(g != 0, 0.25), x), (g, x + 0.5)):
+        out, ref = k(**base, G=G, X=X), k.reference(**base, G=G, X=X)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
