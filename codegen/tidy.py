@@ -21,12 +21,17 @@ def _floordiv(a, b):
     return (a - _mod(a, b)) // b''',
     "_tanh": '''@triton.jit
 def _tanh(x):
+    # (1 - e) / (1 + e), e = exp(-2 |x|), loses 1 - e to cancellation for small |x|: there, tanh's series to x^9
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)''',
+    x2 = x * x
+    s = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(tl.abs(x) < 0.05, s, tl.where(x >= 0, t, -t))''',
     "_elu": '''@triton.jit
 def _elu(x):
-    return tl.where(x > 0, x, tl.exp(x) - 1.0)''',
+    # exp(x) - 1 loses to cancellation near 0: there, its series to x^6
+    s = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
+    return tl.where(x > 0, x, tl.where(x > -0.01, s, tl.exp(x) - 1.0))''',
     "_sign": '''@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1, 0) - tl.where(x < 0, 1, 0)''',

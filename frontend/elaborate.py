@@ -14,6 +14,7 @@ from moa import symbolic as sy
 from moa.errors import InputError, Loc, MoaError, ParseError, ShapeError
 from moa.program import Program
 
+from .checks import COMPILE_KEYWORDS, MAX_NAME, article, check_extent, check_override
 from .parser import KEYWORDS, parse
 
 UNARY = {"exp", "log", "sqrt", "rsqrt", "abs", "sign", "tanh", "sigmoid", "relu", "elu", "sin", "cos"}
@@ -27,21 +28,6 @@ TYPES = {"float": ir.FLOAT, "int": ir.INT, "bool": ir.BOOL}
 
 _BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod"}
 _CMPS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
-
-MAX_NAME = 64
-MAX_EXTENT = 2 ** 31 - 1  # kernels take extents as 32-bit integers
-
-
-def _check_extent(e, what, loc):
-    """A constant extent beyond 2^31 - 1 can never be called (kernels index with 32-bit integers)."""
-    if e.is_Integer and int(e) > MAX_EXTENT:
-        raise ShapeError(f"{what} is {int(e)}, more than 2^31 - 1", loc)
-    return e
-
-
-def _a(noun: str) -> str:
-    return ("an " if noun[:1] in "aeiou" else "a ") + noun
-
 
 @dataclass
 class _Scope:
@@ -79,9 +65,9 @@ class Elaborator:
         if len(name) > MAX_NAME:
             raise ParseError(f"{what} name is {len(name)} characters long; at most {MAX_NAME} allowed", loc)
         if name in KEYWORDS:
-            raise ParseError(f"'{name}' is a keyword and cannot name {_a(what)}", loc)
+            raise ParseError(f"'{name}' is a keyword and cannot name {article(what)}", loc)
         if name in BUILTINS:
-            raise ParseError(f"'{name}' is a builtin function and cannot name {_a(what)}", loc)
+            raise ParseError(f"'{name}' is a builtin function and cannot name {article(what)}", loc)
         if name.startswith("__"):
             raise ParseError(f"names starting with '__' are reserved ('{name[:20]}')", loc)
         if name in self._all_names():
@@ -117,10 +103,11 @@ class Elaborator:
         for item in st.children:
             tok, expr = item.children
             name = self.new_name(tok, "param")
+            if name in COMPILE_KEYWORDS:
+                raise ParseError(f"a param cannot be named '{name}': moa.compile takes {name}= itself (rename the "
+                                 "param)", self.loc(tok))
             if name in self.overrides:
-                v = self.overrides[name]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v == -math.inf:
-                    raise InputError(f"param {name} must be a number or inf (unbounded), got {v!r}")
+                v = check_override(name, self.overrides[name])
             else:
                 node = self.expr(expr)
                 if node.op == "sym":
@@ -158,7 +145,7 @@ class Elaborator:
             raise ShapeError(f"{what} may use only dims and params, not index variables", self.loc(tree))
         if sy.prove_nonneg(e - 1) is False:
             raise ShapeError(f"{what} must be positive, got {sy.show(e)}", self.loc(tree))
-        return _check_extent(e, what, self.loc(tree))
+        return check_extent(e, what, self.loc(tree))
 
     def st_assign_stmt(self, st):
         is_out = isinstance(st.children[0], lark.Token) and st.children[0].type == "OUT"
@@ -423,7 +410,7 @@ class Elaborator:
 
     def f_iota(self, fname, pos, kw, loc):
         self.arity(fname, pos, kw, 1, loc)
-        return ir.iota(_check_extent(self.static_int(pos[0], "iota's extent"), "iota's extent", loc), loc)
+        return ir.iota(check_extent(self.static_int(pos[0], "iota's extent"), "iota's extent", loc), loc)
 
     def f_shape(self, fname, pos, kw, loc):
         self.arity(fname, pos, kw, 1, loc)

@@ -8,7 +8,7 @@ from .errors import InputError, MoaError, ParseError, ShapeError, UnsupportedErr
 from .version import __version__
 
 
-def compile(source_or_path, form=None, schedule=None, autotune=None, **params):
+def compile(source_or_path, /, form=None, schedule=None, autotune=None, **params):
     """Compile a .moa program (text or a path) into a Kernel (moa.runtime.kernel); params override the program's
     param defaults, form= / schedule= force what the cost model otherwise picks per call, autotune= switches the
     GPU's timed tuning (default: on unless MOA_AUTOTUNE=0)."""

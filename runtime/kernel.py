@@ -24,7 +24,7 @@ from . import autograd, configs, costing, decode, explain, measuring, paged, rin
 from .binding import Binding, bind, check_offsets, check_reads
 from .dnf_eval import evaluate_dnf
 from .launch import Launcher
-from .device import device_table_name
+from .device import check_device, device_table_name
 from .plan import TILED, Plan, Planner
 from .reference import reference
 from .tiling import DTYPE_NAME, Config
@@ -51,7 +51,7 @@ def _load_source(source_or_path) -> tuple[str, str]:
     return source_or_path, "<source>"
 
 
-def compile(source_or_path, form=None, schedule=None, autotune=None, **params) -> Kernel:
+def compile(source_or_path, /, form=None, schedule=None, autotune=None, **params) -> Kernel:
     """Parse, elaborate and reduce a program to DNF; everything else happens per call.
 
     source_or_path: .moa text or a path. form: None (the cost model picks per call), "quadratic" or "linear".
@@ -127,18 +127,29 @@ class Kernel:
         grad (or under torch.compile) the call goes through the moa::attention operator (runtime/autograd.py)."""
         _no_positional(args, self.input_names)
         if paged.paging_of(self) is not None:
-            return decode.decode(self, inputs)
+            return self._typed(decode.decode(self, inputs))
         if autograd.wants_op(inputs):
-            return autograd.call(self, inputs)
+            return self._typed(autograd.call(self, inputs))
         if decode.prefers_split(self, inputs):   # CUDA, few query rows: split-KV / GQA packing (docs/inference.md)
-            return decode.decode(self, inputs)
+            return self._typed(decode.decode(self, inputs))
         b = self.bind(inputs)
         outs = {n: self.launcher.output(n, b) for n in self.output_names}
-        return outs[self.output_names[0]] if len(outs) == 1 else outs
+        return self._typed(outs[self.output_names[0]] if len(outs) == 1 else outs)
 
-    def with_lse(self, /, **inputs):
+    def _typed(self, res):
+        """A call's result with boolean outputs (out O = (A @ V) > 0) as bool tensors, as the reference gives
+        them (the kernels compute them as 0 / 1 in the float dtype)."""
+        types = self.program.output_map
+        if all(types[n].dtype != ir.BOOL for n in self.output_names):
+            return res
+        if isinstance(res, dict):
+            return {n: (o != 0 if types[n].dtype == ir.BOOL else o) for n, o in res.items()}
+        return res != 0
+
+    def with_lse(self, /, *args, **inputs):
         """(O, lse) for a single softmax-attention output: lse[..., i] = log sum_j exp(s_ij), -inf for a row
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
+        _no_positional(args, self.input_names)
         why = autograd.lse_refusal(self)
         if why is not None:
             raise UnsupportedError(why)
@@ -146,11 +157,12 @@ class Kernel:
             return autograd.call_with_lse(self, inputs)
         return self.launcher.tiled(self.output_names[0], self.bind(inputs), store_lse=True)
 
-    def plan(self, /, **inputs) -> dict:
+    def plan(self, /, *args, **inputs) -> dict:
         """Output name -> the Plan a call with these tensors runs: the kernel family, the schedule and tile config,
         the cost model's predicted time of the call (on the device's table entry; h100 for CPU tensors) and, on a
         GPU that tuned the call's bucket, the measured time and what the tuning cost (Plan.compile_seconds,
         Plan.tune_seconds: the candidates' compiles and their timing; tuning runs here if it has not yet)."""
+        _no_positional(args, self.input_names)
         b = self.bind(inputs)
         device = device_table_name(b.device)
         try:
@@ -172,15 +184,17 @@ class Kernel:
             out[name] = dataclasses.replace(p, predicted_seconds=predicted)
         return out
 
-    def reference(self, /, **inputs):
+    def reference(self, /, *args, **inputs):
         """The float64 meaning of the program, evaluated unfused (every intermediate array exists). It runs on
         the CPU; the result comes back on the device of the inputs (GPU tensors are copied over and back)."""
+        _no_positional(args, self.input_names)
         if paged.paging_of(self) is not None:   # the pools gathered into the contiguous cache they stand for
             inputs = paged.contiguous(self, inputs)
         return self._on_cpu(lambda x: reference(self.program, x), inputs)
 
-    def dnf_reference(self, /, **inputs):
+    def dnf_reference(self, /, *args, **inputs):
         """The DNF evaluated directly (vectorised, float64, online-softmax merges): equals reference()."""
+        _no_positional(args, self.input_names)
         return self._on_cpu(lambda x: evaluate_dnf(self.program, self.dnf, x), inputs)
 
     def _on_cpu(self, fn, inputs):
@@ -188,6 +202,7 @@ class Kernel:
         if len(devices) > 1:   # the call's own refusal (InputError naming the devices), before any copy
             self.bind(inputs)
         home = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        check_device(home)   # meta tensors hold no values to copy
         outs = fn({k: t.cpu() if isinstance(t, torch.Tensor) else t for k, t in inputs.items()})
         outs = {k: v.to(home) for k, v in outs.items()}
         return outs[self.output_names[0]] if len(outs) == 1 else outs
@@ -251,8 +266,9 @@ class Kernel:
             return ring.ring_cost(self, ranks=ranks, interconnect=interconnect, dtype=dtype, device=device, **dims)
         return costing.cost(self, dtype=dtype, device=device, inputs=inputs, **dims)
 
-    def measure(self, /, **inputs):
+    def measure(self, /, *args, **inputs):
         """Measurement: counters of a run in the instrumented Triton interpreter (CPU tensors)."""
+        _no_positional(args, self.input_names)
         return measuring.measure(self, **inputs)
 
     def aot(self, target="sm_90", dtype="bf16", **dims):

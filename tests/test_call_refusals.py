@@ -133,3 +133,53 @@ def test_a_forced_linear_form_is_refused_with_gradients_too():
 def test_unsupported_output_shapes_say_what_the_user_wrote(src, why):
     with pytest.raises(UnsupportedError, match=why):
         moa.compile(src)(Q=_r(9, 4), K=_r(9, 4, seed=1), V=_r(9, 3, seed=2))
+
+
+def test_param_overrides_and_names_moa_compile_takes_itself():
+    sw = open(EX + "sliding_window.moa").read()
+    for bad in (2 ** 63, -2 ** 63 - 1, 10 ** 30):
+        with pytest.raises(InputError, match="does not fit in a 64-bit integer"):
+            moa.compile(sw, w=bad)
+    assert moa.compile(sw, w=-2 ** 63).program.param_values["w"] == -2 ** 63
+    for name in ("form", "schedule", "autotune"):
+        with pytest.raises(moa.ParseError, match=f"a param cannot be named '{name}'") as e:
+            moa.compile(f"dim n, d, e\nparam {name} = 2\nin Q[n, d], K[n, d], V[n, e]\n"
+                        f"out O = softmax(Q @ K.T * {name}, axis=-1) @ V")
+        assert e.value.loc is not None and e.value.loc.line == 2
+    k = moa.compile("dim n, d, e\nparam source_or_path = 2\nin Q[n, d], K[n, d], V[n, e]\n"
+                    "out O = softmax(Q @ K.T * source_or_path, axis=-1) @ V", source_or_path=3)
+    assert k.program.param_values["source_or_path"] == 3
+
+
+def test_every_call_method_refuses_positional_inputs_and_meta_tensors():
+    k = moa.compile(EX + "causal.moa")
+    q = _r(5, 4)
+    calls = {"reference": k.reference, "dnf_reference": k.dnf_reference, "with_lse": k.with_lse, "plan": k.plan,
+             "measure": k.measure, "call": k}
+    for name, f in calls.items():
+        with pytest.raises(InputError, match="pass the inputs by name"):
+            f(q, q, q)
+            pytest.fail(name)
+    meta = {x: torch.empty(5, 4, device="meta", dtype=F64) for x in ("Q", "K", "V")}
+    for name, f in calls.items():
+        if name in ("plan", "measure"):   # what would run (no values needed); measure asks for CPU tensors
+            continue
+        with pytest.raises(InputError, match="tensors on meta are not supported"):
+            f(**meta)
+            pytest.fail(name)
+
+
+def test_cli_takes_the_whole_int64_range(capsys):
+    from moa.cli import main
+    assert main(["explain", EX + "sliding_window.moa", "--param", f"w={-2 ** 63}"]) == 0
+    capsys.readouterr()
+    assert main(["explain", EX + "sliding_window.moa", "--param", f"w={2 ** 63}"]) == 2
+    assert "-2^63 .. 2^63 - 1" in capsys.readouterr().err
+
+
+def test_a_boolean_output_is_a_bool_tensor_as_in_the_reference():
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = where(j <= i, dot(Q[i], K[j]), -inf)\n"
+                    "out O = (softmax(S, axis=-1) @ V) > 0")
+    ins = dict(Q=_r(30, 4), K=_r(30, 4, seed=1), V=_r(30, 3, seed=2))
+    out, ref = k(**ins), k.reference(**ins)
+    assert out.dtype == ref.dtype == torch.bool and torch.equal(out, ref)

@@ -308,3 +308,15 @@ def test_powers_of_data_bases_and_exponents_match_torch_pow():
     for G, X in ((g, x), (g.where(g != 0, 0.25), x), (g, x + 0.5)):
         out, ref = k(**base, G=G, X=X), k.reference(**base, G=G, X=X)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_tanh_and_elu_keep_their_precision_near_zero():
+    """softcap with a huge cap (scores / c ~ 1e-9) and elu of tiny scores: (1 - e) / (1 + e) and exp(x) - 1 lost
+    digits to cancellation there (8e-8 relative at c = 2^32, found by a fuzzing helper); series near 0 now."""
+    ins = dict(Q=_rand(70, 8), K=_rand(71, 8)[:70], V=_rand(70, 8))
+    for c in (50, 1e4, 2 ** 32):
+        k = moa.compile(EX + "softcap.moa", c=c)
+        assert _rel(k(**ins), k.reference(**ins)) <= 1e-13, c
+    k = moa.compile("dim n, d, e\nparam s = 1\nin Q[n, d], K[n, d], V[n, e]\n"
+                    "S[i, j] = elu(dot(Q[i], K[j]) * s) + 1\nout O = normalize(S, axis=-1) @ V", s=1e-6)
+    assert _rel(k(**ins), k.reference(**ins)) <= 1e-13
