@@ -129,9 +129,10 @@ def dense_causal_line(k, rep, dims: dict, dtype: str, device: str, batch: int = 
             f"{_si(dense)} FLOPs; this program {_si(rep.flops)} = {rep.flops / dense:.3g} of it")
 
 
-def decode_note(k, dims: dict, dtype: str, device: str, batch: tuple) -> str | None:
+def decode_note(k, dims: dict, dtype: str, device: str, batch: tuple, plain: float) -> str | None:
     """A note when a CUDA call at these dims runs as a split-KV decode (few query rows against many keys, or GQA
-    heads packed): the decode's prediction (runtime/decode_cost.py), which this table (the plain kernel) is not."""
+    heads packed, predicted faster than the plain kernel's `plain` seconds, as runtime/decode.split_preference
+    decides): the decode's prediction (runtime/decode_cost.py), which this table (the plain kernel) is not."""
     s = k.schedules[k.output_names[0]]
     row, key = s.row[1], s.branches[0].extent
     if not (row.is_Symbol and key.is_Symbol) or row == key:
@@ -141,7 +142,7 @@ def decode_note(k, dims: dict, dtype: str, device: str, batch: tuple) -> str | N
         c = decode_cost(k, dims[row.name], dims[key.name], dtype=dtype, device=device, batch=batch, **rest)
     except MoaError:
         return None
-    if c.splits == 1 and c.packed_heads == 1:
+    if (c.splits == 1 and c.packed_heads == 1) or c.predicted_seconds >= plain:
         return None
     return (f"note: a CUDA call at these dims runs as a split-KV decode ({c.splits} key splits, {c.packed_heads} "
             f"query heads per tile): predicted {_seconds(c.predicted_seconds)}, {_si(c.dram_bytes, 'B')} accessed "
@@ -176,7 +177,7 @@ def cmd_cost(args) -> int:
             if k.planner.choose_form(name, dims, args.device, dtype, batch=max(1, nbatch)) == "linear":
                 print(f"note: at these dims the runtime runs output {name} in the linear (chunked) form, which is "
                       f"predicted faster (moa explain); this table is the quadratic (tiled) kernel")
-        note = decode_note(k, dims, dtype, args.device, batch)
+        note = decode_note(k, dims, dtype, args.device, batch, rep.predicted_seconds)
         if note:
             print(note)
     if fit:

@@ -30,7 +30,7 @@ from moa.codegen.splitkv import (GRID_KERNEL, LENGTHS, MERGE_KERNEL, MERGE_SOURC
 from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import call_key_range, choose_splits
 
-from . import decode_merge, paged, tune
+from . import costing, decode_merge, paged, tune
 from .binding import check_names, refuse_grad
 from .cache import module_for
 from .decode_rows import (bind_block, both_sides_per_batch, check_call_reads, finish_per_length, lengths_per_batch,
@@ -241,8 +241,9 @@ def prefers_split(kernel, inputs: dict) -> bool:
 
 
 def split_preference(kernel, inputs: dict):
-    """DecodeStats of the decode a plain call would run when it splits or packs, else None (memoised per
-    input shapes; any refusal: None)."""
+    """DecodeStats of the decode a plain call would run when it splits or packs and the cost model predicts it
+    faster than the plain kernel (costing.cost at the call's shapes: a prefill that fills the device stays plain),
+    else None (memoised per input shapes; any refusal: None)."""
     key = tuple(sorted((n, tuple(t.shape)) for n, t in inputs.items() if isinstance(t, torch.Tensor)))
     memo = _PREFER.setdefault(kernel, {})
     if key not in memo:
@@ -250,6 +251,10 @@ def split_preference(kernel, inputs: dict):
             b = kernel.bind(inputs)
             kinds = {kernel.planner.run_kind(n, b.dims, batch=math.prod(b.batch)) for n in kernel.output_names}
             st = decode(kernel, inputs, plan_only=True) if kinds == {"tiled"} else None
+            if st is not None and (st.splits > 1 or st.packed_heads > 1) and st.predicted_seconds is not None:
+                plain = costing.cost(kernel, dtype=DTYPE_NAME[b.dtype], device=device_table_name(b.device),
+                                     batch=b.batch, **{d.name: b.dims[d.name] for d in kernel.program.dims})
+                st = st if st.predicted_seconds < plain.predicted_seconds else None
         except MoaError:
             st = None
         memo[key] = st if st is not None and (st.splits > 1 or st.packed_heads > 1) else None

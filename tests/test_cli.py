@@ -507,6 +507,8 @@ def test_cost_at_edges_and_decode_shapes(capsys):
     out = capsys.readouterr().out
     assert "runs as a split-KV decode (128 key splits, 32 query heads per tile)" in out, out
     assert "dense causal" not in out   # queries against another length of keys: no causal comparison
+    assert main(["cost", str(EX / "causal_bottom_right.moa"), "--dims", "n=4096,m=4096,d=128,e=128", "--no-fit"]) == 0
+    assert "split-KV" not in capsys.readouterr().out   # a prefill: the decode is predicted slower, the call stays plain
 
 
 def test_check_fails_without_a_kernel(tmp_path, capsys):
