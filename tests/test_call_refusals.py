@@ -8,6 +8,7 @@ import torch
 import moa
 from moa.errors import InputError, UnsupportedError
 from moa.runtime.decode_cost import decode_cost
+from test_paged_language import PAGED  # the language's paged cache: K[page[j // P], j % P]
 
 F64 = torch.float64
 EX = "examples/"
@@ -62,15 +63,7 @@ def test_varlen_takes_page_size_as_decode_does():
 
 
 def test_the_paged_reference_checks_its_block_table():
-    k = moa.compile("""
-dim n, m, d, e, np, P, L
-in Q[n, d], Kc[np, P, d], Vc[np, P, e]
-in page[L]: int
-Kp[j:m, k] = Kc[page[j // P], j % P, k]
-Vp[j:m, c] = Vc[page[j // P], j % P, c]
-S[i, j] = where(j <= i + m - n, dot(Q[i], Kp[j]) / sqrt(d), -inf)
-out O = softmax(S, axis=-1) @ Vp
-""")
+    k = moa.compile(PAGED)
     ins = dict(Q=_r(1, 8), Kc=_r(4, 16, 8, seed=1), Vc=_r(4, 16, 8, seed=2))
     for bad, shown in (([4, 0], "0 .. 4"), ([0, -1], "-1 .. 0")):
         for call in (k, k.reference):
