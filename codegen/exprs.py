@@ -26,6 +26,7 @@ from .printer import code as pcode
 from .printer import float_literal, int_literal
 from .scope import Scope
 
+_COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 TL_DTYPE = {"float64": "tl.float64", "float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
 
 
@@ -243,6 +244,8 @@ class Emitter:
         elif isinstance(e, D.Op):
             args = [self.emit(a, vmap, scope, hoist, key_vars, role) for a in e.args]
             text = self._op(e, args)
+            if e.fn in _COMPARE and any(a.dtype == ir.FLOAT for a in e.args) and not (D.free_vars(e) & set(vmap)):
+                text = f"({text} != 0)"   # a per-program float test: Triton's interpreter cannot & / | it with a tile
             if len(text) < 48 and e.fn not in ("where",):
                 return text
             name = self.fresh(role)
@@ -294,8 +297,9 @@ class Emitter:
             return f"tl.{'minimum' if fn == 'min' else 'maximum'}({x}, {y})"
         if fn == "pow":
             return self._pow(e, a)
+        wide = "64" if self.acc == "tl.float64" else ""   # float64 kernels: helpers exact near 0 (codegen/tidy.py)
         one = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "sin": "tl.sin",
-               "cos": "tl.cos", "sigmoid": "tl.sigmoid", "tanh": "_tanh", "elu": "_elu"}
+               "cos": "tl.cos", "sigmoid": "tl.sigmoid", "tanh": f"_tanh{wide}", "elu": f"_elu{wide}"}
         if fn in one:
             return f"{one[fn]}({self._float(a[0], e.args[0])})"
         if fn == "abs":
@@ -326,13 +330,17 @@ class Emitter:
         x = self._float(a[1], ex)
         if bv is not None and float(bv) > 0:
             return f"tl.exp2({x} * {math.log2(float(bv))!r})"
-        # a^x as torch.pow: |a|^x = 2^(x log2 |a|); x = 0 gives 1 (0 * log2 0 is nan); a < 0 gives -|a|^x for odd
-        # integer x, |a|^x for even, nan for other x (log2 of a negative)
-        b = self._float(a[0], base)
-        p = f"tl.exp2({x} * tl.log2(tl.abs({b})))"
-        odd = f"(({x}) - 2.0 * tl.floor(({x}) * 0.5) == 1.0)"
-        neg = f"tl.where(({x}) == tl.floor({x}), tl.where({odd}, -{p}, {p}), tl.exp2({x} * tl.log2({b})))"
-        return f"tl.where(({x}) == 0, 1.0, tl.where({b} < 0, {neg}, {p}))"
+        return self._power(a[0], base, a[1], ex)
+
+    def _power(self, base_code: str, base, ex_code: str, ex) -> str:
+        """a^x as torch.pow (codegen/tidy.py _pow; _powi for an integer-typed x, its sign by parity)."""
+        def tile(code, e):   # a literal as a typed value (the helpers read its dtype)
+            return f"tl.full([], {code}, {self.acc})" if isinstance(e, D.Const) or \
+                (isinstance(e, D.Index) and e.expr.is_number) else code
+        b = tile(self._float(base_code, base), base)
+        if ex.dtype == ir.INT:
+            return f"_powi({b}, {ex_code})"
+        return f"_pow({b}, {tile(self._float(ex_code, ex), ex)})"
 
     def _load(self, r: D.Read, vmap, scope: Scope, name: str | None = None, cast: bool = True) -> str:
         self.use_input(r.name)

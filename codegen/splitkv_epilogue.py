@@ -37,6 +37,7 @@ _CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "a
 _UNARY = {"exp": ("tl.exp", 0, 1), "log": ("tl.log", 0, 1), "sqrt": ("tl.sqrt", 0, 1), "rsqrt": ("tl.rsqrt", 0, 1),
           "sin": ("tl.sin", 0, 1), "cos": ("tl.cos", 0, 1), "sigmoid": ("tl.sigmoid", 3, 1),
           "tanh": ("_tanh", 5, 1), "elu": ("_elu", 1, 1)}
+_UNARY64 = {**_UNARY, "tanh": ("_tanh64", 15, 1), "elu": ("_elu64", 12, 1)}   # float64 kernels' exact helpers
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class _Epi:
         elif fn == "relu":
             text, cost = f"tl.maximum({args[0][0]}, {'0.0' if flt else '0'})", 1 if flt else 0
         elif fn in _UNARY:
-            name, fl, tr = _UNARY[fn]
+            name, fl, tr = (_UNARY64 if self.acc == "tl.float64" else _UNARY)[fn]
             text = f"{name}({self._float(args[0])})"
             if not const:
                 self._count(shape, fl, tr)

@@ -21,7 +21,12 @@ def _floordiv(a, b):
     return (a - _mod(a, b)) // b''',
     "_tanh": '''@triton.jit
 def _tanh(x):
-    # (1 - e) / (1 + e), e = exp(-2 |x|), loses 1 - e to cancellation for small |x|: there, tanh's series to x^9
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)''',
+    "_tanh64": '''@triton.jit
+def _tanh64(x):
+    # float64 kernels: 1 - e loses digits to cancellation for small |x|, so there tanh's series to x^9
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     x2 = x * x
@@ -29,9 +34,27 @@ def _tanh(x):
     return tl.where(tl.abs(x) < 0.05, s, tl.where(x >= 0, t, -t))''',
     "_elu": '''@triton.jit
 def _elu(x):
-    # exp(x) - 1 loses to cancellation near 0: there, its series to x^6
+    return tl.where(x > 0, x, tl.exp(x) - 1.0)''',
+    "_elu64": '''@triton.jit
+def _elu64(x):
+    # float64 kernels: exp(x) - 1 loses digits to cancellation near 0, so there its series to x^6
     s = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
     return tl.where(x > 0, x, tl.where(x > -0.01, s, tl.exp(x) - 1.0))''',
+    "_pow": '''@triton.jit
+def _pow(b, x):
+    # b^x as torch.pow: |b|^x = 2^(x log2 |b|), 1 where x = 0, b = 1 or |b| = 1 with |x| = inf (0 * inf is nan);
+    # b < 0: the sign of an odd integer x, nan for other x (b = -inf: |b|^x, as IEEE pow)
+    p = tl.exp2(x * tl.log2(tl.abs(b)))
+    odd = x - 2.0 * tl.floor(x * 0.5) == 1.0
+    frac = tl.where(b == float("-inf"), p, tl.exp2(x * tl.log2(b)))
+    r = tl.where(b < 0, tl.where(x == tl.floor(x), tl.where(odd, -p, p), frac), p)
+    r = tl.where(tl.abs(b) == 1.0, tl.where(tl.abs(x) == float("inf"), 1.0, r), r)
+    return tl.where(x == 0, 1.0, tl.where(b == 1.0, 1.0, r))''',
+    "_powi": '''@triton.jit
+def _powi(b, k):
+    # b^k for an integer k (an index expression such as i - j): |b|^k with the sign of b for odd k, 1 at k = 0
+    p = tl.exp2(k * tl.log2(tl.abs(b)))
+    return tl.where(k == 0, 1.0, tl.where(b < 0, tl.where(k % 2 != 0, -p, p), p))''',
     "_sign": '''@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1, 0) - tl.where(x < 0, 1, 0)''',

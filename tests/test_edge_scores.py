@@ -308,6 +308,14 @@ def test_powers_of_data_bases_and_exponents_match_torch_pow():
     for G, X in ((g, x), (g.where(g != 0, 0.25), x), (g, x + 0.5)):
         out, ref = k(**base, G=G, X=X), k.reference(**base, G=G, X=X)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    # IEEE pow's special values, elementwise: 1^nan = 1, (-1)^inf = 1, (-inf)^0.5 = inf, (-inf)^-0.5 = 0 ...
+    special = torch.tensor([1.0, -1.0, float("inf"), -float("inf"), float("nan"), 0.0, -2.0, 0.5], dtype=torch.float64)
+    bases, exps = special.repeat_interleave(8), special.repeat(8)   # every (base, exponent) pair
+    e = dict(Q=torch.ones(64, 1, dtype=torch.float64), K=torch.ones(64, 1, dtype=torch.float64))
+    k1 = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], G[n], X[n]\n"
+                     "A[i, j] = where(i == j, G[i] ^ X[j] * dot(Q[i], K[j]), 0)\nout O = A @ V")
+    out = k1(**e, V=torch.ones(64, 1, dtype=torch.float64), G=bases, X=exps)[:, 0]
+    torch.testing.assert_close(out, torch.pow(bases, exps), rtol=1e-14, atol=0, equal_nan=True)
 
 
 def test_tanh_and_elu_keep_their_precision_near_zero():
@@ -320,3 +328,16 @@ def test_tanh_and_elu_keep_their_precision_near_zero():
     k = moa.compile("dim n, d, e\nparam s = 1\nin Q[n, d], K[n, d], V[n, e]\n"
                     "S[i, j] = elu(dot(Q[i], K[j]) * s) + 1\nout O = normalize(S, axis=-1) @ V", s=1e-6)
     assert _rel(k(**ins), k.reference(**ins)) <= 1e-13
+
+
+def test_a_mask_on_a_per_head_float_switch():
+    """where(T[a] > 0.5 or j <= i, ...): a per-program float test joined to a tile's test (Triton's interpreter
+    could not | a 0-d float comparison with a block: the kernel failed to run; found by a helper porting
+    FlexAttention masks)."""
+    k = moa.compile("dim h, n, d, e\nin Q[h, n, d], K[h, n, d], V[h, n, e], T[h]\n"
+                    "S[a, i, j] = where(T[a] > 0.5 or j <= i, dot(Q[a, i], K[a, j]) / sqrt(d), -inf)\n"
+                    "out O[a] = softmax(S[a], axis=-1) @ V[a]")
+    for dt in (torch.float64, torch.float32):
+        ins = dict(Q=_rand(2, 70, 4, dtype=dt), K=_rand(2, 71, 4, dtype=dt)[:, :70], V=_rand(2, 70, 3, dtype=dt),
+                   T=torch.tensor([0.0, 1.0], dtype=dt))
+        assert _rel(k(**ins).double(), k.reference(**ins)) <= (1e-13 if dt == torch.float64 else 1e-5)
