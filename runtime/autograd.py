@@ -219,7 +219,7 @@ def _lse_grad_refusal(kernel) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def _form_refusal(kernel) -> str | None:
+def form_refusal(kernel) -> str | None:
     """Why a forced form='linear' cannot run (an output without a linear form), as a call without gradients says:
     a training call would otherwise run the quadratic kernels unasked."""
     if kernel.planner.form == "linear":
@@ -234,7 +234,7 @@ def _form_refusal(kernel) -> str | None:
 def call_with_lse(kernel, inputs: dict):
     """k.with_lse(**inputs) through the operator: (O, lse), both differentiable. The lse is the value the fused
     backward saves; its cotangent g enters the backward as delta - g (d lse_i / d s_ij = p_ij)."""
-    why = _lse_grad_refusal(kernel) or _form_refusal(kernel)
+    why = _lse_grad_refusal(kernel) or form_refusal(kernel)
     if why is not None:
         raise UnsupportedError(why)
     outs = _op(kernel, inputs)
@@ -243,7 +243,7 @@ def call_with_lse(kernel, inputs: dict):
 
 def call(kernel, inputs: dict):
     """k(**inputs) through the operator: one output -> a tensor, several -> dict name -> tensor."""
-    why = _form_refusal(kernel)
+    why = form_refusal(kernel)
     if why is not None:
         raise UnsupportedError(why)
     outs = _op(kernel, inputs)

@@ -150,7 +150,7 @@ class Kernel:
         """(O, lse) for a single softmax-attention output: lse[..., i] = log sum_j exp(s_ij), -inf for a row
         with no admissible key (natural log). Used to merge partial results (ring attention)."""
         _no_positional(args, self.input_names)
-        why = autograd.lse_refusal(self)
+        why = autograd.lse_refusal(self) or autograd.form_refusal(self)
         if why is not None:
             raise UnsupportedError(why)
         if autograd.wants_op(inputs):   # differentiable (O, lse), traceable: runtime/autograd.py call_with_lse

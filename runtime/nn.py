@@ -11,6 +11,7 @@ import torch
 from moa import ir
 from moa.errors import InputError
 
+from . import autograd
 from .kernel import compile as compile_program
 
 LAYOUTS = {"bhnd": "(batch, heads, n, d)", "bnhd": "(batch, n, heads, d)"}
@@ -45,7 +46,11 @@ class Attention(torch.nn.Module):
         if p.outputs[0][1].rank < self.ranks[0]:
             raise InputError(f"moa.nn.Attention: the output of {p.name} has fewer axes than its query input "
                              f"{self.qkv[0]}; a module returns one output row per query row and head")
-        self.key = self.kernel.op_key
+
+    @property
+    def key(self) -> str:
+        """The moa::attention operator's key of the module's kernel (a copy or unpickled module: its own kernel's)."""
+        return self.kernel.op_key
 
     def extra_repr(self) -> str:
         return f"program={self.kernel.program.name!r}, num_heads={self.num_heads}, layout={self.layout!r}"
@@ -89,5 +94,6 @@ class Attention(torch.nn.Module):
         missing = [n for n in self.kernel.input_names if n not in named]
         if missing:
             raise InputError(f"moa.nn.Attention: missing input(s) {', '.join(missing)} (pass them by name)")
-        out = torch.ops.moa.attention(self.key, [named[n] for n in self.kernel.input_names])[0]
+        out = autograd.call(self.kernel, named)   # the operator, after the call's refusals (torch.func, form=)
+        out = out[self.kernel.output_names[0]] if isinstance(out, dict) else out
         return out if self.layout == "bhnd" else out.transpose(1, 2)

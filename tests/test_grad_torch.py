@@ -132,6 +132,31 @@ def test_attention_layouts_agree_and_misreads_are_errors():
         moa.nn.Attention("examples/causal.moa", num_heads=0)
 
 
+def test_a_copied_module_runs_on_its_own_kernel_and_refuses_what_a_call_refuses():
+    """A deepcopy / pickle of moa.nn.Attention ran the original's kernel key (gone with the original); the module
+    skipped the call's refusals (torch.func transforms, a forced linear form): found by a training-loop helper."""
+    import copy
+    import gc
+    import pickle
+
+    from moa.errors import UnsupportedError
+
+    q = torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    a = moa.nn.Attention("examples/causal.moa", num_heads=2)
+    want = a(q, q, q)
+    copies = [copy.deepcopy(a), pickle.loads(pickle.dumps(a))]
+    del a
+    gc.collect()
+    for b in copies:
+        assert b.key == b.kernel.op_key and torch.equal(b(q, q, q), want)
+    with pytest.raises(UnsupportedError, match="torch.func"):
+        torch.func.grad(lambda x: copies[0](x, q, q).sum())(q)
+    with pytest.raises(UnsupportedError, match="form='linear'"):
+        moa.nn.Attention("examples/causal.moa", num_heads=2, form="linear")(q, q, q)
+    with pytest.raises(UnsupportedError, match="form='linear'"):   # with_lse without gradients too
+        moa.compile("examples/causal.moa", form="linear").with_lse(Q=q, K=q, V=q)
+
+
 def test_attention_grouped_heads_and_gradients():
     att = moa.nn.Attention("examples/gqa_alibi.moa", num_heads=4, layout="bnhd")
     g = torch.Generator().manual_seed(1)
