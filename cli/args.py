@@ -34,8 +34,8 @@ def parse_assignments(text: str | None, what: str) -> dict:
             raise InputError(f"{what}: {k} is given twice")
         try:
             out[k] = int(v)
-            if not -INT64 - 1 <= out[k] <= INT64:
-                raise InputError(f"{what}: {k}={v} does not fit in a 64-bit integer (-2^63 .. 2^63 - 1)")
+            if abs(out[k]) > INT64:   # as literals in the source: the kernels negate values
+                raise InputError(f"{what}: {k}={v} does not fit in a 64-bit integer (magnitude at most 2^63 - 1)")
         except ValueError:
             try:
                 out[k] = float(v)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from moa.errors import InputError, ShapeError
 
@@ -22,9 +23,14 @@ def article(noun: str) -> str:
 
 
 def check_override(name: str, v):
-    """A param value given to moa.compile: a number (int within int64, or float), or inf (unbounded)."""
+    """A param value given to moa.compile: a number (an integer of magnitude below 2^63, as literals in the source;
+    numpy scalars too), or inf (unbounded)."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = int(v)
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        v = float(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v == -math.inf:
         raise InputError(f"param {name} must be a number or inf (unbounded), got {v!r}")
-    if isinstance(v, int) and not -2 ** 63 <= v < 2 ** 63:
-        raise InputError(f"param {name} = {v} does not fit in a 64-bit integer (-2^63 .. 2^63 - 1)")
+    if isinstance(v, int) and abs(v) > 2 ** 63 - 1:
+        raise InputError(f"param {name} = {v} does not fit in a 64-bit integer (magnitude at most 2^63 - 1)")
     return v

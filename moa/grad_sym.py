@@ -72,11 +72,24 @@ class RealAbs(sp.Function):
         return Sgn(self.args[0])
 
 
+class Power(sp.Function):
+    """a^x with an exponent that is not a number; the derivatives torch's autograd takes: d/da = x a^(x - 1), 0
+    where x = 0 (0 * inf at a = 0 otherwise), d/dx = a^x log a, 0 where a = 0 and x >= 0."""
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, x = self.args
+        if argindex == 1:
+            return sp.Piecewise((sp.Integer(0), sp.Eq(x, 0)), (x * Power(a, x - 1), True))
+        return sp.Piecewise((sp.Integer(0), sp.And(sp.Eq(a, 0), x >= 0)), (Power(a, x) * sp.log(a), True))
+
+
 _UNARY = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "rsqrt": lambda x: 1 / sp.sqrt(x), "tanh": sp.tanh,
           "sin": sp.sin, "cos": sp.cos, "sigmoid": Sigmoid, "relu": Relu, "elu": Elu, "sign": Sgn,
           "abs": RealAbs, "neg": lambda x: -x}
 _BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-           "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "min": sp.Min, "max": sp.Max}
+           "div": lambda a, b: a / b, "pow": lambda a, b: a ** b if b.is_number else Power(a, b), "min": sp.Min,
+           "max": sp.Max}
 DIFFERENTIABLE = frozenset(_UNARY) | frozenset(_BINARY)
 
 
@@ -231,6 +244,8 @@ def from_sympy(x, leaves: dict):  # noqa: C901 - one case per sympy construct
         return _from_add(x, leaves)
     if isinstance(x, sp.Mul):
         return _from_mul(x, leaves)
+    if isinstance(x, Power):
+        return _op("pow", from_sympy(x.args[0], leaves), from_sympy(x.args[1], leaves))
     if isinstance(x, sp.Pow):
         b, k = x.args
         if k.is_Rational:

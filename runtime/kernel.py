@@ -218,16 +218,18 @@ class Kernel:
         merged by log-sum-exp; splits None: the cost model's choice. A program with one dim for the query and
         key axes sees the queries as the last rows of the keys. cache_len: valid keys per batch index;
         block_table, page_size: a paged cache; pack_heads: GQA packing (runtime/decode.py, docs/inference.md)."""
-        return decode.decode(self, inputs, splits=splits, stats=stats, cache_len=cache_len,
-                             block_table=block_table, page_size=page_size, pack_heads=pack_heads)
+        res = decode.decode(self, inputs, splits=splits, stats=stats, cache_len=cache_len,
+                            block_table=block_table, page_size=page_size, pack_heads=pack_heads)
+        return (self._typed(res[0]), res[1]) if stats else self._typed(res)
 
     def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, block_table=None, page_size=None,
                **inputs):
         """A packed batch of sequences (cumulative lengths, FlashAttention's varlen layout) in one launch, each
         sequence with its own local indices; block_table, page_size: the keys in a pool of pages
         (runtime/varlen.py, docs/inference.md)."""
-        return varlen.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats,
-                             block_table=block_table, page_size=page_size)
+        res = varlen.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats,
+                            block_table=block_table, page_size=page_size)
+        return (self._typed(res[0]), res[1]) if stats else self._typed(res)
 
     # ---- source ---------------------------------------------------------------------------------------------
     def source(self, output: str | None = None, dtype: str = "float16", nbatch: int = 0,

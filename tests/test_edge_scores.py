@@ -341,3 +341,25 @@ def test_a_mask_on_a_per_head_float_switch():
         ins = dict(Q=_rand(2, 70, 4, dtype=dt), K=_rand(2, 71, 4, dtype=dt)[:, :70], V=_rand(2, 70, 3, dtype=dt),
                    T=torch.tensor([0.0, 1.0], dtype=dt))
         assert _rel(k(**ins).double(), k.reference(**ins)) <= (1e-13 if dt == torch.float64 else 1e-5)
+
+
+def test_gradients_of_a_power_with_a_zero_base():
+    """d/dg of g[i] ^ (i - j) where g = 0: the derivative x g^(x - 1) is 0 * inf at x = 0; torch's autograd takes
+    0 there (found by a helper): so does moa's."""
+    n = 6
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], g[n]\n"
+                    "S[i, j] = where(j <= i, dot(Q[i], K[j]) + g[i] ^ (i - j), -inf)\nout O = softmax(S, axis=-1) @ V")
+    ins = dict(Q=_rand(n, 4), K=_rand(n + 1, 4)[:n], V=_rand(n, 3),
+               g=torch.tensor([0.5, 0.0, 2.0, -1.0, 0.0, 1.5], dtype=torch.float64))
+
+    def oracle(Q, K, V, g):
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        s = Q @ K.T + torch.pow(g[:, None], (i - j).clamp(min=0).to(torch.float64))
+        return torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ V
+
+    mine = {x: t.clone().requires_grad_() for x, t in ins.items()}
+    theirs = {x: t.clone().requires_grad_() for x, t in ins.items()}
+    k(**mine).sum().backward()
+    oracle(**theirs).sum().backward()
+    for x in ins:
+        torch.testing.assert_close(mine[x].grad, theirs[x].grad, rtol=1e-12, atol=1e-12)
