@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from moa import ir
+from moa.errors import InputError
 from moa.grad import GradProgram, grad
 
 from moa.codegen.backward_shape import is_multi
@@ -102,6 +103,9 @@ class Backward:
         fused, several branches, window, or the chunked linear form); `inputs`: the integer and boolean inputs whose
         per-tile summaries decide the tiles the kernels skip; device 'cpu' (the interpreter: bf16 computes in fp32)
         or 'cuda' (a GPU's kernels, in the call's dtype)."""
+        missing = [d.name for d in self.k.program.dims if d.name not in dims]
+        if missing:   # as moa cost names them (it was a raw KeyError)
+            raise InputError(f"backward.cost needs every dim of {self.k.program.name}; missing {', '.join(missing)}")
         return backward_cost_all.cost(self, dims, batch, dtype, inputs, config, device)
 
     def saved_spec(self, dtype: torch.dtype) -> list:

@@ -184,3 +184,8 @@ def test_a_boolean_output_is_a_bool_tensor_as_in_the_reference():
                                                                     V=ins["V"][:29])[-2:])
     var = k.varlen([0, 30], [0, 30], **ins)
     assert var.dtype == torch.bool and torch.equal(var, ref)
+
+
+def test_backward_cost_names_missing_dims():
+    with pytest.raises(InputError, match="backward.cost needs every dim of .*; missing e"):
+        moa.compile(EX + "causal.moa").backward.cost(dict(n=40, d=16))
