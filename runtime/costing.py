@@ -170,11 +170,15 @@ class _Totals:
         self.kernels.append((c.dot_flops, c.flops - c.dot_flops, c.transcendentals, hbm, c.programs))
 
 
-def _check_dims(program, dims: dict) -> None:
+def _check_dims(program, dims: dict, batch: tuple = ()) -> None:
     unknown = sorted(set(dims) - {d.name for d in program.dims})
     if unknown:
         raise InputError(f"unknown dim{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; {program.name}"
                          f" has {', '.join(d.name for d in program.dims)}")
+    bad = [f"{k}={v}" for k, v in dims.items() if isinstance(v, int | np.integer) and v < 0] + \
+        [f"batch {x}" for x in batch if not isinstance(x, int | np.integer) or x < 0]
+    if bad:   # negative sizes gave negative FLOPs and bytes
+        raise InputError(f"dims and batch sizes must be non-negative integers, got {', '.join(map(str, bad))}")
 
 
 def _fitting_kind(planner, name: str, kind: str, compute: str, dims: dict, dev, batch: tuple, index_dtype: str) -> str:
@@ -205,7 +209,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     dev = None if on_cpu else get_device(device)
     compute = _compute_dtype(dtype, on_cpu)
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
-    _check_dims(planner.program, dims)
+    _check_dims(planner.program, dims, batch)
     # a LinearConfig is the chunked form's tiles (a tuned candidate's), a Config the tiled kernel's
     linear_config, config = (config, None) if isinstance(config, LinearConfig) else (None, config)
     if any(d.name not in dims for d in planner.program.dims):

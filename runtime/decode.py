@@ -73,16 +73,18 @@ def _plan(kernel):
                                f"does, and this program cannot be split so: {e.message}") from None
 
 
-def both_sides(kernel, plan, inputs: dict, rows) -> dict:
-    """The block program's inputs: an input read by both the query and the key index (a per-token id or gate,
-    moa/shard.py role BOTH) is passed once along the keys; its key copy is the whole, its query side the rows
-    `rows` selects (an int: the last rows; a tensor: those indices)."""
+def both_sides(kernel, plan, inputs: dict, rows, keys: int, what: str = "decode") -> dict:
+    """The block program's inputs: an input read by the query and the key index (an id, a gate: role BOTH) passes
+    along the `keys` keys; its key copy is the whole, its query side the rows `rows` selects (int: the last ones)."""
     out = dict(inputs)
     decl = kernel.program.input_map
     for name, copy in plan.kv_copies.items():
         t = inputs.get(name)
         if isinstance(t, torch.Tensor) and t.dim() >= len(decl[name].shape):
             ax = t.dim() - len(decl[name].shape) + plan.roles[name][1]
+            if t.shape[ax] != keys:
+                raise InputError(f"{what}: input {name} is read by both the query and the key index, so it is passed "
+                                 f"along the keys: {keys} entries on axis {plan.roles[name][1]}, got {t.shape[ax]}")
             out[copy] = t
             out[name] = t.narrow(ax, t.shape[ax] - rows, rows) if isinstance(rows, int) else \
                 t.index_select(ax, rows.to(t.device))
@@ -143,7 +145,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     plan, block = _plan(kernel)
     nq, mk = lengths(kernel, inputs)
     gdims, row0 = _global(plan, nq, mk)
-    raw, inputs = inputs, both_sides(kernel, plan, inputs, nq)
+    raw, inputs = inputs, both_sides(kernel, plan, inputs, nq, mk)
     b = bind_block(plan, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     check_device(b.device)
     call = _Call(SPLIT, nq, mk, nq, mk)

@@ -107,6 +107,17 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                          "axes, so the queries are the last rows of the keys (nq <= m)")
     if splits is not None and (whole(splits, "splits", "decode_cost") < 1):
         raise InputError(f"decode_cost: splits must be a positive integer, got {splits!r}")
+    unknown = sorted(set(dims) - {d.name for d in kernel.program.dims})
+    if unknown:   # named in the program's terms (the block program's dims are its own)
+        raise InputError(f"decode_cost: unknown dim{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"{kernel.program.name} has {', '.join(d.name for d in kernel.program.dims)}")
+    if block_table is not None and page_size is None:
+        raise InputError("decode_cost: a paged cache needs both block_table and page_size")
+    if isinstance(cache_len, torch.Tensor) and cache_len.dim() > 0:
+        cache_len = cache_len.tolist()
+    if cache_len is not None:   # integers, as decode takes them (a float was truncated)
+        cache_len = [whole(x, "cache_len", "decode_cost") for x in cache_len] if isinstance(cache_len, (list, tuple)) \
+            else whole(cache_len, "cache_len", "decode_cost")
     if page_size is not None:
         page_size = whole(page_size, "page_size", "decode_cost")
         if page_size < 16 or page_size & (page_size - 1):

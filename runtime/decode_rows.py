@@ -34,7 +34,8 @@ def bind_block(plan, inputs: dict, dims: dict, what: str = "decode"):
     except InputError as e:
         one = plan.n == plan.m   # one dim for both axes: its query rows and its keys
         names = {plan.nl.name: f"{plan.n.name} (the query rows)" if one else plan.n.name,
-                 plan.ml.name: f"{plan.m.name} (the keys)" if one else plan.m.name}
+                 plan.ml.name: f"{plan.m.name} (the keys)" if one else plan.m.name,
+                 **{copy: name for name, copy in plan.kv_copies.items()}}   # an id's key copy: the id
         msg = re.sub(r"(?<![\w])(" + "|".join(map(re.escape, names)) + r")(?![\w])", lambda x: names[x.group(1)],
                      e.message).replace(" from given ", " from the query and key inputs ")
         raise InputError(f"{what}: {msg}") from None

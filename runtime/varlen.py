@@ -51,7 +51,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
             seq = torch.repeat_interleave(torch.arange(cu_q.numel() - 1), cu_q.diff())
             r = rows - cu_k[seq]
             rows = table[seq, r // page_size].to(torch.int64) * page_size + r % page_size
-        inputs = both_sides(kernel, plan, inputs, rows)
+        inputs = both_sides(kernel, plan, inputs, rows, mk, "varlen")
     b = bind_block(plan, inputs, plan.block_dims(gdims, row0, nq, 0, mk), "varlen")
     check_device(b.device)
     check_call_reads(kernel, b, {plan.n.name: nq_max, plan.m.name: mk_max} if plan.n != plan.m else

@@ -88,7 +88,14 @@ def test_decode_cost_refuses_what_decode_refuses():
              (lambda: decode_cost(k, 1, 480, page_size=1, d=8, e=8), "power of two >= 16"),
              (lambda: decode_cost(g, 1, 64, h=6, g=4, d=8, e=8), "reaches index 5"),
              (lambda: decode_cost(s, 5, 3, d=8, e=8), "nq <= m"),
-             (lambda: decode_cost(s, 5, 64, cache_len=[3], d=8, e=8), "below the 5 query rows")]
+             (lambda: decode_cost(s, 5, 64, cache_len=[3], d=8, e=8), "below the 5 query rows"),
+             (lambda: decode_cost(k, 3, 30, batch=(2,), cache_len=torch.tensor([30., 20.]), d=8, e=8),
+              "cache_len must be a positive integer, got 30.0"),
+             (lambda: decode_cost(k, 3, 32, block_table=torch.tensor([[0, 1]]), d=8, e=8), "needs both block_table"),
+             (lambda: decode_cost(k, 3, 30, batch=(-2,), d=8, e=8), "got batch -2"),
+             (lambda: decode_cost(k, 3, 30, d=-1, e=8), "got d=-1"),
+             (lambda: decode_cost(k, 3, 30, d=8, e=8, zz=3), "decode_cost: unknown dim zz; causal_bottom_right.moa has n, m, d, e"),
+             (lambda: k.cost(n=4, m=4, d=-1, e=8), "got d=-1")]
     for call, why in cases:
         with pytest.raises(InputError, match=why):
             call()
@@ -189,3 +196,17 @@ def test_a_boolean_output_is_a_bool_tensor_as_in_the_reference():
 def test_backward_cost_names_missing_dims():
     with pytest.raises(InputError, match="backward.cost needs every dim of .*; missing e"):
         moa.compile(EX + "causal.moa").backward.cost(dict(n=40, d=16))
+
+
+def test_an_input_read_by_both_indices_must_span_the_keys():
+    """doc[i] == doc[j] in decode / varlen: doc passes along the keys; a shorter one was a raw RuntimeError /
+    IndexError, or named the internal key copy doc_kv (found by a helper)."""
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], doc[n]: int\n"
+                    "S[i, j] = where(j <= i and doc[i] == doc[j], dot(Q[i], K[j]), -inf)\n"
+                    "out O = softmax(S, axis=-1) @ V")
+    q, kk, v = _r(3, 8), _r(30, 8, seed=1), _r(30, 4, seed=2)
+    for short in (2, 29):
+        with pytest.raises(InputError, match=f"decode: input doc is read by both .* 30 entries on axis 0, got {short}"):
+            k.decode(Q=q, K=kk, V=v, doc=torch.zeros(short, dtype=torch.int64))
+    with pytest.raises(InputError, match="varlen: input doc is read by both .* got 4"):
+        k.varlen([0, 2, 3], [0, 10, 30], Q=q, K=kk, V=v, doc=torch.zeros(4, dtype=torch.int64))
