@@ -66,8 +66,10 @@ def _idx(node: ir.Node, env) -> sp.Expr:
             return sp.Piecewise((a, cond.xreplace(env)), (b, True))
         if fn != "where":
             folded = ir.fold_int_expr(fn, [_idx(a, env) for a in args])
-            if folded is not None:   # where(c, 30, 0) // 2: the division into the branches (sympy drops the floor of
-                return sp.piecewise_fold(folded) if folded.has(sp.Piecewise) else folded   # an even one: a float)
+            if folded is not None and fn in ("floordiv", "mod") and folded.has(sp.Piecewise):
+                return sp.piecewise_fold(folded)   # where(c, 30, 0) // 2 into the branches (sympy drops an exact floor)
+            if folded is not None:
+                return folded
     raise UnsupportedError("an index computed from array data (a gather) is not supported yet; index with "
                            "index arithmetic over index variables, dims and params", node.loc)
 

@@ -1,6 +1,8 @@
 """Binding call-time tensors to a program: dims from shapes, batch axes, dtypes, devices, guards."""
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +96,8 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
                     exact = _affine(at_dims)
                     if (int(lo) < 0 or int(hi) > n - 1) and not exact:   # bounds of Min / Max may not be reached
                         lo, hi, exact = _exact_range(at_dims, box, lo, hi)
+                    if (int(lo) < 0 or int(hi) > n - 1) and not exact and at_dims.has(sp.Piecewise):
+                        lo, hi = _piecewise_range(sp.piecewise_fold(at_dims), box, lo, hi)
                     if int(lo) < 0 or int(hi) > n - 1:
                         at = int(lo) if int(lo) < 0 else int(hi)
                         shown = ", ".join(sy.show(x) if a == k else ":" for a, x in enumerate(read.index))
@@ -123,6 +127,59 @@ def _exact_range(e, box, lo, hi, limit: int = 1 << 22) -> tuple:
         [-1 if a == k else 1 for a in range(len(vs))]) for k, v in enumerate(vs)}
     vals = np.broadcast_to(np_eval(e, env), sizes)
     return sp.Integer(int(vals.min())), sp.Integer(int(vals.max())), True
+
+
+def _affine_rows(c, vs: list):
+    """An affine condition over integer variables `vs` as rows (a, b) of a . x <= b; None when it is not one (or,
+    !=, a non-affine side)."""
+    if c is sp.true:
+        return []
+    if isinstance(c, sp.And):
+        parts = [_affine_rows(x, vs) for x in c.args]
+        return None if any(p is None for p in parts) else [r for p in parts for r in p]
+    if not isinstance(c, sp.core.relational.Relational) or c.rel_op not in ("<", "<=", ">", ">=", "=="):
+        return None
+    d = sp.expand(c.lhs - c.rhs)
+    if not _affine(d) or d.free_symbols - set(vs):
+        return None
+    a, b = np.array([float(d.coeff(v)) for v in vs]), -float(d.subs({v: 0 for v in vs}))
+    strict = 1.0 if c.rel_op in ("<", ">") else 0.0   # integers: d < 0 is d <= -1
+    up, down = [(a, b - strict)], [(-a, -b - strict)]
+    return up if c.rel_op in ("<", "<=") else down if c.rel_op in (">", ">=") else up + down
+
+
+def _piecewise_range(e, box, lo, hi) -> tuple:
+    """Bounds of a where(c, a, b) index over the box, each branch over the part of the box where it is taken (its
+    affine conditions, the earlier ones negated: a linear program solved at the vertices); (lo, hi) unchanged
+    where that does not apply. Conservative: real vertices may lie between the integer points."""
+    vs = sorted(e.free_symbols & set(box.ranges), key=str)
+    if not isinstance(e, sp.Piecewise) or not 0 < len(vs) <= 3:
+        return lo, hi
+    eye = np.eye(len(vs))
+    rows = [(eye[k], float(box.ranges[v][1])) for k, v in enumerate(vs)] + \
+        [(-eye[k], -float(box.ranges[v][0])) for k, v in enumerate(vs)]
+    los, his = [], []
+    for val, cond in e.args:
+        own = _affine_rows(cond, vs)
+        if own is None or not _affine(val) or val.free_symbols - set(vs):
+            return lo, hi
+        coef = np.array([float(val.coeff(v)) for v in vs])
+        const = float(val.subs({v: 0 for v in vs}))
+        region = rows + own
+        points = []
+        for pick in itertools.combinations(region, len(vs)):
+            A, b = np.array([r[0] for r in pick]), np.array([r[1] for r in pick])
+            if abs(np.linalg.det(A)) < 1e-9:
+                continue
+            x = np.linalg.solve(A, b)
+            if all(r[0] @ x <= r[1] + 1e-7 for r in region):
+                points.append(coef @ x + const)
+        if points:   # an empty part: a branch never taken
+            los.append(math.ceil(min(points) - 1e-7))
+            his.append(math.floor(max(points) + 1e-7))
+        neg = _affine_rows(sp.Not(cond), vs) if isinstance(cond, sp.core.relational.Relational) else None
+        rows = rows + (neg or [])   # later branches: where this one is not taken (else over more: conservative)
+    return (sp.Integer(min(los)), sp.Integer(max(his))) if los else (lo, hi)
 
 
 def refuse_functorch(inputs: dict) -> None:

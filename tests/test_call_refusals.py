@@ -94,7 +94,8 @@ def test_decode_cost_refuses_what_decode_refuses():
              (lambda: decode_cost(k, 3, 32, block_table=torch.tensor([[0, 1]]), d=8, e=8), "needs both block_table"),
              (lambda: decode_cost(k, 3, 30, batch=(-2,), d=8, e=8), "got batch -2"),
              (lambda: decode_cost(k, 3, 30, d=-1, e=8), "got d=-1"),
-             (lambda: decode_cost(k, 3, 30, d=8, e=8, zz=3), "decode_cost: unknown dim zz; causal_bottom_right.moa has n, m, d, e"),
+             (lambda: decode_cost(k, 3, 30, d=8, e=8, zz=3),
+              "decode_cost: unknown dim zz; causal_bottom_right.moa has n, m, d, e"),
              (lambda: k.cost(n=4, m=4, d=-1, e=8), "got d=-1")]
     for call, why in cases:
         with pytest.raises(InputError, match=why):

@@ -91,3 +91,19 @@ def test_divisions_of_a_where_stay_integer(index):
     ins = dict(Q=torch.randn(20, 8, generator=g, dtype=F64), K=torch.randn(20, 8, generator=g, dtype=F64),
                V=torch.randn(20, 4, generator=g, dtype=F64), bias=torch.randn(16, generator=g, dtype=F64))
     torch.testing.assert_close(k(**ins), k.reference(**ins), rtol=1e-12, atol=1e-12)
+
+
+def test_the_range_check_bounds_each_branch_where_it_is_taken():
+    """where(j <= i, i - j, j - i - 1) stays in 0 .. n - 1; past 2^22 index points the check bounded the where by
+    the hull of its branches over the whole box and refused n > 2048 (found by a helper): each branch is bounded
+    where its condition holds now. One that does leave the table is still refused."""
+    def bind(index, n):
+        k = moa.compile(f"dim n, d, e\nin Q[n, d], K[n, d], V[n, e], bias[n]\n"
+                        f"S[i, j] = dot(Q[i], K[j]) + bias[{index}]\nout O = softmax(S, axis=-1) @ V")
+        z = torch.zeros(n, 1, dtype=F64)
+        return k.bind(dict(Q=z, K=z, V=z, bias=z[:, 0]))
+
+    for n in (2048, 2049, 5000):
+        bind("where(j <= i, i - j, j - i - 1)", n)
+    with pytest.raises(InputError, match="index -1"):
+        bind("where(j <= i, i - j, j - i - 2)", 5000)
