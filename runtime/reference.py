@@ -217,9 +217,9 @@ class _Eval:
             if bool(bad.any()):
                 where = n.loc or a.loc
                 what = f"the read of {a.attrs[0]}, " if a.op == "input" else ""
+                both = torch.broadcast_shapes(i.shape, bad.shape)   # a guard may have axes the index has not
                 raise InputError(f"index out of range at {where}: {what}axis {k} of extent {ext} read at index "
-                                 f"{int(i[bad.expand(i.shape)][0]) if bad.shape == i.shape else int(i.min())} "
-                                 f"(guard the read with where(...))")
+                                 f"{int(i.expand(both)[bad.expand(both)][0])} (guard the read with where(...))")
             flat.append(i.clamp(0, max(ext - 1, 0)))
         if not flat:
             return t.expand((*lead_shape, *t.shape[L:]))

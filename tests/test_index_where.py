@@ -107,3 +107,17 @@ def test_the_range_check_bounds_each_branch_where_it_is_taken():
         bind("where(j <= i, i - j, j - i - 1)", n)
     with pytest.raises(InputError, match="index -1"):
         bind("where(j <= i, i - j, j - i - 2)", 5000)
+
+
+def test_the_reference_names_the_index_a_guarded_read_reaches():
+    """A head read K[where(a < g, a, a - g), j] under a mask, past the K heads: the reference named index 0 (the
+    smallest index, where the guard broadcast past the index's axes); it names 2, as the call's check does."""
+    k = moa.compile("dim h, g, n, d, e\nin Q[h, n, d], K[g, n, d], V[g, n, e]\n"
+                    "S[a, i, j] = where(j <= i, dot(Q[a, i], K[where(a < g, a, a - g), j]), -inf)\n"
+                    "out O[a] = softmax(S[a], axis=-1) @ V[where(a < g, a, a - g)]")
+    g = torch.Generator().manual_seed(6)
+    ins = dict(Q=torch.randn(5, 8, 4, generator=g, dtype=F64), K=torch.randn(2, 8, 4, generator=g, dtype=F64),
+               V=torch.randn(2, 8, 4, generator=g, dtype=F64))
+    for f in (k, k.reference):
+        with pytest.raises(InputError, match="index 2"):
+            f(**ins)
