@@ -330,17 +330,12 @@ class Emitter:
         x = self._float(a[1], ex)
         if bv is not None and float(bv) > 0:
             return f"tl.exp2({x} * {math.log2(float(bv))!r})"
-        return self._power(a[0], base, a[1], ex)
-
-    def _power(self, base_code: str, base, ex_code: str, ex) -> str:
-        """a^x as torch.pow (codegen/tidy.py _pow; _powi for an integer-typed x, its sign by parity)."""
-        def tile(code, e):   # a literal as a typed value (the helpers read its dtype)
-            return f"tl.full([], {code}, {self.acc})" if isinstance(e, D.Const) or \
-                (isinstance(e, D.Index) and e.expr.is_number) else code
-        b = tile(self._float(base_code, base), base)
+        # else torch.pow's a^x by codegen/tidy.py's helpers (_powi: an integer-typed x, its sign by parity), literals
+        # as typed values (the helpers read their dtype)
+        b = f"tl.full([], {float(bv)!r}, {self.acc})" if bv is not None else self._float(a[0], base)
         if ex.dtype == ir.INT:
-            return f"_powi({b}, {ex_code})"
-        return f"_pow({b}, {tile(self._float(ex_code, ex), ex)})"
+            return f"_powi({b}, {a[1]})"
+        return f"_pow({b}, {f'tl.full([], {float(exv)!r}, {self.acc})' if exv is not None else x})"
 
     def _load(self, r: D.Read, vmap, scope: Scope, name: str | None = None, cast: bool = True) -> str:
         self.use_input(r.name)

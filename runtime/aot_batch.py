@@ -218,6 +218,12 @@ def target_device(target: str) -> str:
     return "h100" if A.TARGETS.get(target, 90) >= 90 else "a100"
 
 
+def no_fit(e) -> bool:
+    """Whether an UnsupportedError is a config search that ran and found nothing that fits (choose_fitting,
+    form_configs.choose_bundle), not a failure of the AOT check itself (no ptxas, a compile process that died)."""
+    return " does not fit on " in e.message
+
+
 def short_reason(message: str) -> str:
     """The gist of an AOT failure: the shared memory needed, else the message's tail."""
     m = re.search(r"needs (\d+) bytes of shared memory, more than the (\d+) bytes", message)

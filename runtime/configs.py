@@ -22,7 +22,7 @@ from . import aot as A
 from . import cache
 from . import form_configs as F
 from .aot_batch import (TRITON_TYPE, aot_groups, choose_fitting, cuda_target, disk_path, load_choice,
-                        divisible_args, kernel_signature, req_key, save_choice, target_device)
+                        divisible_args, kernel_signature, no_fit, req_key, save_choice, target_device)
 from .device import device_table_name
 from .tiling import Config, candidates, default_config, exact_heads, launch_extents
 
@@ -245,7 +245,7 @@ def runtime_config(planner, name: str, dtype: str, dims: dict, nbatch: int, devi
         memo[key] = _first_fit(planner, name, dtype, dims, ranking, target, nbatch, "int64", None)[:2]
         return memo[key]
     except UnsupportedError as e:
-        if " does not fit on " in e.message:
+        if no_fit(e):
             raise
         warnings.warn(f"moa: AOT config check unavailable ({e.message[:200]}); using the default config",
                       RuntimeWarning, stacklevel=3)

@@ -31,6 +31,7 @@ from moa.codegen.window import generate_window
 from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
 
+from .aot_batch import no_fit
 from .configs import fit_schedule
 from .form_configs import fit_linear
 from .linear_cost import KERNELS as LINEAR_KERNELS
@@ -190,7 +191,7 @@ def _fitting_kind(planner, name: str, kind: str, compute: str, dims: dict, dev, 
         fit_linear(planner.cg_program, planner.linear_plans[name][0], compute, dims, dev.target, len(batch),
                    index_dtype, single=True)
     except UnsupportedError as e:
-        if " does not fit on " not in e.message:
+        if not no_fit(e):
             raise
         return TILED
     return kind

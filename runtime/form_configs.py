@@ -27,7 +27,7 @@ from moa.codegen.window import generate_window
 from . import aot as A
 from . import cache
 from .aot_batch import (TRITON_TYPE, aot_groups, cuda_target, disk_path, divisible_args, kernel_signature, req_key,
-                        load_choice, save_choice, short_reason)
+                        load_choice, no_fit, save_choice, short_reason)
 from .tiling import (LinearConfig, WindowConfig, linear_candidates, linear_default, rows_of, state_dtype,
                      window_candidates, window_default)
 
@@ -317,7 +317,7 @@ def _fit_call(program, lp, dtype: str, dims: dict, target: str, nbatch: int, ind
     try:
         return (*_fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype)), _COMPILE_ORDER)
     except UnsupportedError as e:
-        if " does not fit on " not in e.message:
+        if not no_fit(e):
             raise
     return (*_fit(linear_plan(program, lp, dtype, dims, target, nbatch, index_dtype, single=True)), SINGLE_ORDER)
 
@@ -345,7 +345,7 @@ def _runtime(form: str, fit, default, key) -> LinearConfig | WindowConfig:
     try:
         cfg = fit()[0]
     except UnsupportedError as e:
-        if " does not fit on " in e.message:
+        if no_fit(e):
             _RUNTIME[key] = e
             raise
         warnings.warn(f"moa: AOT config check unavailable ({e.message[:200]}); using the default {form}-form "

@@ -16,6 +16,7 @@ from moa import symbolic as sy
 from moa.codegen.emit import SCAN, generate
 
 from . import tune
+from .aot_batch import no_fit
 from .binding import Binding
 from .cache import module_for
 from .device import check_device, run
@@ -87,7 +88,7 @@ class Launcher:
             self.linear_runner(name).launch_config(cgb.device, DTYPE_NAME[compute_dtype(b.dtype, b.device)],
                                                    len(cgb.batch), cgb.dims, cgb.batch)
         except UnsupportedError as e:
-            if " does not fit on " not in e.message:
+            if not no_fit(e):
                 raise
             return TILED
         return kind
