@@ -47,14 +47,16 @@ def _pow(b, x):
     p = tl.exp2(x * tl.log2(tl.abs(b)))
     odd = x - 2.0 * tl.floor(x * 0.5) == 1.0
     frac = tl.where(b == float("-inf"), p, tl.exp2(x * tl.log2(b)))
-    r = tl.where(b < 0, tl.where(x == tl.floor(x), tl.where(odd, -p, p), frac), p)
+    neg = tl.where(b == 0, 1.0 / b, b) < 0   # -0.0 too (the sign of 0^-1)
+    r = tl.where(neg, tl.where(x == tl.floor(x), tl.where(odd, -p, p), frac), p)
     r = tl.where(tl.abs(b) == 1.0, tl.where(tl.abs(x) == float("inf"), 1.0, r), r)
     return tl.where(x == 0, 1.0, tl.where(b == 1.0, 1.0, r))''',
     "_powi": '''@triton.jit
 def _powi(b, k):
     # b^k for an integer k (an index expression such as i - j): |b|^k with the sign of b for odd k, 1 at k = 0
     p = tl.exp2(k * tl.log2(tl.abs(b)))
-    return tl.where(k == 0, 1.0, tl.where(b < 0, tl.where(k % 2 != 0, -p, p), p))''',
+    neg = tl.where(b == 0, 1.0 / b, b) < 0   # -0.0 too (the sign of 0^-1)
+    return tl.where(k == 0, 1.0, tl.where(neg, tl.where(k % 2 != 0, -p, p), p))''',
     "_sign": '''@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1, 0) - tl.where(x < 0, 1, 0)''',

@@ -139,11 +139,12 @@ def _affine_rows(c, vs: list):
         return None if any(p is None for p in parts) else [r for p in parts for r in p]
     if not isinstance(c, sp.core.relational.Relational) or c.rel_op not in ("<", "<=", ">", ">=", "=="):
         return None
-    d = sp.expand(c.lhs - c.rhs)
+    d = sp.nsimplify(sp.expand(c.lhs - c.rhs), rational=True)
     if not _affine(d) or d.free_symbols - set(vs):
         return None
-    a, b = np.array([float(d.coeff(v)) for v in vs]), -float(d.subs({v: 0 for v in vs}))
-    strict = 1.0 if c.rel_op in ("<", ">") else 0.0   # integers: d < 0 is d <= -1
+    d = sp.expand(d * sp.ilcm(*(sp.fraction(t)[1] for t in [*(d.coeff(v) for v in vs), d.subs({v: 0 for v in vs})])))
+    a, b = np.array([float(d.coeff(v)) for v in vs]), -float(d.subs({v: 0 for v in vs}))   # integer coefficients
+    strict = 1.0 if c.rel_op in ("<", ">") else 0.0   # integer coefficients and points: d < 0 is d <= -1
     up, down = [(a, b - strict)], [(-a, -b - strict)]
     return up if c.rel_op in ("<", "<=") else down if c.rel_op in (">", ">=") else up + down
 

@@ -10,6 +10,7 @@ transcendentals (exp, exp2, log, log2, sqrt, rsqrt, sin, cos) count once per ele
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from dataclasses import dataclass, field
 
@@ -176,10 +177,12 @@ def _check_dims(program, dims: dict, batch: tuple = ()) -> None:
     if unknown:
         raise InputError(f"unknown dim{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; {program.name}"
                          f" has {', '.join(d.name for d in program.dims)}")
-    bad = [f"{k}={v}" for k, v in dims.items() if isinstance(v, int | np.integer) and v < 0] + \
-        [f"batch {x}" for x in batch if not isinstance(x, int | np.integer) or x < 0]
-    if bad:   # negative sizes gave negative FLOPs and bytes
-        raise InputError(f"dims and batch sizes must be non-negative integers, got {', '.join(map(str, bad))}")
+    def size(v):   # an integer size (numpy ones too), not a bool or a float
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+
+    bad = [f"{k}={v!r}" for k, v in dims.items() if not size(v)] + [f"batch {x!r}" for x in batch if not size(x)]
+    if bad:   # negative sizes gave negative FLOPs and bytes, fractional ones a prediction
+        raise InputError(f"dims and batch sizes must be non-negative integers, got {', '.join(bad)}")
 
 
 def _fitting_kind(planner, name: str, kind: str, compute: str, dims: dict, dev, batch: tuple, index_dtype: str) -> str:
@@ -209,7 +212,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     on_cpu = str(device).lower() == "cpu"
     dev = None if on_cpu else get_device(device)
     compute = _compute_dtype(dtype, on_cpu)
-    batch = (batch,) if isinstance(batch, int) else tuple(batch)
+    batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     _check_dims(planner.program, dims, batch)
     # a LinearConfig is the chunked form's tiles (a tuned candidate's), a Config the tiled kernel's
     linear_config, config = (config, None) if isinstance(config, LinearConfig) else (None, config)

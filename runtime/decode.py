@@ -244,9 +244,9 @@ def prefers_split(kernel, inputs: dict) -> bool:
 
 def split_preference(kernel, inputs: dict):
     """DecodeStats of the decode a plain call would run when it splits or packs and the cost model predicts it
-    faster than the plain kernel (costing.cost at the call's shapes: a prefill that fills the device stays plain),
-    else None (memoised per input shapes; any refusal: None)."""
-    key = tuple(sorted((n, tuple(t.shape)) for n, t in inputs.items() if isinstance(t, torch.Tensor)))
+    faster than the plain kernel (costing.cost: a prefill that fills the device stays plain), else None (memoised
+    per input shapes, dtypes and devices; any refusal: None)."""
+    key = tuple(sorted((n, (*t.shape, t.dtype, t.device)) for n, t in inputs.items() if torch.is_tensor(t)))
     memo = _PREFER.setdefault(kernel, {})
     if key not in memo:
         try:

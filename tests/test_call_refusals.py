@@ -96,7 +96,11 @@ def test_decode_cost_refuses_what_decode_refuses():
              (lambda: decode_cost(k, 3, 30, d=-1, e=8), "got d=-1"),
              (lambda: decode_cost(k, 3, 30, d=8, e=8, zz=3),
               "decode_cost: unknown dim zz; causal_bottom_right.moa has n, m, d, e"),
-             (lambda: k.cost(n=4, m=4, d=-1, e=8), "got d=-1")]
+             (lambda: k.cost(n=4, m=4, d=-1, e=8), "got d=-1"),
+             (lambda: k.cost(n=1.5, m=4, d=8, e=8), "got n=1.5"),
+             (lambda: k.cost(n=4, m=4, d=8, e=8, batch=2.5), "got batch 2.5"),
+             (lambda: k.cost(n=4, m=4, d=8, e=8, batch=(True,)), "got batch True"),
+             (lambda: decode_cost(k, 1, 8192, d=128.0, e=128), "got d=128.0")]
     for call, why in cases:
         with pytest.raises(InputError, match=why):
             call()

@@ -142,6 +142,11 @@ out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]
     cbr = moa.compile("examples/causal_bottom_right.moa")
     big = dict(Q=torch.zeros(4096, 128), K=torch.zeros(4096, 128), V=torch.zeros(4096, 128))
     assert decode.decode(cbr, big, plan_only=True).splits > 1 and decode.split_preference(cbr, big) is None
+    # the decision is per dtype too (it was memoised by shapes: an fp64 call decided for fp16 ones)
+    half = {x: t.half() for x, t in one.items()}
+    fresh = moa.compile(gqa)
+    assert decode.split_preference(k, half).predicted_seconds == decode.split_preference(fresh, half).predicted_seconds
+    assert decode.split_preference(k, half).predicted_seconds != st.predicted_seconds
 
 
 def test_tuned_splits_time_the_model_choice_and_its_neighbours(private_cache):

@@ -309,12 +309,13 @@ def test_powers_of_data_bases_and_exponents_match_torch_pow():
         out, ref = k(**base, G=G, X=X), k.reference(**base, G=G, X=X)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
     # IEEE pow's special values, elementwise: 1^nan = 1, (-1)^inf = 1, (-inf)^0.5 = inf, (-inf)^-0.5 = 0 ...
-    special = torch.tensor([1.0, -1.0, float("inf"), -float("inf"), float("nan"), 0.0, -2.0, 0.5], dtype=torch.float64)
-    bases, exps = special.repeat_interleave(8), special.repeat(8)   # every (base, exponent) pair
-    e = dict(Q=torch.ones(64, 1, dtype=torch.float64), K=torch.ones(64, 1, dtype=torch.float64))
+    special = torch.tensor([1.0, -1.0, float("inf"), -float("inf"), float("nan"), 0.0, -2.0, 0.5, -0.0, -3.0],
+                           dtype=torch.float64)   # -0.0 to an odd negative power: -inf (found by a helper)
+    bases, exps = special.repeat_interleave(10), special.repeat(10)   # every (base, exponent) pair
+    e = dict(Q=torch.ones(100, 1, dtype=torch.float64), K=torch.ones(100, 1, dtype=torch.float64))
     k1 = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], G[n], X[n]\n"
                      "A[i, j] = where(i == j, G[i] ^ X[j] * dot(Q[i], K[j]), 0)\nout O = A @ V")
-    out = k1(**e, V=torch.ones(64, 1, dtype=torch.float64), G=bases, X=exps)[:, 0]
+    out = k1(**e, V=torch.ones(100, 1, dtype=torch.float64), G=bases, X=exps)[:, 0]
     torch.testing.assert_close(out, torch.pow(bases, exps), rtol=1e-14, atol=0, equal_nan=True)
 
 

@@ -107,6 +107,13 @@ def test_the_range_check_bounds_each_branch_where_it_is_taken():
         bind("where(j <= i, i - j, j - i - 1)", n)
     with pytest.raises(InputError, match="index -1"):
         bind("where(j <= i, i - j, j - i - 2)", 5000)
+    # a condition with a fractional bound (2 i < n is i < n / 2): i = 1500 reads bias[3001] at n = 3001, and a
+    # strict d < 0 is d <= -1 only in integer coefficients (it was accepted: found by a helper)
+    with pytest.raises(InputError, match="index 3001"):
+        bind("where(2 * i < n, 2 * i + 1, j)", 3001)
+    with pytest.raises(InputError, match="index -1"):
+        bind("where(2 * i > n, 2 * i - n - 2, j)", 3001)
+    bind("where(2 * i < n, 2 * i, j)", 3001)
 
 
 def test_the_reference_names_the_index_a_guarded_read_reaches():
