@@ -165,9 +165,14 @@ def _find_dot(e, rowvars, colvars, k_branch):
     return out, (found[0] if found else None)
 
 
-def _check_no_binders(e, what, name):
+def _check_no_binders(e, what, name, dot=None):
     for x in D.nodes(e):
         if isinstance(x, D.BINDERS):
+            if dot is not None and isinstance(x, D.Reduce) and x.op == "sum":   # a second q . k of its own
+                first = f"+red_{{{dot.var} < {sy.show(dot.extent)}}} ({D.show(dot.a)} * {D.show(dot.b)})"
+                raise UnsupportedError(f"output {name}: the score and its mask hold two different contractions, "
+                                       f"{first} and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per "
+                                       "score (one dot of concatenated vectors is one contraction)")
             raise UnsupportedError(f"output {name}: {what} contains a reduction ({type(x).__name__}) that the "
                                    f"tiled schedule cannot place yet: {D.show_clipped(x, 120)}")
 
@@ -235,11 +240,11 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     mix = None
     if kind == "softmax" and dot is None:
         score, mix = _find_mix(score, x.value, leadset, i, j, k)
-    _check_no_binders(score, "the score", name)
+    _check_no_binders(score, "the score", name, dot)
     if mix is None:
         _check_no_binders(x.value, "the value", name)
     if mask is not None:
-        _check_no_binders(mask, "the mask", name)
+        _check_no_binders(mask, "the mask", name, dot)
     allowed = leadset | {i, j, box}
     for part, what in ((score, "score"), (mask, "mask")):
         if part is not None and not _free(part) <= allowed:

@@ -134,6 +134,10 @@ def test_a_forced_linear_form_is_refused_with_gradients_too():
     ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = where(j <= i, dot(Q[i], K[j]), -inf)\n"
      "X = softmax(S, axis=-1) @ V\nout O[i] = X[i] / sqrt(sum(X[i] * X[i]) + 1)",
      "an epilogue summing over the output's columns"),
+    ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
+     "S[i, j] = where(dot(elu(Q[i]) + 1, elu(K[j]) + 1) > -1.0, dot(Q[i], K[j]), -inf)\n"
+     "out O = softmax(S, axis=-1) @ V",
+     "two different contractions"),
 ])
 def test_unsupported_output_shapes_say_what_the_user_wrote(src, why):
     with pytest.raises(UnsupportedError, match=why):
