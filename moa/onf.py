@@ -168,7 +168,8 @@ def _find_dot(e, rowvars, colvars, k_branch):
 def _check_no_binders(e, what, name, dot=None):
     for x in D.nodes(e):
         if isinstance(x, D.BINDERS):
-            if dot is not None and isinstance(x, D.Reduce) and x.op == "sum":   # a second q . k of its own
+            if dot is not None and isinstance(x, D.Reduce) and x.op == "sum" and isinstance(x.body, D.Op) \
+                    and x.body.fn == "mul":   # a second q . k of its own
                 first = f"+red_{{{dot.var} < {sy.show(dot.extent)}}} ({D.show(dot.a)} * {D.show(dot.b)})"
                 raise UnsupportedError(f"output {name}: the score and its mask hold two different contractions, "
                                        f"{first} and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per "
