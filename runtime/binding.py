@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import sympy as sp
@@ -143,41 +144,53 @@ def _affine_rows(c, vs: list):
     if not _affine(d) or d.free_symbols - set(vs):
         return None
     d = sp.expand(d * sp.ilcm(*(sp.fraction(t)[1] for t in [*(d.coeff(v) for v in vs), d.subs({v: 0 for v in vs})])))
-    a, b = np.array([float(d.coeff(v)) for v in vs]), -float(d.subs({v: 0 for v in vs}))   # integer coefficients
-    strict = 1.0 if c.rel_op in ("<", ">") else 0.0   # integer coefficients and points: d < 0 is d <= -1
-    up, down = [(a, b - strict)], [(-a, -b - strict)]
+    a, b = tuple(int(d.coeff(v)) for v in vs), -int(d.subs({v: 0 for v in vs}))   # integer coefficients
+    strict = 1 if c.rel_op in ("<", ">") else 0   # integer coefficients and points: d < 0 is d <= -1
+    up, down = [(a, b - strict)], [(tuple(-x for x in a), -b - strict)]
     return up if c.rel_op in ("<", "<=") else down if c.rel_op in (">", ">=") else up + down
+
+
+def _solve(rows) -> tuple | None:
+    """The point where the k rows (a, b) of k variables hold with equality, in exact fractions; None if singular."""
+    m = [[Fraction(x) for x in a] + [Fraction(b)] for a, b in rows]
+    k = len(m)
+    for col in range(k):
+        piv = next((r for r in range(col, k) if m[r][col] != 0), None)
+        if piv is None:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(k):
+            if r != col and m[r][col] != 0:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return tuple(m[r][k] / m[r][r] for r in range(k))
 
 
 def _piecewise_range(e, box, lo, hi) -> tuple:
     """Bounds of a where(c, a, b) index over the box, each branch over the part of the box where it is taken (its
-    affine conditions, the earlier ones negated: a linear program solved at the vertices); (lo, hi) unchanged
-    where that does not apply. Conservative: real vertices may lie between the integer points."""
+    affine conditions, the earlier ones negated: a linear program solved exactly at the vertices); (lo, hi)
+    unchanged where that does not apply. Conservative: real vertices may lie between the integer points."""
     vs = sorted(e.free_symbols & set(box.ranges), key=str)
     if not isinstance(e, sp.Piecewise) or not 0 < len(vs) <= 3:
         return lo, hi
-    eye = np.eye(len(vs))
-    rows = [(eye[k], float(box.ranges[v][1])) for k, v in enumerate(vs)] + \
-        [(-eye[k], -float(box.ranges[v][0])) for k, v in enumerate(vs)]
+    unit = [tuple(int(a == k) for a in range(len(vs))) for k in range(len(vs))]
+    rows = [(unit[k], int(box.ranges[v][1])) for k, v in enumerate(vs)] + \
+        [(tuple(-x for x in unit[k]), -int(box.ranges[v][0])) for k, v in enumerate(vs)]
     los, his = [], []
     for val, cond in e.args:
         own = _affine_rows(cond, vs)
         if own is None or not _affine(val) or val.free_symbols - set(vs):
             return lo, hi
-        coef = np.array([float(val.coeff(v)) for v in vs])
-        const = float(val.subs({v: 0 for v in vs}))
+        coef, const = [Fraction(int(val.coeff(v))) for v in vs], Fraction(int(val.subs({v: 0 for v in vs})))
         region = rows + own
         points = []
         for pick in itertools.combinations(region, len(vs)):
-            A, b = np.array([r[0] for r in pick]), np.array([r[1] for r in pick])
-            if abs(np.linalg.det(A)) < 1e-9:
-                continue
-            x = np.linalg.solve(A, b)
-            if all(r[0] @ x <= r[1] + 1e-7 for r in region):
-                points.append(coef @ x + const)
+            x = _solve(pick)
+            if x is not None and all(sum(p * q for p, q in zip(a, x)) <= b for a, b in region):
+                points.append(sum(p * q for p, q in zip(coef, x)) + const)
         if points:   # an empty part: a branch never taken
-            los.append(math.ceil(min(points) - 1e-7))
-            his.append(math.floor(max(points) + 1e-7))
+            los.append(math.ceil(min(points)))
+            his.append(math.floor(max(points)))
         neg = _affine_rows(sp.Not(cond), vs) if isinstance(cond, sp.core.relational.Relational) else None
         rows = rows + (neg or [])   # later branches: where this one is not taken (else over more: conservative)
     return (sp.Integer(min(los)), sp.Integer(max(his))) if los else (lo, hi)
