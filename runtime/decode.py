@@ -34,7 +34,7 @@ from . import costing, decode_merge, paged, tune
 from .binding import check_names, refuse_grad
 from .cache import module_for
 from .decode_rows import (bind_block, both_sides_per_batch, check_call_reads, finish_per_length, lengths_per_batch,
-                          per_sequence, query_rows, whole)
+                          page_size_of, per_sequence, positive, query_rows)
 from .decode_rows import global_dims as _global
 from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, run
@@ -273,14 +273,7 @@ def _gqa(kernel):
 
 
 def _paged(b, call, cache_len, block_table, page_size, plan):
-    if block_table is None or page_size is None:
-        raise InputError("decode: a paged cache needs both block_table and page_size")
-    page_size = whole(page_size, "page_size")
-    if page_size < 16 or page_size & (page_size - 1):
-        raise InputError(f"decode: page_size must be a power of two >= 16 (a key tile), got {page_size!r}")
-    if call.mk % page_size:
-        raise InputError(f"decode: the key inputs hold {call.mk} keys, not a whole number of pages of "
-                         f"{page_size}")
+    page_size = page_size_of(page_size, block_table, "decode", call.mk)
     if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64) or \
             block_table.dim() < 1:
         raise InputError("decode: block_table must be an int32 or int64 tensor [..., pages per sequence]")
@@ -371,9 +364,7 @@ def _run_output(block, name, b, plan, call: _Call, splits, dry: bool = False, me
         ch = choose_splits(ptiles * z * call.nseq, ktiles, cfg.block_m, cfg.block_n, head, e, z * rows,
                            DTYPE_NAME[dt], device_table_name(b.device), varlen_mix(sched, call, z, cfg))
         splits, predicted = ch.splits, ch.seconds
-    splits = whole(splits, "splits")
-    if splits < 1:
-        raise InputError(f"splits must be a positive integer, got {splits!r}")
+    splits = positive(splits, "splits")
     split_len = cdiv(ktiles, min(splits, ktiles)) * cfg.block_n
     splits = max(1, cdiv(keys, split_len))
     if dry:

@@ -19,7 +19,7 @@ from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues, positional
 from .binding import Binding
-from .decode_rows import check_call_reads, per_sequence, whole
+from .decode_rows import check_call_reads, page_size_of, per_sequence, positive, whole
 from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
@@ -105,23 +105,19 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     if plan.n == plan.m and nq > m:
         raise InputError(f"decode_cost: {nq} query rows against {m} keys; the program uses one dim {plan.n} for both "
                          "axes, so the queries are the last rows of the keys (nq <= m)")
-    if splits is not None and (whole(splits, "splits", "decode_cost") < 1):
-        raise InputError(f"decode_cost: splits must be a positive integer, got {splits!r}")
+    if splits is not None:
+        positive(splits, "splits", "decode_cost")
     unknown = sorted(set(dims) - {d.name for d in kernel.program.dims})
     if unknown:   # named in the program's terms (the block program's dims are its own)
         raise InputError(f"decode_cost: unknown dim{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                          f"{kernel.program.name} has {', '.join(d.name for d in kernel.program.dims)}")
-    if block_table is not None and page_size is None:
-        raise InputError("decode_cost: a paged cache needs both block_table and page_size")
     if isinstance(cache_len, torch.Tensor) and cache_len.dim() > 0:
         cache_len = cache_len.tolist()
     if cache_len is not None:   # integers, as decode takes them (a float was truncated)
         cache_len = [whole(x, "cache_len", "decode_cost") for x in cache_len] if isinstance(cache_len, (list, tuple)) \
             else whole(cache_len, "cache_len", "decode_cost")
-    if page_size is not None:
-        page_size = whole(page_size, "page_size", "decode_cost")
-        if page_size < 16 or page_size & (page_size - 1):
-            raise InputError(f"decode_cost: page_size must be a power of two >= 16 (a key tile), got {page_size}")
+    if page_size is not None or block_table is not None:
+        page_size = page_size_of(page_size, block_table, "decode_cost", table=False)
     gdims, row0 = _global(plan, nq, m)
     base = {**dims, **gdims}
     missing = sorted(d.name for d in kernel.program.dims if d.name not in base)

@@ -77,6 +77,27 @@ def whole(x, what: str, who: str = "decode") -> int:
     return int(x)
 
 
+def positive(x, what: str, who: str = "decode") -> int:
+    """A count argument (splits): a whole number of at least 1, else an InputError naming it."""
+    v = whole(x, what, who)
+    if v < 1:
+        raise InputError(f"{who}: {what} must be a positive integer, got {x!r}")
+    return v
+
+
+def page_size_of(page_size, block_table, who: str, pool: int | None = None, table: bool = True) -> int:
+    """A paged call's page size: given with its block table (table=False: decode_cost may price pages without
+    one), an integer power of two >= 16 (a key tile) and, with `pool`, a whole number of pages of the pool's keys."""
+    if page_size is None or (table and block_table is None):
+        raise InputError(f"{who}: a paged cache needs both block_table and page_size")
+    page_size = whole(page_size, "page_size", who)
+    if page_size < 16 or page_size & (page_size - 1):
+        raise InputError(f"{who}: page_size must be a power of two >= 16 (a key tile), got {page_size}")
+    if pool is not None and pool % page_size:
+        raise InputError(f"{who}: the key inputs hold {pool} keys, not a whole number of pages of {page_size}")
+    return page_size
+
+
 def check_call_reads(kernel, b, gdims: dict) -> None:
     """The plain call's check of unguarded reads (runtime/binding.check_reads) at the user program's dims of this
     call (`gdims` the sequence dims): a GQA head index a // (h // g) past the K/V heads when g does not divide h."""

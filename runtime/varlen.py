@@ -17,7 +17,7 @@ from moa.errors import InputError, UnsupportedError
 from . import decode_merge
 from .binding import check_names, refuse_grad
 from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
-from .decode_rows import bind_block, check_call_reads, whole
+from .decode_rows import bind_block, check_call_reads, page_size_of
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results
@@ -135,13 +135,7 @@ def _role(plan, name: str) -> tuple:
 def _check_pages(block_table, page_size, cu_k, mk: int):
     """(block table on the CPU, int64; page_size as an int) of a paged varlen call, checked against the pool of mk
     keys."""
-    if block_table is None or page_size is None:
-        raise InputError("varlen: a paged cache needs both block_table and page_size")
-    page_size = whole(page_size, "page_size", "varlen")
-    if page_size < 16 or page_size & (page_size - 1):
-        raise InputError(f"varlen: page_size must be a power of two >= 16 (a key tile), got {page_size!r}")
-    if mk % page_size:
-        raise InputError(f"varlen: the key inputs hold {mk} keys, not a whole number of pages of {page_size}")
+    page_size = page_size_of(page_size, block_table, "varlen", mk)
     nseq = cu_k.numel() - 1
     if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64) or \
             block_table.dim() != 2 or block_table.shape[0] != nseq:
