@@ -40,7 +40,7 @@ from moa.program import Program
 
 from .backward_bounds import query_loop
 from .backward_shape import operand_read, score_reads
-from .data_tiles import TileSummaries
+from .data_tiles import TileSummaries, program_values
 from .exprs import AccessSite, Emitter, joined_mask
 from .printer import code as pcode
 from .scope import Scope
@@ -98,6 +98,8 @@ class _BackwardEmitter:
         self.skip, self.full = b.tile_tests(self.data)
         self.summaries = {}
         for sm in b.summaries if self.data else ():
+            if sm.axis == "program":   # loaded by the kernels themselves (data_tiles.program_values)
+                continue
             key = (sm.read.name, sm.axis, sm.pos)
             if key not in self.summaries:
                 taken = set(program.input_map) | {t.arg for t in self.summaries.values()}
@@ -241,6 +243,9 @@ class _BackwardEmitter:
     def _summary_loads(self, axis: str, scope: Scope, x: Emitter, names: dict) -> None:
         """The (min, max) of every summarised read of the mask over this row tile ("row") or key tile ("key"), into
         the variables the data's skip test names (`names`: summary symbol -> variable)."""
+        if axis == "program":
+            program_values(self.b.summaries if self.data else (), x, scope, names)
+            return
         tile = "(start_m // BLOCK_M)" if axis == "row" else "(start_n // BLOCK_N)"
         for sm in self.b.summaries:
             if sm.axis != axis:
@@ -283,6 +288,7 @@ class _BackwardEmitter:
         body.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m}) - 1  # J_HI")
         k, v = self._keys(body, x, offs)
         names = self.names = {}
+        self._summary_loads("program", body, x, names)
         self._summary_loads("key", body, x, names)
         body.add(f"dk = tl.zeros([BLOCK_N, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         body.add(f"dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype={x.acc})")
@@ -328,6 +334,7 @@ class _BackwardEmitter:
         body.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {n}) - 1  # I_HI")
         q = self._rows(body, x, offs)
         names = self.names = {}
+        self._summary_loads("program", body, x, names)
         self._summary_loads("row", body, x, names)
         body.add(f"dq = tl.zeros([BLOCK_M, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         lo = "0" if b.key_lo is None else f"(tl.maximum(0, {self._code(b.key_lo, x)}) // BLOCK_N) * BLOCK_N"

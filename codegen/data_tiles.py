@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from moa import intervals as iv
+from moa import ir
 from moa.onf import uses_summaries
 
 from .exprs import AccessSite
@@ -57,6 +58,11 @@ class DataTiles:
                 scope.add(f"{name} = tl.load({base}{extra})  # {stat} of {sm.read.name} over {what}")
                 self.x.loads.append(AccessSite(name, ts.arg, (), ((SCAN_T, "scan"),) if vector else (), ()))
 
+    def _program_values(self, b, scope: Scope, names: dict | None = None) -> None:
+        """Load once per program the value of every read of branch b's mask fixed per program (a key length L[b]):
+        its own min and max for the tile tests."""
+        program_values(b.summaries, self.x, scope, self.summary_names if names is None else names)
+
     def _data_loop(self, k: int, b, body: Scope, q, mo: Monoid, scale, names: dict, skip, full, m_ext: str) -> None:
         """The key loop of a branch whose tiles need a skip test (onf.scans_keys): a scan evaluates the skip and
         full tests on SCAN key tiles at a time (with the data's summaries as vector loads, padded by the pre-pass so
@@ -99,3 +105,17 @@ class DataTiles:
                 arg = f"{sm.read.name}_{sm.axis}_tiles{n}"
             self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
         return self.summaries[key]
+
+
+def program_values(summaries, x, scope: Scope, names: dict) -> None:
+    """The per-program reads among `summaries` (axis "program"), each loaded once into `scope` by the expression
+    emitter x (the mask's own read of it in a tile reuses the load), named as both its min and its max."""
+    for sm in summaries:
+        if sm.axis != "program":
+            continue
+        value = x.emit(sm.read, {}, scope, role="bound")
+        if sm.read.dtype == ir.BOOL:   # tested as 0 / 1, like a tile's any / all
+            flag = x.fresh(f"{sm.read.name}_flag")
+            scope.add(f"{flag} = {value}.to(tl.int32)")
+            value = flag
+        names[sm.lo] = names[sm.hi] = value

@@ -196,6 +196,7 @@ class KernelEmitter(DataTiles):
         if data:
             body.add(f"# tiles skipped by the data too: per-tile min / max of "
                      f"{', '.join(sorted({sm.read.name for sm in b.summaries}))}")
+            self._program_values(b, body)
             self._summary_loads(b, "row", body)
             names.update(self.summary_names)
         if b.mode == "lift":  # residue-lift: key tiles in b-space, the box over (a, b)

@@ -42,7 +42,9 @@ class Summary:
     """The min and max of an integer or boolean input read by a mask (booleans as 0/1: max = any, min = all), over
     the row tile (axis "row": index position `pos` of the read is the row variable) or the key tile ("key"); the
     read's other indices are leading (fixed per program). A pre-pass computes them from the data; the tile tests
-    compare them (intervals of the reads) as they compare index ranges."""
+    compare them (intervals of the reads) as they compare index ranges. Axis "program": a read whose indices are
+    all leading (a length L[b], a flag per head: pos -1), one value per program, loaded by the kernel itself
+    (min = max = the value)."""
     read: D.Read
     axis: str
     pos: int
@@ -58,12 +60,18 @@ class Summary:
 
 def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
     """The reads of a mask predicate that a per-tile summary can decide: integer or boolean inputs indexed by the
-    row (or key) variable in one position and by leading variables elsewhere (doc[i], glob[j], seg[h, i])."""
+    row (or key) variable in one position and by leading variables elsewhere (doc[i], glob[j], seg[h, i]), or by
+    leading variables only (a key length L[b]: one value per program)."""
     out = {}
     for x in D.nodes(pred):
         if not isinstance(x, D.Read) or x.dtype not in (ir.INT, ir.BOOL) or x in out:
             continue
         index = [sp.sympify(ix) for ix in x.index]
+        if all(ix.free_symbols <= lead for ix in index):
+            tag = f"{x.name}_program{len(out)}"
+            out[x] = Summary(x, "program", -1, sp.Symbol(f"{tag}_min", integer=True),
+                             sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
+            continue
         for var, axis in ((row, "row"), (key, "key")):
             pos = [k for k, ix in enumerate(index) if ix == var]
             others = [ix for k, ix in enumerate(index) if k not in pos]
@@ -75,7 +83,7 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
     return tuple(out.values())
 
 
-def with_summaries(box: Box, summaries, axes=("row", "key")) -> Box:
+def with_summaries(box: Box, summaries, axes=("row", "key", "program")) -> Box:
     """The box with the reads of these summaries (on the given axes) ranging over their per-tile min and max."""
     sums = [s for s in summaries if s.axis in axes]
     return Box({**box.ranges, **{s.placeholder: (s.lo, s.hi) for s in sums}},

@@ -87,6 +87,9 @@ def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: in
         ix = tuple(slice(None) if k == sm.pos else int(np_eval(sp.sympify(e), env))
                    for k, e in enumerate(sm.read.index))
         line = x[ix].astype(np.int64) if sm.read.dtype != ir.BOOL else (x[ix] != 0).astype(np.int64)   # flags: 0 / 1
+        if sm.axis == "program":   # one value per program: its own min and max
+            out.update({sm.lo: int(line), sm.hi: int(line)})
+            continue
         block = bm if sm.axis == "row" else bn
         tiles = -(-(n if sm.axis == "row" else m) // block)
         line = line[:tiles * block]

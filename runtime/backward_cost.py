@@ -31,6 +31,7 @@ from moa.codegen.constexprs import csym
 from moa.codegen.counts import site_lanes
 from moa.codegen.ledger import function_ledger
 from moa.errors import UnsupportedError
+from moa.onf import uses_summaries
 from moa.tiles import KeyTable, summary_env
 
 from . import backward_configs
@@ -138,7 +139,8 @@ def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int, tests: tupl
 
     def pair(kernel: str, rows: dict, t0: int, s0: int, test: bool) -> None:
         box = {**subs, **rows, iv.J_LO: s0, iv.J_HI: min(s0 + bn, m) - 1, iv.TILE_W: bn}
-        box.update({sym: int(v[(t0 // bm) if axis == "row" else (s0 // bn)]) for sym, (axis, v) in sums.items()})
+        box.update({sym: int(v if axis == "program" else v[(t0 // bm) if axis == "row" else (s0 // bn)])
+                    for sym, (axis, v) in sums.items()})
         add(kernel, ("iter", 0), t0, s0)
         if test and skip is not sp.false and _holds(skip, box):
             return
@@ -204,11 +206,11 @@ def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config | dict, in
     spec = runner.spec(dtype, len(batch))
     program, sched = runner.planner.cg_program, runner.sched
     b = sched.branches[0]
-    is_data = bool(spec.summaries)
-    if is_data and (data is None or any(ts.tensor not in data for ts in spec.summaries)):
-        raise UnsupportedError("the backward kernels skip tiles by the data (per-tile summaries of "
-                               f"{', '.join(sorted({t.tensor for t in spec.summaries}))}): pass those inputs "
-                               "(inputs=) to predict which tiles they visit")
+    is_data = uses_summaries(sched, b)
+    read = sorted({sm.read.name for sm in b.summaries}) if is_data else []
+    if is_data and (data is None or any(name not in data for name in read)):
+        raise UnsupportedError(f"the backward kernels skip tiles by the data (per-tile summaries of "
+                               f"{', '.join(read)}): pass those inputs (inputs=) to predict which tiles they visit")
     tests = (*b.tile_tests(is_data), is_data)
     dims = {x.name: int(dims[x.name]) for x in program.dims}
     n, m = (int(sy.evaluate(x, dims)) for x in (spec.row_extent, spec.key_extent))
