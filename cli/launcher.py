@@ -8,6 +8,7 @@ the reference."""
 from __future__ import annotations
 
 import keyword
+import re
 import textwrap
 
 import sympy as sp
@@ -21,6 +22,21 @@ from moa.runtime.configs import fit_config
 from moa.runtime.tiling import Config
 
 MODULE_NAMES = {"math", "os", "torch", "triton", "tl", "launch"}
+
+
+def _along(ix, ext, name: str, dims: dict, dev: str, body: list) -> str:
+    """Launcher lines binding `name` to a pair summary's index function (one variable) at every row or key
+    0 .. ext - 1 (torch's // and % floor as the kernel's do); refused for functions beyond + - * // %."""
+    ix = sp.sympify(ix)
+    (v,) = ix.free_symbols
+    text = _py(ix.xreplace({v: sp.Symbol(name, integer=True)}), dims)
+    if not re.fullmatch(r"[\w\s+\-*/%()]+", text):
+        raise UnsupportedError(f"--launcher: the table index {sy.show(ix)} of a block mask has no standalone form "
+                               f"(only + - * // %); use the moa runtime")
+    body.append(f"    {name} = torch.arange({_py(ext, dims)}, device={dev})")
+    if text != name:
+        body.append(f"    {name} = {text}")
+    return name
 
 
 def _py(e, names: dict) -> str:
@@ -116,6 +132,19 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
                   "    out = torch.stack([lo, hi], -1)",
                   "    out = torch.cat([out, out.new_zeros((*out.shape[:-2], extra, 2))], -2)",
                   "    return out.movedim(-2, axis).contiguous()", "", ""]
+    if any(ts.axis == "pair" for ts in summaries):
+        lines += ["def _pair_summaries(t: torch.Tensor, rpos: int, kpos: int, rows: torch.Tensor, keys: torch.Tensor, "
+                  "bm: int, bn: int,",
+                  "                    extra: int) -> torch.Tensor:",
+                  "    \"\"\"(min, max) of t at (rows[i], keys[j]) on axes (rpos, kpos) over every (bm rows, bn keys) "
+                  "tile pair:\n    rpos becomes the row tile count, kpos the key tile count plus `extra`, a last "
+                  "axis of 2.\"\"\"",
+                  "    x = t.movedim((rpos, kpos), (-2, -1)).index_select(-2, rows)",
+                  "    lo = _tile_summaries(x, x.dim() - 2, bm, 0)",
+                  "    lo, hi = lo[..., 0], lo[..., 1]",
+                  "    lo = _tile_summaries(lo.index_select(-1, keys), lo.dim() - 1, bn, extra)[..., 0]",
+                  "    hi = _tile_summaries(hi.index_select(-1, keys), hi.dim() - 1, bn, extra)[..., 1]",
+                  "    return torch.stack([lo, hi], -1).movedim((-3, -2), (rpos, kpos)).contiguous()", "", ""]
     params = ", ".join(f"{x}: torch.Tensor" for x in inputs)
     where = {}   # user dim -> (input, axis from the end)
     for node in program.inputs:
@@ -189,8 +218,14 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
     for ts in summaries:
         block = "BLOCK_M" if ts.axis == "row" else "BLOCK_N"
         t = local(f"{inp_of[ts.tensor]}_{ts.axis}_tiles")
-        body.append(f"    {t} = _tile_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {block}, "
-                    f"{0 if ts.axis == 'row' else SCAN})")
+        if ts.axis == "pair":
+            at = [_along(ix, ext, local(f"{t}_{side}"), dim_of, dev_, body)
+                  for side, ix, ext in (("rows", ts.at.rows, ts.at.n), ("keys", ts.at.keys, ts.at.m))]
+            body.append(f"    {t} = _pair_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {1 + ts.kpos}, {at[0]}, "
+                        f"{at[1]}, BLOCK_M, BLOCK_N, {SCAN})")
+        else:
+            body.append(f"    {t} = _tile_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {block}, "
+                        f"{0 if ts.axis == 'row' else SCAN})")
         args.append(f"{t}, *{t}.stride()")
     args.append(f"{out_}, *{out_}.stride()")
     args += [dim_of[x] for x in spec.dims]

@@ -40,7 +40,7 @@ from moa.program import Program
 
 from .backward_bounds import query_loop
 from .backward_shape import operand_read, score_reads
-from .data_tiles import TileSummaries, program_values
+from .data_tiles import program_values, summary_arg, summary_offsets
 from .exprs import AccessSite, Emitter, joined_mask
 from .printer import code as pcode
 from .scope import Scope
@@ -98,16 +98,8 @@ class _BackwardEmitter:
         self.skip, self.full = b.tile_tests(self.data)
         self.summaries = {}
         for sm in b.summaries if self.data else ():
-            if sm.axis == "program":   # loaded by the kernels themselves (data_tiles.program_values)
-                continue
-            key = (sm.read.name, sm.axis, sm.pos)
-            if key not in self.summaries:
-                taken = set(program.input_map) | {t.arg for t in self.summaries.values()}
-                arg, k = f"{sm.read.name}_{sm.axis}_tiles", 1
-                while arg in taken:
-                    k += 1
-                    arg = f"{sm.read.name}_{sm.axis}_tiles{k}"
-                self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
+            if sm.axis != "program":   # a per-program value is loaded by the kernels themselves (program_values)
+                summary_arg(self.summaries, sm, set(program.input_map), sched.row[1], b.extent)
 
     def _emitter(self) -> Emitter:
         x = Emitter(self.p, self.s, self.dtype)
@@ -240,24 +232,23 @@ class _BackwardEmitter:
         x.atomics.append(AccessSite(f"atomic{len(x.atomics)}", g, tuple(sp.sympify(ix) for ix in r.index),
                                     tuple((v, a) for v, a in ((i, "row"), (j, "key")) if v in vmap), tuple(conds)))
 
-    def _summary_loads(self, axis: str, scope: Scope, x: Emitter, names: dict) -> None:
-        """The (min, max) of every summarised read of the mask over this row tile ("row") or key tile ("key"), into
-        the variables the data's skip test names (`names`: summary symbol -> variable)."""
+    def _summary_loads(self, axis: str, scope: Scope, x: Emitter, names: dict, pair: bool = False) -> None:
+        """The (min, max) of every summarised read of the mask over this row tile ("row") or key tile ("key"), and
+        with `pair` (in the inner loop, where both tiles are known) over the (row tile, key tile) pair, into the
+        variables the data's skip test names (`names`: summary symbol -> variable)."""
         if axis == "program":
             program_values(self.b.summaries if self.data else (), x, scope, names)
             return
-        tile = "(start_m // BLOCK_M)" if axis == "row" else "(start_n // BLOCK_N)"
-        for sm in self.b.summaries:
-            if sm.axis != axis:
+        for sm in self.b.summaries if self.data else ():
+            if sm.axis != axis and not (pair and sm.axis == "pair"):
                 continue
-            ts = self.summaries[(sm.read.name, sm.axis, sm.pos)]
-            offs = [f"{tile} * stride_{ts.arg}_{sm.pos}"] + \
-                [f"{x.idx(ix, {})} * stride_{ts.arg}_{p}" for p, ix in enumerate(sm.read.index) if p != sm.pos]
-            base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
+            ts = summary_arg(self.summaries, sm, set(), self.s.row[1], self.b.extent)
+            base = summary_offsets(ts, sm, "(start_m // BLOCK_M)", "(start_n // BLOCK_N)", lambda ix: x.idx(ix, {}))
             for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
-                names[sym] = x.fresh(f"{sm.read.name}_{axis}_{stat}")
+                names[sym] = x.fresh(f"{sm.read.name}_{sm.axis}_{stat}")
                 x.loads.append(AccessSite(names[sym], ts.arg, (), (), ()))
-                scope.add(f"{names[sym]} = tl.load({base}{extra})  # {stat} of {sm.read.name} over the {axis} tile")
+                scope.add(f"{names[sym]} = tl.load({base}{extra})  # {stat} of {sm.read.name} over the "
+                          f"{'tile pair' if sm.axis == 'pair' else sm.axis + ' tile'}")
 
     def _ds_dot(self, ds: str, operand: str, x: Emitter) -> str:
         """ds times an operand tile: in the operand's dtype for softmax (ds is bounded by p); for a normalised
@@ -299,7 +290,7 @@ class _BackwardEmitter:
         loop.add("offs_m = start_m + tl.arange(0, BLOCK_M)")
         loop.add("row_lo = start_m  # I_LO")
         loop.add(f"row_hi = tl.minimum(start_m + BLOCK_M, {x.idx(s.row[1], {})}) - 1  # I_HI")
-        self._summary_loads("row", loop, x, names)
+        self._summary_loads("row", loop, x, names, pair=True)
         inner = loop.open(f"if {self._code(self.skip, x, names)} == 0:") if self.skip is not sp.false else loop
         q = self._rows(inner, x, offs)
         def acc_kv(sc: Scope) -> None:
@@ -345,7 +336,7 @@ class _BackwardEmitter:
         loop.add("offs_n = start_n + tl.arange(0, BLOCK_N)")
         loop.add("col_lo = start_n  # J_LO")
         loop.add(f"col_hi = tl.minimum(start_n + BLOCK_N, {m}) - 1  # J_HI")
-        self._summary_loads("key", loop, x, names)
+        self._summary_loads("key", loop, x, names, pair=True)
         tested = self.skip is not sp.false and (self.data or not iv.skip_implied_by_range(b.skip, b.key_lo, b.key_hi))
         inner = loop.open(f"if {self._code(self.skip, x, names)} == 0:") if tested else loop
         k, v = self._keys(inner, x, offs)

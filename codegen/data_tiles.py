@@ -1,7 +1,7 @@
 """Data-derived block sparsity in the tiled kernel: per-tile (min, max) summaries of the integer and boolean inputs a
 mask reads (their kernel arguments, computed by the launcher's pre-pass, runtime/summaries.py), and the key loop of
-a branch tested with them: a scan over SCAN key tiles at a time, then the kept tiles only (moa/intervals.py derives
-the skip and full tests from the mask's algebra)."""
+a branch tested with them: a scan over SCAN key tiles at a time, then the kept tiles only (moa/intervals.py and
+moa/data_summaries.py derive the skip and full tests from the mask's algebra)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,15 +22,55 @@ TILE_FULL = sp.Symbol("tile_full", integer=True)   # 1 where the scan proved the
 
 
 @dataclass(frozen=True)
+class PairIndex:
+    """Where a pair summary reads its table: an index expression in the row variable alone and one in the key
+    variable alone, over the row extent n and the key extent m (the pre-pass evaluates them at every row and key)."""
+    rows: object
+    keys: object
+    n: object
+    m: object
+
+
+@dataclass(frozen=True)
 class TileSummaries:
     """A kernel argument holding per-tile summaries of an input (runtime/launch.py computes it before the launch):
     the input's shape with axis `pos` (the row or key axis, in tiles of BLOCK_M or BLOCK_N) replaced by its
-    tile count, and a last axis of 2: the (min, max) of each tile. Booleans are summarised as 0/1."""
+    tile count, and a last axis of 2: the (min, max) of each tile. Booleans are summarised as 0/1. Axis "pair":
+    axis `pos` holds row tiles and axis `kpos` key tiles, each entry the (min, max) of the table over the
+    (row tile, key tile) pair at the read's index (`at`)."""
     arg: str               # the argument's name (arg_ptr, stride_arg_z*, stride_arg_k, stride_arg_s)
     tensor: str            # the input it summarises
-    axis: str              # "row" (tiles of BLOCK_M) or "key" (tiles of BLOCK_N)
-    pos: int               # the tiled axis of the input
+    axis: str              # "row" (tiles of BLOCK_M), "key" (tiles of BLOCK_N) or "pair"
+    pos: int               # the tiled axis of the input (pair: its row tiles)
     rank: int              # the input's rank (without batch axes)
+    kpos: int = -1         # pair: the axis of its key tiles
+    at: PairIndex | None = None
+
+
+def summary_arg(summaries: dict, sm, taken: set, n, m) -> TileSummaries:
+    """The kernel argument of summary sm (data_summaries.Summary), made once per (input, axis, positions, pair index) in
+    `summaries` with a name not in `taken`; n, m: the schedule's row and key extents."""
+    at = PairIndex(sm.read.index[sm.pos], sm.read.index[sm.kpos], n, m) if sm.axis == "pair" else None
+    key = (sm.read.name, sm.axis, sm.pos, sm.kpos, at)
+    if key not in summaries:
+        taken = taken | {t.arg for t in summaries.values()}
+        arg, k = f"{sm.read.name}_{sm.axis}_tiles", 1
+        while arg in taken:
+            k += 1
+            arg = f"{sm.read.name}_{sm.axis}_tiles{k}"
+        summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index), sm.kpos, at)
+    return summaries[key]
+
+
+def summary_offsets(ts: TileSummaries, sm, row_tile: str, key_tile: str, idx) -> str:
+    """The element offset of a tile's (min) summary: the tile indices at the tiled axes, the read's leading
+    indices (code by `idx`) elsewhere."""
+    tiled = {ts.pos: row_tile if ts.axis in ("row", "pair") else key_tile}
+    if ts.axis == "pair":
+        tiled[ts.kpos] = key_tile
+    offs = [f"{tiled[p]} * stride_{ts.arg}_{p}" if p in tiled else f"{idx(ix)} * stride_{ts.arg}_{p}"
+            for p, ix in enumerate(sm.read.index)]
+    return f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
 
 
 class DataTiles:
@@ -42,17 +82,15 @@ class DataTiles:
         program) or key tile ("key", in the key loop), into the variables the tile tests name (`names`: default
         summary_names). tile: the key tiles' index (a vector over SCAN tiles in the scan)."""
         vector = tile is not None
-        tile = tile or ("start_m" if axis == "row" else "(start_n // BLOCK_N)")
+        key_tile = tile or "(start_n // BLOCK_N)"
         names = self.summary_names if names is None else names
         for sm in b.summaries:
-            if sm.axis != axis:
+            if sm.axis != axis and not (axis == "key" and sm.axis == "pair"):   # pairs: with the key tiles
                 continue
-            ts = self._summary_arg(sm)
-            offs = [f"{tile} * stride_{ts.arg}_{sm.pos}"] + \
-                [f"{self.idx(ix)} * stride_{ts.arg}_{p}" for p, ix in enumerate(sm.read.index) if p != sm.pos]
-            base = f"{ts.arg}_ptr + off_{ts.arg} + {' + '.join(offs)}"
+            ts = summary_arg(self.summaries, sm, set(self.p.input_map), self.s.row[1], b.extent)
+            base = summary_offsets(ts, sm, "start_m", key_tile, self.idx)
             for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
-                name = self.x.fresh(f"{sm.read.name}_{axis}_{stat}" + ("_t" if vector else ""))
+                name = self.x.fresh(f"{sm.read.name}_{sm.axis}_{stat}" + ("_t" if vector else ""))
                 names[sym] = name
                 what = f"each of {SCAN} key tiles" if vector else f"the {axis} tile"
                 scope.add(f"{name} = tl.load({base}{extra})  # {stat} of {sm.read.name} over {what}")
@@ -95,16 +133,6 @@ class DataTiles:
         self._tile(k, b, inner, body, q, mo, scale, {**names, TILE_FULL: "tile_full"}, "test", full)
         body.lines.extend(scan.parent.lines)
 
-    def _summary_arg(self, sm) -> TileSummaries:
-        key = (sm.read.name, sm.axis, sm.pos)
-        if key not in self.summaries:
-            taken = set(self.p.input_map) | {t.arg for t in self.summaries.values()}
-            arg, n = f"{sm.read.name}_{sm.axis}_tiles", 1
-            while arg in taken:
-                n += 1
-                arg = f"{sm.read.name}_{sm.axis}_tiles{n}"
-            self.summaries[key] = TileSummaries(arg, sm.read.name, sm.axis, sm.pos, len(sm.read.index))
-        return self.summaries[key]
 
 
 def program_values(summaries, x, scope: Scope, names: dict) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import sympy as sp
 
+from . import data_summaries as ds
 from . import dnf as D
 from . import intervals as iv
 from . import symbolic as sy
@@ -100,7 +101,7 @@ class Branch:
     source: object = None   # the DNF reduction this branch was built from
     lift: Lift | None = None  # mode "lift": the key map j = rho + s b; var is b, the box is in a-space
     span: tuple | None = None  # the first keys of the tiles known full (intervals.full_span), or None
-    summaries: tuple = ()      # data-dependent reads of the mask decided per tile by their min/max (intervals.Summary)
+    summaries: tuple = ()      # data-dependent reads of the mask decided by their min / max (data_summaries.Summary)
     data_skip: object = None   # skip / full with those summaries (None: the data decides nothing)
     data_full: object = None
 
@@ -267,9 +268,9 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     skip, full = iv.classify(pred, tile_box)
     sums, dskip, dfull = (), None, None
     if lift is None:   # data-dependent reads decided by per-tile summaries (data-derived block sparsity)
-        sums = iv.summaries_of(pred, box, j, leadset)
+        sums = ds.summaries_of(pred, box, j, leadset)
         if sums:
-            dskip, dfull = (iv.no_wrap(t) for t in iv.classify(pred, iv.with_summaries(tile_box, sums)))
+            dskip, dfull = (ds.no_wrap(t) for t in iv.classify(pred, ds.with_summaries(tile_box, sums)))
             used = set().union(*(sp.sympify(f).free_symbols for f in (dskip, dfull)))
             sums = tuple(s for s in sums if {s.lo, s.hi} & used)
             dskip, dfull = (dskip, dfull) if sums else (None, None)
@@ -455,7 +456,9 @@ def show(s: Schedule) -> str:
             lines.append(f"    keys visited for rows [I_LO, I_HI]: [{lo}, {hi}]")
             lines.append(f"    tile skipped if {b.skip};  mask-free if {b.full}")
             if uses_summaries(s, b):
-                reads = ", ".join(f"{D.show(sm.read)} over the {sm.axis} tile" for sm in b.summaries)
+                over = {"row": "over the row tile", "key": "over the key tile", "program": "fixed per program",
+                        "pair": "over the tile pair"}
+                reads = ", ".join(f"{D.show(sm.read)} {over[sm.axis]}" for sm in b.summaries)
                 lines.append(f"    with the data (per-tile min / max of {reads}): skipped if {b.data_skip};  "
                              f"mask-free if {b.data_full}")
             if scans_keys(s, b):

@@ -74,21 +74,60 @@ class KeyTable:
     values: np.ndarray
 
 
+@dataclass(frozen=True)
+class PairTable:
+    """A per-(row tile, key tile) value in an env (a pair summary): program r's key loop reads [r, start_n //
+    BLOCK_N]."""
+    values: np.ndarray
+
+
+def _tile_reduce(x: np.ndarray, block: int, axis: int) -> tuple:
+    """(min, max) of x over tiles of `block` along `axis` (the last tile padded with values that never win)."""
+    x = np.moveaxis(x, axis, -1)
+    tiles = -(-x.shape[-1] // block)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, tiles * block - x.shape[-1])]
+    info = np.iinfo(np.int64)
+    lo = np.pad(x, pad, constant_values=info.max).reshape(*x.shape[:-1], tiles, block).min(-1)
+    hi = np.pad(x, pad, constant_values=info.min).reshape(*x.shape[:-1], tiles, block).max(-1)
+    return np.moveaxis(lo, -1, axis), np.moveaxis(hi, -1, axis)
+
+
+def pair_summary(table: np.ndarray, rows_at: np.ndarray, keys_at: np.ndarray, bm: int, bn: int) -> tuple:
+    """(min, max) of table[rows_at[i], keys_at[j]] over every (row tile of bm rows, key tile of bn keys): two
+    [row tiles, key tiles] arrays, from table's rows gathered and reduced per row tile, then its columns."""
+    lo, hi = _tile_reduce(table[rows_at], bm, 0)
+    return _tile_reduce(lo[:, keys_at], bn, 1)[0], _tile_reduce(hi[:, keys_at], bn, 1)[1]
+
+
+def along(ix, env: dict, extent: int) -> np.ndarray:
+    """The values of an index expression in one variable (a pair summary's row or key function) at that variable
+    = 0 .. extent - 1."""
+    ix = sp.sympify(ix)
+    (v,) = ix.free_symbols
+    return np.broadcast_to(np_eval(ix, {**env, v: np.arange(extent, dtype=np.int64)}), (extent,)).astype(np.int64)
+
+
 def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: int) -> dict:
     """The values of branch b's summary symbols: per row tile (arrays over the row tiles) and per key tile
     (KeyTable), from `data` (input name -> array without batch axes), at the leading indices in env; without data,
-    the summaries that say nothing (intervals.UNKNOWN)."""
+    the summaries that say nothing (data_summaries.UNKNOWN)."""
     out = {}
     for sm in b.summaries:
         if data is None or sm.read.name not in data:
             out.update(sm.unknown)
             continue
         x = np.asarray(data[sm.read.name])
-        ix = tuple(slice(None) if k == sm.pos else int(np_eval(sp.sympify(e), env))
+        ix = tuple(slice(None) if k in (sm.pos, sm.kpos) else int(np_eval(sp.sympify(e), env))
                    for k, e in enumerate(sm.read.index))
         line = x[ix].astype(np.int64) if sm.read.dtype != ir.BOOL else (x[ix] != 0).astype(np.int64)   # flags: 0 / 1
         if sm.axis == "program":   # one value per program: its own min and max
             out.update({sm.lo: int(line), sm.hi: int(line)})
+            continue
+        if sm.axis == "pair":   # the table's (row position, key position) plane, at the rows' and keys' indices
+            plane = line if sm.pos < sm.kpos else line.T
+            lo, hi = pair_summary(plane, along(sm.read.index[sm.pos], env, n), along(sm.read.index[sm.kpos], env, m),
+                                  bm, bn)
+            out.update({sm.lo: PairTable(lo), sm.hi: PairTable(hi)})
             continue
         block = bm if sm.axis == "row" else bn
         tiles = -(-(n if sm.axis == "row" else m) // block)
@@ -119,7 +158,8 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan:
     m = np.broadcast_to(np.asarray(m, dtype=np.int64), (R,))
     skip_f, full_f = b.tile_tests(data)
     tables = {k: v.values for k, v in env.items() if isinstance(v, KeyTable)}
-    env = {k: v for k, v in env.items() if not isinstance(v, KeyTable)}
+    pairs = {k: v.values for k, v in env.items() if isinstance(v, PairTable)}
+    env = {k: v for k, v in env.items() if not isinstance(v, (KeyTable, PairTable))}
     if skip_f is sp.true:
         z = np.zeros(0, dtype=np.int64)
         return BranchTiles(z, z, z.astype(bool), z.astype(bool))
@@ -138,7 +178,8 @@ def key_iterations(b, env: dict, ilo, ihi, m, bn: int, data: bool = False, scan:
     def tests(rows, starts):
         te = {**{k: (v[rows] if isinstance(v, np.ndarray) and v.shape == (R,) else v) for k, v in env.items()},
               iv.I_LO: ilo[rows], iv.I_HI: ihi[rows], iv.J_LO: starts,
-              iv.J_HI: np.minimum(starts + bn, m[rows]) - 1, **{k: v[starts // bn] for k, v in tables.items()}}
+              iv.J_HI: np.minimum(starts + bn, m[rows]) - 1, **{k: v[starts // bn] for k, v in tables.items()},
+              **{k: v[rows, starts // bn] for k, v in pairs.items()}}
         skip = np.zeros(len(rows), dtype=bool) if skip_f is sp.false else \
             np.broadcast_to(np_eval(skip_f, te), (len(rows),)).astype(bool)
         return te, skip

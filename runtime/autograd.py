@@ -14,6 +14,7 @@ derived gradient DNF evaluated in float64 otherwise (runtime/grad_eval.py)."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 
@@ -190,6 +191,17 @@ attention_backward.register_autograd(_no_double_backward, setup_context=lambda c
 # ---- calls from Kernel.__call__ ---------------------------------------------------------------------------------
 
 
+def _constant_to_tracers(fn):
+    """torch.compiler.assume_constant_result(fn) without its side effect on the process: the first use imports
+    torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR in os.environ; a moa call changes no environment variable."""
+    had = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        return torch.compiler.assume_constant_result(fn)
+    finally:
+        if had is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
 def wants_op(inputs: dict) -> bool:
     """A call goes through the operator when autograd needs its graph or a compiler is tracing it."""
     if torch.compiler.is_compiling():
@@ -197,7 +209,7 @@ def wants_op(inputs: dict) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_tracers
 def lse_refusal(kernel) -> str | None:
     """Why with_lse cannot run on this kernel (None: it can, differentiably where it has the fused backward). A
     constant to a tracer: decided on the program, never on tensors."""
@@ -209,7 +221,7 @@ def lse_refusal(kernel) -> str | None:
     return None
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_tracers
 def _lse_grad_refusal(kernel) -> str | None:
     if kernel.backward.runner is None:
         return ("with_lse differentiates only through the fused backward kernels, which this program does not have "
@@ -218,7 +230,7 @@ def _lse_grad_refusal(kernel) -> str | None:
     return None
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_tracers
 def form_refusal(kernel) -> str | None:
     """Why a forced form='linear' cannot run (an output without a linear form), as a call without gradients says:
     a training call would otherwise run the quadratic kernels unasked."""

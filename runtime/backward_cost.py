@@ -32,7 +32,7 @@ from moa.codegen.counts import site_lanes
 from moa.codegen.ledger import function_ledger
 from moa.errors import UnsupportedError
 from moa.onf import uses_summaries
-from moa.tiles import KeyTable, summary_env
+from moa.tiles import KeyTable, PairTable, summary_env
 
 from . import backward_configs
 from .tiling import Config
@@ -139,8 +139,8 @@ def _executions(sched, subs: dict, n: int, m: int, bm: int, bn: int, tests: tupl
 
     def pair(kernel: str, rows: dict, t0: int, s0: int, test: bool) -> None:
         box = {**subs, **rows, iv.J_LO: s0, iv.J_HI: min(s0 + bn, m) - 1, iv.TILE_W: bn}
-        box.update({sym: int(v if axis == "program" else v[(t0 // bm) if axis == "row" else (s0 // bn)])
-                    for sym, (axis, v) in sums.items()})
+        at = {"program": (), "row": (t0 // bm,), "key": (s0 // bn,), "pair": (t0 // bm, s0 // bn)}
+        box.update({sym: int(v[at[axis]]) for sym, (axis, v) in sums.items()})
         add(kernel, ("iter", 0), t0, s0)
         if test and skip is not sp.false and _holds(skip, box):
             return
@@ -177,7 +177,7 @@ def _summaries(b, env: dict, entry: dict, n: int, m: int, bm: int, bn: int) -> d
     out = {}
     for sym, v in summary_env(b, env, entry, n, m, bm, bn).items():
         sm = next(x for x in b.summaries if sym in (x.lo, x.hi))
-        out[sym] = (sm.axis, np.asarray(v.values if isinstance(v, KeyTable) else v))
+        out[sym] = (sm.axis, np.asarray(v.values if isinstance(v, (KeyTable, PairTable)) else v))
     return out
 
 

@@ -19,7 +19,7 @@ from .binding import Binding
 from .cache import module_for
 from .device import check_device, run
 from .launch import as_kernel_input, compute_dtype
-from .summaries import tile_summaries
+from .summaries import summary_tensor
 from .tiling import DTYPE_NAME, Config, choose_config
 
 INTERPRETER_BLOCKS = None   # (BLOCK_M, BLOCK_N) for interpreted launches; None: the forward's choice (tests: 16)
@@ -97,10 +97,7 @@ class BackwardRunner:
                                   (cfg.block_n if kern is spec.kernels[0] else cfg.block_m)), zl)
                 args = self._inputs(kern.inputs, b, compute)
                 for ts in spec.summaries:   # per-tile (min, max) of the mask's data, at this launch's tiles
-                    t = b.tensors[ts.tensor]
-                    if t.dtype not in (torch.int32, torch.int64, torch.bool):
-                        t = t.to(torch.int32)
-                    st = tile_summaries(t, len(b.batch) + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n)
+                    st = summary_tensor(ts, b.tensors[ts.tensor], len(b.batch), cfg.block_m, cfg.block_n, b.dims)
                     args += [st, *st.stride()]
                 args += [d_out, d_out.stride(0), d_out.stride(1), d_out.stride(2), lse, lse.stride(0),
                          delta, delta.stride(0)]

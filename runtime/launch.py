@@ -22,7 +22,7 @@ from .cache import module_for
 from .device import check_device, run
 from .linear_run import LinearRunner
 from .plan import LINEAR, TILED, WINDOW, Plan, Planner
-from .summaries import tile_summaries
+from .summaries import summary_tensor
 from .tiling import DTYPE_NAME, Config, TensorDescriptor, check_grid, exact_heads, row_programs
 from .window_run import WindowRunner
 
@@ -220,11 +220,7 @@ class Launcher:
             t = passed[inp]
             args += [t, *t.stride()[:nb], *t.stride()[nb:]]
         for ts in spec.summaries:   # the pre-pass: per-tile (min, max) of the inputs the tile tests read
-            t = b.tensors[ts.tensor]
-            if t.dtype not in (torch.int32, torch.int64, torch.bool):
-                t = t.to(torch.int32)
-            st = tile_summaries(t, nb + ts.pos, cfg.block_m if ts.axis == "row" else cfg.block_n,
-                                0 if ts.axis == "row" else SCAN)
+            st = summary_tensor(ts, b.tensors[ts.tensor], nb, cfg.block_m, cfg.block_n, b.dims, SCAN)
             args += [st, *st.stride()]
         sizes = {"BLOCK_N": cfg.block_n, "HEAD_DIM_V": sy.tile_width(e),
                  **{hd: sy.tile_width(sy.evaluate(ext, b.dims)) for hd, ext in spec.head_dims}}

@@ -6,7 +6,11 @@ Booleans are summarised as 0/1: the max is `any`, the min is `all`. The cost mod
 the same summaries when it is given the inputs."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from moa import symbolic as sy
+from moa.tiles import along
 
 
 def tile_summaries(t: torch.Tensor, axis: int, block: int, extra: int = 0) -> torch.Tensor:
@@ -16,23 +20,66 @@ def tile_summaries(t: torch.Tensor, axis: int, block: int, extra: int = 0) -> to
     never used)."""
     if t.dtype == torch.bool:
         t = t.to(torch.int8)
+    lo, hi = _tiles(t, block, axis)
+    return _padded(torch.stack([lo, hi], -1), axis % t.dim(), extra).contiguous()
+
+
+def pair_tile_summaries(t: torch.Tensor, rpos: int, kpos: int, rows: torch.Tensor, keys: torch.Tensor, bm: int,
+                        bn: int, extra: int = 0) -> torch.Tensor:
+    """(min, max) of t[..., rows[i], ..., keys[j], ...] (axes rpos and kpos) over every (tile of bm rows, tile of bn
+    keys): t's shape with axis rpos replaced by the row tile count, kpos by the key tile count (plus `extra`
+    padding tiles) and a last axis of 2. The rows are gathered and reduced per row tile first, then the keys, so
+    the work is rows x the table's key extent plus row tiles x keys, not rows x keys."""
+    if t.dtype == torch.bool:
+        t = t.to(torch.int8)
+    x = t.movedim((rpos, kpos), (-2, -1)).index_select(-2, rows)
+    lo, hi = _tiles(x, bm, -2)
+    lo = _tiles(lo.index_select(-1, keys), bn, -1)[0]
+    hi = _tiles(hi.index_select(-1, keys), bn, -1)[1]
+    out = _padded(torch.stack([lo, hi], -1), x.dim() - 1, extra)   # the key tiles' axis
+    return out.movedim((-3, -2), (rpos, kpos)).contiguous()
+
+
+def _tiles(t: torch.Tensor, block: int, axis: int) -> tuple:
+    """(min, max) of t over tiles of `block` along `axis` (the last tile padded with values that never win)."""
     x = t.movedim(axis, -1)
     length = x.shape[-1]
     tiles = -(-length // block)
     pad = tiles * block - length
     info = torch.iinfo(x.dtype)
 
-    def padded(value):   # the last tile filled with a value that never wins (exact in any integer dtype)
+    def padded(value):   # exact in any integer dtype
         fill = torch.full((*x.shape[:-1], pad), value, dtype=x.dtype, device=x.device)
         return torch.cat([x, fill], -1) if pad else x
 
-    lo, hi = padded(info.max), padded(info.min)
-    lo = lo.reshape(*x.shape[:-1], tiles, block).amin(-1)
-    hi = hi.reshape(*x.shape[:-1], tiles, block).amax(-1)
-    out = torch.stack([lo, hi], -1)
-    if extra:
-        out = torch.cat([out, out.new_zeros((*out.shape[:-2], extra, 2))], -2)
-    return out.movedim(-2, axis).contiguous()
+    lo = padded(info.max).reshape(*x.shape[:-1], tiles, block).amin(-1)
+    hi = padded(info.min).reshape(*x.shape[:-1], tiles, block).amax(-1)
+    return lo.movedim(-1, axis), hi.movedim(-1, axis)
+
+
+def _padded(out: torch.Tensor, axis: int, extra: int) -> torch.Tensor:
+    """out (summaries with a last axis of 2) with `extra` zero tiles appended along its axis `axis`."""
+    if not extra:
+        return out
+    shape = list(out.shape)
+    shape[axis] = extra
+    return torch.cat([out, out.new_zeros(shape)], axis)
+
+
+def summary_tensor(ts, t: torch.Tensor, nb: int, bm: int, bn: int, dims: dict, extra: int = 0) -> torch.Tensor:
+    """The argument of TileSummaries ts (codegen/data_tiles.py) for input t with nb batch axes, at tiles of bm rows
+    and bn keys; key tiles padded by `extra`. dims: dim name -> value (a pair summary evaluates its row and key
+    functions at every row and key)."""
+    if t.dtype not in (torch.int32, torch.int64, torch.bool):
+        t = t.to(torch.int32)
+    if ts.axis == "row":
+        return tile_summaries(t, nb + ts.pos, bm)
+    if ts.axis == "key":
+        return tile_summaries(t, nb + ts.pos, bn, extra)
+    env = {sy.dim(name): v for name, v in dims.items()}
+    rows, keys = (torch.from_numpy(np.ascontiguousarray(along(ix, env, int(sy.evaluate(ext, dims))))).to(t.device)
+                  for ix, ext in ((ts.at.rows, ts.at.n), (ts.at.keys, ts.at.m)))
+    return pair_tile_summaries(t, nb + ts.pos, nb + ts.kpos, rows, keys, bm, bn, extra)
 
 
 def packed_tile_summaries(t: torch.Tensor, axis: int, block: int, cu: list, extra: int = 0) -> torch.Tensor:

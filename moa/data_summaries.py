@@ -1,0 +1,96 @@
+"""Data-dependent reads of a mask decided per tile (data-derived block sparsity): integer and boolean inputs whose
+(min, max) over a row tile, a key tile, a (row tile, key tile) pair, or one value per program, a pre-pass or the
+kernel itself provides. In the tile box such a read ranges over its summary's [min, max], and intervals.classify
+decides the predicate with them as it decides index comparisons."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from . import dnf as D
+from . import ir
+from .intervals import Box
+
+UNKNOWN = 2 ** 40   # a summary without data: min -UNKNOWN, max UNKNOWN (the tile may hold any value)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The min and max of an integer or boolean input read by a mask (booleans as 0/1: max = any, min = all), over
+    the row tile (axis "row": index position `pos` of the read is the row variable) or the key tile ("key"); the
+    read's other indices are leading (fixed per program). A pre-pass computes them from the data; the tile tests
+    compare them (intervals of the reads) as they compare index ranges. Axis "program": a read whose indices are
+    all leading (a length L[b], a flag per head: pos -1), one value per program, loaded by the kernel itself
+    (min = max = the value). Axis "pair": a table read at a function of the row in position `pos` and a function
+    of the key in position `kpos` (a block mask blk[i // B, j // B], a dense mask M[i, j]), summarised per
+    (row tile, key tile)."""
+    read: D.Read
+    axis: str
+    pos: int
+    lo: sp.Symbol
+    hi: sp.Symbol
+    placeholder: sp.Symbol
+    kpos: int = -1
+
+    @property
+    def unknown(self) -> dict:
+        """The substitution that makes the summary say nothing (no data)."""
+        return {self.lo: -UNKNOWN, self.hi: UNKNOWN}
+
+
+def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
+    """The reads of a mask predicate that a per-tile summary can decide: integer or boolean inputs indexed by the
+    row (or key) variable in one position and by leading variables elsewhere (doc[i], glob[j], seg[h, i]), by
+    leading variables only (a key length L[b]: one value per program), or by a function of the row alone in one
+    position and of the key alone in another (blk[i // B, j // B]: per pair of tiles)."""
+    out = {}
+    for x in D.nodes(pred):
+        if not isinstance(x, D.Read) or x.dtype not in (ir.INT, ir.BOOL) or x in out:
+            continue
+        index = [sp.sympify(ix) for ix in x.index]
+        if all(ix.free_symbols <= lead for ix in index):
+            tag = f"{x.name}_program{len(out)}"
+            out[x] = Summary(x, "program", -1, sp.Symbol(f"{tag}_min", integer=True),
+                             sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
+            continue
+        for var, axis in ((row, "row"), (key, "key")):
+            pos = [k for k, ix in enumerate(index) if ix == var]
+            others = [ix for k, ix in enumerate(index) if k not in pos]
+            if len(pos) == 1 and all(ix.free_symbols <= lead for ix in others):
+                tag = f"{x.name}_{axis}{len(out)}"
+                out[x] = Summary(x, axis, pos[0], sp.Symbol(f"{tag}_min", integer=True),
+                                 sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
+                break
+        else:   # a function of the row alone at one position, of the key alone at another (constants aside)
+            rows = [k for k, ix in enumerate(index) if ix.free_symbols == {row}]
+            keys = [k for k, ix in enumerate(index) if ix.free_symbols == {key}]
+            rest = [ix for k, ix in enumerate(index) if k not in rows + keys]
+            if len(rows) == 1 and len(keys) == 1 and all(ix.free_symbols <= lead for ix in rest):
+                tag = f"{x.name}_pair{len(out)}"
+                out[x] = Summary(x, "pair", rows[0], sp.Symbol(f"{tag}_min", integer=True),
+                                 sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True),
+                                 keys[0])
+    return tuple(out.values())
+
+
+def with_summaries(box: Box, summaries, axes=("row", "key", "program", "pair")) -> Box:
+    """The box with the reads of these summaries (on the given axes) ranging over their per-tile min and max."""
+    sums = [s for s in summaries if s.axis in axes]
+    return Box({**box.ranges, **{s.placeholder: (s.lo, s.hi) for s in sums}},
+               {**box.reads, **{s.read: s.placeholder for s in sums}})
+
+
+def no_wrap(e):
+    """A tile test with every comparison `sum op 0` written as `(its positive terms) op (its negated negative
+    terms)`: the same truth value with no subtraction of data, so summaries near the ends of their integer type
+    (int32 or int64 ids, hashed document ids) do not wrap: doc_min - doc_max > 0 becomes doc_min > doc_max. The
+    kernel and the cost model both evaluate this form."""
+    def split(r):
+        pos, neg = [], []
+        for t in sp.Add.make_args(sp.expand(r.lhs - r.rhs)):
+            (neg if t.could_extract_minus_sign() else pos).append(t)
+        return r.func(sp.Add(*pos), -sp.Add(*neg), evaluate=False)
+
+    e = sp.sympify(e)
+    return e.replace(lambda x: isinstance(x, sp.core.relational.Relational), split) if e.free_symbols else e

@@ -1,0 +1,208 @@
+"""Masks that read a table at a function of the row and a function of the key (a block mask blk[i // B, j // B] as a
+FlexAttention BlockMask holds, a dense mask M[i, j]) skip (query tile, key tile) pairs by per-pair (min, max)
+summaries of that table: the pre-pass gathers the table at every row's and key's index and reduces it per tile
+pair (moa/intervals.py axis "pair"). Exact in float64, forward and backward; the cost model given the table counts
+what the instrumented interpreter counts; decoding stays exact."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+import moa
+from moa.runtime import backward_run
+from moa.runtime.costing import cost
+from moa.runtime.measure import instrument
+from moa.runtime.measuring import measure
+from moa.runtime.summaries import pair_tile_summaries
+from moa.runtime.tiling import Config
+from moa.tiles import pair_summary
+
+COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited")
+HEAD = "dim n, m, d, e\nin Q[n, d], K[m, d], V[m, e]\n"
+PROGRAMS = {
+    "block": HEAD + "param B = 64\nin blk[(n + B - 1) // B, (m + B - 1) // B]: bool\n"
+                    "S[i, j] = where(blk[i // B, j // B], dot(Q[i], K[j]) / sqrt(d), -inf)\n"
+                    "out O = softmax(S, axis=-1) @ V\n",
+    "block_causal": HEAD + "param B = 32\nin blk[(n + B - 1) // B, (m + B - 1) // B]: bool\n"
+                           "S[i, j] = where(blk[i // B, j // B] and j <= i, dot(Q[i], K[j]) / sqrt(d), -inf)\n"
+                           "out O = softmax(S, axis=-1) @ V\n",
+    "dense": HEAD + "in M[n, m]: bool\nS[i, j] = where(M[i, j], dot(Q[i], K[j]) / sqrt(d), -inf)\n"
+                    "out O = softmax(S, axis=-1) @ V\n",
+    "transposed_levels": HEAD + "in lvl[m, n]: int\n"
+                                "S[i, j] = where(lvl[j, i] >= 2 or i == j, dot(Q[i], K[j]) / sqrt(d), -inf)\n"
+                                "out O = softmax(S, axis=-1) @ V\n",
+}
+
+
+def _mask(name: str, x: dict, n: int, m: int) -> np.ndarray:
+    i, j = np.arange(n)[:, None], np.arange(m)[None, :]
+    if name == "block":
+        return x["blk"].numpy()[i // 64, j // 64]
+    if name == "block_causal":
+        return x["blk"].numpy()[i // 32, j // 32] & (j <= i)
+    if name == "dense":
+        return x["M"].numpy()
+    return (x["lvl"].numpy()[j, i] >= 2) | (i == j)
+
+
+def _inputs(name: str, n: int, m: int, d: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = {"Q": torch.randn(n, d, generator=g, dtype=torch.float64),
+         "K": torch.randn(m, d, generator=g, dtype=torch.float64),
+         "V": torch.randn(m, d, generator=g, dtype=torch.float64)}
+    if name.startswith("block"):
+        B = 64 if name == "block" else 32
+        x["blk"] = torch.rand(-(-n // B), -(-m // B), generator=g) < 0.35
+    elif name == "dense":   # a banded pattern: whole tile pairs empty, some full, some partial
+        i, j = torch.arange(n)[:, None], torch.arange(m)[None, :]
+        x["M"] = ((i - j).abs() < 40) & (torch.rand(n, m, generator=g) < 0.9)
+    else:
+        x["lvl"] = torch.randint(0, 3, (m // 48 + 1, n // 48 + 1), generator=g).repeat_interleave(48, 0)[:m] \
+            .repeat_interleave(48, 1)[:, :n]
+    return x
+
+
+def _needed(mask: np.ndarray, bm: int, bn: int) -> int:
+    n, m = mask.shape
+    R, T = -(-n // bm), -(-m // bn)
+    pad = np.zeros((R * bm, T * bn), dtype=bool)
+    pad[:n, :m] = mask
+    return int(pad.reshape(R, bm, T, bn).any(axis=(1, 3)).sum())
+
+
+def _counters(r) -> dict:
+    return {f: getattr(r, f) for f in COUNTERS}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_tables_skip_tile_pairs_exactly(name):
+    n, m = 200, 230
+    k = moa.compile(PROGRAMS[name])
+    x = _inputs(name, n, m)
+    assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+    got = measure(k, **x)
+    data = {a: t for a, t in x.items() if not t.is_floating_point()}
+    c = cost(k, dtype="float64", device="cpu", inputs=data, n=n, m=m, d=8, e=8)
+    blind = cost(k, dtype="float64", device="cpu", n=n, m=m, d=8, e=8)
+    assert _counters(got) == _counters(c)
+    cfg = k.plan(**x)["O"].config
+    need = _needed(_mask(name, x, n, m), cfg.block_m, cfg.block_n)
+    assert c.tiles_needed == need <= got.tiles_visited < blind.tiles_visited
+    if name != "block_causal":   # a causal block mask keeps a diagonal tile pair whose set blocks lie above it
+        assert got.tiles_visited == need
+
+
+def test_pair_summaries_are_min_and_max_per_tile_pair():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(-50, 50, (2, 7, 9), generator=g)   # batch 2, the table [7, 9]
+    rows, keys = torch.arange(45) // 7, (torch.arange(50) * 3) // 17
+    st = pair_tile_summaries(t, 1, 2, rows, keys, 16, 8, extra=2)
+    assert st.shape == (2, 3, 7 + 2, 2)
+    full = t[:, rows][:, :, keys]
+    for r in range(3):
+        for c in range(7):
+            cell = full[:, 16 * r: 16 * r + 16, 8 * c: 8 * c + 8]
+            assert st[:, r, c, 0].tolist() == cell.amin((1, 2)).tolist()
+            assert st[:, r, c, 1].tolist() == cell.amax((1, 2)).tolist()
+    lo, hi = pair_summary(t[1].numpy(), rows.numpy(), keys.numpy(), 16, 8)   # the cost model's own
+    assert lo.tolist() == st[1, :, :7, 0].tolist() and hi.tolist() == st[1, :, :7, 1].tolist()
+    swapped = pair_tile_summaries(t.transpose(1, 2), 2, 1, rows, keys, 16, 8)   # key position before the row's
+    assert swapped.transpose(1, 2).tolist() == st[:, :, :7].tolist()
+
+
+def test_per_head_block_masks_and_the_backward(monkeypatch):
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    src = ("dim h, n, d, e\nparam B = 16\nin Q[h, n, d], K[h, n, d], V[h, n, e]\n"
+           "in blk[h, (n + B - 1) // B, (n + B - 1) // B]: bool\n"
+           "S[a, i, j] = where(blk[a, i // B, j // B] and j <= i, dot(Q[a, i], K[a, j]) / sqrt(d), -inf)\n"
+           "out O[a] = softmax(S[a], axis=-1) @ V[a]\n")
+    k = moa.compile(src)
+    g = torch.Generator().manual_seed(2)
+    h, n, d = 3, 50, 4
+    blk = torch.rand(2, h, 4, 4, generator=g) < 0.5
+    blk |= torch.eye(4, dtype=torch.bool)   # every row sees its own block
+    x = {a: torch.randn(2, h, n, d, generator=g, dtype=torch.float64) for a in ("Q", "K", "V")}
+    want = {a: t.clone().requires_grad_() for a, t in x.items()}
+    got = {a: t.clone().requires_grad_() for a, t in x.items()}
+    cot = torch.randn(2, h, n, d, generator=g, dtype=torch.float64)
+    (k.reference(**want, blk=blk) * cot).sum().backward()
+    (k(**got, blk=blk) * cot).sum().backward()
+    for a in x:
+        assert (got[a].grad - want[a].grad).abs().max().item() < 1e-12, a
+    dims = {"h": h, "n": n, "d": d, "e": d}
+    pred = k.backward.cost(dims, (2,), "float64", inputs={"blk": blk}, config=Config(16, 16))
+    outs, saved = k.backward.forward({**x, "blk": blk})
+    seen = collections.defaultdict(list)
+    orig = backward_run.run
+
+    def counted(fn, grid, args, consts, device, what):
+        with instrument() as c:
+            orig(fn, grid, args, consts, device, what)
+        seen[getattr(fn, "__name__", None) or fn.fn.__name__].append(c)
+
+    monkeypatch.setattr(backward_run, "run", counted)
+    k.backward.backward({**x, "blk": blk}, outs + saved, [cot])
+    for name, w in pred.kernels.items():
+        c = seen[name.split("/")[-1]][0]
+        assert (w.flops, w.bytes_loaded, w.bytes_stored) == (c.flops, c.dram_bytes_loaded, c.dram_bytes_stored)
+    every = k.backward.cost(dims, (2,), "float64", inputs={"blk": torch.ones_like(blk)}, config=Config(16, 16))
+    assert pred.flops < every.flops
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decoding_with_a_block_mask(splits):
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.decode_measure import measure as decode_measure
+
+    k = moa.compile(PROGRAMS["block"])
+    x = _inputs("block", 2, 300, d=16, seed=4)
+    assert (k.decode(**x, splits=splits) - k.reference(**x)).abs().max().item() < 1e-12
+    got = decode_measure(k, x, splits=splits)
+    p = decode_cost(k, 2, 300, splits=splits, dtype="fp64", device="cpu", d=16, e=16, inputs={"blk": x["blk"]})
+    assert (got.flops, got.dram_bytes_loaded, got.tiles_visited) == (p.flops, p.dram_bytes_loaded, p.tiles_visited)
+
+
+RUN = """
+import importlib.util, sys, torch
+cases = torch.load(sys.argv[1])
+outs = {}
+for name, (path, x) in cases.items():
+    spec = importlib.util.spec_from_file_location("written_" + name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    outs[name] = mod.launch(**x)
+assert not [m for m in sys.modules if m == "moa" or m.startswith("moa.")], "a written module imported moa"
+torch.save(outs, sys.argv[2])
+"""
+
+
+def test_standalone_launchers_summarise_tables(tmp_path, capsys):
+    """`moa compile --launcher` modules compute the pair summaries themselves (no moa import), batch axes too."""
+    import os
+    import subprocess
+    import sys
+
+    from moa.cli import main
+
+    cases, refs = {}, {}
+    for name in ("block", "transposed_levels"):
+        src, path = tmp_path / f"{name}.moa", tmp_path / f"{name}.py"
+        src.write_text(PROGRAMS[name])
+        assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
+        parts = [_inputs(name, 150, 170, seed=s) for s in (5, 6)]
+        x = {a: torch.stack([p[a] for p in parts]) for a in parts[0]}
+        cases[name] = (str(path), x)
+        refs[name] = moa.compile(PROGRAMS[name]).reference(**x)
+    capsys.readouterr()
+    torch.save(cases, tmp_path / "in.pt")
+    (tmp_path / "run.py").write_text(RUN)
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = torch.load(tmp_path / "out.pt")
+    for name, want in refs.items():
+        assert (outs[name] - want).abs().max().item() < 1e-12, name
+    assert "_pair_summaries(" in (tmp_path / "block.py").read_text()
