@@ -206,3 +206,10 @@ def test_standalone_launchers_summarise_tables(tmp_path, capsys):
     for name, want in refs.items():
         assert (outs[name] - want).abs().max().item() < 1e-12, name
     assert "_pair_summaries(" in (tmp_path / "block.py").read_text()
+
+
+def test_the_block_mask_of_the_variants_page_is_this_one():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
+    assert f"```\n{PROGRAMS['block_causal']}```" in text

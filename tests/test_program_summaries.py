@@ -147,3 +147,10 @@ def test_decode_with_a_per_head_length(splits):
          "L": torch.tensor([300, 17, 128, 200]), "causal": torch.tensor([False, True, False, True])}
     out = k.decode(**x, splits=splits)
     assert (out - k.reference(**x)).abs().max().item() < 1e-12
+
+
+def test_the_key_padding_of_the_variants_page_is_this_one():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
+    assert f"```\n{KEY_PADDING}```" in text
