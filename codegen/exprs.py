@@ -19,8 +19,9 @@ from moa import intervals as iv
 from moa import ir
 from moa import symbolic as sy
 from moa.errors import UnsupportedError
-from moa.onf import BranchValue, DotTile, Schedule
+from moa.onf import BranchValue, DotTile, Schedule, index_ranges
 from moa.program import Program
+from moa.value_bounds import positive
 
 from .printer import code as pcode
 from .printer import float_literal, int_literal
@@ -330,6 +331,8 @@ class Emitter:
         x = self._float(a[1], ex)
         if bv is not None and float(bv) > 0:
             return f"tl.exp2({x} * {math.log2(float(bv))!r})"
+        if bv is None and positive(base, index_ranges(self.s, self.p.dims)):   # > 0 wherever evaluated (a decay)
+            return f"tl.exp2({x} * tl.log2({self._float(a[0], base)}))"
         # else torch.pow's a^x by codegen/tidy.py's helpers (_powi: an integer-typed x, its sign by parity), literals
         # as typed values (the helpers read their dtype)
         b = f"tl.full([], {float(bv)!r}, {self.acc})" if bv is not None else self._float(a[0], base)

@@ -18,6 +18,7 @@ A schedule has a kind (`variants` lists the legal ones of an output; the runtime
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -278,6 +279,19 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     return Branch(kind, j, x.extent, mask, score, dot, x.value, lo, hi, skip, full, hop, mix,
                   source=x, lift=lift, mode=TILED if lift is None else "lift", span=iv.full_span(full),
                   summaries=sums, data_skip=dskip, data_full=dfull)
+
+
+def index_ranges(sched, dims) -> dict:
+    """Symbol -> (lo, hi) as floats for moa/value_bounds.py: the schedule's index variables in [0, extent - 1], the
+    dims in [1, inf]; a residue schedule's re-indexed rows and lifted keys are left out (no bound through them)."""
+    pairs = [*sched.lead, sched.col] + ([] if sched.lift is not None else [sched.row]) + \
+        [(b.var, b.extent) for b in sched.branches if b.lift is None] + \
+        [(b.dot.var, b.dot.extent) for b in sched.branches if b.dot is not None]
+    out = {d: (1.0, math.inf) for d in dims}
+    for v, ext in pairs:
+        ext = sp.sympify(ext)
+        out[v] = (0.0, float(ext) - 1 if ext.is_number else math.inf)
+    return out
 
 
 def scans_keys(sched, b) -> bool:
