@@ -1,5 +1,5 @@
-"""Masks that read an input fixed per program (a key length per batch entry L[0], a length or a causal switch per
-head L[h]) skip tiles by its value: the kernel loads it once per program, and the tile tests compare it as they
+"""Masks that read an input fixed per program (a key length per batch entry `in L: int`, a length or a causal switch
+per head L[a]) skip tiles by its value: the kernel loads it once per program, and the tile tests compare it as they
 compare a per-tile (min, max) summary whose min and max are that value (moa/intervals.py, axis "program"). Exact in
 float64, forward and backward; the tiles visited are exactly those holding an admissible pair; the cost model
 given the inputs counts what the instrumented interpreter counts."""
@@ -22,8 +22,8 @@ COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram
 
 KEY_PADDING = """dim n, m, d, e
 in Q[n, d], K[m, d], V[m, e]
-in L[1]: int
-S[i, j] = where(j < L[0], dot(Q[i], K[j]) / sqrt(d), -inf)
+in L: int
+S[i, j] = where(j < L, dot(Q[i], K[j]) / sqrt(d), -inf)
 out O = softmax(S, axis=-1) @ V
 """
 
@@ -52,7 +52,7 @@ def _key_padding(lengths, n=70, m=150, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     return {"Q": _floats((B, n, d), g), "K": _floats((B, m, d), g), "V": _floats((B, m, d), g),
-            "L": torch.tensor(lengths).reshape(B, 1)}
+            "L": torch.tensor(lengths)}
 
 
 def _per_head(lengths, causal, n=90, d=8, seed=1):
