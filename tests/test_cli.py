@@ -14,6 +14,11 @@ from moa.cli import main
 from moa.errors import InputError
 from moa.runtime.check import SdpaForm, _err, check, random_inputs, sdpa_form
 
+try:
+    import data_cases as DC
+except ImportError:  # pragma: no cover
+    from tests import data_cases as DC
+
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
 EXAMPLES = sorted(p.stem for p in EX.glob("*.moa"))
@@ -184,24 +189,6 @@ def test_launcher_refuses_the_window_kernel(capsys):
     assert "window-mixing kernel" in capsys.readouterr().err
 
 
-RUNNER = """
-import importlib.util, sys, torch
-cases = torch.load(sys.argv[1])
-outs = {}
-for name, (path, calls) in cases.items():
-    spec = importlib.util.spec_from_file_location("written_" + name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    outs[name] = [mod.launch(**inputs) for inputs in calls]
-    try:
-        mod.launch(**{**calls[0], "K": calls[0]["K"][..., :-1]})   # K's head dim short of Q's
-        outs[name + ":bad shape"] = "accepted"
-    except ValueError as e:
-        outs[name + ":bad shape"] = str(e)
-assert not [m for m in sys.modules if m == "moa" or m.startswith("moa.")], "a written module imported moa"
-torch.save(outs, sys.argv[2])
-"""
-
 LAUNCHED = ["causal", "gqa_alibi", "document_mask", "global_window", "relative_bias", "pi_attention", "mqa", "power"]
 
 
@@ -227,7 +214,7 @@ def test_launcher_modules_run_standalone(tmp_path, capsys):
     assert "pi_attention" in LAUNCHED and "residue lifting" in (tmp_path / "pi_attention.py").read_text()
     capsys.readouterr()
     torch.save(cases, tmp_path / "in.pt")
-    (tmp_path / "run.py").write_text(RUNNER)
+    (tmp_path / "run.py").write_text(DC.RUNNER)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)

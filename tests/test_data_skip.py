@@ -10,6 +10,11 @@ import moa
 from moa.runtime.costing import cost
 from moa.runtime.measuring import measure
 
+try:
+    import data_cases as DC
+except ImportError:  # pragma: no cover
+    from tests import data_cases as DC
+
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited")
 HEAD = "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
 PROGRAMS = {   # unseen predicates: no example has them
@@ -34,15 +39,6 @@ def inputs(n, d=16, seed=0, **extra):
 
 def segments(*lengths):
     return torch.cat([torch.full((x,), k) for k, x in enumerate(lengths)])
-
-
-def needed(mask: np.ndarray, bm: int, bn: int) -> int:
-    """(row tile, key tile) pairs holding an admissible (i, j), by brute force."""
-    n, m = mask.shape
-    R, T = -(-n // bm), -(-m // bn)
-    pad = np.zeros((R * bm, T * bn), dtype=bool)
-    pad[:n, :m] = mask
-    return int(pad.reshape(R, bm, T, bn).any(axis=(1, 3)).sum())
 
 
 def run(k, x):
@@ -71,7 +67,7 @@ def test_document_mask_visits_only_tiles_of_shared_documents():
     i = np.arange(300)
     mask = (doc.numpy()[:, None] == doc.numpy()[None, :]) & (i[None, :] <= i[:, None])
     bm, bn = k.plan(**x)["O"].config.block_m, k.plan(**x)["O"].config.block_n
-    assert c.tiles_visited == c.tiles_needed == needed(mask, bm, bn)   # sorted ids: the summaries are exact
+    assert c.tiles_visited == c.tiles_needed == DC.needed(mask, bm, bn)   # sorted ids: the summaries are exact
     assert blind.tiles_visited > c.tiles_visited   # without the data the cost model cannot know
 
 

@@ -5,8 +5,6 @@ pair (moa/intervals.py axis "pair"). Exact in float64, forward and backward; the
 what the instrumented interpreter counts; decoding stays exact."""
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import pytest
 import torch
@@ -14,10 +12,14 @@ import torch
 import moa
 from moa.runtime import backward_run
 from moa.runtime.costing import cost
-from moa.runtime.measure import instrument
 from moa.runtime.measuring import measure
 from moa.runtime.summaries import pair_tile_summaries
 from moa.runtime.tiling import Config
+
+try:
+    import data_cases as DC
+except ImportError:  # pragma: no cover
+    from tests import data_cases as DC
 from moa.tiles import pair_summary
 
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited")
@@ -65,14 +67,6 @@ def _inputs(name: str, n: int, m: int, d: int = 8, seed: int = 0) -> dict:
     return x
 
 
-def _needed(mask: np.ndarray, bm: int, bn: int) -> int:
-    n, m = mask.shape
-    R, T = -(-n // bm), -(-m // bn)
-    pad = np.zeros((R * bm, T * bn), dtype=bool)
-    pad[:n, :m] = mask
-    return int(pad.reshape(R, bm, T, bn).any(axis=(1, 3)).sum())
-
-
 def _counters(r) -> dict:
     return {f: getattr(r, f) for f in COUNTERS}
 
@@ -89,7 +83,7 @@ def test_tables_skip_tile_pairs_exactly(name):
     blind = cost(k, dtype="float64", device="cpu", n=n, m=m, d=8, e=8)
     assert _counters(got) == _counters(c)
     cfg = k.plan(**x)["O"].config
-    need = _needed(_mask(name, x, n, m), cfg.block_m, cfg.block_n)
+    need = DC.needed(_mask(name, x, n, m), cfg.block_m, cfg.block_n)
     assert c.tiles_needed == need <= got.tiles_visited < blind.tiles_visited
     if name != "block_causal":   # a causal block mask keeps a diagonal tile pair whose set blocks lie above it
         assert got.tiles_visited == need
@@ -134,20 +128,7 @@ def test_per_head_block_masks_and_the_backward(monkeypatch):
         assert (got[a].grad - want[a].grad).abs().max().item() < 1e-12, a
     dims = {"h": h, "n": n, "d": d, "e": d}
     pred = k.backward.cost(dims, (2,), "float64", inputs={"blk": blk}, config=Config(16, 16))
-    outs, saved = k.backward.forward({**x, "blk": blk})
-    seen = collections.defaultdict(list)
-    orig = backward_run.run
-
-    def counted(fn, grid, args, consts, device, what):
-        with instrument() as c:
-            orig(fn, grid, args, consts, device, what)
-        seen[getattr(fn, "__name__", None) or fn.fn.__name__].append(c)
-
-    monkeypatch.setattr(backward_run, "run", counted)
-    k.backward.backward({**x, "blk": blk}, outs + saved, [cot])
-    for name, w in pred.kernels.items():
-        c = seen[name.split("/")[-1]][0]
-        assert (w.flops, w.bytes_loaded, w.bytes_stored) == (c.flops, c.dram_bytes_loaded, c.dram_bytes_stored)
+    DC.check_backward_prediction(k, {**x, "blk": blk}, cot, pred, monkeypatch)
     every = k.backward.cost(dims, (2,), "float64", inputs={"blk": torch.ones_like(blk)}, config=Config(16, 16))
     assert pred.flops < every.flops
 
@@ -165,20 +146,6 @@ def test_decoding_with_a_block_mask(splits):
     assert (got.flops, got.dram_bytes_loaded, got.tiles_visited) == (p.flops, p.dram_bytes_loaded, p.tiles_visited)
 
 
-RUN = """
-import importlib.util, sys, torch
-cases = torch.load(sys.argv[1])
-outs = {}
-for name, (path, x) in cases.items():
-    spec = importlib.util.spec_from_file_location("written_" + name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    outs[name] = mod.launch(**x)
-assert not [m for m in sys.modules if m == "moa" or m.startswith("moa.")], "a written module imported moa"
-torch.save(outs, sys.argv[2])
-"""
-
-
 def test_standalone_launchers_summarise_tables(tmp_path, capsys):
     """`moa compile --launcher` modules compute the pair summaries themselves (no moa import), batch axes too."""
     import os
@@ -194,17 +161,17 @@ def test_standalone_launchers_summarise_tables(tmp_path, capsys):
         assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
         parts = [_inputs(name, 150, 170, seed=s) for s in (5, 6)]
         x = {a: torch.stack([p[a] for p in parts]) for a in parts[0]}
-        cases[name] = (str(path), x)
+        cases[name] = (str(path), [x])
         refs[name] = moa.compile(PROGRAMS[name]).reference(**x)
     capsys.readouterr()
     torch.save(cases, tmp_path / "in.pt")
-    (tmp_path / "run.py").write_text(RUN)
+    (tmp_path / "run.py").write_text(DC.RUNNER)
     r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     outs = torch.load(tmp_path / "out.pt")
     for name, want in refs.items():
-        assert (outs[name] - want).abs().max().item() < 1e-12, name
+        assert (outs[name][0] - want).abs().max().item() < 1e-12, name
     assert "_pair_summaries(" in (tmp_path / "block.py").read_text()
 
 

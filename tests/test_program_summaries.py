@@ -5,8 +5,6 @@ float64, forward and backward; the tiles visited are exactly those holding an ad
 given the inputs counts what the instrumented interpreter counts."""
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import pytest
 import torch
@@ -14,9 +12,13 @@ import torch
 import moa
 from moa.runtime import backward_run
 from moa.runtime.costing import cost
-from moa.runtime.measure import instrument
 from moa.runtime.measuring import measure
 from moa.runtime.tiling import Config
+
+try:
+    import data_cases as DC
+except ImportError:  # pragma: no cover
+    from tests import data_cases as DC
 
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "dram_bytes_loaded", "dram_bytes_stored", "tiles_visited")
 
@@ -37,15 +39,6 @@ out O[a] = softmax(S[a], axis=-1) @ V[a]
 
 def _floats(shape, g):
     return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-
-def _needed(mask: np.ndarray, bm: int, bn: int) -> int:
-    """(row tile, key tile) pairs holding an admissible (i, j), by brute force."""
-    n, m = mask.shape
-    R, T = -(-n // bm), -(-m // bn)
-    pad = np.zeros((R * bm, T * bn), dtype=bool)
-    pad[:n, :m] = mask
-    return int(pad.reshape(R, bm, T, bn).any(axis=(1, 3)).sum())
 
 
 def _key_padding(lengths, n=70, m=150, d=8, seed=0):
@@ -78,7 +71,7 @@ def test_key_padding_visits_only_the_tiles_before_each_length():
     assert _counters(m) == _counters(c)
     cfg = k.plan(**x)["O"].config
     j = np.arange(150)
-    need = sum(_needed(np.broadcast_to(j[None, :] < L, (70, 150)), cfg.block_m, cfg.block_n) for L in lengths)
+    need = sum(DC.needed(np.broadcast_to(j[None, :] < L, (70, 150)), cfg.block_m, cfg.block_n) for L in lengths)
     assert m.tiles_visited == c.tiles_needed == need
     assert blind.tiles_visited > m.tiles_visited   # without L the cost model cannot know
 
@@ -94,7 +87,7 @@ def test_a_per_head_length_and_causal_switch():
     assert _counters(m) == _counters(c)
     cfg = k.plan(**x)["O"].config
     i, j = np.arange(90)[:, None], np.arange(90)[None, :]
-    need = sum(_needed((j < L) & (~np.bool_(cz) | (j <= i)), cfg.block_m, cfg.block_n)
+    need = sum(DC.needed((j < L) & (~np.bool_(cz) | (j <= i)), cfg.block_m, cfg.block_n)
                for L, cz in zip(lengths, causal))
     assert m.tiles_visited == c.tiles_needed == need
 
@@ -120,20 +113,7 @@ def test_gradients_and_the_backward_prediction(monkeypatch):
         assert (got[name].grad - want[name].grad).abs().max().item() < 1e-12, name
     dims = {"h": 4, "n": 40, "m": 40, "d": 4, "e": 4}
     pred = k.backward.cost(dims, (), "float64", inputs=ints, config=Config(16, 16))
-    outs, saved = k.backward.forward(x)
-    seen = collections.defaultdict(list)
-    orig = backward_run.run
-
-    def counted(fn, grid, args, consts, device, what):
-        with instrument() as c:
-            orig(fn, grid, args, consts, device, what)
-        seen[getattr(fn, "__name__", None) or fn.fn.__name__].append(c)
-
-    monkeypatch.setattr(backward_run, "run", counted)
-    k.backward.backward(x, outs + saved, [cot])
-    for name, w in pred.kernels.items():
-        c = seen[name.split("/")[-1]][0]
-        assert (w.flops, w.bytes_loaded, w.bytes_stored) == (c.flops, c.dram_bytes_loaded, c.dram_bytes_stored)
+    DC.check_backward_prediction(k, x, cot, pred, monkeypatch)
     every = {"L": torch.full((4,), 40), "causal": torch.zeros(4, dtype=torch.bool)}
     full = k.backward.cost(dims, (), "float64", inputs=every, config=Config(16, 16))
     assert pred.flops < full.flops
