@@ -40,7 +40,7 @@ from moa.program import Program
 
 from .backward_bounds import query_loop
 from .backward_shape import operand_read, score_reads
-from .data_tiles import program_values, summary_arg, summary_offsets
+from .data_tiles import program_values, summary_arg, summary_offsets, widen
 from .exprs import AccessSite, Emitter, joined_mask
 from .printer import code as pcode
 from .scope import Scope
@@ -247,7 +247,7 @@ class _BackwardEmitter:
             for sym, stat, extra in ((sm.lo, "min", ""), (sm.hi, "max", f" + stride_{ts.arg}_s")):
                 names[sym] = x.fresh(f"{sm.read.name}_{sm.axis}_{stat}")
                 x.loads.append(AccessSite(names[sym], ts.arg, (), (), ()))
-                scope.add(f"{names[sym]} = tl.load({base}{extra})  # {stat} of {sm.read.name} over the "
+                scope.add(f"{names[sym]} = tl.load({base}{extra}){widen(sm)}  # {stat} of {sm.read.name} over the "
                           f"{'tile pair' if sm.axis == 'pair' else sm.axis + ' tile'}")
 
     def _ds_dot(self, ds: str, operand: str, x: Emitter) -> str:

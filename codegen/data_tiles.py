@@ -93,7 +93,7 @@ class DataTiles:
                 name = self.x.fresh(f"{sm.read.name}_{sm.axis}_{stat}" + ("_t" if vector else ""))
                 names[sym] = name
                 what = f"each of {SCAN} key tiles" if vector else f"the {axis} tile"
-                scope.add(f"{name} = tl.load({base}{extra})  # {stat} of {sm.read.name} over {what}")
+                scope.add(f"{name} = tl.load({base}{extra}){widen(sm)}  # {stat} of {sm.read.name} over {what}")
                 self.x.loads.append(AccessSite(name, ts.arg, (), ((SCAN_T, "scan"),) if vector else (), ()))
 
     def _program_values(self, b, scope: Scope, names: dict | None = None) -> None:
@@ -142,8 +142,13 @@ def program_values(summaries, x, scope: Scope, names: dict) -> None:
         if sm.axis != "program":
             continue
         value = x.emit(sm.read, {}, scope, role="bound")
-        if sm.read.dtype == ir.BOOL:   # tested as 0 / 1, like a tile's any / all
-            flag = x.fresh(f"{sm.read.name}_flag")
-            scope.add(f"{flag} = {value}.to(tl.int32)")
-            value = flag
-        names[sm.lo] = names[sm.hi] = value
+        # tested as 0 / 1 (a flag, like a tile's any / all) or in 64 bits (an int32 length plus a tile bound)
+        wide = x.fresh(f"{sm.read.name}_{'flag' if sm.read.dtype == ir.BOOL else 'wide'}")
+        scope.add(f"{wide} = {value}.to({'tl.int32' if sm.read.dtype == ir.BOOL else 'tl.int64'})")
+        names[sm.lo] = names[sm.hi] = wide
+
+
+def widen(sm) -> str:
+    """The conversion of an integer summary to 64 bits for the tile tests (an int32 id or length next to a tile
+    bound); flags stay 0 / 1."""
+    return "" if sm.read.dtype == ir.BOOL else ".to(tl.int64)"

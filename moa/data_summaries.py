@@ -81,14 +81,24 @@ def with_summaries(box: Box, summaries, axes=("row", "key", "program", "pair")) 
                {**box.reads, **{s.read: s.placeholder for s in sums}})
 
 
-def no_wrap(e):
-    """A tile test with every comparison `sum op 0` written as `(its positive terms) op (its negated negative
-    terms)`: the same truth value with no subtraction of data, so summaries near the ends of their integer type
-    (int32 or int64 ids, hashed document ids) do not wrap: doc_min - doc_max > 0 becomes doc_min > doc_max. The
-    kernel and the cost model both evaluate this form."""
+def no_wrap(e, data=frozenset()):
+    """A tile test with every comparison `sum op 0` rewritten so that no sum or difference involves data near the
+    ends of its integer type (int32 or int64 ids, hashed document ids, a length of 2^31 - 1 meaning "no limit"):
+    a comparison with one data symbol (of `data`, the summaries' min / max) of coefficient +-1 keeps it alone on one
+    side (i - j < L: I_LO - J_HI >= L_max skips, never I_LO >= J_HI + L_max); otherwise `(its positive terms) op
+    (its negated negative terms)`: doc_min - doc_max > 0 becomes doc_min > doc_max. The same truth value over the
+    integers; the kernel and the cost model both evaluate this form."""
     def split(r):
+        terms = sp.Add.make_args(sp.expand(r.lhs - r.rhs))
+        held = [t for t in terms if t.free_symbols & data]
+        if len(held) == 1 and len(held[0].free_symbols & data) == 1:
+            coeff, sym = held[0].as_coeff_Mul()
+            if coeff in (1, -1) and sym.is_Symbol:
+                rest = sp.Add(*[t for t in terms if t is not held[0]])
+                # sym + rest op 0  ->  sym op -rest;   -sym + rest op 0  ->  rest op sym
+                return r.func(sym, -rest, evaluate=False) if coeff == 1 else r.func(rest, sym, evaluate=False)
         pos, neg = [], []
-        for t in sp.Add.make_args(sp.expand(r.lhs - r.rhs)):
+        for t in terms:
             (neg if t.could_extract_minus_sign() else pos).append(t)
         return r.func(sp.Add(*pos), -sp.Add(*neg), evaluate=False)
 

@@ -271,7 +271,8 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     if lift is None:   # data-dependent reads decided by per-tile summaries (data-derived block sparsity)
         sums = ds.summaries_of(pred, box, j, leadset)
         if sums:
-            dskip, dfull = (ds.no_wrap(t) for t in iv.classify(pred, ds.with_summaries(tile_box, sums)))
+            held = {x for sm in sums for x in (sm.lo, sm.hi)}
+            dskip, dfull = (ds.no_wrap(t, held) for t in iv.classify(pred, ds.with_summaries(tile_box, sums)))
             used = set().union(*(sp.sympify(f).free_symbols for f in (dskip, dfull)))
             sums = tuple(s for s in sums if {s.lo, s.hi} & used)
             dskip, dfull = (dskip, dfull) if sums else (None, None)

@@ -269,7 +269,8 @@ def mask3(e, env):
         if e.name in data and e.dtype != ir.FLOAT:   # the cost model was given this input
             v = np.asarray(data[e.name])[tuple(np.asarray(np_eval(sp.sympify(ix), env), dtype=np.int64)
                                                for ix in e.index)]
-            return ("b", v.astype(bool), v.astype(bool)) if e.dtype == ir.BOOL else ("v", v)
+            # integers in 64 bits, as the reference and the kernel's mask compute (an int32 length minus 5)
+            return ("b", v.astype(bool), v.astype(bool)) if e.dtype == ir.BOOL else ("v", v.astype(np.int64))
         return ("u",) if e.dtype != ir.BOOL else ("b", True, False)
     if isinstance(e, D.Op):
         args = [mask3(a, env) for a in e.args]

@@ -181,14 +181,15 @@ def _summaries(b, env: dict, entry: dict, n: int, m: int, bm: int, bn: int) -> d
     return out
 
 
-def _elem_bytes(program, spec, dtype: str, int_bytes: int) -> dict:
+def _elem_bytes(program, spec, dtype: str, int_bytes: int | dict) -> dict:
     """Tensor name -> element bytes: float inputs and dO in the compute dtype, ints as passed, booleans one byte;
     lse, delta and the gradients in the accumulation dtype; the data summaries like their input."""
     size = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     acc = 8 if dtype == "float64" else 4
     out = {"dO": size, "lse": acc, "delta": acc, "dK": acc, "dV": acc, "dQ": acc}
     for name, node in program.input_map.items():
-        out[name] = size if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else int_bytes
+        out[name] = size if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else \
+            int_bytes.get(name, 8) if isinstance(int_bytes, dict) else int_bytes
     for ts in spec.summaries:
         out[ts.arg] = out[ts.tensor]
     for x in spec.scatters:
@@ -196,13 +197,13 @@ def _elem_bytes(program, spec, dtype: str, int_bytes: int) -> dict:
     return out
 
 
-def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config | dict, int_bytes: int = 8,
+def predict(runner, dims: dict, batch: tuple, dtype: str, cfg: Config | dict, int_bytes: int | dict = 8,
             data: dict | None = None) -> dict:
     """Kernel name -> BackwardWork of a backward call (runner: runtime/backward_run.py BackwardRunner; dims in the
     program's names; batch: the call's batch shape; cfg: the Config of both kernels, or kernel name -> Config (a GPU
     chooses each kernel's own, runtime/backward_configs.py); int_bytes: the element size of integer inputs as
-    passed; data: codegen input name -> array (batch axes first) of the integer and boolean inputs whose per-tile
-    summaries the kernels test, required when they do)."""
+    passed (one for all, or codegen name -> size); data: codegen input name -> array (batch axes first) of the
+    integer and boolean inputs whose per-tile summaries the kernels test, required when they do)."""
     spec = runner.spec(dtype, len(batch))
     program, sched = runner.planner.cg_program, runner.sched
     b = sched.branches[0]

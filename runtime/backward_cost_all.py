@@ -29,30 +29,29 @@ from moa.errors import UnsupportedError
 
 from . import backward_cost, backward_cost_linear, backward_run, window_backward, window_backward_cost
 from .backward_cost import BackwardCost, work_of
-from .costing import batched
+from .costing import batched, int_widths
 from .launch import compute_dtype
 from .tiling import DTYPE_NAME, Config, choose_config, exact_heads, window_default
 
 BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> tuple[dict | None, int]:
-    """(codegen name -> numpy array of the integer and boolean inputs given, element bytes of the integers)."""
+def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> tuple[dict | None, dict]:
+    """(codegen name -> numpy array of the integer and boolean inputs given, codegen name -> element bytes of the
+    integers given: costing.int_widths)."""
     if not inputs:
-        return None, 8
+        return None, {}
     back = planner.codegen.inputs   # codegen name -> user name
     nodes = planner.program.input_map
-    out, ib = {}, 8
+    out = {}
     for cg, user in back.items():
         if user not in inputs or nodes[user].dtype == ir.FLOAT:
             continue
         x = inputs[user]
         a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        if nodes[user].dtype == ir.INT:
-            ib = 4 if a.dtype == np.int32 else 8
         out[cg] = batched(a, tuple(sy.evaluate(e, dims) for e in nodes[user].shape), batch,
                           f"backward.cost(inputs=...): {user}")
-    return out, ib
+    return out, int_widths(planner, {cg: inputs[user] for cg, user in back.items() if user in inputs})
 
 
 def _runner_config(spec, dims: dict, config: Config | None) -> Config:
@@ -98,7 +97,7 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
     return _multi(bw.multi, cg_dims, batch, compute, config, int_bytes, data)
 
 
-def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: int, data) -> BackwardCost:
+def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: dict, data) -> BackwardCost:
     """Per branch: its forward recomputed (the tiled forward kernel storing o_k and lse_k, counted as the forward's
     cost model counts it), then its two fused backward kernels for dO_k."""
     program = mb.planner.cg_program
@@ -111,7 +110,8 @@ def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: int, d
                                           0)
             spec = generate(program, sub, compute, len(batch), cfg.block_m, cfg.block_n, True,
                             exact_heads(sub, dims))
-            eb = {name: BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else int_bytes
+            eb = {name: BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else
+                  int_bytes.get(name, 8)
                   for name, node in program.input_map.items()}
             eb.update({sub.output: BYTES[compute], "lse": 8 if compute == "float64" else 4})
             eb.update({ts.arg: eb[ts.tensor] for ts in spec.summaries})

@@ -48,12 +48,15 @@ def _compute_dtype(dtype: str, on_cpu: bool) -> str:
     return "float32" if (dtype == "bfloat16" and on_cpu) else dtype
 
 
-def _elem_bytes(planner, sched, compute: str, index_dtype: str) -> dict:
+def _elem_bytes(planner, sched, compute: str, index_dtype: str, widths: dict | None = None) -> dict:
+    """Tensor name -> element bytes as the kernel reads it: floats in the compute dtype, flags one byte, integers
+    by `widths` (codegen name -> bytes, int_widths) where given, else in index_dtype."""
     out = {}
     ib = torch.empty(0, dtype=getattr(torch, index_dtype)).element_size()
     for node in planner.cg_program.inputs:
         name = node.attrs[0]
-        out[name] = DTYPE_BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else ib
+        out[name] = DTYPE_BYTES[compute] if node.dtype == ir.FLOAT else 1 if node.dtype == ir.BOOL else \
+            (widths or {}).get(name, ib)
     out[sched.output] = DTYPE_BYTES[compute]
     out["lse"] = 8 if compute == "float64" else 4
     return out
@@ -230,7 +233,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     t = _Totals()
     for name in planner.output_names:
         sched = planner.schedules[name]
-        eb = _elem_bytes(planner, sched, compute if on_cpu else dtype, index_dtype)
+        eb = _elem_bytes(planner, sched, compute if on_cpu else dtype, index_dtype, int_widths(planner, inputs))
         if kinds[name] == WINDOW:
             counts, chip = _window_counts(planner, name, dims, batch, compute, eb, needed)
             # a program's W hops re-read rows [i0 - W + 1, i0 + BLOCK_M): from L1/L2, like the tiled key loop
@@ -284,6 +287,14 @@ def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict
                                                                "(this program has none: leave inputs= out)"))
         inputs = {user[n]: x for n, x in inputs.items()}
     return dims, inputs
+
+
+def int_widths(planner, inputs: dict | None) -> dict:
+    """Codegen input name -> element bytes of each integer input given (codegen names), as a launch passes it:
+    int64 as is (8), any narrower integer as int32 (4)."""
+    nodes = planner.cg_program.input_map
+    return {cg: 8 if torch.as_tensor(x).dtype == torch.int64 else 4 for cg, x in (inputs or {}).items()
+            if cg in nodes and nodes[cg].dtype == ir.INT}
 
 
 def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:

@@ -165,7 +165,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
         lens = [m] * nbatch if cache_len is None else \
             [int(cache_len)] * nbatch if isinstance(cache_len, int) else [int(x) for x in cache_len]
         if len(batch) > 1 and len(lens) == batch[0] != nbatch:   # per sequence, aligned as decode aligns them
-            lens = per_sequence(torch.tensor(lens), batch).expand(*batch).reshape(-1).tolist()
+            lens = per_sequence(torch.tensor(lens), batch).expand(tuple(batch)).reshape(-1).tolist()
         if len(lens) != nbatch or any(not 0 <= x <= m for x in lens):
             raise InputError(f"decode_cost: cache_len needs {nbatch} lengths in 0 .. {m}, got {lens}")
         groups = [((), x, cdiv(x, split_len)) for x in lens] if inputs else \
@@ -303,7 +303,7 @@ def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple, table=N
         t = torch.as_tensor(x)
         rank = len(decl[name].shape)
         try:
-            t = t.expand(*batch, *t.shape[t.dim() - rank:])
+            t = t.expand((*batch, *t.shape[t.dim() - rank:]))
         except RuntimeError:
             raise InputError(f"decode_cost(inputs=...): {name} of shape {tuple(t.shape)} does not broadcast to "
                              f"the batch {tuple(batch)}") from None

@@ -140,7 +140,7 @@ def both_sides_per_batch(kernel, plan, inputs: dict, rows: torch.Tensor, batch: 
         rank, axis = len(decl[name].shape), plan.roles[name][1]
         own = t.shape[t.dim() - rank:]
         try:
-            full = t.expand(*batch, *own)
+            full = t.expand((*batch, *own))
         except RuntimeError:
             raise InputError(f"decode: input {name} of shape {tuple(t.shape)} does not broadcast to the call's "
                              f"batch axes {tuple(batch)}") from None

@@ -166,7 +166,7 @@ def _broadcast(kernel, inputs: dict | None, batch: tuple) -> dict | None:
         if name in decl:
             rank = len(decl[name].shape)
             try:
-                t = t.expand(*batch, *t.shape[t.dim() - rank:]) if t.dim() >= rank else None
+                t = t.expand((*batch, *t.shape[t.dim() - rank:])) if t.dim() >= rank else None
             except RuntimeError:
                 t = None
             if t is None:

@@ -134,3 +134,68 @@ def test_the_key_padding_of_the_variants_page_is_this_one():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
     assert f"```\n{KEY_PADDING}```" in text
+
+
+EDGE = """dim n, m, d, e
+in Q[n, d], K[m, d], V[m, e]
+in L: int
+S[i, j] = where({}, dot(Q[i], K[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V
+"""
+
+
+@pytest.mark.parametrize("mask, admits", [
+    ("i - j < L", lambda i, j, L: i - j < L), ("i - j >= L", lambda i, j, L: i - j >= L),
+    ("j < L - 1", lambda i, j, L: j < L - 1), ("j <= i and j > i - L", lambda i, j, L: (j <= i) & (j > i - L)),
+    ("j + L > i and j <= i", lambda i, j, L: (j + L > i) & (j <= i)), ("2 * L > j", lambda i, j, L: 2 * L > j)])
+@pytest.mark.parametrize("value, dtype", [(17, torch.int64), (2 ** 31 - 1, torch.int32), (2 ** 63 - 1, torch.int64),
+                                          (-2 ** 31, torch.int32)])
+def test_lengths_at_the_ends_of_their_type_and_offsets(mask, admits, value, dtype):
+    """A length next to a tile bound (i - j < L, its tile test I_LO - J_HI >= L) is compared, never added: a value
+    of 2^31 - 1 or 2^63 - 1 meaning "no limit" does not wrap; offsets and sums (L - 1, i - L) skip tiles too."""
+    if mask == "2 * L > j" and value == 2 ** 63 - 1:
+        pytest.skip("2 L wraps in int64 in the reference as well")
+    k = moa.compile(EDGE.format(mask))
+    g = torch.Generator().manual_seed(2)
+    x = {"Q": _floats((60, 8), g), "K": _floats((90, 8), g), "V": _floats((90, 8), g),
+         "L": torch.tensor(value, dtype=dtype)}
+    assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+    got = measure(k, **x)
+    c = cost(k, dtype="float64", device="cpu", inputs={"L": x["L"]}, n=60, m=90, d=8, e=8)
+    assert _counters(got) == _counters(c)
+    cfg = k.plan(**x)["O"].config
+    i, j = np.arange(60, dtype=np.int64)[:, None], np.arange(90, dtype=np.int64)[None, :]
+    with np.errstate(over="ignore"):
+        need = DC.needed(np.broadcast_to(admits(i, j, np.int64(value)), (60, 90)), cfg.block_m, cfg.block_n)
+    assert got.tiles_visited == c.tiles_needed == need
+
+
+def test_integer_widths_per_input_in_every_cost_model(monkeypatch):
+    """An int32 length next to int64 document ids: each is counted at its own width (a launch passes int64 as is,
+    narrower integers as int32), in cost, decode_cost and backward.cost; a scalar length with no batch axes."""
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.decode_measure import measure as decode_measure
+
+    src = EDGE.format("j < L and doc[i] == doc[j]").replace("in L: int", "in L: int, doc[n]: int").replace(
+        "in Q[n, d], K[m, d], V[m, e]", "in Q[n, d], K[n, d], V[n, e]").replace("dim n, m, d, e", "dim n, d, e")
+    k = moa.compile(src)
+    g = torch.Generator().manual_seed(3)
+    x = {"Q": _floats((2, 80, 8), g), "K": _floats((2, 80, 8), g), "V": _floats((2, 80, 8), g),
+         "L": torch.tensor([70, 33], dtype=torch.int32), "doc": torch.arange(80) // 30}
+    ints = {"L": x["L"], "doc": x["doc"]}
+    assert _counters(measure(k, **x)) == _counters(cost(k, dtype="float64", device="cpu", inputs=ints, n=80, d=8,
+                                                        e=8, batch=2))
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    cot = _floats((2, 80, 8), g)
+    pred = k.backward.cost({"n": 80, "d": 8, "e": 8}, (2,), "float64", inputs=ints, config=Config(16, 16))
+    DC.check_backward_prediction(k, x, cot, pred, monkeypatch)
+    y = {**x, "Q": x["Q"][:, -2:]}
+    for splits in (1, 3):
+        got = decode_measure(k, y, splits=splits)
+        p = decode_cost(k, 2, 80, splits=splits, dtype="fp64", device="cpu", batch=(2,), inputs=ints, d=8, e=8)
+        assert (got.dram_bytes_loaded, got.tiles_visited) == (p.dram_bytes_loaded, p.tiles_visited)
+    one = moa.compile(EDGE.format("j < L"))
+    z = {"Q": _floats((1, 8), g), "K": _floats((96, 8), g), "V": _floats((96, 8), g), "L": torch.tensor(50)}
+    got = decode_measure(one, z, splits=2)
+    p = decode_cost(one, 1, 96, splits=2, dtype="fp64", device="cpu", inputs={"L": z["L"]}, d=8, e=8)
+    assert (got.dram_bytes_loaded, got.tiles_visited) == (p.dram_bytes_loaded, p.tiles_visited)
