@@ -218,14 +218,15 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
     for ts in summaries:
         block = "BLOCK_M" if ts.axis == "row" else "BLOCK_N"
         t = local(f"{inp_of[ts.tensor]}_{ts.axis}_tiles")
+        src = inp_of[ts.tensor]   # flags given as integers are summarised as the kernel reads them: != 0
+        src = f"({src} != 0)" if program.input_map[src].dtype == ir.BOOL else src
         if ts.axis == "pair":
             at = [_along(ix, ext, local(f"{t}_{side}"), dim_of, dev_, body)
                   for side, ix, ext in (("rows", ts.at.rows, ts.at.n), ("keys", ts.at.keys, ts.at.m))]
-            body.append(f"    {t} = _pair_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {1 + ts.kpos}, {at[0]}, "
-                        f"{at[1]}, BLOCK_M, BLOCK_N, {SCAN})")
+            body.append(f"    {t} = _pair_summaries({src}, {1 + ts.pos}, {1 + ts.kpos}, {at[0]}, {at[1]}, BLOCK_M, "
+                        f"BLOCK_N, {SCAN})")
         else:
-            body.append(f"    {t} = _tile_summaries({inp_of[ts.tensor]}, {1 + ts.pos}, {block}, "
-                        f"{0 if ts.axis == 'row' else SCAN})")
+            body.append(f"    {t} = _tile_summaries({src}, {1 + ts.pos}, {block}, {0 if ts.axis == 'row' else SCAN})")
         args.append(f"{t}, *{t}.stride()")
     args.append(f"{out_}, *{out_}.stride()")
     args += [dim_of[x] for x in spec.dims]

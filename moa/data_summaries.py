@@ -12,7 +12,7 @@ from . import dnf as D
 from . import ir
 from .intervals import Box
 
-UNKNOWN = 2 ** 40   # a summary without data: min -UNKNOWN, max UNKNOWN (the tile may hold any value)
+UNKNOWN = sp.oo   # a summary without data: min -oo, max oo (the tile may hold any value: every threshold)
 
 
 @dataclass(frozen=True)
@@ -39,17 +39,18 @@ class Summary:
         return {self.lo: -UNKNOWN, self.hi: UNKNOWN}
 
 
-def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
+def summaries_of(pred, row: sp.Symbol, key: sp.Symbol) -> tuple:
     """The reads of a mask predicate that a per-tile summary can decide: integer or boolean inputs indexed by the
-    row (or key) variable in one position and by leading variables elsewhere (doc[i], glob[j], seg[h, i]), by
-    leading variables only (a key length L[b]: one value per program), or by a function of the row alone in one
-    position and of the key alone in another (blk[i // B, j // B]: per pair of tiles)."""
+    row (or key) variable in one position and by leading variables and dims elsewhere (doc[i], glob[j], seg[h, i],
+    keep[a // (h // g), j]), by those only (a key length L[b]: one value per program), or by a function of the row
+    alone in one position and of the key alone in another (blk[i // B, j // B]: per pair of tiles)."""
     out = {}
     for x in D.nodes(pred):
         if not isinstance(x, D.Read) or x.dtype not in (ir.INT, ir.BOOL) or x in out:
             continue
         index = [sp.sympify(ix) for ix in x.index]
-        if all(ix.free_symbols <= lead for ix in index):
+        fixed = [not (ix.free_symbols & {row, key}) for ix in index]   # leading indices and dims (a // (h // g))
+        if all(fixed):
             tag = f"{x.name}_program{len(out)}"
             out[x] = Summary(x, "program", -1, sp.Symbol(f"{tag}_min", integer=True),
                              sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
@@ -57,7 +58,7 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
         for var, axis in ((row, "row"), (key, "key")):
             pos = [k for k, ix in enumerate(index) if ix == var]
             others = [ix for k, ix in enumerate(index) if k not in pos]
-            if len(pos) == 1 and all(ix.free_symbols <= lead for ix in others):
+            if len(pos) == 1 and all(not (ix.free_symbols & {row, key}) for ix in others):
                 tag = f"{x.name}_{axis}{len(out)}"
                 out[x] = Summary(x, axis, pos[0], sp.Symbol(f"{tag}_min", integer=True),
                                  sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
@@ -66,7 +67,7 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol, lead: set) -> tuple:
             rows = [k for k, ix in enumerate(index) if ix.free_symbols == {row}]
             keys = [k for k, ix in enumerate(index) if ix.free_symbols == {key}]
             rest = [ix for k, ix in enumerate(index) if k not in rows + keys]
-            if len(rows) == 1 and len(keys) == 1 and all(ix.free_symbols <= lead for ix in rest):
+            if len(rows) == 1 and len(keys) == 1 and all(not (ix.free_symbols & {row, key}) for ix in rest):
                 tag = f"{x.name}_pair{len(out)}"
                 out[x] = Summary(x, "pair", rows[0], sp.Symbol(f"{tag}_min", integer=True),
                                  sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True),

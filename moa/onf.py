@@ -269,7 +269,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     skip, full = iv.classify(pred, tile_box)
     sums, dskip, dfull = (), None, None
     if lift is None:   # data-dependent reads decided by per-tile summaries (data-derived block sparsity)
-        sums = ds.summaries_of(pred, box, j, leadset)
+        sums = ds.summaries_of(pred, box, j)
         if sums:
             held = {x for sm in sums for x in (sm.lo, sm.hi)}
             dskip, dfull = (ds.no_wrap(t, held) for t in iv.classify(pred, ds.with_summaries(tile_box, sums)))

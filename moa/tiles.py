@@ -114,7 +114,7 @@ def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: in
     out = {}
     for sm in b.summaries:
         if data is None or sm.read.name not in data:
-            out.update(sm.unknown)
+            out.update({k: float(v) for k, v in sm.unknown.items()})   # -inf, inf: no test decides
             continue
         x = np.asarray(data[sm.read.name])
         ix = tuple(slice(None) if k in (sm.pos, sm.kpos) else int(np_eval(sp.sympify(e), env))
@@ -267,10 +267,20 @@ def mask3(e, env):
     if isinstance(e, D.Read):
         data = env.get(DATA, {})
         if e.name in data and e.dtype != ir.FLOAT:   # the cost model was given this input
-            v = np.asarray(data[e.name])[tuple(np.asarray(np_eval(sp.sympify(ix), env), dtype=np.int64)
-                                               for ix in e.index)]
-            # integers in 64 bits, as the reference and the kernel's mask compute (an int32 length minus 5)
-            return ("b", v.astype(bool), v.astype(bool)) if e.dtype == ir.BOOL else ("v", v.astype(np.int64))
+            arr = np.asarray(data[e.name])
+            at = [np.asarray(np_eval(sp.sympify(ix), env), dtype=np.int64) for ix in e.index]
+            if any(x == 0 for x in arr.shape[:len(at)]):
+                return ("u",) if e.dtype != ir.BOOL else ("b", True, False)
+            # a point outside the input is one a where(...) guard never takes (the call refuses unguarded ones):
+            # read in range there, and a flag read there says nothing
+            out = np.zeros((), dtype=bool)
+            for k, x in enumerate(at):
+                out = out | (x < 0) | (x >= arr.shape[k])
+            v = arr[tuple(np.clip(x, 0, arr.shape[k] - 1) for k, x in enumerate(at))]
+            if e.dtype == ir.BOOL:
+                v = v.astype(bool)
+                return "b", v | out, v & ~out
+            return "v", v.astype(np.int64)   # in 64 bits, as the reference and the kernel's mask compute
         return ("u",) if e.dtype != ir.BOOL else ("b", True, False)
     if isinstance(e, D.Op):
         args = [mask3(a, env) for a in e.args]

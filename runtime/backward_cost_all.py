@@ -29,7 +29,7 @@ from moa.errors import UnsupportedError
 
 from . import backward_cost, backward_cost_linear, backward_run, window_backward, window_backward_cost
 from .backward_cost import BackwardCost, work_of
-from .costing import batched, int_widths
+from .costing import batched, check_data_reads, int_widths
 from .launch import compute_dtype
 from .tiling import DTYPE_NAME, Config, choose_config, exact_heads, window_default
 
@@ -76,6 +76,8 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
     batch = tuple(int(x) for x in batch)
     compute = DTYPE_NAME[compute_dtype(getattr(torch, dtype), torch.device("cuda" if device == "cuda" else "cpu"))]
     cg_dims = {cg: dims[user] for cg, user in planner.codegen.dims.items()}
+    if inputs:
+        check_data_reads(k, dims)
     data, int_bytes = _data(planner, inputs, dims, batch)
     if bw.unfused_reason:
         return BackwardCost("unfused", {}, (f"no fused kernels ({bw.unfused_reason}): the gradient DNF is evaluated "

@@ -13,6 +13,7 @@ import math
 import numbers
 import weakref
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import sympy as sp
@@ -33,6 +34,7 @@ from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
 
 from .aot_batch import no_fit
+from .binding import check_reads
 from .configs import fit_schedule
 from .form_configs import fit_linear
 from .linear_cost import KERNELS as LINEAR_KERNELS
@@ -123,6 +125,8 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     them) of integer or boolean inputs a mask reads (document ids, flags): the tiles the kernel skips by their
     per-tile summaries, and tiles_needed, are counted on this data; without it a data-dependent test is counted
     as skipping nothing."""
+    if inputs and all(d.name in dims for d in kernel.program.dims):
+        check_data_reads(kernel, dims)
     if index_dtype is None:
         decl = kernel.program.input_map   # a bool input passed as integers is read as flags: not an int width
         ints = [torch.as_tensor(t).dtype for n, t in (inputs or {}).items()
@@ -287,6 +291,12 @@ def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict
                                                                "(this program has none: leave inputs= out)"))
         inputs = {user[n]: x for n, x in inputs.items()}
     return dims, inputs
+
+
+def check_data_reads(kernel, dims: dict) -> None:
+    """The call's refusal of an unguarded read outside its input (runtime/binding.check_reads) at these dims (user
+    names): the cost model given the data refuses what the call refuses, before it reads the data there."""
+    check_reads(kernel.program, kernel.dnf, SimpleNamespace(dims=dims))
 
 
 def int_widths(planner, inputs: dict | None) -> dict:

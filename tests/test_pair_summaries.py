@@ -180,3 +180,47 @@ def test_the_block_mask_of_the_variants_page_is_this_one():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
     assert f"```\n{PROGRAMS['block_causal']}```" in text
+
+
+def test_found_by_fuzzers(tmp_path, capsys):
+    """A table read per key-value group (a dim in its leading index) is summarised; cost(inputs=) refuses an
+    unguarded read outside the table as the call does, reads a guarded one without an IndexError, and without
+    inputs never skips a tile for a threshold beyond any summary; a launcher summarises flags given as integers."""
+    from moa.errors import InputError
+
+    gqa = ("dim h, g, n, d, e\nin Q[h, n, d], K[g, n, d], V[g, n, e]\nin blk[g, (n + 15) // 16, (n + 15) // 16]: bool\n"
+           "S[a, i, j] = where(blk[a // (h // g), i // 16, j // 16], dot(Q[a, i], K[a // (h // g), j]), -inf)\n"
+           "out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]\n")
+    k = moa.compile(gqa)
+    assert [s.axis for s in k.planner.schedules["O"].branches[0].summaries] == ["pair"]
+    g = torch.Generator().manual_seed(7)
+    x = {"Q": torch.randn(4, 70, 8, generator=g, dtype=torch.float64),
+         "K": torch.randn(2, 70, 8, generator=g, dtype=torch.float64),
+         "V": torch.randn(2, 70, 8, generator=g, dtype=torch.float64), "blk": torch.rand(2, 5, 5, generator=g) < 0.5}
+    assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+    c = cost(k, dtype="float64", device="cpu", inputs={"blk": x["blk"]}, h=4, g=2, n=70, d=8, e=8)
+    assert _counters(measure(k, **x)) == _counters(c)
+
+    short = HEAD + "in blk[2, 6]: bool\nS[i, j] = where({}, dot(Q[i], K[j]), -inf)\nout O = softmax(S, axis=-1) @ V\n"
+    dims = {"n": 100, "m": 90, "d": 8, "e": 8}
+    blk = torch.rand(2, 6, generator=g) < 0.5
+    with pytest.raises(InputError, match="index out of range"):
+        cost(moa.compile(short.format("blk[i // 16, j // 16]")), dtype="float64", device="cpu", inputs={"blk": blk},
+             **dims)
+    guarded = moa.compile(short.format("where(i < 32, blk[i // 16, j // 16], j <= i)"))
+    y = _inputs("block", 100, 90)
+    y["blk"] = blk
+    assert _counters(measure(guarded, **y)) == _counters(cost(guarded, dtype="float64", device="cpu",
+                                                              inputs={"blk": blk}, **dims))
+
+    lvl = moa.compile(HEAD + "in lvl[(n + 15) // 16, (m + 15) // 16]: int\n"
+                      "S[i, j] = where(lvl[i // 16, j // 16] < 1099511627777, dot(Q[i], K[j]), -inf)\n"
+                      "out O = softmax(S, axis=-1) @ V\n")
+    assert cost(lvl, dtype="float64", device="cpu", **dims).tiles_visited == 4   # 2^40 + 1: every tile may run
+
+    from moa.cli import main
+    src, path = tmp_path / "flags.moa", tmp_path / "flags.py"
+    src.write_text(PROGRAMS["block"].replace("blk[i // B, j // B]", "not blk[i // B, j // B]"))
+    assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
+    capsys.readouterr()
+    assert "(blk != 0)" in path.read_text()
