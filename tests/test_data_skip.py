@@ -96,6 +96,18 @@ def test_unsorted_ids_stay_exact():
     assert err < 1e-12 and counters(m) == counters(c)
 
 
+def test_contiguous_documents_numbered_in_order_skip_every_tile():
+    """docs/variants.md: relabelled contiguous documents ([3, 3, 0, 0, 4]) skip fewer tiles; numbered in order (the
+    cumsum of the changes) they give the same output and visit only the tiles that hold a pair of one document."""
+    k = moa.compile("examples/document_mask.moa")
+    labels = torch.cat([torch.full((x,), v) for v, x in zip([3, 0, 4, 1, 2], [70, 60, 90, 50, 30])])
+    ordered = torch.cat([torch.zeros(1, dtype=torch.long), (labels[1:] != labels[:-1]).long()]).cumsum(0)
+    x, y = inputs(300, doc=labels), inputs(300, doc=ordered)
+    (err, m, _, _), (err2, m2, c2, _) = run(k, x), run(k, y)
+    assert err < 1e-12 and err2 < 1e-12 and (k(**x) - k(**y)).abs().max().item() == 0
+    assert m2.tiles_visited == c2.tiles_needed < m.tiles_visited
+
+
 def test_batched_ids_are_summarised_per_entry():
     k = moa.compile("examples/document_mask.moa")
     doc = torch.stack([segments(60, 40, 30), segments(10, 120)])
