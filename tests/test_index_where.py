@@ -1,6 +1,8 @@
 """where(c, a, b) inside an index, over index conditions (a Piecewise index expression): bidirectional relative
 position buckets as T5 and Shaw et al. write them, bias[h, where(j > i, nb, 0) + min(abs(i - j), nb - 1)].
 Kernels, gradients, decoding and the cost model against an independent PyTorch oracle in float64."""
+from pathlib import Path
+
 import pytest
 import sympy as sp
 import torch
@@ -128,3 +130,37 @@ def test_the_reference_names_the_index_a_guarded_read_reaches():
     for f in (k, k.reference):
         with pytest.raises(InputError, match="index 2"):
             f(**ins)
+
+
+def _t5_bucket(rel, num_buckets=32, max_distance=128):
+    """T5's bidirectional relative position bucket of rel = j - i (its float32 logarithm, as T5 computes it)."""
+    half = num_buckets // 2
+    exact = half // 2
+    n = rel.abs()
+    large = exact + (torch.log(n.float() / exact) / torch.log(torch.tensor(max_distance / exact)) *
+                     (half - exact)).long()
+    return (rel > 0).long() * half + torch.where(n < exact, n, large.clamp(max=half - 1))
+
+
+def test_t5_logarithmic_buckets_written_as_steps():
+    """docs/variants.md's T5 program: the steps of T5's bucket function make its logarithmic buckets integer index
+    arithmetic; equal to softmax(QK^T + bias[a, bucket(j - i)]) V in float64, forward and the bias gradient."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
+    src = text.split("`max_exact` = 8 are at")[1].split("```\n")[1]
+    rel = torch.arange(1, 400)
+    steps = [int(x) for x in rel[1:][_t5_bucket(rel)[1:] != _t5_bucket(rel)[:-1]] if x > 8]
+    assert steps == [12, 16, 23, 32, 46, 64, 91] and src.count(">= ") == len(steps)
+    assert all(f"where(abs(j - i) >= {x}, 1, 0)" in src for x in steps)
+    k = moa.compile(src)
+    g = torch.Generator().manual_seed(9)
+    n = 150
+    x = {a: torch.randn(2, n, 8, generator=g, dtype=F64, requires_grad=True) for a in ("Q", "K", "V")}
+    x["bias"] = torch.randn(2, 32, generator=g, dtype=F64, requires_grad=True)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    want = torch.softmax(x["Q"] @ x["K"].transpose(-1, -2) + x["bias"][:, _t5_bucket(j - i)], -1) @ x["V"]
+    got = k(**x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(got.shape, generator=g, dtype=F64)
+    gw = torch.autograd.grad((want * cot).sum(), x["bias"])[0]
+    gg = torch.autograd.grad((got * cot).sum(), x["bias"])[0]
+    torch.testing.assert_close(gg, gw, rtol=1e-11, atol=1e-11)
