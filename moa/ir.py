@@ -333,8 +333,10 @@ def psi(a: Node, index: tuple, slots: tuple | None = None, loc=None) -> Node:
             continue
         ix = next(it)
         if ix.rank != 0 or ix.dtype != INT:
+            hint = " (a step function of an index, such as T5's logarithmic buckets, is a sum of where(i - j >= " \
+                "step, 1, 0) terms: docs/variants.md)" if ix.rank == 0 and ix.dtype == FLOAT else ""
             raise ShapeError(f"index {k} of {sy.show_shape(a.shape)} must be an integer scalar, got a "
-                             f"{ix.dtype} of shape {sy.show_shape(ix.shape)}",
+                             f"{ix.dtype} of shape {sy.show_shape(ix.shape)}{hint}",
                              loc if ix.op == "input" else ix.loc or loc)   # an input's loc is its declaration
         if ix.op in ("const", "sym"):
             v = sp.sympify(ix.attrs[0])

@@ -164,3 +164,10 @@ def test_t5_logarithmic_buckets_written_as_steps():
     gw = torch.autograd.grad((want * cot).sum(), x["bias"])[0]
     gg = torch.autograd.grad((got * cot).sum(), x["bias"])[0]
     torch.testing.assert_close(gg, gw, rtol=1e-11, atol=1e-11)
+
+
+def test_a_float_index_points_at_the_step_form():
+    from moa.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="T5's logarithmic buckets, is a sum of where"):
+        moa.compile(BUCKETS.replace("min(abs(i - j), nb - 1)", "min(nb - 1, log(abs(i - j) + 1))"))
