@@ -194,8 +194,10 @@ class KernelEmitter(DataTiles):
         data = uses_summaries(self.s, b)
         skip, full = b.tile_tests(data)
         if data:
-            body.add(f"# tiles skipped by the data too: per-tile min / max of "
-                     f"{', '.join(sorted({sm.read.name for sm in b.summaries}))}")
+            kinds = (("per-tile min / max", ("row", "key", "pair")), ("one value per program", ("program",)))
+            body.add("# tiles skipped by the data too: " + "; ".join(
+                f"{what} of {', '.join(sorted({sm.read.name for sm in b.summaries if sm.axis in axes}))}"
+                for what, axes in kinds if any(sm.axis in axes for sm in b.summaries)))
             self._program_values(b, body)
             self._summary_loads(b, "row", body)
             names.update(self.summary_names)

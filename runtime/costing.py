@@ -116,8 +116,9 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     interpreter's tile config and float32 compute for bf16, as `measure` runs it; no time prediction).
     config: force a tile config (otherwise the runtime's default table): a Config for the tiled kernel, a
     LinearConfig for the chunked linear form. batch: extra leading axes.
-    index_dtype: dtype of integer inputs (int64, torch's default, or int32; default: that of the integer `inputs`
-    given, which the kernel reads as int64 or, for any narrower integer, int32). fit: use the config the GPU
+    index_dtype: dtype of the integer inputs not given in `inputs` (int64, torch's default, or int32; default: int32
+    when every integer input given is narrower than int64); each one given is counted at its own width, as a launch
+    passes it (int64 as is, any narrower integer as int32). fit: use the config the GPU
     runtime launches after its ahead-of-time check (compiles once, cached on disk) instead of the default
     table's. Each output is predicted in the kernel a call runs: the tiled kernel, the window-mixing kernel, or
     the chunked linear form (form='linear', or where the runtime picks it at these dims).

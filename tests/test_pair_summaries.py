@@ -1,7 +1,7 @@
 """Masks that read a table at a function of the row and a function of the key (a block mask blk[i // B, j // B] as a
 FlexAttention BlockMask holds, a dense mask M[i, j]) skip (query tile, key tile) pairs by per-pair (min, max)
 summaries of that table: the pre-pass gathers the table at every row's and key's index and reduces it per tile
-pair (moa/intervals.py axis "pair"). Exact in float64, forward and backward; the cost model given the table counts
+pair (moa/data_summaries.py axis "pair"). Exact in float64, forward and backward; the cost model given the table counts
 what the instrumented interpreter counts; decoding stays exact."""
 from __future__ import annotations
 
@@ -224,3 +224,6 @@ def test_found_by_fuzzers(tmp_path, capsys):
     assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
     capsys.readouterr()
     assert "(blk != 0)" in path.read_text()
+    src.write_text(PROGRAMS["block"].replace("blk[i // B, j // B]", "blk[abs(i - 100) // B, j // B]"))
+    assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 2   # no Abs written
+    assert "no standalone form" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """Masks that read an input fixed per program (a key length per batch entry `in L: int`, a length or a causal switch
 per head L[a]) skip tiles by its value: the kernel loads it once per program, and the tile tests compare it as they
-compare a per-tile (min, max) summary whose min and max are that value (moa/intervals.py, axis "program"). Exact in
-float64, forward and backward; the tiles visited are exactly those holding an admissible pair; the cost model
-given the inputs counts what the instrumented interpreter counts."""
+compare a per-tile (min, max) summary whose min and max are that value (moa/data_summaries.py, axis "program").
+Exact in float64, forward and backward; the tiles visited are exactly those holding an admissible pair; the cost
+model given the inputs counts what the instrumented interpreter counts."""
 from __future__ import annotations
 
 import numpy as np
