@@ -9,7 +9,6 @@ literals printed by repr().
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -19,12 +18,12 @@ from moa import intervals as iv
 from moa import ir
 from moa import symbolic as sy
 from moa.errors import UnsupportedError
-from moa.onf import BranchValue, DotTile, Schedule, index_ranges
+from moa.onf import BranchValue, DotTile, Schedule
 from moa.program import Program
-from moa.value_bounds import positive
 
 from .printer import code as pcode
 from .printer import float_literal, int_literal
+from .powers import pow_code
 from .scope import Scope
 
 _COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
@@ -263,6 +262,8 @@ class Emitter:
             return a
         if isinstance(e, D.Const) or (isinstance(e, D.Index) and e.expr.is_number):
             return repr(float(e.value if isinstance(e, D.Const) else e.expr))
+        if a.lstrip("-").isdigit():   # an integer literal the emitter folded to (x ^ 0 is 1): no .to on it
+            return repr(float(int(a)))
         return f"({a}).to({self.acc})"
 
     def _op(self, e: D.Op, a: list) -> str:
@@ -313,32 +314,7 @@ class Emitter:
         raise UnsupportedError(f"no Triton form for scalar function '{fn}'")
 
     def _pow(self, e, a):
-        base, ex = e.args
-        exv = ex.value if isinstance(ex, D.Const) else ex.expr if isinstance(ex, D.Index) and ex.expr.is_number \
-            else None
-        if exv is not None and float(exv).is_integer() and (0 <= float(exv) <= 16 or e.dtype == ir.FLOAT):
-            k = int(float(exv))
-            if k == 0:
-                return "1.0" if e.dtype == ir.FLOAT else "1"
-            b = self._float(a[0], base) if e.dtype == ir.FLOAT else a[0]
-            if abs(k) <= 16:   # a^k by products, a^-k = 1 / a^k: exact signs for negative bases
-                prod = " * ".join([b] * abs(k))
-                return f"({prod})" if k > 0 else f"(1.0 / ({prod}))"
-            mag = f"tl.exp2({float(k)!r} * tl.log2(tl.abs({b})))"   # |a|^k, negated for a < 0 and odd k
-            return f"tl.where({b} < 0, -{mag}, {mag})" if k % 2 else mag
-        bv = base.value if isinstance(base, D.Const) else base.expr if isinstance(base, D.Index) and \
-            base.expr.is_number else None
-        x = self._float(a[1], ex)
-        if bv is not None and float(bv) > 0:
-            return f"tl.exp2({x} * {math.log2(float(bv))!r})"
-        if bv is None and positive(base, index_ranges(self.s, self.p.dims)):   # > 0 wherever evaluated (a decay)
-            return f"tl.exp2({x} * tl.log2({self._float(a[0], base)}))"
-        # else torch.pow's a^x by codegen/tidy.py's helpers (_powi: an integer-typed x, its sign by parity), literals
-        # as typed values (the helpers read their dtype)
-        b = f"tl.full([], {float(bv)!r}, {self.acc})" if bv is not None else self._float(a[0], base)
-        if ex.dtype == ir.INT:
-            return f"_powi({b}, {a[1]})"
-        return f"_pow({b}, {f'tl.full([], {float(exv)!r}, {self.acc})' if exv is not None else x})"
+        return pow_code(self, e, a)
 
     def _load(self, r: D.Read, vmap, scope: Scope, name: str | None = None, cast: bool = True) -> str:
         self.use_input(r.name)
@@ -498,3 +474,4 @@ class Emitter:
         if self.dtype == "float16":
             return f'tl.dot({w}, {v}.to(tl.float32), input_precision="tf32")'
         return f"tl.dot({w}, {v}.to({self.acc}){self.dot_kw()})"
+

@@ -87,3 +87,11 @@ def test_a_proven_positive_base_is_one_exp2_and_others_keep_the_sign_cases():
     x = {k: torch.randn(3, 40, 8, generator=g, dtype=torch.float64) for k in ("Q", "K", "V")}
     for k in (moa.compile("examples/retention.moa"), neg):
         assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+
+
+def test_an_index_base_to_the_power_zero_runs():
+    """(2 ^ (-a)) ^ 0 folds to the integer 1 in the kernel, which is then used as a float (it raised)."""
+    k = moa.compile(RETENTION_NEG.replace("(0.75 - 2 ^ (-a)) ^ (i - j)", "(2 ^ (-a)) ^ (0)"))
+    g = torch.Generator().manual_seed(1)
+    x = {n: torch.randn(2, 7, 4, generator=g, dtype=torch.float64) for n in ("Q", "K", "V")}
+    assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
