@@ -9,6 +9,7 @@ literals printed by repr().
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -303,7 +304,7 @@ class Emitter:
         one = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "sin": "tl.sin",
                "cos": "tl.cos", "sigmoid": "tl.sigmoid", "tanh": f"_tanh{wide}", "elu": f"_elu{wide}"}
         if fn in one:
-            return f"{one[fn]}({self._float(a[0], e.args[0])})"
+            return _folded(fn, e.args[0]) or f"{one[fn]}({self._float(a[0], e.args[0])})"
         if fn == "abs":
             return f"tl.abs({a[0]})"
         if fn == "relu":
@@ -475,3 +476,20 @@ class Emitter:
             return f'tl.dot({w}, {v}.to(tl.float32), input_precision="tf32")'
         return f"tl.dot({w}, {v}.to({self.acc}){self.dot_kw()})"
 
+
+# a function of a constant, folded in float64 (tl.log(2.0) is a float32 log: ln 2 to 4e-9 in a float64 gradient)
+_FOLD = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda v: 1 / math.sqrt(v), "sin": math.sin,
+         "cos": math.cos, "tanh": math.tanh, "sigmoid": lambda v: 1 / (1 + math.exp(-v))}
+
+
+def _folded(fn: str, arg) -> str | None:
+    """The float literal of fn(arg) for a numeric constant arg (None when not one, or outside fn's domain)."""
+    v = arg.value if isinstance(arg, D.Const) else arg.expr if isinstance(arg, D.Index) and arg.expr.is_number \
+        else None
+    if fn not in _FOLD or v is None or isinstance(v, bool):
+        return None
+    try:
+        out = _FOLD[fn](float(v))
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return None
+    return repr(out) if math.isfinite(out) else None

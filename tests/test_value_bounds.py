@@ -95,3 +95,22 @@ def test_an_index_base_to_the_power_zero_runs():
     g = torch.Generator().manual_seed(1)
     x = {n: torch.randn(2, 7, 4, generator=g, dtype=torch.float64) for n in ("Q", "K", "V")}
     assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+
+
+def test_constant_base_powers_have_float64_gradients():
+    """d/ds 2^s = 2^s ln 2: ln 2 is folded in float64 (tl.log(2.0) is a float32 log: 4e-9 relative errors)."""
+    k = moa.compile("dim h, n, m, d, e\nin Q[h, n, d], K[h, m, d], V[h, m, e]\n"
+                    "A[a, i, j] = where(j >= 0, 2 ^ dot(Q[a, i], K[a, j]) * dot(Q[a, i], K[a, j]) / sqrt(d + 1), 0)\n"
+                    "out O[a] = A[a] @ V[a]\n")
+    g = torch.Generator().manual_seed(3)
+    x = {"Q": torch.randn(4, 7, 4, generator=g, dtype=torch.float64) * 0.5,
+         "K": torch.randn(4, 50, 4, generator=g, dtype=torch.float64) * 0.5,
+         "V": torch.randn(4, 50, 2, generator=g, dtype=torch.float64)}
+    cot = torch.randn(4, 7, 2, generator=g, dtype=torch.float64)
+    want = {n: t.clone().requires_grad_() for n, t in x.items()}
+    got = {n: t.clone().requires_grad_() for n, t in x.items()}
+    (k.reference(**want) * cot).sum().backward()
+    (k(**got) * cot).sum().backward()
+    for n in x:
+        torch.testing.assert_close(got[n].grad, want[n].grad, rtol=1e-12, atol=1e-12)
+    assert "tl.log(2.0)" not in k.backward.runner.spec("float64", 0).source
