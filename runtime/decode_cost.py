@@ -183,7 +183,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
         raise InputError("decode_cost(inputs=...) with pages needs the block_table the call reads the pools "
                          "through")
     table = None if not (inputs and page_size) else _flat_table(block_table, batch)
-    data = split_data(kernel, plan, inputs, nq, batch, table, page_size or 0)
+    data = split_data(kernel, plan, inputs, nq, batch, table, page_size or 0, dims)
     run = call_schedules(runner, plan, cdims, dtype, device, nbatch)
     for g, (gbatch, length, runs) in enumerate(groups):
         zg = zlead * math.prod(gbatch)
@@ -287,12 +287,15 @@ def _flat_table(block_table, batch: tuple) -> torch.Tensor:
 
 
 # long: one closure per role, each reading the data as the grid kernel's summaries and loads see it
-def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple, table=None, page: int = 0):
+def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple, table=None, page: int = 0,
+               dims: dict | None = None):
     """Block input name -> f(batch index or None for all, valid keys L, c0, ml): a mask's integer / boolean input
     as a decode binds it for the split of keys [c0, c0 + ml): key inputs (and the key copy of an input read by
-    both indices) those keys, the query side of the latter rows L - nq .. L - 1, query and replicated inputs
-    whole. table ([flattened batch, pages], with page): the key data are pools, read in each batch index's
-    logical key order through the table, as the paged launch summarises them (runtime/decode_summaries.py)."""
+    both indices) those keys, the query side of the latter rows L - nq .. L - 1, query inputs whole, replicated
+    inputs (a block table blk[i // B, j // B], read at logical positions) their leading part at the global dims of
+    L valid keys (dims: the call's own). table ([flattened batch, pages], with page): the key data are pools, read
+    in each batch index's logical key order through the table, as the paged launch summarises them
+    (runtime/decode_summaries.py)."""
     if not inputs:
         return None
     decl = kernel.program.input_map
@@ -317,10 +320,23 @@ def split_data(kernel, plan, inputs: dict | None, nq: int, batch: tuple, table=N
 
         def rows(b, start, size, axis=axis, pick=pick):
             return pick(b).narrow((len(batch) if b is None else 0) + axis, start, size)
-        if role in (shard.QUERY, shard.REPLICATED):
+        if role == shard.QUERY or role == shard.REPLICATED and dims is None:
             out[name] = lambda b, L, c0, ml, pick=pick: pick(b)
+            continue
+        if role == shard.REPLICATED:   # its extents at the valid length: a table over the cache, read below L
+            out[name] = lambda b, L, c0, ml, pick=pick, shape=decl[name].shape: _leading(
+                pick(b), [int(sy.evaluate(e, {**dims, **_global(plan, nq, L)[0]})) for e in shape])
             continue
         out[plan.kv_copies.get(name, name)] = lambda b, L, c0, ml, rows=rows: rows(b, c0, ml)
         if role == shard.BOTH:
             out[name] = lambda b, L, c0, ml, rows=rows: rows(b, L - nq, nq)
     return out
+
+
+def _leading(t: torch.Tensor, own: list) -> torch.Tensor:
+    """t with its last len(own) axes narrowed to `own` where they are longer (the part a shorter call reads)."""
+    lead = t.dim() - len(own)
+    for k, ext in enumerate(own):
+        if t.shape[lead + k] > ext >= 0:
+            t = t.narrow(lead + k, 0, ext)
+    return t

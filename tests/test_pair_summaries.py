@@ -227,3 +227,31 @@ def test_found_by_fuzzers(tmp_path, capsys):
     src.write_text(PROGRAMS["block"].replace("blk[i // B, j // B]", "blk[abs(i - 100) // B, j // B]"))
     assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 2   # no Abs written
     assert "no standalone form" in capsys.readouterr().err
+
+
+def test_decode_cost_of_a_block_mask_with_valid_lengths_and_pages():
+    """A table read at logical key positions (not a pool) beside a cache with valid lengths, contiguous or paged:
+    decode_cost(inputs=) reads its part at each valid length as the launch does (it refused the table's shape)."""
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.decode_measure import measure as decode_measure
+
+    k = moa.compile(PROGRAMS["block"].replace("param B = 64", "param B = 32"))
+    g = torch.Generator().manual_seed(8)
+    x = {"Q": torch.randn(2, 1, 8, generator=g, dtype=torch.float64),
+         "K": torch.randn(2, 128, 8, generator=g, dtype=torch.float64),
+         "V": torch.randn(2, 128, 8, generator=g, dtype=torch.float64),
+         "blk": torch.tensor([[[True, False, True, True]], [[False, True, True, False]]])}
+    lens = torch.tensor([100, 40])
+    for page, table in ((None, None), (16, torch.stack([torch.randperm(8, generator=g) for _ in range(2)]))):
+        out = k.decode(**x, cache_len=lens, splits=2, block_table=table, page_size=page)
+        for b in range(2):   # the reference of each batch index's valid keys (the pool gathered through the table)
+            keys = torch.arange(int(lens[b])) if table is None else \
+                table[b][torch.arange(int(lens[b])) // 16] * 16 + torch.arange(int(lens[b])) % 16
+            want = k.reference(Q=x["Q"][b], K=x["K"][b, keys], V=x["V"][b, keys],
+                               blk=x["blk"][b, :, :-(-int(lens[b]) // 32)])
+            assert (out[b] - want).abs().max().item() < 1e-12
+        got = decode_measure(k, x, cache_len=lens, splits=2, block_table=table, page_size=page)
+        p = decode_cost(k, 1, 128, splits=2, dtype="fp64", device="cpu", batch=(2,), cache_len=lens.tolist(),
+                        page_size=page, block_table=table, inputs={"blk": x["blk"]}, d=8, e=8)
+        assert (got.flops, got.dram_bytes_loaded, got.tiles_visited) == (p.flops, p.dram_bytes_loaded,
+                                                                          p.tiles_visited)
