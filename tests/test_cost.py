@@ -141,7 +141,8 @@ def test_sdpa_formulas_in_the_dims():
                                           ("causal_bottom_right", {}), ("gqa_alibi", {}),
                                           ("relative_bias", {}),
                                           # one schedule at every n (the model picks hops at n = 1)
-                                          ("pi_attention", {"k": 20, "s": 7, "schedule": "tiled"})])
+                                          pytest.param("pi_attention", {"k": 20, "s": 7, "schedule": "tiled"},
+                                                       marks=pytest.mark.slow)])   # 17 s; hops: the next test
 def test_formulas_evaluate_to_the_numeric_prediction(name, params):
     k = compile_(name, **params)
     f = k.cost(dtype="bf16", device="h100")

@@ -276,7 +276,8 @@ def test_compile_with_dynamic_shapes():
         assert all(C.rel_err(leaves[name].grad, want[name]) <= 1e-10 for name in want)
 
 
-@pytest.mark.parametrize("stem,lead", [("causal", ()), ("softcap", ()), ("alibi", (2,))])
+@pytest.mark.parametrize("stem,lead", [("causal", ()), ("softcap", ()),
+                                       pytest.param("alibi", (2,), marks=pytest.mark.slow)])   # 25 s: heads
 def test_with_lse_differentiates_both_outputs(stem, lead):
     """(O, lse) of with_lse are both differentiable: the lse's cotangent g enters the fused backward as
     delta - g (d lse_i / d s_ij = p_ij); checked against finite differences."""
