@@ -137,7 +137,8 @@ def test_sdpa_formulas_in_the_dims():
     assert c.bound == "symbolic" and c.predicted_seconds.has(n)
 
 
-@pytest.mark.parametrize("name, params", [("causal", {}), ("sliding_window", {"w": 20}),
+@pytest.mark.parametrize("name, params", [("causal", {}), pytest.param("sliding_window", {"w": 20},
+                                                                      marks=pytest.mark.slow),   # 17 s
                                           ("causal_bottom_right", {}), ("gqa_alibi", {}),
                                           ("relative_bias", {}),
                                           # one schedule at every n (the model picks hops at n = 1)
