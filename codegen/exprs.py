@@ -24,7 +24,7 @@ from moa.program import Program
 
 from .printer import code as pcode
 from .printer import float_literal, int_literal
-from .powers import pow_code
+from .powers import constant_value, pow_code
 from .scope import Scope
 
 _COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
@@ -261,8 +261,8 @@ class Emitter:
     def _float(self, a: str, e) -> str:
         if e.dtype == ir.FLOAT:
             return a
-        if isinstance(e, D.Const) or (isinstance(e, D.Index) and e.expr.is_number):
-            return repr(float(e.value if isinstance(e, D.Const) else e.expr))
+        if constant_value(e) is not None:
+            return repr(float(constant_value(e)))
         if a.lstrip("-").isdigit():   # an integer literal the emitter folded to (x ^ 0 is 1): no .to on it
             return repr(float(int(a)))
         return f"({a}).to({self.acc})"
@@ -484,8 +484,7 @@ _FOLD = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda v:
 
 def _folded(fn: str, arg) -> str | None:
     """The float literal of fn(arg) for a numeric constant arg (None when not one, or outside fn's domain)."""
-    v = arg.value if isinstance(arg, D.Const) else arg.expr if isinstance(arg, D.Index) and arg.expr.is_number \
-        else None
+    v = constant_value(arg)
     if fn not in _FOLD or v is None or isinstance(v, bool):
         return None
     try:

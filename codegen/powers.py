@@ -15,7 +15,7 @@ def pow_code(em, e, a) -> str:
     constant positive base or one proven positive (moa/value_bounds.py) by one exp2, else torch.pow's cases
     (codegen/tidy.py's _pow / _powi)."""
     base, ex = e.args
-    exv = _number(ex)
+    exv = constant_value(ex)
     if exv is not None and float(exv).is_integer() and (0 <= float(exv) <= 16 or e.dtype == ir.FLOAT):
         k = int(float(exv))
         if k == 0:
@@ -26,7 +26,7 @@ def pow_code(em, e, a) -> str:
             return f"({prod})" if k > 0 else f"(1.0 / ({prod}))"
         mag = f"tl.exp2({float(k)!r} * tl.log2(tl.abs({b})))"   # |a|^k, negated for a < 0 and odd k
         return f"tl.where({b} < 0, -{mag}, {mag})" if k % 2 else mag
-    bv = _number(base)
+    bv = constant_value(base)
     x = em._float(a[1], ex)
     if bv is not None and float(bv) > 0:
         return f"tl.exp2({x} * {math.log2(float(bv))!r})"
@@ -40,6 +40,6 @@ def pow_code(em, e, a) -> str:
     return f"_pow({b}, {f'tl.full([], {float(exv)!r}, {em.acc})' if exv is not None else x})"
 
 
-def _number(v):
+def constant_value(v):
     """The value of a constant DNF leaf (a Const, or an Index that folded to a number), else None."""
     return v.value if isinstance(v, D.Const) else v.expr if isinstance(v, D.Index) and v.expr.is_number else None

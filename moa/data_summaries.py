@@ -57,8 +57,7 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol) -> tuple:
             continue
         for var, axis in ((row, "row"), (key, "key")):
             pos = [k for k, ix in enumerate(index) if ix == var]
-            others = [ix for k, ix in enumerate(index) if k not in pos]
-            if len(pos) == 1 and all(not (ix.free_symbols & {row, key}) for ix in others):
+            if len(pos) == 1 and all(f for k, f in enumerate(fixed) if k != pos[0]):
                 tag = f"{x.name}_{axis}{len(out)}"
                 out[x] = Summary(x, axis, pos[0], sp.Symbol(f"{tag}_min", integer=True),
                                  sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
@@ -66,8 +65,7 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol) -> tuple:
         else:   # a function of the row alone at one position, of the key alone at another (constants aside)
             rows = [k for k, ix in enumerate(index) if ix.free_symbols == {row}]
             keys = [k for k, ix in enumerate(index) if ix.free_symbols == {key}]
-            rest = [ix for k, ix in enumerate(index) if k not in rows + keys]
-            if len(rows) == 1 and len(keys) == 1 and all(not (ix.free_symbols & {row, key}) for ix in rest):
+            if len(rows) == 1 and len(keys) == 1 and all(f for k, f in enumerate(fixed) if k not in rows + keys):
                 tag = f"{x.name}_pair{len(out)}"
                 out[x] = Summary(x, "pair", rows[0], sp.Symbol(f"{tag}_min", integer=True),
                                  sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True),

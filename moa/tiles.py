@@ -129,12 +129,7 @@ def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: in
                                   bm, bn)
             out.update({sm.lo: PairTable(lo), sm.hi: PairTable(hi)})
             continue
-        block = bm if sm.axis == "row" else bn
-        tiles = -(-(n if sm.axis == "row" else m) // block)
-        line = line[:tiles * block]
-        pad = tiles * block - len(line)
-        lo = np.concatenate([line, np.full(pad, np.iinfo(np.int64).max)]).reshape(tiles, block).min(1)
-        hi = np.concatenate([line, np.full(pad, np.iinfo(np.int64).min)]).reshape(tiles, block).max(1)
+        lo, hi = _tile_reduce(line, bm if sm.axis == "row" else bn, 0)   # as runtime/summaries.py: the whole input
         if sm.axis == "row":
             out.update({sm.lo: lo, sm.hi: hi})
         else:
