@@ -34,6 +34,40 @@ EXAMPLES = ROOT / "examples"
 # params for the benchmark (windows that make masks matter at n = 8192)
 PARAMS = {"sliding_window": {"w": 1024}, "dilated_window": {"w": 2048, "r": 2}, "ring_local": {"k": 1024},
           "prefix_lm": {"p": 1024}, "global_window": {"w": 512}, "pi_attention": {"k": 1024, "s": 64}}
+# Programs that are not examples (masks from data, docs/variants.md): source and a maker of their integer and
+# boolean inputs at (dims, batch axes, seed), as a serving or training user would hold them.
+KEY_PADDING = """dim n, m, d, e
+in Q[n, d], K[m, d], V[m, e]
+in L: int
+S[i, j] = where(j < L, dot(Q[i], K[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V
+"""
+BLOCK_MASK = """dim n, m, d, e
+in Q[n, d], K[m, d], V[m, e]
+param B = 128
+in blk[(n + B - 1) // B, (m + B - 1) // B]: bool
+S[i, j] = where(blk[i // B, j // B] and j <= i, dot(Q[i], K[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V
+"""
+
+
+def _lengths(k, dims, batch, seed):
+    """Key lengths of a padded batch: uniform in 1..m per batch entry (the same for every head)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, dims["m"] + 1, batch[:1], generator=g)
+    return {"L": lens.reshape(batch[:1] + (1,) * (len(batch) - 1)).expand(batch).contiguous()}
+
+
+def _blocks(k, dims, batch, seed):
+    """A block table with a quarter of its (query block, key block) pairs on, and its diagonal blocks."""
+    g = torch.Generator().manual_seed(seed)
+    B = int(dict(k.program.params)["B"])
+    rows, cols = -(-dims["n"] // B), -(-dims["m"] // B)
+    blk = (torch.rand(rows, cols, generator=g) < 0.25) | torch.eye(rows, cols, dtype=torch.bool)
+    return {"blk": blk.expand(*batch, rows, cols).contiguous()}
+
+
+PROGRAMS = {"key_padding": (KEY_PADDING, _lengths), "block_mask": (BLOCK_MASK, _blocks)}
 COUNTERS = ("flops", "transcendentals", "dram_bytes", "tiles_visited")
 ERROR_SHAPE = (1, 2, 512, 64)   # (batch, heads, n, d) of the float64 error check
 
@@ -139,6 +173,13 @@ def reference_fn(name, k, inputs, dims, params):
         score_mod = lambda s, b, h, i, j: s + slopes[h] * (j - i)
         if name == "gqa_alibi":
             mask_mod = lambda b, h, i, j: j <= i
+    elif name == "key_padding":
+        lens = inputs["L"].reshape(q.shape[0], -1)[:, 0]
+        mask_mod = lambda b, h, i, j: j < lens[b]
+    elif name == "block_mask":
+        B = int(p["B"])
+        blk = inputs["blk"].reshape(-1, *inputs["blk"].shape[-2:])[0]
+        mask_mod = lambda b, h, i, j: blk[i // B, j // B] & (j <= i)
     elif name == "relative_bias":
         bias = inputs["bias"].reshape(-1, *inputs["bias"].shape[-2:])[0]
         score_mod = lambda s, b, h, i, j: s + bias[h, i - j + n - 1]
@@ -166,6 +207,8 @@ WORKLOADS = [
     ("gqa_alibi", "gqa_alibi", {}, (2, 16, 8192, 128), None, "ref"),
     ("prefix_lm p=1024", "prefix_lm", {"p": 1024}, (2, 16, 8192, 128), None, "ref"),
     ("global_window w=512", "global_window", {"w": 512}, (2, 16, 8192, 128), None, "ref"),
+    ("key padding 8x16x4096 (lengths 1..n)", "key_padding", {}, (8, 16, 4096, 128), None, "ref"),
+    ("block mask B=128 causal, 1/4 on", "block_mask", {}, (2, 16, 8192, 128), None, "ref"),
     ("pi_attention k=1024 s=64", "pi_attention", {"k": 1024, "s": 64}, (2, 16, 8192, 128), None, "causal"),
     ("linear (elu+1), linear form", "linear", {}, (2, 16, 8192, 128), "linear", "power"),
     # plain sums A @ V (no normaliser): nothing in PyTorch fuses them; moa's causal softmax has the same FLOPs
@@ -177,10 +220,14 @@ WORKLOADS = [
 def _setup(name, params, shape, form, dt, device, seed=0):
     """(kernel, inputs, dims, batch axes) of a workload."""
     b, h, n, d = shape
-    k = moa.compile(EXAMPLES / f"{name}.moa", form=form, **params)
+    source, data = PROGRAMS.get(name, (EXAMPLES / f"{name}.moa", None))
+    k = moa.compile(source, form=form, **params)
     dims = dims_for(k, n, d, h)
     batch = (b,) if has_heads(k) else (b, h)
-    return k, make_inputs(k, dims, batch, dt, device, seed), dims, batch
+    x = make_inputs(k, dims, batch, dt, device, seed)
+    if data is not None:
+        x.update({name: t.to(device) for name, t in data(k, dims, batch, seed).items()})
+    return k, x, dims, batch
 
 
 def _sync(where: str) -> None:

@@ -46,3 +46,24 @@ def test_a_failing_step_keeps_the_timing(bench, monkeypatch, tmp_path):
     md = (tmp_path / "nvidia-h200-2026-01-01.md").read_text()
     assert "ZeroDivisionError" in md and "failed: E: no" in md
     assert json.loads((tmp_path / "nvidia-h200-2026-01-01.json").read_text())["rows"][0]["moa_ms"] == row["moa_ms"]
+
+
+@pytest.mark.parametrize("name, params", [("key_padding", {}), ("block_mask", {"B": 8})])
+def test_the_data_mask_rows_compare_with_the_same_mask_in_flex_attention(bench, monkeypatch, name, params):
+    """The rows of masks from data (a key length per batch entry, a block table) give flex_attention the mask the
+    moa program computes: eager flex_attention (torch.compile stubbed out on the CPU) equals moa's output, and the
+    row itself is complete."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr("torch.nn.attention.flex_attention._warn_once", lambda *a, **kw: None)
+    k, x, dims, batch = bench._setup(name, params, (2, 2, 40, 16), None, torch.float32, "cpu", seed=3)
+    if name == "key_padding":
+        assert x["L"].shape == (2, 2) and torch.equal(x["L"][:, 0], x["L"][:, 1])   # per batch entry
+    label, ref = bench.reference_fn(name, k, x, dims, dict(k.program.params))
+    assert label == "flex_attention"
+    torch.testing.assert_close(ref(), k(**x), atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr(bench, "_time", wall_ms)
+    monkeypatch.setattr(bench, "ERROR_SHAPE", (1, 2, 24, 16))
+    row = bench._workload(name, name, params, (2, 2, 40, 16), None, "ref", "float32", torch.float32, "h100",
+                          DEVICES["h100"], where="cpu")
+    assert "failed" not in row and not row.get("step_failures"), row
+    assert row["reference"] == "flex_attention" and row["error_vs_fp64"] < 1e-5
