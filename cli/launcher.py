@@ -28,7 +28,7 @@ def _along(ix, ext, name: str, dims: dict, dev: str, body: list) -> str:
     """Launcher lines binding `name` to a pair summary's index function (one variable) at every row or key
     0 .. ext - 1 (torch's // and % floor as the kernel's do); refused for functions beyond + - * // %."""
     ix = sp.sympify(ix)
-    (v,) = ix.free_symbols
+    (v,) = sy.variables(ix)
     text = _py(ix.xreplace({v: sp.Symbol(name, integer=True)}), dims)
     words = set(re.findall(r"[A-Za-z_]\w*", text))   # the variable and dims only: no function (Abs, Min, ...)
     if not re.fullmatch(r"[\w\s+\-*/%()]+", text) or not words <= {name, *dims.values()}:
@@ -224,9 +224,14 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
         if ts.axis == "pair":
             at = [_along(ix, ext, local(f"{t}_{side}"), dim_of, dev_, body)
                   for side, ix, ext in (("rows", ts.at.rows, ts.at.n), ("keys", ts.at.keys, ts.at.m))]
+            at = [f"{a}.clamp(0, max({src}.shape[{1 + p}] - 1, 0))" for a, p in zip(at, (ts.pos, ts.kpos))]
             body.append(f"    {t} = _pair_summaries({src}, {1 + ts.pos}, {1 + ts.kpos}, {at[0]}, {at[1]}, BLOCK_M, "
                         f"BLOCK_N, {SCAN})")
         else:
+            if ts.at is not None:   # read at a function of the row (key): gathered at every row (key), clipped
+                ix, ext = (ts.at.rows, ts.at.n) if ts.axis == "row" else (ts.at.keys, ts.at.m)
+                at = _along(ix, ext, local(f"{t}_at"), dim_of, dev_, body)
+                src = f"{src}.index_select({1 + ts.pos}, {at}.clamp(0, max({src}.shape[{1 + ts.pos}] - 1, 0)))"
             body.append(f"    {t} = _tile_summaries({src}, {1 + ts.pos}, {block}, {0 if ts.axis == 'row' else SCAN})")
         args.append(f"{t}, *{t}.stride()")
     args.append(f"{out_}, *{out_}.stride()")

@@ -24,7 +24,8 @@ TILE_FULL = sp.Symbol("tile_full", integer=True)   # 1 where the scan proved the
 @dataclass(frozen=True)
 class PairIndex:
     """Where a pair summary reads its table: an index expression in the row variable alone and one in the key
-    variable alone, over the row extent n and the key extent m (the pre-pass evaluates them at every row and key)."""
+    variable alone, over the row extent n and the key extent m (the pre-pass evaluates them at every row and key).
+    A row (key) summary read at a function of its variable has that function only, the other None."""
     rows: object
     keys: object
     n: object
@@ -50,7 +51,11 @@ class TileSummaries:
 def summary_arg(summaries: dict, sm, taken: set, n, m) -> TileSummaries:
     """The kernel argument of summary sm (data_summaries.Summary), made once per (input, axis, positions, pair index) in
     `summaries` with a name not in `taken`; n, m: the schedule's row and key extents."""
-    at = PairIndex(sm.read.index[sm.pos], sm.read.index[sm.kpos], n, m) if sm.axis == "pair" else None
+    ix, at = sm.read.index, None
+    if sm.axis == "pair":
+        at = PairIndex(ix[sm.pos], ix[sm.kpos], n, m)
+    elif sm.gathered:
+        at = PairIndex(ix[sm.pos], None, n, m) if sm.axis == "row" else PairIndex(None, ix[sm.pos], n, m)
     key = (sm.read.name, sm.axis, sm.pos, sm.kpos, at)
     if key not in summaries:
         taken = taken | {t.arg for t in summaries.values()}

@@ -10,6 +10,7 @@ import sympy as sp
 
 from . import dnf as D
 from . import ir
+from . import symbolic as sy
 from .intervals import Box
 
 UNKNOWN = sp.oo   # a summary without data: min -oo, max oo (the tile may hold any value: every threshold)
@@ -34,6 +35,12 @@ class Summary:
     kpos: int = -1
 
     @property
+    def gathered(self) -> bool:
+        """A row or key read at a function of its variable (flag[j // 2], grp[i // 16]): the pre-pass gathers the
+        input at that function of every row (key) before it reduces per tile."""
+        return self.axis in ("row", "key") and not sp.sympify(self.read.index[self.pos]).is_Symbol
+
+    @property
     def unknown(self) -> dict:
         """The substitution that makes the summary say nothing (no data)."""
         return {self.lo: -UNKNOWN, self.hi: UNKNOWN}
@@ -41,9 +48,10 @@ class Summary:
 
 def summaries_of(pred, row: sp.Symbol, key: sp.Symbol) -> tuple:
     """The reads of a mask predicate that a per-tile summary can decide: integer or boolean inputs indexed by the
-    row (or key) variable in one position and by leading variables and dims elsewhere (doc[i], glob[j], seg[h, i],
-    keep[a // (h // g), j]), by those only (a key length L[b]: one value per program), or by a function of the row
-    alone in one position and of the key alone in another (blk[i // B, j // B]: per pair of tiles)."""
+    row (or key) variable, or a function of it alone (flag[j // 2]; of the key and dims), in one position and by
+    leading variables and dims elsewhere (doc[i], glob[j], seg[h, i], keep[a // (h // g), j]), by those only (a key
+    length L[b]: one value per program), or by a function of the row alone in one position and of the key alone in
+    another (blk[i // B, j // B]: per pair of tiles)."""
     out = {}
     for x in D.nodes(pred):
         if not isinstance(x, D.Read) or x.dtype not in (ir.INT, ir.BOOL) or x in out:
@@ -55,8 +63,9 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol) -> tuple:
             out[x] = Summary(x, "program", -1, sp.Symbol(f"{tag}_min", integer=True),
                              sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True))
             continue
-        for var, axis in ((row, "row"), (key, "key")):
-            pos = [k for k, ix in enumerate(index) if ix == var]
+        for var, axis in ((row, "row"), (key, "key")):   # the variable itself, else one function of it alone
+            pos = [k for k, ix in enumerate(index) if ix == var] or \
+                [k for k, ix in enumerate(index) if _function_of(ix, var, axis)]
             if len(pos) == 1 and all(f for k, f in enumerate(fixed) if k != pos[0]):
                 tag = f"{x.name}_{axis}{len(out)}"
                 out[x] = Summary(x, axis, pos[0], sp.Symbol(f"{tag}_min", integer=True),
@@ -71,6 +80,14 @@ def summaries_of(pred, row: sp.Symbol, key: sp.Symbol) -> tuple:
                                  sp.Symbol(f"{tag}_max", integer=True), sp.Symbol(f"{tag}_value", integer=True),
                                  keys[0])
     return tuple(out.values())
+
+
+def _function_of(ix, var, axis: str) -> bool:
+    """Whether a row (key) read's index is a function of the row (key) alone that a gathered summary can follow: of
+    the key and dims (a split-KV block reads flag[(j + C - 1) // 2], its first key C shared by the launch's
+    programs, each summary pointer moved to its split's tile); of the row alone (a block's first row differs per
+    program where the valid lengths do, and one gathered summary cannot follow it)."""
+    return (sy.variables(ix) if axis == "key" else ix.free_symbols) == {var}
 
 
 def with_summaries(box: Box, summaries, axes=("row", "key", "program", "pair")) -> Box:

@@ -157,6 +157,9 @@ def classify(pred, box: Box):
         if pred.fn == "not":
             f, t = classify(pred.args[0], box)
             return t, f
+        if pred.fn == "where" and pred.dtype == ir.BOOL:   # where(c, a, b) = (c and a) or (not c and b)
+            (fc, tc), (fa, ta), (fb, tb) = (classify(x, box) for x in pred.args)
+            return sp.And(sp.Or(fc, fa), sp.Or(tc, fb)), sp.Or(sp.And(tc, ta), sp.And(fc, tb), sp.And(ta, tb))
         if pred.fn in _FLIP:
             d = _diff(pred, box.reads)
             if d is not None:

@@ -13,6 +13,12 @@ def dim(name: str) -> sp.Symbol:
     return sp.Symbol(name, integer=True, positive=True)
 
 
+def variables(e) -> set:
+    """The index variables of an expression: its symbols but the dims (positive extents), whose values a call
+    knows (flag[(j + c) // 2] with c a dim, as a block of keys offset by its start reads a table)."""
+    return {s for s in sp.sympify(e).free_symbols if not s.is_positive}
+
+
 def index_var(name: str) -> sp.Symbol:
     """An index variable of a comprehension or reduction: a non-negative integer."""
     return sp.Symbol(name, integer=True, nonnegative=True)

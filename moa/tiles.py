@@ -99,12 +99,14 @@ def pair_summary(table: np.ndarray, rows_at: np.ndarray, keys_at: np.ndarray, bm
     return _tile_reduce(lo[:, keys_at], bn, 1)[0], _tile_reduce(hi[:, keys_at], bn, 1)[1]
 
 
-def along(ix, env: dict, extent: int) -> np.ndarray:
-    """The values of an index expression in one variable (a pair summary's row or key function) at that variable
-    = 0 .. extent - 1."""
+def along(ix, env: dict, extent: int, size: int | None = None) -> np.ndarray:
+    """The values of an index expression in one variable (a pair summary's row or key function, a gathered row or
+    key read's) at that variable = 0 .. extent - 1; with `size`, clipped to 0 .. size - 1 (a where-guarded read
+    may index past its input where its guard is false: a clipped value only widens a tile's (min, max))."""
     ix = sp.sympify(ix)
-    (v,) = ix.free_symbols
-    return np.broadcast_to(np_eval(ix, {**env, v: np.arange(extent, dtype=np.int64)}), (extent,)).astype(np.int64)
+    (v,) = sy.variables(ix)   # the dims' values are in env
+    out = np.broadcast_to(np_eval(ix, {**env, v: np.arange(extent, dtype=np.int64)}), (extent,)).astype(np.int64)
+    return out if size is None else np.clip(out, 0, max(size - 1, 0))
 
 
 def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: int) -> dict:
@@ -125,10 +127,12 @@ def summary_env(b, env: dict, data: dict | None, n: int, m: int, bm: int, bn: in
             continue
         if sm.axis == "pair":   # the table's (row position, key position) plane, at the rows' and keys' indices
             plane = line if sm.pos < sm.kpos else line.T
-            lo, hi = pair_summary(plane, along(sm.read.index[sm.pos], env, n), along(sm.read.index[sm.kpos], env, m),
-                                  bm, bn)
+            lo, hi = pair_summary(plane, along(sm.read.index[sm.pos], env, n, plane.shape[0]),
+                                  along(sm.read.index[sm.kpos], env, m, plane.shape[1]), bm, bn)
             out.update({sm.lo: PairTable(lo), sm.hi: PairTable(hi)})
             continue
+        if sm.gathered:   # read at a function of the row (key): at every row (key), clipped as the pre-pass does
+            line = line[along(sm.read.index[sm.pos], env, n if sm.axis == "row" else m, len(line))]
         lo, hi = _tile_reduce(line, bm if sm.axis == "row" else bn, 0)   # as runtime/summaries.py: the whole input
         if sm.axis == "row":
             out.update({sm.lo: lo, sm.hi: hi})

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from moa import symbolic as sy
 from moa.codegen.data_tiles import SCAN
+from moa.tiles import along
 from moa.codegen.splitkv import LENGTHS, PAGED, VARLEN_PAGED, VARLENS
 
 from .summaries import packed_tile_summaries, tile_summaries
@@ -28,20 +30,42 @@ def replace_summaries(block, spec, cb, args: list, call, cfg) -> None:
         if t.dtype not in (torch.int32, torch.int64, torch.bool):
             t = t.to(torch.int32)
         st = None
+        if ts.at is not None and ts.axis in ("row", "key"):   # read at a function of the index: at logical indices
+            t = local_values(t, nb, ts, call, cb.dims)
         if call.mode in VARLENS:
             if ts.axis == "row":
                 st = packed_tile_summaries(t, nb + ts.pos, cfg.block_m, call.cu_host[0])
             else:
-                if call.mode == VARLEN_PAGED:   # each sequence's keys gathered from its pages, packed
+                if call.mode == VARLEN_PAGED and ts.at is None:   # each sequence's keys gathered from its pages
                     t = t.index_select(nb + ts.pos, varlen_key_positions(call.block_table, call.page,
                                                                          call.cu_host[1]).to(t.device))
                 st = packed_tile_summaries(t, nb + ts.pos, cfg.block_n, call.cu_host[1], SCAN)
         elif call.mode in (LENGTHS, PAGED) and ts.axis == "key":
-            table = call.block_table if call.mode == PAGED else None
+            table = call.block_table if call.mode == PAGED and ts.at is None else None
             st = valid_key_summaries(t, nb, ts.pos, cfg.block_n, call.cache_len, table, call.page, tuple(cb.batch))
         if st is not None:
             args[pos: pos + width] = [st, *st.stride()]
         pos += width
+
+
+def local_values(t: torch.Tensor, nb: int, ts, call, dims: dict) -> torch.Tensor:
+    """A row or key read at a function of its index (flag[j // 2], codegen TileSummaries.at) as the kernel reads it:
+    at each sequence's local indices, packed (varlen), else at every logical key of the cache (paged: the read's
+    index is the logical key, not a pool position). Indices past the input are clipped (a where-guarded read).
+    dims: the block's dims by name (the function's dims: a block's first key)."""
+    pos = nb + ts.pos
+    ix = ts.at.rows if ts.axis == "row" else ts.at.keys
+    env = {sy.dim(name): v for name, v in dims.items()}
+
+    def at(count: int) -> torch.Tensor:
+        return torch.from_numpy(along(ix, env, count, t.shape[pos])).to(t.device)
+
+    if call.mode in VARLENS:
+        cu = call.cu_host[0 if ts.axis == "row" else 1]
+        idx = torch.cat([at(cu[s + 1] - cu[s]) for s in range(len(cu) - 1)] + [at(0)])
+    else:
+        idx = at(call.block_table.shape[1] * call.page if call.mode == PAGED else call.mk)
+    return t.index_select(pos, idx)
 
 
 def varlen_key_positions(table: torch.Tensor, page: int, cu_k: list) -> torch.Tensor:

@@ -72,13 +72,18 @@ def summary_tensor(ts, t: torch.Tensor, nb: int, bm: int, bn: int, dims: dict, e
     functions at every row and key)."""
     if t.dtype not in (torch.int32, torch.int64, torch.bool):
         t = t.to(torch.int32)
-    if ts.axis == "row":
-        return tile_summaries(t, nb + ts.pos, bm)
-    if ts.axis == "key":
-        return tile_summaries(t, nb + ts.pos, bn, extra)
     env = {sy.dim(name): v for name, v in dims.items()}
-    rows, keys = (torch.from_numpy(np.ascontiguousarray(along(ix, env, int(sy.evaluate(ext, dims))))).to(t.device)
-                  for ix, ext in ((ts.at.rows, ts.at.n), (ts.at.keys, ts.at.m)))
+
+    def at(ix, ext, pos):   # the index function at every row (key), clipped to the input (a where-guarded read)
+        idx = along(ix, env, int(sy.evaluate(ext, dims)), t.shape[nb + pos])
+        return torch.from_numpy(np.ascontiguousarray(idx)).to(t.device)
+
+    if ts.axis in ("row", "key"):
+        if ts.at is not None:   # read at a function of the row (key): gathered at every row (key) first
+            ix, ext = (ts.at.rows, ts.at.n) if ts.axis == "row" else (ts.at.keys, ts.at.m)
+            t = t.index_select(nb + ts.pos, at(ix, ext, ts.pos))
+        return tile_summaries(t, nb + ts.pos, bm) if ts.axis == "row" else tile_summaries(t, nb + ts.pos, bn, extra)
+    rows, keys = at(ts.at.rows, ts.at.n, ts.pos), at(ts.at.keys, ts.at.m, ts.kpos)
     return pair_tile_summaries(t, nb + ts.pos, nb + ts.kpos, rows, keys, bm, bn, extra)
 
 

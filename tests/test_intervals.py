@@ -65,3 +65,43 @@ def test_spread_minmax_bounds_the_terms_together(e, lo):
     for a in range(10):
         for b in range(10):
             assert ex.subs({i: a, j: b}) == sp_ex.subs({i: a, j: b})
+
+
+def test_a_boolean_where_is_decided_soundly_and_tightly_by_its_parts():
+    """where(c, a, b) = (c and a) or (not c and b): on every tile of a grid, the skip test never holds where the
+    predicate holds somewhere, the full test never where it fails somewhere; and where c is constant on the tile
+    and decides the branch taken, the test is as tight as that branch's own."""
+    import itertools
+
+    from moa import dnf as D
+    from moa import ir
+
+    i, j = sp.symbols("i j", integer=True)
+    box = iv.Box({i: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)})
+    atoms = {"j <= i": (D.Op("le", (D.Index(j), D.Index(i)), ir.BOOL), lambda a, b: b <= a),
+             "j < 12": (D.Op("lt", (D.Index(j), D.Const(12, ir.INT)), ir.BOOL), lambda a, b: b < 12),
+             "i - j < 5": (D.Op("lt", (D.Index(i - j), D.Const(5, ir.INT)), ir.BOOL), lambda a, b: a - b < 5),
+             "i >= 20": (D.Op("ge", (D.Index(i), D.Const(20, ir.INT)), ir.BOOL), lambda a, b: a >= 20)}
+    n = 40
+    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+
+    def tests(pred):
+        return [sp.lambdify((iv.I_LO, iv.I_HI, iv.J_LO, iv.J_HI), f, "math") for f in iv.classify(pred, box)]
+
+    own = {name: tests(atom) for name, (atom, _) in atoms.items()}
+    uniform = decided = 0
+    for c, a, b in itertools.product(atoms, repeat=3):
+        pred = D.Op("where", (atoms[c][0], atoms[a][0], atoms[b][0]), ir.BOOL)
+        truth = np.where(atoms[c][1](ii, jj), atoms[a][1](ii, jj), atoms[b][1](ii, jj))
+        skip, full = tests(pred)
+        for r0, t0 in itertools.product(range(0, n, 8), repeat=2):
+            at = (r0, r0 + 7, t0, t0 + 7)
+            tile = truth[r0:r0 + 8, t0:t0 + 8]
+            s, f = bool(skip(*at)), bool(full(*at))
+            assert not (s and tile.any()) and not (f and not tile.all()), (c, a, b, r0, t0)
+            for branch, taken in ((a, bool(own[c][1](*at))), (b, bool(own[c][0](*at)))):
+                if taken:   # c decided on the tile: the branch's own tests
+                    assert (s, f) == tuple(bool(t(*at)) for t in own[branch]), (c, a, b, r0, t0)
+            uniform += bool(tile.all() or not tile.any())
+            decided += s or f
+    assert decided > 0.9 * uniform, (decided, uniform)
