@@ -424,8 +424,8 @@ class Emitter:
         if isinstance(e, D.Read):
             return (self.tma and self._desc_load(e, vmap, scope, name)) or \
                 self._load(e, vmap, scope, name=name, cast=False)
-        x = self.emit(e, vmap, scope, role=name)
-        self.taken.add(name)
+        self.taken.add(name)   # before its parts: a temporary named `name` would be overwritten (and reused)
+        x = self.emit(e, vmap, scope, role=f"{name}_part")
         scope.add(f"{name} = tl.where({valid}, {x}, 0.0).to({self.in_dt})")
         return name
 

@@ -290,3 +290,67 @@ def test_gradient_of_abs_of_a_scaled_score():
                     "A[i, j] = where(j <= i, abs(dot(Q[i], K[j]) / sqrt(d) + bi[i]), 0)\nout O = A @ V")
     x = _x(40, bi=torch.randn(40, dtype=F64))
     _same_gradients(k, x, 1e-10)
+
+
+ROPE = """dim n, d, e
+param base = 10000
+in Q[n, d], K[n, d], V[n, e]
+Qr[i, k] = Q[i, k] * cos(i * base ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * Q[i, (k + d // 2) % d] * sin(i * base ^ (-2 * (k % (d // 2)) / d))
+Kr[j, k] = K[j, k] * cos(j * base ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * K[j, (k + d // 2) % d] * sin(j * base ^ (-2 * (k % (d // 2)) / d))
+S[i, j] = where(j <= i, dot(Qr[i], Kr[j]) / sqrt(d), -inf)
+out O = softmax(S, axis=-1) @ V
+"""  # noqa: E501
+
+
+def _rope(x, base=10000.0):
+    """GPT-NeoX rotary embedding of x [n, d] (halves rotated), independently of moa."""
+    n, d = x.shape
+    theta = base ** (-2 * torch.arange(d // 2, dtype=F64) / d)
+    ang = torch.arange(n, dtype=F64)[:, None] * theta[None, :]
+    a, b = x[:, :d // 2], x[:, d // 2:]
+    return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+
+
+@pytest.mark.parametrize("factor", ["2 ^ (-k)", "where(k < 4, 1.5, -0.5)", "sin(k + 1.0)", "exp(-k)"])
+def test_the_same_factor_of_the_contraction_index_on_both_operands(factor):
+    """A factor computed once for both dot operands kept its own name: the q operand's tile was written over it
+    and the k operand read the q tile instead (wrong outputs, NaN for xPos; found by a user porting RoPE)."""
+    src = HEAD + f"Qr[i, k] = Q[i, k] * {factor}\nKr[j, k] = K[j, k] * {factor}\n" \
+        "out O = softmax(Qr @ Kr.T, axis=-1) @ V\n"
+    k = moa.compile(src)
+    x = _x(40, d=8)
+    assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+    assert measure(k, **x).flops == cost(k, dtype="float64", device="cpu", n=40, d=8, e=3).flops
+    got = {a: t.clone().requires_grad_() for a, t in x.items()}
+    want = {a: t.clone().requires_grad_() for a, t in x.items()}
+    k(**got).sum().backward()
+    k.reference(**want).sum().backward()
+    for a in x:
+        assert (got[a].grad - want[a].grad).abs().max().item() < 1e-12, a
+
+
+def test_rotary_embeddings_in_the_program_against_torch():
+    """RoPE written in the language (the docs' program): forward and gradients equal a plain torch RoPE + causal
+    softmax attention in float64; the rotation is computed on the operand tiles, with no rotated copy of Q or K
+    in memory."""
+    k = moa.compile(ROPE)
+    x = {a: t.requires_grad_() for a, t in _x(70, d=8, e=4, seed=3).items()}
+    out = k(**x)
+    q, kk = _rope(x["Q"]), _rope(x["K"])
+    mask = torch.ones(70, 70, dtype=torch.bool).tril()
+    want = torch.nn.functional.scaled_dot_product_attention(q, kk, x["V"], attn_mask=mask)
+    assert (out - want).abs().max().item() < 1e-12
+    cot = torch.randn(70, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(out, list(x.values()), cot)
+    ref = torch.autograd.grad(want, list(x.values()), cot)
+    for a, g1, g2 in zip(x, got, ref):
+        assert (g1 - g2).abs().max().item() < 1e-12, a
+    assert measure(k, **{a: t.detach() for a, t in x.items()}).flops == \
+        cost(k, dtype="float64", device="cpu", n=70, d=8, e=4).flops
+
+
+def test_the_rope_program_of_the_variants_page_is_this_one():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
+    assert f"```\n{ROPE}```" in text
