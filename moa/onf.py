@@ -170,12 +170,16 @@ def _find_dot(e, rowvars, colvars, k_branch):
 def _check_no_binders(e, what, name, dot=None):
     for x in D.nodes(e):
         if isinstance(x, D.BINDERS):
-            if dot is not None and isinstance(x, D.Reduce) and x.op == "sum" and isinstance(x.body, D.Op) \
-                    and x.body.fn == "mul":   # a second q . k of its own
+            if dot is not None and isinstance(x, D.Reduce) and x.op == "sum" and getattr(x.body, "fn", "") == "mul":
                 first = f"+red_{{{dot.var} < {sy.show(dot.extent)}}} ({D.show(dot.a)} * {D.show(dot.b)})"
-                raise UnsupportedError(f"output {name}: the score and its mask hold two different contractions, "
-                                       f"{first} and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per "
-                                       "score (one dot of concatenated vectors is one contraction)")
+                for side, other, arr in ((dot.a, dot.b, "Q"), (dot.b, dot.a, "K")):
+                    own, theirs = D.free_vars(side) - D.free_vars(other), D.free_vars(other) - D.free_vars(side)
+                    if D.free_vars(x) & own and not D.free_vars(x) & theirs:   # of the row (key) alone
+                        raise UnsupportedError(f"output {name}: the score holds a reduction over one side, "
+                                               f"{D.show_clipped(x, 60)} (a norm: cosine attention, QK-norm), beside "
+                                               f"{first}; no kernel computes it: pass {arr} normalised as the input")
+                raise UnsupportedError(f"output {name}: the score and its mask hold two contractions, {first} "
+                                       f"and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per score")
             raise UnsupportedError(f"output {name}: {what} contains a reduction ({type(x).__name__}) that the "
                                    f"tiled schedule cannot place yet: {D.show_clipped(x, 120)}")
 
@@ -211,9 +215,13 @@ def schedule(o: D.DnfOutput) -> Schedule:
     for x in D.nodes(epi):
         if isinstance(x, D.BINDERS) and not (isinstance(x, D.Reduce) and _free(x) <= leadset | {i}):
             lse = isinstance(x, D.LogSumExp) or any(isinstance(y, D.Op) and y.fn == "exp" for y in D.nodes(x))
+            x = next(y for y in D.nodes(epi) if isinstance(y, D.BINDERS) and any(z is x for z in D.nodes(y)))
             raise UnsupportedError(f"output {o.name}: the epilogue has a reduction over the key axis outside "
                                    f"a softmax/normalize contraction: {D.show_clipped(x, 120)}" +
-                                   ("; a log-sum-exp of the scores is not fused into an epilogue (a learned sink "
+                                   ("; a sum of weights over the keys runs only as the weights of a contraction "
+                                    "(W @ U, with U an input of ones for a plain sum)" if isinstance(x, D.Reduce)
+                                    and x.op == "sum" and _free(x) <= leadset | {i} else
+                                    "; a log-sum-exp of the scores is not fused into an epilogue (a learned sink "
                                     "logit is one more key: docs/variants.md, attention sinks)" if lse else ""))
     if not _free(epi) <= leadset | {i, c}:
         raise UnsupportedError(f"output {o.name}: epilogue depends on {sorted(map(str, _free(epi) - leadset))}")

@@ -137,7 +137,13 @@ def test_a_forced_linear_form_is_refused_with_gradients_too():
     ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
      "S[i, j] = where(dot(elu(Q[i]) + 1, elu(K[j]) + 1) > -1.0, dot(Q[i], K[j]), -inf)\n"
      "out O = softmax(S, axis=-1) @ V",
-     "two different contractions"),
+     "two contractions"),
+    ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
+     "S[i, j] = where(j <= i, dot(Q[i], K[j]) * rsqrt(dot(K[j], K[j])), -inf)\nout O = softmax(S, axis=-1) @ V",
+     "a reduction over one side.*pass K normalised"),
+    ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nD[i, j] = where(j <= i, abs(dot(Q[i], K[j])), 0)\n"
+     "out O[i] = (D[i] @ V) / (sum(D[i], axis=-1) + 1)",
+     r"outside a softmax/normalize contraction: \+red_\{r < n\} where.*a sum of weights over the keys"),
 ])
 def test_unsupported_output_shapes_say_what_the_user_wrote(src, why):
     with pytest.raises(UnsupportedError, match=why):

@@ -507,6 +507,9 @@ def test_check_fails_without_a_kernel(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kernel: not compiled" in out and out.rstrip().splitlines()[-1].startswith("NO KERNEL"), out
     assert main(["check", str(path), "--dims", "n=20,d=8,e=8", "--no-kernel"]) == 0
+    assert main(["check", str(path), "--dims", "n=20,d=8,e=8", "--grad"]) == 1   # it stopped with an error (2)
+    out = capsys.readouterr().out
+    assert "--grad: no gradient rows" in out and out.rstrip().splitlines()[-1].startswith("NO KERNEL"), out
 
 
 def test_launcher_tiles_and_bfloat16_on_the_cpu(tmp_path, capsys):
