@@ -302,7 +302,7 @@ class Emitter:
             return self._pow(e, a)
         wide = "64" if self.acc == "tl.float64" else ""   # float64 kernels: helpers exact near 0 (codegen/tidy.py)
         one = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "rsqrt": "tl.rsqrt", "sin": "tl.sin",
-               "cos": "tl.cos", "sigmoid": "tl.sigmoid", "tanh": f"_tanh{wide}", "elu": f"_elu{wide}"}
+               "cos": "tl.cos", "erf": "tl.erf", "sigmoid": "tl.sigmoid", "tanh": f"_tanh{wide}", "elu": f"_elu{wide}"}
         if fn in one:
             return _folded(fn, e.args[0]) or f"{one[fn]}({self._float(a[0], e.args[0])})"
         if fn == "abs":
@@ -479,7 +479,7 @@ class Emitter:
 
 # a function of a constant, folded in float64 (tl.log(2.0) is a float32 log: ln 2 to 4e-9 in a float64 gradient)
 _FOLD = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "rsqrt": lambda v: 1 / math.sqrt(v), "sin": math.sin,
-         "cos": math.cos, "tanh": math.tanh, "sigmoid": lambda v: 1 / (1 + math.exp(-v))}
+         "cos": math.cos, "erf": math.erf, "tanh": math.tanh, "sigmoid": lambda v: 1 / (1 + math.exp(-v))}
 
 
 def _folded(fn: str, arg) -> str | None:

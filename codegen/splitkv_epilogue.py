@@ -35,7 +35,7 @@ _CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "a
 # unary functions: (Triton text, flops per element, transcendentals per element), as the interpreter counts them
 # (tl.sigmoid is 1 / (1 + exp(-x)); _tanh and _elu are codegen/tidy.py's helpers)
 _UNARY = {"exp": ("tl.exp", 0, 1), "log": ("tl.log", 0, 1), "sqrt": ("tl.sqrt", 0, 1), "rsqrt": ("tl.rsqrt", 0, 1),
-          "sin": ("tl.sin", 0, 1), "cos": ("tl.cos", 0, 1), "sigmoid": ("tl.sigmoid", 3, 1),
+          "sin": ("tl.sin", 0, 1), "cos": ("tl.cos", 0, 1), "erf": ("tl.erf", 0, 1), "sigmoid": ("tl.sigmoid", 3, 1),
           "tanh": ("_tanh", 5, 1), "elu": ("_elu", 1, 1)}
 _UNARY64 = {**_UNARY, "tanh": ("_tanh64", 15, 1), "elu": ("_elu64", 12, 1)}   # float64 kernels' exact helpers
 

@@ -17,7 +17,7 @@ from moa.program import Program
 from .checks import COMPILE_KEYWORDS, MAX_NAME, article, check_extent, check_override
 from .parser import KEYWORDS, parse
 
-UNARY = {"exp", "log", "sqrt", "rsqrt", "abs", "sign", "tanh", "sigmoid", "relu", "elu", "sin", "cos"}
+UNARY = {"exp", "log", "sqrt", "rsqrt", "abs", "sign", "tanh", "sigmoid", "relu", "elu", "sin", "cos", "erf"}
 REDUCTIONS = {"sum", "max", "min"}
 NORMALIZATIONS = {"softmax", "normalize", "logsumexp"}
 STRUCTURAL = {"iota", "shape", "psi", "take", "drop", "cat", "reverse", "rotate", "reshape", "outer", "transpose",

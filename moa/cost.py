@@ -134,7 +134,7 @@ def eager_plan(sched: Schedule, elt: int, batch: int = 1) -> Eager:
         for x in _postorder(b.score):
             if isinstance(x, D.Op) and _depends_ij(x, i, j):
                 operands = sum(1 for a in x.args if _depends_ij(a, i, j))
-                tr = nm if x.fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "elu") else 0
+                tr = nm if x.fn in ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "sin", "cos", "elu", "erf") else 0
                 op(f"{tag}{x.fn} on [n, m]", operands * nm * E, nm * E, other=0 if tr else nm, trans=tr)
             elif isinstance(x, (D.Read, D.Index)) and _depends_ij(x, i, j):
                 op(f"{tag}materialise {D.show(x)[:30]}", nm * E if isinstance(x, D.Read) else 0, nm * E)

@@ -85,7 +85,7 @@ class Power(sp.Function):
 
 
 _UNARY = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "rsqrt": lambda x: 1 / sp.sqrt(x), "tanh": sp.tanh,
-          "sin": sp.sin, "cos": sp.cos, "sigmoid": Sigmoid, "relu": Relu, "elu": Elu, "sign": Sgn,
+          "sin": sp.sin, "cos": sp.cos, "erf": sp.erf, "sigmoid": Sigmoid, "relu": Relu, "elu": Elu, "sign": Sgn,
           "abs": RealAbs, "neg": lambda x: -x}
 _BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
            "div": lambda a, b: a / b, "pow": lambda a, b: a ** b if b.is_number else Power(a, b), "min": sp.Min,
@@ -229,7 +229,7 @@ def _from_add(x, leaves):
     return out
 
 
-_FUNC = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos", Sigmoid: "sigmoid",
+_FUNC = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos", sp.erf: "erf", Sigmoid: "sigmoid",
          Relu: "relu", Elu: "elu", sp.Abs: "abs", RealAbs: "abs", Sgn: "sign", sp.sign: "sign"}
 
 
@@ -238,7 +238,7 @@ def from_sympy(x, leaves: dict):  # noqa: C901 - one case per sympy construct
     x = sp.sympify(x)
     if x in leaves:
         return leaves[x]
-    if x.is_Number:
+    if x.is_Number or x.is_number and x.is_real:   # pi, 2 / sqrt(pi) (erf's derivative): float64 constants
         return _num(x)
     if isinstance(x, sp.Add):
         return _from_add(x, leaves)

@@ -17,7 +17,7 @@ from .errors import Loc, ShapeError
 FLOAT, INT, BOOL = "float", "int", "bool"
 
 # scalar functions by arity and result kind
-UNARY_FLOAT = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "elu", "sin", "cos"}
+UNARY_FLOAT = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "elu", "sin", "cos", "erf"}
 UNARY_SAME = {"neg", "abs", "sign", "relu"}
 BINARY_ARITH = {"add", "sub", "mul", "div", "floordiv", "mod", "pow", "min", "max"}
 COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
@@ -221,7 +221,7 @@ _PY = {
     "neg": lambda a: -a, "abs": abs, "min": min, "max": max, "div": lambda a, b: a / b,
     "pow": lambda a, b: float(a) ** b, "exp": math.exp, "log": math.log, "sqrt": math.sqrt,
     "rsqrt": lambda a: 1.0 / math.sqrt(a), "tanh": math.tanh, "sigmoid": _sigmoid, "sin": math.sin,
-    "cos": math.cos, "relu": lambda a: max(a, 0), "elu": lambda a: a if a > 0 else math.expm1(a),
+    "cos": math.cos, "erf": math.erf, "relu": lambda a: max(a, 0), "elu": lambda a: a if a > 0 else math.expm1(a),
 }
 
 

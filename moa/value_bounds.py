@@ -97,6 +97,7 @@ RULES = {
     "exp": _exp,                                              # monotone
     "sqrt": lambda a: (math.sqrt(a[0]), math.sqrt(a[1])) if a[0] >= 0 else None,
     "sigmoid": lambda a: (1 / (1 + _exp((-a[0],))[0]), 1 / (1 + _exp((-a[1],))[0])),
+    "erf": lambda a: (math.erf(a[0]), math.erf(a[1])),        # monotone
     "min": lambda a, b: (min(a[0], b[0]), min(a[1], b[1])),
     "max": lambda a, b: (max(a[0], b[0]), max(a[1], b[1])),
 }

@@ -22,7 +22,7 @@ F64 = torch.float64
 
 _UNARY = {
     "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "elu": torch.nn.functional.elu, "sin": torch.sin, "cos": torch.cos,
+    "sigmoid": torch.sigmoid, "elu": torch.nn.functional.elu, "sin": torch.sin, "cos": torch.cos, "erf": torch.erf,
     "neg": torch.neg, "abs": torch.abs, "sign": torch.sign, "relu": torch.relu, "not": torch.logical_not,
 }
 _BINARY = {

@@ -17,7 +17,7 @@ INPUT_NAMES = ["Q", "K", "V", "A", "B", "wg", "doc", "x"]
 ARRAY_NAMES = ["S", "C", "P", "T", "W", "Z", "O", "R"]
 INDEX_NAMES = ["i", "j", "a", "b", "c", "t", "tau"]
 PARAM_NAMES = ["w", "p", "s", "k0", "bg"]
-UNARY = ["exp", "log", "sqrt", "rsqrt", "abs", "sign", "tanh", "sigmoid", "relu", "elu", "sin", "cos"]
+UNARY = ["exp", "log", "sqrt", "rsqrt", "abs", "sign", "tanh", "sigmoid", "relu", "elu", "sin", "cos", "erf"]
 KEYWORDS = ["dim", "param", "in", "out", "where", "and", "or", "not", "inf"]
 # names a user could write that collide with Python, Triton or the generated kernel's own names
 HOSTILE_NAMES = ["__import__", "os", "exec", "eval", "tl", "triton", "Q_ptr", "dim_n", "idx_a", "offs_m", "BLOCK_M",

@@ -23,7 +23,7 @@ EWISE = """
 dim n, d
 in X[n, d], Y[n, d]
 A[i, c] = exp(X[i, c] / 4) + log(abs(X[i, c]) + 1) + sqrt(abs(Y[i, c]) + 1) * rsqrt(abs(Y[i, c]) + 2)
-B[i, c] = tanh(X[i, c]) * sigmoid(Y[i, c]) + relu(X[i, c]) * elu(Y[i, c]) + sin(X[i, c]) - cos(Y[i, c])
+B[i, c] = tanh(X[i, c]) * sigmoid(Y[i, c]) + relu(X[i, c]) * elu(Y[i, c]) + sin(X[i, c]) - cos(Y[i, c]) + erf(X[i, c])
 C[i, c] = sign(X[i, c]) * X[i, c] + min(X[i, c], Y[i, c]) + max(X[i, c], 2 * Y[i, c]) + X[i, c] ^ 3
 D[i, c] = X[i, c] / (Y[i, c] ^ 2 + 1) + -X[i, c] * 2 ^ Y[i, c] + X[i, c] * (i - c) / 3
 out O[i, c] = A[i, c] + B[i, c] + C[i, c] - D[i, c]

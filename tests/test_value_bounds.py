@@ -28,7 +28,7 @@ def _value(e, env):
     a = [_value(x, env) for x in e.args]
     f = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "neg": lambda x: -x, "mul": lambda x, y: x * y,
          "div": lambda x, y: x / y, "pow": math.pow, "exp": math.exp, "sqrt": math.sqrt,
-         "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "min": min, "max": max}[e.fn]
+         "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "erf": math.erf, "min": min, "max": max}[e.fn]
     return f(*a)
 
 
@@ -37,7 +37,7 @@ LEAVES = st.one_of(st.sampled_from([D.Index(A - 2), D.Index(-A - 5), D.Index(B),
 
 
 def _tree(children):
-    unary = st.tuples(st.sampled_from(["neg", "exp", "sigmoid"]), children).map(lambda t: D.Op(t[0], (t[1],)))
+    unary = st.tuples(st.sampled_from(["neg", "exp", "sigmoid", "erf"]), children).map(lambda t: D.Op(t[0], (t[1],)))
     binary = st.tuples(st.sampled_from(["add", "sub", "mul", "div", "pow", "min", "max"]), children, children) \
         .map(lambda t: D.Op(t[0], (t[1], t[2])))
     return st.one_of(unary, binary)
@@ -60,7 +60,7 @@ def test_bounds_hold_at_every_point(e):
 
 
 def test_every_rule_is_tested():
-    assert set(RULES) == {"add", "sub", "neg", "mul", "div", "pow", "exp", "sqrt", "sigmoid", "min", "max"}
+    assert set(RULES) == {"add", "sub", "neg", "mul", "div", "pow", "exp", "sqrt", "sigmoid", "erf", "min", "max"}
 
 
 def test_retention_decay_is_positive_and_unknown_symbols_are_not():

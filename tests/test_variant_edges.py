@@ -354,3 +354,24 @@ def test_the_rope_program_of_the_variants_page_is_this_one():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
     assert f"```\n{ROPE}```" in text
+
+
+def test_erf_scores_in_the_kernel_and_its_gradient():
+    """erf (Laplace attention's 0.5 (1 + erf((s - mu) / (sigma sqrt 2))), GELU-shaped maps): forward and
+    gradients against torch in float64; one transcendental per score in the cost model as in the kernel."""
+    import math
+
+    src = ("dim n, d, e\nparam mu = 0.707107, s = 0.282095\nin Q[n, d], K[n, d], V[n, e]\n"
+           "S[i, j] = where(j <= i, 0.5 * (1 + erf((dot(Q[i], K[j]) / sqrt(d) - mu) / (s * sqrt(2.0)))), 0)\n"
+           "out O = S @ V\n")
+    k = moa.compile(src)
+    x = {a: t.requires_grad_() for a, t in _x(70, d=8, e=4, seed=5).items()}
+    w = 0.5 * (1 + torch.erf((x["Q"] @ x["K"].T / math.sqrt(8) - 0.707107) / (0.282095 * math.sqrt(2.0))))
+    want = (w * torch.ones(70, 70, dtype=F64).tril()) @ x["V"]
+    out = k(**x)
+    assert (out - want).abs().max().item() < 1e-12
+    for a, g1, g2 in zip(x, torch.autograd.grad(out.sum(), list(x.values())),
+                         torch.autograd.grad(want.sum(), list(x.values()))):
+        assert (g1 - g2).abs().max().item() < 1e-12, a
+    plain = {a: t.detach() for a, t in x.items()}
+    assert measure(k, **plain).transcendentals == cost(k, dtype="float64", device="cpu", n=70, d=8, e=4).transcendentals
