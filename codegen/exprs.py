@@ -406,15 +406,19 @@ class Emitter:
         return sy.prove_nonneg(lo) is True, sy.prove_nonneg(sp.sympify(ext) - 1 - hi) is True
 
     def _row_reduce(self, e: D.Reduce, vmap, scope: Scope, role: str) -> str:
-        """A reduction over a small axis held in one tile (e.g. q . wg over the head dim)."""
+        """A reduction over a small axis held in one tile (e.g. q . wg over the head dim): per row, or per key where
+        it reads only the tile's columns (a norm of k in a score: the keys down a tile's rows, then back)."""
         offs = self.head_offsets(e.extent, scope)
-        inner = {**vmap, e.var: f"{offs}[None, :]"}
+        used = [v for v in D.free_vars(e) if "[" in vmap.get(v, "")]   # its tile axes (not per-program values)
+        keys = bool(used) and all(vmap[v].endswith("[None, :]") for v in used)
+        turned = {v: vmap[v][:-len("[None, :]")] + "[:, None]" for v in used} if keys else {}
+        inner = {**vmap, **turned, e.var: f"{offs}[None, :]"}
         body = self.emit(e.body, inner, scope, role=role)
         valid = f"({offs}[None, :] < {self.idx(e.extent, {})})"
         neutral = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[e.op]
         red = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[e.op]
         name = self.fresh(f"{role}_{e.op}")
-        scope.add(f"{name} = {red}(tl.where({valid}, {body}, {neutral}), 1)[:, None]")
+        scope.add(f"{name} = {red}(tl.where({valid}, {body}, {neutral}), 1)[{'None, :' if keys else ':, None'}]")
         return name
 
     def factor(self, e, vmap, scope: Scope, name: str, valid: str) -> str:

@@ -31,6 +31,7 @@ from .key_sums import key_sum, score_conjuncts, strip_zero, with_key_sums  # noq
 from .residue import (LIFTING_RULES, Hop, Lift, RowLift, _band, _hop, _strip_mask,
                       row_lift)
 from .errors import UnsupportedError
+from .score_parts import check_no_binders, pull_norms
 
 TILED, HOPS, RESIDUE, SPLIT = "tiled", "hops", "residue", "split"
 KINDS = (TILED, HOPS, RESIDUE, SPLIT)   # SPLIT: one kernel per branch (moa/split.py)
@@ -167,23 +168,6 @@ def _find_dot(e, rowvars, colvars, k_branch):
     return out, (found[0] if found else None)
 
 
-def _check_no_binders(e, what, name, dot=None):
-    for x in D.nodes(e):
-        if isinstance(x, D.BINDERS):
-            if dot is not None and isinstance(x, D.Reduce) and x.op == "sum" and getattr(x.body, "fn", "") == "mul":
-                first = f"+red_{{{dot.var} < {sy.show(dot.extent)}}} ({D.show(dot.a)} * {D.show(dot.b)})"
-                for side, other, arr in ((dot.a, dot.b, "Q"), (dot.b, dot.a, "K")):
-                    own, theirs = D.free_vars(side) - D.free_vars(other), D.free_vars(other) - D.free_vars(side)
-                    if D.free_vars(x) & own and not D.free_vars(x) & theirs:   # of the row (key) alone
-                        raise UnsupportedError(f"output {name}: the score holds a reduction over one side, "
-                                               f"{D.show_clipped(x, 60)} (a norm: cosine attention, QK-norm), beside "
-                                               f"{first}; no kernel computes it: pass {arr} normalised as the input")
-                raise UnsupportedError(f"output {name}: the score and its mask hold two contractions, {first} "
-                                       f"and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per score")
-            raise UnsupportedError(f"output {name}: {what} contains a reduction ({type(x).__name__}) that the "
-                                   f"tiled schedule cannot place yet: {D.show_clipped(x, 120)}")
-
-
 def schedule(o: D.DnfOutput) -> Schedule:
     """Lift one DNF output onto the tiled schedule, or raise UnsupportedError naming what does not fit."""
     if len(o.vars) < 2:
@@ -243,7 +227,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     else:
         kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *strip_zero(x.weight)
     mask, score = score_conjuncts(mask, score, float("-inf") if kind == "softmax" else 0.0)
-    score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
+    score, dot = _find_dot(pull_norms(score), leadset | {i}, leadset | {j}, k)
     if dot is None and c in _free(score):
         raise UnsupportedError(f"output {name}: the score reads the output's last index {c}, which must be the "
                                f"value column of A @ V (a transposed output, (softmax(S) @ V).T, has no kernel: "
@@ -251,11 +235,11 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     mix = None
     if kind == "softmax" and dot is None:
         score, mix = _find_mix(score, x.value, leadset, i, j, k)
-    _check_no_binders(score, "the score", name, dot)
+    check_no_binders(score, "the score", name, dot, (leadset | {i}, leadset | {j}) if dot is not None else None)
     if mix is None:
-        _check_no_binders(x.value, "the value", name)
+        check_no_binders(x.value, "the value", name)
     if mask is not None:
-        _check_no_binders(mask, "the mask", name, dot)
+        check_no_binders(mask, "the mask", name, dot)
     allowed = leadset | {i, j, box}
     for part, what in ((score, "score"), (mask, "mask")):
         if part is not None and not _free(part) <= allowed:
@@ -270,7 +254,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
                                "column and the leading indices only)")
     if dot is not None:
         for part in (dot.a, dot.b):
-            _check_no_binders(part, "a contraction factor", name)
+            check_no_binders(part, "a contraction factor", name)
     pred = mask if mask is not None else D.Const(True, "bool")
     lo, hi = iv.key_range(pred, j, iv.Box({box: (iv.I_LO, iv.I_HI)}))
     tile_box = iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)})

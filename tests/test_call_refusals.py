@@ -139,7 +139,7 @@ def test_a_forced_linear_form_is_refused_with_gradients_too():
      "out O = softmax(S, axis=-1) @ V",
      "two contractions"),
     ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
-     "S[i, j] = where(j <= i, dot(Q[i], K[j]) * rsqrt(dot(K[j], K[j])), -inf)\nout O = softmax(S, axis=-1) @ V",
+     "S[i, j] = where(j <= i, dot(Q[i], K[j]) * sum(K[j] * max(K[j], axis=0)), -inf)\nout O = softmax(S, axis=-1) @ V",
      "a reduction over one side.*pass K normalised"),
     ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nD[i, j] = where(j <= i, abs(dot(Q[i], K[j])), 0)\n"
      "out O[i] = (D[i] @ V) / (sum(D[i], axis=-1) + 1)",

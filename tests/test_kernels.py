@@ -409,7 +409,7 @@ UNSUPPORTED = [
     ("max-over-keys", "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nout O[i, c] = max(Q[i] @ K.T, axis=0) * V[i, c]\n",
      "softmax"),
     ("reduction-in-score", "dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
-     "S[i, j] = dot(Q[i], K[j]) + sum(K[j], axis=0)\nout O = softmax(S, axis=-1) @ V\n", "reduction"),
+     "S[i, j] = dot(Q[i], K[j]) + sum(K[j] * max(K[j], axis=0))\nout O = softmax(S, axis=-1) @ V\n", "reduction"),
 ]
 
 

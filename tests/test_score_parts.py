@@ -1,0 +1,127 @@
+"""Norms of one operand in a score (QK-norm as Qwen3 and OLMo 2 apply it, cosine attention): the rule that pulls
+them out of the contraction (moa/score_parts.py), and the kernels that compute them per row tile and per key
+tile. Against a plain PyTorch implementation in float64 (forward, gradients, decoding), the cost model against
+the interpreter's counters, AOT for sm_90."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moa
+from moa import dnf as D
+from moa.runtime.costing import cost
+from moa.runtime.measuring import measure
+from moa.score_parts import pull_norms
+
+F64 = torch.float64
+QK_NORM = """dim h, g, n, d, e
+param eps = 1e-6
+in Q[h, n, d], K[g, n, d], V[g, n, e], wq[d], wk[d]
+Qn[a, i, k] = Q[a, i, k] * rsqrt(sum(Q[a, i] * Q[a, i]) / d + eps) * wq[k]
+Kn[b, j, k] = K[b, j, k] * rsqrt(sum(K[b, j] * K[b, j]) / d + eps) * wk[k]
+S[a, i, j] = where(j <= i, dot(Qn[a, i], Kn[a // (h // g), j]) / sqrt(d), -inf)
+out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]
+"""
+COSINE = """dim h, n, d, e
+in Q[h, n, d], K[h, n, d], V[h, n, e], tau[h]
+S[a, i, j] = dot(Q[a, i], K[a, j]) * rsqrt(dot(Q[a, i], Q[a, i])) * rsqrt(dot(K[a, j], K[a, j])) / tau[a]
+out O[a] = softmax(S[a], axis=-1) @ V[a]
+"""
+
+
+def _qk_norm(Q, K, V, wq, wk, causal=True):
+    """Qwen3-style attention in torch: RMSNorm of q and k with weights, grouped K / V, causal softmax."""
+    qn = Q * torch.rsqrt((Q * Q).mean(-1, keepdim=True) + 1e-6) * wq
+    kn = K * torch.rsqrt((K * K).mean(-1, keepdim=True) + 1e-6) * wk
+    rep = Q.shape[-3] // K.shape[-3]
+    kn, v = kn.repeat_interleave(rep, -3), V.repeat_interleave(rep, -3)
+    n, m = Q.shape[-2], K.shape[-2]
+    mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+    return torch.nn.functional.scaled_dot_product_attention(qn, kn, v, attn_mask=mask)
+
+
+def _inputs(n=70, h=4, g=2, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = {"Q": torch.randn(h, n, d, generator=gen, dtype=F64), "K": torch.randn(g, n, d, generator=gen, dtype=F64),
+         "V": torch.randn(g, n, d, generator=gen, dtype=F64)}
+    w = {a: torch.rand(d, generator=gen, dtype=F64) + 0.5 for a in ("wq", "wk")}
+    return {**x, **w}
+
+
+def test_the_rule_pulls_only_norms_out_of_the_contraction():
+    k = moa.compile(QK_NORM)
+    (out,) = k.dnf
+    contraction = next(x for x in D.nodes(pull_norms(out.expr)) if isinstance(x, D.Reduce) and x.var.name == "k1")
+    assert not any(isinstance(y, D.Reduce) for y in D.nodes(contraction.body))   # the norms left it
+    assert "wq[k1]" in D.show(contraction) and "wk[k1]" in D.show(contraction)    # the weights stayed on it
+    scaled = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nQs[i, k] = Q[i, k] / sqrt(d)\n"
+                         "out O = softmax(Qs @ K.T, axis=-1) @ V\n")
+    (plain,) = scaled.dnf
+    assert pull_norms(plain.expr) == plain.expr   # a scale on an operand stays on the operand tile
+
+
+def test_qk_norm_with_grouped_heads_against_torch():
+    k = moa.compile(QK_NORM)
+    x = _inputs()
+    assert (k(**x) - _qk_norm(**x)).abs().max().item() < 1e-12
+    assert (k.reference(**x) - _qk_norm(**x)).abs().max().item() < 1e-12
+    dims = {"h": 4, "g": 2, "n": 70, "d": 8, "e": 8}
+    got, c = measure(k, **x), cost(k, dtype="float64", device="cpu", **dims)
+    assert (got.flops, got.transcendentals, got.dram_bytes) == (c.flops, c.transcendentals, c.dram_bytes)
+    leaves = {a: t.clone().requires_grad_() for a, t in x.items()}
+    want = {a: t.clone().requires_grad_() for a, t in x.items()}
+    cot = torch.randn(4, 70, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (k(**leaves) * cot).sum().backward()
+    (_qk_norm(**want) * cot).sum().backward()
+    for a in x:
+        assert (leaves[a].grad - want[a].grad).abs().max().item() < 1e-12, a
+    for dt, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+        assert (k(**{a: t.to(dt) for a, t in x.items()}).double() - _qk_norm(**x)).abs().max().item() < tol, dt
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decoding_with_qk_norm(splits):
+    """The key norms are computed per key tile of each split; with valid lengths the rows are the last of each."""
+    k = moa.compile(QK_NORM)
+    x = _inputs(n=90, seed=2)
+    q = x["Q"][:, -3:]
+    assert (k.decode(**{**x, "Q": q}, splits=splits) - _qk_norm(**x)[:, -3:]).abs().max().item() < 1e-12
+    lens = torch.tensor([90, 61])
+    both = {a: torch.stack([t, t]) for a, t in {**x, "Q": q}.items()}
+    out = k.decode(**both, cache_len=lens, splits=splits)
+    for b, L in enumerate(lens.tolist()):
+        full = {**x, "Q": torch.cat([x["Q"][:, :L - 3], q], 1), "K": x["K"][:, :L], "V": x["V"][:, :L]}
+        assert (out[b] - _qk_norm(**full)[:, -3:]).abs().max().item() < 1e-12, b
+
+
+def test_cosine_attention_with_a_temperature_per_head():
+    k = moa.compile(COSINE)
+    gen = torch.Generator().manual_seed(3)
+    x = {a: torch.randn(2, 75, 8, generator=gen, dtype=F64) for a in "QKV"}
+    x["tau"] = torch.rand(2, generator=gen, dtype=F64) + 0.1
+    qn, kn = x["Q"] / x["Q"].norm(dim=-1, keepdim=True), x["K"] / x["K"].norm(dim=-1, keepdim=True)
+    want = torch.softmax(qn @ kn.transpose(-1, -2) / x["tau"][:, None, None], -1) @ x["V"]
+    assert (k(**x) - want).abs().max().item() < 1e-12
+
+
+def test_qk_norm_builds_for_sm_90_without_spills():
+    rep = moa.compile(QK_NORM).aot(dtype="bf16", h=32, g=8, n=4096, d=128, e=128)
+    assert rep.spills == 0 and rep.uses_wgmma, rep.summary()
+
+
+def test_the_program_of_the_variants_page_is_this_one():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
+    assert f"```\n{QK_NORM}```" in text
+
+
+def test_a_per_key_reduction_added_to_the_score():
+    """Outside any contraction too: a bias per key computed from K's row (once per key tile) and per row from Q's."""
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
+                    "S[i, j] = dot(Q[i], K[j]) + sum(K[j], axis=0) - max(Q[i], axis=0)\n"
+                    "out O = softmax(S, axis=-1) @ V\n")
+    gen = torch.Generator().manual_seed(4)
+    x = {a: torch.randn(77, 8, generator=gen, dtype=F64) for a in "QKV"}
+    s = x["Q"] @ x["K"].T + x["K"].sum(-1)[None, :] - x["Q"].amax(-1)[:, None]
+    assert (k(**x) - torch.softmax(s, -1) @ x["V"]).abs().max().item() < 1e-12
