@@ -29,7 +29,7 @@ from moa.errors import UnsupportedError
 
 from . import backward_cost, backward_cost_linear, backward_run, window_backward, window_backward_cost
 from .backward_cost import BackwardCost, work_of
-from .costing import batched, check_data_reads, int_widths
+from .cost_data import batched, check_data, check_data_reads, int_widths
 from .launch import compute_dtype
 from .tiling import DTYPE_NAME, Config, choose_config, exact_heads, window_default
 
@@ -38,7 +38,7 @@ BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> tuple[dict | None, dict]:
     """(codegen name -> numpy array of the integer and boolean inputs given, codegen name -> element bytes of the
-    integers given: costing.int_widths)."""
+    integers given: cost_data.int_widths)."""
     if not inputs:
         return None, {}
     back = planner.codegen.inputs   # codegen name -> user name
@@ -76,6 +76,7 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
     batch = tuple(int(x) for x in batch)
     compute = DTYPE_NAME[compute_dtype(getattr(torch, dtype), torch.device("cuda" if device == "cuda" else "cpu"))]
     cg_dims = {cg: dims[user] for cg, user in planner.codegen.dims.items()}
+    check_data(k.program, inputs, "backward.cost")
     if inputs:
         check_data_reads(k, dims)
     data, int_bytes = _data(planner, inputs, dims, batch)

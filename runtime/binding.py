@@ -235,17 +235,23 @@ def check_names(program: Program, inputs: dict) -> None:
                          f"{program.name} takes {', '.join(decl)}")
 
 
+def check_dense(inputs: dict) -> None:
+    """Every input a dense tensor (not sparse, jagged or nested: their sizes cannot be read as a call reads them)."""
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"input {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_nested:   # a strided nested tensor has no sizes
+            raise InputError(f"input {name} must be a dense (strided) tensor, got " + (
+                "a nested tensor; pad it with .to_padded_tensor(0.0), or pack its sequences for k.varlen"
+                if t.is_nested else f"layout {t.layout}; convert it with .to_dense()"))
+
+
 # long: one pass over the inputs, each check naming the input, axis and dims involved
 def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     """Check the call's tensors against the program and bind every dim; InputError names what is wrong."""
     decl = program.input_map
     check_names(program, inputs)
-    for name, t in inputs.items():
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"input {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise InputError(f"input {name} must be a dense (strided) tensor, got layout {t.layout}; "
-                             f"convert it with .to_dense()")
+    check_dense(inputs)
     refuse_functorch(inputs)
     devices = {t.device for t in inputs.values()}
     if len(devices) > 1:

@@ -13,9 +13,7 @@ import math
 import numbers
 import weakref
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
-import numpy as np
 import sympy as sp
 import torch
 
@@ -34,7 +32,7 @@ from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
 
 from .aot_batch import no_fit
-from .binding import check_reads
+from .cost_data import _codegen_names, _data, check_data, check_data_reads, int_widths
 from .configs import fit_schedule
 from .form_configs import fit_linear
 from .linear_cost import KERNELS as LINEAR_KERNELS
@@ -126,6 +124,7 @@ def cost(kernel, dtype="bf16", device="h100", config: Config | None = None, batc
     them) of integer or boolean inputs a mask reads (document ids, flags): the tiles the kernel skips by their
     per-tile summaries, and tiles_needed, are counted on this data; without it a data-dependent test is counted
     as skipping nothing."""
+    check_data(kernel.program, inputs, "cost")
     if inputs and all(d.name in dims for d in kernel.program.dims):
         check_data_reads(kernel, dims)
     if index_dtype is None:
@@ -272,70 +271,6 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
         t.counts.add(counts)
         _add_eager(t, planner, name, sched, dims, dtype, dev, math.prod(batch))
     return _report(t, planner, kinds, configs, dev, dtype, needed)
-
-
-def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict | None]:
-    """dims and inputs in the names code generation sees (the planner's schedules and the generated kernels use
-    them: user names are replaced where their renamed forms could collide, codegen/names.py)."""
-    cg = planner.codegen
-    dims = {c: dims[u] for c, u in cg.dims.items()}
-    if inputs:
-        user = {u: c for c, u in cg.inputs.items()}
-        nodes = planner.program.input_map
-        for name in inputs:
-            node = nodes.get(name)
-            if node is None or node.dtype == ir.FLOAT:
-                kind = "not an input" if node is None else "a float input"
-                ints = ", ".join(n for n, v in nodes.items() if v.dtype != ir.FLOAT)
-                raise InputError(f"cost(inputs=...): {name!r} is {kind}; the cost model reads the integer and "
-                                 "boolean inputs of masks " + (f"({ints})" if ints else
-                                                               "(this program has none: leave inputs= out)"))
-        inputs = {user[n]: x for n, x in inputs.items()}
-    return dims, inputs
-
-
-def check_data_reads(kernel, dims: dict) -> None:
-    """The call's refusal of an unguarded read outside its input (runtime/binding.check_reads) at these dims (user
-    names): the cost model given the data refuses what the call refuses, before it reads the data there."""
-    check_reads(kernel.program, kernel.dnf, SimpleNamespace(dims=dims))
-
-
-def int_widths(planner, inputs: dict | None) -> dict:
-    """Codegen input name -> element bytes of each integer input given (codegen names), as a launch passes it:
-    int64 as is (8), any narrower integer as int32 (4)."""
-    nodes = planner.cg_program.input_map
-    return {cg: 8 if torch.as_tensor(x).dtype == torch.int64 else 4 for cg, x in (inputs or {}).items()
-            if cg in nodes and nodes[cg].dtype == ir.INT}
-
-
-def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
-    """The integer and boolean inputs given to the cost model (code-generation names), as numpy arrays of shape
-    batch + their own shape: leading axes that broadcast to the batch are expanded, as a call expands them
-    (runtime/binding.py; document ids shared by every head)."""
-    if not inputs:
-        return None
-    nodes, back = planner.cg_program.input_map, planner.codegen.inputs
-    out = {}
-    for cg, x in inputs.items():
-        node, name = nodes[cg], back[cg]   # the user's name, for messages
-        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        out[cg] = batched(a, tuple(sy.evaluate(e, dims) for e in node.shape), batch, f"cost(inputs=...): {name}")
-    return out
-
-
-def batched(a: np.ndarray, own: tuple, batch: tuple, what: str) -> np.ndarray:
-    """An input's array as batch + its own shape: leading axes that broadcast to the batch are expanded, as a call
-    expands them (runtime/binding.py; document ids shared by every head). InputError naming `what` otherwise."""
-    want = tuple(batch) + own
-    lead = a.ndim - len(own)
-    if lead < 0 or a.shape[lead:] != own:
-        raise InputError(f"{what} has shape {tuple(a.shape)}; at these dims it ends in {own} (batch axes "
-                         f"{tuple(batch)} before it, or any that broadcast to them)")
-    try:
-        return np.broadcast_to(a, want)
-    except ValueError:
-        raise InputError(f"{what} of shape {tuple(a.shape)} does not broadcast to the batch {tuple(batch)} (at "
-                         f"these dims and batch it is {want})") from None
 
 
 def _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype, fit,

@@ -31,10 +31,10 @@ from moa.errors import InputError, MoaError, UnsupportedError
 from moa.splitkv import call_key_range, choose_splits
 
 from . import costing, decode_merge, paged, tune
-from .binding import check_names, refuse_grad
+from .binding import check_dense, check_names, refuse_grad
 from .cache import module_for
-from .decode_rows import (bind_block, both_sides_per_batch, check_call_reads, finish_per_length, lengths_per_batch,
-                          page_size_of, per_sequence, positive, query_rows)
+from .decode_rows import (bind_block, both_sides_per_batch, check_call_reads, check_replicated, finish_per_length,
+                          lengths_per_batch, page_size_of, per_sequence, positive, query_rows)
 from .decode_rows import global_dims as _global
 from .decode_summaries import replace_summaries
 from .device import cdiv, check_device, device_table_name, run
@@ -95,6 +95,7 @@ def lengths(kernel, inputs: dict) -> tuple[int, int]:
     """(query rows, keys) of a call: the extents of a query input's row axis and a key input's key axis."""
     plan, _ = _plan(kernel)
     decl = kernel.program.input_map
+    check_dense({n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)})
     nq = mk = None
     for name, (role, axis) in plan.roles.items():
         t = inputs.get(name)
@@ -154,6 +155,8 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
     elif cache_len is not None:
         lens = lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
+    if call.mode != SPLIT:
+        check_replicated(kernel, plan, "decode", "with cache_len each batch index has a length of its own")
     per_length = call.mode != SPLIT and decode_merge.positional(plan)   # the epilogue per valid length
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "

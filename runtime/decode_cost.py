@@ -15,6 +15,7 @@ from moa import shard
 from moa.errors import InputError
 from moa.splitkv import call_key_range, choose_splits, split_seconds
 
+from .cost_data import check_data
 from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues, positional
@@ -107,6 +108,7 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
                          "axes, so the queries are the last rows of the keys (nq <= m)")
     if splits is not None:
         positive(splits, "splits", "decode_cost")
+    check_data(kernel.program, inputs, "decode_cost")
     unknown = sorted(set(dims) - {d.name for d in kernel.program.dims})
     if unknown:   # named in the program's terms (the block program's dims are its own)
         raise InputError(f"decode_cost: unknown dim{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "

@@ -19,7 +19,7 @@ import re
 import torch
 
 from moa import shard
-from moa.errors import InputError
+from moa.errors import InputError, UnsupportedError
 
 from .binding import bind, check_reads
 from .ring import _results
@@ -195,3 +195,14 @@ def finish_per_length(plan, block, acc: dict, b, nq: int, inputs: dict, lens: to
         outs[name] = res.reshape(*b.batch, *res.shape[1:])
     names = plan.output_names
     return outs[names[0]] if len(names) == 1 else outs
+
+
+def check_replicated(kernel, plan, who: str, why: str) -> None:
+    """Inputs read whole by every sequence (or batch index) must not depend on its length (a bias table of 2n - 1
+    entries): with lengths that differ per sequence (varlen) or per batch index (a cache's valid lengths), no one
+    table is right for all of them."""
+    decl = kernel.program.input_map
+    for name, (role, _) in plan.roles.items():
+        syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
+        if role == shard.REPLICATED and syms & {plan.n, plan.m}:
+            raise UnsupportedError(f"{who}: input {name} has a shape that depends on the sequence length; {why}")

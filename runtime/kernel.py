@@ -30,9 +30,10 @@ from .reference import reference
 from .tiling import DTYPE_NAME, Config
 
 
-def _no_positional(args, names):
+def _no_positional(args, names, call: str = "k", lead: str = ""):
     if args:
-        raise InputError(f"pass the inputs by name: k({', '.join(f'{n}=...' for n in names)}), got {len(args)} "
+        named = ", ".join(f"{n}=..." for n in names)
+        raise InputError(f"pass the inputs by name: {call}({lead}{named}), got {len(args)} "
                          f"positional argument{'s' if len(args) > 1 else ''}")
 
 
@@ -212,21 +213,25 @@ class Kernel:
         rank's rows of every output out (see runtime/ring.py and docs/ring.md)."""
         return ring.ring(self, local_inputs, group=group, timeout=timeout, stats=stats)
 
-    def decode(self, /, splits=None, stats=False, cache_len=None, block_table=None, page_size=None,
+    def decode(self, /, *args, splits=None, stats=False, cache_len=None, block_table=None, page_size=None,
                pack_heads=None, **inputs):
         """A decoding call against a KV cache: one launch split over the key axis (flash-decoding), the splits
         merged by log-sum-exp; splits None: the cost model's choice. A program with one dim for the query and
         key axes sees the queries as the last rows of the keys. cache_len: valid keys per batch index;
         block_table, page_size: a paged cache; pack_heads: GQA packing (runtime/decode.py, docs/inference.md)."""
+        _no_positional(args, self.input_names, "k.decode")
+        if pack_heads not in (None, True, False):
+            raise InputError(f"k.decode: pack_heads is None, True or False, got {pack_heads!r}")
         res = decode.decode(self, inputs, splits=splits, stats=stats, cache_len=cache_len,
                             block_table=block_table, page_size=page_size, pack_heads=pack_heads)
         return (self._typed(res[0]), res[1]) if stats else self._typed(res)
 
-    def varlen(self, /, cu_seqlens_q, cu_seqlens_k, splits=None, stats=False, block_table=None, page_size=None,
-               **inputs):
+    def varlen(self, /, cu_seqlens_q, cu_seqlens_k, *args, splits=None, stats=False, block_table=None,
+               page_size=None, **inputs):
         """A packed batch of sequences (cumulative lengths, FlashAttention's varlen layout) in one launch, each
         sequence with its own local indices; block_table, page_size: the keys in a pool of pages
         (runtime/varlen.py, docs/inference.md)."""
+        _no_positional(args, self.input_names, "k.varlen", "cu_seqlens_q, cu_seqlens_k, ")
         res = varlen.varlen(self, inputs, cu_seqlens_q, cu_seqlens_k, splits=splits, stats=stats,
                             block_table=block_table, page_size=page_size)
         return (self._typed(res[0]), res[1]) if stats else self._typed(res)

@@ -12,12 +12,12 @@ import torch
 
 from moa import shard
 from moa.codegen.splitkv import VARLEN, VARLEN_PAGED
-from moa.errors import InputError, UnsupportedError
+from moa.errors import InputError
 
 from . import decode_merge
 from .binding import check_names, refuse_grad
 from .decode import _Call, _finish, _global, _plan, _run_output, both_sides, lengths
-from .decode_rows import bind_block, check_call_reads, page_size_of
+from .decode_rows import bind_block, check_call_reads, check_replicated, page_size_of
 from .device import check_device
 from .launch import compute_dtype
 from .ring import _results
@@ -36,7 +36,7 @@ def varlen(kernel, inputs: dict, cu_seqlens_q, cu_seqlens_k, splits: int | None 
     check_names(kernel.program, inputs)
     plan, block = _plan(kernel)
     cu_q, cu_k, nq_max, mk_max = _check_cu(cu_seqlens_q, cu_seqlens_k, plan)
-    _check_replicated(kernel, plan)
+    check_replicated(kernel, plan, "varlen", "a packed batch has one length per sequence")
     nq, mk = lengths(kernel, inputs)
     paged = block_table is not None or page_size is not None
     if nq != int(cu_q[-1]) or (mk != int(cu_k[-1]) and not paged):
@@ -176,13 +176,3 @@ def _check_cu(cu_q, cu_k, plan):
         raise InputError(f"varlen: sequence {bad} has {int(lq[bad])} query rows and {int(lk[bad])} keys; the "
                          f"program uses one dim {plan.n} for both axes, so its queries are its last rows")
     return out[0], out[1], int(lq.max()), int(lk.max())
-
-
-def _check_replicated(kernel, plan):
-    """Inputs read whole by every sequence must not depend on the sequence's length (a bias table of 2n - 1)."""
-    decl = kernel.program.input_map
-    for name, (role, _) in plan.roles.items():
-        syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
-        if role == shard.REPLICATED and syms & {plan.n, plan.m}:
-            raise UnsupportedError(f"varlen: input {name} has a shape that depends on the sequence length; a "
-                                   "packed batch has one length per sequence")

@@ -18,6 +18,7 @@ from moa.devices import canonical_dtype
 from moa.errors import InputError
 from moa.splitkv import choose_splits, split_seconds
 
+from .cost_data import check_data
 from .costing import cost_breakdown
 from .decode import _global, _plan, call_schedules, decode_config
 from .decode_cost import DecodeCost, _fused, _lse_counts, fused_merges, key_bytes, merge_counts
@@ -51,6 +52,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     plan, block = _plan(kernel)
     dtype = canonical_dtype(dtype)
     cq, ck = _lengths(cu_seqlens_q, "cu_seqlens_q"), _lengths(cu_seqlens_k, "cu_seqlens_k")
+    check_data(kernel.program, inputs, "varlen_cost")
     if len(cq) != len(ck):
         raise InputError(f"varlen_cost: cu_seqlens_q has {len(cq) - 1} sequences and cu_seqlens_k {len(ck) - 1}")
     lq = [b - a for a, b in zip(cq, cq[1:])]

@@ -184,3 +184,19 @@ def test_inputs_read_by_both_indices(name):
         got = decode.decode(k, dict(x, Q=x["Q"][197:200]), cache_len=torch.tensor(200))
         want = k.reference(**{n: t[:200] for n, t in x.items()})[197:]
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_table_sized_by_the_sequence_with_valid_lengths_is_refused():
+    """relative_bias's bias[h, 2n - 1] is sized for the cache's m keys; with cache_len = L each batch index is a
+    call on L keys, which reads the table at i - j + L - 1: the decode read entries of another distance (a wrong
+    output, found by a fuzzer). Refused, as varlen refuses it; without cache_len the call is exact."""
+    k = moa.compile("examples/relative_bias.moa")
+    h, m, d = 1, 64, 4
+    x = {"Q": torch.zeros(h, 1, d, dtype=torch.float64), "K": torch.zeros(h, m, d, dtype=torch.float64),
+         "V": torch.arange(m, dtype=torch.float64).view(1, m, 1).expand(h, m, d).contiguous(),
+         "bias": torch.zeros(h, 2 * m - 1, dtype=torch.float64)}
+    x["bias"][:, m - 1] = 50.0   # distance 0
+    assert k.decode(**x)[0, 0, 0].item() == pytest.approx(63.0)
+    for extra in ({"cache_len": 40}, {"cache_len": 40, "block_table": torch.arange(4), "page_size": 16}):
+        with pytest.raises(UnsupportedError, match="depends on the sequence length"):
+            k.decode(**x, **extra)

@@ -104,6 +104,8 @@ def _bad_calls():
                           ["inputs are on different devices", "K on meta", "Q on cpu"]),
         "meta-device": (CAUSAL, {k: v.to("meta") for k, v in x.items()}, ["tensors on meta are not supported"]),
         "sparse": (CAUSAL, {**x, "Q": x["Q"].to_sparse()}, ["input Q must be a dense (strided) tensor"]),
+        "nested": (CAUSAL, {**x, "Q": torch.nested.nested_tensor([x["Q"], x["Q"]])},   # strided, no sizes
+                   ["input Q must be a dense (strided) tensor", "nested", "k.varlen"]),
         "huge-rows": (CAUSAL, {"Q": meta(2 ** 31 + 1, 64), "K": meta(2 ** 31 + 1, 64), "V": meta(2 ** 31 + 1, 64)},
                       ["input Q", "> 2^31 - 1", "32-bit"]),
         "huge-stride": (CAUSAL, {"Q": meta(2 ** 26, 64).as_strided((2 ** 20, 64), (2 ** 12, 1)),
@@ -350,3 +352,42 @@ def test_guarded_read_runs_and_an_empty_index_space_reads_nothing():
     agree(GUARDED, qkv())
     out = SHIFTED(**qkv(n=0))      # no row, no key: K[j + 1] is never read
     assert out.shape == (0, 6)
+
+
+def test_a_nested_tensor_is_refused_by_decode_and_varlen_too():
+    """decode and varlen read lengths before binding: a strided nested tensor raised torch's internal error."""
+    k, ins, _ = BAD["nested"]
+    for call in (lambda: k.decode(**ins), lambda: k.varlen([0, 9], [0, 9], **ins)):
+        with pytest.raises(moa.InputError, match="nested tensor"):
+            call()
+
+
+def test_decode_and_varlen_take_their_inputs_by_name():
+    """Positional tensors were bound to splits / stats / cache_len and the message said "missing input Q"; a string
+    pack_heads turned packing on."""
+    k = moa.compile("examples/causal.moa")
+    x = qkv()
+    with pytest.raises(moa.InputError, match=r"k.decode\(Q=..., K=..., V=...\), got 3 positional"):
+        k.decode(*x.values())
+    with pytest.raises(moa.InputError, match=r"k.varlen\(cu_seqlens_q, cu_seqlens_k, Q=..."):
+        k.varlen([0, 9], [0, 9], x["Q"], K=x["K"], V=x["V"])
+    with pytest.raises(moa.InputError, match="pack_heads is None, True or False"):
+        k.decode(**x, pack_heads="no")
+
+
+def test_the_cost_models_check_their_data_as_a_call_does():
+    """inputs= as a list, on the meta device or of a float dtype raised raw errors or was counted as 4-byte ids."""
+    from moa.runtime.decode_cost import decode_cost
+
+    k = moa.compile("examples/document_mask.moa")
+    doc = torch.zeros(40, dtype=torch.int64)
+    dims = {"n": 40, "d": 8, "e": 8}
+    for bad, match in (([doc], "takes a dict"), ({"doc": doc.to("meta")}, "meta device"),
+                       ({"doc": doc.double()}, "declared int and was given torch.float64"),
+                       ({"doc": doc.bool()}, "declared int and was given torch.bool")):
+        with pytest.raises(moa.InputError, match=match):
+            k.cost(dtype="float64", device="cpu", inputs=bad, **dims)
+    with pytest.raises(moa.InputError, match="decode_cost: input doc"):
+        decode_cost(k, 1, 40, dtype="fp64", device="cpu", d=8, e=8, inputs={"doc": doc.double()})
+    with pytest.raises(moa.InputError, match="backward.cost: inputs= takes a dict"):
+        k.backward.cost(dims, (), "float64", inputs=[doc])
