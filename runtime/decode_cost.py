@@ -20,7 +20,7 @@ from .costing import cost_breakdown
 from .decode import _global, _gqa, _plan, call_schedules, decode_config, runner_schedules
 from .decode_merge import fused_counts, fused_epilogues, positional
 from .binding import Binding
-from .decode_rows import check_call_reads, page_size_of, per_sequence, positive, whole
+from .decode_rows import check_call_reads, check_replicated, page_size_of, per_sequence, positive, whole
 from .decode_summaries import logical_keys
 from .device import cdiv
 from .tiling import row_programs
@@ -98,6 +98,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     tiles their per-tile summaries skip are counted on them. With pages, the key data are pools as passed to
     decode and block_table (as passed to decode) says where each batch index's keys lie."""
     plan, block = _plan(kernel)
+    if cache_len is not None or page_size is not None:   # the call refuses a table sized by the sequence then
+        check_replicated(kernel, plan, "decode_cost", "with cache_len each batch index has a length of its own")
     dtype = canonical_dtype(dtype)
     nq, m = whole(nq, "nq", "decode_cost"), whole(m, "m", "decode_cost")
     if nq < 1 or m < 1:

@@ -23,6 +23,7 @@ from .costing import cost_breakdown
 from .decode import _global, _plan, call_schedules, decode_config
 from .decode_cost import DecodeCost, _fused, _lse_counts, fused_merges, key_bytes, merge_counts
 from .decode_merge import packed_rows
+from .decode_rows import check_replicated
 from .decode_summaries import varlen_key_positions
 from .device import cdiv
 from .tiling import head_dims, row_programs
@@ -50,6 +51,7 @@ def varlen_cost(kernel, cu_seqlens_q, cu_seqlens_k, splits: int | None = None, d
     table's pages per sequence; with inputs=, the key data are pools and block_table (as passed to varlen) says
     where each sequence's keys lie (the launch summarises them per sequence, runtime/decode_summaries.py)."""
     plan, block = _plan(kernel)
+    check_replicated(kernel, plan, "varlen_cost", "a packed batch has one length per sequence")
     dtype = canonical_dtype(dtype)
     cq, ck = _lengths(cu_seqlens_q, "cu_seqlens_q"), _lengths(cu_seqlens_k, "cu_seqlens_k")
     check_data(kernel.program, inputs, "varlen_cost")

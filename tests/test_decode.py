@@ -200,3 +200,15 @@ def test_a_table_sized_by_the_sequence_with_valid_lengths_is_refused():
     for extra in ({"cache_len": 40}, {"cache_len": 40, "block_table": torch.arange(4), "page_size": 16}):
         with pytest.raises(UnsupportedError, match="depends on the sequence length"):
             k.decode(**x, **extra)
+
+
+def test_the_cost_models_refuse_what_the_calls_refuse():
+    from moa.runtime.decode_cost import decode_cost
+    from moa.runtime.varlen_cost import varlen_cost
+
+    k = moa.compile("examples/relative_bias.moa")
+    with pytest.raises(UnsupportedError, match="depends on the sequence length"):
+        decode_cost(k, 1, 64, cache_len=[40], dtype="fp64", device="cpu", h=1, d=4, e=4)
+    with pytest.raises(UnsupportedError, match="depends on the sequence length"):
+        varlen_cost(k, [0, 3, 9], [0, 3, 9], dtype="fp64", device="cpu", h=1, d=4, e=4)
+    assert decode_cost(k, 1, 64, dtype="fp64", device="cpu", h=1, d=4, e=4).flops > 0   # one length: exact
