@@ -58,3 +58,21 @@ for name, (path, calls) in cases.items():
 assert not [m for m in sys.modules if m == "moa" or m.startswith("moa.")], "a written module imported moa"
 torch.save(outs, sys.argv[2])
 """
+
+
+def run_launchers(tmp_path, cases: dict) -> dict:
+    """The outputs of written launcher modules (cases: {name: (path, [inputs, ...])}) run by RUNNER in a fresh
+    process with TRITON_INTERPRET=1 (a written module imports no moa, so nothing of moa's sets the interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.save(cases, tmp_path / "in.pt")
+    (tmp_path / "run.py").write_text(RUNNER)
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")

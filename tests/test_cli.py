@@ -1,6 +1,5 @@
 """The command line: `moa check` on every example and its PyTorch oracle chosen from the DNF, `--dims` errors, and
 `moa compile --launcher` modules run standalone (no moa import) against the reference."""
-import os
 import re
 import subprocess
 import sys
@@ -213,13 +212,7 @@ def test_launcher_modules_run_standalone(tmp_path, capsys):
         refs[name] = [k.reference(**c) for c in calls]
     assert "pi_attention" in LAUNCHED and "residue lifting" in (tmp_path / "pi_attention.py").read_text()
     capsys.readouterr()
-    torch.save(cases, tmp_path / "in.pt")
-    (tmp_path / "run.py").write_text(DC.RUNNER)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    outs = torch.load(tmp_path / "out.pt")
+    outs = DC.run_launchers(tmp_path, cases)
     for name in LAUNCHED:
         for got, want in zip(outs[name], refs[name]):
             assert got.shape == want.shape and got.dtype == torch.float64

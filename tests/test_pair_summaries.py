@@ -148,10 +148,6 @@ def test_decoding_with_a_block_mask(splits):
 
 def test_standalone_launchers_summarise_tables(tmp_path, capsys):
     """`moa compile --launcher` modules compute the pair summaries themselves (no moa import), batch axes too."""
-    import os
-    import subprocess
-    import sys
-
     from moa.cli import main
 
     cases, refs = {}, {}
@@ -164,12 +160,7 @@ def test_standalone_launchers_summarise_tables(tmp_path, capsys):
         cases[name] = (str(path), [x])
         refs[name] = moa.compile(PROGRAMS[name]).reference(**x)
     capsys.readouterr()
-    torch.save(cases, tmp_path / "in.pt")
-    (tmp_path / "run.py").write_text(DC.RUNNER)
-    r = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    outs = torch.load(tmp_path / "out.pt")
+    outs = DC.run_launchers(tmp_path, cases)
     for name, want in refs.items():
         assert (outs[name][0] - want).abs().max().item() < 1e-12, name
     assert "_pair_summaries(" in (tmp_path / "block.py").read_text()
