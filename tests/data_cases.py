@@ -76,3 +76,24 @@ def run_launchers(tmp_path, cases: dict) -> dict:
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(tmp_path / "out.pt")
+
+
+def launched_tables(tmp_path, programs: dict, inputs, n: int, m: int) -> tuple:
+    """Each program (name -> source) written by `moa compile --launcher` and run standalone on a batch of two
+    inputs (inputs(name, n, m, seed=...)); returns ({name: its output}, {name: the reference's output})."""
+    import torch
+
+    import moa
+    from moa.cli import main
+
+    cases, refs = {}, {}
+    for name, text in programs.items():
+        src, path = tmp_path / f"{name}.moa", tmp_path / f"{name}.py"
+        src.write_text(text)
+        assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
+        parts = [inputs(name, n, m, seed=s) for s in (5, 6)]
+        x = {a: torch.stack([p[a] for p in parts]) for a in parts[0]}
+        cases[name] = (str(path), [x])
+        refs[name] = moa.compile(text).reference(**x)
+    outs = run_launchers(tmp_path, cases)
+    return {name: outs[name][0] for name in programs}, refs

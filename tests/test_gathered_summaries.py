@@ -190,22 +190,13 @@ def test_varlen_with_a_gathered_read():
 
 def test_standalone_launchers_gather_reads(tmp_path, capsys):
     """`moa compile --launcher` modules gather the input at the read's function (clipped), no moa import."""
-    from moa.cli import main
-
-    cases, refs = {}, {}
-    for name in ("chunks", "guarded"):
-        src, path = tmp_path / f"{name}.moa", tmp_path / f"{name}.py"
-        src.write_text(PROGRAMS[name])
-        assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
-        parts = [_inputs(name, 150, 150, seed=s) for s in (5, 6)]
-        x = {a: torch.stack([p[a] for p in parts]) for a in parts[0]}
-        cases[name] = (str(path), [x])
-        refs[name] = moa.compile(PROGRAMS[name]).reference(**x)
-        assert ".index_select(" in path.read_text()
+    names = ("chunks", "guarded")
+    outs, refs = DC.launched_tables(tmp_path, {a: PROGRAMS[a] for a in names}, _inputs, 150, 150)
     capsys.readouterr()
-    outs = DC.run_launchers(tmp_path, cases)
-    for name, want in refs.items():
-        assert (outs[name][0] - want).abs().max().item() < 1e-12, name
+    for name in names:
+        assert (outs[name] - refs[name]).abs().max().item() < 1e-12, name
+        assert ".index_select(" in (tmp_path / f"{name}.py").read_text()
+
 
 
 def test_decoding_rows_at_a_function_of_the_row_with_valid_lengths():

@@ -148,21 +148,11 @@ def test_decoding_with_a_block_mask(splits):
 
 def test_standalone_launchers_summarise_tables(tmp_path, capsys):
     """`moa compile --launcher` modules compute the pair summaries themselves (no moa import), batch axes too."""
-    from moa.cli import main
-
-    cases, refs = {}, {}
-    for name in ("block", "transposed_levels"):
-        src, path = tmp_path / f"{name}.moa", tmp_path / f"{name}.py"
-        src.write_text(PROGRAMS[name])
-        assert main(["compile", str(src), "--launcher", "--dtype", "float64", "-o", str(path)]) == 0
-        parts = [_inputs(name, 150, 170, seed=s) for s in (5, 6)]
-        x = {a: torch.stack([p[a] for p in parts]) for a in parts[0]}
-        cases[name] = (str(path), [x])
-        refs[name] = moa.compile(PROGRAMS[name]).reference(**x)
+    names = ("block", "transposed_levels")
+    outs, refs = DC.launched_tables(tmp_path, {a: PROGRAMS[a] for a in names}, _inputs, 150, 170)
     capsys.readouterr()
-    outs = DC.run_launchers(tmp_path, cases)
-    for name, want in refs.items():
-        assert (outs[name][0] - want).abs().max().item() < 1e-12, name
+    for name in names:
+        assert (outs[name] - refs[name]).abs().max().item() < 1e-12, name
     assert "_pair_summaries(" in (tmp_path / "block.py").read_text()
 
 
