@@ -156,7 +156,8 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         lens = lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
     if call.mode != SPLIT:
-        check_replicated(kernel, plan, "decode", "with cache_len each batch index has a length of its own")
+        check_replicated(kernel, plan, "decode", "with cache_len each batch index has a length of its own",
+                         by_index=True)
     per_length = call.mode != SPLIT and decode_merge.positional(plan)   # the epilogue per valid length
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "

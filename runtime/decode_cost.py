@@ -99,7 +99,8 @@ def decode_cost(kernel, nq: int, m: int, splits: int | None = None, dtype="bf16"
     decode and block_table (as passed to decode) says where each batch index's keys lie."""
     plan, block = _plan(kernel)
     if cache_len is not None or page_size is not None:   # the call refuses a table sized by the sequence then
-        check_replicated(kernel, plan, "decode_cost", "with cache_len each batch index has a length of its own")
+        check_replicated(kernel, plan, "decode_cost", "with cache_len each batch index has a length of its own",
+                         by_index=True)
     dtype = canonical_dtype(dtype)
     nq, m = whole(nq, "nq", "decode_cost"), whole(m, "m", "decode_cost")
     if nq < 1 or m < 1:

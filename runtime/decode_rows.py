@@ -16,8 +16,10 @@ import dataclasses
 import numbers
 import re
 
+import sympy as sp
 import torch
 
+from moa import dnf as D
 from moa import shard
 from moa.errors import InputError, UnsupportedError
 
@@ -197,12 +199,18 @@ def finish_per_length(plan, block, acc: dict, b, nq: int, inputs: dict, lens: to
     return outs[names[0]] if len(names) == 1 else outs
 
 
-def check_replicated(kernel, plan, who: str, why: str) -> None:
+def check_replicated(kernel, plan, who: str, why: str, by_index: bool = False) -> None:
     """Inputs read whole by every sequence (or batch index) must not depend on its length (a bias table of 2n - 1
     entries): with lengths that differ per sequence (varlen) or per batch index (a cache's valid lengths), no one
-    table is right for all of them."""
+    table is right for all of them. by_index: only where a read's index holds the length (bias[i - j + n - 1]); a
+    table read at the key's own position (flag[j // 2], sized by the cache) serves every valid length."""
     decl = kernel.program.input_map
+    lengths = {plan.n, plan.m}
+    reads = {x for o in kernel.dnf for x in D.nodes(o.expr) if isinstance(x, D.Read)} if by_index else set()
     for name, (role, _) in plan.roles.items():
         syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
-        if role == shard.REPLICATED and syms & {plan.n, plan.m}:
-            raise UnsupportedError(f"{who}: input {name} has a shape that depends on the sequence length; {why}")
+        if by_index:
+            syms = set().union(*[sp.sympify(ix).free_symbols for r in reads if r.name == name for ix in r.index])
+        if role == shard.REPLICATED and syms & lengths:
+            raise UnsupportedError(f"{who}: input {name} has a shape that depends on the sequence length" +
+                                   (" and is read at an index that does" if by_index else "") + f"; {why}")
