@@ -32,7 +32,7 @@ def _along(ix, ext, name: str, dims: dict, dev: str, body: list) -> str:
     text = _py(ix.xreplace({v: sp.Symbol(name, integer=True)}), dims)
     words = set(re.findall(r"[A-Za-z_]\w*", text))   # the variable and dims only: no function (Abs, Min, ...)
     if not re.fullmatch(r"[\w\s+\-*/%()]+", text) or not words <= {name, *dims.values()}:
-        raise UnsupportedError(f"--launcher: the table index {sy.show(ix)} of a block mask has no standalone form "
+        raise UnsupportedError(f"--launcher: the index {sy.show(ix)} of a summarised data read has no standalone form "
                                f"(only + - * // %); use the moa runtime")
     body.append(f"    {name} = torch.arange({_py(ext, dims)}, device={dev})")
     if text != name:

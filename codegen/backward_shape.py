@@ -92,6 +92,8 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
         if not all(sy.prove_equal(x, y) for x, y in zip(shape[len(shape) - 2:], tail)):
             return (f"{read.name}'s last two axes are not the tile's rows and columns (a slice of the input, as "
                     f"take(t, {read.name}[...]), gets its gradient unfused)")
+    if any(isinstance(x, D.BINDERS) for part in (b.score, b.mask) if part is not None for x in D.nodes(part)):
+        return "the score or mask holds a reduction over one side (a norm, a row or key bias)"
     if DotTile(0) not in Translation(b.score).leaves.values():
         return "the score reaches its contraction through an op with no derivative rule (a where inside the score)"
     qkv = {qa.name, kb.name, b.value.name}

@@ -31,7 +31,7 @@ from .key_sums import key_sum, score_conjuncts, strip_zero, with_key_sums  # noq
 from .residue import (LIFTING_RULES, Hop, Lift, RowLift, _band, _hop, _strip_mask,
                       row_lift)
 from .errors import UnsupportedError
-from .score_parts import check_no_binders, pull_norms
+from .score_parts import check_no_binders
 
 TILED, HOPS, RESIDUE, SPLIT = "tiled", "hops", "residue", "split"
 KINDS = (TILED, HOPS, RESIDUE, SPLIT)   # SPLIT: one kernel per branch (moa/split.py)
@@ -154,7 +154,7 @@ def _find_dot(e, rowvars, colvars, k_branch):
             a, b = x.body.args
             fa, fb = _free(a) - {x.var}, _free(b) - {x.var}
             for p, q, fp, fq in ((a, b, fa, fb), (b, a, fb, fa)):
-                if fp <= rowvars and fq <= colvars:
+                if fp <= rowvars and fq <= colvars and fp - colvars and fq - rowvars:   # the row's and the key's
                     if not found:
                         found.append(Dot(p, q, x.var, x.extent))
                     f = found[0]
@@ -227,7 +227,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
     else:
         kind, mask, score = "norm" if isinstance(x, D.NormSum) else "sum", *strip_zero(x.weight)
     mask, score = score_conjuncts(mask, score, float("-inf") if kind == "softmax" else 0.0)
-    score, dot = _find_dot(pull_norms(score), leadset | {i}, leadset | {j}, k)
+    score, dot = _find_dot(score, leadset | {i}, leadset | {j}, k)
     if dot is None and c in _free(score):
         raise UnsupportedError(f"output {name}: the score reads the output's last index {c}, which must be the "
                                f"value column of A @ V (a transposed output, (softmax(S) @ V).T, has no kernel: "
@@ -252,9 +252,9 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
         raise UnsupportedError(f"output {name}: the value of the contraction depends on "
                                f"{sorted(map(str, extra))}, {what}; expected V[j, c] (the key, the output "
                                "column and the leading indices only)")
-    if dot is not None:
-        for part in (dot.a, dot.b):
-            check_no_binders(part, "a contraction factor", name)
+    if dot is not None:   # a norm of the operand's own row (QK-norm) is computed on its tile, before the cast
+        for part, own in ((dot.a, leadset | {i}), (dot.b, leadset | {j})):
+            check_no_binders(part, "a contraction factor", name, sides=(own, own))
     pred = mask if mask is not None else D.Const(True, "bool")
     lo, hi = iv.key_range(pred, j, iv.Box({box: (iv.I_LO, iv.I_HI)}))
     tile_box = iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)})

@@ -43,7 +43,7 @@ from .ring import _results, block_kernel, norm_outputs, sum_outputs
 from .tiling import DTYPE_NAME, Config, exact_heads, head_dims, row_programs
 
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PACKED, _PACKED_WHY = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
 _PREFER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PACK_ROWS = 128   # GQA packing by default while the packed rows fit one or two query tiles
 
@@ -170,8 +170,8 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         b = bind_block(plan, inputs, plan.block_dims(gdims, row0, nq, 0, mk))
     packed = _gqa(kernel) if pack_heads is not False else None
     if packed is None and pack_heads:
-        raise UnsupportedError(f"decode: pack_heads=True, but the key inputs of {kernel.program.name} are not read "
-                               "by a head index floor(a / q) of the output's head a (GQA) nor by no head (MQA)")
+        raise UnsupportedError("decode: pack_heads=True, but " + _PACKED_WHY.get(kernel, "the key inputs are not read "
+                               "by a head index floor(a / q) of the output's head a (GQA) nor by no head (MQA)"))
     runner = block if packed is None else packed[1]
     if packed is not None and pack_heads is None and \
             sy.evaluate(packed[0].group, b.dims) * nq > PACK_ROWS:
@@ -268,11 +268,16 @@ def split_preference(kernel, inputs: dict):
 
 
 def _gqa(kernel):
-    """(GqaPack, Kernel of the packed block program) when the key reads are grouped (moa/gqa.py), else None."""
+    """(GqaPack, Kernel of the packed block program) when the key reads are grouped (moa/gqa.py) and the packed
+    program has kernels, else None (the calls run unpacked; _PACKED_WHY says why where it has none)."""
     if kernel not in _PACKED:
         plan, block = _plan(kernel)
         p = gqa.pack(plan)
         _PACKED[kernel] = None if p is None else (p, type(block)(p.program, p.outputs))
+        try:
+            _PACKED[kernel] and _PACKED[kernel][1].schedules   # every ONF of the packed program
+        except UnsupportedError as e:   # a weight per K / V head read at the packed row, wk[a // q, k] ...
+            _PACKED[kernel], _PACKED_WHY[kernel] = None, f"the packed program has no kernel: {e.message}"
     return _PACKED[kernel]
 
 

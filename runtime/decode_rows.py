@@ -202,14 +202,15 @@ def finish_per_length(plan, block, acc: dict, b, nq: int, inputs: dict, lens: to
 def check_replicated(kernel, plan, who: str, why: str, by_index: bool = False) -> None:
     """Inputs read whole by every sequence (or batch index) must not depend on its length (a bias table of 2n - 1
     entries): with lengths that differ per sequence (varlen) or per batch index (a cache's valid lengths), no one
-    table is right for all of them. by_index: only where a read's index holds the length (bias[i - j + n - 1]); a
-    table read at the key's own position (flag[j // 2], sized by the cache) serves every valid length."""
+    table is right for all of them. by_index: only where a read's index holds the length too (bias[i - j + n - 1]);
+    a table read at the key's own position (flag[j // 2], sized by the cache) serves every valid length, and a
+    table of a fixed size read at a length's offset (fl[(j + n) // 2]) is read at each valid length's."""
     decl = kernel.program.input_map
     lengths = {plan.n, plan.m}
     reads = {x for o in kernel.dnf for x in D.nodes(o.expr) if isinstance(x, D.Read)} if by_index else set()
     for name, (role, _) in plan.roles.items():
         syms = set().union(*[getattr(x, "free_symbols", set()) for x in decl[name].shape])
-        if by_index:
+        if by_index and syms & lengths:   # sized by the sequence and read at an offset that moves with it
             syms = set().union(*[sp.sympify(ix).free_symbols for r in reads if r.name == name for ix in r.index])
         if role == shard.REPLICATED and syms & lengths:
             raise UnsupportedError(f"{who}: input {name} has a shape that depends on the sequence length" +

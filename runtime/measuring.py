@@ -29,10 +29,11 @@ def measure(kernel, **inputs) -> Measurement:
     compute = torch.float32 if b.dtype == torch.bfloat16 else b.dtype   # the runners convert inputs to it
     dtname = DTYPE_NAME[compute]
     tiles = 0
+    dims = planner.cg_binding(b).dims   # the planner's names (renamed where a user name collides, codegen/names.py)
     with instrument() as c:
         for name in planner.output_names:
-            kind = planner.run_kind(name, b.dims, batch=math.prod(b.batch))
-            lines = witness_lines(planner, name, kind, dtname, len(b.batch), b.dims, DTYPE_NAME[b.dtype],
+            kind = planner.run_kind(name, dims, batch=math.prod(b.batch))
+            lines = witness_lines(planner, name, kind, dtname, len(b.batch), dims, DTYPE_NAME[b.dtype],
                                   math.prod(b.batch))
             with instrument(lines=lines) as ci:
                 launcher.output(name, b)

@@ -140,7 +140,7 @@ def test_a_forced_linear_form_is_refused_with_gradients_too():
      "two contractions"),
     ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\n"
      "S[i, j] = where(j <= i, dot(Q[i], K[j]) * sum(K[j] * max(K[j], axis=0)), -inf)\nout O = softmax(S, axis=-1) @ V",
-     "a reduction over one side.*pass K normalised"),
+     "a reduction nested in another.*compute the inner one before the call"),
     ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nD[i, j] = where(j <= i, abs(dot(Q[i], K[j])), 0)\n"
      "out O[i] = (D[i] @ V) / (sum(D[i], axis=-1) + 1)",
      r"outside a softmax/normalize contraction: \+red_\{r < n\} where.*a sum of weights over the keys"),

@@ -218,3 +218,26 @@ def test_decoding_rows_at_a_function_of_the_row_with_valid_lengths():
         q = torch.cat([torch.zeros(L - 5, 8, dtype=torch.float64), x["Q"][b]])   # the last 5 rows
         want = k.reference(Q=q, K=x["K"][b, :L], V=x["V"][b, :L], grp=x["grp"][b, :(L + 15) // 16])[-5:]
         assert (out[b] - want).abs().max().item() < 1e-12, b
+
+
+def test_found_by_fuzzers():
+    """measure() of a program whose names code generation renames (an input named like a kernel buffer, g0) read
+    the call's dim names (a KeyError); a fixed-size table read at an offset of the key length (fl[(j + m) // 2 - 20])
+    decodes with valid lengths at each batch index's own length (it was refused as a table sized by the sequence)."""
+    k = moa.compile(HEAD + "in g0[(m + 1) // 2]: bool\nS[i, j] = where(g0[j // 2], dot(Q[i], K[j]) / sqrt(d), -inf)\n"
+                    + TAIL)
+    x = {**_inputs("pairs", 100, 190, d=4), "g0": _inputs("pairs", 100, 190, d=4)["flag"]}
+    del x["flag"]
+    c = cost(k, dtype="float64", device="cpu", inputs={"g0": x["g0"]}, n=100, m=190, d=4, e=4)
+    assert _counters(measure(k, **x)) == _counters(c)
+    k = moa.compile(HEAD + "in fl[40]: bool\nS[i, j] = where(where((j + m) // 2 >= 20 and (j + m) // 2 < 60, "
+                    "fl[(j + m) // 2 - 20], j <= i), dot(Q[i], K[j]) / sqrt(d), -inf)\n" + TAIL)
+    g = torch.Generator().manual_seed(9)
+    x = {"Q": torch.randn(2, 3, 8, dtype=torch.float64, generator=g),
+         "K": torch.randn(2, 64, 8, dtype=torch.float64, generator=g),
+         "V": torch.randn(2, 64, 8, dtype=torch.float64, generator=g), "fl": torch.rand(2, 40, generator=g) < 0.5}
+    lens = torch.tensor([64, 30])
+    out = k.decode(**x, splits=2, cache_len=lens)
+    for b, L in enumerate(lens.tolist()):
+        want = k.reference(Q=x["Q"][b], K=x["K"][b, :L], V=x["V"][b, :L], fl=x["fl"][b])
+        assert (out[b] - want).abs().max().item() < 1e-12, b

@@ -11,7 +11,6 @@ import moa
 from moa import dnf as D
 from moa.runtime.costing import cost
 from moa.runtime.measuring import measure
-from moa.score_parts import pull_norms
 
 F64 = torch.float64
 QK_NORM = """dim h, g, n, d, e
@@ -48,16 +47,44 @@ def _inputs(n=70, h=4, g=2, d=8, seed=0):
     return {**x, **w}
 
 
-def test_the_rule_pulls_only_norms_out_of_the_contraction():
+def test_norms_stay_on_the_operand_tiles_in_any_spelling():
+    """The norm is computed on the operand tile (the score is the bare q . k tile); a division by the norm, the order
+    of the terms, RMS norm then rotary embedding (Qwen3's order) and a norm of a weight vector compile too."""
     k = moa.compile(QK_NORM)
-    (out,) = k.dnf
-    contraction = next(x for x in D.nodes(pull_norms(out.expr)) if isinstance(x, D.Reduce) and x.var.name == "k1")
-    assert not any(isinstance(y, D.Reduce) for y in D.nodes(contraction.body))   # the norms left it
-    assert "wq[k1]" in D.show(contraction) and "wk[k1]" in D.show(contraction)    # the weights stayed on it
-    scaled = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nQs[i, k] = Q[i, k] / sqrt(d)\n"
-                         "out O = softmax(Qs @ K.T, axis=-1) @ V\n")
-    (plain,) = scaled.dnf
-    assert pull_norms(plain.expr) == plain.expr   # a scale on an operand stays on the operand tile
+    (b,) = k.schedules["O"].branches
+    assert any(isinstance(x, D.Reduce) for x in D.nodes(b.dot.a)) and not any(
+        isinstance(x, D.Reduce) for x in D.nodes(b.score))
+    head = "dim n, d, e\nin Q[n, d], K[n, d], V[n, e], w[d]\n"
+    gen = torch.Generator().manual_seed(5)
+    x = {a: torch.randn(40, 8, generator=gen, dtype=F64) for a in "QKV"}
+    x["w"] = torch.rand(8, generator=gen, dtype=F64) + 0.5
+    qn = x["Q"] / (x["Q"] * x["Q"]).sum(-1, keepdim=True).add(1e-6).sqrt()
+    ang = torch.arange(40, dtype=F64)[:, None] * 10000.0 ** (-2 * torch.arange(4, dtype=F64) / 8)
+    rot = torch.cat([qn[:, :4] * ang.cos() - qn[:, 4:] * ang.sin(), qn[:, 4:] * ang.cos() + qn[:, :4] * ang.sin()], -1)
+    cases = {
+        "Qn[i, k] = Q[i, k] / sqrt(sum(Q[i] * Q[i]) + 1e-6)\nS[i, j] = dot(Qn[i], K[j])\n": qn @ x["K"].T,
+        "S[i, j] = sum(Q[i] * w) + dot(Q[i], K[j])\n": (x["Q"] @ x["w"])[:, None] + x["Q"] @ x["K"].T,
+        "S[i, j] = dot(Q[i], K[j]) * rsqrt(sum(w * w))\n": x["Q"] @ x["K"].T / x["w"].norm(),
+        "Qn[i, k] = Q[i, k] * rsqrt(sum(Q[i] * Q[i]) + 1e-6)\n"
+        "Qr[i, k] = Qn[i, k] * cos(i * 10000 ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * "
+        "Qn[i, (k + d // 2) % d] * sin(i * 10000 ^ (-2 * (k % (d // 2)) / d))\nS[i, j] = dot(Qr[i], K[j])\n":
+            rot @ x["K"].T,
+    }
+    for body, score in cases.items():
+        got = moa.compile(head + body + "out O = softmax(S, axis=-1) @ V\n")(**x)
+        assert (got - torch.softmax(score, -1) @ x["V"]).abs().max().item() < 1e-12, body
+
+
+def test_operands_are_normalised_before_the_cast_to_half():
+    """q * wq of an unnormalised row can pass float16's range (40000 * 2); the normalised operand cannot: the norm
+    is applied on the operand tile in float32, before the cast for the tensor cores (it gave NaN rows)."""
+    k = moa.compile(QK_NORM)
+    x = _inputs(n=20, seed=6)
+    x["Q"][0, 3, 2] = 40000.0
+    x["wq"][:] = 2.0
+    out = k(**{a: t.half() for a, t in x.items()})
+    assert torch.isfinite(out).all()
+    assert (out.double() - _qk_norm(**{a: t.half().double() for a, t in x.items()})).abs().max().item() < 5e-3
 
 
 def test_qk_norm_with_grouped_heads_against_torch():
@@ -125,3 +152,30 @@ def test_a_per_key_reduction_added_to_the_score():
     x = {a: torch.randn(77, 8, generator=gen, dtype=F64) for a in "QKV"}
     s = x["Q"] @ x["K"].T + x["K"].sum(-1)[None, :] - x["Q"].amax(-1)[:, None]
     assert (k(**x) - torch.softmax(s, -1) @ x["V"]).abs().max().item() < 1e-12
+    bias = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], b[n, 6]\n"   # over an axis of its own
+                       "S[i, j] = dot(Q[i], K[j]) + sum(b[j])\nout O = softmax(S, axis=-1) @ V\n")
+    y = {**x, "b": torch.randn(77, 6, generator=gen, dtype=F64)}
+    got = {a: t.clone().requires_grad_() for a, t in y.items()}
+    want = {a: t.clone().requires_grad_() for a, t in y.items()}
+    bias(**got).sum().backward()   # the fused backward kernel's source did not indent (IndentationError)
+    (torch.softmax(want["Q"] @ want["K"].T + want["b"].sum(-1)[None, :], -1) @ want["V"]).sum().backward()
+    for a in y:
+        assert (got[a].grad - want[a].grad).abs().max().item() < 1e-12, a
+
+
+def test_a_weight_per_kv_head_decodes_unpacked_when_packing_has_no_kernel():
+    """Packing the query heads of a K / V group rewrites wk[b, k] to be read at the packed row, which has no kernel:
+    the default decode fell over instead of running unpacked (pack_heads=True still says why)."""
+    from moa.errors import UnsupportedError
+
+    k = moa.compile("dim h, g, n, d, e\nin Q[h, n, d], K[g, n, d], V[g, n, e], wk[g, d]\n"
+                    "Kn[b, j, k] = K[b, j, k] * rsqrt(sum(K[b, j] * K[b, j])) * wk[b, k]\n"
+                    "S[a, i, j] = dot(Q[a, i], Kn[a // (h // g), j])\n"
+                    "out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]\n")
+    x = _inputs(n=40, seed=7)
+    x = {"Q": x["Q"], "K": x["K"], "V": x["V"], "wk": torch.rand(2, 8, dtype=F64) + 0.5}
+    full = k(**x)
+    q = {**x, "Q": x["Q"][:, -3:]}
+    assert (k.decode(**q, splits=2) - full[:, -3:]).abs().max().item() < 1e-12
+    with pytest.raises(UnsupportedError, match="pack_heads=True, but the packed program has no kernel"):
+        k.decode(**q, pack_heads=True)
