@@ -154,7 +154,7 @@ def candidates(dtype: str, head: int, default: Config) -> list:
                 Config(64, 32, 4, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)]
     else:
         rest = [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 8, 2), Config(64, 32, 8, 2),
-                Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1)]
+                Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(64, 16, 8, 2), Config(32, 32, 4, 1)]
     out = [default]
     for c in rest:
         if c not in out:

@@ -179,3 +179,19 @@ def test_a_weight_per_kv_head_decodes_unpacked_when_packing_has_no_kernel():
     assert (k.decode(**q, splits=2) - full[:, -3:]).abs().max().item() < 1e-12
     with pytest.raises(UnsupportedError, match="pack_heads=True, but the packed program has no kernel"):
         k.decode(**q, pack_heads=True)
+
+
+def test_norm_then_rope_builds_for_sm_90_at_head_dim_128():
+    """Qwen3's order (RMS norm, then the rotation) holds two key tiles, the angles and the norm per key tile: at
+    d = 128 every config down to 32 x 32 spilled; 64 x 16 tiles with 8 warps fit (240 registers)."""
+    src = QK_NORM.replace(
+        "S[a, i, j] = where(j <= i, dot(Qn[a, i], Kn[a // (h // g), j]) / sqrt(d), -inf)",
+        "Qr[a, i, k] = Qn[a, i, k] * cos(i * 10000 ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * "
+        "Qn[a, i, (k + d // 2) % d] * sin(i * 10000 ^ (-2 * (k % (d // 2)) / d))\n"
+        "Kr[b, j, k] = Kn[b, j, k] * cos(j * 10000 ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * "
+        "Kn[b, j, (k + d // 2) % d] * sin(j * 10000 ^ (-2 * (k % (d // 2)) / d))\n"
+        "S[a, i, j] = where(j <= i, dot(Qr[a, i], Kr[a // (h // g), j]) / sqrt(d), -inf)")
+    k = moa.compile(src)
+    assert "Kr[b, j, k]" in src
+    rep = k.aot(dtype="bf16", h=32, g=8, n=4096, d=128, e=128)
+    assert rep.spills == 0 and rep.uses_wgmma, rep.summary()
