@@ -106,8 +106,9 @@ def lengths(kernel, inputs: dict) -> tuple[int, int]:
         elif role == shard.KEY and mk is None:
             mk = t.shape[t.dim() - len(decl[name].shape) + axis]
     if nq is None or mk is None:
-        raise InputError(f"decode: cannot tell the query rows and the cache length of {kernel.program.name} "
-                         f"from the inputs; pass every input of {', '.join(decl)}")
+        why = "no input is read by the query or the key index alone (queries that are their own keys have one " \
+            "length: call k(...))" if set(decl) <= set(inputs) else f"pass every input of {', '.join(decl)}"
+        raise InputError(f"decode: cannot tell the query rows and the cache length of {kernel.program.name}; {why}")
     return nq, mk
 
 
@@ -156,8 +157,7 @@ def decode(kernel, inputs: dict, splits: int | None = None, stats: bool = False,
         lens = lengths_per_batch(b, cache_len, "cache_len", mk)
         call = _Call(LENGTHS, nq, mk, nq, mk, cache_len=lens)
     if call.mode != SPLIT:
-        check_replicated(kernel, plan, "decode", "with cache_len each batch index has a length of its own",
-                         by_index=True)
+        check_replicated(kernel, plan, "decode", "with cache_len each batch index has its own length", by_index=True)
     per_length = call.mode != SPLIT and decode_merge.positional(plan)   # the epilogue per valid length
     if call.cache_len is not None and plan.n == plan.m and bool((call.cache_len < nq).any()):
         raise InputError(f"decode: a cache_len is below the {nq} query rows; the program uses one dim {plan.n} "

@@ -212,3 +212,12 @@ def test_the_cost_models_refuse_what_the_calls_refuse():
     with pytest.raises(UnsupportedError, match="depends on the sequence length"):
         varlen_cost(k, [0, 3, 9], [0, 3, 9], dtype="fp64", device="cpu", h=1, d=4, e=4)
     assert decode_cost(k, 1, 64, dtype="fp64", device="cpu", h=1, d=4, e=4).flops > 0   # one length: exact
+
+
+def test_queries_that_are_their_own_keys_say_so():
+    """Q read at both the row and the key (self-similarity): decode cannot tell the query rows from the cache; it
+    asked for inputs that were all passed."""
+    k = moa.compile("dim n, d, e\nin Q[n, d], V[n, e]\nout O = softmax(Q @ Q.T, axis=-1) @ V\n")
+    x = {"Q": torch.randn(20, 4, dtype=torch.float64), "V": torch.randn(20, 3, dtype=torch.float64)}
+    with pytest.raises(InputError, match="queries that are their own keys"):
+        k.decode(**x)
