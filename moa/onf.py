@@ -237,7 +237,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
         score, mix = _find_mix(score, x.value, leadset, i, j, k)
     check_no_binders(score, "the score", name, dot, (leadset | {i}, leadset | {j}) if dot is not None else None)
     if mix is None:
-        check_no_binders(x.value, "the value", name)
+        check_no_binders(x.value, "the value", name, sides=(leadset | {j}, leadset | {j}))
     if mask is not None:
         check_no_binders(mask, "the mask", name, dot)
     allowed = leadset | {i, j, box}

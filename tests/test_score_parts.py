@@ -195,3 +195,28 @@ def test_norm_then_rope_builds_for_sm_90_at_head_dim_128():
     assert "Kr[b, j, k]" in src
     rep = k.aot(dtype="bf16", h=32, g=8, n=4096, d=128, e=128)
     assert rep.spills == 0 and rep.uses_wgmma, rep.summary()
+
+
+def test_a_norm_of_the_value_row():
+    """V[j, c] * rsqrt(mean(V[j]^2) + eps) * w[c] is computed on each value tile (it was refused); decoding too.
+    The chunked linear form reads plain tiles: it declines such a program, which runs quadratic."""
+    from moa.errors import UnsupportedError
+
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], wv[e]\n"
+                    "Vn[j, c] = V[j, c] * rsqrt(sum(V[j] * V[j]) / e + 1e-6) * wv[c]\n"
+                    "S[i, j] = where(j <= i, dot(Q[i], K[j]) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ Vn\n")
+    gen = torch.Generator().manual_seed(8)
+    x = {"Q": torch.randn(70, 8, generator=gen, dtype=F64), "K": torch.randn(70, 8, generator=gen, dtype=F64),
+         "V": torch.randn(70, 6, generator=gen, dtype=F64), "wv": torch.rand(6, generator=gen, dtype=F64) + 0.5}
+    vn = x["V"] * torch.rsqrt((x["V"] ** 2).mean(-1, keepdim=True) + 1e-6) * x["wv"]
+    want = torch.nn.functional.scaled_dot_product_attention(x["Q"], x["K"], vn, is_causal=True)
+    assert (k(**x) - want).abs().max().item() < 1e-12
+    assert (k.decode(**{**x, "Q": x["Q"][-3:]}, splits=3) - want[-3:]).abs().max().item() < 1e-12
+    assert measure(k, **x).flops == cost(k, dtype="float64", device="cpu", n=70, d=8, e=6).flops
+    lin = open("examples/linear.moa").read().replace("in Q[n, d], K[n, d], V[n, e]", "in Q[n, d], K[n, d], V[n, e]\n"
+                                                     "Vn[j, c] = V[j, c] * rsqrt(sum(V[j] * V[j]) + 1.0)")
+    lin = lin.replace("@ V", "@ Vn")
+    y = {a: x[a] for a in "QKV"}
+    assert (moa.compile(lin)(**y) - moa.compile(lin).reference(**y)).abs().max().item() < 1e-12
+    with pytest.raises(UnsupportedError, match="chunked scans read plain operand and value tiles"):
+        moa.compile(lin, form="linear")(**y)
