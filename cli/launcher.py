@@ -24,9 +24,10 @@ from moa.runtime.tiling import Config
 MODULE_NAMES = {"math", "os", "torch", "triton", "tl", "launch"}
 
 
-def _along(ix, ext, name: str, dims: dict, dev: str, body: list) -> str:
-    """Launcher lines binding `name` to a pair summary's index function (one variable) at every row or key
-    0 .. ext - 1 (torch's // and % floor as the kernel's do); refused for functions beyond + - * // %."""
+def _along(ix, ext, name: str, dims: dict, dev: str, body: list, src: str, axis: int) -> str:
+    """Launcher lines binding `name` to a summary's index function (one variable) at every row or key
+    0 .. ext - 1 (torch's // and % floor as the kernel's do), clipped to axis `axis` of tensor `src` (a where-guarded
+    read past it only widens a tile's range); refused for functions beyond + - * // %."""
     ix = sp.sympify(ix)
     (v,) = sy.variables(ix)
     text = _py(ix.xreplace({v: sp.Symbol(name, integer=True)}), dims)
@@ -37,6 +38,7 @@ def _along(ix, ext, name: str, dims: dict, dev: str, body: list) -> str:
     body.append(f"    {name} = torch.arange({_py(ext, dims)}, device={dev})")
     if text != name:
         body.append(f"    {name} = {text}")
+    body.append(f"    {name} = {name}.clamp(0, max({src}.shape[{axis}] - 1, 0))")
     return name
 
 
@@ -222,16 +224,15 @@ def launcher_module(k, output: str | None, dtype: str, dims: dict | None, config
         src = inp_of[ts.tensor]   # flags given as integers are summarised as the kernel reads them: != 0
         src = f"({src} != 0)" if program.input_map[src].dtype == ir.BOOL else src
         if ts.axis == "pair":
-            at = [_along(ix, ext, local(f"{t}_{side}"), dim_of, dev_, body)
-                  for side, ix, ext in (("rows", ts.at.rows, ts.at.n), ("keys", ts.at.keys, ts.at.m))]
-            at = [f"{a}.clamp(0, max({src}.shape[{1 + p}] - 1, 0))" for a, p in zip(at, (ts.pos, ts.kpos))]
+            at = [_along(ix, ext, local(f"{t}_{side}"), dim_of, dev_, body, src, 1 + p) for side, ix, ext, p in
+                  (("rows", ts.at.rows, ts.at.n, ts.pos), ("keys", ts.at.keys, ts.at.m, ts.kpos))]
             body.append(f"    {t} = _pair_summaries({src}, {1 + ts.pos}, {1 + ts.kpos}, {at[0]}, {at[1]}, BLOCK_M, "
                         f"BLOCK_N, {SCAN})")
         else:
             if ts.at is not None:   # read at a function of the row (key): gathered at every row (key), clipped
                 ix, ext = (ts.at.rows, ts.at.n) if ts.axis == "row" else (ts.at.keys, ts.at.m)
-                at = _along(ix, ext, local(f"{t}_at"), dim_of, dev_, body)
-                src = f"{src}.index_select({1 + ts.pos}, {at}.clamp(0, max({src}.shape[{1 + ts.pos}] - 1, 0)))"
+                at = _along(ix, ext, local(f"{t}_at"), dim_of, dev_, body, src, 1 + ts.pos)
+                src = f"{src}.index_select({1 + ts.pos}, {at})"
             body.append(f"    {t} = _tile_summaries({src}, {1 + ts.pos}, {block}, {0 if ts.axis == 'row' else SCAN})")
         args.append(f"{t}, *{t}.stride()")
     args.append(f"{out_}, *{out_}.stride()")

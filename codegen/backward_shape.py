@@ -12,6 +12,7 @@ from moa import symbolic as sy
 from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule
 from moa.program import Program
+from moa.score_parts import holds_reduction
 from moa.split import branch_alone
 
 BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV"})   # the kernels' own pointer names (X_ptr)
@@ -92,7 +93,7 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
         if not all(sy.prove_equal(x, y) for x, y in zip(shape[len(shape) - 2:], tail)):
             return (f"{read.name}'s last two axes are not the tile's rows and columns (a slice of the input, as "
                     f"take(t, {read.name}[...]), gets its gradient unfused)")
-    if any(isinstance(x, D.BINDERS) for part in (b.score, b.mask) if part is not None for x in D.nodes(part)):
+    if holds_reduction(b.score, b.mask):
         return "the score or mask holds a reduction over one side (a norm, a row or key bias)"
     if DotTile(0) not in Translation(b.score).leaves.values():
         return "the score reaches its contraction through an op with no derivative rule (a where inside the score)"

@@ -32,6 +32,7 @@ from . import dnf as D
 from . import symbolic as sy
 from .devices import occupancy
 from .onf import BranchValue, DotTile, Schedule
+from .score_parts import holds_reduction
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def plan(s: Schedule) -> tuple[LinearPlan | None, str]:
         return None, "the linear form is derived for normalize(...) @ V; a plain sum A @ V runs the quadratic kernel"
     if b.dot is None:
         return None, "no contraction over a feature axis in the score"
-    if any(isinstance(x, D.BINDERS) for part in (b.value, b.dot.a, b.dot.b) for x in D.nodes(part)):
+    if holds_reduction(b.value, b.dot.a, b.dot.b):
         return None, "the chunked scans read plain operand and value tiles (a norm of a row in them runs quadratic)"
     j = D.Index(b.var)
     if b.mask not in (D.Op("le", (j, D.Index(i)), "bool"), D.Op("ge", (D.Index(i), j), "bool")):

@@ -237,7 +237,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
         score, mix = _find_mix(score, x.value, leadset, i, j, k)
     check_no_binders(score, "the score", name, dot, (leadset | {i}, leadset | {j}) if dot is not None else None)
     if mix is None:
-        check_no_binders(x.value, "the value", name, sides=(leadset | {j}, leadset | {j}))
+        check_no_binders(x.value, "the value", name, sides=(leadset | {j},))
     if mask is not None:
         check_no_binders(mask, "the mask", name, dot)
     allowed = leadset | {i, j, box}
@@ -254,7 +254,7 @@ def _branch(name, x, k, leadset, i, c, box=None, lift=None) -> Branch:
                                "column and the leading indices only)")
     if dot is not None:   # a norm of the operand's own row (QK-norm) is computed on its tile, before the cast
         for part, own in ((dot.a, leadset | {i}), (dot.b, leadset | {j})):
-            check_no_binders(part, "a contraction factor", name, sides=(own, own))
+            check_no_binders(part, "a contraction factor", name, sides=(own,))
     pred = mask if mask is not None else D.Const(True, "bool")
     lo, hi = iv.key_range(pred, j, iv.Box({box: (iv.I_LO, iv.I_HI)}))
     tile_box = iv.Box({box: (iv.I_LO, iv.I_HI), j: (iv.J_LO, iv.J_HI)})

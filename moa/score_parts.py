@@ -15,27 +15,27 @@ from . import symbolic as sy
 from .errors import UnsupportedError
 
 
-def one_sided(x, rows: set, keys: set) -> bool:
-    """Whether reduction x reads the row side alone (rows: the leading variables and the row) or the key side
-    alone: a norm the kernel computes per row tile or per key tile (or once per program: no row or key)."""
-    free = D.free_vars(x)
-    return free <= rows or free <= keys
+def one_sided(x, sides) -> bool:
+    """Whether reduction x reads one side alone (sides: sets of variables, the leading ones and the row, or the
+    key): a norm the kernel computes per row tile or per key tile (or once per program: no row or key)."""
+    return any(D.free_vars(x) <= s for s in sides)
 
 
-def _holds_reduction(e) -> bool:
-    return any(isinstance(x, D.BINDERS) for x in D.nodes(e))
+def holds_reduction(*parts) -> bool:
+    """Whether any of these expressions (None for none) holds a reduction."""
+    return any(isinstance(x, D.BINDERS) for e in parts if e is not None for x in D.nodes(e))
 
 
 def check_no_binders(e, what, name, dot=None, sides=None):
     """Refuse a reduction in e (a score, mask, value or contraction factor) that the tiled schedule cannot place;
-    sides (rows, keys): those of a score or an operand, whose one-sided reductions (norms) the kernel computes per
-    tile."""
+    sides: the variable sets of the sides whose reductions (norms) the kernel computes per tile (a score's row and
+    key, an operand's or the value's own)."""
     for x in D.nodes(e):
         if not isinstance(x, D.BINDERS):
             continue
-        if sides is not None and isinstance(x, D.Reduce) and not _holds_reduction(x.body) and one_sided(x, *sides):
+        if sides is not None and isinstance(x, D.Reduce) and not holds_reduction(x.body) and one_sided(x, sides):
             continue
-        if isinstance(x, D.Reduce) and _holds_reduction(x.body):
+        if isinstance(x, D.Reduce) and holds_reduction(x.body):
             raise UnsupportedError(f"output {name}: {what} holds a reduction nested in another, "
                                    f"{D.show_clipped(x, 80)} (a mean over the keys inside a contraction, a norm of a "
                                    "centred row); no kernel computes it: compute the inner one before the call")

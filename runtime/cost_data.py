@@ -15,7 +15,7 @@ from moa.errors import InputError
 from .binding import check_reads
 
 
-def _codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict | None]:
+def codegen_names(planner, dims: dict, inputs: dict | None) -> tuple[dict, dict | None]:
     """dims and inputs in the names code generation sees (the planner's schedules and the generated kernels use
     them: user names are replaced where their renamed forms could collide, codegen/names.py)."""
     cg = planner.codegen
@@ -69,7 +69,7 @@ def int_widths(planner, inputs: dict | None) -> dict:
             if cg in nodes and nodes[cg].dtype == ir.INT}
 
 
-def _data(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
+def data_arrays(planner, inputs: dict | None, dims: dict, batch: tuple) -> dict | None:
     """The integer and boolean inputs given to the cost model (code-generation names), as numpy arrays of shape
     batch + their own shape: leading axes that broadcast to the batch are expanded, as a call expands them
     (runtime/binding.py; document ids shared by every head)."""

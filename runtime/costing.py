@@ -32,7 +32,7 @@ from moa.devices import DTYPE_BYTES, canonical_dtype, get_device
 from moa.errors import InputError, UnsupportedError
 
 from .aot_batch import no_fit
-from .cost_data import _codegen_names, _data, check_data, check_data_reads, int_widths
+from .cost_data import codegen_names, data_arrays, check_data, check_data_reads, int_widths
 from .configs import fit_schedule
 from .form_configs import fit_linear
 from .linear_cost import KERNELS as LINEAR_KERNELS
@@ -145,7 +145,7 @@ def linear_pass(kernel, name: str, dims: dict, batch, dtype: str, device: str, l
     dtype = canonical_dtype(dtype)
     dev = get_device(device)
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
-    dims, _ = _codegen_names(planner, dims, None)
+    dims, _ = codegen_names(planner, dims, None)
     eb = _elem_bytes(planner, planner.schedules[name], dtype, "int64")
     cfg = linear_launch_split(planner.linear_plans[name][0], dims, batch, dev.sms)
     per = [linear_counts(planner, name, dims, batch, dtype, "cuda", eb, cfg, flags, (fn,))[3][0]
@@ -225,7 +225,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     linear_config, config = (config, None) if isinstance(config, LinearConfig) else (None, config)
     if any(d.name not in dims for d in planner.program.dims):
         return _symbolic(planner, dtype, dev, compute, config, math.prod(batch), index_dtype, dims)
-    dims, inputs = _codegen_names(planner, dims, inputs)
+    dims, inputs = codegen_names(planner, dims, inputs)
     kinds = {name: planner.run_kind(name, dims if as_called else None, None if on_cpu else device, dtype,
                                     batch=math.prod(batch)) for name in planner.output_names}
     if fit and linear_config is None and dev is not None:
@@ -233,7 +233,7 @@ def cost_breakdown(kernel, dtype="bf16", device="h100", config: Config | None = 
     configs, scheds = _tiled_configs(planner, kinds, dims, dtype, device, compute, config, batch, index_dtype,
                                      fit and config is None and dev is not None, schedules or {})
     specs = launch_specs(planner, compute, len(batch), configs, scheds, dims)
-    data = _data(planner, inputs, dims, batch)
+    data = data_arrays(planner, inputs, dims, batch)
     t = _Totals()
     for name in planner.output_names:
         sched = planner.schedules[name]

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from moa import symbolic as sy
 from moa.codegen.data_tiles import SCAN
-from moa.tiles import along
 from moa.codegen.splitkv import LENGTHS, PAGED, VARLEN_PAGED, VARLENS
 
-from .summaries import packed_tile_summaries, tile_summaries
+from .summaries import along_tensor, packed_tile_summaries, tile_summaries
 
 
 def replace_summaries(block, spec, cb, args: list, call, cfg) -> None:
@@ -55,10 +53,9 @@ def local_values(t: torch.Tensor, nb: int, ts, call, dims: dict) -> torch.Tensor
     dims: the block's dims by name (the function's dims: a block's first key)."""
     pos = nb + ts.pos
     ix = ts.at.rows if ts.axis == "row" else ts.at.keys
-    env = {sy.dim(name): v for name, v in dims.items()}
 
     def at(count: int) -> torch.Tensor:
-        return torch.from_numpy(along(ix, env, count, t.shape[pos])).to(t.device)
+        return along_tensor(ix, dims, count, t, pos)
 
     if call.mode in VARLENS:
         cu = call.cu_host[0 if ts.axis == "row" else 1]

@@ -72,11 +72,9 @@ def summary_tensor(ts, t: torch.Tensor, nb: int, bm: int, bn: int, dims: dict, e
     functions at every row and key)."""
     if t.dtype not in (torch.int32, torch.int64, torch.bool):
         t = t.to(torch.int32)
-    env = {sy.dim(name): v for name, v in dims.items()}
 
     def at(ix, ext, pos):   # the index function at every row (key), clipped to the input (a where-guarded read)
-        idx = along(ix, env, int(sy.evaluate(ext, dims)), t.shape[nb + pos])
-        return torch.from_numpy(np.ascontiguousarray(idx)).to(t.device)
+        return along_tensor(ix, dims, int(sy.evaluate(ext, dims)), t, nb + pos)
 
     if ts.axis in ("row", "key"):
         if ts.at is not None:   # read at a function of the row (key): gathered at every row (key) first
@@ -85,6 +83,13 @@ def summary_tensor(ts, t: torch.Tensor, nb: int, bm: int, bn: int, dims: dict, e
         return tile_summaries(t, nb + ts.pos, bm) if ts.axis == "row" else tile_summaries(t, nb + ts.pos, bn, extra)
     rows, keys = at(ts.at.rows, ts.at.n, ts.pos), at(ts.at.keys, ts.at.m, ts.kpos)
     return pair_tile_summaries(t, nb + ts.pos, nb + ts.kpos, rows, keys, bm, bn, extra)
+
+
+def along_tensor(ix, dims: dict, count: int, t: torch.Tensor, axis: int) -> torch.Tensor:
+    """tiles.along as indices into axis `axis` of t (on its device): the index function ix at 0 .. count - 1, the
+    dims by name in `dims`, clipped to the axis."""
+    idx = along(ix, {sy.dim(name): v for name, v in dims.items()}, count, t.shape[axis])
+    return torch.from_numpy(np.ascontiguousarray(idx)).to(t.device)
 
 
 def packed_tile_summaries(t: torch.Tensor, axis: int, block: int, cu: list, extra: int = 0) -> torch.Tensor:
