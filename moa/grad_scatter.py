@@ -21,7 +21,7 @@ from . import intervals as iv
 from . import ir
 from . import symbolic as sy
 from .dnf import Rule
-from .dnf_nodes import Const, Index, Op, Reduce, free_vars, subs
+from .dnf_nodes import BINDERS, Const, Index, Op, Reduce, free_vars, nodes, subs
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,14 @@ def _in_range(value, ext, ranges, u_ranges) -> tuple[bool, bool]:
     return sy.prove_nonneg(lo) is True, sy.prove_nonneg(sp.sympify(ext) - 1 - hi) is True
 
 
+def _substituted(s: Scatter, v, value, ranges: tuple, conds) -> Scatter:
+    """The scatter with the summed variable v replaced by `value` everywhere, over `ranges`, under `conds` too."""
+    m = {v: value}
+    return Scatter(ranges, tuple(conds) + tuple(subs_free(x, m) for x in s.conds),
+                   tuple(subs_free(x, m) for x in s.factors),
+                   tuple((sp.sympify(f).xreplace(m), w) for f, w in s.pending[1:]))
+
+
 def _solve_index(s: Scatter, u_ranges: tuple):
     # +red_{v<N} where(f(v) == u, X(v), 0)  ->  where(0 <= g(u) < N, X(g(u)), 0),   g = f^-1 (f = c v + r)
     """solve-index: the first pending axis f(V) == u is affine in a summed variable v with an integer coefficient
@@ -121,16 +129,74 @@ def _solve_index(s: Scatter, u_ranges: tuple):
             conds.append(Op("ge", (Index(value), Index(sp.Integer(0))), ir.BOOL))
         if not hi_ok:
             conds.append(Op("lt", (Index(value), Index(sp.sympify(ext))), ir.BOOL))
-        m = {v: value}
-        return Scatter(ranges, tuple(conds) + tuple(subs_free(x, m) for x in s.conds),
-                       tuple(subs_free(x, m) for x in s.factors),
-                       tuple((sp.sympify(g).xreplace(m), w) for g, w in s.pending[1:]))
+        return _substituted(s, v, value, ranges, conds)
+    return None
+
+
+def _solve_mod_index(s: Scatter, u_ranges: tuple):
+    # +red_{v<N} where((c v + r) % N == u, X(v), 0)  ->  where(u < N, X((c (u - r)) % N), 0),   c = +-1
+    """solve-mod-index: the first pending axis (c v + r) % N == u with c = +-1 and v summed over exactly N values
+    (a rotation of the axis, as rotary embeddings' rotate-half reads it): v = (c (u - r)) % N, one point of the sum.
+    A guard keeps u < N unless the gradient's axis is provably no longer."""
+    f, u = s.pending[0]
+    f = sp.sympify(f)
+    if not isinstance(f, sp.Mod):
+        return None
+    g, big = f.args
+    for v, ext in reversed(s.ranges):
+        c = _linear_coeff(g, v) if v in g.free_symbols else None
+        if c not in (1, -1) or v in big.free_symbols or not sy.prove_equal(ext, big):
+            continue
+        value = sy.mod(c * (u - sp.expand(g - c * v)), big)
+        ranges = tuple((w, x) for w, x in s.ranges if w != v)
+        u_ext = dict(u_ranges)[u]
+        conds = () if sy.prove_nonneg(sp.sympify(big) - u_ext) is True else \
+            (Op("lt", (Index(u), Index(sp.sympify(big))), ir.BOOL),)
+        return _substituted(s, v, value, ranges, conds)
+    return None
+
+
+def _fresh(s: Scatter, u_ranges: tuple, base: str) -> sp.Symbol:
+    """An index variable named after `base` that no variable of the scatter (bound or free) uses."""
+    taken = {v.name for v, _ in (*s.ranges, *u_ranges)}
+    for e in (*s.conds, *s.factors):
+        taken |= {x.var.name for x in nodes(e) if isinstance(x, BINDERS)} | {v.name for v in free_vars(e)}
+    for f, _ in s.pending:
+        taken |= {x.name for x in sp.sympify(f).free_symbols}
+    k = 0
+    while f"{base}{k}" in taken:
+        k += 1
+    return sy.index_var(f"{base}{k}")
+
+
+def _solve_floor_index(s: Scatter, u_ranges: tuple):
+    # +red_{v<N} where((v + r) // c == u, X(v), 0)  ->  +red_{t<c} where(0 <= c u - r + t < N, X(c u - r + t), 0)
+    """solve-floor-index: the first pending axis (v + r) // c == u (c >= 0 free of v: a grouped head's
+    a // (h // g)) holds for the c points v = c u - r + t, t < c: a sum over c points instead of a mask over N
+    (guards keep 0 <= v < N unless the intervals prove them)."""
+    f, u = s.pending[0]
+    f = sp.sympify(f)
+    if not isinstance(f, sp.floor):
+        return None
+    num, den = sy.split_floor(f)
+    for v, ext in reversed(s.ranges):
+        if v not in num.free_symbols or v in den.free_symbols or _linear_coeff(num, v) != 1 or \
+                sy.prove_nonneg(den) is not True:   # c = 0: the forward's own index divides by zero
+            continue
+        t = _fresh(s, u_ranges, "t")
+        value = sp.expand(den * u - (num - v) + t)
+        ranges = tuple((w, x) for w, x in s.ranges if w != v) + ((t, den),)
+        lo_ok, hi_ok = _in_range(value, ext, ranges, u_ranges)
+        conds = [] if lo_ok else [Op("ge", (Index(value), Index(sp.Integer(0))), ir.BOOL)]
+        if not hi_ok:
+            conds.append(Op("lt", (Index(value), Index(sp.sympify(ext))), ir.BOOL))
+        return _substituted(s, v, value, ranges, conds)
     return None
 
 
 def _mask_index(s: Scatter, u_ranges: tuple):
     # +red_V where(C, F, 0) at index f(V) == u  ->  +red_V where(f(V) == u and C, F, 0)
-    """mask-index: an axis whose index solves for no summed variable (a // (h // g), a mask of a product ...) stays
+    """mask-index: an axis whose index solves for no summed variable (a product, a clamp ...) stays
     a condition of the sum: the gradient sums the adjoint over every point that reads the element."""
     f, u = s.pending[0]
     cond = Op("eq", (Index(sp.sympify(f)), Index(u)), ir.BOOL)
@@ -162,6 +228,10 @@ def eliminate(ranges: tuple, conds: tuple, factors: tuple):
 SCATTER_RULES = (
     Rule("solve-index", "+red_{v<N} where(f(v) == u, X(v), 0) => where(0 <= f^-1(u) < N, X(f^-1(u)), 0)   "
                         "(f affine in v, integer coefficient)", _solve_index),
+    Rule("solve-mod-index", "+red_{v<N} where((c v + r) % N == u, X(v), 0) => where(u < N, X((c (u - r)) % N), 0)   "
+                            "(c = +-1)", _solve_mod_index),
+    Rule("solve-floor-index", "+red_{v<N} where((v + r) // c == u, X(v), 0) => +red_{t<c} where(0 <= c u - r + t < N, "
+                              "X(c u - r + t), 0)", _solve_floor_index),
     Rule("mask-index", "dA[f(V)] += X(V) => dA[u] = +red_V where(f(V) == u, X(V), 0)", _mask_index),
 )
 ELIMINATION_RULE = Rule("eliminate", "+red_{v,W} where(C_v and C, F_v * F, 0) => +red_W where(C, F * +red_v "

@@ -45,7 +45,10 @@ PROGRAMS = {
                       {"n": 5, "d": 3}),
     "solve-index": ("dim n, d\nin X[2 * n, d]\nout O[i:n, c] = X[2 * i, c] * X[i + n, c] + X[2 * n - 1 - i, c]",
                     {"n": 5, "d": 3}),
-    "mask-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i // 2, c] * X[(i + 1) // 3, c]", {"n": 7, "d": 3}),
+    "solve-mod-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i, (c + d // 2) % d] * X[(n - 1 - i) % n, c] + "
+                        "X[i, (c + 1) % d]", {"n": 7, "d": 5}),
+    "solve-floor-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i // 2, c] * X[(i + 1) // 3, c]", {"n": 7, "d": 3}),
+    "mask-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[(i * i) % n, c] * X[(2 * i) % n, c]", {"n": 7, "d": 3}),
     "eliminate": ("examples/causal.moa", {"n": 9, "d": 4, "e": 3}),
 }
 
@@ -90,7 +93,9 @@ def test_rule_float64(rule, monkeypatch):
     if rule == "solve-index":
         assert "% 2" in text and " >= 0" in text or "2)" in text   # the coefficient-2 axis keeps a parity guard
     if rule == "mask-index":
-        assert "//" in text and "==" in text
+        assert "% n) ==" in text
+    if rule in ("solve-mod-index", "solve-floor-index"):
+        assert "==" not in text, text   # every axis solved: no equality mask left
 
 
 def test_extremum_ties_share_the_gradient():
