@@ -19,9 +19,11 @@ A normalised branch (O = sum_j w_ij V[j] / Z_i, w_ij = f(qk_ij, ...), power and 
 kernels with P_ij = w_ij / Z_i and the adjoint of the weight (dP_ij - delta_i) / Z_i in place of P_ij (dP_ij -
 delta_i); the forward saves Z in place of lse. A plain sum (O = sum_j w_ij V[j], sigmoid attention, retention) has
 P_ij = w_ij and the weight's adjoint dP_ij: no saved total, no delta. A dot operand computed elementwise from one
-read (linear attention's elu(Q) + 1) gets its gradient times the operand's sympy partial. Float inputs the score
-reads (a bias table, the gate G of gated power attention) get theirs by atomic adds at the read's index, in the dQ
-kernel (each pair once).
+read (linear attention's elu(Q) + 1) gets its gradient times the operand's sympy partial; an operand or value
+computed otherwise (RoPE, a norm: `BackwardSpec.pulled`) is computed on its tile as the forward does and its buffer
+holds the gradient of the tile itself, which the runtime pulls back to the inputs (moa/pullback.py). Float inputs
+the score reads (a bias table, the gate G of gated power attention) get theirs by atomic adds at the read's index,
+in the dQ kernel (each pair once).
 
 Programs outside this shape (several branches, a gate epilogue, window mixing) have no fused backward:
 `unfused_reason` says why, and the runtime evaluates the gradient DNF instead.
@@ -37,9 +39,10 @@ from moa import intervals as iv
 from moa.grad_sym import Translation
 from moa.onf import DotTile, Schedule, uses_summaries
 from moa.program import Program
+from moa.pullback import pulled_inputs
 
 from .backward_bounds import query_loop
-from .backward_shape import operand_read, score_reads
+from .backward_shape import roles, score_reads
 from .data_tiles import program_values, summary_arg, summary_offsets, widen
 from .exprs import AccessSite, Emitter, joined_mask
 from .printer import code as pcode
@@ -68,7 +71,7 @@ class BackwardSpec:
     dims: tuple            # dim names in signature order
     nbatch: int
     head_dims: tuple       # ((constexpr name, extent expr), ...) padded to powers of two at launch
-    reads: dict            # role -> the Read of Q (dot.a), K (dot.b), V (value)
+    reads: dict            # role -> the Read of Q (dot.a), K (dot.b), V (value); None: pulled back
     key_extent: sp.Expr
     row_extent: sp.Expr
     dot_extent: sp.Expr
@@ -76,6 +79,7 @@ class BackwardSpec:
     kind: str = "softmax"  # the branch's monoid: softmax (saved lse) or norm (saved Z)
     scatters: tuple = ()   # the inputs the score reads whose gradients the dQ kernel adds atomically (grad_X)
     summaries: tuple = ()  # TileSummaries (codegen/data_tiles.py) both kernels read, after the inputs
+    pulled: tuple = ()     # the roles whose buffer holds the gradient of the operand expression (moa/pullback.py)
 
 
 class _BackwardEmitter:
@@ -89,10 +93,11 @@ class _BackwardEmitter:
         self.p, self.s, self.dtype, self.nbatch = program, sched, dtype, nbatch
         self.b = b = sched.branches[0]
         self.head_dims: dict = {}
-        tiles = {sched.row[0], sched.col[0], b.var, b.dot.var}
-        self.qread = operand_read(b.dot.a, (sched.row[0], b.dot.var), tiles)
-        self.kread = operand_read(b.dot.b, (b.var, b.dot.var), tiles)
-        self.scatters = score_reads(b.score, {self.qread.name, self.kread.name, b.value.name})
+        self.reads = roles(program, sched)[0]   # role -> its read, or None: the role is pulled back
+        self.qread, self.kread = self.reads["Q"], self.reads["K"]
+        self.pulled = tuple(r for r, read in self.reads.items() if read is None)
+        self.scatters = score_reads(b.score, {r.name for r in self.reads.values() if r is not None} |
+                                    set(pulled_inputs(sched, self.pulled)))
         self.scatter_names = tuple(dict.fromkeys(r.name for r in self.scatters))
         self.data = uses_summaries(sched, b)   # the forward skips tiles by the data too: so do these kernels
         self.skip, self.full = b.tile_tests(self.data)
@@ -117,6 +122,10 @@ class _BackwardEmitter:
             body.add(f"pid_z = pid_z // {x.idx(ext, {})}")
         body.add("for_batch_offsets")
         body.add("offs_v = tl.arange(0, HEAD_DIM_V)")
+        for e in (self.b.dot.a, self.b.dot.b, self.b.value):   # the lanes of a norm's axis, before any loop opens
+            for r in D.nodes(e):
+                if isinstance(r, D.Reduce):
+                    x.head_offsets(r.extent, body)
 
     def _rows(self, scope: Scope, x: Emitter, q_offs: str) -> str:
         """Loads of one query tile's q, dO, the saved total (lse or Z) and delta (rows offs_m); returns q."""
@@ -258,8 +267,9 @@ class _BackwardEmitter:
         return x.weights_dot(ds, operand)
 
     def _chain(self, scope: Scope, x: Emitter, acc: str, operand, read, vmap: dict) -> None:
-        """acc *= d operand / d read, for a dot operand computed from its read (elu(Q) + 1)."""
-        if operand is read:
+        """acc *= d operand / d read, for a dot operand computed from its read (elu(Q) + 1); an operand pulled back
+        (read None) keeps its own gradient."""
+        if read is None or operand is read:
             return
         t = Translation(operand)
         sym = next(sy for sy, leaf in t.leaves.items() if leaf == read)
@@ -416,5 +426,5 @@ def generate_backward(program: Program, sched: Schedule, dtype: str, nbatch: int
     source = head + (f"\n\n{helpers}\n" if helpers else "") + "\n\n" + code
     return BackwardSpec(source, (kv, q), tuple(d.name for d in program.dims), nbatch,
                         tuple((name, ext) for ext, name in em.head_dims.items()),
-                        {"Q": em.qread, "K": em.kread, "V": b.value}, b.extent, sched.row[1], b.dot.extent,
-                        sched.col[1], b.kind, em.scatter_names, tuple(em.summaries.values()))
+                        em.reads, b.extent, sched.row[1], b.dot.extent, sched.col[1], b.kind, em.scatter_names,
+                        tuple(em.summaries.values()), em.pulled)

@@ -1,7 +1,9 @@
 """Which outputs have fused backward kernels (codegen/backward.py): a tiled key loop of one branch (or of each branch,
-moa/split.py `branch_alone`) whose contraction operands and value are plain reads of inputs (or elementwise
-functions of one read), whose score reaches its contraction through smooth ops, and whose inputs are not named like
-the kernels' buffers. `unfused_reason` says why not; the runtime then evaluates the gradient DNF."""
+moa/split.py `branch_alone`) whose contraction operands and value are computed from the inputs on their own tiles
+(plain reads, elementwise functions of one read, or any expression of the tile's own variables that the gradient
+rules differentiate: its gradient is pulled back, moa/pullback.py), whose score reaches its contraction through
+smooth ops, and whose inputs are not named like the kernels' buffers. `unfused_reason` says why not; the runtime
+then evaluates the gradient DNF."""
 from __future__ import annotations
 
 import sympy as sp
@@ -11,7 +13,9 @@ from moa import ir
 from moa import symbolic as sy
 from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule
+from moa.errors import UnsupportedError
 from moa.program import Program
+from moa.pullback import pullback_grad, pullback_reason, pulled_inputs
 from moa.score_parts import holds_reduction
 from moa.split import branch_alone
 
@@ -73,6 +77,31 @@ def unfused_reason(program: Program, sched: Schedule) -> str | None:
     return _single_reason(program, sched)
 
 
+def roles(program: Program, sched: Schedule) -> tuple[dict, str | None]:
+    """(role -> how the kernels' dQ, dK, dV buffer becomes input gradients, why not). Q and K: the operand's read,
+    when the operand is that read or an elementwise function of it (the kernels apply the chain rule); V: the value's
+    read, when a plain one. The read's input must be laid out as the tile (its last two axes the tile's). Else None:
+    the buffer is the gradient of the operand or value expression itself, pulled back to the inputs it reads by its
+    gradient DNF (moa/pullback.py: rotary embeddings, norms, slices)."""
+    b = sched.branches[0]
+    i, c, j, kv = sched.row[0], sched.col[0], b.var, b.dot.var
+    tiles = {i, c, j, kv}
+    found = {"Q": (operand_read(b.dot.a, (i, kv), tiles), (sched.row[1], b.dot.extent)),
+             "K": (operand_read(b.dot.b, (j, kv), tiles), (b.extent, b.dot.extent)),
+             "V": (b.value if _plain_read(b.value, (j, c), tiles) else None, (b.extent, sched.col[1]))}
+    out = {}
+    for role, (read, tail) in found.items():
+        shape = program.input_map[read.name].shape if read is not None else ()
+        if read is not None and all(sy.prove_equal(x, y) for x, y in zip(shape[len(shape) - 2:], tail)):
+            out[role] = read
+            continue
+        why = pullback_reason(sched, role)
+        if why:
+            return out, why
+        out[role] = None
+    return out, None
+
+
 def _single_reason(program: Program, sched: Schedule) -> str | None:
     b = sched.branches[0]
     if b.mix is not None:
@@ -82,23 +111,21 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
     names = {n.attrs[0] for n in program.inputs}
     if names & BUFFERS or any(n.startswith("grad_") for n in names):
         return f"an input is named like a buffer of the backward kernels ({', '.join(sorted(BUFFERS))}, grad_*)"
-    i, c, j, kv = sched.row[0], sched.col[0], b.var, b.dot.var
-    tiles = {i, c, j, kv}
-    qa, kb = operand_read(b.dot.a, (i, kv), tiles), operand_read(b.dot.b, (j, kv), tiles)
-    if qa is None or kb is None or not _plain_read(b.value, (j, c), tiles):
-        return "the contraction operands or the value are not (functions of) plain reads of inputs"
-    for read, tail in ((qa, (sched.row[1], b.dot.extent)), (kb, (b.extent, b.dot.extent)),
-                       (b.value, (b.extent, sched.col[1]))):
-        shape = program.input_map[read.name].shape
-        if not all(sy.prove_equal(x, y) for x, y in zip(shape[len(shape) - 2:], tail)):
-            return (f"{read.name}'s last two axes are not the tile's rows and columns (a slice of the input, as "
-                    f"take(t, {read.name}[...]), gets its gradient unfused)")
+    found, why = roles(program, sched)
+    if why:
+        return why
     if holds_reduction(b.score, b.mask):
         return "the score or mask holds a reduction over one side (a norm, a row or key bias)"
     if DotTile(0) not in Translation(b.score).leaves.values():
         return "the score reaches its contraction through an op with no derivative rule (a where inside the score)"
-    qkv = {qa.name, kb.name, b.value.name}
+    pulled = tuple(r for r, read in found.items() if read is None)
+    qkv = {read.name for read in found.values() if read is not None} | set(pulled_inputs(sched, pulled))
     for part in (b.score, b.mask):
         if part is not None and any(isinstance(x, D.Read) and x.name in qkv for x in D.nodes(part)):
-            return "the score or mask reads Q, K or V outside the contraction"
+            return "the score or mask reads an input of the contraction operands or the value outside them"
+    if pulled:
+        try:
+            pullback_grad(program, sched, pulled)
+        except UnsupportedError as ex:
+            return str(ex)
     return None

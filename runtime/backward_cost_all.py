@@ -95,9 +95,23 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
         return backward_cost_linear.cost(bw.linear, cg_dims, batch, compute, config)
     if bw.runner is not None:
         r = bw.runner
-        cfg = _runner_config(r.spec(compute, len(batch)), cg_dims, config)
-        return BackwardCost("fused", backward_cost.predict(r, cg_dims, batch, compute, cfg, int_bytes, data))
-    return _multi(bw.multi, cg_dims, batch, compute, config, int_bytes, data)
+        spec = r.spec(compute, len(batch))
+        cfg = _runner_config(spec, cg_dims, config)
+        return BackwardCost("fused", backward_cost.predict(r, cg_dims, batch, compute, cfg, int_bytes, data),
+                            _pulled_notes((spec,)))
+    out = _multi(bw.multi, cg_dims, batch, compute, config, int_bytes, data)
+    return BackwardCost(out.path, out.kernels, out.notes + _pulled_notes(
+        tuple(r.spec(compute, len(batch)) for r in bw.multi.runners)))
+
+
+def _pulled_notes(specs: tuple) -> tuple:
+    """The note on the operand pullback (moa/pullback.py) where a kernel pair returns an operand's gradient."""
+    roles = sorted({r for spec in specs for r in spec.pulled})
+    if not roles:
+        return ()
+    return (f"the gradients of the {', '.join(roles)} operand tiles are pulled back to the inputs they are computed "
+            "from (rotary embeddings, norms) by their gradient DNF, evaluated in float64 by torch where the tensors "
+            "are: O(n d) work per head, no kernel work, not counted",)
 
 
 def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: dict, data) -> BackwardCost:

@@ -20,7 +20,7 @@ from moa.grad import grad
 from .backward_run import BackwardRunner
 from .binding import Binding
 from .device import check_device
-from .grad_eval import _GradEval
+from .grad_eval import _GradEval, gradients
 from .launch import compute_dtype
 from .reference import F64
 from .tiling import DTYPE_NAME, choose_config
@@ -63,13 +63,8 @@ class MultiBranchBackward:
         ins = {n: t.detach() for n, t in b.tensors.items()}
         extra = {n: o.detach().to(F64) for n, (o, _) in zip(self.value_names, values)}
         extra[self.grad_program.cotangents[self.epilogue.name]] = d_out.detach().to(F64)
-        ev = _GradEval(self.planner.cg_program, Binding(b.dims, b.batch, b.dtype, b.device, ins), extra)
-        res = {}
-        for g in self.grad_program.grads:
-            exts = [int(sy.evaluate(x, b.dims)) for x in g.extents]
-            active = tuple((v, ext, None) for v, ext in zip(g.vars, exts))
-            res[g.name] = ev.full(ev.ev(g.expr, active), active).expand((*b.batch, *exts))
-        return res
+        b = Binding(b.dims, b.batch, b.dtype, b.device, ins)
+        return gradients(_GradEval(self.planner.cg_program, b, extra), self.grad_program, b)
 
     def grads(self, b_user: Binding, d_out: torch.Tensor, launcher) -> dict:
         """Codegen input name -> gradient (batch + the input's shape) for the cotangent d_out of the output."""

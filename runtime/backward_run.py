@@ -12,12 +12,14 @@ import torch
 from moa import symbolic as sy
 from moa.codegen.backward import BackwardSpec, generate_backward
 from moa.codegen.backward_shape import unfused_reason
+from moa.pullback import pullback_grad, pulled_inputs, role_output
 
 from . import backward_configs
 from .aot_batch import cuda_target
 from .binding import Binding
 from .cache import module_for
 from .device import check_device, run
+from .grad_eval import _GradEval, gradients
 from .launch import as_kernel_input, compute_dtype
 from .summaries import summary_tensor
 from .tiling import DTYPE_NAME, Config, choose_config
@@ -43,6 +45,7 @@ class BackwardRunner:
         self.sched = sched or planner.schedules[name]   # a branch of a several-branch output: its own schedule
         self._specs: dict = {}
         self._chosen: dict = {}   # (source, head dims) -> the configs chosen for a GPU
+        self._pullback = None     # the gradient DNF through the pulled-back roles (moa/pullback.py)
 
     @classmethod
     def reason(cls, planner) -> str | None:
@@ -58,7 +61,8 @@ class BackwardRunner:
     def fused_names(self) -> tuple:
         """The inputs (codegen names) the kernels give gradients: the reads of Q, K, V, then the score's reads."""
         spec = self.spec("float32", 0)
-        return tuple(dict.fromkeys([*(r.name for r in spec.reads.values()), *spec.scatters]))
+        return tuple(dict.fromkeys([*(r.name for r in spec.reads.values() if r is not None), *spec.scatters,
+                                    *pulled_inputs(self.sched, spec.pulled)]))
 
     def spec(self, dtname: str, nbatch: int) -> BackwardSpec:
         key = (dtname, nbatch)
@@ -111,11 +115,26 @@ class BackwardRunner:
         res: dict = {}
         for role, buf in zip(("Q", "K", "V"), ("dQ", "dK", "dV")):
             read = spec.reads[role]
-            g = self._to_input(read, bufs[buf], b, lead)
-            res[read.name] = g if read.name not in res else res[read.name] + g
-        for x, g in scat.items():
+            if read is not None:
+                g = self._to_input(read, bufs[buf], b, lead)
+                res[read.name] = g if read.name not in res else res[read.name] + g
+        got = self._pull(b, {r: bufs[f"d{r}"] for r in spec.pulled}, lead) if spec.pulled else {}
+        for x, g in [*scat.items(), *got.items()]:
             res[x] = g if x not in res else res[x] + g
         return res
+
+    def _pull(self, b: Binding, bufs: dict, lead: list) -> dict:
+        """Codegen input name -> gradient (float64, batch + the input's shape) through the operand and value
+        expressions of the pulled-back roles (moa/pullback.py): their gradient DNF evaluated for the kernels'
+        buffers as cotangents, by torch where the tensors are (O(n d) work: no key axis; no copy to the host)."""
+        sched = self.sched
+        if self._pullback is None:
+            self._pullback = pullback_grad(self.planner.cg_program, sched, tuple(bufs))
+        gp = self._pullback
+        extra = {}
+        for role, buf in bufs.items():
+            extra[gp.cotangents[role_output(sched, role).name]] = buf.reshape(*b.batch, *lead, *buf.shape[1:])
+        return gradients(_GradEval(self.planner.cg_program, b, extra), gp, b, set(pulled_inputs(sched, tuple(bufs))))
 
     def _config(self, spec, kern, b: Binding, compute) -> tuple:
         """(Config, constexprs) of one kernel's launch: in the interpreter the forward's few large tiles

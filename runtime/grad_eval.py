@@ -46,13 +46,17 @@ def evaluate_grad(program: Program, gp: GradProgram, inputs: dict | None = None,
         shape = (*b.batch, *(int(sy.evaluate(x, b.dims)) for x in outs[name].shape))
         t = (cotangents or {}).get(name)
         extra[cname] = torch.zeros(shape, dtype=F64) if t is None else t.to(F64).expand(shape)
-    ev = _GradEval(program, b, extra)
+    return {n: t.contiguous() for n, t in gradients(_GradEval(program, b, extra), gp, b, only).items()}
+
+
+def gradients(ev: _GradEval, gp: GradProgram, b: Binding, only=None) -> dict:
+    """Input name -> its gradient (float64, batch + input shape, possibly an expanded view) by an evaluator that
+    holds the cotangents and saved values; `only`: the inputs wanted (default: every float input)."""
     res = {}
     for g in gp.grads:
         if only is not None and g.name not in only:
             continue
         exts = [int(sy.evaluate(x, b.dims)) for x in g.extents]
         active = tuple((v, ext, None) for v, ext in zip(g.vars, exts))
-        t = ev.full(ev.ev(g.expr, active), active)
-        res[g.name] = t.expand((*b.batch, *exts)).contiguous()
+        res[g.name] = ev.full(ev.ev(g.expr, active), active).expand((*b.batch, *exts))
     return res

@@ -1,0 +1,162 @@
+"""The operand pullback (moa/pullback.py): programs whose contraction operands or value are computed in the kernel
+(rotary embeddings, QK-norm, a value norm, a slice) get fused backward kernels; the kernels return the gradients of
+the operand tiles and the gradient DNF of the operands carries them to the inputs. Gradients equal torch.autograd
+through the float64 reference, the cost model stays exact on the kernels, and the pullback's DNF has no equality
+mask (no O(n d^2) or O(h g n d) evaluation)."""
+import pytest
+import torch
+
+import moa
+from moa.grad import show_grad
+from moa.pullback import pullback_grad, pulled_inputs
+from moa.runtime import backward_cost, backward_run
+from moa.runtime.measure import instrument
+from moa.runtime.tiling import Config
+
+try:
+    import grad_cases as C
+except ImportError:  # pragma: no cover
+    from tests import grad_cases as C
+
+F64 = torch.float64
+
+ROT = "where(k < d // 2, -1, 1)"
+ANGLE = "base ^ (-2 * (k % (d // 2)) / d)"
+PROGRAMS = {
+    # rotary embeddings computed in the kernel (GPT-NeoX halves), causal
+    "rope": ("dim n, d, e\nparam base = 10000\nin Q[n, d], K[n, d], V[n, e]\n"
+             f"Qr[i, k] = Q[i, k] * cos(i * {ANGLE}) + {ROT} * Q[i, (k + d // 2) % d] * sin(i * {ANGLE})\n"
+             f"Kr[j, k] = K[j, k] * cos(j * {ANGLE}) + {ROT} * K[j, (k + d // 2) % d] * sin(j * {ANGLE})\n"
+             "S[i, j] = where(j <= i, dot(Qr[i], Kr[j]) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ V\n",
+             ("Q", "K"), {"Q", "K"}),
+    # the rotary tables as inputs: they get gradients too (read by both operands)
+    "rope_tables": ("dim h, n, d, e\nin Q[h, n, d], K[h, n, d], V[h, n, e], cs[n, d], sn[n, d]\n"
+                    f"Qr[a, i, k] = Q[a, i, k] * cs[i, k] + {ROT} * Q[a, i, (k + d // 2) % d] * sn[i, k]\n"
+                    f"Kr[a, j, k] = K[a, j, k] * cs[j, k] + {ROT} * K[a, j, (k + d // 2) % d] * sn[j, k]\n"
+                    "S[a, i, j] = dot(Qr[a, i], Kr[a, j]) / sqrt(d)\nout O[a] = softmax(S[a], axis=-1) @ V[a]\n",
+                    ("Q", "K"), {"Q", "K", "cs", "sn"}),
+    # Qwen3: RMS norm with weights, then rotary embeddings, grouped K / V heads
+    "qk_norm_rope_gqa": ("dim h, g, n, d, e\nparam base = 10000\nparam eps = 1e-6\n"
+                         "in Q[h, n, d], K[g, n, d], V[g, n, e], wq[d], wk[d]\n"
+                         "Qn[a, i, k] = Q[a, i, k] * rsqrt(sum(Q[a, i] * Q[a, i]) / d + eps) * wq[k]\n"
+                         "Kn[b, j, k] = K[b, j, k] * rsqrt(sum(K[b, j] * K[b, j]) / d + eps) * wk[k]\n"
+                         f"Qr[a, i, k] = Qn[a, i, k] * cos(i * {ANGLE}) + {ROT} * Qn[a, i, (k + d // 2) % d] * "
+                         f"sin(i * {ANGLE})\n"
+                         f"Kr[b, j, k] = Kn[b, j, k] * cos(j * {ANGLE}) + {ROT} * Kn[b, j, (k + d // 2) % d] * "
+                         f"sin(j * {ANGLE})\n"
+                         "S[a, i, j] = where(j <= i, dot(Qr[a, i], Kr[a // (h // g), j]) / sqrt(d), -inf)\n"
+                         "out O[a] = softmax(S[a], axis=-1) @ V[a // (h // g)]\n",
+                         ("Q", "K"), {"Q", "K", "wq", "wk"}),
+    # a norm of the value row; q . k plain
+    "value_norm": ("dim n, d, e\nin Q[n, d], K[n, d], V[n, e], wv[e]\n"
+                   "Vn[j, c] = V[j, c] * rsqrt(sum(V[j] * V[j]) / e + 1e-6) * wv[c]\n"
+                   "S[i, j] = where(j <= i, dot(Q[i], K[j]) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ Vn\n",
+                   ("V",), {"V", "wv"}),
+    # operands read at a shifted row (a slice of a longer input) and a key operand scaled per column
+    "slice": ("dim n, d, e\nin Q[n + 3, d], K[n, d], V[n, e], wk[d]\n"
+              "S[i:n, j] = where(j <= i, dot(Q[i + 3], K[j] * wk) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ V\n",
+              ("Q", "K"), {"Q", "K", "wk"}),
+}
+DIMS = {"n": 37, "d": 8, "e": 5, "h": 4, "g": 2}
+PI_NORM = open("examples/pi_attention.moa").read().replace(
+    "in Q[n, d], K[n, d], V[n, e], wg[d]",
+    "in Q[n, d], K[n, d], V[n, e], wg[d], wq[d]\nQs[i, c] = Q[i, c] * rsqrt(sum(Q[i] * Q[i]) / d + 1e-6) * wq[c]"
+).replace("S = Q @ K.T / sqrt(d)", "S = Qs @ K.T / sqrt(d)")
+
+
+def _grads(k, x: dict, cot: torch.Tensor) -> dict:
+    leaves = {a: t.clone().requires_grad_() if t.is_floating_point() else t for a, t in x.items()}
+    (k(**leaves) * cot).sum().backward()
+    return {a: t.grad for a, t in leaves.items() if t.is_floating_point()}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_pulled_back_gradients_equal_autograd(name, monkeypatch):
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    src, roles, inputs = PROGRAMS[name]
+    k = moa.compile(src)
+    assert k.backward.unfused_reason is None
+    runner = k.backward.runner
+    spec = runner.spec("float64", 1)
+    assert spec.pulled == roles
+    assert set(k.backward.fused_inputs) == set(C.float_names(k.program))
+    assert set(pulled_inputs(runner.sched, roles)) == inputs
+    x = C.inputs(k.program, C.dims_for(k.program, DIMS), 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    got = _grads(k, x, cot["O"])
+    for a in want:
+        assert C.rel_err(got[a], want[a]) < 1e-12, (a, C.rel_err(got[a], want[a]))
+
+
+@pytest.mark.parametrize("name", ["rope", "qk_norm_rope_gqa"])
+def test_the_pullback_solves_every_index(name):
+    """Rotate-half reads (k + d // 2) % d and the grouped head a // (h // g) are solved (moa/grad_scatter.py), so
+    the pullback evaluates in O(heads n d), never with an equality mask over d or over every head."""
+    k = moa.compile(PROGRAMS[name][0])
+    gp = pullback_grad(k.planner.cg_program, k.backward.runner.sched, PROGRAMS[name][1])
+    assert "==" not in show_grad(gp)
+
+
+@pytest.mark.parametrize("name", ["rope", "qk_norm_rope_gqa", "value_norm"])
+def test_backward_kernel_work_is_predicted_exactly(name, monkeypatch):
+    """The kernels compute the operand tiles as the forward does; the cost model counts them exactly (the
+    pullback runs in torch, outside the kernels)."""
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    k = moa.compile(PROGRAMS[name][0])
+    x = C.inputs(k.program, C.dims_for(k.program, DIMS), 0)
+    b = k.bind(x)
+    out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
+    pred = backward_cost.predict(k.backward.runner, b.dims, b.batch, "float64", Config(16, 16))
+    with instrument() as c:
+        k.backward.runner.grads(b, out, lse, C.cotangents(k, x, 0)["O"])
+    assert sum(w.flops for w in pred.values()) == c.flops
+    assert sum(w.transcendentals for w in pred.values()) == c.transcendentals
+    assert sum(w.bytes_loaded for w in pred.values()) == c.dram_bytes_loaded
+    assert sum(w.bytes_stored for w in pred.values()) == c.dram_bytes_stored
+    notes = " ".join(k.backward.cost(b.dims, b.batch, "float64", inputs=None).notes)
+    assert "pulled back" in notes
+
+
+def test_float32_training_step_with_rope_and_qk_norm():
+    """The fp32 kernels and the float64 pullback agree with the float64 reference to fp32's accuracy."""
+    k = moa.compile(PROGRAMS["qk_norm_rope_gqa"][0])
+    x = C.inputs(k.program, C.dims_for(k.program, DIMS), 1)
+    cot = C.cotangents(k, x, 1)
+    want = C.autograd_grads(k, x, cot)
+    got = _grads(k, {a: t.float() for a, t in x.items()}, cot["O"].float())
+    for a in want:
+        assert got[a].dtype == torch.float32
+        assert C.rel_err(got[a], want[a]) < 2e-5, (a, C.rel_err(got[a], want[a]))
+
+
+def test_each_branch_pulls_back_its_operands(monkeypatch):
+    """PiAttention with a normalised q: each branch's kernels return the q tile's gradient, pulled back per branch,
+    and the gate's own read of Q adds its part (runtime/backward_multi.py)."""
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    k = moa.compile(PI_NORM, s=4, k=8)
+    assert k.backward.unfused_reason is None and k.backward.multi is not None
+    assert {"Q", "wq"} <= set(k.backward.fused_inputs)
+    x = C.inputs(k.program, {"n": 40, "d": 8, "e": 5}, 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    got = _grads(k, x, cot["O"])
+    for a in want:
+        assert C.rel_err(got[a], want[a]) < 1e-12, a
+    assert any("pulled back" in n for n in k.backward.cost({"n": 40, "d": 8, "e": 5}, (2,), "float64").notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rope", "rope_tables", "qk_norm_rope_gqa", "value_norm"])
+def test_aot_sm90_backward_kernels_fit(name):
+    """The kernels that rotate and normalise tiles fit sm_90 in bf16 at d = 64 and 128 (32 query, 8 K / V heads)."""
+    from moa.runtime import aot, backward_configs
+
+    k = moa.compile(PROGRAMS[name][0])
+    spec = k.backward.runner.spec("bfloat16", 1)
+    for d in (64, 128):
+        dims = {"h": 32, "g": 8, "n": 4096, "d": d, "e": d}
+        picks = backward_configs.choose(k.planner.cg_program, spec, "bfloat16",
+                                        {x.name: dims[x.name] for x in k.program.dims}, "sm_90")
+        for _, rep in picks.values():
+            assert aot.fits(rep, "sm_90")[0] and rep.spills == 0 and rep.shared_bytes <= 227 * 1024, rep.summary()
