@@ -39,7 +39,7 @@ from moa import intervals as iv
 from moa.grad_sym import Translation
 from moa.onf import DotTile, Schedule, uses_summaries
 from moa.program import Program
-from moa.pullback import pulled_inputs
+from moa.pullback import pulled_inputs, role_output, score_reductions
 
 from .backward_bounds import query_loop
 from .backward_shape import roles, score_reads
@@ -80,6 +80,7 @@ class BackwardSpec:
     scatters: tuple = ()   # the inputs the score reads whose gradients the dQ kernel adds atomically (grad_X)
     summaries: tuple = ()  # TileSummaries (codegen/data_tiles.py) both kernels read, after the inputs
     pulled: tuple = ()     # the roles whose buffer holds the gradient of the operand expression (moa/pullback.py)
+    reductions: tuple = () # (buffer, side) of the score's reductions: grad_row{k} [zl, n] (dQ kernel), grad_key{k}
 
 
 class _BackwardEmitter:
@@ -97,7 +98,10 @@ class _BackwardEmitter:
         self.qread, self.kread = self.reads["Q"], self.reads["K"]
         self.pulled = tuple(r for r, read in self.reads.items() if read is None)
         self.scatters = score_reads(b.score, {r.name for r in self.reads.values() if r is not None} |
-                                    set(pulled_inputs(sched, self.pulled)))
+                                    set(pulled_inputs([role_output(sched, r) for r in self.pulled])))
+        # the score's reductions of one side (a query or key norm): leaf -> (side, its gradient buffer)
+        self.reductions = {leaf: (side, f"grad_{side}{k}")
+                           for k, (leaf, side) in enumerate(score_reductions(sched)[0])}
         self.scatter_names = tuple(dict.fromkeys(r.name for r in self.scatters))
         self.data = uses_summaries(sched, b)   # the forward skips tiles by the data too: so do these kernels
         self.skip, self.full = b.tile_tests(self.data)
@@ -110,6 +114,7 @@ class _BackwardEmitter:
         x = Emitter(self.p, self.s, self.dtype)
         x.head_dims = self.head_dims    # shared: HEAD_DIM means the same extent in both kernels
         x.taken |= set(self.OWN)        # the emitter's temporaries never take the kernels' own names
+        x.taken |= {f"d{buf[len('grad_'):]}" for _, buf in self.reductions.values()}
         return x
 
     def _prologue(self, body: Scope, x: Emitter, tile: str) -> None:
@@ -122,7 +127,7 @@ class _BackwardEmitter:
             body.add(f"pid_z = pid_z // {x.idx(ext, {})}")
         body.add("for_batch_offsets")
         body.add("offs_v = tl.arange(0, HEAD_DIM_V)")
-        for e in (self.b.dot.a, self.b.dot.b, self.b.value):   # the lanes of a norm's axis, before any loop opens
+        for e in (self.b.dot.a, self.b.dot.b, self.b.value, self.b.score):   # a norm's lanes, before any loop
             for r in D.nodes(e):
                 if isinstance(r, D.Reduce):
                     x.head_offsets(r.extent, body)
@@ -198,11 +203,15 @@ class _BackwardEmitter:
                 inner.add(f"dsc = {guard('dp')}")
             t = Translation(b.score)
             for sym, leaf in t.leaves.items():
-                if leaf == DotTile(0) or scatter and leaf in self.scatters:
+                side = self.reductions.get(leaf, ("",))[0]
+                if leaf == DotTile(0) or scatter and leaf in self.scatters or side == ("row" if scatter else "key"):
                     d = t.to_dnf(t.partial(sym))
                     adj = guard(f"dsc * {x._float(x.emit(d, smap, inner, role='dscore'), d)}")
                     if leaf == DotTile(0):
                         inner.add(f"ds = {adj}")
+                    elif side:   # d score / d (a norm of the row or key), summed over the tile's other side
+                        acc = f"d{self.reductions[leaf][1][len('grad_'):]}"
+                        inner.add(f"{acc} += tl.sum({adj}, {1 if side == 'row' else 0})")
                     else:
                         self._atomic(inner, x, leaf, adj)
             accumulate(inner)
@@ -293,6 +302,7 @@ class _BackwardEmitter:
         self._summary_loads("key", body, x, names)
         body.add(f"dk = tl.zeros([BLOCK_N, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
         body.add(f"dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype={x.acc})")
+        self._open_reductions("key", body, x, {b.var: "offs_n[None, :]"}, "BLOCK_N")
         first, stop = query_loop(b.skip, lambda e: self._code(e, x), x.idx(s.row[1], {}))   # the tiles it can need
         body.add(f"m_first = {first}  # the first query tile that can see this key tile")
         body.add(f"m_stop = {stop}  # past the last one")
@@ -319,7 +329,8 @@ class _BackwardEmitter:
         stores = (AccessSite("dK", "dK", (j, kv), ((j, "key"), (kv, x.head_dim(b.dot.extent))),
                              (keys, sp.Lt(kv, b.dot.extent, evaluate=False))),
                   AccessSite("dV", "dV", (j, c), ((j, "key"), (c, "col")), (keys, sp.Lt(c, s.col[1], evaluate=False))))
-        return self._function("_attn_bwd_dkdv", body, x, ("dK", "dV"), (), stores)
+        stores += self._store_reductions("key", body, "offs_n", m, j, b.extent)
+        return self._function("_attn_bwd_dkdv", body, x, ("dK", "dV"), (), stores, self._side("key"))
 
     def dq(self) -> tuple:
         """`_attn_bwd_dq`: one program per query tile; dQ accumulated over the key tiles the forward visits, and the
@@ -338,6 +349,7 @@ class _BackwardEmitter:
         self._summary_loads("program", body, x, names)
         self._summary_loads("row", body, x, names)
         body.add(f"dq = tl.zeros([BLOCK_M, {x.head_dim(b.dot.extent)}], dtype={x.acc})")
+        self._open_reductions("row", body, x, {s.row[0]: "offs_m[:, None]"}, "BLOCK_M")
         lo = "0" if b.key_lo is None else f"(tl.maximum(0, {self._code(b.key_lo, x)}) // BLOCK_N) * BLOCK_N"
         hi = f"{m} - 1" if b.key_hi is None else f"tl.minimum({m} - 1, {self._code(b.key_hi, x)})"
         body.add(f"lo = {lo}  # the forward's first key tile")
@@ -358,7 +370,29 @@ class _BackwardEmitter:
         i, kv = s.row[0], b.dot.var
         stores = (AccessSite("dQ", "dQ", (i, kv), ((i, "row"), (kv, x.head_dim(b.dot.extent))),
                              (sp.Lt(i, s.row[1], evaluate=False), sp.Lt(kv, b.dot.extent, evaluate=False))),)
-        return self._function("_attn_bwd_dq", body, x, ("dQ",), self.scatter_names, stores)
+        stores += self._store_reductions("row", body, "offs_m", n, i, s.row[1])
+        return self._function("_attn_bwd_dq", body, x, ("dQ",), self.scatter_names, stores, self._side("row"))
+
+    def _side(self, side: str) -> tuple:
+        """The gradient buffers of the score's reductions of one side ("row": the dQ kernel's, "key": dK/dV's)."""
+        return tuple(buf for sd, buf in self.reductions.values() if sd == side)
+
+    def _open_reductions(self, side: str, body: Scope, x: Emitter, vmap: dict, block: str) -> None:
+        """Before the loop: each reduction of this kernel's own side computed once (the score in the loop finds it
+        in the cache) and the accumulator of its adjoint zeroed."""
+        for leaf, (sd, buf) in self.reductions.items():
+            if sd == side:
+                x.emit(leaf, vmap, body, role="score")
+                body.add(f"d{buf[len('grad_'):]} = tl.zeros([{block}], dtype={x.acc})")
+
+    def _store_reductions(self, side: str, body: Scope, offs: str, extent_code: str, var, extent) -> tuple:
+        """After the loop: the adjoint of each reduction of this side stored per row (key); their AccessSites."""
+        sites = []
+        for buf in self._side(side):
+            body.add(f"tl.store({buf}_ptr + zz * stride_{buf}_z + {offs} * stride_{buf}_0, d{buf[len('grad_'):]}, "
+                     f"mask={offs} < {extent_code})")
+            sites.append(AccessSite(buf, buf, (var,), ((var, side),), (sp.Lt(var, extent, evaluate=False),)))
+        return tuple(sites)
 
     def _code(self, e, x: Emitter, summaries: dict | None = None) -> str:
         """An index formula over the tile box (row_lo, row_hi, col_lo, col_hi) and the tiles' data summaries."""
@@ -366,7 +400,8 @@ class _BackwardEmitter:
                  iv.TILE_W: "BLOCK_N", **x.names, **(summaries or {})}
         return pcode(sp.sympify(e), names)
 
-    def _function(self, name: str, body: Scope, x: Emitter, outs: tuple, scatters: tuple, stores: tuple) -> tuple:
+    def _function(self, name: str, body: Scope, x: Emitter, outs: tuple, scatters: tuple, stores: tuple,
+                  vecs: tuple = ()) -> tuple:
         """(source of the @triton.jit function, BackwardKernel)."""
         args = []
         for inp in x.used_inputs:
@@ -381,6 +416,8 @@ class _BackwardEmitter:
             args += [f"{buf}_ptr", f"stride_{buf}_z"] + ([f"stride_{buf}_0", f"stride_{buf}_1"] if buf == "dO" else [])
         for buf in outs:
             args += [f"{buf}_ptr", f"stride_{buf}_z", f"stride_{buf}_0", f"stride_{buf}_1"]
+        for buf in vecs:   # per row (key) gradient buffers of the score's reductions
+            args += [f"{buf}_ptr", f"stride_{buf}_z", f"stride_{buf}_0"]
         for inp in scatters:   # grad_X: batch + the input's shape, contiguous
             args.append(f"grad_{inp}_ptr")
             args += [f"stride_grad_{inp}_z{z}" for z in range(self.nbatch)]
@@ -427,4 +464,5 @@ def generate_backward(program: Program, sched: Schedule, dtype: str, nbatch: int
     return BackwardSpec(source, (kv, q), tuple(d.name for d in program.dims), nbatch,
                         tuple((name, ext) for ext, name in em.head_dims.items()),
                         em.reads, b.extent, sched.row[1], b.dot.extent, sched.col[1], b.kind, em.scatter_names,
-                        tuple(em.summaries.values()), em.pulled)
+                        tuple(em.summaries.values()), em.pulled,
+                        tuple((buf, side) for side, buf in em.reductions.values()))

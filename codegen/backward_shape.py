@@ -15,8 +15,7 @@ from moa.grad_sym import Translation, is_smooth_op
 from moa.onf import TILED, BranchValue, DotTile, Schedule
 from moa.errors import UnsupportedError
 from moa.program import Program
-from moa.pullback import pullback_grad, pullback_reason, pulled_inputs
-from moa.score_parts import holds_reduction
+from moa.pullback import outputs, pullback_grad, pullback_reason, pulled_inputs, role_output, score_reductions
 from moa.split import branch_alone
 
 BUFFERS = frozenset({"dO", "lse", "delta", "dQ", "dK", "dV"})   # the kernels' own pointer names (X_ptr)
@@ -114,18 +113,30 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
     found, why = roles(program, sched)
     if why:
         return why
-    if holds_reduction(b.score, b.mask):
-        return "the score or mask holds a reduction over one side (a norm, a row or key bias)"
+    reds, why = score_reductions(sched)
+    if why:
+        return why
     if DotTile(0) not in Translation(b.score).leaves.values():
         return "the score reaches its contraction through an op with no derivative rule (a where inside the score)"
     pulled = tuple(r for r, read in found.items() if read is None)
-    qkv = {read.name for read in found.values() if read is not None} | set(pulled_inputs(sched, pulled))
+    qkv = {read.name for read in found.values() if read is not None} | \
+        set(pulled_inputs([role_output(sched, r) for r in pulled]))
     for part in (b.score, b.mask):
-        if part is not None and any(isinstance(x, D.Read) and x.name in qkv for x in D.nodes(part)):
+        if part is not None and any(x.name in qkv for x in reads_outside(part, {leaf for leaf, _ in reds})):
             return "the score or mask reads an input of the contraction operands or the value outside them"
-    if pulled:
+    outs = outputs(sched, pulled)
+    if outs:
         try:
-            pullback_grad(program, sched, pulled)
+            pullback_grad(program, outs)
         except UnsupportedError as ex:
             return str(ex)
     return None
+
+
+def reads_outside(e, skip: set) -> list:
+    """The reads of e outside the sub-expressions in `skip` (the score's pulled-back reductions)."""
+    if e in skip:
+        return []
+    if isinstance(e, D.Read):
+        return [e]
+    return [r for c in D.children(e) for r in reads_outside(c, skip)]

@@ -13,6 +13,12 @@ which is the gradient DNF (moa/grad.py) of the output `A` (vars lead, i, k) for 
 same rules as every gradient, with reads at rotated or grouped indices solved (moa/grad_scatter.py). Each role whose
 expression is not a plain read of an input laid out as the tile (`operand_expr`, `ROLES`) is pulled back this
 way; the inputs it reads (Q, the rotary tables, the norm's weights) get their gradients from it.
+
+A reduction over one side inside the score itself (cosine attention's rsqrt(q . q) r_i, a key norm c_j) is pulled
+back the same way: it is a leaf of the score's sympy translation, the dQ kernel sums its adjoint over the keys,
+dr_i = sum_j dS~_ij ds_ij/dr_i (dS~: the adjoint of the score), the dK/dV kernel over the rows for a key-side one,
+and the gradient DNF of the reduction as an output over (lead, i) (or (lead, j)) carries dr to the inputs
+(`score_reductions`, `reduction_output`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from . import ir
 from .dnf import DnfOutput
 from .errors import UnsupportedError
 from .grad import GradProgram, grad
+from .grad_sym import Translation
 from .onf import Schedule
 from .program import Program
 
@@ -57,23 +64,71 @@ def pullback_reason(sched: Schedule, role: str) -> str | None:
     return None
 
 
-def pullback_grad(program: Program, sched: Schedule, roles: tuple) -> GradProgram:
-    """The gradient DNF of every float input through the expressions of `roles` (cotangent of role r: the read
-    `GradProgram.cotangents[f"__op{r}"]`). UnsupportedError when an op of them has no derivative rule."""
-    outs = [role_output(sched, r) for r in roles]
+def score_reductions(sched: Schedule) -> tuple[tuple, str | None]:
+    """((leaf, side) ...) of the reductions the branch's score holds, side "row" (over the leading variables and the
+    row: a query norm, or a value per program) or "key" (over the leading variables and the key); with the reason
+    when the kernels cannot pull them back: one inside another op than the smooth ones (under a where), a reduction
+    in the mask, or an input read both inside such a reduction and elsewhere in the score or the mask (its
+    gradient would be split between the pullback and the kernels' atomic adds)."""
+    b = sched.branches[0]
+    lead = {v for v, _ in sched.lead}
+    if b.mask is not None and any(isinstance(x, D.BINDERS) for x in D.nodes(b.mask)):
+        return (), "the mask holds a reduction"
+    t = Translation(b.score)
+    found, inside = [], set()
+    for leaf in t.leaves.values():
+        if not any(isinstance(x, D.BINDERS) for x in D.nodes(leaf)):
+            continue
+        fv = set(D.free_vars(leaf))
+        side = "row" if fv <= lead | {sched.row[0]} else "key" if fv <= lead | {b.var} else None
+        if not isinstance(leaf, D.Reduce):
+            return (), f"the score holds a reduction under a where or a comparison: {D.show_clipped(leaf, 60)}"
+        if side is None or any(isinstance(x, D.BINDERS) for x in D.nodes(leaf.body)):
+            return (), f"the score holds a reduction over both sides or nested: {D.show_clipped(leaf, 60)}"
+        found.append((leaf, side))
+        inside |= float_reads(leaf)
+    others = {x.name for leaf in t.leaves.values() if not isinstance(leaf, D.Reduce) for x in D.nodes(leaf)
+              if isinstance(x, D.Read)}
+    others |= {x.name for x in D.nodes(b.mask) if isinstance(x, D.Read)} if b.mask is not None else set()
+    both = sorted(inside & others)
+    if both:
+        return (), f"{', '.join(both)} is read both inside a reduction of the score and elsewhere in the score or mask"
+    return tuple(found), None
+
+
+def reduction_output(sched: Schedule, k: int, leaf, side: str) -> DnfOutput:
+    """The k-th score reduction as an output over the leading variables and its side's variable (a value per
+    program is an output over the rows too, the same at every row): what the kernels' grad_row{k} (grad_key{k})
+    buffer is the gradient of."""
+    b = sched.branches[0]
+    own = sched.row if side == "row" else (b.var, b.extent)
+    pts = (*tuple(sched.lead), own)
+    return DnfOutput(f"__{side}{k}", tuple(v for v, _ in pts), tuple(x for _, x in pts), leaf, ir.FLOAT)
+
+
+def outputs(sched: Schedule, roles: tuple) -> list:
+    """The pulled-back outputs of a branch: the roles' expressions, then the score's reductions."""
+    reds = score_reductions(sched)[0]
+    return [role_output(sched, r) for r in roles] + [reduction_output(sched, k, leaf, side)
+                                                     for k, (leaf, side) in enumerate(reds)]
+
+
+def pullback_grad(program: Program, outs: list) -> GradProgram:
+    """The gradient DNF of every float input through the pulled-back outputs `outs` (cotangent of output o: the
+    read `GradProgram.cotangents[o.name]`). UnsupportedError when an op of them has no derivative rule."""
     try:
         return grad(program, outs)
     except UnsupportedError as ex:
         raise UnsupportedError(f"no gradient through the operands' functions: {ex}") from None
 
 
-def pulled_inputs(sched: Schedule, roles: tuple) -> tuple:
-    """The float inputs whose gradients the pullback of `roles` gives (in first-read order)."""
+def pulled_inputs(outs: list) -> tuple:
+    """The float inputs whose gradients the pullback of `outs` gives (in first-read order)."""
     names = []
-    for r in roles:
-        out = role_output(sched, r)
+    for out in outs:
         names += [x.name for x in D.nodes(out.expr) if isinstance(x, D.Read) and x.dtype == ir.FLOAT]
     return tuple(dict.fromkeys(names))
 
 
-__all__ = ["ROLES", "float_reads", "pullback_grad", "pullback_reason", "pulled_inputs", "role_output"]
+__all__ = ["ROLES", "float_reads", "outputs", "pullback_grad", "pullback_reason", "pulled_inputs", "reduction_output",
+           "role_output", "score_reductions"]

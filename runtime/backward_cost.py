@@ -194,6 +194,8 @@ def _elem_bytes(program, spec, dtype: str, int_bytes: int | dict) -> dict:
         out[ts.arg] = out[ts.tensor]
     for x in spec.scatters:
         out[f"grad_{x}"] = acc
+    for buf, _ in spec.reductions:
+        out[buf] = acc
     return out
 
 

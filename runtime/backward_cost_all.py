@@ -107,11 +107,13 @@ def cost(bw, dims: dict, batch: tuple = (), dtype: str = "float32", inputs: dict
 def _pulled_notes(specs: tuple) -> tuple:
     """The note on the operand pullback (moa/pullback.py) where a kernel pair returns an operand's gradient."""
     roles = sorted({r for spec in specs for r in spec.pulled})
-    if not roles:
+    what = [f"the {', '.join(roles)} operand tiles"] if roles else []
+    what += ["the score's norms (summed per row or key by the kernels)"] if any(sp.reductions for sp in specs) else []
+    if not what:
         return ()
-    return (f"the gradients of the {', '.join(roles)} operand tiles are pulled back to the inputs they are computed "
-            "from (rotary embeddings, norms) by their gradient DNF, evaluated in float64 by torch where the tensors "
-            "are: O(n d) work per head, no kernel work, not counted",)
+    return (f"the gradients of {' and '.join(what)} are pulled back to the inputs they are computed from (rotary "
+            "embeddings, norms) by their gradient DNF, evaluated in float64 by torch where the tensors are: O(n d) "
+            "work per head, no kernel work, not counted",)
 
 
 def _multi(mb, dims: dict, batch: tuple, compute: str, config, int_bytes: dict, data) -> BackwardCost:

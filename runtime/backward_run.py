@@ -12,7 +12,7 @@ import torch
 from moa import symbolic as sy
 from moa.codegen.backward import BackwardSpec, generate_backward
 from moa.codegen.backward_shape import unfused_reason
-from moa.pullback import pullback_grad, pulled_inputs, role_output
+from moa.pullback import outputs, pullback_grad, pulled_inputs
 
 from . import backward_configs
 from .aot_batch import cuda_target
@@ -62,7 +62,7 @@ class BackwardRunner:
         """The inputs (codegen names) the kernels give gradients: the reads of Q, K, V, then the score's reads."""
         spec = self.spec("float32", 0)
         return tuple(dict.fromkeys([*(r.name for r in spec.reads.values() if r is not None), *spec.scatters,
-                                    *pulled_inputs(self.sched, spec.pulled)]))
+                                    *pulled_inputs(outputs(self.sched, spec.pulled))]))
 
     def spec(self, dtname: str, nbatch: int) -> BackwardSpec:
         key = (dtname, nbatch)
@@ -93,6 +93,7 @@ class BackwardRunner:
                 "dV": torch.zeros(zl, m, e, dtype=acc, device=dev)}
         scat = {x: torch.zeros((*b.batch, *(ev(y) for y in self.planner.cg_program.input_map[x].shape)), dtype=acc,
                                device=dev) for x in spec.scatters}
+        vecs = {buf: torch.zeros(zl, n if side == "row" else m, dtype=acc, device=dev) for buf, side in spec.reductions}
         if zl and n and m:
             mod = module_for(spec.source, dev)
             for kern, outs in ((spec.kernels[0], ("dK", "dV")), (spec.kernels[1], ("dQ",))):
@@ -107,6 +108,9 @@ class BackwardRunner:
                          delta, delta.stride(0)]
                 for o in outs:
                     args += [bufs[o], *bufs[o].stride()]
+                for buf, side in spec.reductions:   # the score's norms: the row ones in dQ's kernel, keys in dK/dV's
+                    if (side == "row") == (kern is spec.kernels[1]):
+                        args += [vecs[buf], *vecs[buf].stride()]
                 if kern is spec.kernels[1]:
                     for x in spec.scatters:
                         args += [scat[x], *scat[x].stride()]
@@ -118,23 +122,23 @@ class BackwardRunner:
             if read is not None:
                 g = self._to_input(read, bufs[buf], b, lead)
                 res[read.name] = g if read.name not in res else res[read.name] + g
-        got = self._pull(b, {r: bufs[f"d{r}"] for r in spec.pulled}, lead) if spec.pulled else {}
+        cots = [bufs[f"d{r}"] for r in spec.pulled] + [vecs[buf] for buf, _ in spec.reductions]
+        got = self._pull(b, spec, cots, lead) if cots else {}
         for x, g in [*scat.items(), *got.items()]:
             res[x] = g if x not in res else res[x] + g
         return res
 
-    def _pull(self, b: Binding, bufs: dict, lead: list) -> dict:
-        """Codegen input name -> gradient (float64, batch + the input's shape) through the operand and value
-        expressions of the pulled-back roles (moa/pullback.py): their gradient DNF evaluated for the kernels'
-        buffers as cotangents, by torch where the tensors are (O(n d) work: no key axis; no copy to the host)."""
-        sched = self.sched
+    def _pull(self, b: Binding, spec: BackwardSpec, cots: list, lead: list) -> dict:
+        """Codegen input name -> gradient (float64, batch + the input's shape) through the pulled-back operand and
+        value expressions and the score's reductions (moa/pullback.py `outputs`, in that order, as `cots`, the
+        kernels' buffers): their gradient DNF evaluated for the buffers as cotangents, by torch where the tensors
+        are (O(n d) work: no key axis; no copy to the host)."""
+        outs = outputs(self.sched, spec.pulled)
         if self._pullback is None:
-            self._pullback = pullback_grad(self.planner.cg_program, sched, tuple(bufs))
+            self._pullback = pullback_grad(self.planner.cg_program, outs)
         gp = self._pullback
-        extra = {}
-        for role, buf in bufs.items():
-            extra[gp.cotangents[role_output(sched, role).name]] = buf.reshape(*b.batch, *lead, *buf.shape[1:])
-        return gradients(_GradEval(self.planner.cg_program, b, extra), gp, b, set(pulled_inputs(sched, tuple(bufs))))
+        extra = {gp.cotangents[o.name]: buf.reshape(*b.batch, *lead, *buf.shape[1:]) for o, buf in zip(outs, cots)}
+        return gradients(_GradEval(self.planner.cg_program, b, extra), gp, b, set(pulled_inputs(outs)))
 
     def _config(self, spec, kern, b: Binding, compute) -> tuple:
         """(Config, constexprs) of one kernel's launch: in the interpreter the forward's few large tiles

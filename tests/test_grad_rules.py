@@ -47,7 +47,8 @@ PROGRAMS = {
                     {"n": 5, "d": 3}),
     "solve-mod-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i, (c + d // 2) % d] * X[(n - 1 - i) % n, c] + "
                         "X[i, (c + 1) % d]", {"n": 7, "d": 5}),
-    "solve-floor-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i // 2, c] * X[(i + 1) // 3, c]", {"n": 7, "d": 3}),
+    "solve-floor-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i // 2, c] * X[(i + 1) // 3, c]",
+                          {"n": 7, "d": 3}),
     "mask-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[(i * i) % n, c] * X[(2 * i) % n, c]", {"n": 7, "d": 3}),
     "eliminate": ("examples/causal.moa", {"n": 9, "d": 4, "e": 3}),
 }

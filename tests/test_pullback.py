@@ -8,7 +8,7 @@ import torch
 
 import moa
 from moa.grad import show_grad
-from moa.pullback import pullback_grad, pulled_inputs
+from moa.pullback import outputs, pullback_grad, pulled_inputs
 from moa.runtime import backward_cost, backward_run
 from moa.runtime.measure import instrument
 from moa.runtime.tiling import Config
@@ -56,12 +56,28 @@ PROGRAMS = {
     "slice": ("dim n, d, e\nin Q[n + 3, d], K[n, d], V[n, e], wk[d]\n"
               "S[i:n, j] = where(j <= i, dot(Q[i + 3], K[j] * wk) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ V\n",
               ("Q", "K"), {"Q", "K", "wk"}),
+    # cosine attention: the norms in the score itself, a temperature per head
+    "cosine": ("dim h, n, d, e\nin Q[h, n, d], K[h, n, d], V[h, n, e], tau[h]\n"
+               "S[a, i, j] = dot(Q[a, i], K[a, j]) * rsqrt(dot(Q[a, i], Q[a, i])) * rsqrt(dot(K[a, j], K[a, j])) / "
+               "tau[a]\nout O[a] = softmax(S[a], axis=-1) @ V[a]\n", (), {"Q", "K"}),
+    # a key bias from the key row, a per-program norm of a weight vector, a RoPE'd q: every kind at once
+    "score_norms": ("dim n, d, e\nparam base = 10000\nin Q[n, d], K[n, d], V[n, e], w[d], u[d]\n"
+                    f"Qr[i, k] = Q[i, k] * cos(i * {ANGLE}) + {ROT} * Q[i, (k + d // 2) % d] * sin(i * {ANGLE})\n"
+                    "S[i, j] = where(j <= i, dot(Qr[i], K[j]) * rsqrt(sum(w * w)) + dot(K[j], u) / 4, -inf)\n"
+                    "out O = softmax(S, axis=-1) @ V\n", ("Q",), {"Q", "K", "w", "u"}),
 }
 DIMS = {"n": 37, "d": 8, "e": 5, "h": 4, "g": 2}
 PI_NORM = open("examples/pi_attention.moa").read().replace(
     "in Q[n, d], K[n, d], V[n, e], wg[d]",
     "in Q[n, d], K[n, d], V[n, e], wg[d], wq[d]\nQs[i, c] = Q[i, c] * rsqrt(sum(Q[i] * Q[i]) / d + 1e-6) * wq[c]"
 ).replace("S = Q @ K.T / sqrt(d)", "S = Qs @ K.T / sqrt(d)")
+
+
+def _inputs(k, seed: int) -> dict:
+    x = C.inputs(k.program, C.dims_for(k.program, DIMS), seed)
+    if "tau" in x:
+        x["tau"] = x["tau"].abs() + 0.5
+    return x
 
 
 def _grads(k, x: dict, cot: torch.Tensor) -> dict:
@@ -80,8 +96,8 @@ def test_pulled_back_gradients_equal_autograd(name, monkeypatch):
     spec = runner.spec("float64", 1)
     assert spec.pulled == roles
     assert set(k.backward.fused_inputs) == set(C.float_names(k.program))
-    assert set(pulled_inputs(runner.sched, roles)) == inputs
-    x = C.inputs(k.program, C.dims_for(k.program, DIMS), 0)
+    assert set(pulled_inputs(outputs(runner.sched, roles))) == inputs
+    x = _inputs(k, 0)
     cot = C.cotangents(k, x, 0)
     want = C.autograd_grads(k, x, cot)
     got = _grads(k, x, cot["O"])
@@ -94,17 +110,17 @@ def test_the_pullback_solves_every_index(name):
     """Rotate-half reads (k + d // 2) % d and the grouped head a // (h // g) are solved (moa/grad_scatter.py), so
     the pullback evaluates in O(heads n d), never with an equality mask over d or over every head."""
     k = moa.compile(PROGRAMS[name][0])
-    gp = pullback_grad(k.planner.cg_program, k.backward.runner.sched, PROGRAMS[name][1])
+    gp = pullback_grad(k.planner.cg_program, outputs(k.backward.runner.sched, PROGRAMS[name][1]))
     assert "==" not in show_grad(gp)
 
 
-@pytest.mark.parametrize("name", ["rope", "qk_norm_rope_gqa", "value_norm"])
+@pytest.mark.parametrize("name", ["rope", "qk_norm_rope_gqa", "value_norm", "cosine", "score_norms"])
 def test_backward_kernel_work_is_predicted_exactly(name, monkeypatch):
     """The kernels compute the operand tiles as the forward does; the cost model counts them exactly (the
     pullback runs in torch, outside the kernels)."""
     monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
     k = moa.compile(PROGRAMS[name][0])
-    x = C.inputs(k.program, C.dims_for(k.program, DIMS), 0)
+    x = _inputs(k, 0)
     b = k.bind(x)
     out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
     pred = backward_cost.predict(k.backward.runner, b.dims, b.batch, "float64", Config(16, 16))
@@ -147,7 +163,7 @@ def test_each_branch_pulls_back_its_operands(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["rope", "rope_tables", "qk_norm_rope_gqa", "value_norm"])
+@pytest.mark.parametrize("name", ["rope", "rope_tables", "qk_norm_rope_gqa", "value_norm", "cosine", "score_norms"])
 def test_aot_sm90_backward_kernels_fit(name):
     """The kernels that rotate and normalise tiles fit sm_90 in bf16 at d = 64 and 128 (32 query, 8 K / V heads)."""
     from moa.runtime import aot, backward_configs
@@ -160,3 +176,19 @@ def test_aot_sm90_backward_kernels_fit(name):
                                         {x.name: dims[x.name] for x in k.program.dims}, "sm_90")
         for _, rep in picks.values():
             assert aot.fits(rep, "sm_90")[0] and rep.spills == 0 and rep.shared_bytes <= 227 * 1024, rep.summary()
+
+
+@pytest.mark.parametrize("score, why", [
+    ("where(dot(Q[i], K[j]) > 0, dot(Q[i], K[j]), 0.0) * rsqrt(sum(w * w))", "where inside the score"),
+    ("dot(Q[i], K[j]) * rsqrt(sum(w * w)) + w[0]", "w is read both inside a reduction of the score"),
+])
+def test_score_reductions_it_cannot_pull_back_run_unfused(score, why):
+    """A reduction the kernels cannot pull back leaves the program on the unfused gradient, which stays exact."""
+    k = moa.compile(f"dim n, d, e\nin Q[n, d], K[n, d], V[n, e], w[d]\nS[i, j] = {score}\n"
+                    "out O = softmax(S, axis=-1) @ V\n")
+    assert why in (k.backward.unfused_reason or "")
+    x = C.inputs(k.program, {"n": 20, "d": 4, "e": 3}, 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    got = _grads(k, x, cot["O"])
+    assert all(C.rel_err(got[a], want[a]) < 1e-12 for a in want)
