@@ -189,7 +189,10 @@ class Elaborator:
                         eq = sy.prove_equal(e, ext)
                         if eq is False:
                             raise ShapeError(f"index {v.name} is given extent {sy.show(ext)} but indexes an "
-                                             f"axis of extent {sy.show(e)} at {where}", self.loc(b))
+                                             f"axis of extent {sy.show(e)} at {where} (an index read bare ranges "
+                                             f"over the whole axis: to read part of {v.name}'s range there, clamp it, "
+                                             f"where({v.name} < {sy.show(e)}, X[min({v.name}, {sy.show(e)} - 1)], "
+                                             "...), or join the arrays with cat)", self.loc(b))
                         if eq is None:
                             guards.append(ir.Guard(ext - e, f"index {v.name} at {self.loc(b)} has extent "
                                                    f"{sy.show(ext)} and indexes an axis of extent {sy.show(e)} "

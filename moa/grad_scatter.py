@@ -105,6 +105,62 @@ def _substituted(s: Scatter, v, value, ranges: tuple, conds) -> Scatter:
                    tuple((sp.sympify(f).xreplace(m), w) for f, w in s.pending[1:]))
 
 
+def _bounds(conds: tuple, ranges: tuple) -> dict:
+    """var -> (lo, hi) of the summed variables, narrowed by the conditions that bound one of them alone
+    (v < E, v >= E, not(v < E) ..., E free of v)."""
+    box = {v: [sp.Integer(0), sp.sympify(x) - 1] for v, x in ranges}
+    for c in conds:
+        neg = isinstance(c, Op) and c.fn == "not"
+        c = c.args[0] if neg else c
+        if not (isinstance(c, Op) and c.fn in ("lt", "le", "gt", "ge") and
+                all(isinstance(a, Index) or isinstance(a, Const) and a.dtype == ir.INT for a in c.args)):
+            continue
+        fn = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}[c.fn] if neg else c.fn
+        a, b = (sp.sympify(x.expr if isinstance(x, Index) else int(x.value)) for x in c.args)
+        for v in box:
+            if _linear_coeff(a - b, v) not in (1, -1):
+                continue
+            k = _linear_coeff(a - b, v)
+            rest = sp.expand((a - b) - k * v)   # k v + rest (fn) 0
+            fn_v = fn if k == 1 else {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}[fn]
+            bound = -rest * k                      # v (fn_v) bound; each condition holds: either bound is sound
+            if fn_v in ("lt", "le"):
+                box[v][1] = bound - 1 if fn_v == "lt" else bound
+            else:
+                box[v][0] = bound + 1 if fn_v == "gt" else bound
+    return {v: tuple(r) for v, r in box.items()}
+
+
+def _clamp_index(s: Scatter, u_ranges: tuple):
+    # +red_v where(v < E and C, X[min(v, E - 1)], 0)  ->  +red_v where(v < E and C, X[v], 0)
+    """clamp-index: a min / max in the first pending axis that the conditions decide (the clamp of a read joined
+    by a where, where(k < dn, QN[min(k, dn - 1)], QR[max(k - dn, 0)])) is replaced by the argument it takes
+    under them, so the axis is solved instead of masked."""
+    f, u = s.pending[0]
+    f = sp.sympify(f)
+    if not f.has(sp.Min, sp.Max):
+        return None
+    box = iv.Box(_bounds(s.conds, s.ranges))
+
+    def pick(e):
+        if not isinstance(e, (sp.Min, sp.Max)) or len(e.args) != 2:
+            return e
+        a, b = e.args
+        rng = iv.interval(b - a, box)
+        if rng is None:
+            return e
+        a_smaller = sy.prove_nonneg(rng[0]) is True
+        b_smaller = sy.prove_nonneg(-rng[1]) is True
+        if isinstance(e, sp.Min):
+            return a if a_smaller else b if b_smaller else e
+        return b if a_smaller else a if b_smaller else e
+
+    g = f.replace(lambda e: isinstance(e, (sp.Min, sp.Max)), pick)
+    if g == f:
+        return None
+    return Scatter(s.ranges, s.conds, s.factors, ((g, u),) + s.pending[1:])
+
+
 def _solve_index(s: Scatter, u_ranges: tuple):
     # +red_{v<N} where(f(v) == u, X(v), 0)  ->  where(0 <= g(u) < N, X(g(u)), 0),   g = f^-1 (f = c v + r)
     """solve-index: the first pending axis f(V) == u is affine in a summed variable v with an integer coefficient
@@ -226,6 +282,8 @@ def eliminate(ranges: tuple, conds: tuple, factors: tuple):
 
 
 SCATTER_RULES = (
+    Rule("clamp-index", "+red_v where(v < E and C, X[min(v, E - 1)], 0) => +red_v where(v < E and C, X[v], 0)   "
+                        "(min / max decided by the conditions)", _clamp_index),
     Rule("solve-index", "+red_{v<N} where(f(v) == u, X(v), 0) => where(0 <= f^-1(u) < N, X(f^-1(u)), 0)   "
                         "(f affine in v, integer coefficient)", _solve_index),
     Rule("solve-mod-index", "+red_{v<N} where((c v + r) % N == u, X(v), 0) => where(u < N, X((c (u - r)) % N), 0)   "

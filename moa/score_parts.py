@@ -37,8 +37,11 @@ def check_no_binders(e, what, name, dot=None, sides=None):
             continue
         if isinstance(x, D.Reduce) and holds_reduction(x.body):
             raise UnsupportedError(f"output {name}: {what} holds a reduction nested in another, "
-                                   f"{D.show_clipped(x, 80)} (a mean over the keys inside a contraction, a norm of a "
-                                   "centred row); no kernel computes it: compute the inner one before the call")
+                                   f"{D.show_clipped(x, 80)}; no kernel computes one inside another. Where both sum "
+                                   "one row's values (a norm across heads, as OLMo 2's), write one sum over the "
+                                   "reshaped row: Qt = transpose(Q, [1, 0, 2]), then sum(reshape(Qt[i] * Qt[i], "
+                                   "[h * d])); else (a mean over the keys inside a contraction, a norm of a centred "
+                                   "row) compute the inner one before the call")
         if dot is not None and isinstance(x, D.Reduce) and x.op == "sum" and getattr(x.body, "fn", "") == "mul":
             first = f"+red_{{{dot.var} < {sy.show(dot.extent)}}} ({D.show(dot.a)} * {D.show(dot.b)})"
             for side, other, arr in ((dot.a, dot.b, "Q"), (dot.b, dot.a, "K")):
@@ -48,6 +51,9 @@ def check_no_binders(e, what, name, dot=None, sides=None):
                                            f"{D.show_clipped(x, 60)} (a norm: cosine attention, QK-norm), beside "
                                            f"{first}, in a form no kernel computes: pass {arr} normalised as the input")
             raise UnsupportedError(f"output {name}: the score and its mask hold two contractions, {first} "
-                                   f"and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per score")
+                                   f"and {D.show_clipped(x, 60)}; a kernel computes one q . k tile per score. A sum "
+                                   "of two (decoupled RoPE's q_nope . k_nope + q_rope . k_rope) is one contraction "
+                                   "of the operands joined along the head dim: Qc[a, i, k:dn + dr] = where(k < dn, "
+                                   "QN[a, i, min(k, dn - 1)], QR[a, i, max(k - dn, 0)]), and Kc likewise")
         raise UnsupportedError(f"output {name}: {what} contains a reduction ({type(x).__name__}) that the "
                                f"tiled schedule cannot place yet: {D.show_clipped(x, 120)}")

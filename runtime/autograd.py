@@ -26,7 +26,7 @@ from moa.errors import InputError, UnsupportedError
 from moa.exprfold import Backend, fold, lookup
 
 from .backward import Backward
-from .binding import refuse_functorch
+from .binding import compound_dims, refuse_functorch
 
 _LOCK = threading.Lock()
 _KERNELS = weakref.WeakValueDictionary()   # key -> Kernel (the entry goes when the Kernel does)
@@ -99,6 +99,8 @@ def call_shapes(program, tensors: list) -> tuple[dict, tuple]:
         for ax, ext in enumerate(node.shape):
             if ext.is_Symbol and ext.name not in dims:
                 dims[ext.name] = t.shape[t.dim() - r + ax]
+    if any(d.name not in dims for d in program.dims):   # a dim only in a compound extent (Qf[n, h * d])
+        compound_dims(program, {node.attrs[0]: tuple(t.shape) for t, node in zip(tensors, program.inputs)}, dims)
     return dims, tuple(torch.broadcast_shapes(*leads)) if leads else ()
 
 

@@ -247,6 +247,25 @@ def check_dense(inputs: dict) -> None:
 
 
 # long: one pass over the inputs, each check naming the input, axis and dims involved
+def compound_dims(program: Program, shapes: dict, values: dict, origin: dict | None = None) -> None:
+    """Bind (into `values`) the dims that appear only in compound extents (2*n - 1, h*d), solving each extent with
+    one unknown dim against the axis's size (shapes: input name -> its whole shape, batch axes first); an extent
+    through floor or mod (e // 2) has many solutions and binds nothing."""
+    for _ in range(2):   # a dim bound by one extent may leave one unknown in another
+        for name, node in program.input_map.items():
+            shape = shapes[name]
+            for ax, ext in enumerate(node.shape):
+                unknown = [s for s in ext.free_symbols if s.name not in values]
+                if len(unknown) == 1 and not ext.has(sp.floor, sp.ceiling, sp.Mod) and len(shape) >= node.rank:
+                    actual = int(shape[len(shape) - node.rank + ax])
+                    sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
+                                                       if s.name in values}), actual), unknown[0])
+                    if len(sol) == 1 and sol[0].is_Integer and sol[0] > 0:
+                        values[unknown[0].name] = int(sol[0])
+                        if origin is not None:
+                            origin[unknown[0].name] = f"input {name} axis {ax}"
+
+
 def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
     """Check the call's tensors against the program and bind every dim; InputError names what is wrong."""
     decl = program.input_map
@@ -293,19 +312,7 @@ def bind(program: Program, inputs: dict, dims: dict | None = None) -> Binding:
                                      f"{actual} from input {name} (axis {ax} of {sy.show_shape(node.shape)})")
                 values.setdefault(ext.name, actual)
                 origin.setdefault(ext.name, f"input {name} axis {ax}")
-    for _ in range(2):  # extents such as 2*n - 1 bind a dim that appears nowhere alone
-        for name, node in decl.items():
-            t = inputs[name]
-            for ax, ext in enumerate(node.shape):
-                unknown = [s for s in ext.free_symbols if s.name not in values]
-                # an extent through floor / mod (e // 2) has many solutions: it binds nothing (the error below)
-                if len(unknown) == 1 and not ext.has(sp.floor, sp.ceiling, sp.Mod):
-                    actual = t.shape[t.dim() - node.rank + ax]
-                    sol = sp.solve(sp.Eq(ext.xreplace({s: values[s.name] for s in ext.free_symbols
-                                                       if s.name in values}), actual), unknown[0])
-                    if len(sol) == 1 and sol[0].is_Integer and sol[0] > 0:
-                        values[unknown[0].name] = int(sol[0])
-                        origin[unknown[0].name] = f"input {name} axis {ax}"
+    compound_dims(program, {name: tuple(inputs[name].shape) for name in decl}, values, origin)
     for d in program.dims:
         if d.name not in values:
             used = [n for n, node in decl.items() if any(d in sp.sympify(e).free_symbols for e in node.shape)]

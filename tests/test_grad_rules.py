@@ -49,6 +49,8 @@ PROGRAMS = {
                         "X[i, (c + 1) % d]", {"n": 7, "d": 5}),
     "solve-floor-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i // 2, c] * X[(i + 1) // 3, c]",
                           {"n": 7, "d": 3}),
+    "clamp-index": ("dim n, d\nin X[n, 2], Y[n, d]\nout O[i:n, c:d + 2] = where(c < 2, X[i, min(c, 1)], "
+                    "Y[i, max(c - 2, 0)]) * where(c >= 2, Y[i, max(c - 2, 0)], 1.0)", {"n": 5, "d": 3}),
     "mask-index": ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[(i * i) % n, c] * X[(2 * i) % n, c]", {"n": 7, "d": 3}),
     "eliminate": ("examples/causal.moa", {"n": 9, "d": 4, "e": 3}),
 }
@@ -95,7 +97,7 @@ def test_rule_float64(rule, monkeypatch):
         assert "% 2" in text and " >= 0" in text or "2)" in text   # the coefficient-2 axis keeps a parity guard
     if rule == "mask-index":
         assert "% n) ==" in text
-    if rule in ("solve-mod-index", "solve-floor-index"):
+    if rule in ("solve-mod-index", "solve-floor-index", "clamp-index"):
         assert "==" not in text, text   # every axis solved: no equality mask left
 
 

@@ -192,3 +192,68 @@ def test_score_reductions_it_cannot_pull_back_run_unfused(score, why):
     want = C.autograd_grads(k, x, cot)
     got = _grads(k, x, cot["O"])
     assert all(C.rel_err(got[a], want[a]) < 1e-12 for a in want)
+
+
+MODELS = {
+    # OLMo 2: the RMS norm of the whole projected q (across heads), one sum over the reshaped row
+    "olmo2": ("dim h, n, d, e\nparam eps = 1e-6\nin Q[h, n, d], K[h, n, d], V[h, n, e], wq[h * d], wk[h * d]\n"
+              "Qt = transpose(Q, [1, 0, 2])\nKt = transpose(K, [1, 0, 2])\n"
+              "Qn[a, i, k] = Q[a, i, k] * rsqrt(sum(reshape(Qt[i] * Qt[i], [h * d])) / (h * d) + eps) * wq[a * d + k]\n"
+              "Kn[a, j, k] = K[a, j, k] * rsqrt(sum(reshape(Kt[j] * Kt[j], [h * d])) / (h * d) + eps) * wk[a * d + k]\n"
+              "S[a, i, j] = where(j <= i, dot(Qn[a, i], Kn[a, j]) / sqrt(d), -inf)\n"
+              "out O[a] = softmax(S[a], axis=-1) @ V[a]\n", {"h": 3, "n": 29, "d": 4, "e": 5}),
+    # DeepSeek's decoupled RoPE: q_nope . k_nope + q_rope . k_rope, k_rope shared by the heads, as one contraction
+    # of the operands joined along the head dim (clamped reads under a where)
+    "decoupled": ("dim h, n, dn, dr, e\nin QN[h, n, dn], QR[h, n, dr], KN[h, n, dn], KR[n, dr], V[h, n, e]\n"
+                  "Qc[a, i, k:dn + dr] = where(k < dn, QN[a, i, min(k, dn - 1)], QR[a, i, max(k - dn, 0)])\n"
+                  "Kc[a, j, k:dn + dr] = where(k < dn, KN[a, j, min(k, dn - 1)], KR[j, max(k - dn, 0)])\n"
+                  "S[a, i, j] = where(j <= i, dot(Qc[a, i], Kc[a, j]) / sqrt(dn + dr), -inf)\n"
+                  "out O[a] = softmax(S[a], axis=-1) @ V[a]\n", {"h": 2, "n": 29, "dn": 6, "dr": 4, "e": 5}),
+    # the projected q as it comes out of a linear layer, [n, h * d], read per head
+    "flat_q": ("dim h, n, d\nin Qf[n, h * d], K[n, d], V[n, d]\nQ[a:h, i, k:d] = Qf[i, a * d + k]\n"
+               "S[a, i, j] = dot(Q[a, i], K[j])\nout O[a] = softmax(S[a], axis=-1) @ V\n", {"h": 2, "n": 20, "d": 4}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_spellings_train_fused(name):
+    """Spellings the refusal messages recommend (a norm across heads, two contractions as one) train through the
+    fused kernels; the pullback solves every index (reshape's r // d and r % d, the clamps under the where)."""
+    src, dims = MODELS[name]
+    k = moa.compile(src)
+    assert k.backward.unfused_reason is None
+    runner = k.backward.runner
+    gp = pullback_grad(k.planner.cg_program, outputs(runner.sched, runner.spec("float64", 0).pulled))
+    assert "==" not in show_grad(gp), show_grad(gp)
+    x = C.inputs(k.program, dims, 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    got = _grads(k, x, cot["O"])
+    for a in want:
+        assert C.rel_err(got[a], want[a]) < 1e-12, (a, C.rel_err(got[a], want[a]))
+
+
+def test_olmo2_against_torch_and_the_messages_that_lead_there():
+    """The norm across heads in torch; the nested spelling's refusal names the reshape, the two-dot score's the
+    joined operands."""
+    src, dims = MODELS["olmo2"]
+    k = moa.compile(src)
+    x = C.inputs(k.program, dims, 1, batch=())
+    h, n, d = 3, 29, 4
+
+    def norm(t, w):
+        flat = t.transpose(0, 1).reshape(n, h * d)
+        flat = flat * torch.rsqrt((flat * flat).mean(-1, keepdim=True) + 1e-6) * w
+        return flat.reshape(n, h, d).transpose(0, 1)
+
+    want = torch.nn.functional.scaled_dot_product_attention(norm(x["Q"], x["wq"]), norm(x["K"], x["wk"]), x["V"],
+                                                            is_causal=True)
+    assert (k(**x) - want).abs().max().item() < 1e-12
+    nested = src.replace("sum(reshape(Qt[i] * Qt[i], [h * d]))", "sum(qs[i])").replace(
+        "Qt = transpose(Q, [1, 0, 2])\n", "qs[i, a] = sum(Q[a, i] * Q[a, i])\n")
+    from moa.errors import UnsupportedError
+    with pytest.raises(UnsupportedError, match=r"sum\(reshape\(Qt\[i\] \* Qt\[i\], \[h \* d\]\)\)"):
+        moa.compile(nested)(**x)
+    two = MODELS["decoupled"][0].replace("dot(Qc[a, i], Kc[a, j])", "(dot(QN[a, i], KN[a, j]) + dot(QR[a, i], KR[j]))")
+    with pytest.raises(UnsupportedError, match="joined along the head dim"):
+        moa.compile(two)(**C.inputs(moa.compile(two).program, MODELS["decoupled"][1], 0))
