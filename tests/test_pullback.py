@@ -257,3 +257,10 @@ def test_olmo2_against_torch_and_the_messages_that_lead_there():
     two = MODELS["decoupled"][0].replace("dot(Qc[a, i], Kc[a, j])", "(dot(QN[a, i], KN[a, j]) + dot(QR[a, i], KR[j]))")
     with pytest.raises(UnsupportedError, match="joined along the head dim"):
         moa.compile(two)(**C.inputs(moa.compile(two).program, MODELS["decoupled"][1], 0))
+
+
+def test_the_docs_show_the_tested_spellings():
+    text = open("docs/variants.md").read()
+    assert f"```\n{MODELS['decoupled'][0]}```" in text
+    norm = "sum(reshape(Qt[i] * Qt[i], [h * d]))"
+    assert norm in text and norm in MODELS["olmo2"][0]
