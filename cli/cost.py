@@ -11,6 +11,7 @@ from moa import onf
 from moa import symbolic as sy
 from moa.devices import DTYPE_BYTES, get_device
 from moa.errors import InputError, MoaError
+from moa.runtime import backward_configs
 from moa.runtime.aot import TARGETS, fits
 from moa.runtime.costing import cost_breakdown
 from moa.runtime.decode_cost import decode_cost
@@ -33,6 +34,8 @@ def add_commands(sub, common):
     p.add_argument("--device", default="h100", help="h100 (default), h200, a100, or cpu (interpreter tiles, no time)")
     p.add_argument("--batch", default=None, help="extra leading batch axis of that size (0: none; default: 0)")
     p.add_argument("--plot", metavar="FILE.png", help="draw predicted bytes and time against n (log-log)")
+    p.add_argument("--backward", action="store_true", help="also the backward's kernels (training): their work per "
+                   "kernel and, on a GPU, a roofline time (needs every dim)")
     p.add_argument("--no-fit", action="store_true", help="use the default tile table without the ahead-of-time "
                    "check the GPU runtime makes (no compile)")
     p.add_argument("--schedule", choices=onf.KINDS, help=_SCHEDULE)
@@ -180,6 +183,16 @@ def cmd_cost(args) -> int:
         note = decode_note(k, dims, dtype, args.device, batch, rep.predicted_seconds)
         if note:
             print(note)
+    if args.backward:
+        if len(dims) < len(k.program.dims):
+            raise InputError("--backward needs --dims with every dim")
+        dev = get_device(args.device) if args.device != "cpu" else None
+        cfg = backward_fit(k, dims, dtype, dev.target) if fit and dev else None
+        bc = k.backward.cost(dims, batch, dtype, device="cuda" if dev else "cpu", config=cfg)
+        print(bc.table(dev, dtype if dev else "float32"))
+        if cfg:
+            print("backward configs: " + ", ".join(f"{n} {c.block_m} x {c.block_n}, {c.num_warps} warps" for n, c in
+                                                   cfg.items()) + " (the first that fits the target ahead of time)")
     if fit:
         print("config: the one the GPU runtime launches: the first of its candidates (its default first) that "
               "compiles ahead of time for the device's target without spills and with shared memory in budget")
@@ -187,6 +200,18 @@ def cmd_cost(args) -> int:
         path = cost_plot(k, args.plot, dims, dtype, args.device, batch, fit)
         print(f"wrote {path}")
     return 0
+
+
+def backward_fit(k, dims: dict, dtype: str, target: str) -> dict | None:
+    """Kernel -> the Config a GPU launches for the fused single-branch backward (runtime/backward_configs.py: the
+    first candidate that compiles for the target without spills); None for the other backward paths (their own
+    default tiles)."""
+    runner = k.backward.runner
+    if runner is None or k.backward.linear is not None:
+        return None
+    cg = {c: dims[u] for c, u in k.planner.codegen.dims.items()}
+    spec = runner.spec(dtype, 0)
+    return {n: c for n, (c, _) in backward_configs.choose(k.planner.cg_program, spec, dtype, cg, target).items()}
 
 
 def cost_table(k, rep, bd, dims) -> str:

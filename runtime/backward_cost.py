@@ -30,6 +30,7 @@ from moa.codegen.backward_bounds import row_bounds
 from moa.codegen.constexprs import csym
 from moa.codegen.counts import site_lanes
 from moa.codegen.ledger import function_ledger
+from moa.cost import launches_roofline
 from moa.errors import UnsupportedError
 from moa.onf import uses_summaries
 from moa.tiles import KeyTable, PairTable, summary_env
@@ -89,6 +90,49 @@ class BackwardCost:
     @property
     def programs(self) -> int:
         return self.total("programs")
+
+    def seconds(self, device, dtype: str) -> dict:
+        """Kernel -> predicted seconds on a device (moa.devices.Device) for kernels computing in `dtype`: each
+        launch's roofline over its occupancy plus the launch overhead (moa/cost.py launches_roofline), with every
+        byte loaded or stored counted at the HBM bandwidth (no L2 model: an upper bound on the memory part)."""
+        return {name: launches_roofline([(w.dot_flops, w.other_flops, w.transcendentals,
+                                          w.bytes_loaded + w.bytes_stored, w.programs)], device, dtype)[0]
+                for name, w in self.kernels.items()}
+
+    def table(self, device=None, dtype: str = "float32") -> str:
+        """The per-kernel work as a text table (programs, tile pairs iterated, the visits a skip test lets through:
+        '-' where the kernel has no skip test, full and partial tiles, FLOPs, transcendentals, bytes), a total row,
+        with `device` the predicted seconds (`seconds`), then the notes."""
+        secs = self.seconds(device, dtype) if device is not None else {}
+        head = ["kernel", "programs", "tile pairs", "tested in", "full", "partial", "dot FLOPs", "other FLOPs",
+                "transc.", "loaded", "stored"] + (["time"] if secs else [])
+        rows = []
+        for name, w in [*self.kernels.items(), ("total", None)]:
+            x = w or BackwardWork("total", *(self.total(f) for f in ("dot_flops", "other_flops", "transcendentals",
+                                                                     "programs", "iterations", "visits",
+                                                                     "full_tiles", "partial_tiles",
+                                                                     "bytes_loaded", "bytes_stored")))
+            rows.append([name, str(x.programs), str(x.iterations), str(x.visits) if x.visits else "-",
+                         str(x.full_tiles), str(x.partial_tiles), _si(x.dot_flops), _si(x.other_flops),
+                         _si(x.transcendentals), _si(x.bytes_loaded, "B"), _si(x.bytes_stored, "B")] +
+                        ([_si(secs[name] if w else sum(secs.values()), "s")] if secs else []))
+        widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+        lines = [f"backward ({self.path}): " + ("fused kernels" if self.kernels else "no kernels")]
+        lines += ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in [head, *rows]]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _si(x, unit: str = "") -> str:
+    """x with an SI prefix (3 significant digits)."""
+    x = float(x)
+    for p, s in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u")):
+        if abs(x) >= p:
+            return f"{x / p:.3g} {s}{unit}".rstrip()
+    return f"{x:.3g} {unit}".rstrip()
 
 
 def work_of(name: str, c) -> BackwardWork:

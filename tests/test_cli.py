@@ -525,3 +525,18 @@ def test_output_files_that_cannot_be_written_are_errors(argv, words, tmp_path, c
     args = [a.format(ex=EX / "causal.moa", tmp=tmp_path) for a in argv]
     assert main(args) == 2
     assert words in capsys.readouterr().err
+
+
+def test_cost_backward_table(capsys):
+    """`moa cost --backward`: the backward kernels' work per kernel, totals, and the operand pullback's note; the
+    numbers are the backward cost model's (k.backward.cost), printed as BackwardCost.table prints them."""
+    assert main(["cost", str(EX / "causal.moa"), "--dims", "n=100,d=16,e=16", "--device", "cpu", "--dtype",
+                 "float64", "--backward"]) == 0
+    out = capsys.readouterr().out
+    k = moa.compile(EX / "causal.moa")
+    bc = k.backward.cost({"n": 100, "d": 16, "e": 16}, (), "float64")
+    assert bc.table() in out and str(bc) == bc.table()
+    rows = {ln.split()[0]: ln.split() for ln in bc.table().splitlines()[2:5]}
+    assert rows["_attn_bwd_dq"][3] == "-" and int(rows["total"][2]) == bc.total("iterations")
+    assert main(["cost", str(EX / "causal.moa"), "--backward"]) == 2
+    assert "--backward needs --dims" in capsys.readouterr().err
