@@ -102,11 +102,14 @@ def check_reads(program: Program, outputs, b: Binding) -> None:
                     if int(lo) < 0 or int(hi) > n - 1:
                         at = int(lo) if int(lo) < 0 else int(hi)
                         shown = ", ".join(sy.show(x) if a == k else ":" for a, x in enumerate(read.index))
+                        uses = {d.name for d in sp.sympify(idx).free_symbols} & set(b.dims)
+                        fix = ("the dims must make it stay inside (a grouped head a // (h // g) needs h a multiple "
+                               "of g), or guard the read with where(...)" if uses and sp.sympify(idx).has(sp.floor)
+                               else "guard the read with where(...)")
                         raise InputError(
                             f"index out of range: the read {read.name}[{shown}] "
                             f"{'reaches' if exact else 'may reach (by interval bounds)'} index {at} on axis {k} "
-                            f"(extent {n}: 0..{n - 1}) at the call's dims ({_dims_text(b.dims)}); guard the read "
-                            "with where(...)")
+                            f"(extent {n}: 0..{n - 1}) at the call's dims ({_dims_text(b.dims)}); {fix}")
             except (TypeError, ValueError):
                 continue
 

@@ -225,3 +225,13 @@ def test_an_input_read_by_both_indices_must_span_the_keys():
             k.decode(Q=q, K=kk, V=v, doc=torch.zeros(short, dtype=torch.int64))
     with pytest.raises(InputError, match="varlen: input doc is read by both .* got 4"):
         k.varlen([0, 2, 3], [0, 10, 30], Q=q, K=kk, V=v, doc=torch.zeros(4, dtype=torch.int64))
+
+
+def test_grouped_heads_that_do_not_divide_say_so():
+    """h = 4 query heads over g = 3 K / V heads: the grouped read a // (h // g) leaves K's axis; the message names
+    the divisibility before the where(...) that would hide it."""
+    k = moa.compile("examples/gqa_alibi.moa")
+    x = {"Q": torch.randn(4, 10, 4, dtype=torch.float64), "K": torch.randn(3, 10, 4, dtype=torch.float64),
+         "V": torch.randn(3, 10, 4, dtype=torch.float64)}
+    with pytest.raises(InputError, match=r"needs h a multiple of g"):
+        k(**x)
