@@ -98,7 +98,7 @@ class _BackwardEmitter:
         self.qread, self.kread = self.reads["Q"], self.reads["K"]
         self.pulled = tuple(r for r, read in self.reads.items() if read is None)
         self.scatters = score_reads(b.score, {r.name for r in self.reads.values() if r is not None} |
-                                    set(pulled_inputs([role_output(sched, r) for r in self.pulled])))
+                                    set(pulled_inputs([role_output(sched, r) for r in self.pulled])), pieces=True)
         # the score's reductions of one side (a query or key norm): leaf -> (side, its gradient buffer)
         self.reductions = {leaf: (side, f"grad_{side}{k}")
                            for k, (leaf, side) in enumerate(score_reductions(sched)[0])}
@@ -201,7 +201,7 @@ class _BackwardEmitter:
             else:
                 inner.add(f"p = {guard(score)}")
                 inner.add(f"dsc = {guard('dp')}")
-            t = Translation(b.score)
+            t = Translation(b.score, pieces=True)
             for sym, leaf in t.leaves.items():
                 side = self.reductions.get(leaf, ("",))[0]
                 if leaf == DotTile(0) or scatter and leaf in self.scatters or side == ("row" if scatter else "key"):

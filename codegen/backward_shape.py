@@ -43,14 +43,15 @@ def operand_read(e, last: tuple, tile_vars: set):
     return reads[0] if len(set(reads)) == 1 and rest_ok and _plain_read(reads[0], last, tile_vars) else None
 
 
-def score_reads(score, operands: set) -> list:
+def score_reads(score, operands: set, pieces: bool = False) -> list:
     """The float input reads of a score other than the contraction (bias tables, gates), each once, whose
     gradient the kernels take by atomic adds: every read of that input is a leaf of the score's sympy translation
-    (reached through smooth ops). An input also read under a where (a non-smooth leaf) is left out: its gradient
-    runs unfused (the gradient DNF), where the kernels would have given it none for that read."""
-    leaves = Translation(score).leaves.values()
-    hidden = {x.name for leaf in leaves if not isinstance(leaf, D.Read) for x in D.nodes(leaf)
-              if isinstance(x, D.Read)}
+    (reached through smooth ops) or sits in a condition (`pieces`: a where's test, whose derivative is 0). An input
+    also read inside another non-smooth leaf is left out: its gradient runs unfused (the gradient DNF), where the
+    kernels would have given it none for that read."""
+    leaves = Translation(score, pieces).leaves.values()
+    hidden = {x.name for leaf in leaves if not isinstance(leaf, D.Read) and not (pieces and leaf.dtype == ir.BOOL)
+              for x in D.nodes(leaf) if isinstance(x, D.Read)}
     return list(dict.fromkeys(x for x in D.nodes(score) if isinstance(x, D.Read) and x.dtype == ir.FLOAT
                               and x.name not in operands and x.name not in hidden))
 
@@ -116,8 +117,8 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
     reds, why = score_reductions(sched)
     if why:
         return why
-    if DotTile(0) not in Translation(b.score).leaves.values():
-        return "the score reaches its contraction through an op with no derivative rule (a where inside the score)"
+    if DotTile(0) not in Translation(b.score, pieces=True).leaves.values():
+        return "the score reaches its contraction through an op with no derivative rule (a comparison of it)"
     pulled = tuple(r for r, read in found.items() if read is None)
     qkv = {read.name for read in found.values() if read is not None} | \
         set(pulled_inputs([role_output(sched, r) for r in pulled]))

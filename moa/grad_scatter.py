@@ -192,16 +192,19 @@ def _solve_index(s: Scatter, u_ranges: tuple):
 def _solve_mod_index(s: Scatter, u_ranges: tuple):
     # +red_{v<N} where((c v + r) % N == u, X(v), 0)  ->  where(u < N, X((c (u - r)) % N), 0),   c = +-1
     """solve-mod-index: the first pending axis (c v + r) % N == u with c = +-1 and v summed over exactly N values
-    (a rotation of the axis, as rotary embeddings' rotate-half reads it): v = (c (u - r)) % N, one point of the sum.
+    (its extent, or the range the conditions leave it: partial rotary's k < r) (a rotation of the axis, as rotary
+    embeddings' rotate-half reads it): v = (c (u - r)) % N, one point of the sum.
     A guard keeps u < N unless the gradient's axis is provably no longer."""
     f, u = s.pending[0]
     f = sp.sympify(f)
     if not isinstance(f, sp.Mod):
         return None
     g, big = f.args
+    box = _bounds(s.conds, s.ranges)
     for v, ext in reversed(s.ranges):
         c = _linear_coeff(g, v) if v in g.free_symbols else None
-        if c not in (1, -1) or v in big.free_symbols or not sy.prove_equal(ext, big):
+        whole = sy.prove_equal(ext, big) or box[v][0] == 0 and sy.prove_equal(box[v][1], big - 1)   # v < N held
+        if c not in (1, -1) or v in big.free_symbols or not whole:
             continue
         value = sy.mod(c * (u - sp.expand(g - c * v)), big)
         ranges = tuple((w, x) for w, x in s.ranges if w != v)
@@ -250,6 +253,77 @@ def _solve_floor_index(s: Scatter, u_ranges: tuple):
     return None
 
 
+def _split_mod_index(s: Scatter, u_ranges: tuple):
+    # +red_{v<N} where(f(v % c, v // c) == u, X(v), 0)
+    #     ->  +red_{r<c} +red_{q<ceil(N/c)} where(c q + r < N and f(r, q) == u, X(c q + r), 0)
+    """split-mod-index: a summed variable v read in the first pending axis only through v % c and v // c (c > 0
+    free of v: GPT-J's interleaved partner k + 1 - 2 (k % 2), a half-size rotary table cs[i, k % (d // 2)]) is
+    split as v = c q + r; the axis is then affine in q and r and solve-index takes it (a sum over c points, or
+    over the ceil(N / c) values of q, instead of a mask over N)."""
+    f, u = s.pending[0]
+    f = sp.sympify(f)
+    for v, ext in reversed(s.ranges):
+        parts = [x for x in f.atoms(sp.Mod, sp.floor) if v in x.free_symbols]
+        if not parts:
+            continue
+        cs = set()
+        for x in parts:
+            num, den = (x.args[0], x.args[1]) if isinstance(x, sp.Mod) else sy.split_floor(x)
+            cs.add(den if num == v else None)
+        c = cs.pop() if len(cs) == 1 else None
+        if c is None or v in c.free_symbols or sy.prove_nonneg(c) is not True:   # c = 0: the forward's own % 0
+            continue
+        r = _fresh(s, u_ranges, "r")
+        q = _fresh(Scatter(s.ranges + ((r, c),), s.conds, s.factors, s.pending), u_ranges, "q")
+        whole = c * q + r
+        g = f.xreplace({x: r if isinstance(x, sp.Mod) else q for x in parts}).xreplace({v: whole})
+        ranges = tuple((w, x) for w, x in s.ranges if w != v) + ((r, c), (q, sy.floordiv(sp.sympify(ext) + c - 1, c)))
+        hi_ok = _in_range(whole, ext, ranges, u_ranges)[1]
+        out = _substituted(s, v, whole, ranges, [] if hi_ok else [Op("lt", (Index(whole), Index(sp.sympify(ext))),
+                                                                     ir.BOOL)])
+        return Scatter(out.ranges, out.conds, out.factors, ((g, u),) + out.pending)
+    return None
+
+
+def _bool(c):
+    """A sympy condition over index expressions as a DNF boolean (relations, and / or / not)."""
+    rel = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+    if c is sp.true or c is sp.false:
+        return Const(bool(c), ir.BOOL)
+    if isinstance(c, sp.core.relational.Relational) and c.rel_op in rel:
+        return Op(rel[c.rel_op], (Index(c.lhs), Index(c.rhs)), ir.BOOL)
+    if isinstance(c, sp.Not):
+        return Op("not", (_bool(c.args[0]),), ir.BOOL)
+    if isinstance(c, (sp.And, sp.Or)):
+        out = _bool(c.args[0])
+        for a in c.args[1:]:
+            out = Op("and" if isinstance(c, sp.And) else "or", (out, _bool(a)), ir.BOOL)
+        return out
+    return None
+
+
+def _split_piecewise_index(s: Scatter, u_ranges: tuple):
+    # +red_V where(C, X, 0) at index p(V) == u, p = where(c, a, b)
+    #     ->  +red_V where(c and C, X, 0) at a == u  +  +red_V where(not c and C, X, 0) at b == u
+    """split-piecewise-index: a where in the first pending axis (a partner index where(k % 2 == 0, k + 1, k - 1))
+    splits the scatter in one per piece, each under its condition (the earlier pieces' negated), so each index is
+    solved on its own instead of masked."""
+    f, u = s.pending[0]
+    f = sp.sympify(f)
+    pieces = [x for x in f.atoms(sp.Piecewise)]
+    if not pieces:
+        return None
+    p, out, before = pieces[0], [], []
+    for value, cond in p.args:
+        c, b = _bool(cond), [Op("not", (x,), ir.BOOL) for x in before]
+        if c is None:
+            return None
+        conds = tuple(b) + (() if cond is sp.true else (c,))
+        out.append(Scatter(s.ranges, conds + s.conds, s.factors, ((f.xreplace({p: value}), u),) + s.pending[1:]))
+        before.append(c)
+    return out
+
+
 def _mask_index(s: Scatter, u_ranges: tuple):
     # +red_V where(C, F, 0) at index f(V) == u  ->  +red_V where(f(V) == u and C, F, 0)
     """mask-index: an axis whose index solves for no summed variable (a product, a clamp ...) stays
@@ -290,6 +364,10 @@ SCATTER_RULES = (
                             "(c = +-1)", _solve_mod_index),
     Rule("solve-floor-index", "+red_{v<N} where((v + r) // c == u, X(v), 0) => +red_{t<c} where(0 <= c u - r + t < N, "
                               "X(c u - r + t), 0)", _solve_floor_index),
+    Rule("split-piecewise-index", "+red_V where(C, X, 0) at where(c, a, b) == u => +red_V where(c and C, X, 0) at "
+                                  "a == u + +red_V where(not c and C, X, 0) at b == u", _split_piecewise_index),
+    Rule("split-mod-index", "+red_{v<N} where(f(v % c, v // c) == u, X(v), 0) => +red_{r<c} +red_{q<ceil(N/c)} "
+                            "where(c q + r < N and f(r, q) == u, X(c q + r), 0)", _split_mod_index),
     Rule("mask-index", "dA[f(V)] += X(V) => dA[u] = +red_V where(f(V) == u, X(V), 0)", _mask_index),
 )
 ELIMINATION_RULE = Rule("eliminate", "+red_{v,W} where(C_v and C, F_v * F, 0) => +red_W where(C, F * +red_v "
@@ -297,13 +375,21 @@ ELIMINATION_RULE = Rule("eliminate", "+red_{v,W} where(C_v and C, F_v * F, 0) =>
 
 
 def scatter(term: Term, us: tuple, extents: tuple):
-    """The gradient DNF expression (over the variables `us`, of extents `extents`) of one term."""
+    """The gradient DNF expression (over the variables `us`, of extents `extents`) of one term: the rules turn each
+    scatter into one (or, split-piecewise-index, several summed) until no axis is pending."""
     u_ranges = tuple(zip(us, extents))
-    s = Scatter(term.ranges, term.conds, term.factors, tuple(zip(term.index, us)))
-    while s.pending:
+    todo, done = [Scatter(term.ranges, term.conds, term.factors, tuple(zip(term.index, us)))], []
+    while todo:
+        s = todo.pop()
+        if not s.pending:
+            done.append(ELIMINATION_RULE.apply(s.ranges, s.conds, s.factors))
+            continue
         for rule in SCATTER_RULES:
             out = rule.apply(s, u_ranges)
             if out is not None:
-                s = out
+                todo += out if isinstance(out, list) else [out]
                 break
-    return ELIMINATION_RULE.apply(s.ranges, s.conds, s.factors)
+    out = None
+    for e in reversed(done):
+        out = e if out is None else Op("add", (out, e), ir.FLOAT)
+    return out

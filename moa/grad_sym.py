@@ -100,16 +100,19 @@ def is_smooth_op(e) -> bool:
 
 class Translation:
     """One elementwise DNF expression as sympy: `expr` over real symbols, `leaves` symbol -> DNF leaf (equal leaves
-    share a symbol, so a sub-expression used twice, like PiAttention's gate, gets the sum of both paths)."""
+    share a symbol, so a sub-expression used twice, like PiAttention's gate, gets the sum of both paths). With
+    `pieces`, a float where(c, a, b) is a Piecewise over the condition c (a leaf of its own), so the derivative
+    reaches into both branches: d where(c, a, b) = where(c, da, db) (c's own derivative is 0 almost everywhere)."""
 
-    def __init__(self, e):
+    def __init__(self, e, pieces: bool = False):
         self.leaves: dict = {}
         self._sym: dict = {}
+        self.pieces = pieces
         self.expr = self._to(e)
 
     def _leaf(self, e) -> sp.Symbol:
-        if e not in self._sym:
-            s = sp.Symbol(f"x{len(self._sym)}", real=True)
+        if e not in self._sym:   # a float leaf is a real symbol, a condition (pieces) a plain one
+            s = sp.Symbol(f"x{len(self._sym)}", real=True) if e.dtype != ir.BOOL else sp.Symbol(f"x{len(self._sym)}")
             self._sym[e] = s
             self.leaves[s] = e
         return self._sym[e]
@@ -119,6 +122,9 @@ class Translation:
                 and math.isfinite(e.value):
             v = e.value
             return sp.Integer(int(v)) if float(v).is_integer() and abs(v) < 2 ** 53 else sp.Float(float(v))
+        if self.pieces and isinstance(e, Op) and e.fn == "where" and e.dtype == ir.FLOAT:
+            # where(c, a, b) as Piecewise((a, c), (b, True)): its partials are where(c, da, db) (c a leaf)
+            return sp.Piecewise((self._to(e.args[1]), self._leaf(e.args[0])), (self._to(e.args[2]), True))
         if not is_smooth_op(e):
             return self._leaf(e)
         args = [self._to(a) for a in e.args]
@@ -170,6 +176,8 @@ _REL = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 
 def _cond(c, leaves):
+    if c in leaves:   # a condition kept whole (Translation's pieces)
+        return leaves[c]
     if c is sp.true:
         return Const(True, ir.BOOL)
     if c is sp.false:

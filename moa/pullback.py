@@ -74,7 +74,7 @@ def score_reductions(sched: Schedule) -> tuple[tuple, str | None]:
     lead = {v for v, _ in sched.lead}
     if b.mask is not None and any(isinstance(x, D.BINDERS) for x in D.nodes(b.mask)):
         return (), "the mask holds a reduction"
-    t = Translation(b.score)
+    t = Translation(b.score, pieces=True)
     found, inside = [], set()
     for leaf in t.leaves.values():
         if not any(isinstance(x, D.BINDERS) for x in D.nodes(leaf)):
