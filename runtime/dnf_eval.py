@@ -20,6 +20,23 @@ from .reference import F64, scalar_fn
 CHUNK = 16  # key-axis chunk of the online-softmax evaluation
 
 
+class Converted(dict):
+    """Input name -> its tensor as an evaluator reads it (floats in `dtype`, booleans, integers as int64), converted
+    on its first read: an evaluation that reads a few inputs (the operand pullback reads Q and a norm's weights,
+    not K or V) copies only those."""
+
+    def __init__(self, program: Program, tensors: dict, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.nodes, self.tensors, self.dtype, self.device = program.input_map, tensors, dtype, device
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        node, t = self.nodes[name], self.tensors[name]
+        t = t.to(self.device) if self.device is not None else t
+        self[name] = out = t.to(self.dtype) if node.dtype == ir.FLOAT else \
+            t.to(torch.bool) if node.dtype == ir.BOOL else t.to(torch.int64)
+        return out
+
+
 class _DnfEval:
     guarding_logic = False   # and / or guard their right operand (gradient DNFs); the program's own DNF: not
 
@@ -27,11 +44,7 @@ class _DnfEval:
         self.p, self.b = program, b
         self.dev = b.device   # every tensor made here lives where the inputs do (the GPU's, for the epilogue)
         self.nb = len(b.batch)
-        self.inputs = {}
-        for name, node in program.input_map.items():
-            t = b.tensors[name]
-            self.inputs[name] = t.to(F64) if node.dtype == ir.FLOAT else \
-                t.to(torch.bool) if node.dtype == ir.BOOL else t.to(torch.int64)
+        self.inputs = Converted(program, b.tensors, F64)
 
     def rank(self, active):
         return self.nb + len(active)

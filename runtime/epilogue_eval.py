@@ -13,7 +13,7 @@ from moa import ir
 from moa import symbolic as sy
 
 from .binding import bind
-from .dnf_eval import _DnfEval
+from .dnf_eval import Converted, _DnfEval
 from .indexing import ieval
 from .reference import scalar_fn
 
@@ -41,11 +41,7 @@ class _DeviceEval(_DnfEval):
     def __init__(self, program, b, dtype: torch.dtype, device):   # not the parent's: it converts to float64
         self.p, self.b, self.nb = program, b, len(b.batch)
         self.f, self.device = dtype, device
-        self.inputs = {}
-        for name, node in program.input_map.items():
-            t = b.tensors[name].to(device)
-            self.inputs[name] = t.to(dtype) if node.dtype == ir.FLOAT else \
-                t.to(torch.bool) if node.dtype == ir.BOOL else t.to(torch.int64)
+        self.inputs = Converted(program, b.tensors, dtype, device)
 
     def env(self, active):
         env = {}
