@@ -159,7 +159,8 @@ def test_formulas_evaluate_to_the_numeric_prediction(name, params):
 
 @pytest.mark.parametrize("name, params, form, schedule", [
     ("bla", {"W": 8, "M": 3}, None, None), ("power_gated", {}, "linear", None), ("linear_relu", {}, "linear", None),
-    ("pi_attention", {"k": 20, "s": 40}, "quadratic", "hops"), ("dilated_window", {"w": 40, "r": 3}, None, "hops")])
+    pytest.param("pi_attention", {"k": 20, "s": 40}, "quadratic", "hops", marks=pytest.mark.slow),   # 15 s
+    ("dilated_window", {"w": 40, "r": 3}, None, "hops")])
 def test_formulas_of_the_other_kernels_evaluate_to_the_numeric_prediction(name, params, form, schedule):
     """The window-mixing kernel, the chunked linear form (two launches) and hop loops have formulas too."""
     from moa.codegen.launches import window_consts

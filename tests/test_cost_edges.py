@@ -192,7 +192,8 @@ out O = softmax(S, axis=-1) @ V""")
                                                          pages=npg, d=4, e=4)), (lk, pool)
 
 
-@pytest.mark.parametrize("name, schedule", [("causal", None), ("pi_attention", "hops")])
+@pytest.mark.parametrize("name, schedule", [("causal", None),
+                                            pytest.param("pi_attention", "hops", marks=pytest.mark.slow)])   # 15 s
 def test_formulas_with_only_the_sequence_dims_given(name, schedule):
     # head dims left symbolic, sequence dims given: sympy sums over the row tiles inside the roofline's Max
     # (comparing them raised sympy's TypeError)
