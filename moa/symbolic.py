@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import reduce
 
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
 
 Expr = sp.Expr
 
@@ -90,6 +91,12 @@ def show_shape(shape) -> str:
 
 
 class _Printer(sp.printing.str.StrPrinter):
+    def parenthesize(self, item, level, strict=False):
+        # a // b and a % b bind like a product: inside one (or a power) they keep their parentheses
+        if isinstance(item, (sp.floor, sp.Mod)) and level >= PRECEDENCE["Add"]:
+            return f"({self._print(item)})"
+        return super().parenthesize(item, level, strict)
+
     def _print_floor(self, e):
         num, den = sp.fraction(sp.together(e.args[0]))
         if den != 1:

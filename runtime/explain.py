@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from moa import dnf as D
-from moa import linear, onf
+from moa import linear, onf, pullback, split
 from moa import symbolic as sy
 from moa import tiles as TL
+from moa.codegen.backward_shape import is_multi
 from moa.errors import UnsupportedError
+from moa.grad import show_grad
+
+from .backward_run import BackwardRunner
+from .window_backward import WindowBackwardRunner, is_window
 
 
 
@@ -70,6 +75,7 @@ def explain(planner) -> str:
     lines.append("intermediate arrays eliminated by fusion:")
     lines += [f"  {nm}: {sy.show(sz)} elements" for nm, sz in inter] or ["  (none)"]
     lines += _forms(planner)
+    lines += _backward(planner)
     try:
         lines += _schedules(planner)
         lines.append("ONF (tiled schedule):" if all(len(v) == 1 for v in planner.variants.values()) else
@@ -80,6 +86,36 @@ def explain(planner) -> str:
     except UnsupportedError as e:
         lines.append(f"  not compiled by this version: {e.message}")
     return "\n".join(lines)
+
+
+def _backward(planner) -> list:
+    """How a training call differentiates the output: which fused backward kernels, and the operand pullback's
+    gradient DNF (moa/pullback.py) where operands are computed in the kernel; or why the gradient runs unfused."""
+    try:
+        why = WindowBackwardRunner.reason(planner) if is_window(planner) else BackwardRunner.reason(planner)
+    except UnsupportedError as e:
+        why = e.message
+    if why:
+        return [f"backward (training): the gradient DNF evaluated unfused, in float64 ({why})"]
+    name = planner.output_names[0]
+    sched = planner.schedules[name]
+    if is_window(planner):
+        return ["backward (training): fused window kernels _attn_window_bwd_dq, _attn_window_bwd_dkdv"]
+    subs = [split.branch_alone(sched, k) for k in range(len(sched.branches))] if is_multi(sched) else [sched]
+    out = [f"backward (training): fused kernels _attn_bwd_dkdv, _attn_bwd_dq{' per branch' if len(subs) > 1 else ''}"
+           f"{'; the epilogue by its gradient DNF' if is_multi(sched) else ''}"]
+    for k, sub in enumerate(subs):
+        spec = BackwardRunner(planner, name, sub).spec("float32", 0)
+        outs = pullback.outputs(sub, spec.pulled)
+        if not outs:
+            continue
+        gp = pullback.pullback_grad(planner.cg_program, outs)
+        names = set(pullback.pulled_inputs(outs))
+        what = ", ".join([*spec.pulled, *(f"the score's {side} reduction {buf}" for buf, side in spec.reductions)])
+        out.append(f"  {'branch %d: ' % k if len(subs) > 1 else ''}operand pullback of {what} (the kernels return "
+                   "the gradients of those tiles; this gradient DNF carries them to the inputs, O(n d)):")
+        out += [f"    {ln}" for ln, g in zip(show_grad(gp).splitlines()[len(gp.saved):], gp.grads) if g.name in names]
+    return out
 
 
 def _schedules(planner) -> list:

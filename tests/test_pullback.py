@@ -312,3 +312,16 @@ def test_the_docs_show_the_tested_spellings():
     assert f"```\n{MODELS['decoupled'][0]}```" in text
     norm = "sum(reshape(Qt[i] * Qt[i], [h * d]))"
     assert norm in text and norm in MODELS["olmo2"][0]
+
+
+def test_explain_shows_the_backward_and_the_pullback():
+    """`moa explain` says how training differentiates the output: the fused kernels and the operand pullback's
+    gradient DNF (the grouped head solved as a sum over the group: t0 + u3*(h // g)), or why it runs unfused."""
+    k = moa.compile(PROGRAMS["qk_norm_rope_gqa"][0])
+    text = k.explain()
+    assert "backward (training): fused kernels _attn_bwd_dkdv, _attn_bwd_dq" in text
+    assert "operand pullback of Q, K" in text and "psi dwq = " in text and "u3*(h // g)" in text
+    pi = moa.compile(PI_NORM, s=4, k=8).explain()
+    assert "fused kernels _attn_bwd_dkdv, _attn_bwd_dq per branch" in pi and "branch 1: operand pullback of Q" in pi
+    two = moa.compile("dim n, d\nin Q[n, d], K[n, d]\nS = Q @ K.T\nout A = softmax(S, axis=-1)\nout B = S")
+    assert "backward (training): the gradient DNF evaluated unfused, in float64 (several outputs)" in two.explain()
