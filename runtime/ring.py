@@ -36,8 +36,9 @@ from .binding import bind, refuse_grad
 from .costing import cost_breakdown
 from .dnf_eval import _DnfEval
 from .reference import F64
-from .ring_comm import (DTYPES, RingError, RingStats, agree, agree_or_raise, bind_check, comm_device,
-                        exchange_shapes, lengths, layout, pack, post, timeout_of, unpack, wait)
+from .ring_backward import backward_pass, needs_grad, train_reason
+from .ring_comm import (DTYPES, RingError, RingStats, agree, agree_or_raise, bind_check, comm_device, geometry,
+                        layout, pack, post, timeout_of, unpack, wait)
 from .ring_cost import INTERCONNECTS, LINK_LATENCY, RingCost
 from .ring_halo import halo_kernel, halo_ring_cost, ring_halo
 from .ring_linear import linear_kernel, linear_ring_cost, ring_linear
@@ -131,15 +132,23 @@ def _compute_block(block, names, b):
 # ---- the driver ---------------------------------------------------------------------------------------------
 
 
-# long: the rotation protocol step by step (every rank runs the same collective sequence)
 def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     """Ring attention over the ranks of `group` (default: the world). `inputs` are this rank's shards: query
     shard of every query-indexed input, key shard of every key-indexed input (K, V, ...), whole replicated
     inputs. Returns this rank's rows of every output (a tensor, or a dict for several outputs), and RingStats
-    when stats=True. `timeout` (seconds or timedelta) bounds every wait; None uses the process group's."""
+    when stats=True. `timeout` (seconds or timedelta) bounds every wait; None uses the process group's.
+    With inputs that require grad (grad mode on), the output is differentiable: its backward runs the fused
+    backward kernels of the block program around the ring too (runtime/ring_backward.py)."""
     import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
-    refuse_grad(inputs, "ring attention's calls", "gather the shards and train with k(...)")
+    train = needs_grad(inputs)
+    if train:
+        why = "the window-mixing and linear forms across ranks have no backward" \
+            if halo_kernel(kernel) is not None or linear_kernel(kernel) is not None else \
+            train_reason(*block_kernel(kernel))
+        if why:
+            refuse_grad(inputs, "ring attention's calls of this program", f"{why}; gather the shards and train "
+                        "with k(...)")
     if not (dist.is_available() and dist.is_initialized()):
         raise RingError("ring attention needs torch.distributed initialised: call "
                         "torch.distributed.init_process_group(...) first (torchrun sets up the environment)")
@@ -148,28 +157,63 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
         return ring_halo(kernel, inputs, group, timeout, stats)
     if linear_kernel(kernel) is not None:   # normalize(...) @ V: the linear form across ranks, no rotation
         return ring_linear(kernel, inputs, group, timeout, stats)
+    if train:
+        names = list(inputs)
+        held: dict = {}
+        out = _RingTrain.apply(kernel, group, timeout, names, held, *(inputs[n] for n in names))
+        return (out, held["stats"]) if stats else out
+    plan, block, acc, b0, nl, qside, st = _rotate(kernel, inputs, group, timeout)
+    outs = _results(plan, block, acc, b0, nl, qside)
+    names = plan.output_names
+    res = outs[names[0]] if len(names) == 1 else outs
+    return (res, st) if stats else res
+
+
+class _RingTrain(torch.autograd.Function):
+    """The ring's forward keeps this rank's rows of O and their total (lse, or Z); its backward runs the block
+    program's fused backward kernels around the ring (runtime/ring_backward.py)."""
+
+    @staticmethod
+    def forward(ctx, kernel, group, timeout, names, held, *tensors):
+        inputs = dict(zip(names, (t.detach() for t in tensors)))
+        plan, block, acc, b0, nl, qside, st = _rotate(kernel, inputs, group, timeout)
+        out = _results(plan, block, acc, b0, nl, qside)[plan.output_names[0]]
+        name = plan.outputs[0].name
+        total = acc[name][1] if name in acc else torch.full(out.shape[:-1], float("-inf") if block.schedules[
+            name].branches[0].kind == "softmax" else 0.0, dtype=torch.float64 if out.dtype == F64 else torch.float32,
+            device=out.device)
+        held["stats"] = st
+        ctx.ring = (kernel, group, timeout, names)
+        ctx.save_for_backward(*tensors, out, total)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        kernel, group, timeout, names = ctx.ring
+        *tensors, out, total = ctx.saved_tensors
+        plan, block = block_kernel(kernel)
+        grads = backward_pass(kernel, plan, block, dict(zip(names, tensors)), out, total, d_out, group, timeout)
+        return (None, None, None, None, None, *(grads.get(n) for n in names))
+
+
+# long: the rotation protocol step by step (every rank runs the same collective sequence)
+def _rotate(kernel, inputs: dict, group, timeout):
+    """The K/V rotation: (plan, block kernel, the merged (O, total) of every block output, the rank's binding,
+    its query length, its query-side inputs, RingStats)."""
+    import torch.distributed as dist
+
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan, block = block_kernel(kernel)
     prog = kernel.program
-    decl = prog.input_map
     cdev = comm_device(inputs, group)
 
     # 1. every rank describes its shards; a local problem travels too, so that every rank raises it
-    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
-    nl, ml, problems = lengths(plan, decl, metas)
-    if problems:
-        raise InputError("ring attention: shards do not match across ranks: " + "; ".join(problems))
-    rows0 = [sum(nl[:s]) for s in range(world)]
-    cols0 = [sum(ml[:s]) for s in range(world)]
-    gdims = {plan.n.name: sum(nl), plan.m.name: sum(ml)}
-    if plan.n == plan.m and sum(nl) != sum(ml):
-        raise InputError(f"ring attention: the query shards hold {sum(nl)} rows in all but the key shards "
-                         f"{sum(ml)} keys; {prog.name} uses the one dim {plan.n} for both")
+    geo = geometry(plan, prog, inputs, group, cdev, timeout, rank)
+    nl, ml, rows0, cols0, gdims, shapes, dtypes = (geo.nl, geo.ml, geo.rows0, geo.cols0, geo.gdims, geo.shapes,
+                                                   geo.dtypes)
 
     # 2. bind every step's block on shapes alone (meta tensors): any rank's failure fails every rank
     keys = plan.key_inputs
-    shapes = [{bn: metas[s]["inputs"][plan.source_of(bn)][0] for bn in keys} for s in range(world)]
-    dtypes = {bn: metas[0]["inputs"][plan.source_of(bn)][1] for bn in keys}
     err = None
     for t in range(world):
         src = (rank - t) % world
@@ -239,10 +283,9 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     bad = [f"rank {s}: {m}" for s, m in enumerate(status) if m]
     if bad:
         raise RingError("ring attention failed on " + "; ".join(bad))
-    outs = _results(plan, block, finish(acc, norm, sum_outputs(block)), b0, nl[rank], qside)
-    names = plan.output_names
-    res = outs[names[0]] if len(names) == 1 else outs
-    return (res, st) if stats else res
+    return plan, block, finish(acc, norm, sum_outputs(block)), b0, nl[rank], qside, st
+
+
 
 
 def _results(plan, block, acc, b0, nl, qside):

@@ -239,6 +239,37 @@ def lengths(plan, decl, metas):
     return nl, ml, problems
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where every rank's shards sit: local query and key lengths, their offsets, the global dims, and the shapes
+    and dtypes of every rank's travelling key inputs (block names)."""
+    nl: list
+    ml: list
+    rows0: list
+    cols0: list
+    gdims: dict
+    shapes: list
+    dtypes: dict
+
+
+def geometry(plan, prog, inputs, group, cdev, timeout, rank) -> Geometry:
+    """Every rank's shard geometry (one shape exchange); mismatched shards are the same InputError everywhere."""
+    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
+    nl, ml, problems = lengths(plan, prog.input_map, metas)
+    if problems:
+        raise InputError("ring attention: shards do not match across ranks: " + "; ".join(problems))
+    world = len(metas)
+    gdims = {plan.n.name: sum(nl), plan.m.name: sum(ml)}
+    if plan.n == plan.m and sum(nl) != sum(ml):
+        raise InputError(f"ring attention: the query shards hold {sum(nl)} rows in all but the key shards "
+                         f"{sum(ml)} keys; {prog.name} uses the one dim {plan.n} for both")
+    keys = plan.key_inputs
+    shapes = [{bn: metas[s]["inputs"][plan.source_of(bn)][0] for bn in keys} for s in range(world)]
+    dtypes = {bn: metas[0]["inputs"][plan.source_of(bn)][1] for bn in keys}
+    return Geometry(nl, ml, [sum(nl[:s]) for s in range(world)], [sum(ml[:s]) for s in range(world)], gdims, shapes,
+                    dtypes)
+
+
 def outcome(failed, group, cdev, timeout, rank, what):
     """Every rank learns whether one failed: the failing rank raises its own error, the others RingError."""
     why = None

@@ -323,15 +323,18 @@ def test_copies_of_a_kernel_register_their_own_operator():
 
 def test_double_backward_and_ring_gradients_are_refused_by_moa():
     """Double backward raises moa's UnsupportedError (it raised torch's 'no autograd formula'); k.ring with inputs
-    that require grad is refused (its output carried no graph)."""
+    that require grad is refused where the ring has no backward for the program (its output would carry no
+    graph)."""
     from moa.errors import UnsupportedError
     k = moa.compile(Path("examples") / "causal.moa")
     q = torch.randn(5, 8, dtype=F64, requires_grad=True)
     g, = torch.autograd.grad(k(Q=q, K=q, V=q).square().sum(), q, create_graph=True)
     with pytest.raises(UnsupportedError, match="double backward"):
         g.sum().backward()
-    with pytest.raises(UnsupportedError, match="ring attention's calls compute no gradients"):
-        k.ring(Q=q, K=q, V=q)
+    pi = moa.compile(Path("examples") / "pi_attention.moa")   # the ring trains single-branch outputs only
+    w = torch.randn(8, dtype=F64, requires_grad=True)
+    with pytest.raises(UnsupportedError, match="ring attention's calls of this program compute no gradients"):
+        pi.ring(Q=q, K=q, V=q, wg=w)
 
 
 def test_with_lse_traces_in_one_graph():

@@ -1,0 +1,137 @@
+"""The backward of ring attention: the block program's fused backward kernels, around the ring.
+
+The forward leaves each rank its rows of O and their total (the merged lse of a softmax output, Z of a normalised
+one). With them, the gradient of one (query shard, key shard) block is exactly what the fused backward kernels
+(codegen/backward.py) compute on the block program, read with the rank's rows of O, the total and dO: P = exp(s -
+lse) over the block's pairs, dS = P (dP - delta) with delta = rowsum(dO O) of the whole row, dQ = dS K, dK = dS^T Q,
+dV = P^T dO, the score's float reads by atomic adds, operands computed in the kernel pulled back. Summed over the
+key shards they are the single-device gradients, as the forward's blocks merge into its O.
+
+So the backward rotates like the forward (Ring FlashAttention's schedule): at step t rank r holds key shard
+(r - t) mod P, adds its block's dQ to its own, and its dK, dV (and every travelling float input's gradient) to
+accumulators that travel with the shard; after the last step one more send brings each shard's accumulated
+gradients home. Gradients of replicated float inputs (a bias table, a gate's weights) are summed over the ranks
+(all_reduce). A block the tile analysis proves empty is not computed, as in the forward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from moa import shard
+
+from .binding import bind
+from .ring_comm import RingError, comm_device, geometry, layout, outcome, pack, post, unpack, wait
+
+
+def needs_grad(inputs: dict) -> bool:
+    """Whether autograd will need the call's graph (grad mode on and an input that requires grad)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
+
+
+def train_reason(plan, block) -> str | None:
+    """None when the ring can differentiate the program with the block's fused backward kernels, else why not."""
+    if len(plan.output_names) != 1 or plan.epilogues:
+        return "ring attention's backward takes one output of one branch (no epilogue)"
+    bw = block.backward
+    if bw.unfused_reason:
+        return f"the block program has no fused backward ({bw.unfused_reason})"
+    if bw.runner is None:
+        return "ring attention's backward takes one output of one branch (no epilogue)"
+    floats = [n.attrs[0] for n in block.program.inputs if n.dtype == "float"]
+    missing = [n for n in floats if n not in bw.fused_inputs]
+    if missing:
+        return f"the fused kernels give no gradient of {', '.join(missing)}"
+    both = [n for n, (role, _) in plan.roles.items() if role == shard.BOTH and n in floats]
+    if both:
+        return f"float input {', '.join(both)} is read along both the query and the key axis"
+    return None
+
+
+# long: the backward rotation, step by step (every rank runs the same collective sequence)
+def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, timeout) -> dict:
+    """User input name -> its gradient on this rank (its own shard's, or the whole replicated tensor's), for the
+    cotangent d_out of this rank's rows of the output (out, total: the forward's)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    prog = block.program
+    cdev = comm_device(inputs, group)
+    user = {n.attrs[0]: plan.source_of(n.attrs[0]) for n in prog.inputs}
+    geo = geometry(plan, kernel.program, inputs, group, cdev, timeout, rank)
+    keys = plan.key_inputs
+    fkeys = [bn for bn in keys if prog.input_map[bn].dtype == "float"]
+    qside = {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
+    dev = out.device
+    acc_dt = torch.float64 if out.dtype == torch.float64 else torch.float32
+    layouts = [layout(keys, geo.shapes[s], geo.dtypes) for s in range(world)]
+    cur = pack(*layouts[rank], {bn: inputs[user[bn]] for bn in keys}, dev)
+    gkeys = {bn: torch.zeros(geo.shapes[rank][bn], dtype=acc_dt, device=dev) for bn in fkeys}
+    local: dict = {}
+    runner = block.backward.runner
+    back = block.planner.codegen.inputs
+    nxt_rank = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
+    prv_rank = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
+    failed: list = []
+    try:
+        for t in range(world):
+            src = (rank - t) % world
+            dims = plan.block_dims(geo.gdims, geo.rows0[rank], geo.nl[rank], geo.cols0[src], geo.ml[src])
+            if not failed and not shard.pair_skipped(block.schedules[plan.outputs[0].name], dims):
+                try:
+                    b = bind(prog, {**qside, **unpack(layouts[src][0], cur)}, dims)
+                    for cg, g in runner.grads(b, out.detach(), total, d_out).items():
+                        name = back[cg]
+                        if name in gkeys:
+                            gkeys[name] += g.to(acc_dt).sum_to_size(gkeys[name].shape)
+                        else:
+                            g = g.to(acc_dt).sum_to_size(inputs[name].shape)
+                            local[name] = g if name not in local else local[name] + g
+                except Exception as e:  # re-raised below, after the others have been told
+                    failed.append(e)
+            # the shard moves on (not after the last step) with its gradients so far; the last send brings each
+            # shard's gradients home
+            step = f"backward step {t + 1} of {world}"
+            recv_shard = torch.empty(layouts[(rank - t - 1) % world][1], dtype=torch.uint8, device=dev) \
+                if t < world - 1 else None
+            recv_grads = {bn: torch.empty(geo.shapes[(rank - t - 1) % world][bn], dtype=acc_dt, device=dev)
+                          for bn in fkeys}
+            ops = []
+            if world == 1:   # the shard and its gradients are home already
+                break
+            if recv_shard is not None:
+                if cur.numel():
+                    ops.append(dist.P2POp(dist.isend, cur, nxt_rank, group))
+                if recv_shard.numel():
+                    ops.append(dist.P2POp(dist.irecv, recv_shard, prv_rank, group))
+            for bn in fkeys:
+                if gkeys[bn].numel():
+                    ops.append(dist.P2POp(dist.isend, gkeys[bn].contiguous(), nxt_rank, group))
+                if recv_grads[bn].numel():
+                    ops.append(dist.P2POp(dist.irecv, recv_grads[bn], prv_rank, group))
+            works = post(functools.partial(dist.batch_isend_irecv, ops), timeout, rank, step) if ops else []
+            wait(works, timeout, rank, step)
+            if recv_shard is not None:
+                cur = recv_shard
+            gkeys = recv_grads
+        replicated = sorted(n for n, (role, _) in plan.roles.items() if role == shard.REPLICATED and
+                            inputs[n].is_floating_point())
+        for n in replicated:   # every rank's share of a replicated input's gradient
+            g = local.get(n, torch.zeros(inputs[n].shape, dtype=acc_dt, device=dev))
+            local[n] = g.contiguous()
+            post(functools.partial(dist.all_reduce, local[n], group=group), timeout, rank,
+                 f"summing the gradient of {n}")
+        outcome(failed, group, cdev, timeout, rank, "agreeing on the backward's outcome")
+    except RingError:
+        if failed:
+            raise failed[0] from None
+        raise
+    res = {}
+    for name, t in inputs.items():
+        if not t.is_floating_point():
+            continue
+        g = gkeys.get(next((bn for bn in fkeys if user[bn] == name), None)) if plan.roles[name][0] == shard.KEY \
+            else local.get(name)
+        res[name] = (torch.zeros_like(t) if g is None else g.to(t.dtype)).reshape(t.shape)
+    return res
