@@ -200,7 +200,7 @@ class _RingTrain(torch.autograd.Function):
 def _rotate(kernel, inputs: dict, group, timeout):
     """The K/V rotation: (plan, block kernel, the merged (O, total) of every block output, the rank's binding,
     its query length, its query-side inputs, RingStats)."""
-    import torch.distributed as dist
+    import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     plan, block = block_kernel(kernel)

@@ -53,7 +53,7 @@ def train_reason(plan, block) -> str | None:
 def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, timeout) -> dict:
     """User input name -> its gradient on this rank (its own shard's, or the whole replicated tensor's), for the
     cotangent d_out of this rank's rows of the output (out, total: the forward's)."""
-    import torch.distributed as dist
+    import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     prog = block.program
