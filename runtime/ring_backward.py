@@ -77,6 +77,14 @@ def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, t
     try:
         for t in range(world):
             src = (rank - t) % world
+            step = f"backward step {t + 1} of {world}"
+            nxt_src = (rank - t - 1) % world
+            shard_works, recv_shard = [], None
+            if t < world - 1:   # the next key shard's transfer runs while this block computes (as the forward's)
+                recv_shard = torch.empty(layouts[nxt_src][1], dtype=torch.uint8, device=dev)
+                ops = [dist.P2POp(dist.isend, cur, nxt_rank, group)] if cur.numel() else []
+                ops += [dist.P2POp(dist.irecv, recv_shard, prv_rank, group)] if recv_shard.numel() else []
+                shard_works = post(functools.partial(dist.batch_isend_irecv, ops), timeout, rank, step) if ops else []
             dims = plan.block_dims(geo.gdims, geo.rows0[rank], geo.nl[rank], geo.cols0[src], geo.ml[src])
             if not failed and not shard.pair_skipped(block.schedules[plan.outputs[0].name], dims):
                 try:
@@ -90,30 +98,17 @@ def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, t
                             local[name] = g if name not in local else local[name] + g
                 except Exception as e:  # re-raised below, after the others have been told
                     failed.append(e)
-            # the shard moves on (not after the last step) with its gradients so far; the last send brings each
-            # shard's gradients home
-            step = f"backward step {t + 1} of {world}"
-            recv_shard = torch.empty(layouts[(rank - t - 1) % world][1], dtype=torch.uint8, device=dev) \
-                if t < world - 1 else None
-            recv_grads = {bn: torch.empty(geo.shapes[(rank - t - 1) % world][bn], dtype=acc_dt, device=dev)
-                          for bn in fkeys}
-            ops = []
             if world == 1:   # the shard and its gradients are home already
                 break
-            if recv_shard is not None:
-                if cur.numel():
-                    ops.append(dist.P2POp(dist.isend, cur, nxt_rank, group))
-                if recv_shard.numel():
-                    ops.append(dist.P2POp(dist.irecv, recv_shard, prv_rank, group))
+            # the shard's gradients so far follow it (after the last step: home to the shard's own rank)
+            recv_grads = {bn: torch.empty(geo.shapes[nxt_src][bn], dtype=acc_dt, device=dev) for bn in fkeys}
+            ops = []
             for bn in fkeys:
-                if gkeys[bn].numel():
-                    ops.append(dist.P2POp(dist.isend, gkeys[bn].contiguous(), nxt_rank, group))
-                if recv_grads[bn].numel():
-                    ops.append(dist.P2POp(dist.irecv, recv_grads[bn], prv_rank, group))
+                ops += [dist.P2POp(dist.isend, gkeys[bn].contiguous(), nxt_rank, group)] if gkeys[bn].numel() else []
+                ops += [dist.P2POp(dist.irecv, recv_grads[bn], prv_rank, group)] if recv_grads[bn].numel() else []
             works = post(functools.partial(dist.batch_isend_irecv, ops), timeout, rank, step) if ops else []
-            wait(works, timeout, rank, step)
-            if recv_shard is not None:
-                cur = recv_shard
+            wait(shard_works + works, timeout, rank, step)
+            cur = recv_shard if recv_shard is not None else cur
             gkeys = recv_grads
         replicated = sorted(n for n, (role, _) in plan.roles.items() if role == shard.REPLICATED and
                             inputs[n].is_floating_point())

@@ -499,6 +499,20 @@ def _job_train(rank, world, job):
         res["refused"] = None
     except moa.MoaError as e:
         res["refused"] = (type(e).__name__, str(e))
+    k = _train_kernel("rope")   # a rank whose backward block raises: it raises its own error, the others RingError
+    local, _ = _train_shards(k, _train_inputs("rope"), rank, world)
+    leaves = {n: t.clone().requires_grad_() for n, t in local.items()}
+    o = k.ring(timeout=60, **leaves)
+    if rank == 1:
+        from moa.runtime.ring import block_kernel
+
+        runner = block_kernel(k)[1].backward.runner
+        runner.grads = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("injected backward failure"))
+    try:
+        o.sum().backward()
+        res["fault"] = None
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        res["fault"] = (type(e).__name__, str(e))
     return res
 
 
@@ -540,3 +554,8 @@ def test_training_through_the_ring(world, names, tmp_path):
     for r in range(world):
         kind, msg = recs[r]["result"]["refused"]
         assert kind == "UnsupportedError" and "no epilogue" in msg, msg
+        kind, msg = recs[r]["result"]["fault"]
+        if r == 1:
+            assert kind == "RuntimeError" and "injected backward failure" in msg, msg
+        else:
+            assert kind == "RingError" and "rank 1: RuntimeError: injected backward failure" in msg, (r, msg)
