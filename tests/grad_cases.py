@@ -82,3 +82,21 @@ def rel_err(got, want) -> float:
     got, want = got.to(F64), want.to(F64)
     assert got.shape == want.shape, (got.shape, want.shape)
     return float((got - want).abs().max() / max(1.0, float(want.abs().max()))) if want.numel() else 0.0
+
+
+def check_backward_cost(k, x: dict, cot, config) -> None:
+    """The backward cost model's prediction (runtime/backward_cost.py, at `config`'s tiles) equals the
+    interpreter's counters of one fused backward call (the caller sets backward_run.INTERPRETER_BLOCKS to the same
+    tiles)."""
+    from moa.runtime import backward_cost
+    from moa.runtime.measure import instrument
+
+    b = k.bind(x)
+    out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
+    pred = backward_cost.predict(k.backward.runner, b.dims, b.batch, "float64", config)
+    with instrument() as c:
+        k.backward.runner.grads(b, out, lse, cot)
+    assert sum(w.flops for w in pred.values()) == c.flops
+    assert sum(w.transcendentals for w in pred.values()) == c.transcendentals
+    assert sum(w.bytes_loaded for w in pred.values()) == c.dram_bytes_loaded
+    assert sum(w.bytes_stored for w in pred.values()) == c.dram_bytes_stored

@@ -11,8 +11,7 @@ import torch
 import moa
 from moa.grad import show_grad
 from moa.pullback import outputs, pullback_grad, pulled_inputs
-from moa.runtime import backward_cost, backward_run
-from moa.runtime.measure import instrument
+from moa.runtime import backward_run
 from moa.runtime.tiling import Config
 
 try:
@@ -169,15 +168,8 @@ def test_backward_kernel_work_is_predicted_exactly(name, monkeypatch):
     monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
     k = moa.compile(PROGRAMS[name][0])
     x = _inputs(k, 0)
+    C.check_backward_cost(k, x, C.cotangents(k, x, 0)["O"], Config(16, 16))
     b = k.bind(x)
-    out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
-    pred = backward_cost.predict(k.backward.runner, b.dims, b.batch, "float64", Config(16, 16))
-    with instrument() as c:
-        k.backward.runner.grads(b, out, lse, C.cotangents(k, x, 0)["O"])
-    assert sum(w.flops for w in pred.values()) == c.flops
-    assert sum(w.transcendentals for w in pred.values()) == c.transcendentals
-    assert sum(w.bytes_loaded for w in pred.values()) == c.dram_bytes_loaded
-    assert sum(w.bytes_stored for w in pred.values()) == c.dram_bytes_stored
     notes = " ".join(k.backward.cost(b.dims, b.batch, "float64", inputs=None).notes)
     assert "pulled back" in notes
 

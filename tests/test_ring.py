@@ -21,17 +21,24 @@ import moa
 
 try:  # pytest's default (prepend) import mode puts tests/ on sys.path
     from ring_cases import EXAMPLES, F64, NORM, PROGRAMS, _bounds, _compile, _inputs
+    from test_variant_edges import ROPE   # rotary embeddings computed in the kernel
 except ImportError:  # pragma: no cover
     from tests.ring_cases import EXAMPLES, F64, NORM, PROGRAMS, _bounds, _compile, _inputs
+    from tests.test_variant_edges import ROPE
 
 
 def _shards(kernel, name, full, rank, world):
     """This rank's shards: contiguous (uneven where the length does not divide) query and key ranges."""
+    x = PROGRAMS[name][2]
+    return _split(kernel, full, x["n"], x.get("m", x["n"]), rank, world)
+
+
+def _split(kernel, full, n, m, rank, world):
+    """This rank's shards of inputs whose query axis has n rows and key axis m keys."""
     from moa.runtime.ring import block_kernel
 
     plan, _ = block_kernel(kernel)
-    x = PROGRAMS[name][2]
-    nb, mb = _bounds(x["n"], world), _bounds(x.get("m", x["n"]), world)
+    nb, mb = _bounds(n, world), _bounds(m, world)
     out = {}
     for nm, t in full.items():
         role, ax = plan.roles[nm]
@@ -435,18 +442,10 @@ def test_linear_forms_across_ranks(tmp_path):
 
 # ---- training through the ring --------------------------------------------------------------------------------
 
-ROPE_RING = """dim n, d, e
-param base = 10000
-in Q[n, d], K[n, d], V[n, e]
-Qr[i, k] = Q[i, k] * cos(i * base ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * Q[i, (k + d // 2) % d] * sin(i * base ^ (-2 * (k % (d // 2)) / d))
-Kr[j, k] = K[j, k] * cos(j * base ^ (-2 * (k % (d // 2)) / d)) + where(k < d // 2, -1, 1) * K[j, (k + d // 2) % d] * sin(j * base ^ (-2 * (k % (d // 2)) / d))
-S[i, j] = where(j <= i, dot(Qr[i], Kr[j]) / sqrt(d), -inf)
-out O = softmax(S, axis=-1) @ V
-"""  # noqa: E501
 
 def _train_kernel(name):
     if name == "rope":
-        return moa.compile(ROPE_RING)
+        return moa.compile(ROPE)
     if name in NORM:
         return moa.compile(NORM[name])
     return _compile(name)
@@ -461,21 +460,8 @@ def _train_inputs(name):
 
 
 def _train_shards(k, full, rank, world):
-    from moa.runtime.ring import block_kernel
-
-    plan, _ = block_kernel(k)
-    n = full["Q"].shape[-2]
-    m = full["K"].shape[-2]
-    out = {}
-    for nm, t in full.items():
-        role, ax = plan.roles[nm]
-        if role == "replicated":
-            out[nm] = t
-            continue
-        b = _bounds(n if role in ("query", "both") else m, world)
-        pos = t.dim() - k.program.input_map[nm].rank + ax
-        out[nm] = t.narrow(pos, b[rank], b[rank + 1] - b[rank]).contiguous()
-    return out, _bounds(n, world)
+    n, m = full["Q"].shape[-2], full["K"].shape[-2]
+    return _split(k, full, n, m, rank, world), _bounds(n, world)
 
 
 def _job_train(rank, world, job):

@@ -5,22 +5,16 @@ reference, and the kernels' work stays exactly predicted."""
 import pytest
 
 import moa
-from moa.runtime import backward_cost, backward_run
-from moa.runtime.measure import instrument
+from moa.runtime import backward_run
 from moa.runtime.tiling import Config
 
 try:
     import grad_cases as C
+    from test_variant_edges import SINK   # the attention sink written as a key (docs/variants.md)
 except ImportError:  # pragma: no cover
     from tests import grad_cases as C
+    from tests.test_variant_edges import SINK
 
-SINK = """dim h, n, d, e
-param w = 30
-in Q[h, n, d], K[h, n, d], V[h, n, e], sink[h]
-S[a, i, j:n+1] = where(j >= 1, where(j - 1 <= i and i - j + 1 <= w, dot(Q[a, i], K[a, j - 1]) / sqrt(d), -inf), sink[a])
-Vp[a, j:n+1, c:e] = where(j >= 1, V[a, j - 1, c], 0)
-out O[a] = softmax(S[a], axis=-1) @ Vp[a]
-"""
 PROGRAMS = {
     "sink": (SINK, {"w": 7}, {"h": 2, "n": 40, "d": 8, "e": 5}),
     # a leaky score and a bias clipped at 0: the bias's gradient by the kernels' atomic adds (its read in the
@@ -60,15 +54,7 @@ def test_sink_backward_work_is_predicted_exactly(monkeypatch):
     src, params, dims = PROGRAMS["sink"]
     k = moa.compile(src, **params)
     x = C.inputs(k.program, dims, 0)
-    b = k.bind(x)
-    out, lse = k.launcher.tiled(k.output_names[0], b, store_lse=True)
-    pred = backward_cost.predict(k.backward.runner, b.dims, b.batch, "float64", Config(16, 16))
-    with instrument() as c:
-        k.backward.runner.grads(b, out, lse, C.cotangents(k, x, 0)["O"])
-    assert sum(w.flops for w in pred.values()) == c.flops
-    assert sum(w.transcendentals for w in pred.values()) == c.transcendentals
-    assert sum(w.bytes_loaded for w in pred.values()) == c.dram_bytes_loaded
-    assert sum(w.bytes_stored for w in pred.values()) == c.dram_bytes_stored
+    C.check_backward_cost(k, x, C.cotangents(k, x, 0)["O"], Config(16, 16))
 
 
 def test_the_docs_sink_program_is_this_one():
