@@ -201,10 +201,13 @@ def _solve_mod_index(s: Scatter, u_ranges: tuple):
         return None
     g, big = f.args
     box = _bounds(s.conds, s.ranges)
+    index_vars = {w for w, _ in (*s.ranges, *u_ranges)}
     for v, ext in reversed(s.ranges):
         c = _linear_coeff(g, v) if v in g.free_symbols else None
-        whole = sy.prove_equal(ext, big) or box[v][0] == 0 and sy.prove_equal(box[v][1], big - 1)   # v < N held
-        if c not in (1, -1) or v in big.free_symbols or not whole:
+        # v takes each of the N values once: its extent is N, or at least N and a condition keeps v < N
+        whole = sy.prove_equal(ext, big) or box[v][0] == 0 and sy.prove_equal(box[v][1], big - 1) and \
+            sy.prove_nonneg(sp.sympify(ext) - big) is True
+        if c not in (1, -1) or big.free_symbols & index_vars or not whole:
             continue
         value = sy.mod(c * (u - sp.expand(g - c * v)), big)
         ranges = tuple((w, x) for w, x in s.ranges if w != v)
@@ -238,8 +241,10 @@ def _solve_floor_index(s: Scatter, u_ranges: tuple):
     if not isinstance(f, sp.floor):
         return None
     num, den = sy.split_floor(f)
+    if den.free_symbols & {w for w, _ in (*s.ranges, *u_ranges)}:   # c must not vary over the sums (c = i + 1)
+        return None
     for v, ext in reversed(s.ranges):
-        if v not in num.free_symbols or v in den.free_symbols or _linear_coeff(num, v) != 1 or \
+        if v not in num.free_symbols or _linear_coeff(num, v) != 1 or \
                 sy.prove_nonneg(den) is not True:   # c = 0: the forward's own index divides by zero
             continue
         t = _fresh(s, u_ranges, "t")
@@ -271,8 +276,8 @@ def _split_mod_index(s: Scatter, u_ranges: tuple):
             num, den = (x.args[0], x.args[1]) if isinstance(x, sp.Mod) else sy.split_floor(x)
             cs.add(den if num == v else None)
         c = cs.pop() if len(cs) == 1 else None
-        if c is None or v in c.free_symbols or sy.prove_nonneg(c) is not True:   # c = 0: the forward's own % 0
-            continue
+        if c is None or c.free_symbols & {w for w, _ in (*s.ranges, *u_ranges)} or sy.prove_nonneg(c) is not True:
+            continue   # c varying over the sums (c = i + 1) splits nothing; c = 0: the forward's own % 0
         r = _fresh(s, u_ranges, "r")
         q = _fresh(Scatter(s.ranges + ((r, c),), s.conds, s.factors, s.pending), u_ranges, "q")
         whole = c * q + r

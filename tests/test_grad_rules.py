@@ -156,3 +156,20 @@ def test_fully_masked_rows_have_zero_gradient():
     want = C.autograd_grads(k, x, cot)
     for n in got:
         assert C.rel_err(got[n], want[n]) <= 1e-12
+
+
+@pytest.mark.parametrize("src, dims", [
+    # a condition bounding v by another dim than its extent: v does not take every value of the mod (found by a
+    # fuzzer: the solved index read the cotangent out of range)
+    ("dim n, d\nin X[n, n], Y[n, d]\nout O[i:n, c:d] = where(c < n, X[i, (c + 1) % n], 0.0) + Y[i, c]",
+     {"n": 5, "d": 3}),
+    ("dim n, d\nin X[n, 2], Y[n, d]\nout O[i:n, c:d] = where(c < 2, X[i, (c + 1) % 2], 0.0) + Y[i, c]",
+     {"n": 3, "d": 1}),
+    ("dim n, d\nin X[n, n], Y[n, d]\nout O[i:n, c:d] = where(c <= i, X[i, (c + 1) % (i + 1)], 0.0) + Y[i, c]",
+     {"n": 5, "d": 2}),
+    # divisors varying over the sums (raw KeyErrors on the extents of the sums they made)
+    ("dim n, d\nin X[n, d]\nout O[i:n, c:d] = X[i, c // (i + 1)] + X[i, c % (i + 1)]", {"n": 3, "d": 4}),
+    ("dim n, d\nin X[n, n], Y[n, d]\nout O[i:n, c:d] = X[0, c % (i + 1)] * Y[i, c]", {"n": 3, "d": 4}),
+])
+def test_rules_decline_what_they_cannot_solve(src, dims):
+    _check(src, dims)
