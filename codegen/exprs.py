@@ -425,9 +425,10 @@ class Emitter:
         """A dot operand tile: a plain read stays in the input dtype (through a TMA descriptor where `tma` and the
         read is a key tile); anything computed is zeroed on padding lanes (f(0) need not be 0) and cast to the
         input dtype for the tensor cores."""
-        if isinstance(e, D.Read):
+        if isinstance(e, D.Read) and set(vmap) <= set(D.free_vars(e)):
             return (self.tma and self._desc_load(e, vmap, scope, name)) or \
                 self._load(e, vmap, scope, name=name, cast=False)
+        # computed, or a read constant along one tile axis (K[j, 0]): broadcast to the whole tile by the where
         self.taken.add(name)   # before its parts: a temporary named `name` would be overwritten (and reused)
         x = self.emit(e, vmap, scope, role=f"{name}_part")
         scope.add(f"{name} = tl.where({valid}, {x}, 0.0).to({self.in_dt})")

@@ -223,6 +223,11 @@ class _Eval:
             flat.append(i.clamp(0, max(ext - 1, 0)))
         if not flat:
             return t.expand((*lead_shape, *t.shape[L:]))
+        if any(own[k] == 0 for k in taken):   # an empty axis, read only where a guard fails: one unused zero cell
+            shape = list(t.shape)
+            for pos, k in enumerate(taken):
+                shape[L + pos] = max(shape[L + pos], 1)
+            t = t.new_zeros(shape)
         out = t[(*lead_ix, *flat)]
         return out.expand((*lead_shape, *out.shape[L:])) if out.dim() >= L else out
 

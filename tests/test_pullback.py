@@ -317,3 +317,26 @@ def test_explain_shows_the_backward_and_the_pullback():
     assert "fused kernels _attn_bwd_dkdv, _attn_bwd_dq per branch" in pi and "branch 1: operand pullback of Q" in pi
     two = moa.compile("dim n, d\nin Q[n, d], K[n, d]\nS = Q @ K.T\nout A = softmax(S, axis=-1)\nout B = S")
     assert "backward (training): the gradient DNF evaluated unfused, in float64 (several outputs)" in two.explain()
+
+
+def test_an_operand_constant_along_the_head_dim(monkeypatch):
+    """Kr[j, k] = K[j, 0] (the same value on every lane): the operand tile is broadcast to the whole tile (the
+    interpreter refused a [BLOCK_N, 1] tile in tl.dot); gradients through the pullback (found by a fuzzer)."""
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nKr[j:n, k:d] = K[j, 0]\n"
+                    "S[i, j] = where(j <= i, dot(Q[i], Kr[j]) / sqrt(d), -inf)\nout O = softmax(S, axis=-1) @ V\n")
+    x = C.inputs(k.program, {"n": 20, "d": 4, "e": 3}, 0)
+    assert (k(**x) - k.reference(**x)).abs().max().item() < 1e-12
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    got = _grads(k, x, cot["O"])
+    assert all(C.rel_err(got[a], want[a]) < 1e-12 for a in want)
+
+
+def test_the_reference_reads_an_empty_axis_only_under_a_guard():
+    """X[n, d // 2] at d = 1 has no column: a read of it under a where that never holds is 0, not an IndexError
+    (found by a fuzzer)."""
+    k = moa.compile("dim n, d\nin X[n, d // 2], Y[n, d]\n"
+                    "out O[i:n, c:d] = where(c // 2 < d // 2, X[i, c // 2], 0.0) + Y[i, c]")
+    x = C.inputs(k.program, {"n": 2, "d": 1}, 0)
+    assert torch.equal(k.reference(**x), x["Y"])
