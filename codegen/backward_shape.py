@@ -102,6 +102,12 @@ def roles(program: Program, sched: Schedule) -> tuple[dict, str | None]:
     return out, None
 
 
+def schedule_reason(program: Program, sched: Schedule) -> str | None:
+    """None when one single-branch schedule has fused backward kernels (whatever else the program outputs: a
+    ring's block program holds one output per branch), else why not."""
+    return _single_reason(program, sched)
+
+
 def _single_reason(program: Program, sched: Schedule) -> str | None:
     b = sched.branches[0]
     if b.mix is not None:

@@ -170,30 +170,42 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
 
 
 class _RingTrain(torch.autograd.Function):
-    """The ring's forward keeps this rank's rows of O and their total (lse, or Z); its backward runs the block
-    program's fused backward kernels around the ring (runtime/ring_backward.py)."""
+    """The ring's forward keeps this rank's rows of every branch's merged O and total (lse, or Z); its backward
+    runs the block program's fused backward kernels around the ring (runtime/ring_backward.py)."""
 
     @staticmethod
     def forward(ctx, kernel, group, timeout, names, held, *tensors):
         inputs = dict(zip(names, (t.detach() for t in tensors)))
         plan, block, acc, b0, nl, qside, st = _rotate(kernel, inputs, group, timeout)
         out = _results(plan, block, acc, b0, nl, qside)[plan.output_names[0]]
-        name = plan.outputs[0].name
-        total = acc[name][1] if name in acc else torch.full(out.shape[:-1], float("-inf") if block.schedules[
-            name].branches[0].kind == "softmax" else 0.0, dtype=torch.float64 if out.dtype == F64 else torch.float32,
-            device=out.device)
+        branches = [o.name for o in plan.outputs]
+        values = [x for name in branches for x in (acc[name] if name in acc else _empty(block, name, b0, nl))]
         held["stats"] = st
-        ctx.ring = (kernel, group, timeout, names)
-        ctx.save_for_backward(*tensors, out, total)
+        ctx.ring = (kernel, group, timeout, names, branches, dict(b0.dims))
+        ctx.save_for_backward(*tensors, *values)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        kernel, group, timeout, names = ctx.ring
-        *tensors, out, total = ctx.saved_tensors
+        kernel, group, timeout, names, branches, dims = ctx.ring
+        saved = ctx.saved_tensors
+        tensors, vals = saved[:len(names)], saved[len(names):]
+        values = {x: (vals[2 * k], vals[2 * k + 1]) for k, x in enumerate(branches)}
         plan, block = block_kernel(kernel)
-        grads = backward_pass(kernel, plan, block, dict(zip(names, tensors)), out, total, d_out, group, timeout)
+        grads = backward_pass(kernel, plan, block, dict(zip(names, tensors)), values, d_out, dims, group, timeout)
         return (None, None, None, None, None, *(grads.get(n) for n in names))
+
+
+def _empty(block, name, b0, nl) -> tuple:
+    """(O, total) of a block output no block computed on this rank (no admissible key for any of its rows): O is 0,
+    the total that of no key (lse -inf, Z 0)."""
+    s = block.schedules[name]
+    lead = [sy.evaluate(x, b0.dims) for _, x in s.lead]
+    acc = F64 if b0.dtype == F64 else torch.float32
+    o = torch.zeros((*b0.batch, *lead, nl, sy.evaluate(s.col[1], b0.dims)), dtype=acc, device=b0.device)
+    total = torch.full(o.shape[:-1], float("-inf") if s.branches[0].kind == "softmax" else 0.0, dtype=acc,
+                       device=b0.device)
+    return o, total
 
 
 # long: the rotation protocol step by step (every rank runs the same collective sequence)
@@ -292,13 +304,8 @@ def _results(plan, block, acc, b0, nl, qside):
     """The rank's rows of every user output: merged blocks, and the epilogue of multi-branch outputs."""
     merged = {}
     for o in plan.outputs:
-        if o.name in acc:
-            merged[o.name] = acc[o.name][0]
-        else:  # every block skipped: no admissible key for any of this rank's rows
-            s = block.schedules[o.name]
-            lead = [sy.evaluate(x, b0.dims) for _, x in s.lead]
-            e = sy.evaluate(s.col[1], b0.dims)
-            merged[o.name] = torch.zeros((*b0.batch, *lead, nl, e), dtype=b0.dtype, device=b0.device)
+        # every block skipped: no admissible key for any of this rank's rows
+        merged[o.name] = acc[o.name][0] if o.name in acc else _empty(block, o.name, b0, nl)[0]
     outs = {}
     for name in plan.output_names:
         ep = plan.epilogue_of(name)

@@ -12,16 +12,28 @@ So the backward rotates like the forward (Ring FlashAttention's schedule): at st
 accumulators that travel with the shard; after the last step one more send brings each shard's accumulated
 gradients home. Gradients of replicated float inputs (a bias table, a gate's weights) are summed over the ranks
 (all_reduce). A block the tile analysis proves empty is not computed, as in the forward.
+
+An output of several branches mixed by an epilogue (PiAttention's gate) keeps every branch's merged (O_k, total_k):
+the epilogue's gradient DNF (moa/grad.py), evaluated on the rank's rows, gives each branch's cotangent dO_k and the
+gradients of the inputs the epilogue reads itself; then each branch's kernels run around the ring as above.
 """
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
-from moa import shard
+from moa import dnf as D
+from moa import ir, shard
+from moa.codegen.backward_shape import is_multi, schedule_reason
+from moa.dnf import DnfOutput
+from moa.grad import grad
 
+from .backward_run import BackwardRunner
 from .binding import bind
+from .grad_eval import _GradEval, gradients
+from .reference import F64
 from .ring_comm import RingError, comm_device, geometry, layout, outcome, pack, post, unpack, wait
 
 
@@ -30,17 +42,42 @@ def needs_grad(inputs: dict) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
 
 
+def block_runners(block) -> dict:
+    """Block output -> the fused backward of its branch (one per branch of an epilogue's output), built once."""
+    hit = _RUNNERS.get(block)
+    if hit is None:
+        names = list(block.schedules)
+        hit = {names[0]: block.backward.runner} if len(names) == 1 and block.backward.runner is not None else \
+            {n: BackwardRunner(block.planner, n) for n in names}
+        _RUNNERS[block] = hit
+    return hit
+
+
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def train_reason(plan, block) -> str | None:
-    """None when the ring can differentiate the program with the block's fused backward kernels, else why not."""
-    if len(plan.output_names) != 1 or plan.epilogues:
-        return "ring attention's backward takes one output of one branch (no epilogue)"
-    bw = block.backward
-    if bw.unfused_reason:
-        return f"the block program has no fused backward ({bw.unfused_reason})"
-    if bw.runner is None:
-        return "ring attention's backward takes one output of one branch (no epilogue)"
-    floats = [n.attrs[0] for n in block.program.inputs if n.dtype == "float"]
-    missing = [n for n in floats if n not in bw.fused_inputs]
+    """None when the ring can differentiate the program with the block's fused backward kernels (one per branch,
+    an epilogue by its gradient DNF), else why not."""
+    if len(plan.output_names) != 1:
+        return "ring attention's backward takes one output"
+    cg = block.planner.cg_program
+    back = block.planner.codegen.inputs
+    floats = {n.attrs[0] for n in block.program.inputs if n.dtype == "float"}
+    covered = set()
+    for name, sched in block.schedules.items():
+        why = schedule_reason(cg, sched) if len(sched.branches) == 1 and not is_multi(sched) else \
+            "a block output of several branches"
+        if why:
+            return f"the block program has no fused backward ({why})"
+        fused = {back[x] for x in block_runners(block)[name].fused_names()}
+        read = {back[x.name] for x in D.nodes(sched.branches[0].source) if isinstance(x, D.Read)} & floats
+        if read - fused:
+            return f"the fused kernels give no gradient of {', '.join(sorted(read - fused))}"
+        covered |= fused
+    for ep in plan.epilogues:
+        covered |= {n.attrs[0] for n in shard.epilogue_program(plan, ep).inputs if n.attrs[0] not in ep.branches}
+    missing = sorted(floats - covered)
     if missing:
         return f"the fused kernels give no gradient of {', '.join(missing)}"
     both = [n for n, (role, _) in plan.roles.items() if role == shard.BOTH and n in floats]
@@ -49,10 +86,30 @@ def train_reason(plan, block) -> str | None:
     return None
 
 
+def epilogue_grads(plan, ep, qside: dict, branches: dict, dims: dict, d_out) -> tuple[dict, dict]:
+    """(branch -> its cotangent dO_k, input -> its gradient) through an output's epilogue on the rank's rows: the
+    epilogue's gradient DNF evaluated in float64 by torch where the tensors are (O(rows e) work)."""
+    prog = shard.epilogue_program(plan, ep)
+    key = (prog.name, ep.output)
+    if key not in _EPILOGUE_GRADS:
+        _EPILOGUE_GRADS[key] = grad(prog, [DnfOutput(ep.output, ep.vars, ep.extents, ep.expr, ir.FLOAT)])
+    gp = _EPILOGUE_GRADS[key]
+    tensors = {n.attrs[0]: (qside[n.attrs[0]] if n.attrs[0] not in branches else branches[n.attrs[0]])
+               for n in prog.inputs}
+    b = bind(prog, {n: t.to(F64) if t.is_floating_point() else t for n, t in tensors.items()},
+             {d.name: dims[d.name] for d in prog.dims})
+    got = gradients(_GradEval(prog, b, {gp.cotangents[ep.output]: d_out.to(F64)}), gp, b)
+    return {x: got.pop(x) for x in ep.branches}, got
+
+
+_EPILOGUE_GRADS: dict = {}
+
+
 # long: the backward rotation, step by step (every rank runs the same collective sequence)
-def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, timeout) -> dict:
+def backward_pass(kernel, plan, block, inputs: dict, values: dict, d_out, dims: dict, group, timeout) -> dict:
     """User input name -> its gradient on this rank (its own shard's, or the whole replicated tensor's), for the
-    cotangent d_out of this rank's rows of the output (out, total: the forward's)."""
+    cotangent d_out of this rank's rows of the output (values: block output -> the forward's merged (O, total) of
+    each branch; dims: the rank's block dims)."""
     import torch.distributed as dist   # optional part of torch: imported where the ring runs
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -63,13 +120,17 @@ def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, t
     keys = plan.key_inputs
     fkeys = [bn for bn in keys if prog.input_map[bn].dtype == "float"]
     qside = {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
-    dev = out.device
-    acc_dt = torch.float64 if out.dtype == torch.float64 else torch.float32
+    first = next(iter(values.values()))[0]
+    dev = first.device
+    acc_dt = torch.float64 if first.dtype == torch.float64 else torch.float32
     layouts = [layout(keys, geo.shapes[s], geo.dtypes) for s in range(world)]
     cur = pack(*layouts[rank], {bn: inputs[user[bn]] for bn in keys}, dev)
     gkeys = {bn: torch.zeros(geo.shapes[rank][bn], dtype=acc_dt, device=dev) for bn in fkeys}
-    local: dict = {}
-    runner = block.backward.runner
+    ep = plan.epilogue_of(plan.output_names[0])
+    d_outs, local = ({plan.outputs[0].name: d_out}, {}) if ep is None else \
+        epilogue_grads(plan, ep, qside, {x: values[x][0] for x in ep.branches}, dims, d_out)
+    runners = block_runners(block)
+    local = {n: g.to(acc_dt).sum_to_size(inputs[n].shape) for n, g in local.items()}
     back = block.planner.codegen.inputs
     nxt_rank = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv_rank = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
@@ -85,17 +146,19 @@ def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, t
                 ops = [dist.P2POp(dist.isend, cur, nxt_rank, group)] if cur.numel() else []
                 ops += [dist.P2POp(dist.irecv, recv_shard, prv_rank, group)] if recv_shard.numel() else []
                 shard_works = post(functools.partial(dist.batch_isend_irecv, ops), timeout, rank, step) if ops else []
-            dims = plan.block_dims(geo.gdims, geo.rows0[rank], geo.nl[rank], geo.cols0[src], geo.ml[src])
-            if not failed and not shard.pair_skipped(block.schedules[plan.outputs[0].name], dims):
+            block_dims = plan.block_dims(geo.gdims, geo.rows0[rank], geo.nl[rank], geo.cols0[src], geo.ml[src])
+            live = [x for x in runners if not shard.pair_skipped(block.schedules[x], block_dims)]
+            if not failed and live:
                 try:
-                    b = bind(prog, {**qside, **unpack(layouts[src][0], cur)}, dims)
-                    for cg, g in runner.grads(b, out.detach(), total, d_out).items():
-                        name = back[cg]
-                        if name in gkeys:
-                            gkeys[name] += g.to(acc_dt).sum_to_size(gkeys[name].shape)
-                        else:
-                            g = g.to(acc_dt).sum_to_size(inputs[name].shape)
-                            local[name] = g if name not in local else local[name] + g
+                    b = bind(prog, {**qside, **unpack(layouts[src][0], cur)}, block_dims)
+                    for x in live:
+                        for cg, g in runners[x].grads(b, values[x][0].detach(), values[x][1], d_outs[x]).items():
+                            name = back[cg]
+                            if name in gkeys:
+                                gkeys[name] += g.to(acc_dt).sum_to_size(gkeys[name].shape)
+                            else:
+                                g = g.to(acc_dt).sum_to_size(inputs[name].shape)
+                                local[name] = g if name not in local else local[name] + g
                 except Exception as e:  # re-raised below, after the others have been told
                     failed.append(e)
             if world == 1:   # the shard and its gradients are home already
@@ -114,7 +177,7 @@ def backward_pass(kernel, plan, block, inputs: dict, out, total, d_out, group, t
                             inputs[n].is_floating_point())
         for n in replicated:   # every rank's share of a replicated input's gradient
             g = local.get(n, torch.zeros(inputs[n].shape, dtype=acc_dt, device=dev))
-            local[n] = g.contiguous()
+            local[n] = g.to(acc_dt).sum_to_size(inputs[n].shape).contiguous()
             post(functools.partial(dist.all_reduce, local[n], group=group), timeout, rank,
                  f"summing the gradient of {n}")
         outcome(failed, group, cdev, timeout, rank, "agreeing on the backward's outcome")
