@@ -162,6 +162,8 @@ def cmd_cost(args) -> int:
         missing = [d.name for d in k.program.dims if d.name not in dims]
         raise InputError(f"--dims: missing {', '.join(missing)} (give every dim for numbers, or no --dims for the "
                          "formulas)")
+    if args.backward and any(d.name not in dims for d in k.program.dims):   # checked before anything is printed
+        raise InputError("--backward needs --dims with every dim")
     if args.plot:   # every argument checked before anything is printed
         if len(dims) < len(k.program.dims):
             raise InputError("--plot needs --dims with every dim (the sequence dims give the largest n)")
@@ -184,8 +186,6 @@ def cmd_cost(args) -> int:
         if note:
             print(note)
     if args.backward:
-        if len(dims) < len(k.program.dims):
-            raise InputError("--backward needs --dims with every dim")
         dev = get_device(args.device) if args.device != "cpu" else None
         cfg = backward_fit(k, dims, dtype, dev.target) if fit and dev else None
         bc = k.backward.cost(dims, batch, dtype, device="cuda" if dev else "cpu", config=cfg)

@@ -80,7 +80,7 @@ class BackwardSpec:
     scatters: tuple = ()   # the inputs the score reads whose gradients the dQ kernel adds atomically (grad_X)
     summaries: tuple = ()  # TileSummaries (codegen/data_tiles.py) both kernels read, after the inputs
     pulled: tuple = ()     # the roles whose buffer holds the gradient of the operand expression (moa/pullback.py)
-    reductions: tuple = () # (buffer, side) of the score's reductions: grad_row{k} [zl, n] (dQ kernel), grad_key{k}
+    reductions: tuple = () # (buffer, side) of the score's norms: grad_row{k} [zl, n] (dQ), grad_key{k} [zl, m] (dK/dV)
 
 
 class _BackwardEmitter:
@@ -102,6 +102,7 @@ class _BackwardEmitter:
         # the score's reductions of one side (a query or key norm): leaf -> (side, its gradient buffer)
         self.reductions = {leaf: (side, f"grad_{side}{k}")
                            for k, (leaf, side) in enumerate(score_reductions(sched)[0])}
+        self.accs = {buf: f"d{side}{k}" for k, (side, buf) in enumerate(self.reductions.values())}  # accumulators
         self.scatter_names = tuple(dict.fromkeys(r.name for r in self.scatters))
         self.data = uses_summaries(sched, b)   # the forward skips tiles by the data too: so do these kernels
         self.skip, self.full = b.tile_tests(self.data)
@@ -114,7 +115,7 @@ class _BackwardEmitter:
         x = Emitter(self.p, self.s, self.dtype)
         x.head_dims = self.head_dims    # shared: HEAD_DIM means the same extent in both kernels
         x.taken |= set(self.OWN)        # the emitter's temporaries never take the kernels' own names
-        x.taken |= {f"d{buf[len('grad_'):]}" for _, buf in self.reductions.values()}
+        x.taken |= set(self.accs.values())
         return x
 
     def _prologue(self, body: Scope, x: Emitter, tile: str) -> None:
@@ -210,7 +211,7 @@ class _BackwardEmitter:
                     if leaf == DotTile(0):
                         inner.add(f"ds = {adj}")
                     elif side:   # d score / d (a norm of the row or key), summed over the tile's other side
-                        acc = f"d{self.reductions[leaf][1][len('grad_'):]}"
+                        acc = self.accs[self.reductions[leaf][1]]
                         inner.add(f"{acc} += tl.sum({adj}, {1 if side == 'row' else 0})")
                     else:
                         self._atomic(inner, x, leaf, adj)
@@ -378,18 +379,21 @@ class _BackwardEmitter:
         return tuple(buf for sd, buf in self.reductions.values() if sd == side)
 
     def _open_reductions(self, side: str, body: Scope, x: Emitter, vmap: dict, block: str) -> None:
-        """Before the loop: each reduction of this kernel's own side computed once (the score in the loop finds it
-        in the cache) and the accumulator of its adjoint zeroed."""
+        """Before the loop: each reduction of this kernel's own side, and each one per program (a weight's norm),
+        computed once (the score in the loop finds it in the cache); the accumulator of the own side's adjoints
+        zeroed."""
         for leaf, (sd, buf) in self.reductions.items():
             if sd == side:
                 x.emit(leaf, vmap, body, role="score")
-                body.add(f"d{buf[len('grad_'):]} = tl.zeros([{block}], dtype={x.acc})")
+                body.add(f"{self.accs[buf]} = tl.zeros([{block}], dtype={x.acc})")
+            elif not set(D.free_vars(leaf)) & {self.s.row[0], self.b.var}:
+                x.emit(leaf, vmap, body, role="score")
 
     def _store_reductions(self, side: str, body: Scope, offs: str, extent_code: str, var, extent) -> tuple:
         """After the loop: the adjoint of each reduction of this side stored per row (key); their AccessSites."""
         sites = []
         for buf in self._side(side):
-            body.add(f"tl.store({buf}_ptr + zz * stride_{buf}_z + {offs} * stride_{buf}_0, d{buf[len('grad_'):]}, "
+            body.add(f"tl.store({buf}_ptr + zz * stride_{buf}_z + {offs} * stride_{buf}_0, {self.accs[buf]}, "
                      f"mask={offs} < {extent_code})")
             sites.append(AccessSite(buf, buf, (var,), ((var, side),), (sp.Lt(var, extent, evaluate=False),)))
         return tuple(sites)

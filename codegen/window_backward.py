@@ -39,10 +39,10 @@ from dataclasses import dataclass, replace
 import sympy as sp
 
 from moa import dnf as D
-from moa import ir
 from moa.grad_sym import Translation
 from moa.onf import MixTile, Schedule
 from moa.program import Program
+from moa.pullback import float_reads
 
 from .backward_shape import is_multi, operand_read
 from .exprs import AccessSite
@@ -95,8 +95,8 @@ def shifted_read(e, i, r, lane, tiles: set):
     return got, h
 
 
-def _float_reads(e) -> set:
-    return {x.name for x in D.nodes(e) if isinstance(x, D.Read) and x.dtype == ir.FLOAT} if e is not None else set()
+def _reads(e) -> set:
+    return set(float_reads(e))
 
 
 def window_unfused_reason(program: Program, sched: Schedule) -> str | None:
@@ -122,9 +122,9 @@ def window_unfused_reason(program: Program, sched: Schedule) -> str | None:
     if kb is None or xv is None:
         return "a hop's key or value is not (a function of) a plain read X[..., i + h(r), lane]"
     qkv = {qa.name, kb[0].name, xv[0].name}
-    if _float_reads(b.score) or _float_reads(mx.weight):
+    if _reads(b.score) or _reads(mx.weight):
         return "the score or the mixing weights read float inputs (their gradients are not computed)"
-    if (_float_reads(b.mask) | _float_reads(mx.guard)) & qkv:
+    if (_reads(b.mask) | _reads(mx.guard)) & qkv:
         return "the mask or the hop guard reads Q, K or V"
     shapes = program.input_map
     for rd, ext in ((qa, mx.kext), (kb[0], mx.kext), (xv[0], e)):

@@ -109,7 +109,14 @@ def _bounds(conds: tuple, ranges: tuple) -> dict:
     """var -> (lo, hi) of the summed variables, narrowed by the conditions that bound one of them alone
     (v < E, v >= E, not(v < E) ..., E free of v)."""
     box = {v: [sp.Integer(0), sp.sympify(x) - 1] for v, x in ranges}
-    for c in conds:
+    flat, todo = [], list(conds)
+    while todo:   # the conjuncts of every condition
+        c = todo.pop()
+        if isinstance(c, Op) and c.fn == "and":
+            todo += list(c.args)
+        else:
+            flat.append(c)
+    for c in flat:
         neg = isinstance(c, Op) and c.fn == "not"
         c = c.args[0] if neg else c
         if not (isinstance(c, Op) and c.fn in ("lt", "le", "gt", "ge") and
@@ -191,9 +198,9 @@ def _solve_index(s: Scatter, u_ranges: tuple):
 
 def _solve_mod_index(s: Scatter, u_ranges: tuple):
     # +red_{v<N} where((c v + r) % N == u, X(v), 0)  ->  where(u < N, X((c (u - r)) % N), 0),   c = +-1
-    """solve-mod-index: the first pending axis (c v + r) % N == u with c = +-1 and v summed over exactly N values
-    (its extent, or the range the conditions leave it: partial rotary's k < r) (a rotation of the axis, as rotary
-    embeddings' rotate-half reads it): v = (c (u - r)) % N, one point of the sum.
+    """solve-mod-index: the first pending axis (c v + r) % N == u with c = +-1 and the summed v inside one period
+    (its extent at most N, or a condition keeps it below N: partial rotary's k < r) (a rotation of the axis, as
+    rotary embeddings' rotate-half reads it): v = (c (u - r)) % N, one point of the sum, guarded by v < its extent.
     A guard keeps u < N unless the gradient's axis is provably no longer."""
     f, u = s.pending[0]
     f = sp.sympify(f)
@@ -204,16 +211,18 @@ def _solve_mod_index(s: Scatter, u_ranges: tuple):
     index_vars = {w for w, _ in (*s.ranges, *u_ranges)}
     for v, ext in reversed(s.ranges):
         c = _linear_coeff(g, v) if v in g.free_symbols else None
-        # v takes each of the N values once: its extent is N, or at least N and a condition keeps v < N
-        whole = sy.prove_equal(ext, big) or box[v][0] == 0 and sy.prove_equal(box[v][1], big - 1) and \
-            sy.prove_nonneg(sp.sympify(ext) - big) is True
-        if c not in (1, -1) or big.free_symbols & index_vars or not whole:
+        # the summed v stay inside one period [0, N): by their extent, or by a condition (v < r); then u has one
+        # solution there, kept where it is inside v's extent (the conditions follow, substituted)
+        period = sy.prove_nonneg(sp.sympify(big) - ext) is True or sy.prove_nonneg(big - 1 - box[v][1]) is True
+        if c not in (1, -1) or big.free_symbols & index_vars or not period:
             continue
         value = sy.mod(c * (u - sp.expand(g - c * v)), big)
         ranges = tuple((w, x) for w, x in s.ranges if w != v)
         u_ext = dict(u_ranges)[u]
         conds = () if sy.prove_nonneg(sp.sympify(big) - u_ext) is True else \
             (Op("lt", (Index(u), Index(sp.sympify(big))), ir.BOOL),)
+        if sy.prove_nonneg(sp.sympify(ext) - big) is not True:
+            conds += (Op("lt", (Index(value), Index(sp.sympify(ext))), ir.BOOL),)
         return _substituted(s, v, value, ranges, conds)
     return None
 
@@ -297,14 +306,15 @@ def _bool(c):
         return Const(bool(c), ir.BOOL)
     if isinstance(c, sp.core.relational.Relational) and c.rel_op in rel:
         return Op(rel[c.rel_op], (Index(c.lhs), Index(c.rhs)), ir.BOOL)
+    parts = [_bool(a) for a in c.args] if isinstance(c, (sp.Not, sp.And, sp.Or)) else [None]
+    if None in parts:   # a condition not expressed here: the rule declines
+        return None
     if isinstance(c, sp.Not):
-        return Op("not", (_bool(c.args[0]),), ir.BOOL)
-    if isinstance(c, (sp.And, sp.Or)):
-        out = _bool(c.args[0])
-        for a in c.args[1:]:
-            out = Op("and" if isinstance(c, sp.And) else "or", (out, _bool(a)), ir.BOOL)
-        return out
-    return None
+        return Op("not", (parts[0],), ir.BOOL)
+    out = parts[0]
+    for a in parts[1:]:
+        out = Op("and" if isinstance(c, sp.And) else "or", (out, a), ir.BOOL)
+    return out
 
 
 def _split_piecewise_index(s: Scatter, u_ranges: tuple):

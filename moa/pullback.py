@@ -11,7 +11,8 @@ then ends in an O(n d) pass with no key axis:
 
 which is the gradient DNF (moa/grad.py) of the output `A` (vars lead, i, k) for the cotangent dA: derived by the
 same rules as every gradient, with reads at rotated or grouped indices solved (moa/grad_scatter.py). Each role whose
-expression is not a plain read of an input laid out as the tile (`operand_expr`, `ROLES`) is pulled back this
+expression is not a plain read of an input laid out as the tile (`role_output`; codegen/backward_shape.py `roles`
+decides) is pulled back this
 way; the inputs it reads (Q, the rotary tables, the norm's weights) get their gradients from it.
 
 A reduction over one side inside the score itself (cosine attention's rsqrt(q . q) r_i, a key norm c_j) is pulled
@@ -21,6 +22,8 @@ and the gradient DNF of the reduction as an output over (lead, i) (or (lead, j))
 (`score_reductions`, `reduction_output`).
 """
 from __future__ import annotations
+
+import functools
 
 from . import dnf as D
 from . import ir
@@ -46,9 +49,11 @@ def role_output(sched: Schedule, role: str) -> DnfOutput:
     return DnfOutput(f"__op{role}", tuple(v for v, _ in pts), tuple(x for _, x in pts), expr, ir.FLOAT)
 
 
-def float_reads(e) -> set:
-    """The float inputs an expression reads."""
-    return {x.name for x in D.nodes(e) if isinstance(x, D.Read) and x.dtype == ir.FLOAT}
+def float_reads(e) -> tuple:
+    """The float inputs an expression (or None) reads, in first-read order."""
+    if e is None:
+        return ()
+    return tuple(dict.fromkeys(x.name for x in D.nodes(e) if isinstance(x, D.Read) and x.dtype == ir.FLOAT))
 
 
 def pullback_reason(sched: Schedule, role: str) -> str | None:
@@ -86,7 +91,7 @@ def score_reductions(sched: Schedule) -> tuple[tuple, str | None]:
         if side is None or any(isinstance(x, D.BINDERS) for x in D.nodes(leaf.body)):
             return (), f"the score holds a reduction over both sides or nested: {D.show_clipped(leaf, 60)}"
         found.append((leaf, side))
-        inside |= float_reads(leaf)
+        inside |= set(float_reads(leaf))
     others = {x.name for leaf in t.leaves.values() if not isinstance(leaf, D.Reduce) for x in D.nodes(leaf)
               if isinstance(x, D.Read)}
     others |= {x.name for x in D.nodes(b.mask) if isinstance(x, D.Read)} if b.mask is not None else set()
@@ -115,19 +120,22 @@ def outputs(sched: Schedule, roles: tuple) -> list:
 
 def pullback_grad(program: Program, outs: list) -> GradProgram:
     """The gradient DNF of every float input through the pulled-back outputs `outs` (cotangent of output o: the
-    read `GradProgram.cotangents[o.name]`). UnsupportedError when an op of them has no derivative rule."""
+    read `GradProgram.cotangents[o.name]`), derived once per program and outputs (the backward's check, its run and
+    `moa explain` ask for the same one). UnsupportedError when an op of them has no derivative rule."""
+    return _pullback_grad(program, tuple(outs))
+
+
+@functools.lru_cache(maxsize=64)
+def _pullback_grad(program: Program, outs: tuple) -> GradProgram:
     try:
-        return grad(program, outs)
+        return grad(program, list(outs))
     except UnsupportedError as ex:
         raise UnsupportedError(f"no gradient through the operands' functions: {ex}") from None
 
 
 def pulled_inputs(outs: list) -> tuple:
     """The float inputs whose gradients the pullback of `outs` gives (in first-read order)."""
-    names = []
-    for out in outs:
-        names += [x.name for x in D.nodes(out.expr) if isinstance(x, D.Read) and x.dtype == ir.FLOAT]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(x for out in outs for x in float_reads(out.expr)))
 
 
 __all__ = ["ROLES", "float_reads", "outputs", "pullback_grad", "pullback_reason", "pulled_inputs", "reduction_output",

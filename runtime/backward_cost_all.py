@@ -108,7 +108,8 @@ def _pulled_notes(specs: tuple) -> tuple:
     """The note on the operand pullback (moa/pullback.py) where a kernel pair returns an operand's gradient."""
     roles = sorted({r for spec in specs for r in spec.pulled})
     what = [f"the {', '.join(roles)} operand tiles"] if roles else []
-    what += ["the score's norms (summed per row or key by the kernels)"] if any(sp.reductions for sp in specs) else []
+    if any(spec.reductions for spec in specs):
+        what.append("the score's norms (summed per row or key by the kernels)")
     if not what:
         return ()
     return (f"the gradients of {' and '.join(what)} are pulled back to the inputs they are computed from (rotary "

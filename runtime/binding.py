@@ -249,7 +249,6 @@ def check_dense(inputs: dict) -> None:
                 if t.is_nested else f"layout {t.layout}; convert it with .to_dense()"))
 
 
-# long: one pass over the inputs, each check naming the input, axis and dims involved
 def compound_dims(program: Program, shapes: dict, values: dict, origin: dict | None = None) -> None:
     """Bind (into `values`) the dims that appear only in compound extents (2*n - 1, h*d), solving each extent with
     one unknown dim against the axis's size (shapes: input name -> its whole shape, batch axes first); an extent

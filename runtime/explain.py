@@ -10,7 +10,6 @@ from moa import symbolic as sy
 from moa import tiles as TL
 from moa.codegen.backward_shape import is_multi
 from moa.errors import UnsupportedError
-from moa.grad import show_grad
 
 from .backward_run import BackwardRunner
 from .window_backward import WindowBackwardRunner, is_window
@@ -114,7 +113,8 @@ def _backward(planner) -> list:
         what = ", ".join([*spec.pulled, *(f"the score's {side} reduction {buf}" for buf, side in spec.reductions)])
         out.append(f"  {'branch %d: ' % k if len(subs) > 1 else ''}operand pullback of {what} (the kernels return "
                    "the gradients of those tiles; this gradient DNF carries them to the inputs, O(n d)):")
-        out += [f"    {ln}" for ln, g in zip(show_grad(gp).splitlines()[len(gp.saved):], gp.grads) if g.name in names]
+        out += [f"    <{' '.join(v.name for v in g.vars)}> psi d{g.name} = {D.show(g.expr)}" for g in gp.grads
+                if g.name in names]
     return out
 
 

@@ -225,7 +225,7 @@ class _Eval:
             return t.expand((*lead_shape, *t.shape[L:]))
         if any(own[k] == 0 for k in taken):   # an empty axis, read only where a guard fails: one unused zero cell
             shape = list(t.shape)
-            for pos, k in enumerate(taken):
+            for pos in range(len(taken)):
                 shape[L + pos] = max(shape[L + pos], 1)
             t = t.new_zeros(shape)
         out = t[(*lead_ix, *flat)]

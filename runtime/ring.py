@@ -145,7 +145,7 @@ def ring(kernel, inputs: dict, group=None, timeout=None, stats: bool = False):
     if train:
         why = "the window-mixing and linear forms across ranks have no backward" \
             if halo_kernel(kernel) is not None or linear_kernel(kernel) is not None else \
-            train_reason(*block_kernel(kernel))
+            train_reason(*block_kernel(kernel), {n for n, t in inputs.items() if getattr(t, "requires_grad", False)})
         if why:
             refuse_grad(inputs, "ring attention's calls of this program", f"{why}; gather the shards and train "
                         "with k(...)")
@@ -193,7 +193,8 @@ class _RingTrain(torch.autograd.Function):
         values = {x: (vals[2 * k], vals[2 * k + 1]) for k, x in enumerate(branches)}
         plan, block = block_kernel(kernel)
         grads = backward_pass(kernel, plan, block, dict(zip(names, tensors)), values, d_out, dims, group, timeout)
-        return (None, None, None, None, None, *(grads.get(n) for n in names))
+        wanted = ctx.needs_input_grad[5:]
+        return (None, None, None, None, None, *(grads.get(n) if w else None for n, w in zip(names, wanted)))
 
 
 def _empty(block, name, b0, nl) -> tuple:

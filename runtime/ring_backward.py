@@ -56,14 +56,14 @@ def block_runners(block) -> dict:
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def train_reason(plan, block) -> str | None:
+def train_reason(plan, block, wanted: set) -> str | None:
     """None when the ring can differentiate the program with the block's fused backward kernels (one per branch,
-    an epilogue by its gradient DNF), else why not."""
+    an epilogue by its gradient DNF) for the inputs that require grad (`wanted`, user names), else why not."""
     if len(plan.output_names) != 1:
         return "ring attention's backward takes one output"
     cg = block.planner.cg_program
     back = block.planner.codegen.inputs
-    floats = {n.attrs[0] for n in block.program.inputs if n.dtype == "float"}
+    floats = {n.attrs[0] for n in block.program.inputs if n.dtype == "float" and plan.source_of(n.attrs[0]) in wanted}
     covered = set()
     for name, sched in block.schedules.items():
         why = schedule_reason(cg, sched) if len(sched.branches) == 1 and not is_multi(sched) else \
@@ -80,20 +80,20 @@ def train_reason(plan, block) -> str | None:
     missing = sorted(floats - covered)
     if missing:
         return f"the fused kernels give no gradient of {', '.join(missing)}"
-    both = [n for n, (role, _) in plan.roles.items() if role == shard.BOTH and n in floats]
+    both = [n for n, (role, _) in plan.roles.items() if role == shard.BOTH and n in wanted]
     if both:
         return f"float input {', '.join(both)} is read along both the query and the key axis"
     return None
 
 
-def epilogue_grads(plan, ep, qside: dict, branches: dict, dims: dict, d_out) -> tuple[dict, dict]:
+def epilogue_grads(plan, block, ep, qside: dict, branches: dict, dims: dict, d_out) -> tuple[dict, dict]:
     """(branch -> its cotangent dO_k, input -> its gradient) through an output's epilogue on the rank's rows: the
     epilogue's gradient DNF evaluated in float64 by torch where the tensors are (O(rows e) work)."""
     prog = shard.epilogue_program(plan, ep)
-    key = (prog.name, ep.output)
-    if key not in _EPILOGUE_GRADS:
-        _EPILOGUE_GRADS[key] = grad(prog, [DnfOutput(ep.output, ep.vars, ep.extents, ep.expr, ir.FLOAT)])
-    gp = _EPILOGUE_GRADS[key]
+    grads = _EPILOGUE_GRADS.setdefault(block, {})   # per block kernel: two programs may share a name
+    if ep.output not in grads:
+        grads[ep.output] = grad(prog, [DnfOutput(ep.output, ep.vars, ep.extents, ep.expr, ir.FLOAT)])
+    gp = grads[ep.output]
     tensors = {n.attrs[0]: (qside[n.attrs[0]] if n.attrs[0] not in branches else branches[n.attrs[0]])
                for n in prog.inputs}
     b = bind(prog, {n: t.to(F64) if t.is_floating_point() else t for n, t in tensors.items()},
@@ -102,7 +102,7 @@ def epilogue_grads(plan, ep, qside: dict, branches: dict, dims: dict, d_out) -> 
     return {x: got.pop(x) for x in ep.branches}, got
 
 
-_EPILOGUE_GRADS: dict = {}
+_EPILOGUE_GRADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # block kernel -> output -> gradient
 
 
 # long: the backward rotation, step by step (every rank runs the same collective sequence)
@@ -116,7 +116,8 @@ def backward_pass(kernel, plan, block, inputs: dict, values: dict, d_out, dims: 
     prog = block.program
     cdev = comm_device(inputs, group)
     user = {n.attrs[0]: plan.source_of(n.attrs[0]) for n in prog.inputs}
-    geo = geometry(plan, kernel.program, inputs, group, cdev, timeout, rank)
+    geo = geometry(plan, kernel.program, inputs, group, cdev, timeout, rank,
+                   "the backward (a collective: every rank must call it), ")
     keys = plan.key_inputs
     fkeys = [bn for bn in keys if prog.input_map[bn].dtype == "float"]
     qside = {n: t for n, t in inputs.items() if plan.roles[n][0] != shard.KEY}
@@ -127,15 +128,19 @@ def backward_pass(kernel, plan, block, inputs: dict, values: dict, d_out, dims: 
     cur = pack(*layouts[rank], {bn: inputs[user[bn]] for bn in keys}, dev)
     gkeys = {bn: torch.zeros(geo.shapes[rank][bn], dtype=acc_dt, device=dev) for bn in fkeys}
     ep = plan.epilogue_of(plan.output_names[0])
-    d_outs, local = ({plan.outputs[0].name: d_out}, {}) if ep is None else \
-        epilogue_grads(plan, ep, qside, {x: values[x][0] for x in ep.branches}, dims, d_out)
     runners = block_runners(block)
-    local = {n: g.to(acc_dt).sum_to_size(inputs[n].shape) for n, g in local.items()}
     back = block.planner.codegen.inputs
     nxt_rank = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv_rank = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
     failed: list = []
+    d_outs, local = {x: None for x in runners}, {}
     try:
+        try:   # a failure here is announced like a block's (the others must not wait on this rank)
+            d_outs, local = ({plan.outputs[0].name: d_out}, {}) if ep is None else \
+                epilogue_grads(plan, block, ep, qside, {x: values[x][0] for x in ep.branches}, dims, d_out)
+            local = {n: g.to(acc_dt).sum_to_size(inputs[n].shape) for n, g in local.items()}
+        except Exception as e:  # re-raised below, after the others have been told
+            failed.append(e)
         for t in range(world):
             src = (rank - t) % world
             step = f"backward step {t + 1} of {world}"

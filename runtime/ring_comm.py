@@ -129,9 +129,9 @@ def _numel(shape):
 
 def pack(layout, total, tensors, device):
     buf = torch.empty(total, dtype=torch.uint8, device=device)
-    for name, off, nb, _, _ in layout:
+    for name, off, nb, _, dt in layout:
         if nb:
-            buf[off:off + nb].copy_(tensors[name].contiguous().reshape(-1).view(torch.uint8))
+            buf[off:off + nb].view(dt).copy_(tensors[name].reshape(-1))   # any strides (a 1-element view too)
     return buf
 
 
@@ -164,14 +164,14 @@ def comm_device(inputs, group):
     return devs[0] if devs and devs[0].type == "cuda" and nccl else torch.device("cpu")
 
 
-def exchange_shapes(prog, inputs, group, cdev, timeout, rank) -> list:
+def exchange_shapes(prog, inputs, group, cdev, timeout, rank, phase: str = "") -> list:
     """Every rank's shard shapes and dtypes (one JSON all_gather); a rank's local problem (missing input, wrong
     rank ...) travels too and becomes the same InputError on every rank."""
     local_err = _local_check(prog, inputs)
     meta = {"error": local_err}
     if local_err is None:
         meta["inputs"] = {n: [list(t.shape), str(t.dtype)] for n, t in inputs.items()}
-    metas = gather_json(meta, group, cdev, timeout, rank, "exchanging shard shapes")
+    metas = gather_json(meta, group, cdev, timeout, rank, f"{phase}exchanging shard shapes")
     bad = [f"rank {s}: {m['error']}" for s, m in enumerate(metas) if m["error"]]
     if bad:
         raise InputError("ring attention: " + "; ".join(bad))
@@ -252,9 +252,10 @@ class Geometry:
     dtypes: dict
 
 
-def geometry(plan, prog, inputs, group, cdev, timeout, rank) -> Geometry:
-    """Every rank's shard geometry (one shape exchange); mismatched shards are the same InputError everywhere."""
-    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank)
+def geometry(plan, prog, inputs, group, cdev, timeout, rank, phase: str = "") -> Geometry:
+    """Every rank's shard geometry (one shape exchange); mismatched shards are the same InputError everywhere.
+    `phase` names the step in a timeout's message ("the backward, every rank calling it: ")."""
+    metas = exchange_shapes(prog, inputs, group, cdev, timeout, rank, phase)
     nl, ml, problems = lengths(plan, prog.input_map, metas)
     if problems:
         raise InputError("ring attention: shards do not match across ranks: " + "; ".join(problems))

@@ -443,9 +443,18 @@ def test_linear_forms_across_ranks(tmp_path):
 # ---- training through the ring --------------------------------------------------------------------------------
 
 
+FROZEN = {"rope_tables": {"cs", "sn"}}   # inputs that do not require grad (precomputed rotary tables)
+
+
 def _train_kernel(name):
     if name == "rope":
         return moa.compile(ROPE)
+    if name == "rope_tables":   # tables read along both the query and the key axis, never trained
+        return moa.compile("dim h, n, d, e\nin Q[h, n, d], K[h, n, d], V[h, n, e], cs[n, d], sn[n, d]\n"
+                           "Qr[a, i, k] = Q[a, i, k] * cs[i, k] + Q[a, i, (k + d // 2) % d] * sn[i, k]\n"
+                           "Kr[a, j, k] = K[a, j, k] * cs[j, k] + K[a, j, (k + d // 2) % d] * sn[j, k]\n"
+                           "S[a, i, j] = where(j <= i, dot(Qr[a, i], Kr[a, j]), -inf)\n"
+                           "out O[a] = softmax(S[a], axis=-1) @ V[a]\n")
     if name == "pi_attention":   # two softmax branches mixed by a sigmoid gate reading Q and wg (replicated)
         return moa.compile(os.path.join(EXAMPLES, "pi_attention.moa"), k=5, s=4, T=3)
     if name in NORM:
@@ -454,6 +463,10 @@ def _train_kernel(name):
 
 
 def _train_inputs(name):
+    if name == "rope_tables":
+        g = torch.Generator().manual_seed(4)
+        return {x: torch.randn(*s, generator=g, dtype=F64) for x, s in
+                (("Q", (2, 30, 8)), ("K", (2, 30, 8)), ("V", (2, 30, 4)), ("cs", (30, 8)), ("sn", (30, 8)))}
     if name in ("rope",) or name in NORM:
         g = torch.Generator().manual_seed(3)
         return {"Q": torch.randn(40, 8, generator=g, dtype=F64), "K": torch.randn(40, 8, generator=g, dtype=F64),
@@ -474,11 +487,12 @@ def _job_train(rank, world, job):
         k = _train_kernel(name)
         full = _train_inputs(name)
         local, rows = _train_shards(k, full, rank, world)
-        leaves = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in local.items()}
+        leaves = {n: (t.clone().requires_grad_() if t.is_floating_point() and n not in FROZEN.get(name, ()) else t)
+                  for n, t in local.items()}
         o = k.ring(timeout=120, **leaves)
         cot = torch.randn(k.reference(**full).shape, generator=torch.Generator().manual_seed(7), dtype=F64)
         (o * cot.narrow(-2, rows[rank], rows[rank + 1] - rows[rank])).sum().backward()
-        res[name] = (o.detach(), {n: t.grad for n, t in leaves.items() if t.is_floating_point()})
+        res[name] = (o.detach(), {n: t.grad for n, t in leaves.items() if t.requires_grad})
     try:
         k = moa.compile("dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS = Q @ K.T\nout A = softmax(S, axis=-1) @ V\n"
                         "out B = softmax(2 * S, axis=-1) @ V\n")
@@ -508,7 +522,7 @@ def _job_train(rank, world, job):
 
 
 @pytest.mark.parametrize("world, names", [
-    (3, ["novel", "document_mask", "rope", "norm_plain", "pi_attention"]),
+    (3, ["novel", "document_mask", "rope", "norm_plain", "pi_attention", "rope_tables"]),
     pytest.param(3, ["causal", "sliding_window", "sigmoid"], marks=pytest.mark.slow)])   # 25 s: make test-slow
 def test_training_through_the_ring(world, names, tmp_path):
     """Gradients through k.ring (the block program's fused backward kernels around the ring, dK / dV travelling
@@ -522,7 +536,8 @@ def test_training_through_the_ring(world, names, tmp_path):
     for name in names:
         k = _train_kernel(name)
         full = _train_inputs(name)
-        leaves = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in full.items()}
+        leaves = {n: (t.clone().requires_grad_() if t.is_floating_point() and n not in FROZEN.get(name, ()) else t)
+                  for n, t in full.items()}
         want = k(**leaves)
         cot = torch.randn(want.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
         (want * cot).sum().backward()
@@ -532,7 +547,7 @@ def test_training_through_the_ring(world, names, tmp_path):
 
         plan, _ = block_kernel(k)
         for n, t in leaves.items():
-            if not t.is_floating_point():
+            if not t.requires_grad:
                 continue
             role, ax = plan.roles[n]
             parts = [recs[r]["result"][name][1][n] for r in range(world)]
@@ -550,3 +565,16 @@ def test_training_through_the_ring(world, names, tmp_path):
             assert kind == "RuntimeError" and "injected backward failure" in msg, msg
         else:
             assert kind == "RingError" and "rank 1: RuntimeError: injected backward failure" in msg, (r, msg)
+
+
+def test_packing_a_one_element_strided_view():
+    """A one-key shard passed as a strided view (stride 2 on an axis of one element: torch calls it contiguous)
+    packs into the travelling buffer (it raised torch's view error; found by a fuzzer)."""
+    from moa.runtime.ring_comm import layout, pack, unpack
+
+    kb = torch.randn(13, 2, dtype=F64)[0:1, 0]
+    assert kb.stride() == (2,)
+    lay = layout(["kb", "K"], {"kb": [1], "K": [1, 4]}, {"kb": "torch.float64", "K": "torch.float64"})
+    K = torch.randn(1, 8, dtype=F64)[:, ::2]
+    got = unpack(lay[0], pack(*lay, {"kb": kb, "K": K}, torch.device("cpu")))
+    assert torch.equal(got["kb"], kb) and torch.equal(got["K"], K)
