@@ -522,8 +522,9 @@ def _job_train(rank, world, job):
 
 
 @pytest.mark.parametrize("world, names", [
-    (3, ["novel", "document_mask", "rope", "norm_plain", "pi_attention", "rope_tables"]),
-    pytest.param(3, ["causal", "sliding_window", "sigmoid"], marks=pytest.mark.slow)])   # 25 s: make test-slow
+    (3, ["novel", "pi_attention", "rope_tables"]),
+    pytest.param(3, ["causal", "sliding_window", "sigmoid", "document_mask", "rope", "norm_plain"],
+                 marks=pytest.mark.slow)])   # 25 s: make test-slow
 def test_training_through_the_ring(world, names, tmp_path):
     """Gradients through k.ring (the block program's fused backward kernels around the ring, dK / dV travelling
     home with their shard) equal the single-process gradients: causal, a window, document ids (integer, both
