@@ -101,8 +101,9 @@ class BackwardCost:
 
     def table(self, device=None, dtype: str = "float32") -> str:
         """The per-kernel work as a text table (programs, tile pairs iterated, the visits a skip test lets through:
-        '-' where the kernel has no skip test, full and partial tiles, FLOPs, transcendentals, bytes), a total row,
-        with `device` the predicted seconds (`seconds`), then the notes."""
+        '-' where none is counted, as for a kernel with no skip test (the dQ kernel of a causal mask), full and
+        partial tiles, FLOPs, transcendentals, bytes), a total row, with `device` the predicted seconds
+        (`seconds`), then the notes."""
         secs = self.seconds(device, dtype) if device is not None else {}
         head = ["kernel", "programs", "tile pairs", "tested in", "full", "partial", "dot FLOPs", "other FLOPs",
                 "transc.", "loaded", "stored"] + (["time"] if secs else [])
