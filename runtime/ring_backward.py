@@ -71,7 +71,9 @@ def train_reason(plan, block, wanted: set) -> str | None:
         if why:
             return f"the block program has no fused backward ({why})"
         fused = {back[x] for x in block_runners(block)[name].fused_names()}
-        read = {back[x.name] for x in D.nodes(sched.branches[0].source) if isinstance(x, D.Read)} & floats
+        br = sched.branches[0]
+        parts = [e for e in (br.dot.a, br.dot.b, br.value, br.score, br.mask) if e is not None]
+        read = {back[x.name] for e in parts for x in D.nodes(e) if isinstance(x, D.Read)} & floats
         if read - fused:
             return f"the fused kernels give no gradient of {', '.join(sorted(read - fused))}"
         covered |= fused
