@@ -39,7 +39,7 @@ from moa import intervals as iv
 from moa.grad_sym import Translation
 from moa.onf import DotTile, Schedule, uses_summaries
 from moa.program import Program
-from moa.pullback import pulled_inputs, role_output, score_reductions
+from moa.pullback import score_reductions
 
 from .backward_bounds import query_loop
 from .backward_shape import roles, score_reads
@@ -97,8 +97,7 @@ class _BackwardEmitter:
         self.reads = roles(program, sched)[0]   # role -> its read, or None: the role is pulled back
         self.qread, self.kread = self.reads["Q"], self.reads["K"]
         self.pulled = tuple(r for r, read in self.reads.items() if read is None)
-        self.scatters = score_reads(b.score, {r.name for r in self.reads.values() if r is not None} |
-                                    set(pulled_inputs([role_output(sched, r) for r in self.pulled])), pieces=True)
+        self.scatters = score_reads(b.score, pieces=True)
         # the score's reductions of one side (a query or key norm): leaf -> (side, its gradient buffer)
         self.reductions = {leaf: (side, f"grad_{side}{k}")
                            for k, (leaf, side) in enumerate(score_reductions(sched)[0])}

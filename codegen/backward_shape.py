@@ -43,17 +43,23 @@ def operand_read(e, last: tuple, tile_vars: set):
     return reads[0] if len(set(reads)) == 1 and rest_ok and _plain_read(reads[0], last, tile_vars) else None
 
 
-def score_reads(score, operands: set, pieces: bool = False) -> list:
-    """The float input reads of a score other than the contraction (bias tables, gates), each once, whose
-    gradient the kernels take by atomic adds: every read of that input is a leaf of the score's sympy translation
-    (reached through smooth ops) or sits in a condition (`pieces`: a where's test, whose derivative is 0). An input
-    also read inside another non-smooth leaf is left out: its gradient runs unfused (the gradient DNF), where the
-    kernels would have given it none for that read."""
+def hidden_reads(score, pieces: bool = False, skip=frozenset()) -> set:
+    """The inputs a score reads inside a leaf of its sympy translation other than a read or (`pieces`) a where's
+    test, or the leaves in `skip` (the score's pulled-back norms): reads the kernels cannot differentiate."""
     leaves = Translation(score, pieces).leaves.values()
-    hidden = {x.name for leaf in leaves if not isinstance(leaf, D.Read) and not (pieces and leaf.dtype == ir.BOOL)
-              for x in D.nodes(leaf) if isinstance(x, D.Read)}
+    return {x.name for leaf in leaves if not isinstance(leaf, D.Read) and not (pieces and leaf.dtype == ir.BOOL)
+            and leaf not in skip for x in D.nodes(leaf) if isinstance(x, D.Read)}
+
+
+def score_reads(score, pieces: bool = False) -> list:
+    """The float input reads of a score other than the contraction (bias tables, gates, Q or K read outside it),
+    each once, whose gradient the kernels take by atomic adds: every read of that input is a leaf of the score's
+    sympy translation (reached through smooth ops) or sits in a condition (`pieces`: a where's test, whose
+    derivative is 0). An input also read inside another non-smooth leaf (a norm) is left out: its gradient runs
+    unfused (the gradient DNF) or is pulled back (moa/pullback.py)."""
+    hidden = hidden_reads(score, pieces)
     return list(dict.fromkeys(x for x in D.nodes(score) if isinstance(x, D.Read) and x.dtype == ir.FLOAT
-                              and x.name not in operands and x.name not in hidden))
+                              and x.name not in hidden))
 
 
 def is_multi(sched: Schedule) -> bool:
@@ -128,9 +134,12 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
     pulled = tuple(r for r, read in found.items() if read is None)
     qkv = {read.name for read in found.values() if read is not None} | \
         set(pulled_inputs([role_output(sched, r) for r in pulled]))
-    for part in (b.score, b.mask):
-        if part is not None and any(x.name in qkv for x in reads_outside(part, {leaf for leaf, _ in reds})):
-            return "the score or mask reads an input of the contraction operands or the value outside them"
+    # Q, K or V read in the score outside the contraction get atomic adds like any score read (a mask's reads have
+    # no derivative); not where an op without a derivative rule hides the read
+    hidden = hidden_reads(b.score, True, {leaf for leaf, _ in reds}) & qkv
+    if hidden:
+        return (f"the score reads {', '.join(sorted(hidden))} (an input of the contraction operands or the value) "
+                "inside an op with no derivative rule")
     outs = outputs(sched, pulled)
     if outs:
         try:
@@ -138,12 +147,3 @@ def _single_reason(program: Program, sched: Schedule) -> str | None:
         except UnsupportedError as ex:
             return str(ex)
     return None
-
-
-def reads_outside(e, skip: set) -> list:
-    """The reads of e outside the sub-expressions in `skip` (the score's pulled-back reductions)."""
-    if e in skip:
-        return []
-    if isinstance(e, D.Read):
-        return [e]
-    return [r for c in D.children(e) for r in reads_outside(c, skip)]

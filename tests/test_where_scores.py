@@ -59,3 +59,22 @@ def test_sink_backward_work_is_predicted_exactly(monkeypatch):
 
 def test_the_docs_sink_program_is_this_one():
     assert f"```\n{SINK}```" in open("docs/variants.md").read()
+
+
+@pytest.mark.parametrize("score", [
+    "where(j <= i, dot(Q[i], K[j]) + 0.5 * K[j, 0] - Q[i, 1] * V[j, 2], -inf)",   # Q, K, V read beside q . k
+    "where(K[j, 0] > -0.5 and j <= i, dot(Q[i], K[j]), -inf)",                  # a mask on K's values
+])
+def test_operand_inputs_read_beside_the_contraction(score, monkeypatch):
+    """Q, K or V read in the score outside the contraction get atomic adds like a bias table (they were refused:
+    unfused); a mask on their values has no derivative."""
+    monkeypatch.setattr(backward_run, "INTERPRETER_BLOCKS", (16, 16))
+    k = moa.compile(f"dim n, d, e\nin Q[n, d], K[n, d], V[n, e]\nS[i, j] = {score}\nout O = softmax(S, axis=-1) @ V\n")
+    assert k.backward.unfused_reason is None
+    x = C.inputs(k.program, {"n": 40, "d": 8, "e": 5}, 0)
+    cot = C.cotangents(k, x, 0)
+    want = C.autograd_grads(k, x, cot)
+    leaves = {a: t.clone().requires_grad_() for a, t in x.items()}
+    (k(**leaves) * cot["O"]).sum().backward()
+    for a in want:
+        assert C.rel_err(leaves[a].grad, want[a]) < 1e-12, (a, C.rel_err(leaves[a].grad, want[a]))
