@@ -100,3 +100,21 @@ def check_backward_cost(k, x: dict, cot, config) -> None:
     assert sum(w.transcendentals for w in pred.values()) == c.transcendentals
     assert sum(w.bytes_loaded for w in pred.values()) == c.dram_bytes_loaded
     assert sum(w.bytes_stored for w in pred.values()) == c.dram_bytes_stored
+
+
+def kernel_grads(kernel, x: dict, cot) -> dict:
+    """The gradient of every float input by torch.autograd through the kernel itself (k(...)), for the cotangent
+    `cot` of its single output (inputs and gradients in the inputs' dtype)."""
+    leaves = {n: t.clone().requires_grad_() if t.is_floating_point() else t for n, t in x.items()}
+    (kernel(**leaves) * cot).sum().backward()
+    return {n: t.grad for n, t in leaves.items() if t.is_floating_point()}
+
+
+def check_kernel_grads(kernel, x: dict, seed: int = 0, tol: float = 1e-12) -> None:
+    """The kernel's gradients (kernel_grads: fused or not) equal autograd through the float64 reference, each within
+    `tol` relative to max(1, max |want|)."""
+    cot = cotangents(kernel, x, seed)
+    want = autograd_grads(kernel, x, cot)
+    got = kernel_grads(kernel, x, cot[kernel.output_names[0]])
+    for n in want:
+        assert rel_err(got[n], want[n]) <= tol, (n, rel_err(got[n], want[n]))
